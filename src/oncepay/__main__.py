@@ -1,0 +1,3 @@
+from oncepay.cli import main
+
+main()

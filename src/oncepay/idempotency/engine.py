@@ -1,0 +1,239 @@
+"""The engine: SPEC §2's decision table, in one place, above any store.
+
+``Engine.begin`` turns a (scope, key, fingerprint) into a decision; no HTTP is involved:
+
+* :class:`Execute`    — run the operation, then ``complete`` (or ``release`` on failure) with its
+  ticket. ``ticket.resumed`` is true when an abandoned attempt was taken over, and
+  ``ticket.recovery_point`` says how far that attempt had got.
+* :class:`Replay`     — the operation already ran; here is its stored response.
+* :class:`InProgress` — another attempt holds the key (after waiting, in wait mode).
+* :class:`Reused`     — the key was used for a different request.
+* :class:`Invalid`    — the key header is missing (when required) or malformed.
+
+Store outages surface as :class:`~oncepay.errors.StoreUnavailable` and nothing is executed.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+from oncepay.errors import (
+    ClientError,
+    ConfigurationError,
+    IdempotencyKeyInvalid,
+    IdempotencyKeyMissing,
+)
+from oncepay.idempotency.keys import parse_key
+from oncepay.idempotency.records import ClaimOutcome, Record, RecordState, StoredResponse
+from oncepay.idempotency.stores.base import Store
+
+__all__ = [
+    "DEFAULT_LEASE",
+    "DEFAULT_TTL",
+    "Decision",
+    "Engine",
+    "Execute",
+    "InProgress",
+    "Invalid",
+    "Replay",
+    "Reused",
+    "Ticket",
+]
+
+# Stripe keeps keys for 24 hours; the IETF draft leaves it to the server. A day covers every
+# realistic client retry schedule, including one resumed the next morning.
+DEFAULT_TTL = 24 * 3600.0
+# A lease must outlast the slowest honest request (the gateway's upstream timeout is 30 s) yet
+# free a crashed worker's key soon: a minute does both.
+DEFAULT_LEASE = 60.0
+# What a 409 tells the client to wait: most first attempts finish within a second.
+DEFAULT_RETRY_AFTER = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class Ticket:
+    """The right to execute one request, fenced: only the current token can finish it."""
+
+    scope: str
+    key: str
+    fingerprint: str
+    fence: int
+    expires_at: float
+    recovery_point: str | None = None
+    resumed: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Execute:
+    ticket: Ticket
+
+    @property
+    def expires_at(self) -> float:
+        return self.ticket.expires_at
+
+
+@dataclass(frozen=True, slots=True)
+class Replay:
+    record: Record
+
+    @property
+    def response(self) -> StoredResponse:
+        assert self.record.response is not None  # a completed record always has one
+        return self.record.response
+
+    @property
+    def expires_at(self) -> float:
+        return self.record.expires_at
+
+
+@dataclass(frozen=True, slots=True)
+class InProgress:
+    record: Record
+    retry_after: float
+
+    @property
+    def expires_at(self) -> float:
+        return self.record.expires_at
+
+
+@dataclass(frozen=True, slots=True)
+class Reused:
+    record: Record
+
+    @property
+    def expires_at(self) -> float:
+        return self.record.expires_at
+
+
+@dataclass(frozen=True, slots=True)
+class Invalid:
+    error: ClientError
+
+
+Decision = Execute | Replay | InProgress | Reused | Invalid
+
+
+class Engine:
+    """Decides what to do with an idempotency-managed request, on any :class:`Store`."""
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        ttl: float = DEFAULT_TTL,
+        lease: float = DEFAULT_LEASE,
+        wait: float = 0.0,
+        retry_after: float = DEFAULT_RETRY_AFTER,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        _check_times(ttl=ttl, lease=lease)
+        if wait < 0:
+            raise ConfigurationError(f"wait must be >= 0 seconds, not {wait}")
+        self.store = store
+        self.ttl = ttl
+        self.lease = lease
+        self.wait = wait
+        self.retry_after = retry_after
+        self.clock = clock
+
+    def parse(self, raw_key: str | None, *, required: bool = True) -> str | Invalid | None:
+        """The key a header names; ``None`` when absent and optional; ``Invalid`` otherwise."""
+        if raw_key is None:
+            return Invalid(IdempotencyKeyMissing()) if required else None
+        try:
+            return parse_key(raw_key)
+        except IdempotencyKeyInvalid as exc:
+            return Invalid(exc)
+
+    async def begin(
+        self,
+        scope: str,
+        key: str,
+        fingerprint: str,
+        *,
+        ttl: float | None = None,
+        wait: float | None = None,
+    ) -> Decision:
+        """Claim ``key`` for a request, or say why it must not run now."""
+        ttl = self.ttl if ttl is None else ttl
+        _check_times(ttl=ttl, lease=self.lease)
+        decision = await self._claim(scope, key, fingerprint, ttl)
+        wait = self.wait if wait is None else wait
+        if not isinstance(decision, InProgress) or wait <= 0:
+            return decision
+        return await self._wait(scope, key, fingerprint, ttl, wait)
+
+    async def complete(self, ticket: Ticket, response: StoredResponse) -> None:
+        """Store the response; raises :class:`~oncepay.errors.LeaseLost` for a stale ticket."""
+        await self.store.complete(
+            ticket.scope, ticket.key, ticket.fence, response, now=self.clock()
+        )
+
+    async def release(self, ticket: Ticket) -> None:
+        """Give the key up after a failure, so that a retry executes again."""
+        await self.store.release(ticket.scope, ticket.key, ticket.fence, now=self.clock())
+
+    async def checkpoint(self, ticket: Ticket, recovery_point: str) -> Ticket:
+        """Record how far the request got and renew its lease."""
+        await self.store.checkpoint(
+            ticket.scope,
+            ticket.key,
+            ticket.fence,
+            recovery_point,
+            now=self.clock(),
+            lease=self.lease,
+        )
+        return replace(ticket, recovery_point=recovery_point)
+
+    async def _claim(self, scope: str, key: str, fingerprint: str, ttl: float) -> Decision:
+        now = self.clock()
+        claim = await self.store.claim(scope, key, fingerprint, now=now, lease=self.lease, ttl=ttl)
+        record = claim.record
+        if claim.claimed:
+            return Execute(
+                Ticket(
+                    scope=scope,
+                    key=key,
+                    fingerprint=fingerprint,
+                    fence=record.fence,
+                    expires_at=record.expires_at,
+                    recovery_point=record.recovery_point,
+                    resumed=claim.outcome is ClaimOutcome.TAKEN_OVER,
+                )
+            )
+        if record.fingerprint != fingerprint:
+            return Reused(record)
+        if record.state is RecordState.COMPLETED:
+            return Replay(record)
+        return InProgress(record, retry_after=self._retry_after(record, now))
+
+    async def _wait(
+        self, scope: str, key: str, fingerprint: str, ttl: float, wait: float
+    ) -> Decision:
+        """Hold the request until the first attempt finishes, its lease lapses, or ``wait``
+        runs out. The watch is opened before the record is read again, so a completion
+        between the two reads still wakes us."""
+        deadline = time.monotonic() + wait
+        async with self.store.watch(scope, key) as watch:
+            while True:
+                decision = await self._claim(scope, key, fingerprint, ttl)
+                remaining = deadline - time.monotonic()
+                if not isinstance(decision, InProgress) or remaining <= 0:
+                    return decision
+                lease_left = decision.record.lease_expires_at - self.clock()
+                await watch.wait(min(remaining, max(lease_left, 0.0)))
+
+    def _retry_after(self, record: Record, now: float) -> float:
+        lease_left = max(record.lease_expires_at - now, 0.0)
+        return float(max(1, math.ceil(min(self.retry_after, lease_left))))
+
+
+def _check_times(*, ttl: float, lease: float) -> None:
+    if not 0 < lease < ttl:
+        raise ConfigurationError(
+            f"need 0 < lease < ttl (got lease={lease}s, ttl={ttl}s): a record must not expire "
+            "while its request still runs"
+        )

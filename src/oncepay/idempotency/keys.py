@@ -1,0 +1,115 @@
+"""Idempotency keys, tenant scopes and request fingerprints.
+
+A key arrives either as a bare token (Stripe style, ``Idempotency-Key: 8e03978e-40d5``) or as an
+RFC 8941 sf-string (IETF draft style, ``Idempotency-Key: "8e03978e-40d5"``). Both name the same
+key. After parsing, a key is 1-255 printable ASCII characters (0x20-0x7E).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+from collections.abc import Iterable
+
+from oncepay.errors import IdempotencyKeyInvalid
+
+__all__ = [
+    "MAX_KEY_LENGTH",
+    "canonical_json",
+    "fingerprint",
+    "parse_key",
+    "scope_from_authorization",
+]
+
+# 255 is Stripe's limit and fits the VARCHAR(255) most stores index cheaply.
+MAX_KEY_LENGTH = 255
+ANONYMOUS_SCOPE = "anonymous"
+
+_PRINTABLE = frozenset(range(0x20, 0x7F))
+
+
+def parse_key(raw: str) -> str:
+    """Return the key named by an ``Idempotency-Key`` header value, or raise
+    :class:`IdempotencyKeyInvalid` with a detail a client can act on."""
+    value = raw.strip(" \t")
+    if value.startswith('"'):
+        value = _parse_sf_string(value)
+    if not value:
+        raise IdempotencyKeyInvalid("Idempotency-Key must not be empty")
+    if len(value) > MAX_KEY_LENGTH:
+        raise IdempotencyKeyInvalid(
+            f"Idempotency-Key is {len(value)} characters long; the limit is {MAX_KEY_LENGTH}"
+        )
+    if not all(ord(ch) in _PRINTABLE for ch in value):
+        raise IdempotencyKeyInvalid("Idempotency-Key must be printable ASCII (0x20-0x7E)")
+    return value
+
+
+def _parse_sf_string(value: str) -> str:
+    """Parse an RFC 8941 §3.3.3 sf-string: quotes around, only ``\\"`` and ``\\\\`` escapes."""
+    if len(value) < 2 or not value.endswith('"'):
+        raise IdempotencyKeyInvalid("Idempotency-Key opens a quoted string but does not close it")
+    out: list[str] = []
+    chars = iter(value[1:-1])
+    for ch in chars:
+        if ch == "\\":
+            escaped = next(chars, "")
+            if escaped not in ('"', "\\"):
+                raise IdempotencyKeyInvalid(
+                    'Idempotency-Key quoted string may only escape \\" and \\\\'
+                )
+            out.append(escaped)
+        elif ch == '"':
+            raise IdempotencyKeyInvalid("Idempotency-Key quoted string has an unescaped quote")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def scope_from_authorization(authorization: str | None) -> str:
+    """The default tenant scope: SHA-256 of the ``Authorization`` header value.
+
+    Requests without credentials share the ``anonymous`` scope.
+    """
+    if not authorization:
+        return ANONYMOUS_SCOPE
+    return hashlib.sha256(authorization.encode("latin-1")).hexdigest()
+
+
+def canonical_json(body: bytes) -> bytes | None:
+    """The canonical form of a JSON body (sorted keys, no insignificant whitespace), or
+    ``None`` when the body is not valid UTF-8 JSON."""
+    try:
+        document = json.loads(body)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return None
+    return json.dumps(
+        document, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=True
+    ).encode()
+
+
+def fingerprint(
+    method: str,
+    target: str,
+    body: bytes,
+    *,
+    json_body: bool = True,
+    secret: bytes | None = None,
+) -> str:
+    """Fingerprint of a request: SHA-256 (or HMAC-SHA-256 with ``secret``) over the method, the
+    path with its query, and the body.
+
+    With ``json_body`` a body that parses as JSON is canonicalised first, so field order and
+    whitespace do not matter; any other body is hashed as sent. Headers are deliberately left
+    out: a retry carrying a new trace id or timestamp is the same request.
+    """
+    if json_body:
+        body = canonical_json(body) or body
+    parts: Iterable[bytes] = (method.upper().encode("ascii"), target.encode("latin-1"), body)
+    digest = hmac.new(secret, digestmod=hashlib.sha256) if secret else hashlib.sha256()
+    for part in parts:
+        # Length-prefix every part so that no two different requests share one byte stream.
+        digest.update(len(part).to_bytes(8, "big"))
+        digest.update(part)
+    return digest.hexdigest()

@@ -1,0 +1,90 @@
+"""Idempotency records: what a store keeps under one (scope, key)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+__all__ = ["Claim", "ClaimOutcome", "Record", "RecordState", "StoredResponse", "next_fence"]
+
+
+class RecordState(StrEnum):
+    """Life of a record: claimed, then completed with a response or released.
+
+    A released record is a tombstone that keeps the fencing token alive so the next claim's
+    token is still larger; to a client it is as if the key had never been used.
+    """
+
+    EXECUTING = "executing"
+    COMPLETED = "completed"
+    RELEASED = "released"
+
+
+@dataclass(frozen=True, slots=True)
+class StoredResponse:
+    """A response as stored for replay: status, headers in order (repeats kept), body."""
+
+    status: int
+    headers: tuple[tuple[str, str], ...] = ()
+    body: bytes = b""
+
+    def headers_json(self) -> str:
+        return json.dumps([list(pair) for pair in self.headers], separators=(",", ":"))
+
+    @staticmethod
+    def parse_headers(raw: str | bytes | None) -> tuple[tuple[str, str], ...]:
+        if not raw:
+            return ()
+        return tuple((str(name), str(value)) for name, value in json.loads(raw))
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """One idempotency record. Times are POSIX seconds from the engine's clock."""
+
+    scope: str
+    key: str
+    fingerprint: str
+    state: RecordState
+    fence: int
+    created_at: float
+    lease_expires_at: float
+    expires_at: float
+    recovery_point: str | None = None
+    response: StoredResponse | None = field(default=None, repr=False)
+
+    def is_expired(self, now: float) -> bool:
+        return now >= self.expires_at
+
+    def is_leased(self, now: float) -> bool:
+        return self.state is RecordState.EXECUTING and now < self.lease_expires_at
+
+
+class ClaimOutcome(StrEnum):
+    CREATED = "created"  # no live record: this caller executes
+    TAKEN_OVER = "taken_over"  # the previous holder's lease ran out: this caller resumes
+    EXISTING = "existing"  # a live record stands: the engine decides replay / 409 / 422
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """What a store's atomic ``claim`` reports: the outcome and the record as it now stands."""
+
+    outcome: ClaimOutcome
+    record: Record
+
+    @property
+    def claimed(self) -> bool:
+        return self.outcome is not ClaimOutcome.EXISTING
+
+
+def next_fence(previous: int | None, now: float) -> int:
+    """The fencing token for a new claim of a key.
+
+    Tokens grow by one on every claim and takeover while a record exists. A key seen for the
+    first time (or after its record was purged) starts at the clock in milliseconds, so a
+    token handed out before a purge is still smaller than any handed out after it. Both stay
+    well below 2**53, so Lua's doubles carry them exactly.
+    """
+    return max((previous or 0) + 1, int(now * 1000))

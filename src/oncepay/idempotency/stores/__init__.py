@@ -1,0 +1,53 @@
+"""Idempotency stores, chosen by URL scheme.
+
+| scheme                | class                          | extra      |
+|-----------------------|--------------------------------|------------|
+| ``memory://``         | ``MemoryStore``                | —          |
+| ``sqlite:///path``    | ``SQLiteStore``                | —          |
+| ``postgresql://…``    | ``PostgresStore``              | postgres   |
+| ``redis://…``         | ``RedisStore``                 | redis      |
+| ``redis+cluster://…`` | ``RedisClusterStore``          | redis      |
+
+The registry maps a scheme to ``module:Class``; the module is imported on first use, so an
+application that only uses SQLite never imports a Redis or PostgreSQL driver.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+from urllib.parse import urlsplit
+
+from oncepay.errors import ConfigurationError
+from oncepay.idempotency.stores.base import Store
+
+__all__ = ["SCHEMES", "Store", "store_from_url"]
+
+SCHEMES: dict[str, str] = {
+    "memory": "oncepay.idempotency.stores.memory:MemoryStore",
+    "sqlite": "oncepay.idempotency.stores.sqlite:SQLiteStore",
+    "postgresql": "oncepay.idempotency.stores.postgres:PostgresStore",
+    "postgres": "oncepay.idempotency.stores.postgres:PostgresStore",
+    "redis": "oncepay.idempotency.stores.redis:RedisStore",
+    "rediss": "oncepay.idempotency.stores.redis:RedisStore",
+    "redis+cluster": "oncepay.idempotency.stores.redis:RedisClusterStore",
+}
+
+
+def store_from_url(url: str, **options: Any) -> Store:
+    """Build the store a URL names; ``options`` go to the store class (e.g. ``table=``)."""
+    scheme = urlsplit(url).scheme.lower()
+    target = SCHEMES.get(scheme)
+    if target is None:
+        known = ", ".join(sorted(f"{s}://" for s in SCHEMES))
+        raise ConfigurationError(f"unknown store URL scheme {scheme!r}; use one of {known}")
+    module_name, _, class_name = target.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        extra = "postgres" if "postgres" in module_name else "redis"
+        raise ConfigurationError(
+            f"the {scheme}:// store needs an extra: pip install 'oncepay[{extra}]' ({exc})"
+        ) from exc
+    store: Store = getattr(module, class_name).from_url(url, **options)
+    return store
