@@ -1,0 +1,115 @@
+"""Key parsing, tenant scope and fingerprints (SPEC §2)."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from oncepay.errors import IdempotencyKeyInvalid
+from oncepay.idempotency.keys import (
+    ANONYMOUS_SCOPE,
+    canonical_json,
+    fingerprint,
+    parse_key,
+    scope_from_authorization,
+)
+
+printable = st.text(alphabet=st.characters(min_codepoint=0x20, max_codepoint=0x7E), min_size=1)
+
+
+@pytest.mark.parametrize(
+    ("raw", "key"),
+    [
+        ("abc-123", "abc-123"),
+        ("  padded\t", "padded"),
+        ('"abc-123"', "abc-123"),
+        ('"with \\"quotes\\" and \\\\ slash"', 'with "quotes" and \\ slash'),
+        ('"has spaces inside"', "has spaces inside"),
+        ("k" * 255, "k" * 255),
+    ],
+)
+def test_bare_tokens_and_sf_strings_name_the_same_key(raw: str, key: str) -> None:
+    assert parse_key(raw) == key
+
+
+@pytest.mark.parametrize(
+    ("raw", "detail"),
+    [
+        ("", "must not be empty"),
+        ('""', "must not be empty"),
+        ("k" * 256, "the limit is 255"),
+        ("caf\u00e9", "printable ASCII"),
+        ("tab\there", "printable ASCII"),
+        ('"unterminated', "does not close"),
+        ('"bad \\n escape"', "may only escape"),
+        ('"inner " quote"', "unescaped quote"),
+    ],
+)
+def test_malformed_keys_are_refused_with_a_clear_detail(raw: str, detail: str) -> None:
+    with pytest.raises(IdempotencyKeyInvalid, match=detail) as info:
+        parse_key(raw)
+    assert info.value.status == 400
+    assert info.value.code == "idempotency_key_invalid"
+
+
+@given(printable.filter(lambda s: s.strip(" \t") == s and len(s) <= 255))
+def test_any_valid_key_survives_sf_string_quoting(key: str) -> None:
+    quoted = '"' + key.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    assert parse_key(quoted) == key
+
+
+def test_scope_is_a_digest_of_the_authorization_header() -> None:
+    a = scope_from_authorization("Bearer sk_test_a")
+    assert a == scope_from_authorization("Bearer sk_test_a")
+    assert a != scope_from_authorization("Bearer sk_test_b")
+    assert "sk_test_a" not in a
+    assert len(a) == 64
+    assert scope_from_authorization(None) == ANONYMOUS_SCOPE
+
+
+def test_json_field_order_and_whitespace_do_not_change_the_fingerprint() -> None:
+    a = fingerprint("POST", "/v1/payments", b'{"amount": 100, "currency": "EUR"}')
+    b = fingerprint("post", "/v1/payments", b'{"currency":"EUR",\n "amount":100}')
+    assert a == b
+
+
+@pytest.mark.parametrize(
+    ("method", "target", "body"),
+    [
+        ("PATCH", "/v1/payments", b'{"amount":100}'),
+        ("POST", "/v1/payments?x=1", b'{"amount":100}'),
+        ("POST", "/v1/refunds", b'{"amount":100}'),
+        ("POST", "/v1/payments", b'{"amount":101}'),
+        ("POST", "/v1/payments", b'{"amount":"100"}'),
+    ],
+)
+def test_method_target_and_body_each_change_the_fingerprint(
+    method: str, target: str, body: bytes
+) -> None:
+    base = fingerprint("POST", "/v1/payments", b'{"amount":100}')
+    assert fingerprint(method, target, body) != base
+
+
+def test_parts_are_delimited_so_bytes_cannot_shift_between_them() -> None:
+    assert fingerprint("POST", "/a", b"b/c") != fingerprint("POST", "/ab", b"/c")
+
+
+def test_non_json_bodies_are_hashed_as_sent() -> None:
+    assert canonical_json(b"not json{") is None
+    assert canonical_json(b"\xff\xfe") is None
+    a = fingerprint("POST", "/upload", b"a=1&b=2")
+    assert a != fingerprint("POST", "/upload", b"b=2&a=1")
+
+
+def test_raw_mode_keeps_json_whitespace_significant() -> None:
+    a = fingerprint("POST", "/x", b'{"a":1}', json_body=False)
+    assert a != fingerprint("POST", "/x", b'{"a": 1}', json_body=False)
+
+
+def test_keyed_fingerprints_differ_per_secret() -> None:
+    plain = fingerprint("POST", "/x", b"{}")
+    one = fingerprint("POST", "/x", b"{}", secret=b"one")
+    two = fingerprint("POST", "/x", b"{}", secret=b"two")
+    assert len({plain, one, two}) == 3
+    assert one == fingerprint("POST", "/x", b"{}", secret=b"one")
