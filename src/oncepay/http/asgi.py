@@ -1,0 +1,214 @@
+"""The ASGI middleware: SPEC §2 in front of any ASGI app (Starlette, FastAPI, …).
+
+Pure ASGI, in the manner of Starlette's own middleware: ``__init__`` validates and
+precomputes, ``__call__`` passes through what it does not manage, and all per-request state
+lives in a small :class:`_Responder`, never on ``self``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+from oncepay.errors import OncePayError
+from oncepay.http._gate import (
+    EXPIRES_HEADER,
+    Gate,
+    Passthrough,
+    Request,
+    Respond,
+    Run,
+)
+from oncepay.idempotency.engine import DEFAULT_LEASE, DEFAULT_TTL, Engine
+from oncepay.idempotency.stores import Store, store_from_url
+
+__all__ = ["IdempotencyMiddleware"]
+
+log = logging.getLogger("oncepay.http")
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+class IdempotencyMiddleware:
+    """Make unsafe requests to ``app`` idempotent by their ``Idempotency-Key``.
+
+    ``store`` is a store or a store URL; ``ttl``, ``lease`` and ``wait`` go to the
+    :class:`~oncepay.idempotency.Engine` (or pass ``engine=``); every other option is the HTTP
+    policy documented in docs/middleware.md.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        store: Store | str = "memory://",
+        engine: Engine | None = None,
+        ttl: float = DEFAULT_TTL,
+        lease: float = DEFAULT_LEASE,
+        wait: float = 0.0,
+        **options: Any,
+    ) -> None:
+        self.app = app
+        if engine is None:
+            backend = store_from_url(store) if isinstance(store, str) else store
+            engine = Engine(backend, ttl=ttl, lease=lease, wait=wait)
+        self.gate = Gate(engine, **options)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not self.gate.manages(scope["method"], scope["path"]):
+            await self.app(scope, receive, send)
+            return
+        request = Request(
+            scope["method"],
+            scope["path"],
+            scope.get("query_string", b"").decode("latin-1"),
+            [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]],
+        )
+        if not self.gate.wants_key(request):
+            await self.app(scope, receive, send)
+            return
+        body = await _read_body(request, receive, self.gate.max_body)
+        if body is None:
+            await _respond(send, self.gate.too_large())
+            return
+        outcome = await self.gate.decide(request, body)
+        replayed = _replaying(body, receive)
+        if isinstance(outcome, Passthrough):
+            await self.app(scope, replayed, send)
+        elif isinstance(outcome, Respond):
+            await _respond(send, outcome)
+        else:
+            await _Responder(self.gate, outcome, send).run(self.app, scope, replayed)
+
+
+async def _read_body(request: Request, receive: Receive, limit: int) -> bytes | None:
+    """The whole request body, or ``None`` once it is known to exceed ``limit``."""
+    declared = request.header("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        return None
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            break  # the client went away; the app will see the disconnect
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            break
+    return b"".join(chunks)
+
+
+def _replaying(body: bytes, receive: Receive) -> Receive:
+    """A ``receive`` that hands the app the body we already read, then the real channel."""
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
+
+
+async def _respond(send: Send, response: Respond) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": response.status,
+            "headers": [(k.encode("latin-1"), v.encode("latin-1")) for k, v in response.headers],
+        }
+    )
+    await send({"type": "http.response.body", "body": response.body})
+
+
+class _Responder:
+    """Streams the app's response to the client while capturing it for storage.
+
+    The record is completed *before* the last body chunk goes out: a client never sees a
+    complete success whose record failed to store. With a single-chunk response (the common
+    case) nothing has been sent yet, so a store failure becomes a clean 503 instead.
+    """
+
+    def __init__(self, gate: Gate, run: Run, send: Send) -> None:
+        self.gate = gate
+        self.run_ = run
+        self.send = send
+        self.start: Message | None = None
+        self.started = False
+        self.finished = False
+        self.chunks: list[bytes] = []
+        self.size = 0
+        self.oversized = False
+
+    async def run(self, app: ASGIApp, scope: Scope, receive: Receive) -> None:
+        try:
+            await app(scope, receive, self.capture)
+        except BaseException:
+            if not self.finished:
+                await self.gate.abandon(self.run_)
+            raise
+        if not self.finished:  # the app returned without a complete response
+            await self.gate.abandon(self.run_)
+
+    async def capture(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            headers = list(message.get("headers", []))
+            headers.append((EXPIRES_HEADER.encode(), self.run_.expires.encode()))
+            self.start = {**message, "headers": headers}
+            return
+        if message["type"] != "http.response.body" or self.finished:
+            await self.send(message)
+            return
+        self._collect(message.get("body", b""))
+        if message.get("more_body", False):
+            await self._send_start()
+            await self.send(message)
+            return
+        await self._finish_then_send(message)
+
+    def _collect(self, chunk: bytes) -> None:
+        if self.oversized:
+            return
+        self.size += len(chunk)
+        if self.size > self.gate.max_response:
+            self.oversized = True
+            self.chunks.clear()
+        else:
+            self.chunks.append(chunk)
+
+    async def _finish_then_send(self, last: Message) -> None:
+        assert self.start is not None, "http.response.body before http.response.start"
+        self.finished = True
+        status = self.start["status"]
+        headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in self.start["headers"]]
+        headers = [(k, v) for k, v in headers if k != EXPIRES_HEADER]
+        try:
+            await self.gate.finish(
+                self.run_, status, headers, b"".join(self.chunks), oversized=self.oversized
+            )
+        except OncePayError as exc:
+            key = self.run_.ticket.key
+            log.exception("response could not be stored; key %r stays locked", key)
+            if self.started:
+                raise  # part of the body is out: abort the response rather than finish it
+            await _respond(self.send, self.gate.problem(exc))
+            return
+        await self._send_start()
+        await self.send(last)
+
+    async def _send_start(self) -> None:
+        if not self.started:
+            assert self.start is not None, "http.response.body before http.response.start"
+            self.started = True
+            await self.send(self.start)

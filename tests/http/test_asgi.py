@@ -1,0 +1,394 @@
+"""SPEC §2's decision table through the ASGI middleware, in front of real Starlette and
+FastAPI apps, on real stores."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from oncepay.errors import StoreUnavailable
+from oncepay.http import IdempotencyMiddleware
+from oncepay.idempotency import Engine, RecordState
+from oncepay.idempotency.stores import Store
+from oncepay.idempotency.stores.memory import MemoryStore
+from tests.clock import FakeClock
+from tests.conftest import make_spec
+from tests.http.apps import Executions, fastapi_app, starlette_app
+from tests.signalling import SignallingStore
+
+AUTH = {"authorization": "Bearer tenant-a"}
+
+
+@pytest.fixture(params=["memory", "sqlite", "redis"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
+    built = make_spec(request, request.param, tmp_path).build()
+    yield built
+    await built.aclose()
+
+
+@pytest.fixture
+def runs() -> Executions:
+    return Executions()
+
+
+def client_for(app: Any) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")
+
+
+@pytest.fixture
+def make_client(store: Store, runs: Executions) -> Any:
+    def make(**options: Any) -> httpx.AsyncClient:
+        return client_for(IdempotencyMiddleware(starlette_app(runs), store=store, **options))
+
+    return make
+
+
+def post(client: httpx.AsyncClient, path: str, key: str | None, body: Any = None, **kw: Any) -> Any:
+    headers = {**AUTH, **kw.pop("headers", {})}
+    if key is not None:
+        headers["idempotency-key"] = key
+    return client.post(
+        path, json=body if body is not None else {"amount": 100}, headers=headers, **kw
+    )
+
+
+def assert_problem(response: httpx.Response, status: int, code: str) -> dict[str, Any]:
+    assert response.status_code == status
+    assert response.headers["content-type"] == "application/problem+json"
+    problem: dict[str, Any] = response.json()
+    assert (problem["status"], problem["code"]) == (status, code)
+    assert problem["detail"]
+    return problem
+
+
+# -- rows of the decision table ----------
+
+
+async def test_managed_request_without_a_key_is_400_when_required(
+    make_client: Any, runs: Executions
+) -> None:
+    async with make_client() as client:
+        assert_problem(await post(client, "/payments", None), 400, "idempotency_key_missing")
+    assert runs["pay"] == 0
+
+
+async def test_missing_key_passes_through_when_keys_are_optional(
+    make_client: Any, runs: Executions
+) -> None:
+    async with make_client(required=False) as client:
+        first = await post(client, "/payments", None)
+        second = await post(client, "/payments", None)
+    assert (first.status_code, second.status_code) == (201, 201)
+    assert runs["pay"] == 2
+    assert "idempotent-replayed" not in second.headers
+
+
+@pytest.mark.parametrize("key", ['"unterminated', "caf\u00e9", "k" * 256, '"bad \\n"', ""])
+async def test_malformed_key_is_400_and_nothing_runs(
+    make_client: Any, runs: Executions, key: str
+) -> None:
+    async with make_client() as client:
+        headers = {**AUTH, "idempotency-key": key}
+        response = await client.post(
+            "/payments", content=b"{}", headers={k: v.encode() for k, v in headers.items()}
+        )
+    assert_problem(response, 400, "idempotency_key_invalid")
+    assert runs["pay"] == 0
+
+
+async def test_body_over_the_limit_is_413_and_nothing_is_stored(
+    make_client: Any, runs: Executions, store: Store
+) -> None:
+    async with make_client(max_body=1000) as client:
+        response = await post(client, "/payments", "big", {"pad": "x" * 2000})
+        assert_problem(response, 413, "request_too_large")
+
+        async def chunks() -> AsyncIterator[bytes]:  # no Content-Length: counted as it streams
+            for _ in range(4):
+                yield b"x" * 400
+
+        streamed = await client.post(
+            "/payments", content=chunks(), headers={**AUTH, "idempotency-key": "big2"}
+        )
+        assert_problem(streamed, 413, "request_too_large")
+    assert runs["pay"] == 0
+    for key in ("big", "big2"):
+        assert await store.get(_scope(), key) is None
+
+
+async def test_first_request_executes_and_a_retry_replays_byte_for_byte(
+    make_client: Any, runs: Executions
+) -> None:
+    async with make_client() as client:
+        first = await post(client, "/payments", "k1")
+        again = await post(client, "/payments", "k1")
+    assert first.status_code == again.status_code == 201
+    assert again.content == first.content
+    assert again.headers["content-type"] == first.headers["content-type"]
+    assert again.headers["idempotent-replayed"] == "true"
+    assert "idempotent-replayed" not in first.headers
+    assert first.headers["idempotency-key-expires"] == again.headers["idempotency-key-expires"]
+    assert runs["pay"] == 1
+
+
+async def test_quoted_and_bare_forms_of_a_key_are_the_same_key(
+    make_client: Any, runs: Executions
+) -> None:
+    async with make_client() as client:
+        await post(client, "/payments", "abc")
+        again = await post(client, "/payments", '"abc"')
+    assert again.headers["idempotent-replayed"] == "true"
+    assert runs["pay"] == 1
+
+
+async def test_json_field_order_does_not_make_a_different_request(
+    make_client: Any, runs: Executions
+) -> None:
+    async with make_client() as client:
+        await client.post(
+            "/payments", content=b'{"a":1,"b":2}', headers={**AUTH, "idempotency-key": "k"}
+        )
+        again = await client.post(
+            "/payments", content=b'{ "b": 2, "a": 1 }', headers={**AUTH, "idempotency-key": "k"}
+        )
+    assert again.headers["idempotent-replayed"] == "true"
+    assert runs["pay"] == 1
+
+
+async def test_same_key_different_body_is_422(make_client: Any, runs: Executions) -> None:
+    async with make_client() as client:
+        await post(client, "/payments", "k1", {"amount": 100})
+        assert_problem(
+            await post(client, "/payments", "k1", {"amount": 999}), 422, "idempotency_key_reused"
+        )
+        other_path = await client.patch(
+            "/payments", json={"amount": 100}, headers={**AUTH, "idempotency-key": "k1"}
+        )
+        assert_problem(other_path, 422, "idempotency_key_reused")
+    assert runs["pay"] == 1
+
+
+async def test_stripe_compatible_mode_changes_status_and_code_only(
+    make_client: Any, runs: Executions
+) -> None:
+    async with make_client(stripe_compatible=True) as client:
+        await post(client, "/payments", "k1", {"amount": 100})
+        assert_problem(
+            await post(client, "/payments", "k1", {"amount": 999}), 400, "idempotency_error"
+        )
+        runs.hold.clear()
+        slow = asyncio.create_task(post(client, "/slow", "s1"))
+        await runs.held.wait()
+        assert_problem(await post(client, "/slow", "s1"), 409, "idempotency_key_in_use")
+        runs.hold.set()
+        await slow
+
+
+async def test_same_key_while_the_first_executes_is_409_with_retry_after(
+    make_client: Any, runs: Executions
+) -> None:
+    async with make_client() as client:
+        runs.hold.clear()
+        first = asyncio.create_task(post(client, "/slow", "k1"))
+        await runs.held.wait()  # the first request is inside the app, holding the key
+        busy = await post(client, "/slow", "k1")
+        assert_problem(busy, 409, "idempotency_request_in_progress")
+        assert int(busy.headers["retry-after"]) >= 1
+        runs.hold.set()
+        done = await first
+        replay = await post(client, "/slow", "k1")
+    assert done.status_code == 201
+    assert replay.content == done.content
+    assert runs["slow"] == 1
+
+
+async def test_wait_mode_holds_the_duplicate_and_replays(store: Store, runs: Executions) -> None:
+    signalling = SignallingStore(store)
+    engine = Engine(signalling, wait=10.0)  # type: ignore[arg-type]
+    async with client_for(IdempotencyMiddleware(starlette_app(runs), engine=engine)) as client:
+        runs.hold.clear()
+        first = asyncio.create_task(post(client, "/slow", "k1"))
+        await runs.held.wait()
+        duplicate = asyncio.create_task(post(client, "/slow", "k1"))
+        await signalling.subscribed.wait()  # the duplicate is waiting on the store
+        runs.hold.set()
+        a, b = await first, await duplicate
+    assert a.status_code == b.status_code == 201
+    assert b.content == a.content
+    assert runs["slow"] == 1
+
+
+async def test_an_upstream_5xx_releases_the_key_so_a_retry_runs_again(
+    make_client: Any, runs: Executions
+) -> None:
+    async with make_client() as client:
+        first = await post(client, "/fail", "k1")
+        second = await post(client, "/fail", "k1")
+    assert first.status_code == second.status_code == 502
+    assert "idempotent-replayed" not in second.headers
+    assert runs["fail"] == 2
+
+
+async def test_an_exception_in_the_app_releases_the_key(store: Store, runs: Executions) -> None:
+    app = IdempotencyMiddleware(starlette_app(runs), store=store)
+    async with client_for(app) as client:
+        for _ in range(2):
+            with pytest.raises(RuntimeError, match="crashed"):
+                await post(client, "/boom", "k1")
+    assert runs["boom"] == 2
+    record = await store.get(_scope(), "k1")
+    assert record is not None
+    assert record.state is RecordState.RELEASED
+
+
+async def test_a_crashed_request_is_taken_over_once_its_lease_lapses(
+    store: Store, runs: Executions
+) -> None:
+    clock = FakeClock()
+    engine = Engine(store, lease=30, clock=clock)
+    async with client_for(IdempotencyMiddleware(starlette_app(runs), engine=engine)) as client:
+        runs.hold.clear()
+        crashed = asyncio.create_task(post(client, "/slow", "k1"))
+        await runs.held.wait()
+        crashed.cancel()  # the worker dies mid-request, holding the key
+        with pytest.raises(asyncio.CancelledError):
+            await crashed
+        record = await store.get(_scope(), "k1")
+        assert record is not None
+        assert record.state is RecordState.RELEASED  # cancellation is an exception: released
+        # A harder crash leaves the record executing: simulate it with a raw claim.
+        await engine.begin(_scope(), "k2", _fp("/slow"))
+        assert_problem(await post(client, "/slow", "k2"), 409, "idempotency_request_in_progress")
+        clock.advance(31)
+        runs.hold.set()
+        taken = await post(client, "/slow", "k2")
+    assert taken.status_code == 201
+
+
+async def test_store_outage_is_503_and_nothing_runs(runs: Executions) -> None:
+    async with client_for(IdempotencyMiddleware(starlette_app(runs), store=_DownStore())) as client:
+        assert_problem(await post(client, "/payments", "k1"), 503, "idempotency_store_unavailable")
+    assert runs["pay"] == 0
+
+
+async def test_fail_open_runs_the_app_when_the_store_is_down(runs: Executions) -> None:
+    app = IdempotencyMiddleware(starlette_app(runs), store=_DownStore(), fail_open=True)
+    async with client_for(app) as client:
+        assert (await post(client, "/payments", "k1")).status_code == 201
+    assert runs["pay"] == 1
+
+
+async def test_a_response_that_cannot_be_stored_is_not_reported_as_success(
+    runs: Executions,
+) -> None:
+    store = _CompleteFails()
+    async with client_for(IdempotencyMiddleware(starlette_app(runs), store=store)) as client:
+        response = await post(client, "/payments", "k1")
+        assert_problem(response, 503, "idempotency_store_unavailable")
+        assert_problem(
+            await post(client, "/payments", "k1"), 409, "idempotency_request_in_progress"
+        )
+    record = await store.get(_scope(), "k1")
+    assert record is not None
+    assert record.state is RecordState.EXECUTING  # locked, recoverable after the lease
+
+
+# -- surfaces and fidelity ----------
+
+
+async def test_safe_methods_and_excluded_routes_pass_through(
+    make_client: Any, runs: Executions
+) -> None:
+    async with make_client(exclude=["/payments"]) as client:
+        for _ in range(2):
+            assert (await client.get("/read", headers={"idempotency-key": "k"})).status_code == 200
+            assert (await post(client, "/payments", None)).status_code == 201
+    assert (runs["read"], runs["pay"]) == (2, 2)
+
+
+async def test_a_streamed_response_is_replayed_whole(make_client: Any, runs: Executions) -> None:
+    async with make_client() as client:
+        first = await post(client, "/stream", "k1")
+        again = await post(client, "/stream", "k1")
+    assert first.text == again.text == "".join(f"chunk-{i};" for i in range(5))
+    assert again.headers["idempotent-replayed"] == "true"
+    assert runs["stream"] == 1
+
+
+async def test_multi_valued_headers_are_kept_and_cookies_never_replayed(
+    make_client: Any, runs: Executions
+) -> None:
+    async with make_client() as client:
+        first = await post(client, "/headers", "k1")
+        again = await post(client, "/headers", "k1")
+    assert first.headers.get_list("x-multi") == again.headers.get_list("x-multi") == ["one", "two"]
+    assert "set-cookie" in first.headers
+    assert "set-cookie" not in again.headers
+
+
+async def test_a_key_is_never_replayed_to_another_tenant(
+    make_client: Any, runs: Executions
+) -> None:
+    async with make_client() as client:
+        await post(client, "/payments", "k1")
+        other = await post(client, "/payments", "k1", headers={"authorization": "Bearer tenant-b"})
+    assert "idempotent-replayed" not in other.headers
+    assert runs["pay"] == 2
+
+
+async def test_an_oversized_response_is_stored_without_its_body(
+    make_client: Any, runs: Executions
+) -> None:
+    async with make_client(max_response=10) as client:
+        first = await post(client, "/payments", "k1")
+        again = await post(client, "/payments", "k1")
+    assert len(first.content) > 10
+    assert again.status_code == 201
+    assert again.content == b""
+    assert again.headers["idempotent-body-omitted"] == "true"
+    assert runs["pay"] == 1
+
+
+async def test_fastapi_app_gets_the_same_guarantees(store: Store, runs: Executions) -> None:
+    async with client_for(IdempotencyMiddleware(fastapi_app(runs), store=store)) as client:
+        body = {"amount": 100, "currency": "EUR"}
+        first = await post(client, "/payments", "k1", body)
+        again = await post(client, "/payments", "k1", body)
+        invalid = await post(client, "/payments", "k2", {"amount": "lots"})
+        invalid_again = await post(client, "/payments", "k2", {"amount": "lots"})
+    assert first.status_code == 201
+    assert again.content == first.content
+    assert invalid.status_code == invalid_again.status_code == 422  # stored like any 4xx
+    assert invalid_again.headers["idempotent-replayed"] == "true"
+    assert runs["pay"] == 1
+
+
+# -- helpers ----------
+
+
+def _scope() -> str:
+    from oncepay.idempotency import scope_from_authorization
+
+    return scope_from_authorization(AUTH["authorization"])
+
+
+def _fp(path: str) -> str:
+    from oncepay.idempotency import fingerprint
+
+    return fingerprint("POST", path, json.dumps({"amount": 100}).encode())
+
+
+class _DownStore(MemoryStore):
+    async def claim(self, *args: Any, **kwargs: Any) -> Any:
+        raise StoreUnavailable("connection refused")
+
+
+class _CompleteFails(MemoryStore):
+    async def complete(self, *args: Any, **kwargs: Any) -> None:
+        raise StoreUnavailable("connection reset while storing")
