@@ -1,5 +1,6 @@
 """OncePay's HTTP surfaces: import them from here."""
 
 from oncepay.http.asgi import IdempotencyMiddleware
+from oncepay.http.wsgi import IdempotencyWSGIMiddleware
 
-__all__ = ["IdempotencyMiddleware"]
+__all__ = ["IdempotencyMiddleware", "IdempotencyWSGIMiddleware"]

@@ -1,0 +1,152 @@
+"""The WSGI middleware: SPEC §2 in front of any WSGI app (Flask, Django, …).
+
+The async core runs on one private loop thread (:class:`~oncepay.http._loop.LoopThread`). A
+managed response is read whole before it is sent, so its record is stored before the client
+sees a success; unmanaged requests stream as usual.
+
+Flask::
+
+    app.wsgi_app = IdempotencyWSGIMiddleware(app.wsgi_app, store="sqlite:///keys.db")
+
+Django (``wsgi.py``)::
+
+    application = IdempotencyWSGIMiddleware(get_wsgi_application(), store="postgresql://…")
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from collections.abc import Callable, Iterable
+from http import HTTPStatus
+from types import TracebackType
+from typing import Any
+
+from oncepay.errors import OncePayError
+from oncepay.http._gate import Gate, Passthrough, Request, Respond, Run
+from oncepay.http._loop import LoopThread
+from oncepay.idempotency.engine import DEFAULT_LEASE, DEFAULT_TTL, Engine
+from oncepay.idempotency.stores import Store, store_from_url
+
+__all__ = ["IdempotencyWSGIMiddleware"]
+
+log = logging.getLogger("oncepay.http")
+
+Environ = dict[str, Any]
+ExcInfo = tuple[type[BaseException], BaseException, TracebackType | None]
+StartResponse = Callable[..., Callable[[bytes], object]]
+WSGIApp = Callable[[Environ, StartResponse], Iterable[bytes]]
+
+
+class IdempotencyWSGIMiddleware:
+    """Make unsafe requests to a WSGI ``app`` idempotent; options as for the ASGI middleware."""
+
+    def __init__(
+        self,
+        app: WSGIApp,
+        *,
+        store: Store | str = "memory://",
+        engine: Engine | None = None,
+        ttl: float = DEFAULT_TTL,
+        lease: float = DEFAULT_LEASE,
+        wait: float = 0.0,
+        **options: Any,
+    ) -> None:
+        self.app = app
+        if engine is None:
+            backend = store_from_url(store) if isinstance(store, str) else store
+            engine = Engine(backend, ttl=ttl, lease=lease, wait=wait)
+        self.gate = Gate(engine, **options)
+        self.loop = LoopThread("oncepay-wsgi")
+
+    def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
+        method = environ["REQUEST_METHOD"].upper()
+        request = Request(
+            method, environ.get("PATH_INFO", "") or "/", environ.get("QUERY_STRING", ""),
+            _headers(environ),
+        )  # fmt: skip
+        if not self.gate.manages(method, request.path) or not self.gate.wants_key(request):
+            return self.app(environ, start_response)
+        body = _read_body(environ, self.gate.max_body)
+        if body is None:
+            return _respond(start_response, self.gate.too_large())
+        environ["wsgi.input"] = io.BytesIO(body)
+        environ["CONTENT_LENGTH"] = str(len(body))
+        outcome = self.loop.run(self.gate.decide(request, body))
+        if isinstance(outcome, Passthrough):
+            return self.app(environ, start_response)
+        if isinstance(outcome, Respond):
+            return _respond(start_response, outcome)
+        return self._run(outcome, environ, start_response)
+
+    def _run(self, run: Run, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
+        captured: dict[str, Any] = {}
+
+        def capture(
+            status: str, headers: list[tuple[str, str]], exc_info: ExcInfo | None = None
+        ) -> Callable[[bytes], object]:
+            captured.update(status=status, headers=headers)
+            return lambda chunk: captured.setdefault("written", []).append(chunk)
+
+        try:
+            body = self._drain(self.app(environ, capture), captured)
+        except BaseException:
+            self.loop.run(self.gate.abandon(run))
+            raise
+        status = int(captured["status"].split(" ", 1)[0])
+        headers: list[tuple[str, str]] = captured["headers"]
+        try:
+            self.loop.run(self.gate.finish(run, status, headers, body))
+        except OncePayError as exc:
+            log.exception("response could not be stored; key %r stays locked", run.ticket.key)
+            return _respond(start_response, self.gate.problem(exc))
+        start_response(captured["status"], [*headers, ("idempotency-key-expires", run.expires)])
+        return [body]
+
+    @staticmethod
+    def _drain(result: Iterable[bytes], captured: dict[str, Any]) -> bytes:
+        try:
+            chunks = list(result)
+        finally:
+            close = getattr(result, "close", None)
+            if close is not None:
+                close()
+        return b"".join([*captured.get("written", []), *chunks])
+
+    def close(self) -> None:
+        self.loop.run(self.gate.engine.store.aclose())
+        self.loop.close()
+
+
+def _headers(environ: Environ) -> list[tuple[str, str]]:
+    headers = [
+        (name[5:].replace("_", "-").lower(), value)
+        for name, value in environ.items()
+        if name.startswith("HTTP_")
+    ]
+    for name in ("CONTENT_TYPE", "CONTENT_LENGTH"):
+        if environ.get(name):
+            headers.append((name.replace("_", "-").lower(), environ[name]))
+    return headers
+
+
+def _read_body(environ: Environ, limit: int) -> bytes | None:
+    """The whole body, or ``None`` when it exceeds ``limit``; reads at most ``limit + 1``."""
+    declared = environ.get("CONTENT_LENGTH") or ""
+    if declared.isdigit() and int(declared) > limit:
+        return None
+    stream = environ["wsgi.input"]
+    body: bytes = stream.read(int(declared)) if declared.isdigit() else stream.read(limit + 1)
+    return None if len(body) > limit else body
+
+
+def _respond(start_response: StartResponse, response: Respond) -> list[bytes]:
+    start_response(_status_line(response.status), response.headers)
+    return [response.body]
+
+
+def _status_line(status: int) -> str:
+    try:
+        return f"{status} {HTTPStatus(status).phrase}"
+    except ValueError:
+        return f"{status} Unknown"

@@ -1,0 +1,132 @@
+"""SPEC §2 through the WSGI middleware, in front of real Flask and Django apps."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from werkzeug.test import Client, TestResponse
+
+from oncepay.http.wsgi import IdempotencyWSGIMiddleware
+from oncepay.idempotency.stores import Store
+from tests.conftest import make_spec
+from tests.http.wsgi_apps import Runs, django_app, flask_app
+
+AUTH = {"Authorization": "Bearer tenant-a"}
+
+
+@pytest.fixture(params=["memory", "sqlite", "redis"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Store:
+    return make_spec(request, request.param, tmp_path).build()
+
+
+@pytest.fixture(params=["flask", "django"])
+def framework(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def runs() -> Runs:
+    return Runs()
+
+
+@pytest.fixture
+def make(store: Store, framework: str, runs: Runs) -> Iterator[Any]:
+    built: list[IdempotencyWSGIMiddleware] = []
+
+    def make(**options: Any) -> tuple[Client, IdempotencyWSGIMiddleware]:
+        app = (flask_app if framework == "flask" else django_app)(runs)
+        middleware = IdempotencyWSGIMiddleware(app, store=store, **options)
+        built.append(middleware)
+        return Client(middleware), middleware
+
+    yield make
+    for middleware in built:
+        middleware.close()
+
+
+def post(
+    client: Client, path: str, key: str | None, body: bytes = b'{"amount": 100}', **headers: str
+) -> TestResponse:
+    all_headers = {**AUTH, "Content-Type": "application/json", **headers}
+    if key is not None:
+        all_headers["Idempotency-Key"] = key
+    return client.post(path, data=body, headers=all_headers)
+
+
+def problem_code(response: TestResponse) -> str:
+    assert response.headers["Content-Type"] == "application/problem+json"
+    return str(response.get_json()["code"])
+
+
+def test_first_request_executes_and_the_retry_replays(make: Any, runs: Runs) -> None:
+    client, _ = make()
+    first = post(client, "/payments", "k1")
+    again = post(client, "/payments", "k1", body=b'{ "amount":100 }')
+    assert first.status_code == again.status_code == 201
+    assert again.data == first.data
+    assert again.headers["Idempotent-Replayed"] == "true"
+    assert "Idempotency-Key-Expires" in first.headers
+    assert runs["pay"] == 1
+
+
+def test_missing_and_malformed_keys_are_400_and_nothing_runs(make: Any, runs: Runs) -> None:
+    client, _ = make()
+    assert problem_code(post(client, "/payments", None)) == "idempotency_key_missing"
+    assert problem_code(post(client, "/payments", '"open')) == "idempotency_key_invalid"
+    assert runs["pay"] == 0
+
+
+def test_a_different_body_under_the_same_key_is_422(make: Any, runs: Runs) -> None:
+    client, _ = make()
+    post(client, "/payments", "k1")
+    reused = post(client, "/payments", "k1", body=b'{"amount": 5}')
+    assert reused.status_code == 422
+    assert problem_code(reused) == "idempotency_key_reused"
+    assert runs["pay"] == 1
+
+
+def test_a_body_over_the_limit_is_413(make: Any, runs: Runs) -> None:
+    client, _ = make(max_body=100)
+    response = post(client, "/payments", "k1", body=b'{"pad": "' + b"x" * 200 + b'"}')
+    assert response.status_code == 413
+    assert problem_code(response) == "request_too_large"
+    assert runs["pay"] == 0
+
+
+def test_a_duplicate_while_the_first_runs_is_409(make: Any, runs: Runs) -> None:
+    client, _ = make()
+    runs.hold.clear()
+    results: list[TestResponse] = []
+    first = threading.Thread(target=lambda: results.append(post(client, "/slow", "k1")))
+    first.start()
+    assert runs.held.wait(10)  # the first request is inside the app
+    busy = post(client, "/slow", "k1")
+    runs.hold.set()
+    first.join(10)
+    assert busy.status_code == 409
+    assert problem_code(busy) == "idempotency_request_in_progress"
+    assert int(busy.headers["Retry-After"]) >= 1
+    assert results[0].status_code == 201
+    assert post(client, "/slow", "k1").data == results[0].data
+    assert runs["slow"] == 1
+
+
+def test_a_5xx_releases_the_key(make: Any, runs: Runs) -> None:
+    client, _ = make()
+    assert post(client, "/fail", "k1").status_code == 503
+    assert post(client, "/fail", "k1").status_code == 503
+    assert runs["fail"] == 2
+
+
+def test_cookies_are_not_replayed_and_headers_are(make: Any, runs: Runs) -> None:
+    client, _ = make()
+    first = post(client, "/headers", "k1")
+    again = post(client, "/headers", "k1")
+    assert "Set-Cookie" in first.headers
+    assert "Set-Cookie" not in again.headers
+    assert again.headers.getlist("X-Multi") == first.headers.getlist("X-Multi")
+    assert runs["headers"] == 1
