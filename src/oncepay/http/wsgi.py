@@ -22,9 +22,9 @@ from http import HTTPStatus
 from types import TracebackType
 from typing import Any
 
+from oncepay._loop import LoopThread
 from oncepay.errors import OncePayError
 from oncepay.http._gate import Gate, Passthrough, Request, Respond, Run
-from oncepay.http._loop import LoopThread
 from oncepay.idempotency.engine import DEFAULT_LEASE, DEFAULT_TTL, Engine
 from oncepay.idempotency.stores import Store, store_from_url
 

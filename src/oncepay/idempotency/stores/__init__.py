@@ -45,6 +45,8 @@ def store_from_url(url: str, **options: Any) -> Store:
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
+        if (exc.name or "").startswith("oncepay"):
+            raise
         extra = "postgres" if "postgres" in module_name else "redis"
         raise ConfigurationError(
             f"the {scheme}:// store needs an extra: pip install 'oncepay[{extra}]' ({exc})"
