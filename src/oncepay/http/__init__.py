@@ -1,8 +1,18 @@
-"""OncePay's HTTP surfaces: import them from here."""
+"""OncePay's HTTP surfaces: import them from here.
+
+The middleware needs nothing beyond OncePay itself; the client needs the ``client`` extra
+(httpx and tenacity) and is imported on first use.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
 
 from oncepay.http.asgi import IdempotencyMiddleware
-from oncepay.http.client import AsyncClient, Client, RetryPolicy
 from oncepay.http.wsgi import IdempotencyWSGIMiddleware
+
+if TYPE_CHECKING:
+    from oncepay.http.client import AsyncClient, Client, RetryPolicy
 
 __all__ = [
     "AsyncClient",
@@ -11,3 +21,13 @@ __all__ = [
     "IdempotencyWSGIMiddleware",
     "RetryPolicy",
 ]
+
+_LAZY = {"AsyncClient", "Client", "RetryPolicy"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        from oncepay.http import client
+
+        return getattr(client, name)
+    raise AttributeError(f"module 'oncepay.http' has no attribute {name!r}")
