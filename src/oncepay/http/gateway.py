@@ -1,0 +1,205 @@
+"""The idempotency gateway: OncePay's middleware in front of any HTTP service.
+
+``oncepay gateway --upstream http://127.0.0.1:8080 --store redis://…`` runs a reverse proxy
+(uvicorn) whose managed requests go through :class:`~oncepay.http.IdempotencyMiddleware`.
+Several gateway processes sharing one store behave as one.
+
+* requests and responses stream both ways (managed request bodies are read first: the
+  fingerprint needs them);
+* hop-by-hop headers are dropped in both directions; ``Forwarded`` and ``X-Forwarded-*`` are
+  added;
+* the upstream refusing connections is a 502, an upstream timeout a 504 — both 5xx, so the
+  key is released and a retry runs again;
+* ``GET /health`` is answered by the gateway itself (and checks the store).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from oncepay.errors import OncePayError
+from oncepay.http._gate import NOT_STORED
+from oncepay.http.asgi import IdempotencyMiddleware, Message, Receive, Scope, Send
+from oncepay.http.problems import Problem
+from oncepay.idempotency.stores import store_from_url
+
+__all__ = ["GatewaySettings", "Proxy", "create_app"]
+
+# Hop-by-hop request headers (RFC 9110 §7.6.1) plus Host, which httpx sets for the upstream.
+_NOT_FORWARDED = (NOT_STORED - {"date", "set-cookie"}) | {"host", "content-length"}
+# 30 s: long enough for a slow payment acquirer, short enough to answer a client that would
+# otherwise time out itself. The idempotency lease (60 s) outlasts it.
+DEFAULT_UPSTREAM_TIMEOUT = 30.0
+# Connecting must be quick on a local network; a slow connect means the upstream is down.
+CONNECT_TIMEOUT = 5.0
+
+
+@dataclass(frozen=True)
+class GatewaySettings:
+    upstream: str
+    store: str = "sqlite:///oncepay-gateway.db"
+    timeout: float = DEFAULT_UPSTREAM_TIMEOUT
+    required: bool = True
+    wait: float = 0.0
+
+    @classmethod
+    def from_env(cls) -> GatewaySettings:
+        """Read ``ONCEPAY_UPSTREAM``, ``ONCEPAY_STORE_URL``, ``ONCEPAY_UPSTREAM_TIMEOUT``,
+        ``ONCEPAY_KEY_REQUIRED`` and ``ONCEPAY_WAIT`` (how uvicorn workers get their config)."""
+        env = os.environ
+        return cls(
+            upstream=env["ONCEPAY_UPSTREAM"],
+            store=env.get("ONCEPAY_STORE_URL", cls.store),
+            timeout=float(env.get("ONCEPAY_UPSTREAM_TIMEOUT", DEFAULT_UPSTREAM_TIMEOUT)),
+            required=env.get("ONCEPAY_KEY_REQUIRED", "true").lower() in {"1", "true", "yes"},
+            wait=float(env.get("ONCEPAY_WAIT", "0")),
+        )
+
+
+class Proxy:
+    """A streaming reverse proxy to one upstream, as a plain ASGI app."""
+
+    def __init__(self, upstream: str, *, timeout: float = DEFAULT_UPSTREAM_TIMEOUT) -> None:
+        self.upstream = upstream.rstrip("/")
+        self.client = httpx.AsyncClient(
+            timeout=httpx.Timeout(timeout, connect=CONNECT_TIMEOUT),
+            limits=httpx.Limits(max_connections=1000, max_keepalive_connections=100),
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await _lifespan(receive, send, on_shutdown=self.client.aclose)
+            return
+        if scope["type"] != "http":
+            return
+        request = self.client.build_request(
+            scope["method"],
+            self._url(scope),
+            headers=_forward_headers(scope),
+            content=_request_body(receive),
+        )
+        try:
+            response = await self.client.send(request, stream=True)
+        except httpx.TimeoutException:
+            await _problem(send, 504, "upstream_timeout", "the upstream did not answer in time")
+            return
+        except httpx.TransportError as exc:
+            await _problem(send, 502, "upstream_unavailable", f"the upstream failed: {exc!r}")
+            return
+        try:
+            await _stream_back(response, send)
+        finally:
+            await response.aclose()
+
+    def _url(self, scope: Scope) -> str:
+        query = scope.get("query_string", b"").decode("latin-1")
+        raw = scope.get("raw_path") or scope["path"].encode()
+        path = raw.decode("latin-1") if isinstance(raw, bytes) else raw
+        return f"{self.upstream}{path}" + (f"?{query}" if query else "")
+
+
+def _forward_headers(scope: Scope) -> list[tuple[bytes, bytes]]:
+    headers = [(k, v) for k, v in scope["headers"] if k.decode("latin-1") not in _NOT_FORWARDED]
+    client = scope.get("client")
+    client_host = client[0] if client else "unknown"
+    host = next((v for k, v in scope["headers"] if k == b"host"), b"").decode("latin-1")
+    proto = scope.get("scheme", "http")
+    headers += [
+        (b"forwarded", f'for="{client_host}";host="{host}";proto={proto}'.encode()),
+        (b"x-forwarded-for", client_host.encode()),
+        (b"x-forwarded-host", host.encode()),
+        (b"x-forwarded-proto", proto.encode()),
+    ]
+    return headers
+
+
+async def _request_body(receive: Receive) -> AsyncIterator[bytes]:
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            return
+        yield message.get("body", b"")
+        if not message.get("more_body", False):
+            return
+
+
+async def _stream_back(response: httpx.Response, send: Send) -> None:
+    headers = [
+        (k.encode("latin-1"), v.encode("latin-1"))
+        for k, v in response.headers.multi_items()
+        if k.lower() not in _NOT_FORWARDED - {"content-length"}
+    ]
+    await send({"type": "http.response.start", "status": response.status_code, "headers": headers})
+    async for chunk in response.aiter_raw():
+        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+    await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+async def _problem(send: Send, status: int, code: str, detail: str) -> None:
+    title = "Bad gateway" if status == 502 else "Gateway timeout"
+    problem = Problem(status, code, title, detail, [])
+    start: Message = {
+        "type": "http.response.start",
+        "status": problem.status,
+        "headers": [(k.encode(), v.encode()) for k, v in problem.headers],
+    }
+    await send(start)
+    await send({"type": "http.response.body", "body": problem.body})
+
+
+async def _lifespan(receive: Receive, send: Send, *, on_shutdown: Any) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await on_shutdown()
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+
+
+class _Health:
+    """``GET /health`` answered by the gateway, with a store check; everything else proxied."""
+
+    def __init__(self, app: IdempotencyMiddleware) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] == "/health" and scope["method"] == "GET":
+            await self._health(send)
+            return
+        await self.app(scope, receive, send)
+
+    async def _health(self, send: Send) -> None:
+        status, store = 200, "ok"
+        try:
+            await self.app.gate.engine.store.get("oncepay-health", "probe")
+        except OncePayError as exc:
+            status, store = 503, exc.detail
+        body = json.dumps({"status": "ok" if status == 200 else "degraded", "store": store})
+        start: Message = {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json")],
+        }
+        await send(start)
+        await send({"type": "http.response.body", "body": body.encode()})
+
+
+def create_app(settings: GatewaySettings | None = None) -> _Health:
+    """The gateway as an ASGI app (uvicorn factory: ``oncepay.http.gateway:create_app``)."""
+    settings = settings or GatewaySettings.from_env()
+    proxy = Proxy(settings.upstream, timeout=settings.timeout)
+    middleware = IdempotencyMiddleware(
+        proxy,
+        store=store_from_url(settings.store),
+        required=settings.required,
+        wait=settings.wait,
+    )
+    return _Health(middleware)

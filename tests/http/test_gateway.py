@@ -1,0 +1,136 @@
+"""The gateway as real processes: an upstream that counts executions, gateways sharing one store."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import make_spec
+from tests.processes import free_port, oncepay_args, running, uvicorn_args
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def upstream() -> Iterator[str]:
+    port = free_port()
+    with running(uvicorn_args("tests.http.upstream:app", port), port):
+        yield f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    spec = make_spec(request, request.param, tmp_path)
+    if spec.backend == "redis":
+        # The gateway takes a URL only, so the namespace travels as a database number.
+        return spec.url.rsplit("/", 1)[0] + "/3"
+    return spec.url
+
+
+def gateway(upstream: str, store: str, *extra: str) -> tuple[Any, str]:
+    port = free_port()
+    args = oncepay_args(
+        "gateway", "--upstream", upstream, "--store", store, "--port", str(port), *extra
+    )
+    return running(args, port), f"http://127.0.0.1:{port}"
+
+
+async def count(upstream: str, path: str) -> int:
+    async with httpx.AsyncClient() as client:
+        counts = (await client.get(f"{upstream}/count")).json()
+    return int(counts.get(path, 0))
+
+
+async def test_two_gateways_sharing_a_store_execute_a_key_once(
+    upstream: str, store_url: str
+) -> None:
+    first, url_a = gateway(upstream, store_url)
+    second, url_b = gateway(upstream, store_url)
+    key = f"one-key-{store_url[:6]}-{id(store_url)}"
+    before = await count(upstream, "pay")
+    with first, second:
+        async with httpx.AsyncClient(timeout=30) as client:
+
+            async def send(i: int) -> httpx.Response:
+                base = url_a if i % 2 else url_b
+                headers = {"idempotency-key": key}
+                return await client.post(f"{base}/pay", json={"amount": 100}, headers=headers)
+
+            responses = await asyncio.gather(*(send(i) for i in range(200)))
+    statuses = {r.status_code for r in responses}
+    assert statuses <= {201, 409}, statuses
+    winners = {r.content for r in responses if r.status_code == 201}
+    assert len(winners) == 1, "every 201 is the one execution's answer"
+    assert await count(upstream, "pay") == before + 1
+
+
+async def test_headers_stream_and_forwarding(upstream: str, tmp_path: Path) -> None:
+    process, url = gateway(upstream, f"sqlite:///{tmp_path / 'g.db'}")
+    with process:
+        async with httpx.AsyncClient(timeout=30) as client:
+            echoed = await client.post(
+                f"{url}/echo?x=1",
+                content=b"a" * 100_000,
+                headers={"idempotency-key": "e1", "connection": "keep-alive", "x-custom": "kept"},
+            )
+            streamed = await client.post(f"{url}/stream", headers={"idempotency-key": "s1"})
+            replayed = await client.post(f"{url}/stream", headers={"idempotency-key": "s1"})
+            health = await client.get(f"{url}/health")
+    seen = dict(echoed.json()["headers"])
+    assert echoed.json()["size"] == 100_000
+    assert echoed.json()["query"] == "x=1"
+    assert seen["x-custom"] == "kept"
+    assert seen["x-forwarded-for"] == "127.0.0.1"
+    assert seen["forwarded"].startswith('for="127.0.0.1"')
+    assert streamed.text == replayed.text == "".join(f"part-{i}\n" for i in range(10))
+    assert replayed.headers["idempotent-replayed"] == "true"
+    assert health.status_code == 200
+    assert health.json() == {"status": "ok", "store": "ok"}
+
+
+async def test_an_unreachable_upstream_is_502_and_the_key_is_released(tmp_path: Path) -> None:
+    dead = f"http://127.0.0.1:{free_port()}"
+    process, url = gateway(dead, f"sqlite:///{tmp_path / 'g.db'}")
+    with process:
+        async with httpx.AsyncClient(timeout=30) as client:
+            headers = {"idempotency-key": "k"}
+            first = await client.post(f"{url}/pay", json={}, headers=headers)
+            again = await client.post(f"{url}/pay", json={}, headers=headers)
+    assert first.status_code == again.status_code == 502
+    assert first.json()["code"] == "upstream_unavailable"
+    assert "idempotent-replayed" not in again.headers  # released, so it ran again
+
+
+async def test_an_upstream_timeout_is_504(upstream: str, tmp_path: Path) -> None:
+    process, url = gateway(upstream, f"sqlite:///{tmp_path / 'g.db'}", "--timeout", "0.5")
+    with process:
+        async with httpx.AsyncClient(timeout=30) as client:
+            response = await client.post(f"{url}/hang", json={}, headers={"idempotency-key": "h"})
+    assert response.status_code == 504
+    assert response.json()["code"] == "upstream_timeout"
+
+
+async def test_bad_input_gets_4xx_problems_and_reaches_nothing(
+    upstream: str, tmp_path: Path
+) -> None:
+    process, url = gateway(upstream, f"sqlite:///{tmp_path / 'g.db'}")
+    before = await count(upstream, "echo")
+    with process:
+        async with httpx.AsyncClient(timeout=30) as client:
+
+            async def send(body: bytes, **headers: str) -> httpx.Response:
+                return await client.post(f"{url}/echo", content=body, headers=headers)
+
+            missing = await send(b"{}")
+            malformed = await send(b"{}", **{"idempotency-key": '"x'})
+            too_big = await send(b"x" * (1024 * 1024 + 1), **{"idempotency-key": "big"})
+            json_headers = {"idempotency-key": "j", "content-type": "application/json"}
+            broken_json = await send(b'{"a":', **json_headers)
+    assert [r.status_code for r in (missing, malformed, too_big)] == [400, 400, 413]
+    assert broken_json.status_code == 200  # not JSON to the gateway's eye: fingerprinted raw
+    assert await count(upstream, "echo") == before + 1
