@@ -392,3 +392,18 @@ class _DownStore(MemoryStore):
 class _CompleteFails(MemoryStore):
     async def complete(self, *args: Any, **kwargs: Any) -> None:
         raise StoreUnavailable("connection reset while storing")
+
+
+async def test_a_route_can_have_its_own_ttl(store: Store, runs: Executions) -> None:
+    clock = FakeClock()
+    engine = Engine(store, ttl=3600, lease=30, clock=clock)
+    app = IdempotencyMiddleware(starlette_app(runs), engine=engine, route_ttl={"/pay*": 60})
+    async with client_for(app) as client:
+        await post(client, "/payments", "k1")
+        await post(client, "/stream", "k2")
+        clock.advance(61)
+        expired = await post(client, "/payments", "k1")
+        kept = await post(client, "/stream", "k2")
+    assert "idempotent-replayed" not in expired.headers  # past its route's 60 s TTL: new
+    assert kept.headers["idempotent-replayed"] == "true"  # the default TTL still holds
+    assert (runs["pay"], runs["stream"]) == (2, 1)

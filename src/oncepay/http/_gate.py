@@ -126,7 +126,7 @@ class Gate:
         header: str = "Idempotency-Key",
         aliases: Iterable[str] = (),
         scope: ScopeFunction = default_scope,
-        ttl: Mapping[str, float] | None = None,
+        route_ttl: Mapping[str, float] | None = None,
         stripe_compatible: bool = False,
         fail_open: bool = False,
         max_body: int = DEFAULT_MAX_BODY,
@@ -141,7 +141,7 @@ class Gate:
         self.required = required
         self.headers = (header.lower(), *(a.lower() for a in aliases))
         self.scope = scope
-        self.ttl = dict(ttl or {})
+        self.route_ttl = dict(route_ttl or {})
         self.stripe_compatible = stripe_compatible
         self.fail_open = fail_open
         self.max_body = max_body
@@ -219,7 +219,7 @@ class Gate:
         return Respond(response.status, headers, response.body)
 
     def _ttl_for(self, path: str) -> float | None:
-        for pattern, ttl in self.ttl.items():
+        for pattern, ttl in self.route_ttl.items():
             if fnmatch.fnmatchcase(path, pattern):
                 return ttl
         return None
