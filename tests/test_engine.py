@@ -66,3 +66,11 @@ def test_fences_grow_while_a_record_exists_and_restart_above_the_clock() -> None
 def test_unknown_store_schemes_are_a_configuration_error() -> None:
     with pytest.raises(ConfigurationError, match="unknown store URL scheme 'mongodb'"):
         store_from_url("mongodb://localhost")
+
+
+def test_store_options_can_travel_in_the_url_query() -> None:
+    from oncepay.idempotency.stores import _split_options
+
+    url, options = _split_options("redis://h:6379/0?prefix=app:&socket_timeout=2")
+    assert (url, options) == ("redis://h:6379/0?socket_timeout=2", {"prefix": "app:"})
+    assert _split_options("sqlite:///k.db") == ("sqlite:///k.db", {})

@@ -26,9 +26,8 @@ def upstream() -> Iterator[str]:
 @pytest.fixture(params=["sqlite", "redis"])
 def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     spec = make_spec(request, request.param, tmp_path)
-    if spec.backend == "redis":
-        # The gateway takes a URL only, so the namespace travels as a database number.
-        return spec.url.rsplit("/", 1)[0] + "/3"
+    if spec.backend == "redis":  # the gateway takes a URL only: the namespace rides in it
+        return f"{spec.url}?prefix={spec.options['prefix']}"
     return spec.url
 
 
@@ -134,3 +133,53 @@ async def test_bad_input_gets_4xx_problems_and_reaches_nothing(
     assert [r.status_code for r in (missing, malformed, too_big)] == [400, 400, 413]
     assert broken_json.status_code == 200  # not JSON to the gateway's eye: fingerprinted raw
     assert await count(upstream, "echo") == before + 1
+
+
+async def test_decision_table_rows_through_the_gateway(upstream: str, store_url: str) -> None:
+    process, url = gateway(upstream, store_url, "--timeout", "3")
+    with process:
+        async with httpx.AsyncClient(timeout=30) as client:
+
+            async def pay(key: str, amount: int = 100, path: str = "/pay") -> httpx.Response:
+                headers = {"idempotency-key": key, "authorization": "Bearer t1"}
+                return await client.post(f"{url}{path}", json={"amount": amount}, headers=headers)
+
+            first = await pay("row-1")
+            replay = await pay("row-1")
+            reused = await pay("row-1", amount=5)
+            other_tenant = await client.post(
+                f"{url}/pay", json={"amount": 100},
+                headers={"idempotency-key": "row-1", "authorization": "Bearer t2"},
+            )  # fmt: skip
+
+            hangs_before = await count(upstream, "hang")
+            slow = asyncio.create_task(pay("row-2", path="/hang"))
+            # Poll the other process until the first request is upstream (holding the key).
+            while await count(upstream, "hang") == hangs_before:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+            busy = await pay("row-2", path="/hang")
+            timed_out = await slow
+    assert first.status_code == replay.status_code == 201
+    assert replay.content == first.content
+    assert replay.headers["idempotent-replayed"] == "true"
+    assert "idempotency-key-expires" in first.headers
+    assert (reused.status_code, reused.json()["code"]) == (422, "idempotency_key_reused")
+    assert other_tenant.status_code == 201
+    assert "idempotent-replayed" not in other_tenant.headers
+    assert (busy.status_code, busy.json()["code"]) == (409, "idempotency_request_in_progress")
+    assert int(busy.headers["retry-after"]) >= 1
+    assert timed_out.status_code == 504
+
+
+async def test_an_unreachable_store_is_503_and_the_upstream_is_not_called(upstream: str) -> None:
+    dead_store = f"redis://127.0.0.1:{free_port()}/0"
+    process, url = gateway(upstream, dead_store)
+    before = await count(upstream, "pay")
+    with process:
+        async with httpx.AsyncClient(timeout=30) as client:
+            response = await client.post(f"{url}/pay", json={}, headers={"idempotency-key": "k"})
+            health = await client.get(f"{url}/health")
+    assert response.status_code == 503
+    assert response.json()["code"] == "idempotency_store_unavailable"
+    assert health.status_code == 503
+    assert await count(upstream, "pay") == before

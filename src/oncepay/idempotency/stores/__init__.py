@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import importlib
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from oncepay.errors import ConfigurationError
 from oncepay.idempotency.stores.base import Store
@@ -34,8 +34,18 @@ SCHEMES: dict[str, str] = {
 }
 
 
+# Options OncePay reads from a store URL's query string (``redis://h/0?prefix=app:``), so that
+# a URL alone — an environment variable, a CLI flag — can say everything.
+URL_OPTIONS = frozenset({"prefix", "table"})
+
+
 def store_from_url(url: str, **options: Any) -> Store:
-    """Build the store a URL names; ``options`` go to the store class (e.g. ``table=``)."""
+    """Build the store a URL names; ``options`` go to the store class (e.g. ``table=``).
+
+    ``prefix`` (Redis) and ``table`` (SQL) may also be given in the URL's query string.
+    """
+    url, from_query = _split_options(url)
+    options = {**from_query, **options}
     scheme = urlsplit(url).scheme.lower()
     target = SCHEMES.get(scheme)
     if target is None:
@@ -53,3 +63,13 @@ def store_from_url(url: str, **options: Any) -> Store:
         ) from exc
     store: Store = getattr(module, class_name).from_url(url, **options)
     return store
+
+
+def _split_options(url: str) -> tuple[str, dict[str, str]]:
+    parts = urlsplit(url)
+    pairs = parse_qsl(parts.query, keep_blank_values=True)
+    ours = {k: v for k, v in pairs if k in URL_OPTIONS}
+    if not ours:
+        return url, {}
+    rest = urlencode([(k, v) for k, v in pairs if k not in URL_OPTIONS])
+    return urlunsplit(parts._replace(query=rest)), ours
