@@ -16,7 +16,9 @@ from tests.http.apps import Executions, starlette_app
 FAST = RetryPolicy(base=0.001, cap=0.005, total=5.0)
 
 
-def scripted(*answers: int | type[httpx.TransportError], seen: list[httpx.Request]) -> httpx.MockTransport:
+def scripted(
+    *answers: int | type[httpx.TransportError], seen: list[httpx.Request]
+) -> httpx.MockTransport:
     """A transport that answers each attempt with the next status, or raises the next error."""
     script = list(answers)
 
