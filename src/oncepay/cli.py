@@ -34,6 +34,16 @@ def version() -> None:
 
 
 @app.command()
+def serve() -> None:
+    """Run the payments service (arrives with the payments issue)."""
+    console.print(
+        "[yellow]The payments service is not built yet.[/yellow] Use the toolkit today: "
+        "`oncepay gateway --upstream URL`, or the middleware (docs/middleware.md)."
+    )
+    raise typer.Exit(1)
+
+
+@app.command()
 def purge(
     store: StoreUrl = "sqlite:///oncepay.db",
     batch: Annotated[int, typer.Option(min=1, help="Records removed per statement.")] = 1000,
