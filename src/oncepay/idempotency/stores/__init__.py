@@ -31,6 +31,7 @@ SCHEMES: dict[str, str] = {
     "redis": "oncepay.idempotency.stores.redis:RedisStore",
     "rediss": "oncepay.idempotency.stores.redis:RedisStore",
     "redis+cluster": "oncepay.idempotency.stores.redis:RedisClusterStore",
+    "rediss+cluster": "oncepay.idempotency.stores.redis:RedisClusterStore",
 }
 
 
