@@ -74,7 +74,11 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
 
 
 def uvicorn_args(app: str, port: int) -> list[str]:
-    return [sys.executable, "-m", "uvicorn", app, "--port", str(port), "--log-level", "warning"]
+    # A test server must not wait out requests still hanging on purpose when it is stopped.
+    return [
+        sys.executable, "-m", "uvicorn", app, "--port", str(port), "--log-level", "warning",
+        "--timeout-graceful-shutdown", "1",
+    ]  # fmt: skip
 
 
 def oncepay_args(*args: str) -> list[str]:

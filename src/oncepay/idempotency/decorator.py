@@ -112,7 +112,7 @@ class _Call:
     async def __call__(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         bound = self.signature.bind(*args, **kwargs)
         bound.apply_defaults()
-        key = parse_key(self._key_of(bound))
+        key = parse_key(self._key_of(bound, args, kwargs))
         others = {k: v for k, v in bound.arguments.items() if k != self.key}
         fp = fingerprint("CALL", self.target, _dumps(others))
         decision = await self.engine.begin(self.scope, key, fp)
@@ -146,9 +146,11 @@ class _Call:
         await self.engine.complete(decision.ticket, StoredResponse(200, _JSON, _dumps(result)))
         return result
 
-    def _key_of(self, bound: inspect.BoundArguments) -> str:
-        if callable(self.key):
-            return self.key(*bound.args, **bound.kwargs)
+    def _key_of(
+        self, bound: inspect.BoundArguments, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> str:
+        if callable(self.key):  # called as the function was: same positional/keyword split
+            return self.key(*args, **kwargs)
         return str(bound.arguments[self.key])
 
     def _load(self, body: bytes) -> Any:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import importlib
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from oncepay.errors import ConfigurationError
 from oncepay.idempotency.stores.base import Store
@@ -73,4 +73,6 @@ def _split_options(url: str) -> tuple[str, dict[str, str]]:
     if not ours:
         return url, {}
     rest = urlencode([(k, v) for k, v in pairs if k not in URL_OPTIONS])
-    return urlunsplit(parts._replace(query=rest)), ours
+    # Rejoin the text rather than urlunsplit(), which would fold sqlite:////abs into a host.
+    base = url.split("?", 1)[0]
+    return (f"{base}?{rest}" if rest else base), ours

@@ -30,6 +30,7 @@ from oncepay.idempotency.stores.base import MAX_POLL_INTERVAL
 
 __all__ = [
     "RECORD_COLUMNS",
+    "SELECT_LIST",
     "EventWatch",
     "KeyEvents",
     "Statement",
