@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from oncepay.errors import ConfigurationError, IdempotencyKeyInvalid, IdempotencyKeyMissing
-from oncepay.idempotency import Engine, Execute, Invalid, store_from_url
+from oncepay.idempotency import Engine, Execute, Invalid, StoredResponse, store_from_url
 from oncepay.idempotency.records import next_fence
 from oncepay.idempotency.stores.memory import MemoryStore
 from tests.clock import FakeClock
@@ -74,3 +76,30 @@ def test_store_options_can_travel_in_the_url_query() -> None:
     url, options = _split_options("redis://h:6379/0?prefix=app:&socket_timeout=2")
     assert (url, options) == ("redis://h:6379/0?socket_timeout=2", {"prefix": "app:"})
     assert _split_options("sqlite:///k.db") == ("sqlite:///k.db", {})
+
+
+async def test_transactional_completion_through_the_engine(tmp_path: Path) -> None:
+    import sqlite3
+
+    from oncepay.idempotency import Replay
+
+    db = tmp_path / "app.db"
+    engine = Engine(store_from_url(f"sqlite:///{db}"))
+    try:
+        decision = await engine.begin("s", "k", "fp")
+        assert isinstance(decision, Execute)
+        with sqlite3.connect(db) as conn:  # the app's own transaction on the same file
+            conn.execute("CREATE TABLE orders (id TEXT)")
+            conn.execute("INSERT INTO orders VALUES ('o1')")
+            engine.complete_in(conn, decision.ticket, StoredResponse(201, (), b"o1"))
+        assert isinstance(await engine.begin("s", "k", "fp"), Replay)
+    finally:
+        await engine.store.aclose()
+
+
+async def test_transactional_completion_needs_a_sql_store() -> None:
+    engine = Engine(MemoryStore())
+    decision = await engine.begin("s", "k", "fp")
+    assert isinstance(decision, Execute)
+    with pytest.raises(ConfigurationError, match="cannot complete inside your transaction"):
+        engine.complete_in(object(), decision.ticket, StoredResponse(200))

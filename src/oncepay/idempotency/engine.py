@@ -19,6 +19,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import Any
 
 from oncepay.errors import (
     ClientError,
@@ -171,6 +172,27 @@ class Engine:
         await self.store.complete(
             ticket.scope, ticket.key, ticket.fence, response, now=self.clock()
         )
+
+    def complete_in(self, conn: Any, ticket: Ticket, response: StoredResponse) -> None:
+        """Complete inside the caller's open transaction on a sync connection (SQL stores),
+        so the caller's writes and the stored response commit together or not at all."""
+        self._transactional().complete_in(
+            conn, ticket.scope, ticket.key, ticket.fence, response, now=self.clock()
+        )
+
+    async def acomplete_in(self, conn: Any, ticket: Ticket, response: StoredResponse) -> None:
+        """:meth:`complete_in` for async connections (psycopg, asyncpg, SQLAlchemy async)."""
+        await self._transactional().acomplete_in(
+            conn, ticket.scope, ticket.key, ticket.fence, response, now=self.clock()
+        )
+
+    def _transactional(self) -> Any:
+        if not hasattr(self.store, "complete_in"):
+            raise ConfigurationError(
+                f"{type(self.store).__name__} cannot complete inside your transaction: "
+                "use the SQLite or PostgreSQL store in the same database as your data"
+            )
+        return self.store
 
     async def release(self, ticket: Ticket) -> None:
         """Give the key up after a failure, so that a retry executes again."""
