@@ -286,4 +286,12 @@ def _without(headers: Iterable[tuple[str, str]], name: str) -> tuple[tuple[str, 
 
 
 def http_date(timestamp: float) -> str:
-    return formatdate(timestamp, usegmt=True)
+    """An IMF-fixdate, remembered for the last second asked: formatdate costs ~3 us and
+    every managed response asks for one, mostly for the same second."""
+    second = int(timestamp)
+    if _last_date[0] != second:
+        _last_date[:] = [second, formatdate(second, usegmt=True)]
+    return str(_last_date[1])
+
+
+_last_date: list[object] = [None, ""]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-from collections.abc import Iterable
+import struct
 
 from oncepay.errors import IdempotencyKeyInvalid
 
@@ -26,7 +26,13 @@ __all__ = [
 MAX_KEY_LENGTH = 255
 ANONYMOUS_SCOPE = "anonymous"
 
-_PRINTABLE = frozenset(range(0x20, 0x7F))
+# Hot path: one shared encoder/decoder (json.dumps re-builds an encoder from its keywords on
+# every call) and one struct for the length prefixes.
+_DECODER = json.JSONDecoder()
+_CANONICAL = json.JSONEncoder(
+    sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=True
+)
+_LENGTH = struct.Struct(">Q")
 
 
 def parse_key(raw: str) -> str:
@@ -41,7 +47,8 @@ def parse_key(raw: str) -> str:
         raise IdempotencyKeyInvalid(
             f"Idempotency-Key is {len(value)} characters long; the limit is {MAX_KEY_LENGTH}"
         )
-    if not all(ord(ch) in _PRINTABLE for ch in value):
+    # For ASCII text, isprintable() is exactly 0x20-0x7E.
+    if not (value.isascii() and value.isprintable()):
         raise IdempotencyKeyInvalid("Idempotency-Key must be printable ASCII (0x20-0x7E)")
     return value
 
@@ -81,12 +88,10 @@ def canonical_json(body: bytes) -> bytes | None:
     """The canonical form of a JSON body (sorted keys, no insignificant whitespace), or
     ``None`` when the body is not valid UTF-8 JSON."""
     try:
-        document = json.loads(body)
-    except (ValueError, UnicodeDecodeError, RecursionError):
+        document = _DECODER.decode(body.decode())
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
         return None
-    return json.dumps(
-        document, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=True
-    ).encode()
+    return _CANONICAL.encode(document).encode()
 
 
 def fingerprint(
@@ -106,10 +111,19 @@ def fingerprint(
     """
     if json_body:
         body = canonical_json(body) or body
-    parts: Iterable[bytes] = (method.upper().encode("ascii"), target.encode("latin-1"), body)
-    digest = hmac.new(secret, digestmod=hashlib.sha256) if secret else hashlib.sha256()
-    for part in parts:
-        # Length-prefix every part so that no two different requests share one byte stream.
-        digest.update(len(part).to_bytes(8, "big"))
-        digest.update(part)
-    return digest.hexdigest()
+    verb = method.upper().encode("ascii")
+    path = target.encode("latin-1")
+    # Length-prefix every part so that no two different requests share one byte stream.
+    data = b"".join(
+        (
+            _LENGTH.pack(len(verb)),
+            verb,
+            _LENGTH.pack(len(path)),
+            path,
+            _LENGTH.pack(len(body)),
+            body,
+        )
+    )
+    if secret:
+        return hmac.new(secret, data, hashlib.sha256).hexdigest()
+    return hashlib.sha256(data).hexdigest()
