@@ -86,11 +86,13 @@ class PaymentIn(BaseModel):
 
 
 def fastapi_app(runs: Executions) -> FastAPI:
+    """A FastAPI app with a validated model route, plus every route of the Starlette app."""
     app = FastAPI()
 
-    @app.post("/payments", status_code=201)
-    async def pay(payment: PaymentIn) -> dict[str, object]:
-        runs["pay"] += 1
-        return {"run": runs["pay"], "got": payment.model_dump()}
+    @app.post("/typed", status_code=201)
+    async def typed(payment: PaymentIn) -> dict[str, object]:
+        runs["typed"] += 1
+        return {"run": runs["typed"], "got": payment.model_dump()}
 
+    app.router.routes.extend(starlette_app(runs).routes)
     return app

@@ -14,7 +14,7 @@ import pytest
 
 from oncepay.errors import StoreUnavailable
 from oncepay.http import IdempotencyMiddleware
-from oncepay.idempotency import Engine, RecordState
+from oncepay.idempotency import Engine, RecordState, StoredResponse
 from oncepay.idempotency.stores import Store
 from oncepay.idempotency.stores.memory import MemoryStore
 from tests.clock import FakeClock
@@ -41,10 +41,15 @@ def client_for(app: Any) -> httpx.AsyncClient:
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")
 
 
+@pytest.fixture(params=["starlette", "fastapi"])
+def framework(request: pytest.FixtureRequest) -> Any:
+    return starlette_app if request.param == "starlette" else fastapi_app
+
+
 @pytest.fixture
-def make_client(store: Store, runs: Executions) -> Any:
+def make_client(store: Store, runs: Executions, framework: Any) -> Any:
     def make(**options: Any) -> httpx.AsyncClient:
-        return client_for(IdempotencyMiddleware(starlette_app(runs), store=store, **options))
+        return client_for(IdempotencyMiddleware(framework(runs), store=store, **options))
 
     return make
 
@@ -355,18 +360,60 @@ async def test_an_oversized_response_is_stored_without_its_body(
     assert runs["pay"] == 1
 
 
-async def test_fastapi_app_gets_the_same_guarantees(store: Store, runs: Executions) -> None:
+async def test_fastapi_validation_errors_are_stored_like_any_4xx(
+    store: Store, runs: Executions
+) -> None:
     async with client_for(IdempotencyMiddleware(fastapi_app(runs), store=store)) as client:
         body = {"amount": 100, "currency": "EUR"}
-        first = await post(client, "/payments", "k1", body)
-        again = await post(client, "/payments", "k1", body)
-        invalid = await post(client, "/payments", "k2", {"amount": "lots"})
-        invalid_again = await post(client, "/payments", "k2", {"amount": "lots"})
+        first = await post(client, "/typed", "k1", body)
+        again = await post(client, "/typed", "k1", body)
+        invalid = await post(client, "/typed", "k2", {"amount": "lots"})
+        invalid_again = await post(client, "/typed", "k2", {"amount": "lots"})
+        broken = await client.post(
+            "/typed", content=b'{"amount":', headers={**AUTH, "idempotency-key": "k3",
+                                                      "content-type": "application/json"}
+        )  # fmt: skip
     assert first.status_code == 201
     assert again.content == first.content
-    assert invalid.status_code == invalid_again.status_code == 422  # stored like any 4xx
+    assert invalid.status_code == invalid_again.status_code == 422
     assert invalid_again.headers["idempotent-replayed"] == "true"
+    assert broken.status_code == 422  # broken JSON reaches the app, which answers 4xx
+    assert runs["typed"] == 1
+
+
+async def test_header_aliases_and_included_routes(make_client: Any, runs: Executions) -> None:
+    async with make_client(aliases=["X-Idempotency-Key"], include=["/pay*"]) as client:
+        first = await post(client, "/payments", None, headers={"x-idempotency-key": "k1"})
+        again = await post(client, "/payments", "k1")  # the primary header names the same key
+        unmanaged = await post(client, "/stream", None)  # outside include: passes through
+    assert again.headers["idempotent-replayed"] == "true"
+    assert first.content == again.content
+    assert unmanaged.status_code == 200
     assert runs["pay"] == 1
+
+
+async def test_redaction_and_cacheable_statuses(make_client: Any, runs: Executions) -> None:
+    def redact(response: StoredResponse) -> StoredResponse:
+        headers = tuple((k, v) for k, v in response.headers if k != "x-multi")
+        return StoredResponse(response.status, headers, response.body)
+
+    async with make_client(redact=redact, cacheable=lambda status: status < 300) as client:
+        await post(client, "/headers", "k1")
+        again = await post(client, "/headers", "k1")
+    assert again.headers["idempotent-replayed"] == "true"
+    assert "x-multi" not in again.headers  # redacted before it was stored
+    assert runs["headers"] == 1
+
+
+async def test_unknown_and_safe_methods_pass_through_untouched(
+    make_client: Any, runs: Executions
+) -> None:
+    async with make_client() as client:
+        unknown = await client.request("BREW", "/payments", headers={"idempotency-key": "k"})
+        put = await client.put("/payments", json={"amount": 1}, headers={"idempotency-key": "k"})
+    assert unknown.status_code == 405  # the app's own answer, not a 5xx
+    assert put.status_code == 201  # PUT is not managed by default
+    assert "idempotency-key-expires" not in put.headers
 
 
 # -- helpers ----------

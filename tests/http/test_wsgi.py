@@ -11,11 +11,15 @@ import pytest
 from werkzeug.test import Client, TestResponse
 
 from oncepay.http.wsgi import IdempotencyWSGIMiddleware
+from oncepay.idempotency import Engine, fingerprint, scope_from_authorization
 from oncepay.idempotency.stores import Store
+from tests.clock import FakeClock
 from tests.conftest import make_spec
 from tests.http.wsgi_apps import Runs, django_app, flask_app
+from tests.processes import free_port
 
 AUTH = {"Authorization": "Bearer tenant-a"}
+BODY = b'{"amount": 100}'
 
 
 @pytest.fixture(params=["memory", "sqlite", "redis"])
@@ -49,7 +53,7 @@ def make(store: Store, framework: str, runs: Runs) -> Iterator[Any]:
 
 
 def post(
-    client: Client, path: str, key: str | None, body: bytes = b'{"amount": 100}', **headers: str
+    client: Client, path: str, key: str | None, body: bytes = BODY, **headers: str
 ) -> TestResponse:
     all_headers = {**AUTH, "Content-Type": "application/json", **headers}
     if key is not None:
@@ -130,3 +134,37 @@ def test_cookies_are_not_replayed_and_headers_are(make: Any, runs: Runs) -> None
     assert "Set-Cookie" not in again.headers
     assert again.headers.getlist("X-Multi") == first.headers.getlist("X-Multi")
     assert runs["headers"] == 1
+
+
+def test_ttl_expiry_and_lease_takeover(store: Store, framework: str, runs: Runs) -> None:
+    clock = FakeClock()
+    engine = Engine(store, ttl=3600, lease=30, clock=clock)
+    app = (flask_app if framework == "flask" else django_app)(runs)
+    middleware = IdempotencyWSGIMiddleware(app, engine=engine)
+    try:
+        client = Client(middleware)
+        post(client, "/payments", "k1")
+        clock.advance(3600)  # the key has lived its TTL: a new request
+        assert "Idempotent-Replayed" not in post(client, "/payments", "k1").headers
+        # A worker that died holding a key: its claim stands until the lease lapses.
+        scope = scope_from_authorization(AUTH["Authorization"])
+        middleware.loop.run(engine.begin(scope, "k2", fingerprint("POST", "/payments", BODY)))
+        assert post(client, "/payments", "k2").status_code == 409
+        clock.advance(31)
+        assert post(client, "/payments", "k2").status_code == 201
+        assert runs["pay"] == 3
+    finally:
+        middleware.close()
+
+
+def test_an_unreachable_store_is_503_and_nothing_runs(framework: str, runs: Runs) -> None:
+    app = (flask_app if framework == "flask" else django_app)(runs)
+    dead = f"redis://127.0.0.1:{free_port()}/0"
+    middleware = IdempotencyWSGIMiddleware(app, store=dead)
+    try:
+        response = post(Client(middleware), "/payments", "k1")
+    finally:
+        middleware.close()
+    assert response.status_code == 503
+    assert problem_code(response) == "idempotency_store_unavailable"
+    assert runs["pay"] == 0
