@@ -5,8 +5,14 @@
 
 Every primitive is one round trip: one EVALSHA of its script, or, when the server has lost its
 script cache, one EVAL more. The scripts and the record layout live in ``_redis_scripts``; this
-module only runs them. The driver is redis-py's asyncio client, reached through ``_Commands``
-(one command in, one reply out), so another transport can replace it without touching a script.
+module only runs them, through ``_Commands`` (one command in, one reply out), on one of two
+drivers:
+
+* ``RedisStore`` on our own pipelined client, ``_resp.RespClient`` (RESP2, asyncio.Protocol and
+  hiredis): all commands share one connection, at a fraction of redis-py's CPU per command
+  (``bench/drivers/store_redis.py``);
+* ``RedisClusterStore`` on redis-py's asyncio cluster client, for now: ``_resp`` has no cluster
+  routing (slot map, MOVED / ASK redirections, node discovery).
 
 Driver errors become :class:`~oncepay.errors.StoreUnavailable` here, at the boundary, and are
 never retried automatically: a claim or a completion whose reply was lost may have run, and
@@ -34,7 +40,6 @@ from itertools import chain
 from typing import Any, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
-from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.connection import ConnectionPool
@@ -44,6 +49,7 @@ from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 
 from oncepay.errors import ConfigurationError, LeaseLost, StoreUnavailable
 from oncepay.idempotency.records import Claim, Record, StoredResponse
+from oncepay.idempotency.stores import _resp
 from oncepay.idempotency.stores._redis_scripts import (
     CLUSTER_SCRIPTS,
     SINGLE_NODE_SCRIPTS,
@@ -67,7 +73,11 @@ DEFAULT_PREFIX = "oncepay:"
 # within 2 s is stalled or gone, and the request is better served by a prompt 503 than a hang.
 DEFAULT_TIMEOUT = 2.0
 
-_DRIVER_ERRORS = (RedisError, RedisClusterException, OSError)
+# What the drivers raise when a command fails: redis-py's errors, and our client's error
+# replies and StoreUnavailable (it raises that one itself, for a lost or stalled connection).
+_DRIVER_ERRORS = (RedisError, RedisClusterException, OSError, _resp.ResponseError, StoreUnavailable)
+# NOSCRIPT, from either driver: the script did not run.
+_NO_SCRIPT = (NoScriptError, _resp.NoScriptError)
 
 Cleanup = Callable[[], Awaitable[None]]
 
@@ -75,7 +85,7 @@ Cleanup = Callable[[], Awaitable[None]]
 class _Commands(Protocol):
     """All the store needs from a driver: one command in, its reply out; and closing."""
 
-    async def execute_command(self, *args: Any, **options: Any) -> Any: ...
+    async def execute_command(self, *args: Any) -> Any: ...
 
     async def aclose(self) -> None: ...
 
@@ -85,9 +95,8 @@ class _PubSubConnection(Protocol):
 
     async def execute_command(self, *args: Any) -> Any: ...
 
-    async def get_message(
-        self, ignore_subscribe_messages: bool = False, timeout: float | None = 0.0
-    ) -> Any: ...
+    async def get_message(self, *, timeout: None) -> Any:
+        """The next message, however long it takes (``timeout=None``)."""
 
     async def aclose(self) -> None: ...
 
@@ -96,6 +105,8 @@ class _PubSubConnection(Protocol):
 def _store_errors() -> Iterator[None]:
     try:
         yield
+    except StoreUnavailable:
+        raise
     except _DRIVER_ERRORS as exc:
         raise StoreUnavailable(f"Redis: {exc}") from exc
 
@@ -104,7 +115,7 @@ def _store_errors() -> Iterator[None]:
 
 
 class _RedisStoreBase:
-    """The store protocol on any redis-py asyncio client, single node or cluster."""
+    """The store protocol on a driver: our RESP client (one node) or redis-py's (a cluster)."""
 
     def __init__(
         self, commands: _Commands, scripts: Scripts, listeners: _Listeners, *, prefix: str
@@ -172,7 +183,7 @@ class _RedisStoreBase:
         with _store_errors():
             try:
                 return await self._commands.execute_command("EVALSHA", script.sha, 1, name, *args)
-            except NoScriptError:
+            except _NO_SCRIPT:
                 # NOSCRIPT means nothing ran: the server lost its script cache (a restart, a
                 # failover, SCRIPT FLUSH). EVAL runs the script and caches it again.
                 return await self._commands.execute_command("EVAL", script.source, 1, name, *args)
@@ -181,9 +192,15 @@ class _RedisStoreBase:
 # -- the stores --------------------------------------------------------------------------------
 
 
-def _client_options(timeout: float) -> dict[str, Any]:
+def _checked(timeout: float) -> float:
     if timeout <= 0:
         raise ConfigurationError(f"the Redis timeout must be > 0 seconds, not {timeout}")
+    return timeout
+
+
+def _client_options(timeout: float) -> dict[str, Any]:
+    """redis-py's options for the cluster client: our timeout, and no retries."""
+    timeout = _checked(timeout)
     return {"socket_timeout": timeout, "socket_connect_timeout": timeout, "retry": _no_retry()}
 
 
@@ -194,19 +211,23 @@ def _no_retry() -> Retry:
 
 
 class RedisStore(_RedisStoreBase):
-    """``redis://`` / ``rediss://``: one Redis server (or whatever proxy stands for one)."""
+    """``redis://`` / ``rediss://``: one Redis server (or whatever proxy stands for one).
+
+    Commands share one pipelined connection; wait mode adds one pub/sub connection. ``timeout``
+    bounds connecting (with AUTH and SELECT) and each command's reply.
+    """
 
     @classmethod
     def from_url(
         cls, url: str, *, prefix: str = DEFAULT_PREFIX, timeout: float = DEFAULT_TIMEOUT
     ) -> RedisStore:
         try:
-            client = Redis.from_url(url, **_client_options(timeout))
+            client = _resp.RespClient.from_url(url, timeout=_checked(timeout))
         except ValueError as exc:
             raise ConfigurationError(f"bad Redis URL {url!r}: {exc}") from exc
         listeners = _Listeners(
             route=_one_route,
-            connect=lambda _route: (client.pubsub(), None),
+            connect=lambda _route: (client.subscriber(), None),
             flavour=_PLAIN,
             timeout=timeout,
         )
@@ -217,7 +238,8 @@ class RedisClusterStore(_RedisStoreBase):
     """``redis+cluster://host:port``: a Redis Cluster, found from one seed node.
 
     Each record hashes to a slot of its own (the digest is its hash tag), so records spread over
-    the masters and each script touches one slot. Notifications are sharded pub/sub.
+    the masters and each script touches one slot. Notifications are sharded pub/sub. It runs on
+    redis-py's cluster client: ``_resp`` has no cluster routing (slot map, MOVED / ASK) yet.
     """
 
     @classmethod
@@ -409,6 +431,9 @@ class _Listener:
     async def _send(self, command: str, channel: bytes) -> None:
         try:
             await self._pubsub.execute_command(command, channel)
+        except StoreUnavailable:
+            self._retire()
+            raise
         except _DRIVER_ERRORS as exc:
             self._retire()
             raise StoreUnavailable(f"Redis pub/sub: {exc}") from exc
