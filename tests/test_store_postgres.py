@@ -367,11 +367,11 @@ def closed_port() -> int:
 
 async def test_an_unreachable_server_is_store_unavailable() -> None:
     url = f"postgresql://postgres@127.0.0.1:{closed_port()}/postgres"
-    store = PostgresStore(url, timeout=0.5)  # how long to keep trying, not a sleep
+    store = PostgresStore(url, timeout=0.5)  # a bound on connecting, not a sleep
     try:
         with pytest.raises(StoreUnavailable) as info:
             await store.claim(SCOPE, "k1", FP, now=time.time(), lease=30, ttl=3600)
-        assert isinstance(info.value.__cause__, psycopg.Error)
+        assert isinstance(info.value.__cause__, ConnectionRefusedError)  # the driver's error
         with pytest.raises(StoreUnavailable):  # a later call tries again, and fails again
             await store.get(SCOPE, "k1")
         with pytest.raises(StoreUnavailable):

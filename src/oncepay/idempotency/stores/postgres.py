@@ -4,7 +4,7 @@
   lock, which answers a replay, a 409 or a 422; only a claim that must write inserts or locks.
 * ``complete`` and ``release`` are one fenced ``UPDATE`` each that also sends ``pg_notify`` on
   the store's channel; ``checkpoint`` is one fenced ``UPDATE``; ``purge_expired`` one bounded
-  ``DELETE``. Every statement is prepared once per connection.
+  ``DELETE``. Every statement is prepared once per connection and stays prepared.
 * ``watch`` listens on one shared connection per store; a notification wakes the waiters of
   that one record, so wait mode is woken by the store, not by polling.
 
@@ -13,8 +13,10 @@ so that several processes starting at once do not trip over each other's DDL. ``
 schema-qualified (``myschema.idempotency``); every process using a table must spell it the same
 way, since the notification channel is derived from that spelling.
 
-The driver (psycopg 3 with psycopg_pool) is confined to :class:`_Psycopg`; the store speaks SQL
-with ``:name`` parameters and could run on another driver by replacing that class.
+The driver (asyncpg, with the small pool of ``_pgpool``) is confined to :class:`_Asyncpg`; the
+store speaks SQL with ``:name`` parameters and could run on another driver by replacing that
+class. asyncpg costs about half the client CPU of psycopg 3 per call (bench/drivers/RESULTS.md).
+``url`` is a ``postgresql://`` URL, as asyncpg reads it.
 """
 
 from __future__ import annotations
@@ -25,14 +27,15 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-import psycopg
-from psycopg import sql
-from psycopg_pool import AsyncConnectionPool
+import asyncpg
 
 from oncepay.errors import ConfigurationError, StoreUnavailable
 from oncepay.idempotency.records import Claim, ClaimOutcome, Record, StoredResponse
+from oncepay.idempotency.stores._pgpool import Connection, Pool
 from oncepay.idempotency.stores._sql import (
     SELECT_LIST,
     EventWatch,
@@ -205,7 +208,8 @@ class _Names:
 
 
 def _quote(*parts: str) -> str:
-    return sql.Identifier(*parts).as_string(None)
+    """A (schema-qualified) identifier, quoted: any character but NUL may appear in it."""
+    return ".".join('"' + part.replace('"', '""') + '"' for part in parts)
 
 
 def _derived(name: str, suffix: str, digest: str) -> str:
@@ -219,8 +223,8 @@ def _derived(name: str, suffix: str, digest: str) -> str:
 
 
 class _Sql:
-    """The store's statements, for one table: built from constant text and names quoted by
-    psycopg.sql only; values always travel as parameters."""
+    """The store's statements, for one table: built from constant text and quoted names
+    only; values always travel as parameters."""
 
     def __init__(self, names: _Names) -> None:
         table = names.table
@@ -237,7 +241,7 @@ class _Sql:
             f"SELECT c.outcome, (c.rec).* FROM {names.claim_fn}"
             "(:scope, :key, :fingerprint, :now, :lease, :ttl) AS c"
         )
-        notify = _NOTIFY.format(channel=sql.Literal(names.channel).as_string(None))
+        notify = _NOTIFY.format(channel=_literal(names.channel))
         self.complete = Statement(
             f"WITH done AS (UPDATE {table} SET state = 'completed', response_status = :status, "
             "response_headers = :headers, response_body = :body "
@@ -263,7 +267,9 @@ class _Sql:
 
 
 def _literal(text: str) -> str:
-    return sql.Literal(text).as_string(None)
+    """A string constant that means the same whatever ``standard_conforming_strings`` says: in an
+    ``E''`` string a backslash is always an escape, so it is doubled, as is a quote."""
+    return "E'" + text.replace("\\", "\\\\").replace("'", "''") + "'"
 
 
 class PostgresStore(TransactionalCompletion):
@@ -287,7 +293,7 @@ class PostgresStore(TransactionalCompletion):
         self.channel = names.channel
         self._sql = _Sql(names)
         self._complete = self._sql.complete
-        self._driver = _Psycopg(url, min_size=min_size, max_size=max_size, timeout=timeout)
+        self._driver = _Asyncpg(url, min_size=min_size, max_size=max_size, timeout=timeout)
         self._events = KeyEvents()
         self._ready = False
         self._closed = False
@@ -366,11 +372,11 @@ class PostgresStore(TransactionalCompletion):
         if not await self._fetch(statement, params):
             raise lease_lost(params["key"], params["fence"])
 
-    async def _fetch(self, statement: Statement, params: dict[str, Any]) -> list[tuple[Any, ...]]:
+    async def _fetch(self, statement: Statement, params: dict[str, Any]) -> list[Any]:
         await self._set_up()
         try:
             return await self._driver.fetch(statement, params)
-        except _Psycopg.errors as exc:
+        except _Asyncpg.errors as exc:
             raise StoreUnavailable(f"PostgreSQL store {self.table}: {exc}") from exc
 
     async def _set_up(self) -> None:
@@ -386,7 +392,7 @@ class PostgresStore(TransactionalCompletion):
         try:
             await self._driver.open()
             await self._driver.script(self._sql.setup)
-        except _Psycopg.errors as exc:
+        except _Asyncpg.errors as exc:
             await self._driver.close()
             raise StoreUnavailable(f"PostgreSQL store {self.table}: {exc}") from exc
         self._ready = True
@@ -403,7 +409,7 @@ class PostgresStore(TransactionalCompletion):
                 self._listener = await self._driver.listen(
                     self.channel, self._events.notify, self._events.notify_all
                 )
-            except _Psycopg.errors as exc:
+            except _Asyncpg.errors as exc:
                 raise StoreUnavailable(f"PostgreSQL store {self.table}: {exc}") from exc
 
     def _check_open(self) -> None:
@@ -427,96 +433,127 @@ class _ListeningWatch(EventWatch):
 # -- the driver ----------------------------------------------------------------------------------
 
 
-class _Psycopg:
+class _Asyncpg:
     """Everything the store asks of its driver: one-round-trip prepared statements from a pool,
     a setup script in one transaction, and a listening connection."""
 
-    errors: tuple[type[Exception], ...] = (psycopg.Error, OSError, TimeoutError)
+    errors: tuple[type[Exception], ...] = (
+        asyncpg.PostgresError,  # reported by the server
+        asyncpg.InterfaceError,  # the connection is closed, the pool is closed
+        asyncpg.InternalClientError,  # the server said something asyncpg did not expect
+        OSError,
+        TimeoutError,
+    )
 
     def __init__(self, url: str, *, min_size: int, max_size: int, timeout: float) -> None:
-        self._url = url
+        self._dsn = _asyncpg_dsn(url)
         self._min_size = min_size
         self._max_size = max_size
         self._timeout = timeout
-        self._pool: AsyncConnectionPool[psycopg.AsyncConnection[Any]] | None = None
+        self._pool: Pool | None = None
 
     async def open(self) -> None:
-        # Autocommit: each statement is its own transaction, with no BEGIN/COMMIT round trips.
-        self._pool = AsyncConnectionPool(
-            self._url,
-            min_size=self._min_size,
-            max_size=self._max_size,
-            timeout=self._timeout,
-            kwargs={"autocommit": True, "application_name": "oncepay"},
-            name="oncepay",
-            open=False,
+        self._pool = Pool(
+            partial(self._connect, "oncepay"), max_size=self._max_size, timeout=self._timeout
         )
-        await self._pool.open(wait=True, timeout=self._timeout)
+        await self._pool.open(self._min_size)
 
-    async def fetch(self, statement: Statement, params: dict[str, Any]) -> list[tuple[Any, ...]]:
-        async with self._checked_out() as conn:
-            cursor = await conn.execute(statement.pyformat, params, prepare=True)
-            return await cursor.fetchall()
+    async def fetch(self, statement: Statement, params: dict[str, Any]) -> list[Any]:
+        return await self._live_pool().fetch(statement.numeric, *statement.values(params))
 
     async def script(self, text: str) -> None:
-        async with self._checked_out() as conn, conn.transaction():
+        async with self._live_pool().connection() as conn, conn.transaction():
             await conn.execute(text)
 
     async def listen(
         self, channel: str, deliver: Callable[[str], None], lost: Callable[[], None]
     ) -> _Listener:
-        async with asyncio.timeout(self._timeout):
-            conn = await psycopg.AsyncConnection.connect(
-                self._url, autocommit=True, application_name="oncepay-listen"
-            )
-        try:
-            await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
-        except BaseException:
-            await conn.close()
-            raise
-        return _Listener(conn, deliver, lost)
+        conn = await self._connect("oncepay-listen")
+        return await _Listener.start(conn, channel, deliver, lost, timeout=self._timeout)
 
     async def close(self) -> None:
         if self._pool is not None:
             pool, self._pool = self._pool, None
             await pool.close()
 
-    @asynccontextmanager
-    async def _checked_out(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+    def _live_pool(self) -> Pool:
         if self._pool is None:
-            raise psycopg.OperationalError("the store is closed")
-        async with self._pool.connection() as conn:
-            yield conn
+            raise asyncpg.InterfaceError("the store is closed")
+        return self._pool
+
+    async def _connect(self, application_name: str) -> Connection:
+        # Autocommit, as asyncpg is outside a transaction: each statement is its own transaction,
+        # with no BEGIN/COMMIT round trips. A lifetime of 0 keeps each statement prepared for the
+        # connection's life; by default asyncpg forgets one after 300 s and parses it again.
+        try:
+            return await asyncpg.connect(
+                self._dsn,
+                timeout=self._timeout,
+                server_settings={"application_name": application_name},
+                max_cached_statement_lifetime=0,
+            )
+        except TimeoutError as exc:  # asyncpg's says nothing
+            raise TimeoutError(f"could not connect within {self._timeout:g} s") from exc
+
+
+def _asyncpg_dsn(url: str) -> str:
+    """``url`` without libpq's ``gssencmode``, which asyncpg would send to the server as a
+    setting (and the server refuse). asyncpg never asks for GSS encryption: that is what
+    ``disable`` and ``prefer`` allow, and ``require`` it cannot honour."""
+    parts = urlsplit(url)
+    pairs = parse_qsl(parts.query, keep_blank_values=True)
+    modes = {value for name, value in pairs if name == "gssencmode"}
+    if not modes:
+        return url
+    if not modes <= {"disable", "prefer"}:
+        raise ConfigurationError("the PostgreSQL store cannot use GSS encryption (gssencmode)")
+    query = urlencode([(name, value) for name, value in pairs if name != "gssencmode"])
+    return urlunsplit(parts._replace(query=query))
 
 
 class _Listener:
-    """Pumps notifications of one LISTEN connection to ``deliver``; calls ``lost`` when it
-    stops for any reason, so that waiters re-read rather than miss a change."""
+    """One LISTEN connection: passes each payload to ``deliver``, and calls ``lost`` when the
+    connection closes for any reason, so that waiters re-read rather than miss a change."""
 
-    def __init__(
-        self,
-        conn: psycopg.AsyncConnection[Any],
+    def __init__(self, conn: Connection, lost: Callable[[], None], *, timeout: float) -> None:
+        self._conn = conn
+        self._lost = lost
+        self._timeout = timeout
+        self._closing = False
+
+    @classmethod
+    async def start(
+        cls,
+        conn: Connection,
+        channel: str,
         deliver: Callable[[str], None],
         lost: Callable[[], None],
-    ) -> None:
-        self._conn = conn
-        self._task = asyncio.create_task(self._pump(deliver, lost), name="oncepay-listen")
+        *,
+        timeout: float,
+    ) -> _Listener:
+        listener = cls(conn, lost, timeout=timeout)
+        conn.add_termination_listener(listener._terminated)
+        try:
+            await conn.add_listener(
+                channel, lambda _conn, _pid, _channel, payload: deliver(payload)
+            )
+        except BaseException:
+            listener._closing = True  # LISTEN never took effect: no warning of a loss
+            conn.terminate()
+            raise
+        return listener
 
     @property
     def alive(self) -> bool:
-        return not self._task.done()
+        return not self._conn.is_closed()
 
     async def close(self) -> None:
-        self._task.cancel()
-        with suppress(asyncio.CancelledError):
-            await self._task
-        await self._conn.close()
+        self._closing = True
+        # A connection that cannot close gracefully (its server is gone) is aborted by asyncpg.
+        with suppress(*_Asyncpg.errors):
+            await self._conn.close(timeout=self._timeout)
 
-    async def _pump(self, deliver: Callable[[str], None], lost: Callable[[], None]) -> None:
-        try:
-            async for notify in self._conn.notifies():
-                deliver(notify.payload)
-        except psycopg.Error as exc:
-            logger.warning("oncepay: lost the PostgreSQL notification connection: %s", exc)
-        finally:
-            lost()
+    def _terminated(self, _conn: Connection) -> None:
+        if not self._closing:
+            logger.warning("oncepay: lost the PostgreSQL notification connection")
+        self._lost()
