@@ -8,6 +8,11 @@ from enum import StrEnum
 
 __all__ = ["Claim", "ClaimOutcome", "Record", "RecordState", "StoredResponse", "next_fence"]
 
+# Every completion encodes its headers and every replay decodes them: one shared encoder and
+# decoder spare json.dumps/loads rebuilding theirs from keyword arguments on each call.
+_HEADERS_ENCODER = json.JSONEncoder(separators=(",", ":"))
+_HEADERS_DECODER = json.JSONDecoder()
+
 
 class RecordState(StrEnum):
     """Life of a record: claimed, then completed with a response or released.
@@ -30,13 +35,14 @@ class StoredResponse:
     body: bytes = b""
 
     def headers_json(self) -> str:
-        return json.dumps([list(pair) for pair in self.headers], separators=(",", ":"))
+        return _HEADERS_ENCODER.encode(self.headers)  # pairs encode as JSON arrays
 
     @staticmethod
     def parse_headers(raw: str | bytes | None) -> tuple[tuple[str, str], ...]:
         if not raw:
             return ()
-        return tuple((str(name), str(value)) for name, value in json.loads(raw))
+        text = raw.decode() if isinstance(raw, bytes) else raw
+        return tuple((str(name), str(value)) for name, value in _HEADERS_DECODER.decode(text))
 
 
 @dataclass(frozen=True, slots=True)
