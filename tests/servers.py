@@ -42,3 +42,15 @@ def require_postgres() -> None:
 
 def require_redis() -> None:
     require("Redis", "127.0.0.1", 6379)
+
+
+def require_tool(name: str) -> None:
+    """Skip (or, under CI, fail) unless the command ``name`` is on PATH."""
+    import shutil
+
+    if shutil.which(name) is not None:
+        return
+    reason = f"the {name} command is not installed"
+    if IN_CI:
+        pytest.fail(f"{reason} (CI=true: tests that need it fail instead of skipping)")
+    pytest.skip(reason)

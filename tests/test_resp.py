@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import socket
 import subprocess
 import time
@@ -31,7 +30,7 @@ from oncepay.idempotency.records import ClaimOutcome, StoredResponse
 from oncepay.idempotency.stores._resp import Address, NoScriptError, RespClient, ResponseError
 from oncepay.idempotency.stores.redis import RedisStore
 from tests.redis_cluster import running_server
-from tests.servers import require_redis
+from tests.servers import require_redis, require_tool
 
 pytestmark = pytest.mark.redis
 
@@ -487,8 +486,7 @@ def tls_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, 
     """A private redis-server that speaks TLS only, with a self-signed certificate for
     localhost; yields its rediss:// URL and the certificate (its own CA)."""
     require_redis()
-    if shutil.which("openssl") is None:
-        pytest.skip("openssl is needed to make a certificate")
+    require_tool("openssl")  # to make the certificate
     folder = tmp_path_factory.mktemp("tls")
     cert, private_key = folder / "cert.pem", folder / "key.pem"
     make_certificate = ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"]

@@ -21,7 +21,7 @@ from oncepay.http._gate import (
     Run,
 )
 from oncepay.idempotency.engine import DEFAULT_LEASE, DEFAULT_TTL, Engine
-from oncepay.idempotency.stores import Store, store_from_url
+from oncepay.idempotency.stores import Store
 
 __all__ = ["IdempotencyMiddleware"]
 
@@ -54,9 +54,7 @@ class IdempotencyMiddleware:
         **options: Any,
     ) -> None:
         self.app = app
-        if engine is None:
-            backend = store_from_url(store) if isinstance(store, str) else store
-            engine = Engine(backend, ttl=ttl, lease=lease, wait=wait)
+        engine = engine or Engine.for_store(store, ttl=ttl, lease=lease, wait=wait)
         self.gate = Gate(engine, **options)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -26,7 +26,7 @@ from oncepay._loop import LoopThread
 from oncepay.errors import OncePayError
 from oncepay.http._gate import Gate, Passthrough, Request, Respond, Run
 from oncepay.idempotency.engine import DEFAULT_LEASE, DEFAULT_TTL, Engine
-from oncepay.idempotency.stores import Store, store_from_url
+from oncepay.idempotency.stores import Store
 
 __all__ = ["IdempotencyWSGIMiddleware"]
 
@@ -53,9 +53,7 @@ class IdempotencyWSGIMiddleware:
         **options: Any,
     ) -> None:
         self.app = app
-        if engine is None:
-            backend = store_from_url(store) if isinstance(store, str) else store
-            engine = Engine(backend, ttl=ttl, lease=lease, wait=wait)
+        engine = engine or Engine.for_store(store, ttl=ttl, lease=lease, wait=wait)
         self.gate = Gate(engine, **options)
         self.loop = LoopThread("oncepay-wsgi")
 

@@ -36,7 +36,7 @@ from oncepay.idempotency.engine import (
 )
 from oncepay.idempotency.keys import fingerprint, parse_key
 from oncepay.idempotency.records import StoredResponse
-from oncepay.idempotency.stores import Store, store_from_url
+from oncepay.idempotency.stores import Store
 
 __all__ = ["idempotent"]
 
@@ -81,8 +81,7 @@ def idempotent(
 def _engine(store: Store | Engine | str, ttl: float, lease: float, wait: float) -> Engine:
     if isinstance(store, Engine):
         return store
-    backend = store_from_url(store) if isinstance(store, str) else store
-    return Engine(backend, ttl=ttl, lease=lease, wait=wait)
+    return Engine.for_store(store, ttl=ttl, lease=lease, wait=wait)
 
 
 class _Call:

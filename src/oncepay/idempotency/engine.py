@@ -140,6 +140,21 @@ class Engine:
         self.retry_after = retry_after
         self.clock = clock
 
+    @classmethod
+    def for_store(
+        cls,
+        store: Store | str,
+        *,
+        ttl: float = DEFAULT_TTL,
+        lease: float = DEFAULT_LEASE,
+        wait: float = 0.0,
+    ) -> Engine:
+        """An engine over a store or a store URL (what the middleware and decorator take)."""
+        from oncepay.idempotency.stores import store_from_url
+
+        return cls(store_from_url(store) if isinstance(store, str) else store,
+                   ttl=ttl, lease=lease, wait=wait)  # fmt: skip
+
     def parse(self, raw_key: str | None, *, required: bool = True) -> str | Invalid | None:
         """The key a header names; ``None`` when absent and optional; ``Invalid`` otherwise."""
         if raw_key is None:
