@@ -454,3 +454,63 @@ async def test_a_route_can_have_its_own_ttl(store: Store, runs: Executions) -> N
     assert "idempotent-replayed" not in expired.headers  # past its route's 60 s TTL: new
     assert kept.headers["idempotent-replayed"] == "true"  # the default TTL still holds
     assert (runs["pay"], runs["stream"]) == (2, 1)
+
+
+# -- protocol edges, driven with raw ASGI messages ---------------------------------------
+
+
+async def raw_call(
+    app: Any, messages: list[dict[str, Any]], path: str = "/payments", **headers: str
+) -> list[dict[str, Any]]:
+    """Call an ASGI app with the given request messages; return what it sent."""
+    scope = {
+        "type": "http", "method": "POST", "path": path, "raw_path": path.encode(),
+        "query_string": b"", "headers": [
+            (k.replace("_", "-").encode(), v.encode("latin-1"))
+            for k, v in {"authorization": "Bearer tenant-a", **headers}.items()
+        ],
+    }  # fmt: skip
+    inbox = list(messages)
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return inbox.pop(0) if inbox else {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    await app(scope, receive, send)
+    return sent
+
+
+async def test_a_client_that_leaves_mid_upload_runs_nothing(store: Store, runs: Executions) -> None:
+    app = IdempotencyMiddleware(starlette_app(runs), store=store)
+    messages: list[dict[str, Any]] = [
+        {"type": "http.request", "body": b'{"amount":1', "more_body": True},
+        {"type": "http.disconnect"},
+    ]
+    assert await raw_call(app, messages, idempotency_key="k1") == []
+    assert runs["pay"] == 0
+    assert await store.get(_scope(), "k1") is None
+    full = [{"type": "http.request", "body": b'{"amount":1}'}]
+    sent = await raw_call(app, full, idempotency_key="k1")  # the retry with the whole body
+    assert sent[0]["status"] == 201
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "content_length"),
+    [
+        ("/payments/\u20ac", b'{"amount":1}', None),  # ASGI paths are UTF-8 decoded
+        ("/headers", b'{"a":"\\ud800"}', None),  # a lone surrogate: parses, will not re-encode
+        ("/payments", b'{"amount":1}', "\u00b2"),  # '2' superscript: isdigit(), not int()
+    ],
+)
+async def test_odd_but_legal_input_never_becomes_a_500(
+    store: Store, runs: Executions, path: str, body: bytes, content_length: str | None
+) -> None:
+    app = IdempotencyMiddleware(starlette_app(runs), store=store)
+    headers = {"idempotency_key": "odd", "content_type": "application/json"}
+    if content_length is not None:
+        headers["content_length"] = content_length
+    sent = await raw_call(app, [{"type": "http.request", "body": body}], path=path, **headers)
+    assert sent[0]["status"] < 500

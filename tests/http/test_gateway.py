@@ -80,6 +80,11 @@ async def test_headers_stream_and_forwarding(upstream: str, tmp_path: Path) -> N
             streamed = await client.post(f"{url}/stream", headers={"idempotency-key": "s1"})
             replayed = await client.post(f"{url}/stream", headers={"idempotency-key": "s1"})
             health = await client.get(f"{url}/health")
+            utf8 = await client.post(f"{url}/utf8", headers={"idempotency-key": "u1"})
+            utf8_again = await client.post(f"{url}/utf8", headers={"idempotency-key": "u1"})
+    assert utf8.status_code == utf8_again.status_code == 201
+    assert dict(utf8.headers.raw)[b"x-merchant"] == "Z\u00fcrich \u20ac".encode()
+    assert utf8_again.headers["idempotent-replayed"] == "true"
     seen = dict(echoed.json()["headers"])
     assert echoed.json()["size"] == 100_000
     assert echoed.json()["query"] == "x=1"
@@ -159,6 +164,9 @@ async def test_decision_table_rows_through_the_gateway(upstream: str, store_url:
                 await asyncio.sleep(0.01)
             busy = await pay("row-2", path="/hang")
             timed_out = await slow
+            # The upstream got the request and may have acted: the key stays locked.
+            after_timeout = await pay("row-2", path="/hang")
+            hangs_after = await count(upstream, "hang")
     assert first.status_code == replay.status_code == 201
     assert replay.content == first.content
     assert replay.headers["idempotent-replayed"] == "true"
@@ -169,6 +177,9 @@ async def test_decision_table_rows_through_the_gateway(upstream: str, store_url:
     assert (busy.status_code, busy.json()["code"]) == (409, "idempotency_request_in_progress")
     assert int(busy.headers["retry-after"]) >= 1
     assert timed_out.status_code == 504
+    assert timed_out.headers["idempotency-outcome"] == "unknown"
+    assert after_timeout.status_code == 409
+    assert hangs_after == hangs_before + 1  # not run a second time
 
 
 async def test_an_unreachable_store_is_503_and_the_upstream_is_not_called(upstream: str) -> None:

@@ -168,3 +168,53 @@ def test_an_unreachable_store_is_503_and_nothing_runs(framework: str, runs: Runs
     assert response.status_code == 503
     assert problem_code(response) == "idempotency_store_unavailable"
     assert runs["pay"] == 0
+
+
+def test_a_post_without_content_length_is_an_empty_body_not_a_hang(
+    store: Store, framework: str, runs: Runs
+) -> None:
+    import io
+
+    app = (flask_app if framework == "flask" else django_app)(runs)
+    middleware = IdempotencyWSGIMiddleware(app, store=store)
+
+    class Socket(io.RawIOBase):  # a client that sent its headers and waits for an answer
+        def read(self, size: int = -1) -> bytes:
+            raise AssertionError("read past the end of a request without Content-Length")
+
+    environ = {
+        "REQUEST_METHOD": "POST", "PATH_INFO": "/payments", "QUERY_STRING": "",
+        "SERVER_NAME": "t", "SERVER_PORT": "80", "SERVER_PROTOCOL": "HTTP/1.1",
+        "HTTP_IDEMPOTENCY_KEY": "k1", "HTTP_AUTHORIZATION": "Bearer tenant-a",
+        "wsgi.input": Socket(), "wsgi.url_scheme": "http", "wsgi.errors": io.StringIO(),
+        "wsgi.multithread": False, "wsgi.multiprocess": False, "wsgi.run_once": False,
+        "wsgi.version": (1, 0),
+    }  # fmt: skip
+    statuses: list[str] = []
+
+    def start_response(status: str, headers: Any, exc: Any = None) -> Any:
+        statuses.append(status)
+        return None
+
+    try:
+        b"".join(middleware(environ, start_response))
+    finally:
+        middleware.close()
+    assert statuses[0].startswith("201")
+    assert runs["pay"] == 1
+
+
+def test_the_middleware_still_answers_in_a_forked_child(tmp_path: Path, runs: Runs) -> None:
+    import os
+
+    middleware = IdempotencyWSGIMiddleware(flask_app(runs), store=f"sqlite:///{tmp_path}/k.db")
+    post(Client(middleware), "/payments", "before-fork")  # the loop thread runs in the parent
+    pid = os.fork()
+    if pid == 0:  # the child, as under gunicorn --preload
+        try:
+            ok = post(Client(middleware), "/payments", "in-child").status_code == 201
+        finally:
+            os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    middleware.close()
+    assert os.waitstatus_to_exitcode(status) == 0

@@ -48,6 +48,13 @@ async def hang(request: Request) -> Response:
     return Response(status_code=200)
 
 
+async def utf8(request: Request) -> Response:
+    counts["utf8"] += 1
+    response = Response(b"ok", status_code=201)
+    response.raw_headers.append((b"x-merchant", "Z\u00fcrich \u20ac".encode()))
+    return response
+
+
 async def count(request: Request) -> Response:
     return JSONResponse(dict(counts))
 
@@ -58,6 +65,7 @@ app = Starlette(
         Route("/echo", echo, methods=["POST", "GET"]),
         Route("/stream", stream, methods=["POST"]),
         Route("/hang", hang, methods=["POST"]),
+        Route("/utf8", utf8, methods=["POST"]),
         Route("/count", count, methods=["GET"]),
     ]
 )

@@ -55,6 +55,10 @@ REPLAYED_HEADER = "idempotent-replayed"
 # Neither Stripe nor the IETF draft tells a client when its key lapses; we do, as an HTTP-date.
 EXPIRES_HEADER = "idempotency-key-expires"
 BODY_OMITTED_HEADER = "idempotent-body-omitted"
+# An app (the gateway, say) sets this on a 5xx whose side effect may have happened — the
+# upstream timed out after receiving the request. The key then stays locked until its lease
+# lapses instead of being released for an immediate, possibly concurrent, second run.
+OUTCOME_UNKNOWN_HEADER = "idempotency-outcome"
 
 # SPEC §2: bodies above 1 MiB are refused before anything is stored. Payment requests are a
 # few hundred bytes; a megabyte leaves room for rich metadata without inviting abuse.
@@ -262,9 +266,13 @@ class Gate:
         Raises ``StoreUnavailable``/``LeaseLost`` when the response could not be stored: the
         caller must then not report success (the key stays locked until its lease lapses).
         """
+        headers = list(headers)
         if self.cacheable(status):
             response = self.stored(status, headers, body, oversized=oversized)
             await self.engine.complete(run.ticket, response)
+        elif any(k.lower() == OUTCOME_UNKNOWN_HEADER and v == "unknown" for k, v in headers):
+            key = run.ticket.key
+            log.warning("outcome unknown for key %r: kept locked until its lease lapses", key)
         else:
             await self.abandon(run)
 

@@ -71,6 +71,8 @@ class IdempotencyMiddleware:
             await self.app(scope, receive, send)
             return
         body = await _read_body(request, receive, self.gate.max_body)
+        if body is _DISCONNECTED:
+            return  # the client left mid-upload: nothing claimed, nothing run
         if body is None:
             await _respond(send, self.gate.too_large())
             return
@@ -84,17 +86,23 @@ class IdempotencyMiddleware:
             await _Responder(self.gate, outcome, send).run(self.app, scope, replayed)
 
 
+# What _read_body returns when the client disconnects before the body is complete: a truncated
+# body must never be fingerprinted, claimed and run as if it were the whole request.
+_DISCONNECTED = b"\x00oncepay:disconnected"
+
+
 async def _read_body(request: Request, receive: Receive, limit: int) -> bytes | None:
-    """The whole request body, or ``None`` once it is known to exceed ``limit``."""
+    """The whole request body, ``None`` once it is known to exceed ``limit``, or
+    ``_DISCONNECTED`` (the very object) if the client went away first."""
     declared = request.header("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
+    if declared is not None and declared.isascii() and declared.isdigit() and int(declared) > limit:
         return None
     chunks: list[bytes] = []
     size = 0
     while True:
         message = await receive()
         if message["type"] != "http.request":
-            break  # the client went away; the app will see the disconnect
+            return _DISCONNECTED
         chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:

@@ -24,7 +24,7 @@ from typing import Any
 import httpx
 
 from oncepay.errors import OncePayError
-from oncepay.http._gate import NOT_STORED
+from oncepay.http._gate import NOT_STORED, OUTCOME_UNKNOWN_HEADER
 from oncepay.http.asgi import IdempotencyMiddleware, Message, Receive, Scope, Send
 from oncepay.http.problems import Problem
 from oncepay.idempotency.stores import store_from_url
@@ -38,6 +38,13 @@ _NOT_FORWARDED = (NOT_STORED - {"date", "set-cookie"}) | {"host", "content-lengt
 DEFAULT_UPSTREAM_TIMEOUT = 30.0
 # Connecting must be quick on a local network; a slow connect means the upstream is down.
 CONNECT_TIMEOUT = 5.0
+# Failures before the request left: releasing the key is safe. Any later failure (a read
+# timeout, a dropped connection) may follow a committed side effect: the key stays locked.
+_NEVER_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
+_MAY_HAVE_RUN = (
+    "the upstream failed after receiving the request and may have acted on it; the key stays "
+    "locked until its lease lapses"
+)
 
 
 @dataclass(frozen=True)
@@ -86,11 +93,16 @@ class Proxy:
         )
         try:
             response = await self.client.send(request, stream=True)
+        except _NEVER_SENT as exc:  # the upstream never saw it: a retry may run it
+            timed_out = isinstance(exc, httpx.TimeoutException)
+            status, code = (504, "upstream_timeout") if timed_out else (502, "upstream_unavailable")
+            await _problem(send, status, code, f"the upstream could not be reached: {exc!r}")
+            return
         except httpx.TimeoutException:
-            await _problem(send, 504, "upstream_timeout", "the upstream did not answer in time")
+            await _problem(send, 504, "upstream_timeout", _MAY_HAVE_RUN, unknown=True)
             return
         except httpx.TransportError as exc:
-            await _problem(send, 502, "upstream_unavailable", f"the upstream failed: {exc!r}")
+            await _problem(send, 502, "upstream_failed", f"{_MAY_HAVE_RUN} ({exc!r})", unknown=True)
             return
         try:
             await _stream_back(response, send)
@@ -130,10 +142,11 @@ async def _request_body(receive: Receive) -> AsyncIterator[bytes]:
 
 
 async def _stream_back(response: httpx.Response, send: Send) -> None:
+    # The raw bytes, not httpx's decoded text: a UTF-8 header value must pass through as sent.
     headers = [
-        (k.encode("latin-1"), v.encode("latin-1"))
-        for k, v in response.headers.multi_items()
-        if k.lower() not in _NOT_FORWARDED - {"content-length"}
+        (k, v)
+        for k, v in response.headers.raw
+        if k.decode("latin-1").lower() not in _NOT_FORWARDED - {"content-length"}
     ]
     await send({"type": "http.response.start", "status": response.status_code, "headers": headers})
     async for chunk in response.aiter_raw():
@@ -141,9 +154,12 @@ async def _stream_back(response: httpx.Response, send: Send) -> None:
     await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
-async def _problem(send: Send, status: int, code: str, detail: str) -> None:
+async def _problem(
+    send: Send, status: int, code: str, detail: str, *, unknown: bool = False
+) -> None:
     title = "Bad gateway" if status == 502 else "Gateway timeout"
-    problem = Problem(status, code, title, detail, [])
+    extra = [(OUTCOME_UNKNOWN_HEADER, "unknown")] if unknown else []
+    problem = Problem(status, code, title, detail, extra)
     start: Message = {
         "type": "http.response.start",
         "status": problem.status,

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 from collections.abc import Callable, Iterable
 from http import HTTPStatus
 from types import TracebackType
@@ -53,9 +54,24 @@ class IdempotencyWSGIMiddleware:
         **options: Any,
     ) -> None:
         self.app = app
-        engine = engine or Engine.for_store(store, ttl=ttl, lease=lease, wait=wait)
-        self.gate = Gate(engine, **options)
+
+        def make_gate() -> Gate:
+            built = engine or Engine.for_store(store, ttl=ttl, lease=lease, wait=wait)
+            return Gate(built, **options)
+
+        self._make_gate = make_gate
+        # A store named by URL is rebuilt in each process: connections and worker threads do
+        # not survive a fork (gunicorn --preload). A store or engine object is used as given.
+        self._per_process = engine is None and isinstance(store, str)
+        self._gate = self._make_gate()  # validates the options now, not at the first request
+        self._pid = os.getpid()
         self.loop = LoopThread("oncepay-wsgi")
+
+    @property
+    def gate(self) -> Gate:
+        if self._per_process and self._pid != os.getpid():
+            self._gate, self._pid = self._make_gate(), os.getpid()
+        return self._gate
 
     def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
         method = environ["REQUEST_METHOD"].upper()
@@ -131,10 +147,16 @@ def _headers(environ: Environ) -> list[tuple[str, str]]:
 def _read_body(environ: Environ, limit: int) -> bytes | None:
     """The whole body, or ``None`` when it exceeds ``limit``; reads at most ``limit + 1``."""
     declared = environ.get("CONTENT_LENGTH") or ""
-    if declared.isdigit() and int(declared) > limit:
+    known = declared.isascii() and declared.isdigit()
+    if known and int(declared) > limit:
         return None
     stream = environ["wsgi.input"]
-    body: bytes = stream.read(int(declared)) if declared.isdigit() else stream.read(limit + 1)
+    if known:
+        body: bytes = stream.read(int(declared))
+    elif environ.get("wsgi.input_terminated"):  # the server ends the stream for us
+        body = stream.read(limit + 1)
+    else:  # PEP 3333: no Content-Length means no body; reading would wait for the client
+        body = b""
     return None if len(body) > limit else body
 
 

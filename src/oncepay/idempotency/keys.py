@@ -89,9 +89,10 @@ def canonical_json(body: bytes) -> bytes | None:
     ``None`` when the body is not valid UTF-8 JSON."""
     try:
         document = _DECODER.decode(body.decode())
-    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+        # A lone surrogate (\ud800) parses but cannot be re-encoded: hash such a body raw.
+        return _CANONICAL.encode(document).encode()
+    except (ValueError, RecursionError):  # Unicode{De,En}codeError are ValueErrors
         return None
-    return _CANONICAL.encode(document).encode()
 
 
 def fingerprint(
@@ -112,7 +113,8 @@ def fingerprint(
     if json_body:
         body = canonical_json(body) or body
     verb = method.upper().encode("ascii")
-    path = target.encode("latin-1")
+    # ASGI paths arrive percent-decoded as UTF-8 (/pay/€); surrogateescape keeps any byte.
+    path = target.encode("utf-8", "surrogateescape")
     # Length-prefix every part so that no two different requests share one byte stream.
     data = b"".join(
         (
