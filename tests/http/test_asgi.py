@@ -514,3 +514,14 @@ async def test_odd_but_legal_input_never_becomes_a_500(
         headers["content_length"] = content_length
     sent = await raw_call(app, [{"type": "http.request", "body": body}], path=path, **headers)
     assert sent[0]["status"] < 500
+
+
+def test_managed_requests_do_not_offer_pathsend_to_the_app() -> None:
+    # A pathsend response could be neither captured nor stored: the app must send bodies.
+    from oncepay.http.asgi import _bodies_only
+
+    scope = {"type": "http", "extensions": {"http.response.pathsend": {}, "other": {}}}
+    assert _bodies_only(scope)["extensions"] == {"other": {}}
+    assert scope["extensions"] == {"http.response.pathsend": {}, "other": {}}  # not mutated
+    plain = {"type": "http"}
+    assert _bodies_only(plain) is plain

@@ -83,7 +83,7 @@ class IdempotencyMiddleware:
         elif isinstance(outcome, Respond):
             await _respond(send, outcome)
         else:
-            await _Responder(self.gate, outcome, send).run(self.app, scope, replayed)
+            await _Responder(self.gate, outcome, send).run(self.app, _bodies_only(scope), replayed)
 
 
 # What _read_body returns when the client disconnects before the body is complete: a truncated
@@ -111,6 +111,16 @@ async def _read_body(request: Request, receive: Receive, limit: int) -> bytes | 
         if not message.get("more_body", False):
             break
     return b"".join(chunks)
+
+
+def _bodies_only(scope: Scope) -> Scope:
+    """Hide ``http.response.pathsend`` from the app: a managed response must come as body
+    messages, or it could be neither captured nor stored (FileResponse falls back to them)."""
+    extensions = scope.get("extensions") or {}
+    if "http.response.pathsend" not in extensions:
+        return scope
+    kept = {k: v for k, v in extensions.items() if k != "http.response.pathsend"}
+    return {**scope, "extensions": kept}
 
 
 def _replaying(body: bytes, receive: Receive) -> Receive:
