@@ -155,3 +155,26 @@ async def test_a_lost_answer_is_recovered_as_a_replay_not_a_second_execution() -
     assert response.headers["idempotent-replayed"] == "true"
     assert response.extensions[ATTEMPTS] == 2
     assert runs["pay"] == 1
+
+
+async def test_retried_streamed_answers_are_closed() -> None:
+    closed: list[bool] = []
+
+    class Tracked(httpx.AsyncByteStream):
+        async def __aiter__(self):  # type: ignore[no-untyped-def]
+            yield b"busy"
+
+        async def aclose(self) -> None:
+            closed.append(True)
+
+    answers = iter([503, 201])
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(next(answers), headers={"retry-after": "0"}, stream=Tracked())
+
+    async with AsyncClient(transport=httpx.MockTransport(handler), retry=FAST) as client:
+        request = client.build_request("POST", "http://svc/x", json={})
+        response = await client.send(request, stream=True)
+        assert response.status_code == 201
+        assert closed == [True]  # the 503's stream was closed before the retry
+        await response.aclose()

@@ -218,3 +218,20 @@ def test_the_middleware_still_answers_in_a_forked_child(tmp_path: Path, runs: Ru
     _, status = os.waitpid(pid, 0)
     middleware.close()
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_an_app_that_never_starts_a_response_releases_its_key(store: Store) -> None:
+    calls: list[int] = []
+
+    def broken(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        calls.append(1)
+        return []
+
+    middleware = IdempotencyWSGIMiddleware(broken, store=store)
+    try:
+        for _ in range(2):
+            with pytest.raises(RuntimeError, match="without calling start_response"):
+                post(Client(middleware), "/payments", "k1")
+    finally:
+        middleware.close()
+    assert len(calls) == 2  # released after the first failure, so the retry ran

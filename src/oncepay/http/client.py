@@ -113,11 +113,15 @@ class AsyncClient(httpx.AsyncClient):
     async def send(self, request: httpx.Request, **kwargs: Any) -> httpx.Response:
         _prepare(self.retry, request)
         attempts = 0
+        last: httpx.Response | None = None
 
         async def attempt() -> httpx.Response:
-            nonlocal attempts
+            nonlocal attempts, last
+            if last is not None:  # a retried answer: free its connection (stream=True)
+                await last.aclose()
             attempts += 1
-            return await super(AsyncClient, self).send(request, **kwargs)
+            last = await super(AsyncClient, self).send(request, **kwargs)
+            return last
 
         response: httpx.Response = await AsyncRetrying(**_retrying_kwargs(self.retry))(attempt)
         response.extensions[ATTEMPTS] = attempts
@@ -134,11 +138,15 @@ class Client(httpx.Client):
     def send(self, request: httpx.Request, **kwargs: Any) -> httpx.Response:
         _prepare(self.retry, request)
         attempts = 0
+        last: httpx.Response | None = None
 
         def attempt() -> httpx.Response:
-            nonlocal attempts
+            nonlocal attempts, last
+            if last is not None:  # a retried answer: free its connection (stream=True)
+                last.close()
             attempts += 1
-            return super(Client, self).send(request, **kwargs)
+            last = super(Client, self).send(request, **kwargs)
+            return last
 
         response: httpx.Response = Retrying(**_retrying_kwargs(self.retry))(attempt)
         response.extensions[ATTEMPTS] = attempts

@@ -125,6 +125,8 @@ class IdempotencyWSGIMiddleware:
             close = getattr(result, "close", None)
             if close is not None:
                 close()
+        if "status" not in captured:
+            raise RuntimeError("the WSGI app returned without calling start_response")
         return b"".join([*captured.get("written", []), *chunks])
 
     def close(self) -> None:
