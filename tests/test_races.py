@@ -15,7 +15,7 @@ from multiprocessing.synchronize import Barrier
 import pytest
 
 from oncepay.idempotency import StoredResponse
-from oncepay.idempotency.records import ClaimOutcome
+from oncepay.idempotency.records import ClaimOutcome, RecordState
 from tests.conftest import StoreSpec
 
 PROCESSES = 4
@@ -94,3 +94,44 @@ async def test_concurrent_takeovers_from_several_processes_have_one_winner(
         await store.complete("race", key, record.fence, StoredResponse(200), now=time.time())
     finally:
         await store.aclose()
+
+
+# A child waits this long for its siblings at the barrier: spawning interpreters takes a few
+# seconds on a loaded CI machine; a minute means something is broken, not slow.
+BARRIER_TIMEOUT = 60.0
+
+
+def _first_use_in_child(spec: StoreSpec, key: str, barrier: Barrier) -> None:
+    asyncio.run(_first_use(spec, key, barrier))
+
+
+async def _first_use(spec: StoreSpec, key: str, barrier: Barrier) -> None:
+    store = spec.build()
+    try:
+        barrier.wait(BARRIER_TIMEOUT)  # then every process sets up a schema none has created
+        claim = await store.claim("race", key, FP, now=time.time(), lease=30, ttl=3600)
+        assert claim.outcome is ClaimOutcome.CREATED
+    finally:
+        await store.aclose()
+
+
+async def test_processes_using_a_fresh_store_at_once_all_succeed(
+    shared_store_spec: StoreSpec,
+) -> None:
+    ctx = multiprocessing.get_context("spawn")
+    barrier = ctx.Barrier(PROCESSES)
+    children = [
+        ctx.Process(target=_first_use_in_child, args=(shared_store_spec, f"k{i}", barrier))
+        for i in range(PROCESSES)
+    ]
+    for child in children:
+        child.start()
+    for child in children:
+        await asyncio.to_thread(child.join, BARRIER_TIMEOUT * 2)
+    assert [child.exitcode for child in children] == [0] * PROCESSES
+    store = shared_store_spec.build()
+    try:
+        records = [await store.get("race", f"k{i}") for i in range(PROCESSES)]
+    finally:
+        await store.aclose()
+    assert all(r is not None and r.state is RecordState.EXECUTING for r in records)

@@ -6,12 +6,10 @@ that skip locked rows, an unreachable server, and several processes creating one
 from __future__ import annotations
 
 import asyncio
-import multiprocessing
 import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from multiprocessing.synchronize import Barrier
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -30,20 +28,14 @@ from oncepay.idempotency import (
     fingerprint,
     store_from_url,
 )
-from oncepay.idempotency.records import ClaimOutcome, RecordState
 from oncepay.idempotency.stores.postgres import PostgresStore
 from tests.clock import FakeClock
-from tests.conftest import StoreSpec
 from tests.servers import POSTGRES_URL
 
 SCOPE = "merchant-a"
 FP = fingerprint("POST", "/v1/payments", b'{"amount":100}')
 OTHER_FP = fingerprint("POST", "/v1/payments", b'{"amount":999}')
 RESPONSE = StoredResponse(201, (("content-type", "application/json"),), b'{"id":"pay_1"}')
-PROCESSES = 6
-# How long a child waits for its siblings at the barrier: spawning six interpreters takes a few
-# seconds on a loaded CI machine; a minute means something is broken, not slow.
-BARRIER_TIMEOUT = 60.0
 # Bounds on waits that end as soon as the awaited thing happens; reaching one is a failure.
 WAKE_BOUND = 10.0
 NEVER = 600.0  # a watch timeout no test reaches: a wait that returns was woken
@@ -390,42 +382,3 @@ async def test_a_closed_store_is_unavailable(store: PostgresStore) -> None:
     with pytest.raises(StoreUnavailable):
         async with store.watch(SCOPE, "k1"):
             pass
-
-
-# -- several processes ---------------------------------------------------------------------------
-
-
-def _first_use_in_child(spec: StoreSpec, key: str, barrier: Barrier) -> None:
-    asyncio.run(_first_use(spec, key, barrier))
-
-
-async def _first_use(spec: StoreSpec, key: str, barrier: Barrier) -> None:
-    store = spec.build()
-    try:
-        barrier.wait(BARRIER_TIMEOUT)  # then every process sets up a table none has created
-        claim = await store.claim(SCOPE, key, FP, now=time.time(), lease=30, ttl=3600)
-        assert claim.outcome is ClaimOutcome.CREATED
-    finally:
-        await store.aclose()
-
-
-@pytest.mark.slow
-async def test_processes_creating_the_schema_at_once_all_succeed(postgres_schema: str) -> None:
-    spec = StoreSpec("postgres", POSTGRES_URL, {"table": table_in(postgres_schema)})
-    ctx = multiprocessing.get_context("spawn")
-    barrier = ctx.Barrier(PROCESSES)
-    children = [
-        ctx.Process(target=_first_use_in_child, args=(spec, f"k{i}", barrier))
-        for i in range(PROCESSES)
-    ]
-    for child in children:
-        child.start()
-    for child in children:
-        await asyncio.to_thread(child.join, BARRIER_TIMEOUT * 2)
-    assert [child.exitcode for child in children] == [0] * PROCESSES
-    store = spec.build()
-    try:
-        records = [await store.get(SCOPE, f"k{i}") for i in range(PROCESSES)]
-    finally:
-        await store.aclose()
-    assert all(r is not None and r.state is RecordState.EXECUTING for r in records)

@@ -8,11 +8,9 @@ The conformance suite covers the decision table; these tests count statements wi
 from __future__ import annotations
 
 import asyncio
-import multiprocessing
 import sqlite3
 import threading
 import time
-from multiprocessing.synchronize import Barrier
 from pathlib import Path
 
 import pytest
@@ -28,7 +26,7 @@ from oncepay.idempotency import (
     fingerprint,
     store_from_url,
 )
-from oncepay.idempotency.records import Claim, ClaimOutcome, RecordState
+from oncepay.idempotency.records import Claim, ClaimOutcome
 from oncepay.idempotency.stores.sqlite import SQLiteStore
 from tests.clock import FakeClock
 
@@ -36,10 +34,6 @@ SCOPE = "merchant-a"
 FP = fingerprint("POST", "/v1/payments", b'{"amount":100}')
 OTHER_FP = fingerprint("POST", "/v1/payments", b'{"amount":999}')
 RESPONSE = StoredResponse(201, (("content-type", "application/json"),), b'{"id":"pay_1"}')
-PROCESSES = 6
-# How long a child waits for its siblings at the barrier: spawning six interpreters takes a few
-# seconds on a loaded CI machine; a minute means something is broken, not slow.
-BARRIER_TIMEOUT = 60.0
 
 
 class StatementLog:
@@ -309,39 +303,3 @@ async def test_a_waiter_sees_a_completion_made_by_another_process(
         await theirs.aclose()
     assert isinstance(decision, Replay)
     assert decision.response == RESPONSE
-
-
-def _first_use_in_child(url: str, key: str, barrier: Barrier) -> None:
-    asyncio.run(_first_use(url, key, barrier))
-
-
-async def _first_use(url: str, key: str, barrier: Barrier) -> None:
-    store = store_from_url(url)
-    try:
-        barrier.wait(BARRIER_TIMEOUT)  # then every process opens a file none has set up
-        claim = await store.claim(SCOPE, key, FP, now=time.time(), lease=30, ttl=3600)
-        assert claim.outcome is ClaimOutcome.CREATED
-    finally:
-        await store.aclose()
-
-
-@pytest.mark.slow
-async def test_processes_creating_the_schema_at_once_all_succeed(db: Path) -> None:
-    url = f"sqlite:///{db}"
-    ctx = multiprocessing.get_context("spawn")
-    barrier = ctx.Barrier(PROCESSES)
-    children = [
-        ctx.Process(target=_first_use_in_child, args=(url, f"k{i}", barrier))
-        for i in range(PROCESSES)
-    ]
-    for child in children:
-        child.start()
-    for child in children:
-        await asyncio.to_thread(child.join, BARRIER_TIMEOUT * 2)
-    assert [child.exitcode for child in children] == [0] * PROCESSES
-    store = store_from_url(url)
-    try:
-        records = [await store.get(SCOPE, f"k{i}") for i in range(PROCESSES)]
-    finally:
-        await store.aclose()
-    assert all(r is not None and r.state is RecordState.EXECUTING for r in records)
