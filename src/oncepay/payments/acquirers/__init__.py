@@ -1,0 +1,1 @@
+"""Acquirers: the simulated acquirer service and the clients that call acquirers."""

@@ -1,0 +1,135 @@
+"""Databases of the payments service (and of the simulated acquirer): one SQLAlchemy Core
+engine over SQLite (aiosqlite) or PostgreSQL (asyncpg), chosen by URL.
+
+URLs are the ones users type — ``sqlite:///oncepay.db``, ``postgresql://user@host/db`` — and
+are mapped to SQLAlchemy's async drivers here. ``?schema=NAME`` on a PostgreSQL URL puts every
+table in that schema (created on first use), which is how tests and side-by-side deployments
+share one database.
+
+SQLite write transactions start with ``BEGIN IMMEDIATE``: a deferred transaction that reads and
+then writes fails at once with ``SQLITE_BUSY`` when another connection wrote in between, while
+an immediate one takes the write lock first and waits for it up to the busy timeout. Read-only
+work opens its connection with :func:`read` and starts a plain deferred ``BEGIN``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+from sqlalchemy import event
+from sqlalchemy.engine import Connection as SyncConnection
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+from oncepay.errors import ConfigurationError
+
+__all__ = ["Database", "read", "write"]
+
+# A write transaction holds SQLite's lock for a millisecond or two; five seconds of waiting
+# means a wedged database, and a clean error beats a request hung for ever.
+SQLITE_BUSY_TIMEOUT_MS = 5000
+# Connections per process: each request runs at most one transaction at a time, and more
+# than a handful only queues up on SQLite's single writer or PostgreSQL's CPUs.
+POOL_SIZE = 10
+POOL_OVERFLOW = 10
+
+
+@dataclass(frozen=True, slots=True)
+class Database:
+    """An engine plus what the rest of the service needs to know about it."""
+
+    url: str  # as the user gave it, without our own options
+    engine: AsyncEngine
+    dialect: str  # "sqlite" or "postgresql"
+    schema: str | None = None
+
+    @classmethod
+    def from_url(cls, url: str) -> Database:
+        parts = urlsplit(url)
+        if parts.scheme == "sqlite":
+            path = parts.path[1:]  # sqlite:///relative.db, sqlite:////absolute.db
+            if parts.netloc or not path or parts.query:
+                raise ConfigurationError(f"expected sqlite:///path.db, not {url!r}")
+            return cls(url, _sqlite_engine(path), "sqlite")
+        if parts.scheme in {"postgresql", "postgres"}:
+            options = dict(parse_qsl(parts.query))
+            schema = options.pop("schema", None)
+            plain = urlunsplit(parts._replace(scheme="postgresql", query=urlencode(options)))
+            return cls(plain, _postgres_engine(plain, schema), "postgresql", schema)
+        raise ConfigurationError(
+            f"unsupported database URL {url!r}: use sqlite:///path.db or postgresql://…"
+        )
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.dialect == "sqlite"
+
+    def store_url(self, table: str) -> str:
+        """The URL of an idempotency store whose table lives in this same database."""
+        qualified = f"{self.schema}.{table}" if self.schema else table
+        separator = "&" if "?" in self.url else "?"
+        return f"{self.url}{separator}table={qualified}"
+
+    async def aclose(self) -> None:
+        await self.engine.dispose()
+
+
+def _sqlite_engine(path: str) -> AsyncEngine:
+    engine = create_async_engine(
+        f"sqlite+aiosqlite:///{path}",
+        pool_size=POOL_SIZE,
+        max_overflow=POOL_OVERFLOW,
+        connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000},
+    )
+
+    @event.listens_for(engine.sync_engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None  # we say BEGIN ourselves, below
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        # NORMAL in WAL mode: a power cut may lose the last transactions but never corrupts,
+        # and an application crash loses nothing; FULL would fsync on every commit.
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.close()
+
+    @event.listens_for(engine.sync_engine, "begin")
+    def _on_begin(conn: SyncConnection) -> None:
+        readonly = conn.get_execution_options().get("oncepay_readonly", False)
+        conn.exec_driver_sql("BEGIN" if readonly else "BEGIN IMMEDIATE")
+
+    return engine
+
+
+def _postgres_engine(url: str, schema: str | None) -> AsyncEngine:
+    rest = url.split("://", 1)[1]
+    connect_args: dict[str, Any] = {}
+    if schema:
+        connect_args["server_settings"] = {"search_path": schema}
+    return create_async_engine(
+        f"postgresql+asyncpg://{rest}",
+        pool_size=POOL_SIZE,
+        max_overflow=POOL_OVERFLOW,
+        pool_pre_ping=True,
+        connect_args=connect_args,
+    )
+
+
+@asynccontextmanager
+async def write(db: Database) -> AsyncIterator[AsyncConnection]:
+    """One read-write transaction: committed when the block ends, rolled back on error."""
+    async with db.engine.begin() as conn:
+        yield conn
+
+
+@asynccontextmanager
+async def read(db: Database) -> AsyncIterator[AsyncConnection]:
+    """One read-only transaction (a deferred BEGIN on SQLite, so it never waits for writers)."""
+    async with db.engine.connect() as conn:
+        conn = await conn.execution_options(oncepay_readonly=True)
+        async with conn.begin():
+            yield conn
