@@ -201,6 +201,23 @@ class Engine:
             conn, ticket.scope, ticket.key, ticket.fence, response, now=self.clock()
         )
 
+    async def acheckpoint_in(
+        self, conn: Any, ticket: Ticket, recovery_point: str, *, lease: float | None = None
+    ) -> Ticket:
+        """:meth:`checkpoint` inside the caller's open transaction (SQL stores): the writes of
+        a phase and the recovery point it reached commit together. ``lease`` overrides the
+        renewed lease, e.g. a short one so that a retry soon takes over and resumes."""
+        await self._transactional().acheckpoint_in(
+            conn,
+            ticket.scope,
+            ticket.key,
+            ticket.fence,
+            recovery_point,
+            now=self.clock(),
+            lease=self.lease if lease is None else lease,
+        )
+        return replace(ticket, recovery_point=recovery_point)
+
     def _transactional(self) -> Any:
         if not hasattr(self.store, "complete_in"):
             raise ConfigurationError(

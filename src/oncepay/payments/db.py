@@ -129,7 +129,7 @@ async def write(db: Database) -> AsyncIterator[AsyncConnection]:
 @asynccontextmanager
 async def read(db: Database) -> AsyncIterator[AsyncConnection]:
     """One read-only transaction (a deferred BEGIN on SQLite, so it never waits for writers)."""
-    async with db.engine.connect() as conn:
-        conn = await conn.execution_options(oncepay_readonly=True)
+    async with db.engine.connect() as plain:
+        conn = await plain.execution_options(oncepay_readonly=True)
         async with conn.begin():
             yield conn

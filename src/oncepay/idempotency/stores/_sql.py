@@ -243,6 +243,7 @@ class TransactionalCompletion:
     """
 
     _complete: Statement  # the store's completion statement, returning a row when it applied
+    _checkpoint: Statement  # the store's checkpoint statement, likewise
 
     def complete_in(
         self,
@@ -274,6 +275,31 @@ class TransactionalCompletion:
         connection (pooled or not), or a SQLAlchemy ``AsyncSession`` / ``AsyncConnection``."""
         params = completion_params(scope, key, fence, response)
         if await _Rows.async_(conn, self._complete, params) == 0:
+            raise lease_lost(key, fence)
+
+
+    async def acheckpoint_in(
+        self,
+        conn: Any,
+        scope: str,
+        key: str,
+        fence: int,
+        recovery_point: str,
+        *,
+        now: float,
+        lease: float,
+    ) -> None:
+        """Advance the recovery point (and renew the lease) inside the caller's transaction on
+        an async connection, so that a phase's writes and its recovery point commit together:
+        the atomic phases of SPEC §5."""
+        params = {
+            "scope": scope,
+            "key": key,
+            "fence": fence,
+            "recovery_point": recovery_point,
+            "lease_expires_at": float(now + lease),
+        }
+        if await _Rows.async_(conn, self._checkpoint, params) == 0:
             raise lease_lost(key, fence)
 
 

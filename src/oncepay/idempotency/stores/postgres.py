@@ -293,6 +293,7 @@ class PostgresStore(TransactionalCompletion):
         self.channel = names.channel
         self._sql = _Sql(names)
         self._complete = self._sql.complete
+        self._checkpoint = self._sql.checkpoint
         self._driver = _Asyncpg(url, min_size=min_size, max_size=max_size, timeout=timeout)
         self._events = KeyEvents()
         self._ready = False

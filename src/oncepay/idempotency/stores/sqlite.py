@@ -111,7 +111,7 @@ class _Sql:
             f"response_headers = :headers, response_body = :body WHERE {_FENCED} RETURNING fence"
         )
         self.release = f"UPDATE {quoted} SET state = 'released' WHERE {_FENCED} RETURNING fence"
-        self.checkpoint = (
+        self.checkpoint = Statement(
             f"UPDATE {quoted} SET recovery_point = :recovery_point, "
             f"lease_expires_at = :lease_expires_at WHERE {_FENCED} RETURNING fence"
         )
@@ -146,6 +146,7 @@ class SQLiteStore(TransactionalCompletion):
         self.table = table
         self._sql = _Sql(table)
         self._complete = self._sql.complete
+        self._checkpoint = self._sql.checkpoint
         self._busy_timeout = busy_timeout
         self._on_connect = on_connect
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="oncepay-sqlite")
@@ -200,7 +201,7 @@ class SQLiteStore(TransactionalCompletion):
             "recovery_point": recovery_point,
             "lease_expires_at": now + lease,
         }
-        await self._fenced(self._sql.checkpoint, params)
+        await self._fenced(self._sql.checkpoint.named, params)
 
     async def get(self, scope: str, key: str) -> Record | None:
         return await self._run(lambda conn: self._read(conn, scope, key))

@@ -1,0 +1,89 @@
+"""The payments service's errors, as branches of OncePay's one exception tree.
+
+    ClientError
+    ├── AuthenticationFailed       401 authentication_required / invalid_api_key
+    ├── ResourceMissing            404 resource_missing (also: another merchant's object)
+    ├── InvalidRequest             400 invalid_request (malformed JSON, fields, ids)
+    ├── AmountTooLarge             400 amount_too_large (capture / refund above what is left)
+    └── InvalidStateTransition     409 invalid_state_transition (nothing changed)
+    RetryableError
+    ├── OperationInProgress        409 payment_operation_in_progress (capture vs. cancel)
+    ├── OutcomeUnknown             409 payment_outcome_unknown (acquirer result not yet known)
+    └── AcquirerOutcomeUnknown     503 acquirer_outcome_unknown (this request; retry resumes)
+
+Retryable answers are never stored under the idempotency key: a retry runs (or resumes) again.
+"""
+
+from __future__ import annotations
+
+from oncepay.errors import ClientError, RetryableError
+
+__all__ = [
+    "AcquirerOutcomeUnknown",
+    "AmountTooLarge",
+    "AuthenticationFailed",
+    "InvalidRequest",
+    "InvalidStateTransition",
+    "OperationInProgress",
+    "OutcomeUnknown",
+    "ResourceMissing",
+]
+
+
+class AuthenticationFailed(ClientError):
+    status = 401
+    code = "authentication_required"
+    title = "A valid API key is required"
+
+    def __init__(self, detail: str | None = None, *, code: str | None = None) -> None:
+        super().__init__(detail)
+        if code:
+            self.code = code
+
+
+class ResourceMissing(ClientError):
+    status = 404
+    code = "resource_missing"
+    title = "No such object"
+
+
+class InvalidRequest(ClientError):
+    status = 400
+    code = "invalid_request"
+    title = "The request is malformed"
+
+
+class AmountTooLarge(ClientError):
+    status = 400
+    code = "amount_too_large"
+    title = "The amount exceeds what is available"
+
+
+class InvalidStateTransition(ClientError):
+    status = 409
+    code = "invalid_state_transition"
+    title = "The payment's state does not allow this operation"
+
+
+class OperationInProgress(RetryableError):
+    status = 409
+    code = "payment_operation_in_progress"
+    title = "Another operation on this payment is in progress"
+    retry_after = 1.0
+
+
+class OutcomeUnknown(RetryableError):
+    status = 409
+    code = "payment_outcome_unknown"
+    title = "The acquirer's answer for this payment is not known yet"
+    retry_after = 5.0
+
+
+class AcquirerOutcomeUnknown(RetryableError):
+    status = 503
+    code = "acquirer_outcome_unknown"
+    title = "The acquirer's answer is not known yet"
+
+    def __init__(self, detail: str | None = None, *, retry_after: float = 2.0) -> None:
+        super().__init__(detail)
+        self.retry_after = retry_after

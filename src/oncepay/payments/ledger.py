@@ -1,0 +1,186 @@
+"""The double-entry ledger (SPEC §5).
+
+Every money movement is one journal transaction of entries that sum to zero per currency;
+debits are positive, credits negative. Balances are sums of entries; entries are only ever
+inserted (the database refuses updates and deletes, see ``migrations``).
+
+Accounts, per merchant and currency; each payment's entries carry its id, so its balances are
+sums over its own entries:
+
+    card_authorizations   asset      what the card networks have promised for open authorizations
+    authorized_funds      liability  the same money, held for the merchant until captured or voided
+    acquirer_receivable   asset      captured money the acquirer owes us (until settlement)
+    merchant_payable      liability  captured money, net of refunds, that we owe the merchant
+
+    authorize a  :  DR card_authorizations a    CR authorized_funds a
+    void         :  reverses the open hold
+    capture c    :  reverses the open hold, then DR acquirer_receivable c   CR merchant_payable c
+    refund r     :  DR merchant_payable r       CR acquirer_receivable r
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from oncepay.payments.schema import ledger_entries, ledger_transactions, payments, refunds
+from oncepay.payments.states import PaymentStatus
+
+__all__ = ["Violation", "authorize", "capture", "check", "refund", "release_hold"]
+
+CARD_AUTHORIZATIONS = "card_authorizations"
+AUTHORIZED_FUNDS = "authorized_funds"
+ACQUIRER_RECEIVABLE = "acquirer_receivable"
+MERCHANT_PAYABLE = "merchant_payable"
+
+Entries = list[tuple[str, int]]
+
+
+async def post(
+    conn: AsyncConnection,
+    *,
+    merchant_id: str,
+    payment_id: str,
+    currency: str,
+    kind: str,
+    entries: Entries,
+    refund_id: str | None = None,
+) -> str:
+    """Write one journal transaction; its entries must balance."""
+    if sum(amount for _, amount in entries) != 0:
+        raise ValueError(f"unbalanced journal transaction {kind}: {entries}")
+    transaction_id = "txn_" + secrets.token_hex(12)
+    await conn.execute(
+        ledger_transactions.insert().values(
+            id=transaction_id,
+            merchant_id=merchant_id,
+            payment_id=payment_id,
+            refund_id=refund_id,
+            kind=kind,
+            created_at=time.time(),
+        )
+    )
+    await conn.execute(
+        ledger_entries.insert(),
+        [
+            {
+                "transaction_id": transaction_id,
+                "merchant_id": merchant_id,
+                "payment_id": payment_id,
+                "account": account,
+                "currency": currency,
+                "amount": amount,
+            }
+            for account, amount in entries
+        ],
+    )
+    return transaction_id
+
+
+def authorize(amount: int) -> Entries:
+    return [(CARD_AUTHORIZATIONS, amount), (AUTHORIZED_FUNDS, -amount)]
+
+
+def release_hold(amount: int) -> Entries:
+    return [(AUTHORIZED_FUNDS, amount), (CARD_AUTHORIZATIONS, -amount)]
+
+
+def capture(authorized: int, captured: int) -> Entries:
+    return [
+        *release_hold(authorized),
+        (ACQUIRER_RECEIVABLE, captured),
+        (MERCHANT_PAYABLE, -captured),
+    ]
+
+
+def refund(amount: int) -> Entries:
+    return [(MERCHANT_PAYABLE, amount), (ACQUIRER_RECEIVABLE, -amount)]
+
+
+# -- the check -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Violation:
+    subject: str  # a transaction or payment id
+    problem: str
+
+
+_HELD = {PaymentStatus.AUTHORIZED}
+_CAPTURED = {PaymentStatus.CAPTURED, PaymentStatus.PARTIALLY_REFUNDED, PaymentStatus.REFUNDED}
+
+
+def expected_balances(row: Any) -> tuple[int, int]:
+    """(held, payable) that a payment's status and amounts imply."""
+    status = PaymentStatus(row.status)
+    held = row.amount if status in _HELD else 0
+    payable = row.amount_captured - row.amount_refunded if status in _CAPTURED else 0
+    return held, payable
+
+
+async def check(conn: AsyncConnection) -> list[Violation]:
+    """Every invariant of the ledger and of each payment against it."""
+    violations = [
+        Violation(tx, f"entries sum to {total} {currency}, not 0")
+        for tx, currency, total in await conn.execute(
+            select(ledger_entries.c.transaction_id, ledger_entries.c.currency,
+                   func.sum(ledger_entries.c.amount))
+            .group_by(ledger_entries.c.transaction_id, ledger_entries.c.currency)
+            .having(func.sum(ledger_entries.c.amount) != 0)
+        )
+    ]  # fmt: skip
+    balances: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    for payment_id, account, total in await conn.execute(
+        select(ledger_entries.c.payment_id, ledger_entries.c.account,
+               func.sum(ledger_entries.c.amount))
+        .group_by(ledger_entries.c.payment_id, ledger_entries.c.account)
+    ):  # fmt: skip
+        balances[payment_id][account] = int(total)
+    refunded = dict(
+        (await conn.execute(
+            select(refunds.c.payment_id, func.sum(refunds.c.amount))
+            .where(refunds.c.status == "succeeded").group_by(refunds.c.payment_id)
+        )).tuples().all()
+    )  # fmt: skip
+    for row in await conn.execute(select(payments)):
+        violations.extend(_check_payment(row, balances.get(row.id, {}), refunded.get(row.id, 0)))
+    return violations
+
+
+def _check_payment(row: Any, balance: dict[str, int], refunded: int) -> list[Violation]:
+    found: list[Violation] = []
+    held, payable = expected_balances(row)
+    actual_held = -balance.get(AUTHORIZED_FUNDS, 0)
+    actual_payable = -balance.get(MERCHANT_PAYABLE, 0)
+    if actual_held != held:
+        found.append(
+            Violation(row.id, f"{row.status}: authorized_funds {actual_held}, expected {held}")
+        )
+    if actual_payable != payable:
+        found.append(
+            Violation(
+                row.id, f"{row.status}: merchant_payable {actual_payable}, expected {payable}"
+            )
+        )
+    if int(refunded) != row.amount_refunded:
+        found.append(
+            Violation(
+                row.id, f"refunds sum to {refunded}, amount_refunded is {row.amount_refunded}"
+            )
+        )
+    status = PaymentStatus(row.status)
+    if status is PaymentStatus.REFUNDED and row.amount_refunded != row.amount_captured:
+        found.append(Violation(row.id, "refunded, but not all captured money was refunded"))
+    if (
+        status is PaymentStatus.PARTIALLY_REFUNDED
+        and not 0 < row.amount_refunded < row.amount_captured
+    ):
+        found.append(Violation(row.id, "partially_refunded with refunds outside (0, captured)"))
+    return found
+

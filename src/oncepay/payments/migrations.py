@@ -1,0 +1,85 @@
+"""Versioned schema migrations, run on start by every process that opens the database.
+
+Each migration is a numbered function applied once, inside one transaction together with the
+row that records it, under a lock (PostgreSQL: an advisory lock; SQLite: ``BEGIN IMMEDIATE``),
+so several API processes starting at once migrate exactly once and none sees half a schema.
+Add a migration by appending to :data:`MIGRATIONS`; never edit one that has shipped.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+
+from sqlalchemy import Column, Float, Integer, MetaData, Table, select, text
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from oncepay.payments import schema
+from oncepay.payments.db import Database, write
+
+__all__ = ["MIGRATIONS", "migrate"]
+
+# Any 64-bit number the service owns; it keeps concurrent migrators apart on PostgreSQL.
+_ADVISORY_LOCK = 0x0CE9A7_0001
+
+_versions = Table(
+    "oncepay_schema_migrations",
+    MetaData(),
+    Column("version", Integer, primary_key=True),
+    Column("applied_at", Float, nullable=False),
+)
+
+
+async def _v1_tables(conn: AsyncConnection, db: Database) -> None:
+    await conn.run_sync(schema.metadata.create_all)
+
+
+async def _v2_immutable_ledger(conn: AsyncConnection, db: Database) -> None:
+    """Ledger entries are never updated or deleted: the database refuses it, not just us."""
+    if db.is_sqlite:
+        for op in ("UPDATE", "DELETE"):
+            await conn.execute(
+                text(
+                    f"CREATE TRIGGER ledger_entries_no_{op.lower()} BEFORE {op} ON ledger_entries "
+                    "BEGIN SELECT RAISE(ABORT, 'ledger entries are immutable'); END"
+                )
+            )
+        return
+    await conn.execute(
+        text(
+            "CREATE FUNCTION oncepay_ledger_immutable() RETURNS trigger LANGUAGE plpgsql AS "
+            "$$ BEGIN RAISE EXCEPTION 'ledger entries are immutable'; END $$"
+        )
+    )
+    await conn.execute(
+        text(
+            "CREATE TRIGGER ledger_entries_immutable BEFORE UPDATE OR DELETE ON ledger_entries "
+            "FOR EACH ROW EXECUTE FUNCTION oncepay_ledger_immutable()"
+        )
+    )
+
+
+Migration = Callable[[AsyncConnection, Database], Awaitable[None]]
+MIGRATIONS: list[tuple[int, Migration]] = [
+    (1, _v1_tables),
+    (2, _v2_immutable_ledger),
+]
+
+
+async def migrate(db: Database) -> list[int]:
+    """Apply every migration not yet applied; return the versions applied now."""
+    async with write(db) as conn:
+        if not db.is_sqlite:
+            await conn.execute(text(f"SELECT pg_advisory_xact_lock({_ADVISORY_LOCK})"))
+            if db.schema:
+                await conn.execute(text(f'CREATE SCHEMA IF NOT EXISTS "{db.schema}"'))
+        await conn.run_sync(_versions.metadata.create_all)
+        done = set((await conn.execute(select(_versions.c.version))).scalars())
+        applied = []
+        for version, migration in MIGRATIONS:
+            if version in done:
+                continue
+            await migration(conn, db)
+            await conn.execute(_versions.insert().values(version=version, applied_at=time.time()))
+            applied.append(version)
+        return applied
