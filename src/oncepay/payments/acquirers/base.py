@@ -57,6 +57,7 @@ class Acquirer(Protocol):
         self,
         *,
         reference: str,
+        order_id: str,  # the payment id: the same on every attempt and acquirer, for audits
         amount: int,
         currency: str,
         payment_method: str,
