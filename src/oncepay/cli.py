@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -33,14 +33,229 @@ def version() -> None:
     print(__version__)
 
 
+DatabaseUrl = Annotated[
+    str | None,
+    typer.Option(
+        "--database-url",
+        help="sqlite:///path.db or postgresql://… [env ONCEPAY_DATABASE_URL; "
+        "default sqlite:///oncepay.db]",
+        show_default=False,
+    ),
+]
+
+
+def _settings(**overrides: Any) -> Any:
+    """Settings from ONCEPAY_* variables, with the options actually given on top."""
+    from pydantic import ValidationError
+
+    from oncepay.payments.settings import Settings
+
+    try:
+        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from exc
+
+
 @app.command()
-def serve() -> None:
-    """Run the payments service (arrives with the payments issue)."""
-    console.print(
-        "[yellow]The payments service is not built yet.[/yellow] Use the toolkit today: "
-        "`oncepay gateway --upstream URL`, or the middleware (docs/middleware.md)."
+def serve(
+    host: Annotated[str | None, typer.Option(help="[env ONCEPAY_HOST; default 127.0.0.1]")] = None,
+    port: Annotated[int | None, typer.Option(help="[env ONCEPAY_PORT; default 8000]")] = None,
+    database_url: DatabaseUrl = None,
+    acquirer_url: Annotated[
+        str | None,
+        typer.Option(
+            help="Primary acquirer; none: the simulated one, embedded. [env ONCEPAY_ACQUIRER_URL]"
+        ),
+    ] = None,
+    secondary_acquirer_url: Annotated[
+        str | None, typer.Option(help="Failover acquirer. [env ONCEPAY_SECONDARY_ACQUIRER_URL]")
+    ] = None,
+    workers: Annotated[
+        int | None, typer.Option(help="API processes (use PostgreSQL for more than one).")
+    ] = None,
+    worker: Annotated[
+        bool | None,
+        typer.Option("--worker/--no-worker", help="Run recovery in the API process too."),
+    ] = None,
+) -> None:
+    """Run the payments service: the API, with recovery, on SQLite unless told otherwise."""
+    import os
+
+    import uvicorn
+
+    settings = _settings(
+        host=host, port=port, database_url=database_url, acquirer_url=acquirer_url,
+        secondary_acquirer_url=secondary_acquirer_url, workers=workers, run_worker=worker,
+    )  # fmt: skip
+    try:
+        banner = asyncio.run(_prepare(settings))
+    except OncePayError as exc:
+        console.print(f"[red]error:[/red] {exc.detail}")
+        raise typer.Exit(2) from exc
+    console.print(banner, soft_wrap=True)
+    os.environ.update(
+        {f"ONCEPAY_{k.upper()}": _env(v) for k, v in settings.model_dump().items() if v is not None}
     )
-    raise typer.Exit(1)
+    uvicorn.run(
+        "oncepay.payments.api:create_app",
+        factory=True,
+        host=settings.host,
+        port=settings.port,
+        workers=settings.workers,
+        log_level="warning",
+    )
+
+
+def _env(value: object) -> str:
+    import json
+
+    return json.dumps(value) if isinstance(value, list | dict) else str(value)
+
+
+async def _prepare(settings: Any) -> str:
+    """Migrate, and in test mode (the embedded acquirer) hand out a fresh test API key."""
+    from oncepay.payments.db import Database
+    from oncepay.payments.migrations import migrate
+    from oncepay.payments.service import add_api_key, create_merchant, find_merchant
+
+    db = Database.from_url(settings.database_url)
+    try:
+        await migrate(db)
+        url = f"http://{settings.host}:{settings.port}"
+        lines = [f"[bold]OncePay payments API[/bold] on {url} (database {settings.database_url})"]
+        if settings.embedded_acquirer:
+            merchant = await find_merchant(db, TEST_MERCHANT)
+            if merchant is None:
+                merchant, api_key = await create_merchant(db, TEST_MERCHANT)
+            else:
+                api_key = await add_api_key(db, merchant.id)
+            lines += [
+                "acquirer: the simulated one, embedded "
+                f"(database {settings.acquirer_database_url})",
+                f"test API key for {merchant.name} ({merchant.id}):",
+                f"  [green]{api_key}[/green]",
+                f"try: curl {url}/v1/payments -H 'Authorization: Bearer {api_key}' "
+                "-H 'Idempotency-Key: first-payment' -H 'Content-Type: application/json' "
+                '-d \'{"amount": 1000, "currency": "USD", '
+                '"payment_method": "pm_card_ok"}\'',
+            ]
+        return "\n".join(lines)
+    finally:
+        await db.aclose()
+
+
+TEST_MERCHANT = "Test merchant"
+
+merchants_app = typer.Typer(help="Merchants and their API keys.", no_args_is_help=True)
+app.add_typer(merchants_app, name="merchants")
+
+
+@merchants_app.command("create")
+def merchants_create(name: str, database_url: DatabaseUrl = None) -> None:
+    """Create a merchant; prints JSON with its id and API key (shown once, stored hashed)."""
+    import json
+
+    from oncepay.payments.db import Database
+    from oncepay.payments.migrations import migrate
+    from oncepay.payments.service import create_merchant
+
+    settings = _settings(database_url=database_url)
+
+    async def create() -> tuple[Any, str]:
+        db = Database.from_url(settings.database_url)
+        try:
+            await migrate(db)
+            return await create_merchant(db, name)
+        finally:
+            await db.aclose()
+
+    merchant, api_key = _run_or_exit(create())
+    print(json.dumps({"id": merchant.id, "name": merchant.name, "api_key": api_key}))
+
+
+@app.command()
+def worker(
+    database_url: DatabaseUrl = None,
+    acquirer_url: Annotated[str | None, typer.Option(help="[env ONCEPAY_ACQUIRER_URL]")] = None,
+    secondary_acquirer_url: Annotated[str | None, typer.Option()] = None,
+    once: Annotated[bool, typer.Option("--once", help="One pass, then exit.")] = False,
+) -> None:
+    """Run the recovery worker: finish abandoned requests, resolve unknown outcomes, purge
+    expired keys."""
+    settings = _settings(
+        database_url=database_url,
+        acquirer_url=acquirer_url,
+        secondary_acquirer_url=secondary_acquirer_url,
+    )
+    _run_or_exit(_worker(settings, once=once))
+
+
+async def _worker(settings: Any, *, once: bool) -> None:
+    import signal
+
+    from oncepay.payments.recovery import reap, recover_once, run_worker
+    from oncepay.payments.service import Services
+
+    services = await Services.start(settings)
+    try:
+        if once:
+            report = await recover_once(services)
+            purged = await reap(services)
+            console.print(f"recovered: {dict(report.results)}; purged {purged} expired keys")
+            return
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        console.print("[bold]OncePay worker[/bold] running; Ctrl-C stops it")
+        await run_worker(services, stop)
+    finally:
+        await services.aclose()
+
+
+ledger_app = typer.Typer(help="The double-entry ledger.", no_args_is_help=True)
+app.add_typer(ledger_app, name="ledger")
+
+
+@ledger_app.command("check")
+def ledger_check(database_url: DatabaseUrl = None) -> None:
+    """Verify the ledger's invariants and every payment against it; exit 1 on a violation."""
+    from oncepay.payments.db import Database, read
+    from oncepay.payments.ledger import Violation, check
+
+    settings = _settings(database_url=database_url)
+
+    async def run() -> tuple[list[Violation], int]:
+        from sqlalchemy import func, select
+
+        from oncepay.payments.migrations import migrate
+        from oncepay.payments.schema import payments
+
+        db = Database.from_url(settings.database_url)
+        try:
+            await migrate(db)
+            async with read(db) as conn:
+                count = (await conn.execute(select(func.count()).select_from(payments))).scalar()
+                return await check(conn), int(count or 0)
+        finally:
+            await db.aclose()
+
+    violations, count = _run_or_exit(run())
+    for violation in violations:
+        console.print(f"[red]violation[/red] {violation.subject}: {violation.problem}")
+    if violations:
+        console.print(f"[red]{len(violations)} violations[/red] over {count} payments")
+        raise typer.Exit(1)
+    console.print(f"[green]ledger balances[/green]: {count} payments, no violations")
+
+
+def _run_or_exit(coroutine: Any) -> Any:
+    try:
+        return asyncio.run(coroutine)
+    except OncePayError as exc:
+        console.print(f"[red]error:[/red] {exc.detail}")
+        raise typer.Exit(2) from exc
 
 
 @app.command()
@@ -114,6 +329,17 @@ def gateway(
         workers=workers,
         log_level="warning",
     )
+
+
+def _register_acquirer() -> None:
+    try:
+        from oncepay.payments.acquirers.command import acquirer
+    except ImportError:  # the service extra is not installed
+        return
+    app.command("acquirer")(acquirer)
+
+
+_register_acquirer()
 
 
 def main() -> None:

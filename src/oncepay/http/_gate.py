@@ -180,7 +180,11 @@ class Gate:
 
     # -- the decision ---------------------------------------------------------------------------
 
-    async def decide(self, request: Request, body: bytes) -> Passthrough | Respond | Run:
+    async def decide(
+        self, request: Request, body: bytes, *, scope: str | None = None
+    ) -> Passthrough | Respond | Run:
+        """``scope`` overrides the scope function, for callers that authenticated the tenant
+        themselves (the payments API scopes keys by merchant)."""
         parsed = self.engine.parse(self.raw_key(request), required=self.required)
         if parsed is None:
             return Passthrough()
@@ -189,7 +193,8 @@ class Gate:
         ttl = self._ttl_for(request.path)
         fp = fingerprint(request.method, request.target, body)
         try:
-            decision = await self.engine.begin(self.scope(request), parsed, fp, ttl=ttl)
+            tenant = self.scope(request) if scope is None else scope
+            decision = await self.engine.begin(tenant, parsed, fp, ttl=ttl)
         except StoreUnavailable as exc:
             if self.fail_open:
                 log.warning("idempotency store unavailable, failing open: %s", exc.detail)

@@ -183,4 +183,3 @@ def _check_payment(row: Any, balance: dict[str, int], refunded: int) -> list[Vio
     ):
         found.append(Violation(row.id, "partially_refunded with refunds outside (0, captured)"))
     return found
-

@@ -79,10 +79,11 @@ payments = Table(
     Column("acquirer", String(32), nullable=False),
     Column("attempt", Integer, nullable=False, default=1),
     Column("authorization_id", String(64)),
-    # Set while the acquirer's answer is unknown; recovery resolves it on a back-off schedule.
+    # Set while the acquirer's answer is unknown. Recovery asks again each time the request's
+    # idempotency lease lapses (the lease is the back-off schedule) and counts its tries here;
+    # past the schedule the payment is escalated, never guessed.
     Column("outcome_unknown", Boolean, nullable=False, default=False),
     Column("recovery_attempts", Integer, nullable=False, default=0),
-    Column("next_recovery_at", Float),
     Column("escalated", Boolean, nullable=False, default=False),
     # A capture or cancel between its phases ("capture:500", "cancel"): one at a time.
     Column("pending_operation", String(32)),

@@ -277,7 +277,6 @@ class TransactionalCompletion:
         if await _Rows.async_(conn, self._complete, params) == 0:
             raise lease_lost(key, fence)
 
-
     async def acheckpoint_in(
         self,
         conn: Any,

@@ -1,0 +1,194 @@
+"""The API's request and response bodies (separate create and public schemas, as in
+full-stack-fastapi-template). Requests forbid unknown fields and never coerce types: ``"100"``
+is not an amount, ``1.5`` is not an amount, ``true`` is not an amount."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+
+from oncepay.payments.currencies import ISO_4217
+
+__all__ = [
+    "TEST_PAYMENT_METHODS",
+    "CaptureRequest",
+    "Event",
+    "EventList",
+    "Payment",
+    "PaymentCreate",
+    "PaymentList",
+    "Problem",
+    "Refund",
+    "RefundCreate",
+]
+
+# Stripe's ceiling for one charge (99,999,999 minor units, about a million dollars): above it a
+# number is far more likely a bug (cents sent as micro-units) than a payment.
+MAX_AMOUNT = 99_999_999
+# Stripe's metadata limits: enough for order ids and the like, too small to smuggle documents.
+MAX_METADATA_KEYS = 50
+MAX_METADATA_KEY = 40
+MAX_METADATA_VALUE = 500
+MAX_DESCRIPTION = 1000
+
+TEST_PAYMENT_METHODS = ("pm_card_ok", "pm_card_declined", "pm_card_insufficient_funds")
+
+Amount = Annotated[int, Field(strict=True, gt=0, le=MAX_AMOUNT, description="Minor units.")]
+MetadataKey = Annotated[str, StringConstraints(min_length=1, max_length=MAX_METADATA_KEY)]
+MetadataValue = Annotated[str, StringConstraints(max_length=MAX_METADATA_VALUE)]
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class PaymentCreate(_Request):
+    amount: Amount
+    currency: Annotated[str, Field(description="ISO 4217 code, e.g. USD (any case).")]
+    payment_method: Annotated[
+        str, Field(description=f"A test payment method: {', '.join(TEST_PAYMENT_METHODS)}.")
+    ]
+    capture_method: Literal["automatic", "manual"] = "automatic"
+    description: Annotated[str, StringConstraints(max_length=MAX_DESCRIPTION)] | None = None
+    metadata: Annotated[dict[MetadataKey, MetadataValue], Field(max_length=MAX_METADATA_KEYS)] = (
+        Field(default_factory=dict)
+    )
+
+    @field_validator("currency")
+    @classmethod
+    def _currency(cls, value: str) -> str:
+        code = value.upper()
+        if code not in ISO_4217:
+            raise ValueError(f"{value!r} is not an ISO 4217 currency code")
+        return code
+
+    @field_validator("payment_method")
+    @classmethod
+    def _method(cls, value: str) -> str:
+        if value not in TEST_PAYMENT_METHODS:
+            raise ValueError(
+                f"unknown payment method; use one of {', '.join(TEST_PAYMENT_METHODS)}"
+            )
+        return value
+
+
+class CaptureRequest(_Request):
+    amount: Amount | None = Field(default=None, description="Default: the authorized amount.")
+
+
+class CancelRequest(_Request):
+    pass
+
+
+class RefundCreate(_Request):
+    amount: Amount | None = Field(default=None, description="Default: all that is left.")
+
+
+# -- public -------------------------------------------------------------------------------------
+
+
+class Payment(BaseModel):
+    id: str
+    object: Literal["payment"] = "payment"
+    amount: int
+    currency: str
+    status: Literal[
+        "processing",
+        "authorized",
+        "captured",
+        "partially_refunded",
+        "refunded",
+        "canceled",
+        "failed",
+    ]
+    capture_method: Literal["automatic", "manual"]
+    payment_method: str
+    description: str | None
+    metadata: dict[str, str]
+    amount_capturable: int
+    amount_captured: int
+    amount_refunded: int
+    failure_code: str | None
+    failure_message: str | None
+    outcome_unknown: bool = Field(description="True while the acquirer's answer is not known.")
+    acquirer: str
+    created: int
+
+
+class Refund(BaseModel):
+    id: str
+    object: Literal["refund"] = "refund"
+    payment: str
+    amount: int
+    currency: str
+    status: Literal["pending", "succeeded", "failed"]
+    failure_code: str | None
+    created: int
+
+
+class PaymentList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Payment]
+    has_more: bool
+
+
+class Event(BaseModel):
+    id: str
+    object: Literal["event"] = "event"
+    type: str
+    created: int
+    data: dict[str, Any]
+
+
+class EventList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Event]
+    has_more: bool
+
+
+class Problem(BaseModel):
+    """RFC 9457 problem details, with OncePay's stable machine ``code``."""
+
+    type: str
+    title: str
+    status: int
+    detail: str
+    code: str
+
+
+def payment_public(row: Any) -> dict[str, Any]:
+    status = row.status
+    return {
+        "id": row.id,
+        "object": "payment",
+        "amount": row.amount,
+        "currency": row.currency,
+        "status": status,
+        "capture_method": row.capture_method,
+        "payment_method": row.payment_method,
+        "description": row.description,
+        "metadata": json.loads(row.metadata),
+        "amount_capturable": row.amount if status == "authorized" else 0,
+        "amount_captured": row.amount_captured,
+        "amount_refunded": row.amount_refunded,
+        "failure_code": row.failure_code,
+        "failure_message": row.failure_message,
+        "outcome_unknown": bool(row.outcome_unknown),
+        "acquirer": row.acquirer,
+        "created": int(row.created_at),
+    }
+
+
+def refund_public(row: Any) -> dict[str, Any]:
+    return {
+        "id": row.id,
+        "object": "refund",
+        "payment": row.payment_id,
+        "amount": row.amount,
+        "currency": row.currency,
+        "status": row.status,
+        "failure_code": row.failure_code,
+        "created": int(row.created_at),
+    }

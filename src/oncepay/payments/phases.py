@@ -1,0 +1,204 @@
+"""Requests as atomic phases (SPEC §5; Brandur Leach's rocket-rides-atomic).
+
+Every request that moves money runs as up to three local transactions, each of which also
+advances the idempotency record's recovery point in the same database:
+
+    started ──phase 1──▶ <op>_created ──acquirer call──▶ acquirer_called ──phase 3──▶ finished
+    (claim)    write the      (a key derived from       record its answer      store the
+               object          the object)              (state, ledger)        response
+
+A recovery point reads ``<point>:<operation>:<object id>``. Whoever holds the key next — a
+retry of the same request, or the recovery worker once the lease lapsed — calls :func:`run`
+with the record's recovery point and continues from there; a phase that committed is never
+repeated, and the acquirer call, the only step outside a transaction, is harmless to repeat.
+
+Rules that keep money moving exactly once:
+
+* A key is released (so that a retry starts afresh) only while nothing has committed yet.
+  After phase 1, the key stays locked until the request finishes; a failure leaves it to be
+  resumed when its lease lapses.
+* A client error in phase 1 rolls the phase back and is stored as the answer; a retryable one
+  (the payment is busy, or its outcome unknown) releases the key instead.
+* An unknown acquirer answer keeps the record executing with a short lease — the back-off
+  schedule of recovery — and answers 503 ``acquirer_outcome_unknown``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+from oncepay.errors import ClientError, LeaseLost, OncePayError, RetryableError
+from oncepay.http.problems import problem_for
+from oncepay.idempotency.engine import Ticket
+from oncepay.idempotency.records import StoredResponse
+from oncepay.payments.acquirers.base import AcquirerAnswer, Outcome
+from oncepay.payments.db import write
+from oncepay.payments.errors import AcquirerOutcomeUnknown
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncConnection
+
+    from oncepay.payments.service import Services
+
+__all__ = ["ACQUIRER_CALLED", "Operation", "Reply", "parse_point", "run"]
+
+log = logging.getLogger("oncepay.payments")
+
+ACQUIRER_CALLED = "acquirer_called"
+JSON = (("content-type", "application/json"),)
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """An HTTP answer, as sent and as stored for replay."""
+
+    status: int
+    body: bytes
+    headers: tuple[tuple[str, str], ...] = JSON
+
+    @classmethod
+    def json(cls, status: int, document: dict[str, Any]) -> Reply:
+        return cls(status, json.dumps(document, separators=(",", ":")).encode())
+
+    @classmethod
+    def problem(cls, error: OncePayError) -> Reply:
+        problem = problem_for(error)
+        return cls(problem.status, problem.body, tuple(problem.headers))
+
+    def stored(self) -> StoredResponse:
+        kept = tuple((k, v) for k, v in self.headers if k != "retry-after")
+        return StoredResponse(self.status, kept, self.body)
+
+
+class Operation(Protocol):
+    """One kind of money-moving request. ``name`` goes into recovery points."""
+
+    @property
+    def name(self) -> str:
+        """The operation's name in recovery points: create, capture, cancel, refund."""
+        ...
+
+    @property
+    def created(self) -> str:
+        """The recovery point phase 1 reaches, e.g. ``payment_created``."""
+        ...
+
+    async def start(self, conn: AsyncConnection, svc: Services, merchant_id: str) -> str:
+        """Phase 1: validate against the current state and write the object; its id."""
+        ...
+
+    async def call(self, svc: Services, object_id: str, *, resumed: bool) -> AcquirerAnswer:
+        """The acquirer call, outside any transaction; must be harmless to repeat."""
+        ...
+
+    async def record(
+        self, conn: AsyncConnection, svc: Services, object_id: str, answer: AcquirerAnswer
+    ) -> None:
+        """Phase 2: apply a final answer (state, ledger, events)."""
+        ...
+
+    async def unknown(
+        self, conn: AsyncConnection, svc: Services, object_id: str, answer: AcquirerAnswer
+    ) -> float:
+        """The answer is unknown: note it; return seconds until recovery asks again."""
+        ...
+
+    async def reply(self, conn: AsyncConnection, svc: Services, object_id: str) -> Reply:
+        """Phase 3's answer, read in the transaction that completes the record."""
+        ...
+
+
+def point(name: str, op: Operation, object_id: str) -> str:
+    return f"{name}:{op.name}:{object_id}"
+
+
+def parse_point(recovery_point: str | None) -> tuple[str, str, str] | None:
+    """(point, operation, object id) of a recovery point, or None before phase 1."""
+    if not recovery_point:
+        return None
+    name, _, rest = recovery_point.partition(":")
+    op_name, _, object_id = rest.partition(":")
+    return name, op_name, object_id
+
+
+async def run(svc: Services, ticket: Ticket, op: Operation, merchant_id: str) -> Reply:
+    """Drive one request from its recovery point to the end; never raises for a request."""
+    try:
+        return await _run(svc, ticket, op, merchant_id)
+    except LeaseLost as exc:
+        return Reply.problem(exc)  # a newer attempt holds the key; it will answer
+    except Exception as exc:
+        log.exception("request %r failed between phases; the key stays locked", ticket.key)
+        error = exc if isinstance(exc, OncePayError) else OncePayError(
+            "the request failed; retry with the same Idempotency-Key to resume it"
+        )  # fmt: skip
+        return Reply.problem(error)
+
+
+async def _run(svc: Services, ticket: Ticket, op: Operation, merchant_id: str) -> Reply:
+    engine = svc.engine
+    parsed = parse_point(ticket.recovery_point)
+    if parsed is None:
+        started = await _start(svc, ticket, op, merchant_id)
+        if isinstance(started, Reply):
+            return started
+        ticket, object_id = started
+        stage = op.created
+    else:
+        stage, _, object_id = parsed
+    if stage == op.created:
+        answer = await op.call(svc, object_id, resumed=ticket.resumed)
+        if answer.outcome is Outcome.UNKNOWN:
+            async with write(svc.db) as conn:
+                retry_after = await op.unknown(conn, svc, object_id, answer)
+                await engine.acheckpoint_in(
+                    conn, ticket, point(op.created, op, object_id), lease=retry_after
+                )
+            return Reply.problem(
+                AcquirerOutcomeUnknown(
+                    f"the acquirer's answer is not known yet ({answer.detail or 'no answer'}); "
+                    "retry with the same Idempotency-Key: it will ask the acquirer first",
+                    retry_after=retry_after,
+                )
+            )
+        async with write(svc.db) as conn:
+            await op.record(conn, svc, object_id, answer)
+            ticket = await engine.acheckpoint_in(
+                conn, ticket, point(ACQUIRER_CALLED, op, object_id)
+            )
+    async with write(svc.db) as conn:
+        reply = await op.reply(conn, svc, object_id)
+        await engine.acomplete_in(conn, ticket, reply.stored())
+    return reply
+
+
+async def _start(
+    svc: Services, ticket: Ticket, op: Operation, merchant_id: str
+) -> tuple[Ticket, str] | Reply:
+    """Phase 1. A client error is stored as the answer; a retryable one frees the key."""
+    try:
+        async with write(svc.db) as conn:
+            object_id = await op.start(conn, svc, merchant_id)
+            at = point(op.created, op, object_id)
+            return await svc.engine.acheckpoint_in(conn, ticket, at), object_id
+    except ClientError as exc:
+        reply = Reply.problem(exc)
+        await svc.engine.complete(ticket, reply.stored())
+        return reply
+    except RetryableError as exc:
+        if not isinstance(exc, LeaseLost):
+            await svc.engine.release(ticket)
+        return Reply.problem(exc)
+    except BaseException:
+        await _release_quietly(svc, ticket)  # nothing committed: a retry may start afresh
+        raise
+
+
+async def _release_quietly(svc: Services, ticket: Ticket) -> None:
+    try:
+        await svc.engine.release(ticket)
+    except OncePayError as exc:
+        log.warning("could not release key %r: %s", ticket.key, exc.detail)

@@ -1,0 +1,110 @@
+"""The recovery worker (SPEC §5): the completer and the reaper.
+
+* The **completer** finds requests whose holder went away — an idempotency record still
+  executing, with a recovery point, whose lease lapsed — takes each over through the engine
+  (fenced: a live holder or a retrying client keeps it) and drives it to the end from its
+  recovery point. Unknown acquirer outcomes come back here each time their short lease lapses:
+  that lease is the back-off schedule.
+* The **reaper** purges expired idempotency records in bounded batches.
+
+Running several workers, or a worker beside client retries, is safe: every takeover is a fenced
+claim, so one holder at a time drives each request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+from sqlalchemy import text
+
+from oncepay.errors import OncePayError
+from oncepay.payments.db import read
+from oncepay.payments.metrics import RECOVERY_RUNS
+from oncepay.payments.operations import resume
+from oncepay.payments.phases import parse_point
+from oncepay.payments.service import IDEMPOTENCY_TABLE, Services
+
+__all__ = ["RecoveryReport", "reap", "recover_once", "run_worker"]
+
+log = logging.getLogger("oncepay.worker")
+
+# Abandoned requests taken per pass: enough to drain a crash's backlog in a few passes,
+# few enough that one pass never holds the worker for long.
+RECOVERY_BATCH = 100
+PURGE_BATCH = 1000
+
+
+@dataclass
+class RecoveryReport:
+    results: Counter[str] = field(default_factory=Counter)
+
+    @property
+    def total(self) -> int:
+        return sum(self.results.values())
+
+
+async def abandoned(
+    svc: Services, now: float, limit: int = RECOVERY_BATCH
+) -> list[tuple[str, str, str, str]]:
+    """(scope, key, fingerprint, recovery point) of requests whose holder went away."""
+    async with read(svc.db) as conn:
+        rows = await conn.execute(
+            text(
+                "SELECT scope, idempotency_key, fingerprint, recovery_point "
+                f"FROM {IDEMPOTENCY_TABLE} WHERE state = 'executing' AND lease_expires_at <= :now "
+                "AND expires_at > :now AND recovery_point IS NOT NULL "
+                "ORDER BY lease_expires_at LIMIT :limit"
+            ),
+            {"now": now, "limit": limit},
+        )
+        return [(row[0], row[1], row[2], row[3]) for row in rows]
+
+
+async def recover_once(svc: Services, *, now: float | None = None) -> RecoveryReport:
+    """One pass of the completer over every abandoned request found now."""
+    report = RecoveryReport()
+    for scope, key, fingerprint, recovery_point in await abandoned(svc, now or time.time()):
+        parsed = parse_point(recovery_point)
+        if parsed is None:
+            continue
+        _, op_name, object_id = parsed
+        try:
+            reply = await svc.resume(scope, key, fingerprint, resume(op_name, object_id))
+        except OncePayError as exc:
+            log.warning("recovery of key %r failed: %s", key, exc.detail)
+            reply, result = None, "error"
+        else:
+            result = (
+                "skipped" if reply is None else ("unknown" if reply.status >= 500 else "finished")
+            )
+        RECOVERY_RUNS.labels(result).inc()
+        report.results[result] += 1
+    return report
+
+
+async def reap(svc: Services) -> int:
+    total = 0
+    while (removed := await svc.engine.store.purge_expired(now=time.time(), limit=PURGE_BATCH)) > 0:
+        total += removed
+        if removed < PURGE_BATCH:
+            break
+    return total
+
+
+async def run_worker(svc: Services, stop: asyncio.Event) -> None:
+    """Recover and reap every ``worker_interval`` seconds until ``stop`` is set."""
+    while not stop.is_set():
+        try:
+            report = await recover_once(svc)
+            if report.total:
+                log.info("recovery: %s", dict(report.results))
+            await reap(svc)
+        except Exception:
+            log.exception("worker pass failed; trying again next interval")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), svc.settings.worker_interval)

@@ -1,0 +1,188 @@
+"""What one payments process holds — database, idempotency engine and HTTP policy, acquirers —
+and the service's non-HTTP entry points: merchants and their API keys, idempotent requests,
+reads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import select
+
+from oncepay.http._gate import Gate, Request, Respond, Run
+from oncepay.idempotency.engine import Engine
+from oncepay.idempotency.stores import store_from_url
+from oncepay.payments.db import Database, read, write
+from oncepay.payments.errors import AuthenticationFailed, ResourceMissing
+from oncepay.payments.events import new_id
+from oncepay.payments.metrics import IDEMPOTENCY_DECISIONS
+from oncepay.payments.migrations import migrate
+from oncepay.payments.phases import Operation, Reply, run
+from oncepay.payments.routing import AcquirerSet
+from oncepay.payments.schema import api_keys, merchants
+from oncepay.payments.settings import Settings
+
+__all__ = ["IDEMPOTENCY_TABLE", "Merchant", "Services", "create_merchant"]
+
+IDEMPOTENCY_TABLE = "oncepay_idempotency"
+# Live keys start with sk_test_ while the acquirers are simulated; 24 random bytes (192 bits)
+# make guessing hopeless, which is also why one SHA-256 (not a slow KDF) is the right hash.
+KEY_PREFIX = "sk_test_"
+KEY_BYTES = 24
+
+
+@dataclass(frozen=True, slots=True)
+class Merchant:
+    id: str
+    name: str
+
+
+def hash_key(api_key: str) -> str:
+    return hashlib.sha256(api_key.encode()).hexdigest()
+
+
+async def create_merchant(db: Database, name: str) -> tuple[Merchant, str]:
+    """A new merchant and its first API key (returned once; only its hash is kept)."""
+    merchant = Merchant(new_id("mer"), name)
+    async with write(db) as conn:
+        await conn.execute(
+            merchants.insert().values(id=merchant.id, name=name, created_at=time.time())
+        )
+        api_key = await _add_key(conn, merchant.id)
+    return merchant, api_key
+
+
+async def add_api_key(db: Database, merchant_id: str) -> str:
+    async with write(db) as conn:
+        return await _add_key(conn, merchant_id)
+
+
+async def _add_key(conn: Any, merchant_id: str) -> str:
+    api_key = KEY_PREFIX + secrets.token_urlsafe(KEY_BYTES)
+    await conn.execute(
+        api_keys.insert().values(
+            id=new_id("key"), merchant_id=merchant_id, key_hash=hash_key(api_key),
+            prefix=api_key[: len(KEY_PREFIX) + 4], created_at=time.time(),
+        )
+    )  # fmt: skip
+    return api_key
+
+
+@dataclass
+class Services:
+    settings: Settings
+    db: Database
+    engine: Engine
+    gate: Gate
+    acquirers: AcquirerSet
+    _merchants: dict[str, Merchant] = field(default_factory=dict)  # key hash -> merchant
+
+    @classmethod
+    async def start(cls, settings: Settings, acquirers: AcquirerSet | None = None) -> Services:
+        from oncepay.payments.acquirers.setup import build_acquirers
+
+        db = Database.from_url(settings.database_url)
+        await migrate(db)
+        store = store_from_url(db.store_url(IDEMPOTENCY_TABLE))
+        engine = Engine(store, ttl=settings.key_ttl, lease=settings.lease)
+        gate = Gate(engine, methods=("POST",), required=True)
+        return cls(settings, db, engine, gate, acquirers or await build_acquirers(settings))
+
+    async def aclose(self) -> None:
+        await self.acquirers.aclose()
+        await self.engine.store.aclose()
+        await self.db.aclose()
+
+    # -- authentication --------------------------------------------------------------------------
+
+    async def authenticate(self, authorization: str | None) -> Merchant:
+        if not authorization:
+            raise AuthenticationFailed("send your API key as 'Authorization: Bearer sk_test_…'")
+        scheme, _, token = authorization.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise AuthenticationFailed(
+                "use 'Authorization: Bearer <api key>'", code="invalid_api_key"
+            )
+        digest = hash_key(token.strip())
+        merchant = self._merchants.get(digest)
+        if merchant is None:
+            merchant = await self._lookup_key(digest)
+            self._merchants[digest] = merchant
+        return merchant
+
+    async def _lookup_key(self, digest: str) -> Merchant:
+        async with read(self.db) as conn:
+            row = (
+                await conn.execute(
+                    select(merchants.c.id, merchants.c.name)
+                    .join(api_keys, api_keys.c.merchant_id == merchants.c.id)
+                    .where(api_keys.c.key_hash == digest, api_keys.c.revoked_at.is_(None))
+                )
+            ).first()
+        if row is None:
+            raise AuthenticationFailed("this API key is not valid", code="invalid_api_key")
+        return Merchant(row.id, row.name)
+
+    # -- idempotent requests ---------------------------------------------------------------------
+
+    async def idempotent(
+        self, request: Request, body: bytes, merchant: Merchant, op: Operation
+    ) -> Reply:
+        """SPEC §2 around one money-moving request, scoped to the merchant; a resumed key
+        continues from its recovery point (SPEC §5)."""
+        outcome = await self.gate.decide(request, body, scope=merchant.id)
+        if isinstance(outcome, Respond):
+            IDEMPOTENCY_DECISIONS.labels(_decision(outcome)).inc()
+            return Reply(outcome.status, outcome.body, tuple(outcome.headers))
+        assert isinstance(outcome, Run)  # keys are required: never a pass-through
+        IDEMPOTENCY_DECISIONS.labels("resume" if outcome.ticket.resumed else "execute").inc()
+        reply = await run(self, outcome.ticket, op, merchant.id)
+        expires = ("idempotency-key-expires", outcome.expires)
+        return Reply(reply.status, reply.body, (*reply.headers, expires))
+
+    async def resume(self, scope: str, key: str, fingerprint: str, op: Operation) -> Reply | None:
+        """Take over an abandoned request and finish it (the recovery worker); None when
+        someone else holds or finished it."""
+        from oncepay.idempotency.engine import Execute
+
+        decision = await self.engine.begin(scope, key, fingerprint)
+        if not isinstance(decision, Execute):
+            return None
+        return await run(self, decision.ticket, op, scope)
+
+
+def _decision(outcome: Respond) -> str:
+    if any(name == "idempotent-replayed" for name, _ in outcome.headers):
+        return "replay"
+    return {400: "invalid", 409: "in_progress", 422: "reused", 503: "unavailable"}.get(
+        outcome.status, "rejected"
+    )
+
+
+async def get_object(db: Database, table: Any, object_id: str, merchant_id: str) -> Any:
+    async with read(db) as conn:
+        row = (
+            await conn.execute(
+                select(table).where(table.c.id == object_id, table.c.merchant_id == merchant_id)
+            )
+        ).first()
+    if row is None:
+        raise ResourceMissing(f"no {table.name[:-1]} {object_id!r}")
+    return row
+
+
+async def find_merchant(db: Database, name: str) -> Merchant | None:
+    """The oldest merchant of that name, if any."""
+    async with read(db) as conn:
+        row = (
+            await conn.execute(
+                select(merchants.c.id, merchants.c.name)
+                .where(merchants.c.name == name)
+                .order_by(merchants.c.created_at)
+            )
+        ).first()
+    return Merchant(row.id, row.name) if row else None

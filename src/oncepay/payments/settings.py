@@ -1,0 +1,47 @@
+"""Every setting of the payments service, each also an environment variable ``ONCEPAY_<NAME>``
+(SPEC §7); command-line options override them."""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["Settings"]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="ONCEPAY_", extra="ignore")
+
+    database_url: str = "sqlite:///oncepay.db"
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=1, le=65535)
+    workers: int = Field(default=1, ge=1, description="API processes (PostgreSQL for > 1).")
+    # No acquirer URL: the simulated acquirer runs inside the API process, on its own database.
+    acquirer_url: str | None = None
+    secondary_acquirer_url: str | None = None
+    acquirer_database_url: str = "sqlite:///oncepay-acquirer.db"
+    # One acquirer call: a card authorization takes well under a second; five leaves room for
+    # a slow network without holding a client's request past its own usual 10-30 s timeout.
+    acquirer_timeout: float = Field(default=5.0, gt=0)
+    # Attempts per acquirer call (same reference, so harmless): three ride out a blip.
+    acquirer_attempts: int = Field(default=3, ge=1)
+    redis_url: str | None = None
+    # Stripe keeps keys a day (docs/payments-api.md): long enough for any client retry.
+    key_ttl: float = Field(default=24 * 3600.0, gt=0)
+    # Outlasts the slowest honest request (two acquirers x attempts x timeout, plus look-ups),
+    # so a live request is never taken over; a crashed one is resumed a minute later.
+    lease: float = Field(default=60.0, gt=0)
+    # Seconds between the tries of recovery to learn an unknown outcome; past the last, the
+    # payment is escalated (an event and a metric) and asked again at that interval.
+    recovery_backoff: list[float] = Field(
+        default_factory=lambda: [2.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0], min_length=1
+    )
+    # `oncepay serve` runs the recovery worker inside each API process too, so that a single
+    # command gives a complete service; `oncepay worker` runs it alone.
+    run_worker: bool = True
+    # How often the worker looks for abandoned requests and expired keys.
+    worker_interval: float = Field(default=1.0, gt=0)
+
+    @property
+    def embedded_acquirer(self) -> bool:
+        return self.acquirer_url is None
