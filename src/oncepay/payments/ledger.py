@@ -142,12 +142,14 @@ async def check(conn: AsyncConnection) -> list[Violation]:
         .group_by(ledger_entries.c.payment_id, ledger_entries.c.account)
     ):  # fmt: skip
         balances[payment_id][account] = int(total)
-    refunded = dict(
-        (await conn.execute(
+    refunded = {
+        payment_id: int(total)
+        for payment_id, total in await conn.execute(
             select(refunds.c.payment_id, func.sum(refunds.c.amount))
-            .where(refunds.c.status == "succeeded").group_by(refunds.c.payment_id)
-        )).tuples().all()
-    )  # fmt: skip
+            .where(refunds.c.status == "succeeded")
+            .group_by(refunds.c.payment_id)
+        )
+    }
     for row in await conn.execute(select(payments)):
         violations.extend(_check_payment(row, balances.get(row.id, {}), refunded.get(row.id, 0)))
     return violations

@@ -1,0 +1,34 @@
+"""Fixtures of the payments tests: every test that takes ``stack`` runs on SQLite and on
+PostgreSQL (which fails under CI=true when the server is missing)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from tests.payments.stack import Stack, database_url, running_stack
+from tests.servers import require_postgres
+
+
+@pytest.fixture(
+    params=[pytest.param("sqlite", id="sqlite"),
+            pytest.param("postgres", id="postgres", marks=pytest.mark.postgres)]
+)  # fmt: skip
+def payments_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "postgres":
+        require_postgres()
+    return database_url(request.param, tmp_path)
+
+
+@pytest.fixture
+async def stack(payments_url: str, tmp_path: Path) -> AsyncIterator[Stack]:
+    async with running_stack(payments_url, tmp_path) as running:
+        yield running
+
+
+@pytest.fixture
+async def two_acquirers(payments_url: str, tmp_path: Path) -> AsyncIterator[Stack]:
+    async with running_stack(payments_url, tmp_path, acquirers=("primary", "secondary")) as s:
+        yield s

@@ -1,0 +1,165 @@
+"""A payments service for tests: the real API app and real databases (SQLite files, or a
+PostgreSQL schema of its own), with simulated acquirers in-process whose faults the test sets
+through their admin API. The idempotency engine runs on a clock the test moves, so lease
+expiry is a step of the test, not a sleep."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from oncepay.payments.acquirers.http import HttpAcquirer
+from oncepay.payments.acquirers.simulator import create_app as create_simulator
+from oncepay.payments.api import create_app
+from oncepay.payments.db import Database, read
+from oncepay.payments.ledger import check
+from oncepay.payments.routing import AcquirerSet
+from oncepay.payments.service import Merchant, Services, create_merchant
+from oncepay.payments.settings import Settings
+from tests.clock import FakeClock
+from tests.servers import POSTGRES_URL
+
+# Test acquirer calls: a short timeout so an injected stall turns into an unknown outcome
+# quickly, and two attempts so retries are exercised without slowing every fault test.
+TEST_ACQUIRER_TIMEOUT = 0.5
+TEST_ACQUIRER_ATTEMPTS = 2
+TEST_LEASE = 30.0
+BACKOFF = [2.0, 4.0, 8.0]
+
+
+def database_url(backend: str, tmp_path: Path) -> str:
+    if backend == "sqlite":
+        return f"sqlite:///{tmp_path / 'payments.db'}"
+    return f"{POSTGRES_URL}?schema=oncepay_pay_{uuid.uuid4().hex[:10]}"
+
+
+async def drop_schema(url: str) -> None:
+    db = Database.from_url(url)
+    if db.schema:
+        from sqlalchemy import text
+
+        async with db.engine.begin() as conn:
+            await conn.execute(text(f'DROP SCHEMA IF EXISTS "{db.schema}" CASCADE'))
+    await db.aclose()
+
+
+@dataclass
+class Stack:
+    services: Services
+    client: httpx.AsyncClient
+    api_key: str
+    merchant: Merchant
+    clock: FakeClock
+    simulators: dict[str, httpx.AsyncClient] = field(default_factory=dict)
+    _keys: int = 0
+
+    @property
+    def db(self) -> Database:
+        return self.services.db
+
+    def new_key(self) -> str:
+        self._keys += 1
+        return f"key-{self._keys}-{uuid.uuid4().hex[:8]}"
+
+    async def post(self, path: str, body: Any = None, *, key: str | None = None,
+                   **headers: str) -> httpx.Response:  # fmt: skip
+        sent = {"Idempotency-Key": key or self.new_key(), **headers}
+        if body is None:
+            return await self.client.post(path, headers=sent)
+        return await self.client.post(path, json=body, headers=sent)
+
+    async def pay(self, *, key: str | None = None, **fields: Any) -> httpx.Response:
+        body = {"amount": 1000, "currency": "USD", "payment_method": "pm_card_ok", **fields}
+        return await self.post("/v1/payments", body, key=key)
+
+    async def faults(self, acquirer: str = "primary", **faults: Any) -> None:
+        response = await self.simulators[acquirer].put("/admin/faults", json=faults)
+        assert response.status_code == 200, response.text
+
+    async def operations(self, payment_id: str, acquirer: str = "primary") -> list[dict[str, Any]]:
+        response = await self.simulators[acquirer].get(
+            "/admin/operations", params={"order_id": payment_id}
+        )
+        assert response.status_code == 200, response.text
+        found: list[dict[str, Any]] = response.json()["operations"]
+        return found
+
+    async def approved_authorizations(self, payment_id: str) -> int:
+        """Authorizations approved for a payment, over every acquirer."""
+        total = 0
+        for name in self.simulators:
+            operations = await self.operations(payment_id, name)
+            total += sum(
+                1
+                for op in operations
+                if op["type"] == "authorization" and op["status"] == "approved"
+            )
+        return total
+
+    async def ledger_violations(self) -> list[Any]:
+        async with read(self.db) as conn:
+            return await check(conn)
+
+    async def count(self, table: str) -> int:
+        from sqlalchemy import text
+
+        async with read(self.db) as conn:
+            return int((await conn.execute(text(f"SELECT count(*) FROM {table}"))).scalar_one())
+
+    def expire_leases(self) -> None:
+        self.clock.advance(TEST_LEASE + 1)
+
+
+@asynccontextmanager
+async def running_stack(
+    url: str, tmp_path: Path, *, acquirers: tuple[str, ...] = ("primary",), **overrides: Any
+) -> AsyncIterator[Stack]:
+    settings = Settings(
+        database_url=url,
+        run_worker=False,
+        lease=TEST_LEASE,
+        recovery_backoff=BACKOFF,
+        acquirer_timeout=TEST_ACQUIRER_TIMEOUT,
+        acquirer_attempts=TEST_ACQUIRER_ATTEMPTS,
+        **overrides,
+    )
+    simulator_apps = {
+        name: create_simulator(f"sqlite:///{tmp_path / f'acquirer-{name}.db'}", seed=7)
+        for name in acquirers
+    }
+    acquirer_set = AcquirerSet(
+        [
+            HttpAcquirer(name, app=app, timeout=TEST_ACQUIRER_TIMEOUT,
+                         attempts=TEST_ACQUIRER_ATTEMPTS)
+            for name, app in simulator_apps.items()
+        ]
+    )  # fmt: skip
+    services = await Services.start(settings, acquirer_set)
+    clock = FakeClock()
+    services.engine.clock = clock
+    merchant, api_key = await create_merchant(services.db, "Test shop")
+    app = create_app(settings, services=services)
+    transport = httpx.ASGITransport(app=app)
+    client = httpx.AsyncClient(
+        transport=transport,
+        base_url="http://payments",
+        headers={"Authorization": f"Bearer {api_key}"},
+    )
+    simulators = {
+        name: httpx.AsyncClient(transport=httpx.ASGITransport(app=sim), base_url="http://acq")
+        for name, sim in simulator_apps.items()
+    }
+    try:
+        yield Stack(services, client, api_key, merchant, clock, simulators)
+    finally:
+        await client.aclose()
+        for sim_client in simulators.values():
+            await sim_client.aclose()
+        await services.aclose()
+        await drop_schema(url)
