@@ -1,0 +1,307 @@
+"""``HttpAcquirer``: the :class:`~oncepay.payments.acquirers.base.Acquirer` protocol over HTTP,
+spoken to the simulated acquirer (``oncepay acquirer``) or anything with its API.
+
+Each call is one logical request that may take several HTTP attempts, all with the same
+reference as ``Idempotency-Key`` — harmless, since the acquirer answers a repeat with the first
+answer. What happens to an attempt:
+
+=========================================  ========  ===============  ======================
+attempt ends with                          retried?  breaker          may have reached it?
+=========================================  ========  ===============  ======================
+2xx                                        no        success          yes
+4xx                                        never     success          yes
+5xx                                        yes       failure          yes
+timeout, read error, dropped connection    yes       failure          yes
+connection refused / connect timeout       yes       failure          no
+breaker open                               no        (not sent)       no
+=========================================  ========  ===============  ======================
+
+When the budget is spent the answer is ``UNKNOWN``, with ``never_sent=True`` only when no
+attempt may have reached the acquirer: then, and only then, failing over needs no look-up.
+Backoff between attempts is capped exponential with full jitter (tenacity's
+``wait_random_exponential``). Each attempt is bounded by ``timeout`` twice over: httpx's own
+timeouts and ``asyncio.timeout`` (httpx's ASGI transport, used for an embedded acquirer,
+ignores the former).
+
+Answers map to outcomes so:
+
+* authorize 201 → ``APPROVED`` / ``DECLINED`` (with ``decline_code``) from the body's status;
+* capture, void, refund 201 → ``APPROVED``; any 4xx of theirs → ``DECLINED`` with the problem's
+  ``code`` as ``decline_code`` (``already_captured``, ``amount_exceeds_refundable``, …);
+* 409 ``reference_fenced`` on any operation → ``NOT_FOUND``: a look-up fenced the reference, so
+  the operation provably did not and will not happen;
+* lookup 200 → ``APPROVED`` / ``DECLINED`` from the stored answer; 404 fenced → ``NOT_FOUND``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+from starlette.types import ASGIApp
+from tenacity import (
+    AsyncRetrying,
+    retry_if_exception_type,
+    stop_after_attempt,
+    wait_random_exponential,
+)
+from tenacity.wait import wait_base
+
+from oncepay.payments.acquirers.base import AcquirerAnswer, Outcome
+from oncepay.payments.acquirers.breaker import CircuitBreaker
+from oncepay.payments.metrics import ACQUIRER_CALLS, ACQUIRER_LATENCY
+
+__all__ = ["DEFAULT_ATTEMPTS", "DEFAULT_TIMEOUT", "HttpAcquirer"]
+
+# An acquirer answers an authorization in a few hundred milliseconds, a slow one in a second
+# or two; five seconds per attempt means it is not coming, and three attempts (plus backoff)
+# keep a payment request well under the 30 s a client of ours waits.
+DEFAULT_TIMEOUT = 5.0
+DEFAULT_ATTEMPTS = 3
+# Backoff: the first retry within 50 ms (most blips are that short), never more than 1 s
+# between attempts, since the caller's own request is waiting on us.
+BACKOFF_BASE = 0.05
+BACKOFF_CAP = 1.0
+KEY_HEADER = "Idempotency-Key"
+
+
+class _Failure(Exception):
+    """An attempt that did not produce an answer; retried."""
+
+    def __init__(self, detail: str, *, maybe_reached: bool) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.maybe_reached = maybe_reached
+
+
+class _Refused(Exception):
+    """The breaker is open: nothing was sent."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Reply:
+    status: int
+    body: dict[str, Any]
+
+
+class _EmbeddedTransport(httpx.ASGITransport):
+    """An in-process acquirer: an exception from the app (a dropped connection, a bug) is
+    what a remote caller would see as a broken connection, so it becomes one."""
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        try:
+            return await super().handle_async_request(request)
+        except httpx.HTTPError:
+            raise
+        except Exception as exc:
+            raise httpx.RemoteProtocolError(
+                f"acquirer app failed: {exc!r}", request=request
+            ) from exc
+
+
+class HttpAcquirer:
+    """One acquirer over HTTP, with retries and a circuit breaker (see the module doc)."""
+
+    def __init__(
+        self,
+        name: str,
+        base_url: str = "http://acquirer",
+        *,
+        app: ASGIApp | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+        attempts: int = DEFAULT_ATTEMPTS,
+        backoff: wait_base | None = None,
+        breaker: CircuitBreaker | None = None,
+    ) -> None:
+        if attempts < 1 or timeout <= 0:
+            raise ValueError("need attempts >= 1 and timeout > 0")
+        self.name = name
+        self.timeout = timeout
+        self.attempts = attempts
+        self.backoff = backoff or wait_random_exponential(multiplier=BACKOFF_BASE, max=BACKOFF_CAP)
+        self.breaker = breaker or CircuitBreaker(name)
+        self._app = app
+        transport = _EmbeddedTransport(app=app) if app is not None else None
+        self._client = httpx.AsyncClient(
+            base_url=base_url, transport=transport, timeout=httpx.Timeout(timeout)
+        )
+
+    # --- the Acquirer protocol ------------------------------------------------------------
+
+    async def authorize(
+        self,
+        *,
+        reference: str,
+        order_id: str,
+        amount: int,
+        currency: str,
+        payment_method: str,
+        capture: bool,
+    ) -> AcquirerAnswer:
+        payload = {
+            "reference": reference,
+            "order_id": order_id,
+            "amount": amount,
+            "currency": currency,
+            "payment_method": payment_method,
+            "capture": capture,
+        }
+        return await self._call("authorize", "/v1/authorizations", payload, reference)
+
+    async def capture(
+        self, *, reference: str, authorization_id: str, amount: int
+    ) -> AcquirerAnswer:
+        path = f"/v1/authorizations/{authorization_id}/capture"
+        return await self._call(
+            "capture", path, {"reference": reference, "amount": amount}, reference
+        )
+
+    async def void(self, *, reference: str, authorization_id: str) -> AcquirerAnswer:
+        path = f"/v1/authorizations/{authorization_id}/void"
+        return await self._call("void", path, {"reference": reference}, reference)
+
+    async def refund(self, *, reference: str, authorization_id: str, amount: int) -> AcquirerAnswer:
+        path = f"/v1/authorizations/{authorization_id}/refunds"
+        return await self._call(
+            "refund", path, {"reference": reference, "amount": amount}, reference
+        )
+
+    async def lookup(self, reference: str) -> AcquirerAnswer:
+        return await self._call("lookup", "/v1/lookups", {"reference": reference}, reference)
+
+    def available(self) -> bool:
+        return self.breaker.available()
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+        # An embedded app never runs its lifespan, so whoever embeds it closes what it holds:
+        # the simulator's database.
+        embedded = getattr(getattr(self._app, "state", None), "simulator", None)
+        if embedded is not None:
+            await embedded.aclose()
+
+    # --- one logical call -----------------------------------------------------------------
+
+    async def _call(
+        self, operation: str, path: str, payload: dict[str, Any], reference: str
+    ) -> AcquirerAnswer:
+        reached = False
+
+        async def attempt() -> _Reply:
+            nonlocal reached
+            try:
+                return await self._attempt(operation, path, payload, reference)
+            except _Failure as failure:
+                reached = reached or failure.maybe_reached
+                ACQUIRER_CALLS.labels(self.name, operation, "error").inc()
+                raise
+
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(self.attempts),
+            wait=self.backoff,
+            retry=retry_if_exception_type(_Failure),
+            reraise=True,
+        )
+        try:
+            reply: _Reply = await retrying(attempt)
+        except _Refused:
+            answer = self._unknown(reference, "circuit breaker open", never_sent=not reached)
+            return self._count(operation, answer, "breaker_open" if not reached else None)
+        except _Failure as failure:
+            return self._count(operation, self._unknown(reference, failure.detail, not reached))
+        return self._count(operation, self._answer(operation, reference, reply))
+
+    async def _attempt(
+        self, operation: str, path: str, payload: dict[str, Any], reference: str
+    ) -> _Reply:
+        if not self.breaker.allow():
+            raise _Refused
+        started = time.perf_counter()
+        try:
+            reply = await self._send(path, payload, reference)
+        except _Failure:
+            self.breaker.record_failure()
+            raise
+        finally:
+            ACQUIRER_LATENCY.labels(self.name, operation).observe(time.perf_counter() - started)
+        self.breaker.record_success()
+        return reply
+
+    async def _send(self, path: str, payload: dict[str, Any], reference: str) -> _Reply:
+        """One HTTP attempt; every way it can fail becomes a :class:`_Failure`."""
+        headers = {KEY_HEADER: reference}
+        try:
+            async with asyncio.timeout(self.timeout):
+                response = await self._client.post(path, json=payload, headers=headers)
+        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
+            raise _Failure(f"not sent: {exc!r}", maybe_reached=False) from exc
+        except (httpx.TransportError, TimeoutError) as exc:
+            raise _Failure(f"no answer: {exc!r}", maybe_reached=True) from exc
+        if response.status_code >= 500:
+            raise _Failure(f"acquirer answered {response.status_code}", maybe_reached=True)
+        try:
+            body = json.loads(response.content)
+        except ValueError as exc:
+            raise _Failure(
+                "acquirer answered something that is not JSON", maybe_reached=True
+            ) from exc
+        if not isinstance(body, dict):
+            raise _Failure("acquirer answered JSON that is not an object", maybe_reached=True)
+        return _Reply(response.status_code, body)
+
+    # --- answers --------------------------------------------------------------------------
+
+    def _answer(self, operation: str, reference: str, reply: _Reply) -> AcquirerAnswer:
+        body = reply.body
+        if reply.status == 409 and body.get("code") == "reference_fenced":
+            return self._result(Outcome.NOT_FOUND, reference, detail="reference fenced")
+        if operation == "lookup":
+            return self._lookup_answer(reference, reply)
+        if reply.status >= 400:
+            return self._refusal(reference, body)
+        return self._stored_answer(reference, body)
+
+    def _lookup_answer(self, reference: str, reply: _Reply) -> AcquirerAnswer:
+        body = reply.body
+        if reply.status == 404 and body.get("fenced") is True:
+            return self._result(Outcome.NOT_FOUND, reference, detail="fenced by this look-up")
+        if reply.status == 200:
+            return self._stored_answer(reference, body)
+        detail = f"look-up answered {reply.status} {body.get('code')}"
+        return self._unknown(reference, detail, never_sent=False)
+
+    def _stored_answer(self, reference: str, body: dict[str, Any]) -> AcquirerAnswer:
+        """An operation's own answer (fresh, or stored and returned by a look-up)."""
+        authorization_id = body.get("authorization_id") or body.get("id")
+        if body.get("object") == "authorization" and body.get("status") == "declined":
+            return self._result(
+                Outcome.DECLINED,
+                reference,
+                authorization_id=authorization_id,
+                decline_code=body.get("decline_code"),
+            )
+        if body.get("status") == "approved":
+            return self._result(Outcome.APPROVED, reference, authorization_id=authorization_id)
+        return self._unknown(reference, f"unexpected answer {body!r}"[:200], never_sent=False)
+
+    def _refusal(self, reference: str, body: dict[str, Any]) -> AcquirerAnswer:
+        code = str(body.get("code") or "refused")
+        return self._result(
+            Outcome.DECLINED, reference, decline_code=code, detail=body.get("detail")
+        )
+
+    def _result(self, outcome: Outcome, reference: str, **fields: Any) -> AcquirerAnswer:
+        return AcquirerAnswer(outcome, self.name, reference, **fields)
+
+    def _unknown(self, reference: str, detail: str, never_sent: bool) -> AcquirerAnswer:
+        return self._result(Outcome.UNKNOWN, reference, detail=detail, never_sent=never_sent)
+
+    def _count(
+        self, operation: str, answer: AcquirerAnswer, label: str | None = None
+    ) -> AcquirerAnswer:
+        ACQUIRER_CALLS.labels(self.name, operation, label or answer.outcome.value).inc()
+        return answer
