@@ -72,6 +72,9 @@ PROBLEM = "application/problem+json"
 KEY_HEADER = "idempotency-key"
 # Far above any real card payment in minor units, far below BIGINT: no overflow, ever.
 MAX_AMOUNT = 10**12
+# Rounds of "read, then claim" one request may lose: each loss means a winner committed, whose
+# row the next round reads; more than one only when a winner rolled back its claim.
+RACE_ROUNDS = 3
 # Serialises schema creation across simulator processes; any fixed number will do ("acqu").
 SCHEMA_LOCK = 0x61637175
 PAYMENT_METHODS: dict[str, str | None] = {
@@ -255,6 +258,7 @@ class Simulator:
         self.clock = clock
         self._ready = False
         self._lock = asyncio.Lock()
+        self._inflight: set[asyncio.Future[Response]] = set()
 
     async def ready(self) -> None:
         if self._ready:
@@ -265,6 +269,7 @@ class Simulator:
                 self._ready = True
 
     async def aclose(self) -> None:
+        await asyncio.gather(*self._inflight, return_exceptions=True)
         await self.db.aclose()
 
     def _roll(self, rate: float) -> bool:
@@ -297,7 +302,15 @@ class Simulator:
     async def run(self, operation: Operation, work: Callable[[], Awaitable[Response]]) -> Response:
         await self.before(operation)
         await self.ready()
-        return await self.after(operation, await work())
+        return await self.after(operation, await self._whole(work))
+
+    async def _whole(self, work: Callable[[], Awaitable[Response]]) -> Response:
+        """Run ``work`` to its end even if the caller gives up, as a server does when its
+        client hangs up: in-process, a caller's timeout would otherwise cancel us mid-way."""
+        task = asyncio.ensure_future(work())
+        self._inflight.add(task)
+        task.add_done_callback(self._inflight.discard)
+        return await asyncio.shield(task)
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[AsyncConnection]:
@@ -305,12 +318,15 @@ class Simulator:
             yield conn
 
     async def retrying(self, work: Callable[[], Awaitable[Response]]) -> Response:
-        """Run ``work`` (one transaction); once more if it lost the race for its reference,
-        when it then finds the winner's row and answers from it."""
-        try:
-            return await work()
-        except _LostRace:
-            return await work()
+        """Run ``work`` (one transaction); again if it lost the race for its reference, when
+        it finds the winner's row and answers from it (or claims it, if the winner rolled
+        back)."""
+        for _ in range(RACE_ROUNDS - 1):
+            try:
+                return await work()
+            except _LostRace:
+                continue
+        return await work()
 
 
 class _DroppedResponse(Response):
