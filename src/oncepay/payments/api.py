@@ -30,6 +30,7 @@ from oncepay.http.problems import PROBLEM_CONTENT_TYPE
 from oncepay.payments import models
 from oncepay.payments.db import read
 from oncepay.payments.errors import InvalidRequest, ResourceMissing
+from oncepay.payments.events import is_id
 from oncepay.payments.metrics import REGISTRY, REQUESTS
 from oncepay.payments.models import payment_public, refund_public
 from oncepay.payments.operations import Cancel, Capture, CreatePayment, CreateRefund
@@ -212,7 +213,7 @@ def _routes(app: FastAPI) -> None:
         merchant: MerchantDep,
         limit: Limit = DEFAULT_LIMIT,
         starting_after: str | None = None,
-        type: str | None = None,
+        type: Annotated[str | None, Query(pattern=r"^[a-z_]+\.[a-z_]+$", max_length=64)] = None,
     ) -> Any:
         """Newest first, optionally of one `type` (e.g. `payment.captured`)."""
         where = [events.c.type == type] if type else []
@@ -254,6 +255,8 @@ async def _page(
 ) -> tuple[list[Any], bool]:
     """One page, newest first, by the table's sequence number; one extra row says has_more."""
     query = select(table).where(table.c.merchant_id == merchant_id, *(where or []))
+    if starting_after is not None and not is_id(starting_after):
+        raise InvalidRequest(f"starting_after: no object {starting_after!r}")
     async with read(services.db) as conn:
         if starting_after is not None:
             cursor = (
@@ -317,12 +320,14 @@ def _describe(errors: Any) -> str:
 
 
 class BodyLimit:
-    """413 before the app reads a body larger than ``limit``, declared or streamed."""
+    """413 for a body larger than ``limit``, declared or streamed, before the app sees any of
+    it. The body is read here in full (payment requests are small) and handed on in one
+    message, so a refusal never happens half-way through the app's own reading."""
 
     def __init__(self, app: ASGIApp, limit: int = DEFAULT_MAX_BODY) -> None:
         self.app, self.limit = app, limit
 
-    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
@@ -330,28 +335,35 @@ class BodyLimit:
         if declared.isdigit() and int(declared) > self.limit:
             await self._refuse(scope, receive, send)
             return
-        seen = 0
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client went away before its body arrived: nothing to do
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.limit:
+                await self._refuse(scope, receive, send)
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        delivered = False
 
-        async def counted() -> Message:
-            nonlocal seen
-            message: Message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > self.limit:
-                raise _TooLarge
-            return message
+        async def replay() -> Message:
+            nonlocal delivered
+            if not delivered:
+                delivered = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
 
-        try:
-            await self.app(scope, counted, send)
-        except _TooLarge:
-            await self._refuse(scope, receive, send)
+        await self.app(scope, replay, send)
 
-    async def _refuse(self, scope: Scope, receive: Any, send: Any) -> None:
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
         error = RequestTooLarge(f"request body exceeds the limit of {self.limit} bytes")
         await problem_response(error)(scope, receive, send)
-
-
-class _TooLarge(Exception):
-    pass
 
 
 class RequestMetrics:

@@ -7,7 +7,14 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    field_validator,
+)
 
 from oncepay.payments.currencies import ISO_4217
 
@@ -35,9 +42,18 @@ MAX_DESCRIPTION = 1000
 
 TEST_PAYMENT_METHODS = ("pm_card_ok", "pm_card_declined", "pm_card_insufficient_funds")
 
+
+def _no_nul(value: str) -> str:
+    # PostgreSQL text cannot hold U+0000, and no payment needs it: refuse it as bad input.
+    if "\x00" in value:
+        raise ValueError("must not contain the NUL character")
+    return value
+
+
+Text = Annotated[str, AfterValidator(_no_nul)]
 Amount = Annotated[int, Field(strict=True, gt=0, le=MAX_AMOUNT, description="Minor units.")]
-MetadataKey = Annotated[str, StringConstraints(min_length=1, max_length=MAX_METADATA_KEY)]
-MetadataValue = Annotated[str, StringConstraints(max_length=MAX_METADATA_VALUE)]
+MetadataKey = Annotated[Text, StringConstraints(min_length=1, max_length=MAX_METADATA_KEY)]
+MetadataValue = Annotated[Text, StringConstraints(max_length=MAX_METADATA_VALUE)]
 
 
 class _Request(BaseModel):
@@ -51,7 +67,7 @@ class PaymentCreate(_Request):
         str, Field(description=f"A test payment method: {', '.join(TEST_PAYMENT_METHODS)}.")
     ]
     capture_method: Literal["automatic", "manual"] = "automatic"
-    description: Annotated[str, StringConstraints(max_length=MAX_DESCRIPTION)] | None = None
+    description: Annotated[Text, StringConstraints(max_length=MAX_DESCRIPTION)] | None = None
     metadata: Annotated[dict[MetadataKey, MetadataValue], Field(max_length=MAX_METADATA_KEYS)] = (
         Field(default_factory=dict)
     )

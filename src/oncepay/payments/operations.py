@@ -23,7 +23,7 @@ from oncepay.payments.errors import (
     OutcomeUnknown,
     ResourceMissing,
 )
-from oncepay.payments.events import emit, new_id
+from oncepay.payments.events import emit, is_id, new_id
 from oncepay.payments.metrics import RECOVERY_ESCALATIONS
 from oncepay.payments.models import PaymentCreate, payment_public, refund_public
 from oncepay.payments.phases import Reply
@@ -48,6 +48,8 @@ async def load_payment(
 ) -> Any:
     """The payment row; ``lock`` takes its row lock on PostgreSQL (SQLite's write transaction
     already excludes every other writer). Another merchant's payment is not found."""
+    if not is_id(payment_id):
+        raise ResourceMissing(f"no payment {payment_id!r}")
     query = select(payments).where(payments.c.id == payment_id)
     if merchant_id is not None:
         query = query.where(payments.c.merchant_id == merchant_id)
@@ -368,6 +370,8 @@ class CreateRefund:
 async def _load_refund(
     conn: AsyncConnection, refund_id: str, merchant_id: str | None = None
 ) -> Any:
+    if not is_id(refund_id):
+        raise ResourceMissing(f"no refund {refund_id!r}")
     query = select(refunds).where(refunds.c.id == refund_id)
     if merchant_id is not None:
         query = query.where(refunds.c.merchant_id == merchant_id)

@@ -18,7 +18,7 @@ from oncepay.idempotency.engine import Engine
 from oncepay.idempotency.stores import store_from_url
 from oncepay.payments.db import Database, read, write
 from oncepay.payments.errors import AuthenticationFailed, ResourceMissing
-from oncepay.payments.events import new_id
+from oncepay.payments.events import is_id, new_id
 from oncepay.payments.metrics import IDEMPOTENCY_DECISIONS
 from oncepay.payments.migrations import migrate
 from oncepay.payments.phases import Operation, Reply, run
@@ -88,6 +88,7 @@ class Services:
         db = Database.from_url(settings.database_url)
         await migrate(db)
         store = store_from_url(db.store_url(IDEMPOTENCY_TABLE))
+        await store.get("oncepay", "start-up")  # fail fast, and create the table before use
         engine = Engine(store, ttl=settings.key_ttl, lease=settings.lease)
         gate = Gate(engine, methods=("POST",), required=True)
         return cls(settings, db, engine, gate, acquirers or await build_acquirers(settings))
@@ -164,6 +165,8 @@ def _decision(outcome: Respond) -> str:
 
 
 async def get_object(db: Database, table: Any, object_id: str, merchant_id: str) -> Any:
+    if not is_id(object_id):
+        raise ResourceMissing(f"no {table.name[:-1]} {object_id!r}")
     async with read(db) as conn:
         row = (
             await conn.execute(
