@@ -34,17 +34,17 @@ BAD_BODIES = [
     pytest.param(json.dumps({**GOOD, "colour": "red"}).encode(), id="unknown-field"),
     pytest.param(
         json.dumps({k: v for k, v in GOOD.items() if k != "amount"}).encode(), id="amount-missing"
-    ),  # fmt: skip
+    ),
     pytest.param(
         b'{"amount": 1000, "currency": "USD", "payment_method": "\\ud800"}', id="lone-surrogate"
-    ),  # fmt: skip
+    ),
     pytest.param(json.dumps({**GOOD, "description": "a\x00b"}).encode(), id="nul-description"),
     pytest.param(json.dumps({**GOOD, "metadata": {"k\x00": "v"}}).encode(), id="nul-metadata"),
     pytest.param(json.dumps({**GOOD, "metadata": {"k": "x" * 501}}).encode(), id="metadata-long"),
     pytest.param(
         json.dumps({**GOOD, "metadata": {str(i): "v" for i in range(51)}}).encode(),
         id="metadata-many",
-    ),  # fmt: skip
+    ),
 ]
 
 
@@ -115,9 +115,15 @@ async def test_malformed_follow_on_bodies(stack: Stack, path: str, body: Any) ->
 
 @pytest.mark.parametrize(
     "path",
-    ["/v1/payments/pay_nope", "/v1/payments/%00", "/v1/refunds/re_x", "/v1/events/evt_x",
-     "/v1/payments/" + "9" * 300, "/v1/nothing-here"],
-)  # fmt: skip
+    [
+        "/v1/payments/pay_nope",
+        "/v1/payments/%00",
+        "/v1/refunds/re_x",
+        "/v1/events/evt_x",
+        "/v1/payments/" + "9" * 300,
+        "/v1/nothing-here",
+    ],
+)
 async def test_unknown_ids_and_routes_are_404(stack: Stack, path: str) -> None:
     response = await stack.client.get(path)
     assert response.status_code == 404
