@@ -14,6 +14,7 @@ from typing import Any
 
 import httpx
 
+from oncepay.payments.acquirers.breaker import CircuitBreaker
 from oncepay.payments.acquirers.http import HttpAcquirer
 from oncepay.payments.acquirers.simulator import create_app as create_simulator
 from oncepay.payments.api import create_app
@@ -133,15 +134,20 @@ async def running_stack(
         name: create_simulator(f"sqlite:///{tmp_path / f'acquirer-{name}.db'}", seed=7)
         for name in acquirers
     }
+    clock = FakeClock()
     acquirer_set = AcquirerSet(
         [
-            HttpAcquirer(name, app=app, timeout=TEST_ACQUIRER_TIMEOUT,
-                         attempts=TEST_ACQUIRER_ATTEMPTS)
+            HttpAcquirer(
+                name,
+                app=app,
+                timeout=TEST_ACQUIRER_TIMEOUT,
+                attempts=TEST_ACQUIRER_ATTEMPTS,
+                breaker=CircuitBreaker(name, clock=clock),
+            )
             for name, app in simulator_apps.items()
         ]
-    )  # fmt: skip
+    )
     services = await Services.start(settings, acquirer_set)
-    clock = FakeClock()
     services.engine.clock = clock
     merchant, api_key = await create_merchant(services.db, "Test shop")
     app = create_app(settings, services=services)
