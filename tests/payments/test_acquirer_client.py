@@ -321,6 +321,16 @@ async def test_closing_an_embedded_acquirer_closes_its_database(tmp_path: Path) 
     assert app.state.simulator.db.engine.pool.checkedout() == 0
 
 
+async def test_an_odd_authorization_id_reaches_no_other_endpoint(sim: Embedded) -> None:
+    acquirer = sim.client()
+    answer = await acquirer.capture(reference="cap_1", authorization_id="../lookups?x", amount=5)
+    assert answer.outcome is Outcome.DECLINED
+    assert answer.decline_code in {"not_found", "authorization_not_found"}
+    operations = (await sim.admin.get("/admin/operations")).json()["operations"]
+    assert operations == [], "no look-up fenced anything"
+    await acquirer.aclose()
+
+
 def test_impossible_settings_are_refused() -> None:
     with pytest.raises(ValueError, match="attempts"):
         HttpAcquirer("x", attempts=0)

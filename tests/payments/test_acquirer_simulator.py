@@ -355,6 +355,12 @@ async def test_a_malformed_authorization_is_400_problem(client: Client, body: An
     assert problem["detail"]
 
 
+async def test_an_oversized_body_is_413(client: Client) -> None:
+    body = auth_body("ref-1", order_id="x" * 100_000)
+    response = await client.post("/v1/authorizations", json=body)
+    assert (response.status_code, response.json()["code"]) == (413, "request_too_large")
+
+
 async def test_the_header_must_name_the_bodys_reference(client: Client) -> None:
     response = await client.post(
         "/v1/authorizations", json=auth_body("ref-1"), headers=key("ref-2")

@@ -40,6 +40,7 @@ import json
 import time
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 from starlette.types import ASGIApp
@@ -155,17 +156,17 @@ class HttpAcquirer:
     async def capture(
         self, *, reference: str, authorization_id: str, amount: int
     ) -> AcquirerAnswer:
-        path = f"/v1/authorizations/{authorization_id}/capture"
+        path = f"/v1/authorizations/{quote(authorization_id, safe='')}/capture"
         return await self._call(
             "capture", path, {"reference": reference, "amount": amount}, reference
         )
 
     async def void(self, *, reference: str, authorization_id: str) -> AcquirerAnswer:
-        path = f"/v1/authorizations/{authorization_id}/void"
+        path = f"/v1/authorizations/{quote(authorization_id, safe='')}/void"
         return await self._call("void", path, {"reference": reference}, reference)
 
     async def refund(self, *, reference: str, authorization_id: str, amount: int) -> AcquirerAnswer:
-        path = f"/v1/authorizations/{authorization_id}/refunds"
+        path = f"/v1/authorizations/{quote(authorization_id, safe='')}/refunds"
         return await self._call(
             "refund", path, {"reference": reference, "amount": amount}, reference
         )

@@ -70,6 +70,8 @@ __all__ = ["DEFAULT_DATABASE_URL", "ConnectionDropped", "Faults", "create_app"]
 DEFAULT_DATABASE_URL = "sqlite:///oncepay-acquirer.db"
 PROBLEM = "application/problem+json"
 KEY_HEADER = "idempotency-key"
+# Our bodies are a few hundred bytes; 64 KiB refuses garbage before it is parsed.
+MAX_BODY = 64 * 1024
 # Far above any real card payment in minor units, far below BIGINT: no overflow, ever.
 MAX_AMOUNT = 10**12
 # Rounds of "read, then claim" one request may lose: each loss means a winner committed, whose
@@ -223,6 +225,8 @@ B = TypeVar("B", bound=_Body)
 async def _parse(request: Request, model: type[B]) -> tuple[B, str]:
     """The validated body and its fingerprint (canonical JSON of path and body)."""
     raw = await request.body()
+    if len(raw) > MAX_BODY:
+        raise _Problem(413, "request_too_large", f"bodies are at most {MAX_BODY} bytes")
     try:
         body = model.model_validate_json(raw)
     except ValidationError as exc:
