@@ -14,8 +14,8 @@ from typing import Any
 
 import httpx
 
-from oncepay.payments.acquirers.breaker import CircuitBreaker
 from oncepay.payments.acquirers.http import HttpAcquirer
+from oncepay.payments.acquirers.setup import breaker_for
 from oncepay.payments.acquirers.simulator import create_app as create_simulator
 from oncepay.payments.api import create_app
 from oncepay.payments.db import Database, read
@@ -83,10 +83,12 @@ class Stack:
         response = await self.simulators[acquirer].put("/admin/faults", json=faults)
         assert response.status_code == 200, response.text
 
-    async def operations(self, payment_id: str, acquirer: str = "primary") -> list[dict[str, Any]]:
-        response = await self.simulators[acquirer].get(
-            "/admin/operations", params={"order_id": payment_id}
-        )
+    async def operations(
+        self, payment_id: str | None, acquirer: str = "primary"
+    ) -> list[dict[str, Any]]:
+        """The acquirer's operations for one payment (all of them for None)."""
+        params = {} if payment_id is None else {"order_id": payment_id}
+        response = await self.simulators[acquirer].get("/admin/operations", params=params)
         assert response.status_code == 200, response.text
         found: list[dict[str, Any]] = response.json()["operations"]
         return found
@@ -142,7 +144,7 @@ async def running_stack(
                 app=app,
                 timeout=TEST_ACQUIRER_TIMEOUT,
                 attempts=TEST_ACQUIRER_ATTEMPTS,
-                breaker=CircuitBreaker(name, clock=clock),
+                breaker=breaker_for(name, clock),
             )
             for name, app in simulator_apps.items()
         ]
