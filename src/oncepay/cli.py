@@ -243,7 +243,9 @@ def ledger_check(database_url: DatabaseUrl = None) -> None:
 
     violations, count = _run_or_exit(run())
     for violation in violations:
-        console.print(f"[red]violation[/red] {violation.subject}: {violation.problem}")
+        console.print(
+            f"[red]violation[/red] {violation.subject}: {violation.problem}", soft_wrap=True
+        )
     if violations:
         console.print(f"[red]{len(violations)} violations[/red] over {count} payments")
         raise typer.Exit(1)
