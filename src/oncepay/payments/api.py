@@ -115,6 +115,26 @@ MerchantDep = Annotated[Merchant, Depends(_merchant)]
 Limit = Annotated[int, Query(ge=1, le=MAX_LIMIT)]
 
 
+def _known_query_only(request: Request) -> None:
+    """Unknown query parameters are refused, like unknown body fields (Stripe does the same):
+    a misspelt ``limt=5`` must not silently mean the default."""
+    route = request.scope.get("route")
+    dependant = getattr(route, "dependant", None)
+    if dependant is None:
+        return
+    known = {param.alias for param in _all_query_params(dependant)}
+    unknown = sorted(set(request.query_params) - known)
+    if unknown:
+        raise InvalidRequest(f"unknown query parameter(s): {', '.join(unknown)}")
+
+
+def _all_query_params(dependant: Any) -> list[Any]:
+    found = list(dependant.query_params)
+    for sub in dependant.dependencies:
+        found.extend(_all_query_params(sub))
+    return found
+
+
 async def _idempotent(
     request: Request, services: Services, merchant: Merchant, op: Operation
 ) -> Response:
@@ -414,6 +434,7 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
                 await running.aclose()
 
     app = FastAPI(
+        dependencies=[Depends(_known_query_only)],
         title="OncePay payments API",
         version=__version__,
         description="Exactly-once payments: every POST takes an Idempotency-Key.",
