@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
 from oncepay.errors import ClientError, LeaseLost, OncePayError, RetryableError
@@ -58,6 +58,7 @@ class Reply:
     status: int
     body: bytes
     headers: tuple[tuple[str, str], ...] = JSON
+    completed: bool = False  # stored under the key: a retry replays it
 
     @classmethod
     def json(cls, status: int, document: dict[str, Any]) -> Reply:
@@ -172,7 +173,7 @@ async def _run(svc: Services, ticket: Ticket, op: Operation, merchant_id: str) -
     async with write(svc.db) as conn:
         reply = await op.reply(conn, svc, object_id)
         await engine.acomplete_in(conn, ticket, reply.stored())
-    return reply
+    return replace(reply, completed=True)
 
 
 async def _start(
@@ -187,7 +188,7 @@ async def _start(
     except ClientError as exc:
         reply = Reply.problem(exc)
         await svc.engine.complete(ticket, reply.stored())
-        return reply
+        return replace(reply, completed=True)
     except RetryableError as exc:
         if not isinstance(exc, LeaseLost):
             await svc.engine.release(ticket)

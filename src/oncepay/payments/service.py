@@ -14,8 +14,9 @@ from typing import Any
 from sqlalchemy import select
 
 from oncepay.http._gate import Gate, Request, Respond, Run
-from oncepay.idempotency.engine import Engine
-from oncepay.idempotency.stores import store_from_url
+from oncepay.idempotency.engine import Engine, Ticket
+from oncepay.idempotency.stores import Store, store_from_url
+from oncepay.idempotency.stores.tiered import TieredStore
 from oncepay.payments.db import Database, read, write
 from oncepay.payments.errors import AuthenticationFailed, ResourceMissing
 from oncepay.payments.events import is_id, new_id
@@ -87,8 +88,10 @@ class Services:
 
         db = Database.from_url(settings.database_url)
         await migrate(db)
-        store = store_from_url(db.store_url(IDEMPOTENCY_TABLE))
+        store: Store = store_from_url(db.store_url(IDEMPOTENCY_TABLE))
         await store.get("oncepay", "start-up")  # fail fast, and create the table before use
+        if settings.redis_url:
+            store = TieredStore(store, store_from_url(settings.redis_url))
         engine = Engine(store, ttl=settings.key_ttl, lease=settings.lease)
         gate = Gate(engine, methods=("POST",), required=True)
         return cls(settings, db, engine, gate, acquirers or await build_acquirers(settings))
@@ -142,6 +145,7 @@ class Services:
         assert isinstance(outcome, Run)  # keys are required: never a pass-through
         IDEMPOTENCY_DECISIONS.labels("resume" if outcome.ticket.resumed else "execute").inc()
         reply = await run(self, outcome.ticket, op, merchant.id)
+        await self._remember(outcome.ticket, reply)
         expires = ("idempotency-key-expires", outcome.expires)
         return Reply(reply.status, reply.body, (*reply.headers, expires))
 
@@ -153,7 +157,15 @@ class Services:
         decision = await self.engine.begin(scope, key, fingerprint)
         if not isinstance(decision, Execute):
             return None
-        return await run(self, decision.ticket, op, scope)
+        reply = await run(self, decision.ticket, op, scope)
+        await self._remember(decision.ticket, reply)
+        return reply
+
+    async def _remember(self, ticket: Ticket, reply: Reply) -> None:
+        """With a fast tier, tell it about a completion that has committed."""
+        store = self.engine.store
+        if reply.completed and isinstance(store, TieredStore):
+            await store.remember(ticket.scope, ticket.key, reply.stored(), now=self.engine.clock())
 
 
 def _decision(outcome: Respond) -> str:
