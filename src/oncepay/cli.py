@@ -71,6 +71,10 @@ def serve(
     secondary_acquirer_url: Annotated[
         str | None, typer.Option(help="Failover acquirer. [env ONCEPAY_SECONDARY_ACQUIRER_URL]")
     ] = None,
+    redis_url: Annotated[
+        str | None,
+        typer.Option(help="Redis fast tier in front of the SQL keys. [env ONCEPAY_REDIS_URL]"),
+    ] = None,
     workers: Annotated[
         int | None, typer.Option(help="API processes (use PostgreSQL for more than one).")
     ] = None,
@@ -87,6 +91,7 @@ def serve(
     settings = _settings(
         host=host, port=port, database_url=database_url, acquirer_url=acquirer_url,
         secondary_acquirer_url=secondary_acquirer_url, workers=workers, run_worker=worker,
+        redis_url=redis_url,
     )  # fmt: skip
     try:
         banner = asyncio.run(_prepare(settings))

@@ -56,6 +56,29 @@ async def test_client_errors_other_than_409_and_429_are_never_retried(status: in
     assert response.extensions[ATTEMPTS] == 1
 
 
+@pytest.mark.parametrize(
+    ("body", "retried"),
+    [
+        ({"code": "invalid_state_transition"}, False),  # final: retrying cannot help
+        ({"code": "idempotency_request_in_progress"}, True),  # the first attempt still runs
+        ({"code": "payment_operation_in_progress"}, True),
+        ("not a problem document", False),
+    ],
+)
+async def test_a_409_is_retried_only_when_it_says_it_is_transient(body: Any, retried: bool) -> None:
+    seen: list[httpx.Request] = []
+    answers = [httpx.Response(409, json=body), httpx.Response(201, json={})]
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return answers.pop(0)
+
+    async with AsyncClient(transport=httpx.MockTransport(handler), retry=FAST) as client:
+        response = await client.post("http://svc/v1/payments/pay_1/capture", json={})
+    assert response.status_code == (201 if retried else 409)
+    assert len(seen) == (2 if retried else 1)
+
+
 async def test_each_logical_request_gets_a_fresh_key_and_a_given_key_is_kept() -> None:
     seen: list[httpx.Request] = []
     async with AsyncClient(transport=scripted(201, 201, 201, seen=seen), retry=FAST) as client:

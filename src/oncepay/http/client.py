@@ -5,10 +5,11 @@ caller passes one) and *the same key on every retry*, so a retried payment is a 
 second charge. What is retried, with capped exponential backoff and full jitter:
 
 * connection errors and timeouts (the request may or may not have arrived: the key decides);
-* 5xx answers, 409 (the first attempt still runs) and 429 (rate limited), honouring
-  ``Retry-After``;
+* 5xx answers, 429 (rate limited) and a 409 that says it is transient — it carries
+  ``Retry-After`` or a problem ``code`` meaning "still in progress" — honouring ``Retry-After``;
 
-and nothing else: any other 4xx is the caller's to fix. Attempts are bounded by count and by
+and nothing else: any other 4xx, including a 409 such as ``invalid_state_transition``, is the
+caller's to fix. Attempts are bounded by count and by
 total time; the number used is in ``response.extensions["oncepay.attempts"]``.
 
     async with AsyncClient(base_url="https://api.example.com") as client:
@@ -40,6 +41,29 @@ __all__ = ["ATTEMPTS", "AsyncClient", "Client", "RetryPolicy"]
 
 ATTEMPTS = "oncepay.attempts"
 KEY_HEADER = "Idempotency-Key"
+# 409s that mean "not yet" rather than "never": OncePay's, and Stripe's in-use key.
+TRANSIENT_CONFLICTS = frozenset(
+    {
+        "idempotency_request_in_progress",
+        "idempotency_key_in_use",
+        "idempotency_lease_lost",
+        "payment_operation_in_progress",
+        "payment_outcome_unknown",
+    }
+)
+
+
+def transient_conflict(response: httpx.Response) -> bool:
+    """Whether a 409 will likely clear by itself: it names a wait, or its problem code says
+    the key's first request is still running. A streamed body that was not read yet is not
+    read here; only the header counts then."""
+    if "retry-after" in response.headers:
+        return True
+    try:
+        document = response.json()
+    except (httpx.ResponseNotRead, ValueError):
+        return False
+    return isinstance(document, dict) and document.get("code") in TRANSIENT_CONFLICTS
 
 
 @dataclass(frozen=True)
@@ -58,7 +82,9 @@ class RetryPolicy:
 
     def retryable(self, response: httpx.Response) -> bool:
         status = response.status_code
-        return status >= 500 or status in (409, 429)
+        if status == 409:
+            return transient_conflict(response)
+        return status >= 500 or status == 429
 
     def backoff(self, state: RetryCallState) -> float:
         """Full jitter (AWS architecture blog): uniform in [0, min(cap, base * 2**n)], or the
