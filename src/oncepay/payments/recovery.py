@@ -87,9 +87,10 @@ async def recover_once(svc: Services, *, now: float | None = None) -> RecoveryRe
     return report
 
 
-async def reap(svc: Services) -> int:
-    total = 0
-    while (removed := await svc.engine.store.purge_expired(now=time.time(), limit=PURGE_BATCH)) > 0:
+async def reap(svc: Services, *, now: float | None = None) -> int:
+    """Purge expired idempotency records, a bounded batch at a time."""
+    total, now = 0, now or time.time()
+    while (removed := await svc.engine.store.purge_expired(now=now, limit=PURGE_BATCH)) > 0:
         total += removed
         if removed < PURGE_BATCH:
             break
