@@ -14,10 +14,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, Query, Request, Security
+from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
-from fastapi.security import HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import select
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -25,19 +24,27 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from oncepay import __version__
 from oncepay.errors import OncePayError, RequestTooLarge
 from oncepay.http._gate import DEFAULT_MAX_BODY
-from oncepay.http._gate import Request as GateRequest
-from oncepay.http.problems import PROBLEM_CONTENT_TYPE
 from oncepay.payments import models
 from oncepay.payments.db import read
+from oncepay.payments.deps import (
+    DEFAULT_LIMIT,
+    KEY_HEADER,
+    PROBLEMS,
+    Limit,
+    MerchantDep,
+    ServicesDep,
+    idempotent,
+    known_query_only,
+    page,
+    problem_response,
+)
 from oncepay.payments.errors import InvalidRequest, ResourceMissing
-from oncepay.payments.events import is_id
 from oncepay.payments.metrics import REGISTRY, REQUESTS
 from oncepay.payments.models import payment_public, refund_public
 from oncepay.payments.operations import Cancel, Capture, CreatePayment, CreateRefund
-from oncepay.payments.phases import Operation, Reply
 from oncepay.payments.recovery import run_worker
 from oncepay.payments.schema import events, payments, refunds
-from oncepay.payments.service import Merchant, Services, get_object
+from oncepay.payments.service import Services, get_object
 from oncepay.payments.settings import Settings
 
 __all__ = ["create_app"]
@@ -50,104 +57,6 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
-# Stripe's default page is 10 and its ceiling 100; so are ours.
-DEFAULT_LIMIT = 10
-MAX_LIMIT = 100
-
-bearer = HTTPBearer(auto_error=False, description="Authorization: Bearer <API key>")
-
-PROBLEMS: dict[int | str, dict[str, Any]] = {
-    status: {
-        "model": models.Problem,
-        "content": {PROBLEM_CONTENT_TYPE: {"schema": {"$ref": "#/components/schemas/Problem"}}},
-        "description": description,
-    }
-    for status, description in {
-        400: "Malformed request or Idempotency-Key",
-        401: "Missing or invalid API key",
-        404: "No such object (or another merchant's)",
-        409: "Invalid state transition, or the key's first request is still running",
-        413: "Request body too large",
-        422: "Idempotency-Key reused with a different request",
-        503: "Acquirer outcome unknown or store unavailable: retry with the same key",
-    }.items()
-}
-KEY_HEADER = {
-    "name": "Idempotency-Key",
-    "in": "header",
-    "required": True,
-    "description": "1-255 printable ASCII characters; a token or an RFC 8941 sf-string.",
-    "schema": {"type": "string", "minLength": 1, "maxLength": 255},
-}
-
-
-def problem_response(error: OncePayError) -> Response:
-    return _send(Reply.problem(error))
-
-
-def _send(reply: Reply) -> Response:
-    response = Response(reply.body, reply.status)
-    for name, value in reply.headers:
-        if name.lower() != "content-length":
-            response.headers.append(name, value)
-    return response
-
-
-# -- dependencies --------------------------------------------------------------------------------
-
-
-def _services(request: Request) -> Services:
-    services: Services = request.app.state.services
-    return services
-
-
-ServicesDep = Annotated[Services, Depends(_services)]
-
-
-Credentials = Annotated[Any, Security(bearer)]  # documents bearer auth in the OpenAPI
-
-
-async def _merchant(request: Request, services: ServicesDep, credentials: Credentials) -> Merchant:
-    return await services.authenticate(request.headers.get("authorization"))
-
-
-MerchantDep = Annotated[Merchant, Depends(_merchant)]
-Limit = Annotated[int, Query(ge=1, le=MAX_LIMIT)]
-
-
-def _known_query_only(request: Request) -> None:
-    """Unknown query parameters are refused, like unknown body fields (Stripe does the same):
-    a misspelt ``limt=5`` must not silently mean the default."""
-    route = request.scope.get("route")
-    dependant = getattr(route, "dependant", None)
-    if dependant is None:
-        return
-    known = {param.alias for param in _all_query_params(dependant)}
-    unknown = sorted(set(request.query_params) - known)
-    if unknown:
-        raise InvalidRequest(f"unknown query parameter(s): {', '.join(unknown)}")
-
-
-def _all_query_params(dependant: Any) -> list[Any]:
-    found = list(dependant.query_params)
-    for sub in dependant.dependencies:
-        found.extend(_all_query_params(sub))
-    return found
-
-
-async def _idempotent(
-    request: Request, services: Services, merchant: Merchant, op: Operation
-) -> Response:
-    gate_request = GateRequest(
-        request.method,
-        request.url.path,
-        request.url.query,
-        [(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.scope["headers"]],
-    )
-    body = await request.body()
-    return _send(await services.idempotent(gate_request, body, merchant, op))
-
-
 # -- routes --------------------------------------------------------------------------------------
 
 
@@ -159,7 +68,7 @@ def _routes(app: FastAPI) -> None:
         body: models.PaymentCreate, request: Request, services: ServicesDep, merchant: MerchantDep
     ) -> Response:
         """Authorize a payment, and capture it when `capture_method` is `automatic`."""
-        return await _idempotent(request, services, merchant, CreatePayment(body))
+        return await idempotent(request, services, merchant, CreatePayment(body))
 
     @app.post("/v1/payments/{payment_id}/capture", response_model=models.Payment, **post)
     async def capture_payment(
@@ -171,7 +80,7 @@ def _routes(app: FastAPI) -> None:
     ) -> Response:
         """Capture an authorized payment, all of it or `amount` (at most the authorized)."""
         amount = body.amount if body else None
-        return await _idempotent(request, services, merchant, Capture(payment_id, amount))
+        return await idempotent(request, services, merchant, Capture(payment_id, amount))
 
     @app.post("/v1/payments/{payment_id}/cancel", response_model=models.Payment, **post)
     async def cancel_payment(
@@ -182,7 +91,7 @@ def _routes(app: FastAPI) -> None:
         body: models.CancelRequest | None = None,
     ) -> Response:
         """Void an authorization: the held money is released."""
-        return await _idempotent(request, services, merchant, Cancel(payment_id))
+        return await idempotent(request, services, merchant, Cancel(payment_id))
 
     @app.post(
         "/v1/payments/{payment_id}/refunds", status_code=201, response_model=models.Refund, **post
@@ -196,7 +105,7 @@ def _routes(app: FastAPI) -> None:
     ) -> Response:
         """Refund captured money: `amount`, or all that is left."""
         amount = body.amount if body else None
-        return await _idempotent(request, services, merchant, CreateRefund(payment_id, amount))
+        return await idempotent(request, services, merchant, CreateRefund(payment_id, amount))
 
     @app.get("/v1/payments/{payment_id}", response_model=models.Payment, responses=PROBLEMS)
     async def get_payment(payment_id: str, services: ServicesDep, merchant: MerchantDep) -> Any:
@@ -210,7 +119,7 @@ def _routes(app: FastAPI) -> None:
         starting_after: str | None = None,
     ) -> Any:
         """Newest first; pass the last id you saw as `starting_after` for the next page."""
-        rows, more = await _page(services, payments, merchant.id, limit, starting_after)
+        rows, more = await page(services, payments, merchant.id, limit, starting_after)
         return {"object": "list", "data": [payment_public(r) for r in rows], "has_more": more}
 
     @app.get("/v1/payments/{payment_id}/refunds", response_model=list[models.Refund],
@@ -237,7 +146,7 @@ def _routes(app: FastAPI) -> None:
     ) -> Any:
         """Newest first, optionally of one `type` (e.g. `payment.captured`)."""
         where = [events.c.type == type] if type else []
-        rows, more = await _page(services, events, merchant.id, limit, starting_after, where)
+        rows, more = await page(services, events, merchant.id, limit, starting_after, where)
         return {"object": "list", "data": [_event(r) for r in rows], "has_more": more}
 
     @app.get("/v1/events/{event_id}", response_model=models.Event, responses=PROBLEMS)
@@ -263,34 +172,6 @@ def _event(row: Any) -> dict[str, Any]:
         "created": int(row.created_at),
         "data": {"object": json.loads(row.data)},
     }
-
-
-async def _page(
-    services: Services,
-    table: Any,
-    merchant_id: str,
-    limit: int,
-    starting_after: str | None,
-    where: list[Any] | None = None,
-) -> tuple[list[Any], bool]:
-    """One page, newest first, by the table's sequence number; one extra row says has_more."""
-    query = select(table).where(table.c.merchant_id == merchant_id, *(where or []))
-    if starting_after is not None and not is_id(starting_after):
-        raise InvalidRequest(f"starting_after: no object {starting_after!r}")
-    async with read(services.db) as conn:
-        if starting_after is not None:
-            cursor = (
-                await conn.execute(
-                    select(table.c.seq).where(
-                        table.c.id == starting_after, table.c.merchant_id == merchant_id
-                    )
-                )
-            ).scalar()
-            if cursor is None:
-                raise InvalidRequest(f"starting_after: no object {starting_after!r}")
-            query = query.where(table.c.seq < cursor)
-        rows = list(await conn.execute(query.order_by(table.c.seq.desc()).limit(limit + 1)))
-    return rows[:limit], len(rows) > limit
 
 
 # -- errors --------------------------------------------------------------------------------------
@@ -434,7 +315,7 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
                 await running.aclose()
 
     app = FastAPI(
-        dependencies=[Depends(_known_query_only)],
+        dependencies=[Depends(known_query_only)],
         title="OncePay payments API",
         version=__version__,
         description="Exactly-once payments: every POST takes an Idempotency-Key.",

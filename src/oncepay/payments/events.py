@@ -1,38 +1,27 @@
 """The transactional outbox (SPEC §6): every state change writes its event row in the same
-transaction as the change, so an event exists exactly when its change committed."""
+transaction as the change — and, through :func:`~oncepay.payments.webhooks.fan_out`, one
+delivery per subscribed webhook endpoint — so an event and its deliveries exist exactly when
+the change committed."""
 
 from __future__ import annotations
 
 import json
-import re
-import secrets
 import time
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from oncepay.payments.ids import new_id
 from oncepay.payments.schema import events
+from oncepay.payments.webhooks import fan_out
 
-__all__ = ["emit", "is_id", "new_id"]
-
-_ID = re.compile(r"[a-z]{2,4}_[0-9a-f]{24}")
-
-
-def new_id(prefix: str) -> str:
-    """A Stripe-style id: a type prefix and 96 random bits."""
-    return f"{prefix}_{secrets.token_hex(12)}"
-
-
-def is_id(value: str) -> bool:
-    """Whether ``value`` has the shape of an id we hand out; anything else is not found
-    without asking the database (which may refuse a NUL byte, say)."""
-    return _ID.fullmatch(value) is not None
+__all__ = ["emit"]
 
 
 async def emit(
     conn: AsyncConnection, *, merchant_id: str, type: str, object_id: str, data: dict[str, Any]
 ) -> str:
-    event_id = new_id("evt")
+    event_id, now = new_id("evt"), time.time()
     await conn.execute(
         events.insert().values(
             id=event_id,
@@ -40,7 +29,8 @@ async def emit(
             type=type,
             object_id=object_id,
             data=json.dumps(data, separators=(",", ":")),
-            created_at=time.time(),
+            created_at=now,
         )
     )
+    await fan_out(conn, merchant_id=merchant_id, event_id=event_id, event_type=type, now=now)
     return event_id

@@ -16,6 +16,8 @@ __all__ = [
     "RECOVERY_RUNS",
     "REGISTRY",
     "REQUESTS",
+    "WEBHOOK_ATTEMPTS",
+    "WEBHOOK_LATENCY",
 ]
 
 REGISTRY = CollectorRegistry(auto_describe=True)
@@ -60,5 +62,16 @@ RECOVERY_RUNS = Counter(
 RECOVERY_ESCALATIONS = Counter(
     "oncepay_recovery_escalations",
     "Payments whose unknown outcome could not be resolved within the back-off schedule.",
+    registry=REGISTRY,
+)
+WEBHOOK_ATTEMPTS = Counter(
+    "oncepay_webhook_attempts",
+    "Webhook delivery attempts, by result: succeeded, retry, gone (410), dead.",
+    ["result"],
+    registry=REGISTRY,
+)
+WEBHOOK_LATENCY = Histogram(
+    "oncepay_webhook_attempt_seconds",
+    "Latency of webhook delivery attempts.",
     registry=REGISTRY,
 )

@@ -31,7 +31,9 @@ _versions = Table(
 
 
 async def _v1_tables(conn: AsyncConnection, db: Database) -> None:
-    await conn.run_sync(schema.metadata.create_all)
+    tables = [schema.merchants, schema.api_keys, schema.payments, schema.refunds,
+              schema.ledger_transactions, schema.ledger_entries, schema.events]  # fmt: skip
+    await conn.run_sync(lambda sync: schema.metadata.create_all(sync, tables=tables))
 
 
 async def _v2_immutable_ledger(conn: AsyncConnection, db: Database) -> None:
@@ -59,10 +61,16 @@ async def _v2_immutable_ledger(conn: AsyncConnection, db: Database) -> None:
     )
 
 
+async def _v3_webhooks(conn: AsyncConnection, db: Database) -> None:
+    tables = [schema.webhook_endpoints, schema.webhook_deliveries, schema.webhook_attempts]
+    await conn.run_sync(lambda sync: schema.metadata.create_all(sync, tables=tables))
+
+
 Migration = Callable[[AsyncConnection, Database], Awaitable[None]]
 MIGRATIONS: list[tuple[int, Migration]] = [
     (1, _v1_tables),
     (2, _v2_immutable_ledger),
+    (3, _v3_webhooks),
 ]
 
 

@@ -208,3 +208,140 @@ def refund_public(row: Any) -> dict[str, Any]:
         "failure_code": row.failure_code,
         "created": int(row.created_at),
     }
+
+
+# -- webhooks -----------------------------------------------------------------------------------
+
+EVENT_TYPES = (
+    "payment.created",
+    "payment.authorized",
+    "payment.captured",
+    "payment.failed",
+    "payment.canceled",
+    "payment.refunded",
+    "payment.recovery_escalated",
+    "refund.created",
+    "refund.succeeded",
+    "refund.failed",
+)
+# A week: the longest a rotation should take; past it, the old secret is a liability.
+MAX_OVERLAP = 7 * 24 * 3600
+
+EventType = Annotated[str, Field(description="An event type, or * for all.")]
+
+
+def _event_types(value: list[str]) -> list[str]:
+    unknown = sorted(set(value) - {*EVENT_TYPES, "*"})
+    if unknown:
+        raise ValueError(f"unknown event types {unknown}; known: {', '.join(EVENT_TYPES)} or *")
+    return sorted(set(value))
+
+
+EventTypes = Annotated[
+    list[EventType], Field(min_length=1, max_length=len(EVENT_TYPES) + 1),
+    AfterValidator(_event_types),
+]  # fmt: skip
+Url = Annotated[Text, StringConstraints(min_length=1, max_length=2048)]
+
+
+class WebhookEndpointCreate(_Request):
+    url: Url
+    events: EventTypes = Field(default_factory=lambda: ["*"])
+    description: Annotated[Text, StringConstraints(max_length=MAX_DESCRIPTION)] | None = None
+
+
+class WebhookEndpointUpdate(_Request):
+    url: Url | None = None
+    events: EventTypes | None = None
+    description: Annotated[Text, StringConstraints(max_length=MAX_DESCRIPTION)] | None = None
+    disabled: bool | None = None
+
+
+class RotateSecret(_Request):
+    overlap_seconds: Annotated[int, Field(strict=True, ge=0, le=MAX_OVERLAP)] = 24 * 3600
+
+
+class Redeliver(_Request):
+    endpoint: str | None = Field(default=None, description="Only to this endpoint.")
+
+
+class WebhookEndpoint(BaseModel):
+    id: str
+    object: Literal["webhook_endpoint"] = "webhook_endpoint"
+    url: str
+    events: list[str]
+    description: str | None
+    disabled: bool
+    disabled_reason: str | None
+    created: int
+    secret: str | None = Field(default=None, description="Only when created or rotated.")
+
+
+class WebhookEndpointList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[WebhookEndpoint]
+    has_more: bool
+
+
+class DeletedObject(BaseModel):
+    id: str
+    object: str
+    deleted: Literal[True] = True
+
+
+class WebhookAttempt(BaseModel):
+    attempt: int
+    status_code: int | None
+    latency_ms: float
+    error: str | None
+    created: int
+
+
+class WebhookDelivery(BaseModel):
+    id: str
+    object: Literal["webhook_delivery"] = "webhook_delivery"
+    event: str
+    endpoint: str
+    status: Literal["pending", "delivering", "succeeded", "dead", "canceled"]
+    attempts: int
+    next_attempt: int | None
+    last_status_code: int | None
+    last_error: str | None
+    created: int
+    attempt_log: list[WebhookAttempt] | None = None
+
+
+class WebhookDeliveryList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[WebhookDelivery]
+    has_more: bool
+
+
+def endpoint_public(row: Any, *, secret: bool = False) -> dict[str, Any]:
+    return {
+        "id": row.id,
+        "object": "webhook_endpoint",
+        "url": row.url,
+        "events": json.loads(row.events),
+        "description": row.description,
+        "disabled": bool(row.disabled),
+        "disabled_reason": row.disabled_reason,
+        "created": int(row.created_at),
+        "secret": row.secret if secret else None,
+    }
+
+
+def delivery_public(row: Any) -> dict[str, Any]:
+    waiting = row.status in {"pending", "delivering"}
+    return {
+        "id": row.id,
+        "object": "webhook_delivery",
+        "event": row.event_id,
+        "endpoint": row.endpoint_id,
+        "status": row.status,
+        "attempts": row.attempts,
+        "next_attempt": int(row.next_attempt_at) if waiting else None,
+        "last_status_code": row.last_status_code,
+        "last_error": row.last_error,
+        "created": int(row.created_at),
+    }

@@ -23,7 +23,8 @@ from oncepay.payments.errors import (
     OutcomeUnknown,
     ResourceMissing,
 )
-from oncepay.payments.events import emit, is_id, new_id
+from oncepay.payments.events import emit
+from oncepay.payments.ids import is_id, new_id
 from oncepay.payments.metrics import RECOVERY_ESCALATIONS
 from oncepay.payments.models import PaymentCreate, payment_public, refund_public
 from oncepay.payments.phases import Reply

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -43,7 +44,7 @@ if TYPE_CHECKING:
 
     from oncepay.payments.service import Services
 
-__all__ = ["ACQUIRER_CALLED", "Operation", "Reply", "parse_point", "run"]
+__all__ = ["ACQUIRER_CALLED", "Operation", "Reply", "parse_point", "run", "run_local"]
 
 log = logging.getLogger("oncepay.payments")
 
@@ -195,6 +196,30 @@ async def _start(
         return Reply.problem(exc)
     except BaseException:
         await _release_quietly(svc, ticket)  # nothing committed: a retry may start afresh
+        raise
+
+
+async def run_local(
+    svc: Services, ticket: Ticket, work: Callable[[AsyncConnection], Awaitable[Reply]]
+) -> Reply:
+    """A request with no acquirer call (webhook endpoints, say): one transaction that does the
+    work and completes the record, so the change and its stored answer commit together."""
+    try:
+        async with write(svc.db) as conn:
+            reply = await work(conn)
+            await svc.engine.acomplete_in(conn, ticket, reply.stored())
+        return replace(reply, completed=True)
+    except ClientError as exc:
+        reply = Reply.problem(exc)
+        await svc.engine.complete(ticket, reply.stored())
+        return replace(reply, completed=True)
+    except LeaseLost as exc:
+        return Reply.problem(exc)
+    except RetryableError as exc:
+        await _release_quietly(svc, ticket)
+        return Reply.problem(exc)
+    except BaseException:
+        await _release_quietly(svc, ticket)  # rolled back: nothing committed
         raise
 
 

@@ -30,6 +30,9 @@ __all__ = [
     "metadata",
     "payments",
     "refunds",
+    "webhook_attempts",
+    "webhook_deliveries",
+    "webhook_endpoints",
 ]
 
 metadata = MetaData()
@@ -145,4 +148,66 @@ events = Table(
     Column("data", Text, nullable=False),  # JSON snapshot of the object after the change
     Column("created_at", Float, nullable=False),
     Index("events_merchant_seq", "merchant_id", "seq"),
+)
+
+# -- webhooks (migration 3) ----------------------------------------------------------------------
+
+webhook_endpoints = Table(
+    "webhook_endpoints",
+    metadata,
+    Column("seq", Seq, primary_key=True, autoincrement=True),
+    Column("id", String(40), nullable=False, unique=True),
+    Column("merchant_id", String(40), ForeignKey("merchants.id"), nullable=False),
+    Column("url", Text, nullable=False),
+    Column("events", Text, nullable=False),  # JSON list of event types, or ["*"]
+    Column("description", Text),
+    Column("disabled", Boolean, nullable=False, default=False),
+    Column("disabled_reason", Text),
+    Column("secret", Text, nullable=False),
+    # During a rotation the previous secret signs too, until it expires.
+    Column("previous_secret", Text),
+    Column("previous_secret_expires_at", Float),
+    Column("deleted", Boolean, nullable=False, default=False),
+    Column("created_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+    Index("webhook_endpoints_merchant", "merchant_id", "seq"),
+)
+
+# One row per (event, endpoint) delivery — and per redelivery. Its `webhook-id` is the event's
+# id, the same on every attempt, so receivers de-duplicate by it.
+webhook_deliveries = Table(
+    "webhook_deliveries",
+    metadata,
+    Column("seq", Seq, primary_key=True, autoincrement=True),
+    Column("id", String(40), nullable=False, unique=True),
+    Column("merchant_id", String(40), nullable=False),
+    Column("event_id", String(40), ForeignKey("events.id"), nullable=False),
+    Column("endpoint_id", String(40), ForeignKey("webhook_endpoints.id"), nullable=False),
+    # pending -> delivering -> succeeded | pending (retry) | dead (schedule spent) | canceled
+    Column("status", String(16), nullable=False),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("next_attempt_at", Float, nullable=False),
+    # A worker's claim: until when, and with which token (a late worker cannot record over
+    # a newer claim).
+    Column("locked_until", Float),
+    Column("lock_token", String(40)),
+    Column("last_status_code", Integer),
+    Column("last_error", Text),
+    Column("created_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+    Index("webhook_deliveries_due", "status", "next_attempt_at"),
+    Index("webhook_deliveries_event", "event_id"),
+)
+
+webhook_attempts = Table(
+    "webhook_attempts",
+    metadata,
+    Column("seq", Seq, primary_key=True, autoincrement=True),
+    Column("delivery_id", String(40), ForeignKey("webhook_deliveries.id"), nullable=False),
+    Column("attempt", Integer, nullable=False),
+    Column("status_code", Integer),
+    Column("latency_ms", Float, nullable=False),
+    Column("error", Text),
+    Column("created_at", Float, nullable=False),
+    Index("webhook_attempts_delivery", "delivery_id"),
 )

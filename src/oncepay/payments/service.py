@@ -8,10 +8,12 @@ from __future__ import annotations
 import hashlib
 import secrets
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from oncepay.http._gate import Gate, Request, Respond, Run
 from oncepay.idempotency.engine import Engine, Ticket
@@ -19,10 +21,10 @@ from oncepay.idempotency.stores import Store, store_from_url
 from oncepay.idempotency.stores.tiered import TieredStore
 from oncepay.payments.db import Database, read, write
 from oncepay.payments.errors import AuthenticationFailed, ResourceMissing
-from oncepay.payments.events import is_id, new_id
+from oncepay.payments.ids import is_id, new_id
 from oncepay.payments.metrics import IDEMPOTENCY_DECISIONS
 from oncepay.payments.migrations import migrate
-from oncepay.payments.phases import Operation, Reply, run
+from oncepay.payments.phases import Operation, Reply, run, run_local
 from oncepay.payments.routing import AcquirerSet
 from oncepay.payments.schema import api_keys, merchants
 from oncepay.payments.settings import Settings
@@ -138,13 +140,32 @@ class Services:
     ) -> Reply:
         """SPEC §2 around one money-moving request, scoped to the merchant; a resumed key
         continues from its recovery point (SPEC §5)."""
+        return await self._gated(request, body, merchant, lambda t: run(self, t, op, merchant.id))
+
+    async def idempotent_local(
+        self,
+        request: Request,
+        body: bytes,
+        merchant: Merchant,
+        work: Callable[[AsyncConnection], Awaitable[Reply]],
+    ) -> Reply:
+        """SPEC §2 around a request that is one local transaction (no acquirer call)."""
+        return await self._gated(request, body, merchant, lambda t: run_local(self, t, work))
+
+    async def _gated(
+        self,
+        request: Request,
+        body: bytes,
+        merchant: Merchant,
+        execute: Callable[[Ticket], Awaitable[Reply]],
+    ) -> Reply:
         outcome = await self.gate.decide(request, body, scope=merchant.id)
         if isinstance(outcome, Respond):
             IDEMPOTENCY_DECISIONS.labels(_decision(outcome)).inc()
             return Reply(outcome.status, outcome.body, tuple(outcome.headers))
         assert isinstance(outcome, Run)  # keys are required: never a pass-through
         IDEMPOTENCY_DECISIONS.labels("resume" if outcome.ticket.resumed else "execute").inc()
-        reply = await run(self, outcome.ticket, op, merchant.id)
+        reply = await execute(outcome.ticket)
         await self._remember(outcome.ticket, reply)
         expires = ("idempotency-key-expires", outcome.expires)
         return Reply(reply.status, reply.body, (*reply.headers, expires))

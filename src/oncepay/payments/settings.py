@@ -39,6 +39,14 @@ class Settings(BaseSettings):
     # `oncepay serve` runs the recovery worker inside each API process too, so that a single
     # command gives a complete service; `oncepay worker` runs it alone.
     run_worker: bool = True
+    # Seconds before each retry of a failed webhook delivery: quick retries for a blip, then
+    # hours, adding up to about three days (71.6 h over 11 attempts) as Stripe does; after the
+    # last the delivery is dead (dead-lettered).
+    webhook_schedule: list[float] = Field(
+        default_factory=lambda: [5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0,
+                                 50400.0, 72000.0, 36000.0],
+        min_length=1,
+    )  # fmt: skip
     # How often the worker looks for abandoned requests and expired keys.
     worker_interval: float = Field(default=1.0, gt=0)
 

@@ -1,0 +1,178 @@
+"""What every route of the payments API shares (as in full-stack-fastapi-template's
+``api/deps.py``): the services and merchant dependencies, problem responses, the idempotent
+request helper and cursor pagination."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Any
+
+from fastapi import Depends, Query, Request, Security
+from fastapi.responses import Response
+from fastapi.security import HTTPBearer
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from oncepay.errors import OncePayError
+from oncepay.http._gate import Request as GateRequest
+from oncepay.http.problems import PROBLEM_CONTENT_TYPE
+from oncepay.payments import models
+from oncepay.payments.db import read
+from oncepay.payments.errors import InvalidRequest
+from oncepay.payments.ids import is_id
+from oncepay.payments.phases import Operation, Reply
+from oncepay.payments.service import Merchant, Services
+
+__all__ = [
+    "DEFAULT_LIMIT",
+    "KEY_HEADER",
+    "PROBLEMS",
+    "Limit",
+    "MerchantDep",
+    "ServicesDep",
+    "idempotent",
+    "idempotent_local",
+    "known_query_only",
+    "page",
+    "problem_response",
+    "send",
+]
+
+DEFAULT_LIMIT = 10
+MAX_LIMIT = 100
+
+bearer = HTTPBearer(auto_error=False, description="Authorization: Bearer <API key>")
+
+PROBLEMS: dict[int | str, dict[str, Any]] = {
+    status: {
+        "model": models.Problem,
+        "content": {PROBLEM_CONTENT_TYPE: {"schema": {"$ref": "#/components/schemas/Problem"}}},
+        "description": description,
+    }
+    for status, description in {
+        400: "Malformed request or Idempotency-Key",
+        401: "Missing or invalid API key",
+        402: "The acquirer refused a capture or a void",
+        404: "No such object (or another merchant's)",
+        409: "Invalid state transition, or the key's first request is still running",
+        413: "Request body too large",
+        422: "Idempotency-Key reused with a different request",
+        503: "Acquirer outcome unknown or store unavailable: retry with the same key",
+    }.items()
+}
+KEY_HEADER = {
+    "name": "Idempotency-Key",
+    "in": "header",
+    "required": True,
+    "description": "1-255 printable ASCII characters; a token or an RFC 8941 sf-string.",
+    "schema": {"type": "string", "minLength": 1, "maxLength": 255},
+}
+
+
+def problem_response(error: OncePayError) -> Response:
+    return send(Reply.problem(error))
+
+
+def send(reply: Reply) -> Response:
+    response = Response(reply.body, reply.status)
+    for name, value in reply.headers:
+        if name.lower() != "content-length":
+            response.headers.append(name, value)
+    return response
+
+
+# -- dependencies --------------------------------------------------------------------------------
+
+
+def _services(request: Request) -> Services:
+    services: Services = request.app.state.services
+    return services
+
+
+ServicesDep = Annotated[Services, Depends(_services)]
+
+
+Credentials = Annotated[Any, Security(bearer)]  # documents bearer auth in the OpenAPI
+
+
+async def _merchant(request: Request, services: ServicesDep, credentials: Credentials) -> Merchant:
+    return await services.authenticate(request.headers.get("authorization"))
+
+
+MerchantDep = Annotated[Merchant, Depends(_merchant)]
+Limit = Annotated[int, Query(ge=1, le=MAX_LIMIT)]
+
+
+def known_query_only(request: Request) -> None:
+    """Unknown query parameters are refused, like unknown body fields (Stripe does the same):
+    a misspelt ``limt=5`` must not silently mean the default."""
+    route = request.scope.get("route")
+    dependant = getattr(route, "dependant", None)
+    if dependant is None:
+        return
+    known = {param.alias for param in _all_query_params(dependant)}
+    unknown = sorted(set(request.query_params) - known)
+    if unknown:
+        raise InvalidRequest(f"unknown query parameter(s): {', '.join(unknown)}")
+
+
+def _all_query_params(dependant: Any) -> list[Any]:
+    found = list(dependant.query_params)
+    for sub in dependant.dependencies:
+        found.extend(_all_query_params(sub))
+    return found
+
+
+async def idempotent(
+    request: Request, services: Services, merchant: Merchant, op: Operation
+) -> Response:
+    body = await request.body()
+    return send(await services.idempotent(gate_request(request), body, merchant, op))
+
+
+async def idempotent_local(
+    request: Request,
+    services: Services,
+    merchant: Merchant,
+    work: Callable[[AsyncConnection], Awaitable[Reply]],
+) -> Response:
+    body = await request.body()
+    reply = await services.idempotent_local(gate_request(request), body, merchant, work)
+    return send(reply)
+
+
+def gate_request(request: Request) -> GateRequest:
+    return GateRequest(
+        request.method,
+        request.url.path,
+        request.url.query,
+        [(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.scope["headers"]],
+    )
+
+
+async def page(
+    services: Services,
+    table: Any,
+    merchant_id: str,
+    limit: int,
+    starting_after: str | None,
+    where: list[Any] | None = None,
+) -> tuple[list[Any], bool]:
+    """One page, newest first, by the table's sequence number; one extra row says has_more."""
+    query = select(table).where(table.c.merchant_id == merchant_id, *(where or []))
+    if starting_after is not None and not is_id(starting_after):
+        raise InvalidRequest(f"starting_after: no object {starting_after!r}")
+    async with read(services.db) as conn:
+        if starting_after is not None:
+            cursor = (
+                await conn.execute(
+                    select(table.c.seq).where(
+                        table.c.id == starting_after, table.c.merchant_id == merchant_id
+                    )
+                )
+            ).scalar()
+            if cursor is None:
+                raise InvalidRequest(f"starting_after: no object {starting_after!r}")
+            query = query.where(table.c.seq < cursor)
+        rows = list(await conn.execute(query.order_by(table.c.seq.desc()).limit(limit + 1)))
+    return rows[:limit], len(rows) > limit

@@ -1,0 +1,327 @@
+"""Webhooks (SPEC §6): endpoints, the fan-out of events into deliveries, and the delivery worker.
+
+**Outbox.** :func:`fan_out` runs inside the transaction that writes an event, so a delivery row
+exists exactly when its event committed, for every enabled endpoint subscribed to its type.
+
+**Delivery** is at least once. A worker claims due deliveries in one statement — on PostgreSQL
+``FOR UPDATE SKIP LOCKED``, so several workers never take the same one; on SQLite the claim runs
+under the database's single write lock — marking each ``delivering`` with a lock that lapses
+and a token. It posts the event signed per Standard Webhooks (``webhook-id`` is the event id,
+the same on every attempt; ``webhook-timestamp``; ``webhook-signature``, by the
+``standardwebhooks`` package, with the previous secret too during a rotation) and records the
+attempt only if its token still holds. A worker that dies between sending and recording leaves
+the lock to lapse; the delivery is then sent again with the same ``webhook-id``, which the
+receiver helper (``oncepay.webhooks``) de-duplicates.
+
+**Outcomes.** 2xx: succeeded. 410: the endpoint is disabled and its pending deliveries
+canceled. Anything else (or no answer): retried after the next step of the schedule
+(``Settings.webhook_schedule``, about three days in all), with
+±10% jitter; when the schedule is spent the delivery is ``dead`` (dead-lettered) and stays
+visible through the API, where it can be redelivered.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import random
+import secrets
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+import httpx
+from sqlalchemy import and_, or_, select, update
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from oncepay.payments.db import read, write
+from oncepay.payments.errors import InvalidRequest
+from oncepay.payments.ids import new_id
+from oncepay.payments.metrics import WEBHOOK_ATTEMPTS, WEBHOOK_LATENCY
+from oncepay.payments.schema import (
+    events,
+    webhook_attempts,
+    webhook_deliveries,
+    webhook_endpoints,
+)
+from oncepay.webhooks import sign
+
+if TYPE_CHECKING:
+    from oncepay.payments.service import Services
+
+__all__ = [
+    "DeliveryReport",
+    "deliver_due",
+    "fan_out",
+    "new_secret",
+    "validate_url",
+]
+
+log = logging.getLogger("oncepay.webhooks")
+
+JITTER = 0.1  # ±10%, so endpoints that failed together do not all retry in the same second
+# One attempt may take this long; a receiver should answer in a second or two and queue work.
+DELIVERY_TIMEOUT = 10.0
+# A claimed delivery's lock: outlasts one attempt with room to record it, so a live worker
+# never loses it; a dead worker's deliveries go out again this long after it died.
+LOCK_SECONDS = 3 * DELIVERY_TIMEOUT
+CLAIM_BATCH = 50
+# During a rotation the old secret keeps signing this long by default: a day to deploy the new.
+DEFAULT_OVERLAP = 24 * 3600.0
+MAX_URL = 2048
+ERROR_LIMIT = 500  # characters of an error kept per attempt
+
+
+def new_secret() -> str:
+    """A Standard Webhooks secret: ``whsec_`` and 24 random bytes in base64."""
+    return "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()
+
+
+def validate_url(url: str) -> str:
+    """http(s), a host, no credentials: anything else is a clear 400."""
+    if len(url) > MAX_URL:
+        raise InvalidRequest(f"url: at most {MAX_URL} characters")
+    try:
+        parts = urlsplit(url)
+        port = parts.port  # raises for a port that is not a number or out of range
+    except ValueError as exc:
+        raise InvalidRequest(f"url: {exc}") from None
+    if parts.scheme not in {"http", "https"}:
+        raise InvalidRequest("url: only http and https URLs can receive webhooks")
+    if not parts.hostname:
+        raise InvalidRequest("url: a host is required")
+    if parts.username is not None or parts.password is not None:
+        raise InvalidRequest("url: must not contain credentials; authenticate by signature")
+    if any(c.isspace() or ord(c) < 0x20 for c in url):
+        raise InvalidRequest("url: must not contain whitespace or control characters")
+    del port
+    return url
+
+
+def subscribed(endpoint_events: str, event_type: str) -> bool:
+    wanted = json.loads(endpoint_events)
+    return "*" in wanted or event_type in wanted
+
+
+# -- the outbox's fan-out ------------------------------------------------------------------------
+
+
+async def fan_out(
+    conn: AsyncConnection, *, merchant_id: str, event_id: str, event_type: str, now: float
+) -> int:
+    """Queue the event for every enabled endpoint of the merchant that wants its type."""
+    rows = await conn.execute(
+        select(webhook_endpoints.c.id, webhook_endpoints.c.events).where(
+            webhook_endpoints.c.merchant_id == merchant_id,
+            webhook_endpoints.c.disabled.is_(False),
+            webhook_endpoints.c.deleted.is_(False),
+        )
+    )
+    targets = [row.id for row in rows if subscribed(row.events, event_type)]
+    if targets:
+        await conn.execute(
+            webhook_deliveries.insert(),
+            [_delivery(merchant_id, event_id, endpoint_id, now) for endpoint_id in targets],
+        )
+    return len(targets)
+
+
+def _delivery(merchant_id: str, event_id: str, endpoint_id: str, now: float) -> dict[str, Any]:
+    return {
+        "id": new_id("whd"), "merchant_id": merchant_id, "event_id": event_id,
+        "endpoint_id": endpoint_id, "status": "pending", "attempts": 0,
+        "next_attempt_at": now, "created_at": now, "updated_at": now,
+    }  # fmt: skip
+
+
+async def redeliver(
+    conn: AsyncConnection, *, merchant_id: str, event_id: str, endpoint_id: str | None
+) -> list[str]:
+    """New deliveries of an event: to one endpoint, or to every enabled subscriber."""
+    event = (await conn.execute(select(events).where(events.c.id == event_id))).one()
+    query = select(webhook_endpoints).where(
+        webhook_endpoints.c.merchant_id == merchant_id,
+        webhook_endpoints.c.disabled.is_(False),
+        webhook_endpoints.c.deleted.is_(False),
+    )
+    if endpoint_id is not None:
+        query = query.where(webhook_endpoints.c.id == endpoint_id)
+    targets = [row.id for row in await conn.execute(query)
+               if endpoint_id is not None or subscribed(row.events, event.type)]  # fmt: skip
+    if endpoint_id is not None and not targets:
+        raise InvalidRequest(f"endpoint: no enabled webhook endpoint {endpoint_id!r}")
+    now = time.time()
+    rows = [_delivery(merchant_id, event_id, target, now) for target in targets]
+    if rows:
+        await conn.execute(webhook_deliveries.insert(), rows)
+    return [row["id"] for row in rows]
+
+
+# -- delivery ------------------------------------------------------------------------------------
+
+
+@dataclass
+class DeliveryReport:
+    results: Counter[str] = field(default_factory=Counter)
+
+    @property
+    def total(self) -> int:
+        return sum(self.results.values())
+
+
+@dataclass(frozen=True, slots=True)
+class _Claimed:
+    id: str
+    event_id: str
+    endpoint_id: str
+    attempts: int
+    token: str
+
+
+async def claim_due(svc: Services, *, now: float, limit: int = CLAIM_BATCH) -> list[_Claimed]:
+    """Take due deliveries (and ones whose worker went away) for this worker, in one statement."""
+    d = webhook_deliveries.c
+    token = secrets.token_hex(8)
+    due = (
+        select(d.id)
+        .where(or_(and_(d.status == "pending", d.next_attempt_at <= now),
+                   and_(d.status == "delivering", d.locked_until <= now)))
+        .order_by(d.next_attempt_at)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    )  # fmt: skip
+    async with write(svc.db) as conn:
+        rows = await conn.execute(
+            update(webhook_deliveries)
+            .where(d.id.in_(due.scalar_subquery()))
+            .values(status="delivering", locked_until=now + LOCK_SECONDS, lock_token=token,
+                    updated_at=now)
+            .returning(d.id, d.event_id, d.endpoint_id, d.attempts)
+        )  # fmt: skip
+        return [_Claimed(r.id, r.event_id, r.endpoint_id, r.attempts, token) for r in rows]
+
+
+async def deliver_due(
+    svc: Services, client: httpx.AsyncClient, *, now: float | None = None
+) -> DeliveryReport:
+    """One pass: claim what is due, send each, record each outcome."""
+    report = DeliveryReport()
+    now = time.time() if now is None else now
+    for claimed in await claim_due(svc, now=now):
+        report.results[await _deliver(svc, client, claimed, now)] += 1
+    return report
+
+
+async def _deliver(svc: Services, client: httpx.AsyncClient, claimed: _Claimed, now: float) -> str:
+    async with read(svc.db) as conn:
+        event = (await conn.execute(select(events).where(events.c.id == claimed.event_id))).one()
+        endpoint = (
+            await conn.execute(
+                select(webhook_endpoints).where(webhook_endpoints.c.id == claimed.endpoint_id)
+            )
+        ).one()
+    if endpoint.disabled or endpoint.deleted:
+        return await _finish(svc, claimed, now, status="canceled", error="endpoint disabled")
+    payload = event_payload(event)
+    headers = signed_headers(endpoint, event.id, payload, now)
+    started = time.perf_counter()
+    try:
+        response = await client.post(endpoint.url, content=payload, headers=headers,
+                                     timeout=DELIVERY_TIMEOUT)  # fmt: skip
+        code, error = response.status_code, None
+    except httpx.HTTPError as exc:
+        code, error = None, f"{type(exc).__name__}: {exc}"[:ERROR_LIMIT]
+    latency = (time.perf_counter() - started) * 1000
+    WEBHOOK_LATENCY.observe(latency / 1000)
+    return await _record(svc, claimed, now, code, error, latency)
+
+
+def event_payload(event: Any) -> bytes:
+    document = {
+        "id": event.id,
+        "object": "event",
+        "type": event.type,
+        "created": int(event.created_at),
+        "data": {"object": json.loads(event.data)},
+    }
+    return json.dumps(document, separators=(",", ":")).encode()
+
+
+def signed_headers(endpoint: Any, webhook_id: str, payload: bytes, now: float) -> dict[str, str]:
+    timestamp = int(now)
+    keys = [endpoint.secret]
+    if endpoint.previous_secret and (endpoint.previous_secret_expires_at or 0) > now:
+        keys.append(endpoint.previous_secret)
+    return {
+        "content-type": "application/json",
+        "webhook-id": webhook_id,
+        "webhook-timestamp": str(timestamp),
+        "webhook-signature": " ".join(sign(k, webhook_id, timestamp, payload) for k in keys),
+        "user-agent": "OncePay-Webhooks/1",
+    }
+
+
+async def _record(
+    svc: Services, claimed: _Claimed, now: float, code: int | None, error: str | None,
+    latency: float,
+) -> str:  # fmt: skip
+    attempt = claimed.attempts + 1
+    if code is not None and 200 <= code < 300:
+        status, result = "succeeded", "succeeded"
+    elif code == 410:
+        status, result = "canceled", "gone"
+    elif attempt > len(schedule := svc.settings.webhook_schedule):
+        status, result = "dead", "dead"
+    else:
+        status, result = "pending", "retry"
+    WEBHOOK_ATTEMPTS.labels(result).inc()
+    step = schedule[min(attempt, len(schedule)) - 1]
+    delay = step * random.uniform(1 - JITTER, 1 + JITTER)  # noqa: S311 - jitter, not secrets
+    async with write(svc.db) as conn:
+        changed = await conn.execute(
+            update(webhook_deliveries)
+            .where(webhook_deliveries.c.id == claimed.id,
+                   webhook_deliveries.c.lock_token == claimed.token)
+            .values(status=status, attempts=attempt, next_attempt_at=now + delay,
+                    locked_until=None, lock_token=None, last_status_code=code,
+                    last_error=error, updated_at=time.time())
+        )  # fmt: skip
+        if not changed.rowcount:
+            return "lost"  # our lock lapsed and another worker took over: its word counts
+        await conn.execute(webhook_attempts.insert().values(
+            delivery_id=claimed.id, attempt=attempt, status_code=code, latency_ms=latency,
+            error=error, created_at=time.time(),
+        ))  # fmt: skip
+        if code == 410:
+            await _disable(conn, claimed.endpoint_id, "the endpoint answered 410 Gone")
+    return result
+
+
+async def _finish(svc: Services, claimed: _Claimed, now: float, *, status: str, error: str) -> str:
+    async with write(svc.db) as conn:
+        await conn.execute(
+            update(webhook_deliveries)
+            .where(webhook_deliveries.c.id == claimed.id,
+                   webhook_deliveries.c.lock_token == claimed.token)
+            .values(status=status, locked_until=None, lock_token=None, last_error=error,
+                    updated_at=now)
+        )  # fmt: skip
+    return status
+
+
+async def _disable(conn: AsyncConnection, endpoint_id: str, reason: str) -> None:
+    now = time.time()
+    await conn.execute(
+        update(webhook_endpoints)
+        .where(webhook_endpoints.c.id == endpoint_id)
+        .values(disabled=True, disabled_reason=reason, updated_at=now)
+    )
+    await conn.execute(
+        update(webhook_deliveries)
+        .where(webhook_deliveries.c.endpoint_id == endpoint_id,
+               webhook_deliveries.c.status == "pending")
+        .values(status="canceled", last_error=reason, updated_at=now)
+    )  # fmt: skip
