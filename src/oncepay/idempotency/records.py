@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from enum import StrEnum
+from json.encoder import encode_basestring_ascii as _quote
 
 __all__ = ["Claim", "ClaimOutcome", "Record", "RecordState", "StoredResponse", "next_fence"]
 
-# Every completion encodes its headers and every replay decodes them: one shared encoder and
-# decoder spare json.dumps/loads rebuilding theirs from keyword arguments on each call.
-_HEADERS_ENCODER = json.JSONEncoder(separators=(",", ":"))
+# Every completion encodes its headers and every replay decodes them. Encoding is spelled out
+# with the C string quoter (what json.dumps(headers, separators=(",", ":")) writes, byte for
+# byte, without building an encoder per call); one shared decoder spares json.loads its own.
 _HEADERS_DECODER = json.JSONDecoder()
 
 
@@ -35,7 +36,8 @@ class StoredResponse:
     body: bytes = b""
 
     def headers_json(self) -> str:
-        return _HEADERS_ENCODER.encode(self.headers)  # pairs encode as JSON arrays
+        """The headers as a JSON array of ``[name, value]`` arrays, ASCII only."""
+        return "[" + ",".join([f"[{_quote(k)},{_quote(v)}]" for k, v in self.headers]) + "]"
 
     @staticmethod
     def parse_headers(raw: str | bytes | None) -> tuple[tuple[str, str], ...]:

@@ -36,6 +36,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from oncepay.idempotency.records import (
     Claim,
@@ -74,7 +75,8 @@ end
 """
 
 # KEYS[1] record; ARGV scope, key, fingerprint, now, lease, ttl (seconds).
-# Returns {outcome, field, value, ...}: the outcome and the record as it now stands.
+# Returns {'created', fence} for a new record (the caller knows every other field: it sent them),
+# else {outcome, <_RECORD_FIELDS in that order>}: the record as it now stands, absent fields nil.
 # The rule is resolve_claim's (stores/base.py), numbered the same way.
 _CLAIM = """
 local record = KEYS[1]
@@ -85,20 +87,20 @@ local current = redis.call('HMGET', record,
 local state, fence = current[1], tonumber(current[2])
 
 local function answer(outcome)
-    local reply = redis.call('HGETALL', record)
+    local reply = redis.call('HMGET', record, {fields})
     table.insert(reply, 1, outcome)
     return reply
 end
 
 -- 1. no record, a released one or an expired one: a new record that only carries the fence on
 if not state or state == 'released' or tonumber(current[5]) <= now then
-    local next_fence = math.max((fence or 0) + 1, math.floor(now * 1000))
+    local next_fence = as_int(math.max((fence or 0) + 1, math.floor(now * 1000)))
     redis.call('DEL', record)
     redis.call('HSET', record, 'scope', scope, 'key', key, 'fingerprint', fingerprint,
-        'state', 'executing', 'fence', as_int(next_fence), 'created_at', as_time(now),
+        'state', 'executing', 'fence', next_fence, 'created_at', as_time(now),
         'lease_expires_at', as_time(now + lease), 'expires_at', as_time(now + ttl))
     redis.call('PEXPIRE', record, as_int(math.ceil(ttl * 1000)))
-    return answer('created')
+    return {'created', next_fence}
 end
 -- 2.-4. another request's key, a stored response, or a lease that still runs: the engine decides
 if current[3] ~= fingerprint or state == 'completed' or now < tonumber(current[4]) then
@@ -108,6 +110,23 @@ end
 redis.call('HSET', record, 'fence', as_int(fence + 1), 'lease_expires_at', as_time(now + lease))
 return answer('taken_over')
 """
+
+# What the claim script reads back of a record that was already there, in this order.
+_RECORD_FIELDS = (
+    "scope",
+    "key",
+    "fingerprint",
+    "state",
+    "fence",
+    "created_at",
+    "lease_expires_at",
+    "expires_at",
+    "recovery_point",
+    "status",
+    "headers",
+    "body",
+)
+_CLAIM = _CLAIM.replace("{fields}", ", ".join(f"'{name}'" for name in _RECORD_FIELDS))
 
 # KEYS[1] record; ARGV fence, status, headers (JSON), body. Returns 1, or 0 for a stale token.
 _COMPLETE = """
@@ -200,12 +219,39 @@ def checkpoint_args(fence: int, recovery_point: str, *, now: float, lease: float
     return [str(fence), recovery_point, _seconds(now), _seconds(lease)]
 
 
-def decode_claim(reply: Sequence[bytes]) -> Claim:
-    """``{outcome, field, value, ...}`` from the claim script."""
-    outcome, *flat = reply
-    record = decode_record(_pairs(flat))
-    assert record is not None  # the claim script always answers with the record
-    return Claim(ClaimOutcome(outcome.decode()), record)
+def decode_claim(
+    reply: Sequence[Any],
+    scope: str,
+    key: str,
+    fingerprint: str,
+    *,
+    now: float,
+    lease: float,
+    ttl: float,
+) -> Claim:
+    """The claim script's reply to a claim made with these arguments.
+
+    A new record comes back as its fence alone: every other field is what the claim sent, and
+    ``now + lease`` is the same double here as in Lua (IEEE addition of the same two doubles).
+    """
+    if reply[0] == b"created":
+        fence = int(reply[1])
+        record = Record(scope, key, fingerprint, RecordState.EXECUTING, fence,
+                        now, now + lease, now + ttl)  # fmt: skip
+        return Claim(ClaimOutcome.CREATED, record)
+    return Claim(ClaimOutcome(reply[0].decode()), _standing(reply))
+
+
+def _standing(reply: Sequence[Any]) -> Record:
+    """The record in ``{outcome, <_RECORD_FIELDS>}``: the first eight are always there."""
+    _, scope, key, fp, state, fence, created, lease_expires, expires, point, status = reply[:11]
+    response = None
+    if status is not None:
+        headers, body = reply[11], reply[12]
+        response = StoredResponse(int(status), StoredResponse.parse_headers(headers), body or b"")
+    return Record(scope.decode(), key.decode(), fp.decode(), RecordState(state.decode()),
+                  int(fence), float(created), float(lease_expires), float(expires),
+                  None if point is None else point.decode(), response)  # fmt: skip
 
 
 def decode_record(fields: Mapping[bytes, bytes] | Sequence[bytes]) -> Record | None:

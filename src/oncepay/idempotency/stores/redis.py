@@ -133,7 +133,8 @@ class _RedisStoreBase:
         self, scope: str, key: str, fingerprint: str, *, now: float, lease: float, ttl: float
     ) -> Claim:
         args = claim_args(scope, key, fingerprint, now=now, lease=lease, ttl=ttl)
-        return decode_claim(await self._run(self._scripts.claim, scope, key, args))
+        reply = await self._run(self._scripts.claim, scope, key, args)
+        return decode_claim(reply, scope, key, fingerprint, now=now, lease=lease, ttl=ttl)
 
     async def complete(
         self, scope: str, key: str, fence: int, response: StoredResponse, *, now: float
@@ -179,14 +180,20 @@ class _RedisStoreBase:
             raise LeaseLost(f"token {fence} no longer holds key {key!r}")
 
     async def _run(self, script: Script, scope: str, key: str, args: Sequence[Arg]) -> Any:
-        name = self.record_name(scope, key)
-        with _store_errors():
-            try:
-                return await self._commands.execute_command("EVALSHA", script.sha, 1, name, *args)
-            except _NO_SCRIPT:
-                # NOSCRIPT means nothing ran: the server lost its script cache (a restart, a
-                # failover, SCRIPT FLUSH). EVAL runs the script and caches it again.
+        # Hot path (every claim and completion): the error mapping of _store_errors, spelled
+        # out, as a generator-based context manager costs more than the command's encoding.
+        name = record_name(self.prefix, scope, key)
+        try:
+            return await self._commands.execute_command("EVALSHA", script.sha, 1, name, *args)
+        except _NO_SCRIPT:
+            # NOSCRIPT means nothing ran: the server lost its script cache (a restart, a
+            # failover, SCRIPT FLUSH). EVAL runs the script and caches it again.
+            with _store_errors():
                 return await self._commands.execute_command("EVAL", script.source, 1, name, *args)
+        except StoreUnavailable:
+            raise
+        except _DRIVER_ERRORS as exc:
+            raise StoreUnavailable(f"Redis: {exc}") from exc
 
 
 # -- the stores --------------------------------------------------------------------------------
