@@ -93,11 +93,7 @@ def serve(
         secondary_acquirer_url=secondary_acquirer_url, workers=workers, run_worker=worker,
         redis_url=redis_url,
     )  # fmt: skip
-    try:
-        banner = asyncio.run(_prepare(settings))
-    except OncePayError as exc:
-        console.print(f"[red]error:[/red] {exc.detail}")
-        raise typer.Exit(2) from exc
+    banner = _run_or_exit(_prepare(settings))
     console.print(banner, soft_wrap=True)
     os.environ.update(
         {f"ONCEPAY_{k.upper()}": _env(v) for k, v in settings.model_dump().items() if v is not None}
@@ -161,6 +157,10 @@ def merchants_create(name: str, database_url: DatabaseUrl = None) -> None:
     """Create a merchant; prints JSON with its id and API key (shown once, stored hashed)."""
     import json
 
+    if not name.strip():
+        console.print("[red]error:[/red] a merchant needs a name")
+        raise typer.Exit(2)
+
     from oncepay.payments.db import Database
     from oncepay.payments.migrations import migrate
     from oncepay.payments.service import create_merchant
@@ -184,14 +184,16 @@ def worker(
     database_url: DatabaseUrl = None,
     acquirer_url: Annotated[str | None, typer.Option(help="[env ONCEPAY_ACQUIRER_URL]")] = None,
     secondary_acquirer_url: Annotated[str | None, typer.Option()] = None,
+    redis_url: Annotated[str | None, typer.Option(help="[env ONCEPAY_REDIS_URL]")] = None,
     once: Annotated[bool, typer.Option("--once", help="One pass, then exit.")] = False,
 ) -> None:
-    """Run the recovery worker: finish abandoned requests, resolve unknown outcomes, purge
-    expired keys."""
+    """Run the worker: finish abandoned requests, resolve unknown outcomes, deliver webhooks,
+    purge expired keys."""
     settings = _settings(
         database_url=database_url,
         acquirer_url=acquirer_url,
         secondary_acquirer_url=secondary_acquirer_url,
+        redis_url=redis_url,
     )
     _run_or_exit(_worker(settings, once=once))
 
@@ -258,10 +260,17 @@ def ledger_check(database_url: DatabaseUrl = None) -> None:
 
 
 def _run_or_exit(coroutine: Any) -> Any:
+    """Run a command's coroutine; a bad URL or an unreachable database is one line, exit 2."""
+    from sqlalchemy.exc import SQLAlchemyError
+
     try:
         return asyncio.run(coroutine)
     except OncePayError as exc:
-        console.print(f"[red]error:[/red] {exc.detail}")
+        console.print(f"[red]error:[/red] {exc.detail}", soft_wrap=True)
+        raise typer.Exit(2) from exc
+    except (SQLAlchemyError, OSError) as exc:
+        reason = getattr(exc, "orig", None) or exc
+        console.print(f"[red]error:[/red] the database cannot be used: {reason}", soft_wrap=True)
         raise typer.Exit(2) from exc
 
 

@@ -39,6 +39,12 @@ BAD_BODIES = [
         b'{"amount": 1000, "currency": "USD", "payment_method": "\\ud800"}', id="lone-surrogate"
     ),
     pytest.param(json.dumps({**GOOD, "description": "a\x00b"}).encode(), id="nul-description"),
+    pytest.param(
+        b'{"amount": 1, "currency": "USD", "payment_method": "pm_card_ok", '
+        b'"description": "\\ud800"}',
+        id="surrogate-description",
+    ),
+    pytest.param(json.dumps({**GOOD, "currency": "XAU"}).encode(), id="currency-gold"),
     pytest.param(json.dumps({**GOOD, "metadata": {"k\x00": "v"}}).encode(), id="nul-metadata"),
     pytest.param(json.dumps({**GOOD, "metadata": {"k": "x" * 501}}).encode(), id="metadata-long"),
     pytest.param(

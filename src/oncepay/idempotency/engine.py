@@ -202,19 +202,29 @@ class Engine:
         )
 
     async def acheckpoint_in(
-        self, conn: Any, ticket: Ticket, recovery_point: str, *, lease: float | None = None
+        self,
+        conn: Any,
+        ticket: Ticket,
+        recovery_point: str,
+        *,
+        lease: float | None = None,
+        keep_for: float = 0.0,
     ) -> Ticket:
         """:meth:`checkpoint` inside the caller's open transaction (SQL stores): the writes of
         a phase and the recovery point it reached commit together. ``lease`` overrides the
-        renewed lease, e.g. a short one so that a retry soon takes over and resumes."""
+        renewed lease, e.g. a short one so that a retry soon takes over and resumes;
+        ``keep_for`` keeps the record at least that many seconds from now, for a request that
+        is still being driven to its end (its key must not lapse into "new" meanwhile)."""
+        now = self.clock()
         await self._transactional().acheckpoint_in(
             conn,
             ticket.scope,
             ticket.key,
             ticket.fence,
             recovery_point,
-            now=self.clock(),
+            now=now,
             lease=self.lease if lease is None else lease,
+            keep_until=now + keep_for if keep_for > 0 else 0.0,
         )
         return replace(ticket, recovery_point=recovery_point)
 

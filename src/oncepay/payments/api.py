@@ -24,7 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from oncepay import __version__
 from oncepay.errors import OncePayError, RequestTooLarge
 from oncepay.http._gate import DEFAULT_MAX_BODY
-from oncepay.payments import models
+from oncepay.payments import models, routes_webhooks
 from oncepay.payments.db import read
 from oncepay.payments.deps import (
     DEFAULT_LIMIT,
@@ -324,6 +324,7 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
     if services is not None:
         app.state.services = services
     _routes(app)
+    routes_webhooks.register(app)
     _handlers(app)
     app.add_middleware(BodyLimit)
     app.add_middleware(RequestMetrics)

@@ -38,6 +38,7 @@ __all__ = [
     "send",
 ]
 
+# Stripe's default page is 10 and its ceiling 100; so are ours.
 DEFAULT_LIMIT = 10
 MAX_LIMIT = 100
 

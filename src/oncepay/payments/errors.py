@@ -9,7 +9,8 @@
     RetryableError
     ├── OperationInProgress        409 payment_operation_in_progress (capture vs. cancel)
     ├── OutcomeUnknown             409 payment_outcome_unknown (acquirer result not yet known)
-    └── AcquirerOutcomeUnknown     503 acquirer_outcome_unknown (this request; retry resumes)
+    ├── AcquirerOutcomeUnknown     503 acquirer_outcome_unknown (this request; retry resumes)
+    └── DatabaseUnavailable        503 database_unavailable (the request resumes on retry)
 
 Retryable answers are never stored under the idempotency key: a retry runs (or resumes) again.
 """
@@ -22,6 +23,7 @@ __all__ = [
     "AcquirerOutcomeUnknown",
     "AmountTooLarge",
     "AuthenticationFailed",
+    "DatabaseUnavailable",
     "InvalidRequest",
     "InvalidStateTransition",
     "OperationInProgress",
@@ -87,3 +89,10 @@ class AcquirerOutcomeUnknown(RetryableError):
     def __init__(self, detail: str | None = None, *, retry_after: float = 2.0) -> None:
         super().__init__(detail)
         self.retry_after = retry_after
+
+
+class DatabaseUnavailable(RetryableError):
+    status = 503
+    code = "database_unavailable"
+    title = "The database could not be reached"
+    retry_after = 2.0

@@ -47,6 +47,11 @@ def _no_nul(value: str) -> str:
     # PostgreSQL text cannot hold U+0000, and no payment needs it: refuse it as bad input.
     if "\x00" in value:
         raise ValueError("must not contain the NUL character")
+    # JSON may carry a lone surrogate ("\ud800"), which no database can store as UTF-8.
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        raise ValueError("must be valid Unicode (no lone surrogates)") from None
     return value
 
 
@@ -297,12 +302,15 @@ class WebhookAttempt(BaseModel):
     created: int
 
 
+DeliveryStatus = Literal["pending", "delivering", "succeeded", "dead", "canceled"]
+
+
 class WebhookDelivery(BaseModel):
     id: str
     object: Literal["webhook_delivery"] = "webhook_delivery"
     event: str
     endpoint: str
-    status: Literal["pending", "delivering", "succeeded", "dead", "canceled"]
+    status: DeliveryStatus
     attempts: int
     next_attempt: int | None
     last_status_code: int | None

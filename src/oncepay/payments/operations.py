@@ -34,6 +34,7 @@ from oncepay.payments.states import PaymentStatus, Transition, next_status, requ
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncConnection
 
+    from oncepay.idempotency.engine import Ticket
     from oncepay.payments.service import Services
 
 __all__ = ["OPERATIONS", "Cancel", "Capture", "CreatePayment", "CreateRefund"]
@@ -71,6 +72,11 @@ async def save(conn: AsyncConnection, payment_id: str, **values: Any) -> Any:
 async def payment_event(conn: AsyncConnection, row: Any, type: str) -> None:
     await emit(conn, merchant_id=row.merchant_id, type=type, object_id=row.id,
                data=payment_public(row))  # fmt: skip
+
+
+# An answer came: whatever was unknown about the payment is known now, and a later unknown
+# outcome starts the back-off schedule (and its escalation) afresh.
+RESOLVED: dict[str, Any] = {"outcome_unknown": False, "recovery_attempts": 0, "escalated": False}
 
 
 def check_followable(row: Any, request: str) -> None:
@@ -134,12 +140,10 @@ class CreatePayment:
         await payment_event(conn, await load_payment(conn, payment_id), "payment.created")
         return payment_id
 
-    async def call(self, svc: Services, object_id: str, *, resumed: bool) -> AcquirerAnswer:
-        from oncepay.payments.db import read
-
-        async with read(svc.db) as conn:
-            row = await load_payment(conn, object_id)
-        return await svc.acquirers.authorize(svc, row, ask_first=resumed or row.outcome_unknown)
+    async def call(self, svc: Services, object_id: str, ticket: Ticket) -> AcquirerAnswer:
+        row = await _read_payment(svc, object_id)
+        ask_first = ticket.resumed or bool(row.outcome_unknown)
+        return await svc.acquirers.authorize(svc, row, ticket, ask_first=ask_first)
 
     async def record(
         self, conn: AsyncConnection, svc: Services, object_id: str, answer: AcquirerAnswer
@@ -149,7 +153,7 @@ class CreatePayment:
             code = answer.decline_code or "acquirer_unavailable"
             row = await save(conn, object_id, status=next_status(S(row.status), T.FAIL),
                              failure_code=code, failure_message=_failure_message(code),
-                             acquirer=answer.acquirer, outcome_unknown=False)  # fmt: skip
+                             acquirer=answer.acquirer, **RESOLVED)  # fmt: skip
             await payment_event(conn, row, "payment.failed")
             return
         await ledger.post(conn, merchant_id=row.merchant_id, payment_id=row.id,
@@ -157,7 +161,7 @@ class CreatePayment:
                           entries=ledger.authorize(row.amount))  # fmt: skip
         row = await save(conn, object_id, status=next_status(S(row.status), T.AUTHORIZE),
                          acquirer=answer.acquirer, authorization_id=answer.authorization_id,
-                         outcome_unknown=False)  # fmt: skip
+                         **RESOLVED)  # fmt: skip
         await payment_event(conn, row, "payment.authorized")
         if row.capture_method == "automatic":
             await _capture_in_ledger(conn, row, row.amount)
@@ -176,7 +180,7 @@ async def _capture_in_ledger(conn: AsyncConnection, row: Any, amount: int) -> No
                       currency=row.currency, kind="capture",
                       entries=ledger.capture(row.amount, amount))  # fmt: skip
     row = await save(conn, row.id, status=next_status(S(row.status), T.CAPTURE),
-                     amount_captured=amount, pending_operation=None)  # fmt: skip
+                     amount_captured=amount, pending_operation=None, **RESOLVED)  # fmt: skip
     await payment_event(conn, row, "payment.captured")
 
 
@@ -199,7 +203,7 @@ class Capture:
         await save(conn, row.id, pending_operation=f"capture:{amount}")
         return str(row.id)
 
-    async def call(self, svc: Services, object_id: str, *, resumed: bool) -> AcquirerAnswer:
+    async def call(self, svc: Services, object_id: str, ticket: Ticket) -> AcquirerAnswer:
         row = await _read_payment(svc, object_id)
         amount = int(row.pending_operation.partition(":")[2])
         return await svc.acquirers[row.acquirer].capture(
@@ -236,7 +240,7 @@ class Cancel:
         await save(conn, row.id, pending_operation="cancel")
         return str(row.id)
 
-    async def call(self, svc: Services, object_id: str, *, resumed: bool) -> AcquirerAnswer:
+    async def call(self, svc: Services, object_id: str, ticket: Ticket) -> AcquirerAnswer:
         row = await _read_payment(svc, object_id)
         return await svc.acquirers[row.acquirer].void(
             reference=f"{row.id}_void", authorization_id=row.authorization_id
@@ -253,7 +257,7 @@ class Cancel:
                           currency=row.currency, kind="void",
                           entries=ledger.release_hold(row.amount))  # fmt: skip
         row = await save(conn, row.id, status=next_status(S(row.status), T.CANCEL),
-                         pending_operation=None)  # fmt: skip
+                         pending_operation=None, **RESOLVED)  # fmt: skip
         await payment_event(conn, row, "payment.canceled")
 
     async def unknown(
@@ -275,7 +279,8 @@ async def _read_payment(svc: Services, payment_id: str) -> Any:
 async def _refused(conn: AsyncConnection, row: Any, answer: AcquirerAnswer) -> None:
     """The acquirer refused a capture or void: the payment stays as it was, marked so that
     phase 3 can tell the client."""
-    await save(conn, row.id, pending_operation=f"refused:{answer.decline_code or 'declined'}")
+    refusal = f"refused:{answer.decline_code or 'declined'}"
+    await save(conn, row.id, pending_operation=refusal, **RESOLVED)
 
 
 async def _payment_or_refusal(conn: AsyncConnection, payment_id: str, request: str) -> Reply:
@@ -327,7 +332,7 @@ class CreateRefund:
         await _refund_event(conn, refund_id, "refund.created")
         return refund_id
 
-    async def call(self, svc: Services, object_id: str, *, resumed: bool) -> AcquirerAnswer:
+    async def call(self, svc: Services, object_id: str, ticket: Ticket) -> AcquirerAnswer:
         from oncepay.payments.db import read
 
         async with read(svc.db) as conn:
@@ -345,6 +350,7 @@ class CreateRefund:
         if answer.outcome is not Outcome.APPROVED:
             await _save_refund(conn, refund.id, status="failed",
                                failure_code=answer.decline_code or "declined")  # fmt: skip
+            await save(conn, row.id, **RESOLVED)
             await _refund_event(conn, refund.id, "refund.failed")
             return
         await ledger.post(conn, merchant_id=row.merchant_id, payment_id=row.id,
@@ -354,7 +360,7 @@ class CreateRefund:
         transition = T.REFUND_ALL if refunded == row.amount_captured else T.REFUND_PART
         await _save_refund(conn, refund.id, status="succeeded")
         row = await save(conn, row.id, status=next_status(S(row.status), transition),
-                         amount_refunded=refunded)  # fmt: skip
+                         amount_refunded=refunded, **RESOLVED)  # fmt: skip
         await _refund_event(conn, refund.id, "refund.succeeded")
         await payment_event(conn, row, "payment.refunded")
 

@@ -37,7 +37,7 @@ from oncepay.idempotency.engine import Ticket
 from oncepay.idempotency.records import StoredResponse
 from oncepay.payments.acquirers.base import AcquirerAnswer, Outcome
 from oncepay.payments.db import write
-from oncepay.payments.errors import AcquirerOutcomeUnknown
+from oncepay.payments.errors import AcquirerOutcomeUnknown, DatabaseUnavailable
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncConnection
@@ -92,8 +92,9 @@ class Operation(Protocol):
         """Phase 1: validate against the current state and write the object; its id."""
         ...
 
-    async def call(self, svc: Services, object_id: str, *, resumed: bool) -> AcquirerAnswer:
-        """The acquirer call, outside any transaction; must be harmless to repeat."""
+    async def call(self, svc: Services, object_id: str, ticket: Ticket) -> AcquirerAnswer:
+        """The acquirer call, outside any transaction; must be harmless to repeat.
+        ``ticket.resumed`` says an earlier holder may have called already."""
         ...
 
     async def record(
@@ -134,10 +135,21 @@ async def run(svc: Services, ticket: Ticket, op: Operation, merchant_id: str) ->
         return Reply.problem(exc)  # a newer attempt holds the key; it will answer
     except Exception as exc:
         log.exception("request %r failed between phases; the key stays locked", ticket.key)
-        error = exc if isinstance(exc, OncePayError) else OncePayError(
-            "the request failed; retry with the same Idempotency-Key to resume it"
-        )  # fmt: skip
-        return Reply.problem(error)
+        return Reply.problem(_as_problem(exc))
+
+
+def _as_problem(exc: Exception) -> OncePayError:
+    """What a client is told when a request failed midway (its key stays locked, to be
+    resumed): the database going away is a 503 to retry; anything else a 500."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    if isinstance(exc, OncePayError):
+        return exc
+    if isinstance(exc, SQLAlchemyError | OSError):
+        return DatabaseUnavailable(
+            "the database failed midway; retry with the same Idempotency-Key to resume"
+        )
+    return OncePayError("the request failed; retry with the same Idempotency-Key to resume it")
 
 
 async def _run(svc: Services, ticket: Ticket, op: Operation, merchant_id: str) -> Reply:
@@ -152,13 +164,15 @@ async def _run(svc: Services, ticket: Ticket, op: Operation, merchant_id: str) -
     else:
         stage, _, object_id = parsed
     if stage == op.created:
-        answer = await op.call(svc, object_id, resumed=ticket.resumed)
+        answer = await op.call(svc, object_id, ticket)
         if answer.outcome is Outcome.UNKNOWN:
             async with write(svc.db) as conn:
+                # Fenced first, so a holder that lost its lease changes nothing; the record is
+                # kept alive (past its TTL if need be) while recovery still asks.
+                at, keep = point(op.created, op, object_id), svc.settings.unfinished_retention
+                ticket = await engine.acheckpoint_in(conn, ticket, at, keep_for=keep)
                 retry_after = await op.unknown(conn, svc, object_id, answer)
-                await engine.acheckpoint_in(
-                    conn, ticket, point(op.created, op, object_id), lease=retry_after
-                )
+                await engine.acheckpoint_in(conn, ticket, at, lease=retry_after, keep_for=keep)
             return Reply.problem(
                 AcquirerOutcomeUnknown(
                     f"the acquirer's answer is not known yet ({answer.detail or 'no answer'}); "
@@ -167,10 +181,9 @@ async def _run(svc: Services, ticket: Ticket, op: Operation, merchant_id: str) -
                 )
             )
         async with write(svc.db) as conn:
+            at = point(ACQUIRER_CALLED, op, object_id)
+            ticket = await engine.acheckpoint_in(conn, ticket, at)  # fenced before any write
             await op.record(conn, svc, object_id, answer)
-            ticket = await engine.acheckpoint_in(
-                conn, ticket, point(ACQUIRER_CALLED, op, object_id)
-            )
     async with write(svc.db) as conn:
         reply = await op.reply(conn, svc, object_id)
         await engine.acomplete_in(conn, ticket, reply.stored())
@@ -194,9 +207,10 @@ async def _start(
         if not isinstance(exc, LeaseLost):
             await svc.engine.release(ticket)
         return Reply.problem(exc)
-    except BaseException:
-        await _release_quietly(svc, ticket)  # nothing committed: a retry may start afresh
-        raise
+    # Any other failure — the commit itself included, whose acknowledgement may be lost after
+    # it happened — leaves the key locked: once its lease lapses, the next holder resumes from
+    # the recovery point if phase 1 committed, and starts afresh if it did not. Releasing here
+    # could start a second payment beside a committed first one.
 
 
 async def run_local(
@@ -218,9 +232,7 @@ async def run_local(
     except RetryableError as exc:
         await _release_quietly(svc, ticket)
         return Reply.problem(exc)
-    except BaseException:
-        await _release_quietly(svc, ticket)  # rolled back: nothing committed
-        raise
+    # Any other failure leaves the key locked until its lease lapses (see _start).
 
 
 async def _release_quietly(svc: Services, ticket: Ticket) -> None:

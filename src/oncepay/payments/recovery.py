@@ -20,14 +20,15 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
+import httpx
 from sqlalchemy import text
 
-from oncepay.errors import OncePayError
-from oncepay.payments.db import read
+from oncepay.payments.db import read, write
 from oncepay.payments.metrics import RECOVERY_RUNS
 from oncepay.payments.operations import resume
 from oncepay.payments.phases import parse_point
 from oncepay.payments.service import IDEMPOTENCY_TABLE, Services
+from oncepay.payments.webhooks import deliver_due
 
 __all__ = ["RecoveryReport", "reap", "recover_once", "run_worker"]
 
@@ -75,8 +76,8 @@ async def recover_once(svc: Services, *, now: float | None = None) -> RecoveryRe
         _, op_name, object_id = parsed
         try:
             reply = await svc.resume(scope, key, fingerprint, resume(op_name, object_id))
-        except OncePayError as exc:
-            log.warning("recovery of key %r failed: %s", key, exc.detail)
+        except Exception:  # one bad record must not stall the others behind it
+            log.exception("recovery of key %r at %r failed", key, recovery_point)
             reply, result = None, "error"
         else:
             result = (
@@ -85,6 +86,24 @@ async def recover_once(svc: Services, *, now: float | None = None) -> RecoveryRe
         RECOVERY_RUNS.labels(result).inc()
         report.results[result] += 1
     return report
+
+
+async def keep_unfinished(svc: Services, *, now: float | None = None) -> int:
+    """Push out the expiry of every request still unfinished (executing, with a recovery
+    point) to ``unfinished_retention`` from now, so the reaper never purges a half-done request
+    and a late retry resumes it instead of starting it anew. Rows already far enough out are
+    left alone, so a pass writes almost nothing."""
+    now = time.time() if now is None else now
+    keep = svc.settings.unfinished_retention
+    async with write(svc.db) as conn:
+        result = await conn.execute(
+            text(
+                f"UPDATE {IDEMPOTENCY_TABLE} SET expires_at = :until WHERE state = 'executing' "
+                "AND recovery_point IS NOT NULL AND expires_at < :threshold"
+            ),
+            {"until": now + keep, "threshold": now + keep / 2},
+        )
+        return int(result.rowcount or 0)
 
 
 async def reap(svc: Services, *, now: float | None = None) -> int:
@@ -98,14 +117,23 @@ async def reap(svc: Services, *, now: float | None = None) -> int:
 
 
 async def run_worker(svc: Services, stop: asyncio.Event) -> None:
-    """Recover and reap every ``worker_interval`` seconds until ``stop`` is set."""
-    while not stop.is_set():
-        try:
-            report = await recover_once(svc)
-            if report.total:
-                log.info("recovery: %s", dict(report.results))
-            await reap(svc)
-        except Exception:
-            log.exception("worker pass failed; trying again next interval")
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), svc.settings.worker_interval)
+    """Recover, deliver webhooks and reap every ``worker_interval`` seconds until ``stop``."""
+    async with httpx.AsyncClient() as client:
+        while not stop.is_set():
+            await _pass(svc, client)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), svc.settings.worker_interval)
+
+
+async def _pass(svc: Services, client: httpx.AsyncClient) -> None:
+    try:
+        report = await recover_once(svc)
+        if report.total:
+            log.info("recovery: %s", dict(report.results))
+        delivered = await deliver_due(svc, client)
+        if delivered.total:
+            log.info("webhooks: %s", dict(delivered.results))
+        await keep_unfinished(svc)
+        await reap(svc)
+    except Exception:
+        log.exception("worker pass failed; trying again next interval")

@@ -17,6 +17,7 @@ from oncepay.payments.db import write
 from oncepay.payments.schema import payments
 
 if TYPE_CHECKING:
+    from oncepay.idempotency.engine import Ticket
     from oncepay.payments.service import Services
 
 __all__ = ["AcquirerSet", "reference"]
@@ -48,8 +49,12 @@ class AcquirerSet:
         its call then fails fast and the payment fails cleanly)."""
         return next((a for a in self._order if a.available()), self._order[0])
 
-    async def authorize(self, svc: Services, row: Any, *, ask_first: bool) -> AcquirerAnswer:
-        """Authorize payment ``row`` (a payments row) on some acquirer, exactly once."""
+    async def authorize(
+        self, svc: Services, row: Any, ticket: Ticket, *, ask_first: bool
+    ) -> AcquirerAnswer:
+        """Authorize payment ``row`` (a payments row) on some acquirer, exactly once.
+        ``ticket`` fences each move to a next attempt: a holder that lost its lease raises
+        :class:`~oncepay.errors.LeaseLost` instead of moving on."""
         name, attempt = row.acquirer, row.attempt
         tried: set[str] = set()
         while True:
@@ -79,7 +84,7 @@ class AcquirerSet:
                 return AcquirerAnswer(
                     Outcome.DECLINED, name, ref, decline_code="acquirer_unavailable"
                 )
-            if not await _advance(svc, row.id, attempt, successor.name):
+            if not await _advance(svc, ticket, row.id, attempt, successor.name):
                 return AcquirerAnswer(
                     Outcome.UNKNOWN, name, ref, detail="a newer attempt took over"
                 )
@@ -95,13 +100,18 @@ class AcquirerSet:
             await acquirer.aclose()
 
 
-async def _advance(svc: Services, payment_id: str, attempt: int, acquirer: str) -> bool:
-    """Move the payment to its next attempt, unless someone else already did (compare-and-set:
-    two holders of one key, the second after a lease lapsed, must not both move on)."""
+async def _advance(
+    svc: Services, ticket: Ticket, payment_id: str, attempt: int, acquirer: str
+) -> bool:
+    """Move a still-processing payment to its next attempt, in a transaction fenced by the
+    request's ticket (which also renews its lease); False if someone else moved it first."""
     async with write(svc.db) as conn:
+        assert ticket.recovery_point is not None  # phase 1 committed before any acquirer call
+        await svc.engine.acheckpoint_in(conn, ticket, ticket.recovery_point)
         result = await conn.execute(
             update(payments)
-            .where(payments.c.id == payment_id, payments.c.attempt == attempt)
+            .where(payments.c.id == payment_id, payments.c.attempt == attempt,
+                   payments.c.status == "processing")
             .values(attempt=attempt + 1, acquirer=acquirer, updated_at=time.time())
-        )
+        )  # fmt: skip
         return bool(result.rowcount)

@@ -36,6 +36,10 @@ class Settings(BaseSettings):
     recovery_backoff: list[float] = Field(
         default_factory=lambda: [2.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0], min_length=1
     )
+    # A request still unfinished (its acquirer outcome unknown, or its process gone) keeps its
+    # key at least this long, past key_ttl: a retry must resume it, never start it anew. A
+    # week outlasts any acquirer incident and any worker outage worth surviving.
+    unfinished_retention: float = Field(default=7 * 24 * 3600.0, gt=0)
     # `oncepay serve` runs the recovery worker inside each API process too, so that a single
     # command gives a complete service; `oncepay worker` runs it alone.
     run_worker: bool = True

@@ -287,16 +287,19 @@ class TransactionalCompletion:
         *,
         now: float,
         lease: float,
+        keep_until: float = 0.0,
     ) -> None:
         """Advance the recovery point (and renew the lease) inside the caller's transaction on
         an async connection, so that a phase's writes and its recovery point commit together:
-        the atomic phases of SPEC §5."""
+        the atomic phases of SPEC §5. ``keep_until`` pushes the record's expiry out to at
+        least that time."""
         params = {
             "scope": scope,
             "key": key,
             "fence": fence,
             "recovery_point": recovery_point,
             "lease_expires_at": float(now + lease),
+            "keep_until": float(keep_until),
         }
         if await _Rows.async_(conn, self._checkpoint, params) == 0:
             raise lease_lost(key, fence)

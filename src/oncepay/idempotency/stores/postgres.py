@@ -251,9 +251,12 @@ class _Sql:
             f"WITH done AS (UPDATE {table} SET state = 'released' "
             f"WHERE {_FENCED} RETURNING scope, idempotency_key) {notify}"
         )
+        # keep_until: a record whose request is still being driven (an unknown acquirer
+        # outcome) must outlive its TTL, or a retry would be taken for a new request.
         self.checkpoint = Statement(
             f"UPDATE {table} SET recovery_point = :recovery_point, "
-            f"lease_expires_at = :lease_expires_at WHERE {_FENCED} RETURNING fence"
+            "lease_expires_at = :lease_expires_at, expires_at = CASE WHEN expires_at < "
+            f":keep_until THEN :keep_until ELSE expires_at END WHERE {_FENCED} RETURNING fence"
         )
         self.get = Statement(f"SELECT {SELECT_LIST} FROM {table} WHERE {_KEY}")
         # SKIP LOCKED: a purge never waits for (or deletes under) a claim holding a row.
@@ -339,6 +342,7 @@ class PostgresStore(TransactionalCompletion):
             "key": key,
             "fence": fence,
             "recovery_point": recovery_point,
+            "keep_until": 0.0,
             "lease_expires_at": float(now + lease),
         }
         await self._fenced(self._sql.checkpoint, params)

@@ -111,9 +111,12 @@ class _Sql:
             f"response_headers = :headers, response_body = :body WHERE {_FENCED} RETURNING fence"
         )
         self.release = f"UPDATE {quoted} SET state = 'released' WHERE {_FENCED} RETURNING fence"
+        # keep_until: a record whose request is still being driven (an unknown acquirer
+        # outcome) must outlive its TTL, or a retry would be taken for a new request.
         self.checkpoint = Statement(
             f"UPDATE {quoted} SET recovery_point = :recovery_point, "
-            f"lease_expires_at = :lease_expires_at WHERE {_FENCED} RETURNING fence"
+            "lease_expires_at = :lease_expires_at, expires_at = CASE WHEN expires_at < "
+            f":keep_until THEN :keep_until ELSE expires_at END WHERE {_FENCED} RETURNING fence"
         )
         self.purge = (
             f"DELETE FROM {quoted} WHERE (scope, idempotency_key) IN "
@@ -199,6 +202,7 @@ class SQLiteStore(TransactionalCompletion):
             "key": key,
             "fence": fence,
             "recovery_point": recovery_point,
+            "keep_until": 0.0,
             "lease_expires_at": now + lease,
         }
         await self._fenced(self._sql.checkpoint.named, params)
