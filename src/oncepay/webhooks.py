@@ -160,6 +160,9 @@ class WebhookReceiver:
             except (InvalidWebhook, RequestInProgress) as exc:
                 raise HTTPException(exc.status, exc.detail) from exc
 
+        # FastAPI reads annotations to inject parameters; this module's are strings naming
+        # a class it imports lazily (to need no web framework), so give it the class itself.
+        delivery.__annotations__ = {"request": Request, "return": AsyncIterator[Delivery]}
         return delivery
 
     async def aclose(self) -> None:

@@ -268,12 +268,12 @@ async def _record(
     svc: Services, claimed: _Claimed, now: float, code: int | None, error: str | None,
     latency: float,
 ) -> str:  # fmt: skip
-    attempt = claimed.attempts + 1
+    attempt, schedule = claimed.attempts + 1, svc.settings.webhook_schedule
     if code is not None and 200 <= code < 300:
         status, result = "succeeded", "succeeded"
     elif code == 410:
         status, result = "canceled", "gone"
-    elif attempt > len(schedule := svc.settings.webhook_schedule):
+    elif attempt > len(schedule):
         status, result = "dead", "dead"
     else:
         status, result = "pending", "retry"

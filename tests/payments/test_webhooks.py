@@ -1,0 +1,265 @@
+"""Events and webhooks (SPEC §6) against a real HTTP receiver process built on the receiver
+helper: signed deliveries that verify, the same ``webhook-id`` on every retry, 410 disabling,
+dead letters and redelivery, a crash between sending and recording, secret rotation, and the
+endpoint API's bad input."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from oncepay.payments import webhooks as delivery
+from oncepay.payments.webhooks import deliver_due
+from tests.payments.stack import Stack, running_stack
+from tests.processes import free_port, running, uvicorn_args
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def receiver_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    folder: Path = tmp_path_factory.mktemp("receiver")
+    port = free_port()
+    args = [*uvicorn_args("tests.payments.receiver:create_app", port), "--factory"]
+    env = {"ONCEPAY_RECEIVER_STORE": f"sqlite:///{folder / 'seen.db'}"}
+    with running(args, port, env):
+        yield f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture
+async def hooks(payments_url: str, tmp_path: Path) -> AsyncIterator[Stack]:
+    async with running_stack(payments_url, tmp_path, webhook_schedule=[10.0, 20.0]) as stack:
+        yield stack
+
+
+class Receiver:
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    def configure(self, **config: Any) -> None:
+        httpx.put(f"{self.url}/config", json={"fail_first": 0, "gone": False, **config})
+
+    def stats(self) -> dict[str, Any]:
+        found: dict[str, Any] = httpx.get(f"{self.url}/stats").json()
+        return found
+
+
+@pytest.fixture
+def receiver(receiver_url: str) -> Receiver:
+    return Receiver(receiver_url)
+
+
+async def subscribe(stack: Stack, receiver: Receiver, events: list[str] | None = None) -> Any:
+    body: dict[str, Any] = {"url": f"{receiver.url}/hook"}
+    if events is not None:
+        body["events"] = events
+    response = await stack.post("/v1/webhook_endpoints", body)
+    assert response.status_code == 201, response.text
+    endpoint = response.json()
+    receiver.configure(secrets=[endpoint["secret"]])
+    return endpoint
+
+
+async def deliver(stack: Stack, *, at: float | None = None) -> dict[str, int]:
+    async with httpx.AsyncClient() as client:
+        report = await deliver_due(stack.services, client, now=at)
+    return dict(report.results)
+
+
+async def test_events_arrive_signed_and_are_handled_once(hooks: Stack, receiver: Receiver) -> None:
+    await subscribe(hooks, receiver, events=["payment.captured", "payment.refunded"])
+    pid = (await hooks.pay()).json()["id"]
+    await hooks.post(f"/v1/payments/{pid}/refunds", {"amount": 10})
+    assert await deliver(hooks) == {"succeeded": 2}
+    events = (await hooks.client.get("/v1/events", params={"limit": 100})).json()["data"]
+    wanted = {e["id"] for e in events if e["type"] in {"payment.captured", "payment.refunded"}}
+    stats = receiver.stats()
+    assert wanted <= set(stats["handled"])
+    assert all(stats["handled"][event_id] == 1 for event_id in wanted)
+    assert all(stats["signatures"][event_id].startswith("v1,") for event_id in wanted)
+    assert await deliver(hooks) == {}  # nothing left to send
+
+
+async def test_a_failing_receiver_gets_the_same_webhook_id_until_it_succeeds(
+    hooks: Stack, receiver: Receiver
+) -> None:
+    endpoint = await subscribe(hooks, receiver, events=["payment.captured"])
+    receiver.configure(secrets=[endpoint["secret"]], fail_first=2)
+    await hooks.pay()
+    now = time.time()  # events carry the wall clock; so does the receiver's tolerance
+    assert await deliver(hooks, at=now) == {"retry": 1}
+    assert await deliver(hooks, at=now + 1) == {}  # not due before its back-off
+    assert await deliver(hooks, at=now + 12) == {"retry": 1}
+    assert await deliver(hooks, at=now + 40) == {"succeeded": 1}
+    [event] = (await hooks.client.get("/v1/events", params={"type": "payment.captured"})).json()[
+        "data"
+    ]
+    stats = receiver.stats()
+    assert stats["arrived"][event["id"]] == 3  # three attempts, one webhook-id
+    assert stats["handled"][event["id"]] == 1
+    [row] = (await hooks.client.get(f"/v1/events/{event['id']}/deliveries")).json()["data"]
+    detail = (await hooks.client.get(f"/v1/webhook_deliveries/{row['id']}")).json()
+    assert [a["status_code"] for a in detail["attempt_log"]] == [500, 500, 200]
+    assert detail["status"] == "succeeded"
+
+
+async def test_410_disables_the_endpoint(hooks: Stack, receiver: Receiver) -> None:
+    endpoint = await subscribe(hooks, receiver)
+    receiver.configure(secrets=[endpoint["secret"]], gone=True)
+    await hooks.pay()  # payment.created, .authorized, .captured
+    # The first answer disables the endpoint; the other two, claimed in the same pass, are
+    # canceled without being sent.
+    assert await deliver(hooks) == {"gone": 1, "canceled": 2}
+    now = (await hooks.client.get(f"/v1/webhook_endpoints/{endpoint['id']}")).json()
+    assert now["disabled"] is True
+    assert "410" in now["disabled_reason"]
+    await hooks.pay()
+    assert await deliver(hooks) == {}  # a disabled endpoint gets nothing new
+
+
+async def test_dead_letter_then_redeliver(hooks: Stack, receiver: Receiver) -> None:
+    endpoint = await subscribe(hooks, receiver, events=["payment.captured"])
+    receiver.configure(secrets=[endpoint["secret"]], fail_first=99)
+    await hooks.pay()
+    now = time.time()  # events carry the wall clock; so does the receiver's tolerance
+    results = [await deliver(hooks, at=now + t) for t in (0, 12, 40)]
+    assert results == [{"retry": 1}, {"retry": 1}, {"dead": 1}]
+    dead = await hooks.client.get(
+        f"/v1/webhook_endpoints/{endpoint['id']}/deliveries", params={"status": "dead"}
+    )
+    [letter] = dead.json()["data"]
+    assert letter["attempts"] == 3
+    receiver.configure(secrets=[endpoint["secret"]])
+    again = await hooks.post(f"/v1/events/{letter['event']}/redeliver")
+    assert again.status_code == 200
+    assert len(again.json()["data"]) == 1
+    assert await deliver(hooks, at=now + 50) == {"succeeded": 1}
+    assert receiver.stats()["handled"][letter["event"]] == 1
+
+
+async def test_a_crash_between_sending_and_recording_is_redelivered_and_deduplicated(
+    hooks: Stack, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await subscribe(hooks, receiver, events=["payment.captured"])
+    await hooks.pay()
+
+    class Crash(BaseException):
+        pass
+
+    async def dies(*args: Any, **kwargs: Any) -> str:
+        raise Crash
+
+    now = time.time()  # events carry the wall clock; so does the receiver's tolerance
+    with monkeypatch.context() as patch:
+        patch.setattr(delivery, "_record", dies)
+        with pytest.raises(Crash):
+            await deliver(hooks, at=now)  # sent; the worker dies before writing it down
+    assert await deliver(hooks, at=now + 1) == {}  # its lock still holds
+    assert await deliver(hooks, at=now + delivery.LOCK_SECONDS + 1) == {"succeeded": 1}
+    [event] = (await hooks.client.get("/v1/events", params={"type": "payment.captured"})).json()[
+        "data"
+    ]
+    stats = receiver.stats()
+    assert stats["arrived"][event["id"]] == 2  # sent twice, with one webhook-id
+    assert stats["handled"][event["id"]] == 1  # handled once
+
+
+async def captured_event(stack: Stack) -> str:
+    latest = await stack.client.get("/v1/events", params={"type": "payment.captured", "limit": 1})
+    event_id: str = latest.json()["data"][0]["id"]
+    return event_id
+
+
+async def test_secret_rotation_signs_with_both_during_the_overlap(
+    hooks: Stack, receiver: Receiver
+) -> None:
+    endpoint = await subscribe(hooks, receiver, events=["payment.captured"])
+    old = endpoint["secret"]
+    path = f"/v1/webhook_endpoints/{endpoint['id']}/rotate_secret"
+    new = (await hooks.post(path, {"overlap_seconds": 3600})).json()["secret"]
+    assert new != old
+    receiver.configure(secrets=[old])  # a receiver not yet redeployed still verifies...
+    await hooks.pay()
+    assert await deliver(hooks) == {"succeeded": 1}
+    assert len(receiver.stats()["signatures"][await captured_event(hooks)].split()) == 2
+    receiver.configure(secrets=[new])  # ...and so does one that was
+    await hooks.pay()
+    assert await deliver(hooks) == {"succeeded": 1}
+    newest = (await hooks.post(path, {"overlap_seconds": 0})).json()["secret"]
+    receiver.configure(secrets=[new])  # no overlap: `new` no longer signs
+    await hooks.pay()
+    assert await deliver(hooks) == {"retry": 1}  # the receiver refused it (400)
+    assert len(receiver.stats()["signatures"][await captured_event(hooks)].split()) == 1
+    receiver.configure(secrets=[newest])
+    assert await deliver(hooks, at=time.time() + 15) == {"succeeded": 1}
+
+
+async def test_endpoint_api(hooks: Stack, receiver: Receiver) -> None:
+    url = f"{receiver.url}/hook"
+    created = await hooks.post("/v1/webhook_endpoints", {"url": url}, key="we")
+    endpoint = created.json()
+    assert endpoint["secret"].startswith("whsec_")
+    assert endpoint["events"] == ["*"]
+    replay = await hooks.post("/v1/webhook_endpoints", {"url": url}, key="we")
+    assert replay.json() == endpoint  # a retried create is the same endpoint, not a second
+    fetched = (await hooks.client.get(f"/v1/webhook_endpoints/{endpoint['id']}")).json()
+    assert fetched["secret"] is None  # shown once
+    updated = await hooks.post(f"/v1/webhook_endpoints/{endpoint['id']}",
+                               {"events": ["refund.created"], "disabled": True})  # fmt: skip
+    assert (updated.json()["events"], updated.json()["disabled"]) == (["refund.created"], True)
+    listed = (await hooks.client.get("/v1/webhook_endpoints")).json()["data"]
+    assert [e["id"] for e in listed] == [endpoint["id"]]
+    deleted = await hooks.client.delete(f"/v1/webhook_endpoints/{endpoint['id']}")
+    assert deleted.json() == {"id": endpoint["id"], "object": "webhook_endpoint", "deleted": True}
+    assert (await hooks.client.get(f"/v1/webhook_endpoints/{endpoint['id']}")).status_code == 404
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"url": "ftp://example.com/hook"}, "url"),
+        ({"url": "http:///nohost"}, "url"),
+        ({"url": "https://user:pw@example.com/hook"}, "url"),
+        ({"url": "https://example.com:99999/hook"}, "url"),
+        ({"url": "https://exa mple.com/hook"}, "url"),
+        ({"url": "https://example.com/" + "x" * 2100}, "url"),
+        ({"url": "not a url"}, "url"),
+        ({"url": "https://example.com", "events": ["payment.exploded"]}, "events"),
+        ({"url": "https://example.com", "events": []}, "events"),
+        ({"url": "https://example.com", "colour": "red"}, "colour"),
+        ({}, "url"),
+    ],
+)
+async def test_endpoint_bad_input(hooks: Stack, body: dict[str, Any], field: str) -> None:
+    response = await hooks.post("/v1/webhook_endpoints", body)
+    assert response.status_code == 400, response.text
+    assert field in response.json()["detail"]
+    assert await hooks.count("webhook_endpoints") == 0
+
+
+async def test_redeliver_and_deliveries_of_unknown_objects_are_404(hooks: Stack) -> None:
+    for path in ("/v1/events/evt_000000000000000000000000/redeliver",):
+        assert (await hooks.post(path)).status_code == 404
+    for path in ("/v1/events/evt_nope/deliveries", "/v1/webhook_deliveries/whd_x",
+                 "/v1/webhook_endpoints/we_x/deliveries"):  # fmt: skip
+        assert (await hooks.client.get(path)).status_code == 404
+
+
+def test_payload_is_the_event_as_the_api_shows_it() -> None:
+    class Row:
+        id, type, created_at = "evt_1", "payment.captured", 5.5
+        data = json.dumps({"id": "pay_1"})
+
+    assert json.loads(delivery.event_payload(Row())) == {
+        "id": "evt_1",
+        "object": "event",
+        "type": "payment.captured",
+        "created": 5,
+        "data": {"object": {"id": "pay_1"}},
+    }
