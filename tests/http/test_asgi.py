@@ -525,3 +525,92 @@ def test_managed_requests_do_not_offer_pathsend_to_the_app() -> None:
     assert scope["extensions"] == {"http.response.pathsend": {}, "other": {}}  # not mutated
     plain = {"type": "http"}
     assert _bodies_only(plain) is plain
+
+
+# -- after the last body message: the record is stored before it goes out, never after ------
+
+
+def _answering_app(after: Any) -> Any:
+    """A raw ASGI app: one whole 201 response, then ``after()`` (its afterwork)."""
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await receive()
+        await send({"type": "http.response.start", "status": 201, "headers": [(b"x-n", b"1")]})
+        await send({"type": "http.response.body", "body": b'{"id":1}'})
+        await after()
+
+    return app
+
+
+async def test_the_response_does_not_wait_for_the_apps_afterwork(store: Store) -> None:
+    release, delivered = asyncio.Event(), asyncio.Event()
+    app = IdempotencyMiddleware(_answering_app(release.wait), store=store)
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+        if not message.get("more_body") and message["type"] == "http.response.body":
+            record = await store.get(_scope(), "k1")
+            assert record is not None
+            assert record.state is RecordState.COMPLETED  # stored before the last chunk
+            delivered.set()
+
+    scope = {
+        "type": "http", "method": "POST", "path": "/payments", "query_string": b"",
+        "headers": [(b"authorization", b"Bearer tenant-a"), (b"idempotency-key", b"k1")],
+    }  # fmt: skip
+    inbox = [{"type": "http.request", "body": b"{}"}]
+
+    async def receive() -> dict[str, Any]:
+        return inbox.pop(0) if inbox else {"type": "http.disconnect"}
+
+    call = asyncio.create_task(app(scope, receive, send))
+    await asyncio.wait_for(delivered.wait(), 5)  # while the app still works (a background task)
+    assert not call.done()
+    assert [m["type"] for m in sent] == ["http.response.start", "http.response.body"]
+    assert (b"idempotency-key-expires", sent[0]["headers"][-1][1]) == sent[0]["headers"][-1]
+    release.set()
+    await call
+
+
+@pytest.mark.parametrize("suspends", [False, True], ids=["at-once", "after-an-await"])
+async def test_an_app_that_fails_after_its_whole_response_still_stores_and_sends_it(
+    store: Store, suspends: bool
+) -> None:
+    runs = 0
+
+    async def crash() -> None:
+        nonlocal runs
+        runs += 1
+        if suspends:
+            await asyncio.sleep(0)
+        raise RuntimeError("background task crashed")
+
+    app = IdempotencyMiddleware(_answering_app(crash), store=store)
+    with pytest.raises(RuntimeError, match="background task crashed"):
+        await raw_call(app, [{"type": "http.request", "body": b"{}"}], idempotency_key="k1")
+    record = await store.get(_scope(), "k1")
+    assert record is not None
+    assert record.state is RecordState.COMPLETED  # it ran: a retry must replay, not rerun
+    with pytest.raises(RuntimeError):
+        await raw_call(app, [{"type": "http.request", "body": b"{}"}], idempotency_key="k2")
+    sent = await raw_call(app, [{"type": "http.request", "body": b"{}"}], idempotency_key="k1")
+    assert (sent[0]["status"], sent[1]["body"]) == (201, b'{"id":1}')
+    assert (b"idempotent-replayed", b"true") in sent[0]["headers"]
+    assert runs == 2  # k1 once, k2 once: the replay ran nothing
+
+
+async def test_messages_after_the_last_body_follow_it(store: Store) -> None:
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await receive()
+        await send({"type": "http.response.start", "status": 201, "headers": []})
+        await send({"type": "http.response.body", "body": b"done"})
+        await send({"type": "http.response.trailers", "headers": [], "more_trailers": False})
+
+    sent = await raw_call(
+        IdempotencyMiddleware(app, store=store),
+        [{"type": "http.request", "body": b"{}"}],
+        idempotency_key="k1",
+    )
+    kinds = [m["type"] for m in sent]
+    assert kinds == ["http.response.start", "http.response.body", "http.response.trailers"]

@@ -7,6 +7,7 @@ lives in a small :class:`_Responder`, never on ``self``.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
@@ -148,21 +149,50 @@ async def _respond(send: Send, response: Respond) -> None:
     await send({"type": "http.response.body", "body": response.body})
 
 
+# The expiry header goes on every managed response; its name is encoded once.
+_EXPIRES = EXPIRES_HEADER.encode()
+
+
 class _Responder:
     """Streams the app's response to the client while capturing it for storage.
 
     The record is completed *before* the last body chunk goes out: a client never sees a
     complete success whose record failed to store. With a single-chunk response (the common
     case) nothing has been sent yet, so a store failure becomes a clean 503 instead.
+
+    The app's last ``send`` returns at once, and the record is completed once the app returns:
+    the store's round trip then suspends a handful of frames deep instead of inside the whole
+    app stack (Starlette's middleware, router, endpoint, response), which every await would
+    otherwise cross twice. If the app is not done by then (a background task after its
+    response, say), a timer set with the last message starts completion in a task of its own
+    as soon as the app suspends, so the response never waits for the app's afterwork.
     """
+
+    __slots__ = (
+        "chunks",
+        "finished",
+        "finishing",
+        "gate",
+        "last",
+        "later",
+        "oversized",
+        "run_",
+        "send",
+        "size",
+        "start",
+        "started",
+    )
 
     def __init__(self, gate: Gate, run: Run, send: Send) -> None:
         self.gate = gate
         self.run_ = run
         self.send = send
-        self.start: Message | None = None
-        self.started = False
-        self.finished = False
+        self.start: Message | None = None  # the app's http.response.start, as it sent it
+        self.started = False  # whether it went out (with our expiry header)
+        self.finished = False  # whether the app's last body message has come
+        self.last: Message | None = None  # that message, until the record is stored
+        self.later: asyncio.Handle | None = None  # the app-suspended timer (see above)
+        self.finishing: asyncio.Task[None] | None = None
         self.chunks: list[bytes] = []
         self.size = 0
         self.oversized = False
@@ -173,17 +203,21 @@ class _Responder:
         except BaseException:
             if not self.finished:
                 await self.gate.abandon(self.run_)
+            else:  # the app failed after its whole response: store and send it all the same
+                await asyncio.shield(self._settle())
             raise
-        if not self.finished:  # the app returned without a complete response
+        if self.finished:
+            await self._settle()
+        else:  # the app returned without a complete response
             await self.gate.abandon(self.run_)
 
     async def capture(self, message: Message) -> None:
-        if message["type"] == "http.response.start":
-            headers = list(message.get("headers", []))
-            headers.append((EXPIRES_HEADER.encode(), self.run_.expires.encode()))
-            self.start = {**message, "headers": headers}
+        kind = message["type"]
+        if kind == "http.response.start":
+            self.start = message
             return
-        if message["type"] != "http.response.body" or self.finished:
+        if kind != "http.response.body" or self.finished:
+            await self._settle()  # whatever comes after the last body goes after it
             await self.send(message)
             return
         self._collect(message.get("body", b""))
@@ -191,7 +225,9 @@ class _Responder:
             await self._send_start()
             await self.send(message)
             return
-        await self._finish_then_send(message)
+        self.finished = True
+        self.last = message
+        self.later = asyncio.get_running_loop().call_soon(self._app_suspended)
 
     def _collect(self, chunk: bytes) -> None:
         if self.oversized:
@@ -203,15 +239,35 @@ class _Responder:
         else:
             self.chunks.append(chunk)
 
-    async def _finish_then_send(self, last: Message) -> None:
-        assert self.start is not None, "http.response.body before http.response.start"
-        self.finished = True
-        status = self.start["status"]
-        headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in self.start["headers"]]
-        headers = [(k, v) for k, v in headers if k != EXPIRES_HEADER]
+    def _app_suspended(self) -> None:
+        """The app awaited something after its last message: complete without waiting for it."""
+        self.later = None
+        self.finishing = asyncio.get_running_loop().create_task(self._finish_then_send())
+
+    async def _settle(self) -> None:
+        """Store the response and send its last message, once (or wait for the task that does)."""
+        if self.later is not None:
+            self.later.cancel()
+            self.later = None
+        task, self.finishing = self.finishing, None
+        if task is not None:
+            await task
+        elif self.last is not None:
+            await self._finish_then_send()
+
+    async def _finish_then_send(self) -> None:
+        last, self.last = self.last, None
+        start = self.start
+        assert start is not None, "http.response.body before http.response.start"
+        assert last is not None, "completed twice"
+        headers = [
+            (k.decode("latin-1"), v.decode("latin-1"))
+            for k, v in start.get("headers", ())
+            if k != _EXPIRES
+        ]
         try:
             await self.gate.finish(
-                self.run_, status, headers, b"".join(self.chunks), oversized=self.oversized
+                self.run_, start["status"], headers, b"".join(self.chunks), oversized=self.oversized
             )
         except OncePayError as exc:
             key = self.run_.ticket.key
@@ -225,6 +281,8 @@ class _Responder:
 
     async def _send_start(self) -> None:
         if not self.started:
-            assert self.start is not None, "http.response.body before http.response.start"
+            start = self.start
+            assert start is not None, "http.response.body before http.response.start"
             self.started = True
-            await self.send(self.start)
+            headers = [*start.get("headers", ()), (_EXPIRES, self.run_.expires.encode())]
+            await self.send({**start, "headers": headers})
