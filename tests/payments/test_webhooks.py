@@ -5,6 +5,7 @@ endpoint API's bad input."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -263,3 +264,98 @@ def test_payload_is_the_event_as_the_api_shows_it() -> None:
         "created": 5,
         "data": {"object": {"id": "pay_1"}},
     }
+
+
+# -- several workers -----------------------------------------------------------------------------
+
+WORKERS = 2
+
+
+async def _worker_in_child(url: str, barrier: Any) -> list[str]:
+    """Deliver, a few at a time, until nothing is left; the deliveries this worker made."""
+    from oncepay.payments.service import Services
+    from oncepay.payments.settings import Settings
+    from oncepay.payments.webhooks import claim_due
+
+    services = await Services.start(Settings(database_url=url, run_worker=False),
+                                    acquirers=_no_acquirers())  # fmt: skip
+    sent: list[str] = []
+    original = claim_due
+
+    async def recording(svc: Any, **kwargs: Any) -> Any:
+        claimed = await original(svc, **kwargs)
+        sent.extend(c.id for c in claimed)
+        return claimed
+
+    delivery.claim_due = recording
+    try:
+        await asyncio.to_thread(barrier.wait)
+        async with httpx.AsyncClient() as client:
+            while (await deliver_due(services, client, limit=3)).total:
+                pass
+    finally:
+        await services.aclose()
+    return sent
+
+
+def _no_acquirers() -> Any:
+    from oncepay.payments.routing import AcquirerSet
+
+    class Idle:
+        name = "primary"
+
+        def available(self) -> bool:
+            return True
+
+        async def aclose(self) -> None:
+            return None
+
+    return AcquirerSet([Idle()])  # type: ignore[list-item]
+
+
+def _child(url: str, barrier: Any, out: Any) -> None:
+    out.put(asyncio.run(_worker_in_child(url, barrier)))
+
+
+@pytest.mark.postgres
+async def test_two_workers_on_postgres_deliver_each_attempt_once(
+    tmp_path: Path, receiver: Receiver
+) -> None:
+    import multiprocessing
+
+    from tests.payments.stack import database_url
+    from tests.servers import require_postgres
+
+    require_postgres()
+    url = database_url("postgres", tmp_path)
+    async with running_stack(url, tmp_path) as stack:
+        await subscribe(stack, receiver)
+        for _ in range(20):
+            await stack.pay()  # three events each: 60 deliveries
+        ctx = multiprocessing.get_context("spawn")
+        barrier, out = ctx.Barrier(WORKERS), ctx.Queue()
+        children = [ctx.Process(target=_child, args=(url, barrier, out)) for _ in range(WORKERS)]
+        for child in children:
+            child.start()
+        sent = [await asyncio.to_thread(out.get, True, 120) for _ in children]
+        for child in children:
+            child.join(30)
+            assert child.exitcode == 0
+        events = (await stack.client.get("/v1/events", params={"limit": 100})).json()["data"]
+        ids = {e["id"] for e in events}
+        assert len(ids) == 60
+        assert all(sent), "both workers delivered"
+        assert sorted(sent[0] + sent[1]) == sorted(set(sent[0]) | set(sent[1]))  # no overlap
+        arrived = receiver.stats()["arrived"]
+        assert all(arrived[event_id] == 1 for event_id in ids)
+        rows = (await stack.client.get("/v1/events/" + events[0]["id"] + "/deliveries")).json()
+        assert rows["data"][0]["status"] == "succeeded"
+
+
+async def test_delivery_attempts_are_in_the_metrics(hooks: Stack, receiver: Receiver) -> None:
+    await subscribe(hooks, receiver, events=["payment.captured"])
+    await hooks.pay()
+    await deliver(hooks)
+    metrics = (await hooks.client.get("/metrics")).text
+    assert 'oncepay_webhook_attempts_total{result="succeeded"}' in metrics
+    assert "oncepay_webhook_attempt_seconds_count" in metrics

@@ -205,12 +205,16 @@ async def claim_due(svc: Services, *, now: float, limit: int = CLAIM_BATCH) -> l
 
 
 async def deliver_due(
-    svc: Services, client: httpx.AsyncClient, *, now: float | None = None
+    svc: Services,
+    client: httpx.AsyncClient,
+    *,
+    now: float | None = None,
+    limit: int = CLAIM_BATCH,
 ) -> DeliveryReport:
-    """One pass: claim what is due, send each, record each outcome."""
+    """One pass: claim what is due (at most ``limit``), send each, record each outcome."""
     report = DeliveryReport()
     now = time.time() if now is None else now
-    for claimed in await claim_due(svc, now=now):
+    for claimed in await claim_due(svc, now=now, limit=limit):
         report.results[await _deliver(svc, client, claimed, now)] += 1
     return report
 
