@@ -40,7 +40,10 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
            "ONCEPAY_ACQUIRER_DATABASE_URL": f"sqlite:///{folder / 'a.db'}"}  # fmt: skip
     merchant = json.loads(cli("merchants", "create", "Fuzz", env=env).stdout)
     port = free_port()
-    with running(oncepay_args("serve", "--port", str(port)), port, {**os.environ, **env}):
+    # --no-worker: generated webhook endpoints name arbitrary hosts, and nothing may be sent to
+    # any address but this machine's own.
+    args = oncepay_args("serve", "--port", str(port), "--no-worker")
+    with running(args, port, {**os.environ, **env}):
         base = f"http://127.0.0.1:{port}"
         yield {"schema": schemathesis.openapi.from_url(f"{base}/openapi.json"),
                "key": merchant["api_key"]}  # fmt: skip
