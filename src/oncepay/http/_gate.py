@@ -160,7 +160,7 @@ class Gate:
             return False
         if self.include is not None and not _matches(path, self.include):
             return False
-        return not _matches(path, self.exclude)
+        return not (self.exclude and _matches(path, self.exclude))
 
     def raw_key(self, request: Request) -> str | None:
         for name in self.headers:

@@ -59,7 +59,13 @@ __all__ = [
     "record_name",
 ]
 
-Arg = str | bytes
+# Floats go to the driver as they are: ours (hiredis) and redis-py both write one as its repr(),
+# the shortest text that reads back as the same double, in Lua as in Python.
+Arg = str | bytes | float
+
+# Hot path: bytes from the server to enum members by dict, not by calling the enum class.
+_STATES = {state.value.encode(): state for state in RecordState}
+_OUTCOMES = {outcome.value.encode(): outcome for outcome in ClaimOutcome}
 
 # Helpers every script starts with. Lua numbers are doubles: integers are formatted with %.0f
 # (tostring() would print a fence as 1.7e+12), times with %.17g (17 significant digits give back
@@ -200,15 +206,10 @@ def record_name(prefix: str, scope: str, key: str) -> str:
     return f"{prefix}{{{hashlib.sha256(material).hexdigest()}}}"
 
 
-def _seconds(value: float) -> str:
-    # repr() is the shortest text that reads back as the same double, in Lua as in Python.
-    return repr(float(value))
-
-
 def claim_args(
     scope: str, key: str, fingerprint: str, *, now: float, lease: float, ttl: float
 ) -> list[Arg]:
-    return [scope, key, fingerprint, _seconds(now), _seconds(lease), _seconds(ttl)]
+    return [scope, key, fingerprint, float(now), float(lease), float(ttl)]
 
 
 def complete_args(fence: int, response: StoredResponse) -> list[Arg]:
@@ -216,7 +217,7 @@ def complete_args(fence: int, response: StoredResponse) -> list[Arg]:
 
 
 def checkpoint_args(fence: int, recovery_point: str, *, now: float, lease: float) -> list[Arg]:
-    return [str(fence), recovery_point, _seconds(now), _seconds(lease)]
+    return [str(fence), recovery_point, float(now), float(lease)]
 
 
 def decode_claim(
@@ -239,7 +240,7 @@ def decode_claim(
         record = Record(scope, key, fingerprint, RecordState.EXECUTING, fence,
                         now, now + lease, now + ttl)  # fmt: skip
         return Claim(ClaimOutcome.CREATED, record)
-    return Claim(ClaimOutcome(reply[0].decode()), _standing(reply))
+    return Claim(_OUTCOMES[reply[0]], _standing(reply))
 
 
 def _standing(reply: Sequence[Any]) -> Record:
@@ -249,7 +250,7 @@ def _standing(reply: Sequence[Any]) -> Record:
     if status is not None:
         headers, body = reply[11], reply[12]
         response = StoredResponse(int(status), StoredResponse.parse_headers(headers), body or b"")
-    return Record(scope.decode(), key.decode(), fp.decode(), RecordState(state.decode()),
+    return Record(scope.decode(), key.decode(), fp.decode(), _STATES[state],
                   int(fence), float(created), float(lease_expires), float(expires),
                   None if point is None else point.decode(), response)  # fmt: skip
 

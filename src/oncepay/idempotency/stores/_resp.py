@@ -43,7 +43,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 from urllib.parse import unquote, urlsplit
@@ -389,8 +389,18 @@ class RespClient:
     def from_url(cls, url: str, *, timeout: float, tls: ssl.SSLContext | None = None) -> RespClient:
         return cls(Address.from_url(url), timeout=timeout, tls=tls)
 
-    async def execute_command(self, *args: Arg) -> Any:
-        """Send one command and return its reply (bytes, int, None or a list of them)."""
+    def execute_command(self, *args: Arg) -> Awaitable[Any]:
+        """Send one command; await the result for its reply (bytes, int, None or a list).
+
+        On an open connection that takes commands, the command is written (or queued for this
+        loop iteration's write) before this returns, and the result is the reply's future: no
+        coroutine of ours between the caller and the reply."""
+        connection = self._connection
+        if connection is None or connection.broken is not None or connection.paused:
+            return self._execute_when_ready(args)
+        return connection.send(_pack_command(args))
+
+    async def _execute_when_ready(self, args: tuple[Arg, ...]) -> Any:
         connection = self._connection
         if connection is None or connection.broken is not None:
             connection = await self._reconnect()
