@@ -245,7 +245,7 @@ class Gate:
     ) -> StoredResponse:
         """The response as it is kept for replay; ``oversized`` when the body went past
         ``max_response`` (the caller stopped collecting it)."""
-        kept = tuple((k, v) for k, v in headers if k.lower() not in NOT_STORED)
+        kept = tuple([(k, v) for k, v in headers if k.lower() not in NOT_STORED])
         if oversized or len(body) > self.max_response:
             log.warning(
                 "response body exceeds max_response=%d bytes: stored without its body",
@@ -271,7 +271,7 @@ class Gate:
         Raises ``StoreUnavailable``/``LeaseLost`` when the response could not be stored: the
         caller must then not report success (the key stays locked until its lease lapses).
         """
-        headers = list(headers)
+        headers = headers if isinstance(headers, list) else list(headers)
         if self.cacheable(status):
             response = self.stored(status, headers, body, oversized=oversized)
             await self.engine.complete(run.ticket, response)

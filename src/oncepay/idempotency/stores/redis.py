@@ -139,8 +139,9 @@ class _RedisStoreBase:
     async def complete(
         self, scope: str, key: str, fence: int, response: StoredResponse, *, now: float
     ) -> None:
-        args = complete_args(fence, response)
-        await self._fenced(self._scripts.complete, scope, key, fence, args)
+        # _fenced spelled out: one coroutine less on every request's completion
+        if not await self._run(self._scripts.complete, scope, key, complete_args(fence, response)):
+            raise LeaseLost(f"token {fence} no longer holds key {key!r}")
 
     async def release(self, scope: str, key: str, fence: int, *, now: float) -> None:
         await self._fenced(self._scripts.release, scope, key, fence, [str(fence)])
