@@ -27,7 +27,7 @@ pytestmark = pytest.mark.slow
 def receiver_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     folder: Path = tmp_path_factory.mktemp("receiver")
     port = free_port()
-    args = [*uvicorn_args("tests.payments.receiver:create_app", port), "--factory"]
+    args = [*uvicorn_args("oncepay.chaos.receiver:create_app", port), "--factory"]
     env = {"ONCEPAY_RECEIVER_STORE": f"sqlite:///{folder / 'seen.db'}"}
     with running(args, port, env):
         yield f"http://127.0.0.1:{port}"

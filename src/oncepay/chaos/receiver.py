@@ -1,9 +1,9 @@
-"""A webhook receiver for tests, built on OncePay's own receiver helper (``oncepay.webhooks``)
-as a user would build one: a FastAPI route whose dependency verifies the signature and
-de-duplicates by ``webhook-id`` on a SQLite store. Run it with uvicorn:
+"""The webhook receiver of the chaos audit (and of the webhook tests), built on OncePay's own
+receiver helper (``oncepay.webhooks``) as a user would build one: a FastAPI route whose
+dependency verifies the signature and de-duplicates by ``webhook-id`` on a SQLite store.
 
     ONCEPAY_RECEIVER_STORE=sqlite:///r.db \
-        python -m uvicorn --factory tests.payments.receiver:create_app
+        python -m uvicorn --factory oncepay.chaos.receiver:create_app
 
 ``PUT /config`` sets the secrets and the misbehaviour (``fail_first``: answer 500 to the first
 N attempts of each id; ``gone``: answer 410); ``GET /stats`` tells what arrived and what was

@@ -1,0 +1,342 @@
+"""``oncepay chaos``: start the stack, run many concurrent clients through the faulty proxy
+while faults are injected, let recovery finish, then audit (docs/guarantees.md).
+
+Faults, each counted in the report:
+
+* acquirers: latency, 5xx before acting, timeout after committing, dropped connections (rates
+  set on both simulators), and outages of the primary that force failover;
+* between clients and API: answers dropped after the server finished (the proxy);
+* processes: ``kill -9`` of an API process or of the worker mid-run, then a restart;
+* Redis, with ``--redis``: a flush of every key, or a ``kill -9`` of the server and a restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import tempfile
+import time
+import uuid
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+from rich.table import Table
+from sqlalchemy import func, select
+
+from oncepay.chaos.audit import Evidence, audit, gather, summarise_operations
+from oncepay.chaos.stack import ChaosStack
+from oncepay.http.client import ATTEMPTS, AsyncClient, RetryPolicy
+from oncepay.payments.db import Database, read
+from oncepay.payments.migrations import migrate
+from oncepay.payments.schema import payments, webhook_deliveries
+from oncepay.payments.service import create_merchant
+
+__all__ = ["ChaosConfig", "ChaosReport", "run_chaos"]
+
+METHODS = ["pm_card_ok"] * 8 + ["pm_card_declined", "pm_card_insufficient_funds"]
+# Clients retry until they get a final answer: a process restart, an outage of the primary
+# and a recovery back-off all fit well inside two minutes.
+CLIENT_POLICY = RetryPolicy(attempts=200, total=120.0, base=0.05, cap=1.0)
+# After the clients are done, recovery and webhook delivery get this long to finish.
+DRAIN_TIMEOUT = 120.0
+
+
+@dataclass
+class ChaosConfig:
+    payments: int = 300
+    concurrency: int = 16
+    duration: float | None = None  # seconds; with it, clients go on until it is over
+    database_url: str | None = None  # default: SQLite in the work folder
+    redis: bool = False
+    seed: int = 1
+    latency_ms: float = 5.0
+    error_rate: float = 0.03
+    timeout_after_commit_rate: float = 0.02
+    drop_rate: float = 0.02
+    proxy_drop_rate: float = 0.05
+    kill_interval: float = 4.0  # seconds between process kills (0: none)
+    outage_interval: float = 10.0  # seconds between primary outages (0: none)
+    outage_seconds: float = 2.0
+    redis_interval: float = 5.0  # seconds between Redis faults, with --redis
+    workdir: Path | None = None
+
+
+@dataclass
+class ChaosReport:
+    config: dict[str, Any]
+    logical_payments: int = 0
+    requests: int = 0
+    retries: int = 0
+    seconds: float = 0.0
+    outcomes: dict[str, int] = field(default_factory=dict)
+    faults: dict[str, int] = field(default_factory=dict)
+    acquirer_operations: dict[str, int] = field(default_factory=dict)
+    webhooks_delivered: int = 0
+    violations: dict[str, list[str]] = field(default_factory=dict)
+
+    @property
+    def violation_count(self) -> int:
+        return sum(len(v) for v in self.violations.values())
+
+    def as_dict(self) -> dict[str, Any]:
+        document = asdict(self)
+        document["violation_count"] = self.violation_count
+        document["payments_per_second"] = round(self.logical_payments / self.seconds, 1)
+        document["requests_per_second"] = round(self.requests / self.seconds, 1)
+        return document
+
+
+async def run_chaos(config: ChaosConfig, console: Console | None = None) -> ChaosReport:
+    console = console or Console(stderr=True)
+    workdir = config.workdir or Path(tempfile.mkdtemp(prefix="oncepay-chaos-"))
+    database_url = config.database_url or f"sqlite:///{workdir / 'payments.db'}"
+    db = Database.from_url(database_url)
+    await migrate(db)
+    merchant, api_key = await create_merchant(db, f"chaos {uuid.uuid4().hex[:6]}")
+    stack = ChaosStack(workdir, database_url, redis=config.redis,
+                       proxy_drop_rate=config.proxy_drop_rate, seed=config.seed)  # fmt: skip
+    stack.build()
+    report = ChaosReport(config={k: str(v) for k, v in asdict(config).items()})
+    console.print(f"chaos: starting the stack in {workdir}")
+    await asyncio.to_thread(stack.start)
+    try:
+        async with httpx.AsyncClient(timeout=30) as admin:
+            await _prepare(admin, stack, api_key, config)
+            faults: Counter[str] = Counter()
+            started = time.monotonic()
+            answers, attempts = await _clients(config, stack, api_key, faults, console)
+            report.seconds = time.monotonic() - started
+            await _calm(admin, stack)
+            await _drain(db, console)
+            received = (await admin.get(f"{stack.services['receiver'].url}/stats")).json()
+            evidence = Evidence(answers, await _operations(admin, stack), received)
+            await gather(db, merchant.id, evidence)
+            faults["answers dropped by the proxy"] = (
+                await admin.get(f"{stack.services['proxy'].url}/_proxy/stats")
+            ).json()["dropped"]
+        report.logical_payments = len(answers)
+        report.requests = sum(attempts)
+        report.retries = report.requests - len(answers)
+        report.outcomes = dict(
+            Counter((a or {}).get("status", "no answer") for a in answers.values())
+        )
+        report.faults = dict(faults) | _acquirer_fault_rates(config)
+        report.acquirer_operations = summarise_operations(evidence.operations)
+        report.webhooks_delivered = sum(evidence.received["handled"].values())
+        report.violations = audit(evidence)
+    finally:
+        await asyncio.to_thread(stack.stop)
+        await db.aclose()
+    return report
+
+
+async def _prepare(admin: httpx.AsyncClient, stack: ChaosStack, api_key: str,
+                   config: ChaosConfig) -> None:  # fmt: skip
+    """Subscribe the receiver to every event, and set the acquirers' fault rates."""
+    auth = {"Authorization": f"Bearer {api_key}"}
+    endpoint = await admin.post(
+        f"{stack.services['api-1'].url}/v1/webhook_endpoints",
+        json={"url": f"{stack.services['receiver'].url}/hook"},
+        headers={**auth, "Idempotency-Key": "chaos-webhook-endpoint"},
+    )
+    endpoint.raise_for_status()
+    receiver = stack.services["receiver"].url
+    (await admin.put(f"{receiver}/config", json={"secrets": [endpoint.json()["secret"]]})
+     ).raise_for_status()  # fmt: skip
+    for name in ("primary", "secondary"):
+        await _set_faults(admin, stack, name, config)
+
+
+async def _set_faults(admin: httpx.AsyncClient, stack: ChaosStack, name: str,
+                      config: ChaosConfig | None, **extra: Any) -> None:  # fmt: skip
+    faults: dict[str, Any] = {}
+    if config is not None:
+        faults = {"latency_ms": config.latency_ms, "error_rate": config.error_rate,
+                  "timeout_after_commit_rate": config.timeout_after_commit_rate,
+                  "stall_seconds": 3.0, "drop_rate": config.drop_rate}  # fmt: skip
+    response = await admin.put(f"{stack.services[name].url}/admin/faults", json={**faults, **extra})
+    response.raise_for_status()
+
+
+def _acquirer_fault_rates(config: ChaosConfig) -> dict[str, int]:
+    return {
+        "acquirer latency (ms, every call)": int(config.latency_ms),
+        "acquirer 5xx rate (%)": round(config.error_rate * 100),
+        "acquirer timeout-after-commit rate (%)": round(config.timeout_after_commit_rate * 100),
+        "acquirer dropped-connection rate (%)": round(config.drop_rate * 100),
+    }
+
+
+# -- the clients ---------------------------------------------------------------------------------
+
+
+async def _clients(
+    config: ChaosConfig, stack: ChaosStack, api_key: str, faults: Counter[str], console: Console
+) -> tuple[dict[str, dict[str, Any] | None], list[int]]:
+    dice = random.Random(config.seed)  # noqa: S311 - workload dice
+    answers: dict[str, dict[str, Any] | None] = {}
+    attempts: list[int] = []
+    queue: asyncio.Queue[int] = asyncio.Queue()
+    for n in range(config.payments):
+        queue.put_nowait(n)
+    deadline = time.monotonic() + config.duration if config.duration else None
+    limits = httpx.Limits(max_connections=config.concurrency * 2)
+    async with AsyncClient(base_url=stack.services["proxy"].url, retry=CLIENT_POLICY,
+                           limits=limits, timeout=30.0,
+                           headers={"Authorization": f"Bearer {api_key}"}) as client:  # fmt: skip
+        progress = Progress("[progress.description]{task.description}", BarColumn(),
+                            MofNCompleteColumn(), TimeElapsedColumn(), console=console,
+                            transient=True)  # fmt: skip
+        with progress:
+            task = progress.add_task("payments", total=None if deadline else config.payments)
+
+            async def one_client() -> None:
+                while True:
+                    if deadline is not None:
+                        if time.monotonic() > deadline:
+                            return
+                    elif queue.empty():
+                        return
+                    else:
+                        queue.get_nowait()
+                    await _pay(client, dice, answers, attempts)
+                    progress.advance(task)
+
+            chaos = asyncio.create_task(_inject(config, stack, faults))
+            try:
+                await asyncio.gather(*(one_client() for _ in range(config.concurrency)))
+            finally:
+                chaos.cancel()
+                await asyncio.gather(chaos, return_exceptions=True)
+    return answers, attempts
+
+
+async def _pay(client: AsyncClient, dice: random.Random,
+               answers: dict[str, dict[str, Any] | None], attempts: list[int]) -> None:  # fmt: skip
+    key = f"chaos-{uuid.uuid4().hex}"
+    body = {"amount": dice.randint(100, 50_000), "currency": dice.choice(["USD", "EUR", "GBP"]),
+            "payment_method": dice.choice(METHODS)}  # fmt: skip
+    answers[key] = None
+    try:
+        response = await client.post("/v1/payments", json=body, headers={"Idempotency-Key": key})
+    except httpx.HTTPError:
+        attempts.append(CLIENT_POLICY.attempts)
+        return
+    attempts.append(int(response.extensions.get(ATTEMPTS, 1)))
+    if response.status_code == 201:
+        answers[key] = response.json()
+
+
+# -- the faults ----------------------------------------------------------------------------------
+
+
+async def _inject(config: ChaosConfig, stack: ChaosStack, faults: Counter[str]) -> None:
+    """Kill processes, black out the primary and break Redis, on a seeded schedule."""
+    dice = random.Random(config.seed + 1)  # noqa: S311 - fault dice
+    loops = [_kills(config, stack, faults, dice)] if config.kill_interval else []
+    if config.outage_interval:
+        loops.append(_outages(config, stack, faults))
+    if config.redis:
+        loops.append(_redis_faults(config, stack, faults, dice))
+    await asyncio.gather(*loops)
+
+
+async def _kills(config: ChaosConfig, stack: ChaosStack, faults: Counter[str],
+                 dice: random.Random) -> None:  # fmt: skip
+    while True:
+        await asyncio.sleep(config.kill_interval)
+        victim = dice.choice(["api-1", "api-2", "worker"])
+        stack.services[victim].kill9()
+        faults[f"kill -9 {'API process' if victim != 'worker' else 'worker'}"] += 1
+        await asyncio.sleep(0.5)
+        await asyncio.to_thread(stack.restart, victim)
+
+
+async def _outages(config: ChaosConfig, stack: ChaosStack, faults: Counter[str]) -> None:
+    async with httpx.AsyncClient(timeout=10) as admin:
+        while True:
+            await asyncio.sleep(config.outage_interval)
+            await _set_faults(admin, stack, "primary", config, outage=True)
+            faults["primary acquirer outages"] += 1
+            await asyncio.sleep(config.outage_seconds)
+            await _set_faults(admin, stack, "primary", config)
+
+
+async def _redis_faults(config: ChaosConfig, stack: ChaosStack, faults: Counter[str],
+                        dice: random.Random) -> None:  # fmt: skip
+    import redis.asyncio as aioredis
+
+    while True:
+        await asyncio.sleep(config.redis_interval)
+        service = stack.services["redis"]
+        if dice.random() < 0.5:
+            client = aioredis.Redis(host="127.0.0.1", port=service.port or 0)
+            await client.flushall()
+            await client.aclose()
+            faults["Redis flushes"] += 1
+        else:
+            service.kill9()
+            faults["Redis kill -9 and restart"] += 1
+            await asyncio.sleep(0.5)
+            await asyncio.to_thread(stack.restart, "redis")
+
+
+# -- afterwards ----------------------------------------------------------------------------------
+
+
+async def _calm(admin: httpx.AsyncClient, stack: ChaosStack) -> None:
+    """Faults off and every process up, so recovery can finish what the faults left."""
+    for name in ("primary", "secondary"):
+        await _set_faults(admin, stack, name, None)
+    for name in stack.services:
+        await asyncio.to_thread(stack.restart, name)
+
+
+async def _drain(db: Database, console: Console) -> None:
+    """Wait until no payment is processing and no webhook delivery is waiting."""
+    deadline = time.monotonic() + DRAIN_TIMEOUT
+    while time.monotonic() < deadline:
+        async with read(db) as conn:
+            processing = (await conn.execute(select(func.count()).select_from(payments)
+                          .where(payments.c.status == "processing"))).scalar_one()  # fmt: skip
+            waiting = (await conn.execute(select(func.count()).select_from(webhook_deliveries)
+                       .where(webhook_deliveries.c.status.in_(["pending", "delivering"])))
+                       ).scalar_one()  # fmt: skip
+        if processing == 0 and waiting == 0:
+            return
+        await asyncio.sleep(0.25)  # polling a condition with a deadline
+    console.print(f"chaos: recovery did not finish in {DRAIN_TIMEOUT:.0f} s")
+
+
+async def _operations(admin: httpx.AsyncClient, stack: ChaosStack) -> list[dict[str, Any]]:
+    found: list[dict[str, Any]] = []
+    for name in ("primary", "secondary"):
+        response = await admin.get(f"{stack.services[name].url}/admin/operations")
+        found += [{**op, "acquirer": name} for op in response.json()["operations"]]
+    return found
+
+
+def render(report: ChaosReport, console: Console) -> None:
+    table = Table(title="OncePay chaos audit", show_header=False)
+    table.add_row("logical payments", str(report.logical_payments))
+    table.add_row("requests (attempts)", str(report.requests))
+    table.add_row("retries", str(report.retries))
+    table.add_row("seconds", f"{report.seconds:.1f}")
+    table.add_row("payments / s", f"{report.logical_payments / report.seconds:.1f}")
+    for outcome, n in sorted(report.outcomes.items()):
+        table.add_row(f"final answer: {outcome}", str(n))
+    for fault, n in sorted(report.faults.items()):
+        table.add_row(f"fault: {fault}", str(n))
+    table.add_row("webhooks handled", str(report.webhooks_delivered))
+    for check, found in report.violations.items():
+        mark = "[green]ok[/green]" if not found else f"[red]{len(found)} violations[/red]"
+        table.add_row(f"check: {check}", mark)
+    console.print(table)
+    for check, found in report.violations.items():
+        for violation in found[:10]:
+            console.print(f"[red]violation[/red] {check}: {violation}", soft_wrap=True)

@@ -1,0 +1,192 @@
+"""The chaos stack: every part of OncePay as a real OS process on this machine's loopback —
+two simulated acquirers, two API processes, the worker, a webhook receiver, the fault-injecting
+proxy, and optionally a Redis server of its own — each of which can be killed with SIGKILL and
+started again."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+__all__ = ["ChaosStack", "Service", "free_port"]
+
+# A Python process that imports the service binds within a few seconds on this machine; a
+# minute leaves room for a loaded one without hiding a process that never comes up.
+START_TIMEOUT = 60.0
+HOST = "127.0.0.1"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _listening(port: int) -> bool:
+    try:
+        with socket.create_connection((HOST, port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
+@dataclass
+class Service:
+    """One process: its command, environment, port (if it serves) and log file."""
+
+    name: str
+    args: list[str]
+    env: dict[str, str]
+    log: Path
+    port: int | None = None
+    process: subprocess.Popen[bytes] | None = None
+    starts: int = 0
+    _log_file: IO[bytes] | None = field(default=None, repr=False)
+
+    @property
+    def url(self) -> str:
+        return f"http://{HOST}:{self.port}"
+
+    def start(self) -> None:
+        self._log_file = self.log.open("ab")
+        self.process = subprocess.Popen(  # noqa: S603 - our own commands, no shell
+            self.args, env={**os.environ, **self.env}, stdout=self._log_file,
+            stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+        self.starts += 1
+
+    def wait_ready(self, timeout: float = START_TIMEOUT) -> None:
+        deadline = time.monotonic() + timeout
+        while self.port is not None and not _listening(self.port):
+            if self.process is not None and self.process.poll() is not None:
+                raise RuntimeError(
+                    f"{self.name} exited with {self.process.returncode}; see {self.log}"
+                )
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self.name} does not listen on {self.port}; see {self.log}")
+            time.sleep(0.05)
+
+    def kill9(self) -> None:
+        """SIGKILL: no cleanup, no graceful shutdown — a crash."""
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+        self._close_log()
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        self._close_log()
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def _close_log(self) -> None:
+        if self._log_file is not None:
+            self._log_file.close()
+            self._log_file = None
+
+
+def _oncepay(*args: str) -> list[str]:
+    return [sys.executable, "-m", "oncepay", *args]
+
+
+def _uvicorn(app: str, port: int) -> list[str]:
+    return [sys.executable, "-m", "uvicorn", app, "--factory", "--host", HOST, "--port",
+            str(port), "--log-level", "error", "--timeout-graceful-shutdown", "1"]  # fmt: skip
+
+
+@dataclass
+class ChaosStack:
+    workdir: Path
+    database_url: str
+    redis: bool = False
+    proxy_drop_rate: float = 0.0
+    seed: int = 1
+    services: dict[str, Service] = field(default_factory=dict)
+
+    def build(self) -> None:
+        w = self.workdir
+        for name in ("primary", "secondary"):
+            port = free_port()
+            self._add(name, _oncepay("acquirer", "--port", str(port), "--database-url",
+                                     f"sqlite:///{w / f'acquirer-{name}.db'}",
+                                     "--seed", str(self.seed)), {}, port)  # fmt: skip
+        if self.redis:
+            binary = shutil.which("redis-server") or "redis-server"
+            port = free_port()
+            self._add("redis", [binary, "--port", str(port), "--bind", HOST, "--save", "",
+                                "--appendonly", "no", "--dir", str(w)], {}, port)  # fmt: skip
+        service_env = self.service_env()
+        for name in ("api-1", "api-2"):
+            port = free_port()
+            self._add(name, _oncepay("serve", "--port", str(port), "--no-worker"),
+                      service_env, port)  # fmt: skip
+        self._add("worker", _oncepay("worker"), service_env, None)
+        port = free_port()
+        self._add("receiver", _uvicorn("oncepay.chaos.receiver:create_app", port),
+                  {"ONCEPAY_RECEIVER_STORE": f"sqlite:///{w / 'receiver.db'}"}, port)  # fmt: skip
+        port = free_port()
+        upstreams = ",".join(self.services[n].url for n in ("api-1", "api-2"))
+        self._add("proxy", _uvicorn("oncepay.chaos.proxy:create_app", port),
+                  {"ONCEPAY_PROXY_UPSTREAMS": upstreams,
+                   "ONCEPAY_PROXY_DROP_RATE": str(self.proxy_drop_rate),
+                   "ONCEPAY_PROXY_SEED": str(self.seed)}, port)  # fmt: skip
+
+    def service_env(self) -> dict[str, str]:
+        """The settings of the API processes and the worker, tuned so that faults are
+        recovered from within seconds rather than minutes."""
+        env = {
+            "ONCEPAY_DATABASE_URL": self.database_url,
+            "ONCEPAY_ACQUIRER_URL": f"http://{HOST}:{self.services['primary'].port}",
+            "ONCEPAY_SECONDARY_ACQUIRER_URL": f"http://{HOST}:{self.services['secondary'].port}",
+            # An acquirer answers in milliseconds here; a second means it will not.
+            "ONCEPAY_ACQUIRER_TIMEOUT": "1",
+            "ONCEPAY_ACQUIRER_ATTEMPTS": "2",
+            # Outlasts two acquirers' attempts and look-ups (about 8 s at worst)...
+            "ONCEPAY_LEASE": "10",
+            # ...while an unknown outcome is asked again within seconds.
+            "ONCEPAY_RECOVERY_BACKOFF": json.dumps([0.5, 1, 2, 4, 8]),
+            "ONCEPAY_WEBHOOK_SCHEDULE": json.dumps([0.5, 1, 2, 4, 8, 16]),
+            "ONCEPAY_WORKER_INTERVAL": "0.2",
+        }
+        if self.redis:
+            env["ONCEPAY_REDIS_URL"] = f"redis://{HOST}:{self.services['redis'].port}/0"
+        return env
+
+    def _add(self, name: str, args: list[str], env: dict[str, str], port: int | None) -> None:
+        self.services[name] = Service(name, args, env, self.workdir / f"{name}.log", port)
+
+    def start(self) -> None:
+        order = ["primary", "secondary", "redis", "receiver", "api-1", "api-2", "worker", "proxy"]
+        for name in order:
+            if name in self.services:
+                self.services[name].start()
+        for name in order:
+            if name in self.services:
+                self.services[name].wait_ready()
+
+    def restart(self, name: str) -> None:
+        service = self.services[name]
+        if not service.alive():
+            service.start()
+            service.wait_ready()
+
+    def stop(self) -> None:
+        for service in reversed(list(self.services.values())):
+            service.stop()
