@@ -286,6 +286,30 @@ async def test_a_record_is_one_hash_named_by_a_digest_of_scope_and_key(
     }
 
 
+async def test_a_fresh_claim_reports_the_record_exactly_as_redis_keeps_it(
+    store: RedisStore | RedisClusterStore,
+) -> None:
+    # The claim script answers a fresh claim with its fence alone; the rest is computed here.
+    # Odd clock and lease values: the doubles must match Lua's to the bit.
+    now, lease, ttl = 1_763_000_000.123_456_7, 0.1 + 0.2, 86_400.000_000_1
+    claim = await store.claim(SCOPE, "fresh", FP, now=now, lease=lease, ttl=ttl)
+    assert claim.claimed
+    assert await store.get(SCOPE, "fresh") == claim.record
+    again = await store.claim(SCOPE, "fresh", FP, now=now + 0.01, lease=lease, ttl=ttl)
+    assert not again.claimed  # existing: the full record, read back field by field
+    assert again.record == claim.record
+
+
+def test_stored_headers_are_the_json_they_always_were() -> None:
+    import json
+
+    headers = (("content-type", "application/json"), ("x-\u00e9", '"q"\n\u2603\x7f'), ("a", ""))
+    for response in (StoredResponse(200, headers), StoredResponse(204)):
+        encoded = response.headers_json()
+        assert encoded == json.dumps(response.headers, separators=(",", ":"))
+        assert StoredResponse.parse_headers(encoded) == response.headers
+
+
 def test_braces_in_scope_or_key_never_reach_the_hash_tag() -> None:
     store = RedisClusterStore.from_url("redis+cluster://127.0.0.1:7000", prefix="p:")
     name = store.record_name("{tenant}", "{key}:{x}")
