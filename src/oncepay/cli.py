@@ -368,6 +368,10 @@ def chaos(
     ] = 0.05,
     kill_interval: Annotated[float, typer.Option(min=0, help="Seconds between kill -9s.")] = 4.0,
     outage_interval: Annotated[float, typer.Option(min=0, help="Seconds between outages.")] = 10.0,
+    outage_seconds: Annotated[float, typer.Option(min=0, help="How long each lasts.")] = 2.0,
+    redis_interval: Annotated[
+        float, typer.Option(min=0.1, help="Seconds between Redis faults.")
+    ] = 5.0,
     workdir: Annotated[Path | None, typer.Option(help="Folder for databases and logs.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
@@ -382,7 +386,8 @@ def chaos(
         database_url=database_url, redis=redis, seed=seed, error_rate=error_rate,
         timeout_after_commit_rate=timeout_after_commit_rate, drop_rate=drop_rate,
         proxy_drop_rate=proxy_drop_rate, kill_interval=kill_interval,
-        outage_interval=outage_interval, workdir=workdir,
+        outage_interval=outage_interval, outage_seconds=outage_seconds,
+        redis_interval=redis_interval, workdir=workdir,
     )  # fmt: skip
     report = _run_or_exit(run_chaos(config, console))
     if as_json:

@@ -13,6 +13,7 @@ Faults, each counted in the report:
 from __future__ import annotations
 
 import asyncio
+import itertools
 import random
 import tempfile
 import time
@@ -109,10 +110,14 @@ async def run_chaos(config: ChaosConfig, console: Console | None = None) -> Chao
             await _prepare(admin, stack, api_key, config)
             faults: Counter[str] = Counter()
             started = time.monotonic()
-            answers, attempts = await _clients(config, stack, api_key, faults, console)
+            answers, attempts, bodies = await _clients(config, stack, api_key, faults, console)
             report.seconds = time.monotonic() - started
             await _calm(admin, stack)
             await _drain(db, console)
+            # A client whose retry budget ran out while the faults raged retries once more,
+            # as a real one would: it must now get the final answer.
+            late = await _final_retries(stack, api_key, answers, bodies)
+            faults["clients that needed a retry after the faults"] = late
             received = (await admin.get(f"{stack.services['receiver'].url}/stats")).json()
             evidence = Evidence(answers, await _operations(admin, stack), received)
             await gather(db, merchant.id, evidence)
@@ -175,11 +180,15 @@ def _acquirer_fault_rates(config: ChaosConfig) -> dict[str, int]:
 # -- the clients ---------------------------------------------------------------------------------
 
 
+Answers = dict[str, dict[str, Any] | None]
+
+
 async def _clients(
     config: ChaosConfig, stack: ChaosStack, api_key: str, faults: Counter[str], console: Console
-) -> tuple[dict[str, dict[str, Any] | None], list[int]]:
+) -> tuple[Answers, list[int], dict[str, dict[str, Any]]]:
     dice = random.Random(config.seed)  # noqa: S311 - workload dice
-    answers: dict[str, dict[str, Any] | None] = {}
+    answers: Answers = {}
+    bodies: dict[str, dict[str, Any]] = {}
     attempts: list[int] = []
     queue: asyncio.Queue[int] = asyncio.Queue()
     for n in range(config.payments):
@@ -204,7 +213,7 @@ async def _clients(
                         return
                     else:
                         queue.get_nowait()
-                    await _pay(client, dice, answers, attempts)
+                    await _pay(client, dice, answers, attempts, bodies)
                     progress.advance(task)
 
             chaos = asyncio.create_task(_inject(config, stack, faults))
@@ -213,15 +222,17 @@ async def _clients(
             finally:
                 chaos.cancel()
                 await asyncio.gather(chaos, return_exceptions=True)
-    return answers, attempts
+    return answers, attempts, bodies
 
 
-async def _pay(client: AsyncClient, dice: random.Random,
-               answers: dict[str, dict[str, Any] | None], attempts: list[int]) -> None:  # fmt: skip
-    key = f"chaos-{uuid.uuid4().hex}"
-    body = {"amount": dice.randint(100, 50_000), "currency": dice.choice(["USD", "EUR", "GBP"]),
-            "payment_method": dice.choice(METHODS)}  # fmt: skip
-    answers[key] = None
+async def _pay(client: AsyncClient, dice: random.Random, answers: Answers, attempts: list[int],
+               bodies: dict[str, dict[str, Any]], key: str | None = None) -> None:  # fmt: skip
+    key = key or f"chaos-{uuid.uuid4().hex}"
+    body = bodies.get(key) or {
+        "amount": dice.randint(100, 50_000), "currency": dice.choice(["USD", "EUR", "GBP"]),
+        "payment_method": dice.choice(METHODS),
+    }  # fmt: skip
+    answers[key], bodies[key] = None, body
     try:
         response = await client.post("/v1/payments", json=body, headers={"Idempotency-Key": key})
     except httpx.HTTPError:
@@ -248,9 +259,10 @@ async def _inject(config: ChaosConfig, stack: ChaosStack, faults: Counter[str]) 
 
 async def _kills(config: ChaosConfig, stack: ChaosStack, faults: Counter[str],
                  dice: random.Random) -> None:  # fmt: skip
+    victims = itertools.cycle(["api-1", "worker", "api-2"])  # every kind, in turn
     while True:
-        await asyncio.sleep(config.kill_interval)
-        victim = dice.choice(["api-1", "api-2", "worker"])
+        await asyncio.sleep(config.kill_interval * dice.uniform(0.5, 1.5))
+        victim = next(victims)
         stack.services[victim].kill9()
         faults[f"kill -9 {'API process' if victim != 'worker' else 'worker'}"] += 1
         await asyncio.sleep(0.5)
@@ -271,10 +283,11 @@ async def _redis_faults(config: ChaosConfig, stack: ChaosStack, faults: Counter[
                         dice: random.Random) -> None:  # fmt: skip
     import redis.asyncio as aioredis
 
+    flush = itertools.cycle([True, False])  # a flush, then a kill -9, and so on
     while True:
-        await asyncio.sleep(config.redis_interval)
+        await asyncio.sleep(config.redis_interval * dice.uniform(0.5, 1.5))
         service = stack.services["redis"]
-        if dice.random() < 0.5:
+        if next(flush):
             client = aioredis.Redis(host="127.0.0.1", port=service.port or 0)
             await client.flushall()
             await client.aclose()
@@ -287,6 +300,18 @@ async def _redis_faults(config: ChaosConfig, stack: ChaosStack, faults: Counter[
 
 
 # -- afterwards ----------------------------------------------------------------------------------
+
+
+async def _final_retries(
+    stack: ChaosStack, api_key: str, answers: Answers, bodies: dict[str, dict[str, Any]]
+) -> int:
+    late = [key for key, answer in answers.items() if answer is None]
+    attempts: list[int] = []
+    async with AsyncClient(base_url=stack.services["api-1"].url, retry=CLIENT_POLICY,
+                           headers={"Authorization": f"Bearer {api_key}"}) as client:  # fmt: skip
+        for key in late:
+            await _pay(client, random.Random(), answers, attempts, bodies, key)  # noqa: S311
+    return len(late)
 
 
 async def _calm(admin: httpx.AsyncClient, stack: ChaosStack) -> None:

@@ -1,0 +1,124 @@
+"""The exactly-once audit under faults, short: ``oncepay chaos`` as a user runs it, on SQLite
+and on PostgreSQL (with a Redis tier), every fault kind injected; the audit must find no
+violation. A second test shows the audit is not toothless: it reports a planted double
+authorization, an orphan payment and a lie to a client."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from oncepay.chaos.audit import Evidence, audit
+from tests.payments.stack import drop_schema
+from tests.payments.test_processes import cli
+from tests.servers import POSTGRES_URL, require_postgres, require_redis
+
+FAULT_KINDS = [
+    "kill -9 API process",
+    "kill -9 worker",
+    "primary acquirer outages",
+    "answers dropped by the proxy",
+]
+SHORT_RUN = [
+    "--payments",
+    "300",
+    "--concurrency",
+    "16",
+    "--kill-interval",
+    "1.5",
+    "--outage-interval",
+    "3",
+    "--outage-seconds",
+    "1",
+    "--redis-interval",
+    "2",
+]
+
+
+def run_chaos(tmp_path: Path, *extra: str) -> dict[str, Any]:
+    result = cli("chaos", *SHORT_RUN, "--workdir", str(tmp_path), "--json", *extra)
+    report: dict[str, Any] = json.loads(result.stdout)
+    assert result.returncode == (1 if report["violation_count"] else 0), result.stderr
+    return report
+
+
+def assert_clean(report: dict[str, Any]) -> None:
+    assert report["violation_count"] == 0, report["violations"]
+    assert report["logical_payments"] == 300
+    for kind in FAULT_KINDS:
+        assert report["faults"].get(kind, 0) > 0, (kind, report["faults"])
+    assert report["retries"] > 0
+    assert {"captured", "failed"} <= set(report["outcomes"])
+
+
+@pytest.mark.slow
+def test_chaos_on_sqlite(tmp_path: Path) -> None:
+    assert_clean(run_chaos(tmp_path))
+
+
+@pytest.mark.slow
+@pytest.mark.postgres
+@pytest.mark.redis
+def test_chaos_on_postgres_with_a_redis_tier(tmp_path: Path) -> None:
+    require_postgres()
+    require_redis()  # its binary runs the private server of the run
+    url = f"{POSTGRES_URL}?schema=oncepay_chaos_{uuid.uuid4().hex[:8]}"
+    try:
+        report = run_chaos(tmp_path, "--database-url", url, "--redis")
+    finally:
+        import asyncio
+
+        asyncio.run(drop_schema(url))
+    assert_clean(report)
+    assert report["faults"]["Redis flushes"] > 0
+    assert report["faults"]["Redis kill -9 and restart"] > 0
+
+
+def test_the_audit_finds_planted_violations() -> None:
+    def payment(pid: str, status: str) -> Any:
+        return SimpleNamespace(id=pid, status=status, outcome_unknown=False)
+
+    def auth(order: str, acquirer: str = "primary") -> dict[str, Any]:
+        return {
+            "order_id": order,
+            "type": "authorization",
+            "status": "approved",
+            "acquirer": acquirer,
+        }
+
+    evidence = Evidence(
+        answers={
+            "k1": {"id": "pay_1", "status": "captured"},
+            "k2": {"id": "pay_2", "status": "captured"},
+            "k3": None,
+        },
+        operations=[auth("pay_1"), auth("pay_1", "secondary"), auth("pay_2")],
+        received={"arrived": {"evt_1": 2}, "handled": {"evt_1": 2}},
+        payments=[
+            payment("pay_1", "captured"),
+            payment("pay_2", "failed"),
+            payment("pay_9", "processing"),
+        ],
+        key_to_payment={"k1": "pay_1", "k2": "pay_2"},
+        event_ids=["evt_1", "evt_2"],
+        ledger=["pay_1: unbalanced"],
+    )
+    found = audit(evidence)
+    assert found["authorized at most once per payment"] == ["pay_1: 2 approved authorizations"]
+    assert len(found["every approved payment authorized exactly once"]) == 2
+    assert found["one payment per logical payment"] == [
+        "pay_9 belongs to no logical payment (a second run?)"
+    ]
+    assert found["client answers agree with the database"] == [
+        "key k2: told captured, the database says failed"
+    ]
+    assert found["every client got a final answer"] == ["key k3: no final answer"]
+    assert len(found["no payment left processing"]) == 1
+    assert found["ledger balances and matches every payment"] == ["pay_1: unbalanced"]
+    assert "evt_2: never delivered" in found["every event delivered, each handled once"]
+    assert "evt_1: handled 2 times" in found["every event delivered, each handled once"]
