@@ -64,9 +64,13 @@ async def load_payment(
 
 
 async def save(conn: AsyncConnection, payment_id: str, **values: Any) -> Any:
+    """Update a payment; the row as it now is (one statement: UPDATE … RETURNING)."""
     values["updated_at"] = time.time()
-    await conn.execute(update(payments).where(payments.c.id == payment_id).values(**values))
-    return await load_payment(conn, payment_id)
+    result = await conn.execute(
+        update(payments).where(payments.c.id == payment_id).values(**values)
+        .returning(*payments.c)
+    )  # fmt: skip
+    return result.one()
 
 
 async def payment_event(conn: AsyncConnection, row: Any, type: str) -> None:
