@@ -6,13 +6,16 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: help install serve test lint fmt bench clean
+CHAOS_ARGS ?= --payments 90000 --concurrency 32
+
+.PHONY: help install serve test lint fmt bench chaos clean
 
 help:
 	@echo "make serve   set up .venv and run the payments service on SQLite"
 	@echo "make test    set up .venv and run the whole test suite"
 	@echo "make lint    ruff + mypy --strict"
 	@echo "make bench   run the benchmarks in bench/"
+	@echo "make chaos   a long exactly-once audit under every fault (figures for the README)"
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +45,12 @@ bench: $(STAMP)
 	command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
 	$(BIN)/python bench/drivers/run.py
 	$(BIN)/python bench/overhead/run.py
+	$(BIN)/python bench/e2e/run.py
+
+# The long run behind the README's chaos figures (about 100,000 requests): SQLite by default;
+# add --database-url postgresql://… and --redis through CHAOS_ARGS.
+chaos: $(STAMP)
+	$(BIN)/oncepay chaos $(CHAOS_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
