@@ -81,7 +81,8 @@ def test_chaos_on_postgres_with_a_redis_tier(tmp_path: Path) -> None:
 
 def test_the_audit_finds_planted_violations() -> None:
     def payment(pid: str, status: str) -> Any:
-        return SimpleNamespace(id=pid, status=status, outcome_unknown=False)
+        return SimpleNamespace(id=pid, status=status, outcome_unknown=False,
+                               amount_captured=0, amount_refunded=0)  # fmt: skip
 
     def auth(order: str, acquirer: str = "primary") -> dict[str, Any]:
         return {
@@ -122,3 +123,43 @@ def test_the_audit_finds_planted_violations() -> None:
     assert found["ledger balances and matches every payment"] == ["pay_1: unbalanced"]
     assert "evt_2: never delivered" in found["every event delivered, each handled once"]
     assert "evt_1: handled 2 times" in found["every event delivered, each handled once"]
+
+
+def test_the_audit_checks_money_at_the_acquirers_too() -> None:
+    """An approved operation for no payment, and captures or refunds that do not match the
+    payments, are violations even when authorizations look right."""
+    payment = SimpleNamespace(id="pay_1", status="captured", outcome_unknown=False,
+                              amount_captured=500, amount_refunded=0)  # fmt: skip
+    evidence = Evidence(
+        answers={"k1": {"id": "pay_1", "status": "captured"}},
+        operations=[
+            {
+                "order_id": "pay_1",
+                "type": "authorization",
+                "status": "approved",
+                "acquirer": "primary",
+                "reference": "pay_1_a1",
+            },
+            {
+                "order_id": "pay_ghost",
+                "type": "authorization",
+                "status": "approved",
+                "acquirer": "primary",
+                "reference": "pay_ghost_a1",
+            },
+        ],
+        received={"arrived": {}, "handled": {}},
+        movements=[
+            {"order_id": "pay_1", "type": "capture", "amount": 500},
+            {"order_id": "pay_1", "type": "capture", "amount": 500},
+        ],
+        payments=[payment],
+        key_to_payment={"k1": "pay_1"},
+    )
+    found = audit(evidence)
+    assert found["no money moved for a payment that does not exist"] == [
+        "primary authorization pay_ghost_a1 for unknown order pay_ghost"
+    ]
+    assert found["captured and refunded amounts match the acquirers' settlements"] == [
+        "pay_1: the acquirers captured 1000, the payment says 500"
+    ]

@@ -51,6 +51,12 @@ def test_bad_headers_are_refused(mutate: Any, reason: str) -> None:
         verify(BODY, mutate(headers()), SECRET, now=NOW)
 
 
+def test_a_forged_signature_with_other_bytes_is_refused_not_an_error() -> None:
+    forged = {**headers(), "webhook-signature": "v1,\u00e9\u00e9\u00e9"}
+    with pytest.raises(InvalidWebhook):
+        verify(BODY, forged, SECRET, now=NOW)
+
+
 def test_a_changed_body_is_refused() -> None:
     with pytest.raises(InvalidWebhook, match="no signature matches"):
         verify(BODY + b" ", headers(), SECRET, now=NOW)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from oncepay.errors import ClientError, RequestInProgress
+from oncepay.errors import ClientError, LeaseLost, RequestInProgress
 from oncepay.idempotency.engine import Engine, Execute, InProgress, Replay
 from oncepay.idempotency.keys import fingerprint
 from oncepay.idempotency.records import StoredResponse
@@ -82,7 +82,9 @@ def verify(
     if abs((time.time() if now is None else now) - timestamp) > tolerance:
         raise InvalidWebhook(f"webhook-timestamp is more than {tolerance:.0f} s away from now")
     secrets = [secret] if isinstance(secret, str) else list(secret)
-    offered = [s.partition(",")[2] for s in signatures.split() if s.startswith("v1,")]
+    # A signature is base64; anything else (a forged header with other bytes) cannot match.
+    offered = [s.partition(",")[2] for s in signatures.split()
+               if s.startswith("v1,") and s.isascii()]  # fmt: skip
     for candidate in secrets:
         expected = sign(candidate, webhook_id, timestamp, payload).partition(",")[2]
         if any(hmac.compare_digest(expected, given) for given in offered):
@@ -142,7 +144,12 @@ class WebhookReceiver:
         except BaseException:
             await self.engine.release(decision.ticket)
             raise
-        await self.engine.complete(decision.ticket, StoredResponse(200))
+        try:
+            await self.engine.complete(decision.ticket, StoredResponse(200))
+        except LeaseLost:
+            # The handler outlived its lease and a redelivery took the id over: that one
+            # records it. The handler did run; raising now would only make the sender retry.
+            return
 
     @property
     def dependency(self) -> Any:

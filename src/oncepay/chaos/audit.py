@@ -29,6 +29,7 @@ class Evidence:
     answers: dict[str, dict[str, Any] | None]  # key -> the client's final 201 body (None: none)
     operations: list[dict[str, Any]]  # every acquirer's operations, each with "acquirer"
     received: dict[str, Any]  # the webhook receiver's stats: arrived / handled per webhook-id
+    movements: list[dict[str, Any]] = field(default_factory=list)  # settlement entries
     payments: list[Any] = field(default_factory=list)  # payments rows
     key_to_payment: dict[str, str] = field(default_factory=dict)  # from idempotency records
     event_ids: list[str] = field(default_factory=list)
@@ -57,6 +58,8 @@ def audit(evidence: Evidence) -> dict[str, list[str]]:
     return {
         "authorized at most once per payment": _at_most_once(evidence),
         "every approved payment authorized exactly once": _approved_once(evidence),
+        "no money moved for a payment that does not exist": _orphans(evidence),
+        "captured and refunded amounts match the acquirers' settlements": _settled(evidence),
         "one payment per logical payment": _one_per_key(evidence),
         "client answers agree with the database": _answers_agree(evidence),
         "every client got a final answer": _all_answered(evidence),
@@ -86,6 +89,30 @@ def _approved_once(evidence: Evidence) -> list[str]:
         expected = 1 if row.status in APPROVED_STATUSES else 0
         if approvals.get(row.id, 0) != expected:
             found.append(f"{row.id} is {row.status} with {approvals.get(row.id, 0)} approvals")
+    return found
+
+
+def _orphans(evidence: Evidence) -> list[str]:
+    known = {row.id for row in evidence.payments}
+    return [f"{op['acquirer']} {op['type']} {op['reference']} for unknown order {op['order_id']}"
+            for op in evidence.operations
+            if op["status"] == "approved" and op["order_id"] not in known]  # fmt: skip
+
+
+def _settled(evidence: Evidence) -> list[str]:
+    """Every capture and refund at the acquirers, summed per payment, against the payment."""
+    moved: dict[tuple[str, str], int] = Counter()
+    for entry in evidence.movements:
+        moved[entry["order_id"], entry["type"]] += int(entry["amount"])
+    found = []
+    for row in evidence.payments:
+        captured, refunded = moved.get((row.id, "capture"), 0), moved.get((row.id, "refund"), 0)
+        if captured != row.amount_captured:
+            found.append(f"{row.id}: the acquirers captured {captured}, "
+                         f"the payment says {row.amount_captured}")  # fmt: skip
+        if refunded != row.amount_refunded:
+            found.append(f"{row.id}: the acquirers refunded {refunded}, "
+                         f"the payment says {row.amount_refunded}")  # fmt: skip
     return found
 
 

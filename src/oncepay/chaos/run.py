@@ -109,7 +109,7 @@ async def run_chaos(config: ChaosConfig, console: Console | None = None) -> Chao
         async with httpx.AsyncClient(timeout=30) as admin:
             await _prepare(admin, stack, api_key, config)
             faults: Counter[str] = Counter()
-            started = time.monotonic()
+            started, started_wall = time.monotonic(), time.time()
             answers, attempts, bodies = await _clients(config, stack, api_key, faults, console)
             report.seconds = time.monotonic() - started
             await _calm(admin, stack)
@@ -119,7 +119,8 @@ async def run_chaos(config: ChaosConfig, console: Console | None = None) -> Chao
             late = await _final_retries(stack, api_key, answers, bodies)
             faults["clients that needed a retry after the faults"] = late
             received = (await admin.get(f"{stack.services['receiver'].url}/stats")).json()
-            evidence = Evidence(answers, await _operations(admin, stack), received)
+            evidence = Evidence(answers, await _operations(admin, stack), received,
+                                movements=await _movements(admin, stack, started_wall))  # fmt: skip
             await gather(db, merchant.id, evidence)
             faults["answers dropped by the proxy"] = (
                 await admin.get(f"{stack.services['proxy'].url}/_proxy/stats")
@@ -220,6 +221,8 @@ async def _clients(
             try:
                 await asyncio.gather(*(one_client() for _ in range(config.concurrency)))
             finally:
+                if chaos.done() and not chaos.cancelled() and chaos.exception() is not None:
+                    raise RuntimeError("the fault injector failed") from chaos.exception()
                 chaos.cancel()
                 await asyncio.gather(chaos, return_exceptions=True)
     return answers, attempts, bodies
@@ -336,6 +339,25 @@ async def _drain(db: Database, console: Console) -> None:
             return
         await asyncio.sleep(0.25)  # polling a condition with a deadline
     console.print(f"chaos: recovery did not finish in {DRAIN_TIMEOUT:.0f} s")
+
+
+async def _movements(
+    admin: httpx.AsyncClient, stack: ChaosStack, since: float
+) -> list[dict[str, Any]]:
+    """Every capture and refund since the run began, from both acquirers' settlement reports
+    (one report per UTC day the run touched)."""
+    days, day = [], since - since % 86400
+    while day <= time.time():
+        days.append(time.strftime("%Y-%m-%d", time.gmtime(day)))
+        day += 86400
+    found: list[dict[str, Any]] = []
+    for name in ("primary", "secondary"):
+        for date in days:
+            response = await admin.get(f"{stack.services[name].url}/v1/settlements",
+                                       params={"date": date, "format": "json"})  # fmt: skip
+            response.raise_for_status()
+            found += response.json()["entries"]
+    return found
 
 
 async def _operations(admin: httpx.AsyncClient, stack: ChaosStack) -> list[dict[str, Any]]:

@@ -18,6 +18,7 @@ import contextlib
 import logging
 import time
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import httpx
@@ -117,23 +118,30 @@ async def reap(svc: Services, *, now: float | None = None) -> int:
 
 
 async def run_worker(svc: Services, stop: asyncio.Event) -> None:
-    """Recover, deliver webhooks and reap every ``worker_interval`` seconds until ``stop``."""
+    """Every ``worker_interval`` seconds until ``stop``: recover and reap in one loop, deliver
+    webhooks in another, so a slow webhook endpoint never delays recovery."""
     async with httpx.AsyncClient() as client:
-        while not stop.is_set():
-            await _pass(svc, client)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), svc.settings.worker_interval)
+
+        async def deliveries() -> None:
+            report = await deliver_due(svc, client)
+            if report.total:
+                log.info("webhooks: %s", dict(report.results))
+
+        async def recovery() -> None:
+            report = await recover_once(svc)
+            if report.total:
+                log.info("recovery: %s", dict(report.results))
+            await keep_unfinished(svc)
+            await reap(svc)
+
+        await asyncio.gather(_every(svc, stop, recovery), _every(svc, stop, deliveries))
 
 
-async def _pass(svc: Services, client: httpx.AsyncClient) -> None:
-    try:
-        report = await recover_once(svc)
-        if report.total:
-            log.info("recovery: %s", dict(report.results))
-        delivered = await deliver_due(svc, client)
-        if delivered.total:
-            log.info("webhooks: %s", dict(delivered.results))
-        await keep_unfinished(svc)
-        await reap(svc)
-    except Exception:
-        log.exception("worker pass failed; trying again next interval")
+async def _every(svc: Services, stop: asyncio.Event, job: Callable[[], Awaitable[None]]) -> None:
+    while not stop.is_set():
+        try:
+            await job()
+        except Exception:
+            log.exception("worker job failed; trying again next interval")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), svc.settings.worker_interval)

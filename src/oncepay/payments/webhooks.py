@@ -22,6 +22,7 @@ visible through the API, where it can be redelivered.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import logging
@@ -69,6 +70,9 @@ DELIVERY_TIMEOUT = 10.0
 # never loses it; a dead worker's deliveries go out again this long after it died.
 LOCK_SECONDS = 3 * DELIVERY_TIMEOUT
 CLAIM_BATCH = 50
+# Deliveries of one pass are sent this many at a time: one slow endpoint delays its own
+# deliveries, not everyone else's.
+SEND_CONCURRENCY = 10
 # During a rotation the old secret keeps signing this long by default: a day to deploy the new.
 DEFAULT_OVERLAP = 24 * 3600.0
 MAX_URL = 2048
@@ -95,8 +99,15 @@ def validate_url(url: str) -> str:
         raise InvalidRequest("url: a host is required")
     if parts.username is not None or parts.password is not None:
         raise InvalidRequest("url: must not contain credentials; authenticate by signature")
-    if any(c.isspace() or ord(c) < 0x20 for c in url):
-        raise InvalidRequest("url: must not contain whitespace or control characters")
+    if not url.isascii() or any(c.isspace() or ord(c) < 0x20 or ord(c) == 0x7F for c in url):
+        raise InvalidRequest(
+            "url: must be ASCII without whitespace or control characters "
+            "(write an international host in its xn-- form)"
+        )
+    try:
+        httpx.URL(url).host.encode("idna")  # what the sender will do with it, refused now
+    except (httpx.InvalidURL, UnicodeError) as exc:
+        raise InvalidRequest(f"url: {exc}") from None
     del port
     return url
 
@@ -211,11 +222,18 @@ async def deliver_due(
     now: float | None = None,
     limit: int = CLAIM_BATCH,
 ) -> DeliveryReport:
-    """One pass: claim what is due (at most ``limit``), send each, record each outcome."""
+    """One pass: claim what is due (at most ``limit``), send each (a few at a time), record
+    each outcome. ``now`` is the pass's clock for what is due; each attempt is signed, locked
+    and scheduled by the clock at the moment it is sent."""
     report = DeliveryReport()
     now = time.time() if now is None else now
-    for claimed in await claim_due(svc, now=now, limit=limit):
-        report.results[await _deliver(svc, client, claimed, now)] += 1
+    gate = asyncio.Semaphore(SEND_CONCURRENCY)
+
+    async def one(claimed: _Claimed) -> None:
+        async with gate:
+            report.results[await _deliver(svc, client, claimed, now)] += 1
+
+    await asyncio.gather(*(one(c) for c in await claim_due(svc, now=now, limit=limit)))
     return report
 
 
@@ -229,18 +247,34 @@ async def _deliver(svc: Services, client: httpx.AsyncClient, claimed: _Claimed, 
         ).one()
     if endpoint.disabled or endpoint.deleted:
         return await _finish(svc, claimed, now, status="canceled", error="endpoint disabled")
+    sent_at = max(now, time.time())
+    if not await _renew(svc, claimed, sent_at):
+        return "lost"  # the lock lapsed while this delivery waited its turn: another has it
     payload = event_payload(event)
-    headers = signed_headers(endpoint, event.id, payload, now)
     started = time.perf_counter()
     try:
+        headers = signed_headers(endpoint, event.id, payload, sent_at)
         response = await client.post(endpoint.url, content=payload, headers=headers,
                                      timeout=DELIVERY_TIMEOUT)  # fmt: skip
         code, error = response.status_code, None
-    except httpx.HTTPError as exc:
+    except Exception as exc:  # any failure to send is a failed attempt, never a stuck worker
         code, error = None, f"{type(exc).__name__}: {exc}"[:ERROR_LIMIT]
     latency = (time.perf_counter() - started) * 1000
     WEBHOOK_LATENCY.observe(latency / 1000)
-    return await _record(svc, claimed, now, code, error, latency)
+    return await _record(svc, claimed, max(now, time.time()), code, error, latency)
+
+
+async def _renew(svc: Services, claimed: _Claimed, at: float) -> bool:
+    """Extend this worker's lock to cover the attempt about to be made."""
+    async with write(svc.db) as conn:
+        result = await conn.execute(
+            update(webhook_deliveries)
+            .where(webhook_deliveries.c.id == claimed.id,
+                   webhook_deliveries.c.lock_token == claimed.token,
+                   webhook_deliveries.c.status == "delivering")
+            .values(locked_until=at + LOCK_SECONDS)
+        )  # fmt: skip
+        return bool(result.rowcount)
 
 
 def event_payload(event: Any) -> bytes:
