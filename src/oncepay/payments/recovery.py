@@ -29,7 +29,7 @@ from oncepay.payments.metrics import RECOVERY_RUNS
 from oncepay.payments.operations import resume
 from oncepay.payments.phases import parse_point
 from oncepay.payments.service import IDEMPOTENCY_TABLE, Services
-from oncepay.payments.webhooks import deliver_due
+from oncepay.payments.webhooks import CLAIM_BATCH, deliver_due
 
 __all__ = ["RecoveryReport", "reap", "recover_once", "run_worker"]
 
@@ -122,26 +122,34 @@ async def run_worker(svc: Services, stop: asyncio.Event) -> None:
     webhooks in another, so a slow webhook endpoint never delays recovery."""
     async with httpx.AsyncClient() as client:
 
-        async def deliveries() -> None:
+        async def deliveries() -> bool:
             report = await deliver_due(svc, client)
             if report.total:
-                log.info("webhooks: %s", dict(report.results))
+                log.debug("webhooks: %s", dict(report.results))
+            return report.total >= CLAIM_BATCH  # a full batch: more is waiting, go on at once
 
-        async def recovery() -> None:
+        async def recovery() -> bool:
             report = await recover_once(svc)
             if report.total:
                 log.info("recovery: %s", dict(report.results))
             await keep_unfinished(svc)
             await reap(svc)
+            return report.total >= RECOVERY_BATCH
 
         await asyncio.gather(_every(svc, stop, recovery), _every(svc, stop, deliveries))
 
 
-async def _every(svc: Services, stop: asyncio.Event, job: Callable[[], Awaitable[None]]) -> None:
+async def _every(svc: Services, stop: asyncio.Event, job: Callable[[], Awaitable[bool]]) -> None:
+    """Run ``job`` until ``stop``; wait ``worker_interval`` between runs unless it says more
+    work is already waiting (a backlog is worked off at full speed, not one batch a tick)."""
     while not stop.is_set():
+        busy = False
         try:
-            await job()
+            busy = await job()
         except Exception:
             log.exception("worker job failed; trying again next interval")
+        if busy:
+            await asyncio.sleep(0)  # let the API's own requests in between batches
+            continue
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), svc.settings.worker_interval)
