@@ -44,7 +44,7 @@ METHODS = ["pm_card_ok"] * 8 + ["pm_card_declined", "pm_card_insufficient_funds"
 # and a recovery back-off all fit well inside two minutes.
 CLIENT_POLICY = RetryPolicy(attempts=200, total=120.0, base=0.05, cap=1.0)
 # After the clients are done, recovery and the webhook backlog get this long to finish.
-DRAIN_TIMEOUT = 300.0
+DRAIN_TIMEOUT = 600.0
 
 
 @dataclass

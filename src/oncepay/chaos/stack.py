@@ -133,10 +133,12 @@ class ChaosStack:
             self._add("redis", [binary, "--port", str(port), "--bind", HOST, "--save", "",
                                 "--appendonly", "no", "--dir", str(w)], {}, port)  # fmt: skip
         service_env = self.service_env()
+        # The API processes run the worker too (the default of `oncepay serve`), beside the
+        # dedicated worker: three claimants of every recovery and webhook delivery, which the
+        # audit then checks never act twice.
         for name in ("api-1", "api-2"):
             port = free_port()
-            self._add(name, _oncepay("serve", "--port", str(port), "--no-worker"),
-                      service_env, port)  # fmt: skip
+            self._add(name, _oncepay("serve", "--port", str(port)), service_env, port)
         self._add("worker", _oncepay("worker"), service_env, None)
         port = free_port()
         self._add("receiver", _uvicorn("oncepay.chaos.receiver:create_app", port),
