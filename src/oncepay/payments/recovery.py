@@ -90,19 +90,26 @@ async def recover_once(svc: Services, *, now: float | None = None) -> RecoveryRe
 
 
 async def keep_unfinished(svc: Services, *, now: float | None = None) -> int:
-    """Push out the expiry of every request still unfinished (executing, with a recovery
-    point) to ``unfinished_retention`` from now, so the reaper never purges a half-done request
-    and a late retry resumes it instead of starting it anew. Rows already far enough out are
-    left alone, so a pass writes almost nothing."""
+    """Push out the expiry of every request still unfinished and abandoned (executing, with a
+    recovery point, its lease lapsed) to ``unfinished_retention`` from now, so the reaper never
+    purges a half-done request and a late retry resumes it instead of starting it anew.
+
+    Live requests are left alone (they finish, or are abandoned and caught by a later pass),
+    and so are rows locked by a phase right now (``SKIP LOCKED``): this pass must never wait
+    for — or deadlock with — the requests it looks after."""
     now = time.time() if now is None else now
     keep = svc.settings.unfinished_retention
+    lock = "" if svc.db.is_sqlite else " FOR UPDATE SKIP LOCKED"
     async with write(svc.db) as conn:
         result = await conn.execute(
             text(
-                f"UPDATE {IDEMPOTENCY_TABLE} SET expires_at = :until WHERE state = 'executing' "
-                "AND recovery_point IS NOT NULL AND expires_at < :threshold"
+                f"UPDATE {IDEMPOTENCY_TABLE} SET expires_at = :until "
+                f"WHERE (scope, idempotency_key) IN (SELECT scope, idempotency_key "
+                f"FROM {IDEMPOTENCY_TABLE} WHERE state = 'executing' "
+                "AND recovery_point IS NOT NULL AND lease_expires_at <= :now "
+                f"AND expires_at < :threshold{lock})"
             ),
-            {"until": now + keep, "threshold": now + keep / 2},
+            {"until": now + keep, "threshold": now + keep / 2, "now": now},
         )
         return int(result.rowcount or 0)
 
