@@ -183,11 +183,21 @@ class ChaosStack:
             if name in self.services:
                 self.services[name].wait_ready()
 
-    def restart(self, name: str) -> None:
+    def restart(self, name: str, attempts: int = 5) -> None:
+        """Start a killed process again; a start that fails (the database still full of the
+        dead process's connections, say) is tried again a few times before giving up."""
         service = self.services[name]
-        if not service.alive():
+        for attempt in range(attempts):
+            if service.alive():
+                return
             service.start()
-            service.wait_ready()
+            try:
+                service.wait_ready()
+                return
+            except RuntimeError:
+                if attempt == attempts - 1:
+                    raise
+                time.sleep(1.0)  # let the dead process's connections close
 
     def stop(self) -> None:
         for service in reversed(list(self.services.values())):

@@ -33,9 +33,11 @@ __all__ = ["Database", "read", "write"]
 # means a wedged database, and a clean error beats a request hung for ever.
 SQLITE_BUSY_TIMEOUT_MS = 5000
 # Connections per process: each request runs at most one transaction at a time, and more
-# than a handful only queues up on SQLite's single writer or PostgreSQL's CPUs.
-POOL_SIZE = 10
-POOL_OVERFLOW = 10
+# than a handful only queues up on SQLite's single writer or PostgreSQL's CPUs. Kept small so
+# several processes (API, workers, restarts overlapping a killed one) stay well inside
+# PostgreSQL's default max_connections of 100: a long chaos run exhausted it at 10 + 10.
+POOL_SIZE = 5
+POOL_OVERFLOW = 5
 
 
 @dataclass(frozen=True, slots=True)
