@@ -95,6 +95,7 @@ class ChaosReport:
 async def run_chaos(config: ChaosConfig, console: Console | None = None) -> ChaosReport:
     console = console or Console(stderr=True)
     workdir = config.workdir or Path(tempfile.mkdtemp(prefix="oncepay-chaos-"))
+    workdir.mkdir(parents=True, exist_ok=True)  # --workdir may name a folder not made yet
     database_url = config.database_url or f"sqlite:///{workdir / 'payments.db'}"
     db = Database.from_url(database_url)
     await migrate(db)

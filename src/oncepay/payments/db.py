@@ -1,5 +1,6 @@
 """Databases of the payments service (and of the simulated acquirer): one SQLAlchemy Core
-engine over SQLite (aiosqlite) or PostgreSQL (asyncpg), chosen by URL.
+engine over SQLite (SQLAlchemy's aiosqlite dialect on oncepay's own loop-friendly driver,
+:mod:`oncepay.payments._sqlite`) or PostgreSQL (asyncpg), chosen by URL.
 
 URLs are the ones users type — ``sqlite:///oncepay.db``, ``postgresql://user@host/db`` — and
 are mapped to SQLAlchemy's async drivers here. ``?schema=NAME`` on a PostgreSQL URL puts every
@@ -18,6 +19,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -26,6 +28,7 @@ from sqlalchemy.engine import Connection as SyncConnection
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from oncepay.errors import ConfigurationError
+from oncepay.payments import _sqlite
 
 __all__ = ["Database", "read", "write"]
 
@@ -86,15 +89,15 @@ class Database:
 
 def _sqlite_engine(path: str) -> AsyncEngine:
     engine = create_async_engine(
-        f"sqlite+aiosqlite:///{path}",
+        f"sqlite+aiosqlite:///{path}",  # the dialect; connections come from oncepay's driver
+        async_creator=partial(_sqlite.connect, path, timeout=SQLITE_BUSY_TIMEOUT_MS / 1000),
         pool_size=POOL_SIZE,
         max_overflow=POOL_OVERFLOW,
-        connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000},
     )
 
     @event.listens_for(engine.sync_engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
-        dbapi_connection.isolation_level = None  # we say BEGIN ourselves, below
+        # The connection is in autocommit mode: we say BEGIN ourselves, below.
         cursor = dbapi_connection.cursor()
         cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
@@ -144,5 +147,8 @@ async def read(db: Database) -> AsyncIterator[AsyncConnection]:
     """One read-only transaction (a deferred BEGIN on SQLite, so it never waits for writers)."""
     async with db.engine.connect() as plain:
         conn = await plain.execution_options(oncepay_readonly=True)
-        async with conn.begin():
+        await conn.begin()
+        try:
             yield conn
+        finally:
+            await conn.rollback()  # nothing to keep, and unlike a commit it never waits

@@ -131,8 +131,8 @@ class CreatePayment:
         assert self.params is not None  # phase 1 runs only for a client's request
         p, now = self.params, time.time()
         payment_id = new_id("pay")
-        await conn.execute(
-            payments.insert().values(
+        result = await conn.execute(
+            payments.insert().returning(*payments.c).values(
                 id=payment_id, merchant_id=merchant_id, amount=p.amount, currency=p.currency,
                 payment_method=p.payment_method, capture_method=p.capture_method,
                 description=p.description, metadata=json.dumps(p.metadata),
@@ -141,7 +141,7 @@ class CreatePayment:
                 recovery_attempts=0, escalated=False, created_at=now, updated_at=now,
             )
         )  # fmt: skip
-        await payment_event(conn, await load_payment(conn, payment_id), "payment.created")
+        await payment_event(conn, result.one(), "payment.created")
         return payment_id
 
     async def call(self, svc: Services, object_id: str, ticket: Ticket) -> AcquirerAnswer:

@@ -124,6 +124,25 @@ async def fan_out(
     conn: AsyncConnection, *, merchant_id: str, event_id: str, event_type: str, now: float
 ) -> int:
     """Queue the event for every enabled endpoint of the merchant that wants its type."""
+    endpoints = await _endpoints_in(conn, merchant_id)
+    targets = [endpoint_id for endpoint_id, types in endpoints if subscribed(types, event_type)]
+    if targets:
+        await conn.execute(
+            webhook_deliveries.insert(),
+            [_delivery(merchant_id, event_id, endpoint_id, now) for endpoint_id in targets],
+        )
+    return len(targets)
+
+
+async def _endpoints_in(conn: AsyncConnection, merchant_id: str) -> list[tuple[str, Any]]:
+    """The merchant's enabled endpoints, read once per transaction: a payment writes three
+    events in one transaction, and every one of them fans out to the same endpoints (an
+    endpoint created meanwhile commits before or after the whole transaction, never between
+    two of its events)."""
+    transaction = conn.sync_connection.get_transaction() if conn.sync_connection else None
+    kept = conn.info.get(_ENDPOINTS_KEY)
+    if kept is not None and kept[0] is transaction and kept[1] == merchant_id:
+        return kept[2]  # type: ignore[no-any-return]
     rows = await conn.execute(
         select(webhook_endpoints.c.id, webhook_endpoints.c.events).where(
             webhook_endpoints.c.merchant_id == merchant_id,
@@ -131,13 +150,12 @@ async def fan_out(
             webhook_endpoints.c.deleted.is_(False),
         )
     )
-    targets = [row.id for row in rows if subscribed(row.events, event_type)]
-    if targets:
-        await conn.execute(
-            webhook_deliveries.insert(),
-            [_delivery(merchant_id, event_id, endpoint_id, now) for endpoint_id in targets],
-        )
-    return len(targets)
+    endpoints = [(row.id, row.events) for row in rows]
+    conn.info[_ENDPOINTS_KEY] = (transaction, merchant_id, endpoints)
+    return endpoints
+
+
+_ENDPOINTS_KEY = "oncepay.webhook_endpoints"
 
 
 def _delivery(merchant_id: str, event_id: str, endpoint_id: str, now: float) -> dict[str, Any]:

@@ -1,0 +1,153 @@
+"""SQLite for the event loop: the driver-level connection behind SQLAlchemy's aiosqlite dialect,
+with the waiting done on a thread and the rest done on the loop.
+
+aiosqlite runs every call on the connection's own thread: a statement costs four thread hops
+(open a cursor, execute, fetch, close), and a payment's two dozen statements about a hundred,
+each a wake-up of another thread and a hand-over of the GIL — measured as the largest single
+cost of a payment on SQLite (bench/e2e/PROFILE.md).
+
+In WAL mode the only SQLite calls that wait are the ones that take the write lock or sync to
+disk: ``BEGIN IMMEDIATE`` (it waits, up to the busy timeout, for another process's writer) and
+``COMMIT`` (an fsync with ``synchronous=FULL``). Those run on a worker thread. Every other
+statement — reads, and writes under a write lock already held — runs on the loop: it touches
+pages in the cache and the WAL, costs microseconds, and never waits for a lock (WAL readers do
+not block writers nor writers readers; a writer that holds the lock needs no other). A payment
+then costs six thread hops instead of a hundred.
+
+The class offers what SQLAlchemy's ``AsyncAdapt_aiosqlite_connection`` uses of an
+``aiosqlite.Connection``; :func:`connect` is passed to ``create_async_engine`` as its
+``async_creator``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+__all__ = ["Connection", "connect"]
+
+# Statements that may wait for another process (the write lock) or for the disk.
+_WAITING = ("BEGIN IMMEDIATE", "BEGIN EXCLUSIVE", "COMMIT", "END")
+
+
+def _waits(sql: str) -> bool:
+    return sql.lstrip()[:15].upper().startswith(_WAITING)
+
+
+class Cursor:
+    """A cursor whose rows are fetched as it executes: fetching and closing never wait."""
+
+    __slots__ = ("_connection", "_rows", "arraysize", "description", "lastrowid", "rowcount")
+
+    def __init__(self, connection: Connection) -> None:
+        self._connection = connection
+        self._rows: list[Any] = []
+        self.description: Any = None
+        self.rowcount = -1
+        self.lastrowid: int | None = None
+        self.arraysize = 1
+
+    async def __aenter__(self) -> Cursor:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def _run(self, sql: str, parameters: Any, many: bool) -> None:
+        cursor = self._connection._conn.cursor()
+        try:
+            if many:
+                cursor.executemany(sql, parameters)
+            elif parameters is None:
+                cursor.execute(sql)
+            else:
+                cursor.execute(sql, parameters)
+            self.description = cursor.description
+            self._rows = cursor.fetchall() if cursor.description else []
+            self.rowcount, self.lastrowid = cursor.rowcount, cursor.lastrowid
+        finally:
+            cursor.close()
+
+    async def execute(self, sql: str, parameters: Sequence[Any] | None = None) -> Cursor:
+        if _waits(sql):
+            await self._connection._on_thread(self._run, sql, parameters, False)
+        else:
+            self._run(sql, parameters, False)
+        return self
+
+    async def executemany(self, sql: str, parameters: Iterable[Sequence[Any]]) -> Cursor:
+        self._run(sql, parameters, True)
+        return self
+
+    async def fetchall(self) -> list[Any]:
+        rows, self._rows = self._rows, []
+        return rows
+
+    async def fetchone(self) -> Any:
+        return self._rows.pop(0) if self._rows else None
+
+    async def fetchmany(self, size: int | None = None) -> list[Any]:
+        size = size or self.arraysize
+        rows, self._rows = self._rows[:size], self._rows[size:]
+        return rows
+
+    async def nextset(self) -> None:
+        return None
+
+    async def setinputsizes(self, *sizes: Any) -> None:
+        return None
+
+    async def close(self) -> None:
+        self._rows = []
+
+
+class Connection:
+    """One sqlite3 connection, used by one task at a time (SQLAlchemy's pool guarantees it)."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+
+    @property
+    def _connection(self) -> sqlite3.Connection | None:  # read by SQLAlchemy's adapter
+        return self._conn
+
+    @property
+    def isolation_level(self) -> str | None:
+        return self._conn.isolation_level
+
+    async def _on_thread(self, function: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(None, function, *args)
+
+    async def create_function(self, *args: Any, **kwargs: Any) -> None:
+        self._conn.create_function(*args, **kwargs)
+
+    def cursor(self) -> Cursor:
+        return Cursor(self)
+
+    async def execute(self, sql: str, parameters: Sequence[Any] | None = None) -> Cursor:
+        return await Cursor(self).execute(sql, parameters)
+
+    async def commit(self) -> None:
+        await self._on_thread(self._conn.commit)
+
+    async def rollback(self) -> None:
+        self._conn.rollback()  # drops the transaction's pages: no lock to wait for, no sync
+
+    async def close(self) -> None:
+        self._conn.close()
+
+    def stop(self) -> None:
+        self._conn.close()
+
+
+async def connect(path: str, *, timeout: float) -> Connection:
+    """A connection in autocommit mode (we say ``BEGIN`` ourselves), usable from the loop's
+    thread and the worker threads in turn, never at once."""
+
+    def open_it() -> sqlite3.Connection:
+        return sqlite3.connect(path, timeout=timeout, isolation_level=None,
+                               check_same_thread=False)  # fmt: skip
+
+    return Connection(await asyncio.get_running_loop().run_in_executor(None, open_it))
