@@ -1,15 +1,19 @@
 """Regressions found by review, each a path to a broken promise: an unknown outcome outliving
 its key's TTL, a stale holder failing over a payment already recorded failed, a lost phase-1
 commit acknowledgement, follow-on unknowns that never clear or escalate, and a stale holder's
-wrong answer. Each test failed on the code before its fix."""
+wrong answer; and the keep-alive pass of unfinished keys touching live or locked records. Each
+test failed on the code before its fix."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import text
 
 import oncepay.payments.phases as phases
 from oncepay.payments.acquirers.base import AcquirerAnswer, Outcome
@@ -18,7 +22,10 @@ from oncepay.payments.db import Database
 from oncepay.payments.db import write as real_write
 from oncepay.payments.operations import Capture
 from oncepay.payments.recovery import keep_unfinished, reap, recover_once
-from tests.payments.stack import BACKOFF, Stack
+from oncepay.payments.service import IDEMPOTENCY_TABLE
+from tests.payments.stack import BACKOFF, Stack, database_url, running_stack
+from tests.payments.test_recovery import BODY, Crash, crash_in
+from tests.servers import require_postgres
 
 DAY = 24 * 3600.0
 
@@ -177,3 +184,48 @@ async def test_a_stale_holder_is_told_to_retry_not_that_it_failed(
     replay = await stack.post(f"/v1/payments/{pid}/capture", key="cap-stale")
     assert (replay.status_code, replay.json()["status"]) == (200, "captured")
     assert await stack.ledger_violations() == []
+
+
+async def test_keep_unfinished_extends_only_abandoned_requests(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only an abandoned unfinished request (lease lapsed, a recovery point) has its expiry
+    pushed out; a live one, still running under its lease, is left to its holder."""
+    with crash_in(monkeypatch, "call"), pytest.raises(Crash):
+        await stack.post("/v1/payments", BODY, key="abandoned")
+    stack.expire_leases()
+    with crash_in(monkeypatch, "call"), pytest.raises(Crash):
+        await stack.post("/v1/payments", BODY, key="live")  # its lease runs from now
+
+    async def expiry(key: str) -> float:
+        record = await stack.services.engine.store.get(stack.merchant.id, key)
+        assert record is not None
+        return record.expires_at
+
+    live_before = await expiry("live")
+    assert await keep_unfinished(stack.services, now=stack.clock()) == 1
+    retention = stack.services.settings.unfinished_retention
+    assert await expiry("abandoned") == stack.clock() + retention
+    assert await expiry("live") == live_before
+    # A second pass finds nothing left to extend (it is already past the half-way mark).
+    assert await keep_unfinished(stack.services, now=stack.clock()) == 0
+
+
+@pytest.mark.postgres
+async def test_keep_unfinished_skips_a_record_a_phase_holds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A phase holds its record's row lock while it runs; the keep-alive pass skips that row
+    instead of waiting for it (it used to wait, and could deadlock with the phase). PostgreSQL
+    only: on SQLite the pass and a phase are both writers and never overlap."""
+    require_postgres()
+    async with running_stack(database_url("postgres", tmp_path), tmp_path) as stack:
+        with crash_in(monkeypatch, "call"), pytest.raises(Crash):
+            await stack.post("/v1/payments", BODY, key="held")
+        stack.expire_leases()
+        held = f"SELECT 1 FROM {IDEMPOTENCY_TABLE} WHERE idempotency_key = 'held' FOR UPDATE"
+        async with real_write(stack.db) as phase:  # another holder's phase, mid-transaction
+            await phase.execute(text(held))
+            kept = await asyncio.wait_for(keep_unfinished(stack.services, now=stack.clock()), 10)
+            assert kept == 0
+        assert await keep_unfinished(stack.services, now=stack.clock()) == 1  # once it is free
