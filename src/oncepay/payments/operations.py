@@ -8,12 +8,13 @@ the refund's own id refunds.
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import bindparam, func, select, update
 
 from oncepay.payments import ledger
 from oncepay.payments.acquirers.base import AcquirerAnswer, Outcome
@@ -52,12 +53,8 @@ async def load_payment(
     already excludes every other writer). Another merchant's payment is not found."""
     if not is_id(payment_id):
         raise ResourceMissing(f"no payment {payment_id!r}")
-    query = select(payments).where(payments.c.id == payment_id)
-    if merchant_id is not None:
-        query = query.where(payments.c.merchant_id == merchant_id)
-    if lock:
-        query = query.with_for_update()
-    row = (await conn.execute(query)).first()
+    params = {"id": payment_id, "merchant_id": merchant_id}
+    row = (await conn.execute(_load(merchant_id is not None, lock), params)).first()
     if row is None:
         raise ResourceMissing(f"no payment {payment_id!r}")
     return row
@@ -66,11 +63,33 @@ async def load_payment(
 async def save(conn: AsyncConnection, payment_id: str, **values: Any) -> Any:
     """Update a payment; the row as it now is (one statement: UPDATE … RETURNING)."""
     values["updated_at"] = time.time()
-    result = await conn.execute(
-        update(payments).where(payments.c.id == payment_id).values(**values)
+    params = {f"new_{name}": value for name, value in values.items()}
+    result = await conn.execute(_save(frozenset(values)), {"payment_id": payment_id, **params})
+    return result.one()
+
+
+# The payment statements, built once per shape: building a statement costs more than running
+# it on SQLite (bench/e2e/PROFILE.md); there are a few dozen shapes at most.
+
+
+@functools.cache
+def _load(of_merchant: bool, lock: bool) -> Any:
+    query = select(payments).where(payments.c.id == bindparam("id"))
+    if of_merchant:
+        query = query.where(payments.c.merchant_id == bindparam("merchant_id"))
+    return query.with_for_update() if lock else query
+
+
+@functools.cache
+def _save(columns: frozenset[str]) -> Any:
+    values: dict[str, Any] = {name: bindparam(f"new_{name}") for name in sorted(columns)}
+    return (
+        update(payments).where(payments.c.id == bindparam("payment_id")).values(values)
         .returning(*payments.c)
     )  # fmt: skip
-    return result.one()
+
+
+_INSERT = payments.insert().returning(*payments.c)
 
 
 async def payment_event(conn: AsyncConnection, row: Any, type: str) -> None:
@@ -131,16 +150,16 @@ class CreatePayment:
         assert self.params is not None  # phase 1 runs only for a client's request
         p, now = self.params, time.time()
         payment_id = new_id("pay")
-        result = await conn.execute(
-            payments.insert().returning(*payments.c).values(
-                id=payment_id, merchant_id=merchant_id, amount=p.amount, currency=p.currency,
-                payment_method=p.payment_method, capture_method=p.capture_method,
-                description=p.description, metadata=json.dumps(p.metadata),
-                status=S.PROCESSING, amount_captured=0, amount_refunded=0,
-                acquirer=svc.acquirers.choose().name, attempt=1, outcome_unknown=False,
-                recovery_attempts=0, escalated=False, created_at=now, updated_at=now,
-            )
-        )  # fmt: skip
+        row = {
+            "id": payment_id, "merchant_id": merchant_id, "amount": p.amount,
+            "currency": p.currency, "payment_method": p.payment_method,
+            "capture_method": p.capture_method, "description": p.description,
+            "metadata": json.dumps(p.metadata), "status": S.PROCESSING, "amount_captured": 0,
+            "amount_refunded": 0, "acquirer": svc.acquirers.choose().name, "attempt": 1,
+            "outcome_unknown": False, "recovery_attempts": 0, "escalated": False,
+            "created_at": now, "updated_at": now,
+        }  # fmt: skip
+        result = await conn.execute(_INSERT, row)
         await payment_event(conn, result.one(), "payment.created")
         return payment_id
 

@@ -17,6 +17,7 @@ plus an index on ``expires_at`` for the purge job.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import re
 import sys
@@ -195,9 +196,7 @@ class _Rows:
         if _is_a(conn, ("psycopg", "Connection")):
             return len(conn.execute(statement.pyformat, params).fetchall())
         if _is_a(conn, ("sqlalchemy.orm", "Session"), ("sqlalchemy.engine", "Connection")):
-            from sqlalchemy import text
-
-            return len(conn.execute(text(statement.named), params).fetchall())
+            return len(conn.execute(_text(statement.named), params).fetchall())
         raise TypeError(f"complete_in() cannot use a {type(conn).__qualname__}; see its docstring")
 
     @staticmethod
@@ -212,11 +211,18 @@ class _Rows:
             ("sqlalchemy.ext.asyncio", "AsyncSession"),
             ("sqlalchemy.ext.asyncio", "AsyncConnection"),
         ):
-            from sqlalchemy import text
-
-            result = await conn.execute(text(statement.named), params)
+            result = await conn.execute(_text(statement.named), params)
             return len(result.fetchall())
         raise TypeError(f"acomplete_in() cannot use a {type(conn).__qualname__}; see its docstring")
+
+
+@functools.cache
+def _text(sql: str) -> Any:
+    """The statement as a SQLAlchemy ``text()``, made once: parsing its binds costs more than
+    running it (a handful of statements, so the cache stays small)."""
+    from sqlalchemy import text
+
+    return text(sql)
 
 
 def _is_a(obj: object, *classes: tuple[str, str]) -> bool:
