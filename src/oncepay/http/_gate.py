@@ -18,6 +18,7 @@ from oncepay.errors import (
     StoreUnavailable,
 )
 from oncepay.http.problems import Problem, problem_for
+from oncepay.idempotency._frozen import quick_init
 from oncepay.idempotency.engine import (
     Engine,
     Execute,
@@ -68,6 +69,7 @@ DEFAULT_MAX_BODY = 1024 * 1024
 DEFAULT_MAX_RESPONSE = 1024 * 1024
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class Request:
     method: str
@@ -91,6 +93,7 @@ class Passthrough:
     """Not managed (or failing open): hand the request to the app untouched."""
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class Respond:
     """Answer without running the app: a replay or a problem."""
@@ -100,6 +103,7 @@ class Respond:
     body: bytes
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class Run:
     """Run the app, then hand its response to :meth:`Gate.finish`."""
