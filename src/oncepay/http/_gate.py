@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import fnmatch
 import logging
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from email.utils import formatdate
 
@@ -275,15 +275,30 @@ class Gate:
         Raises ``StoreUnavailable``/``LeaseLost`` when the response could not be stored: the
         caller must then not report success (the key stays locked until its lease lapses).
         """
+        step = self.finishing(run, status, headers, body, oversized=oversized)
+        if step is not None:
+            await step
+
+    def finishing(
+        self,
+        run: Run,
+        status: int,
+        headers: Iterable[tuple[str, str]],
+        body: bytes,
+        *,
+        oversized: bool = False,
+    ) -> Awaitable[None] | None:
+        """:meth:`finish` without a coroutine of its own: the store call it makes, for the
+        caller to await (the ASGI middleware, on every request), or None if there is none."""
         headers = headers if isinstance(headers, list) else list(headers)
         if self.cacheable(status):
-            response = self.stored(status, headers, body, oversized=oversized)
-            await self.engine.complete(run.ticket, response)
-        elif any(k.lower() == OUTCOME_UNKNOWN_HEADER and v == "unknown" for k, v in headers):
+            return self.engine.complete(run.ticket, self.stored(status, headers, body,
+                                                                oversized=oversized))  # fmt: skip
+        if any(k.lower() == OUTCOME_UNKNOWN_HEADER and v == "unknown" for k, v in headers):
             key = run.ticket.key
             log.warning("outcome unknown for key %r: kept locked until its lease lapses", key)
-        else:
-            await self.abandon(run)
+            return None
+        return self.abandon(run)
 
     async def abandon(self, run: Run) -> None:
         """Release the key after a 5xx or an exception. A failure to release is logged, not
