@@ -194,7 +194,7 @@ class Gate:
             return Passthrough()
         if isinstance(parsed, Invalid):
             return self.problem(parsed.error)
-        ttl = self._ttl_for(request.path)
+        ttl = self._ttl_for(request.path) if self.route_ttl else None
         fp = fingerprint(request.method, request.target, body)
         try:
             tenant = self.scope(request) if scope is None else scope
