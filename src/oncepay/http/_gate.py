@@ -204,9 +204,9 @@ class Gate:
                 log.warning("idempotency store unavailable, failing open: %s", exc.detail)
                 return Passthrough()
             return self.problem(exc)
-        expires = http_date(decision.expires_at) if not isinstance(decision, Invalid) else ""
         if isinstance(decision, Execute):
-            return Run(decision.ticket, expires)
+            return Run(decision.ticket, http_date(decision.ticket.expires_at))
+        expires = http_date(decision.expires_at) if not isinstance(decision, Invalid) else ""
         if isinstance(decision, Replay):
             return self._replay(decision.response, expires)
         if isinstance(decision, InProgress):

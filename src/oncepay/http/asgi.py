@@ -16,7 +16,6 @@ from oncepay.errors import OncePayError
 from oncepay.http._gate import (
     EXPIRES_HEADER,
     Gate,
-    Passthrough,
     Request,
     Respond,
     Run,
@@ -59,7 +58,8 @@ class IdempotencyMiddleware:
         self.gate = Gate(engine, **options)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not self.gate.manages(scope["method"], scope["path"]):
+        gate = self.gate
+        if scope["type"] != "http" or not gate.manages(scope["method"], scope["path"]):
             await self.app(scope, receive, send)
             return
         request = Request(
@@ -68,23 +68,23 @@ class IdempotencyMiddleware:
             scope.get("query_string", b"").decode("latin-1"),
             [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]],
         )
-        if not self.gate.wants_key(request):
+        if not gate.wants_key(request):
             await self.app(scope, receive, send)
             return
-        body = await _read_body(request, receive, self.gate.max_body)
+        body = await _read_body(request, receive, gate.max_body)
         if body is _DISCONNECTED:
             return  # the client left mid-upload: nothing claimed, nothing run
         if body is None:
-            await _respond(send, self.gate.too_large())
+            await _respond(send, gate.too_large())
             return
-        outcome = await self.gate.decide(request, body)
-        replayed = _replaying(body, receive)
-        if isinstance(outcome, Passthrough):
-            await self.app(scope, replayed, send)
+        outcome = await gate.decide(request, body)
+        if isinstance(outcome, Run):  # the usual outcomes first: run, then replay
+            responder = _Responder(gate, outcome, send)
+            await responder.run(self.app, _bodies_only(scope), _replaying(body, receive))
         elif isinstance(outcome, Respond):
             await _respond(send, outcome)
-        else:
-            await _Responder(self.gate, outcome, send).run(self.app, _bodies_only(scope), replayed)
+        else:  # Passthrough: no key where none is required, or failing open
+            await self.app(scope, _replaying(body, receive), send)
 
 
 # What _read_body returns when the client disconnects before the body is complete: a truncated
