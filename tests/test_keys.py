@@ -151,3 +151,13 @@ def test_canonical_form_is_json_dumps_sorted_byte_for_byte(
 )
 def test_canonical_form_of_odd_bodies_matches_the_reference(body: bytes) -> None:
     assert canonical_json(body) == _reference_canonical(body)
+
+
+def test_fingerprints_stay_what_stored_records_hold() -> None:
+    # Pinned digests: a change here would make every key in flight during an upgrade a 422.
+    assert fingerprint("POST", "/charges", b'{"b":1,"a":2}') == (
+        "f94fbc591d33ec611244d9085c706359977548ac24d5d1124026ea86841830c1"
+    )
+    assert fingerprint("post", "/x", b"abc") == (
+        "285ff530df75168a963d3df06c600b22042ccba68c9720befe7654733aaf3947"
+    )
