@@ -113,3 +113,51 @@ def test_keyed_fingerprints_differ_per_secret() -> None:
     two = fingerprint("POST", "/x", b"{}", secret=b"two")
     assert len({plain, one, two}) == 3
     assert one == fingerprint("POST", "/x", b"{}", secret=b"one")
+
+
+def _reference_canonical(body: bytes) -> bytes | None:
+    """What canonical_json has always returned, spelled with json's public functions."""
+    import json
+
+    try:
+        document = json.loads(body.decode())
+        return json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                          allow_nan=True).encode()  # fmt: skip
+    except (ValueError, RecursionError):
+        return None
+
+
+json_documents = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+    max_leaves=20,
+)
+
+
+@given(json_documents, st.sampled_from(["", " ", "\n\t"]), st.booleans(), st.booleans())
+def test_canonical_form_is_json_dumps_sorted_byte_for_byte(
+    document: object, space: str, ascii_only: bool, indented: bool
+) -> None:
+    import json
+
+    text = space + json.dumps(document, ensure_ascii=ascii_only, indent=1 if indented else None)
+    body = (text + space).encode("utf-8", "surrogatepass")  # lone surrogates stay possible
+    assert canonical_json(body) == _reference_canonical(body)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"", b" ", b"[", b'{"a":1}{"b":2}', b"1 2", b'"\\ud800"', b"NaN", b"1e400", b"[" * 100_000],
+)
+def test_canonical_form_of_odd_bodies_matches_the_reference(body: bytes) -> None:
+    assert canonical_json(body) == _reference_canonical(body)
+
+
+def test_fingerprints_stay_what_stored_records_hold() -> None:
+    # Pinned digests: a change here would make every key in flight during an upgrade a 422.
+    assert fingerprint("POST", "/charges", b'{"b":1,"a":2}') == (
+        "f94fbc591d33ec611244d9085c706359977548ac24d5d1124026ea86841830c1"
+    )
+    assert fingerprint("post", "/x", b"abc") == (
+        "285ff530df75168a963d3df06c600b22042ccba68c9720befe7654733aaf3947"
+    )

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import fnmatch
 import logging
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from email.utils import formatdate
 
@@ -18,6 +18,7 @@ from oncepay.errors import (
     StoreUnavailable,
 )
 from oncepay.http.problems import Problem, problem_for
+from oncepay.idempotency._frozen import quick_init
 from oncepay.idempotency.engine import (
     Engine,
     Execute,
@@ -68,6 +69,7 @@ DEFAULT_MAX_BODY = 1024 * 1024
 DEFAULT_MAX_RESPONSE = 1024 * 1024
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class Request:
     method: str
@@ -91,6 +93,7 @@ class Passthrough:
     """Not managed (or failing open): hand the request to the app untouched."""
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class Respond:
     """Answer without running the app: a replay or a problem."""
@@ -100,6 +103,7 @@ class Respond:
     body: bytes
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class Run:
     """Run the app, then hand its response to :meth:`Gate.finish`."""
@@ -190,7 +194,7 @@ class Gate:
             return Passthrough()
         if isinstance(parsed, Invalid):
             return self.problem(parsed.error)
-        ttl = self._ttl_for(request.path)
+        ttl = self._ttl_for(request.path) if self.route_ttl else None
         fp = fingerprint(request.method, request.target, body)
         try:
             tenant = self.scope(request) if scope is None else scope
@@ -200,9 +204,9 @@ class Gate:
                 log.warning("idempotency store unavailable, failing open: %s", exc.detail)
                 return Passthrough()
             return self.problem(exc)
-        expires = http_date(decision.expires_at) if not isinstance(decision, Invalid) else ""
         if isinstance(decision, Execute):
-            return Run(decision.ticket, expires)
+            return Run(decision.ticket, http_date(decision.ticket.expires_at))
+        expires = http_date(decision.expires_at) if not isinstance(decision, Invalid) else ""
         if isinstance(decision, Replay):
             return self._replay(decision.response, expires)
         if isinstance(decision, InProgress):
@@ -271,15 +275,30 @@ class Gate:
         Raises ``StoreUnavailable``/``LeaseLost`` when the response could not be stored: the
         caller must then not report success (the key stays locked until its lease lapses).
         """
+        step = self.finishing(run, status, headers, body, oversized=oversized)
+        if step is not None:
+            await step
+
+    def finishing(
+        self,
+        run: Run,
+        status: int,
+        headers: Iterable[tuple[str, str]],
+        body: bytes,
+        *,
+        oversized: bool = False,
+    ) -> Awaitable[None] | None:
+        """:meth:`finish` without a coroutine of its own: the store call it makes, for the
+        caller to await (the ASGI middleware, on every request), or None if there is none."""
         headers = headers if isinstance(headers, list) else list(headers)
         if self.cacheable(status):
-            response = self.stored(status, headers, body, oversized=oversized)
-            await self.engine.complete(run.ticket, response)
-        elif any(k.lower() == OUTCOME_UNKNOWN_HEADER and v == "unknown" for k, v in headers):
+            return self.engine.complete(run.ticket, self.stored(status, headers, body,
+                                                                oversized=oversized))  # fmt: skip
+        if any(k.lower() == OUTCOME_UNKNOWN_HEADER and v == "unknown" for k, v in headers):
             key = run.ticket.key
             log.warning("outcome unknown for key %r: kept locked until its lease lapses", key)
-        else:
-            await self.abandon(run)
+            return None
+        return self.abandon(run)
 
     async def abandon(self, run: Run) -> None:
         """Release the key after a 5xx or an exception. A failure to release is logged, not

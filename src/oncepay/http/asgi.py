@@ -16,7 +16,6 @@ from oncepay.errors import OncePayError
 from oncepay.http._gate import (
     EXPIRES_HEADER,
     Gate,
-    Passthrough,
     Request,
     Respond,
     Run,
@@ -59,7 +58,8 @@ class IdempotencyMiddleware:
         self.gate = Gate(engine, **options)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not self.gate.manages(scope["method"], scope["path"]):
+        gate = self.gate
+        if scope["type"] != "http" or not gate.manages(scope["method"], scope["path"]):
             await self.app(scope, receive, send)
             return
         request = Request(
@@ -68,23 +68,23 @@ class IdempotencyMiddleware:
             scope.get("query_string", b"").decode("latin-1"),
             [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]],
         )
-        if not self.gate.wants_key(request):
+        if not gate.wants_key(request):
             await self.app(scope, receive, send)
             return
-        body = await _read_body(request, receive, self.gate.max_body)
+        body = await _read_body(request, receive, gate.max_body)
         if body is _DISCONNECTED:
             return  # the client left mid-upload: nothing claimed, nothing run
         if body is None:
-            await _respond(send, self.gate.too_large())
+            await _respond(send, gate.too_large())
             return
-        outcome = await self.gate.decide(request, body)
-        replayed = _replaying(body, receive)
-        if isinstance(outcome, Passthrough):
-            await self.app(scope, replayed, send)
+        outcome = await gate.decide(request, body)
+        if isinstance(outcome, Run):  # the usual outcomes first: run, then replay
+            responder = _Responder(gate, outcome, send)
+            await responder.run(self.app, _bodies_only(scope), _replaying(body, receive))
         elif isinstance(outcome, Respond):
             await _respond(send, outcome)
-        else:
-            await _Responder(self.gate, outcome, send).run(self.app, _bodies_only(scope), replayed)
+        else:  # Passthrough: no key where none is required, or failing open
+            await self.app(scope, _replaying(body, receive), send)
 
 
 # What _read_body returns when the client disconnects before the body is complete: a truncated
@@ -98,20 +98,24 @@ async def _read_body(request: Request, receive: Receive, limit: int) -> bytes | 
     declared = request.header("content-length")
     if declared is not None and declared.isascii() and declared.isdigit() and int(declared) > limit:
         return None
-    chunks: list[bytes] = []
-    size = 0
-    while True:
+    message = await receive()
+    if message["type"] != "http.request":
+        return _DISCONNECTED
+    first = message.get("body", b"")
+    if not message.get("more_body", False):  # the usual case: the whole body in one message
+        return first if len(first) <= limit else None
+    chunks = [first]
+    size = len(first)
+    while size <= limit:
         message = await receive()
         if message["type"] != "http.request":
             return _DISCONNECTED
         chunk = message.get("body", b"")
         size += len(chunk)
-        if size > limit:
-            return None
         chunks.append(chunk)
         if not message.get("more_body", False):
             break
-    return b"".join(chunks)
+    return b"".join(chunks) if size <= limit else None
 
 
 def _bodies_only(scope: Scope) -> Scope:
@@ -207,7 +211,12 @@ class _Responder:
                 await asyncio.shield(self._settle())
             raise
         if self.finished:
-            await self._settle()
+            if self.later is not None:  # the usual case, _settle's first branch spelled out
+                self.later.cancel()
+                self.later = None
+                await self._finish_then_send()
+            else:
+                await self._settle()
         else:  # the app returned without a complete response
             await self.gate.abandon(self.run_)
 
@@ -266,9 +275,12 @@ class _Responder:
             if k != _EXPIRES
         ]
         try:
-            await self.gate.finish(
+            # Gate.finish spelled out: a coroutine less on every request's completion
+            step = self.gate.finishing(
                 self.run_, start["status"], headers, b"".join(self.chunks), oversized=self.oversized
             )
+            if step is not None:
+                await step
         except OncePayError as exc:
             key = self.run_.ticket.key
             log.exception("response could not be stored; key %r stays locked", key)

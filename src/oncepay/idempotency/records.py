@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from json.encoder import encode_basestring_ascii as _quote
 
+from oncepay.idempotency._frozen import quick_init
+
 __all__ = ["Claim", "ClaimOutcome", "Record", "RecordState", "StoredResponse", "next_fence"]
 
 # Every completion encodes its headers and every replay decodes them. Encoding is spelled out
@@ -27,6 +29,7 @@ class RecordState(StrEnum):
     RELEASED = "released"
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class StoredResponse:
     """A response as stored for replay: status, headers in order (repeats kept), body."""
@@ -47,6 +50,7 @@ class StoredResponse:
         return tuple((str(name), str(value)) for name, value in _HEADERS_DECODER.decode(text))
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class Record:
     """One idempotency record. Times are POSIX seconds from the engine's clock."""
@@ -75,6 +79,7 @@ class ClaimOutcome(StrEnum):
     EXISTING = "existing"  # a live record stands: the engine decides replay / 409 / 422
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class Claim:
     """What a store's atomic ``claim`` reports: the outcome and the record as it now stands."""

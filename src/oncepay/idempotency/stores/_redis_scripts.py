@@ -33,6 +33,7 @@ that owns the slot instead of being broadcast over the cluster bus.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -199,6 +200,12 @@ SINGLE_NODE_SCRIPTS = Scripts.notifying_with("PUBLISH")
 CLUSTER_SCRIPTS = Scripts.notifying_with("SPUBLISH")
 
 
+# Every request names its record twice (claim, then completion) and every replay of a key names
+# the same record again: remembering the last names asked for turns ~0.65 us of SHA-256 into a
+# ~0.1 us lookup (a first name costs ~0.25 us more). 1024 covers the claims in flight between
+# a claim and its completion on a busy process; the name is a pure function of its arguments,
+# so an evicted one is only computed again.
+@functools.lru_cache(maxsize=1024)
 def record_name(prefix: str, scope: str, key: str) -> str:
     """``<prefix>{<digest>}``: the record's hash and its notification channel."""
     scope_bytes = scope.encode()

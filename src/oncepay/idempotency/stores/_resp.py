@@ -187,7 +187,14 @@ class _Connection(asyncio.Protocol):
         if self.broken is not None:
             raise StoreUnavailable(f"Redis: {self.broken}")
         future = self._loop.create_future()
-        self._write(command, join=bool(self._waiting))
+        # _write spelled out (join when anything is in flight): this runs for every command
+        if self._unsent:
+            self._unsent.append(command)
+        elif self._waiting:
+            self._unsent.append(command)
+            self._loop.call_soon(self._flush)
+        else:
+            self._transport.write(command)
         self._waiting.append((future, self._loop.time() + self._timeout))
         if self._watchdog is None:
             self._arm_watchdog()

@@ -133,14 +133,36 @@ class _RedisStoreBase:
         self, scope: str, key: str, fingerprint: str, *, now: float, lease: float, ttl: float
     ) -> Claim:
         args = claim_args(scope, key, fingerprint, now=now, lease=lease, ttl=ttl)
-        reply = await self._run(self._scripts.claim, scope, key, args)
+        # _run spelled out here and in complete, the two scripts of every request: a coroutine
+        # less to create and to pass through while the reply is awaited
+        name = record_name(self.prefix, scope, key)
+        script = self._scripts.claim
+        try:
+            reply = await self._commands.execute_command("EVALSHA", script.sha, 1, name, *args)
+        except _NO_SCRIPT:
+            reply = await self._eval(script, name, args)
+        except StoreUnavailable:
+            raise
+        except _DRIVER_ERRORS as exc:
+            raise StoreUnavailable(f"Redis: {exc}") from exc
         return decode_claim(reply, scope, key, fingerprint, now=now, lease=lease, ttl=ttl)
 
     async def complete(
         self, scope: str, key: str, fence: int, response: StoredResponse, *, now: float
     ) -> None:
-        # _fenced spelled out: one coroutine less on every request's completion
-        if not await self._run(self._scripts.complete, scope, key, complete_args(fence, response)):
+        # _fenced and _run spelled out (see claim)
+        args = complete_args(fence, response)
+        name = record_name(self.prefix, scope, key)
+        script = self._scripts.complete
+        try:
+            done = await self._commands.execute_command("EVALSHA", script.sha, 1, name, *args)
+        except _NO_SCRIPT:
+            done = await self._eval(script, name, args)
+        except StoreUnavailable:
+            raise
+        except _DRIVER_ERRORS as exc:
+            raise StoreUnavailable(f"Redis: {exc}") from exc
+        if not done:
             raise LeaseLost(f"token {fence} no longer holds key {key!r}")
 
     async def release(self, scope: str, key: str, fence: int, *, now: float) -> None:
@@ -187,14 +209,17 @@ class _RedisStoreBase:
         try:
             return await self._commands.execute_command("EVALSHA", script.sha, 1, name, *args)
         except _NO_SCRIPT:
-            # NOSCRIPT means nothing ran: the server lost its script cache (a restart, a
-            # failover, SCRIPT FLUSH). EVAL runs the script and caches it again.
-            with _store_errors():
-                return await self._commands.execute_command("EVAL", script.source, 1, name, *args)
+            return await self._eval(script, name, args)
         except StoreUnavailable:
             raise
         except _DRIVER_ERRORS as exc:
             raise StoreUnavailable(f"Redis: {exc}") from exc
+
+    async def _eval(self, script: Script, name: str, args: Sequence[Arg]) -> Any:
+        """After NOSCRIPT, which means nothing ran: the server lost its script cache (a
+        restart, a failover, SCRIPT FLUSH). EVAL runs the script and caches it again."""
+        with _store_errors():
+            return await self._commands.execute_command("EVAL", script.source, 1, name, *args)
 
 
 # -- the stores --------------------------------------------------------------------------------
