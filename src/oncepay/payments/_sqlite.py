@@ -10,9 +10,11 @@ In WAL mode the only SQLite calls that wait are the ones that take the write loc
 disk: ``BEGIN IMMEDIATE`` (it waits, up to the busy timeout, for another process's writer) and
 ``COMMIT`` (an fsync with ``synchronous=FULL``). Those run on a worker thread. Every other
 statement — reads, and writes under a write lock already held — runs on the loop: it touches
-pages in the cache and the WAL, costs microseconds, and never waits for a lock (WAL readers do
-not block writers nor writers readers; a writer that holds the lock needs no other). A payment
-then costs six thread hops instead of a hundred.
+pages in the cache and the WAL, costs microseconds, and does not wait for a lock (WAL readers
+do not block writers nor writers readers; a writer that holds the lock needs no other). The one
+exception is brief: while a connection rebuilds the WAL index after a process crashed, others
+wait for it (the busy timeout bounds that). A payment then costs six thread hops instead of a
+hundred.
 
 The class offers what SQLAlchemy's ``AsyncAdapt_aiosqlite_connection`` uses of an
 ``aiosqlite.Connection``; :func:`connect` is passed to ``create_async_engine`` as its
