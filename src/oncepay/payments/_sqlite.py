@@ -25,8 +25,11 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import time
 from collections.abc import Iterable, Sequence
 from typing import Any
+
+from oncepay.idempotency.stores.sqlite import _enable_wal as enable_wal
 
 __all__ = ["Connection", "connect"]
 
@@ -149,7 +152,15 @@ async def connect(path: str, *, timeout: float) -> Connection:
     thread and the worker threads in turn, never at once."""
 
     def open_it() -> sqlite3.Connection:
-        return sqlite3.connect(path, timeout=timeout, isolation_level=None,
+        conn = sqlite3.connect(path, timeout=timeout, isolation_level=None,
                                check_same_thread=False)  # fmt: skip
+        try:
+            # SQLite does not call the busy handler for the switch to WAL: processes opening a
+            # new file together retry it, as the idempotency store does.
+            enable_wal(conn, deadline=time.monotonic() + timeout)
+        except BaseException:
+            conn.close()
+            raise
+        return conn
 
     return Connection(await asyncio.get_running_loop().run_in_executor(None, open_it))

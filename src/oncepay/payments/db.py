@@ -99,13 +99,15 @@ def _sqlite_engine(path: str) -> AsyncEngine:
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
         # The connection is in autocommit mode: we say BEGIN ourselves, below.
         cursor = dbapi_connection.cursor()
-        cursor.execute("PRAGMA journal_mode=WAL")
+        # WAL mode is set by _sqlite.connect, which retries it while another process holds
+        # the new file.
         cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
         cursor.execute("PRAGMA foreign_keys=ON")
         # FULL: every commit is on disk before it returns. With NORMAL a power cut could lose
         # a committed phase 1 (the payment and its key) while the acquirer kept the
         # authorization; the client's retry would then start a second payment. An fsync costs
-        # a fraction of a millisecond here.
+        # 2-5 ms on our test machine's disk, and SQLite has one writer: this is what caps the
+        # SQLite cells of bench/e2e (see its PROFILE.md).
         cursor.execute("PRAGMA synchronous=FULL")
         cursor.close()
 
