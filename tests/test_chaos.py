@@ -41,7 +41,9 @@ SHORT_RUN = [
 
 
 def run_chaos(tmp_path: Path, *extra: str) -> dict[str, Any]:
-    result = cli("chaos", *SHORT_RUN, "--workdir", str(tmp_path), "--json", *extra)
+    # A guard against a hang, not a time limit: a short run takes 1-2 minutes here, and its
+    # drain may wait up to 600 s by design for recovery to finish under a loaded machine.
+    result = cli("chaos", *SHORT_RUN, "--workdir", str(tmp_path), "--json", *extra, timeout=900)
     report: dict[str, Any] = json.loads(result.stdout)
     assert result.returncode == (1 if report["violation_count"] else 0), result.stderr
     return report

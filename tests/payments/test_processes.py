@@ -31,14 +31,15 @@ PAYMENT = {"amount": 1200, "currency": "USD", "payment_method": "pm_card_ok"}
 START = 30.0
 
 
-def cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None) -> Any:
+def cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None,
+        timeout: float = 120) -> Any:  # fmt: skip
     return subprocess.run(
         oncepay_args(*args),
         cwd=cwd or ROOT,
         env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=timeout,
         check=False,
     )
 
