@@ -18,6 +18,14 @@ replay the first?), warmed up, then loaded by wrk (``taskset -c 1``, one thread,
 connections) for ``--seconds``.  The bare app is measured first and again last on each path;
 ratios use the mean of the two, and the table shows both so drift is visible.
 
+Drift.  This host's speed moves by up to a third within minutes with nothing else running
+(the bare app's CPU per request went 91 -> 120 us between two cells 40 s apart).  ``--rounds
+N`` measures each path as bare, variants, bare, variants, ..., bare: every variant cell is
+divided by the mean of the two bare cells beside it, and a second table gives the median (and
+range) of those paired ratios over the rounds.  ``--alt-src DIR`` adds ``<variant>@alt`` after
+every OncePay variant: the same app with ``DIR`` (another checkout's ``src/``) first on the
+server's ``PYTHONPATH``, so that two versions of OncePay are compared in one run, side by side.
+
 Columns: req/s; p50/p99 latency (wrk's, closed loop, so they mostly reflect queueing at
 ``--connections`` in-flight requests); ``x bare``: req/s relative to the bare app;
 ``CPU us/req``: user+sys CPU of the server process (all its threads) per request, and
@@ -50,6 +58,7 @@ import resource
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -94,6 +103,7 @@ class Config:
     redis: str
     pg: str
     python: str
+    alt_src: str = ""
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:10])
     tmp: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="oncepay-overhead-")))
 
@@ -110,17 +120,26 @@ class Config:
 
     def store_url(self, variant: str, slot: str) -> str:
         """The store of one attempt at one cell (``slot``: path and attempt): always empty."""
-        if variant == "oncepay-memory":
+        base, alt = base_variant(variant), "_alt" if variant.endswith(ALT) else ""
+        if base == "oncepay-memory":
             return "memory://"
-        if variant == "oncepay-sqlite":
-            return f"sqlite:///{self.tmp / f'{slot}.db'}"  # sqlite:////abs/path.db
-        if variant == "oncepay-postgres":
+        if base == "oncepay-sqlite":
+            return f"sqlite:///{self.tmp / f'{slot}{alt}.db'}"  # sqlite:////abs/path.db
+        if base == "oncepay-postgres":
             sep = "&" if "?" in self.pg else "?"
-            return f"{self.pg}{sep}table={self.pg_schema}.idem_{slot.replace('-', '_')}"
-        if variant == "oncepay-redis":
+            return f"{self.pg}{sep}table={self.pg_schema}.idem_{slot.replace('-', '_')}{alt}"
+        if base == "oncepay-redis":
             sep = "&" if "?" in self.redis else "?"
             return f"{self.redis}{sep}prefix={self.redis_prefix(variant, slot)}"
         return ""
+
+
+ALT = "@alt"
+
+
+def base_variant(variant: str) -> str:
+    """The variant of apps.py that ``variant`` serves (``oncepay-redis@alt``: oncepay-redis)."""
+    return variant.removesuffix(ALT)
 
 
 # -- one cell --------------------------------------------------------------------------------------
@@ -150,6 +169,7 @@ class Cell:
     ratio: float | None = None
     cpu_ratio: float | None = None
     status: str = "ok"
+    round: int = 0  # with --rounds: which round (bare cells: the one they open)
     wrk: dict[str, Any] = field(default_factory=dict)
     driver: dict[str, int] = field(default_factory=dict)
 
@@ -166,7 +186,7 @@ def server(cfg: Config, variant: str, slot: str) -> Iterator[tuple[int, int, Pat
     log = cfg.tmp / f"server-{variant}-{slot}.log"
     env = {
         **os.environ,
-        "OVERHEAD_VARIANT": variant,
+        "OVERHEAD_VARIANT": base_variant(variant),
         "OVERHEAD_STORE": cfg.store_url(variant, slot),
         "OVERHEAD_REDIS": cfg.redis,
         "OVERHEAD_PREFIX": cfg.redis_prefix(variant, slot),
@@ -174,6 +194,8 @@ def server(cfg: Config, variant: str, slot: str) -> Iterator[tuple[int, int, Pat
         "PYTHONWARNINGS": "ignore",
         "POWERTOOLS_LOG_LEVEL": "WARNING",
     }
+    if variant.endswith(ALT):
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [cfg.alt_src, env.get("PYTHONPATH")]))
     cmd = [
         "taskset", "-c", cfg.server_cpu, cfg.python, "-m", "uvicorn", "apps:make_app",
         "--factory", "--app-dir", str(HERE), "--host", "127.0.0.1", "--port", str(port),
@@ -497,16 +519,48 @@ def machine() -> dict[str, Any]:
 
 
 def add_ratios(cells: list[Cell]) -> None:
+    """Each cell against the mean of the bare cells of its path; with rounds, against the mean
+    of the bare cells that open and close its round (a bare cell: those of its path)."""
     for path in PATHS:
         bare = [c for c in cells if c.path == path and c.variant == "bare" and c.status == "ok"]
         if not bare:
             continue
-        rps = sum(c.rps for c in bare) / len(bare)
-        cpu = sum(c.cpu_us_per_req for c in bare) / len(bare)
         for c in cells:
-            if c.path == path and c.status == "ok":
-                c.ratio = c.rps / rps if rps else None
-                c.cpu_ratio = cpu / c.cpu_us_per_req if c.cpu_us_per_req else None
+            if c.path != path or c.status != "ok":
+                continue
+            beside = [b for b in bare if b.round in (c.round, c.round + 1)] if c.round else []
+            if c.variant == "bare" or not beside:
+                beside = bare
+            rps = sum(b.rps for b in beside) / len(beside)
+            cpu = sum(b.cpu_us_per_req for b in beside) / len(beside)
+            c.ratio = c.rps / rps if rps else None
+            c.cpu_ratio = cpu / c.cpu_us_per_req if c.cpu_us_per_req else None
+
+
+def summary(cells: list[Cell]) -> list[tuple[str, ...]]:
+    """Per path and variant over the rounds: median paired ratio (range), by req/s and CPU."""
+    out: list[tuple[str, ...]] = []
+    for path in PATHS:
+        for variant in dict.fromkeys(c.variant for c in cells if c.path == path):
+            if variant == "bare":
+                continue
+            mine = [c for c in cells if (c.path, c.variant, c.status) == (path, variant, "ok")]
+            ratios = sorted(c.ratio for c in mine if c.ratio is not None)
+            cpu = sorted(c.cpu_ratio for c in mine if c.cpu_ratio is not None)
+            if not ratios:
+                continue
+            rps = statistics.median(c.rps for c in mine)
+            out.append((
+                path, variant, str(len(ratios)), f"{rps:,.0f}",
+                f"{statistics.median(ratios):.3f}", f"{ratios[0]:.3f}-{ratios[-1]:.3f}",
+                f"{statistics.median(cpu):.3f}" if cpu else "-",
+                f"{cpu[0]:.3f}-{cpu[-1]:.3f}" if cpu else "-",
+            ))  # fmt: skip
+    return out
+
+
+SUMMARY_HEADERS = ("path", "variant", "rounds", "median req/s", "x bare (median)", "range",
+                   "x bare CPU (median)", "range")  # fmt: skip
 
 
 HEADERS = ("path", "variant", "req/s", "p50 ms", "p99 ms", "x bare", "CPU us/req",
@@ -542,6 +596,34 @@ def markdown(cells: list[Cell]) -> str:
 
 
 def print_table(cells: list[Cell], *, use_markdown: bool) -> None:
+    _print_table(cells, use_markdown=use_markdown)
+    if any(c.round > 1 for c in cells):
+        print()
+        _print_summary(summary(cells), use_markdown=use_markdown)
+
+
+def _print_summary(lines: list[tuple[str, ...]], *, use_markdown: bool) -> None:
+    if not use_markdown:
+        try:
+            from rich.console import Console
+            from rich.table import Table
+        except ImportError:
+            use_markdown = True
+    if use_markdown:
+        print("| " + " | ".join(SUMMARY_HEADERS) + " |")
+        print("|" + "|".join("---" for _ in SUMMARY_HEADERS) + "|")
+        for line in lines:
+            print("| " + " | ".join(line) + " |")
+        return
+    table = Table(title="paired ratios over the rounds (each cell against the bare cells by it)")
+    for i, h in enumerate(SUMMARY_HEADERS):
+        table.add_column(h, justify="left" if i < 2 else "right")
+    for line in lines:
+        table.add_row(*line)
+    Console(width=200).print(table)
+
+
+def _print_table(cells: list[Cell], *, use_markdown: bool) -> None:
     if not use_markdown:
         try:
             from rich.console import Console
@@ -592,6 +674,19 @@ def report(cell: Cell, waited: float, share: float, elapsed: float) -> None:
     )
 
 
+def order(variants: list[str], rounds: int) -> list[tuple[str, str, int]]:
+    """(variant, label, round) in the order measured on one path."""
+    if rounds == 1:
+        return [("bare", "bare (first)", 0), *((v, v, 0) for v in variants),
+                ("bare", "bare (last)", 0)]  # fmt: skip
+    cells = []
+    for r in range(1, rounds + 1):
+        # every other round in reverse, so that no variant always has the same neighbours
+        ours = variants if r % 2 else variants[::-1]
+        cells += [("bare", f"bare #{r}", r), *((v, f"{v} #{r}", r) for v in ours)]
+    return [*cells, ("bare", f"bare #{rounds + 1}", rounds + 1)]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="3 s per cell, 1 s warm-up")
@@ -601,6 +696,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1, help="wrk threads")
     p.add_argument("--only", help="comma-separated variants (bare is always included)")
     p.add_argument("--paths", default="new,replay")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="bare, variants, bare, variants, ..., bare: paired ratios, median over the rounds",
+    )
+    p.add_argument(
+        "--alt-src",
+        type=Path,
+        help="another checkout's src/: adds <variant>@alt, served from it, after each OncePay one",
+    )
     p.add_argument("--server-cpu", default="0")
     p.add_argument("--load-cpu", default="1")
     p.add_argument("--redis", default="redis://127.0.0.1:6379/0")
@@ -651,6 +757,7 @@ def main(argv: list[str] | None = None) -> int:
         redis=args.redis,
         pg=args.pg,
         python=sys.executable,
+        alt_src=str(args.alt_src.resolve()) if args.alt_src else "",
     )
     variants = [v for v in VARIANTS if v != "bare"]
     if args.only:
@@ -659,33 +766,40 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             sys.exit(f"unknown variants {sorted(unknown)}; known: {', '.join(VARIANTS)}")
         variants = [v for v in variants if v in wanted]
+    if args.alt_src:
+        if not (args.alt_src / "oncepay" / "__init__.py").is_file():
+            sys.exit(f"--alt-src {args.alt_src}: no oncepay package there")
+        variants = [w for v in variants for w in ((v, v + ALT) if "oncepay" in v else (v,))]
     paths = [x.strip() for x in args.paths.split(",") if x.strip()]
+    rounds = max(args.rounds, 1)
 
     started = time.time()
     info = {"machine": machine(), "versions": versions(), "git": git_state(), "config": {
         k: v for k, v in asdict(cfg).items() if k not in ("tmp",)}}  # fmt: skip
     dirty = info["git"]["dirty_src"]
-    print(f"run {cfg.run_id}: {len(paths)} paths x {len(variants) + 2} cells, "
+    print(f"run {cfg.run_id}: {len(paths)} paths x {rounds * (len(variants) + 1) + 1} cells, "
           f"{cfg.seconds:g}s each after {cfg.warmup:g}s warm-up; server on CPU {cfg.server_cpu}, "
           f"wrk on CPU {cfg.load_cpu}, {cfg.connections} connections; git {info['git']['head']}"
-          + (f" + uncommitted src: {', '.join(dirty)}" if dirty else ""), flush=True)  # fmt: skip
+          + (f" + uncommitted src: {', '.join(dirty)}" if dirty else "")
+          + (f"; @alt = {cfg.alt_src}" if cfg.alt_src else ""), flush=True)  # fmt: skip
     skipped = preflight(cfg, variants)
     cells: list[Cell] = []
     quiet = Quiet(cfg, args.quiet_threshold, args.quiet_wait, args.quiet_budget)
     try:
         for path in paths:
-            order = [("bare", "bare (first)"), *((v, v) for v in variants), ("bare", "bare (last)")]
-            for variant, label in order:
-                if variant in skipped:
-                    cells.append(Cell(variant, path, label, status=f"skipped: {skipped[variant]}"))
+            for variant, label, round_ in order(variants, rounds):
+                why = skipped.get(variant) or skipped.get(base_variant(variant))
+                if why:
+                    cells.append(Cell(variant, path, label, status=f"skipped: {why}"))
                     continue
                 t0 = time.monotonic()
                 cell = None
                 for attempt in range(1 + max(args.retries, 0)):
                     waited, share = quiet.wait()
                     try:
-                        slot = f"{path}-{attempt + 1}"
+                        slot = f"{path}-{round_}-{attempt + 1}"
                         result = measure(cfg, variant, path, label, slot)
+                        result.round = round_
                     except Exception as exc:
                         result = Cell(variant, path, label, status=f"failed: {exc}"[:300])
                     finally:
