@@ -8,7 +8,10 @@ cost of a payment on SQLite (bench/e2e/PROFILE.md).
 
 In WAL mode the only SQLite calls that wait are the ones that take the write lock or sync to
 disk: ``BEGIN IMMEDIATE`` (it waits, up to the busy timeout, for another process's writer) and
-``COMMIT`` (an fsync with ``synchronous=FULL``). Those run on a worker thread. Every other
+``COMMIT`` (an fsync with ``synchronous=FULL``). Those run on the connection's own thread (one
+per connection, as aiosqlite has, but used only for these): on a shared pool of threads, a
+``COMMIT`` could queue behind other connections' ``BEGIN IMMEDIATE`` statements that wait for
+the very lock it is about to release, and they would all time out. Every other
 statement — reads, and writes under a write lock already held — runs on the loop: it touches
 pages in the cache and the WAL, costs microseconds, and does not wait for a lock (WAL readers
 do not block writers nor writers readers; a writer that holds the lock needs no other). The one
@@ -27,6 +30,7 @@ import asyncio
 import sqlite3
 import time
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from oncepay.idempotency.stores.sqlite import _enable_wal as enable_wal
@@ -111,8 +115,9 @@ class Cursor:
 class Connection:
     """One sqlite3 connection, used by one task at a time (SQLAlchemy's pool guarantees it)."""
 
-    def __init__(self, conn: sqlite3.Connection) -> None:
+    def __init__(self, conn: sqlite3.Connection, thread: ThreadPoolExecutor) -> None:
         self._conn = conn
+        self._thread = thread
 
     @property
     def _connection(self) -> sqlite3.Connection | None:  # read by SQLAlchemy's adapter
@@ -123,7 +128,7 @@ class Connection:
         return self._conn.isolation_level
 
     async def _on_thread(self, function: Any, *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(None, function, *args)
+        return await asyncio.get_running_loop().run_in_executor(self._thread, function, *args)
 
     async def create_function(self, *args: Any, **kwargs: Any) -> None:
         self._conn.create_function(*args, **kwargs)
@@ -141,10 +146,11 @@ class Connection:
         self._conn.rollback()  # drops the transaction's pages: no lock to wait for, no sync
 
     async def close(self) -> None:
-        self._conn.close()
+        self.stop()
 
     def stop(self) -> None:
         self._conn.close()
+        self._thread.shutdown(wait=False)
 
 
 async def connect(path: str, *, timeout: float) -> Connection:
@@ -163,4 +169,10 @@ async def connect(path: str, *, timeout: float) -> Connection:
             raise
         return conn
 
-    return Connection(await asyncio.get_running_loop().run_in_executor(None, open_it))
+    thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="oncepay-sqlite")
+    try:
+        conn = await asyncio.get_running_loop().run_in_executor(thread, open_it)
+    except BaseException:
+        thread.shutdown(wait=False)
+        raise
+    return Connection(conn, thread)

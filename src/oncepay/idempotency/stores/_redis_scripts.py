@@ -102,7 +102,7 @@ end
 -- 1. no record, a released one or an expired one: a new record that only carries the fence on
 if not state or state == 'released' or tonumber(current[5]) <= now then
     local next_fence = as_int(math.max((fence or 0) + 1, math.floor(now * 1000)))
-    redis.call('DEL', record)
+    if state then redis.call('DEL', record) end  -- a tombstone's fields must not linger
     redis.call('HSET', record, 'scope', scope, 'key', key, 'fingerprint', fingerprint,
         'state', 'executing', 'fence', next_fence, 'created_at', as_time(now),
         'lease_expires_at', as_time(now + lease), 'expires_at', as_time(now + ttl))
