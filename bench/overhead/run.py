@@ -26,6 +26,14 @@ range) of those paired ratios over the rounds.  ``--alt-src DIR`` adds ``<varian
 every OncePay variant: the same app with ``DIR`` (another checkout's ``src/``) first on the
 server's ``PYTHONPATH``, so that two versions of OncePay are compared in one run, side by side.
 
+Pairs.  The drift is faster than a cell: the bare app's throughput moves between ~7,700 and
+~12,100 req/s from one second to the next here.  ``--pairs N`` keeps a bare server and a
+variant's server up side by side (both on the server CPU; the idle one costs nothing) and loads
+them in turn, ``--pair-seconds`` each (default 1), N times, alternating which goes first.  Each
+pair gives a ratio measured a second apart; the report gives their median and interquartile
+range, and the pooled ratio (all of the variant's requests over all of the bare app's, in equal
+time), by throughput and by server CPU per request.
+
 Columns: req/s; p50/p99 latency (wrk's, closed loop, so they mostly reflect queueing at
 ``--connections`` in-flight requests); ``x bare``: req/s relative to the bare app;
 ``CPU us/req``: user+sys CPU of the server process (all its threads) per request, and
@@ -674,6 +682,175 @@ def report(cell: Cell, waited: float, share: float, elapsed: float) -> None:
     )
 
 
+@dataclass
+class Pairs:
+    """A variant against the bare app in alternating short loads (``--pairs``)."""
+
+    variant: str
+    path: str
+    verify: str = ""
+    seconds: float = 0.0
+    bare_rps: list[float] = field(default_factory=list)
+    rps: list[float] = field(default_factory=list)
+    bare_cpu_us: list[float] = field(default_factory=list)  # server CPU per request
+    cpu_us: list[float] = field(default_factory=list)
+    errors: int = 0
+    status: str = "ok"
+
+    @property
+    def ratios(self) -> list[float]:
+        return [v / b for v, b in zip(self.rps, self.bare_rps, strict=True) if b]
+
+    @property
+    def cpu_ratios(self) -> list[float]:
+        return [b / v for v, b in zip(self.cpu_us, self.bare_cpu_us, strict=True) if v]
+
+    def pooled(self) -> tuple[float, float]:
+        """(req/s ratio, CPU ratio) over all pairs: equal time on each side, so sums compare."""
+        rps = sum(self.rps) / sum(self.bare_rps) if sum(self.bare_rps) else 0.0
+        bare_cpu = _weighted(self.bare_cpu_us, self.bare_rps)
+        cpu = _weighted(self.cpu_us, self.rps)
+        return rps, (bare_cpu / cpu if cpu else 0.0)
+
+
+def _weighted(values: list[float], weights: list[float]) -> float:
+    total = sum(weights)
+    return sum(v * w for v, w in zip(values, weights, strict=True)) / total if total else 0.0
+
+
+def _quartiles(values: list[float]) -> tuple[float, float, float]:
+    if len(values) < 2:
+        v = values[0] if values else 0.0
+        return v, v, v
+    q1, q2, q3 = statistics.quantiles(values, n=4)
+    return q1, q2, q3
+
+
+def measure_pairs(cfg: Config, variant: str, path: str, n: int, seconds: float) -> Pairs:
+    result = Pairs(variant, path, seconds=seconds)
+    slot = f"{path}-pairs"
+    script = f"{path}.lua"
+    tag = f"{cfg.run_id}-{variant}-{slot}"
+    with (
+        server(cfg, "bare", slot) as (bare_port, bare_pid, _),
+        server(cfg, variant, slot) as (
+            port,
+            pid,
+            _,
+        ),
+    ):
+        result.verify = verify(port, variant)
+        sides = {"bare": (bare_port, bare_pid), variant: (port, pid)}
+        replay_key = {name: f"replay-{tag}-{name}" for name in sides}
+        for name, (p, _pid) in sides.items():  # warm both, and make the replay keys
+            wrk(cfg, p, script, replay_key[name] if path == "replay" else f"warm-{tag}", cfg.warmup)
+        for i in range(n):
+            order = ["bare", variant] if i % 2 == 0 else [variant, "bare"]
+            for name in order:
+                p, server_pid = sides[name]
+                cpu0 = proc_cpu(server_pid)
+                arg = replay_key[name] if path == "replay" else f"meas-{tag}-{i}"
+                out = wrk(cfg, p, script, arg, seconds)
+                cpu1 = proc_cpu(server_pid)
+                requests = max(int(out["requests"]), 1)
+                rps = out["requests"] / (out["duration_us"] / 1e6)
+                cpu_us = (cpu1 - cpu0) / requests * 1e6
+                result.errors += sum(v for k, v in out.items() if k.startswith("err_"))
+                if name == "bare":
+                    result.bare_rps.append(rps)
+                    result.bare_cpu_us.append(cpu_us)
+                else:
+                    result.rps.append(rps)
+                    result.cpu_us.append(cpu_us)
+    return result
+
+
+PAIR_HEADERS = ("path", "variant", "pairs", "bare req/s (median)", "req/s (median)",
+                "x bare: median (IQR)", "pooled", "x bare CPU: median (IQR)", "pooled",
+                "errors", "check")  # fmt: skip
+
+
+def pair_rows(results: list[Pairs]) -> list[tuple[str, ...]]:
+    out: list[tuple[str, ...]] = []
+    for r in results:
+        if r.status != "ok" or not r.ratios:
+            out.append((r.path, r.variant, "-", "-", "-", "-", "-", "-", "-", "-", r.status))
+            continue
+        q1, q2, q3 = _quartiles(r.ratios)
+        c1, c2, c3 = _quartiles(r.cpu_ratios)
+        pooled, pooled_cpu = r.pooled()
+        out.append((
+            r.path, r.variant, str(len(r.ratios)), f"{statistics.median(r.bare_rps):,.0f}",
+            f"{statistics.median(r.rps):,.0f}", f"{q2:.3f} ({q1:.3f}-{q3:.3f})", f"{pooled:.3f}",
+            f"{c2:.3f} ({c1:.3f}-{c3:.3f})", f"{pooled_cpu:.3f}", str(r.errors), r.verify,
+        ))  # fmt: skip
+    return out
+
+
+def print_pairs(results: list[Pairs], *, use_markdown: bool) -> None:
+    lines = pair_rows(results)
+    if not use_markdown:
+        try:
+            from rich.console import Console
+            from rich.table import Table
+        except ImportError:
+            use_markdown = True
+    if use_markdown:
+        print("| " + " | ".join(PAIR_HEADERS) + " |")
+        print("|" + "|".join("---" for _ in PAIR_HEADERS) + "|")
+        for line in lines:
+            print("| " + " | ".join(line) + " |")
+        return
+    table = Table(title="alternating pairs: each variant load against a bare load beside it")
+    for i, h in enumerate(PAIR_HEADERS):
+        table.add_column(h, justify="left" if i in (0, 1, 10) else "right")
+    for line in lines:
+        table.add_row(*line)
+    Console(width=220).print(table)
+
+
+def run_pairs(
+    cfg: Config, variants: list[str], paths: list[str], n: int, seconds: float, args: Any
+) -> int:
+    skipped = preflight(cfg, variants)
+    results: list[Pairs] = []
+    started = time.time()
+    try:
+        for path in paths:
+            for variant in variants:
+                why = skipped.get(variant) or skipped.get(base_variant(variant))
+                if why:
+                    results.append(Pairs(variant, path, status=f"skipped: {why}"))
+                    continue
+                t0 = time.monotonic()
+                try:
+                    result = measure_pairs(cfg, variant, path, n, seconds)
+                except Exception as exc:
+                    result = Pairs(variant, path, status=f"failed: {exc}"[:300])
+                finally:
+                    with contextlib.suppress(Exception):
+                        redis_delete(cfg, cfg.redis_prefix(variant, f"{path}-pairs"))
+                results.append(result)
+                if result.ratios:
+                    pooled, pooled_cpu = result.pooled()
+                    print(f"  {path:6} {variant:32} {len(result.ratios)} pairs: median "
+                          f"{statistics.median(result.ratios):.3f}, pooled {pooled:.3f} "
+                          f"(CPU {pooled_cpu:.3f})  ({time.monotonic() - t0:.0f}s)",
+                          flush=True)  # fmt: skip
+                else:
+                    print(f"  {path:6} {variant:32} {result.status}", flush=True)
+    finally:
+        cleanup(cfg, pg="oncepay-postgres" in variants and "oncepay-postgres" not in skipped)
+    print()
+    print_pairs(results, use_markdown=args.markdown)
+    print(f"\n{time.time() - started:.0f}s")
+    if args.json:
+        info = {"machine": machine(), "versions": versions(), "git": git_state()}
+        args.json.write_text(json.dumps({**info, "pairs": [asdict(r) for r in results]}, indent=2))
+        print(f"wrote {args.json}")
+    return 0
+
+
 def order(variants: list[str], rounds: int) -> list[tuple[str, str, int]]:
     """(variant, label, round) in the order measured on one path."""
     if rounds == 1:
@@ -702,6 +879,13 @@ def main(argv: list[str] | None = None) -> int:
         default=1,
         help="bare, variants, bare, variants, ..., bare: paired ratios, median over the rounds",
     )
+    p.add_argument(
+        "--pairs",
+        type=int,
+        default=0,
+        help="instead of cells: N alternating short loads of bare and each variant, side by side",
+    )
+    p.add_argument("--pair-seconds", type=float, default=1.0, help="each load of --pairs")
     p.add_argument(
         "--alt-src",
         type=Path,
@@ -772,6 +956,11 @@ def main(argv: list[str] | None = None) -> int:
         variants = [w for v in variants for w in ((v, v + ALT) if "oncepay" in v else (v,))]
     paths = [x.strip() for x in args.paths.split(",") if x.strip()]
     rounds = max(args.rounds, 1)
+    if args.pairs > 0:
+        print(f"run {cfg.run_id}: {args.pairs} pairs of {args.pair_seconds:g}s loads per "
+              f"variant and path; git {git_state()['head']}"
+              + (f"; @alt = {cfg.alt_src}" if cfg.alt_src else ""), flush=True)  # fmt: skip
+        return run_pairs(cfg, variants, paths, args.pairs, args.pair_seconds, args)
 
     started = time.time()
     info = {"machine": machine(), "versions": versions(), "git": git_state(), "config": {
