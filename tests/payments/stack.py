@@ -130,7 +130,7 @@ async def running_stack(
         recovery_backoff=BACKOFF,
         acquirer_timeout=TEST_ACQUIRER_TIMEOUT,
         acquirer_attempts=TEST_ACQUIRER_ATTEMPTS,
-        **overrides,
+        **{"webhook_allow_private": True, **overrides},  # receivers listen on 127.0.0.1
     )
     simulator_apps = {
         name: create_simulator(f"sqlite:///{tmp_path / f'acquirer-{name}.db'}", seed=7)

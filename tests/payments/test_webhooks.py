@@ -280,8 +280,8 @@ async def _worker_in_child(url: str, barrier: Any) -> list[str]:
     from oncepay.payments.settings import Settings
     from oncepay.payments.webhooks import claim_due
 
-    services = await Services.start(Settings(database_url=url, run_worker=False),
-                                    acquirers=_no_acquirers())  # fmt: skip
+    settings = Settings(database_url=url, run_worker=False, webhook_allow_private=True)
+    services = await Services.start(settings, acquirers=_no_acquirers())
     sent: list[str] = []
     original = claim_due
 

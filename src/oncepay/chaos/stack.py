@@ -165,6 +165,7 @@ class ChaosStack:
             # ...while an unknown outcome is asked again within seconds.
             "ONCEPAY_RECOVERY_BACKOFF": json.dumps([0.5, 1, 2, 4, 8]),
             "ONCEPAY_WEBHOOK_SCHEDULE": json.dumps([0.5, 1, 2, 4, 8, 16]),
+            "ONCEPAY_WEBHOOK_ALLOW_PRIVATE": "true",  # the receiver listens on loopback
             "ONCEPAY_WORKER_INTERVAL": "0.2",
         }
         if self.redis:

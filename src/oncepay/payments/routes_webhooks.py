@@ -73,7 +73,8 @@ def register(app: FastAPI) -> None:  # noqa: PLR0915 - one short function per ro
         (and in a replay of this request)."""
 
         async def work(conn: AsyncConnection) -> Reply:
-            url, now = validate_url(body.url), time.time()
+            allow = services.settings.webhook_allow_private
+            url, now = validate_url(body.url, allow_private=allow), time.time()
             endpoint_id = new_id("we")
             await conn.execute(webhook_endpoints.insert().values(
                 id=endpoint_id, merchant_id=merchant.id, url=url, events=json.dumps(body.events),
@@ -119,7 +120,8 @@ def register(app: FastAPI) -> None:  # noqa: PLR0915 - one short function per ro
             await _endpoint(conn, endpoint_id, merchant.id)
             values: dict[str, Any] = {}
             if body.url is not None:
-                values["url"] = validate_url(body.url)
+                allow = services.settings.webhook_allow_private
+                values["url"] = validate_url(body.url, allow_private=allow)
             if body.events is not None:
                 values["events"] = json.dumps(body.events)
             if body.description is not None:

@@ -51,6 +51,10 @@ class Settings(BaseSettings):
                                  50400.0, 72000.0, 36000.0],
         min_length=1,
     )  # fmt: skip
+    # Webhooks go to public addresses only: a merchant's URL is fetched from inside our
+    # network, and one naming 127.0.0.1, 10.x or 169.254.169.254 (cloud metadata) would make
+    # the worker a proxy onto internal services (SSRF). True for development and tests only.
+    webhook_allow_private: bool = False
     # How often the worker looks for abandoned requests and expired keys.
     worker_interval: float = Field(default=1.0, gt=0)
 

@@ -18,20 +18,31 @@ canceled. Anything else (or no answer): retried after the next step of the sched
 (``Settings.webhook_schedule``, about three days in all), with
 ±10% jitter; when the schedule is spent the delivery is ``dead`` (dead-lettered) and stays
 visible through the API, where it can be redelivered.
+
+**Public addresses only** (unless ``Settings.webhook_allow_private``): a merchant's URL is
+fetched from inside our network, so one naming 127.0.0.1, 10.0.0.0/8 or the cloud metadata
+address 169.254.169.254 would turn the worker into a proxy onto internal services (SSRF). A
+URL whose host is such an address, or ``localhost``, is refused when it is registered (400).
+A host name is resolved before every attempt; if any of its addresses is not public the attempt
+fails without a byte sent, and otherwise the request goes to the checked address itself (with
+the original ``Host`` header and TLS server name), so a name that resolves differently a moment
+later (DNS rebinding) cannot redirect it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import ipaddress
 import json
 import logging
 import random
 import secrets
+import socket
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import urlsplit
 
 import httpx
@@ -84,8 +95,33 @@ def new_secret() -> str:
     return "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()
 
 
-def validate_url(url: str) -> str:
-    """http(s), a host, no credentials: anything else is a clear 400."""
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def is_public(address: IPAddress) -> bool:
+    """Whether webhooks may be sent to ``address``: a global unicast address, not loopback,
+    private (RFC 1918, fc00::/7), link-local (169.254/16: cloud metadata), shared (100.64/10),
+    multicast, reserved or unspecified. IPv4 inside IPv6 (``::ffff:10.0.0.1``) counts as the
+    IPv4 address it carries."""
+    if isinstance(address, ipaddress.IPv6Address):
+        inner = address.ipv4_mapped or address.sixtofour
+        if inner is not None:
+            address = inner
+    return address.is_global and not (
+        address.is_multicast or address.is_reserved or address.is_unspecified
+    )
+
+
+def _literal(host: str) -> IPAddress | None:
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        return None
+
+
+def validate_url(url: str, *, allow_private: bool = False) -> str:
+    """http(s), a host, no credentials, a public address (unless ``allow_private``): anything
+    else is a clear 400."""
     if len(url) > MAX_URL:
         raise InvalidRequest(f"url: at most {MAX_URL} characters")
     try:
@@ -108,6 +144,18 @@ def validate_url(url: str) -> str:
         httpx.URL(url).host.encode("idna")  # what the sender will do with it, refused now
     except (httpx.InvalidURL, UnicodeError) as exc:
         raise InvalidRequest(f"url: {exc}") from None
+    if not allow_private:
+        host = parts.hostname.rstrip(".").lower()
+        address = _literal(host)
+        if (
+            host == "localhost"
+            or host.endswith(".localhost")
+            or (address is not None and not is_public(address))
+        ):
+            raise InvalidRequest(
+                f"url: {parts.hostname} is not a public address; webhooks go to public "
+                "addresses only (a development server can set ONCEPAY_WEBHOOK_ALLOW_PRIVATE)"
+            )
     del port
     return url
 
@@ -233,6 +281,44 @@ async def claim_due(svc: Services, *, now: float, limit: int = CLAIM_BATCH) -> l
         return [_Claimed(r.id, r.event_id, r.endpoint_id, r.attempts, token) for r in rows]
 
 
+class Resolver(Protocol):
+    async def __call__(self, host: str, port: int) -> list[str]: ...
+
+
+class NotPublic(Exception):
+    """The URL's host resolves to an address webhooks must not be sent to."""
+
+
+async def resolve(host: str, port: int) -> list[str]:
+    """Every address ``host`` resolves to, by the system's resolver."""
+    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return list(dict.fromkeys(str(info[4][0]) for info in infos))
+
+
+async def public_target(
+    url: str, resolver: Resolver = resolve
+) -> tuple[httpx.URL, dict[str, str], dict[str, Any]]:
+    """Where to send a delivery to ``url``: its URL with the host replaced by a checked public
+    address, the ``Host`` header to send, and the TLS server name (the request extensions).
+    Raises :class:`NotPublic` when any address of the host is not public."""
+    target = httpx.URL(url)
+    host = target.host
+    address = _literal(host)
+    if address is not None:
+        addresses = [str(address)]
+    else:
+        port = target.port or (443 if target.scheme == "https" else 80)
+        addresses = await resolver(host, port)
+        if not addresses:
+            raise NotPublic(f"{host} resolves to no address")
+    bad = [a for a in addresses if (parsed := _literal(a)) is None or not is_public(parsed)]
+    if bad:
+        raise NotPublic(f"{host} resolves to {', '.join(bad)}, not a public address")
+    netloc = host if target.port is None else f"{host}:{target.port}"
+    extensions = {"sni_hostname": host} if target.scheme == "https" else {}
+    return target.copy_with(host=addresses[0]), {"host": netloc}, extensions
+
+
 async def deliver_due(
     svc: Services,
     client: httpx.AsyncClient,
@@ -272,8 +358,13 @@ async def _deliver(svc: Services, client: httpx.AsyncClient, claimed: _Claimed, 
     started = time.perf_counter()
     try:
         headers = signed_headers(endpoint, event.id, payload, sent_at)
-        response = await client.post(endpoint.url, content=payload, headers=headers,
-                                     timeout=DELIVERY_TIMEOUT)  # fmt: skip
+        target: httpx.URL | str = endpoint.url
+        extensions: dict[str, Any] = {}
+        if not svc.settings.webhook_allow_private:
+            target, host, extensions = await public_target(endpoint.url)
+            headers.update(host)
+        response = await client.post(target, content=payload, headers=headers,
+                                     timeout=DELIVERY_TIMEOUT, extensions=extensions)  # fmt: skip
         code, error = response.status_code, None
     except Exception as exc:  # any failure to send is a failed attempt, never a stuck worker
         code, error = None, f"{type(exc).__name__}: {exc}"[:ERROR_LIMIT]

@@ -1,0 +1,161 @@
+"""Webhooks go to public addresses only (SSRF): refused at registration, checked again by name
+before every attempt, and sent to the address that was checked."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from oncepay.payments.errors import InvalidRequest
+from oncepay.payments.webhooks import (
+    NotPublic,
+    deliver_due,
+    is_public,
+    public_target,
+    validate_url,
+)
+from tests.payments.stack import Stack, running_stack
+
+NOT_PUBLIC = [
+    "http://127.0.0.1/hook",
+    "http://127.1.2.3:8080/hook",
+    "http://10.0.0.5/hook",
+    "http://172.16.0.1/hook",
+    "http://192.168.1.10/hook",
+    "http://169.254.169.254/latest/meta-data/",  # cloud metadata
+    "http://100.64.0.1/hook",  # carrier-grade NAT
+    "http://0.0.0.0/hook",
+    "http://224.0.0.1/hook",  # multicast
+    "http://240.0.0.1/hook",  # reserved
+    "http://[::1]/hook",
+    "http://[fd00::1]/hook",
+    "http://[fe80::1]/hook",
+    "http://[::ffff:127.0.0.1]/hook",  # IPv4-mapped loopback
+    "http://[::ffff:a9fe:a9fe]/hook",  # IPv4-mapped metadata address, in hex
+    "http://[2002:7f00:1::]/hook",  # 6to4 around 127.0.0.1
+    "http://localhost/hook",
+    "http://LOCALHOST.:9000/hook",
+    "http://api.localhost/hook",
+]
+PUBLIC = [
+    "https://shop.example/hooks/oncepay",
+    "https://93.184.216.34/hook",
+    "http://[2606:2800:220:1:248:1893:25c8:1946]/hook",
+    "https://hooks.example.com:8443/path?x=1",
+]
+
+
+@pytest.mark.parametrize("url", NOT_PUBLIC)
+def test_a_non_public_address_is_refused_at_registration(url: str) -> None:
+    with pytest.raises(InvalidRequest, match="not a public address"):
+        validate_url(url)
+    assert validate_url(url, allow_private=True) == url  # development servers may
+
+
+@pytest.mark.parametrize("url", PUBLIC)
+def test_a_public_address_or_name_is_accepted(url: str) -> None:
+    assert validate_url(url) == url
+
+
+@pytest.mark.parametrize(
+    ("address", "public"),
+    [("8.8.8.8", True), ("2001:4860:4860::8888", True), ("10.1.2.3", False),
+     ("::ffff:8.8.8.8", True), ("::ffff:10.1.2.3", False), ("ff02::1", False)],
+)  # fmt: skip
+def test_is_public(address: str, public: bool) -> None:
+    assert is_public(ipaddress.ip_address(address)) is public
+
+
+def resolving_to(*addresses: str) -> object:
+    async def resolver(host: str, port: int) -> list[str]:
+        assert (host, port) == ("shop.example", 443)
+        return list(addresses)
+
+    return resolver
+
+
+async def test_a_name_is_sent_to_the_public_address_it_resolved_to() -> None:
+    url, headers, extensions = await public_target(
+        "https://shop.example/hooks?x=1",
+        resolving_to("93.184.216.34"),  # type: ignore[arg-type]
+    )
+    assert str(url) == "https://93.184.216.34/hooks?x=1"
+    assert headers == {"host": "shop.example"}
+    assert extensions == {"sni_hostname": "shop.example"}  # the certificate is checked by name
+
+
+@pytest.mark.parametrize(
+    "addresses",
+    [("10.0.0.7",), ("93.184.216.34", "127.0.0.1"), ("::1",), ("::ffff:169.254.169.254",), ()],
+)
+async def test_a_name_with_any_non_public_address_is_not_sent(addresses: tuple[str, ...]) -> None:
+    with pytest.raises(NotPublic):
+        await public_target("https://shop.example/hooks", resolving_to(*addresses))  # type: ignore[arg-type]
+
+
+@pytest.fixture
+async def guarded(payments_url: str, tmp_path: Path) -> AsyncIterator[Stack]:
+    async with running_stack(payments_url, tmp_path, webhook_allow_private=False) as stack:
+        yield stack
+
+
+async def test_the_api_refuses_a_private_url_and_stores_nothing(guarded: Stack) -> None:
+    response = await guarded.post(
+        "/v1/webhook_endpoints", {"url": "http://169.254.169.254/latest/meta-data/"}
+    )
+    assert response.status_code == 400, response.text
+    assert response.headers["content-type"] == "application/problem+json"
+    assert response.json()["code"] == "invalid_request"
+    assert "not a public address" in response.json()["detail"]
+    listed = await guarded.client.get("/v1/webhook_endpoints")
+    assert listed.json()["data"] == []
+    created = await guarded.post("/v1/webhook_endpoints", {"url": "https://shop.example/hooks"})
+    assert created.status_code == 201, created.text
+    endpoint = created.json()
+    moved = await guarded.post(f"/v1/webhook_endpoints/{endpoint['id']}", {"url": "http://[::1]/"})
+    assert moved.status_code == 400, moved.text
+    kept = await guarded.client.get(f"/v1/webhook_endpoints/{endpoint['id']}")
+    assert kept.json()["url"] == "https://shop.example/hooks"  # nothing half-written
+
+
+async def test_a_delivery_to_a_name_that_resolves_to_loopback_is_not_sent(
+    guarded: Stack,
+) -> None:
+    """An endpoint stored before the guard (or a name that now resolves inward): the attempt
+    fails without a connection, and says why. The listener proves that nothing connected."""
+    connections = 0
+
+    async def count(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        writer.close()
+
+    server = await asyncio.start_server(count, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        guarded.services.settings.webhook_allow_private = True  # as when it was registered
+        url = f"http://localhost:{port}/hook"
+        body = {"url": url, "events": ["payment.captured"]}
+        created = await guarded.post("/v1/webhook_endpoints", body)
+        assert created.status_code == 201, created.text
+        guarded.services.settings.webhook_allow_private = False
+        await guarded.pay()
+        async with httpx.AsyncClient() as client:
+            report = await deliver_due(guarded.services, client)
+        assert dict(report.results) == {"retry": 1}, report.results
+        deliveries = await guarded.client.get(
+            f"/v1/webhook_endpoints/{created.json()['id']}/deliveries"
+        )
+        [delivery] = deliveries.json()["data"]
+        assert delivery["status"] == "pending"  # tried again later: DNS may change
+        assert delivery["last_status_code"] is None
+        assert "NotPublic: localhost resolves to 127.0.0.1" in delivery["last_error"], delivery
+        assert connections == 0
+    finally:
+        server.close()
+        await server.wait_closed()
