@@ -16,6 +16,7 @@ from oncepay.payments.webhooks import (
     NotPublic,
     deliver_due,
     is_public,
+    pinned,
     public_target,
     validate_url,
 )
@@ -156,6 +157,48 @@ async def test_a_delivery_to_a_name_that_resolves_to_loopback_is_not_sent(
         assert delivery["last_status_code"] is None
         assert "NotPublic: localhost resolves to 127.0.0.1" in delivery["last_error"], delivery
         assert connections == 0
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def test_a_pinned_https_delivery_still_verifies_the_certificate_by_name() -> None:
+    """Sent to the checked address, the request keeps its name for TLS: a certificate for the
+    name is accepted, and the same address under another name is refused."""
+    import ssl
+
+    import trustme
+
+    ca = trustme.CA()
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("shop.example").configure_cert(server_context)
+    seen: list[bytes] = []
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        seen.append(head)
+        writer.write(b"HTTP/1.1 204 No Content\r\nconnection: close\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0, ssl=server_context)
+    port = server.sockets[0].getsockname()[1]
+    client_context = ssl.create_default_context()
+    ca.configure_trust(client_context)
+    try:
+        async with httpx.AsyncClient(verify=client_context) as client:
+            url, headers, extensions = pinned(
+                httpx.URL(f"https://shop.example:{port}/hooks"), "127.0.0.1"
+            )
+            assert str(url) == f"https://127.0.0.1:{port}/hooks"
+            response = await client.post(url, headers=headers, extensions=extensions)
+            assert response.status_code == 204
+            assert f"host: shop.example:{port}".encode() in seen[0].lower()
+            url, headers, extensions = pinned(
+                httpx.URL(f"https://other.example:{port}/hooks"), "127.0.0.1"
+            )
+            with pytest.raises(httpx.ConnectError, match="certificate"):
+                await client.post(url, headers=headers, extensions=extensions)
     finally:
         server.close()
         await server.wait_closed()

@@ -314,9 +314,17 @@ async def public_target(
     bad = [a for a in addresses if (parsed := _literal(a)) is None or not is_public(parsed)]
     if bad:
         raise NotPublic(f"{host} resolves to {', '.join(bad)}, not a public address")
+    return pinned(target, addresses[0])
+
+
+def pinned(target: httpx.URL, address: str) -> tuple[httpx.URL, dict[str, str], dict[str, Any]]:
+    """``target`` sent to ``address``: the URL with that host, the ``Host`` header of the
+    original, and for https the original name as TLS server name, which the certificate is
+    verified against."""
+    host = target.host
     netloc = host if target.port is None else f"{host}:{target.port}"
     extensions = {"sni_hostname": host} if target.scheme == "https" else {}
-    return target.copy_with(host=addresses[0]), {"host": netloc}, extensions
+    return target.copy_with(host=address), {"host": netloc}, extensions
 
 
 async def deliver_due(
