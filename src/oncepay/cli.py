@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import shutil
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -85,8 +90,6 @@ def serve(
     ] = None,
 ) -> None:
     """Run the payments service: the API, with recovery, on SQLite unless told otherwise."""
-    import os
-
     import uvicorn
 
     settings = _settings(
@@ -99,14 +102,32 @@ def serve(
     os.environ.update(
         {f"ONCEPAY_{k.upper()}": _env(v) for k, v in settings.model_dump().items() if v is not None}
     )
-    uvicorn.run(
-        "oncepay.payments.api:create_app",
-        factory=True,
-        host=settings.host,
-        port=settings.port,
-        workers=settings.workers,
-        log_level="warning",
-    )
+    with shared_metrics(settings.workers):
+        uvicorn.run(
+            "oncepay.payments.api:create_app",
+            factory=True,
+            host=settings.host,
+            port=settings.port,
+            workers=settings.workers,
+            log_level="warning",
+        )
+
+
+@contextlib.contextmanager
+def shared_metrics(workers: int) -> Iterator[str | None]:
+    """With several API processes, one ``PROMETHEUS_MULTIPROC_DIR`` for all of them (made for
+    this run, removed after it) so that ``/metrics`` answers for the service, not for whichever
+    process took the scrape. One given by the environment is used as it is, and kept."""
+    if workers < 2 or os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        yield os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+        return
+    directory = tempfile.mkdtemp(prefix="oncepay-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
+    try:
+        yield directory
+    finally:
+        del os.environ["PROMETHEUS_MULTIPROC_DIR"]
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 def _env(value: object) -> str:
@@ -322,7 +343,6 @@ def gateway(
     ] = 0.0,
 ) -> None:
     """Run the idempotency gateway: a reverse proxy that makes UPSTREAM idempotent."""
-    import os
     from urllib.parse import urlsplit
 
     import uvicorn

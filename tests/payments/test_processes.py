@@ -256,3 +256,65 @@ async def _refund_storm(port: int, api_key: str) -> dict[str, Any]:
         "created": sum(r.status_code == 201 for r in responses),
         "refunded": final["amount_refunded"],
     }
+
+
+@pytest.mark.postgres
+def test_metrics_of_two_api_processes_are_summed(tmp_path: Path) -> None:
+    """Behind one port a scrape reaches either process: each one must answer for both."""
+    require_postgres()
+    db = f"{POSTGRES_URL}?schema=oncepay_proc_{uuid.uuid4().hex[:8]}"
+    api_port = free_port()
+    metrics_dir = tmp_path / "metrics"
+    metrics_dir.mkdir()
+    env = {
+        "ONCEPAY_DATABASE_URL": db,
+        "ONCEPAY_WORKERS": "2",
+        "ONCEPAY_RUN_WORKER": "false",
+        "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
+    }
+    try:
+        with running(oncepay_args("serve", "--port", str(api_port)), api_port, env):
+            scrapes = asyncio.run(_health_then_scrapes(api_port, requests=60, scrapes=8))
+        per_process = [_health_count(f, tmp_path) for f in metrics_dir.glob("counter_*.db")]
+        assert len([n for n in per_process if n]) == 2, per_process  # both served requests...
+        assert sum(per_process) == 60
+        assert scrapes == [60] * 8  # ...and every scrape, whichever took it, counts them all
+    finally:
+        asyncio.run(drop_schema(db))
+
+
+def _health_count(counter_file: Path, tmp_path: Path) -> int:
+    """The /health requests one process counted: its file alone, read as prometheus does."""
+    import shutil
+
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    alone = tmp_path / f"alone-{counter_file.stem}"
+    alone.mkdir()
+    shutil.copy(counter_file, alone / counter_file.name)
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=str(alone))  # type: ignore[no-untyped-call]
+    value = registry.get_sample_value(
+        "oncepay_http_requests_total", {"route": "/health", "method": "GET", "status": "200"}
+    )
+    return int(value or 0)
+
+
+async def _health_then_scrapes(port: int, *, requests: int, scrapes: int) -> list[int]:
+    # A fresh connection per request, so the kernel spreads them over both processes.
+    limits = httpx.Limits(max_keepalive_connections=0)
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", limits=limits) as client:
+        answers = await asyncio.gather(*(client.get("/health") for _ in range(requests)))
+        assert {a.status_code for a in answers} == {200}
+        pattern = re.compile(
+            r'^oncepay_http_requests_total\{method="GET",route="/health",status="200"\} (\S+)$',
+            re.MULTILINE,
+        )
+        counted = []
+        for _ in range(scrapes):
+            text = (await client.get("/metrics")).text
+            match = pattern.search(text)
+            assert match, text
+            counted.append(int(float(match.group(1))))
+    return counted

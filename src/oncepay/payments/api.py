@@ -17,7 +17,7 @@ from typing import Annotated, Any
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from sqlalchemy import select
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -39,7 +39,7 @@ from oncepay.payments.deps import (
     problem_response,
 )
 from oncepay.payments.errors import InvalidRequest, ResourceMissing
-from oncepay.payments.metrics import REGISTRY, REQUESTS
+from oncepay.payments.metrics import REQUESTS, exposition
 from oncepay.payments.models import payment_public, refund_public
 from oncepay.payments.operations import Cancel, Capture, CreatePayment, CreateRefund
 from oncepay.payments.recovery import run_worker
@@ -161,7 +161,7 @@ def _routes(app: FastAPI) -> None:
 
     @app.get("/metrics", include_in_schema=False)
     async def metrics() -> Response:
-        return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
+        return Response(exposition(), media_type=CONTENT_TYPE_LATEST)
 
 
 def _event(row: Any) -> dict[str, Any]:

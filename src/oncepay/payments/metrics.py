@@ -1,11 +1,20 @@
 """Prometheus metrics of the payments service, in one registry served at ``/metrics``.
 
 One registry per process, not the global default, so tests can build several apps in one
-process without duplicate-metric errors."""
+process without duplicate-metric errors.
+
+With several API processes behind one port (``oncepay serve --workers N``) a scrape reaches
+whichever process accepts it, so each process's own figures would be a random sample. ``serve``
+then gives the processes one ``PROMETHEUS_MULTIPROC_DIR`` (prometheus-client's multiprocess
+mode: each process writes its values to files there), and :func:`exposition` sums every
+process's, those of processes that died included, so counters never go backwards."""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+import os
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 
 __all__ = [
     "ACQUIRER_CALLS",
@@ -18,6 +27,7 @@ __all__ = [
     "REQUESTS",
     "WEBHOOK_ATTEMPTS",
     "WEBHOOK_LATENCY",
+    "exposition",
 ]
 
 REGISTRY = CollectorRegistry(auto_describe=True)
@@ -75,3 +85,14 @@ WEBHOOK_LATENCY = Histogram(
     "Latency of webhook delivery attempts.",
     registry=REGISTRY,
 )
+
+
+def exposition() -> bytes:
+    """The text of ``/metrics``: this process's metrics, or in multiprocess mode (see the
+    module's docstring) every process's, summed."""
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not directory:
+        return generate_latest(REGISTRY)
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=directory)  # type: ignore[no-untyped-call]
+    return generate_latest(registry)
