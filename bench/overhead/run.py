@@ -611,6 +611,19 @@ def print_table(cells: list[Cell], *, use_markdown: bool) -> None:
 
 
 def _print_summary(lines: list[tuple[str, ...]], *, use_markdown: bool) -> None:
+    title = "paired ratios over the rounds (each cell against the bare cells by it)"
+    render(title, SUMMARY_HEADERS, lines, left=(0, 1), use_markdown=use_markdown)
+
+
+def render(
+    title: str,
+    headers: tuple[str, ...],
+    lines: list[tuple[str, ...]],
+    *,
+    left: tuple[int, ...],
+    use_markdown: bool,
+) -> None:
+    """A table in rich (``left``: the columns aligned left) or, without rich, in markdown."""
     if not use_markdown:
         try:
             from rich.console import Console
@@ -618,17 +631,17 @@ def _print_summary(lines: list[tuple[str, ...]], *, use_markdown: bool) -> None:
         except ImportError:
             use_markdown = True
     if use_markdown:
-        print("| " + " | ".join(SUMMARY_HEADERS) + " |")
-        print("|" + "|".join("---" for _ in SUMMARY_HEADERS) + "|")
+        print("| " + " | ".join(headers) + " |")
+        print("|" + "|".join("---" for _ in headers) + "|")
         for line in lines:
             print("| " + " | ".join(line) + " |")
         return
-    table = Table(title="paired ratios over the rounds (each cell against the bare cells by it)")
-    for i, h in enumerate(SUMMARY_HEADERS):
-        table.add_column(h, justify="left" if i < 2 else "right")
+    table = Table(title=title)
+    for i, h in enumerate(headers):
+        table.add_column(h, justify="left" if i in left else "right")
     for line in lines:
         table.add_row(*line)
-    Console(width=200).print(table)
+    Console(width=220).print(table)
 
 
 def _print_table(cells: list[Cell], *, use_markdown: bool) -> None:
@@ -788,25 +801,8 @@ def pair_rows(results: list[Pairs]) -> list[tuple[str, ...]]:
 
 
 def print_pairs(results: list[Pairs], *, use_markdown: bool) -> None:
-    lines = pair_rows(results)
-    if not use_markdown:
-        try:
-            from rich.console import Console
-            from rich.table import Table
-        except ImportError:
-            use_markdown = True
-    if use_markdown:
-        print("| " + " | ".join(PAIR_HEADERS) + " |")
-        print("|" + "|".join("---" for _ in PAIR_HEADERS) + "|")
-        for line in lines:
-            print("| " + " | ".join(line) + " |")
-        return
-    table = Table(title="alternating pairs: each variant load against a bare load beside it")
-    for i, h in enumerate(PAIR_HEADERS):
-        table.add_column(h, justify="left" if i in (0, 1, 10) else "right")
-    for line in lines:
-        table.add_row(*line)
-    Console(width=220).print(table)
+    title = "alternating pairs: each variant load against a bare load beside it"
+    render(title, PAIR_HEADERS, pair_rows(results), left=(0, 1, 10), use_markdown=use_markdown)
 
 
 def run_pairs(
