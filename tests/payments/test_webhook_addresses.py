@@ -15,6 +15,7 @@ from oncepay.payments.errors import InvalidRequest
 from oncepay.payments.webhooks import (
     NotPublic,
     deliver_due,
+    delivery_client,
     is_public,
     pinned,
     public_target,
@@ -202,3 +203,46 @@ async def test_a_pinned_https_delivery_still_verifies_the_certificate_by_name() 
     finally:
         server.close()
         await server.wait_closed()
+
+
+async def test_a_redirect_is_a_failed_attempt_and_is_not_followed(guarded: Stack) -> None:
+    """A receiver that answers 302 towards another address gets no second request there."""
+    inner_hits = 0
+
+    async def inner(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal inner_hits
+        inner_hits += 1
+        writer.close()
+
+    inner_server = await asyncio.start_server(inner, "127.0.0.1", 0)
+    inner_port = inner_server.sockets[0].getsockname()[1]
+
+    async def redirecting(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        location = f"http://127.0.0.1:{inner_port}/admin"
+        writer.write(
+            f"HTTP/1.1 302 Found\r\nlocation: {location}\r\ncontent-length: 0\r\n\r\n".encode()
+        )
+        await writer.drain()
+        writer.close()
+
+    outer_server = await asyncio.start_server(redirecting, "127.0.0.1", 0)
+    outer_port = outer_server.sockets[0].getsockname()[1]
+    try:
+        guarded.services.settings.webhook_allow_private = True  # both listen on loopback
+        body = {"url": f"http://127.0.0.1:{outer_port}/hook", "events": ["payment.captured"]}
+        created = await guarded.post("/v1/webhook_endpoints", body)
+        assert created.status_code == 201, created.text
+        await guarded.pay()
+        async with delivery_client() as client:  # the worker's
+            report = await deliver_due(guarded.services, client)
+        assert dict(report.results) == {"retry": 1}
+        deliveries = await guarded.client.get(
+            f"/v1/webhook_endpoints/{created.json()['id']}/deliveries"
+        )
+        assert deliveries.json()["data"][0]["last_status_code"] == 302
+        assert inner_hits == 0
+    finally:
+        for server in (inner_server, outer_server):
+            server.close()
+            await server.wait_closed()

@@ -21,7 +21,6 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-import httpx
 from sqlalchemy import text
 
 from oncepay.payments.db import read, write
@@ -29,7 +28,7 @@ from oncepay.payments.metrics import RECOVERY_RUNS
 from oncepay.payments.operations import resume
 from oncepay.payments.phases import parse_point
 from oncepay.payments.service import IDEMPOTENCY_TABLE, Services
-from oncepay.payments.webhooks import CLAIM_BATCH, deliver_due
+from oncepay.payments.webhooks import CLAIM_BATCH, deliver_due, delivery_client
 
 __all__ = ["RecoveryReport", "reap", "recover_once", "run_worker"]
 
@@ -127,7 +126,7 @@ async def reap(svc: Services, *, now: float | None = None) -> int:
 async def run_worker(svc: Services, stop: asyncio.Event) -> None:
     """Every ``worker_interval`` seconds until ``stop``: recover and reap in one loop, deliver
     webhooks in another, so a slow webhook endpoint never delays recovery."""
-    async with httpx.AsyncClient() as client:
+    async with delivery_client() as client:
 
         async def deliveries() -> bool:
             report = await deliver_due(svc, client)

@@ -67,6 +67,7 @@ if TYPE_CHECKING:
 __all__ = [
     "DeliveryReport",
     "deliver_due",
+    "delivery_client",
     "fan_out",
     "new_secret",
     "validate_url",
@@ -325,6 +326,12 @@ def pinned(target: httpx.URL, address: str) -> tuple[httpx.URL, dict[str, str], 
     netloc = host if target.port is None else f"{host}:{target.port}"
     extensions = {"sni_hostname": host} if target.scheme == "https" else {}
     return target.copy_with(host=address), {"host": netloc}, extensions
+
+
+def delivery_client() -> httpx.AsyncClient:
+    """The worker's HTTP client for deliveries. It never follows a redirect: a public URL could
+    otherwise bounce a delivery to an internal address, past every check above."""
+    return httpx.AsyncClient(follow_redirects=False)
 
 
 async def deliver_due(
