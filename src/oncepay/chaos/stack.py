@@ -12,7 +12,9 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -119,6 +121,15 @@ class ChaosStack:
     proxy_drop_rate: float = 0.0
     seed: int = 1
     services: dict[str, Service] = field(default_factory=dict)
+    # One lock a service: a restart still running in a thread (the fault loop that asked for it
+    # was cancelled when the clients finished, which does not stop the thread) and the calm
+    # phase's restart of the same service would otherwise both start it; the one that lost the
+    # port race exits, the other keeps the port, and neither ``stop`` nor anything else knows
+    # it (seen: an API process left running after a CI run).
+    _locks: defaultdict[str, threading.Lock] = field(
+        default_factory=lambda: defaultdict(threading.Lock), repr=False
+    )
+    _stopped: bool = field(default=False, repr=False)
 
     def build(self) -> None:
         w = self.workdir
@@ -188,8 +199,12 @@ class ChaosStack:
         """Start a killed process again; a start that fails (the database still full of the
         dead process's connections, say) is tried again a few times before giving up."""
         service = self.services[name]
+        with self._locks[name]:
+            self._restart(service, attempts)
+
+    def _restart(self, service: Service, attempts: int) -> None:
         for attempt in range(attempts):
-            if service.alive():
+            if self._stopped or service.alive():
                 return
             service.start()
             try:
@@ -201,5 +216,8 @@ class ChaosStack:
                 time.sleep(1.0)  # let the dead process's connections close
 
     def stop(self) -> None:
+        """Stop every process, waiting for a restart in flight; none starts afterwards."""
+        self._stopped = True
         for service in reversed(list(self.services.values())):
-            service.stop()
+            with self._locks[service.name]:
+                service.stop()
