@@ -274,39 +274,54 @@ def test_metrics_of_two_api_processes_are_summed(tmp_path: Path) -> None:
     }
     try:
         with running(oncepay_args("serve", "--port", str(api_port)), api_port, env):
-            scrapes = asyncio.run(_health_then_scrapes(api_port, requests=60, scrapes=8))
-        per_process = [_health_count(f, tmp_path) for f in metrics_dir.glob("counter_*.db")]
+            sent, scrapes = asyncio.run(_health_then_scrapes(api_port, metrics_dir, scrapes=8))
+        per_process = _per_process(metrics_dir)
         assert len([n for n in per_process if n]) == 2, per_process  # both served requests...
-        assert sum(per_process) == 60
-        assert scrapes == [60] * 8  # ...and every scrape, whichever took it, counts them all
+        assert sum(per_process) == sent
+        assert scrapes == [sent] * 8  # ...and every scrape, whichever took it, counts them all
     finally:
         asyncio.run(drop_schema(db))
 
 
-def _health_count(counter_file: Path, tmp_path: Path) -> int:
+def _health_count(counter_file: Path) -> int:
     """The /health requests one process counted: its file alone, read as prometheus does."""
     import shutil
+    import tempfile
 
     from prometheus_client import CollectorRegistry
     from prometheus_client.multiprocess import MultiProcessCollector
 
-    alone = tmp_path / f"alone-{counter_file.stem}"
-    alone.mkdir()
-    shutil.copy(counter_file, alone / counter_file.name)
-    registry = CollectorRegistry()
-    MultiProcessCollector(registry, path=str(alone))  # type: ignore[no-untyped-call]
-    value = registry.get_sample_value(
-        "oncepay_http_requests_total", {"route": "/health", "method": "GET", "status": "200"}
-    )
+    with tempfile.TemporaryDirectory() as alone:
+        shutil.copy(counter_file, Path(alone) / counter_file.name)
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, path=alone)  # type: ignore[no-untyped-call]
+        value = registry.get_sample_value(
+            "oncepay_http_requests_total", {"route": "/health", "method": "GET", "status": "200"}
+        )
     return int(value or 0)
 
 
-async def _health_then_scrapes(port: int, *, requests: int, scrapes: int) -> list[int]:
+def _per_process(metrics_dir: Path) -> list[int]:
+    return [_health_count(f) for f in metrics_dir.glob("counter_*.db")]
+
+
+async def _health_then_scrapes(
+    port: int, metrics_dir: Path, *, scrapes: int
+) -> tuple[int, list[int]]:
+    """Requests until both processes have served some (the second may still be starting when
+    the port first answers), then ``scrapes`` scrapes: (requests sent, each scrape's count)."""
     # A fresh connection per request, so the kernel spreads them over both processes.
     limits = httpx.Limits(max_keepalive_connections=0)
+    sent = 0
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", limits=limits) as client:
-        answers = await asyncio.gather(*(client.get("/health") for _ in range(requests)))
-        assert {a.status_code for a in answers} == {200}
+        while True:
+            answers = await asyncio.gather(*(client.get("/health") for _ in range(20)))
+            assert {a.status_code for a in answers} == {200}
+            sent += len(answers)
+            counts = await asyncio.to_thread(_per_process, metrics_dir)
+            if len([n for n in counts if n]) >= 2:
+                break
+            assert sent < 5000, f"one process served all {sent} requests: {counts}"
         pattern = re.compile(
             r'^oncepay_http_requests_total\{method="GET",route="/health",status="200"\} (\S+)$',
             re.MULTILINE,
@@ -317,4 +332,4 @@ async def _health_then_scrapes(port: int, *, requests: int, scrapes: int) -> lis
             match = pattern.search(text)
             assert match, text
             counted.append(int(float(match.group(1))))
-    return counted
+    return sent, counted
