@@ -5,27 +5,62 @@ from __future__ import annotations
 
 import sys
 import threading
+from collections import defaultdict
 from pathlib import Path
+from types import TracebackType
 
 from oncepay.chaos.stack import ChaosStack, Service, _listening, free_port
 
+HANG_GUARD = 30.0  # seconds; the interleaving below is signalled, never waited out
+
+
+class Arrival:
+    """Set once a second thread has got as far as it can while the first one is starting:
+    inside a restart (it asked whether the service is alive) or at the service's lock."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self._threads: set[int] = set()
+        self._mutex = threading.Lock()
+
+    def arrive(self) -> None:
+        with self._mutex:
+            self._threads.add(threading.get_ident())
+            if len(self._threads) >= 2:
+                self.event.set()
+
+
+class NoticingLock:
+    """The stack's per-service lock, telling ``arrival`` whenever someone tries to take it."""
+
+    def __init__(self, arrival: Arrival) -> None:
+        self._lock = threading.Lock()
+        self._arrival = arrival
+
+    def __enter__(self) -> bool:
+        self._arrival.arrive()
+        return self._lock.__enter__()
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._lock.__exit__(kind, exc, tb)
+
 
 class Watched(Service):
-    """A service whose first start waits until a second caller has asked whether it is alive
-    (or a second has passed): the interleaving in which two restarts both see it dead."""
+    """A service whose first start waits until the second restart has arrived: without the
+    lock, that is the interleaving in which both restarts see it dead and both start it."""
 
-    second_look: threading.Event
-    looks: int
+    arrival: Arrival
+    forced: bool
 
     def alive(self) -> bool:
-        self.looks += 1
-        if self.looks >= 2:
-            self.second_look.set()
+        self.arrival.arrive()
         return super().alive()
 
     def start(self) -> None:
         if self.starts == 0:
-            self.second_look.wait(timeout=1.0)
+            self.forced = self.arrival.event.wait(timeout=HANG_GUARD)
         super().start()
 
 
@@ -34,7 +69,9 @@ def stack_with_one_server(tmp_path: Path) -> tuple[ChaosStack, Watched, int]:
     stack = ChaosStack(tmp_path, "sqlite://")
     args = [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"]
     service = Watched("web", args, {}, tmp_path / "web.log", port)
-    service.second_look, service.looks = threading.Event(), 0
+    service.arrival, service.forced = Arrival(), False
+    # a lock that notices arrivals, in the place of the stack's own
+    stack._locks = defaultdict(lambda: NoticingLock(service.arrival))  # type: ignore[arg-type,return-value]
     stack.services["web"] = service
     return stack, service, port
 
@@ -47,6 +84,7 @@ def test_two_restarts_at_once_start_one_process(tmp_path: Path) -> None:
             thread.start()
         for thread in threads:
             thread.join(timeout=60)
+        assert service.forced  # the second restart arrived while the first was starting
         assert service.starts == 1
         assert service.alive()
         assert _listening(port)
@@ -58,6 +96,7 @@ def test_two_restarts_at_once_start_one_process(tmp_path: Path) -> None:
 
 def test_nothing_starts_after_the_stack_stopped(tmp_path: Path) -> None:
     stack, service, port = stack_with_one_server(tmp_path)
+    service.arrival.event.set()  # one restart alone: nothing to wait for
     stack.stop()
     stack.restart("web")  # a fault loop's restart still running when the run ended
     assert service.starts == 0

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -40,6 +42,9 @@ NOT_PUBLIC = [
     "http://[::ffff:127.0.0.1]/hook",  # IPv4-mapped loopback
     "http://[::ffff:a9fe:a9fe]/hook",  # IPv4-mapped metadata address, in hex
     "http://[2002:7f00:1::]/hook",  # 6to4 around 127.0.0.1
+    "http://127.1/hook",  # legacy IPv4 forms, which resolvers accept
+    "http://0x7f.1/hook",
+    "http://2130706433/hook",
     "http://localhost/hook",
     "http://LOCALHOST.:9000/hook",
     "http://api.localhost/hook",
@@ -49,6 +54,7 @@ PUBLIC = [
     "https://93.184.216.34/hook",
     "http://[2606:2800:220:1:248:1893:25c8:1946]/hook",
     "https://hooks.example.com:8443/path?x=1",
+    "https://1.1.1.1.example/hook",  # a name, though it starts like an address
 ]
 
 
@@ -57,6 +63,11 @@ def test_a_non_public_address_is_refused_at_registration(url: str) -> None:
     with pytest.raises(InvalidRequest, match="not a public address"):
         validate_url(url)
     assert validate_url(url, allow_private=True) == url  # development servers may
+
+
+def test_an_octal_address_is_refused_as_malformed() -> None:
+    with pytest.raises(InvalidRequest, match="Invalid IPv4"):  # 169.254.169.254 in octal
+        validate_url("http://0251.0376.0251.0376/hook", allow_private=True)
 
 
 @pytest.mark.parametrize("url", PUBLIC)
@@ -125,6 +136,37 @@ async def test_the_api_refuses_a_private_url_and_stores_nothing(guarded: Stack) 
     assert kept.json()["url"] == "https://shop.example/hooks"  # nothing half-written
 
 
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+@asynccontextmanager
+async def listening(handler: Handler, ssl: Any = None) -> AsyncIterator[int]:
+    """A TCP server on loopback for the block; its port."""
+    server = await asyncio.start_server(handler, "127.0.0.1", 0, ssl=ssl)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def one_delivery(stack: Stack, url: str, *, allow_private: bool) -> tuple[Any, Any]:
+    """Subscribe ``url`` (registered as a development server may), pay, and run one delivery
+    pass with the worker's client and ``allow_private`` as the worker's setting: the pass's
+    results and the delivery as the API shows it."""
+    stack.services.settings.webhook_allow_private = True
+    body = {"url": url, "events": ["payment.captured"]}
+    created = await stack.post("/v1/webhook_endpoints", body)
+    assert created.status_code == 201, created.text
+    stack.services.settings.webhook_allow_private = allow_private
+    await stack.pay()
+    async with delivery_client() as client:
+        report = await deliver_due(stack.services, client)
+    listed = await stack.client.get(f"/v1/webhook_endpoints/{created.json()['id']}/deliveries")
+    [delivery] = listed.json()["data"]
+    return dict(report.results), delivery
+
+
 async def test_a_delivery_to_a_name_that_resolves_to_loopback_is_not_sent(
     guarded: Stack,
 ) -> None:
@@ -137,30 +179,14 @@ async def test_a_delivery_to_a_name_that_resolves_to_loopback_is_not_sent(
         connections += 1
         writer.close()
 
-    server = await asyncio.start_server(count, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    try:
-        guarded.services.settings.webhook_allow_private = True  # as when it was registered
+    async with listening(count) as port:
         url = f"http://localhost:{port}/hook"
-        body = {"url": url, "events": ["payment.captured"]}
-        created = await guarded.post("/v1/webhook_endpoints", body)
-        assert created.status_code == 201, created.text
-        guarded.services.settings.webhook_allow_private = False
-        await guarded.pay()
-        async with httpx.AsyncClient() as client:
-            report = await deliver_due(guarded.services, client)
-        assert dict(report.results) == {"retry": 1}, report.results
-        deliveries = await guarded.client.get(
-            f"/v1/webhook_endpoints/{created.json()['id']}/deliveries"
-        )
-        [delivery] = deliveries.json()["data"]
-        assert delivery["status"] == "pending"  # tried again later: DNS may change
-        assert delivery["last_status_code"] is None
-        assert "NotPublic: localhost resolves to 127.0.0.1" in delivery["last_error"], delivery
-        assert connections == 0
-    finally:
-        server.close()
-        await server.wait_closed()
+        results, delivery = await one_delivery(guarded, url, allow_private=False)
+    assert results == {"retry": 1}
+    assert delivery["status"] == "pending"  # tried again later: DNS may change
+    assert delivery["last_status_code"] is None
+    assert "NotPublic: localhost resolves to 127.0.0.1" in delivery["last_error"], delivery
+    assert connections == 0
 
 
 async def test_a_pinned_https_delivery_still_verifies_the_certificate_by_name() -> None:
@@ -182,27 +208,24 @@ async def test_a_pinned_https_delivery_still_verifies_the_certificate_by_name() 
         await writer.drain()
         writer.close()
 
-    server = await asyncio.start_server(answer, "127.0.0.1", 0, ssl=server_context)
-    port = server.sockets[0].getsockname()[1]
     client_context = ssl.create_default_context()
     ca.configure_trust(client_context)
-    try:
-        async with httpx.AsyncClient(verify=client_context) as client:
-            url, headers, extensions = pinned(
-                httpx.URL(f"https://shop.example:{port}/hooks"), "127.0.0.1"
-            )
-            assert str(url) == f"https://127.0.0.1:{port}/hooks"
-            response = await client.post(url, headers=headers, extensions=extensions)
-            assert response.status_code == 204
-            assert f"host: shop.example:{port}".encode() in seen[0].lower()
-            url, headers, extensions = pinned(
-                httpx.URL(f"https://other.example:{port}/hooks"), "127.0.0.1"
-            )
-            with pytest.raises(httpx.ConnectError, match="certificate"):
-                await client.post(url, headers=headers, extensions=extensions)
-    finally:
-        server.close()
-        await server.wait_closed()
+    async with (
+        listening(answer, ssl=server_context) as port,
+        httpx.AsyncClient(verify=client_context) as client,
+    ):
+        url, headers, extensions = pinned(
+            httpx.URL(f"https://shop.example:{port}/hooks"), "127.0.0.1"
+        )
+        assert str(url) == f"https://127.0.0.1:{port}/hooks"
+        response = await client.post(url, headers=headers, extensions=extensions)
+        assert response.status_code == 204
+        assert f"host: shop.example:{port}".encode() in seen[0].lower()
+        url, headers, extensions = pinned(
+            httpx.URL(f"https://other.example:{port}/hooks"), "127.0.0.1"
+        )
+        with pytest.raises(httpx.ConnectError, match="certificate"):
+            await client.post(url, headers=headers, extensions=extensions)
 
 
 async def test_a_redirect_is_a_failed_attempt_and_is_not_followed(guarded: Stack) -> None:
@@ -214,35 +237,20 @@ async def test_a_redirect_is_a_failed_attempt_and_is_not_followed(guarded: Stack
         inner_hits += 1
         writer.close()
 
-    inner_server = await asyncio.start_server(inner, "127.0.0.1", 0)
-    inner_port = inner_server.sockets[0].getsockname()[1]
+    async with listening(inner) as inner_port:
 
-    async def redirecting(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.readuntil(b"\r\n\r\n")
-        location = f"http://127.0.0.1:{inner_port}/admin"
-        writer.write(
-            f"HTTP/1.1 302 Found\r\nlocation: {location}\r\ncontent-length: 0\r\n\r\n".encode()
-        )
-        await writer.drain()
-        writer.close()
+        async def redirecting(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.readuntil(b"\r\n\r\n")
+            location = f"http://127.0.0.1:{inner_port}/admin"
+            writer.write(
+                f"HTTP/1.1 302 Found\r\nlocation: {location}\r\ncontent-length: 0\r\n\r\n".encode()
+            )
+            await writer.drain()
+            writer.close()
 
-    outer_server = await asyncio.start_server(redirecting, "127.0.0.1", 0)
-    outer_port = outer_server.sockets[0].getsockname()[1]
-    try:
-        guarded.services.settings.webhook_allow_private = True  # both listen on loopback
-        body = {"url": f"http://127.0.0.1:{outer_port}/hook", "events": ["payment.captured"]}
-        created = await guarded.post("/v1/webhook_endpoints", body)
-        assert created.status_code == 201, created.text
-        await guarded.pay()
-        async with delivery_client() as client:  # the worker's
-            report = await deliver_due(guarded.services, client)
-        assert dict(report.results) == {"retry": 1}
-        deliveries = await guarded.client.get(
-            f"/v1/webhook_endpoints/{created.json()['id']}/deliveries"
-        )
-        assert deliveries.json()["data"][0]["last_status_code"] == 302
-        assert inner_hits == 0
-    finally:
-        for server in (inner_server, outer_server):
-            server.close()
-            await server.wait_closed()
+        async with listening(redirecting) as port:  # both on loopback: the guard is off here
+            url = f"http://127.0.0.1:{port}/hook"
+            results, delivery = await one_delivery(guarded, url, allow_private=True)
+    assert results == {"retry": 1}
+    assert delivery["last_status_code"] == 302
+    assert inner_hits == 0

@@ -114,9 +114,16 @@ def is_public(address: IPAddress) -> bool:
 
 
 def _literal(host: str) -> IPAddress | None:
+    """The address ``host`` names literally, if it is one: also the legacy IPv4 forms that
+    resolvers accept (``127.1``, ``0x7f.1``, ``2130706433``), a classic way round a check that
+    knows only the dotted quad."""
     try:
         return ipaddress.ip_address(host)
     except ValueError:
+        pass
+    try:
+        return ipaddress.IPv4Address(socket.inet_aton(host))
+    except OSError:
         return None
 
 
