@@ -239,15 +239,17 @@ async def _refund_storm(port: int, api_key: str) -> dict[str, Any]:
         pid = payment.json()["id"]
 
         async def refund(i: int) -> httpx.Response:
-            # A transient 409 (the key's first attempt, or the worker, still holds it) is
-            # retried with the same key, as the OncePay client does, until a final answer.
-            for _ in range(50):
+            # A transient 409 (the key's first attempt, the worker or another refund still
+            # holds it) is retried with the same key, as the OncePay client does, until a final
+            # answer. The deadline only guards against a hang: sixteen refunds queue on one
+            # payment, and a fresh-clone CI run needed more than the 5 s this loop once allowed.
+            deadline = time.monotonic() + 120
+            while True:
                 answer = await client.post(f"/v1/payments/{pid}/refunds", json={"amount": 100},
                                            headers={"Idempotency-Key": f"r{i}"})  # fmt: skip
-                if answer.status_code != 409:
+                if answer.status_code != 409 or time.monotonic() > deadline:
                     return answer
                 await asyncio.sleep(0.1)
-            return answer
 
         responses = await asyncio.gather(*(refund(i) for i in range(16)))
         final = (await client.get(f"/v1/payments/{pid}")).json()
