@@ -49,6 +49,7 @@ import httpx
 from sqlalchemy import and_, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from oncepay.payments.cookies import NoCookies
 from oncepay.payments.db import read, write
 from oncepay.payments.errors import InvalidRequest
 from oncepay.payments.ids import new_id
@@ -337,8 +338,11 @@ def pinned(target: httpx.URL, address: str) -> tuple[httpx.URL, dict[str, str], 
 
 def delivery_client() -> httpx.AsyncClient:
     """The worker's HTTP client for deliveries. It never follows a redirect: a public URL could
-    otherwise bounce a delivery to an internal address, past every check above."""
-    return httpx.AsyncClient(follow_redirects=False)
+    otherwise bounce a delivery to an internal address, past every check above. It keeps no
+    cookies: one client serves every merchant, and a cookie one endpoint set must never reach
+    another (nor come back to the endpoint that set it: a delivery carries nothing but the
+    event)."""
+    return httpx.AsyncClient(follow_redirects=False, cookies=NoCookies())
 
 
 async def deliver_due(

@@ -54,6 +54,7 @@ from tenacity.wait import wait_base
 
 from oncepay.payments.acquirers.base import AcquirerAnswer, Outcome
 from oncepay.payments.acquirers.breaker import CircuitBreaker
+from oncepay.payments.cookies import NoCookies
 from oncepay.payments.metrics import ACQUIRER_CALLS, ACQUIRER_LATENCY
 
 __all__ = ["DEFAULT_ATTEMPTS", "DEFAULT_TIMEOUT", "HttpAcquirer"]
@@ -127,9 +128,12 @@ class HttpAcquirer:
         self.breaker = breaker or CircuitBreaker(name)
         self._app = app
         transport = _EmbeddedTransport(app=app) if app is not None else None
+        # No cookie state: each call stands alone, and a cookie a proxy or load balancer in
+        # front of the acquirer set must not pin or change later calls.
         self._client = httpx.AsyncClient(
-            base_url=base_url, transport=transport, timeout=httpx.Timeout(timeout)
-        )
+            base_url=base_url, transport=transport, timeout=httpx.Timeout(timeout),
+            cookies=NoCookies(),
+        )  # fmt: skip
 
     # --- the Acquirer protocol ------------------------------------------------------------
 
