@@ -39,6 +39,7 @@ from oncepay.payments.deps import (
     problem_response,
 )
 from oncepay.payments.errors import InvalidRequest, ResourceMissing
+from oncepay.payments.jsonbody import StrictJsonRoute
 from oncepay.payments.metrics import REQUESTS, exposition
 from oncepay.payments.models import payment_public, refund_public
 from oncepay.payments.operations import Cancel, Capture, CreatePayment, CreateRefund
@@ -212,6 +213,9 @@ _HTTP_CODES = {405: "method_not_allowed", 406: "not_acceptable", 415: "unsupport
 def _describe(errors: Any) -> str:
     parts = []
     for error in errors:
+        if error.get("type") == "json_invalid":  # jsonbody.loads wrote the sentence
+            parts.append(f"body: {error.get('ctx', {}).get('error', 'malformed JSON')}")
+            continue
         location = ".".join(str(p) for p in error.get("loc", ()) if p != "body") or "body"
         parts.append(f"{location}: {error.get('msg', 'invalid')}")
     return "; ".join(parts) or "the request is malformed"
@@ -323,6 +327,7 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
     )
     if services is not None:
         app.state.services = services
+    app.router.route_class = StrictJsonRoute  # every route below reads JSON by one rule
     _routes(app)
     routes_webhooks.register(app)
     _handlers(app)
