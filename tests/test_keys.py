@@ -147,7 +147,7 @@ def test_canonical_form_is_json_dumps_sorted_byte_for_byte(
 
 @pytest.mark.parametrize(
     "body",
-    [b"", b" ", b"[", b'{"a":1}{"b":2}', b"1 2", b'"\\ud800"', b"NaN", b"1e400", b"[" * 100_000],
+    [b"", b" ", b"[", b'{"a":1}{"b":2}', b"1 2", b'"\\ud800"', b"NaN", b"1.5e300", b"[" * 100_000],
 )
 def test_canonical_form_of_odd_bodies_matches_the_reference(body: bytes) -> None:
     assert canonical_json(body) == _reference_canonical(body)
@@ -161,3 +161,57 @@ def test_fingerprints_stay_what_stored_records_hold() -> None:
     assert fingerprint("post", "/x", b"abc") == (
         "285ff530df75168a963d3df06c600b22042ccba68c9720befe7654733aaf3947"
     )
+
+
+@pytest.mark.parametrize(
+    ("body", "digest"),
+    [
+        (b'{"amount":1000,"currency":"EUR"}',
+         "36c247d500152a12f893739e004079aaf1221e4e9f444c4d0c382ad49470a65e"),
+        (b'{"v":12.5,"w":0.1,"x":-3.75,"y":1e-7,"z":100.0}',
+         "85efd6d6d93154e5c559ee9ef616f474581e671c8908b984854907e4821a2af7"),
+        (b'{"n":[1,-2,3000000000000000000000],"s":"caf\\u00e9 \\"q\\""}',
+         "130090f372e14372006b68c4bb1733d211e23b67b46a08701f4f6502f0984413"),
+        (b'{"order":{"items":[{"sku":"a","qty":2,"price":9.99}],"meta":{"b":true,"a":null}}}',
+         "ed84382a57bf0c3534712d4287e12a533954bc2306e9dce43d9bf812a62b29f7"),
+        (b"[1.5e300, 2E-5, 0.0, -0.0]",
+         "c4c35f373b1fa40ec8bbc70284976fa328a908120c7f16846aa61488ee2f1dc0"),
+    ],
+)  # fmt: skip
+def test_exact_numbers_keep_the_fingerprints_of_the_usual_bodies(body: bytes, digest: str) -> None:
+    # Pinned before numbers were made exact: ints, decimals a float carries exactly, strings
+    # and nested objects keep the fingerprints their stored records hold.
+    assert fingerprint("POST", "/v1/payments", body) == digest
+
+
+@pytest.mark.parametrize(
+    ("one", "other"),
+    [
+        (b'{"v": 1234567890123456.78}', b'{"v": 1234567890123456.79}'),  # past a double's digits
+        (b'{"v": 0.10000000000000000001}', b'{"v": 0.1}'),
+        (b'{"v": 1e400}', b'{"v": 2e400}'),  # overflow: both were Infinity
+        (b'{"v": 1e400}', b'{"v": Infinity}'),
+        (b'{"v": 1e-400}', b'{"v": 0.0}'),  # underflow: both were 0.0
+        (b'{"v": 1e400}', b'{"v": "1e+400"}'),  # an exact number never reads as a string
+        (b'{"v": 12345678901234567890123.5}', b'{"v": 12345678901234567890123}'),
+        (b'{"v": 1.00000000000000000000000000000001}', b'{"v": 1.0}'),  # past Decimal's 28
+        (b'{"v": 1e9999999999999999999}', b'{"v": 1e9999999999999999998}'),
+    ],
+)
+def test_numbers_a_float_cannot_carry_keep_their_exact_value(one: bytes, other: bytes) -> None:
+    assert fingerprint("POST", "/x", one) != fingerprint("POST", "/x", other)
+
+
+@pytest.mark.parametrize(
+    ("one", "other"),
+    [
+        (b'{"v": 1234567890123456.780}', b'{"v": 1234567890123456.78}'),
+        (b'{"v": 1e400}', b'{"v": 10E+399}'),
+        (b'{"v": 1.5}', b'{"v": 15e-1}'),
+        (b'{"b": [1e-400], "a": 2}', b'{"a": 2, "b": [0.1e-399]}'),  # sorted as ever
+        (b'{"v": -0.000}', b'{"v": -0.0}'),
+        (b'{"v": 0e-400}', b'{"v": 0.0}'),
+    ],
+)
+def test_one_number_written_two_ways_is_one_fingerprint(one: bytes, other: bytes) -> None:
+    assert fingerprint("POST", "/x", one) == fingerprint("POST", "/x", other)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import math
 import struct
 
 from oncepay.errors import IdempotencyKeyInvalid
@@ -26,13 +27,71 @@ __all__ = [
 MAX_KEY_LENGTH = 255
 ANONYMOUS_SCOPE = "anonymous"
 
+
+class _ExactNumber:
+    """A JSON number no double carries exactly, kept as its canonical decimal text."""
+
+    __slots__ = ("text",)
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+
+class _HasExactNumbers(Exception):
+    """Raised by the fast encoder on an :class:`_ExactNumber`: encode the slow way."""
+
+
+def _exact_number(value: object) -> object:
+    raise _HasExactNumbers if isinstance(value, _ExactNumber) else TypeError(value)
+
+
+def _parse_number(text: str) -> float | _ExactNumber:
+    """A JSON number with a fraction or an exponent, canonicalised without losing a digit.
+
+    When the double nearest to ``text`` is exactly the number ``text`` writes, the number is
+    that float, encoded as always (``repr``): the usual bodies keep the fingerprints their
+    records hold. Otherwise (more digits than a double has, ``1e400``, ``1e-400``) it is its
+    exact value in one normal form, ``d.ddde±x``. Either text denotes exactly the number sent,
+    so two writings of one number agree and two numbers never share a text; and neither looks
+    like an int (JSON's ``100`` and ``100.0`` stay two requests, as they always were).
+    """
+    number = float(text)
+    if repr(number) == text:  # the common case: the text is the float's own shortest form
+        return number
+    exact = _exact_value(text)
+    if math.isfinite(number) and _exact_value(repr(number)) == exact:
+        return number
+    sign, digits, exponent = exact
+    point = f"{digits[0]}.{digits[1:]}" if len(digits) > 1 else digits
+    return _ExactNumber(f"{sign}{point}e{exponent + len(digits) - 1:+d}")
+
+
+def _exact_value(text: str) -> tuple[str, str, int]:
+    """A decimal number as (sign, significant digits, exponent of the last digit): equal
+    tuples for equal values. Plain text arithmetic: a ``Decimal`` would round to its context's
+    28 digits on normalising, and refuses exponents beyond its range."""
+    mantissa, _, exponent = text.lower().partition("e")
+    sign = "-" if mantissa.startswith("-") else ""
+    whole, _, fraction = mantissa.lstrip("-").partition(".")
+    digits = (whole + fraction).lstrip("0")
+    significant = digits.rstrip("0")
+    if not significant:
+        return sign, "", 0  # zero, however written (its sign is kept, as a float keeps it)
+    return sign, significant, int(exponent or 0) - len(fraction) + len(digits) - len(significant)
+
+
 # Hot path: one shared encoder/decoder (json.dumps re-builds an encoder from its keywords on
 # every call) and one struct for the length prefixes.
-_DECODER = json.JSONDecoder()
+_DECODER = json.JSONDecoder(parse_float=_parse_number)
 _CANONICAL = json.JSONEncoder(
-    sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=True
+    sort_keys=True,
+    separators=(",", ":"),
+    ensure_ascii=False,
+    allow_nan=True,
+    default=_exact_number,
 )
 _LENGTH = struct.Struct(">Q")
+_quote = json.encoder.encode_basestring  # ensure_ascii=False, as _CANONICAL
 # Every fingerprint parses and re-encodes the body. JSONDecoder.decode wraps the C scanner in two
 # regex matches for surrounding whitespace, and JSONEncoder.encode builds a new C encoder on
 # every call: ~1.2 us of a ~4 us fingerprint. So the scanner is called directly (the decoder
@@ -46,8 +105,8 @@ _encode_chunks = (
     if _c_make_encoder is None
     else _c_make_encoder(
         None,  # markers: no circular check
-        _CANONICAL.default,
-        json.encoder.encode_basestring,  # ensure_ascii=False
+        _exact_number,  # default: only ever called for an _ExactNumber
+        _quote,  # ensure_ascii=False
         None,  # indent
         _CANONICAL.key_separator,
         _CANONICAL.item_separator,
@@ -119,11 +178,26 @@ def canonical_json(body: bytes) -> bytes | None:
         if end != len(text):
             document = _DECODER.decode(text)
         # A lone surrogate (\ud800) parses but cannot be re-encoded: hash such a body raw.
-        if _encode_chunks is None:
-            return _CANONICAL.encode(document).encode()
-        return "".join(_encode_chunks(document, 0)).encode()
+        try:
+            if _encode_chunks is None:
+                return _CANONICAL.encode(document).encode()
+            return "".join(_encode_chunks(document, 0)).encode()
+        except _HasExactNumbers:  # rare: a number past a double's digits or range
+            return _encode_exactly(document).encode()
     except (ValueError, RecursionError):  # Unicode{De,En}codeError are ValueErrors
         return None
+
+
+def _encode_exactly(value: object) -> str:
+    """What the canonical encoder writes, with each :class:`_ExactNumber` as its text."""
+    if isinstance(value, _ExactNumber):
+        return value.text
+    if isinstance(value, dict):
+        items = sorted(value.items())
+        return "{" + ",".join([f"{_quote(k)}:{_encode_exactly(v)}" for k, v in items]) + "}"
+    if isinstance(value, list):
+        return "[" + ",".join([_encode_exactly(item) for item in value]) + "]"
+    return _CANONICAL.encode(value)
 
 
 def fingerprint(
