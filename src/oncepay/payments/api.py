@@ -20,6 +20,7 @@ from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from sqlalchemy import select
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from oncepay import __version__
 from oncepay.errors import OncePayError, RequestTooLarge
@@ -199,12 +200,28 @@ def _handlers(app: FastAPI) -> None:
         response = problem_response(error)
         for name, value in (exc.headers or {}).items():
             response.headers[name] = value
+        if exc.status_code == 405:
+            # Starlette names only the methods of the first route matching the path, and the
+            # path may have several (GET and POST /v1/payments are two routes).
+            response.headers["allow"] = ", ".join(_allowed_methods(request))
         return response
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> Response:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         return problem_response(OncePayError("an unexpected error; nothing was changed"))
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    """Every method some route serves at the request's path (HEAD wherever GET is)."""
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        match, _ = route.matches(request.scope)
+        if match is not Match.NONE:
+            methods |= getattr(route, "methods", None) or set()
+    if "GET" in methods:
+        methods.add("HEAD")
+    return sorted(methods)
 
 
 _HTTP_CODES = {405: "method_not_allowed", 406: "not_acceptable", 415: "unsupported_media_type"}
@@ -271,6 +288,37 @@ class BodyLimit:
         await problem_response(error)(scope, receive, send)
 
 
+class HeadAsGet:
+    """HEAD on any GET route, as HTTP requires: the request is routed (and authenticated) as a
+    GET and answered with the GET's status and headers, ``Content-Length`` included, and no
+    body. Done once here instead of a second route per GET, which would double the OpenAPI
+    document."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "HEAD":
+            await self.app(scope, receive, send)
+            return
+
+        async def headers_only(message: Message) -> None:
+            if message["type"] == "http.response.body":
+                if message.get("more_body", False):
+                    return  # a streamed body: nothing is sent until its last message
+                message = {"type": "http.response.body", "body": b"", "more_body": False}
+            await send(message)
+
+        # A copy: the server reads the method from its own scope to know that no body follows.
+        # The matched route is handed back to the layers outside (metrics label by it).
+        as_get = {**scope, "method": "GET"}
+        try:
+            await self.app(as_get, receive, headers_only)
+        finally:
+            if "route" in as_get:
+                scope["route"] = as_get["route"]
+
+
 class RequestMetrics:
     """Counts answers by route template (not raw path: ids would explode the label space)."""
 
@@ -331,6 +379,7 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
     _routes(app)
     routes_webhooks.register(app)
     _handlers(app)
+    app.add_middleware(HeadAsGet)
     app.add_middleware(BodyLimit)
     app.add_middleware(RequestMetrics)
     return app
