@@ -97,7 +97,9 @@ Credentials = Annotated[Any, Security(bearer)]  # documents bearer auth in the O
 
 
 async def _merchant(request: Request, services: ServicesDep, credentials: Credentials) -> Merchant:
-    return await services.authenticate(request.headers.get("authorization"))
+    merchant = await services.authenticate(request.headers.get("authorization"))
+    _refuse_unknown_query(request)  # only now: see known_query_only
+    return merchant
 
 
 MerchantDep = Annotated[Merchant, Depends(_merchant)]
@@ -106,9 +108,17 @@ Limit = Annotated[int, Query(ge=1, le=MAX_LIMIT)]
 
 def known_query_only(request: Request) -> None:
     """Unknown query parameters are refused, like unknown body fields (Stripe does the same):
-    a misspelt ``limt=5`` must not silently mean the default."""
-    route = request.scope.get("route")
-    dependant = getattr(route, "dependant", None)
+    a misspelt ``limt=5`` must not silently mean the default. On a route that authenticates
+    the merchant this runs after authentication instead (in the merchant dependency), so a
+    caller without a valid key gets 401 whatever its query says, as for FastAPI's own query
+    checks, which run after every dependency."""
+    dependant = getattr(request.scope.get("route"), "dependant", None)
+    if dependant is not None and not _authenticates(dependant):
+        _refuse_unknown_query(request)
+
+
+def _refuse_unknown_query(request: Request) -> None:
+    dependant = getattr(request.scope.get("route"), "dependant", None)
     if dependant is None:
         return
     known = {param.alias for param in _all_query_params(dependant)}
@@ -122,6 +132,10 @@ def _all_query_params(dependant: Any) -> list[Any]:
     for sub in dependant.dependencies:
         found.extend(_all_query_params(sub))
     return found
+
+
+def _authenticates(dependant: Any) -> bool:
+    return any(sub.call is _merchant or _authenticates(sub) for sub in dependant.dependencies)
 
 
 async def idempotent(
