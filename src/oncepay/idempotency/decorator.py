@@ -19,20 +19,30 @@ import dataclasses
 import functools
 import inspect
 import json
+import logging
 import typing
 from collections.abc import Callable
 from typing import Any, ParamSpec, TypeVar, cast
 
-from oncepay.errors import ConfigurationError, IdempotencyKeyReused, RequestInProgress
+from oncepay._loop import LoopThread
+from oncepay.errors import (
+    ConfigurationError,
+    IdempotencyKeyReused,
+    OncePayError,
+    RequestInProgress,
+    StoreUnavailable,
+)
 from oncepay.idempotency.engine import (
     DEFAULT_LEASE,
     DEFAULT_TTL,
+    Decision,
     Engine,
     Execute,
     InProgress,
     Invalid,
     Replay,
     Reused,
+    Ticket,
 )
 from oncepay.idempotency.keys import fingerprint, parse_key
 from oncepay.idempotency.records import StoredResponse
@@ -40,10 +50,15 @@ from oncepay.idempotency.stores import Store
 
 __all__ = ["idempotent"]
 
+log = logging.getLogger("oncepay.idempotency")
+
 P = ParamSpec("P")
 R = TypeVar("R")
 
 _JSON = (("content-type", "application/json"),)
+# One loop thread for the store calls of every sync function in the process: a store (or an
+# engine) shared by several decorated functions keeps its connections on one loop.
+_LOOP = LoopThread("oncepay-idempotent")
 
 
 def idempotent(
@@ -65,13 +80,13 @@ def idempotent(
 
             @functools.wraps(func)
             async def run_async(*args: P.args, **kwargs: P.kwargs) -> Any:
-                return await call(args, kwargs)
+                return await call.acall(args, kwargs)
 
             return cast(Callable[P, R], run_async)
 
         @functools.wraps(func)
         def run_sync(*args: P.args, **kwargs: P.kwargs) -> R:
-            return cast(R, call.loop().run(call(args, kwargs)))
+            return cast(R, call.call(args, kwargs))
 
         return run_sync
 
@@ -99,22 +114,47 @@ class _Call:
         self.scope = scope
         self.target = f"{func.__module__}.{func.__qualname__}"
         self.returns = typing.get_type_hints(func).get("return")
-        self._loop: Any = None
 
-    def loop(self) -> Any:
-        from oncepay._loop import LoopThread  # only sync functions need a loop thread
+    async def acall(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """The async twin of :meth:`call`: the store calls and the function on this loop."""
+        key, fp = self._request(args, kwargs)
+        decision = await self.engine.begin(self.scope, key, fp)
+        if not isinstance(decision, Execute):
+            return self._answer(decision, key)
+        try:
+            result = await self.func(*args, **kwargs)
+        except BaseException:
+            await self._release(decision.ticket)
+            raise
+        await self._complete(decision.ticket, key, result)
+        return result
 
-        if self._loop is None:
-            self._loop = LoopThread(f"oncepay-{self.func.__name__}")
-        return self._loop
+    def call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """A sync function runs in its caller's thread; only the store calls go to the loop
+        thread, so callers in other threads (and their store calls) never wait for it."""
+        run = _LOOP.run
+        key, fp = self._request(args, kwargs)
+        decision = run(self.engine.begin(self.scope, key, fp))
+        if not isinstance(decision, Execute):
+            return self._answer(decision, key)
+        try:
+            result = self.func(*args, **kwargs)
+        except BaseException:
+            run(self._release(decision.ticket))
+            raise
+        run(self._complete(decision.ticket, key, result))
+        return result
 
-    async def __call__(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    def _request(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[str, str]:
+        """The call's key and fingerprint."""
         bound = self.signature.bind(*args, **kwargs)
         bound.apply_defaults()
         key = parse_key(self._key_of(bound, args, kwargs))
         others = {k: v for k, v in bound.arguments.items() if k != self.key}
-        fp = fingerprint("CALL", self.target, _dumps(others))
-        decision = await self.engine.begin(self.scope, key, fp)
+        return key, fingerprint("CALL", self.target, _dumps(others))
+
+    def _answer(self, decision: Decision, key: str) -> Any:
+        """What a call that does not run returns (a replay) or raises."""
         if isinstance(decision, Replay):
             return self._load(decision.response.body)
         if isinstance(decision, InProgress):
@@ -126,24 +166,27 @@ class _Call:
             raise IdempotencyKeyReused(
                 f"key {key!r} was used with other arguments for {self.target}"
             )
-        if isinstance(decision, Invalid):  # pragma: no cover - begin() never returns Invalid
-            raise decision.error
-        return await self._execute(decision, args, kwargs)
+        assert isinstance(decision, Invalid)  # begin() never returns Invalid; Execute ran
+        raise decision.error
 
-    async def _execute(
-        self, decision: Execute, args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> Any:
+    async def _release(self, ticket: Ticket) -> None:
+        """Free the key after the function raised; the function's own error is what the
+        caller must see, so a store failure here is only logged (the lease frees the key)."""
         try:
-            result = self.func(*args, **kwargs)
-            if inspect.isawaitable(result):
-                result = await result
-        except BaseException:
-            await self.engine.release(decision.ticket)
-            raise
+            await self.engine.release(ticket)
+        except OncePayError as exc:
+            log.warning("%s: key %r not released: %s", self.target, ticket.key, exc.detail)
+
+    async def _complete(self, ticket: Ticket, key: str, result: Any) -> None:
         # A result that cannot be serialised raises here and leaves the key locked until its
         # lease lapses: the function ran, so releasing the key would invite a second run.
-        await self.engine.complete(decision.ticket, StoredResponse(200, _JSON, _dumps(result)))
-        return result
+        try:
+            await self.engine.complete(ticket, StoredResponse(200, _JSON, _dumps(result)))
+        except StoreUnavailable as exc:  # on its own it says "nothing executed": not so here
+            raise StoreUnavailable(
+                f"{self.target} ran, but its result could not be stored ({exc.detail}); key "
+                f"{key!r} stays locked until its lease lapses, then a call runs it again"
+            ) from exc
 
     def _key_of(
         self, bound: inspect.BoundArguments, args: tuple[Any, ...], kwargs: dict[str, Any]
