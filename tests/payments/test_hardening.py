@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import json
 from typing import Any
-from typing import Any
 
 import pytest
 from tenacity import wait_none
@@ -106,7 +105,6 @@ async def test_the_acquirer_client_sends_no_cookie_it_was_given() -> None:
     assert "cookie" not in acquirer.heads[1]
 
 
-
 # -- duplicate JSON keys (item 22) ---------------------------------------------------------------
 
 GOOD = b'"currency": "USD", "payment_method": "pm_card_ok"'
@@ -121,10 +119,12 @@ async def nothing_stored(stack: Stack) -> None:
     ("body", "key"),
     [
         pytest.param(b'{"amount": 1000, "amount": 5, ' + GOOD + b"}", "amount", id="top-level"),
-        pytest.param(b'{"amount": 1000, "\\u0061mount": 5, ' + GOOD + b"}", "amount",
-                     id="escaped"),  # fmt: skip
-        pytest.param(b'{"amount": 1000, "metadata": {"order": "1", "order": "2"}, ' + GOOD + b"}",
-                     "order", id="nested"),  # fmt: skip
+        pytest.param(b'{"amount": 1000, "\\u0061mount": 5, ' + GOOD + b"}", "amount", id="escape"),
+        pytest.param(
+            b'{"amount": 1000, "metadata": {"order": "1", "order": "2"}, ' + GOOD + b"}",
+            "order",
+            id="nested",
+        ),
     ],
 )
 async def test_a_duplicate_json_key_is_400_and_releases_the_key(
@@ -253,7 +253,8 @@ async def test_a_payments_refunds_are_a_paginated_list_newest_first(stack: Stack
     assert first["object"] == "list"
     assert [r["id"] for r in first["data"]] == refund_ids[::-1][:2]  # newest first
     assert first["has_more"] is True
-    rest = await stack.client.get(path, params={"limit": 2, "starting_after": first["data"][-1]["id"]})
+    cursor = first["data"][-1]["id"]
+    rest = await stack.client.get(path, params={"limit": 2, "starting_after": cursor})
     assert [r["id"] for r in rest.json()["data"]] == refund_ids[:1]
     assert rest.json()["has_more"] is False
     everything = (await stack.client.get(path)).json()

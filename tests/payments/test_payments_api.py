@@ -141,8 +141,8 @@ async def test_manual_capture_then_refunds(stack: Stack) -> None:
     done = (await stack.client.get(f"/v1/payments/{pid}")).json()
     assert (done["status"], done["amount_refunded"]) == ("refunded", 4000)
     problem(await stack.post(f"/v1/payments/{pid}/refunds"), 409, "invalid_state_transition")
-    listed = (await stack.client.get(f"/v1/payments/{pid}/refunds")).json()
-    assert [r["amount"] for r in listed] == [1500, 2500]
+    listed = (await stack.client.get(f"/v1/payments/{pid}/refunds")).json()["data"]
+    assert [r["amount"] for r in listed] == [2500, 1500]  # newest first, like every list
     fetched = await stack.client.get(f"/v1/refunds/{listed[0]['id']}")
     assert fetched.json() == listed[0]
     assert await stack.ledger_violations() == []

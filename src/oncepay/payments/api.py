@@ -124,15 +124,20 @@ def _routes(app: FastAPI) -> None:
         rows, more = await page(services, payments, merchant.id, limit, starting_after)
         return {"object": "list", "data": [payment_public(r) for r in rows], "has_more": more}
 
-    @app.get("/v1/payments/{payment_id}/refunds", response_model=list[models.Refund],
+    @app.get("/v1/payments/{payment_id}/refunds", response_model=models.RefundList,
              responses=PROBLEMS)  # fmt: skip
-    async def list_refunds(payment_id: str, services: ServicesDep, merchant: MerchantDep) -> Any:
+    async def list_refunds(
+        payment_id: str,
+        services: ServicesDep,
+        merchant: MerchantDep,
+        limit: Limit = DEFAULT_LIMIT,
+        starting_after: str | None = None,
+    ) -> Any:
+        """The payment's refunds, newest first, paged like every list."""
         await get_object(services.db, payments, payment_id, merchant.id)
-        async with read(services.db) as conn:
-            rows = await conn.execute(
-                select(refunds).where(refunds.c.payment_id == payment_id).order_by(refunds.c.seq)
-            )
-            return [refund_public(r) for r in rows]
+        where = [refunds.c.payment_id == payment_id]
+        rows, more = await page(services, refunds, merchant.id, limit, starting_after, where)
+        return {"object": "list", "data": [refund_public(r) for r in rows], "has_more": more}
 
     @app.get("/v1/refunds/{refund_id}", response_model=models.Refund, responses=PROBLEMS)
     async def get_refund(refund_id: str, services: ServicesDep, merchant: MerchantDep) -> Any:

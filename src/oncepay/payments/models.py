@@ -29,6 +29,7 @@ __all__ = [
     "Problem",
     "Refund",
     "RefundCreate",
+    "RefundList",
 ]
 
 # Stripe's ceiling for one charge (99,999,999 minor units, about a million dollars): above it a
@@ -147,6 +148,12 @@ class Refund(BaseModel):
     status: Literal["pending", "succeeded", "failed"]
     failure_code: str | None
     created: int
+
+
+class RefundList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Refund]
+    has_more: bool
 
 
 class PaymentList(BaseModel):
