@@ -103,3 +103,27 @@ async def test_transactional_completion_needs_a_sql_store() -> None:
     assert isinstance(decision, Execute)
     with pytest.raises(ConfigurationError, match="cannot complete inside your transaction"):
         engine.complete_in(object(), decision.ticket, StoredResponse(200))
+
+
+async def test_a_tiered_store_over_memory_cannot_complete_in_a_transaction() -> None:
+    from oncepay.idempotency.stores.tiered import TieredStore
+
+    engine = Engine(TieredStore(MemoryStore(), MemoryStore()))
+    decision = await engine.begin("s", "k", "fp")
+    assert isinstance(decision, Execute)
+    with pytest.raises(ConfigurationError, match="TieredStore cannot complete inside"):
+        await engine.acomplete_in(object(), decision.ticket, StoredResponse(200))
+    with pytest.raises(ConfigurationError, match="cannot complete inside"):
+        await engine.acheckpoint_in(object(), decision.ticket, "started")
+
+
+def test_transactional_completion_is_a_typed_capability(tmp_path: Path) -> None:
+    from oncepay.idempotency.stores.base import TransactionalStore
+    from oncepay.idempotency.stores.tiered import TieredStore
+
+    sqlite = store_from_url(f"sqlite:///{tmp_path}/k.db")
+    assert isinstance(sqlite, TransactionalStore)
+    assert not isinstance(MemoryStore(), TransactionalStore)
+    assert isinstance(TieredStore(sqlite, MemoryStore()), TransactionalStore)  # its durable tier
+    assert not isinstance(TieredStore(MemoryStore(), MemoryStore()), TransactionalStore)
+    assert isinstance(TieredStore(sqlite, MemoryStore()), TieredStore)

@@ -30,7 +30,7 @@ from oncepay.errors import (
 from oncepay.idempotency._frozen import quick_init
 from oncepay.idempotency.keys import parse_key
 from oncepay.idempotency.records import Claim, ClaimOutcome, Record, RecordState, StoredResponse
-from oncepay.idempotency.stores.base import Store
+from oncepay.idempotency.stores.base import Store, TransactionalStore
 
 __all__ = [
     "DEFAULT_LEASE",
@@ -140,6 +140,9 @@ class Engine:
         _check_times(ttl=ttl, lease=lease)
         if wait < 0:
             raise ConfigurationError(f"wait must be >= 0 seconds, not {wait}")
+        # An optional capability (a type), checked once: without it the methods that need it
+        # raise a clear ConfigurationError, never an AttributeError halfway through a request.
+        self._transactional = store if isinstance(store, TransactionalStore) else None
         self.store = store
         self.ttl = ttl
         self.lease = lease
@@ -205,13 +208,13 @@ class Engine:
     def complete_in(self, conn: Any, ticket: Ticket, response: StoredResponse) -> None:
         """Complete inside the caller's open transaction on a sync connection (SQL stores),
         so the caller's writes and the stored response commit together or not at all."""
-        self._transactional().complete_in(
+        self._in_transaction().complete_in(
             conn, ticket.scope, ticket.key, ticket.fence, response, now=self.clock()
         )
 
     async def acomplete_in(self, conn: Any, ticket: Ticket, response: StoredResponse) -> None:
         """:meth:`complete_in` for async connections (psycopg, asyncpg, SQLAlchemy async)."""
-        await self._transactional().acomplete_in(
+        await self._in_transaction().acomplete_in(
             conn, ticket.scope, ticket.key, ticket.fence, response, now=self.clock()
         )
 
@@ -230,7 +233,7 @@ class Engine:
         ``keep_for`` keeps the record at least that many seconds from now, for a request that
         is still being driven to its end (its key must not lapse into "new" meanwhile)."""
         now = self.clock()
-        await self._transactional().acheckpoint_in(
+        await self._in_transaction().acheckpoint_in(
             conn,
             ticket.scope,
             ticket.key,
@@ -242,13 +245,10 @@ class Engine:
         )
         return replace(ticket, recovery_point=recovery_point)
 
-    def _transactional(self) -> Any:
-        if not hasattr(self.store, "complete_in"):
-            raise ConfigurationError(
-                f"{type(self.store).__name__} cannot complete inside your transaction: "
-                "use the SQLite or PostgreSQL store in the same database as your data"
-            )
-        return self.store
+    def _in_transaction(self) -> TransactionalStore:
+        if self._transactional is None:
+            raise _not_transactional(self.store)
+        return self._transactional
 
     async def release(self, ticket: Ticket) -> None:
         """Give the key up after a failure, so that a retry executes again."""
@@ -304,6 +304,13 @@ class Engine:
     def _retry_after(self, record: Record, now: float) -> float:
         lease_left = max(record.lease_expires_at - now, 0.0)
         return float(max(1, math.ceil(min(self.retry_after, lease_left))))
+
+
+def _not_transactional(store: Store) -> ConfigurationError:
+    return ConfigurationError(
+        f"{type(store).__name__} cannot complete inside your transaction: use the SQLite or "
+        "PostgreSQL store (or a TieredStore over one) in the same database as your data"
+    )
 
 
 def _check_times(*, ttl: float, lease: float) -> None:

@@ -24,7 +24,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import replace
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from oncepay.idempotency.records import (
     Claim,
@@ -35,7 +35,14 @@ from oncepay.idempotency.records import (
     next_fence,
 )
 
-__all__ = ["PollingWatch", "Store", "Watch", "polling_watch", "resolve_claim"]
+__all__ = [
+    "PollingWatch",
+    "Store",
+    "TransactionalStore",
+    "Watch",
+    "polling_watch",
+    "resolve_claim",
+]
 
 # A waiting request re-reads a store without notifications this often: short enough that a
 # replay follows the first response within a few tens of ms, long enough not to hammer the store.
@@ -80,6 +87,34 @@ class Store(Protocol):
     def watch(self, scope: str, key: str) -> AbstractAsyncContextManager[Watch]: ...
 
     async def aclose(self) -> None: ...
+
+
+@runtime_checkable
+class TransactionalStore(Protocol):
+    """A store that can also complete (and checkpoint) a record inside a transaction the
+    caller holds on the store's own database: the SQL stores (SPEC §3, transactional
+    completion). An optional capability, so a type: the engine checks it once, when built."""
+
+    def complete_in(
+        self, conn: Any, scope: str, key: str, fence: int, response: StoredResponse, *, now: float
+    ) -> None: ...
+
+    async def acomplete_in(
+        self, conn: Any, scope: str, key: str, fence: int, response: StoredResponse, *, now: float
+    ) -> None: ...
+
+    async def acheckpoint_in(
+        self,
+        conn: Any,
+        scope: str,
+        key: str,
+        fence: int,
+        recovery_point: str,
+        *,
+        now: float,
+        lease: float,
+        keep_until: float = 0.0,
+    ) -> None: ...
 
 
 class PollingWatch:

@@ -19,13 +19,18 @@ from __future__ import annotations
 import logging
 from collections import OrderedDict
 from contextlib import AbstractAsyncContextManager
-from typing import Any
+from typing import Any, cast
 
 from oncepay.errors import OncePayError
 from oncepay.idempotency.records import Claim, ClaimOutcome, Record, RecordState, StoredResponse
-from oncepay.idempotency.stores.base import DEFAULT_PURGE_BATCH, Store, Watch
+from oncepay.idempotency.stores.base import (
+    DEFAULT_PURGE_BATCH,
+    Store,
+    TransactionalStore,
+    Watch,
+)
 
-__all__ = ["IN_FLIGHT_HINT", "TieredStore"]
+__all__ = ["IN_FLIGHT_HINT", "TieredStore", "TransactionalTieredStore"]
 
 log = logging.getLogger("oncepay.idempotency")
 
@@ -38,7 +43,16 @@ MAX_HINTS = 10_000
 
 
 class TieredStore:
-    """``primary`` (the system of record: SQLite or PostgreSQL) behind ``cache`` (Redis)."""
+    """``primary`` (the system of record: SQLite or PostgreSQL) behind ``cache`` (Redis).
+
+    It is a :class:`~oncepay.idempotency.stores.base.TransactionalStore` exactly when its
+    primary is one: ``TieredStore(primary, cache)`` then builds a
+    :class:`TransactionalTieredStore`, whose transactional completion goes to the primary.
+    """
+
+    def __new__(cls, primary: Store, cache: Store, *, hint: float = IN_FLIGHT_HINT) -> TieredStore:
+        transactional = cls is TieredStore and isinstance(primary, TransactionalStore)
+        return super().__new__(TransactionalTieredStore if transactional else cls)
 
     def __init__(self, primary: Store, cache: Store, *, hint: float = IN_FLIGHT_HINT) -> None:
         self.primary = primary
@@ -99,17 +113,6 @@ class TieredStore:
         await self.cache.aclose()
         await self.primary.aclose()
 
-    # Completion and checkpoints inside the caller's transaction belong to the system of record.
-
-    def complete_in(self, conn: Any, *args: Any, **kwargs: Any) -> None:
-        self.primary.complete_in(conn, *args, **kwargs)  # type: ignore[attr-defined]
-
-    async def acomplete_in(self, conn: Any, *args: Any, **kwargs: Any) -> None:
-        await self.primary.acomplete_in(conn, *args, **kwargs)  # type: ignore[attr-defined]
-
-    async def acheckpoint_in(self, conn: Any, *args: Any, **kwargs: Any) -> None:
-        await self.primary.acheckpoint_in(conn, *args, **kwargs)  # type: ignore[attr-defined]
-
     # -- the cache, best effort ------------------------------------------------------------------
 
     async def _cached(self, scope: str, key: str, now: float) -> Record | None:
@@ -153,3 +156,39 @@ class TieredStore:
             await self.cache.release(scope, key, fence, now=now)
         except OncePayError as exc:
             log.debug("cache hint not released for key %r: %s", key, exc.detail)
+
+
+class TransactionalTieredStore(TieredStore):
+    """A :class:`TieredStore` whose primary completes inside the caller's transaction: those
+    completions and checkpoints belong to the system of record. After the caller's commit,
+    :meth:`TieredStore.remember` tells the cache."""
+
+    def complete_in(
+        self, conn: Any, scope: str, key: str, fence: int, response: StoredResponse, *, now: float
+    ) -> None:
+        self._durable.complete_in(conn, scope, key, fence, response, now=now)
+
+    async def acomplete_in(
+        self, conn: Any, scope: str, key: str, fence: int, response: StoredResponse, *, now: float
+    ) -> None:
+        await self._durable.acomplete_in(conn, scope, key, fence, response, now=now)
+
+    async def acheckpoint_in(
+        self,
+        conn: Any,
+        scope: str,
+        key: str,
+        fence: int,
+        recovery_point: str,
+        *,
+        now: float,
+        lease: float,
+        keep_until: float = 0.0,
+    ) -> None:
+        await self._durable.acheckpoint_in(
+            conn, scope, key, fence, recovery_point, now=now, lease=lease, keep_until=keep_until
+        )
+
+    @property
+    def _durable(self) -> TransactionalStore:
+        return cast(TransactionalStore, self.primary)  # TieredStore.__new__ checked it
