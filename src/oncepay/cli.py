@@ -365,6 +365,9 @@ def gateway(
         port=port,
         workers=workers,
         log_level="warning",
+        # The gateway drops the upstream's Date and Server: these are the one of each.
+        date_header=True,
+        server_header=True,
     )
 
 

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import http.client
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
 
 from tests.conftest import make_spec
+from tests.http.upstream import TEXT
 from tests.processes import free_port, oncepay_args, running, uvicorn_args
 
 pytestmark = pytest.mark.slow
@@ -37,6 +41,40 @@ def gateway(upstream: str, store: str, *extra: str) -> tuple[Any, str]:
         "gateway", "--upstream", upstream, "--store", store, "--port", str(port), *extra
     )
     return running(args, port), f"http://127.0.0.1:{port}"
+
+
+def body_upstream(kind: str) -> tuple[Any, str]:
+    """An upstream of ``tests.http.upstream``'s ``serve``: wsgiref, http.server or django."""
+    port = free_port()
+    args = [sys.executable, "-m", "tests.http.upstream", kind, str(port)]
+    return running(args, port), f"http://127.0.0.1:{port}"
+
+
+Answer = tuple[int, list[tuple[str, str]], bytes]
+
+
+def exactly(
+    url: str, method: str, path: str, headers: list[tuple[str, str]], body: bytes = b""
+) -> Answer:
+    """Send these headers and no others (http.client adds Host, and Content-Length for a
+    body; httpx would add its own Accept, Accept-Encoding and User-Agent)."""
+    parts = urlsplit(url)
+    connection = http.client.HTTPConnection(parts.hostname or "", parts.port, timeout=30)
+    try:
+        connection.putrequest(method, path, skip_accept_encoding=True)
+        for name, value in headers:
+            connection.putheader(name, value)
+        if body or method == "POST":
+            connection.putheader("content-length", str(len(body)))
+        connection.endheaders(body)
+        response = connection.getresponse()
+        return response.status, response.getheaders(), response.read()
+    finally:
+        connection.close()
+
+
+def all_of(name: str, headers: list[tuple[str, str]]) -> list[str]:
+    return [v for k, v in headers if k.lower() == name]
 
 
 async def count(upstream: str, path: str) -> int:
@@ -194,3 +232,88 @@ async def test_an_unreachable_store_is_503_and_the_upstream_is_not_called(upstre
     assert response.json()["code"] == "idempotency_store_unavailable"
     assert health.status_code == 503
     assert await count(upstream, "pay") == before
+
+
+def test_no_cookie_state_and_only_the_clients_headers_go_upstream(
+    upstream: str, tmp_path: Path
+) -> None:
+    """Issue 12 #1: a Set-Cookie sent to client A must never ride on client B's request."""
+    process, url = gateway(upstream, f"sqlite:///{tmp_path / 'g.db'}", "--optional-key")
+    with process:
+        with httpx.Client(timeout=30) as alice:
+            signed_in = alice.post(f"{url}/set-cookie?user=alice", headers={"idempotency-key": "a"})
+        managed = exactly(url, "POST", "/echo", [("idempotency-key", "b"), ("x-client", "bob")])
+        unmanaged = exactly(url, "GET", "/echo", [("x-client", "bob")])
+    assert signed_in.cookies["upstream-session"] == "alice"  # Set-Cookie reaches its client
+    forwarded = {"forwarded", "x-forwarded-for", "x-forwarded-host", "x-forwarded-proto"}
+    status, _, body = managed
+    seen = [name for name, _ in httpx.Response(status, content=body).json()["headers"]]
+    assert "cookie" not in seen, "alice's cookie rode on bob's request"
+    assert sorted(seen) == sorted(
+        {"host", "content-length", "idempotency-key", "x-client"} | forwarded
+    )
+    status, _, body = unmanaged
+    seen = [name for name, _ in httpx.Response(status, content=body).json()["headers"]]
+    assert "cookie" not in seen, "alice's cookie rode on bob's request"
+    assert sorted(seen) == sorted({"host", "x-client"} | forwarded)
+
+
+def test_only_the_clients_accept_encoding_is_forwarded(upstream: str, tmp_path: Path) -> None:
+    """Issue 12 #5: no gzip the client never asked for, neither answered nor stored."""
+    process, url = gateway(upstream, f"sqlite:///{tmp_path / 'g.db'}")
+    with process:
+        first = exactly(url, "POST", "/compressible", [("idempotency-key", "plain")])
+        replay = exactly(url, "POST", "/compressible", [("idempotency-key", "plain")])
+        with httpx.Client(timeout=30) as client:
+            gzipped = client.post(
+                f"{url}/compressible",
+                headers={"idempotency-key": "zipped", "accept-encoding": "gzip"},
+            )
+    for status, headers, body in (first, replay):
+        assert status == 201
+        assert all_of("content-encoding", headers) == []
+        assert all_of("x-seen-accept-encoding", headers) == ["(none)"]
+        assert body == TEXT
+    assert all_of("idempotent-replayed", replay[1]) == ["true"]
+    assert gzipped.headers["content-encoding"] == "gzip"
+    assert gzipped.headers["x-seen-accept-encoding"] == "gzip"
+    assert gzipped.content == TEXT  # httpx decoded it: the gzip body passed through intact
+
+
+def test_one_date_and_one_server_header_on_every_answer(upstream: str, tmp_path: Path) -> None:
+    """Issue 12 #6: the ASGI server's Date and Server stay; the upstream's are dropped."""
+    process, url = gateway(upstream, f"sqlite:///{tmp_path / 'g.db'}")
+    with process:
+        answers = {
+            "executed": exactly(url, "POST", "/echo", [("idempotency-key", "d")]),
+            "replayed": exactly(url, "POST", "/echo", [("idempotency-key", "d")]),
+            "unmanaged": exactly(url, "GET", "/echo", []),
+            "problem": exactly(url, "POST", "/echo", []),
+        }
+    assert [status for status, _, _ in answers.values()] == [200, 200, 200, 400]
+    for what, (_, headers, _) in answers.items():
+        assert len(all_of("date", headers)) == 1, (what, headers)
+        assert len(all_of("server", headers)) == 1, (what, headers)
+    assert all_of("idempotent-replayed", answers["replayed"][1]) == ["true"]
+
+
+def test_a_failed_upstream_says_what_became_of_the_key(tmp_path: Path) -> None:
+    """Issue 12 #7: no "locked key" for a request that had none; the truth for one that had."""
+    upstream_process, upstream_url = body_upstream("http.server")
+    with upstream_process:
+        process, url = gateway(
+            upstream_url, f"sqlite:///{tmp_path / 'g.db'}", "--optional-key", "--timeout", "1"
+        )
+        with process, httpx.Client(timeout=30) as client:
+            no_key = client.post(f"{url}/drop", content=b"{}")
+            safe_method = client.get(f"{url}/drop", headers={"idempotency-key": "g"})
+            timed_out = client.post(f"{url}/hang", content=b"{}")
+            keyed = client.post(f"{url}/drop", content=b"{}", headers={"idempotency-key": "k"})
+            again = client.post(f"{url}/drop", content=b"{}", headers={"idempotency-key": "k"})
+    for unmanaged in (no_key, safe_method, timed_out):
+        assert unmanaged.status_code in {502, 504}
+        assert unmanaged.json()["code"] in {"upstream_failed", "upstream_timeout"}
+        assert "key" not in unmanaged.json()["detail"].lower(), unmanaged.json()
+    assert (keyed.status_code, keyed.json()["code"]) == (502, "upstream_failed")
+    assert "idempotency key stays locked" in keyed.json()["detail"]
+    assert again.status_code == 409  # the truth: it is locked

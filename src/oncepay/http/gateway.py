@@ -5,9 +5,11 @@
 Several gateway processes sharing one store behave as one.
 
 * requests and responses stream both ways (managed request bodies are read first: the
-  fingerprint needs them);
-* hop-by-hop headers are dropped in both directions; ``Forwarded`` and ``X-Forwarded-*`` are
-  added;
+  fingerprint needs them, and go upstream whole, with their ``Content-Length``);
+* the client's headers go upstream as sent, and no others: no cookie kept from an earlier
+  answer, no ``Accept-Encoding`` of the gateway's own; hop-by-hop headers are dropped in both
+  directions; ``Forwarded`` and ``X-Forwarded-*`` are added;
+* ``Date`` and ``Server`` are the ASGI server's, one of each: the upstream's are dropped;
 * the upstream refusing connections is a 502, an upstream timeout a 504 — both 5xx, so the
   key is released and a retry runs again;
 * ``GET /health`` is answered by the gateway itself (and checks the store).
@@ -17,22 +19,28 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from http.cookiejar import CookieJar, DefaultCookiePolicy
 from typing import Any
 
 import httpx
 
 from oncepay.errors import OncePayError
-from oncepay.http._gate import NOT_STORED, OUTCOME_UNKNOWN_HEADER
+from oncepay.http._gate import NOT_STORED, OUTCOME_UNKNOWN_HEADER, Gate, Request
 from oncepay.http.asgi import IdempotencyMiddleware, Message, Receive, Scope, Send
 from oncepay.http.problems import Problem
 from oncepay.idempotency.stores import store_from_url
 
 __all__ = ["GatewaySettings", "Proxy", "create_app"]
 
-# Hop-by-hop request headers (RFC 9110 §7.6.1) plus Host, which httpx sets for the upstream.
+# Hop-by-hop request headers (RFC 9110 §7.6.1) plus Host, which httpx sets for the upstream,
+# and Content-Length, which goes with the body the gateway sends (see _request_content).
 _NOT_FORWARDED = (NOT_STORED - {"date", "set-cookie"}) | {"host", "content-length"}
+# Hop-by-hop response headers, and the upstream's Date and Server: the ASGI server in front
+# (uvicorn) adds its own to every answer, replays and problems included, so one of each
+# survives, as behind nginx. Set-Cookie goes to the client (the middleware never stores it).
+_NOT_RETURNED = (NOT_STORED - {"set-cookie"}) | {"server"}
 # 30 s: long enough for a slow payment acquirer, short enough to answer a client that would
 # otherwise time out itself. The idempotency lease (60 s) outlasts it.
 DEFAULT_UPSTREAM_TIMEOUT = 30.0
@@ -41,10 +49,27 @@ CONNECT_TIMEOUT = 5.0
 # Failures before the request left: releasing the key is safe. Any later failure (a read
 # timeout, a dropped connection) may follow a committed side effect: the key stays locked.
 _NEVER_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
-_MAY_HAVE_RUN = (
-    "the upstream failed after receiving the request and may have acted on it; the key stays "
-    "locked until its lease lapses"
+_MAY_HAVE_RUN = "the upstream failed after receiving the request and may have acted on it"
+_KEY_LOCKED = (
+    "; its idempotency key stays locked until its lease lapses (a retry gets 409 until then)"
 )
+
+Keyed = Callable[[Scope], bool]
+
+
+class _NeverStore(DefaultCookiePolicy):
+    """A cookie policy that accepts no cookie: one proxy serves every client, so a cookie the
+    upstream set for one of them must never ride on another's request."""
+
+    def set_ok(self, cookie: Any, request: Any) -> bool:
+        return False
+
+    def return_ok(self, cookie: Any, request: Any) -> bool:
+        return False
+
+
+def _unkeyed(scope: Scope) -> bool:
+    return False
 
 
 @dataclass(frozen=True)
@@ -70,14 +95,27 @@ class GatewaySettings:
 
 
 class Proxy:
-    """A streaming reverse proxy to one upstream, as a plain ASGI app."""
+    """A streaming reverse proxy to one upstream, as a plain ASGI app.
 
-    def __init__(self, upstream: str, *, timeout: float = DEFAULT_UPSTREAM_TIMEOUT) -> None:
+    ``keyed`` tells whether the idempotency layer in front holds a key for a request (its
+    failure text then says what becomes of the key); a bare proxy holds none.
+    """
+
+    def __init__(
+        self, upstream: str, *, timeout: float = DEFAULT_UPSTREAM_TIMEOUT, keyed: Keyed = _unkeyed
+    ) -> None:
         self.upstream = upstream.rstrip("/")
+        self.keyed = keyed
         self.client = httpx.AsyncClient(
             timeout=httpx.Timeout(timeout, connect=CONNECT_TIMEOUT),
             limits=httpx.Limits(max_connections=1000, max_keepalive_connections=100),
+            cookies=CookieJar(policy=_NeverStore()),
         )
+        # httpx adds Accept, Accept-Encoding (gzip), Connection and User-Agent of its own to
+        # every request; a proxy sends its client's only. The client would get (and the
+        # middleware store) a gzip body it never asked for.
+        for name in list(self.client.headers):
+            del self.client.headers[name]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -85,11 +123,12 @@ class Proxy:
             return
         if scope["type"] != "http":
             return
+        headers = _forward_headers(scope)
+        content = await _request_content(scope, receive, headers)
+        if content is None:
+            return  # the client left before its body began: send nothing upstream
         request = self.client.build_request(
-            scope["method"],
-            self._url(scope),
-            headers=_forward_headers(scope),
-            content=_request_body(receive),
+            scope["method"], self._url(scope), headers=headers, content=content
         )
         try:
             response = await self.client.send(request, stream=True)
@@ -99,15 +138,19 @@ class Proxy:
             await _problem(send, status, code, f"the upstream could not be reached: {exc!r}")
             return
         except httpx.TimeoutException:
-            await _problem(send, 504, "upstream_timeout", _MAY_HAVE_RUN, unknown=True)
+            await _problem(send, 504, "upstream_timeout", self._may_have_run(scope), unknown=True)
             return
         except httpx.TransportError as exc:
-            await _problem(send, 502, "upstream_failed", f"{_MAY_HAVE_RUN} ({exc!r})", unknown=True)
+            detail = f"{self._may_have_run(scope)} ({exc!r})"
+            await _problem(send, 502, "upstream_failed", detail, unknown=True)
             return
         try:
             await _stream_back(response, send)
         finally:
             await response.aclose()
+
+    def _may_have_run(self, scope: Scope) -> str:
+        return _MAY_HAVE_RUN + (_KEY_LOCKED if self.keyed(scope) else "")
 
     def _url(self, scope: Scope) -> str:
         query = scope.get("query_string", b"").decode("latin-1")
@@ -131,7 +174,28 @@ def _forward_headers(scope: Scope) -> list[tuple[bytes, bytes]]:
     return headers
 
 
-async def _request_body(receive: Receive) -> AsyncIterator[bytes]:
+async def _request_content(
+    scope: Scope, receive: Receive, headers: list[tuple[bytes, bytes]]
+) -> bytes | AsyncIterator[bytes] | None:
+    """The body to send upstream: whole, when it came in one message (always so for a
+    managed request, which the middleware read first), so that httpx sends it with its
+    Content-Length; streamed otherwise, with the client's Content-Length when it sent one
+    (servers such as wsgiref and http.server read a body by its length and take a chunked one
+    for empty). ``None`` when the client left before its body began."""
+    first = await receive()
+    if first["type"] != "http.request":
+        return None
+    body: bytes = first.get("body", b"")
+    if not first.get("more_body", False):
+        return body
+    length = next((v for k, v in scope["headers"] if k == b"content-length"), None)
+    if length is not None:  # httpx then sends no Transfer-Encoding: chunked
+        headers.append((b"content-length", length))
+    return _rest_of_body(body, receive)
+
+
+async def _rest_of_body(first: bytes, receive: Receive) -> AsyncIterator[bytes]:
+    yield first
     while True:
         message = await receive()
         if message["type"] != "http.request":
@@ -144,9 +208,7 @@ async def _request_body(receive: Receive) -> AsyncIterator[bytes]:
 async def _stream_back(response: httpx.Response, send: Send) -> None:
     # The raw bytes, not httpx's decoded text: a UTF-8 header value must pass through as sent.
     headers = [
-        (k, v)
-        for k, v in response.headers.raw
-        if k.decode("latin-1").lower() not in _NOT_FORWARDED - {"content-length"}
+        (k, v) for k, v in response.headers.raw if k.decode("latin-1").lower() not in _NOT_RETURNED
     ]
     await send({"type": "http.response.start", "status": response.status_code, "headers": headers})
     async for chunk in response.aiter_raw():
@@ -218,4 +280,20 @@ def create_app(settings: GatewaySettings | None = None) -> _Health:
         required=settings.required,
         wait=settings.wait,
     )
+    proxy.keyed = _keyed_by(middleware.gate)
     return _Health(middleware)
+
+
+def _keyed_by(gate: Gate) -> Keyed:
+    """Whether ``gate`` claimed a key for the request the proxy is sending: a managed request
+    that carries one (the gateway never fails open, so every such request the proxy sees
+    was claimed; a missing, invalid or busy key never reaches it)."""
+
+    def keyed(scope: Scope) -> bool:
+        if not gate.manages(scope["method"], scope["path"]):
+            return False
+        headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]]
+        request = Request(scope["method"], scope["path"], "", headers)
+        return gate.raw_key(request) is not None
+
+    return keyed
