@@ -12,9 +12,9 @@ import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from contextlib import asynccontextmanager
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import Depends, FastAPI, Query, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -149,7 +149,7 @@ def _routes(app: FastAPI) -> None:
         merchant: MerchantDep,
         limit: Limit = DEFAULT_LIMIT,
         starting_after: str | None = None,
-        type: Annotated[str | None, Query(pattern=r"^[a-z_]+\.[a-z_]+$", max_length=64)] = None,
+        type: models.KnownEventType | None = None,
     ) -> Any:
         """Newest first, optionally of one `type` (e.g. `payment.captured`)."""
         where = [events.c.type == type] if type else []

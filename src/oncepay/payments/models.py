@@ -13,6 +13,7 @@ from pydantic import (
     ConfigDict,
     Field,
     StringConstraints,
+    WithJsonSchema,
     field_validator,
 )
 
@@ -239,13 +240,26 @@ EVENT_TYPES = (
 # A week: the longest a rotation should take; past it, the old secret is a liability.
 MAX_OVERLAP = 7 * 24 * 3600
 
+
+def known_event_type(value: str) -> str:
+    """The one rule for naming an event type, wherever one is named: a subscription's
+    ``events`` and the ``type`` filter of ``GET /v1/events`` (where an unknown type would
+    otherwise match nothing, and a typo look like a quiet day)."""
+    if value not in EVENT_TYPES:
+        raise ValueError(f"unknown event type {value!r}; known: {', '.join(EVENT_TYPES)}")
+    return value
+
+
+KnownEventType = Annotated[
+    str, AfterValidator(known_event_type),
+    WithJsonSchema({"type": "string", "enum": list(EVENT_TYPES)}),
+]  # fmt: skip
 EventType = Annotated[str, Field(description="An event type, or * for all.")]
 
 
 def _event_types(value: list[str]) -> list[str]:
-    unknown = sorted(set(value) - {*EVENT_TYPES, "*"})
-    if unknown:
-        raise ValueError(f"unknown event types {unknown}; known: {', '.join(EVENT_TYPES)} or *")
+    for name in sorted(set(value) - {"*"}):
+        known_event_type(name)
     return sorted(set(value))
 
 
