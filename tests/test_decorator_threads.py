@@ -150,7 +150,7 @@ def test_a_store_failure_after_the_function_ran_says_that_it_ran() -> None:
 
     runs: list[str] = []
 
-    @idempotent(_CompleteFails(MemoryStore()), key="key")  # type: ignore[arg-type]
+    @idempotent(_CompleteFails(MemoryStore()), key="key")
     def charge(key: str) -> str:
         runs.append(key)
         return "charged"
@@ -166,7 +166,7 @@ def test_a_store_failure_after_the_function_ran_says_that_it_ran() -> None:
 def test_a_store_failure_after_the_function_raised_keeps_the_functions_error() -> None:
     from oncepay.idempotency.stores.memory import MemoryStore
 
-    @idempotent(_CompleteFails(MemoryStore()), key="key")  # type: ignore[arg-type]
+    @idempotent(_CompleteFails(MemoryStore()), key="key")
     def charge(key: str) -> str:
         raise ConnectionError("acquirer down")
 

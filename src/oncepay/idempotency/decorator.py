@@ -9,8 +9,10 @@ with different arguments raises :class:`~oncepay.errors.IdempotencyKeyReused`; a
 the first still runs raises :class:`~oncepay.errors.RequestInProgress` (or waits, with
 ``wait=``). An exception releases the key, so a retry runs again.
 
-Results round-trip as JSON: JSON types, dataclasses and pydantic models, restored to the
-function's return annotation when it names a dataclass or a pydantic model.
+Results are stored as JSON and restored to the function's whole return annotation (see
+:mod:`oncepay.idempotency.results`; ``serializer=`` for another format). A result that cannot be
+stored does not make the function run again: the record is completed without it, and that call
+and every later one with its key raise :class:`~oncepay.errors.ConfigurationError`.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from oncepay.errors import (
     RequestInProgress,
     StoreUnavailable,
 )
+from oncepay.idempotency import results
 from oncepay.idempotency.engine import (
     DEFAULT_LEASE,
     DEFAULT_TTL,
@@ -46,9 +49,10 @@ from oncepay.idempotency.engine import (
 )
 from oncepay.idempotency.keys import fingerprint, parse_key
 from oncepay.idempotency.records import StoredResponse
+from oncepay.idempotency.results import CustomSerializer, Serializer
 from oncepay.idempotency.stores import Store
 
-__all__ = ["idempotent"]
+__all__ = ["CustomSerializer", "Serializer", "idempotent"]
 
 log = logging.getLogger("oncepay.idempotency")
 
@@ -56,6 +60,10 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 _JSON = (("content-type", "application/json"),)
+_JSON_SERIALIZERS = (results.TypedJSON, results.PlainJSON)
+# What a record holds in place of a result that could not be serialised: the function ran, so
+# its key stays completed, and every call with it raises instead of running it again.
+_NOT_STORED = (("content-type", "text/plain"), ("oncepay-result", "not-stored"))
 # One loop thread for the store calls of every sync function in the process: a store (or an
 # engine) shared by several decorated functions keeps its connections on one loop.
 _LOOP = LoopThread("oncepay-idempotent")
@@ -69,13 +77,15 @@ def idempotent(
     ttl: float = DEFAULT_TTL,
     lease: float = DEFAULT_LEASE,
     wait: float = 0.0,
+    serializer: Serializer | None = None,
 ) -> Callable[[Callable[P, R]], Callable[P, R]]:
     """Make a function idempotent. ``key`` names the argument that carries the idempotency
     key, or is a function of the same arguments returning it. ``scope`` separates callers
-    that may reuse each other's keys (e.g. one scope per queue)."""
+    that may reuse each other's keys (e.g. one scope per queue). ``serializer`` stores the
+    results (default: JSON, restored to the return annotation)."""
 
     def decorate(func: Callable[P, R]) -> Callable[P, R]:
-        call = _Call(func, _engine(store, ttl, lease, wait), key, scope)
+        call = _Call(func, _engine(store, ttl, lease, wait), key, scope, serializer)
         if inspect.iscoroutinefunction(func):
 
             @functools.wraps(func)
@@ -103,7 +113,12 @@ class _Call:
     """Everything one decorated function needs, computed once at decoration time."""
 
     def __init__(
-        self, func: Callable[..., Any], engine: Engine, key: str | Callable[..., str], scope: str
+        self,
+        func: Callable[..., Any],
+        engine: Engine,
+        key: str | Callable[..., str],
+        scope: str,
+        serializer: Serializer | None,
     ) -> None:
         self.func = func
         self.engine = engine
@@ -113,7 +128,9 @@ class _Call:
         self.key = key
         self.scope = scope
         self.target = f"{func.__module__}.{func.__qualname__}"
-        self.returns = typing.get_type_hints(func).get("return")
+        returns = typing.get_type_hints(func).get("return", Any)
+        self.serializer = serializer or results.for_return_type(returns)
+        self.kept_as = _JSON if isinstance(self.serializer, _JSON_SERIALIZERS) else ()
 
     async def acall(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """The async twin of :meth:`call`: the store calls and the function on this loop."""
@@ -126,7 +143,10 @@ class _Call:
         except BaseException:
             await self._release(decision.ticket)
             raise
-        await self._complete(decision.ticket, key, result)
+        stored, error = self._stored(result)
+        await self._complete(decision.ticket, key, stored)
+        if error is not None:
+            raise self._not_stored(key, stored) from error
         return result
 
     def call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -142,7 +162,10 @@ class _Call:
         except BaseException:
             run(self._release(decision.ticket))
             raise
-        run(self._complete(decision.ticket, key, result))
+        stored, error = self._stored(result)
+        run(self._complete(decision.ticket, key, stored))
+        if error is not None:
+            raise self._not_stored(key, stored) from error
         return result
 
     def _request(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[str, str]:
@@ -156,7 +179,7 @@ class _Call:
     def _answer(self, decision: Decision, key: str) -> Any:
         """What a call that does not run returns (a replay) or raises."""
         if isinstance(decision, Replay):
-            return self._load(decision.response.body)
+            return self._restored(key, decision.response)
         if isinstance(decision, InProgress):
             raise RequestInProgress(
                 f"{self.target} is still running for key {key!r}",
@@ -177,11 +200,38 @@ class _Call:
         except OncePayError as exc:
             log.warning("%s: key %r not released: %s", self.target, ticket.key, exc.detail)
 
-    async def _complete(self, ticket: Ticket, key: str, result: Any) -> None:
-        # A result that cannot be serialised raises here and leaves the key locked until its
-        # lease lapses: the function ran, so releasing the key would invite a second run.
+    def _stored(self, result: Any) -> tuple[StoredResponse, Exception | None]:
+        """The record of a result; for one that cannot be serialised, a record that says so.
+        The function ran: its key must neither be released (a retry would run it again) nor
+        stay locked (once the lease lapses a retry would take it over and run it again)."""
         try:
-            await self.engine.complete(ticket, StoredResponse(200, _JSON, _dumps(result)))
+            body = self.serializer.dumps(result)
+        except Exception as exc:  # any serializer's failure: the result cannot be kept
+            reason = f"{type(exc).__name__}: {exc}"
+            return StoredResponse(200, _NOT_STORED, reason.encode()), exc
+        return StoredResponse(200, self.kept_as, _bytes(body)), None
+
+    def _restored(self, key: str, response: StoredResponse) -> Any:
+        if response.headers == _NOT_STORED:
+            raise self._not_stored(key, response)
+        try:
+            return self.serializer.loads(response.body)
+        except Exception as exc:  # a record this serializer did not write, or cannot read
+            raise ConfigurationError(
+                f"{self.target}: the stored result for key {key!r} cannot be restored: {exc}"
+            ) from exc
+
+    def _not_stored(self, key: str, response: StoredResponse) -> ConfigurationError:
+        return ConfigurationError(
+            f"{self.target} ran, but its result could not be stored "
+            f"({response.body.decode(errors='replace')}); it is not run again: calls with key "
+            f"{key!r} raise this error until the key expires. Return what the return annotation "
+            "says, or pass serializer="
+        )
+
+    async def _complete(self, ticket: Ticket, key: str, stored: StoredResponse) -> None:
+        try:
+            await self.engine.complete(ticket, stored)
         except StoreUnavailable as exc:  # on its own it says "nothing executed": not so here
             raise StoreUnavailable(
                 f"{self.target} ran, but its result could not be stored ({exc.detail}); key "
@@ -195,15 +245,9 @@ class _Call:
             return self.key(*args, **kwargs)
         return str(bound.arguments[self.key])
 
-    def _load(self, body: bytes) -> Any:
-        value = json.loads(body)
-        kind = self.returns
-        if kind is None or value is None or not isinstance(kind, type):
-            return value
-        if dataclasses.is_dataclass(kind):
-            return kind(**value)
-        validate = getattr(kind, "model_validate", None)  # pydantic v2
-        return validate(value) if validate else value
+
+def _bytes(body: bytes | str) -> bytes:
+    return body.encode() if isinstance(body, str) else body
 
 
 def _dumps(value: Any) -> bytes:
