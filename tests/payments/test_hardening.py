@@ -1,7 +1,8 @@
 """Hardening of the payments service (issue 12, items 2 and 22-26): outbound clients keep no
 cookies, duplicate JSON keys are refused, 405s list every method and HEAD works, authentication
 comes before query checks, a payment's refunds are a list object, and event types follow one
-rule. Each test failed on the code before its fix."""
+rule. Each test failed on the code before its fix (a few parametrized cases pin what was
+already right beside it: a POST-only path's Allow, FastAPI's own query checks after 401)."""
 
 from __future__ import annotations
 
