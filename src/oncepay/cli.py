@@ -341,22 +341,49 @@ def gateway(
     wait: Annotated[
         float, typer.Option(envvar="ONCEPAY_WAIT", min=0, help="Hold duplicates up to N s.")
     ] = 0.0,
+    scope_header: Annotated[
+        str | None,
+        typer.Option(
+            envvar="ONCEPAY_SCOPE_HEADER",
+            help="Scope keys by this header (hashed) instead of Authorization.",
+        ),
+    ] = None,
+    scope_cookie: Annotated[
+        str | None,
+        typer.Option(
+            envvar="ONCEPAY_SCOPE_COOKIE",
+            help="Scope keys by this cookie (hashed); --scope-header is then its fallback.",
+        ),
+    ] = None,
 ) -> None:
-    """Run the idempotency gateway: a reverse proxy that makes UPSTREAM idempotent."""
+    """Run the idempotency gateway: a reverse proxy that makes UPSTREAM idempotent.
+
+    Keys are scoped by a SHA-256 of Authorization, and requests without one share a single
+    'anonymous' scope: behind cookie sign-in, use --scope-cookie (docs/gateway.md)."""
     from urllib.parse import urlsplit
 
     import uvicorn
 
+    from oncepay.http.gateway import GatewaySettings
+
     if urlsplit(upstream).scheme not in {"http", "https"} or not urlsplit(upstream).netloc:
         console.print(f"[red]error:[/red] --upstream must be an http(s) URL, not {upstream!r}")
         raise typer.Exit(2)
-    store_from_url(store)  # fail fast on a bad URL, before any worker starts
+    settings = GatewaySettings(upstream, scope_header=scope_header, scope_cookie=scope_cookie)
+    try:  # fail fast on a bad URL or name, before any worker starts
+        store_from_url(store)
+        settings.scope()
+    except OncePayError as exc:
+        console.print(f"[red]error:[/red] {exc.detail}")
+        raise typer.Exit(2) from exc
     os.environ.update(
         ONCEPAY_UPSTREAM=upstream,
         ONCEPAY_STORE_URL=store,
         ONCEPAY_UPSTREAM_TIMEOUT=str(timeout),
         ONCEPAY_KEY_REQUIRED="false" if optional_key else "true",
         ONCEPAY_WAIT=str(wait),
+        ONCEPAY_SCOPE_HEADER=scope_header or "",
+        ONCEPAY_SCOPE_COOKIE=scope_cookie or "",
     )
     uvicorn.run(
         "oncepay.http.gateway:create_app",

@@ -9,6 +9,7 @@ here, in one place.
     │   ├── IdempotencyKeyMissing      400 idempotency_key_missing
     │   ├── IdempotencyKeyInvalid      400 idempotency_key_invalid
     │   ├── IdempotencyKeyReused       422 idempotency_key_reused
+    │   ├── IdempotencyScopeMissing    400 idempotency_scope_missing (no principal to scope by)
     │   └── RequestTooLarge            413 request_too_large
     ├── RetryableError                 try again later with the same key
     │   ├── RequestInProgress          409 idempotency_request_in_progress
@@ -25,6 +26,7 @@ __all__ = [
     "IdempotencyKeyInvalid",
     "IdempotencyKeyMissing",
     "IdempotencyKeyReused",
+    "IdempotencyScopeMissing",
     "LeaseLost",
     "OncePayError",
     "RequestInProgress",
@@ -86,6 +88,15 @@ class IdempotencyKeyReused(ClientError):
     status = 422
     code = "idempotency_key_reused"
     title = "Idempotency-Key was already used for a different request"
+
+
+class IdempotencyScopeMissing(ClientError):
+    """The header or cookie the keys are scoped by is absent: with no principal to scope it
+    by, the key would share one scope with every other such request (and its answers)."""
+
+    status = 400
+    code = "idempotency_scope_missing"
+    title = "The request names no principal to scope its Idempotency-Key by"
 
 
 class RequestTooLarge(ClientError):

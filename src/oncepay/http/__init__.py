@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from oncepay.http.asgi import IdempotencyMiddleware
+from oncepay.http.scopes import scope_from_cookie, scope_from_header
 from oncepay.http.wsgi import IdempotencyWSGIMiddleware
 
 if TYPE_CHECKING:
@@ -20,6 +21,8 @@ __all__ = [
     "IdempotencyMiddleware",
     "IdempotencyWSGIMiddleware",
     "RetryPolicy",
+    "scope_from_cookie",
+    "scope_from_header",
 ]
 
 _LAZY = {"AsyncClient", "Client", "RetryPolicy"}

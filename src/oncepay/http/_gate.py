@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from email.utils import formatdate
 
 from oncepay.errors import (
+    ClientError,
     IdempotencyKeyReused,
     OncePayError,
     RequestInProgress,
@@ -203,6 +204,8 @@ class Gate:
             if self.fail_open:
                 log.warning("idempotency store unavailable, failing open: %s", exc.detail)
                 return Passthrough()
+            return self.problem(exc)
+        except ClientError as exc:  # the scope function found no principal (scopes.py)
             return self.problem(exc)
         if isinstance(decision, Execute):
             return Run(decision.ticket, http_date(decision.ticket.expires_at))

@@ -27,9 +27,10 @@ from typing import Any
 import httpx
 
 from oncepay.errors import OncePayError
-from oncepay.http._gate import NOT_STORED, OUTCOME_UNKNOWN_HEADER, Gate, Request
+from oncepay.http._gate import NOT_STORED, OUTCOME_UNKNOWN_HEADER, Gate, Request, ScopeFunction
 from oncepay.http.asgi import IdempotencyMiddleware, Message, Receive, Scope, Send
 from oncepay.http.problems import Problem
+from oncepay.http.scopes import scope_from_cookie, scope_from_header
 from oncepay.idempotency.stores import store_from_url
 
 __all__ = ["GatewaySettings", "Proxy", "create_app"]
@@ -79,11 +80,16 @@ class GatewaySettings:
     timeout: float = DEFAULT_UPSTREAM_TIMEOUT
     required: bool = True
     wait: float = 0.0
+    # Scope keys by this header / cookie (the cookie first, the header as its fallback)
+    # instead of by Authorization; see oncepay.http.scopes.
+    scope_header: str | None = None
+    scope_cookie: str | None = None
 
     @classmethod
     def from_env(cls) -> GatewaySettings:
         """Read ``ONCEPAY_UPSTREAM``, ``ONCEPAY_STORE_URL``, ``ONCEPAY_UPSTREAM_TIMEOUT``,
-        ``ONCEPAY_KEY_REQUIRED`` and ``ONCEPAY_WAIT`` (how uvicorn workers get their config)."""
+        ``ONCEPAY_KEY_REQUIRED``, ``ONCEPAY_WAIT``, ``ONCEPAY_SCOPE_HEADER`` and
+        ``ONCEPAY_SCOPE_COOKIE`` (how uvicorn workers get their config)."""
         env = os.environ
         return cls(
             upstream=env["ONCEPAY_UPSTREAM"],
@@ -91,7 +97,16 @@ class GatewaySettings:
             timeout=float(env.get("ONCEPAY_UPSTREAM_TIMEOUT", DEFAULT_UPSTREAM_TIMEOUT)),
             required=env.get("ONCEPAY_KEY_REQUIRED", "true").lower() in {"1", "true", "yes"},
             wait=float(env.get("ONCEPAY_WAIT", "0")),
+            scope_header=env.get("ONCEPAY_SCOPE_HEADER") or None,
+            scope_cookie=env.get("ONCEPAY_SCOPE_COOKIE") or None,
         )
+
+    def scope(self) -> ScopeFunction | None:
+        """The scope function the settings name, or None for the default (Authorization)."""
+        header = scope_from_header(self.scope_header) if self.scope_header else None
+        if self.scope_cookie:
+            return scope_from_cookie(self.scope_cookie, fallback=header)
+        return header
 
 
 class Proxy:
@@ -274,11 +289,14 @@ def create_app(settings: GatewaySettings | None = None) -> _Health:
     """The gateway as an ASGI app (uvicorn factory: ``oncepay.http.gateway:create_app``)."""
     settings = settings or GatewaySettings.from_env()
     proxy = Proxy(settings.upstream, timeout=settings.timeout)
+    scope = settings.scope()
+    options: dict[str, Any] = {"scope": scope} if scope is not None else {}
     middleware = IdempotencyMiddleware(
         proxy,
         store=store_from_url(settings.store),
         required=settings.required,
         wait=settings.wait,
+        **options,
     )
     proxy.keyed = _keyed_by(middleware.gate)
     return _Health(middleware)
