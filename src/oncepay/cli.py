@@ -355,6 +355,13 @@ def gateway(
             help="Scope keys by this cookie (hashed); --scope-header is then its fallback.",
         ),
     ] = None,
+    fingerprint_secret: Annotated[
+        str | None,
+        typer.Option(
+            envvar="ONCEPAY_FINGERPRINT_SECRET",
+            help="HMAC key for request fingerprints (prefer the env var: argv is public).",
+        ),
+    ] = None,
 ) -> None:
     """Run the idempotency gateway: a reverse proxy that makes UPSTREAM idempotent.
 
@@ -384,6 +391,7 @@ def gateway(
         ONCEPAY_WAIT=str(wait),
         ONCEPAY_SCOPE_HEADER=scope_header or "",
         ONCEPAY_SCOPE_COOKIE=scope_cookie or "",
+        ONCEPAY_FINGERPRINT_SECRET=fingerprint_secret or "",
     )
     uvicorn.run(
         "oncepay.http.gateway:create_app",

@@ -13,6 +13,7 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
+from oncepay import fingerprint, scope_from_authorization, store_from_url
 from tests.conftest import make_spec
 from tests.http.upstream import TEXT
 from tests.processes import free_port, oncepay_args, running, uvicorn_args
@@ -317,3 +318,25 @@ def test_a_failed_upstream_says_what_became_of_the_key(tmp_path: Path) -> None:
     assert (keyed.status_code, keyed.json()["code"]) == (502, "upstream_failed")
     assert "idempotency key stays locked" in keyed.json()["detail"]
     assert again.status_code == 409  # the truth: it is locked
+
+
+async def test_fingerprint_secret_makes_fingerprints_hmacs(upstream: str, tmp_path: Path) -> None:
+    """Issue 12 #21: the gateway's --fingerprint-secret (or ONCEPAY_FINGERPRINT_SECRET)."""
+    store_url = f"sqlite:///{tmp_path / 'g.db'}"
+    process, url = gateway(upstream, store_url, "--fingerprint-secret", "s3cret")
+    body = b'{"amount": 100}'
+    headers = {"idempotency-key": "hmac", "content-type": "application/json"}
+    with process:
+        async with httpx.AsyncClient(timeout=30) as client:
+            first = await client.post(f"{url}/pay", content=body, headers=headers)
+            replay = await client.post(f"{url}/pay", content=body, headers=headers)
+    store = store_from_url(store_url)
+    try:
+        record = await store.get(scope_from_authorization(None), "hmac")
+    finally:
+        await store.aclose()
+    assert record is not None
+    assert record.fingerprint == fingerprint("POST", "/pay", body, secret=b"s3cret")
+    assert record.fingerprint != fingerprint("POST", "/pay", body)
+    assert first.status_code == replay.status_code == 201
+    assert replay.headers["idempotent-replayed"] == "true"

@@ -84,12 +84,16 @@ class GatewaySettings:
     # instead of by Authorization; see oncepay.http.scopes.
     scope_header: str | None = None
     scope_cookie: str | None = None
+    # Fingerprints become HMAC-SHA-256 under this key (what a store holds then reveals
+    # nothing about request bodies to whoever reads it).
+    fingerprint_secret: str | None = None
 
     @classmethod
     def from_env(cls) -> GatewaySettings:
         """Read ``ONCEPAY_UPSTREAM``, ``ONCEPAY_STORE_URL``, ``ONCEPAY_UPSTREAM_TIMEOUT``,
-        ``ONCEPAY_KEY_REQUIRED``, ``ONCEPAY_WAIT``, ``ONCEPAY_SCOPE_HEADER`` and
-        ``ONCEPAY_SCOPE_COOKIE`` (how uvicorn workers get their config)."""
+        ``ONCEPAY_KEY_REQUIRED``, ``ONCEPAY_WAIT``, ``ONCEPAY_SCOPE_HEADER``,
+        ``ONCEPAY_SCOPE_COOKIE`` and ``ONCEPAY_FINGERPRINT_SECRET`` (how uvicorn workers get
+        their config)."""
         env = os.environ
         return cls(
             upstream=env["ONCEPAY_UPSTREAM"],
@@ -99,6 +103,7 @@ class GatewaySettings:
             wait=float(env.get("ONCEPAY_WAIT", "0")),
             scope_header=env.get("ONCEPAY_SCOPE_HEADER") or None,
             scope_cookie=env.get("ONCEPAY_SCOPE_COOKIE") or None,
+            fingerprint_secret=env.get("ONCEPAY_FINGERPRINT_SECRET") or None,
         )
 
     def scope(self) -> ScopeFunction | None:
@@ -291,6 +296,8 @@ def create_app(settings: GatewaySettings | None = None) -> _Health:
     proxy = Proxy(settings.upstream, timeout=settings.timeout)
     scope = settings.scope()
     options: dict[str, Any] = {"scope": scope} if scope is not None else {}
+    if settings.fingerprint_secret:
+        options["fingerprint_secret"] = settings.fingerprint_secret
     middleware = IdempotencyMiddleware(
         proxy,
         store=store_from_url(settings.store),
