@@ -22,13 +22,16 @@ import functools
 import inspect
 import json
 import logging
+import os
+import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any, ParamSpec, TypeVar, cast
 
 from oncepay._loop import LoopThread
 from oncepay.errors import (
     ConfigurationError,
+    IdempotencyKeyMissing,
     IdempotencyKeyReused,
     OncePayError,
     RequestInProgress,
@@ -48,17 +51,29 @@ from oncepay.idempotency.engine import (
     Ticket,
 )
 from oncepay.idempotency.keys import fingerprint, parse_key
-from oncepay.idempotency.records import StoredResponse
+from oncepay.idempotency.records import Record, StoredResponse
 from oncepay.idempotency.results import CustomSerializer, Serializer
-from oncepay.idempotency.stores import Store
+from oncepay.idempotency.stores import Store, store_from_url
+from oncepay.idempotency.stores.cached import CachedStore
 
-__all__ = ["CustomSerializer", "Serializer", "idempotent"]
+__all__ = [
+    "DISABLED_ENV",
+    "CachedStore",
+    "CustomSerializer",
+    "Serializer",
+    "idempotency_disabled",
+    "idempotent",
+]
 
 log = logging.getLogger("oncepay.idempotency")
 
 P = ParamSpec("P")
 R = TypeVar("R")
 
+# ONCEPAY_IDEMPOTENCY_DISABLED=1 (or true, yes) calls decorated functions directly: for test
+# suites, as Powertools' POWERTOOLS_IDEMPOTENCY_DISABLED. The middleware honours it too.
+DISABLED_ENV = "ONCEPAY_IDEMPOTENCY_DISABLED"
+_TRUE = frozenset({"1", "true", "yes"})
 _JSON = (("content-type", "application/json"),)
 _JSON_SERIALIZERS = (results.TypedJSON, results.PlainJSON)
 # What a record holds in place of a result that could not be serialised: the function ran, so
@@ -72,30 +87,52 @@ _LOOP = LoopThread("oncepay-idempotent")
 def idempotent(
     store: Store | Engine | str,
     *,
-    key: str | Callable[..., str],
+    key: str | Callable[..., Any],
     scope: str = "default",
     ttl: float = DEFAULT_TTL,
     lease: float = DEFAULT_LEASE,
     wait: float = 0.0,
+    required: bool = True,
+    include: Collection[str] | None = None,
+    exclude: Collection[str] | None = None,
+    payload: Callable[..., Any] | None = None,
+    fingerprint_secret: bytes | str | None = None,
     serializer: Serializer | None = None,
+    on_replay: Callable[[Any, Record], Any] | None = None,
+    cache: int | None = None,
 ) -> Callable[[Callable[P, R]], Callable[P, R]]:
-    """Make a function idempotent. ``key`` names the argument that carries the idempotency
-    key, or is a function of the same arguments returning it. ``scope`` separates callers
-    that may reuse each other's keys (e.g. one scope per queue). ``serializer`` stores the
-    results (default: JSON, restored to the return annotation)."""
+    """Make a function idempotent; docs/decorator.md says more about every option.
+
+    ``key`` names the argument that carries the idempotency key, or is a function of the same
+    arguments returning it; a ``None`` key raises
+    :class:`~oncepay.errors.IdempotencyKeyMissing`, or with ``required=False`` runs the
+    function unprotected. ``scope`` separates callers that may reuse each other's keys (one
+    scope per queue, say). The other arguments are fingerprinted: only those named in
+    ``include``, all but those in ``exclude``, or whatever ``payload`` (a function of the same
+    arguments) returns; ``fingerprint_secret`` makes it an HMAC. ``serializer`` stores results
+    (default: JSON, restored to the return annotation). ``on_replay(value, record)`` sees every
+    replay and returns what the caller gets. ``cache=N`` keeps up to N completed records in
+    this process (:class:`~oncepay.idempotency.stores.cached.CachedStore`).
+    """
+    fingerprinting = _Fingerprinting(include, exclude, payload, fingerprint_secret)
+    engine = _engine(store, ttl, lease, wait, cache)
 
     def decorate(func: Callable[P, R]) -> Callable[P, R]:
-        call = _Call(func, _engine(store, ttl, lease, wait), key, scope, serializer)
+        call = _Call(func, engine, key, scope, required, fingerprinting, serializer, on_replay)
         if inspect.iscoroutinefunction(func):
 
             @functools.wraps(func)
             async def run_async(*args: P.args, **kwargs: P.kwargs) -> Any:
+                if idempotency_disabled():
+                    return await func(*args, **kwargs)
                 return await call.acall(args, kwargs)
 
             return cast(Callable[P, R], run_async)
 
         @functools.wraps(func)
         def run_sync(*args: P.args, **kwargs: P.kwargs) -> R:
+            if idempotency_disabled():
+                return func(*args, **kwargs)
             return cast(R, call.call(args, kwargs))
 
         return run_sync
@@ -103,10 +140,70 @@ def idempotent(
     return decorate
 
 
-def _engine(store: Store | Engine | str, ttl: float, lease: float, wait: float) -> Engine:
+def idempotency_disabled() -> bool:
+    """Whether ``ONCEPAY_IDEMPOTENCY_DISABLED`` turns idempotency off (for test suites).
+    Read on every call, so a test may set it after the functions were decorated."""
+    return os.environ.get(DISABLED_ENV, "").strip().lower() in _TRUE
+
+
+def _engine(
+    store: Store | Engine | str, ttl: float, lease: float, wait: float, cache: int | None
+) -> Engine:
     if isinstance(store, Engine):
+        if cache is not None:
+            raise ConfigurationError(
+                "cache= wraps a store, not an engine: pass Engine(CachedStore(store), ...)"
+            )
         return store
+    if cache is not None:
+        built = store_from_url(store) if isinstance(store, str) else store
+        store = CachedStore(built, max_items=cache)
     return Engine.for_store(store, ttl=ttl, lease=lease, wait=wait)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Arguments:
+    """One call's arguments: as given (for the key and payload functions), and bound to the
+    signature with defaults applied (for names)."""
+
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    bound: inspect.BoundArguments
+
+
+class _Fingerprinting:
+    """What of a call is fingerprinted: its arguments but the key (all of them, only some, or
+    all but some), or what a function of them returns; keyed with a secret or not."""
+
+    def __init__(
+        self,
+        include: Collection[str] | None,
+        exclude: Collection[str] | None,
+        payload: Callable[..., Any] | None,
+        secret: bytes | str | None,
+    ) -> None:
+        if sum(option is not None for option in (include, exclude, payload)) > 1:
+            raise ConfigurationError("choose one of include=, exclude= or payload=")
+        self.include = None if include is None else tuple(include)
+        self.exclude = frozenset(exclude or ())
+        self.payload = payload
+        self.secret = secret.encode() if isinstance(secret, str) else secret
+
+    def check(self, func: Callable[..., Any], signature: inspect.Signature) -> None:
+        for name in (*(self.include or ()), *self.exclude):
+            if name not in signature.parameters:
+                raise ConfigurationError(f"{func.__qualname__} has no argument named {name!r}")
+
+    def of(self, target: str, call: _Arguments, key: str | None) -> str:
+        bound = call.bound
+        if self.payload is not None:  # called as the function was, like a key function
+            chosen: Any = self.payload(*call.args, **call.kwargs)
+        elif self.include is not None:
+            chosen = {name: bound.arguments[name] for name in self.include}
+        else:
+            skip = self.exclude | {key}
+            chosen = {k: v for k, v in bound.arguments.items() if k not in skip}
+        return fingerprint("CALL", target, _fingerprinted(chosen), secret=self.secret)
 
 
 class _Call:
@@ -116,25 +213,34 @@ class _Call:
         self,
         func: Callable[..., Any],
         engine: Engine,
-        key: str | Callable[..., str],
+        key: str | Callable[..., Any],
         scope: str,
+        required: bool,
+        fingerprinting: _Fingerprinting,
         serializer: Serializer | None,
+        on_replay: Callable[[Any, Record], Any] | None,
     ) -> None:
         self.func = func
         self.engine = engine
         self.signature = inspect.signature(func)
         if isinstance(key, str) and key not in self.signature.parameters:
             raise ConfigurationError(f"{func.__qualname__} has no argument named {key!r}")
+        fingerprinting.check(func, self.signature)
         self.key = key
         self.scope = scope
+        self.required = required
+        self.fingerprinting = fingerprinting
         self.target = f"{func.__module__}.{func.__qualname__}"
-        returns = typing.get_type_hints(func).get("return", Any)
-        self.serializer = serializer or results.for_return_type(returns)
+        self.serializer = serializer or results.for_return_type(_return_type(func))
         self.kept_as = _JSON if isinstance(self.serializer, _JSON_SERIALIZERS) else ()
+        self.on_replay = on_replay
 
     async def acall(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """The async twin of :meth:`call`: the store calls and the function on this loop."""
-        key, fp = self._request(args, kwargs)
+        request = self._request(args, kwargs)
+        if request is None:
+            return await self.func(*args, **kwargs)
+        key, fp = request
         decision = await self.engine.begin(self.scope, key, fp)
         if not isinstance(decision, Execute):
             return self._answer(decision, key)
@@ -153,7 +259,10 @@ class _Call:
         """A sync function runs in its caller's thread; only the store calls go to the loop
         thread, so callers in other threads (and their store calls) never wait for it."""
         run = _LOOP.run
-        key, fp = self._request(args, kwargs)
+        request = self._request(args, kwargs)
+        if request is None:
+            return self.func(*args, **kwargs)
+        key, fp = request
         decision = run(self.engine.begin(self.scope, key, fp))
         if not isinstance(decision, Execute):
             return self._answer(decision, key)
@@ -168,18 +277,29 @@ class _Call:
             raise self._not_stored(key, stored) from error
         return result
 
-    def _request(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[str, str]:
-        """The call's key and fingerprint."""
-        bound = self.signature.bind(*args, **kwargs)
-        bound.apply_defaults()
-        key = parse_key(self._key_of(bound, args, kwargs))
-        others = {k: v for k, v in bound.arguments.items() if k != self.key}
-        return key, fingerprint("CALL", self.target, _dumps(others))
+    def _request(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[str, str] | None:
+        """The call's key and fingerprint; ``None`` to run it unprotected (no key, and none
+        required)."""
+        call = _Arguments(args, kwargs, self.signature.bind(*args, **kwargs))
+        call.bound.apply_defaults()
+        raw = self._key_of(call)
+        if raw is None:
+            if self.required:
+                raise IdempotencyKeyMissing(self._no_key())
+            log.debug("%s: no idempotency key, running unprotected", self.target)
+            return None
+        name = self.key if isinstance(self.key, str) else None
+        return parse_key(str(raw)), self.fingerprinting.of(self.target, call, name)
+
+    def _no_key(self) -> str:
+        named = f"argument {self.key!r}" if isinstance(self.key, str) else "key function"
+        return f"{self.target}: the idempotency key is missing (the {named} is None)"
 
     def _answer(self, decision: Decision, key: str) -> Any:
         """What a call that does not run returns (a replay) or raises."""
         if isinstance(decision, Replay):
-            return self._restored(key, decision.response)
+            value = self._restored(key, decision.response)
+            return value if self.on_replay is None else self.on_replay(value, decision.record)
         if isinstance(decision, InProgress):
             raise RequestInProgress(
                 f"{self.target} is still running for key {key!r}",
@@ -238,16 +358,51 @@ class _Call:
                 f"{key!r} stays locked until its lease lapses, then a call runs it again"
             ) from exc
 
-    def _key_of(
-        self, bound: inspect.BoundArguments, args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> str:
+    def _key_of(self, call: _Arguments) -> Any:
         if callable(self.key):  # called as the function was: same positional/keyword split
-            return self.key(*args, **kwargs)
-        return str(bound.arguments[self.key])
+            return self.key(*call.args, **call.kwargs)
+        return call.bound.arguments[self.key]
+
+
+def _return_type(func: Callable[..., Any]) -> Any:
+    """The return annotation, resolved alone: the arguments' annotations may name types that
+    exist only for the type checker (``if TYPE_CHECKING:``), which is no concern of ours."""
+    annotations = {"return": getattr(func, "__annotations__", {}).get("return", Any)}
+    only_return = types.SimpleNamespace(
+        __annotations__=annotations, __globals__=getattr(func, "__globals__", {})
+    )
+    try:
+        return typing.get_type_hints(only_return)["return"]
+    except NameError as exc:
+        raise ConfigurationError(
+            f"{func.__qualname__}'s return annotation cannot be resolved ({exc}): results are "
+            "restored to it, so it must name a type importable where the function is defined"
+        ) from exc
 
 
 def _bytes(body: bytes | str) -> bytes:
     return body.encode() if isinstance(body, str) else body
+
+
+def _fingerprinted(chosen: Any) -> bytes:
+    """The JSON a call's fingerprint is taken over; an argument it cannot hold is named."""
+    try:
+        return _dumps(chosen)
+    except (TypeError, ValueError) as exc:
+        named = chosen.items() if isinstance(chosen, dict) else [("payload", chosen)]
+        name, value = next(((n, v) for n, v in named if not _encodable(v)), ("?", chosen))
+        raise ConfigurationError(
+            f"argument {name!r} ({type(value).__name__}) cannot be fingerprinted as JSON: leave "
+            "it out with exclude=, or choose what is fingerprinted with include= or payload="
+        ) from exc
+
+
+def _encodable(value: Any) -> bool:
+    try:
+        _dumps(value)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 def _dumps(value: Any) -> bytes:
@@ -255,12 +410,19 @@ def _dumps(value: Any) -> bytes:
 
 
 def _encode(value: Any) -> Any:
+    """What JSON holds for a non-JSON argument. Dataclasses and models first, as before, so
+    existing records keep their fingerprints; then pydantic's JSON mode (Decimal, datetime,
+    UUID, enums, sets...) where pydantic is installed."""
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return dataclasses.asdict(value)
     dump = getattr(value, "model_dump", None)
     if callable(dump):
         return dump(mode="json")
-    raise TypeError(
-        f"{type(value).__name__} is not JSON serialisable: return JSON types, a dataclass or "
-        "a pydantic model from an @idempotent function"
-    )
+    try:
+        from pydantic_core import PydanticSerializationError, to_jsonable_python
+    except ImportError:
+        raise TypeError(f"{type(value).__name__} is not JSON serialisable") from None
+    try:
+        return to_jsonable_python(value)
+    except PydanticSerializationError as exc:
+        raise TypeError(str(exc)) from exc
