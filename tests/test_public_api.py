@@ -13,12 +13,12 @@ def test_every_public_name_resolves() -> None:
 
 def test_the_public_surface_does_not_grow_by_accident() -> None:
     assert set(oncepay.__all__) == {
-        "ClientError", "ConfigurationError", "Decision", "Engine", "Execute",
+        "CachedStore", "ClientError", "ConfigurationError", "Decision", "Engine", "Execute",
         "IdempotencyKeyInvalid", "IdempotencyKeyMissing", "IdempotencyKeyReused", "InProgress",
         "Invalid", "LeaseLost", "OncePayError", "Record", "RecordState", "Replay",
         "RequestInProgress", "RequestTooLarge", "RetryableError", "Reused", "Store",
         "StoreUnavailable", "StoredResponse", "Ticket", "__version__", "fingerprint",
-        "parse_key", "scope_from_authorization", "store_from_url",
+        "idempotent", "parse_key", "scope_from_authorization", "store_from_url",
     }  # fmt: skip
 
 

@@ -1,7 +1,8 @@
 """OncePay: exactly-once payment APIs.
 
-Import the toolkit from here (``Engine``, ``store_from_url``, the errors) and the HTTP
-surfaces from ``oncepay.http``; every other module is internal and may move.
+Import the toolkit from here (``Engine``, ``store_from_url``, ``idempotent``, ``CachedStore``,
+the errors) and the HTTP surfaces from ``oncepay.http``; every other module is internal and may
+move.
 """
 
 from oncepay.errors import (
@@ -35,10 +36,13 @@ from oncepay.idempotency import (
     scope_from_authorization,
     store_from_url,
 )
+from oncepay.idempotency.decorator import idempotent
+from oncepay.idempotency.stores.cached import CachedStore
 
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "CachedStore",
     "ClientError",
     "ConfigurationError",
     "Decision",
@@ -64,6 +68,7 @@ __all__ = [
     "Ticket",
     "__version__",
     "fingerprint",
+    "idempotent",
     "parse_key",
     "scope_from_authorization",
     "store_from_url",
