@@ -15,7 +15,9 @@ here, in one place.
     │   ├── RequestInProgress          409 idempotency_request_in_progress
     │   ├── LeaseLost                  409 idempotency_lease_lost (a newer claim holds the key)
     │   └── StoreUnavailable           503 idempotency_store_unavailable
-    └── ConfigurationError             a programming or deployment mistake (never a response)
+    └── ConfigurationError             a programming or deployment mistake, refused at start-up
+                                       (one that surfaces mid-request is a 500 problem response
+                                       whose detail stays in the log)
 """
 
 from __future__ import annotations
@@ -66,7 +68,8 @@ class RetryableError(OncePayError):
 
 
 class ConfigurationError(OncePayError):
-    """OncePay was set up wrongly (bad store URL, impossible TTL); raised at start-up."""
+    """OncePay was set up wrongly (bad store URL, impossible TTL); raised at start-up where it
+    can be found then, and answered as a 500 problem if it only shows during a request."""
 
     code = "configuration_error"
     title = "Configuration error"
@@ -125,6 +128,9 @@ class LeaseLost(RetryableError):
     status = 409
     code = "idempotency_lease_lost"
     title = "The idempotency lease was lost to a newer attempt"
+    # The newer attempt is running or done: a retry a second later gets its 409 (with its own
+    # Retry-After) or its stored answer.
+    retry_after = 1.0
 
 
 class StoreUnavailable(RetryableError):

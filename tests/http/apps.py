@@ -7,7 +7,7 @@ import json
 from collections import Counter
 from collections.abc import AsyncIterator
 
-from fastapi import FastAPI
+from fastapi import FastAPI, HTTPException
 from pydantic import BaseModel
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -67,6 +67,16 @@ def starlette_app(runs: Executions) -> Starlette:
         runs["read"] += 1
         return JSONResponse({"run": runs["read"]})
 
+    async def status(request: Request) -> Response:
+        runs["status"] += 1
+        return JSONResponse({"run": runs["status"]}, status_code=request.path_params["code"])
+
+    async def refuse(request: Request) -> Response:
+        """Refused before anything ran, and says so (docs/middleware.md)."""
+        runs["refuse"] += 1
+        headers = {"idempotency-outcome": "not-executed"}
+        return JSONResponse({"error": "try again"}, status_code=400, headers=headers)
+
     return Starlette(
         routes=[
             Route("/payments", pay, methods=["POST", "PATCH", "PUT", "GET"]),
@@ -76,6 +86,8 @@ def starlette_app(runs: Executions) -> Starlette:
             Route("/stream", stream, methods=["POST"]),
             Route("/headers", headers, methods=["POST"]),
             Route("/read", read, methods=["GET"]),
+            Route("/status/{code:int}", status, methods=["POST"]),
+            Route("/refuse", refuse, methods=["POST"]),
         ]
     )
 
@@ -93,6 +105,11 @@ def fastapi_app(runs: Executions) -> FastAPI:
     async def typed(payment: PaymentIn) -> dict[str, object]:
         runs["typed"] += 1
         return {"run": runs["typed"], "got": payment.model_dump()}
+
+    @app.post("/declined", status_code=201)
+    async def declined(payment: PaymentIn) -> dict[str, object]:
+        runs["declined"] += 1  # it ran: its 422 is an answer to store, not a refusal
+        raise HTTPException(422, detail="insufficient funds")
 
     app.router.routes.extend(starlette_app(runs).routes)
     return app

@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
-from oncepay.errors import StoreUnavailable
+from oncepay.errors import ConfigurationError, LeaseLost, StoreUnavailable
 from oncepay.http import IdempotencyMiddleware
 from oncepay.idempotency import Engine, RecordState, StoredResponse
 from oncepay.idempotency.stores import Store
@@ -179,20 +179,31 @@ async def test_same_key_different_body_is_422(make_client: Any, runs: Executions
     assert runs["pay"] == 1
 
 
-async def test_stripe_compatible_mode_changes_status_and_code_only(
+async def test_stripe_compatible_mode_answers_with_stripes_error_object(
     make_client: Any, runs: Executions
 ) -> None:
     async with make_client(stripe_compatible=True) as client:
         await post(client, "/payments", "k1", {"amount": 100})
-        assert_problem(
-            await post(client, "/payments", "k1", {"amount": 999}), 400, "idempotency_error"
-        )
+        reused = await post(client, "/payments", "k1", {"amount": 999})
         runs.hold.clear()
         slow = asyncio.create_task(post(client, "/slow", "s1"))
         await runs.held.wait()
-        assert_problem(await post(client, "/slow", "s1"), 409, "idempotency_key_in_use")
+        in_use = await post(client, "/slow", "s1")
         runs.hold.set()
         await slow
+        missing = await post(client, "/payments", None)
+    assert reused.status_code == 400
+    assert reused.headers["content-type"] == "application/json"
+    error = reused.json()["error"]
+    assert set(error) == {"type", "message"}  # Stripe's reuse error carries no code
+    assert (error["type"], bool(error["message"])) == ("idempotency_error", True)
+    assert in_use.status_code == 409
+    assert int(in_use.headers["retry-after"]) >= 1
+    assert {k: v for k, v in in_use.json()["error"].items() if k != "message"} == {
+        "type": "invalid_request_error", "code": "idempotency_key_in_use",
+    }  # fmt: skip
+    assert missing.json()["error"]["type"] == "invalid_request_error"
+    assert missing.json()["error"]["code"] == "idempotency_key_missing"
 
 
 async def test_same_key_while_the_first_executes_is_409_with_retry_after(
@@ -360,25 +371,82 @@ async def test_an_oversized_response_is_stored_without_its_body(
     assert runs["pay"] == 1
 
 
-async def test_fastapi_validation_errors_are_stored_like_any_4xx(
+async def test_fastapi_validation_errors_release_the_key_so_a_fixed_body_runs(
     store: Store, runs: Executions
 ) -> None:
+    # Stripe stores nothing when validation fails before the endpoint runs; neither do we.
     async with client_for(IdempotencyMiddleware(fastapi_app(runs), store=store)) as client:
         body = {"amount": 100, "currency": "EUR"}
-        first = await post(client, "/typed", "k1", body)
+        invalid = await post(client, "/typed", "k1", {"amount": "lots"})
+        fixed = await post(client, "/typed", "k1", body)
         again = await post(client, "/typed", "k1", body)
-        invalid = await post(client, "/typed", "k2", {"amount": "lots"})
-        invalid_again = await post(client, "/typed", "k2", {"amount": "lots"})
         broken = await client.post(
-            "/typed", content=b'{"amount":', headers={**AUTH, "idempotency-key": "k3",
+            "/typed", content=b'{"amount":', headers={**AUTH, "idempotency-key": "k2",
                                                       "content-type": "application/json"}
         )  # fmt: skip
-    assert first.status_code == 201
-    assert again.content == first.content
-    assert invalid.status_code == invalid_again.status_code == 422
-    assert invalid_again.headers["idempotent-replayed"] == "true"
-    assert broken.status_code == 422  # broken JSON reaches the app, which answers 4xx
-    assert runs["typed"] == 1
+        fixed_too = await post(client, "/typed", "k2", body)
+    assert invalid.status_code == 422
+    assert invalid.json()["detail"][0]["loc"] == ["body", "amount"]  # FastAPI's own answer
+    assert (fixed.status_code, fixed.json()["run"]) == (201, 1)  # same key: it executed
+    assert again.headers["idempotent-replayed"] == "true"
+    assert again.content == fixed.content
+    assert broken.status_code == 422  # broken JSON: refused by FastAPI, released too
+    assert fixed_too.status_code == 201
+    assert runs["typed"] == 2
+
+
+async def test_a_422_from_an_endpoint_that_ran_is_stored(store: Store, runs: Executions) -> None:
+    async with client_for(IdempotencyMiddleware(fastapi_app(runs), store=store)) as client:
+        body = {"amount": 100, "currency": "EUR"}
+        first = await post(client, "/declined", "k1", body)
+        again = await post(client, "/declined", "k1", body)
+    assert first.status_code == again.status_code == 422
+    assert again.headers["idempotent-replayed"] == "true"
+    assert runs["declined"] == 1
+
+
+async def test_fastapi_validation_errors_can_be_stored_like_any_4xx(
+    store: Store, runs: Executions
+) -> None:
+    app = IdempotencyMiddleware(fastapi_app(runs), store=store, not_executed=None)
+    async with client_for(app) as client:
+        await post(client, "/typed", "k1", {"amount": "lots"})
+        again = await post(client, "/typed", "k1", {"amount": "lots"})
+    assert again.headers["idempotent-replayed"] == "true"
+
+
+async def test_an_app_can_say_a_request_was_refused_before_anything_ran(
+    make_client: Any, runs: Executions, store: Store
+) -> None:
+    async with make_client() as client:
+        first = await post(client, "/refuse", "k1")
+        second = await post(client, "/refuse", "k1")
+    assert first.status_code == second.status_code == 400
+    assert "idempotent-replayed" not in second.headers
+    assert runs["refuse"] == 2
+    record = await store.get(_scope(), "k1")
+    assert record is not None
+    assert record.state is RecordState.RELEASED
+
+
+@pytest.mark.parametrize("status", [408, 425, 429])
+async def test_not_now_answers_are_not_stored_so_a_retry_runs(
+    make_client: Any, runs: Executions, status: int
+) -> None:
+    async with make_client() as client:
+        first = await post(client, f"/status/{status}", "k1")
+        retry = await post(client, f"/status/{status}", "k1")
+    assert first.status_code == retry.status_code == status
+    assert "idempotent-replayed" not in retry.headers
+    assert runs["status"] == 2
+
+
+async def test_other_4xx_answers_are_stored(make_client: Any, runs: Executions) -> None:
+    async with make_client() as client:
+        await post(client, "/status/404", "k1")
+        again = await post(client, "/status/404", "k1")
+    assert again.headers["idempotent-replayed"] == "true"
+    assert runs["status"] == 1
 
 
 async def test_header_aliases_and_included_routes(make_client: Any, runs: Executions) -> None:
@@ -614,3 +682,148 @@ async def test_messages_after_the_last_body_follow_it(store: Store) -> None:
     )
     kinds = [m["type"] for m in sent]
     assert kinds == ["http.response.start", "http.response.body", "http.response.trailers"]
+
+
+# -- start-up, configuration and lifespan ------------------------------------------------
+
+
+def test_a_route_ttl_shorter_than_the_lease_is_refused_at_start_up(runs: Executions) -> None:
+    with pytest.raises(ConfigurationError, match=r"route_ttl\['/v1/refunds\*'\]"):
+        IdempotencyMiddleware(starlette_app(runs), lease=60, route_ttl={"/v1/refunds*": 30})
+    engine = Engine(MemoryStore(), lease=10)
+    with pytest.raises(ConfigurationError, match="/pay"):
+        IdempotencyMiddleware(starlette_app(runs), engine=engine, route_ttl={"/pay": 10})
+
+
+async def test_a_configuration_error_during_a_request_is_a_problem_not_a_plain_500(
+    runs: Executions, caplog: pytest.LogCaptureFixture
+) -> None:
+    class Misconfigured(MemoryStore):
+        async def claim(self, *args: Any, **kwargs: Any) -> Any:
+            raise ConfigurationError("table idempotency_keys has the wrong columns")
+
+    app = IdempotencyMiddleware(starlette_app(runs), store=Misconfigured())
+    async with client_for(app) as client:
+        response = await post(client, "/payments", "k1")
+    problem = assert_problem(response, 500, "configuration_error")
+    assert "wrong columns" not in problem["detail"]  # for the operator's log, not the client
+    assert "wrong columns" in caplog.text
+    assert runs["pay"] == 0
+
+
+async def test_a_lost_lease_is_a_409_with_retry_after_and_an_honest_log_line(
+    runs: Executions, caplog: pytest.LogCaptureFixture
+) -> None:
+    class Overtaken(MemoryStore):
+        async def complete(self, *args: Any, **kwargs: Any) -> None:
+            raise LeaseLost("token 1 no longer holds key 'k1'")
+
+    async with client_for(IdempotencyMiddleware(starlette_app(runs), store=Overtaken())) as client:
+        response = await post(client, "/payments", "k1")
+    assert_problem(response, 409, "idempotency_lease_lost")
+    assert int(response.headers["retry-after"]) >= 1
+    assert "stays locked" not in caplog.text
+    assert "newer attempt holds key 'k1'" in caplog.text
+
+
+async def test_two_key_header_lines_are_400(make_client: Any, runs: Executions) -> None:
+    async with make_client() as client:
+        lines = [*AUTH.items(), ("idempotency-key", "a"), ("idempotency-key", "b")]
+        two = await client.post("/payments", json={"amount": 1}, headers=lines)
+        folded = await post(client, "/payments", "a, b")
+        quoted = await post(client, "/payments", '"a, b"')  # a comma inside an sf-string is fine
+    problem = assert_problem(two, 400, "idempotency_key_invalid")
+    assert "2 idempotency-key header lines" in problem["detail"]
+    assert_problem(folded, 400, "idempotency_key_invalid")
+    assert quoted.status_code == 201
+    assert runs["pay"] == 1
+
+
+async def test_the_fingerprint_can_be_keyed(store: Store, runs: Executions) -> None:
+    from oncepay.idempotency import fingerprint
+
+    app = IdempotencyMiddleware(starlette_app(runs), store=store, fingerprint_secret=b"s3cret")
+    async with client_for(app) as client:
+        await post(client, "/payments", "k1")
+        again = await post(client, "/payments", "k1")
+    assert again.headers["idempotent-replayed"] == "true"
+    record = await store.get(_scope(), "k1")
+    assert record is not None
+    body = json.dumps({"amount": 100}).encode()
+    assert record.fingerprint == fingerprint("POST", "/payments", body, secret=b"s3cret")
+
+
+@pytest.mark.parametrize("value", ["1", "true", "YES"])
+async def test_a_test_suite_can_turn_idempotency_off(
+    runs: Executions, monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    monkeypatch.setenv("ONCEPAY_IDEMPOTENCY_DISABLED", value)
+    app = IdempotencyMiddleware(starlette_app(runs), store=MemoryStore())
+    monkeypatch.delenv("ONCEPAY_IDEMPOTENCY_DISABLED")  # read when built, not per request
+    async with client_for(app) as client:
+        first = await post(client, "/payments", "k1")
+        again = await post(client, "/payments", "k1")
+        keyless = await post(client, "/payments", None)
+    assert first.status_code == again.status_code == keyless.status_code == 201
+    assert "idempotency-key-expires" not in again.headers
+    assert runs["pay"] == 3
+
+
+@pytest.mark.parametrize("value", ["", "0", "false", "no"])
+async def test_idempotency_stays_on_unless_the_switch_says_true(
+    runs: Executions, monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    monkeypatch.setenv("ONCEPAY_IDEMPOTENCY_DISABLED", value)
+    app = IdempotencyMiddleware(starlette_app(runs), store=MemoryStore())
+    async with client_for(app) as client:
+        await post(client, "/payments", "k1")
+        again = await post(client, "/payments", "k1")
+    assert again.headers["idempotent-replayed"] == "true"
+
+
+class _ClosingStore(MemoryStore):
+    closed = 0
+
+    async def aclose(self) -> None:
+        self.closed += 1
+        await super().aclose()
+
+
+async def _lifespan(app: Any) -> list[str]:
+    """Run an app's lifespan, startup then shutdown, as a server does; what it sent."""
+    inbox = [{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}]
+    sent: list[str] = []
+
+    async def receive() -> dict[str, Any]:
+        return inbox.pop(0)
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message["type"])
+
+    await app({"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}}, receive, send)
+    return sent
+
+
+@pytest.mark.parametrize("framework", ["starlette", "fastapi"])
+async def test_the_store_is_closed_at_lifespan_shutdown(runs: Executions, framework: str) -> None:
+    store = _ClosingStore()
+    inner = starlette_app(runs) if framework == "starlette" else fastapi_app(runs)
+    sent = await _lifespan(IdempotencyMiddleware(inner, store=store))
+    assert sent == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
+    assert store.closed == 1
+
+
+async def test_the_store_is_closed_at_shutdown_of_an_app_added_as_middleware(
+    runs: Executions, tmp_path: Path
+) -> None:
+    from oncepay.idempotency.stores.sqlite import SQLiteStore
+
+    store = SQLiteStore(f"{tmp_path}/k.db")
+    app = fastapi_app(runs)
+    # mypy cannot match Starlette's ParamSpec against an __init__ taking **options
+    app.add_middleware(IdempotencyMiddleware, store=store)  # type: ignore[arg-type]
+    async with client_for(app) as client:
+        assert (await post(client, "/payments", "k1")).status_code == 201
+    assert await _lifespan(app) == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
+    with pytest.raises(StoreUnavailable):
+        await store.get(_scope(), "k1")  # closed

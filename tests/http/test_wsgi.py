@@ -10,9 +10,11 @@ from typing import Any
 import pytest
 from werkzeug.test import Client, TestResponse
 
+from oncepay.errors import ConfigurationError, LeaseLost
 from oncepay.http.wsgi import IdempotencyWSGIMiddleware
 from oncepay.idempotency import Engine, fingerprint, scope_from_authorization
 from oncepay.idempotency.stores import Store
+from oncepay.idempotency.stores.memory import MemoryStore
 from tests.clock import FakeClock
 from tests.conftest import make_spec
 from tests.http.wsgi_apps import Runs, django_app, flask_app
@@ -235,3 +237,76 @@ def test_an_app_that_never_starts_a_response_releases_its_key(store: Store) -> N
     finally:
         middleware.close()
     assert len(calls) == 2  # released after the first failure, so the retry ran
+
+
+@pytest.mark.parametrize("status", [408, 425, 429])
+def test_not_now_answers_are_not_stored_so_a_retry_runs(make: Any, runs: Runs, status: int) -> None:
+    client, _ = make()
+    first = post(client, f"/status/{status}", "k1")
+    retry = post(client, f"/status/{status}", "k1")
+    assert first.status_code == retry.status_code == status
+    assert "Idempotent-Replayed" not in retry.headers
+    assert runs["status"] == 2
+
+
+def test_an_app_can_say_a_request_was_refused_before_anything_ran(make: Any, runs: Runs) -> None:
+    client, _ = make()
+    assert post(client, "/refuse", "k1").status_code == 400
+    again = post(client, "/refuse", "k1")
+    assert again.status_code == 400
+    assert "Idempotent-Replayed" not in again.headers
+    assert runs["refuse"] == 2
+
+
+def test_two_key_header_lines_are_400(make: Any, runs: Runs) -> None:
+    # PEP 3333 servers fold repeated lines into one value joined by commas, as werkzeug does
+    # here: a bare key holding a comma is refused, a quoted one is a key with a comma in it.
+    client, _ = make()
+    lines = [*AUTH.items(), ("Content-Type", "application/json"),
+             ("Idempotency-Key", "a"), ("Idempotency-Key", "b")]  # fmt: skip
+    two = client.post("/payments", data=BODY, headers=lines)
+    assert two.status_code == 400
+    assert problem_code(two) == "idempotency_key_invalid"
+    assert "folded" in two.get_json()["detail"]
+    assert post(client, "/payments", '"a,b"').status_code == 201
+    assert runs["pay"] == 1
+
+
+def test_a_route_ttl_shorter_than_the_lease_is_refused_at_start_up(runs: Runs) -> None:
+    with pytest.raises(ConfigurationError, match="/v1/refunds"):
+        IdempotencyWSGIMiddleware(flask_app(runs), lease=60, route_ttl={"/v1/refunds*": 30})
+
+
+def test_a_lost_lease_is_a_409_with_retry_after_and_an_honest_log_line(
+    runs: Runs, caplog: pytest.LogCaptureFixture
+) -> None:
+    class Overtaken(MemoryStore):
+        async def complete(self, *args: Any, **kwargs: Any) -> None:
+            raise LeaseLost("token 1 no longer holds key 'k1'")
+
+    middleware = IdempotencyWSGIMiddleware(flask_app(runs), store=Overtaken())
+    try:
+        response = post(Client(middleware), "/payments", "k1")
+    finally:
+        middleware.close()
+    assert response.status_code == 409
+    assert problem_code(response) == "idempotency_lease_lost"
+    assert int(response.headers["Retry-After"]) >= 1
+    assert "stays locked" not in caplog.text
+    assert "newer attempt holds key 'k1'" in caplog.text
+
+
+def test_a_test_suite_can_turn_idempotency_off(
+    framework: str, runs: Runs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ONCEPAY_IDEMPOTENCY_DISABLED", "true")
+    app = (flask_app if framework == "flask" else django_app)(runs)
+    middleware = IdempotencyWSGIMiddleware(app, store=MemoryStore())
+    try:
+        client = Client(middleware)
+        responses = [post(client, "/payments", key) for key in ("k1", "k1", None)]
+    finally:
+        middleware.close()
+    assert [r.status_code for r in responses] == [201, 201, 201]
+    assert "Idempotency-Key-Expires" not in responses[1].headers
+    assert runs["pay"] == 3

@@ -52,6 +52,16 @@ def flask_app(runs: Runs) -> WSGIApp:
         response.set_cookie("session", "secret")
         return response
 
+    @app.post("/status/<int:code>")
+    def status(code: int) -> tuple[dict[str, Any], int]:
+        runs["status"] += 1
+        return {"run": runs["status"]}, code
+
+    @app.post("/refuse")
+    def refuse() -> tuple[dict[str, Any], int, dict[str, str]]:
+        runs["refuse"] += 1  # refused before anything ran, and says so
+        return {"error": "try again"}, 400, {"Idempotency-Outcome": "not-executed"}
+
     return app.wsgi_app
 
 
@@ -114,6 +124,24 @@ def _headers(req: Any) -> Any:
     return response
 
 
+def _status(req: Any, code: int) -> Any:
+    from django.http import JsonResponse
+
+    runs = _django_runs["current"]
+    runs["status"] += 1
+    return JsonResponse({"run": runs["status"]}, status=code)
+
+
+def _refuse(req: Any) -> Any:
+    from django.http import JsonResponse
+
+    runs = _django_runs["current"]
+    runs["refuse"] += 1
+    response = JsonResponse({"error": "try again"}, status=400)
+    response.headers["Idempotency-Outcome"] = "not-executed"
+    return response
+
+
 def _urls() -> list[Any]:
     from django.urls import path
     from django.views.decorators.csrf import csrf_exempt
@@ -123,6 +151,8 @@ def _urls() -> list[Any]:
         path("slow", csrf_exempt(_slow)),
         path("fail", csrf_exempt(_fail)),
         path("headers", csrf_exempt(_headers)),
+        path("status/<int:code>", csrf_exempt(_status)),
+        path("refuse", csrf_exempt(_refuse)),
     ]
 
 

@@ -5,6 +5,7 @@ the ASGI and WSGI middleware and the gateway do the sending."""
 from __future__ import annotations
 
 import fnmatch
+import json
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -12,7 +13,10 @@ from email.utils import formatdate
 
 from oncepay.errors import (
     ClientError,
+    ConfigurationError,
+    IdempotencyKeyInvalid,
     IdempotencyKeyReused,
+    LeaseLost,
     OncePayError,
     RequestInProgress,
     RequestTooLarge,
@@ -32,7 +36,16 @@ from oncepay.idempotency.engine import (
 from oncepay.idempotency.keys import fingerprint, scope_from_authorization
 from oncepay.idempotency.records import StoredResponse
 
-__all__ = ["Gate", "Passthrough", "Request", "Respond", "Run"]
+__all__ = [
+    "Gate",
+    "NotExecuted",
+    "Passthrough",
+    "Request",
+    "Respond",
+    "Run",
+    "default_cacheable",
+    "fastapi_validation_error",
+]
 
 log = logging.getLogger("oncepay.http")
 
@@ -61,6 +74,14 @@ BODY_OMITTED_HEADER = "idempotent-body-omitted"
 # upstream timed out after receiving the request. The key then stays locked until its lease
 # lapses instead of being released for an immediate, possibly concurrent, second run.
 OUTCOME_UNKNOWN_HEADER = "idempotency-outcome"
+# The same header's other value: on a 4xx or 5xx, "refused before anything ran" (a validation
+# error, an authorization failure). Nothing is stored and the key is released, so the client
+# may fix its request and send it again under the same key.
+NOT_EXECUTED = "not-executed"
+# "Not now, nothing ran, try again": 408 (RFC 9110 §15.5.9), 425 Too Early (RFC 8470) and 429
+# (RFC 6585). Storing one would answer every retry with it (OncePay's own client retries 429
+# with the same key); 5xx are never stored anyway (503 included).
+NOT_NOW = frozenset({408, 425, 429})
 
 # SPEC §2: bodies above 1 MiB are refused before anything is stored. Payment requests are a
 # few hundred bytes; a megabyte leaves room for rich metadata without inviting abuse.
@@ -115,10 +136,44 @@ class Run:
 
 ScopeFunction = Callable[[Request], str]
 Redactor = Callable[[StoredResponse], StoredResponse]
+# Whether a 4xx/5xx answer (status, headers, body) says the app refused before anything ran.
+NotExecuted = Callable[[int, Sequence[tuple[str, str]], bytes], bool]
 
 
 def default_scope(request: Request) -> str:
     return scope_from_authorization(request.header("authorization"))
+
+
+def default_cacheable(status: int) -> bool:
+    """Which answers are stored: everything below 500 but the "not now" statuses."""
+    return status < 500 and status not in NOT_NOW
+
+
+# Where FastAPI says a RequestValidationError was found: the request's parts, never a handler's.
+_FASTAPI_LOCATIONS = frozenset({"body", "query", "path", "header", "cookie"})
+
+
+def fastapi_validation_error(status: int, headers: Sequence[tuple[str, str]], body: bytes) -> bool:
+    """FastAPI's own answer to a request that failed validation before the endpoint ran: a 422
+    ``{"detail": [{"type", "loc", "msg", ...}, ...]}`` whose every ``loc`` starts with a part of
+    the request. Recognised by its shape, so that the core never imports FastAPI; an app with
+    its own RequestValidationError handler sets ``Idempotency-Outcome: not-executed`` instead.
+    """
+    if status != 422 or not body.startswith(b'{"detail":['):
+        return False
+    try:
+        document = json.loads(body)
+    except ValueError:
+        return False
+    errors = document.get("detail") if len(document) == 1 else None
+    return isinstance(errors, list) and bool(errors) and all(map(_is_request_error, errors))
+
+
+def _is_request_error(error: object) -> bool:
+    if not isinstance(error, dict) or not {"type", "loc", "msg"} <= error.keys():
+        return False
+    loc = error["loc"]
+    return isinstance(loc, list) and bool(loc) and loc[0] in _FASTAPI_LOCATIONS
 
 
 class Gate:
@@ -141,7 +196,9 @@ class Gate:
         max_body: int = DEFAULT_MAX_BODY,
         max_response: int = DEFAULT_MAX_RESPONSE,
         redact: Redactor | None = None,
-        cacheable: Callable[[int], bool] = lambda status: status < 500,
+        cacheable: Callable[[int], bool] = default_cacheable,
+        not_executed: NotExecuted | None = fastapi_validation_error,
+        fingerprint_secret: bytes | str | None = None,
     ) -> None:
         self.engine = engine
         self.methods = frozenset(m.upper() for m in methods)
@@ -150,13 +207,16 @@ class Gate:
         self.required = required
         self.headers = (header.lower(), *(a.lower() for a in aliases))
         self.scope = scope
-        self.route_ttl = dict(route_ttl or {})
+        self.route_ttl = _checked_route_ttl(route_ttl or {}, engine.lease)
         self.stripe_compatible = stripe_compatible
         self.fail_open = fail_open
         self.max_body = max_body
         self.max_response = max_response
         self.redact = redact
         self.cacheable = cacheable
+        self.not_executed = not_executed
+        secret = fingerprint_secret
+        self.secret = secret.encode() if isinstance(secret, str) else secret
 
     # -- which requests -------------------------------------------------------------------------
 
@@ -174,6 +234,20 @@ class Gate:
                 return value
         return None
 
+    def key(self, request: Request) -> str | Invalid | None:
+        """The key the request names; ``None`` when absent and optional; ``Invalid`` when
+        malformed, or sent twice: an Idempotency-Key is one RFC 8941 Item, one line."""
+        for name in self.headers:
+            values = [value for header, value in request.headers if header == name]
+            if len(values) > 1:
+                return Invalid(
+                    IdempotencyKeyInvalid(f"{len(values)} {name} header lines: send one")
+                )
+            if values:
+                return self.engine.parse(values[0], required=True) if _single(values[0]) else (
+                    Invalid(IdempotencyKeyInvalid(_FOLDED)))  # fmt: skip
+        return self.engine.parse(None, required=self.required)
+
     def wants_key(self, request: Request) -> bool:
         """Whether the body must be read: the key is present, or absent but required."""
         return self.required or self.raw_key(request) is not None
@@ -190,13 +264,13 @@ class Gate:
     ) -> Passthrough | Respond | Run:
         """``scope`` overrides the scope function, for callers that authenticated the tenant
         themselves (the payments API scopes keys by merchant)."""
-        parsed = self.engine.parse(self.raw_key(request), required=self.required)
+        parsed = self.key(request)
         if parsed is None:
             return Passthrough()
         if isinstance(parsed, Invalid):
             return self.problem(parsed.error)
         ttl = self._ttl_for(request.path) if self.route_ttl else None
-        fp = fingerprint(request.method, request.target, body)
+        fp = fingerprint(request.method, request.target, body, secret=self.secret)
         try:
             tenant = self.scope(request) if scope is None else scope
             decision = await self.engine.begin(tenant, parsed, fp, ttl=ttl)
@@ -206,6 +280,9 @@ class Gate:
                 return Passthrough()
             return self.problem(exc)
         except ClientError as exc:  # the scope function found no principal (scopes.py)
+            return self.problem(exc)
+        except OncePayError as exc:  # a configuration error found only now: a problem, not a 500
+            log.exception("idempotency failed before the request ran: %s", exc.detail)
             return self.problem(exc)
         if isinstance(decision, Execute):
             return Run(decision.ticket, http_date(decision.ticket.expires_at))
@@ -294,14 +371,35 @@ class Gate:
         """:meth:`finish` without a coroutine of its own: the store call it makes, for the
         caller to await (the ASGI middleware, on every request), or None if there is none."""
         headers = headers if isinstance(headers, list) else list(headers)
+        if status >= 400 and self._refused(status, headers, body):
+            return self.abandon(run)
         if self.cacheable(status):
             return self.engine.complete(run.ticket, self.stored(status, headers, body,
                                                                 oversized=oversized))  # fmt: skip
-        if any(k.lower() == OUTCOME_UNKNOWN_HEADER and v == "unknown" for k, v in headers):
+        if _outcome(headers) == "unknown":
             key = run.ticket.key
             log.warning("outcome unknown for key %r: kept locked until its lease lapses", key)
             return None
         return self.abandon(run)
+
+    def _refused(self, status: int, headers: list[tuple[str, str]], body: bytes) -> bool:
+        """Whether the app refused the request before anything ran (nothing to store)."""
+        if _outcome(headers) == NOT_EXECUTED:
+            return True
+        return self.not_executed is not None and self.not_executed(status, headers, body)
+
+    def unstored(self, run: Run, error: OncePayError) -> None:
+        """Log why a response that ran could not be stored; call it in the ``except``."""
+        key = run.ticket.key
+        if isinstance(error, LeaseLost):
+            log.warning(
+                "response not stored: its lease ran out and a newer attempt holds key %r "
+                "(a retry gets that attempt's answer)",
+                key,
+            )
+        else:
+            log.exception("response could not be stored; key %r stays locked until its "
+                          "lease lapses", key)  # fmt: skip
 
     async def abandon(self, run: Run) -> None:
         """Release the key after a 5xx or an exception. A failure to release is logged, not
@@ -310,6 +408,38 @@ class Gate:
             await self.engine.release(run.ticket)
         except OncePayError as exc:
             log.warning("could not release idempotency key after an error: %s", exc.detail)
+
+
+def _checked_route_ttl(route_ttl: Mapping[str, float], lease: float) -> dict[str, float]:
+    """The per-route TTLs, each longer than the lease: refused at start-up, naming the route,
+    rather than failing every request on that route later."""
+    for pattern, ttl in route_ttl.items():
+        if not 0 < lease < ttl:
+            raise ConfigurationError(
+                f"route_ttl[{pattern!r}] is {ttl}s, not longer than the lease ({lease}s): a "
+                "record on that route would expire while its request still runs"
+            )
+    return dict(route_ttl)
+
+
+_FOLDED = (
+    "Idempotency-Key holds a comma: two header lines folded into one? Send one key, quoted "
+    '("a,b") if the comma belongs to it'
+)
+
+
+def _single(value: str) -> bool:
+    """Whether a key header's value cannot be two lines folded into one: a bare key with a
+    comma may be exactly that (RFC 9110 §5.3; WSGI servers fold repeats so), a quoted one not."""
+    return "," not in value or value.lstrip(" \t").startswith('"')
+
+
+def _outcome(headers: Iterable[tuple[str, str]]) -> str | None:
+    """The app's ``Idempotency-Outcome``, if it sent one."""
+    for name, value in headers:
+        if name.lower() == OUTCOME_UNKNOWN_HEADER:
+            return value.strip().lower()
+    return None
 
 
 def _matches(path: str, patterns: tuple[str, ...]) -> bool:

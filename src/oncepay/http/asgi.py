@@ -20,7 +20,12 @@ from oncepay.http._gate import (
     Respond,
     Run,
 )
-from oncepay.idempotency.engine import DEFAULT_LEASE, DEFAULT_TTL, Engine
+from oncepay.idempotency.engine import (
+    DEFAULT_LEASE,
+    DEFAULT_TTL,
+    Engine,
+    disabled_by_environment,
+)
 from oncepay.idempotency.stores import Store
 
 __all__ = ["IdempotencyMiddleware"]
@@ -39,7 +44,10 @@ class IdempotencyMiddleware:
 
     ``store`` is a store or a store URL; ``ttl``, ``lease`` and ``wait`` go to the
     :class:`~oncepay.idempotency.Engine` (or pass ``engine=``); every other option is the HTTP
-    policy documented in docs/middleware.md.
+    policy documented in docs/middleware.md. The store is closed at lifespan shutdown.
+
+    With ``ONCEPAY_IDEMPOTENCY_DISABLED`` set to 1, true or yes when it is built (a test
+    suite's switch), the middleware passes every request through untouched.
     """
 
     def __init__(
@@ -56,10 +64,16 @@ class IdempotencyMiddleware:
         self.app = app
         engine = engine or Engine.for_store(store, ttl=ttl, lease=lease, wait=wait)
         self.gate = Gate(engine, **options)
+        self.disabled = disabled_by_environment()
+        self._closed = False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or self.disabled:
+            lifespan = scope["type"] == "lifespan"
+            await self.app(scope, receive, self._closing_at_shutdown(send) if lifespan else send)
+            return
         gate = self.gate
-        if scope["type"] != "http" or not gate.manages(scope["method"], scope["path"]):
+        if not gate.manages(scope["method"], scope["path"]):
             await self.app(scope, receive, send)
             return
         request = Request(
@@ -85,6 +99,27 @@ class IdempotencyMiddleware:
             await _respond(send, outcome)
         else:  # Passthrough: no key where none is required, or failing open
             await self.app(scope, _replaying(body, receive), send)
+
+    def _closing_at_shutdown(self, send: Send) -> Send:
+        """The app's lifespan ``send``, which closes the store once the app has shut down
+        (and before the server hears so): its connections must not outlive the app."""
+
+        async def closing(message: Message) -> None:
+            if message["type"] in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
+                await self.aclose()
+            await send(message)
+
+        return closing
+
+    async def aclose(self) -> None:
+        """Close the store (once); lifespan shutdown calls this."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            await self.gate.engine.store.aclose()
+        except Exception:  # shutdown goes on: a store that fails to close is only logged
+            log.exception("the idempotency store could not be closed")
 
 
 # What _read_body returns when the client disconnects before the body is complete: a truncated
@@ -282,8 +317,7 @@ class _Responder:
             if step is not None:
                 await step
         except OncePayError as exc:
-            key = self.run_.ticket.key
-            log.exception("response could not be stored; key %r stays locked", key)
+            self.gate.unstored(self.run_, exc)
             if self.started:
                 raise  # part of the body is out: abort the response rather than finish it
             await _respond(self.send, self.gate.problem(exc))

@@ -5,18 +5,29 @@ from __future__ import annotations
 import json
 import math
 
-from oncepay.errors import IdempotencyKeyReused, OncePayError, RequestInProgress
+from oncepay.errors import (
+    ClientError,
+    IdempotencyKeyReused,
+    OncePayError,
+    RequestInProgress,
+    RetryableError,
+)
 
 __all__ = ["PROBLEM_CONTENT_TYPE", "Problem", "problem_for"]
 
 PROBLEM_CONTENT_TYPE = "application/problem+json"
 
-# Stripe answers a reused key with 400 idempotency_error and a concurrent one with 409
-# idempotency_key_in_use; the Stripe-compatible switch swaps only status and code.
-_STRIPE = {
-    IdempotencyKeyReused.code: (400, "idempotency_error"),
-    RequestInProgress.code: (409, "idempotency_key_in_use"),
+# Stripe's error object, for the Stripe-compatible switch: a reused key is 400 with type
+# idempotency_error and no code; a key in use is 409, type invalid_request_error, code
+# idempotency_key_in_use. Every other error keeps its own status and code under Stripe's type
+# for it: invalid_request_error (the client must fix it) or api_error (the rest).
+_STRIPE: dict[str, tuple[int, str, str | None]] = {
+    IdempotencyKeyReused.code: (400, "idempotency_error", None),
+    RequestInProgress.code: (409, "invalid_request_error", "idempotency_key_in_use"),
 }
+# A 500 of ours (a configuration error found mid-request) says what went wrong in the log; the
+# client learns only that nothing ran.
+_INTERNAL_DETAIL = "the idempotency layer failed before the request ran; nothing was executed"
 
 
 class Problem:
@@ -34,21 +45,43 @@ class Problem:
             "detail": detail,
             "code": code,
         }
+        self._fill(status, PROBLEM_CONTENT_TYPE, _json(document), headers)
+
+    @classmethod
+    def stripe(
+        cls, status: int, kind: str, code: str | None, message: str, headers: list[tuple[str, str]]
+    ) -> Problem:
+        """Stripe's error object, ``{"error": {"type", "code"?, "message"}}``, as JSON."""
+        error = {"type": kind, **({"code": code} if code else {}), "message": message}
+        problem = cls.__new__(cls)
+        problem._fill(status, "application/json", _json({"error": error}), headers)
+        return problem
+
+    def _fill(
+        self, status: int, content_type: str, body: bytes, headers: list[tuple[str, str]]
+    ) -> None:
         self.status = status
-        self.body = json.dumps(document, separators=(",", ":")).encode()
+        self.body = body
         self.headers = [
-            ("content-type", PROBLEM_CONTENT_TYPE),
-            ("content-length", str(len(self.body))),
+            ("content-type", content_type),
+            ("content-length", str(len(body))),
             *headers,
         ]
 
 
 def problem_for(error: OncePayError, *, stripe_compatible: bool = False) -> Problem:
-    status, code = error.status, error.code
-    if stripe_compatible and code in _STRIPE:
-        status, code = _STRIPE[code]
     headers: list[tuple[str, str]] = []
     retry_after = getattr(error, "retry_after", None)
     if retry_after is not None:
         headers.append(("retry-after", str(max(1, math.ceil(retry_after)))))
-    return Problem(status, code, error.title, error.detail, headers)
+    internal = error.status >= 500 and not isinstance(error, RetryableError)
+    detail = _INTERNAL_DETAIL if internal else error.detail
+    if stripe_compatible:
+        kind = "invalid_request_error" if isinstance(error, ClientError) else "api_error"
+        status, kind, code = _STRIPE.get(error.code, (error.status, kind, error.code))
+        return Problem.stripe(status, kind, code, detail, headers)
+    return Problem(error.status, error.code, error.title, detail, headers)
+
+
+def _json(document: object) -> bytes:
+    return json.dumps(document, separators=(",", ":")).encode()

@@ -26,7 +26,12 @@ from typing import Any
 from oncepay._loop import LoopThread
 from oncepay.errors import OncePayError
 from oncepay.http._gate import Gate, Passthrough, Request, Respond, Run
-from oncepay.idempotency.engine import DEFAULT_LEASE, DEFAULT_TTL, Engine
+from oncepay.idempotency.engine import (
+    DEFAULT_LEASE,
+    DEFAULT_TTL,
+    Engine,
+    disabled_by_environment,
+)
 from oncepay.idempotency.stores import Store
 
 __all__ = ["IdempotencyWSGIMiddleware"]
@@ -65,6 +70,7 @@ class IdempotencyWSGIMiddleware:
         self._per_process = engine is None and isinstance(store, str)
         self._gate = self._make_gate()  # validates the options now, not at the first request
         self._pid = os.getpid()
+        self.disabled = disabled_by_environment()  # a test suite's switch, read once
         self.loop = LoopThread("oncepay-wsgi")
 
     @property
@@ -79,7 +85,9 @@ class IdempotencyWSGIMiddleware:
             method, environ.get("PATH_INFO", "") or "/", environ.get("QUERY_STRING", ""),
             _headers(environ),
         )  # fmt: skip
-        if not self.gate.manages(method, request.path) or not self.gate.wants_key(request):
+        if self.disabled or not self.gate.manages(method, request.path):
+            return self.app(environ, start_response)
+        if not self.gate.wants_key(request):
             return self.app(environ, start_response)
         body = _read_body(environ, self.gate.max_body)
         if body is None:
@@ -112,7 +120,7 @@ class IdempotencyWSGIMiddleware:
         try:
             self.loop.run(self.gate.finish(run, status, headers, body))
         except OncePayError as exc:
-            log.exception("response could not be stored; key %r stays locked", run.ticket.key)
+            self.gate.unstored(run, exc)
             return _respond(start_response, self.gate.problem(exc))
         start_response(captured["status"], [*headers, ("idempotency-key-expires", run.expires)])
         return [body]

@@ -16,6 +16,7 @@ Store outages surface as :class:`~oncepay.errors.StoreUnavailable` and nothing i
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -35,6 +36,7 @@ from oncepay.idempotency.stores.base import Store, TransactionalStore
 __all__ = [
     "DEFAULT_LEASE",
     "DEFAULT_TTL",
+    "DISABLED_ENV",
     "Decision",
     "Engine",
     "Execute",
@@ -43,6 +45,7 @@ __all__ = [
     "Replay",
     "Reused",
     "Ticket",
+    "disabled_by_environment",
 ]
 
 # Stripe keeps keys for 24 hours; the IETF draft leaves it to the server. A day covers every
@@ -53,6 +56,14 @@ DEFAULT_TTL = 24 * 3600.0
 DEFAULT_LEASE = 60.0
 # What a 409 tells the client to wait: most first attempts finish within a second.
 DEFAULT_RETRY_AFTER = 1.0
+# A test suite's switch: set to 1/true/yes, the surfaces run every operation as if no key had
+# been sent (the middleware reads it when built; see docs/middleware.md).
+DISABLED_ENV = "ONCEPAY_IDEMPOTENCY_DISABLED"
+
+
+def disabled_by_environment() -> bool:
+    """Whether ``ONCEPAY_IDEMPOTENCY_DISABLED`` turns idempotency off (1, true, yes)."""
+    return os.environ.get(DISABLED_ENV, "").strip().lower() in {"1", "true", "yes"}
 
 
 @quick_init
