@@ -10,8 +10,9 @@ Several gateway processes sharing one store behave as one.
   answer, no ``Accept-Encoding`` of the gateway's own; hop-by-hop headers are dropped in both
   directions; ``Forwarded`` and ``X-Forwarded-*`` are added;
 * ``Date`` and ``Server`` are the ASGI server's, one of each: the upstream's are dropped;
-* the upstream refusing connections is a 502, an upstream timeout a 504 — both 5xx, so the
-  key is released and a retry runs again;
+* an upstream that never got the request (refused, connect timeout) is a 502 / 504 and the
+  key is released; one that failed after it (read timeout, dropped connection) may have acted,
+  so its 502 / 504 says ``Idempotency-Outcome: unknown`` and the key stays locked;
 * ``GET /health`` is answered by the gateway itself (and checks the store).
 """
 
