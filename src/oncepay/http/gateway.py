@@ -22,12 +22,12 @@ import json
 import os
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from http.cookiejar import CookieJar, DefaultCookiePolicy
 from typing import Any
 
 import httpx
 
 from oncepay.errors import OncePayError
+from oncepay.http._cookies import NoCookies
 from oncepay.http._gate import NOT_STORED, OUTCOME_UNKNOWN_HEADER, Gate, Request, ScopeFunction
 from oncepay.http.asgi import IdempotencyMiddleware, Message, Receive, Scope, Send
 from oncepay.http.problems import Problem
@@ -57,17 +57,6 @@ _KEY_LOCKED = (
 )
 
 Keyed = Callable[[Scope], bool]
-
-
-class _NeverStore(DefaultCookiePolicy):
-    """A cookie policy that accepts no cookie: one proxy serves every client, so a cookie the
-    upstream set for one of them must never ride on another's request."""
-
-    def set_ok(self, cookie: Any, request: Any) -> bool:
-        return False
-
-    def return_ok(self, cookie: Any, request: Any) -> bool:
-        return False
 
 
 def _unkeyed(scope: Scope) -> bool:
@@ -130,7 +119,7 @@ class Proxy:
         self.client = httpx.AsyncClient(
             timeout=httpx.Timeout(timeout, connect=CONNECT_TIMEOUT),
             limits=httpx.Limits(max_connections=1000, max_keepalive_connections=100),
-            cookies=CookieJar(policy=_NeverStore()),
+            cookies=NoCookies(),
         )
         # httpx adds Accept, Accept-Encoding (gzip), Connection and User-Agent of its own to
         # every request; a proxy sends its client's only. The client would get (and the

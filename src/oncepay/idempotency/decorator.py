@@ -22,7 +22,6 @@ import functools
 import inspect
 import json
 import logging
-import os
 import types
 import typing
 from collections.abc import Callable, Collection
@@ -41,6 +40,7 @@ from oncepay.idempotency import results
 from oncepay.idempotency.engine import (
     DEFAULT_LEASE,
     DEFAULT_TTL,
+    DISABLED_ENV,
     Decision,
     Engine,
     Execute,
@@ -49,6 +49,7 @@ from oncepay.idempotency.engine import (
     Replay,
     Reused,
     Ticket,
+    disabled_by_environment,
 )
 from oncepay.idempotency.keys import fingerprint, parse_key
 from oncepay.idempotency.records import Record, StoredResponse
@@ -61,7 +62,6 @@ __all__ = [
     "CachedStore",
     "CustomSerializer",
     "Serializer",
-    "idempotency_disabled",
     "idempotent",
 ]
 
@@ -70,10 +70,6 @@ log = logging.getLogger("oncepay.idempotency")
 P = ParamSpec("P")
 R = TypeVar("R")
 
-# ONCEPAY_IDEMPOTENCY_DISABLED=1 (or true, yes) calls decorated functions directly: for test
-# suites, as Powertools' POWERTOOLS_IDEMPOTENCY_DISABLED. The middleware honours it too.
-DISABLED_ENV = "ONCEPAY_IDEMPOTENCY_DISABLED"
-_TRUE = frozenset({"1", "true", "yes"})
 _JSON = (("content-type", "application/json"),)
 _JSON_SERIALIZERS = (results.TypedJSON, results.PlainJSON)
 # What a record holds in place of a result that could not be serialised: the function ran, so
@@ -123,7 +119,8 @@ def idempotent(
 
             @functools.wraps(func)
             async def run_async(*args: P.args, **kwargs: P.kwargs) -> Any:
-                if idempotency_disabled():
+                # ONCEPAY_IDEMPOTENCY_DISABLED, read per call: a test may set it after decorating
+                if disabled_by_environment():
                     return await func(*args, **kwargs)
                 return await call.acall(args, kwargs)
 
@@ -131,19 +128,13 @@ def idempotent(
 
         @functools.wraps(func)
         def run_sync(*args: P.args, **kwargs: P.kwargs) -> R:
-            if idempotency_disabled():
+            if disabled_by_environment():
                 return func(*args, **kwargs)
             return cast(R, call.call(args, kwargs))
 
         return run_sync
 
     return decorate
-
-
-def idempotency_disabled() -> bool:
-    """Whether ``ONCEPAY_IDEMPOTENCY_DISABLED`` turns idempotency off (for test suites).
-    Read on every call, so a test may set it after the functions were decorated."""
-    return os.environ.get(DISABLED_ENV, "").strip().lower() in _TRUE
 
 
 def _engine(

@@ -49,7 +49,7 @@ import httpx
 from sqlalchemy import and_, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from oncepay.payments.cookies import NoCookies
+from oncepay.http._cookies import NoCookies
 from oncepay.payments.db import read, write
 from oncepay.payments.errors import InvalidRequest
 from oncepay.payments.ids import new_id

@@ -54,7 +54,7 @@ from tenacity.wait import wait_base
 
 from oncepay.payments.acquirers.base import AcquirerAnswer, Outcome
 from oncepay.payments.acquirers.breaker import CircuitBreaker
-from oncepay.payments.cookies import NoCookies
+from oncepay.http._cookies import NoCookies
 from oncepay.payments.metrics import ACQUIRER_CALLS, ACQUIRER_LATENCY
 
 __all__ = ["DEFAULT_ATTEMPTS", "DEFAULT_TIMEOUT", "HttpAcquirer"]

@@ -1,9 +1,10 @@
-"""A cookie jar that never stores: every outbound client of the payments service holds one.
+"""A cookie jar that never stores: every outbound client of OncePay holds one.
 
 httpx keeps the cookies an answer sets and sends them with every later request to that host
-(whatever its port). The webhook worker's one client posts to every merchant's endpoint, so
-merchant A's ``Set-Cookie`` would ride along on merchant B's delivery; the acquirer client would
-likewise carry a session a proxy set. Neither needs state between requests, so none is kept."""
+(whatever its port). The gateway's one client serves every client of the gateway, and the
+webhook worker's one client posts to every merchant's endpoint, so a ``Set-Cookie`` meant for
+one of them would ride along on another's request; the acquirer client would likewise carry a
+session a proxy set. None of them needs state between requests, so none is kept."""
 
 from __future__ import annotations
 
