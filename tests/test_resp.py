@@ -1,4 +1,4 @@
-"""The RESP client under ``RedisStore`` (``stores/_resp.py``), against real servers.
+"""The RESP client under ``RedisStore`` (``oncepay/_drivers/resp.py``), against real servers.
 
 What the store relies on: replies matched to their commands however many tasks share the
 connection, log-in and database from the URL, TLS, and failures that are loud and final for the
@@ -25,9 +25,9 @@ import hiredis
 import pytest
 from redis.asyncio import Redis
 
+from oncepay._drivers.resp import Address, NoScriptError, RespClient, ResponseError
 from oncepay.errors import StoreUnavailable
 from oncepay.idempotency.records import ClaimOutcome, StoredResponse
-from oncepay.idempotency.stores._resp import Address, NoScriptError, RespClient, ResponseError
 from oncepay.idempotency.stores.redis import RedisStore
 from tests.redis_cluster import running_server
 from tests.servers import require_redis, require_tool

@@ -48,7 +48,7 @@ BUCKETS: tuple[tuple[str, str], ...] = (
     ("oncepay/idempotency/stores/_redis_scripts.py", "OncePay Redis store (args/decode)"),
     ("oncepay/idempotency/stores/redis.py", "OncePay Redis store (args/decode)"),
     ("oncepay/idempotency/records.py", "OncePay records"),
-    ("oncepay/idempotency/stores/_resp.py", "OncePay RESP client (_resp.py)"),
+    ("oncepay/_drivers/resp.py", "OncePay RESP client (_drivers/resp.py)"),
     ("oncepay/", "OncePay other"),
     ("redis/", "redis-py driver"),
     ("hiredis", "redis-py driver"),

@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from email.utils import formatdate
 
+from oncepay._drivers.frozen import quick_init
 from oncepay.errors import (
     ClientError,
     ConfigurationError,
@@ -23,7 +24,6 @@ from oncepay.errors import (
     StoreUnavailable,
 )
 from oncepay.http.problems import Problem, problem_for
-from oncepay.idempotency._frozen import quick_init
 from oncepay.idempotency.engine import (
     Engine,
     Execute,

@@ -22,13 +22,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
+from oncepay._drivers.frozen import quick_init
 from oncepay.errors import (
     ClientError,
     ConfigurationError,
     IdempotencyKeyInvalid,
     IdempotencyKeyMissing,
 )
-from oncepay.idempotency._frozen import quick_init
 from oncepay.idempotency.keys import parse_key
 from oncepay.idempotency.records import Claim, ClaimOutcome, Record, RecordState, StoredResponse
 from oncepay.idempotency.stores.base import Store, TransactionalStore

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from json.encoder import encode_basestring_ascii as _quote
 
-from oncepay.idempotency._frozen import quick_init
+from oncepay._drivers.frozen import quick_init
 
 __all__ = ["Claim", "ClaimOutcome", "Record", "RecordState", "StoredResponse", "next_fence"]
 

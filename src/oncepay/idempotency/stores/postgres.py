@@ -13,9 +13,10 @@ so that several processes starting at once do not trip over each other's DDL. ``
 schema-qualified (``myschema.idempotency``); every process using a table must spell it the same
 way, since the notification channel is derived from that spelling.
 
-The driver (asyncpg, with the small pool of ``_pgpool``) is confined to :class:`_Asyncpg`; the
-store speaks SQL with ``:name`` parameters and could run on another driver by replacing that
-class. asyncpg costs about half the client CPU of psycopg 3 per call (bench/drivers/RESULTS.md).
+The driver (asyncpg, with our small pool, ``oncepay._drivers.pgpool``) is confined to
+:class:`_Asyncpg`; the store speaks SQL with ``:name`` parameters and could run on another
+driver by replacing that class. asyncpg costs about half the client CPU of psycopg 3 per call
+(bench/drivers/RESULTS.md).
 ``url`` is a ``postgresql://`` URL, as asyncpg reads it.
 """
 
@@ -33,9 +34,9 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import asyncpg
 
+from oncepay._drivers.pgpool import Connection, Pool
 from oncepay.errors import ConfigurationError, StoreUnavailable
 from oncepay.idempotency.records import Claim, ClaimOutcome, Record, StoredResponse
-from oncepay.idempotency.stores._pgpool import Connection, Pool
 from oncepay.idempotency.stores._sql import (
     SELECT_LIST,
     EventWatch,

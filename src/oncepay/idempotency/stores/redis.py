@@ -8,10 +8,10 @@ script cache, one EVAL more. The scripts and the record layout live in ``_redis_
 module only runs them, through ``_Commands`` (one command in, one reply out), on one of two
 drivers:
 
-* ``RedisStore`` on our own pipelined client, ``_resp.RespClient`` (RESP2, asyncio.Protocol and
-  hiredis): all commands share one connection, at a fraction of redis-py's CPU per command
-  (``bench/drivers/store_redis.py``);
-* ``RedisClusterStore`` on redis-py's asyncio cluster client, for now: ``_resp`` has no cluster
+* ``RedisStore`` on our own pipelined client, ``oncepay._drivers.resp.RespClient`` (RESP2,
+  asyncio.Protocol and hiredis): all commands share one connection, at a fraction of redis-py's
+  CPU per command (``bench/drivers/store_redis.py``);
+* ``RedisClusterStore`` on redis-py's asyncio cluster client, for now: ``resp`` has no cluster
   routing (slot map, MOVED / ASK redirections, node discovery).
 
 Driver errors become :class:`~oncepay.errors.StoreUnavailable` here, at the boundary, and are
@@ -47,9 +47,9 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 
+from oncepay._drivers import resp
 from oncepay.errors import ConfigurationError, LeaseLost, StoreUnavailable
 from oncepay.idempotency.records import Claim, Record, StoredResponse
-from oncepay.idempotency.stores import _resp
 from oncepay.idempotency.stores._redis_scripts import (
     CLUSTER_SCRIPTS,
     SINGLE_NODE_SCRIPTS,
@@ -75,9 +75,9 @@ DEFAULT_TIMEOUT = 2.0
 
 # What the drivers raise when a command fails: redis-py's errors, and our client's error
 # replies and StoreUnavailable (it raises that one itself, for a lost or stalled connection).
-_DRIVER_ERRORS = (RedisError, RedisClusterException, OSError, _resp.ResponseError, StoreUnavailable)
+_DRIVER_ERRORS = (RedisError, RedisClusterException, OSError, resp.ResponseError, StoreUnavailable)
 # NOSCRIPT, from either driver: the script did not run.
-_NO_SCRIPT = (NoScriptError, _resp.NoScriptError)
+_NO_SCRIPT = (NoScriptError, resp.NoScriptError)
 
 Cleanup = Callable[[], Awaitable[None]]
 
@@ -255,7 +255,7 @@ class RedisStore(_RedisStoreBase):
         cls, url: str, *, prefix: str = DEFAULT_PREFIX, timeout: float = DEFAULT_TIMEOUT
     ) -> RedisStore:
         try:
-            client = _resp.RespClient.from_url(url, timeout=_checked(timeout))
+            client = resp.RespClient.from_url(url, timeout=_checked(timeout))
         except ValueError as exc:
             raise ConfigurationError(f"bad Redis URL {url!r}: {exc}") from exc
         listeners = _Listeners(
@@ -272,7 +272,7 @@ class RedisClusterStore(_RedisStoreBase):
 
     Each record hashes to a slot of its own (the digest is its hash tag), so records spread over
     the masters and each script touches one slot. Notifications are sharded pub/sub. It runs on
-    redis-py's cluster client: ``_resp`` has no cluster routing (slot map, MOVED / ASK) yet.
+    redis-py's cluster client: ``resp`` has no cluster routing (slot map, MOVED / ASK) yet.
     """
 
     @classmethod
