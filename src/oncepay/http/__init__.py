@@ -1,7 +1,7 @@
 """OncePay's HTTP surfaces: import them from here.
 
 The middleware needs nothing beyond OncePay itself; the client needs the ``client`` extra
-(httpx and tenacity) and is imported on first use.
+(httpx and tenacity) and ``RequestTicketDep`` needs FastAPI: each is imported on first use.
 """
 
 from __future__ import annotations
@@ -10,9 +10,11 @@ from typing import TYPE_CHECKING, Any
 
 from oncepay.http.asgi import IdempotencyMiddleware
 from oncepay.http.scopes import scope_from_cookie, scope_from_header
+from oncepay.http.transaction import RequestTicket, request_ticket
 from oncepay.http.wsgi import IdempotencyWSGIMiddleware
 
 if TYPE_CHECKING:
+    from oncepay.http._fastapi import RequestTicketDep
     from oncepay.http.client import AsyncClient, Client, RetryPolicy
 
 __all__ = [
@@ -20,7 +22,10 @@ __all__ = [
     "Client",
     "IdempotencyMiddleware",
     "IdempotencyWSGIMiddleware",
+    "RequestTicket",
+    "RequestTicketDep",
     "RetryPolicy",
+    "request_ticket",
     "scope_from_cookie",
     "scope_from_header",
 ]
@@ -33,4 +38,8 @@ def __getattr__(name: str) -> Any:
         from oncepay.http import client
 
         return getattr(client, name)
+    if name == "RequestTicketDep":  # needs FastAPI
+        from oncepay.http import _fastapi
+
+        return _fastapi.RequestTicketDep
     raise AttributeError(f"module 'oncepay.http' has no attribute {name!r}")

@@ -35,6 +35,7 @@ from oncepay.idempotency.engine import (
 )
 from oncepay.idempotency.keys import fingerprint, scope_from_authorization
 from oncepay.idempotency.records import StoredResponse
+from oncepay.idempotency.stores.base import TransactionalStore
 
 __all__ = [
     "Gate",
@@ -199,7 +200,13 @@ class Gate:
         cacheable: Callable[[int], bool] = default_cacheable,
         not_executed: NotExecuted | None = fastapi_validation_error,
         fingerprint_secret: bytes | str | None = None,
+        transactional: bool = False,
     ) -> None:
+        if transactional and not isinstance(engine.store, TransactionalStore):
+            raise ConfigurationError(
+                f"transactional=True: {type(engine.store).__name__} cannot complete inside the "
+                "app's transaction; use the SQLite or PostgreSQL store in the app's database"
+            )
         self.engine = engine
         self.methods = frozenset(m.upper() for m in methods)
         self.include = tuple(include) if include is not None else None
@@ -217,6 +224,10 @@ class Gate:
         self.not_executed = not_executed
         secret = fingerprint_secret
         self.secret = secret.encode() if isinstance(secret, str) else secret
+        # The app completes records in its own transaction (oncepay.http.transaction), and how
+        # often what it sent was not what it completed (each one also logged as an error).
+        self.transactional = transactional
+        self.mismatches = 0
 
     # -- which requests -------------------------------------------------------------------------
 

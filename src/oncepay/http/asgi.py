@@ -20,6 +20,7 @@ from oncepay.http._gate import (
     Respond,
     Run,
 )
+from oncepay.http.transaction import TICKET_KEY, RequestTicket
 from oncepay.idempotency.engine import (
     DEFAULT_LEASE,
     DEFAULT_TTL,
@@ -48,6 +49,10 @@ class IdempotencyMiddleware:
 
     With ``ONCEPAY_IDEMPOTENCY_DISABLED`` set to 1, true or yes when it is built (a test
     suite's switch), the middleware passes every request through untouched.
+
+    With ``transactional=True`` the app may complete a request's record inside its own
+    database transaction: the request's :class:`~oncepay.http.RequestTicket` is in
+    ``scope["oncepay.ticket"]`` (see :mod:`oncepay.http.transaction`).
     """
 
     def __init__(
@@ -68,6 +73,8 @@ class IdempotencyMiddleware:
         self._closed = False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.gate.transactional and scope["type"] == "http":
+            scope[TICKET_KEY] = None  # behind the middleware, no ticket (yet): request_ticket
         if scope["type"] != "http" or self.disabled:
             lifespan = scope["type"] == "lifespan"
             await self.app(scope, receive, self._closing_at_shutdown(send) if lifespan else send)
@@ -94,6 +101,8 @@ class IdempotencyMiddleware:
         outcome = await gate.decide(request, body)
         if isinstance(outcome, Run):  # the usual outcomes first: run, then replay
             responder = _Responder(gate, outcome, send)
+            if gate.transactional:
+                responder.held = scope[TICKET_KEY] = RequestTicket(gate, outcome)
             await responder.run(self.app, _bodies_only(scope), _replaying(body, receive))
         elif isinstance(outcome, Respond):
             await _respond(send, outcome)
@@ -199,6 +208,10 @@ class _Responder:
     complete success whose record failed to store. With a single-chunk response (the common
     case) nothing has been sent yet, so a store failure becomes a clean 503 instead.
 
+    When the app completed the record in its own transaction (``held``), the last message
+    waits for the app to return, so that its commit (in a dependency's teardown, say) is done
+    before the client hears of success; if the app fails instead, nothing more is sent.
+
     The app's last ``send`` returns at once, and the record is completed once the app returns:
     the store's round trip then suspends a handful of frames deep instead of inside the whole
     app stack (Starlette's middleware, router, endpoint, response), which every await would
@@ -212,6 +225,7 @@ class _Responder:
         "finished",
         "finishing",
         "gate",
+        "held",
         "last",
         "later",
         "oversized",
@@ -232,6 +246,7 @@ class _Responder:
         self.last: Message | None = None  # that message, until the record is stored
         self.later: asyncio.Handle | None = None  # the app-suspended timer (see above)
         self.finishing: asyncio.Task[None] | None = None
+        self.held: RequestTicket | None = None  # the app's ticket, when transactional
         self.chunks: list[bytes] = []
         self.size = 0
         self.oversized = False
@@ -240,8 +255,8 @@ class _Responder:
         try:
             await app(scope, receive, self.capture)
         except BaseException:
-            if not self.finished:
-                await self.gate.abandon(self.run_)
+            if not self.finished or self._completed_by_app():
+                await self.gate.abandon(self.run_)  # fenced: never undoes a committed record
             else:  # the app failed after its whole response: store and send it all the same
                 await asyncio.shield(self._settle())
             raise
@@ -271,7 +286,11 @@ class _Responder:
             return
         self.finished = True
         self.last = message
-        self.later = asyncio.get_running_loop().call_soon(self._app_suspended)
+        if not self._completed_by_app():
+            self.later = asyncio.get_running_loop().call_soon(self._app_suspended)
+
+    def _completed_by_app(self) -> bool:
+        return self.held is not None and self.held.completed is not None
 
     def _collect(self, chunk: bytes) -> None:
         if self.oversized:
@@ -311,9 +330,11 @@ class _Responder:
         ]
         try:
             # Gate.finish spelled out: a coroutine less on every request's completion
-            step = self.gate.finishing(
-                self.run_, start["status"], headers, b"".join(self.chunks), oversized=self.oversized
-            )
+            status, body, oversized = start["status"], b"".join(self.chunks), self.oversized
+            if self.held is None:
+                step = self.gate.finishing(self.run_, status, headers, body, oversized=oversized)
+            else:
+                step = self.held.finishing(status, headers, body, oversized=oversized)
             if step is not None:
                 await step
         except OncePayError as exc:

@@ -26,6 +26,7 @@ from typing import Any
 from oncepay._loop import LoopThread
 from oncepay.errors import OncePayError
 from oncepay.http._gate import Gate, Passthrough, Request, Respond, Run
+from oncepay.http.transaction import TICKET_KEY, RequestTicket
 from oncepay.idempotency.engine import (
     DEFAULT_LEASE,
     DEFAULT_TTL,
@@ -45,7 +46,12 @@ WSGIApp = Callable[[Environ, StartResponse], Iterable[bytes]]
 
 
 class IdempotencyWSGIMiddleware:
-    """Make unsafe requests to a WSGI ``app`` idempotent; options as for the ASGI middleware."""
+    """Make unsafe requests to a WSGI ``app`` idempotent; options as for the ASGI middleware.
+
+    With ``transactional=True`` a view may complete its request's record inside its own
+    database transaction: the :class:`~oncepay.http.RequestTicket` is in
+    ``environ["oncepay.ticket"]`` (``request.META`` in Django; see
+    :mod:`oncepay.http.transaction`)."""
 
     def __init__(
         self,
@@ -72,6 +78,7 @@ class IdempotencyWSGIMiddleware:
         self._pid = os.getpid()
         self.disabled = disabled_by_environment()  # a test suite's switch, read once
         self.loop = LoopThread("oncepay-wsgi")
+        self.transactional = self._gate.transactional
 
     @property
     def gate(self) -> Gate:
@@ -80,6 +87,8 @@ class IdempotencyWSGIMiddleware:
         return self._gate
 
     def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
+        if self.transactional:
+            environ[TICKET_KEY] = None  # behind the middleware, no ticket (yet): request_ticket
         method = environ["REQUEST_METHOD"].upper()
         request = Request(
             method, environ.get("PATH_INFO", "") or "/", environ.get("QUERY_STRING", ""),
@@ -110,15 +119,21 @@ class IdempotencyWSGIMiddleware:
             captured.update(status=status, headers=headers)
             return lambda chunk: captured.setdefault("written", []).append(chunk)
 
+        held = RequestTicket(self.gate, run) if self.transactional else None
+        if held is not None:
+            environ[TICKET_KEY] = held
         try:
             body = self._drain(self.app(environ, capture), captured)
-        except BaseException:
+        except BaseException:  # fenced: a record the app completed and committed stays so
             self.loop.run(self.gate.abandon(run))
             raise
         status = int(captured["status"].split(" ", 1)[0])
         headers: list[tuple[str, str]] = captured["headers"]
         try:
-            self.loop.run(self.gate.finish(run, status, headers, body))
+            if held is None:
+                self.loop.run(self.gate.finish(run, status, headers, body))
+            else:
+                self.loop.run(held.finish(status, headers, body))
         except OncePayError as exc:
             self.gate.unstored(run, exc)
             return _respond(start_response, self.gate.problem(exc))

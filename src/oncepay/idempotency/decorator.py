@@ -13,6 +13,11 @@ Results are stored as JSON and restored to the function's whole return annotatio
 :mod:`oncepay.idempotency.results`; ``serializer=`` for another format). A result that cannot be
 stored does not make the function run again: the record is completed without it, and that call
 and every later one with its key raise :class:`~oncepay.errors.ConfigurationError`.
+
+With ``transaction="session"`` the function's writes and its stored result commit together
+(SPEC §3): the argument so named is a session or connection on the store's own database, the
+function runs inside a transaction on it, and the record is completed in that transaction
+before it commits (see :mod:`oncepay.idempotency._transactions` and docs/decorator.md).
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ from oncepay.errors import (
     RequestInProgress,
     StoreUnavailable,
 )
-from oncepay.idempotency import results
+from oncepay.idempotency import _transactions, results
 from oncepay.idempotency.engine import (
     DEFAULT_LEASE,
     DEFAULT_TTL,
@@ -55,6 +60,7 @@ from oncepay.idempotency.keys import fingerprint, parse_key
 from oncepay.idempotency.records import Record, StoredResponse
 from oncepay.idempotency.results import CustomSerializer, Serializer
 from oncepay.idempotency.stores import Store, store_from_url
+from oncepay.idempotency.stores.base import TransactionalStore
 from oncepay.idempotency.stores.cached import CachedStore
 
 __all__ = [
@@ -96,6 +102,7 @@ def idempotent(
     serializer: Serializer | None = None,
     on_replay: Callable[[Any, Record], Any] | None = None,
     cache: int | None = None,
+    transaction: str | None = None,
 ) -> Callable[[Callable[P, R]], Callable[P, R]]:
     """Make a function idempotent; docs/decorator.md says more about every option.
 
@@ -109,12 +116,23 @@ def idempotent(
     (default: JSON, restored to the return annotation). ``on_replay(value, record)`` sees every
     replay and returns what the caller gets. ``cache=N`` keeps up to N completed records in
     this process (:class:`~oncepay.idempotency.stores.cached.CachedStore`).
+    ``transaction`` names the argument holding a session or connection on the store's own
+    database: the function's writes and its stored result then commit together.
     """
+    if transaction is not None and include is None and payload is None:
+        exclude = (*(exclude or ()), transaction)  # a session is no part of the request
     fingerprinting = _Fingerprinting(include, exclude, payload, fingerprint_secret)
     engine = _engine(store, ttl, lease, wait, cache)
+    if transaction is not None and not isinstance(engine.store, TransactionalStore):
+        raise ConfigurationError(
+            f"transaction={transaction!r}: {type(engine.store).__name__} cannot complete inside "
+            "your transaction; use the SQLite or PostgreSQL store in the same database as your "
+            "data (no cache=)"
+        )
 
     def decorate(func: Callable[P, R]) -> Callable[P, R]:
-        call = _Call(func, engine, key, scope, required, fingerprinting, serializer, on_replay)
+        parts = (func, engine, key, scope, required, fingerprinting, serializer, on_replay)
+        call = _Call(*parts) if transaction is None else _TransactionalCall(*parts, transaction)
         if inspect.iscoroutinefunction(func):
 
             @functools.wraps(func)
@@ -235,15 +253,19 @@ class _Call:
         decision = await self.engine.begin(self.scope, key, fp)
         if not isinstance(decision, Execute):
             return self._answer(decision, key)
+        return await self._aexecute(decision.ticket, args, kwargs)
+
+    async def _aexecute(self, ticket: Ticket, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """Run the function, then store its result (or free the key if it raised)."""
         try:
             result = await self.func(*args, **kwargs)
         except BaseException:
-            await self._release(decision.ticket)
+            await self._release(ticket)
             raise
         stored, error = self._stored(result)
-        await self._complete(decision.ticket, key, stored)
+        await self._complete(ticket, ticket.key, stored)
         if error is not None:
-            raise self._not_stored(key, stored) from error
+            raise self._not_stored(ticket.key, stored) from error
         return result
 
     def call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -257,15 +279,19 @@ class _Call:
         decision = run(self.engine.begin(self.scope, key, fp))
         if not isinstance(decision, Execute):
             return self._answer(decision, key)
+        return self._execute(decision.ticket, args, kwargs)
+
+    def _execute(self, ticket: Ticket, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """:meth:`_aexecute` for a sync function, in the caller's thread."""
         try:
             result = self.func(*args, **kwargs)
         except BaseException:
-            run(self._release(decision.ticket))
+            _LOOP.run(self._release(ticket))
             raise
         stored, error = self._stored(result)
-        run(self._complete(decision.ticket, key, stored))
+        _LOOP.run(self._complete(ticket, ticket.key, stored))
         if error is not None:
-            raise self._not_stored(key, stored) from error
+            raise self._not_stored(ticket.key, stored) from error
         return result
 
     def _request(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[str, str] | None:
@@ -353,6 +379,84 @@ class _Call:
         if callable(self.key):  # called as the function was: same positional/keyword split
             return self.key(*call.args, **call.kwargs)
         return call.bound.arguments[self.key]
+
+
+class _TransactionalCall(_Call):
+    """A call whose result is completed inside a transaction on one of its arguments, so that
+    the function's writes and the record commit together (SPEC §3).
+
+    The function runs inside :func:`~oncepay.idempotency._transactions.holding` on that
+    argument: a transaction the decorator commits after completing the record, or a savepoint
+    inside the caller's open transaction (whose commit then carries both). A rollback, or a
+    crash before the commit, leaves the record executing: a retry takes it over once the lease
+    lapses, and runs the function again, as nothing of it was kept.
+    """
+
+    def __init__(self, *parts: Any) -> None:
+        *common, self.transaction = parts
+        super().__init__(*common)
+        if self.transaction not in self.signature.parameters:
+            raise ConfigurationError(
+                f"{self.func.__qualname__} has no argument named {self.transaction!r} "
+                "(transaction=)"
+            )
+
+    def _connection(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        return self.signature.bind(*args, **kwargs).arguments[self.transaction]
+
+    async def _aexecute(self, ticket: Ticket, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        conn = self._connection(args, kwargs)
+        if not _transactions.is_async(conn):
+            return await self._in_sync_transaction(conn, ticket, args, kwargs)
+        try:
+            async with _transactions.aholding(conn):
+                result = await self.func(*args, **kwargs)
+                stored, error = self._stored(result)
+                await self.engine.acomplete_in(_transactions.unwrapped(conn), ticket, stored)
+        except BaseException:
+            # Released only if the transaction did not commit (the release is fenced on an
+            # executing record): a completed record is never undone.
+            await self._release(ticket)
+            raise
+        if error is not None:
+            raise self._not_stored(ticket.key, stored) from error
+        return result
+
+    async def _in_sync_transaction(
+        self, conn: Any, ticket: Ticket, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        """An async function holding a sync connection (sqlite3, say)."""
+        try:
+            with _transactions.holding(conn):
+                result = await self.func(*args, **kwargs)
+                stored, error = self._stored(result)
+                self.engine.complete_in(_transactions.unwrapped(conn), ticket, stored)
+        except BaseException:
+            await self._release(ticket)
+            raise
+        if error is not None:
+            raise self._not_stored(ticket.key, stored) from error
+        return result
+
+    def _execute(self, ticket: Ticket, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        conn = self._connection(args, kwargs)
+        if _transactions.is_async(conn):
+            _LOOP.run(self._release(ticket))
+            raise ConfigurationError(
+                f"{self.target} is a sync function: its {self.transaction!r} must be a sync "
+                f"connection or session, not a {type(conn).__qualname__}"
+            )
+        try:
+            with _transactions.holding(conn):
+                result = self.func(*args, **kwargs)
+                stored, error = self._stored(result)
+                self.engine.complete_in(_transactions.unwrapped(conn), ticket, stored)
+        except BaseException:
+            _LOOP.run(self._release(ticket))
+            raise
+        if error is not None:
+            raise self._not_stored(ticket.key, stored) from error
+        return result
 
 
 def _return_type(func: Callable[..., Any]) -> Any:
