@@ -49,9 +49,13 @@ def create_app() -> Starlette:
         upstream = upstreams[next(turn)]
         headers = [(k, v) for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP]
         try:
-            answer = await client.request(request.method, upstream + request.url.path,
-                                          params=request.query_params, headers=headers,
-                                          content=await request.body())  # fmt: skip
+            answer = await client.request(
+                request.method,
+                upstream + request.url.path,
+                params=request.query_params,
+                headers=headers,
+                content=await request.body(),
+            )
         except httpx.HTTPError:
             counts["unreachable"] += 1
             return JSONResponse({"code": "upstream_unreachable"}, 502)
@@ -70,8 +74,10 @@ def create_app() -> Starlette:
         yield
         await client.aclose()
 
-    routes = [Route("/_proxy/stats", stats), Route("/{path:path}", forward,
-              methods=["GET", "POST", "DELETE", "PUT", "PATCH"])]  # fmt: skip
+    routes = [
+        Route("/_proxy/stats", stats),
+        Route("/{path:path}", forward, methods=["GET", "POST", "DELETE", "PUT", "PATCH"]),
+    ]
     return Starlette(routes=routes, lifespan=lifespan)
 
 
@@ -79,7 +85,8 @@ class _Dropping(Response):
     """Sends the status line and headers, a part of the body, then breaks the connection."""
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        await send({"type": "http.response.start", "status": self.status_code,
-                    "headers": self.raw_headers})  # fmt: skip
+        await send(
+            {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
+        )
         await send({"type": "http.response.body", "body": self.body[:1], "more_body": True})
         raise ResponseDropped("the answer is dropped on purpose")

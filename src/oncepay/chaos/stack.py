@@ -62,9 +62,12 @@ class Service:
     def start(self) -> None:
         self._log_file = self.log.open("ab")
         self.process = subprocess.Popen(  # noqa: S603 - our own commands, no shell
-            self.args, env={**os.environ, **self.env}, stdout=self._log_file,
-            stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
+            self.args,
+            env={**os.environ, **self.env},
+            stdout=self._log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         self.starts += 1
 
     def wait_ready(self, timeout: float = START_TIMEOUT) -> None:
@@ -109,8 +112,8 @@ def _oncepay(*args: str) -> list[str]:
 
 
 def _uvicorn(app: str, port: int) -> list[str]:
-    return [sys.executable, "-m", "uvicorn", app, "--factory", "--host", HOST, "--port",
-            str(port), "--log-level", "error", "--timeout-graceful-shutdown", "1"]  # fmt: skip
+    options = f"--host {HOST} --port {port} --log-level error --timeout-graceful-shutdown 1"
+    return [sys.executable, "-m", "uvicorn", app, "--factory", *options.split()]
 
 
 @dataclass
@@ -135,14 +138,14 @@ class ChaosStack:
         w = self.workdir
         for name in ("primary", "secondary"):
             port = free_port()
-            self._add(name, _oncepay("acquirer", "--port", str(port), "--database-url",
-                                     f"sqlite:///{w / f'acquirer-{name}.db'}",
-                                     "--seed", str(self.seed)), {}, port)  # fmt: skip
+            database = f"sqlite:///{w / f'acquirer-{name}.db'}"
+            args = _oncepay("acquirer", "--port", str(port), "--database-url", database)
+            self._add(name, [*args, "--seed", str(self.seed)], {}, port)
         if self.redis:
             binary = shutil.which("redis-server") or "redis-server"
             port = free_port()
-            self._add("redis", [binary, "--port", str(port), "--bind", HOST, "--save", "",
-                                "--appendonly", "no", "--dir", str(w)], {}, port)  # fmt: skip
+            args = [binary, "--port", str(port), "--bind", HOST, "--save", ""]
+            self._add("redis", [*args, "--appendonly", "no", "--dir", str(w)], {}, port)
         service_env = self.service_env()
         # The API processes run the worker too (the default of `oncepay serve`), beside the
         # dedicated worker: three claimants of every recovery and webhook delivery, which the
@@ -152,14 +155,24 @@ class ChaosStack:
             self._add(name, _oncepay("serve", "--port", str(port)), service_env, port)
         self._add("worker", _oncepay("worker"), service_env, None)
         port = free_port()
-        self._add("receiver", _uvicorn("oncepay.chaos.receiver:create_app", port),
-                  {"ONCEPAY_RECEIVER_STORE": f"sqlite:///{w / 'receiver.db'}"}, port)  # fmt: skip
+        self._add(
+            "receiver",
+            _uvicorn("oncepay.chaos.receiver:create_app", port),
+            {"ONCEPAY_RECEIVER_STORE": f"sqlite:///{w / 'receiver.db'}"},
+            port,
+        )
         port = free_port()
         upstreams = ",".join(self.services[n].url for n in ("api-1", "api-2"))
-        self._add("proxy", _uvicorn("oncepay.chaos.proxy:create_app", port),
-                  {"ONCEPAY_PROXY_UPSTREAMS": upstreams,
-                   "ONCEPAY_PROXY_DROP_RATE": str(self.proxy_drop_rate),
-                   "ONCEPAY_PROXY_SEED": str(self.seed)}, port)  # fmt: skip
+        self._add(
+            "proxy",
+            _uvicorn("oncepay.chaos.proxy:create_app", port),
+            {
+                "ONCEPAY_PROXY_UPSTREAMS": upstreams,
+                "ONCEPAY_PROXY_DROP_RATE": str(self.proxy_drop_rate),
+                "ONCEPAY_PROXY_SEED": str(self.seed),
+            },
+            port,
+        )
 
     def service_env(self) -> dict[str, str]:
         """The settings of the API processes and the worker, tuned so that faults are

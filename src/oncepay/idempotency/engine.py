@@ -173,8 +173,12 @@ class Engine:
         """An engine over a store or a store URL (what the middleware and decorator take)."""
         from oncepay.idempotency.stores import store_from_url
 
-        return cls(store_from_url(store) if isinstance(store, str) else store,
-                   ttl=ttl, lease=lease, wait=wait)  # fmt: skip
+        return cls(
+            store_from_url(store) if isinstance(store, str) else store,
+            ttl=ttl,
+            lease=lease,
+            wait=wait,
+        )
 
     def parse(self, raw_key: str | None, *, required: bool = True) -> str | Invalid | None:
         """The key a header names; ``None`` when absent and optional; ``Invalid`` otherwise."""
@@ -288,8 +292,17 @@ class Engine:
         if claim.claimed:
             # positional: keywords cost a third more on this per-request construction
             resumed = claim.outcome is ClaimOutcome.TAKEN_OVER
-            return Execute(Ticket(scope, key, fingerprint, record.fence, record.expires_at,
-                                  record.recovery_point, resumed))  # fmt: skip
+            return Execute(
+                Ticket(
+                    scope,
+                    key,
+                    fingerprint,
+                    record.fence,
+                    record.expires_at,
+                    record.recovery_point,
+                    resumed,
+                )
+            )
         if record.fingerprint != fingerprint:
             return Reused(record)
         if record.state is RecordState.COMPLETED:

@@ -244,8 +244,9 @@ def decode_claim(
     """
     if reply[0] == b"created":
         fence = int(reply[1])
-        record = Record(scope, key, fingerprint, RecordState.EXECUTING, fence,
-                        now, now + lease, now + ttl)  # fmt: skip
+        record = Record(
+            scope, key, fingerprint, RecordState.EXECUTING, fence, now, now + lease, now + ttl
+        )
         return Claim(ClaimOutcome.CREATED, record)
     return Claim(_OUTCOMES[reply[0]], _standing(reply))
 
@@ -257,9 +258,18 @@ def _standing(reply: Sequence[Any]) -> Record:
     if status is not None:
         headers, body = reply[11], reply[12]
         response = StoredResponse(int(status), StoredResponse.parse_headers(headers), body or b"")
-    return Record(scope.decode(), key.decode(), fp.decode(), _STATES[state],
-                  int(fence), float(created), float(lease_expires), float(expires),
-                  None if point is None else point.decode(), response)  # fmt: skip
+    return Record(
+        scope.decode(),
+        key.decode(),
+        fp.decode(),
+        _STATES[state],
+        int(fence),
+        float(created),
+        float(lease_expires),
+        float(expires),
+        None if point is None else point.decode(),
+        response,
+    )
 
 
 def decode_record(fields: Mapping[bytes, bytes] | Sequence[bytes]) -> Record | None:
