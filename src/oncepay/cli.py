@@ -139,8 +139,8 @@ def _env(value: object) -> str:
 async def _prepare(settings: Any) -> str:
     """Migrate, and in test mode (the embedded acquirer) hand out a fresh test API key."""
     from oncepay.payments.db import Database
+    from oncepay.payments.merchants import add_api_key, create_merchant, find_merchant
     from oncepay.payments.migrations import migrate
-    from oncepay.payments.service import add_api_key, create_merchant, find_merchant
 
     db = Database.from_url(settings.database_url)
     try:
@@ -184,8 +184,8 @@ def merchants_create(name: str, database_url: DatabaseUrl = None) -> None:
         raise typer.Exit(2)
 
     from oncepay.payments.db import Database
+    from oncepay.payments.merchants import create_merchant
     from oncepay.payments.migrations import migrate
-    from oncepay.payments.service import create_merchant
 
     settings = _settings(database_url=database_url)
 
@@ -223,10 +223,10 @@ def worker(
 async def _worker(settings: Any, *, once: bool) -> None:
     import signal
 
+    from oncepay.payments import bootstrap
     from oncepay.payments.recovery import reap, recover_once, run_worker
-    from oncepay.payments.service import Services
 
-    services = await Services.start(settings)
+    services = await bootstrap.start(settings)
     try:
         if once:
             report = await recover_once(services)
@@ -458,7 +458,7 @@ def chaos(
 
 def _register_acquirer() -> None:
     try:
-        from oncepay.payments.acquirers.command import acquirer
+        from oncepay.simulator.command import acquirer
     except ImportError:  # the service extra is not installed
         return
     app.command("acquirer")(acquirer)

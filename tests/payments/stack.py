@@ -14,15 +14,17 @@ from typing import Any
 
 import httpx
 
+from oncepay.payments.acquirers.breaker import breaker_for
 from oncepay.payments.acquirers.http import HttpAcquirer
-from oncepay.payments.acquirers.setup import breaker_for
-from oncepay.payments.acquirers.simulator import create_app as create_simulator
+from oncepay.payments.acquirers.pool import AcquirerPool
 from oncepay.payments.api import create_app
+from oncepay.payments.bootstrap import start
+from oncepay.payments.context import Services
 from oncepay.payments.db import Database, read
 from oncepay.payments.ledger import check
-from oncepay.payments.routing import AcquirerSet
-from oncepay.payments.service import Merchant, Services, create_merchant
+from oncepay.payments.merchants import Merchant, create_merchant
 from oncepay.payments.settings import Settings
+from oncepay.simulator import create_app as create_simulator
 from tests.clock import FakeClock
 from tests.servers import POSTGRES_URL
 
@@ -137,7 +139,7 @@ async def running_stack(
         for name in acquirers
     }
     clock = FakeClock()
-    acquirer_set = AcquirerSet(
+    acquirer_set = AcquirerPool(
         [
             HttpAcquirer(
                 name,
@@ -149,7 +151,7 @@ async def running_stack(
             for name, app in simulator_apps.items()
         ]
     )
-    services = await Services.start(settings, acquirer_set)
+    services = await start(settings, acquirer_set)
     services.engine.clock = clock
     merchant, api_key = await create_merchant(services.db, "Test shop")
     app = create_app(settings, services=services)

@@ -55,23 +55,24 @@ async def test_unreachable_primary_fails_over_without_a_lookup(tmp_path: object)
     from pathlib import Path
 
     from oncepay.payments.acquirers.http import HttpAcquirer
-    from oncepay.payments.acquirers.simulator import create_app as create_simulator
+    from oncepay.payments.acquirers.pool import AcquirerPool
     from oncepay.payments.api import create_app
-    from oncepay.payments.routing import AcquirerSet
-    from oncepay.payments.service import Services, create_merchant
+    from oncepay.payments.bootstrap import start
+    from oncepay.payments.merchants import create_merchant
     from oncepay.payments.settings import Settings
+    from oncepay.simulator import create_app as create_simulator
     from tests.processes import free_port
 
     path = Path(str(tmp_path))
     secondary_app = create_simulator(f"sqlite:///{path / 'b.db'}")
-    acquirers = AcquirerSet(
+    acquirers = AcquirerPool(
         [
             HttpAcquirer("primary", f"http://127.0.0.1:{free_port()}", timeout=0.5, attempts=2),
             HttpAcquirer("secondary", app=secondary_app, timeout=0.5, attempts=2),
         ]
     )
     settings = Settings(database_url=f"sqlite:///{path / 'p.db'}", run_worker=False)
-    services = await Services.start(settings, acquirers)
+    services = await start(settings, acquirers)
     _, key = await create_merchant(services.db, "Shop")
     import httpx
 

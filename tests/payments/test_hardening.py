@@ -16,7 +16,7 @@ from tenacity import wait_none
 from oncepay.payments.acquirers.base import Outcome
 from oncepay.payments.acquirers.breaker import CircuitBreaker, consecutive_failures
 from oncepay.payments.acquirers.http import HttpAcquirer
-from oncepay.payments.service import create_merchant
+from oncepay.payments.merchants import create_merchant
 from oncepay.payments.webhooks import deliver_due, delivery_client
 from tests.payments.stack import Stack
 from tests.payments.test_webhook_addresses import listening

@@ -90,7 +90,7 @@ async def test_authentication(stack: Stack) -> None:
 
 
 async def test_another_merchants_payment_is_not_found(stack: Stack) -> None:
-    from oncepay.payments.service import create_merchant
+    from oncepay.payments.merchants import create_merchant
 
     payment = (await stack.pay()).json()
     _, other_key = await create_merchant(stack.db, "Other shop")

@@ -276,12 +276,12 @@ WORKERS = 2
 
 async def _worker_in_child(url: str, barrier: Any) -> list[str]:
     """Deliver, a few at a time, until nothing is left; the deliveries this worker made."""
-    from oncepay.payments.service import Services
+    from oncepay.payments.bootstrap import start
     from oncepay.payments.settings import Settings
     from oncepay.payments.webhooks import claim_due
 
     settings = Settings(database_url=url, run_worker=False, webhook_allow_private=True)
-    services = await Services.start(settings, acquirers=_no_acquirers())
+    services = await start(settings, acquirers=_no_acquirers())
     sent: list[str] = []
     original = claim_due
 
@@ -302,7 +302,7 @@ async def _worker_in_child(url: str, barrier: Any) -> list[str]:
 
 
 def _no_acquirers() -> Any:
-    from oncepay.payments.routing import AcquirerSet
+    from oncepay.payments.acquirers.pool import AcquirerPool
 
     class Idle:
         name = "primary"
@@ -313,7 +313,7 @@ def _no_acquirers() -> Any:
         async def aclose(self) -> None:
             return None
 
-    return AcquirerSet([Idle()])  # type: ignore[list-item]
+    return AcquirerPool([Idle()])  # type: ignore[list-item]
 
 
 def _child(url: str, barrier: Any, out: Any) -> None:

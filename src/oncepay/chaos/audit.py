@@ -15,7 +15,7 @@ from oncepay.payments.db import Database, read
 from oncepay.payments.ledger import check as ledger_check
 from oncepay.payments.phases import parse_point
 from oncepay.payments.schema import events, payments
-from oncepay.payments.service import IDEMPOTENCY_TABLE
+from oncepay.payments.context import IDEMPOTENCY_TABLE
 
 __all__ = ["Evidence", "audit"]
 

@@ -35,7 +35,7 @@ from oncepay.http.client import ATTEMPTS, AsyncClient, RetryPolicy
 from oncepay.payments.db import Database, read
 from oncepay.payments.migrations import migrate
 from oncepay.payments.schema import payments, webhook_deliveries
-from oncepay.payments.service import create_merchant
+from oncepay.payments.merchants import create_merchant
 
 __all__ = ["ChaosConfig", "ChaosReport", "run_chaos"]
 

@@ -25,7 +25,8 @@ from starlette.routing import Match
 from oncepay import __version__
 from oncepay.errors import OncePayError, RequestTooLarge
 from oncepay.http._gate import DEFAULT_MAX_BODY
-from oncepay.payments import models, routes_webhooks
+from oncepay.payments import bootstrap, models, routes_webhooks
+from oncepay.payments.context import Services
 from oncepay.payments.db import read
 from oncepay.payments.deps import (
     DEFAULT_LIMIT,
@@ -36,7 +37,6 @@ from oncepay.payments.deps import (
     ServicesDep,
     idempotent,
     known_query_only,
-    page,
     problem_response,
 )
 from oncepay.payments.errors import InvalidRequest, ResourceMissing
@@ -44,9 +44,9 @@ from oncepay.payments.jsonbody import StrictJsonRoute
 from oncepay.payments.metrics import REQUESTS, exposition
 from oncepay.payments.models import payment_public, refund_public
 from oncepay.payments.operations import Cancel, Capture, CreatePayment, CreateRefund
+from oncepay.payments.reads import get_object, page
 from oncepay.payments.recovery import run_worker
 from oncepay.payments.schema import events, payments, refunds
-from oncepay.payments.service import Services, get_object
 from oncepay.payments.settings import Settings
 
 __all__ = ["create_app"]
@@ -121,7 +121,7 @@ def _routes(app: FastAPI) -> None:
         starting_after: str | None = None,
     ) -> Any:
         """Newest first; pass the last id you saw as `starting_after` for the next page."""
-        rows, more = await page(services, payments, merchant.id, limit, starting_after)
+        rows, more = await page(services.db, payments, merchant.id, limit, starting_after)
         return {"object": "list", "data": [payment_public(r) for r in rows], "has_more": more}
 
     @app.get("/v1/payments/{payment_id}/refunds", response_model=models.RefundList,
@@ -136,7 +136,7 @@ def _routes(app: FastAPI) -> None:
         """The payment's refunds, newest first, paged like every list."""
         await get_object(services.db, payments, payment_id, merchant.id)
         where = [refunds.c.payment_id == payment_id]
-        rows, more = await page(services, refunds, merchant.id, limit, starting_after, where)
+        rows, more = await page(services.db, refunds, merchant.id, limit, starting_after, where)
         return {"object": "list", "data": [refund_public(r) for r in rows], "has_more": more}
 
     @app.get("/v1/refunds/{refund_id}", response_model=models.Refund, responses=PROBLEMS)
@@ -153,7 +153,7 @@ def _routes(app: FastAPI) -> None:
     ) -> Any:
         """Newest first, optionally of one `type` (e.g. `payment.captured`)."""
         where = [events.c.type == type] if type else []
-        rows, more = await page(services, events, merchant.id, limit, starting_after, where)
+        rows, more = await page(services.db, events, merchant.id, limit, starting_after, where)
         return {"object": "list", "data": [_event(r) for r in rows], "has_more": more}
 
     @app.get("/v1/events/{event_id}", response_model=models.Event, responses=PROBLEMS)
@@ -358,7 +358,7 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        running = services or await Services.start(settings)
+        running = services or await bootstrap.start(settings)
         app.state.services = running
         stop = asyncio.Event()
         worker = asyncio.create_task(run_worker(running, stop)) if settings.run_worker else None

@@ -4,24 +4,25 @@ request helper and cursor pagination."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 
 from fastapi import Depends, Query, Request, Security
 from fastapi.responses import Response
 from fastapi.security import HTTPBearer
-from sqlalchemy import select
-from sqlalchemy.ext.asyncio import AsyncConnection
 
 from oncepay.errors import OncePayError
 from oncepay.http._gate import Request as GateRequest
 from oncepay.http.problems import PROBLEM_CONTENT_TYPE
 from oncepay.payments import models
-from oncepay.payments.db import read
+from oncepay.payments.context import Services
 from oncepay.payments.errors import InvalidRequest
-from oncepay.payments.ids import is_id
-from oncepay.payments.phases import Operation, Reply
-from oncepay.payments.service import Merchant, Services
+from oncepay.payments.idempotent import Work
+from oncepay.payments.idempotent import idempotent as run_idempotent
+from oncepay.payments.idempotent import idempotent_local as run_idempotent_local
+from oncepay.payments.merchants import authenticate
+from oncepay.payments.phases import Operation
+from oncepay.payments.records import Merchant
+from oncepay.payments.reply import Reply
 
 __all__ = [
     "DEFAULT_LIMIT",
@@ -33,7 +34,6 @@ __all__ = [
     "idempotent",
     "idempotent_local",
     "known_query_only",
-    "page",
     "problem_response",
     "send",
 ]
@@ -97,7 +97,7 @@ Credentials = Annotated[Any, Security(bearer)]  # documents bearer auth in the O
 
 
 async def _merchant(request: Request, services: ServicesDep, credentials: Credentials) -> Merchant:
-    merchant = await services.authenticate(request.headers.get("authorization"))
+    merchant = await authenticate(services, request.headers.get("authorization"))
     _refuse_unknown_query(request)  # only now: see known_query_only
     return merchant
 
@@ -142,17 +142,17 @@ async def idempotent(
     request: Request, services: Services, merchant: Merchant, op: Operation
 ) -> Response:
     body = await request.body()
-    return send(await services.idempotent(gate_request(request), body, merchant, op))
+    return send(await run_idempotent(services, gate_request(request), body, merchant, op))
 
 
 async def idempotent_local(
     request: Request,
     services: Services,
     merchant: Merchant,
-    work: Callable[[AsyncConnection], Awaitable[Reply]],
+    work: Work,
 ) -> Response:
     body = await request.body()
-    reply = await services.idempotent_local(gate_request(request), body, merchant, work)
+    reply = await run_idempotent_local(services, gate_request(request), body, merchant, work)
     return send(reply)
 
 
@@ -163,31 +163,3 @@ def gate_request(request: Request) -> GateRequest:
         request.url.query,
         [(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.scope["headers"]],
     )
-
-
-async def page(
-    services: Services,
-    table: Any,
-    merchant_id: str,
-    limit: int,
-    starting_after: str | None,
-    where: list[Any] | None = None,
-) -> tuple[list[Any], bool]:
-    """One page, newest first, by the table's sequence number; one extra row says has_more."""
-    query = select(table).where(table.c.merchant_id == merchant_id, *(where or []))
-    if starting_after is not None and not is_id(starting_after):
-        raise InvalidRequest(f"starting_after: no object {starting_after!r}")
-    async with read(services.db) as conn:
-        if starting_after is not None:
-            cursor = (
-                await conn.execute(
-                    select(table.c.seq).where(
-                        table.c.id == starting_after, table.c.merchant_id == merchant_id
-                    )
-                )
-            ).scalar()
-            if cursor is None:
-                raise InvalidRequest(f"starting_after: no object {starting_after!r}")
-            query = query.where(table.c.seq < cursor)
-        rows = list(await conn.execute(query.order_by(table.c.seq.desc()).limit(limit + 1)))
-    return rows[:limit], len(rows) > limit

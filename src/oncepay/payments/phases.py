@@ -25,54 +25,27 @@ Rules that keep money moving exactly once:
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, Protocol
+from dataclasses import replace
+from typing import Protocol
+
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from oncepay.errors import ClientError, LeaseLost, OncePayError, RetryableError
-from oncepay.http.problems import problem_for
 from oncepay.idempotency.engine import Ticket
-from oncepay.idempotency.records import StoredResponse
 from oncepay.payments.acquirers.base import AcquirerAnswer, Outcome
+from oncepay.payments.context import Services
 from oncepay.payments.db import write
 from oncepay.payments.errors import AcquirerOutcomeUnknown, DatabaseUnavailable
+from oncepay.payments.reply import Reply
 
-if TYPE_CHECKING:
-    from sqlalchemy.ext.asyncio import AsyncConnection
-
-    from oncepay.payments.service import Services
-
-__all__ = ["ACQUIRER_CALLED", "Operation", "Reply", "parse_point", "run", "run_local"]
+__all__ = ["ACQUIRER_CALLED", "Operation", "parse_point", "run", "run_local"]
 
 log = logging.getLogger("oncepay.payments")
 
 ACQUIRER_CALLED = "acquirer_called"
-JSON = (("content-type", "application/json"),)
-
-
-@dataclass(frozen=True, slots=True)
-class Reply:
-    """An HTTP answer, as sent and as stored for replay."""
-
-    status: int
-    body: bytes
-    headers: tuple[tuple[str, str], ...] = JSON
-    completed: bool = False  # stored under the key: a retry replays it
-
-    @classmethod
-    def json(cls, status: int, document: dict[str, Any]) -> Reply:
-        return cls(status, json.dumps(document, separators=(",", ":")).encode())
-
-    @classmethod
-    def problem(cls, error: OncePayError) -> Reply:
-        problem = problem_for(error)
-        return cls(problem.status, problem.body, tuple(problem.headers))
-
-    def stored(self) -> StoredResponse:
-        kept = tuple((k, v) for k, v in self.headers if k != "retry-after")
-        return StoredResponse(self.status, kept, self.body)
 
 
 class Operation(Protocol):
@@ -141,8 +114,6 @@ async def run(svc: Services, ticket: Ticket, op: Operation, merchant_id: str) ->
 def _as_problem(exc: Exception) -> OncePayError:
     """What a client is told when a request failed midway (its key stays locked, to be
     resumed): the database going away is a 503 to retry; anything else a 500."""
-    from sqlalchemy.exc import SQLAlchemyError
-
     if isinstance(exc, OncePayError):
         return exc
     if isinstance(exc, SQLAlchemyError | OSError):

@@ -23,11 +23,11 @@ from dataclasses import dataclass, field
 
 from sqlalchemy import text
 
+from oncepay.payments import idempotent, operations
+from oncepay.payments.context import IDEMPOTENCY_TABLE, Services
 from oncepay.payments.db import read, write
 from oncepay.payments.metrics import RECOVERY_RUNS
-from oncepay.payments.operations import resume
 from oncepay.payments.phases import parse_point
-from oncepay.payments.service import IDEMPOTENCY_TABLE, Services
 from oncepay.payments.webhooks import CLAIM_BATCH, deliver_due, delivery_client
 
 __all__ = ["RecoveryReport", "reap", "recover_once", "run_worker"]
@@ -75,7 +75,8 @@ async def recover_once(svc: Services, *, now: float | None = None) -> RecoveryRe
             continue
         _, op_name, object_id = parsed
         try:
-            reply = await svc.resume(scope, key, fingerprint, resume(op_name, object_id))
+            op = operations.resume(op_name, object_id)
+            reply = await idempotent.resume(svc, scope, key, fingerprint, op)
         except Exception:  # one bad record must not stall the others behind it
             log.exception("recovery of key %r at %r failed", key, recovery_point)
             reply, result = None, "error"

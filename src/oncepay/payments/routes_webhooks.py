@@ -22,14 +22,13 @@ from oncepay.payments.deps import (
     MerchantDep,
     ServicesDep,
     idempotent_local,
-    page,
 )
 from oncepay.payments.errors import ResourceMissing
 from oncepay.payments.ids import is_id, new_id
 from oncepay.payments.models import delivery_public, endpoint_public
-from oncepay.payments.phases import Reply
+from oncepay.payments.reads import get_object, page
+from oncepay.payments.reply import Reply
 from oncepay.payments.schema import events, webhook_attempts, webhook_deliveries, webhook_endpoints
-from oncepay.payments.service import get_object
 from oncepay.payments.webhooks import new_secret, redeliver, validate_url
 
 __all__ = ["register"]
@@ -94,7 +93,7 @@ def register(app: FastAPI) -> None:  # noqa: PLR0915 - one short function per ro
         limit: Limit = DEFAULT_LIMIT,
         starting_after: str | None = None,
     ) -> Any:
-        rows, more = await page(services, webhook_endpoints, merchant.id, limit, starting_after,
+        rows, more = await page(services.db, webhook_endpoints, merchant.id, limit, starting_after,
                                 [E.deleted.is_(False)])  # fmt: skip
         return {"object": "list", "data": [endpoint_public(r) for r in rows], "has_more": more}
 
@@ -191,7 +190,7 @@ def register(app: FastAPI) -> None:  # noqa: PLR0915 - one short function per ro
         where = [webhook_deliveries.c.endpoint_id == endpoint_id]
         if status is not None:
             where.append(webhook_deliveries.c.status == status)
-        rows, more = await page(services, webhook_deliveries, merchant.id, limit,
+        rows, more = await page(services.db, webhook_deliveries, merchant.id, limit,
                                 starting_after, where)  # fmt: skip
         return {"object": "list", "data": [delivery_public(r) for r in rows], "has_more": more}
 

@@ -42,7 +42,7 @@ import socket
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 import httpx
@@ -50,6 +50,7 @@ from sqlalchemy import and_, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from oncepay.http._cookies import NoCookies
+from oncepay.payments.context import Services
 from oncepay.payments.db import read, write
 from oncepay.payments.errors import InvalidRequest
 from oncepay.payments.ids import new_id
@@ -61,9 +62,6 @@ from oncepay.payments.schema import (
     webhook_endpoints,
 )
 from oncepay.webhooks import sign
-
-if TYPE_CHECKING:
-    from oncepay.payments.service import Services
 
 __all__ = [
     "DeliveryReport",

@@ -35,6 +35,7 @@ __all__ = [
     "BreakerState",
     "CircuitBreaker",
     "History",
+    "breaker_for",
     "consecutive_failures",
     "failure_rate",
     "trip_any",
@@ -178,3 +179,20 @@ class CircuitBreaker:
             BREAKER_TRANSITIONS.labels(acquirer=self.name, state=state.value).inc()
         self._state = state
         self._since = self.clock()
+
+
+# Half of the last twenty calls failing, once ten are known, also opens the breaker: an
+# acquirer that refuses authorizations but answers look-ups alternates failures with successes
+# and would never reach five failures in a row.
+FAILURE_RATE = 0.5
+RATE_WINDOW = 20
+RATE_MINIMUM = 10
+
+
+def breaker_for(name: str, clock: Callable[[], float] = time.monotonic) -> CircuitBreaker:
+    """The breaker every configured acquirer gets: five failures in a row, or half of the
+    recent calls."""
+    trip = consecutive_failures(DEFAULT_FAILURES) | failure_rate(
+        FAILURE_RATE, window=RATE_WINDOW, minimum=RATE_MINIMUM
+    )
+    return CircuitBreaker(name, trip=trip, clock=clock)

@@ -52,9 +52,9 @@ from tenacity import (
 )
 from tenacity.wait import wait_base
 
+from oncepay.http._cookies import NoCookies
 from oncepay.payments.acquirers.base import AcquirerAnswer, Outcome
 from oncepay.payments.acquirers.breaker import CircuitBreaker
-from oncepay.http._cookies import NoCookies
 from oncepay.payments.metrics import ACQUIRER_CALLS, ACQUIRER_LATENCY
 
 __all__ = ["DEFAULT_ATTEMPTS", "DEFAULT_TIMEOUT", "HttpAcquirer"]

@@ -1,0 +1,35 @@
+"""What one payments process holds, as fields only: its settings, database, idempotency
+engine and HTTP policy, and acquirers. Every layer above takes it as ``svc``; it imports
+nothing of theirs (:mod:`oncepay.payments.bootstrap` builds it)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from oncepay.http._gate import Gate
+from oncepay.idempotency.engine import Engine
+from oncepay.payments.acquirers.pool import AcquirerPool
+from oncepay.payments.db import Database
+from oncepay.payments.records import Merchant
+from oncepay.payments.settings import Settings
+
+__all__ = ["IDEMPOTENCY_TABLE", "Services"]
+
+# The idempotency records live in the service's own database, in this table.
+IDEMPOTENCY_TABLE = "oncepay_idempotency"
+
+
+@dataclass
+class Services:
+    settings: Settings
+    db: Database
+    engine: Engine
+    gate: Gate
+    acquirers: AcquirerPool
+    # API key hash -> (merchant, when checked): see oncepay.payments.merchants.authenticate
+    known_keys: dict[str, tuple[Merchant, float]] = field(default_factory=dict)
+
+    async def aclose(self) -> None:
+        await self.acquirers.aclose()
+        await self.engine.store.aclose()
+        await self.db.aclose()

@@ -1,0 +1,84 @@
+"""SPEC §2 around one request of a merchant: the gate decides (replay, conflict, or run); a
+run goes through the atomic phases (:mod:`oncepay.payments.phases`) and a fast tier, if any,
+learns of the completion."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from oncepay.http._gate import Request, Respond, Run
+from oncepay.idempotency.engine import Execute, Ticket
+from oncepay.idempotency.stores.tiered import TieredStore
+from oncepay.payments.context import Services
+from oncepay.payments.metrics import IDEMPOTENCY_DECISIONS
+from oncepay.payments.phases import Operation, run, run_local
+from oncepay.payments.records import Merchant
+from oncepay.payments.reply import Reply
+
+__all__ = ["idempotent", "idempotent_local", "resume"]
+
+Work = Callable[[AsyncConnection], Awaitable[Reply]]
+
+
+async def idempotent(
+    svc: Services, request: Request, body: bytes, merchant: Merchant, op: Operation
+) -> Reply:
+    """One money-moving request, scoped to the merchant; a resumed key continues from its
+    recovery point (SPEC §5)."""
+    return await _gated(svc, request, body, merchant, lambda t: run(svc, t, op, merchant.id))
+
+
+async def idempotent_local(
+    svc: Services, request: Request, body: bytes, merchant: Merchant, work: Work
+) -> Reply:
+    """A request that is one local transaction (no acquirer call)."""
+    return await _gated(svc, request, body, merchant, lambda t: run_local(svc, t, work))
+
+
+async def _gated(
+    svc: Services,
+    request: Request,
+    body: bytes,
+    merchant: Merchant,
+    execute: Callable[[Ticket], Awaitable[Reply]],
+) -> Reply:
+    outcome = await svc.gate.decide(request, body, scope=merchant.id)
+    if isinstance(outcome, Respond):
+        IDEMPOTENCY_DECISIONS.labels(_decision(outcome)).inc()
+        return Reply(outcome.status, outcome.body, tuple(outcome.headers))
+    assert isinstance(outcome, Run)  # keys are required: never a pass-through
+    IDEMPOTENCY_DECISIONS.labels("resume" if outcome.ticket.resumed else "execute").inc()
+    reply = await execute(outcome.ticket)
+    await _remember(svc, outcome.ticket, reply)
+    expires = ("idempotency-key-expires", outcome.expires)
+    return Reply(reply.status, reply.body, (*reply.headers, expires))
+
+
+async def resume(
+    svc: Services, scope: str, key: str, fingerprint: str, op: Operation
+) -> Reply | None:
+    """Take over an abandoned request and finish it (the recovery worker); None when
+    someone else holds or finished it."""
+    decision = await svc.engine.begin(scope, key, fingerprint)
+    if not isinstance(decision, Execute):
+        return None
+    reply = await run(svc, decision.ticket, op, scope)
+    await _remember(svc, decision.ticket, reply)
+    return reply
+
+
+async def _remember(svc: Services, ticket: Ticket, reply: Reply) -> None:
+    """With a fast tier, tell it about a completion that has committed."""
+    store = svc.engine.store
+    if reply.completed and isinstance(store, TieredStore):
+        await store.remember(ticket.scope, ticket.key, reply.stored(), now=svc.engine.clock())
+
+
+def _decision(outcome: Respond) -> str:
+    if any(name == "idempotent-replayed" for name, _ in outcome.headers):
+        return "replay"
+    return {400: "invalid", 409: "in_progress", 422: "reused", 503: "unavailable"}.get(
+        outcome.status, "rejected"
+    )

@@ -1,0 +1,71 @@
+"""Cancel (void) an authorization: the held money is released. The reference is
+``{payment}_void``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from oncepay.idempotency.engine import Ticket
+from oncepay.payments import ledger
+from oncepay.payments.acquirers.base import AcquirerAnswer, Outcome
+from oncepay.payments.context import Services
+from oncepay.payments.operations.common import (
+    RESOLVED,
+    check_followable,
+    load_payment,
+    note_unknown,
+    payment_event,
+    payment_or_refusal,
+    read_payment,
+    refused,
+    save,
+)
+from oncepay.payments.reply import Reply
+from oncepay.payments.states import PaymentStatus, Transition, next_status
+
+__all__ = ["Cancel"]
+
+S, T = PaymentStatus, Transition
+
+
+@dataclass(frozen=True, slots=True)
+class Cancel:
+    payment_id: str
+    name: str = "cancel"
+    created: str = "cancel_started"
+
+    async def start(self, conn: AsyncConnection, svc: Services, merchant_id: str) -> str:
+        row = await load_payment(conn, self.payment_id, merchant_id, lock=True)
+        check_followable(row, "cancel")
+        await save(conn, row.id, pending_operation="cancel")
+        return str(row.id)
+
+    async def call(self, svc: Services, object_id: str, ticket: Ticket) -> AcquirerAnswer:
+        row = await read_payment(svc, object_id)
+        return await svc.acquirers[row.acquirer].void(
+            reference=f"{row.id}_void", authorization_id=row.authorization_id
+        )
+
+    async def record(
+        self, conn: AsyncConnection, svc: Services, object_id: str, answer: AcquirerAnswer
+    ) -> None:
+        row = await load_payment(conn, object_id, lock=True)
+        if answer.outcome is not Outcome.APPROVED:
+            await refused(conn, row, answer)
+            return
+        await ledger.post(conn, merchant_id=row.merchant_id, payment_id=row.id,
+                          currency=row.currency, kind="void",
+                          entries=ledger.release_hold(row.amount))  # fmt: skip
+        row = await save(conn, row.id, status=next_status(S(row.status), T.CANCEL),
+                         pending_operation=None, **RESOLVED)  # fmt: skip
+        await payment_event(conn, row, "payment.canceled")
+
+    async def unknown(
+        self, conn: AsyncConnection, svc: Services, object_id: str, answer: AcquirerAnswer
+    ) -> float:
+        return await note_unknown(conn, svc, object_id, answer)
+
+    async def reply(self, conn: AsyncConnection, svc: Services, object_id: str) -> Reply:
+        return await payment_or_refusal(conn, object_id, "cancel")

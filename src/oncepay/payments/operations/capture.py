@@ -1,0 +1,67 @@
+"""Capture an authorized payment, all of it or part; the reference is ``{payment}_capture``.
+The amount rides on the payment (``pending_operation``) between the phases."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from oncepay.idempotency.engine import Ticket
+from oncepay.payments.acquirers.base import AcquirerAnswer, Outcome
+from oncepay.payments.context import Services
+from oncepay.payments.errors import AmountTooLarge
+from oncepay.payments.operations.common import (
+    capture_in_ledger,
+    check_followable,
+    load_payment,
+    note_unknown,
+    payment_or_refusal,
+    read_payment,
+    refused,
+    save,
+)
+from oncepay.payments.reply import Reply
+
+__all__ = ["Capture"]
+
+
+@dataclass(frozen=True, slots=True)
+class Capture:
+    payment_id: str
+    amount: int | None = None
+    name: str = "capture"
+    created: str = "capture_started"
+
+    async def start(self, conn: AsyncConnection, svc: Services, merchant_id: str) -> str:
+        row = await load_payment(conn, self.payment_id, merchant_id, lock=True)
+        check_followable(row, "capture")
+        amount = row.amount if self.amount is None else self.amount
+        if amount > row.amount:
+            raise AmountTooLarge(f"cannot capture {amount}: only {row.amount} was authorized")
+        await save(conn, row.id, pending_operation=f"capture:{amount}")
+        return str(row.id)
+
+    async def call(self, svc: Services, object_id: str, ticket: Ticket) -> AcquirerAnswer:
+        row = await read_payment(svc, object_id)
+        amount = int(row.pending_operation.partition(":")[2])
+        return await svc.acquirers[row.acquirer].capture(
+            reference=f"{row.id}_capture", authorization_id=row.authorization_id, amount=amount
+        )
+
+    async def record(
+        self, conn: AsyncConnection, svc: Services, object_id: str, answer: AcquirerAnswer
+    ) -> None:
+        row = await load_payment(conn, object_id, lock=True)
+        if answer.outcome is Outcome.APPROVED:
+            await capture_in_ledger(conn, row, int(row.pending_operation.partition(":")[2]))
+        else:
+            await refused(conn, row, answer)
+
+    async def unknown(
+        self, conn: AsyncConnection, svc: Services, object_id: str, answer: AcquirerAnswer
+    ) -> float:
+        return await note_unknown(conn, svc, object_id, answer)
+
+    async def reply(self, conn: AsyncConnection, svc: Services, object_id: str) -> Reply:
+        return await payment_or_refusal(conn, object_id, "capture")

@@ -1,0 +1,153 @@
+"""What the operations share: loading and saving a payment (statements built once per shape),
+its events, the checks before a follow-on operation, and noting an unknown outcome."""
+
+from __future__ import annotations
+
+import functools
+import time
+from typing import Any
+
+from sqlalchemy import bindparam, select, update
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from oncepay.payments import ledger
+from oncepay.payments.acquirers.base import AcquirerAnswer
+from oncepay.payments.context import Services
+from oncepay.payments.db import read
+from oncepay.payments.errors import OperationInProgress, OutcomeUnknown, ResourceMissing
+from oncepay.payments.events import emit
+from oncepay.payments.ids import is_id
+from oncepay.payments.metrics import RECOVERY_ESCALATIONS
+from oncepay.payments.models import payment_public
+from oncepay.payments.reply import Reply
+from oncepay.payments.schema import payments
+from oncepay.payments.states import PaymentStatus, Transition, next_status, require
+
+__all__ = [
+    "RESOLVED",
+    "capture_in_ledger",
+    "check_followable",
+    "load_payment",
+    "note_unknown",
+    "payment_event",
+    "payment_or_refusal",
+    "read_payment",
+    "refused",
+    "save",
+]
+
+S, T = PaymentStatus, Transition
+
+
+async def load_payment(
+    conn: AsyncConnection, payment_id: str, merchant_id: str | None = None, *, lock: bool = False
+) -> Any:
+    """The payment row; ``lock`` takes its row lock on PostgreSQL (SQLite's write transaction
+    already excludes every other writer). Another merchant's payment is not found."""
+    if not is_id(payment_id):
+        raise ResourceMissing(f"no payment {payment_id!r}")
+    params = {"id": payment_id, "merchant_id": merchant_id}
+    row = (await conn.execute(_load(merchant_id is not None, lock), params)).first()
+    if row is None:
+        raise ResourceMissing(f"no payment {payment_id!r}")
+    return row
+
+
+async def save(conn: AsyncConnection, payment_id: str, **values: Any) -> Any:
+    """Update a payment; the row as it now is (one statement: UPDATE … RETURNING)."""
+    values["updated_at"] = time.time()
+    params = {f"new_{name}": value for name, value in values.items()}
+    result = await conn.execute(_save(frozenset(values)), {"payment_id": payment_id, **params})
+    return result.one()
+
+
+# The payment statements, built once per shape: building a statement costs more than running
+# it on SQLite (bench/e2e/PROFILE.md); there are a few dozen shapes at most.
+
+
+@functools.cache
+def _load(of_merchant: bool, lock: bool) -> Any:
+    query = select(payments).where(payments.c.id == bindparam("id"))
+    if of_merchant:
+        query = query.where(payments.c.merchant_id == bindparam("merchant_id"))
+    return query.with_for_update() if lock else query
+
+
+@functools.cache
+def _save(columns: frozenset[str]) -> Any:
+    values: dict[str, Any] = {name: bindparam(f"new_{name}") for name in sorted(columns)}
+    return (
+        update(payments).where(payments.c.id == bindparam("payment_id")).values(values)
+        .returning(*payments.c)
+    )  # fmt: skip
+
+
+async def payment_event(conn: AsyncConnection, row: Any, type: str) -> None:
+    await emit(conn, merchant_id=row.merchant_id, type=type, object_id=row.id,
+               data=payment_public(row))  # fmt: skip
+
+
+# An answer came: whatever was unknown about the payment is known now, and a later unknown
+# outcome starts the back-off schedule (and its escalation) afresh.
+RESOLVED: dict[str, Any] = {"outcome_unknown": False, "recovery_attempts": 0, "escalated": False}
+
+
+def check_followable(row: Any, request: str) -> None:
+    """What every follow-on operation asks of a payment before touching it."""
+    if row.outcome_unknown:
+        raise OutcomeUnknown(
+            f"payment {row.id} awaits the acquirer's answer; {request} it once it is resolved"
+        )
+    if row.status == S.PROCESSING or row.pending_operation:
+        raise OperationInProgress(f"payment {row.id} has an operation in progress; retry shortly")
+    require(PaymentStatus(row.status), request)
+
+
+async def note_unknown(
+    conn: AsyncConnection, svc: Services, payment_id: str, answer: AcquirerAnswer
+) -> float:
+    """Count one more unanswered try; escalate once the back-off schedule is spent."""
+    row = await load_payment(conn, payment_id, lock=True)
+    tries = row.recovery_attempts + 1
+    schedule = svc.settings.recovery_backoff
+    escalate = tries >= len(schedule) and not row.escalated
+    row = await save(conn, payment_id, outcome_unknown=True, recovery_attempts=tries,
+                     escalated=row.escalated or escalate)  # fmt: skip
+    if escalate:
+        RECOVERY_ESCALATIONS.inc()
+        await payment_event(conn, row, "payment.recovery_escalated")
+    return float(schedule[min(tries, len(schedule)) - 1])
+
+
+async def capture_in_ledger(conn: AsyncConnection, row: Any, amount: int) -> None:
+    await ledger.post(conn, merchant_id=row.merchant_id, payment_id=row.id,
+                      currency=row.currency, kind="capture",
+                      entries=ledger.capture(row.amount, amount))  # fmt: skip
+    row = await save(conn, row.id, status=next_status(S(row.status), T.CAPTURE),
+                     amount_captured=amount, pending_operation=None, **RESOLVED)  # fmt: skip
+    await payment_event(conn, row, "payment.captured")
+
+
+async def read_payment(svc: Services, payment_id: str) -> Any:
+    async with read(svc.db) as conn:
+        return await load_payment(conn, payment_id)
+
+
+async def refused(conn: AsyncConnection, row: Any, answer: AcquirerAnswer) -> None:
+    """The acquirer refused a capture or void: the payment stays as it was, marked so that
+    phase 3 can tell the client."""
+    refusal = f"refused:{answer.decline_code or 'declined'}"
+    await save(conn, row.id, pending_operation=refusal, **RESOLVED)
+
+
+async def payment_or_refusal(conn: AsyncConnection, payment_id: str, request: str) -> Reply:
+    row = await load_payment(conn, payment_id)
+    if row.pending_operation and row.pending_operation.startswith("refused:"):
+        code = row.pending_operation.partition(":")[2]
+        await save(conn, payment_id, pending_operation=None)
+        return Reply.json(402, {
+            "type": "urn:oncepay:problem:acquirerrefused", "title": "The acquirer refused",
+            "status": 402, "detail": f"the acquirer refused to {request} ({code})",
+            "code": "acquirerrefused",
+        })  # fmt: skip
+    return Reply.json(200, payment_public(row))

@@ -1,0 +1,132 @@
+"""Refund captured money, all that is left or part of it; the refund's own id is the reference.
+Refunds in flight count against what is left, so two concurrent refunds never exceed it."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import func, select, update
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from oncepay.idempotency.engine import Ticket
+from oncepay.payments import ledger
+from oncepay.payments.acquirers.base import AcquirerAnswer, Outcome
+from oncepay.payments.context import Services
+from oncepay.payments.db import read
+from oncepay.payments.errors import AmountTooLarge, ResourceMissing
+from oncepay.payments.events import emit
+from oncepay.payments.ids import is_id, new_id
+from oncepay.payments.models import refund_public
+from oncepay.payments.operations.common import (
+    RESOLVED,
+    check_followable,
+    load_payment,
+    note_unknown,
+    payment_event,
+    save,
+)
+from oncepay.payments.reply import Reply
+from oncepay.payments.schema import refunds
+from oncepay.payments.states import PaymentStatus, Transition, next_status
+
+__all__ = ["CreateRefund", "load_refund"]
+
+S, T = PaymentStatus, Transition
+
+
+@dataclass(frozen=True, slots=True)
+class CreateRefund:
+    payment_id: str
+    amount: int | None = None
+    name: str = "refund"
+    created: str = "refund_created"
+
+    async def start(self, conn: AsyncConnection, svc: Services, merchant_id: str) -> str:
+        row = await load_payment(conn, self.payment_id, merchant_id, lock=True)
+        check_followable(row, "refund")
+        reserved = (await conn.execute(
+            select(func.coalesce(func.sum(refunds.c.amount), 0))
+            .where(refunds.c.payment_id == row.id, refunds.c.status != "failed")
+        )).scalar_one()  # fmt: skip
+        left = row.amount_captured - int(reserved)
+        amount = left if self.amount is None else self.amount
+        if amount > left or amount <= 0:
+            raise AmountTooLarge(
+                f"cannot refund {amount}: {left} of the {row.amount_captured} captured is left"
+                + (
+                    " (the rest is refunded or being refunded)"
+                    if left < row.amount_captured
+                    else ""
+                )
+            )
+        refund_id, now = new_id("re"), time.time()
+        await conn.execute(refunds.insert().values(
+            id=refund_id, payment_id=row.id, merchant_id=merchant_id, amount=amount,
+            currency=row.currency, status="pending", created_at=now, updated_at=now,
+        ))  # fmt: skip
+        await _refund_event(conn, refund_id, "refund.created")
+        return refund_id
+
+    async def call(self, svc: Services, object_id: str, ticket: Ticket) -> AcquirerAnswer:
+        async with read(svc.db) as conn:
+            refund = await load_refund(conn, object_id)
+            row = await load_payment(conn, refund.payment_id)
+        return await svc.acquirers[row.acquirer].refund(
+            reference=refund.id, authorization_id=row.authorization_id, amount=refund.amount
+        )
+
+    async def record(
+        self, conn: AsyncConnection, svc: Services, object_id: str, answer: AcquirerAnswer
+    ) -> None:
+        refund = await load_refund(conn, object_id)
+        row = await load_payment(conn, refund.payment_id, lock=True)
+        if answer.outcome is not Outcome.APPROVED:
+            await _save_refund(conn, refund.id, status="failed",
+                               failure_code=answer.decline_code or "declined")  # fmt: skip
+            await save(conn, row.id, **RESOLVED)
+            await _refund_event(conn, refund.id, "refund.failed")
+            return
+        await ledger.post(conn, merchant_id=row.merchant_id, payment_id=row.id,
+                          currency=row.currency, kind="refund", refund_id=refund.id,
+                          entries=ledger.refund(refund.amount))  # fmt: skip
+        refunded = row.amount_refunded + refund.amount
+        transition = T.REFUND_ALL if refunded == row.amount_captured else T.REFUND_PART
+        await _save_refund(conn, refund.id, status="succeeded")
+        row = await save(conn, row.id, status=next_status(S(row.status), transition),
+                         amount_refunded=refunded, **RESOLVED)  # fmt: skip
+        await _refund_event(conn, refund.id, "refund.succeeded")
+        await payment_event(conn, row, "payment.refunded")
+
+    async def unknown(
+        self, conn: AsyncConnection, svc: Services, object_id: str, answer: AcquirerAnswer
+    ) -> float:
+        refund = await load_refund(conn, object_id)
+        return await note_unknown(conn, svc, refund.payment_id, answer)
+
+    async def reply(self, conn: AsyncConnection, svc: Services, object_id: str) -> Reply:
+        return Reply.json(201, refund_public(await load_refund(conn, object_id)))
+
+
+async def load_refund(conn: AsyncConnection, refund_id: str, merchant_id: str | None = None) -> Any:
+    if not is_id(refund_id):
+        raise ResourceMissing(f"no refund {refund_id!r}")
+    query = select(refunds).where(refunds.c.id == refund_id)
+    if merchant_id is not None:
+        query = query.where(refunds.c.merchant_id == merchant_id)
+    row = (await conn.execute(query)).first()
+    if row is None:
+        raise ResourceMissing(f"no refund {refund_id!r}")
+    return row
+
+
+async def _save_refund(conn: AsyncConnection, refund_id: str, **values: Any) -> None:
+    values["updated_at"] = time.time()
+    await conn.execute(update(refunds).where(refunds.c.id == refund_id).values(**values))
+
+
+async def _refund_event(conn: AsyncConnection, refund_id: str, type: str) -> None:
+    refund = await load_refund(conn, refund_id)
+    await emit(conn, merchant_id=refund.merchant_id, type=type, object_id=refund.id,
+               data=refund_public(refund))  # fmt: skip

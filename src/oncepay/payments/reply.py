@@ -1,0 +1,39 @@
+"""The payments service's answer to an HTTP request, as sent and as stored for replay under
+its Idempotency-Key. The phases and operations produce one; the API sends it."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from oncepay.errors import OncePayError
+from oncepay.http.problems import problem_for
+from oncepay.idempotency.records import StoredResponse
+
+__all__ = ["JSON", "Reply"]
+
+JSON = (("content-type", "application/json"),)
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """An HTTP answer, as sent and as stored for replay."""
+
+    status: int
+    body: bytes
+    headers: tuple[tuple[str, str], ...] = JSON
+    completed: bool = False  # stored under the key: a retry replays it
+
+    @classmethod
+    def json(cls, status: int, document: dict[str, Any]) -> Reply:
+        return cls(status, json.dumps(document, separators=(",", ":")).encode())
+
+    @classmethod
+    def problem(cls, error: OncePayError) -> Reply:
+        problem = problem_for(error)
+        return cls(problem.status, problem.body, tuple(problem.headers))
+
+    def stored(self) -> StoredResponse:
+        kept = tuple((k, v) for k, v in self.headers if k != "retry-after")
+        return StoredResponse(self.status, kept, self.body)
