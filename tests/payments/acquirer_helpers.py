@@ -13,7 +13,7 @@ import httpx
 from starlette.applications import Starlette
 from starlette.types import Receive, Scope, Send
 
-from oncepay.payments.acquirers.simulator import Simulator
+from oncepay.simulator import Simulator
 from tests.processes import free_port, running
 from tests.servers import POSTGRES_URL
 
@@ -48,7 +48,7 @@ async def in_process(app: Starlette) -> AsyncIterator[httpx.AsyncClient]:
 
 def acquirer_args(port: int, database_url: str, *flags: str) -> list[str]:
     return [
-        sys.executable, "-m", "oncepay.payments.acquirers.command",
+        sys.executable, "-m", "oncepay.simulator.command",
         "--port", str(port), "--database-url", database_url, *flags,
     ]  # fmt: skip
 

@@ -19,8 +19,8 @@ from tenacity import wait_none
 from oncepay.payments.acquirers.base import AcquirerAnswer, Outcome
 from oncepay.payments.acquirers.breaker import CircuitBreaker, consecutive_failures
 from oncepay.payments.acquirers.http import HttpAcquirer
-from oncepay.payments.acquirers.simulator import Faults, create_app
 from oncepay.payments.metrics import REGISTRY
+from oncepay.simulator import Faults, create_app
 from tests.clock import FakeClock
 from tests.payments.acquirer_helpers import (
     CountingApp,
@@ -402,7 +402,7 @@ async def test_the_command_reads_its_options_from_the_environment(tmp_path: Path
         "ONCEPAY_ACQUIRER_ERROR_RATE": "0.25",
         "ONCEPAY_ACQUIRER_OUTAGE": "true",
     }
-    args = [sys.executable, "-m", "oncepay.payments.acquirers.command"]
+    args = [sys.executable, "-m", "oncepay.simulator.command"]
     with running(args, port, env):
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as admin:
             faults = (await admin.get("/admin/faults")).json()

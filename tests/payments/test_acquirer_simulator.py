@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 import pytest
 
-from oncepay.payments.acquirers.simulator import Faults, create_app
+from oncepay.simulator import Faults, create_app
 from tests.payments.acquirer_helpers import (
     auth_body,
     authorizations_of,

@@ -14,7 +14,7 @@ from pydantic import ValidationError
 from rich.console import Console
 
 from oncepay.errors import ConfigurationError
-from oncepay.payments.acquirers.simulator import DEFAULT_DATABASE_URL, Faults, create_app
+from oncepay.simulator.app import DEFAULT_DATABASE_URL, Faults, create_app
 
 __all__ = ["DEFAULT_PORT", "acquirer"]
 
@@ -98,5 +98,5 @@ def acquirer(
     )
 
 
-if __name__ == "__main__":  # python -m oncepay.payments.acquirers.command, before cli.py has it
+if __name__ == "__main__":  # python -m oncepay.simulator.command, without the CLI
     typer.run(acquirer)
