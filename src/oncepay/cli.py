@@ -104,7 +104,7 @@ def serve(
     )
     with shared_metrics(settings.workers):
         uvicorn.run(
-            "oncepay.payments.api:create_app",
+            "oncepay.payments.api.app:create_app",
             factory=True,
             host=settings.host,
             port=settings.port,

@@ -17,7 +17,7 @@ import httpx
 from oncepay.payments.acquirers.breaker import breaker_for
 from oncepay.payments.acquirers.http import HttpAcquirer
 from oncepay.payments.acquirers.pool import AcquirerPool
-from oncepay.payments.api import create_app
+from oncepay.payments.api.app import create_app
 from oncepay.payments.bootstrap import start
 from oncepay.payments.context import Services
 from oncepay.payments.db import Database, read

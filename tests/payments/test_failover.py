@@ -56,7 +56,7 @@ async def test_unreachable_primary_fails_over_without_a_lookup(tmp_path: object)
 
     from oncepay.payments.acquirers.http import HttpAcquirer
     from oncepay.payments.acquirers.pool import AcquirerPool
-    from oncepay.payments.api import create_app
+    from oncepay.payments.api.app import create_app
     from oncepay.payments.bootstrap import start
     from oncepay.payments.merchants import create_merchant
     from oncepay.payments.settings import Settings

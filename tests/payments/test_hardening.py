@@ -17,7 +17,7 @@ from oncepay.payments.acquirers.base import Outcome
 from oncepay.payments.acquirers.breaker import CircuitBreaker, consecutive_failures
 from oncepay.payments.acquirers.http import HttpAcquirer
 from oncepay.payments.merchants import create_merchant
-from oncepay.payments.webhooks import deliver_due, delivery_client
+from oncepay.payments.webhooks.delivery import deliver_due, delivery_client
 from tests.payments.stack import Stack
 from tests.payments.test_webhook_addresses import listening
 

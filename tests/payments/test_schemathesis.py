@@ -51,7 +51,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
 
 def _operations() -> list[Any]:
     """(method, path) of every documented operation, read from the app without serving it."""
-    from oncepay.payments.api import create_app
+    from oncepay.payments.api.app import create_app
 
     document = create_app().openapi()
     return [

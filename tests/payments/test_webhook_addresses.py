@@ -14,15 +14,14 @@ import httpx
 import pytest
 
 from oncepay.payments.errors import InvalidRequest
-from oncepay.payments.webhooks import (
+from oncepay.payments.webhooks.addresses import (
     NotPublic,
-    deliver_due,
-    delivery_client,
     is_public,
     pinned,
     public_target,
     validate_url,
 )
+from oncepay.payments.webhooks.delivery import deliver_due, delivery_client
 from tests.payments.stack import Stack, running_stack
 
 NOT_PUBLIC = [

@@ -15,8 +15,8 @@ from typing import Any
 import httpx
 import pytest
 
-from oncepay.payments import webhooks as delivery
-from oncepay.payments.webhooks import deliver_due
+from oncepay.payments.webhooks import delivery
+from oncepay.payments.webhooks.delivery import deliver_due
 from tests.payments.stack import Stack, running_stack
 from tests.processes import free_port, running, uvicorn_args
 
@@ -278,7 +278,7 @@ async def _worker_in_child(url: str, barrier: Any) -> list[str]:
     """Deliver, a few at a time, until nothing is left; the deliveries this worker made."""
     from oncepay.payments.bootstrap import start
     from oncepay.payments.settings import Settings
-    from oncepay.payments.webhooks import claim_due
+    from oncepay.payments.webhooks.delivery import claim_due
 
     settings = Settings(database_url=url, run_worker=False, webhook_allow_private=True)
     services = await start(settings, acquirers=_no_acquirers())

@@ -1,5 +1,5 @@
 """The transactional outbox (SPEC §6): every state change writes its event row in the same
-transaction as the change — and, through :func:`~oncepay.payments.webhooks.fan_out`, one
+transaction as the change — and, through :func:`~oncepay.payments.webhooks.outbox.fan_out`, one
 delivery per subscribed webhook endpoint — so an event and its deliveries exist exactly when
 the change committed."""
 
@@ -13,7 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from oncepay.payments.ids import new_id
 from oncepay.payments.schema import events
-from oncepay.payments.webhooks import fan_out
+from oncepay.payments.webhooks.outbox import fan_out
 
 __all__ = ["emit"]
 

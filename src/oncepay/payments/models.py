@@ -374,3 +374,13 @@ def delivery_public(row: Any) -> dict[str, Any]:
         "last_error": row.last_error,
         "created": int(row.created_at),
     }
+
+
+def event_public(row: Any) -> dict[str, Any]:
+    return {
+        "id": row.id,
+        "object": "event",
+        "type": row.type,
+        "created": int(row.created_at),
+        "data": {"object": json.loads(row.data)},
+    }

@@ -10,7 +10,7 @@ from oncepay.payments.db import Database, read
 from oncepay.payments.errors import InvalidRequest, ResourceMissing
 from oncepay.payments.ids import is_id
 
-__all__ = ["get_object", "page"]
+__all__ = ["get_object", "page", "ping"]
 
 
 async def get_object(db: Database, table: Any, object_id: str, merchant_id: str) -> Any:
@@ -62,3 +62,9 @@ async def page(
             query = query.where(table.c.seq < cursor)
         rows = list(await conn.execute(query.order_by(table.c.seq.desc()).limit(limit + 1)))
     return rows[:limit], len(rows) > limit
+
+
+async def ping(db: Database) -> None:
+    """One round trip to the database (raises when it does not answer)."""
+    async with read(db) as conn:
+        await conn.execute(select(1))

@@ -28,7 +28,7 @@ from oncepay.payments.context import IDEMPOTENCY_TABLE, Services
 from oncepay.payments.db import read, write
 from oncepay.payments.metrics import RECOVERY_RUNS
 from oncepay.payments.phases import parse_point
-from oncepay.payments.webhooks import CLAIM_BATCH, deliver_due, delivery_client
+from oncepay.payments.webhooks.delivery import CLAIM_BATCH, deliver_due, delivery_client
 
 __all__ = ["RecoveryReport", "reap", "recover_once", "run_worker"]
 

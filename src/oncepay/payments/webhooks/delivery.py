@@ -1,7 +1,4 @@
-"""Webhooks (SPEC §6): endpoints, the fan-out of events into deliveries, and the delivery worker.
-
-**Outbox.** :func:`fan_out` runs inside the transaction that writes an event, so a delivery row
-exists exactly when its event committed, for every enabled endpoint subscribed to its type.
+"""The delivery worker (SPEC §6).
 
 **Delivery** is at least once. A worker claims due deliveries in one statement — on PostgreSQL
 ``FOR UPDATE SKIP LOCKED``, so several workers never take the same one; on SQLite the claim runs
@@ -18,32 +15,19 @@ canceled. Anything else (or no answer): retried after the next step of the sched
 (``Settings.webhook_schedule``, about three days in all), with
 ±10% jitter; when the schedule is spent the delivery is ``dead`` (dead-lettered) and stays
 visible through the API, where it can be redelivered.
-
-**Public addresses only** (unless ``Settings.webhook_allow_private``): a merchant's URL is
-fetched from inside our network, so one naming 127.0.0.1, 10.0.0.0/8 or the cloud metadata
-address 169.254.169.254 would turn the worker into a proxy onto internal services (SSRF). A
-URL whose host is such an address, or ``localhost``, is refused when it is registered (400).
-A host name is resolved before every attempt; if any of its addresses is not public the attempt
-fails without a byte sent, and otherwise the request goes to the checked address itself (with
-the original ``Host`` header and TLS server name), so a name that resolves differently a moment
-later (DNS rebinding) cannot redirect it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import ipaddress
 import json
 import logging
 import random
 import secrets
-import socket
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Protocol
-from urllib.parse import urlsplit
+from typing import Any
 
 import httpx
 from sqlalchemy import and_, or_, select, update
@@ -52,25 +36,13 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from oncepay.http._cookies import NoCookies
 from oncepay.payments.context import Services
 from oncepay.payments.db import read, write
-from oncepay.payments.errors import InvalidRequest
-from oncepay.payments.ids import new_id
 from oncepay.payments.metrics import WEBHOOK_ATTEMPTS, WEBHOOK_LATENCY
-from oncepay.payments.schema import (
-    events,
-    webhook_attempts,
-    webhook_deliveries,
-    webhook_endpoints,
-)
+from oncepay.payments.models import event_public
+from oncepay.payments.schema import events, webhook_attempts, webhook_deliveries, webhook_endpoints
+from oncepay.payments.webhooks.addresses import public_target
 from oncepay.webhooks import sign
 
-__all__ = [
-    "DeliveryReport",
-    "deliver_due",
-    "delivery_client",
-    "fan_out",
-    "new_secret",
-    "validate_url",
-]
+__all__ = ["CLAIM_BATCH", "DeliveryReport", "claim_due", "deliver_due", "delivery_client"]
 
 log = logging.getLogger("oncepay.webhooks")
 
@@ -84,167 +56,7 @@ CLAIM_BATCH = 50
 # Deliveries of one pass are sent this many at a time: one slow endpoint delays its own
 # deliveries, not everyone else's.
 SEND_CONCURRENCY = 10
-# During a rotation the old secret keeps signing this long by default: a day to deploy the new.
-DEFAULT_OVERLAP = 24 * 3600.0
-MAX_URL = 2048
 ERROR_LIMIT = 500  # characters of an error kept per attempt
-
-
-def new_secret() -> str:
-    """A Standard Webhooks secret: ``whsec_`` and 24 random bytes in base64."""
-    return "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()
-
-
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-
-
-def is_public(address: IPAddress) -> bool:
-    """Whether webhooks may be sent to ``address``: a global unicast address, not loopback,
-    private (RFC 1918, fc00::/7), link-local (169.254/16: cloud metadata), shared (100.64/10),
-    multicast, reserved or unspecified. IPv4 inside IPv6 (``::ffff:10.0.0.1``) counts as the
-    IPv4 address it carries."""
-    if isinstance(address, ipaddress.IPv6Address):
-        inner = address.ipv4_mapped or address.sixtofour
-        if inner is not None:
-            address = inner
-    return address.is_global and not (
-        address.is_multicast or address.is_reserved or address.is_unspecified
-    )
-
-
-def _literal(host: str) -> IPAddress | None:
-    """The address ``host`` names literally, if it is one: also the legacy IPv4 forms that
-    resolvers accept (``127.1``, ``0x7f.1``, ``2130706433``), a classic way round a check that
-    knows only the dotted quad."""
-    try:
-        return ipaddress.ip_address(host)
-    except ValueError:
-        pass
-    try:
-        return ipaddress.IPv4Address(socket.inet_aton(host))
-    except OSError:
-        return None
-
-
-def validate_url(url: str, *, allow_private: bool = False) -> str:
-    """http(s), a host, no credentials, a public address (unless ``allow_private``): anything
-    else is a clear 400."""
-    if len(url) > MAX_URL:
-        raise InvalidRequest(f"url: at most {MAX_URL} characters")
-    try:
-        parts = urlsplit(url)
-        port = parts.port  # raises for a port that is not a number or out of range
-    except ValueError as exc:
-        raise InvalidRequest(f"url: {exc}") from None
-    if parts.scheme not in {"http", "https"}:
-        raise InvalidRequest("url: only http and https URLs can receive webhooks")
-    if not parts.hostname:
-        raise InvalidRequest("url: a host is required")
-    if parts.username is not None or parts.password is not None:
-        raise InvalidRequest("url: must not contain credentials; authenticate by signature")
-    if not url.isascii() or any(c.isspace() or ord(c) < 0x20 or ord(c) == 0x7F for c in url):
-        raise InvalidRequest(
-            "url: must be ASCII without whitespace or control characters "
-            "(write an international host in its xn-- form)"
-        )
-    try:
-        httpx.URL(url).host.encode("idna")  # what the sender will do with it, refused now
-    except (httpx.InvalidURL, UnicodeError) as exc:
-        raise InvalidRequest(f"url: {exc}") from None
-    if not allow_private:
-        host = parts.hostname.rstrip(".").lower()
-        address = _literal(host)
-        if (
-            host == "localhost"
-            or host.endswith(".localhost")
-            or (address is not None and not is_public(address))
-        ):
-            raise InvalidRequest(
-                f"url: {parts.hostname} is not a public address; webhooks go to public "
-                "addresses only (a development server can set ONCEPAY_WEBHOOK_ALLOW_PRIVATE)"
-            )
-    del port
-    return url
-
-
-def subscribed(endpoint_events: str, event_type: str) -> bool:
-    wanted = json.loads(endpoint_events)
-    return "*" in wanted or event_type in wanted
-
-
-# -- the outbox's fan-out ------------------------------------------------------------------------
-
-
-async def fan_out(
-    conn: AsyncConnection, *, merchant_id: str, event_id: str, event_type: str, now: float
-) -> int:
-    """Queue the event for every enabled endpoint of the merchant that wants its type."""
-    endpoints = await _endpoints_in(conn, merchant_id)
-    targets = [endpoint_id for endpoint_id, types in endpoints if subscribed(types, event_type)]
-    if targets:
-        await conn.execute(
-            webhook_deliveries.insert(),
-            [_delivery(merchant_id, event_id, endpoint_id, now) for endpoint_id in targets],
-        )
-    return len(targets)
-
-
-async def _endpoints_in(conn: AsyncConnection, merchant_id: str) -> list[tuple[str, Any]]:
-    """The merchant's enabled endpoints, read once per transaction: a payment writes three
-    events in one transaction, and every one of them fans out to the same endpoints (an
-    endpoint created meanwhile commits before or after the whole transaction, never between
-    two of its events)."""
-    transaction = conn.sync_connection.get_transaction() if conn.sync_connection else None
-    kept = conn.info.get(_ENDPOINTS_KEY)
-    if kept is not None and kept[0] is transaction and kept[1] == merchant_id:
-        return kept[2]  # type: ignore[no-any-return]
-    rows = await conn.execute(
-        select(webhook_endpoints.c.id, webhook_endpoints.c.events).where(
-            webhook_endpoints.c.merchant_id == merchant_id,
-            webhook_endpoints.c.disabled.is_(False),
-            webhook_endpoints.c.deleted.is_(False),
-        )
-    )
-    endpoints = [(row.id, row.events) for row in rows]
-    conn.info[_ENDPOINTS_KEY] = (transaction, merchant_id, endpoints)
-    return endpoints
-
-
-_ENDPOINTS_KEY = "oncepay.webhook_endpoints"
-
-
-def _delivery(merchant_id: str, event_id: str, endpoint_id: str, now: float) -> dict[str, Any]:
-    return {
-        "id": new_id("whd"), "merchant_id": merchant_id, "event_id": event_id,
-        "endpoint_id": endpoint_id, "status": "pending", "attempts": 0,
-        "next_attempt_at": now, "created_at": now, "updated_at": now,
-    }  # fmt: skip
-
-
-async def redeliver(
-    conn: AsyncConnection, *, merchant_id: str, event_id: str, endpoint_id: str | None
-) -> list[str]:
-    """New deliveries of an event: to one endpoint, or to every enabled subscriber."""
-    event = (await conn.execute(select(events).where(events.c.id == event_id))).one()
-    query = select(webhook_endpoints).where(
-        webhook_endpoints.c.merchant_id == merchant_id,
-        webhook_endpoints.c.disabled.is_(False),
-        webhook_endpoints.c.deleted.is_(False),
-    )
-    if endpoint_id is not None:
-        query = query.where(webhook_endpoints.c.id == endpoint_id)
-    targets = [row.id for row in await conn.execute(query)
-               if endpoint_id is not None or subscribed(row.events, event.type)]  # fmt: skip
-    if endpoint_id is not None and not targets:
-        raise InvalidRequest(f"endpoint: no enabled webhook endpoint {endpoint_id!r}")
-    now = time.time()
-    rows = [_delivery(merchant_id, event_id, target, now) for target in targets]
-    if rows:
-        await conn.execute(webhook_deliveries.insert(), rows)
-    return [row["id"] for row in rows]
-
-
-# -- delivery ------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -286,52 +98,6 @@ async def claim_due(svc: Services, *, now: float, limit: int = CLAIM_BATCH) -> l
             .returning(d.id, d.event_id, d.endpoint_id, d.attempts)
         )  # fmt: skip
         return [_Claimed(r.id, r.event_id, r.endpoint_id, r.attempts, token) for r in rows]
-
-
-class Resolver(Protocol):
-    async def __call__(self, host: str, port: int) -> list[str]: ...
-
-
-class NotPublic(Exception):
-    """The URL's host resolves to an address webhooks must not be sent to."""
-
-
-async def resolve(host: str, port: int) -> list[str]:
-    """Every address ``host`` resolves to, by the system's resolver."""
-    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    return list(dict.fromkeys(str(info[4][0]) for info in infos))
-
-
-async def public_target(
-    url: str, resolver: Resolver = resolve
-) -> tuple[httpx.URL, dict[str, str], dict[str, Any]]:
-    """Where to send a delivery to ``url``: its URL with the host replaced by a checked public
-    address, the ``Host`` header to send, and the TLS server name (the request extensions).
-    Raises :class:`NotPublic` when any address of the host is not public."""
-    target = httpx.URL(url)
-    host = target.host
-    address = _literal(host)
-    if address is not None:
-        addresses = [str(address)]
-    else:
-        port = target.port or (443 if target.scheme == "https" else 80)
-        addresses = await resolver(host, port)
-        if not addresses:
-            raise NotPublic(f"{host} resolves to no address")
-    bad = [a for a in addresses if (parsed := _literal(a)) is None or not is_public(parsed)]
-    if bad:
-        raise NotPublic(f"{host} resolves to {', '.join(bad)}, not a public address")
-    return pinned(target, addresses[0])
-
-
-def pinned(target: httpx.URL, address: str) -> tuple[httpx.URL, dict[str, str], dict[str, Any]]:
-    """``target`` sent to ``address``: the URL with that host, the ``Host`` header of the
-    original, and for https the original name as TLS server name, which the certificate is
-    verified against."""
-    host = target.host
-    netloc = host if target.port is None else f"{host}:{target.port}"
-    extensions = {"sni_hostname": host} if target.scheme == "https" else {}
-    return target.copy_with(host=address), {"host": netloc}, extensions
 
 
 def delivery_client() -> httpx.AsyncClient:
@@ -411,14 +177,7 @@ async def _renew(svc: Services, claimed: _Claimed, at: float) -> bool:
 
 
 def event_payload(event: Any) -> bytes:
-    document = {
-        "id": event.id,
-        "object": "event",
-        "type": event.type,
-        "created": int(event.created_at),
-        "data": {"object": json.loads(event.data)},
-    }
-    return json.dumps(document, separators=(",", ":")).encode()
+    return json.dumps(event_public(event), separators=(",", ":")).encode()
 
 
 def signed_headers(endpoint: Any, webhook_id: str, payload: bytes, now: float) -> dict[str, str]:

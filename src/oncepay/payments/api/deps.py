@@ -1,12 +1,12 @@
 """What every route of the payments API shares (as in full-stack-fastapi-template's
-``api/deps.py``): the services and merchant dependencies, problem responses, the idempotent
-request helper and cursor pagination."""
+``api/deps.py``): the services and merchant dependencies, problem responses, the query-string
+check and the idempotent request helpers."""
 
 from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import Depends, Query, Request, Security
+from fastapi import APIRouter, Depends, Query, Request, Security
 from fastapi.responses import Response
 from fastapi.security import HTTPBearer
 
@@ -14,6 +14,7 @@ from oncepay.errors import OncePayError
 from oncepay.http._gate import Request as GateRequest
 from oncepay.http.problems import PROBLEM_CONTENT_TYPE
 from oncepay.payments import models
+from oncepay.payments.api.jsonbody import StrictJsonRoute
 from oncepay.payments.context import Services
 from oncepay.payments.errors import InvalidRequest
 from oncepay.payments.idempotent import Work
@@ -27,6 +28,7 @@ from oncepay.payments.reply import Reply
 __all__ = [
     "DEFAULT_LIMIT",
     "KEY_HEADER",
+    "POST",
     "PROBLEMS",
     "Limit",
     "MerchantDep",
@@ -35,6 +37,7 @@ __all__ = [
     "idempotent_local",
     "known_query_only",
     "problem_response",
+    "resource_router",
     "send",
 ]
 
@@ -68,6 +71,10 @@ KEY_HEADER = {
     "description": "1-255 printable ASCII characters; a token or an RFC 8941 sf-string.",
     "schema": {"type": "string", "minLength": 1, "maxLength": 255},
 }
+
+
+# What every POST route declares: its problems, and the Idempotency-Key it requires.
+POST: dict[str, Any] = {"responses": PROBLEMS, "openapi_extra": {"parameters": [KEY_HEADER]}}
 
 
 def problem_response(error: OncePayError) -> Response:
@@ -162,4 +169,12 @@ def gate_request(request: Request) -> GateRequest:
         request.url.path,
         request.url.query,
         [(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.scope["headers"]],
+    )
+
+
+def resource_router(prefix: str = "") -> APIRouter:
+    """A resource's router: its routes read JSON by one rule and refuse unknown query
+    parameters."""
+    return APIRouter(
+        prefix=prefix, route_class=StrictJsonRoute, dependencies=[Depends(known_query_only)]
     )

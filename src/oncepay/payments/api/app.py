@@ -1,0 +1,71 @@
+"""The payments API app (SPEC §5): the routers, the problem mapping, the ASGI layers, and the
+services' lifetime (with the recovery worker running beside the API unless told not to).
+Every POST needs an ``Idempotency-Key``; the key is scoped to the authenticated merchant."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from oncepay import __version__
+from oncepay.payments import bootstrap
+from oncepay.payments.api.errors import add_handlers
+from oncepay.payments.api.middleware import BodyLimit, HeadAsGet, RequestMetrics
+from oncepay.payments.api.routes import (
+    events,
+    health,
+    payments,
+    refunds,
+    webhook_deliveries,
+    webhook_endpoints,
+)
+from oncepay.payments.context import Services
+from oncepay.payments.recovery import run_worker
+from oncepay.payments.settings import Settings
+
+__all__ = ["create_app"]
+
+# In this order: it is the order of the OpenAPI document.
+ROUTERS = (payments, refunds, events, health, webhook_endpoints, webhook_deliveries)
+
+
+def create_app(settings: Settings | None = None, *, services: Services | None = None) -> FastAPI:
+    """The payments API. With ``services`` the caller owns them (tests); otherwise the app
+    starts its own from ``settings`` when it starts, and closes them when it stops."""
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        running = services or await bootstrap.start(settings)
+        app.state.services = running
+        stop = asyncio.Event()
+        worker = asyncio.create_task(run_worker(running, stop)) if settings.run_worker else None
+        try:
+            yield
+        finally:
+            stop.set()
+            if worker is not None:
+                await worker
+            if services is None:
+                await running.aclose()
+
+    app = FastAPI(
+        title="OncePay payments API",
+        version=__version__,
+        description="Exactly-once payments: every POST takes an Idempotency-Key.",
+        lifespan=lifespan,
+    )
+    if services is not None:
+        app.state.services = services
+    for module in ROUTERS:
+        # The routes themselves, not app.include_router(): that would route each request
+        # through a second router, matching it twice.
+        app.router.routes.extend(module.router.routes)
+    add_handlers(app)
+    app.add_middleware(HeadAsGet)
+    app.add_middleware(BodyLimit)
+    app.add_middleware(RequestMetrics)
+    return app

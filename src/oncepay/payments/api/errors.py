@@ -1,0 +1,80 @@
+"""Every error the API answers is an RFC 9457 problem with a stable ``code``, mapped here in one
+place from OncePay's exception tree, FastAPI's validation errors and Starlette's HTTP errors."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
+
+from oncepay.errors import OncePayError
+from oncepay.payments.api.deps import problem_response
+from oncepay.payments.errors import InvalidRequest, ResourceMissing
+
+__all__ = ["add_handlers"]
+
+log = logging.getLogger("oncepay.payments")
+
+
+def add_handlers(app: FastAPI) -> None:
+    @app.exception_handler(OncePayError)
+    async def oncepay_error(request: Request, exc: OncePayError) -> Response:
+        return problem_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> Response:
+        return problem_response(InvalidRequest(_describe(exc.errors())))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        error: OncePayError
+        if exc.status_code == 404:
+            error = ResourceMissing(f"no route {request.url.path}")
+        else:
+            error = InvalidRequest(str(exc.detail))
+            error.status = exc.status_code
+            error.code = _HTTP_CODES.get(exc.status_code, "invalid_request")
+        response = problem_response(error)
+        for name, value in (exc.headers or {}).items():
+            response.headers[name] = value
+        if exc.status_code == 405:
+            # Starlette names only the methods of the first route matching the path, and the
+            # path may have several (GET and POST /v1/payments are two routes).
+            response.headers["allow"] = ", ".join(_allowed_methods(request))
+        return response
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> Response:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return problem_response(OncePayError("an unexpected error; nothing was changed"))
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    """Every method some route serves at the request's path (HEAD wherever GET is)."""
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        match, _ = route.matches(request.scope)
+        if match is not Match.NONE:
+            methods |= getattr(route, "methods", None) or set()
+    if "GET" in methods:
+        methods.add("HEAD")
+    return sorted(methods)
+
+
+_HTTP_CODES = {405: "method_not_allowed", 406: "not_acceptable", 415: "unsupported_media_type"}
+
+
+def _describe(errors: Any) -> str:
+    parts = []
+    for error in errors:
+        if error.get("type") == "json_invalid":  # jsonbody.loads wrote the sentence
+            parts.append(f"body: {error.get('ctx', {}).get('error', 'malformed JSON')}")
+            continue
+        location = ".".join(str(p) for p in error.get("loc", ()) if p != "body") or "body"
+        parts.append(f"{location}: {error.get('msg', 'invalid')}")
+    return "; ".join(parts) or "the request is malformed"

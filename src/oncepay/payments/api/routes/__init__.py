@@ -1,0 +1,1 @@
+"""One module-level ``APIRouter`` per resource."""

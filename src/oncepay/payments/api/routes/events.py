@@ -1,0 +1,42 @@
+"""Events: the merchant's outbox, listed and read (their webhook deliveries are under
+``webhook_endpoints``' routes)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from oncepay.payments import models
+from oncepay.payments.api.deps import (
+    DEFAULT_LIMIT,
+    PROBLEMS,
+    Limit,
+    MerchantDep,
+    ServicesDep,
+    resource_router,
+)
+from oncepay.payments.models import event_public
+from oncepay.payments.reads import get_object, page
+from oncepay.payments.schema import events
+
+__all__ = ["router"]
+
+router = resource_router("/v1/events")
+
+
+@router.get("", response_model=models.EventList, responses=PROBLEMS)
+async def list_events(
+    services: ServicesDep,
+    merchant: MerchantDep,
+    limit: Limit = DEFAULT_LIMIT,
+    starting_after: str | None = None,
+    type: models.KnownEventType | None = None,
+) -> Any:
+    """Newest first, optionally of one `type` (e.g. `payment.captured`)."""
+    where = [events.c.type == type] if type else []
+    rows, more = await page(services.db, events, merchant.id, limit, starting_after, where)
+    return {"object": "list", "data": [event_public(r) for r in rows], "has_more": more}
+
+
+@router.get("/{event_id}", response_model=models.Event, responses=PROBLEMS)
+async def get_event(event_id: str, services: ServicesDep, merchant: MerchantDep) -> Any:
+    return event_public(await get_object(services.db, events, event_id, merchant.id))

@@ -1,0 +1,70 @@
+"""Webhook deliveries: of an event, one with its attempts, and redelivery of an event."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import Response
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from oncepay.payments import models
+from oncepay.payments.api.deps import (
+    POST,
+    PROBLEMS,
+    MerchantDep,
+    ServicesDep,
+    idempotent_local,
+    resource_router,
+)
+from oncepay.payments.models import delivery_public
+from oncepay.payments.reply import Reply
+from oncepay.payments.webhooks import endpoints
+
+__all__ = ["router"]
+
+router = resource_router()
+
+
+@router.get(
+    "/v1/events/{event_id}/deliveries",
+    response_model=models.WebhookDeliveryList,
+    responses=PROBLEMS,
+)
+async def event_deliveries(event_id: str, services: ServicesDep, merchant: MerchantDep) -> Any:
+    rows = await endpoints.event_deliveries(services.db, event_id, merchant.id)
+    return {"object": "list", "data": [delivery_public(r) for r in rows], "has_more": False}
+
+
+@router.get(
+    "/v1/webhook_deliveries/{delivery_id}",
+    response_model=models.WebhookDelivery,
+    responses=PROBLEMS,
+)
+async def get_delivery(delivery_id: str, services: ServicesDep, merchant: MerchantDep) -> Any:
+    """One delivery with every attempt: status code, latency, error."""
+    row, attempts = await endpoints.delivery_attempts(services.db, delivery_id, merchant.id)
+    log = [{"attempt": a.attempt, "status_code": a.status_code,
+            "latency_ms": round(a.latency_ms, 3), "error": a.error,
+            "created": int(a.created_at)} for a in attempts]  # fmt: skip
+    return {**delivery_public(row), "attempt_log": log}
+
+
+@router.post("/v1/events/{event_id}/redeliver", response_model=models.WebhookDeliveryList, **POST)
+async def redeliver_event(
+    event_id: str,
+    request: Request,
+    services: ServicesDep,
+    merchant: MerchantDep,
+    body: models.Redeliver | None = None,
+) -> Response:
+    """Queue the event again for every enabled subscriber, or for `endpoint` only. It keeps
+    its `webhook-id`, so a receiver that handled it already will not handle it twice."""
+    target = body.endpoint if body else None
+
+    async def work(conn: AsyncConnection) -> Reply:
+        rows = await endpoints.redeliver_event(conn, merchant.id, event_id, target)
+        data = [delivery_public(r) for r in rows]
+        return Reply.json(200, {"object": "list", "data": data, "has_more": False})
+
+    return await idempotent_local(request, services, merchant, work)

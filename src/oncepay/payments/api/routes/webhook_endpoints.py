@@ -1,0 +1,136 @@
+"""Webhook endpoints (SPEC §6): subscribe, change, delete, rotate the secret, list deliveries."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import Response
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from oncepay.payments import models
+from oncepay.payments.api.deps import (
+    DEFAULT_LIMIT,
+    POST,
+    PROBLEMS,
+    Limit,
+    MerchantDep,
+    ServicesDep,
+    idempotent_local,
+    resource_router,
+)
+from oncepay.payments.models import delivery_public, endpoint_public
+from oncepay.payments.reads import page
+from oncepay.payments.reply import Reply
+from oncepay.payments.schema import webhook_deliveries, webhook_endpoints
+from oncepay.payments.webhooks import endpoints
+
+__all__ = ["router"]
+
+router = resource_router("/v1/webhook_endpoints")
+
+
+@router.post("", status_code=201, response_model=models.WebhookEndpoint, **POST)
+async def create_endpoint(
+    body: models.WebhookEndpointCreate,
+    request: Request,
+    services: ServicesDep,
+    merchant: MerchantDep,
+) -> Response:
+    """Subscribe a URL to events. The answer carries the signing `secret`, shown only now
+    (and in a replay of this request)."""
+    allow = services.settings.webhook_allow_private
+
+    async def work(conn: AsyncConnection) -> Reply:
+        row = await endpoints.create_endpoint(conn, merchant.id, body, allow_private=allow)
+        return Reply.json(201, endpoint_public(row, secret=True))
+
+    return await idempotent_local(request, services, merchant, work)
+
+
+@router.get("", response_model=models.WebhookEndpointList, responses=PROBLEMS)
+async def list_endpoints(
+    services: ServicesDep,
+    merchant: MerchantDep,
+    limit: Limit = DEFAULT_LIMIT,
+    starting_after: str | None = None,
+) -> Any:
+    where = [webhook_endpoints.c.deleted.is_(False)]
+    rows, more = await page(
+        services.db, webhook_endpoints, merchant.id, limit, starting_after, where
+    )
+    return {"object": "list", "data": [endpoint_public(r) for r in rows], "has_more": more}
+
+
+@router.get("/{endpoint_id}", response_model=models.WebhookEndpoint, responses=PROBLEMS)
+async def get_endpoint(endpoint_id: str, services: ServicesDep, merchant: MerchantDep) -> Any:
+    return endpoint_public(await endpoints.read_endpoint(services.db, endpoint_id, merchant.id))
+
+
+@router.post("/{endpoint_id}", response_model=models.WebhookEndpoint, **POST)
+async def update_endpoint(
+    endpoint_id: str,
+    body: models.WebhookEndpointUpdate,
+    request: Request,
+    services: ServicesDep,
+    merchant: MerchantDep,
+) -> Response:
+    """Change the URL, the events or the description; `disabled` switches delivery off or
+    back on (re-enabling clears the reason it was disabled for)."""
+    allow = services.settings.webhook_allow_private
+
+    async def work(conn: AsyncConnection) -> Reply:
+        row = await endpoints.update_endpoint(
+            conn, endpoint_id, merchant.id, body, allow_private=allow
+        )
+        return Reply.json(200, endpoint_public(row))
+
+    return await idempotent_local(request, services, merchant, work)
+
+
+@router.delete("/{endpoint_id}", response_model=models.DeletedObject, responses=PROBLEMS)
+async def delete_endpoint(endpoint_id: str, services: ServicesDep, merchant: MerchantDep) -> Any:
+    """Stop delivering to it; deliveries still pending are canceled."""
+    await endpoints.delete_endpoint(services.db, endpoint_id, merchant.id)
+    return {"id": endpoint_id, "object": "webhook_endpoint", "deleted": True}
+
+
+@router.post("/{endpoint_id}/rotate_secret", response_model=models.WebhookEndpoint, **POST)
+async def rotate_secret(
+    endpoint_id: str,
+    request: Request,
+    services: ServicesDep,
+    merchant: MerchantDep,
+    body: models.RotateSecret | None = None,
+) -> Response:
+    """A new signing secret (shown in this answer). For `overlap_seconds` (default a day)
+    deliveries carry signatures by both the new and the old secret."""
+    overlap = (body or models.RotateSecret()).overlap_seconds
+
+    async def work(conn: AsyncConnection) -> Reply:
+        row = await endpoints.rotate_secret(conn, endpoint_id, merchant.id, overlap)
+        return Reply.json(200, endpoint_public(row, secret=True))
+
+    return await idempotent_local(request, services, merchant, work)
+
+
+@router.get(
+    "/{endpoint_id}/deliveries", response_model=models.WebhookDeliveryList, responses=PROBLEMS
+)
+async def endpoint_deliveries(
+    endpoint_id: str,
+    services: ServicesDep,
+    merchant: MerchantDep,
+    limit: Limit = DEFAULT_LIMIT,
+    starting_after: str | None = None,
+    status: models.DeliveryStatus | None = None,
+) -> Any:
+    """Deliveries to this endpoint, newest first; `status=dead` lists the dead letters."""
+    await endpoints.read_endpoint(services.db, endpoint_id, merchant.id)
+    where = [webhook_deliveries.c.endpoint_id == endpoint_id]
+    if status is not None:
+        where.append(webhook_deliveries.c.status == status)
+    rows, more = await page(
+        services.db, webhook_deliveries, merchant.id, limit, starting_after, where
+    )
+    return {"object": "list", "data": [delivery_public(r) for r in rows], "has_more": more}

@@ -1,0 +1,161 @@
+"""A merchant's webhook endpoints as the API changes and reads them, and the deliveries and
+attempts it shows (SPEC §6). Changes run inside the caller's transaction (the idempotent
+request's), reads open their own."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from oncepay.payments import models
+from oncepay.payments.db import Database, read, write
+from oncepay.payments.errors import ResourceMissing
+from oncepay.payments.ids import is_id, new_id
+from oncepay.payments.reads import get_object
+from oncepay.payments.schema import events, webhook_attempts, webhook_deliveries, webhook_endpoints
+from oncepay.payments.webhooks.addresses import validate_url
+from oncepay.payments.webhooks.outbox import new_secret, redeliver
+
+__all__ = [
+    "create_endpoint",
+    "delete_endpoint",
+    "delivery_attempts",
+    "event_deliveries",
+    "load_endpoint",
+    "read_endpoint",
+    "redeliver_event",
+    "rotate_secret",
+    "update_endpoint",
+]
+
+E = webhook_endpoints.c
+
+
+async def load_endpoint(
+    conn: AsyncConnection, endpoint_id: str, merchant_id: str, *, lock: bool = True
+) -> Any:
+    """The merchant's endpoint (row-locked for a change, on PostgreSQL), or 404."""
+    if not is_id(endpoint_id):
+        raise ResourceMissing(f"no webhook endpoint {endpoint_id!r}")
+    query = select(webhook_endpoints).where(
+        E.id == endpoint_id, E.merchant_id == merchant_id, E.deleted.is_(False)
+    )
+    row = (await conn.execute(query.with_for_update() if lock else query)).first()
+    if row is None:
+        raise ResourceMissing(f"no webhook endpoint {endpoint_id!r}")
+    return row
+
+
+async def read_endpoint(db: Database, endpoint_id: str, merchant_id: str) -> Any:
+    async with read(db) as conn:
+        return await load_endpoint(conn, endpoint_id, merchant_id, lock=False)
+
+
+async def _save(conn: AsyncConnection, endpoint_id: str, **values: Any) -> Any:
+    values["updated_at"] = time.time()
+    await conn.execute(update(webhook_endpoints).where(E.id == endpoint_id).values(**values))
+    return (await conn.execute(select(webhook_endpoints).where(E.id == endpoint_id))).one()
+
+
+async def create_endpoint(
+    conn: AsyncConnection,
+    merchant_id: str,
+    body: models.WebhookEndpointCreate,
+    *,
+    allow_private: bool,
+) -> Any:
+    url, now = validate_url(body.url, allow_private=allow_private), time.time()
+    endpoint_id = new_id("we")
+    await conn.execute(webhook_endpoints.insert().values(
+        id=endpoint_id, merchant_id=merchant_id, url=url, events=json.dumps(body.events),
+        description=body.description, disabled=False, secret=new_secret(),
+        deleted=False, created_at=now, updated_at=now,
+    ))  # fmt: skip
+    return await load_endpoint(conn, endpoint_id, merchant_id)
+
+
+async def update_endpoint(
+    conn: AsyncConnection,
+    endpoint_id: str,
+    merchant_id: str,
+    body: models.WebhookEndpointUpdate,
+    *,
+    allow_private: bool,
+) -> Any:
+    await load_endpoint(conn, endpoint_id, merchant_id)
+    values: dict[str, Any] = {}
+    if body.url is not None:
+        values["url"] = validate_url(body.url, allow_private=allow_private)
+    if body.events is not None:
+        values["events"] = json.dumps(body.events)
+    if body.description is not None:
+        values["description"] = body.description
+    if body.disabled is not None:
+        values["disabled"] = body.disabled
+        values["disabled_reason"] = "disabled by request" if body.disabled else None
+    return await _save(conn, endpoint_id, **values)
+
+
+async def delete_endpoint(db: Database, endpoint_id: str, merchant_id: str) -> None:
+    """Stop delivering to it; deliveries still pending are canceled."""
+    async with write(db) as conn:
+        await load_endpoint(conn, endpoint_id, merchant_id)
+        await _save(conn, endpoint_id, deleted=True, disabled=True, disabled_reason="deleted")
+        await conn.execute(
+            update(webhook_deliveries)
+            .where(webhook_deliveries.c.endpoint_id == endpoint_id,
+                   webhook_deliveries.c.status == "pending")
+            .values(status="canceled", last_error="endpoint deleted", updated_at=time.time())
+        )  # fmt: skip
+
+
+async def rotate_secret(
+    conn: AsyncConnection, endpoint_id: str, merchant_id: str, overlap: float
+) -> Any:
+    """A new signing secret; the old one keeps signing for ``overlap`` seconds."""
+    row = await load_endpoint(conn, endpoint_id, merchant_id)
+    return await _save(conn, endpoint_id, secret=new_secret(), previous_secret=row.secret,
+                       previous_secret_expires_at=time.time() + overlap)  # fmt: skip
+
+
+async def event_deliveries(db: Database, event_id: str, merchant_id: str) -> list[Any]:
+    """Every delivery of the merchant's event, newest first."""
+    await get_object(db, events, event_id, merchant_id)
+    async with read(db) as conn:
+        return list(await conn.execute(
+            select(webhook_deliveries).where(webhook_deliveries.c.event_id == event_id)
+            .order_by(webhook_deliveries.c.seq.desc())
+        ))  # fmt: skip
+
+
+async def delivery_attempts(
+    db: Database, delivery_id: str, merchant_id: str
+) -> tuple[Any, list[Any]]:
+    """The merchant's delivery and its attempts, in order."""
+    row = await get_object(db, webhook_deliveries, delivery_id, merchant_id)
+    async with read(db) as conn:
+        attempts = await conn.execute(
+            select(webhook_attempts).where(webhook_attempts.c.delivery_id == delivery_id)
+            .order_by(webhook_attempts.c.attempt)
+        )  # fmt: skip
+        return row, list(attempts)
+
+
+async def redeliver_event(
+    conn: AsyncConnection, merchant_id: str, event_id: str, endpoint_id: str | None
+) -> list[Any]:
+    """New deliveries of the merchant's event: to ``endpoint_id``, or every subscriber."""
+    if not is_id(event_id) or not (await conn.execute(
+        select(events.c.id).where(events.c.id == event_id, events.c.merchant_id == merchant_id)
+    )).first():  # fmt: skip
+        raise ResourceMissing(f"no event {event_id!r}")
+    if endpoint_id is not None:
+        await load_endpoint(conn, endpoint_id, merchant_id)
+    ids = await redeliver(conn, merchant_id=merchant_id, event_id=event_id,
+                          endpoint_id=endpoint_id)  # fmt: skip
+    rows = await conn.execute(select(webhook_deliveries).where(webhook_deliveries.c.id.in_(ids)))
+    return list(rows)

@@ -1,0 +1,101 @@
+"""The outbox's fan-out (SPEC §6).
+
+**Outbox.** :func:`fan_out` runs inside the transaction that writes an event, so a delivery row
+exists exactly when its event committed, for every enabled endpoint subscribed to its type.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import secrets
+import time
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from oncepay.payments.errors import InvalidRequest
+from oncepay.payments.ids import new_id
+from oncepay.payments.schema import events, webhook_deliveries, webhook_endpoints
+
+__all__ = ["fan_out", "new_secret", "redeliver", "subscribed"]
+
+
+def new_secret() -> str:
+    """A Standard Webhooks secret: ``whsec_`` and 24 random bytes in base64."""
+    return "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()
+
+
+def subscribed(endpoint_events: str, event_type: str) -> bool:
+    wanted = json.loads(endpoint_events)
+    return "*" in wanted or event_type in wanted
+
+
+async def fan_out(
+    conn: AsyncConnection, *, merchant_id: str, event_id: str, event_type: str, now: float
+) -> int:
+    """Queue the event for every enabled endpoint of the merchant that wants its type."""
+    endpoints = await _endpoints_in(conn, merchant_id)
+    targets = [endpoint_id for endpoint_id, types in endpoints if subscribed(types, event_type)]
+    if targets:
+        await conn.execute(
+            webhook_deliveries.insert(),
+            [_delivery(merchant_id, event_id, endpoint_id, now) for endpoint_id in targets],
+        )
+    return len(targets)
+
+
+async def _endpoints_in(conn: AsyncConnection, merchant_id: str) -> list[tuple[str, Any]]:
+    """The merchant's enabled endpoints, read once per transaction: a payment writes three
+    events in one transaction, and every one of them fans out to the same endpoints (an
+    endpoint created meanwhile commits before or after the whole transaction, never between
+    two of its events)."""
+    transaction = conn.sync_connection.get_transaction() if conn.sync_connection else None
+    kept = conn.info.get(_ENDPOINTS_KEY)
+    if kept is not None and kept[0] is transaction and kept[1] == merchant_id:
+        return kept[2]  # type: ignore[no-any-return]
+    rows = await conn.execute(
+        select(webhook_endpoints.c.id, webhook_endpoints.c.events).where(
+            webhook_endpoints.c.merchant_id == merchant_id,
+            webhook_endpoints.c.disabled.is_(False),
+            webhook_endpoints.c.deleted.is_(False),
+        )
+    )
+    endpoints = [(row.id, row.events) for row in rows]
+    conn.info[_ENDPOINTS_KEY] = (transaction, merchant_id, endpoints)
+    return endpoints
+
+
+_ENDPOINTS_KEY = "oncepay.webhook_endpoints"
+
+
+def _delivery(merchant_id: str, event_id: str, endpoint_id: str, now: float) -> dict[str, Any]:
+    return {
+        "id": new_id("whd"), "merchant_id": merchant_id, "event_id": event_id,
+        "endpoint_id": endpoint_id, "status": "pending", "attempts": 0,
+        "next_attempt_at": now, "created_at": now, "updated_at": now,
+    }  # fmt: skip
+
+
+async def redeliver(
+    conn: AsyncConnection, *, merchant_id: str, event_id: str, endpoint_id: str | None
+) -> list[str]:
+    """New deliveries of an event: to one endpoint, or to every enabled subscriber."""
+    event = (await conn.execute(select(events).where(events.c.id == event_id))).one()
+    query = select(webhook_endpoints).where(
+        webhook_endpoints.c.merchant_id == merchant_id,
+        webhook_endpoints.c.disabled.is_(False),
+        webhook_endpoints.c.deleted.is_(False),
+    )
+    if endpoint_id is not None:
+        query = query.where(webhook_endpoints.c.id == endpoint_id)
+    targets = [row.id for row in await conn.execute(query)
+               if endpoint_id is not None or subscribed(row.events, event.type)]  # fmt: skip
+    if endpoint_id is not None and not targets:
+        raise InvalidRequest(f"endpoint: no enabled webhook endpoint {endpoint_id!r}")
+    now = time.time()
+    rows = [_delivery(merchant_id, event_id, target, now) for target in targets]
+    if rows:
+        await conn.execute(webhook_deliveries.insert(), rows)
+    return [row["id"] for row in rows]
