@@ -5,8 +5,9 @@ runs the function inside a transaction and completes the record in it before the
 
 * nothing open on the connection: the decorator begins a transaction and commits it once the
   record is completed (or rolls it back if the function raises);
-* a transaction already open (the caller's unit of work): a savepoint inside it, and the
-  commit stays the caller's, which then commits the writes and the record together.
+* a transaction already open (the caller's unit of work): the decorator joins it, and the
+  commit (or rollback) stays the caller's, for the writes and the record together. No
+  savepoint: SQLAlchemy's pysqlite driver would commit on releasing one outside a BEGIN.
 
 Drivers are recognised by class without being imported (an object of a driver that was never
 imported cannot be one of its classes): sqlite3, psycopg 3 (sync and async), asyncpg (plain or
@@ -26,6 +27,7 @@ __all__ = ["aholding", "holding", "is_a", "is_async", "unwrapped"]
 _SCOPED = (("sqlalchemy.orm.scoping", "scoped_session"),
            ("sqlalchemy.ext.asyncio.scoping", "async_scoped_session"))  # fmt: skip
 _SQLALCHEMY = (("sqlalchemy.orm", "Session"), ("sqlalchemy.engine", "Connection"))
+_SYNC = (*_SQLALCHEMY, ("psycopg", "Connection"))
 _SQLALCHEMY_ASYNC = (
     ("sqlalchemy.ext.asyncio", "AsyncSession"),
     ("sqlalchemy.ext.asyncio", "AsyncConnection"),
@@ -60,43 +62,51 @@ def is_async(conn: Any) -> bool:
 
 @contextmanager
 def holding(conn: Any) -> Iterator[None]:
-    """A transaction (or a savepoint inside the caller's) on a sync connection."""
+    """A transaction of our own on a sync connection, or the caller's open one, joined."""
     conn = unwrapped(conn)
-    if isinstance(conn, sqlite3.Connection):
-        with _sqlite_transaction(conn):
-            yield
-    elif is_a(conn, *_SQLALCHEMY):
-        with conn.begin_nested() if conn.in_transaction() else conn.begin():
-            yield
-    elif is_a(conn, ("psycopg", "Connection")):
-        with conn.transaction():  # psycopg makes it a savepoint inside an open transaction
-            yield
-    else:
+    if not isinstance(conn, sqlite3.Connection) and not is_a(conn, *_SYNC):
         raise TypeError(f"cannot hold a transaction on a {type(conn).__qualname__}")
+    if _in_transaction(conn):
+        yield
+        return
+    if isinstance(conn, sqlite3.Connection):
+        begun: Any = _sqlite_transaction(conn)
+    else:
+        begun = conn.begin() if is_a(conn, *_SQLALCHEMY) else conn.transaction()
+    with begun:
+        yield
 
 
 @asynccontextmanager
 async def aholding(conn: Any) -> AsyncIterator[None]:
     """:func:`holding` for async connections."""
     conn = unwrapped(conn)
-    if is_a(conn, *_SQLALCHEMY_ASYNC):
-        async with conn.begin_nested() if conn.in_transaction() else conn.begin():
-            yield
-    elif is_a(conn, ("psycopg", "AsyncConnection"), ("asyncpg", "Connection"),
-              ("asyncpg.pool", "PoolConnectionProxy")):  # fmt: skip
-        async with conn.transaction():  # both nest as a savepoint inside an open transaction
-            yield
-    else:
+    if not is_a(conn, *_ASYNC):
         raise TypeError(f"cannot hold a transaction on a {type(conn).__qualname__}")
+    if _in_transaction(conn):
+        yield
+        return
+    async with conn.begin() if is_a(conn, *_SQLALCHEMY_ASYNC) else conn.transaction():
+        yield
+
+
+def _in_transaction(conn: Any) -> bool:
+    """Whether the caller holds a transaction open on ``conn`` (then it is joined)."""
+    if isinstance(conn, sqlite3.Connection):
+        return conn.in_transaction
+    if is_a(conn, ("psycopg", "Connection"), ("psycopg", "AsyncConnection")):
+        from psycopg.pq import TransactionStatus
+
+        return bool(conn.info.transaction_status != TransactionStatus.IDLE)
+    if is_a(conn, ("asyncpg", "Connection"), ("asyncpg.pool", "PoolConnectionProxy")):
+        return bool(conn.is_in_transaction())
+    return bool(conn.in_transaction())  # SQLAlchemy, sync or async
 
 
 @contextmanager
 def _sqlite_transaction(conn: sqlite3.Connection) -> Iterator[None]:
-    """sqlite3 has no transaction object: BEGIN IMMEDIATE (the write lock at once, so the
-    transaction never fails to upgrade a read lock halfway) unless the caller holds one."""
-    if conn.in_transaction:  # the caller's: its commit, not ours
-        yield
-        return
+    """sqlite3 has no transaction object: BEGIN IMMEDIATE takes the write lock at once, so the
+    transaction never fails to upgrade a read lock halfway."""
     conn.execute("BEGIN IMMEDIATE")
     try:
         yield
