@@ -22,6 +22,18 @@ def test_the_public_surface_does_not_grow_by_accident() -> None:
     }  # fmt: skip
 
 
+def test_the_http_surface_resolves_and_does_not_grow_by_accident() -> None:
+    import oncepay.http
+
+    assert set(oncepay.http.__all__) == {
+        "AsyncClient", "Client", "IdempotencyMiddleware", "IdempotencyWSGIMiddleware",
+        "RequestTicket", "RequestTicketDep", "RetryPolicy", "request_ticket",
+        "scope_from_cookie", "scope_from_header",
+    }  # fmt: skip
+    for name in oncepay.http.__all__:
+        assert getattr(oncepay.http, name) is not None, name
+
+
 def test_every_error_is_in_the_one_tree_and_split_by_what_the_client_does() -> None:
     leaves = [getattr(errors, name) for name in errors.__all__]
     for cls in leaves:
