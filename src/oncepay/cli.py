@@ -138,9 +138,9 @@ def _env(value: object) -> str:
 
 async def _prepare(settings: Any) -> str:
     """Migrate, and in test mode (the embedded acquirer) hand out a fresh test API key."""
-    from oncepay.payments.db import Database
     from oncepay.payments.merchants import add_api_key, create_merchant, find_merchant
-    from oncepay.payments.migrations import migrate
+    from oncepay.payments.storage.db import Database
+    from oncepay.payments.storage.migrations import migrate
 
     db = Database.from_url(settings.database_url)
     try:
@@ -183,9 +183,9 @@ def merchants_create(name: str, database_url: DatabaseUrl = None) -> None:
         console.print("[red]error:[/red] a merchant needs a name")
         raise typer.Exit(2)
 
-    from oncepay.payments.db import Database
     from oncepay.payments.merchants import create_merchant
-    from oncepay.payments.migrations import migrate
+    from oncepay.payments.storage.db import Database
+    from oncepay.payments.storage.migrations import migrate
 
     settings = _settings(database_url=database_url)
 
@@ -250,16 +250,16 @@ app.add_typer(ledger_app, name="ledger")
 @ledger_app.command("check")
 def ledger_check(database_url: DatabaseUrl = None) -> None:
     """Verify the ledger's invariants and every payment against it; exit 1 on a violation."""
-    from oncepay.payments.db import Database, read
     from oncepay.payments.ledger import Violation, check
+    from oncepay.payments.storage.db import Database, read
 
     settings = _settings(database_url=database_url)
 
     async def run() -> tuple[list[Violation], int]:
         from sqlalchemy import func, select
 
-        from oncepay.payments.migrations import migrate
-        from oncepay.payments.schema import payments
+        from oncepay.payments.storage.migrations import migrate
+        from oncepay.payments.storage.schema import payments
 
         db = Database.from_url(settings.database_url)
         try:

@@ -20,10 +20,10 @@ from oncepay.payments.acquirers.pool import AcquirerPool
 from oncepay.payments.api.app import create_app
 from oncepay.payments.bootstrap import start
 from oncepay.payments.context import Services
-from oncepay.payments.db import Database, read
 from oncepay.payments.ledger import check
 from oncepay.payments.merchants import Merchant, create_merchant
 from oncepay.payments.settings import Settings
+from oncepay.payments.storage.db import Database, read
 from oncepay.simulator import create_app as create_simulator
 from tests.clock import FakeClock
 from tests.servers import POSTGRES_URL

@@ -10,11 +10,11 @@ from multiprocessing.synchronize import Barrier
 import pytest
 from sqlalchemy import text
 
-from oncepay.payments.db import Database, read
 from oncepay.payments.errors import InvalidStateTransition
-from oncepay.payments.migrations import MIGRATIONS, migrate
 from oncepay.payments.recovery import reap
 from oncepay.payments.states import TRANSITIONS, PaymentStatus, Transition, can, next_status
+from oncepay.payments.storage.db import Database, read
+from oncepay.payments.storage.migrations import MIGRATIONS, migrate
 from tests.payments.stack import Stack, drop_schema
 
 PROCESSES = 4

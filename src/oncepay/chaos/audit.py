@@ -11,11 +11,11 @@ from typing import Any
 
 from sqlalchemy import select, text
 
-from oncepay.payments.db import Database, read
 from oncepay.payments.ledger import check as ledger_check
 from oncepay.payments.phases import parse_point
-from oncepay.payments.schema import events, payments
-from oncepay.payments.context import IDEMPOTENCY_TABLE
+from oncepay.payments.storage.db import Database, read
+from oncepay.payments.storage.idempotency import IDEMPOTENCY_TABLE
+from oncepay.payments.storage.schema import events, payments
 
 __all__ = ["Evidence", "audit"]
 

@@ -9,14 +9,11 @@ from dataclasses import dataclass, field
 from oncepay.http._gate import Gate
 from oncepay.idempotency.engine import Engine
 from oncepay.payments.acquirers.pool import AcquirerPool
-from oncepay.payments.db import Database
 from oncepay.payments.records import Merchant
 from oncepay.payments.settings import Settings
+from oncepay.payments.storage.db import Database
 
-__all__ = ["IDEMPOTENCY_TABLE", "Services"]
-
-# The idempotency records live in the service's own database, in this table.
-IDEMPOTENCY_TABLE = "oncepay_idempotency"
+__all__ = ["Services"]
 
 
 @dataclass

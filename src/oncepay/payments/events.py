@@ -12,7 +12,7 @@ from typing import Any
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from oncepay.payments.ids import new_id
-from oncepay.payments.schema import events
+from oncepay.payments.storage.schema import events
 from oncepay.payments.webhooks.outbox import fan_out
 
 __all__ = ["emit"]

@@ -29,8 +29,8 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from oncepay.payments.schema import ledger_entries, ledger_transactions, payments, refunds
 from oncepay.payments.states import PaymentStatus
+from oncepay.payments.storage.schema import ledger_entries, ledger_transactions, payments, refunds
 
 __all__ = ["Violation", "authorize", "capture", "check", "refund", "release_hold"]
 

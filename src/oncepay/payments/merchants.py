@@ -10,11 +10,11 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from oncepay.payments.context import Services
-from oncepay.payments.db import Database, read, write
 from oncepay.payments.errors import AuthenticationFailed
 from oncepay.payments.ids import new_id
 from oncepay.payments.records import Merchant
-from oncepay.payments.schema import api_keys, merchants
+from oncepay.payments.storage.db import Database, read, write
+from oncepay.payments.storage.schema import api_keys, merchants
 
 __all__ = [
     "Merchant",

@@ -37,9 +37,9 @@ from oncepay.errors import ClientError, LeaseLost, OncePayError, RetryableError
 from oncepay.idempotency.engine import Ticket
 from oncepay.payments.acquirers.base import AcquirerAnswer, Outcome
 from oncepay.payments.context import Services
-from oncepay.payments.db import write
 from oncepay.payments.errors import AcquirerOutcomeUnknown, DatabaseUnavailable
 from oncepay.payments.reply import Reply
+from oncepay.payments.storage.db import write
 
 __all__ = ["ACQUIRER_CALLED", "Operation", "parse_point", "run", "run_local"]
 

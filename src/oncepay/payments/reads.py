@@ -6,9 +6,9 @@ from typing import Any
 
 from sqlalchemy import select
 
-from oncepay.payments.db import Database, read
 from oncepay.payments.errors import InvalidRequest, ResourceMissing
 from oncepay.payments.ids import is_id
+from oncepay.payments.storage.db import Database, read
 
 __all__ = ["get_object", "page", "ping"]
 

@@ -13,15 +13,15 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from oncepay.payments import ledger
 from oncepay.payments.acquirers.base import AcquirerAnswer
 from oncepay.payments.context import Services
-from oncepay.payments.db import read
 from oncepay.payments.errors import OperationInProgress, OutcomeUnknown, ResourceMissing
 from oncepay.payments.events import emit
 from oncepay.payments.ids import is_id
 from oncepay.payments.metrics import RECOVERY_ESCALATIONS
 from oncepay.payments.models import payment_public
 from oncepay.payments.reply import Reply
-from oncepay.payments.schema import payments
 from oncepay.payments.states import PaymentStatus, Transition, next_status, require
+from oncepay.payments.storage.db import read
+from oncepay.payments.storage.schema import payments
 
 __all__ = [
     "RESOLVED",

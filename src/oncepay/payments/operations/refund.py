@@ -14,7 +14,6 @@ from oncepay.idempotency.engine import Ticket
 from oncepay.payments import ledger
 from oncepay.payments.acquirers.base import AcquirerAnswer, Outcome
 from oncepay.payments.context import Services
-from oncepay.payments.db import read
 from oncepay.payments.errors import AmountTooLarge, ResourceMissing
 from oncepay.payments.events import emit
 from oncepay.payments.ids import is_id, new_id
@@ -28,8 +27,9 @@ from oncepay.payments.operations.common import (
     save,
 )
 from oncepay.payments.reply import Reply
-from oncepay.payments.schema import refunds
 from oncepay.payments.states import PaymentStatus, Transition, next_status
+from oncepay.payments.storage.db import read
+from oncepay.payments.storage.schema import refunds
 
 __all__ = ["CreateRefund", "load_refund"]
 

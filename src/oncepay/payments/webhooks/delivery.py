@@ -35,10 +35,15 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from oncepay.http._cookies import NoCookies
 from oncepay.payments.context import Services
-from oncepay.payments.db import read, write
 from oncepay.payments.metrics import WEBHOOK_ATTEMPTS, WEBHOOK_LATENCY
 from oncepay.payments.models import event_public
-from oncepay.payments.schema import events, webhook_attempts, webhook_deliveries, webhook_endpoints
+from oncepay.payments.storage.db import read, write
+from oncepay.payments.storage.schema import (
+    events,
+    webhook_attempts,
+    webhook_deliveries,
+    webhook_endpoints,
+)
 from oncepay.payments.webhooks.addresses import public_target
 from oncepay.webhooks import sign
 

@@ -12,11 +12,16 @@ from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from oncepay.payments import models
-from oncepay.payments.db import Database, read, write
 from oncepay.payments.errors import ResourceMissing
 from oncepay.payments.ids import is_id, new_id
 from oncepay.payments.reads import get_object
-from oncepay.payments.schema import events, webhook_attempts, webhook_deliveries, webhook_endpoints
+from oncepay.payments.storage.db import Database, read, write
+from oncepay.payments.storage.schema import (
+    events,
+    webhook_attempts,
+    webhook_deliveries,
+    webhook_endpoints,
+)
 from oncepay.payments.webhooks.addresses import validate_url
 from oncepay.payments.webhooks.outbox import new_secret, redeliver
 

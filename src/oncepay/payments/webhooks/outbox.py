@@ -17,7 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from oncepay.payments.errors import InvalidRequest
 from oncepay.payments.ids import new_id
-from oncepay.payments.schema import events, webhook_deliveries, webhook_endpoints
+from oncepay.payments.storage.schema import events, webhook_deliveries, webhook_endpoints
 
 __all__ = ["fan_out", "new_secret", "redeliver", "subscribed"]
 

@@ -16,7 +16,7 @@ from oncepay.payments.api.deps import (
 )
 from oncepay.payments.models import event_public
 from oncepay.payments.reads import get_object, page
-from oncepay.payments.schema import events
+from oncepay.payments.storage.schema import events
 
 __all__ = ["router"]
 

@@ -21,7 +21,7 @@ from oncepay.payments.api.deps import (
 from oncepay.payments.models import payment_public, refund_public
 from oncepay.payments.operations import Cancel, Capture, CreatePayment, CreateRefund
 from oncepay.payments.reads import get_object, page
-from oncepay.payments.schema import payments, refunds
+from oncepay.payments.storage.schema import payments, refunds
 
 __all__ = ["router"]
 

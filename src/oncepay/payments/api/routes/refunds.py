@@ -8,7 +8,7 @@ from oncepay.payments import models
 from oncepay.payments.api.deps import PROBLEMS, MerchantDep, ServicesDep, resource_router
 from oncepay.payments.models import refund_public
 from oncepay.payments.reads import get_object
-from oncepay.payments.schema import refunds
+from oncepay.payments.storage.schema import refunds
 
 __all__ = ["router"]
 

@@ -22,7 +22,7 @@ from oncepay.payments.api.deps import (
 from oncepay.payments.models import delivery_public, endpoint_public
 from oncepay.payments.reads import page
 from oncepay.payments.reply import Reply
-from oncepay.payments.schema import webhook_deliveries, webhook_endpoints
+from oncepay.payments.storage.schema import webhook_deliveries, webhook_endpoints
 from oncepay.payments.webhooks import endpoints
 
 __all__ = ["router"]

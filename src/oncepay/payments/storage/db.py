@@ -1,6 +1,6 @@
 """Databases of the payments service (and of the simulated acquirer): one SQLAlchemy Core
 engine over SQLite (SQLAlchemy's aiosqlite dialect on oncepay's own loop-friendly driver,
-:mod:`oncepay.payments._sqlite`) or PostgreSQL (asyncpg), chosen by URL.
+:mod:`oncepay.payments.storage._sqlite`) or PostgreSQL (asyncpg), chosen by URL.
 
 URLs are the ones users type — ``sqlite:///oncepay.db``, ``postgresql://user@host/db`` — and
 are mapped to SQLAlchemy's async drivers here. ``?schema=NAME`` on a PostgreSQL URL puts every
@@ -28,7 +28,7 @@ from sqlalchemy.engine import Connection as SyncConnection
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from oncepay.errors import ConfigurationError
-from oncepay.payments import _sqlite
+from oncepay.payments.storage import _sqlite
 
 __all__ = ["Database", "read", "write"]
 

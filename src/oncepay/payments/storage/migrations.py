@@ -14,8 +14,8 @@ from collections.abc import Awaitable, Callable
 from sqlalchemy import Column, Float, Integer, MetaData, Table, select, text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from oncepay.payments import schema
-from oncepay.payments.db import Database, write
+from oncepay.payments.storage import schema
+from oncepay.payments.storage.db import Database, write
 
 __all__ = ["MIGRATIONS", "migrate"]
 
