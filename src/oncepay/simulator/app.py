@@ -63,7 +63,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from oncepay.payments.db import Database, read, write
+from oncepay.payments.storage.db import Database, read, write
 
 __all__ = ["DEFAULT_DATABASE_URL", "ConnectionDropped", "Faults", "create_app"]
 
