@@ -32,14 +32,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
-import importlib.metadata
 import itertools
 import json
 import os
 import platform
-import resource
 import socket
-import statistics
 import sys
 import time
 import traceback
@@ -48,11 +45,17 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import AsyncExitStack
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script: bench imports
 
-import resp_prototype
+from bench.drivers import resp_prototype
+from bench.harness.cells import rotated, spread
+from bench.harness.cpu import Usage
+from bench.harness.environment import packages
+from bench.harness.report import print_table
+from bench.harness.stores import redis_delete
 
 Op = Callable[[], Awaitable[Any]]
 OpFactory = Callable[[], Op]  # called once per concurrent task
@@ -109,6 +112,22 @@ def claim_keys() -> Iterator[bytes]:
 
 def get_keys() -> Iterator[bytes]:
     return itertools.cycle([f"{KEY_PREFIX}get:{i}".encode() for i in range(N_KEYS)])
+
+
+def redis_ops(
+    claim: Callable[[bytes], Awaitable[Any]], get: Callable[[bytes], Awaitable[Any]]
+) -> dict[str, OpFactory]:
+    """The two Redis operations, each task cycling through its own copy of the keys."""
+
+    def claims() -> Op:
+        keys = claim_keys()
+        return lambda: claim(next(keys))
+
+    def gets() -> Op:
+        keys = get_keys()
+        return lambda: get(next(keys))
+
+    return {"claim": claims, "get": gets}
 
 
 def check_claim_reply(reply: Any) -> None:
@@ -264,16 +283,7 @@ class RedisPy(Adapter):
         self.note = f"{type(conn._parser).__name__}, RESP{conn.protocol}, 1 conn per in-flight cmd"
         await pool.release(conn)
         script = r.register_script(CLAIM_LUA)  # EVALSHA, NOSCRIPT -> SCRIPT LOAD + retry
-
-        def claim() -> Op:
-            keys = claim_keys()
-            return lambda: script(keys=[next(keys)], args=CLAIM_ARGS)
-
-        def get() -> Op:
-            keys = get_keys()
-            return lambda: r.get(next(keys))
-
-        return {"claim": claim, "get": get}
+        return redis_ops(lambda key: script(keys=[key], args=CLAIM_ARGS), r.get)
 
 
 class Coredis(Adapter):
@@ -288,16 +298,7 @@ class Coredis(Adapter):
         await r.ping()
         self.note = "RESP3, own mypyc parser (hiredis unused), pooled"
         script = r.register_script(CLAIM_LUA)
-
-        def claim() -> Op:
-            keys = claim_keys()
-            return lambda: script(keys=[next(keys)], args=CLAIM_ARGS)
-
-        def get() -> Op:
-            keys = get_keys()
-            return lambda: r.get(next(keys))
-
-        return {"claim": claim, "get": get}
+        return redis_ops(lambda key: script(keys=[key], args=CLAIM_ARGS), r.get)
 
 
 class Glide(Adapter):
@@ -315,17 +316,8 @@ class Glide(Adapter):
         stack.push_async_callback(c.close)
         await c.ping()
         self.note = "Rust core on own threads (counted), multiplexed, RESP3"
-        script = Script(CLAIM_LUA)  # type: ignore[no-untyped-call]
-
-        def claim() -> Op:
-            keys = claim_keys()
-            return lambda: c.invoke_script(script, keys=[next(keys)], args=CLAIM_ARGS)
-
-        def get() -> Op:
-            keys = get_keys()
-            return lambda: c.get(next(keys))
-
-        return {"claim": claim, "get": get}
+        script = Script(CLAIM_LUA)
+        return redis_ops(lambda key: c.invoke_script(script, keys=[key], args=CLAIM_ARGS), c.get)
 
 
 class Prototype(Adapter):
@@ -337,16 +329,7 @@ class Prototype(Adapter):
         await c.execute("CLIENT", "SETNAME", self.conn_name)
         self.note = "RESP2, 1 shared conn, FIFO futures, coalesced writes"
         script = resp_prototype.Script(CLAIM_LUA)
-
-        def claim() -> Op:
-            keys = claim_keys()
-            return lambda: c.evalsha(script, (next(keys),), CLAIM_ARGS)
-
-        def get() -> Op:
-            keys = get_keys()
-            return lambda: c.get(next(keys))
-
-        return {"claim": claim, "get": get}
+        return redis_ops(lambda key: c.evalsha(script, (key,), CLAIM_ARGS), c.get)
 
 
 class AsyncpgConn(Adapter):
@@ -354,7 +337,7 @@ class AsyncpgConn(Adapter):
     single_connection = True  # a Connection refuses concurrent queries
 
     async def open(self, stack: AsyncExitStack) -> dict[str, OpFactory]:
-        import asyncpg  # type: ignore[import-untyped]
+        import asyncpg
 
         con = await asyncpg.connect(
             self.args.pg_dsn, server_settings={"application_name": self.conn_name}
@@ -587,14 +570,13 @@ async def run_chunk(ops: list[Op], per_task: int) -> tuple[float, float, float, 
         for _ in range(per_task):
             await op()
 
-    r0, c0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.process_time(), time.perf_counter()
+    before = Usage.now()
     if len(ops) == 1:
         await worker(ops[0])
     else:
         await asyncio.gather(*(worker(op) for op in ops))
-    cpu, wall = time.process_time() - c0, time.perf_counter() - t0
-    r1 = resource.getrusage(resource.RUSAGE_SELF)
-    return cpu, r1.ru_utime - r0.ru_utime, r1.ru_stime - r0.ru_stime, wall
+    used = Usage.now() - before
+    return used.cpu, used.user, used.sys, used.wall
 
 
 async def calibrate(job: Job, seconds: float, rounds: int, warmup: float) -> None:
@@ -618,8 +600,7 @@ async def run_jobs(jobs: list[Job], args: argparse.Namespace) -> None:
     live = [j for j in jobs if not j.failed]
     for rnd in range(args.rounds):
         progress(f"round {rnd + 1}/{args.rounds} ({len(live)} cells)")
-        k = rnd * max(1, len(live) // args.rounds)
-        for job in live[k:] + live[:k]:  # rotate so no cell always follows the same one
+        for job in rotated(live, rnd * max(1, len(live) // args.rounds)):
             if job.failed:
                 continue
             gc.collect()
@@ -639,8 +620,7 @@ async def run_jobs(jobs: list[Job], args: argparse.Namespace) -> None:
         cpu, user, sys_, wall = job.totals
         c.cpu_us, c.user_us, c.sys_us = cpu / n * 1e6, user / n * 1e6, sys_ / n * 1e6
         c.ops_s, c.n_ops, c.wall_s = n / wall, n, wall
-        med = statistics.median(c.rounds_cpu_us)
-        c.spread = (max(c.rounds_cpu_us) - min(c.rounds_cpu_us)) / med * 100 if med else 0.0
+        c.spread = spread(c.rounds_cpu_us) * 100
 
 
 def fail(job: Job, e: BaseException) -> None:
@@ -671,13 +651,7 @@ def redis_setup(args: argparse.Namespace) -> str:
 
 
 def redis_cleanup(args: argparse.Namespace) -> None:
-    admin = _redis_admin(args)
-    try:
-        keys = list(admin.scan_iter(match=KEY_PREFIX + "*", count=1000))
-        for i in range(0, len(keys), 500):
-            admin.delete(*keys[i : i + 500])
-    finally:
-        admin.close()
+    redis_delete(f"redis://{args.redis_host}:{args.redis_port}/0", KEY_PREFIX)
 
 
 def redis_conn_counts(args: argparse.Namespace) -> dict[str, int]:
@@ -713,20 +687,49 @@ def _importable(mod: str) -> str | None:
     return None
 
 
-async def amain(args: argparse.Namespace) -> tuple[list[Cell], dict[str, str]]:
-    meta = versions()
-    t0 = time.perf_counter()
-    adapters = [
+def chosen(args: argparse.Namespace) -> list[Adapter]:
+    """The adapters ``--only`` and ``--driver`` ask for, and the floors."""
+    return [
         a
         for a in all_adapters(args)
         if (args.only is None or a.group in (args.only, "floor"))
         and (not args.driver or a.group == "floor" or any(s in a.name for s in args.driver))
         and not (args.only == "pg" and a.tag == "sock")
     ]
+
+
+async def open_jobs(stack: AsyncExitStack, ad: Adapter) -> list[Job] | Cell:
+    """The adapter's jobs, one per operation and concurrency; or a cell saying why none."""
+    err = _importable(ad.needs) if ad.needs else None
+    if err:
+        return Cell(ad.group, ad.name, "-", 0, note=f"unavailable: {err}")
+    try:
+        factories = await ad.open(stack)
+        if "claim" in factories and ad.group == "redis":
+            check_claim_reply(await factories["claim"]()())
+    except Exception as e:
+        traceback.print_exception(e)
+        return Cell(ad.group, ad.name, "-", 0, note=f"failed: {e!r}")
+    return [
+        Job(
+            Cell(ad.group, ad.name, op_name, conc, note=ad.note),
+            ad,
+            [factory() for _ in range(conc)],
+        )
+        for op_name, factory in factories.items()
+        for conc in ad.concs()
+    ]
+
+
+async def amain(args: argparse.Namespace) -> tuple[list[Cell], dict[str, str]]:
+    meta = versions()
+    t0 = time.perf_counter()
+    adapters = chosen(args)
     groups = {a.group for a in adapters}
+    redis = bool(groups & {"redis", "floor"}) and args.only != "pg"
     cells: list[Cell] = []
     jobs: list[Job] = []
-    if groups & {"redis", "floor"} and args.only != "pg":
+    if redis:
         meta["redis_server"] = redis_setup(args)
     if "pg" in groups:
         rows = await pg_exec(args, PG_SETUP)
@@ -734,27 +737,13 @@ async def amain(args: argparse.Namespace) -> tuple[list[Cell], dict[str, str]]:
     try:
         async with AsyncExitStack() as stack:
             for ad in adapters:
-                err = _importable(ad.needs) if ad.needs else None
-                if err:
-                    cells.append(Cell(ad.group, ad.name, "-", 0, note=f"unavailable: {err}"))
-                    continue
-                try:
-                    factories = await ad.open(stack)
-                    if "claim" in factories and ad.group == "redis":
-                        check_claim_reply(await factories["claim"]()())
-                except Exception as e:
-                    traceback.print_exception(e)
-                    cells.append(Cell(ad.group, ad.name, "-", 0, note=f"failed: {e!r}"))
-                    continue
-                for op_name, factory in factories.items():
-                    for conc in ad.concs():
-                        cell = Cell(ad.group, ad.name, op_name, conc, note=ad.note)
-                        cells.append(cell)
-                        jobs.append(Job(cell, ad, [factory() for _ in range(conc)]))
+                opened = await open_jobs(stack, ad)
+                cells += [opened] if isinstance(opened, Cell) else [job.cell for job in opened]
+                jobs += [] if isinstance(opened, Cell) else opened
             await run_jobs(jobs, args)
             await conn_counts(args, jobs, groups)
     finally:
-        if groups & {"redis", "floor"} and args.only != "pg":
+        if redis:
             redis_cleanup(args)
         if "pg" in groups:
             await pg_exec(args, "DROP SCHEMA IF EXISTS bench_drivers CASCADE")
@@ -781,23 +770,20 @@ def progress(msg: str) -> None:
     print(f"  {msg}", file=sys.stderr, flush=True)
 
 
+DISTRIBUTIONS: tuple[str, ...] = (
+    "redis",
+    "hiredis",
+    "coredis",
+    "valkey-glide",
+    "asyncpg",
+    "psycopg",
+)
+DISTRIBUTIONS += ("psycopg-binary", "psycopg-pool")
+
+
 def versions() -> dict[str, str]:
     out = {"python": platform.python_version(), "cpus": str(os.cpu_count())}
-    for dist in (
-        "redis",
-        "hiredis",
-        "coredis",
-        "valkey-glide",
-        "asyncpg",
-        "psycopg",
-        "psycopg-binary",
-        "psycopg-pool",
-    ):
-        try:
-            out[dist] = importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            out[dist] = "not installed"
-    return out
+    return {**out, **packages(DISTRIBUTIONS, missing="not installed")}
 
 
 HEADERS = ["group", "driver", "op", "conc", "CPU us/op", "user", "sys", "ops/s", "spread"]
@@ -826,33 +812,15 @@ def table_rows(cells: list[Cell]) -> list[list[str]]:
     ]
 
 
+TITLE = (
+    "OncePay drivers: client CPU us/op = process_time/N (user/sys: getrusage),"
+    " spread = (max-min)/median over rounds"
+)
+
+
 def render(cells: list[Cell], meta: dict[str, str], markdown: bool = False) -> None:
     rows = table_rows(cells)
-    numeric = set(HEADERS[3:10])
-    if markdown:
-        print("| " + " | ".join(HEADERS) + " |")
-        print("|" + "|".join("---:" if h in numeric else "---" for h in HEADERS) + "|")
-        for r in rows:
-            print("| " + " | ".join(r) + " |")
-    else:
-        try:
-            from rich.console import Console
-            from rich.table import Table
-        except ImportError:
-            widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(HEADERS)]
-            print("  ".join(h.ljust(w) for h, w in zip(HEADERS, widths, strict=True)))
-            for r in rows:
-                print("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)))
-        else:
-            t = Table(
-                title="OncePay drivers: client CPU us/op = process_time/N (user/sys: getrusage),"
-                " spread = (max-min)/median over rounds"
-            )
-            for h in HEADERS:
-                t.add_column(h, justify="right" if h in numeric else "left")
-            for r in rows:
-                t.add_row(*r)
-            Console(width=220).print(t)
+    print_table(TITLE, HEADERS, rows, right=range(3, 10), use_markdown=markdown)
     print("\nversions: " + ", ".join(f"{k}={v}" for k, v in meta.items()))
 
 

@@ -19,9 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,11 +27,24 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script: bench imports
+
+from bench.harness.load import Load, errors, wrk
+from bench.harness.processes import (
+    children,
+    free_port,
+    peak_rss_mb,
+    stop_group,
+    wait_port,
+)
+from bench.harness.report import markdown_table
+
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent.parent
 PG = os.environ.get("ONCEPAY_BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS = os.environ.get("ONCEPAY_BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
 CONNECTIONS = 32
+LOAD = Load(connections=CONNECTIONS, threads=2, latency=True)
+WARM_UP = 3  # seconds of load before measuring: connections, caches
 TARGETS = {"sqlite-1": 500, "postgres-2": 800}  # payments/s, from the issue
 P99_TARGET_MS = 50
 RSS_TARGET_MB = 200
@@ -48,59 +58,19 @@ CELLS = {
 }
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+Completed = subprocess.CompletedProcess[str]
 
 
-def wait_port(port: int, process: subprocess.Popen[bytes], timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited with {process.returncode}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.1)
-    raise TimeoutError(port)
+def oncepay(*args: str, env: dict[str, str], check: bool = True) -> Completed:
+    """Run an ``oncepay`` command with the cell's settings."""
+    command = [sys.executable, "-m", "oncepay", *args]
+    environ = {**os.environ, **env}
+    return subprocess.run(command, env=environ, capture_output=True, text=True, check=check)
 
 
-def oncepay(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "oncepay", *args], env={**os.environ, **env},
-                          capture_output=True, text=True, check=True)  # fmt: skip
-
-
-def peak_rss_mb(pid: int) -> float:
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return 0.0
-    match = re.search(r"VmHWM:\s+(\d+) kB", status)
-    return int(match.group(1)) / 1024 if match else 0.0
-
-
-def children(pid: int) -> list[int]:
-    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True, check=False)
-    return [int(p) for p in out.stdout.split()]
-
-
-def wrk(port: int, api_key: str, seconds: int, prefix: str) -> dict[str, Any]:
-    out = subprocess.run(
-        ["wrk", "-t", "2", "-c", str(CONNECTIONS), "-d", f"{seconds}s", "--latency",
-         "-s", str(HERE / "payment.lua"), f"http://127.0.0.1:{port}", "--", api_key, prefix],
-        capture_output=True, text=True, check=True,
-    )  # fmt: skip
-    line = next(x for x in out.stdout.splitlines() if x.startswith("E2E_JSON "))
-    result: dict[str, Any] = json.loads(line.removeprefix("E2E_JSON "))
-    return result
-
-
-def cell(name: str, seconds: int, folder: Path) -> dict[str, Any]:
+def environment(name: str, schema: str, folder: Path) -> dict[str, str]:
+    """The service's settings for one cell: its databases, processes and Redis tier."""
     backend, processes, redis = CELLS[name]
-    schema = f"oncepay_bench_{uuid.uuid4().hex[:8]}"
     db = f"sqlite:///{folder / name}.db" if backend == "sqlite" else f"{PG}?schema={schema}"
     env = {
         "ONCEPAY_DATABASE_URL": db,
@@ -110,62 +80,89 @@ def cell(name: str, seconds: int, folder: Path) -> dict[str, Any]:
     }
     if redis:
         env["ONCEPAY_REDIS_URL"] = f"{REDIS}?prefix=oncepay-bench:{schema}:"
+    return env
+
+
+def load(port: int, api_key: str, seconds: int, schema: str) -> dict[str, Any]:
+    """Warm up, then measure: wrk's summary."""
+    url, script = f"http://127.0.0.1:{port}", HERE / "payment.lua"
+    wrk(LOAD, url, script, WARM_UP, api_key, f"warm-{schema}")
+    return wrk(LOAD, url, script, seconds, api_key, f"run-{schema}")
+
+
+def peak_rss(server: int, processes: int) -> list[float]:
+    """Each API process's peak RSS (MB): the server's, or its workers' when it forked them."""
+    pids = children(server) if processes > 1 else [server]
+    return [round(peak_rss_mb(pid), 1) for pid in pids]
+
+
+def cell(name: str, seconds: int, folder: Path) -> dict[str, Any]:
+    backend, processes, _redis = CELLS[name]
+    schema = f"oncepay_bench_{uuid.uuid4().hex[:8]}"
+    env = environment(name, schema, folder)
     api_key = json.loads(oncepay("merchants", "create", "bench", env=env).stdout)["api_key"]
     port = free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "oncepay", "serve", "--port", str(port)],
-        env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env={**os.environ, **env},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
         start_new_session=True,
-    )  # fmt: skip
+    )
     try:
         wait_port(port, server)
         time.sleep(1.0 * processes)  # every worker process up and migrated
-        wrk(port, api_key, 3, f"warm-{schema}")  # warm-up: connections, caches, JIT-less
-        result = wrk(port, api_key, seconds, f"run-{schema}")
-        pids = children(server.pid) if processes > 1 else [server.pid]
-        rss = [round(peak_rss_mb(pid), 1) for pid in pids]
+        result = load(port, api_key, seconds, schema)
+        rss = peak_rss(server.pid, processes)
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(30)
-    check = subprocess.run([sys.executable, "-m", "oncepay", "ledger", "check"],
-                           env={**os.environ, **env}, capture_output=True, text=True,
-                           check=False)  # fmt: skip
+        stop_group(server)
+    balanced = oncepay("ledger", "check", env=env, check=False).returncode == 0
     if backend == "postgres":
-        subprocess.run(["psql", PG, "-qc", f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'],
-                       capture_output=True, check=False)  # fmt: skip
-    errors = sum(v for k, v in result.items() if k.startswith("err_"))
+        drop = ["psql", PG, "-qc", f'DROP SCHEMA IF EXISTS "{schema}" CASCADE']
+        subprocess.run(drop, capture_output=True, check=False)
     return {
         "cell": name,
         "payments_per_s": round(result["requests"] / (result["duration_us"] / 1e6), 1),
         "p50_ms": round(result["p50_us"] / 1000, 2),
         "p99_ms": round(result["p99_us"] / 1000, 2),
-        "errors": errors,
+        "errors": errors(result),
         "peak_rss_mb": rss,
-        "ledger_ok": check.returncode == 0,
+        "ledger_ok": balanced,
     }
 
 
+HEADERS: tuple[str, ...] = (
+    "cell",
+    "payments/s",
+    "p50 ms",
+    "p99 ms",
+    "peak RSS per API process (MB)",
+    "errors",
+)
+HEADERS += ("ledger",)
+
+
+def line(r: dict[str, Any]) -> tuple[str, ...]:
+    rss = ", ".join(str(x) for x in r["peak_rss_mb"])
+    ledger = "balances" if r["ledger_ok"] else "VIOLATED"
+    figures = (r["payments_per_s"], r["p50_ms"], r["p99_ms"], rss, r["errors"], ledger)
+    return (r["cell"], *map(str, figures))
+
+
 def render(rows: list[dict[str, Any]], seconds: int) -> str:
-    lines = [
-        "# End-to-end benchmark: POST /v1/payments",
-        "",
+    intro = (
         f"`bench/e2e/run.py`, {time.strftime('%Y-%m-%d')}, this project's 2-core machine: wrk "
-        f"(2 threads, {CONNECTIONS} connections, {seconds} s after a 3 s warm-up), automatic "
-        "capture, embedded simulated acquirer, no faults, idempotency records in the payments "
-        "database. Server, PostgreSQL and wrk share both cores (nothing pinned).",
-        "",
-        "| cell | payments/s | p50 ms | p99 ms | peak RSS per API process (MB) | errors | ledger |",
-        "|---|---:|---:|---:|---|---:|---|",
-    ]
-    for r in rows:
-        rss = ", ".join(str(x) for x in r["peak_rss_mb"])
-        ledger = "balances" if r["ledger_ok"] else "VIOLATED"
-        lines.append(f"| {r['cell']} | {r['payments_per_s']} | {r['p50_ms']} | {r['p99_ms']} | "
-                     f"{rss} | {r['errors']} | {ledger} |")  # fmt: skip
-    lines += ["", f"Targets: {TARGETS['sqlite-1']} payments/s on sqlite-1, "
-              f"{TARGETS['postgres-2']} on postgres-2, p99 under {P99_TARGET_MS} ms, "
-              f"under {RSS_TARGET_MB} MB per process."]  # fmt: skip
-    return "\n".join(lines) + "\n"
+        f"(2 threads, {CONNECTIONS} connections, {seconds} s after a {WARM_UP} s warm-up), "
+        "automatic capture, embedded simulated acquirer, no faults, idempotency records in the "
+        "payments database. Server, PostgreSQL and wrk share both cores (nothing pinned)."
+    )
+    targets = (
+        f"Targets: {TARGETS['sqlite-1']} payments/s on sqlite-1, {TARGETS['postgres-2']} on "
+        f"postgres-2, p99 under {P99_TARGET_MS} ms, under {RSS_TARGET_MB} MB per process."
+    )
+    table = markdown_table(HEADERS, [line(r) for r in rows], right={1, 2, 3, 5})
+    title = "# End-to-end benchmark: POST /v1/payments"
+    return "\n".join([title, "", intro, "", table, "", targets]) + "\n"
 
 
 def main() -> None:

@@ -15,7 +15,7 @@ The variant is chosen by environment variables, read by :func:`make_app` (a uvic
     OVERHEAD_PREFIX    a Redis key prefix unique to this run and variant
     OVERHEAD_STATS     where experiments.py's pipelined client writes its counters at shutdown
 
-and served as ``uvicorn apps:make_app --factory --app-dir bench/overhead --loop uvloop
+and served as ``uvicorn bench.overhead.apps:make_app --factory --loop uvloop
 --http httptools --no-access-log --workers 1`` (bench/overhead/run.py does this).
 
 How each library is wired:
@@ -129,14 +129,14 @@ def _oncepay(store_url: str, *, experiment: str = "", redis: str = "", prefix: s
     from oncepay.idempotency.stores import store_from_url
 
     if experiment:
-        import experiments
+        from bench.overhead import experiments
 
         store = getattr(experiments, f"{experiment}_store")(redis, prefix)
     else:
         store = store_from_url(store_url)
     return _starlette(
         charges,
-        [Middleware(IdempotencyMiddleware, store=store)],
+        [Middleware(IdempotencyMiddleware, store=store)],  # type: ignore[arg-type]
         cleanup=store.aclose,
     )
 
@@ -161,7 +161,7 @@ def _idemkit(redis_url: str, prefix: str) -> Starlette:
 def _fastapi_idempotency_key(redis_url: str, prefix: str) -> Starlette:
     from fastapi_idempotency_key import IdempotencyMiddleware, RedisBackend
 
-    class FingerprintKeepingRedisBackend(RedisBackend):  # type: ignore[misc]
+    class FingerprintKeepingRedisBackend(RedisBackend):  # type: ignore[misc]  # an Any base
         """fastapi-idempotency-key 0.1.1 stores a completed record with ``fingerprint=""``
         (``RedisBackend.store_response``), so its middleware answers every replay with 422
         "different request payload". This keeps the claim's fingerprint until the response is
@@ -226,7 +226,7 @@ def _powertools(redis_url: str, prefix: str, *, inline: bool) -> Starlette:
         expires_after_seconds=24 * 3600,
     )
 
-    @idempotent_function(
+    @idempotent_function(  # type: ignore[untyped-decorator]  # Powertools is Any here
         data_keyword_argument="request",
         persistence_store=persistence,
         config=config,
@@ -252,7 +252,7 @@ def _powertools(redis_url: str, prefix: str, *, inline: bool) -> Starlette:
         return await run_in_threadpool(call, key, body)
 
     async def close() -> None:
-        persistence.client.close()  # type: ignore[attr-defined]
+        persistence.client.close()
 
     return _starlette(endpoint, cleanup=close)
 

@@ -25,9 +25,12 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script: bench imports
 
-import apps
+from starlette.middleware import Middleware
+
+from bench.harness.stores import redis_delete
+from bench.overhead import apps
 
 BODY = b'{"amount":1250,"currency":"eur","customer":"cus_0042","description":"overhead bench"}'
 REDIS = os.environ.get("OVERHEAD_REDIS", "redis://127.0.0.1:6379/0")
@@ -103,7 +106,8 @@ def build(variant: str, prefix: str) -> tuple[Any, Any]:
     from oncepay.idempotency.stores import store_from_url
 
     store = store_from_url(store_url)
-    app = apps._starlette(apps.charges, [apps.Middleware(IdempotencyMiddleware, store=store)])
+    middleware = Middleware(IdempotencyMiddleware, store=store)  # type: ignore[arg-type]
+    app = apps._starlette(apps.charges, [middleware])
     return app, store
 
 
@@ -121,20 +125,10 @@ async def main_async(args: argparse.Namespace) -> None:
             if store is not None:
                 await store.aclose()
             if variant == "oncepay-redis":
-                await cleanup(prefix)
+                redis_delete(REDIS, prefix)
             base = results.get((path, "bare"))
             extra = f"  (+{us - base:.1f} over bare)" if base is not None else ""
             print(f"{path:6} {variant:16} {us:7.1f} us/req{extra}", flush=True)
-
-
-async def cleanup(prefix: str) -> None:
-    import redis.asyncio as aioredis
-
-    client = aioredis.from_url(REDIS)
-    keys = [k async for k in client.scan_iter(match=f"{prefix}*", count=1000)]
-    for i in range(0, len(keys), 1000):
-        await client.delete(*keys[i : i + 1000])
-    await client.aclose()
 
 
 def main() -> None:

@@ -4,23 +4,11 @@ package.path = debug.getinfo(1, "S").source:match("^@(.*/)") .. "?.lua;" .. pack
 local common = require("common")
 common.setup_request()
 
-local threads = {}
-function setup(thread)
-  table.insert(threads, thread)
-  thread:set("tid", #threads)
-end
-
-local prefix = "k"
-local counter = 0
+setup = common.harness.setup
 
 function init(args)
-  prefix = (args[1] or "k") .. "-t" .. tostring(tid or 0) .. "-"
+  common.harness.fresh_keys(args[1])
 end
 
-function request()
-  counter = counter + 1
-  wrk.headers["Idempotency-Key"] = prefix .. counter
-  return wrk.format()
-end
-
-done = common.done
+request = common.harness.request
+done = common.harness.done

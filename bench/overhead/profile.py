@@ -30,10 +30,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script: bench imports
 
-import run  # noqa: E402
+from bench.harness.cpu import process_cpu
+from bench.harness.load import MARKER
+from bench.harness.stores import pg_execute
+from bench.overhead import run
+
+HERE = Path(__file__).resolve().parent
 
 # A frame in py-spy's raw output: "function (path/to/file.py:123)" (line optional).
 FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>[^():]*?)(?::(?P<line>\d+))?\)$")
@@ -184,25 +188,29 @@ def record(args: argparse.Namespace, variant: str) -> Profile:
     """Serve ``variant``, load it with wrk, and record it with py-spy (SVG, then raw)."""
     pyspy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     cfg = run.Config(
-        seconds=args.seconds, warmup=2.0, connections=args.connections, threads=1,
-        server_cpu="0", load_cpu="1", redis=args.redis, pg=args.pg, python=sys.executable,
-    )  # fmt: skip
+        seconds=args.seconds,
+        warmup=2.0,
+        connections=args.connections,
+        threads=1,
+        server_cpu="0",
+        load_cpu="1",
+        redis=args.redis,
+        pg=args.pg,
+        python=sys.executable,
+    )
     if variant == "oncepay-postgres":
-        run.pg_exec(cfg, f"CREATE SCHEMA {cfg.pg_schema}")
+        pg_execute(cfg.pg, f"CREATE SCHEMA {cfg.pg_schema}")
     stem = f"profile-{variant.removeprefix('oncepay-')}-{args.path}"
     svg, raw = HERE / f"{stem}.svg", HERE / f"{stem}.txt"
     tag = f"{cfg.run_id}-profile"
     key = f"replay-{tag}" if args.path == "replay" else f"meas-{tag}"
-    script = f"{args.path}.lua"
+    script = HERE / f"{args.path}.lua"
     try:
         with run.server(cfg, variant, args.path) as (port, pid, _log):
-            run.wrk(cfg, port, script, key if args.path == "replay" else f"warm-{tag}", 2.0)
-            wrk_cmd = [
-                "taskset", "-c", cfg.load_cpu, "wrk", "-t1", "-c", str(cfg.connections),
-                "-d", f"{2 * args.seconds + 5:g}s", "-s", str(HERE / script),
-                f"http://127.0.0.1:{port}", "--", key,
-            ]  # fmt: skip
-            cpu0 = run.proc_cpu(pid)
+            run.load(cfg, port, args.path, key if args.path == "replay" else f"warm-{tag}", 2.0)
+            url, seconds = f"http://127.0.0.1:{port}", 2 * args.seconds + 5
+            wrk_cmd = cfg.load.command(url, script, seconds, [key])
+            cpu0 = process_cpu(pid)
             load = subprocess.Popen(wrk_cmd, stdout=subprocess.PIPE, text=True)
             time.sleep(1.5)
             spy = [
@@ -213,11 +221,11 @@ def record(args: argparse.Namespace, variant: str) -> Profile:
                 subprocess.run([*spy, "--format", fmt, "-o", str(out)], check=True,
                                capture_output=True)  # fmt: skip
             stdout, _ = load.communicate()
-            cpu1 = run.proc_cpu(pid)
+            cpu1 = process_cpu(pid)
     finally:
         run.cleanup(cfg, pg=variant == "oncepay-postgres")
-    line = next((x for x in stdout.splitlines() if x.startswith("OVERHEAD_JSON ")), "")
-    summary = json.loads(line.removeprefix("OVERHEAD_JSON ")) if line else {}
+    line = next((x for x in stdout.splitlines() if x.startswith(MARKER)), "")
+    summary = json.loads(line.removeprefix(MARKER)) if line else {}
     requests = summary.get("requests", 0)
     seconds = summary.get("duration_us", 1) / 1e6
     return Profile(

@@ -10,4 +10,4 @@ function init(args)
 end
 
 -- No request() function: wrk builds the request once (after init) and reuses it.
-done = common.done
+done = common.harness.done

@@ -58,14 +58,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import importlib.metadata
 import json
 import os
 import platform
-import resource
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -79,22 +75,41 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script: bench imports
+
+from bench.harness import environment, stores
+from bench.harness.cells import Pairs, quartiles
+from bench.harness.cpu import Quiet, children_cpu, core_times, process_cpu
+from bench.harness.load import Load, errors, rate, wrk
+from bench.harness.processes import ROOT, free_port, stop, wait_http
+from bench.harness.report import print_table
+from bench.overhead.apps import VARIANTS
+
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent.parent
-sys.path.insert(0, str(HERE))
-
-from apps import VARIANTS  # noqa: E402
-
 PATHS = ("new", "replay")
 BODY = b'{"amount":1250,"currency":"eur","customer":"cus_0042","description":"overhead bench"}'
-REDIS_PEERS = ("powertools-redis", "powertools-redis-inline", "idemkit-redis",
-               "fastapi-idempotency-key-redis")  # fmt: skip
-PACKAGES = (
-    "oncepay", "starlette", "uvicorn", "uvloop", "httptools", "redis", "hiredis", "asyncpg",
-    "psycopg", "aws-lambda-powertools", "idemkit", "fastapi-idempotency-key", "boto3", "py-spy",
-)  # fmt: skip
-TICK = os.sysconf("SC_CLK_TCK")
+REDIS_PEERS: tuple[str, ...] = ("powertools-redis", "powertools-redis-inline", "idemkit-redis")
+REDIS_PEERS += ("fastapi-idempotency-key-redis",)
+PEER_MODULES = {
+    "powertools-redis": "aws_lambda_powertools",
+    "powertools-redis-inline": "aws_lambda_powertools",
+    "idemkit-redis": "idemkit",
+    "fastapi-idempotency-key-redis": "fastapi_idempotency_key",
+}
+PACKAGES: tuple[str, ...] = (
+    "oncepay",
+    "starlette",
+    "uvicorn",
+    "uvloop",
+    "httptools",
+    "redis",
+    "hiredis",
+)
+PACKAGES += ("asyncpg", "psycopg", "aws-lambda-powertools", "idemkit", "fastapi-idempotency-key")
+PACKAGES += ("boto3", "py-spy")
 PG_DEFAULT = "postgresql://postgres@127.0.0.1:5432/postgres"
+# uvicorn with the app and its store imported answers /health within a few seconds here.
+START_TIMEOUT = 30.0
 
 
 # -- configuration ---------------------------------------------------------------------------------
@@ -114,6 +129,10 @@ class Config:
     alt_src: str = ""
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:10])
     tmp: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="oncepay-overhead-")))
+
+    @property
+    def load(self) -> Load:
+        return Load(self.connections, self.threads, cpu=self.load_cpu, timeout="5s")
 
     @property
     def redis_base(self) -> str:
@@ -182,69 +201,45 @@ class Cell:
     driver: dict[str, int] = field(default_factory=dict)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@contextlib.contextmanager
-def server(cfg: Config, variant: str, slot: str) -> Iterator[tuple[int, int, Path]]:
-    port = free_port()
-    log = cfg.tmp / f"server-{variant}-{slot}.log"
+def server_env(cfg: Config, variant: str, slot: str) -> dict[str, str]:
     env = {
         **os.environ,
         "OVERHEAD_VARIANT": base_variant(variant),
         "OVERHEAD_STORE": cfg.store_url(variant, slot),
         "OVERHEAD_REDIS": cfg.redis,
         "OVERHEAD_PREFIX": cfg.redis_prefix(variant, slot),
-        "OVERHEAD_STATS": str(cfg.tmp / f"stats-{variant}-{slot}.json"),
+        "OVERHEAD_STATS": str(stats_file(cfg, variant, slot)),
         "PYTHONWARNINGS": "ignore",
         "POWERTOOLS_LOG_LEVEL": "WARNING",
     }
     if variant.endswith(ALT):
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [cfg.alt_src, env.get("PYTHONPATH")]))
-    cmd = [
-        "taskset", "-c", cfg.server_cpu, cfg.python, "-m", "uvicorn", "apps:make_app",
-        "--factory", "--app-dir", str(HERE), "--host", "127.0.0.1", "--port", str(port),
-        "--workers", "1", "--loop", "uvloop", "--http", "httptools", "--no-access-log",
-        "--log-level", "warning",
-    ]  # fmt: skip
+    return env
+
+
+def stats_file(cfg: Config, variant: str, slot: str) -> Path:
+    return cfg.tmp / f"stats-{variant}-{slot}.json"
+
+
+UVICORN = "--factory --workers 1 --loop uvloop --http httptools --no-access-log --log-level warning"
+
+
+@contextlib.contextmanager
+def server(cfg: Config, variant: str, slot: str) -> Iterator[tuple[int, int, Path]]:
+    """``variant`` served by uvicorn on the server CPU: (port, pid, log) while the block runs."""
+    port = free_port()
+    log = cfg.tmp / f"server-{variant}-{slot}.log"
+    app = ["-m", "uvicorn", "bench.overhead.apps:make_app", "--host", "127.0.0.1"]
+    cmd = ["taskset", "-c", cfg.server_cpu, cfg.python, *app, "--port", str(port)]
+    cmd += UVICORN.split()
+    env = server_env(cfg, variant, slot)
     with log.open("wb") as out:
         proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited ({proc.returncode}): {last_line(log)}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"server did not start: {last_line(log)}")
-            time.sleep(0.1)
+        wait_http(f"http://127.0.0.1:{port}/health", proc, log, START_TIMEOUT)
         yield port, proc.pid, log
     finally:
         stop(proc)
-
-
-def last_line(log: Path) -> str:
-    lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
-    return lines[-1].strip() if lines else "(no output)"
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGINT)  # uvicorn shuts down gracefully: lifespan closes stores
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 def post(port: int, key: str, body: bytes = BODY) -> tuple[int, bytes, dict[str, str]]:
@@ -282,150 +277,84 @@ def _json_or_none(body: bytes) -> Any:
         return None
 
 
-def wrk(cfg: Config, port: int, script: str, arg: str, seconds: float) -> dict[str, Any]:
-    cmd = [
-        "taskset", "-c", cfg.load_cpu, "wrk", "-t", str(cfg.threads), "-c", str(cfg.connections),
-        "-d", f"{seconds:g}s", "--timeout", "5s", "-s", str(HERE / script),
-        f"http://127.0.0.1:{port}", "--", arg,
-    ]  # fmt: skip
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-    for line in out.splitlines():
-        if line.startswith("OVERHEAD_JSON "):
-            return dict(json.loads(line.removeprefix("OVERHEAD_JSON ")))
-    raise RuntimeError(f"no summary from wrk:\n{out}")
+def load(cfg: Config, port: int, path: str, key: str, seconds: float) -> dict[str, Any]:
+    """One wrk run on ``path`` (new.lua: ``key`` prefixes fresh keys; replay.lua: the key)."""
+    return wrk(cfg.load, f"http://127.0.0.1:{port}", HERE / f"{path}.lua", seconds, key)
 
 
-def proc_cpu(pid: int) -> float:
-    """User+sys CPU seconds of a process, all threads."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / TICK
+@dataclass(frozen=True)
+class Snapshot:
+    """CPU seconds so far: the server's, its core's and the load core's (total, busy, steal),
+    and wrk's (our ended children)."""
 
+    server: float
+    core: tuple[float, float, float]
+    load_core: tuple[float, float, float]
+    wrk: float
 
-def core_times(cpu: str) -> tuple[float, float, float]:
-    """(total, busy, steal) seconds of one CPU since boot."""
-    for line in Path("/proc/stat").read_text().splitlines():
-        name, *values = line.split()
-        if name == f"cpu{cpu}":
-            v = [int(x) / TICK for x in values]
-            total = sum(v[:8])
-            idle = v[3] + v[4]
-            return total, total - idle, v[7]
-    return 0.0, 0.0, 0.0
-
-
-def busy(cpus: list[str], interval: float = 0.5) -> float:
-    """The highest busy share (%) among ``cpus`` over ``interval`` seconds."""
-    before = [core_times(c) for c in cpus]
-    time.sleep(interval)
-    after = [core_times(c) for c in cpus]
-    shares = [
-        100 * (a[1] - b[1]) / (a[0] - b[0]) if a[0] > b[0] else 0.0
-        for a, b in zip(after, before, strict=True)
-    ]
-    return max(shares)
-
-
-class Quiet:
-    """Before each cell, wait (within a budget) until both CPUs are idle enough: other work
-    on this shared machine moves req/s a lot."""
-
-    def __init__(self, cfg: Config, threshold: float, per_cell: float, budget: float) -> None:
-        self.cpus = [cfg.server_cpu, cfg.load_cpu]
-        self.threshold, self.per_cell, self.budget = threshold, per_cell, budget
-
-    def wait(self) -> tuple[float, float]:
-        start = time.monotonic()
-        while True:
-            share = busy(self.cpus)
-            waited = time.monotonic() - start
-            if self.threshold <= 0 or share <= self.threshold:
-                break
-            if waited >= min(self.per_cell, self.budget):
-                break
-        self.budget = max(0.0, self.budget - waited)
-        return waited, share
+    @classmethod
+    def take(cls, cfg: Config, pid: int) -> Snapshot:
+        server, core, load_core = (
+            process_cpu(pid),
+            core_times(cfg.server_cpu),
+            core_times(cfg.load_cpu),
+        )
+        return cls(server, core, load_core, children_cpu())
 
 
 def measure(cfg: Config, variant: str, path: str, label: str, slot: str) -> Cell:
     cell = Cell(variant, path, label or variant)
     tag = f"{cfg.run_id}-{variant}-{slot}"
+    replay_key = f"replay-{tag}"
     with server(cfg, variant, slot) as (port, pid, _log):
         cell.verify = verify(port, variant)
-        script = f"{path}.lua"
-        replay_key = f"replay-{tag}"
-        wrk(cfg, port, script, replay_key if path == "replay" else f"warm-{tag}", cfg.warmup)
-        cpu0, core0, load0 = proc_cpu(pid), core_times(cfg.server_cpu), core_times(cfg.load_cpu)
-        wrk0 = children_cpu()
-        result = wrk(
-            cfg, port, script, replay_key if path == "replay" else f"meas-{tag}", cfg.seconds
+        load(cfg, port, path, replay_key if path == "replay" else f"warm-{tag}", cfg.warmup)
+        before = Snapshot.take(cfg, pid)
+        result = load(
+            cfg, port, path, replay_key if path == "replay" else f"meas-{tag}", cfg.seconds
         )
-        wrk1 = children_cpu()
-        cpu1, core1, load1 = proc_cpu(pid), core_times(cfg.server_cpu), core_times(cfg.load_cpu)
-    stats = cfg.tmp / f"stats-{variant}-{slot}.json"
-    if stats.exists():  # the experiment client's counters, written at shutdown
-        counts = json.loads(stats.read_text())
-        cell.driver = counts
-        if counts.get("writes"):
-            cell.verify += f"; {counts['commands'] / counts['writes']:.1f} cmds/write"
-    seconds = result["duration_us"] / 1e6
-    cell.wrk = result
-    cell.requests = result["requests"]
-    cell.rps = cell.requests / seconds
-    cell.p50_ms = result["p50_us"] / 1000
-    cell.p90_ms = result["p90_us"] / 1000
-    cell.p99_ms = result["p99_us"] / 1000
-    cell.errors = sum(v for k, v in result.items() if k.startswith("err_"))
-    cell.cpu_us_per_req = (cpu1 - cpu0) / max(cell.requests, 1) * 1e6
-    wall = core1[0] - core0[0]
-    if wall > 0:
-        cell.server_cpu_pct = 100 * (cpu1 - cpu0) / wall
-        # busy includes steal: whatever ran on the server's CPU that was not the server
-        other = (core1[1] - core0[1]) - (cpu1 - cpu0)
-        cell.other_on_core_pct = max(0.0, 100 * other / wall)
-        cell.steal_pct = 100 * (core1[2] - core0[2]) / wall
-    load_wall = load1[0] - load0[0]
-    if load_wall > 0:
-        cell.wrk_cpu_pct = 100 * (wrk1 - wrk0) / load_wall
-        cell.other_on_load_core_pct = max(
-            0.0, 100 * ((load1[1] - load0[1]) - (wrk1 - wrk0)) / load_wall
-        )
+        after = Snapshot.take(cfg, pid)
+    add_driver_stats(cell, stats_file(cfg, variant, slot))
+    add_figures(cell, result, before, after)
     return cell
 
 
-def children_cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
+def add_driver_stats(cell: Cell, stats: Path) -> None:
+    """The experiment client's counters, written at shutdown, if it wrote any."""
+    if not stats.exists():
+        return
+    counts = json.loads(stats.read_text())
+    cell.driver = counts
+    if counts.get("writes"):
+        cell.verify += f"; {counts['commands'] / counts['writes']:.1f} cmds/write"
+
+
+def add_figures(cell: Cell, result: dict[str, Any], before: Snapshot, after: Snapshot) -> None:
+    cell.wrk = result
+    cell.requests = result["requests"]
+    cell.rps = rate(result)
+    cell.p50_ms = result["p50_us"] / 1000
+    cell.p90_ms = result["p90_us"] / 1000
+    cell.p99_ms = result["p99_us"] / 1000
+    cell.errors = errors(result)
+    served = after.server - before.server
+    cell.cpu_us_per_req = served / max(cell.requests, 1) * 1e6
+    wall = after.core[0] - before.core[0]
+    if wall > 0:
+        cell.server_cpu_pct = 100 * served / wall
+        # busy includes steal: whatever ran on the server's CPU that was not the server
+        other = (after.core[1] - before.core[1]) - served
+        cell.other_on_core_pct = max(0.0, 100 * other / wall)
+        cell.steal_pct = 100 * (after.core[2] - before.core[2]) / wall
+    load_wall = after.load_core[0] - before.load_core[0]
+    if load_wall > 0:
+        loaded = after.wrk - before.wrk
+        cell.wrk_cpu_pct = 100 * loaded / load_wall
+        other = (after.load_core[1] - before.load_core[1]) - loaded
+        cell.other_on_load_core_pct = max(0.0, 100 * other / load_wall)
 
 
 # -- stores: preflight and cleanup -----------------------------------------------------------------
-
-
-def redis_client(cfg: Config) -> Any:
-    import redis
-
-    return redis.Redis.from_url(cfg.redis, socket_timeout=5)
-
-
-def redis_delete(cfg: Config, pattern_prefix: str) -> int:
-    client = redis_client(cfg)
-    deleted = 0
-    batch: list[bytes] = []
-    for key in client.scan_iter(match=f"{pattern_prefix}*", count=2000):
-        batch.append(key)
-        if len(batch) >= 1000:
-            deleted += client.unlink(*batch)
-            batch.clear()
-    if batch:
-        deleted += client.unlink(*batch)
-    client.close()
-    return deleted
-
-
-def pg_exec(cfg: Config, statement: str) -> None:
-    import psycopg
-
-    with psycopg.connect(cfg.pg, autocommit=True, connect_timeout=5) as conn:
-        conn.execute(statement)
 
 
 def preflight(cfg: Config, variants: list[str]) -> dict[str, str]:
@@ -434,21 +363,15 @@ def preflight(cfg: Config, variants: list[str]) -> dict[str, str]:
     redis_needed = [v for v in variants if v.startswith("oncepay-redis") or v in REDIS_PEERS]
     if redis_needed:
         try:
-            redis_client(cfg).ping()
+            stores.redis_client(cfg.redis).ping()
         except Exception as exc:
             skipped.update(dict.fromkeys(redis_needed, f"Redis unreachable: {exc}"))
     if "oncepay-postgres" in variants:
         try:
-            pg_exec(cfg, f"CREATE SCHEMA {cfg.pg_schema}")
+            stores.pg_execute(cfg.pg, f"CREATE SCHEMA {cfg.pg_schema}")
         except Exception as exc:
             skipped["oncepay-postgres"] = f"PostgreSQL unreachable: {exc}"
-    modules = {
-        "powertools-redis": "aws_lambda_powertools",
-        "powertools-redis-inline": "aws_lambda_powertools",
-        "idemkit-redis": "idemkit",
-        "fastapi-idempotency-key-redis": "fastapi_idempotency_key",
-    }
-    for variant, module in modules.items():
+    for variant, module in PEER_MODULES.items():
         if variant in variants and variant not in skipped:
             try:
                 __import__(module)
@@ -459,71 +382,30 @@ def preflight(cfg: Config, variants: list[str]) -> dict[str, str]:
 
 def cleanup(cfg: Config, *, pg: bool) -> None:
     with contextlib.suppress(Exception):
-        redis_delete(cfg, cfg.redis_base)
+        stores.redis_delete(cfg.redis, cfg.redis_base)
     if pg:
         with contextlib.suppress(Exception):
-            pg_exec(cfg, f"DROP SCHEMA IF EXISTS {cfg.pg_schema} CASCADE")
+            stores.pg_execute(cfg.pg, f"DROP SCHEMA IF EXISTS {cfg.pg_schema} CASCADE")
     shutil.rmtree(cfg.tmp, ignore_errors=True)
+
+
+def forget(cfg: Config, variant: str, slot: str) -> None:
+    """Drop the Redis keys of one attempt at one cell."""
+    with contextlib.suppress(Exception):
+        stores.redis_delete(cfg.redis, cfg.redis_prefix(variant, slot))
 
 
 # -- report ----------------------------------------------------------------------------------------
 
 
-def versions() -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    for name in PACKAGES:
-        try:
-            out[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            out[name] = "-"
-    try:
-        out["wrk"] = subprocess.run(
-            ["wrk", "--version"], capture_output=True, text=True, check=False
-        ).stdout.split(" [")[0]
-    except OSError:
-        out["wrk"] = "-"
+def versions(cfg: Config) -> dict[str, str]:
+    out = {"python": platform.python_version(), **environment.packages(PACKAGES)}
+    out["wrk"] = environment.wrk_version()
     with contextlib.suppress(Exception):
-        out["redis-server"] = str(redis_client_info())
+        out["redis-server"] = stores.redis_version(cfg.redis)
     with contextlib.suppress(Exception):
-        import psycopg
-
-        with psycopg.connect(PG_DEFAULT, connect_timeout=2) as conn:
-            row = conn.execute("SHOW server_version").fetchone()
-            out["postgresql-server"] = str(row[0]) if row else "-"
+        out["postgresql-server"] = stores.pg_version(cfg.pg)
     return out
-
-
-def git_state() -> dict[str, Any]:
-    """The commit measured and any uncommitted change under src/ (others edit it meanwhile)."""
-
-    def git(*args: str) -> str:
-        return subprocess.run(
-            ["git", *args], capture_output=True, text=True, cwd=ROOT, check=False
-        ).stdout.strip()
-
-    return {"head": git("rev-parse", "--short", "HEAD"),
-            "dirty_src": git("status", "--short", "--", "src").splitlines()}  # fmt: skip
-
-
-def redis_client_info() -> str:
-    import redis
-
-    return str(redis.Redis(socket_timeout=2).info("server")["redis_version"])
-
-
-def machine() -> dict[str, Any]:
-    model = ""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    return {
-        "cpus": os.cpu_count(),
-        "cpu_model": model,
-        "kernel": platform.release(),
-        "loadavg_at_start": Path("/proc/loadavg").read_text().split()[:3],
-    }
 
 
 def add_ratios(cells: list[Cell]) -> None:
@@ -545,6 +427,12 @@ def add_ratios(cells: list[Cell]) -> None:
             c.cpu_ratio = cpu / c.cpu_us_per_req if c.cpu_us_per_req else None
 
 
+def _median_and_range(values: list[float]) -> tuple[str, str]:
+    if not values:
+        return "-", "-"
+    return f"{statistics.median(values):.3f}", f"{values[0]:.3f}-{values[-1]:.3f}"
+
+
 def summary(cells: list[Cell]) -> list[tuple[str, ...]]:
     """Per path and variant over the rounds: median paired ratio (range), by req/s and CPU."""
     out: list[tuple[str, ...]] = []
@@ -558,115 +446,68 @@ def summary(cells: list[Cell]) -> list[tuple[str, ...]]:
             if not ratios:
                 continue
             rps = statistics.median(c.rps for c in mine)
-            out.append((
-                path, variant, str(len(ratios)), f"{rps:,.0f}",
-                f"{statistics.median(ratios):.3f}", f"{ratios[0]:.3f}-{ratios[-1]:.3f}",
-                f"{statistics.median(cpu):.3f}" if cpu else "-",
-                f"{cpu[0]:.3f}-{cpu[-1]:.3f}" if cpu else "-",
-            ))  # fmt: skip
+            head = (path, variant, str(len(ratios)), f"{rps:,.0f}")
+            out.append((*head, *_median_and_range(ratios), *_median_and_range(cpu)))
     return out
 
 
-SUMMARY_HEADERS = ("path", "variant", "rounds", "median req/s", "x bare (median)", "range",
-                   "x bare CPU (median)", "range")  # fmt: skip
+SUMMARY_HEADERS: tuple[str, ...] = (
+    "path",
+    "variant",
+    "rounds",
+    "median req/s",
+    "x bare (median)",
+    "range",
+)
+SUMMARY_HEADERS += ("x bare CPU (median)", "range")
+
+HEADERS: tuple[str, ...] = (
+    "path",
+    "variant",
+    "req/s",
+    "p50 ms",
+    "p99 ms",
+    "x bare",
+    "CPU us/req",
+    "x bare CPU",
+)
+HEADERS += ("srv CPU%", "other% cpu0/1", "errors", "check")
 
 
-HEADERS = ("path", "variant", "req/s", "p50 ms", "p99 ms", "x bare", "CPU us/req",
-           "x bare CPU", "srv CPU%", "other% cpu0/1", "errors", "check")  # fmt: skip
+def _ratio(value: float | None) -> str:
+    return f"{value:.2f}" if value is not None else "-"
 
 
-def rows(cells: list[Cell]) -> list[tuple[str, ...]]:
-    out = []
-    for c in cells:
-        if c.status != "ok":
-            out.append((c.path, c.label, "-", "-", "-", "-", "-", "-", "-", "-", "-", c.status))
-            continue
-        errors = (
-            f"{c.errors}"
-            if not c.errors
-            else f"{c.errors} ({100 * c.errors / max(c.requests, 1):.0f}%)"
-        )
-        out.append((
-            c.path, c.label, f"{c.rps:,.0f}", f"{c.p50_ms:.2f}", f"{c.p99_ms:.2f}",
-            f"{c.ratio:.2f}" if c.ratio is not None else "-",
-            f"{c.cpu_us_per_req:.0f}",
-            f"{c.cpu_ratio:.2f}" if c.cpu_ratio is not None else "-",
-            f"{c.server_cpu_pct:.0f}",
-            f"{c.other_on_core_pct:.0f}/{c.other_on_load_core_pct:.0f}", errors, c.verify,
-        ))  # fmt: skip
-    return out
+def row(c: Cell) -> tuple[str, ...]:
+    if c.status != "ok":
+        return (c.path, c.label, *("-",) * 9, c.status)
+    errors = (
+        f"{c.errors}"
+        if not c.errors
+        else f"{c.errors} ({100 * c.errors / max(c.requests, 1):.0f}%)"
+    )
+    latency = (f"{c.rps:,.0f}", f"{c.p50_ms:.2f}", f"{c.p99_ms:.2f}", _ratio(c.ratio))
+    cpu = (f"{c.cpu_us_per_req:.0f}", _ratio(c.cpu_ratio), f"{c.server_cpu_pct:.0f}")
+    other = f"{c.other_on_core_pct:.0f}/{c.other_on_load_core_pct:.0f}"
+    return (c.path, c.label, *latency, *cpu, other, errors, c.verify)
 
 
-def markdown(cells: list[Cell]) -> str:
-    lines = ["| " + " | ".join(HEADERS) + " |", "|" + "|".join("---" for _ in HEADERS) + "|"]
-    lines += ["| " + " | ".join(r) + " |" for r in rows(cells)]
-    return "\n".join(lines)
-
-
-def print_table(cells: list[Cell], *, use_markdown: bool) -> None:
-    _print_table(cells, use_markdown=use_markdown)
+def print_cells(cells: list[Cell], *, use_markdown: bool) -> None:
+    title = "middleware overhead (wrk, loopback, one uvicorn worker)"
+    rows = [row(c) for c in cells]
+    right = range(2, 11)
+    print_table(
+        title, HEADERS, rows, right=right, use_markdown=use_markdown, section_by=0, width=200
+    )
     if any(c.round > 1 for c in cells):
         print()
-        _print_summary(summary(cells), use_markdown=use_markdown)
+        title = "paired ratios over the rounds (each cell against the bare cells by it)"
+        print_table(
+            title, SUMMARY_HEADERS, summary(cells), right=range(2, 8), use_markdown=use_markdown
+        )
 
 
-def _print_summary(lines: list[tuple[str, ...]], *, use_markdown: bool) -> None:
-    title = "paired ratios over the rounds (each cell against the bare cells by it)"
-    render(title, SUMMARY_HEADERS, lines, left=(0, 1), use_markdown=use_markdown)
-
-
-def render(
-    title: str,
-    headers: tuple[str, ...],
-    lines: list[tuple[str, ...]],
-    *,
-    left: tuple[int, ...],
-    use_markdown: bool,
-) -> None:
-    """A table in rich (``left``: the columns aligned left) or, without rich, in markdown."""
-    if not use_markdown:
-        try:
-            from rich.console import Console
-            from rich.table import Table
-        except ImportError:
-            use_markdown = True
-    if use_markdown:
-        print("| " + " | ".join(headers) + " |")
-        print("|" + "|".join("---" for _ in headers) + "|")
-        for line in lines:
-            print("| " + " | ".join(line) + " |")
-        return
-    table = Table(title=title)
-    for i, h in enumerate(headers):
-        table.add_column(h, justify="left" if i in left else "right")
-    for line in lines:
-        table.add_row(*line)
-    Console(width=220).print(table)
-
-
-def _print_table(cells: list[Cell], *, use_markdown: bool) -> None:
-    if not use_markdown:
-        try:
-            from rich.console import Console
-            from rich.table import Table
-        except ImportError:
-            use_markdown = True
-    if use_markdown:
-        print(markdown(cells))
-        return
-    table = Table(title="middleware overhead (wrk, loopback, one uvicorn worker)")
-    for i, h in enumerate(HEADERS):
-        table.add_column(h, justify="left" if i in (0, 1, 11) else "right")
-    last = None
-    for c, r in zip(cells, rows(cells), strict=True):
-        if last is not None and c.path != last:
-            table.add_section()
-        last = c.path
-        table.add_row(*r)
-    Console(width=200).print(table)
-
-
-# -- main ------------------------------------------------------------------------------------------
+# -- cells -----------------------------------------------------------------------------------------
 
 
 def contended(cell: Cell, limit: float) -> bool:
@@ -695,119 +536,201 @@ def report(cell: Cell, waited: float, share: float, elapsed: float) -> None:
     )
 
 
+def order(variants: list[str], rounds: int) -> list[tuple[str, str, int]]:
+    """(variant, label, round) in the order measured on one path."""
+    if rounds == 1:
+        return [
+            ("bare", "bare (first)", 0),
+            *((v, v, 0) for v in variants),
+            ("bare", "bare (last)", 0),
+        ]
+    cells = []
+    for r in range(1, rounds + 1):
+        # every other round in reverse, so that no variant always has the same neighbours
+        ours = variants if r % 2 else variants[::-1]
+        cells += [("bare", f"bare #{r}", r), *((v, f"{v} #{r}", r) for v in ours)]
+    return [*cells, ("bare", f"bare #{rounds + 1}", rounds + 1)]
+
+
+def attempt(cfg: Config, variant: str, path: str, label: str, slot: str) -> Cell:
+    """One measurement of a cell; a failure is a cell that says so."""
+    try:
+        return measure(cfg, variant, path, label, slot)
+    except Exception as exc:
+        return Cell(variant, path, label, status=f"failed: {exc}"[:300])
+    finally:
+        if variant != "bare":
+            forget(cfg, variant, slot)
+
+
 @dataclass
-class Pairs:
-    """A variant against the bare app in alternating short loads (``--pairs``)."""
+class Session:
+    """One run of cells: its configuration, options, and the quiet-machine budget."""
 
-    variant: str
-    path: str
-    verify: str = ""
-    seconds: float = 0.0
-    bare_rps: list[float] = field(default_factory=list)
-    rps: list[float] = field(default_factory=list)
-    bare_cpu_us: list[float] = field(default_factory=list)  # server CPU per request
-    cpu_us: list[float] = field(default_factory=list)
-    errors: int = 0
-    status: str = "ok"
-
-    @property
-    def ratios(self) -> list[float]:
-        return [v / b for v, b in zip(self.rps, self.bare_rps, strict=True) if b]
-
-    @property
-    def cpu_ratios(self) -> list[float]:
-        return [b / v for v, b in zip(self.cpu_us, self.bare_cpu_us, strict=True) if v]
-
-    def pooled(self) -> tuple[float, float]:
-        """(req/s ratio, CPU ratio) over all pairs: equal time on each side, so sums compare."""
-        rps = sum(self.rps) / sum(self.bare_rps) if sum(self.bare_rps) else 0.0
-        bare_cpu = _weighted(self.bare_cpu_us, self.bare_rps)
-        cpu = _weighted(self.cpu_us, self.rps)
-        return rps, (bare_cpu / cpu if cpu else 0.0)
+    cfg: Config
+    args: argparse.Namespace
+    quiet: Quiet
+    started: float = field(default_factory=time.time)
 
 
-def _weighted(values: list[float], weights: list[float]) -> float:
-    total = sum(weights)
-    return sum(v * w for v, w in zip(values, weights, strict=True)) / total if total else 0.0
+def best_of(run: Session, variant: str, path: str, label: str, round_: int) -> Cell:
+    """Measure a cell, again (up to ``--retries``) while it was contended; the cleanest."""
+    t0, args = time.monotonic(), run.args
+    best: Cell | None = None
+    for n in range(1, 2 + max(args.retries, 0)):
+        waited, share = run.quiet.wait()
+        result = attempt(run.cfg, variant, path, label, f"{path}-{round_}-{n}")
+        result.round, result.attempts = round_, n
+        result.quiet_wait_s, result.busy_before_pct = round(waited, 1), round(share, 1)
+        report(result, waited, share, time.monotonic() - t0)
+        if best is None or quality(result) > quality(best):
+            best = result
+        out_of_time = time.time() - run.started > args.retry_until
+        if out_of_time or result.status != "ok" or not contended(result, args.contended):
+            break
+    assert best is not None
+    return best
 
 
-def _quartiles(values: list[float]) -> tuple[float, float, float]:
-    if len(values) < 2:
-        v = values[0] if values else 0.0
-        return v, v, v
-    q1, q2, q3 = statistics.quantiles(values, n=4)
-    return q1, q2, q3
+def announce(cfg: Config, info: dict[str, Any], cells: str) -> None:
+    dirty = info["git"]["dirty_src"]
+    print(
+        f"run {cfg.run_id}: {cells} cells, "
+        f"{cfg.seconds:g}s each after {cfg.warmup:g}s warm-up; server on CPU {cfg.server_cpu}, "
+        f"wrk on CPU {cfg.load_cpu}, {cfg.connections} connections; git {info['git']['head']}"
+        + (f" + uncommitted src: {', '.join(dirty)}" if dirty else "")
+        + (f"; @alt = {cfg.alt_src}" if cfg.alt_src else ""),
+        flush=True,
+    )
+
+
+def measure_all(run: Session, variants: list[str], paths: list[str]) -> list[Cell]:
+    """Every cell in order, path by path; the stores cleared at the end."""
+    cfg = run.cfg
+    skipped = preflight(cfg, variants)
+    cells: list[Cell] = []
+    try:
+        for path in paths:
+            for variant, label, round_ in order(variants, max(run.args.rounds, 1)):
+                why = skipped.get(variant) or skipped.get(base_variant(variant))
+                if why:
+                    cells.append(Cell(variant, path, label, status=f"skipped: {why}"))
+                else:
+                    cells.append(best_of(run, variant, path, label, round_))
+    finally:
+        cleanup(cfg, pg="oncepay-postgres" in variants and "oncepay-postgres" not in skipped)
+    return cells
+
+
+def run_cells(cfg: Config, variants: list[str], paths: list[str], args: argparse.Namespace) -> int:
+    info: dict[str, Any] = {"machine": environment.machine(), "versions": versions(cfg)}
+    info["git"] = environment.git_state()
+    info["config"] = {k: v for k, v in asdict(cfg).items() if k not in ("tmp",)}
+    rounds = max(args.rounds, 1)
+    announce(cfg, info, f"{len(paths)} paths x {rounds * (len(variants) + 1) + 1}")
+    cpus = [cfg.server_cpu, cfg.load_cpu]
+    run = Session(cfg, args, Quiet(cpus, args.quiet_threshold, args.quiet_wait, args.quiet_budget))
+    cells = measure_all(run, variants, paths)
+    add_ratios(cells)
+    info["machine"]["loadavg_at_end"] = environment.loadavg()
+    info["elapsed_s"] = round(time.time() - run.started, 1)
+    print()
+    print_cells(cells, use_markdown=args.markdown)
+    load = info["machine"]
+    print(
+        f"\n{info['elapsed_s']:.0f}s; load average at start {load['loadavg_at_start']}, "
+        f"at end {load['loadavg_at_end']}"
+    )
+    if args.json:
+        args.json.write_text(json.dumps({**info, "cells": [asdict(c) for c in cells]}, indent=2))
+        print(f"wrote {args.json}")
+    return 0
+
+
+# -- pairs -----------------------------------------------------------------------------------------
 
 
 def measure_pairs(cfg: Config, variant: str, path: str, n: int, seconds: float) -> Pairs:
     result = Pairs(variant, path, seconds=seconds)
     slot = f"{path}-pairs"
-    script = f"{path}.lua"
     tag = f"{cfg.run_id}-{variant}-{slot}"
     with (
         server(cfg, "bare", slot) as (bare_port, bare_pid, _),
-        server(cfg, variant, slot) as (
-            port,
-            pid,
-            _,
-        ),
+        server(cfg, variant, slot) as (port, pid, _),
     ):
         result.verify = verify(port, variant)
         sides = {"bare": (bare_port, bare_pid), variant: (port, pid)}
         replay_key = {name: f"replay-{tag}-{name}" for name in sides}
         for name, (p, _pid) in sides.items():  # warm both, and make the replay keys
-            wrk(cfg, p, script, replay_key[name] if path == "replay" else f"warm-{tag}", cfg.warmup)
+            load(cfg, p, path, replay_key[name] if path == "replay" else f"warm-{tag}", cfg.warmup)
         for i in range(n):
-            order = ["bare", variant] if i % 2 == 0 else [variant, "bare"]
-            for name in order:
+            for name in ["bare", variant] if i % 2 == 0 else [variant, "bare"]:
                 p, server_pid = sides[name]
-                cpu0 = proc_cpu(server_pid)
-                arg = replay_key[name] if path == "replay" else f"meas-{tag}-{i}"
-                out = wrk(cfg, p, script, arg, seconds)
-                cpu1 = proc_cpu(server_pid)
-                requests = max(int(out["requests"]), 1)
-                rps = out["requests"] / (out["duration_us"] / 1e6)
-                cpu_us = (cpu1 - cpu0) / requests * 1e6
-                result.errors += sum(v for k, v in out.items() if k.startswith("err_"))
-                if name == "bare":
-                    result.bare_rps.append(rps)
-                    result.bare_cpu_us.append(cpu_us)
-                else:
-                    result.rps.append(rps)
-                    result.cpu_us.append(cpu_us)
+                cpu0 = process_cpu(server_pid)
+                out = load(
+                    cfg,
+                    p,
+                    path,
+                    replay_key[name] if path == "replay" else f"meas-{tag}-{i}",
+                    seconds,
+                )
+                cpu_us = (process_cpu(server_pid) - cpu0) / max(int(out["requests"]), 1) * 1e6
+                result.errors += errors(out)
+                result.add(name == "bare", rate(out), cpu_us)
     return result
 
 
-PAIR_HEADERS = ("path", "variant", "pairs", "bare req/s (median)", "req/s (median)",
-                "x bare: median (IQR)", "pooled", "x bare CPU: median (IQR)", "pooled",
-                "errors", "check")  # fmt: skip
+PAIR_HEADERS: tuple[str, ...] = (
+    "path",
+    "variant",
+    "pairs",
+    "bare req/s (median)",
+    "req/s (median)",
+)
+PAIR_HEADERS += ("x bare: median (IQR)", "pooled", "x bare CPU: median (IQR)", "pooled")
+PAIR_HEADERS += ("errors", "check")
 
 
-def pair_rows(results: list[Pairs]) -> list[tuple[str, ...]]:
-    out: list[tuple[str, ...]] = []
-    for r in results:
-        if r.status != "ok" or not r.ratios:
-            out.append((r.path, r.variant, "-", "-", "-", "-", "-", "-", "-", "-", r.status))
-            continue
-        q1, q2, q3 = _quartiles(r.ratios)
-        c1, c2, c3 = _quartiles(r.cpu_ratios)
-        pooled, pooled_cpu = r.pooled()
-        out.append((
-            r.path, r.variant, str(len(r.ratios)), f"{statistics.median(r.bare_rps):,.0f}",
-            f"{statistics.median(r.rps):,.0f}", f"{q2:.3f} ({q1:.3f}-{q3:.3f})", f"{pooled:.3f}",
-            f"{c2:.3f} ({c1:.3f}-{c3:.3f})", f"{pooled_cpu:.3f}", str(r.errors), r.verify,
-        ))  # fmt: skip
-    return out
+def pair_row(r: Pairs) -> tuple[str, ...]:
+    if r.status != "ok" or not r.ratios:
+        return (r.path, r.variant, *("-",) * 8, r.status)
+    q1, q2, q3 = quartiles(r.ratios)
+    c1, c2, c3 = quartiles(r.cpu_ratios)
+    pooled, pooled_cpu = r.pooled()
+    rps = (f"{statistics.median(r.bare_rps):,.0f}", f"{statistics.median(r.rps):,.0f}")
+    ratios = (f"{q2:.3f} ({q1:.3f}-{q3:.3f})", f"{pooled:.3f}")
+    cpu = (f"{c2:.3f} ({c1:.3f}-{c3:.3f})", f"{pooled_cpu:.3f}")
+    return (r.path, r.variant, str(len(r.ratios)), *rps, *ratios, *cpu, str(r.errors), r.verify)
 
 
-def print_pairs(results: list[Pairs], *, use_markdown: bool) -> None:
-    title = "alternating pairs: each variant load against a bare load beside it"
-    render(title, PAIR_HEADERS, pair_rows(results), left=(0, 1, 10), use_markdown=use_markdown)
+def one_pair(cfg: Config, variant: str, path: str, args: argparse.Namespace) -> Pairs:
+    t0 = time.monotonic()
+    try:
+        result = measure_pairs(cfg, variant, path, args.pairs, args.pair_seconds)
+    except Exception as exc:
+        result = Pairs(variant, path, status=f"failed: {exc}"[:300])
+    finally:
+        forget(cfg, variant, f"{path}-pairs")
+    if result.ratios:
+        pooled, pooled_cpu = result.pooled()
+        median = statistics.median(result.ratios)
+        print(
+            f"  {path:6} {variant:32} {len(result.ratios)} pairs: median {median:.3f}, pooled "
+            f"{pooled:.3f} (CPU {pooled_cpu:.3f})  ({time.monotonic() - t0:.0f}s)",
+            flush=True,
+        )
+    else:
+        print(f"  {path:6} {variant:32} {result.status}", flush=True)
+    return result
 
 
-def run_pairs(
-    cfg: Config, variants: list[str], paths: list[str], n: int, seconds: float, args: Any
-) -> int:
+def run_pairs(cfg: Config, variants: list[str], paths: list[str], args: argparse.Namespace) -> int:
+    print(
+        f"run {cfg.run_id}: {args.pairs} pairs of {args.pair_seconds:g}s loads per variant and "
+        f"path; git {environment.git_state()['head']}"
+        + (f"; @alt = {cfg.alt_src}" if cfg.alt_src else ""),
+        flush=True,
+    )
     skipped = preflight(cfg, variants)
     results: list[Pairs] = []
     started = time.time()
@@ -817,51 +740,31 @@ def run_pairs(
                 why = skipped.get(variant) or skipped.get(base_variant(variant))
                 if why:
                     results.append(Pairs(variant, path, status=f"skipped: {why}"))
-                    continue
-                t0 = time.monotonic()
-                try:
-                    result = measure_pairs(cfg, variant, path, n, seconds)
-                except Exception as exc:
-                    result = Pairs(variant, path, status=f"failed: {exc}"[:300])
-                finally:
-                    with contextlib.suppress(Exception):
-                        redis_delete(cfg, cfg.redis_prefix(variant, f"{path}-pairs"))
-                results.append(result)
-                if result.ratios:
-                    pooled, pooled_cpu = result.pooled()
-                    print(f"  {path:6} {variant:32} {len(result.ratios)} pairs: median "
-                          f"{statistics.median(result.ratios):.3f}, pooled {pooled:.3f} "
-                          f"(CPU {pooled_cpu:.3f})  ({time.monotonic() - t0:.0f}s)",
-                          flush=True)  # fmt: skip
                 else:
-                    print(f"  {path:6} {variant:32} {result.status}", flush=True)
+                    results.append(one_pair(cfg, variant, path, args))
     finally:
         cleanup(cfg, pg="oncepay-postgres" in variants and "oncepay-postgres" not in skipped)
     print()
-    print_pairs(results, use_markdown=args.markdown)
+    title = "alternating pairs: each variant load against a bare load beside it"
+    rows = [pair_row(r) for r in results]
+    print_table(title, PAIR_HEADERS, rows, right=range(2, 10), use_markdown=args.markdown)
     print(f"\n{time.time() - started:.0f}s")
     if args.json:
-        info = {"machine": machine(), "versions": versions(), "git": git_state()}
+        info = {
+            "machine": environment.machine(),
+            "versions": versions(cfg),
+            "git": environment.git_state(),
+        }
         args.json.write_text(json.dumps({**info, "pairs": [asdict(r) for r in results]}, indent=2))
         print(f"wrote {args.json}")
     return 0
 
 
-def order(variants: list[str], rounds: int) -> list[tuple[str, str, int]]:
-    """(variant, label, round) in the order measured on one path."""
-    if rounds == 1:
-        return [("bare", "bare (first)", 0), *((v, v, 0) for v in variants),
-                ("bare", "bare (last)", 0)]  # fmt: skip
-    cells = []
-    for r in range(1, rounds + 1):
-        # every other round in reverse, so that no variant always has the same neighbours
-        ours = variants if r % 2 else variants[::-1]
-        cells += [("bare", f"bare #{r}", r), *((v, f"{v} #{r}", r) for v in ours)]
-    return [*cells, ("bare", f"bare #{rounds + 1}", rounds + 1)]
+# -- main ------------------------------------------------------------------------------------------
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="3 s per cell, 1 s warm-up")
     p.add_argument("--seconds", type=float, help="measurement per cell (default 10, quick 3)")
     p.add_argument("--warmup", type=float, help="warm-up per cell (default 2, quick 1)")
@@ -916,18 +819,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, help="write all results here")
     p.add_argument("--markdown", action="store_true", help="markdown table instead of rich")
     p.add_argument("--from-json", type=Path, help="only print the table of an earlier --json")
-    args = p.parse_args(argv)
-    if args.from_json:
-        saved = json.loads(args.from_json.read_text())
-        fields = {f.name for f in dataclasses.fields(Cell)}
-        cells = [Cell(**{k: v for k, v in c.items() if k in fields}) for c in saved["cells"]]
-        print_table(cells, use_markdown=args.markdown)
-        return 0
+    return p.parse_args(argv)
 
-    for tool in ("wrk", "taskset"):
-        if shutil.which(tool) is None:
-            sys.exit(f"{tool} not found (apt-get install -y wrk util-linux)")
-    cfg = Config(
+
+def config(args: argparse.Namespace) -> Config:
+    return Config(
         seconds=args.seconds or (3.0 if args.quick else 10.0),
         warmup=args.warmup or (1.0 if args.quick else 2.0),
         connections=args.connections,
@@ -939,6 +835,10 @@ def main(argv: list[str] | None = None) -> int:
         python=sys.executable,
         alt_src=str(args.alt_src.resolve()) if args.alt_src else "",
     )
+
+
+def chosen_variants(args: argparse.Namespace) -> list[str]:
+    """The variants to measure beside bare (``--only``), each followed by its ``@alt``."""
     variants = [v for v in VARIANTS if v != "bare"]
     if args.only:
         wanted = {v.strip() for v in args.only.split(",")}
@@ -950,75 +850,31 @@ def main(argv: list[str] | None = None) -> int:
         if not (args.alt_src / "oncepay" / "__init__.py").is_file():
             sys.exit(f"--alt-src {args.alt_src}: no oncepay package there")
         variants = [w for v in variants for w in ((v, v + ALT) if "oncepay" in v else (v,))]
-    paths = [x.strip() for x in args.paths.split(",") if x.strip()]
-    rounds = max(args.rounds, 1)
-    if args.pairs > 0:
-        print(f"run {cfg.run_id}: {args.pairs} pairs of {args.pair_seconds:g}s loads per "
-              f"variant and path; git {git_state()['head']}"
-              + (f"; @alt = {cfg.alt_src}" if cfg.alt_src else ""), flush=True)  # fmt: skip
-        return run_pairs(cfg, variants, paths, args.pairs, args.pair_seconds, args)
+    return variants
 
-    started = time.time()
-    info = {"machine": machine(), "versions": versions(), "git": git_state(), "config": {
-        k: v for k, v in asdict(cfg).items() if k not in ("tmp",)}}  # fmt: skip
-    dirty = info["git"]["dirty_src"]
-    print(f"run {cfg.run_id}: {len(paths)} paths x {rounds * (len(variants) + 1) + 1} cells, "
-          f"{cfg.seconds:g}s each after {cfg.warmup:g}s warm-up; server on CPU {cfg.server_cpu}, "
-          f"wrk on CPU {cfg.load_cpu}, {cfg.connections} connections; git {info['git']['head']}"
-          + (f" + uncommitted src: {', '.join(dirty)}" if dirty else "")
-          + (f"; @alt = {cfg.alt_src}" if cfg.alt_src else ""), flush=True)  # fmt: skip
-    skipped = preflight(cfg, variants)
-    cells: list[Cell] = []
-    quiet = Quiet(cfg, args.quiet_threshold, args.quiet_wait, args.quiet_budget)
-    try:
-        for path in paths:
-            for variant, label, round_ in order(variants, rounds):
-                why = skipped.get(variant) or skipped.get(base_variant(variant))
-                if why:
-                    cells.append(Cell(variant, path, label, status=f"skipped: {why}"))
-                    continue
-                t0 = time.monotonic()
-                cell = None
-                for attempt in range(1 + max(args.retries, 0)):
-                    waited, share = quiet.wait()
-                    try:
-                        slot = f"{path}-{round_}-{attempt + 1}"
-                        result = measure(cfg, variant, path, label, slot)
-                        result.round = round_
-                    except Exception as exc:
-                        result = Cell(variant, path, label, status=f"failed: {exc}"[:300])
-                    finally:
-                        if variant != "bare":
-                            with contextlib.suppress(Exception):
-                                redis_delete(cfg, cfg.redis_prefix(variant, slot))
-                    result.quiet_wait_s, result.busy_before_pct = round(waited, 1), round(share, 1)
-                    result.attempts = attempt + 1
-                    report(result, waited, share, time.monotonic() - t0)
-                    if cell is None or quality(result) > quality(cell):
-                        cell = result
-                    out_of_time = time.time() - started > args.retry_until
-                    if (
-                        out_of_time
-                        or result.status != "ok"
-                        or not contended(result, args.contended)
-                    ):
-                        break
-                assert cell is not None
-                cells.append(cell)
-    finally:
-        cleanup(cfg, pg="oncepay-postgres" in variants and "oncepay-postgres" not in skipped)
-    add_ratios(cells)
-    info["machine"]["loadavg_at_end"] = Path("/proc/loadavg").read_text().split()[:3]
-    info["elapsed_s"] = round(time.time() - started, 1)
-    print()
-    print_table(cells, use_markdown=args.markdown)
-    load = info["machine"]
-    print(f"\n{info['elapsed_s']:.0f}s; load average at start {load['loadavg_at_start']}, "
-          f"at end {load['loadavg_at_end']}")  # fmt: skip
-    if args.json:
-        args.json.write_text(json.dumps({**info, "cells": [asdict(c) for c in cells]}, indent=2))
-        print(f"wrote {args.json}")
+
+def from_json(path: Path, *, use_markdown: bool) -> int:
+    saved = json.loads(path.read_text())
+    fields = {f.name for f in dataclasses.fields(Cell)}
+    print_cells(
+        [Cell(**{k: v for k, v in c.items() if k in fields}) for c in saved["cells"]],
+        use_markdown=use_markdown,
+    )
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.from_json:
+        return from_json(args.from_json, use_markdown=args.markdown)
+    for tool in ("wrk", "taskset"):
+        if shutil.which(tool) is None:
+            sys.exit(f"{tool} not found (apt-get install -y wrk util-linux)")
+    cfg, variants = config(args), chosen_variants(args)
+    paths = [x.strip() for x in args.paths.split(",") if x.strip()]
+    if args.pairs > 0:
+        return run_pairs(cfg, variants, paths, args)
+    return run_cells(cfg, variants, paths, args)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,1 @@
+"""A benchmark scenario (run its scripts directly; see each one's docstring)."""
