@@ -247,3 +247,79 @@ async def test_a_status_that_is_never_stored_cannot_be_completed(tmp_path: Path)
         await client.post("/x", headers={"authorization": AUTH, "idempotency-key": "k"})
     assert len(errors) == 1
     assert "never stored" in str(errors[0])
+
+
+async def _run_asgi(app: Any, sent: list[dict[str, Any]]) -> None:
+    """One managed POST straight through ``app``, recording every message it sends."""
+    scope = {
+        "type": "http", "method": "POST", "path": "/x", "query_string": b"",
+        "headers": [(b"authorization", AUTH.encode()), (b"idempotency-key", b"k")],
+    }  # fmt: skip
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: MutableMapping[str, Any]) -> None:
+        sent.append(dict(message))
+
+    await app(scope, receive, send)
+
+
+def _completing_app(db: Database, after: Any) -> Any:
+    """Completes and commits on sqlite3, sends its answer, then runs ``after()`` (awaited)."""
+
+    async def app(scope: MutableMapping[str, Any], receive: Any, send: Any) -> None:
+        ticket = request_ticket(scope)
+        assert ticket is not None
+        import sqlite3
+
+        with sqlite3.connect(db.target) as conn:
+            ticket.complete_in(conn, StoredResponse(201, (), b"done"))
+        await send({"type": "http.response.start", "status": 201, "headers": []})
+        await send({"type": "http.response.body", "body": b"done"})
+        await after()
+
+    return app
+
+
+async def test_the_answer_waits_for_the_app_to_return_after_completing_in_its_transaction(
+    tmp_path: Path,
+) -> None:
+    """A FastAPI dependency's teardown (the commit, say) runs after the endpoint's response:
+    the last chunk must not go out before it is done."""
+    db = sqlite_database(str(tmp_path))
+    sent: list[dict[str, Any]] = []
+    seen_while_running: list[list[str]] = []
+
+    async def teardown() -> None:
+        for _ in range(3):  # suspends, as a commit's round trip would
+            await asyncio.sleep(0)
+        seen_while_running.append([m["type"] for m in sent])
+
+    built = IdempotencyMiddleware(
+        _completing_app(db, teardown), store=db.build_store(), transactional=True
+    )
+    await _run_asgi(built, sent)
+    assert seen_while_running == [[]]  # nothing sent while the app still ran
+    assert [m["type"] for m in sent] == ["http.response.start", "http.response.body"]
+    assert sent[1]["body"] == b"done"
+
+
+async def test_an_app_that_fails_after_completing_sends_nothing_more_and_keeps_its_record(
+    tmp_path: Path,
+) -> None:
+    db = sqlite_database(str(tmp_path))
+    sent: list[dict[str, Any]] = []
+
+    async def fail() -> None:
+        raise RuntimeError("after the commit")
+
+    store = db.build_store()
+    built = IdempotencyMiddleware(_completing_app(db, fail), store=store, transactional=True)
+    with pytest.raises(RuntimeError):
+        await _run_asgi(built, sent)
+    assert sent == []  # the server answers 500; the client retries and gets the replay
+    record = await store.get(_scope(), "k")
+    assert record is not None
+    assert record.state is RecordState.COMPLETED  # the fenced release changed nothing
+    await store.aclose()

@@ -69,11 +69,12 @@ class IdempotencyMiddleware:
         self.app = app
         engine = engine or Engine.for_store(store, ttl=ttl, lease=lease, wait=wait)
         self.gate = Gate(engine, **options)
+        self.transactional = self.gate.transactional
         self.disabled = disabled_by_environment()
         self._closed = False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if self.gate.transactional and scope["type"] == "http":
+        if self.transactional and scope["type"] == "http":
             scope[TICKET_KEY] = None  # behind the middleware, no ticket (yet): request_ticket
         if scope["type"] != "http" or self.disabled:
             lifespan = scope["type"] == "lifespan"
@@ -101,7 +102,7 @@ class IdempotencyMiddleware:
         outcome = await gate.decide(request, body)
         if isinstance(outcome, Run):  # the usual outcomes first: run, then replay
             responder = _Responder(gate, outcome, send)
-            if gate.transactional:
+            if self.transactional:
                 responder.held = scope[TICKET_KEY] = RequestTicket(gate, outcome)
             await responder.run(self.app, _bodies_only(scope), _replaying(body, receive))
         elif isinstance(outcome, Respond):
@@ -286,7 +287,7 @@ class _Responder:
             return
         self.finished = True
         self.last = message
-        if not self._completed_by_app():
+        if self.held is None or self.held.completed is None:
             self.later = asyncio.get_running_loop().call_soon(self._app_suspended)
 
     def _completed_by_app(self) -> bool:
