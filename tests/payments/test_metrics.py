@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from oncepay.cli import shared_metrics
+from oncepay.cli.serve import shared_metrics
 
 
 def test_one_process_needs_no_shared_directory(monkeypatch: pytest.MonkeyPatch) -> None:

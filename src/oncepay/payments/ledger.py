@@ -30,9 +30,10 @@ from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from oncepay.payments.states import PaymentStatus
+from oncepay.payments.storage.db import Database, read
 from oncepay.payments.storage.schema import ledger_entries, ledger_transactions, payments, refunds
 
-__all__ = ["Violation", "authorize", "capture", "check", "refund", "release_hold"]
+__all__ = ["Violation", "audit", "authorize", "capture", "check", "refund", "release_hold"]
 
 CARD_AUTHORIZATIONS = "card_authorizations"
 AUTHORIZED_FUNDS = "authorized_funds"
@@ -184,3 +185,11 @@ def _check_payment(row: Any, balance: dict[str, int], refunded: int) -> list[Vio
     ):
         found.append(Violation(row.id, "partially_refunded with refunds outside (0, captured)"))
     return found
+
+
+async def audit(db: Database) -> tuple[list[Violation], int]:
+    """Every violation of the ledger's invariants, and how many payments were checked, read
+    in one transaction (``oncepay ledger check``)."""
+    async with read(db) as conn:
+        count = (await conn.execute(select(func.count()).select_from(payments))).scalar()
+        return await check(conn), int(count or 0)

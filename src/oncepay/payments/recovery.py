@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 from sqlalchemy import text
 
+from oncepay.idempotency.purge import purge_expired
 from oncepay.payments import idempotent, operations
 from oncepay.payments.context import Services
 from oncepay.payments.metrics import RECOVERY_RUNS
@@ -117,12 +118,7 @@ async def keep_unfinished(svc: Services, *, now: float | None = None) -> int:
 
 async def reap(svc: Services, *, now: float | None = None) -> int:
     """Purge expired idempotency records, a bounded batch at a time."""
-    total, now = 0, now or time.time()
-    while (removed := await svc.engine.store.purge_expired(now=now, limit=PURGE_BATCH)) > 0:
-        total += removed
-        if removed < PURGE_BATCH:
-            break
-    return total
+    return await purge_expired(svc.engine.store, now=now or time.time(), batch=PURGE_BATCH)
 
 
 async def run_worker(svc: Services, stop: asyncio.Event) -> None:

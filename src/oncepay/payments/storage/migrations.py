@@ -9,7 +9,8 @@ Add a migration by appending to :data:`MIGRATIONS`; never edit one that has ship
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 
 from sqlalchemy import Column, Float, Integer, MetaData, Table, select, text
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -17,7 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from oncepay.payments.storage import schema
 from oncepay.payments.storage.db import Database, write
 
-__all__ = ["MIGRATIONS", "migrate"]
+__all__ = ["MIGRATIONS", "migrate", "migrated"]
 
 # Any 64-bit number the service owns; it keeps concurrent migrators apart on PostgreSQL.
 _ADVISORY_LOCK = 0x0CE9A7_0001
@@ -91,3 +92,15 @@ async def migrate(db: Database) -> list[int]:
             await conn.execute(_versions.insert().values(version=version, applied_at=time.time()))
             applied.append(version)
         return applied
+
+
+@asynccontextmanager
+async def migrated(url: str) -> AsyncIterator[Database]:
+    """The database at ``url``, migrated, closed when the block ends (the commands that use
+    the database without starting the whole service)."""
+    db = Database.from_url(url)
+    try:
+        await migrate(db)
+        yield db
+    finally:
+        await db.aclose()

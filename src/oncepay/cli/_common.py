@@ -1,0 +1,59 @@
+"""What the commands share: the console, the common options, settings from the environment
+with the options given on top, and running a command's coroutine with clean errors."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from oncepay.errors import OncePayError
+
+__all__ = ["DatabaseUrl", "StoreUrl", "console", "run_or_exit", "settings"]
+
+console = Console(stderr=True)
+
+StoreUrl = Annotated[
+    str,
+    typer.Option("--store", envvar="ONCEPAY_STORE_URL", help="Idempotency store URL."),
+]
+
+DatabaseUrl = Annotated[
+    str | None,
+    typer.Option(
+        "--database-url",
+        help="sqlite:///path.db or postgresql://… [env ONCEPAY_DATABASE_URL; "
+        "default sqlite:///oncepay.db]",
+        show_default=False,
+    ),
+]
+
+
+def settings(**overrides: Any) -> Any:
+    """Settings from ONCEPAY_* variables, with the options actually given on top."""
+    from pydantic import ValidationError
+
+    from oncepay.payments.settings import Settings
+
+    try:
+        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from exc
+
+
+def run_or_exit(coroutine: Any) -> Any:
+    """Run a command's coroutine; a bad URL or an unreachable database is one line, exit 2."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    try:
+        return asyncio.run(coroutine)
+    except OncePayError as exc:
+        console.print(f"[red]error:[/red] {exc.detail}", soft_wrap=True)
+        raise typer.Exit(2) from exc
+    except (SQLAlchemyError, OSError) as exc:
+        reason = getattr(exc, "orig", None) or exc
+        console.print(f"[red]error:[/red] the database cannot be used: {reason}", soft_wrap=True)
+        raise typer.Exit(2) from exc

@@ -1,0 +1,61 @@
+"""``oncepay chaos``: the whole stack as processes under faults, audited for exactly-once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from oncepay.cli._common import DatabaseUrl, console, run_or_exit
+
+__all__ = ["chaos"]
+
+
+def chaos(
+    payments: Annotated[int, typer.Option(min=1, help="Logical payments to make.")] = 300,
+    concurrency: Annotated[int, typer.Option(min=1, help="Concurrent clients.")] = 16,
+    duration: Annotated[
+        float | None, typer.Option(min=1, help="Run this many seconds instead of a count.")
+    ] = None,
+    database_url: DatabaseUrl = None,
+    redis: Annotated[
+        bool, typer.Option("--redis", help="Add a Redis fast tier (own server).")
+    ] = False,
+    seed: Annotated[int, typer.Option(help="Seed of every fault and workload die.")] = 1,
+    error_rate: Annotated[float, typer.Option(min=0, max=1, help="Acquirer 5xx rate.")] = 0.03,
+    timeout_after_commit_rate: Annotated[float, typer.Option(min=0, max=1)] = 0.02,
+    drop_rate: Annotated[float, typer.Option(min=0, max=1, help="Acquirer drops.")] = 0.02,
+    proxy_drop_rate: Annotated[
+        float, typer.Option(min=0, max=1, help="Answers dropped after the server finished.")
+    ] = 0.05,
+    kill_interval: Annotated[float, typer.Option(min=0, help="Seconds between kill -9s.")] = 4.0,
+    outage_interval: Annotated[float, typer.Option(min=0, help="Seconds between outages.")] = 10.0,
+    outage_seconds: Annotated[float, typer.Option(min=0, help="How long each lasts.")] = 2.0,
+    redis_interval: Annotated[
+        float, typer.Option(min=0.1, help="Seconds between Redis faults.")
+    ] = 5.0,
+    workdir: Annotated[Path | None, typer.Option(help="Folder for databases and logs.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Run the whole stack as processes under faults, then audit exactly-once; exit 1 on any
+    violation."""
+    import json
+
+    from oncepay.chaos.run import ChaosConfig, render, run_chaos
+
+    config = ChaosConfig(
+        payments=payments, concurrency=concurrency, duration=duration,
+        database_url=database_url, redis=redis, seed=seed, error_rate=error_rate,
+        timeout_after_commit_rate=timeout_after_commit_rate, drop_rate=drop_rate,
+        proxy_drop_rate=proxy_drop_rate, kill_interval=kill_interval,
+        outage_interval=outage_interval, outage_seconds=outage_seconds,
+        redis_interval=redis_interval, workdir=workdir,
+    )  # fmt: skip
+    report = run_or_exit(run_chaos(config, console))
+    if as_json:
+        print(json.dumps(report.as_dict(), indent=2))
+    else:
+        render(report, console)
+    if report.violation_count:
+        raise typer.Exit(1)

@@ -1,0 +1,96 @@
+"""``oncepay gateway``: the idempotency gateway, a reverse proxy in front of any HTTP service."""
+
+from __future__ import annotations
+
+import os
+from typing import Annotated
+
+import typer
+
+from oncepay.cli._common import StoreUrl, console
+from oncepay.errors import OncePayError
+from oncepay.idempotency.stores import store_from_url
+
+__all__ = ["gateway"]
+
+
+def gateway(
+    upstream: Annotated[
+        str, typer.Option(envvar="ONCEPAY_UPSTREAM", help="Base URL of the service behind.")
+    ],
+    store: StoreUrl = "sqlite:///oncepay-gateway.db",
+    host: Annotated[str, typer.Option(envvar="ONCEPAY_HOST")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(envvar="ONCEPAY_PORT", min=1, max=65535)] = 8000,
+    workers: Annotated[int, typer.Option(envvar="ONCEPAY_WORKERS", min=1)] = 1,
+    timeout: Annotated[
+        float, typer.Option(envvar="ONCEPAY_UPSTREAM_TIMEOUT", min=0.1, help="Upstream timeout, s.")
+    ] = 30.0,
+    optional_key: Annotated[
+        bool, typer.Option("--optional-key", help="Pass requests without a key through.")
+    ] = False,
+    wait: Annotated[
+        float, typer.Option(envvar="ONCEPAY_WAIT", min=0, help="Hold duplicates up to N s.")
+    ] = 0.0,
+    scope_header: Annotated[
+        str | None,
+        typer.Option(
+            envvar="ONCEPAY_SCOPE_HEADER",
+            help="Scope keys by this header (hashed) instead of Authorization.",
+        ),
+    ] = None,
+    scope_cookie: Annotated[
+        str | None,
+        typer.Option(
+            envvar="ONCEPAY_SCOPE_COOKIE",
+            help="Scope keys by this cookie (hashed); --scope-header is then its fallback.",
+        ),
+    ] = None,
+    fingerprint_secret: Annotated[
+        str | None,
+        typer.Option(
+            envvar="ONCEPAY_FINGERPRINT_SECRET",
+            help="HMAC key for request fingerprints (prefer the env var: argv is public).",
+        ),
+    ] = None,
+) -> None:
+    """Run the idempotency gateway: a reverse proxy that makes UPSTREAM idempotent.
+
+    Keys are scoped by a SHA-256 of Authorization, and requests without one share a single
+    'anonymous' scope: behind cookie sign-in, use --scope-cookie (docs/gateway.md)."""
+    from urllib.parse import urlsplit
+
+    import uvicorn
+
+    from oncepay.http.gateway import GatewaySettings
+
+    if urlsplit(upstream).scheme not in {"http", "https"} or not urlsplit(upstream).netloc:
+        console.print(f"[red]error:[/red] --upstream must be an http(s) URL, not {upstream!r}")
+        raise typer.Exit(2)
+    settings = GatewaySettings(upstream, scope_header=scope_header, scope_cookie=scope_cookie)
+    try:  # fail fast on a bad URL or name, before any worker starts
+        store_from_url(store)
+        settings.scope()
+    except OncePayError as exc:
+        console.print(f"[red]error:[/red] {exc.detail}")
+        raise typer.Exit(2) from exc
+    os.environ.update(
+        ONCEPAY_UPSTREAM=upstream,
+        ONCEPAY_STORE_URL=store,
+        ONCEPAY_UPSTREAM_TIMEOUT=str(timeout),
+        ONCEPAY_KEY_REQUIRED="false" if optional_key else "true",
+        ONCEPAY_WAIT=str(wait),
+        ONCEPAY_SCOPE_HEADER=scope_header or "",
+        ONCEPAY_SCOPE_COOKIE=scope_cookie or "",
+        ONCEPAY_FINGERPRINT_SECRET=fingerprint_secret or "",
+    )
+    uvicorn.run(
+        "oncepay.http.gateway:create_app",
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        log_level="warning",
+        # The gateway drops the upstream's Date and Server: these are the one of each.
+        date_header=True,
+        server_header=True,
+    )

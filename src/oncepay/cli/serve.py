@@ -1,0 +1,110 @@
+"""``oncepay serve``: the payments API (with the recovery worker inside, by default)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from typing import Annotated, Any
+
+import typer
+
+from oncepay.cli._common import DatabaseUrl, console, run_or_exit, settings
+
+__all__ = ["serve", "shared_metrics"]
+
+
+def serve(
+    host: Annotated[str | None, typer.Option(help="[env ONCEPAY_HOST; default 127.0.0.1]")] = None,
+    port: Annotated[int | None, typer.Option(help="[env ONCEPAY_PORT; default 8000]")] = None,
+    database_url: DatabaseUrl = None,
+    acquirer_url: Annotated[
+        str | None,
+        typer.Option(
+            help="Primary acquirer; none: the simulated one, embedded. [env ONCEPAY_ACQUIRER_URL]"
+        ),
+    ] = None,
+    secondary_acquirer_url: Annotated[
+        str | None, typer.Option(help="Failover acquirer. [env ONCEPAY_SECONDARY_ACQUIRER_URL]")
+    ] = None,
+    redis_url: Annotated[
+        str | None,
+        typer.Option(help="Redis fast tier in front of the SQL keys. [env ONCEPAY_REDIS_URL]"),
+    ] = None,
+    workers: Annotated[
+        int | None, typer.Option(help="API processes (use PostgreSQL for more than one).")
+    ] = None,
+    worker: Annotated[
+        bool | None,
+        typer.Option("--worker/--no-worker", help="Run recovery in the API process too."),
+    ] = None,
+) -> None:
+    """Run the payments service: the API, with recovery, on SQLite unless told otherwise."""
+    import uvicorn
+
+    config = settings(
+        host=host, port=port, database_url=database_url, acquirer_url=acquirer_url,
+        secondary_acquirer_url=secondary_acquirer_url, workers=workers, run_worker=worker,
+        redis_url=redis_url,
+    )  # fmt: skip
+    banner = run_or_exit(_prepare(config))
+    console.print(banner, soft_wrap=True)
+    os.environ.update(
+        {f"ONCEPAY_{k.upper()}": _env(v) for k, v in config.model_dump().items() if v is not None}
+    )
+    with shared_metrics(config.workers):
+        uvicorn.run(
+            "oncepay.payments.api.app:create_app",
+            factory=True,
+            host=config.host,
+            port=config.port,
+            workers=config.workers,
+            log_level="warning",
+        )
+
+
+@contextlib.contextmanager
+def shared_metrics(workers: int) -> Iterator[str | None]:
+    """With several API processes, one ``PROMETHEUS_MULTIPROC_DIR`` for all of them (made for
+    this run, removed after it) so that ``/metrics`` answers for the service, not for whichever
+    process took the scrape. One given by the environment is used as it is, and kept."""
+    if workers < 2 or os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        yield os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+        return
+    directory = tempfile.mkdtemp(prefix="oncepay-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
+    try:
+        yield directory
+    finally:
+        del os.environ["PROMETHEUS_MULTIPROC_DIR"]
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def _env(value: object) -> str:
+    import json
+
+    return json.dumps(value) if isinstance(value, list | dict) else str(value)
+
+
+async def _prepare(config: Any) -> str:
+    """Migrate, and in test mode (the embedded acquirer) hand out a fresh test API key."""
+    from oncepay.payments.merchants import issue_test_key
+    from oncepay.payments.storage.migrations import migrated
+
+    async with migrated(config.database_url) as db:
+        url = f"http://{config.host}:{config.port}"
+        lines = [f"[bold]OncePay payments API[/bold] on {url} (database {config.database_url})"]
+        if config.embedded_acquirer:
+            merchant, api_key = await issue_test_key(db)
+            lines += [
+                f"acquirer: the simulated one, embedded (database {config.acquirer_database_url})",
+                f"test API key for {merchant.name} ({merchant.id}):",
+                f"  [green]{api_key}[/green]",
+                f"try: curl {url}/v1/payments -H 'Authorization: Bearer {api_key}' "
+                "-H 'Idempotency-Key: first-payment' -H 'Content-Type: application/json' "
+                '-d \'{"amount": 1000, "currency": "USD", '
+                '"payment_method": "pm_card_ok"}\'',
+            ]
+        return "\n".join(lines)

@@ -1,0 +1,53 @@
+"""``oncepay worker``: recovery, webhook delivery and the reaper, apart from the API."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Annotated, Any
+
+import typer
+
+from oncepay.cli._common import DatabaseUrl, console, run_or_exit, settings
+
+__all__ = ["worker"]
+
+
+def worker(
+    database_url: DatabaseUrl = None,
+    acquirer_url: Annotated[str | None, typer.Option(help="[env ONCEPAY_ACQUIRER_URL]")] = None,
+    secondary_acquirer_url: Annotated[str | None, typer.Option()] = None,
+    redis_url: Annotated[str | None, typer.Option(help="[env ONCEPAY_REDIS_URL]")] = None,
+    once: Annotated[bool, typer.Option("--once", help="One pass, then exit.")] = False,
+) -> None:
+    """Run the worker: finish abandoned requests, resolve unknown outcomes, deliver webhooks,
+    purge expired keys."""
+    config = settings(
+        database_url=database_url,
+        acquirer_url=acquirer_url,
+        secondary_acquirer_url=secondary_acquirer_url,
+        redis_url=redis_url,
+    )
+    run_or_exit(_worker(config, once=once))
+
+
+async def _worker(config: Any, *, once: bool) -> None:
+    import signal
+
+    from oncepay.payments import bootstrap
+    from oncepay.payments.recovery import reap, recover_once, run_worker
+
+    services = await bootstrap.start(config)
+    try:
+        if once:
+            report = await recover_once(services)
+            purged = await reap(services)
+            console.print(f"recovered: {dict(report.results)}; purged {purged} expired keys")
+            return
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        console.print("[bold]OncePay worker[/bold] running; Ctrl-C stops it")
+        await run_worker(services, stop)
+    finally:
+        await services.aclose()
