@@ -40,10 +40,12 @@ async def gather(db: Database, merchant_id: str, evidence: Evidence) -> Evidence
     async with read(db) as conn:
         evidence.payments = list(await conn.execute(select(payments)))
         rows = await conn.execute(
-            text(f"SELECT idempotency_key, recovery_point FROM {IDEMPOTENCY_TABLE} "
-                 "WHERE scope = :scope AND recovery_point IS NOT NULL"),
+            text(
+                f"SELECT idempotency_key, recovery_point FROM {IDEMPOTENCY_TABLE} "
+                "WHERE scope = :scope AND recovery_point IS NOT NULL"
+            ),
             {"scope": merchant_id},
-        )  # fmt: skip
+        )
         for key, point in rows:
             parsed = parse_point(point)
             if parsed is not None and parsed[1] == "create":
@@ -78,8 +80,11 @@ def _approvals(evidence: Evidence) -> Counter[str]:
 
 
 def _at_most_once(evidence: Evidence) -> list[str]:
-    return [f"{order}: {n} approved authorizations" for order, n in _approvals(evidence).items()
-            if n > 1]  # fmt: skip
+    return [
+        f"{order}: {n} approved authorizations"
+        for order, n in _approvals(evidence).items()
+        if n > 1
+    ]
 
 
 def _approved_once(evidence: Evidence) -> list[str]:
@@ -94,9 +99,11 @@ def _approved_once(evidence: Evidence) -> list[str]:
 
 def _orphans(evidence: Evidence) -> list[str]:
     known = {row.id for row in evidence.payments}
-    return [f"{op['acquirer']} {op['type']} {op['reference']} for unknown order {op['order_id']}"
-            for op in evidence.operations
-            if op["status"] == "approved" and op["order_id"] not in known]  # fmt: skip
+    return [
+        f"{op['acquirer']} {op['type']} {op['reference']} for unknown order {op['order_id']}"
+        for op in evidence.operations
+        if op["status"] == "approved" and op["order_id"] not in known
+    ]
 
 
 def _settled(evidence: Evidence) -> list[str]:
@@ -108,18 +115,25 @@ def _settled(evidence: Evidence) -> list[str]:
     for row in evidence.payments:
         captured, refunded = moved.get((row.id, "capture"), 0), moved.get((row.id, "refund"), 0)
         if captured != row.amount_captured:
-            found.append(f"{row.id}: the acquirers captured {captured}, "
-                         f"the payment says {row.amount_captured}")  # fmt: skip
+            found.append(
+                f"{row.id}: the acquirers captured {captured}, "
+                f"the payment says {row.amount_captured}"
+            )
         if refunded != row.amount_refunded:
-            found.append(f"{row.id}: the acquirers refunded {refunded}, "
-                         f"the payment says {row.amount_refunded}")  # fmt: skip
+            found.append(
+                f"{row.id}: the acquirers refunded {refunded}, "
+                f"the payment says {row.amount_refunded}"
+            )
     return found
 
 
 def _one_per_key(evidence: Evidence) -> list[str]:
     linked = set(evidence.key_to_payment.values())
-    return [f"{row.id} belongs to no logical payment (a second run?)"
-            for row in evidence.payments if row.id not in linked]  # fmt: skip
+    return [
+        f"{row.id} belongs to no logical payment (a second run?)"
+        for row in evidence.payments
+        if row.id not in linked
+    ]
 
 
 def _answers_agree(evidence: Evidence) -> list[str]:
@@ -129,13 +143,16 @@ def _answers_agree(evidence: Evidence) -> list[str]:
         if answer is None:
             continue
         if evidence.key_to_payment.get(key) != answer["id"]:
-            found.append(f"key {key}: told {answer['id']}, the key names "
-                         f"{evidence.key_to_payment.get(key)}")  # fmt: skip
+            found.append(
+                f"key {key}: told {answer['id']}, the key names {evidence.key_to_payment.get(key)}"
+            )
             continue
         row = by_id.get(answer["id"])
         if row is None or row.status != answer["status"]:
-            found.append(f"key {key}: told {answer['status']}, the database says "
-                         f"{row.status if row is not None else 'nothing'}")  # fmt: skip
+            found.append(
+                f"key {key}: told {answer['status']}, the database says "
+                f"{row.status if row is not None else 'nothing'}"
+            )
     return found
 
 
@@ -144,8 +161,11 @@ def _all_answered(evidence: Evidence) -> list[str]:
 
 
 def _none_processing(evidence: Evidence) -> list[str]:
-    return [f"{row.id} still processing (outcome unknown: {bool(row.outcome_unknown)})"
-            for row in evidence.payments if row.status == "processing"]  # fmt: skip
+    return [
+        f"{row.id} still processing (outcome unknown: {bool(row.outcome_unknown)})"
+        for row in evidence.payments
+        if row.status == "processing"
+    ]
 
 
 def _webhooks(evidence: Evidence) -> list[str]:

@@ -100,8 +100,13 @@ async def run_chaos(config: ChaosConfig, console: Console | None = None) -> Chao
     db = Database.from_url(database_url)
     await migrate(db)
     merchant, api_key = await create_merchant(db, f"chaos {uuid.uuid4().hex[:6]}")
-    stack = ChaosStack(workdir, database_url, redis=config.redis,
-                       proxy_drop_rate=config.proxy_drop_rate, seed=config.seed)  # fmt: skip
+    stack = ChaosStack(
+        workdir,
+        database_url,
+        redis=config.redis,
+        proxy_drop_rate=config.proxy_drop_rate,
+        seed=config.seed,
+    )
     stack.build()
     report = ChaosReport(config={k: str(v) for k, v in asdict(config).items()})
     console.print(f"chaos: starting the stack in {workdir}")
@@ -120,8 +125,12 @@ async def run_chaos(config: ChaosConfig, console: Console | None = None) -> Chao
             late = await _final_retries(stack, api_key, answers, bodies)
             faults["clients that needed a retry after the faults"] = late
             received = (await admin.get(f"{stack.services['receiver'].url}/stats")).json()
-            evidence = Evidence(answers, await _operations(admin, stack), received,
-                                movements=await _movements(admin, stack, started_wall))  # fmt: skip
+            evidence = Evidence(
+                answers,
+                await _operations(admin, stack),
+                received,
+                movements=await _movements(admin, stack, started_wall),
+            )
             await gather(db, merchant.id, evidence)
             faults["answers dropped by the proxy"] = (
                 await admin.get(f"{stack.services['proxy'].url}/_proxy/stats")
@@ -142,8 +151,9 @@ async def run_chaos(config: ChaosConfig, console: Console | None = None) -> Chao
     return report
 
 
-async def _prepare(admin: httpx.AsyncClient, stack: ChaosStack, api_key: str,
-                   config: ChaosConfig) -> None:  # fmt: skip
+async def _prepare(
+    admin: httpx.AsyncClient, stack: ChaosStack, api_key: str, config: ChaosConfig
+) -> None:
     """Subscribe the receiver to every event, and set the acquirers' fault rates."""
     auth = {"Authorization": f"Bearer {api_key}"}
     endpoint = await admin.post(
@@ -153,19 +163,25 @@ async def _prepare(admin: httpx.AsyncClient, stack: ChaosStack, api_key: str,
     )
     endpoint.raise_for_status()
     receiver = stack.services["receiver"].url
-    (await admin.put(f"{receiver}/config", json={"secrets": [endpoint.json()["secret"]]})
-     ).raise_for_status()  # fmt: skip
+    (
+        await admin.put(f"{receiver}/config", json={"secrets": [endpoint.json()["secret"]]})
+    ).raise_for_status()
     for name in ("primary", "secondary"):
         await _set_faults(admin, stack, name, config)
 
 
-async def _set_faults(admin: httpx.AsyncClient, stack: ChaosStack, name: str,
-                      config: ChaosConfig | None, **extra: Any) -> None:  # fmt: skip
+async def _set_faults(
+    admin: httpx.AsyncClient, stack: ChaosStack, name: str, config: ChaosConfig | None, **extra: Any
+) -> None:
     faults: dict[str, Any] = {}
     if config is not None:
-        faults = {"latency_ms": config.latency_ms, "error_rate": config.error_rate,
-                  "timeout_after_commit_rate": config.timeout_after_commit_rate,
-                  "stall_seconds": 3.0, "drop_rate": config.drop_rate}  # fmt: skip
+        faults = {
+            "latency_ms": config.latency_ms,
+            "error_rate": config.error_rate,
+            "timeout_after_commit_rate": config.timeout_after_commit_rate,
+            "stall_seconds": 3.0,
+            "drop_rate": config.drop_rate,
+        }
     response = await admin.put(f"{stack.services[name].url}/admin/faults", json={**faults, **extra})
     response.raise_for_status()
 
@@ -197,12 +213,21 @@ async def _clients(
         queue.put_nowait(n)
     deadline = time.monotonic() + config.duration if config.duration else None
     limits = httpx.Limits(max_connections=config.concurrency * 2)
-    async with AsyncClient(base_url=stack.services["proxy"].url, retry=CLIENT_POLICY,
-                           limits=limits, timeout=30.0,
-                           headers={"Authorization": f"Bearer {api_key}"}) as client:  # fmt: skip
-        progress = Progress("[progress.description]{task.description}", BarColumn(),
-                            MofNCompleteColumn(), TimeElapsedColumn(), console=console,
-                            transient=True)  # fmt: skip
+    async with AsyncClient(
+        base_url=stack.services["proxy"].url,
+        retry=CLIENT_POLICY,
+        limits=limits,
+        timeout=30.0,
+        headers={"Authorization": f"Bearer {api_key}"},
+    ) as client:
+        progress = Progress(
+            "[progress.description]{task.description}",
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=console,
+            transient=True,
+        )
         with progress:
             task = progress.add_task("payments", total=None if deadline else config.payments)
 
@@ -229,13 +254,20 @@ async def _clients(
     return answers, attempts, bodies
 
 
-async def _pay(client: AsyncClient, dice: random.Random, answers: Answers, attempts: list[int],
-               bodies: dict[str, dict[str, Any]], key: str | None = None) -> None:  # fmt: skip
+async def _pay(
+    client: AsyncClient,
+    dice: random.Random,
+    answers: Answers,
+    attempts: list[int],
+    bodies: dict[str, dict[str, Any]],
+    key: str | None = None,
+) -> None:
     key = key or f"chaos-{uuid.uuid4().hex}"
     body = bodies.get(key) or {
-        "amount": dice.randint(100, 50_000), "currency": dice.choice(["USD", "EUR", "GBP"]),
+        "amount": dice.randint(100, 50_000),
+        "currency": dice.choice(["USD", "EUR", "GBP"]),
         "payment_method": dice.choice(METHODS),
-    }  # fmt: skip
+    }
     answers[key], bodies[key] = None, body
     try:
         response = await client.post("/v1/payments", json=body, headers={"Idempotency-Key": key})
@@ -261,8 +293,9 @@ async def _inject(config: ChaosConfig, stack: ChaosStack, faults: Counter[str]) 
     await asyncio.gather(*loops)
 
 
-async def _kills(config: ChaosConfig, stack: ChaosStack, faults: Counter[str],
-                 dice: random.Random) -> None:  # fmt: skip
+async def _kills(
+    config: ChaosConfig, stack: ChaosStack, faults: Counter[str], dice: random.Random
+) -> None:
     victims = itertools.cycle(["api-1", "worker", "api-2"])  # every kind, in turn
     while True:
         await asyncio.sleep(config.kill_interval * dice.uniform(0.5, 1.5))
@@ -283,8 +316,9 @@ async def _outages(config: ChaosConfig, stack: ChaosStack, faults: Counter[str])
             await _set_faults(admin, stack, "primary", config)
 
 
-async def _redis_faults(config: ChaosConfig, stack: ChaosStack, faults: Counter[str],
-                        dice: random.Random) -> None:  # fmt: skip
+async def _redis_faults(
+    config: ChaosConfig, stack: ChaosStack, faults: Counter[str], dice: random.Random
+) -> None:
     import redis.asyncio as aioredis
 
     flush = itertools.cycle([True, False])  # a flush, then a kill -9, and so on
@@ -311,8 +345,11 @@ async def _final_retries(
 ) -> int:
     late = [key for key, answer in answers.items() if answer is None]
     attempts: list[int] = []
-    async with AsyncClient(base_url=stack.services["api-1"].url, retry=CLIENT_POLICY,
-                           headers={"Authorization": f"Bearer {api_key}"}) as client:  # fmt: skip
+    async with AsyncClient(
+        base_url=stack.services["api-1"].url,
+        retry=CLIENT_POLICY,
+        headers={"Authorization": f"Bearer {api_key}"},
+    ) as client:
         for key in late:
             await _pay(client, random.Random(), answers, attempts, bodies, key)  # noqa: S311
     return len(late)
@@ -331,11 +368,20 @@ async def _drain(db: Database, console: Console) -> None:
     deadline = time.monotonic() + DRAIN_TIMEOUT
     while time.monotonic() < deadline:
         async with read(db) as conn:
-            processing = (await conn.execute(select(func.count()).select_from(payments)
-                          .where(payments.c.status == "processing"))).scalar_one()  # fmt: skip
-            waiting = (await conn.execute(select(func.count()).select_from(webhook_deliveries)
-                       .where(webhook_deliveries.c.status.in_(["pending", "delivering"])))
-                       ).scalar_one()  # fmt: skip
+            processing = (
+                await conn.execute(
+                    select(func.count())
+                    .select_from(payments)
+                    .where(payments.c.status == "processing")
+                )
+            ).scalar_one()
+            waiting = (
+                await conn.execute(
+                    select(func.count())
+                    .select_from(webhook_deliveries)
+                    .where(webhook_deliveries.c.status.in_(["pending", "delivering"]))
+                )
+            ).scalar_one()
         if processing == 0 and waiting == 0:
             return
         await asyncio.sleep(0.25)  # polling a condition with a deadline
@@ -354,8 +400,10 @@ async def _movements(
     found: list[dict[str, Any]] = []
     for name in ("primary", "secondary"):
         for date in days:
-            response = await admin.get(f"{stack.services[name].url}/v1/settlements",
-                                       params={"date": date, "format": "json"})  # fmt: skip
+            response = await admin.get(
+                f"{stack.services[name].url}/v1/settlements",
+                params={"date": date, "format": "json"},
+            )
             response.raise_for_status()
             found += response.json()["entries"]
     return found
