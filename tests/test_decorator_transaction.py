@@ -244,24 +244,51 @@ async def test_in_the_callers_transaction_its_rollback_leaves_neither_until_the_
     assert case.db.rows(key) == 1
 
 
-async def _in_callers_transaction(case: Case, conn: Any, place: Any, key: str) -> None:
+async def _in_callers_transaction(
+    case: Case, conn: Any, place: Any, key: str, amount: int = 100
+) -> None:
     """The caller opens the transaction, calls the function inside it, then rolls back."""
     if case.driver == "sqlite3":
         conn.execute("BEGIN")
-        await asyncio.to_thread(place, key, 100, conn)
+        await asyncio.to_thread(place, key, amount, conn)
         conn.rollback()
         raise Rollback
     if case.driver in ("psycopg", "sqlalchemy-sqlite"):
         with conn.transaction() if case.driver == "psycopg" else conn.begin():
-            await asyncio.to_thread(place, key, 100, conn)
+            await asyncio.to_thread(place, key, amount, conn)
             raise Rollback
     if case.driver == "sqlalchemy-asyncpg":
         async with conn.begin():
-            await place(key, 100, conn)
+            await place(key, amount, conn)
             raise Rollback
     async with conn.transaction():  # psycopg async, asyncpg
-        await place(key, 100, conn)
+        await place(key, amount, conn)
         raise Rollback
+
+
+async def test_in_the_callers_transaction_a_raise_is_the_callers_to_roll_back(
+    case: Case, store: Store, clock: FakeClock
+) -> None:
+    """The key is not released from inside the caller's transaction (on SQLite the release
+    would wait for the write lock that very transaction holds): it is taken over later."""
+    runs: list[str] = []
+    place = decorated(case, engine_for(store, clock), runs)
+    key = uuid.uuid4().hex
+    async with connection(case) as conn:
+        with contextlib.suppress(Rollback):
+            await _in_callers_transaction(case, conn, place, key, amount=-1)
+    assert case.db.rows(key) == 0
+    record = await record_of(case, key)
+    assert record is not None
+    assert record.state is RecordState.EXECUTING
+    clock.advance(LEASE + 1)
+    with pytest.raises(Rollback):  # taken over: it runs again, on its own transaction now
+        await call(case, place, key, amount=-1)
+    assert runs == [key, key]
+    record = await record_of(case, key)
+    assert record is not None
+    assert record.state is RecordState.RELEASED  # that one the decorator rolled back itself
+    assert case.db.rows(key) == 0
 
 
 def _place_then_get_killed(case: Case, key: str) -> None:

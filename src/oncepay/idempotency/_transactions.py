@@ -61,33 +61,34 @@ def is_async(conn: Any) -> bool:
 
 
 @contextmanager
-def holding(conn: Any) -> Iterator[None]:
-    """A transaction of our own on a sync connection, or the caller's open one, joined."""
+def holding(conn: Any) -> Iterator[bool]:
+    """A transaction of our own on a sync connection, or the caller's open one, joined: the
+    value says which (True: joined, the commit is the caller's)."""
     conn = unwrapped(conn)
     if not isinstance(conn, sqlite3.Connection) and not is_a(conn, *_SYNC):
         raise TypeError(f"cannot hold a transaction on a {type(conn).__qualname__}")
     if _in_transaction(conn):
-        yield
+        yield True
         return
     if isinstance(conn, sqlite3.Connection):
         begun: Any = _sqlite_transaction(conn)
     else:
         begun = conn.begin() if is_a(conn, *_SQLALCHEMY) else conn.transaction()
     with begun:
-        yield
+        yield False
 
 
 @asynccontextmanager
-async def aholding(conn: Any) -> AsyncIterator[None]:
+async def aholding(conn: Any) -> AsyncIterator[bool]:
     """:func:`holding` for async connections."""
     conn = unwrapped(conn)
     if not is_a(conn, *_ASYNC):
         raise TypeError(f"cannot hold a transaction on a {type(conn).__qualname__}")
     if _in_transaction(conn):
-        yield
+        yield True
         return
     async with conn.begin() if is_a(conn, *_SQLALCHEMY_ASYNC) else conn.transaction():
-        yield
+        yield False
 
 
 def _in_transaction(conn: Any) -> bool:

@@ -386,10 +386,13 @@ class _TransactionalCall(_Call):
     the function's writes and the record commit together (SPEC §3).
 
     The function runs inside :func:`~oncepay.idempotency._transactions.holding` on that
-    argument: a transaction the decorator commits after completing the record, or a savepoint
-    inside the caller's open transaction (whose commit then carries both). A rollback, or a
-    crash before the commit, leaves the record executing: a retry takes it over once the lease
-    lapses, and runs the function again, as nothing of it was kept.
+    argument: a transaction of the decorator's, committed once the record is completed (rolled
+    back, and the key released, if the function raises), or the caller's open transaction,
+    joined, whose commit or rollback then carries both. A rollback there, or a crash before
+    any commit, leaves the record executing: a retry takes it over once the lease lapses, and
+    runs the function again, as nothing of it was kept. The key is not released from inside
+    the caller's transaction: that transaction may hold the very lock (SQLite's) the release
+    would wait for.
     """
 
     def __init__(self, *parts: Any) -> None:
@@ -407,36 +410,34 @@ class _TransactionalCall(_Call):
     async def _aexecute(self, ticket: Ticket, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         conn = self._connection(args, kwargs)
         if not _transactions.is_async(conn):
-            return await self._in_sync_transaction(conn, ticket, args, kwargs)
+            return await self._aexecute_on_sync(conn, ticket, args, kwargs)
+        joined = False
         try:
-            async with _transactions.aholding(conn):
+            async with _transactions.aholding(conn) as joined:
                 result = await self.func(*args, **kwargs)
                 stored, error = self._stored(result)
                 await self.engine.acomplete_in(_transactions.unwrapped(conn), ticket, stored)
         except BaseException:
-            # Released only if the transaction did not commit (the release is fenced on an
-            # executing record): a completed record is never undone.
-            await self._release(ticket)
+            if not joined:  # our transaction rolled back: nothing of the call was kept
+                await self._release(ticket)
             raise
-        if error is not None:
-            raise self._not_stored(ticket.key, stored) from error
-        return result
+        return self._returned(ticket, result, stored, error)
 
-    async def _in_sync_transaction(
+    async def _aexecute_on_sync(
         self, conn: Any, ticket: Ticket, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Any:
         """An async function holding a sync connection (sqlite3, say)."""
+        joined = False
         try:
-            with _transactions.holding(conn):
+            with _transactions.holding(conn) as joined:
                 result = await self.func(*args, **kwargs)
                 stored, error = self._stored(result)
                 self.engine.complete_in(_transactions.unwrapped(conn), ticket, stored)
         except BaseException:
-            await self._release(ticket)
+            if not joined:
+                await self._release(ticket)
             raise
-        if error is not None:
-            raise self._not_stored(ticket.key, stored) from error
-        return result
+        return self._returned(ticket, result, stored, error)
 
     def _execute(self, ticket: Ticket, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         conn = self._connection(args, kwargs)
@@ -446,14 +447,21 @@ class _TransactionalCall(_Call):
                 f"{self.target} is a sync function: its {self.transaction!r} must be a sync "
                 f"connection or session, not a {type(conn).__qualname__}"
             )
+        joined = False
         try:
-            with _transactions.holding(conn):
+            with _transactions.holding(conn) as joined:
                 result = self.func(*args, **kwargs)
                 stored, error = self._stored(result)
                 self.engine.complete_in(_transactions.unwrapped(conn), ticket, stored)
         except BaseException:
-            _LOOP.run(self._release(ticket))
+            if not joined:
+                _LOOP.run(self._release(ticket))
             raise
+        return self._returned(ticket, result, stored, error)
+
+    def _returned(
+        self, ticket: Ticket, result: Any, stored: StoredResponse, error: Exception | None
+    ) -> Any:
         if error is not None:
             raise self._not_stored(ticket.key, stored) from error
         return result
