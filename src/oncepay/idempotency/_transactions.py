@@ -24,8 +24,10 @@ from typing import Any
 
 __all__ = ["aholding", "holding", "is_a", "is_async", "unwrapped"]
 
-_SCOPED = (("sqlalchemy.orm.scoping", "scoped_session"),
-           ("sqlalchemy.ext.asyncio.scoping", "async_scoped_session"))  # fmt: skip
+_SCOPED = (
+    ("sqlalchemy.orm.scoping", "scoped_session"),
+    ("sqlalchemy.ext.asyncio.scoping", "async_scoped_session"),
+)
 _SQLALCHEMY = (("sqlalchemy.orm", "Session"), ("sqlalchemy.engine", "Connection"))
 _SYNC = (*_SQLALCHEMY, ("psycopg", "Connection"))
 _SQLALCHEMY_ASYNC = (
