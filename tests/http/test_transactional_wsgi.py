@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from werkzeug.test import Client
 
+from oncepay.errors import ConfigurationError
 from oncepay.http import IdempotencyWSGIMiddleware
 from oncepay.idempotency import Engine, RecordState
 from oncepay.idempotency.keys import scope_from_authorization
@@ -157,3 +158,11 @@ def _json(body: bytes) -> Any:
     import json
 
     return json.loads(body)
+
+
+def test_a_store_that_cannot_complete_in_a_transaction_is_refused_when_built() -> None:
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        return []
+
+    with pytest.raises(ConfigurationError, match="MemoryStore cannot complete"):
+        IdempotencyWSGIMiddleware(app, store="memory://", transactional=True)
