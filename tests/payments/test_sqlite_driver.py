@@ -1,4 +1,4 @@
-"""oncepay.payments.storage._sqlite: the driver-level SQLite connection under SQLAlchemy."""
+"""oncepay._drivers.sqlite: the driver-level SQLite connection under SQLAlchemy."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from oncepay.payments.storage import _sqlite
+from oncepay._drivers import sqlite as _sqlite
 
 
 async def test_a_commit_never_queues_behind_begins_that_wait_for_its_lock(tmp_path: Path) -> None:

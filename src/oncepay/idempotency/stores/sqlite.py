@@ -28,6 +28,8 @@ from contextlib import asynccontextmanager, contextmanager
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
+from oncepay._drivers.sqlite import enable_wal as _enable_wal
+from oncepay._drivers.sqlite import is_busy as _is_busy
 from oncepay.errors import ConfigurationError, StoreUnavailable
 from oncepay.idempotency.records import Claim, Record, StoredResponse
 from oncepay.idempotency.stores._sql import (
@@ -58,9 +60,6 @@ DEFAULT_TABLE = "oncepay_idempotency"
 # unavailable: a claim holds the lock for well under a millisecond, so five seconds of waiting
 # means a wedged database (a long transaction elsewhere), and a 503 beats a hung request.
 DEFAULT_BUSY_TIMEOUT = 5.0
-# How soon a process retries switching a new file to WAL while another switches it: the switch
-# takes a few milliseconds in the process that makes it.
-WAL_RETRY_INTERVAL = 0.01
 
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
@@ -271,29 +270,6 @@ class SQLiteStore(TransactionalCompletion):
         if self._conn is not None:
             self._conn.close()
             self._conn = None
-
-
-def _enable_wal(conn: sqlite3.Connection, *, deadline: float) -> None:
-    """Switch the file to WAL, which lets readers (replays) run while a claim writes.
-
-    SQLite does not call the busy handler for this switch, so processes opening a new file
-    together can see "database is locked": retry until the busy timeout would have run out.
-    ``synchronous`` stays FULL: a completion lost to a power cut would let a retry execute a
-    second time.
-    """
-    while True:
-        try:
-            conn.execute("PRAGMA journal_mode=WAL").fetchall()
-            return
-        except sqlite3.OperationalError as exc:
-            if not _is_busy(exc) or time.monotonic() >= deadline:
-                raise
-        time.sleep(WAL_RETRY_INTERVAL)
-
-
-def _is_busy(exc: sqlite3.Error) -> bool:
-    """SQLITE_BUSY or one of its extended codes (SQLITE_BUSY_SNAPSHOT, ...)."""
-    return exc.sqlite_errorcode & 0xFF == sqlite3.SQLITE_BUSY
 
 
 def _optimistically(

@@ -1,6 +1,6 @@
 """Databases of the payments service (and of the simulated acquirer): one SQLAlchemy Core
 engine over SQLite (SQLAlchemy's aiosqlite dialect on oncepay's own loop-friendly driver,
-:mod:`oncepay.payments.storage._sqlite`) or PostgreSQL (asyncpg), chosen by URL.
+:mod:`oncepay._drivers.sqlite`) or PostgreSQL (asyncpg), chosen by URL.
 
 URLs are the ones users type — ``sqlite:///oncepay.db``, ``postgresql://user@host/db`` — and
 are mapped to SQLAlchemy's async drivers here. ``?schema=NAME`` on a PostgreSQL URL puts every
@@ -27,8 +27,8 @@ from sqlalchemy import event
 from sqlalchemy.engine import Connection as SyncConnection
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
+from oncepay._drivers import sqlite as _sqlite
 from oncepay.errors import ConfigurationError
-from oncepay.payments.storage import _sqlite
 
 __all__ = ["Database", "read", "write"]
 

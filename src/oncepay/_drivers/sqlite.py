@@ -33,9 +33,11 @@ from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from oncepay.idempotency.stores.sqlite import _enable_wal as enable_wal
+__all__ = ["Connection", "connect", "enable_wal", "is_busy"]
 
-__all__ = ["Connection", "connect"]
+# How soon a process retries switching a new file to WAL while another switches it: the switch
+# takes a few milliseconds in the process that makes it.
+WAL_RETRY_INTERVAL = 0.01
 
 # Statements that may wait for another process (the write lock) or for the disk.
 _WAITING = ("BEGIN IMMEDIATE", "BEGIN EXCLUSIVE", "COMMIT", "END")
@@ -162,7 +164,7 @@ async def connect(path: str, *, timeout: float) -> Connection:
                                check_same_thread=False)  # fmt: skip
         try:
             # SQLite does not call the busy handler for the switch to WAL: processes opening a
-            # new file together retry it, as the idempotency store does.
+            # new file together retry it (the idempotency store's SQLite connections too).
             enable_wal(conn, deadline=time.monotonic() + timeout)
         except BaseException:
             conn.close()
@@ -176,3 +178,26 @@ async def connect(path: str, *, timeout: float) -> Connection:
         thread.shutdown(wait=False)
         raise
     return Connection(conn, thread)
+
+
+def enable_wal(conn: sqlite3.Connection, *, deadline: float) -> None:
+    """Switch the file to WAL, which lets readers (replays) run while a claim writes.
+
+    SQLite does not call the busy handler for this switch, so processes opening a new file
+    together can see "database is locked": retry until the busy timeout would have run out.
+    ``synchronous`` stays FULL: a completion lost to a power cut would let a retry execute a
+    second time.
+    """
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode=WAL").fetchall()
+            return
+        except sqlite3.OperationalError as exc:
+            if not is_busy(exc) or time.monotonic() >= deadline:
+                raise
+        time.sleep(WAL_RETRY_INTERVAL)
+
+
+def is_busy(exc: sqlite3.Error) -> bool:
+    """SQLITE_BUSY or one of its extended codes (SQLITE_BUSY_SNAPSHOT, ...)."""
+    return exc.sqlite_errorcode & 0xFF == sqlite3.SQLITE_BUSY
