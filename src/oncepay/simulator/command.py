@@ -14,7 +14,8 @@ from pydantic import ValidationError
 from rich.console import Console
 
 from oncepay.errors import ConfigurationError
-from oncepay.simulator.app import DEFAULT_DATABASE_URL, Faults, create_app
+from oncepay.simulator.app import DEFAULT_DATABASE_URL, create_app
+from oncepay.simulator.faults import Faults
 
 __all__ = ["DEFAULT_PORT", "acquirer"]
 

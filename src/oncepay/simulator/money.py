@@ -1,0 +1,214 @@
+"""Money moves: authorize (``pm_card_*`` decide the outcome), then capture, void and refund
+an authorization. Each runs in one transaction that claims its reference, so a retry answers
+the stored result instead of moving money twice; captures and refunds are recorded as
+movements for the settlement report."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any, Literal
+
+from sqlalchemy import select, update
+from sqlalchemy.engine import RowMapping
+from sqlalchemy.ext.asyncio import AsyncConnection
+from starlette.requests import Request
+from starlette.responses import Response
+
+from oncepay.simulator.bodies import AmountBody, AuthorizeBody, VoidBody, parse
+from oncepay.simulator.documents import dumps, iso, new_id
+from oncepay.simulator.problems import Problem
+from oncepay.simulator.references import claim, find, operation_row, replay, retrying
+from oncepay.simulator.schema import authorizations, movements
+from oncepay.simulator.state import Simulator, simulator_of
+
+__all__ = ["PAYMENT_METHODS", "authorize", "follow_on"]
+
+PAYMENT_METHODS: dict[str, str | None] = {
+    "pm_card_ok": None,
+    "pm_card_declined": "card_declined",
+    "pm_card_insufficient_funds": "insufficient_funds",
+}
+# The prefix of the id of each follow-on operation's answer.
+_ID_PREFIX = {"capture": "cap", "void": "void", "refund": "re"}
+
+
+async def authorize(request: Request) -> Response:
+    sim = simulator_of(request)
+    body, fingerprint = await parse(request, AuthorizeBody)
+    if body.payment_method not in PAYMENT_METHODS:
+        raise Problem(
+            400,
+            "unknown_payment_method",
+            f"payment_method must be one of {', '.join(PAYMENT_METHODS)}",
+        )
+
+    async def work() -> Response:
+        async with sim.transaction() as conn:
+            existing = await find(conn, body.reference)
+            if existing is not None:
+                return replay(existing, fingerprint)
+            return await _authorize(conn, sim, body, fingerprint)
+
+    return await sim.run("authorize", lambda: retrying(work))
+
+
+async def _authorize(
+    conn: AsyncConnection, sim: Simulator, body: AuthorizeBody, fingerprint: str
+) -> Response:
+    now = sim.clock()
+    decline_code = PAYMENT_METHODS[body.payment_method]
+    approved = decline_code is None
+    row: dict[str, Any] = {
+        "id": new_id("auth"),
+        "reference": body.reference,
+        "order_id": body.order_id or body.reference,
+        "payment_method": body.payment_method,
+        "amount": body.amount,
+        "currency": body.currency,
+        "status": "approved" if approved else "declined",
+        "decline_code": decline_code,
+        "captured_amount": body.amount if approved and body.capture else 0,
+        "refunded_amount": 0,
+        "voided": False,
+        "created_at": now,
+    }
+    document = dumps(_authorization_body(row))
+    await claim(conn, sim, operation_row(row, "authorization", fingerprint, 201, document))
+    await conn.execute(authorizations.insert().values(**row))
+    if row["captured_amount"]:
+        await _move(conn, row, "capture", body.reference, row["captured_amount"], now)
+    return Response(document, 201, media_type="application/json")
+
+
+def _authorization_body(row: dict[str, Any] | RowMapping) -> dict[str, Any]:
+    return {
+        "object": "authorization",
+        "id": row["id"],
+        "reference": row["reference"],
+        "order_id": row["order_id"],
+        "status": row["status"],
+        "decline_code": row["decline_code"],
+        "amount": row["amount"],
+        "currency": row["currency"],
+        "captured_amount": row["captured_amount"],
+        "refunded_amount": row["refunded_amount"],
+        "voided": row["voided"],
+        "created_at": iso(row["created_at"]),
+    }
+
+
+async def _move(
+    conn: AsyncConnection,
+    auth: dict[str, Any] | RowMapping,
+    kind: str,
+    reference: str,
+    amount: int,
+    now: float,
+) -> None:
+    await conn.execute(
+        movements.insert().values(
+            id=new_id("mv"),
+            authorization_id=auth["id"],
+            reference=reference,
+            order_id=auth["order_id"],
+            type=kind,
+            amount=amount,
+            currency=auth["currency"],
+            created_at=now,
+        )
+    )
+
+
+def _check(kind: str, auth: RowMapping, amount: int) -> dict[str, Any]:
+    """The authorization's new values after ``kind`` of ``amount``, or a problem."""
+    if auth["status"] != "approved":
+        raise Problem(409, "authorization_declined", "the authorization was declined")
+    if kind == "refund":
+        return _check_refund(auth, amount)
+    if auth["voided"]:
+        raise Problem(409, "authorization_voided", "the authorization was voided")
+    if auth["captured_amount"]:
+        raise Problem(409, "already_captured", "the authorization was already captured")
+    if kind == "void":
+        return {"voided": True}
+    if amount > auth["amount"]:
+        raise Problem(400, "amount_exceeds_authorized", f"capture at most {auth['amount']}")
+    return {"captured_amount": amount}
+
+
+def _check_refund(auth: RowMapping, amount: int) -> dict[str, Any]:
+    if not auth["captured_amount"]:
+        raise Problem(409, "not_captured", "nothing was captured on this authorization")
+    refundable = auth["captured_amount"] - auth["refunded_amount"]
+    if amount > refundable:
+        raise Problem(409, "amount_exceeds_refundable", f"refund at most {refundable}")
+    return {"refunded_amount": auth["refunded_amount"] + amount}
+
+
+def follow_on(
+    kind: Literal["capture", "void", "refund"],
+) -> Callable[[Request], Awaitable[Response]]:
+    """The handler of ``kind`` on the authorization named in the path."""
+    model: type[AmountBody] | type[VoidBody] = VoidBody if kind == "void" else AmountBody
+
+    async def handler(request: Request) -> Response:
+        sim = simulator_of(request)
+        authorization_id = request.path_params["authorization_id"]
+        body, fingerprint = await parse(request, model)
+        amount: int | None = getattr(body, "amount", None)
+
+        async def work() -> Response:
+            async with sim.transaction() as conn:
+                existing = await find(conn, body.reference)
+                if existing is not None:
+                    return replay(existing, fingerprint)
+                return await _operate(
+                    conn, sim, kind, authorization_id, body.reference, amount, fingerprint
+                )
+
+        return await sim.run(kind, lambda: retrying(work))
+
+    return handler
+
+
+async def _operate(
+    conn: AsyncConnection,
+    sim: Simulator,
+    kind: str,
+    authorization_id: str,
+    reference: str,
+    amount: int | None,
+    fingerprint: str,
+) -> Response:
+    query = select(authorizations).where(authorizations.c.id == authorization_id)
+    auth = (await conn.execute(query.with_for_update())).mappings().first()
+    if auth is None:
+        raise Problem(404, "authorization_not_found", f"no authorization {authorization_id}")
+    moved = auth["amount"] if amount is None else amount  # a void releases the whole hold
+    changes = _check(kind, auth, moved)
+    now = sim.clock()
+    await conn.execute(
+        update(authorizations).where(authorizations.c.id == authorization_id).values(**changes)
+    )
+    after = {**auth, **changes}
+    document = dumps(
+        {
+            "object": kind,
+            "id": new_id(_ID_PREFIX[kind]),
+            "reference": reference,
+            "authorization_id": authorization_id,
+            "order_id": auth["order_id"],
+            "status": "approved",
+            "amount": moved,
+            "currency": auth["currency"],
+            "created_at": iso(now),
+            "authorization": _authorization_body(after),
+        }
+    )
+    row = operation_row(
+        auth, kind, fingerprint, 201, document, reference=reference, amount=moved, now=now
+    )
+    await claim(conn, sim, row)
+    if kind != "void":
+        await _move(conn, auth, kind, reference, moved, now)
+    return Response(document, 201, media_type="application/json")

@@ -1,0 +1,92 @@
+"""The state of one simulated acquirer: its database, its faults and their dice, its clock,
+and the latch that creates the schema once. Handlers reach it through the request's app.
+
+Its database is the payments service's :class:`~oncepay.payments.storage.db.Database` (the
+same SQLite and PostgreSQL engines). That import is the simulator's only one from
+``oncepay.payments`` and points upward: ``Database``, ``read``, ``write`` and the SQLite driver
+belong below both packages (``oncepay/_drivers/`` for the driver, a shared ``oncepay/storage``
+module for the rest), and this line should then import from there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+
+from sqlalchemy.ext.asyncio import AsyncConnection
+from starlette.requests import Request
+from starlette.responses import Response
+
+from oncepay.payments.storage.db import Database, read, write
+from oncepay.simulator.faults import Faults, Operation, strike_after, strike_before
+from oncepay.simulator.schema import create_schema
+
+__all__ = ["Simulator", "simulator_of"]
+
+
+class Simulator:
+    """State of one simulator app: its database, faults and dice, and the schema latch."""
+
+    def __init__(
+        self, db: Database, faults: Faults, seed: int | None, clock: Callable[[], float]
+    ) -> None:
+        self.db = db
+        self.faults = faults
+        self.random = random.Random(seed)  # noqa: S311 - fault dice, not secrets
+        self.clock = clock
+        self._ready = False
+        self._lock = asyncio.Lock()
+        self._inflight: set[asyncio.Future[Response]] = set()
+
+    @classmethod
+    def from_url(
+        cls, url: str, faults: Faults, seed: int | None, clock: Callable[[], float]
+    ) -> Simulator:
+        return cls(Database.from_url(url), faults, seed, clock)
+
+    async def ready(self) -> None:
+        if self._ready:
+            return
+        async with self._lock:
+            if not self._ready:
+                async with write(self.db) as conn:
+                    await create_schema(conn, sqlite=self.db.is_sqlite, schema=self.db.schema)
+                self._ready = True
+
+    async def aclose(self) -> None:
+        await asyncio.gather(*self._inflight, return_exceptions=True)
+        await self.db.aclose()
+
+    async def before(self, operation: Operation) -> None:
+        await strike_before(self.faults, self.random, operation)
+
+    async def run(self, operation: Operation, work: Callable[[], Awaitable[Response]]) -> Response:
+        await self.before(operation)
+        await self.ready()
+        response = await self._whole(work)
+        return await strike_after(self.faults, self.random, operation, response)
+
+    async def _whole(self, work: Callable[[], Awaitable[Response]]) -> Response:
+        """Run ``work`` to its end even if the caller gives up, as a server does when its
+        client hangs up: in-process, a caller's timeout would otherwise cancel us mid-way."""
+        task = asyncio.ensure_future(work())
+        self._inflight.add(task)
+        task.add_done_callback(self._inflight.discard)
+        return await asyncio.shield(task)
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[AsyncConnection]:
+        async with write(self.db) as conn:
+            yield conn
+
+    @asynccontextmanager
+    async def reading(self) -> AsyncIterator[AsyncConnection]:
+        async with read(self.db) as conn:
+            yield conn
+
+
+def simulator_of(request: Request) -> Simulator:
+    simulator: Simulator = request.app.state.simulator
+    return simulator
