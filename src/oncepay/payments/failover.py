@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 from oncepay.payments.acquirers.base import AcquirerAnswer, Outcome
 from oncepay.payments.acquirers.pool import AcquirerPool
+from oncepay.payments.records import PaymentRow
 
 __all__ = ["Advance", "authorize", "reference"]
 
@@ -30,7 +30,7 @@ def reference(payment_id: str, attempt: int) -> str:
 
 
 async def authorize(
-    pool: AcquirerPool, row: Any, advance: Advance, *, ask_first: bool
+    pool: AcquirerPool, row: PaymentRow, advance: Advance, *, ask_first: bool
 ) -> AcquirerAnswer:
     """Authorize payment ``row`` (a payments row) on some acquirer, exactly once."""
     name, attempt = row.acquirer, row.attempt

@@ -24,11 +24,12 @@ import secrets
 import time
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Any
+from typing import cast
 
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from oncepay.payments.records import PaymentRow
 from oncepay.payments.states import PaymentStatus
 from oncepay.payments.storage.db import Database, read
 from oncepay.payments.storage.schema import ledger_entries, ledger_transactions, payments, refunds
@@ -116,7 +117,7 @@ _HELD = {PaymentStatus.AUTHORIZED}
 _CAPTURED = {PaymentStatus.CAPTURED, PaymentStatus.PARTIALLY_REFUNDED, PaymentStatus.REFUNDED}
 
 
-def expected_balances(row: Any) -> tuple[int, int]:
+def expected_balances(row: PaymentRow) -> tuple[int, int]:
     """(held, payable) that a payment's status and amounts imply."""
     status = PaymentStatus(row.status)
     held = row.amount if status in _HELD else 0
@@ -151,11 +152,13 @@ async def check(conn: AsyncConnection) -> list[Violation]:
         )
     }
     for row in await conn.execute(select(payments)):
-        violations.extend(_check_payment(row, balances.get(row.id, {}), refunded.get(row.id, 0)))
+        payment = cast(PaymentRow, row)
+        found = _check_payment(payment, balances.get(payment.id, {}), refunded.get(payment.id, 0))
+        violations.extend(found)
     return violations
 
 
-def _check_payment(row: Any, balance: dict[str, int], refunded: int) -> list[Violation]:
+def _check_payment(row: PaymentRow, balance: dict[str, int], refunded: int) -> list[Violation]:
     found: list[Violation] = []
     held, payable = expected_balances(row)
     actual_held = -balance.get(AUTHORIZED_FUNDS, 0)

@@ -18,6 +18,7 @@ from pydantic import (
 )
 
 from oncepay.payments.currencies import ISO_4217
+from oncepay.payments.records import PaymentRow, RefundRow
 
 __all__ = [
     "TEST_PAYMENT_METHODS",
@@ -187,7 +188,7 @@ class Problem(BaseModel):
     code: str
 
 
-def payment_public(row: Any) -> dict[str, Any]:
+def payment_public(row: PaymentRow) -> dict[str, Any]:
     status = row.status
     return {
         "id": row.id,
@@ -210,7 +211,7 @@ def payment_public(row: Any) -> dict[str, Any]:
     }
 
 
-def refund_public(row: Any) -> dict[str, Any]:
+def refund_public(row: RefundRow) -> dict[str, Any]:
     return {
         "id": row.id,
         "object": "refund",

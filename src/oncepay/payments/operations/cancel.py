@@ -13,6 +13,7 @@ from oncepay.payments.acquirers.base import AcquirerAnswer, Outcome
 from oncepay.payments.context import Services
 from oncepay.payments.operations.common import (
     RESOLVED,
+    authorization_of,
     check_followable,
     load_payment,
     note_unknown,
@@ -45,7 +46,7 @@ class Cancel:
     async def call(self, svc: Services, object_id: str, ticket: Ticket) -> AcquirerAnswer:
         row = await read_payment(svc, object_id)
         return await svc.acquirers[row.acquirer].void(
-            reference=f"{row.id}_void", authorization_id=row.authorization_id
+            reference=f"{row.id}_void", authorization_id=authorization_of(row)
         )
 
     async def record(

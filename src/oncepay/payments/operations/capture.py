@@ -12,11 +12,13 @@ from oncepay.payments.acquirers.base import AcquirerAnswer, Outcome
 from oncepay.payments.context import Services
 from oncepay.payments.errors import AmountTooLarge
 from oncepay.payments.operations.common import (
+    authorization_of,
     capture_in_ledger,
     check_followable,
     load_payment,
     note_unknown,
     payment_or_refusal,
+    pending_capture,
     read_payment,
     refused,
     save,
@@ -44,9 +46,9 @@ class Capture:
 
     async def call(self, svc: Services, object_id: str, ticket: Ticket) -> AcquirerAnswer:
         row = await read_payment(svc, object_id)
-        amount = int(row.pending_operation.partition(":")[2])
+        amount = pending_capture(row)
         return await svc.acquirers[row.acquirer].capture(
-            reference=f"{row.id}_capture", authorization_id=row.authorization_id, amount=amount
+            reference=f"{row.id}_capture", authorization_id=authorization_of(row), amount=amount
         )
 
     async def record(
@@ -54,7 +56,7 @@ class Capture:
     ) -> None:
         row = await load_payment(conn, object_id, lock=True)
         if answer.outcome is Outcome.APPROVED:
-            await capture_in_ledger(conn, row, int(row.pending_operation.partition(":")[2]))
+            await capture_in_ledger(conn, row, pending_capture(row))
         else:
             await refused(conn, row, answer)
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import functools
 import time
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import bindparam, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from oncepay.errors import OncePayError
 from oncepay.payments import ledger
 from oncepay.payments.acquirers.base import AcquirerAnswer
 from oncepay.payments.context import Services
@@ -18,6 +19,7 @@ from oncepay.payments.events import emit
 from oncepay.payments.ids import is_id
 from oncepay.payments.metrics import RECOVERY_ESCALATIONS
 from oncepay.payments.models import payment_public
+from oncepay.payments.records import PaymentRow
 from oncepay.payments.reply import Reply
 from oncepay.payments.states import PaymentStatus, Transition, next_status, require
 from oncepay.payments.storage.db import read
@@ -25,12 +27,14 @@ from oncepay.payments.storage.schema import payments
 
 __all__ = [
     "RESOLVED",
+    "authorization_of",
     "capture_in_ledger",
     "check_followable",
     "load_payment",
     "note_unknown",
     "payment_event",
     "payment_or_refusal",
+    "pending_capture",
     "read_payment",
     "refused",
     "save",
@@ -41,7 +45,7 @@ S, T = PaymentStatus, Transition
 
 async def load_payment(
     conn: AsyncConnection, payment_id: str, merchant_id: str | None = None, *, lock: bool = False
-) -> Any:
+) -> PaymentRow:
     """The payment row; ``lock`` takes its row lock on PostgreSQL (SQLite's write transaction
     already excludes every other writer). Another merchant's payment is not found."""
     if not is_id(payment_id):
@@ -50,15 +54,15 @@ async def load_payment(
     row = (await conn.execute(_load(merchant_id is not None, lock), params)).first()
     if row is None:
         raise ResourceMissing(f"no payment {payment_id!r}")
-    return row
+    return cast(PaymentRow, row)
 
 
-async def save(conn: AsyncConnection, payment_id: str, **values: Any) -> Any:
+async def save(conn: AsyncConnection, payment_id: str, **values: Any) -> PaymentRow:
     """Update a payment; the row as it now is (one statement: UPDATE … RETURNING)."""
     values["updated_at"] = time.time()
     params = {f"new_{name}": value for name, value in values.items()}
     result = await conn.execute(_save(frozenset(values)), {"payment_id": payment_id, **params})
-    return result.one()
+    return cast(PaymentRow, result.one())
 
 
 # The payment statements, built once per shape: building a statement costs more than running
@@ -82,7 +86,7 @@ def _save(columns: frozenset[str]) -> Any:
     )  # fmt: skip
 
 
-async def payment_event(conn: AsyncConnection, row: Any, type: str) -> None:
+async def payment_event(conn: AsyncConnection, row: PaymentRow, type: str) -> None:
     await emit(conn, merchant_id=row.merchant_id, type=type, object_id=row.id,
                data=payment_public(row))  # fmt: skip
 
@@ -92,7 +96,7 @@ async def payment_event(conn: AsyncConnection, row: Any, type: str) -> None:
 RESOLVED: dict[str, Any] = {"outcome_unknown": False, "recovery_attempts": 0, "escalated": False}
 
 
-def check_followable(row: Any, request: str) -> None:
+def check_followable(row: PaymentRow, request: str) -> None:
     """What every follow-on operation asks of a payment before touching it."""
     if row.outcome_unknown:
         raise OutcomeUnknown(
@@ -119,7 +123,7 @@ async def note_unknown(
     return float(schedule[min(tries, len(schedule)) - 1])
 
 
-async def capture_in_ledger(conn: AsyncConnection, row: Any, amount: int) -> None:
+async def capture_in_ledger(conn: AsyncConnection, row: PaymentRow, amount: int) -> None:
     await ledger.post(conn, merchant_id=row.merchant_id, payment_id=row.id,
                       currency=row.currency, kind="capture",
                       entries=ledger.capture(row.amount, amount))  # fmt: skip
@@ -128,12 +132,27 @@ async def capture_in_ledger(conn: AsyncConnection, row: Any, amount: int) -> Non
     await payment_event(conn, row, "payment.captured")
 
 
-async def read_payment(svc: Services, payment_id: str) -> Any:
+def authorization_of(row: PaymentRow) -> str:
+    """The acquirer's authorization a capture, void or refund acts on. A payment gets past
+    :func:`check_followable` only once authorized, and an approval always carries its id."""
+    if row.authorization_id is None:
+        raise OncePayError(f"payment {row.id} has no authorization id")
+    return row.authorization_id
+
+
+def pending_capture(row: PaymentRow) -> int:
+    """The amount of the capture between its phases (``pending_operation`` reads
+    ``capture:<amount>`` from phase 1 on)."""
+    operation = row.pending_operation or ""
+    return int(operation.partition(":")[2])
+
+
+async def read_payment(svc: Services, payment_id: str) -> PaymentRow:
     async with read(svc.db) as conn:
         return await load_payment(conn, payment_id)
 
 
-async def refused(conn: AsyncConnection, row: Any, answer: AcquirerAnswer) -> None:
+async def refused(conn: AsyncConnection, row: PaymentRow, answer: AcquirerAnswer) -> None:
     """The acquirer refused a capture or void: the payment stays as it was, marked so that
     phase 3 can tell the client."""
     refusal = f"refused:{answer.decline_code or 'declined'}"

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -20,12 +20,14 @@ from oncepay.payments.ids import is_id, new_id
 from oncepay.payments.models import refund_public
 from oncepay.payments.operations.common import (
     RESOLVED,
+    authorization_of,
     check_followable,
     load_payment,
     note_unknown,
     payment_event,
     save,
 )
+from oncepay.payments.records import RefundRow
 from oncepay.payments.reply import Reply
 from oncepay.payments.states import PaymentStatus, Transition, next_status
 from oncepay.payments.storage.db import read
@@ -74,7 +76,7 @@ class CreateRefund:
             refund = await load_refund(conn, object_id)
             row = await load_payment(conn, refund.payment_id)
         return await svc.acquirers[row.acquirer].refund(
-            reference=refund.id, authorization_id=row.authorization_id, amount=refund.amount
+            reference=refund.id, authorization_id=authorization_of(row), amount=refund.amount
         )
 
     async def record(
@@ -109,7 +111,9 @@ class CreateRefund:
         return Reply.json(201, refund_public(await load_refund(conn, object_id)))
 
 
-async def load_refund(conn: AsyncConnection, refund_id: str, merchant_id: str | None = None) -> Any:
+async def load_refund(
+    conn: AsyncConnection, refund_id: str, merchant_id: str | None = None
+) -> RefundRow:
     if not is_id(refund_id):
         raise ResourceMissing(f"no refund {refund_id!r}")
     query = select(refunds).where(refunds.c.id == refund_id)
@@ -118,7 +122,7 @@ async def load_refund(conn: AsyncConnection, refund_id: str, merchant_id: str | 
     row = (await conn.execute(query)).first()
     if row is None:
         raise ResourceMissing(f"no refund {refund_id!r}")
-    return row
+    return cast(RefundRow, row)
 
 
 async def _save_refund(conn: AsyncConnection, refund_id: str, **values: Any) -> None:
