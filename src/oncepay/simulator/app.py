@@ -15,7 +15,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from oncepay.simulator import admin
+from oncepay.simulator.admin import get_faults, health, list_operations, put_faults
 from oncepay.simulator.faults import Faults
 from oncepay.simulator.money import authorize, follow_on
 from oncepay.simulator.problems import Problem, problem
@@ -34,10 +34,10 @@ ROUTES = [
     Route(f"{_AUTHORIZATION}/refunds", follow_on("refund"), methods=["POST"]),
     Route("/v1/lookups", lookup, methods=["POST"]),
     Route("/v1/settlements", settlements, methods=["GET"]),
-    Route("/admin/faults", admin.get_faults, methods=["GET"]),
-    Route("/admin/faults", admin.put_faults, methods=["PUT"]),
-    Route("/admin/operations", admin.list_operations, methods=["GET"]),
-    Route("/health", admin.health, methods=["GET"]),
+    Route("/admin/faults", get_faults, methods=["GET"]),
+    Route("/admin/faults", put_faults, methods=["PUT"]),
+    Route("/admin/operations", list_operations, methods=["GET"]),
+    Route("/health", health, methods=["GET"]),
 ]
 
 
