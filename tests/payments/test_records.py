@@ -6,11 +6,34 @@ from __future__ import annotations
 import pytest
 from sqlalchemy import Table
 
-from oncepay.payments.records import PaymentRow, RefundRow
-from oncepay.payments.storage.schema import payments, refunds
+from oncepay.payments.records import (
+    AttemptRow,
+    DeliveryRow,
+    EndpointRow,
+    EventRow,
+    PaymentRow,
+    RefundRow,
+)
+from oncepay.payments.storage.schema import (
+    events,
+    payments,
+    refunds,
+    webhook_attempts,
+    webhook_deliveries,
+    webhook_endpoints,
+)
+
+VIEWS = [
+    (PaymentRow, payments),
+    (RefundRow, refunds),
+    (EventRow, events),
+    (EndpointRow, webhook_endpoints),
+    (DeliveryRow, webhook_deliveries),
+    (AttemptRow, webhook_attempts),
+]
 
 
-@pytest.mark.parametrize(("view", "table"), [(PaymentRow, payments), (RefundRow, refunds)])
+@pytest.mark.parametrize(("view", "table"), VIEWS)
 def test_a_row_view_names_its_tables_columns_with_their_nullability(
     view: type, table: Table
 ) -> None:

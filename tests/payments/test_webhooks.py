@@ -10,11 +10,12 @@ import json
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import pytest
 
+from oncepay.payments.records import EventRow
 from oncepay.payments.webhooks import delivery
 from oncepay.payments.webhooks.delivery import deliver_due
 from tests.payments.stack import Stack, running_stack
@@ -260,7 +261,7 @@ def test_payload_is_the_event_as_the_api_shows_it() -> None:
         id, type, created_at = "evt_1", "payment.captured", 5.5
         data = json.dumps({"id": "pay_1"})
 
-    assert json.loads(delivery.event_payload(Row())) == {
+    assert json.loads(delivery.event_payload(cast(EventRow, Row()))) == {
         "id": "evt_1",
         "object": "event",
         "type": "payment.captured",

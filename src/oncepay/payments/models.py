@@ -18,7 +18,7 @@ from pydantic import (
 )
 
 from oncepay.payments.currencies import ISO_4217
-from oncepay.payments.records import PaymentRow, RefundRow
+from oncepay.payments.records import DeliveryRow, EndpointRow, EventRow, PaymentRow, RefundRow
 
 __all__ = [
     "TEST_PAYMENT_METHODS",
@@ -347,7 +347,7 @@ class WebhookDeliveryList(BaseModel):
     has_more: bool
 
 
-def endpoint_public(row: Any, *, secret: bool = False) -> dict[str, Any]:
+def endpoint_public(row: EndpointRow, *, secret: bool = False) -> dict[str, Any]:
     return {
         "id": row.id,
         "object": "webhook_endpoint",
@@ -361,7 +361,7 @@ def endpoint_public(row: Any, *, secret: bool = False) -> dict[str, Any]:
     }
 
 
-def delivery_public(row: Any) -> dict[str, Any]:
+def delivery_public(row: DeliveryRow) -> dict[str, Any]:
     waiting = row.status in {"pending", "delivering"}
     return {
         "id": row.id,
@@ -377,7 +377,7 @@ def delivery_public(row: Any) -> dict[str, Any]:
     }
 
 
-def event_public(row: Any) -> dict[str, Any]:
+def event_public(row: EventRow) -> dict[str, Any]:
     return {
         "id": row.id,
         "object": "event",

@@ -7,7 +7,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-__all__ = ["Merchant", "PaymentRow", "RefundRow"]
+__all__ = [
+    "AttemptRow",
+    "DeliveryRow",
+    "EndpointRow",
+    "EventRow",
+    "Merchant",
+    "PaymentRow",
+    "RefundRow",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,3 +65,65 @@ class RefundRow(Protocol):
     failure_code: str | None
     created_at: float
     updated_at: float
+
+
+class EventRow(Protocol):
+    """A row of ``events``."""
+
+    seq: int
+    id: str
+    merchant_id: str
+    type: str
+    object_id: str
+    data: str  # a JSON snapshot of the object after the change
+    created_at: float
+
+
+class EndpointRow(Protocol):
+    """A row of ``webhook_endpoints``."""
+
+    seq: int
+    id: str
+    merchant_id: str
+    url: str
+    events: str  # a JSON list of event types, or ["*"]
+    description: str | None
+    disabled: bool
+    disabled_reason: str | None
+    secret: str
+    previous_secret: str | None
+    previous_secret_expires_at: float | None
+    deleted: bool
+    created_at: float
+    updated_at: float
+
+
+class DeliveryRow(Protocol):
+    """A row of ``webhook_deliveries``."""
+
+    seq: int
+    id: str
+    merchant_id: str
+    event_id: str
+    endpoint_id: str
+    status: str  # pending, delivering, succeeded, dead, canceled
+    attempts: int
+    next_attempt_at: float
+    locked_until: float | None
+    lock_token: str | None
+    last_status_code: int | None
+    last_error: str | None
+    created_at: float
+    updated_at: float
+
+
+class AttemptRow(Protocol):
+    """A row of ``webhook_attempts``."""
+
+    seq: int
+    delivery_id: str
+    attempt: int
+    status_code: int | None
+    latency_ms: float
+    error: str | None
+    created_at: float

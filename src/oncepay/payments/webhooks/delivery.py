@@ -27,7 +27,7 @@ import secrets
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import httpx
 from sqlalchemy import and_, or_, select, update
@@ -37,6 +37,7 @@ from oncepay.http._cookies import NoCookies
 from oncepay.payments.context import Services
 from oncepay.payments.metrics import WEBHOOK_ATTEMPTS, WEBHOOK_LATENCY
 from oncepay.payments.models import event_public
+from oncepay.payments.records import EndpointRow, EventRow
 from oncepay.payments.storage.db import read, write
 from oncepay.payments.storage.schema import (
     events,
@@ -138,12 +139,12 @@ async def deliver_due(
 
 async def _deliver(svc: Services, client: httpx.AsyncClient, claimed: _Claimed, now: float) -> str:
     async with read(svc.db) as conn:
-        event = (await conn.execute(select(events).where(events.c.id == claimed.event_id))).one()
-        endpoint = (
-            await conn.execute(
-                select(webhook_endpoints).where(webhook_endpoints.c.id == claimed.endpoint_id)
-            )
-        ).one()
+        found = await conn.execute(select(events).where(events.c.id == claimed.event_id))
+        event = cast(EventRow, found.one())
+        found = await conn.execute(
+            select(webhook_endpoints).where(webhook_endpoints.c.id == claimed.endpoint_id)
+        )
+        endpoint = cast(EndpointRow, found.one())
     if endpoint.disabled or endpoint.deleted:
         return await _finish(svc, claimed, now, status="canceled", error="endpoint disabled")
     sent_at = max(now, time.time())
@@ -181,11 +182,13 @@ async def _renew(svc: Services, claimed: _Claimed, at: float) -> bool:
         return bool(result.rowcount)
 
 
-def event_payload(event: Any) -> bytes:
+def event_payload(event: EventRow) -> bytes:
     return json.dumps(event_public(event), separators=(",", ":")).encode()
 
 
-def signed_headers(endpoint: Any, webhook_id: str, payload: bytes, now: float) -> dict[str, str]:
+def signed_headers(
+    endpoint: EndpointRow, webhook_id: str, payload: bytes, now: float
+) -> dict[str, str]:
     timestamp = int(now)
     keys = [endpoint.secret]
     if endpoint.previous_secret and (endpoint.previous_secret_expires_at or 0) > now:

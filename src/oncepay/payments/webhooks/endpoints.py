@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -15,6 +15,7 @@ from oncepay.payments import models
 from oncepay.payments.errors import ResourceMissing
 from oncepay.payments.ids import is_id, new_id
 from oncepay.payments.reads import get_object
+from oncepay.payments.records import AttemptRow, DeliveryRow, EndpointRow
 from oncepay.payments.storage.db import Database, read, write
 from oncepay.payments.storage.schema import (
     events,
@@ -42,7 +43,7 @@ E = webhook_endpoints.c
 
 async def load_endpoint(
     conn: AsyncConnection, endpoint_id: str, merchant_id: str, *, lock: bool = True
-) -> Any:
+) -> EndpointRow:
     """The merchant's endpoint (row-locked for a change, on PostgreSQL), or 404."""
     if not is_id(endpoint_id):
         raise ResourceMissing(f"no webhook endpoint {endpoint_id!r}")
@@ -52,18 +53,19 @@ async def load_endpoint(
     row = (await conn.execute(query.with_for_update() if lock else query)).first()
     if row is None:
         raise ResourceMissing(f"no webhook endpoint {endpoint_id!r}")
-    return row
+    return cast(EndpointRow, row)
 
 
-async def read_endpoint(db: Database, endpoint_id: str, merchant_id: str) -> Any:
+async def read_endpoint(db: Database, endpoint_id: str, merchant_id: str) -> EndpointRow:
     async with read(db) as conn:
         return await load_endpoint(conn, endpoint_id, merchant_id, lock=False)
 
 
-async def _save(conn: AsyncConnection, endpoint_id: str, **values: Any) -> Any:
+async def _save(conn: AsyncConnection, endpoint_id: str, **values: Any) -> EndpointRow:
     values["updated_at"] = time.time()
     await conn.execute(update(webhook_endpoints).where(E.id == endpoint_id).values(**values))
-    return (await conn.execute(select(webhook_endpoints).where(E.id == endpoint_id))).one()
+    row = (await conn.execute(select(webhook_endpoints).where(E.id == endpoint_id))).one()
+    return cast(EndpointRow, row)
 
 
 async def create_endpoint(
@@ -72,7 +74,7 @@ async def create_endpoint(
     body: models.WebhookEndpointCreate,
     *,
     allow_private: bool,
-) -> Any:
+) -> EndpointRow:
     url, now = validate_url(body.url, allow_private=allow_private), time.time()
     endpoint_id = new_id("we")
     await conn.execute(webhook_endpoints.insert().values(
@@ -90,7 +92,7 @@ async def update_endpoint(
     body: models.WebhookEndpointUpdate,
     *,
     allow_private: bool,
-) -> Any:
+) -> EndpointRow:
     await load_endpoint(conn, endpoint_id, merchant_id)
     values: dict[str, Any] = {}
     if body.url is not None:
@@ -120,26 +122,27 @@ async def delete_endpoint(db: Database, endpoint_id: str, merchant_id: str) -> N
 
 async def rotate_secret(
     conn: AsyncConnection, endpoint_id: str, merchant_id: str, overlap: float
-) -> Any:
+) -> EndpointRow:
     """A new signing secret; the old one keeps signing for ``overlap`` seconds."""
     row = await load_endpoint(conn, endpoint_id, merchant_id)
     return await _save(conn, endpoint_id, secret=new_secret(), previous_secret=row.secret,
                        previous_secret_expires_at=time.time() + overlap)  # fmt: skip
 
 
-async def event_deliveries(db: Database, event_id: str, merchant_id: str) -> list[Any]:
+async def event_deliveries(db: Database, event_id: str, merchant_id: str) -> list[DeliveryRow]:
     """Every delivery of the merchant's event, newest first."""
     await get_object(db, events, event_id, merchant_id)
     async with read(db) as conn:
-        return list(await conn.execute(
+        rows = await conn.execute(
             select(webhook_deliveries).where(webhook_deliveries.c.event_id == event_id)
             .order_by(webhook_deliveries.c.seq.desc())
-        ))  # fmt: skip
+        )  # fmt: skip
+        return cast("list[DeliveryRow]", list(rows))
 
 
 async def delivery_attempts(
     db: Database, delivery_id: str, merchant_id: str
-) -> tuple[Any, list[Any]]:
+) -> tuple[DeliveryRow, list[AttemptRow]]:
     """The merchant's delivery and its attempts, in order."""
     row = await get_object(db, webhook_deliveries, delivery_id, merchant_id)
     async with read(db) as conn:
@@ -147,12 +150,12 @@ async def delivery_attempts(
             select(webhook_attempts).where(webhook_attempts.c.delivery_id == delivery_id)
             .order_by(webhook_attempts.c.attempt)
         )  # fmt: skip
-        return row, list(attempts)
+        return row, cast("list[AttemptRow]", list(attempts))
 
 
 async def redeliver_event(
     conn: AsyncConnection, merchant_id: str, event_id: str, endpoint_id: str | None
-) -> list[Any]:
+) -> list[DeliveryRow]:
     """New deliveries of the merchant's event: to ``endpoint_id``, or every subscriber."""
     if not is_id(event_id) or not (await conn.execute(
         select(events.c.id).where(events.c.id == event_id, events.c.merchant_id == merchant_id)
@@ -163,4 +166,4 @@ async def redeliver_event(
     ids = await redeliver(conn, merchant_id=merchant_id, event_id=event_id,
                           endpoint_id=endpoint_id)  # fmt: skip
     rows = await conn.execute(select(webhook_deliveries).where(webhook_deliveries.c.id.in_(ids)))
-    return list(rows)
+    return cast("list[DeliveryRow]", list(rows))
