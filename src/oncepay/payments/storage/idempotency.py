@@ -5,9 +5,13 @@ in front when configured."""
 from __future__ import annotations
 
 import asyncio
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
+from oncepay.errors import ConfigurationError
+from oncepay.idempotency.records import Claim, Record, StoredResponse
 from oncepay.idempotency.stores import Store, store_from_url
+from oncepay.idempotency.stores.base import DEFAULT_PURGE_BATCH, TransactionalStore, Watch
 from oncepay.idempotency.stores.tiered import TieredStore
 from oncepay.payments.storage.db import Database
 
@@ -35,43 +39,71 @@ class OneWriter:
     already."""
 
     def __init__(self, store: Store, lock: asyncio.Lock) -> None:
-        self.store = store
+        if not isinstance(store, TransactionalStore):  # checked once: a type, not a hasattr
+            raise ConfigurationError("the service's idempotency store must be a SQL store")
+        self.store: Store = store
+        self.transactional: TransactionalStore = store
         self.lock = lock
 
-    async def claim(self, *args: Any, **kwargs: Any) -> Any:
+    async def claim(
+        self, scope: str, key: str, fingerprint: str, *, now: float, lease: float, ttl: float
+    ) -> Claim:
         async with self.lock:
-            return await self.store.claim(*args, **kwargs)
+            return await self.store.claim(scope, key, fingerprint, now=now, lease=lease, ttl=ttl)
 
-    async def complete(self, *args: Any, **kwargs: Any) -> None:
+    async def complete(
+        self, scope: str, key: str, fence: int, response: StoredResponse, *, now: float
+    ) -> None:
         async with self.lock:
-            await self.store.complete(*args, **kwargs)
+            await self.store.complete(scope, key, fence, response, now=now)
 
-    async def release(self, *args: Any, **kwargs: Any) -> None:
+    async def release(self, scope: str, key: str, fence: int, *, now: float) -> None:
         async with self.lock:
-            await self.store.release(*args, **kwargs)
+            await self.store.release(scope, key, fence, now=now)
 
-    async def checkpoint(self, *args: Any, **kwargs: Any) -> None:
+    async def checkpoint(
+        self, scope: str, key: str, fence: int, recovery_point: str, *, now: float, lease: float
+    ) -> None:
         async with self.lock:
-            await self.store.checkpoint(*args, **kwargs)
+            await self.store.checkpoint(scope, key, fence, recovery_point, now=now, lease=lease)
 
-    async def purge_expired(self, *args: Any, **kwargs: Any) -> int:
+    async def purge_expired(self, *, now: float, limit: int = DEFAULT_PURGE_BATCH) -> int:
         async with self.lock:
-            return await self.store.purge_expired(*args, **kwargs)
+            return await self.store.purge_expired(now=now, limit=limit)
 
-    async def get(self, scope: str, key: str) -> Any:
+    async def get(self, scope: str, key: str) -> Record | None:
         return await self.store.get(scope, key)
 
-    def watch(self, scope: str, key: str) -> Any:
+    def watch(self, scope: str, key: str) -> AbstractAsyncContextManager[Watch]:
         return self.store.watch(scope, key)
 
     async def aclose(self) -> None:
         await self.store.aclose()
 
-    async def acomplete_in(self, conn: Any, *args: Any, **kwargs: Any) -> None:
-        await self.store.acomplete_in(conn, *args, **kwargs)  # type: ignore[attr-defined]
+    # Inside a phase, which holds the lock already.
 
-    async def acheckpoint_in(self, conn: Any, *args: Any, **kwargs: Any) -> None:
-        await self.store.acheckpoint_in(conn, *args, **kwargs)  # type: ignore[attr-defined]
+    def complete_in(
+        self, conn: Any, scope: str, key: str, fence: int, response: StoredResponse, *, now: float
+    ) -> None:
+        self.transactional.complete_in(conn, scope, key, fence, response, now=now)
 
-    def complete_in(self, conn: Any, *args: Any, **kwargs: Any) -> None:
-        self.store.complete_in(conn, *args, **kwargs)  # type: ignore[attr-defined]
+    async def acomplete_in(
+        self, conn: Any, scope: str, key: str, fence: int, response: StoredResponse, *, now: float
+    ) -> None:
+        await self.transactional.acomplete_in(conn, scope, key, fence, response, now=now)
+
+    async def acheckpoint_in(
+        self,
+        conn: Any,
+        scope: str,
+        key: str,
+        fence: int,
+        recovery_point: str,
+        *,
+        now: float,
+        lease: float,
+        keep_until: float = 0.0,
+    ) -> None:
+        await self.transactional.acheckpoint_in(
+            conn, scope, key, fence, recovery_point, now=now, lease=lease, keep_until=keep_until
+        )
