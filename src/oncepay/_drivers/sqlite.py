@@ -160,8 +160,7 @@ async def connect(path: str, *, timeout: float) -> Connection:
     thread and the worker threads in turn, never at once."""
 
     def open_it() -> sqlite3.Connection:
-        conn = sqlite3.connect(path, timeout=timeout, isolation_level=None,
-                               check_same_thread=False)  # fmt: skip
+        conn = sqlite3.connect(path, timeout=timeout, isolation_level=None, check_same_thread=False)
         try:
             # SQLite does not call the busy handler for the switch to WAL: processes opening a
             # new file together retry it (the idempotency store's SQLite connections too).

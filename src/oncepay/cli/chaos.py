@@ -45,13 +45,22 @@ def chaos(
     from oncepay.chaos.run import ChaosConfig, render, run_chaos
 
     config = ChaosConfig(
-        payments=payments, concurrency=concurrency, duration=duration,
-        database_url=database_url, redis=redis, seed=seed, error_rate=error_rate,
-        timeout_after_commit_rate=timeout_after_commit_rate, drop_rate=drop_rate,
-        proxy_drop_rate=proxy_drop_rate, kill_interval=kill_interval,
-        outage_interval=outage_interval, outage_seconds=outage_seconds,
-        redis_interval=redis_interval, workdir=workdir,
-    )  # fmt: skip
+        payments=payments,
+        concurrency=concurrency,
+        duration=duration,
+        database_url=database_url,
+        redis=redis,
+        seed=seed,
+        error_rate=error_rate,
+        timeout_after_commit_rate=timeout_after_commit_rate,
+        drop_rate=drop_rate,
+        proxy_drop_rate=proxy_drop_rate,
+        kill_interval=kill_interval,
+        outage_interval=outage_interval,
+        outage_seconds=outage_seconds,
+        redis_interval=redis_interval,
+        workdir=workdir,
+    )
     report = run_or_exit(run_chaos(config, console))
     if as_json:
         print(json.dumps(report.as_dict(), indent=2))

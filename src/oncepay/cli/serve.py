@@ -45,10 +45,15 @@ def serve(
     import uvicorn
 
     config = settings(
-        host=host, port=port, database_url=database_url, acquirer_url=acquirer_url,
-        secondary_acquirer_url=secondary_acquirer_url, workers=workers, run_worker=worker,
+        host=host,
+        port=port,
+        database_url=database_url,
+        acquirer_url=acquirer_url,
+        secondary_acquirer_url=secondary_acquirer_url,
+        workers=workers,
+        run_worker=worker,
         redis_url=redis_url,
-    )  # fmt: skip
+    )
     banner = run_or_exit(_prepare(config))
     console.print(banner, soft_wrap=True)
     os.environ.update(

@@ -39,18 +39,33 @@ def build_acquirers(settings: Settings) -> AcquirerPool:
 
         app = create_app(settings.acquirer_database_url)
         found.append(
-            HttpAcquirer("primary", app=app, timeout=timeout, attempts=attempts,
-                         breaker=breaker_for("primary"))
-        )  # fmt: skip
+            HttpAcquirer(
+                "primary",
+                app=app,
+                timeout=timeout,
+                attempts=attempts,
+                breaker=breaker_for("primary"),
+            )
+        )
     else:
         found.append(
-            HttpAcquirer("primary", settings.acquirer_url, timeout=timeout, attempts=attempts,
-                         breaker=breaker_for("primary"))
-        )  # fmt: skip
+            HttpAcquirer(
+                "primary",
+                settings.acquirer_url,
+                timeout=timeout,
+                attempts=attempts,
+                breaker=breaker_for("primary"),
+            )
+        )
     if settings.secondary_acquirer_url:
         url = settings.secondary_acquirer_url
         found.append(
-            HttpAcquirer("secondary", url, timeout=timeout, attempts=attempts,
-                         breaker=breaker_for("secondary"))
-        )  # fmt: skip
+            HttpAcquirer(
+                "secondary",
+                url,
+                timeout=timeout,
+                attempts=attempts,
+                breaker=breaker_for("secondary"),
+            )
+        )
     return AcquirerPool(found)

@@ -26,8 +26,14 @@ async def emit(
     event_id, now = new_id("evt"), time.time()
     await conn.execute(
         _INSERT,
-        {"id": event_id, "merchant_id": merchant_id, "type": type, "object_id": object_id,
-         "data": json.dumps(data, separators=(",", ":")), "created_at": now},
-    )  # fmt: skip
+        {
+            "id": event_id,
+            "merchant_id": merchant_id,
+            "type": type,
+            "object_id": object_id,
+            "data": json.dumps(data, separators=(",", ":")),
+            "created_at": now,
+        },
+    )
     await fan_out(conn, merchant_id=merchant_id, event_id=event_id, event_type=type, now=now)
     return event_id

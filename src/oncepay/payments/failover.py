@@ -45,9 +45,13 @@ async def authorize(
             healthy = True  # it answered; the attempt just never happened
         else:
             answer = await acquirer.authorize(
-                reference=ref, order_id=row.id, amount=row.amount, currency=row.currency,
-                payment_method=row.payment_method, capture=row.capture_method == "automatic",
-            )  # fmt: skip
+                reference=ref,
+                order_id=row.id,
+                amount=row.amount,
+                currency=row.currency,
+                payment_method=row.payment_method,
+                capture=row.capture_method == "automatic",
+            )
             if answer.outcome in FINAL:
                 return answer
             if not answer.never_sent:

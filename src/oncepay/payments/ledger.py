@@ -64,9 +64,15 @@ async def post(
     transaction_id = "txn_" + secrets.token_hex(12)
     await conn.execute(
         _INSERT_TRANSACTION,
-        {"id": transaction_id, "merchant_id": merchant_id, "payment_id": payment_id,
-         "refund_id": refund_id, "kind": kind, "created_at": time.time()},
-    )  # fmt: skip
+        {
+            "id": transaction_id,
+            "merchant_id": merchant_id,
+            "payment_id": payment_id,
+            "refund_id": refund_id,
+            "kind": kind,
+            "created_at": time.time(),
+        },
+    )
     await conn.execute(
         _INSERT_ENTRY,
         [
@@ -130,18 +136,21 @@ async def check(conn: AsyncConnection) -> list[Violation]:
     violations = [
         Violation(tx, f"entries sum to {total} {currency}, not 0")
         for tx, currency, total in await conn.execute(
-            select(ledger_entries.c.transaction_id, ledger_entries.c.currency,
-                   func.sum(ledger_entries.c.amount))
+            select(
+                ledger_entries.c.transaction_id,
+                ledger_entries.c.currency,
+                func.sum(ledger_entries.c.amount),
+            )
             .group_by(ledger_entries.c.transaction_id, ledger_entries.c.currency)
             .having(func.sum(ledger_entries.c.amount) != 0)
         )
-    ]  # fmt: skip
+    ]
     balances: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
     for payment_id, account, total in await conn.execute(
-        select(ledger_entries.c.payment_id, ledger_entries.c.account,
-               func.sum(ledger_entries.c.amount))
-        .group_by(ledger_entries.c.payment_id, ledger_entries.c.account)
-    ):  # fmt: skip
+        select(
+            ledger_entries.c.payment_id, ledger_entries.c.account, func.sum(ledger_entries.c.amount)
+        ).group_by(ledger_entries.c.payment_id, ledger_entries.c.account)
+    ):
         balances[payment_id][account] = int(total)
     refunded = {
         payment_id: int(total)

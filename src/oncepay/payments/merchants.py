@@ -59,10 +59,13 @@ async def _add_key(conn: AsyncConnection, merchant_id: str) -> str:
     api_key = KEY_PREFIX + secrets.token_urlsafe(KEY_BYTES)
     await conn.execute(
         api_keys.insert().values(
-            id=new_id("key"), merchant_id=merchant_id, key_hash=hash_key(api_key),
-            prefix=api_key[: len(KEY_PREFIX) + 4], created_at=time.time(),
+            id=new_id("key"),
+            merchant_id=merchant_id,
+            key_hash=hash_key(api_key),
+            prefix=api_key[: len(KEY_PREFIX) + 4],
+            created_at=time.time(),
         )
-    )  # fmt: skip
+    )
     return api_key
 
 

@@ -252,9 +252,10 @@ def known_event_type(value: str) -> str:
 
 
 KnownEventType = Annotated[
-    str, AfterValidator(known_event_type),
+    str,
+    AfterValidator(known_event_type),
     WithJsonSchema({"type": "string", "enum": list(EVENT_TYPES)}),
-]  # fmt: skip
+]
 EventType = Annotated[str, Field(description="An event type, or * for all.")]
 
 
@@ -265,9 +266,10 @@ def _event_types(value: list[str]) -> list[str]:
 
 
 EventTypes = Annotated[
-    list[EventType], Field(min_length=1, max_length=len(EVENT_TYPES) + 1),
+    list[EventType],
+    Field(min_length=1, max_length=len(EVENT_TYPES) + 1),
     AfterValidator(_event_types),
-]  # fmt: skip
+]
 Url = Annotated[Text, StringConstraints(min_length=1, max_length=2048)]
 
 

@@ -47,10 +47,20 @@ class Settings(BaseSettings):
     # hours, adding up to about three days (71.6 h over 11 attempts) as Stripe does; after the
     # last the delivery is dead (dead-lettered).
     webhook_schedule: list[float] = Field(
-        default_factory=lambda: [5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0,
-                                 50400.0, 72000.0, 36000.0],
+        default_factory=lambda: [
+            5.0,
+            300.0,
+            1800.0,
+            7200.0,
+            18000.0,
+            36000.0,
+            36000.0,
+            50400.0,
+            72000.0,
+            36000.0,
+        ],
         min_length=1,
-    )  # fmt: skip
+    )
     # Webhooks go to public addresses only: a merchant's URL is fetched from inside our
     # network, and one naming 127.0.0.1, 10.x or 169.254.169.254 (cloud metadata) would make
     # the worker a proxy onto internal services (SSRF). True for development and tests only.

@@ -131,9 +131,11 @@ class HttpAcquirer:
         # No cookie state: each call stands alone, and a cookie a proxy or load balancer in
         # front of the acquirer set must not pin or change later calls.
         self._client = httpx.AsyncClient(
-            base_url=base_url, transport=transport, timeout=httpx.Timeout(timeout),
+            base_url=base_url,
+            transport=transport,
+            timeout=httpx.Timeout(timeout),
             cookies=NoCookies(),
-        )  # fmt: skip
+        )
 
     # --- the Acquirer protocol ------------------------------------------------------------
 

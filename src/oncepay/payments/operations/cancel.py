@@ -56,11 +56,21 @@ class Cancel:
         if answer.outcome is not Outcome.APPROVED:
             await refused(conn, row, answer)
             return
-        await ledger.post(conn, merchant_id=row.merchant_id, payment_id=row.id,
-                          currency=row.currency, kind="void",
-                          entries=ledger.release_hold(row.amount))  # fmt: skip
-        row = await save(conn, row.id, status=next_status(S(row.status), T.CANCEL),
-                         pending_operation=None, **RESOLVED)  # fmt: skip
+        await ledger.post(
+            conn,
+            merchant_id=row.merchant_id,
+            payment_id=row.id,
+            currency=row.currency,
+            kind="void",
+            entries=ledger.release_hold(row.amount),
+        )
+        row = await save(
+            conn,
+            row.id,
+            status=next_status(S(row.status), T.CANCEL),
+            pending_operation=None,
+            **RESOLVED,
+        )
         await payment_event(conn, row, "payment.canceled")
 
     async def unknown(

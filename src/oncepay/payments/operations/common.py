@@ -81,14 +81,17 @@ def _load(of_merchant: bool, lock: bool) -> Any:
 def _save(columns: frozenset[str]) -> Any:
     values: dict[str, Any] = {name: bindparam(f"new_{name}") for name in sorted(columns)}
     return (
-        update(payments).where(payments.c.id == bindparam("payment_id")).values(values)
+        update(payments)
+        .where(payments.c.id == bindparam("payment_id"))
+        .values(values)
         .returning(*payments.c)
-    )  # fmt: skip
+    )
 
 
 async def payment_event(conn: AsyncConnection, row: PaymentRow, type: str) -> None:
-    await emit(conn, merchant_id=row.merchant_id, type=type, object_id=row.id,
-               data=payment_public(row))  # fmt: skip
+    await emit(
+        conn, merchant_id=row.merchant_id, type=type, object_id=row.id, data=payment_public(row)
+    )
 
 
 # An answer came: whatever was unknown about the payment is known now, and a later unknown
@@ -115,8 +118,13 @@ async def note_unknown(
     tries = row.recovery_attempts + 1
     schedule = svc.settings.recovery_backoff
     escalate = tries >= len(schedule) and not row.escalated
-    row = await save(conn, payment_id, outcome_unknown=True, recovery_attempts=tries,
-                     escalated=row.escalated or escalate)  # fmt: skip
+    row = await save(
+        conn,
+        payment_id,
+        outcome_unknown=True,
+        recovery_attempts=tries,
+        escalated=row.escalated or escalate,
+    )
     if escalate:
         RECOVERY_ESCALATIONS.inc()
         await payment_event(conn, row, "payment.recovery_escalated")
@@ -124,11 +132,22 @@ async def note_unknown(
 
 
 async def capture_in_ledger(conn: AsyncConnection, row: PaymentRow, amount: int) -> None:
-    await ledger.post(conn, merchant_id=row.merchant_id, payment_id=row.id,
-                      currency=row.currency, kind="capture",
-                      entries=ledger.capture(row.amount, amount))  # fmt: skip
-    row = await save(conn, row.id, status=next_status(S(row.status), T.CAPTURE),
-                     amount_captured=amount, pending_operation=None, **RESOLVED)  # fmt: skip
+    await ledger.post(
+        conn,
+        merchant_id=row.merchant_id,
+        payment_id=row.id,
+        currency=row.currency,
+        kind="capture",
+        entries=ledger.capture(row.amount, amount),
+    )
+    row = await save(
+        conn,
+        row.id,
+        status=next_status(S(row.status), T.CAPTURE),
+        amount_captured=amount,
+        pending_operation=None,
+        **RESOLVED,
+    )
     await payment_event(conn, row, "payment.captured")
 
 
@@ -164,9 +183,14 @@ async def payment_or_refusal(conn: AsyncConnection, payment_id: str, request: st
     if row.pending_operation and row.pending_operation.startswith("refused:"):
         code = row.pending_operation.partition(":")[2]
         await save(conn, payment_id, pending_operation=None)
-        return Reply.json(402, {
-            "type": "urn:oncepay:problem:acquirerrefused", "title": "The acquirer refused",
-            "status": 402, "detail": f"the acquirer refused to {request} ({code})",
-            "code": "acquirerrefused",
-        })  # fmt: skip
+        return Reply.json(
+            402,
+            {
+                "type": "urn:oncepay:problem:acquirerrefused",
+                "title": "The acquirer refused",
+                "status": 402,
+                "detail": f"the acquirer refused to {request} ({code})",
+                "code": "acquirerrefused",
+            },
+        )
     return Reply.json(200, payment_public(row))

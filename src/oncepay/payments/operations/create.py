@@ -49,14 +49,25 @@ class CreatePayment:
         p, now = self.params, time.time()
         payment_id = new_id("pay")
         row = {
-            "id": payment_id, "merchant_id": merchant_id, "amount": p.amount,
-            "currency": p.currency, "payment_method": p.payment_method,
-            "capture_method": p.capture_method, "description": p.description,
-            "metadata": json.dumps(p.metadata), "status": S.PROCESSING, "amount_captured": 0,
-            "amount_refunded": 0, "acquirer": svc.acquirers.choose().name, "attempt": 1,
-            "outcome_unknown": False, "recovery_attempts": 0, "escalated": False,
-            "created_at": now, "updated_at": now,
-        }  # fmt: skip
+            "id": payment_id,
+            "merchant_id": merchant_id,
+            "amount": p.amount,
+            "currency": p.currency,
+            "payment_method": p.payment_method,
+            "capture_method": p.capture_method,
+            "description": p.description,
+            "metadata": json.dumps(p.metadata),
+            "status": S.PROCESSING,
+            "amount_captured": 0,
+            "amount_refunded": 0,
+            "acquirer": svc.acquirers.choose().name,
+            "attempt": 1,
+            "outcome_unknown": False,
+            "recovery_attempts": 0,
+            "escalated": False,
+            "created_at": now,
+            "updated_at": now,
+        }
         result = await conn.execute(_INSERT, row)
         await payment_event(conn, result.one(), "payment.created")
         return payment_id
@@ -73,17 +84,33 @@ class CreatePayment:
         row = await load_payment(conn, object_id, lock=True)
         if answer.outcome is not Outcome.APPROVED:
             code = answer.decline_code or "acquirer_unavailable"
-            row = await save(conn, object_id, status=next_status(S(row.status), T.FAIL),
-                             failure_code=code, failure_message=_failure_message(code),
-                             acquirer=answer.acquirer, **RESOLVED)  # fmt: skip
+            row = await save(
+                conn,
+                object_id,
+                status=next_status(S(row.status), T.FAIL),
+                failure_code=code,
+                failure_message=_failure_message(code),
+                acquirer=answer.acquirer,
+                **RESOLVED,
+            )
             await payment_event(conn, row, "payment.failed")
             return
-        await ledger.post(conn, merchant_id=row.merchant_id, payment_id=row.id,
-                          currency=row.currency, kind="authorization",
-                          entries=ledger.authorize(row.amount))  # fmt: skip
-        row = await save(conn, object_id, status=next_status(S(row.status), T.AUTHORIZE),
-                         acquirer=answer.acquirer, authorization_id=answer.authorization_id,
-                         **RESOLVED)  # fmt: skip
+        await ledger.post(
+            conn,
+            merchant_id=row.merchant_id,
+            payment_id=row.id,
+            currency=row.currency,
+            kind="authorization",
+            entries=ledger.authorize(row.amount),
+        )
+        row = await save(
+            conn,
+            object_id,
+            status=next_status(S(row.status), T.AUTHORIZE),
+            acquirer=answer.acquirer,
+            authorization_id=answer.authorization_id,
+            **RESOLVED,
+        )
         await payment_event(conn, row, "payment.authorized")
         if row.capture_method == "automatic":
             await capture_in_ledger(conn, row, row.amount)
@@ -114,10 +141,13 @@ def _advancer(svc: Services, ticket: Ticket) -> failover.Advance:
             await svc.engine.acheckpoint_in(conn, ticket, ticket.recovery_point)
             result = await conn.execute(
                 update(payments)
-                .where(payments.c.id == payment_id, payments.c.attempt == attempt,
-                       payments.c.status == "processing")
+                .where(
+                    payments.c.id == payment_id,
+                    payments.c.attempt == attempt,
+                    payments.c.status == "processing",
+                )
                 .values(attempt=attempt + 1, acquirer=acquirer, updated_at=time.time())
-            )  # fmt: skip
+            )
             return bool(result.rowcount)
 
     return advance

@@ -48,10 +48,13 @@ class CreateRefund:
     async def start(self, conn: AsyncConnection, svc: Services, merchant_id: str) -> str:
         row = await load_payment(conn, self.payment_id, merchant_id, lock=True)
         check_followable(row, "refund")
-        reserved = (await conn.execute(
-            select(func.coalesce(func.sum(refunds.c.amount), 0))
-            .where(refunds.c.payment_id == row.id, refunds.c.status != "failed")
-        )).scalar_one()  # fmt: skip
+        reserved = (
+            await conn.execute(
+                select(func.coalesce(func.sum(refunds.c.amount), 0)).where(
+                    refunds.c.payment_id == row.id, refunds.c.status != "failed"
+                )
+            )
+        ).scalar_one()
         left = row.amount_captured - int(reserved)
         amount = left if self.amount is None else self.amount
         if amount > left or amount <= 0:
@@ -64,10 +67,18 @@ class CreateRefund:
                 )
             )
         refund_id, now = new_id("re"), time.time()
-        await conn.execute(refunds.insert().values(
-            id=refund_id, payment_id=row.id, merchant_id=merchant_id, amount=amount,
-            currency=row.currency, status="pending", created_at=now, updated_at=now,
-        ))  # fmt: skip
+        await conn.execute(
+            refunds.insert().values(
+                id=refund_id,
+                payment_id=row.id,
+                merchant_id=merchant_id,
+                amount=amount,
+                currency=row.currency,
+                status="pending",
+                created_at=now,
+                updated_at=now,
+            )
+        )
         await _refund_event(conn, refund_id, "refund.created")
         return refund_id
 
@@ -85,19 +96,31 @@ class CreateRefund:
         refund = await load_refund(conn, object_id)
         row = await load_payment(conn, refund.payment_id, lock=True)
         if answer.outcome is not Outcome.APPROVED:
-            await _save_refund(conn, refund.id, status="failed",
-                               failure_code=answer.decline_code or "declined")  # fmt: skip
+            await _save_refund(
+                conn, refund.id, status="failed", failure_code=answer.decline_code or "declined"
+            )
             await save(conn, row.id, **RESOLVED)
             await _refund_event(conn, refund.id, "refund.failed")
             return
-        await ledger.post(conn, merchant_id=row.merchant_id, payment_id=row.id,
-                          currency=row.currency, kind="refund", refund_id=refund.id,
-                          entries=ledger.refund(refund.amount))  # fmt: skip
+        await ledger.post(
+            conn,
+            merchant_id=row.merchant_id,
+            payment_id=row.id,
+            currency=row.currency,
+            kind="refund",
+            refund_id=refund.id,
+            entries=ledger.refund(refund.amount),
+        )
         refunded = row.amount_refunded + refund.amount
         transition = T.REFUND_ALL if refunded == row.amount_captured else T.REFUND_PART
         await _save_refund(conn, refund.id, status="succeeded")
-        row = await save(conn, row.id, status=next_status(S(row.status), transition),
-                         amount_refunded=refunded, **RESOLVED)  # fmt: skip
+        row = await save(
+            conn,
+            row.id,
+            status=next_status(S(row.status), transition),
+            amount_refunded=refunded,
+            **RESOLVED,
+        )
         await _refund_event(conn, refund.id, "refund.succeeded")
         await payment_event(conn, row, "payment.refunded")
 
@@ -132,5 +155,10 @@ async def _save_refund(conn: AsyncConnection, refund_id: str, **values: Any) -> 
 
 async def _refund_event(conn: AsyncConnection, refund_id: str, type: str) -> None:
     refund = await load_refund(conn, refund_id)
-    await emit(conn, merchant_id=refund.merchant_id, type=type, object_id=refund.id,
-               data=refund_public(refund))  # fmt: skip
+    await emit(
+        conn,
+        merchant_id=refund.merchant_id,
+        type=type,
+        object_id=refund.id,
+        data=refund_public(refund),
+    )

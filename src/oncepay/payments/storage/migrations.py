@@ -32,8 +32,15 @@ _versions = Table(
 
 
 async def _v1_tables(conn: AsyncConnection, db: Database) -> None:
-    tables = [schema.merchants, schema.api_keys, schema.payments, schema.refunds,
-              schema.ledger_transactions, schema.ledger_entries, schema.events]  # fmt: skip
+    tables = [
+        schema.merchants,
+        schema.api_keys,
+        schema.payments,
+        schema.refunds,
+        schema.ledger_transactions,
+        schema.ledger_entries,
+        schema.events,
+    ]
     await conn.run_sync(lambda sync: schema.metadata.create_all(sync, tables=tables))
 
 

@@ -89,20 +89,28 @@ async def claim_due(svc: Services, *, now: float, limit: int = CLAIM_BATCH) -> l
     token = secrets.token_hex(8)
     due = (
         select(d.id)
-        .where(or_(and_(d.status == "pending", d.next_attempt_at <= now),
-                   and_(d.status == "delivering", d.locked_until <= now)))
+        .where(
+            or_(
+                and_(d.status == "pending", d.next_attempt_at <= now),
+                and_(d.status == "delivering", d.locked_until <= now),
+            )
+        )
         .order_by(d.next_attempt_at)
         .limit(limit)
         .with_for_update(skip_locked=True)
-    )  # fmt: skip
+    )
     async with write(svc.db) as conn:
         rows = await conn.execute(
             update(webhook_deliveries)
             .where(d.id.in_(due.scalar_subquery()))
-            .values(status="delivering", locked_until=now + LOCK_SECONDS, lock_token=token,
-                    updated_at=now)
+            .values(
+                status="delivering",
+                locked_until=now + LOCK_SECONDS,
+                lock_token=token,
+                updated_at=now,
+            )
             .returning(d.id, d.event_id, d.endpoint_id, d.attempts)
-        )  # fmt: skip
+        )
         return [_Claimed(r.id, r.event_id, r.endpoint_id, r.attempts, token) for r in rows]
 
 
@@ -159,8 +167,13 @@ async def _deliver(svc: Services, client: httpx.AsyncClient, claimed: _Claimed, 
         if not svc.settings.webhook_allow_private:
             target, host, extensions = await public_target(endpoint.url)
             headers.update(host)
-        response = await client.post(target, content=payload, headers=headers,
-                                     timeout=DELIVERY_TIMEOUT, extensions=extensions)  # fmt: skip
+        response = await client.post(
+            target,
+            content=payload,
+            headers=headers,
+            timeout=DELIVERY_TIMEOUT,
+            extensions=extensions,
+        )
         code, error = response.status_code, None
     except Exception as exc:  # any failure to send is a failed attempt, never a stuck worker
         code, error = None, f"{type(exc).__name__}: {exc}"[:ERROR_LIMIT]
@@ -174,11 +187,13 @@ async def _renew(svc: Services, claimed: _Claimed, at: float) -> bool:
     async with write(svc.db) as conn:
         result = await conn.execute(
             update(webhook_deliveries)
-            .where(webhook_deliveries.c.id == claimed.id,
-                   webhook_deliveries.c.lock_token == claimed.token,
-                   webhook_deliveries.c.status == "delivering")
+            .where(
+                webhook_deliveries.c.id == claimed.id,
+                webhook_deliveries.c.lock_token == claimed.token,
+                webhook_deliveries.c.status == "delivering",
+            )
             .values(locked_until=at + LOCK_SECONDS)
-        )  # fmt: skip
+        )
         return bool(result.rowcount)
 
 
@@ -203,9 +218,13 @@ def signed_headers(
 
 
 async def _record(
-    svc: Services, claimed: _Claimed, now: float, code: int | None, error: str | None,
+    svc: Services,
+    claimed: _Claimed,
+    now: float,
+    code: int | None,
+    error: str | None,
     latency: float,
-) -> str:  # fmt: skip
+) -> str:
     attempt, schedule = claimed.attempts + 1, svc.settings.webhook_schedule
     if code is not None and 200 <= code < 300:
         status, result = "succeeded", "succeeded"
@@ -221,18 +240,33 @@ async def _record(
     async with write(svc.db) as conn:
         changed = await conn.execute(
             update(webhook_deliveries)
-            .where(webhook_deliveries.c.id == claimed.id,
-                   webhook_deliveries.c.lock_token == claimed.token)
-            .values(status=status, attempts=attempt, next_attempt_at=now + delay,
-                    locked_until=None, lock_token=None, last_status_code=code,
-                    last_error=error, updated_at=time.time())
-        )  # fmt: skip
+            .where(
+                webhook_deliveries.c.id == claimed.id,
+                webhook_deliveries.c.lock_token == claimed.token,
+            )
+            .values(
+                status=status,
+                attempts=attempt,
+                next_attempt_at=now + delay,
+                locked_until=None,
+                lock_token=None,
+                last_status_code=code,
+                last_error=error,
+                updated_at=time.time(),
+            )
+        )
         if not changed.rowcount:
             return "lost"  # our lock lapsed and another worker took over: its word counts
-        await conn.execute(webhook_attempts.insert().values(
-            delivery_id=claimed.id, attempt=attempt, status_code=code, latency_ms=latency,
-            error=error, created_at=time.time(),
-        ))  # fmt: skip
+        await conn.execute(
+            webhook_attempts.insert().values(
+                delivery_id=claimed.id,
+                attempt=attempt,
+                status_code=code,
+                latency_ms=latency,
+                error=error,
+                created_at=time.time(),
+            )
+        )
         if code == 410:
             await _disable(conn, claimed.endpoint_id, "the endpoint answered 410 Gone")
     return result
@@ -242,11 +276,14 @@ async def _finish(svc: Services, claimed: _Claimed, now: float, *, status: str, 
     async with write(svc.db) as conn:
         await conn.execute(
             update(webhook_deliveries)
-            .where(webhook_deliveries.c.id == claimed.id,
-                   webhook_deliveries.c.lock_token == claimed.token)
-            .values(status=status, locked_until=None, lock_token=None, last_error=error,
-                    updated_at=now)
-        )  # fmt: skip
+            .where(
+                webhook_deliveries.c.id == claimed.id,
+                webhook_deliveries.c.lock_token == claimed.token,
+            )
+            .values(
+                status=status, locked_until=None, lock_token=None, last_error=error, updated_at=now
+            )
+        )
     return status
 
 
@@ -259,7 +296,9 @@ async def _disable(conn: AsyncConnection, endpoint_id: str, reason: str) -> None
     )
     await conn.execute(
         update(webhook_deliveries)
-        .where(webhook_deliveries.c.endpoint_id == endpoint_id,
-               webhook_deliveries.c.status == "pending")
+        .where(
+            webhook_deliveries.c.endpoint_id == endpoint_id,
+            webhook_deliveries.c.status == "pending",
+        )
         .values(status="canceled", last_error=reason, updated_at=now)
-    )  # fmt: skip
+    )

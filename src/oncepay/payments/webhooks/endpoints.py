@@ -77,11 +77,20 @@ async def create_endpoint(
 ) -> EndpointRow:
     url, now = validate_url(body.url, allow_private=allow_private), time.time()
     endpoint_id = new_id("we")
-    await conn.execute(webhook_endpoints.insert().values(
-        id=endpoint_id, merchant_id=merchant_id, url=url, events=json.dumps(body.events),
-        description=body.description, disabled=False, secret=new_secret(),
-        deleted=False, created_at=now, updated_at=now,
-    ))  # fmt: skip
+    await conn.execute(
+        webhook_endpoints.insert().values(
+            id=endpoint_id,
+            merchant_id=merchant_id,
+            url=url,
+            events=json.dumps(body.events),
+            description=body.description,
+            disabled=False,
+            secret=new_secret(),
+            deleted=False,
+            created_at=now,
+            updated_at=now,
+        )
+    )
     return await load_endpoint(conn, endpoint_id, merchant_id)
 
 
@@ -114,10 +123,12 @@ async def delete_endpoint(db: Database, endpoint_id: str, merchant_id: str) -> N
         await _save(conn, endpoint_id, deleted=True, disabled=True, disabled_reason="deleted")
         await conn.execute(
             update(webhook_deliveries)
-            .where(webhook_deliveries.c.endpoint_id == endpoint_id,
-                   webhook_deliveries.c.status == "pending")
+            .where(
+                webhook_deliveries.c.endpoint_id == endpoint_id,
+                webhook_deliveries.c.status == "pending",
+            )
             .values(status="canceled", last_error="endpoint deleted", updated_at=time.time())
-        )  # fmt: skip
+        )
 
 
 async def rotate_secret(
@@ -125,8 +136,13 @@ async def rotate_secret(
 ) -> EndpointRow:
     """A new signing secret; the old one keeps signing for ``overlap`` seconds."""
     row = await load_endpoint(conn, endpoint_id, merchant_id)
-    return await _save(conn, endpoint_id, secret=new_secret(), previous_secret=row.secret,
-                       previous_secret_expires_at=time.time() + overlap)  # fmt: skip
+    return await _save(
+        conn,
+        endpoint_id,
+        secret=new_secret(),
+        previous_secret=row.secret,
+        previous_secret_expires_at=time.time() + overlap,
+    )
 
 
 async def event_deliveries(db: Database, event_id: str, merchant_id: str) -> list[DeliveryRow]:
@@ -134,9 +150,10 @@ async def event_deliveries(db: Database, event_id: str, merchant_id: str) -> lis
     await get_object(db, events, event_id, merchant_id)
     async with read(db) as conn:
         rows = await conn.execute(
-            select(webhook_deliveries).where(webhook_deliveries.c.event_id == event_id)
+            select(webhook_deliveries)
+            .where(webhook_deliveries.c.event_id == event_id)
             .order_by(webhook_deliveries.c.seq.desc())
-        )  # fmt: skip
+        )
         return cast("list[DeliveryRow]", list(rows))
 
 
@@ -147,9 +164,10 @@ async def delivery_attempts(
     row = await get_object(db, webhook_deliveries, delivery_id, merchant_id)
     async with read(db) as conn:
         attempts = await conn.execute(
-            select(webhook_attempts).where(webhook_attempts.c.delivery_id == delivery_id)
+            select(webhook_attempts)
+            .where(webhook_attempts.c.delivery_id == delivery_id)
             .order_by(webhook_attempts.c.attempt)
-        )  # fmt: skip
+        )
         return row, cast("list[AttemptRow]", list(attempts))
 
 
@@ -157,13 +175,19 @@ async def redeliver_event(
     conn: AsyncConnection, merchant_id: str, event_id: str, endpoint_id: str | None
 ) -> list[DeliveryRow]:
     """New deliveries of the merchant's event: to ``endpoint_id``, or every subscriber."""
-    if not is_id(event_id) or not (await conn.execute(
-        select(events.c.id).where(events.c.id == event_id, events.c.merchant_id == merchant_id)
-    )).first():  # fmt: skip
+    if (
+        not is_id(event_id)
+        or not (
+            await conn.execute(
+                select(events.c.id).where(
+                    events.c.id == event_id, events.c.merchant_id == merchant_id
+                )
+            )
+        ).first()
+    ):
         raise ResourceMissing(f"no event {event_id!r}")
     if endpoint_id is not None:
         await load_endpoint(conn, endpoint_id, merchant_id)
-    ids = await redeliver(conn, merchant_id=merchant_id, event_id=event_id,
-                          endpoint_id=endpoint_id)  # fmt: skip
+    ids = await redeliver(conn, merchant_id=merchant_id, event_id=event_id, endpoint_id=endpoint_id)
     rows = await conn.execute(select(webhook_deliveries).where(webhook_deliveries.c.id.in_(ids)))
     return cast("list[DeliveryRow]", list(rows))

@@ -72,10 +72,16 @@ _ENDPOINTS_KEY = "oncepay.webhook_endpoints"
 
 def _delivery(merchant_id: str, event_id: str, endpoint_id: str, now: float) -> dict[str, Any]:
     return {
-        "id": new_id("whd"), "merchant_id": merchant_id, "event_id": event_id,
-        "endpoint_id": endpoint_id, "status": "pending", "attempts": 0,
-        "next_attempt_at": now, "created_at": now, "updated_at": now,
-    }  # fmt: skip
+        "id": new_id("whd"),
+        "merchant_id": merchant_id,
+        "event_id": event_id,
+        "endpoint_id": endpoint_id,
+        "status": "pending",
+        "attempts": 0,
+        "next_attempt_at": now,
+        "created_at": now,
+        "updated_at": now,
+    }
 
 
 async def redeliver(
@@ -90,8 +96,11 @@ async def redeliver(
     )
     if endpoint_id is not None:
         query = query.where(webhook_endpoints.c.id == endpoint_id)
-    targets = [row.id for row in await conn.execute(query)
-               if endpoint_id is not None or subscribed(row.events, event.type)]  # fmt: skip
+    targets = [
+        row.id
+        for row in await conn.execute(query)
+        if endpoint_id is not None or subscribed(row.events, event.type)
+    ]
     if endpoint_id is not None and not targets:
         raise InvalidRequest(f"endpoint: no enabled webhook endpoint {endpoint_id!r}")
     now = time.time()

@@ -44,9 +44,16 @@ async def event_deliveries(event_id: str, services: ServicesDep, merchant: Merch
 async def get_delivery(delivery_id: str, services: ServicesDep, merchant: MerchantDep) -> Any:
     """One delivery with every attempt: status code, latency, error."""
     row, attempts = await endpoints.delivery_attempts(services.db, delivery_id, merchant.id)
-    log = [{"attempt": a.attempt, "status_code": a.status_code,
-            "latency_ms": round(a.latency_ms, 3), "error": a.error,
-            "created": int(a.created_at)} for a in attempts]  # fmt: skip
+    log = [
+        {
+            "attempt": a.attempt,
+            "status_code": a.status_code,
+            "latency_ms": round(a.latency_ms, 3),
+            "error": a.error,
+            "created": int(a.created_at),
+        }
+        for a in attempts
+    ]
     return {**delivery_public(row), "attempt_log": log}
 
 
