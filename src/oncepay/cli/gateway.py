@@ -52,6 +52,13 @@ def gateway(
             help="HMAC key for request fingerprints (prefer the env var: argv is public).",
         ),
     ] = None,
+    usage_log: Annotated[
+        str | None,
+        typer.Option(
+            envvar="ONCEPAY_USAGE_LOG",
+            help="Append each idempotency decision to this key-usage log (JSON Lines).",
+        ),
+    ] = None,
 ) -> None:
     """Run the idempotency gateway: a reverse proxy that makes UPSTREAM idempotent.
 
@@ -82,6 +89,7 @@ def gateway(
         ONCEPAY_SCOPE_HEADER=scope_header or "",
         ONCEPAY_SCOPE_COOKIE=scope_cookie or "",
         ONCEPAY_FINGERPRINT_SECRET=fingerprint_secret or "",
+        ONCEPAY_USAGE_LOG=usage_log or "",
     )
     uvicorn.run(
         "oncepay.http.gateway:create_app",

@@ -16,6 +16,7 @@ from oncepay.errors import (
     ClientError,
     ConfigurationError,
     IdempotencyKeyInvalid,
+    IdempotencyKeyMissing,
     IdempotencyKeyReused,
     LeaseLost,
     OncePayError,
@@ -36,6 +37,7 @@ from oncepay.idempotency.engine import (
 from oncepay.idempotency.keys import fingerprint, scope_from_authorization
 from oncepay.idempotency.records import StoredResponse
 from oncepay.idempotency.stores.base import TransactionalStore
+from oncepay.insight.usage_log import UsageSink
 
 __all__ = [
     "Gate",
@@ -43,6 +45,7 @@ __all__ = [
     "Passthrough",
     "Request",
     "Respond",
+    "RouteTemplate",
     "Run",
     "default_cacheable",
     "fastapi_validation_error",
@@ -99,6 +102,7 @@ class Request:
     path: str
     query: str
     headers: Sequence[tuple[str, str]]  # names in lower case, as ASGI gives them
+    source: str | None = None  # the client's address, for the key-usage log
 
     def header(self, name: str) -> str | None:
         for key, value in self.headers:
@@ -136,6 +140,9 @@ class Run:
 
 
 ScopeFunction = Callable[[Request], str]
+# The route template a request matched (``/v1/payments/{id}``), for the key-usage log; None
+# when unknown (the path is logged then).
+RouteTemplate = Callable[[Request], str | None]
 Redactor = Callable[[StoredResponse], StoredResponse]
 # Whether a 4xx/5xx answer (status, headers, body) says the app refused before anything ran.
 NotExecuted = Callable[[int, Sequence[tuple[str, str]], bytes], bool]
@@ -201,6 +208,8 @@ class Gate:
         not_executed: NotExecuted | None = fastapi_validation_error,
         fingerprint_secret: bytes | str | None = None,
         transactional: bool = False,
+        usage_log: UsageSink | None = None,
+        route_template: RouteTemplate | None = None,
     ) -> None:
         if transactional and not isinstance(engine.store, TransactionalStore):
             raise ConfigurationError(
@@ -228,6 +237,12 @@ class Gate:
         # often what it sent was not what it completed (each one also logged as an error).
         self.transactional = transactional
         self.mismatches = 0
+        # SPEC §9: every decision recorded (off the hot path: the sink only buffers it).
+        self.usage_log = usage_log
+        self.route_template = route_template
+        # Templates the app's router reported for paths it served (see executed()): a replay
+        # or a 409 never reaches the router, so its template is looked up here.
+        self._templates: dict[str, str] = {}
 
     # -- which requests -------------------------------------------------------------------------
 
@@ -279,7 +294,10 @@ class Gate:
         if parsed is None:
             return Passthrough()
         if isinstance(parsed, Invalid):
-            return self.problem(parsed.error)
+            refused = self.problem(parsed.error)
+            if self.usage_log is not None:
+                self._note_invalid(request, parsed, refused.status, scope)
+            return refused
         ttl = self._ttl_for(request.path) if self.route_ttl else None
         fp = fingerprint(request.method, request.target, body, secret=self.secret)
         try:
@@ -297,6 +315,13 @@ class Gate:
             return self.problem(exc)
         if isinstance(decision, Execute):
             return Run(decision.ticket, http_date(decision.ticket.expires_at))
+        answer = self._answer(decision)
+        if self.usage_log is not None:
+            kind = _KINDS.get(type(decision)) or _invalid_kind(decision)
+            self._note(request, tenant, parsed, fp, kind, answer.status, ttl)
+        return answer
+
+    def _answer(self, decision: Replay | InProgress | Reused | Invalid) -> Respond:
         expires = http_date(decision.expires_at) if not isinstance(decision, Invalid) else ""
         if isinstance(decision, Replay):
             return self._replay(decision.response, expires)
@@ -312,6 +337,65 @@ class Gate:
         else:
             error = decision.error
         return self.problem(error, expires)
+
+    # -- the key-usage log (SPEC §9) -----------------------------------------------------------
+
+    def executed(
+        self, request: Request, run: Run, status: int, template: str | None = None
+    ) -> None:
+        """Record that ``run`` executed and ``status`` was answered; ``template`` is the route
+        the app's router matched, when the surface can tell (it is remembered for the path)."""
+        if self.usage_log is None:
+            return
+        if template is not None and template != request.path:
+            if len(self._templates) >= _MAX_TEMPLATES:
+                self._templates.clear()  # paths with ids are many: start over, never grow
+            self._templates[request.path] = template
+        ticket = run.ticket
+        ttl = self._ttl_for(request.path) if self.route_ttl else None
+        self._note(request, ticket.scope, ticket.key, ticket.fingerprint, "executed", status, ttl)
+
+    def _note(
+        self,
+        request: Request,
+        tenant: str,
+        key: str,
+        fp: str,
+        kind: str,
+        status: int,
+        ttl: float | None,
+    ) -> None:
+        assert self.usage_log is not None
+        self.usage_log.record(
+            tenant,
+            self._route(request),
+            key,
+            fp,
+            kind,
+            status,
+            request.source,
+            self.engine.ttl if ttl is None else ttl,
+        )
+
+    def _note_invalid(
+        self, request: Request, parsed: Invalid, status: int, scope: str | None
+    ) -> None:
+        """A missing or malformed key: no fingerprint was taken; the tenant if it is known."""
+        try:
+            tenant = self.scope(request) if scope is None else scope
+        except OncePayError:
+            tenant = ""
+        key = self.raw_key(request) or ""
+        self._note(request, tenant, key, "", _invalid_kind(parsed), status, None)
+
+    def _route(self, request: Request) -> str:
+        """``METHOD template``: the user's route function's, else the router's, else the path."""
+        template = None
+        if self.route_template is not None:
+            template = self.route_template(request)
+        elif self._templates:
+            template = self._templates.get(request.path)
+        return f"{request.method} {template or request.path}"
 
     def problem(self, error: OncePayError, expires: str = "") -> Respond:
         problem: Problem = problem_for(error, stripe_compatible=self.stripe_compatible)
@@ -419,6 +503,16 @@ class Gate:
             await self.engine.release(run.ticket)
         except OncePayError as exc:
             log.warning("could not release idempotency key after an error: %s", exc.detail)
+
+
+# How many path -> template pairs a gate remembers: a day of refund paths would be millions.
+_MAX_TEMPLATES = 10_000
+_KINDS: dict[type, str] = {Replay: "replayed", InProgress: "in_progress", Reused: "reused"}
+
+
+def _invalid_kind(decision: object) -> str:
+    missing = isinstance(decision, Invalid) and isinstance(decision.error, IdempotencyKeyMissing)
+    return "missing" if missing else "invalid"
 
 
 def _checked_route_ttl(route_ttl: Mapping[str, float], lease: float) -> dict[str, float]:

@@ -84,11 +84,13 @@ class IdempotencyMiddleware:
         if not gate.manages(scope["method"], scope["path"]):
             await self.app(scope, receive, send)
             return
+        client = scope.get("client")
         request = Request(
             scope["method"],
             scope["path"],
             scope.get("query_string", b"").decode("latin-1"),
             [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]],
+            client[0] if client else None,
         )
         if not gate.wants_key(request):
             await self.app(scope, receive, send)
@@ -104,7 +106,10 @@ class IdempotencyMiddleware:
             responder = _Responder(gate, outcome, send)
             if self.transactional:
                 responder.held = scope[TICKET_KEY] = RequestTicket(gate, outcome)
-            await responder.run(self.app, _bodies_only(scope), _replaying(body, receive))
+            app_scope = _bodies_only(scope)
+            if gate.usage_log is not None:
+                responder.noting = (request, app_scope, scope.get("root_path", ""))
+            await responder.run(self.app, app_scope, _replaying(body, receive))
         elif isinstance(outcome, Respond):
             await _respond(send, outcome)
         else:  # Passthrough: no key where none is required, or failing open
@@ -122,7 +127,7 @@ class IdempotencyMiddleware:
         return closing
 
     async def aclose(self) -> None:
-        """Close the store (once); lifespan shutdown calls this."""
+        """Close the store and the usage log (once); lifespan shutdown calls this."""
         if self._closed:
             return
         self._closed = True
@@ -130,6 +135,8 @@ class IdempotencyMiddleware:
             await self.gate.engine.store.aclose()
         except Exception:  # shutdown goes on: a store that fails to close is only logged
             log.exception("the idempotency store could not be closed")
+        if self.gate.usage_log is not None:  # its last batch written off the event loop
+            await asyncio.get_running_loop().run_in_executor(None, self.gate.usage_log.close)
 
 
 # What _read_body returns when the client disconnects before the body is complete: a truncated
@@ -202,6 +209,17 @@ async def _respond(send: Send, response: Respond) -> None:
 _EXPIRES = EXPIRES_HEADER.encode()
 
 
+def _route_template(scope: Scope, root_path: str) -> str | None:
+    """The template of the route the app's router matched (Starlette and FastAPI leave it in
+    ``scope["route"]``), behind whatever a ``Mount`` added to ``root_path``; None if unknown."""
+    route = scope.get("route")
+    template = getattr(route, "path_format", None) or getattr(route, "path", None)
+    if not isinstance(template, str):
+        return None
+    mounted = scope.get("root_path", "")
+    return mounted[len(root_path) :] + template if mounted.startswith(root_path) else template
+
+
 class _Responder:
     """Streams the app's response to the client while capturing it for storage.
 
@@ -229,6 +247,7 @@ class _Responder:
         "held",
         "last",
         "later",
+        "noting",
         "oversized",
         "run_",
         "send",
@@ -251,12 +270,15 @@ class _Responder:
         self.chunks: list[bytes] = []
         self.size = 0
         self.oversized = False
+        # For the key-usage log: the request, the scope the app routes in, its first root_path.
+        self.noting: tuple[Request, Scope, str] | None = None
 
     async def run(self, app: ASGIApp, scope: Scope, receive: Receive) -> None:
         try:
             await app(scope, receive, self.capture)
         except BaseException:
             if not self.finished or self._completed_by_app():
+                self._note(500)
                 await self.gate.abandon(self.run_)  # fenced: never undoes a committed record
             else:  # the app failed after its whole response: store and send it all the same
                 await asyncio.shield(self._settle())
@@ -269,6 +291,7 @@ class _Responder:
             else:
                 await self._settle()
         else:  # the app returned without a complete response
+            self._note(500)
             await self.gate.abandon(self.run_)
 
     async def capture(self, message: Message) -> None:
@@ -289,6 +312,11 @@ class _Responder:
         self.last = message
         if self.held is None or self.held.completed is None:
             self.later = asyncio.get_running_loop().call_soon(self._app_suspended)
+
+    def _note(self, status: int) -> None:
+        if self.noting is not None:
+            request, scope, root_path = self.noting
+            self.gate.executed(request, self.run_, status, _route_template(scope, root_path))
 
     def _completed_by_app(self) -> bool:
         return self.held is not None and self.held.completed is not None
@@ -341,9 +369,14 @@ class _Responder:
         except OncePayError as exc:
             self.gate.unstored(self.run_, exc)
             if self.started:
+                self._note(start["status"])
                 raise  # part of the body is out: abort the response rather than finish it
-            await _respond(self.send, self.gate.problem(exc))
+            problem = self.gate.problem(exc)
+            self._note(problem.status)
+            await _respond(self.send, problem)
             return
+        if self.noting is not None:
+            self._note(start["status"])
         await self._send_start()
         await self.send(last)
 

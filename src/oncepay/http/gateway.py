@@ -33,6 +33,7 @@ from oncepay.http.asgi import IdempotencyMiddleware, Message, Receive, Scope, Se
 from oncepay.http.problems import Problem
 from oncepay.http.scopes import scope_from_cookie, scope_from_header
 from oncepay.idempotency.stores import store_from_url
+from oncepay.insight.usage_log import UsageLog
 
 __all__ = ["GatewaySettings", "Proxy", "create_app"]
 
@@ -77,13 +78,15 @@ class GatewaySettings:
     # Fingerprints become HMAC-SHA-256 under this key (what a store holds then reveals
     # nothing about request bodies to whoever reads it).
     fingerprint_secret: str | None = None
+    # Append every idempotency decision to this key-usage log (SPEC §9), keys hashed.
+    usage_log: str | None = None
 
     @classmethod
     def from_env(cls) -> GatewaySettings:
         """Read ``ONCEPAY_UPSTREAM``, ``ONCEPAY_STORE_URL``, ``ONCEPAY_UPSTREAM_TIMEOUT``,
         ``ONCEPAY_KEY_REQUIRED``, ``ONCEPAY_WAIT``, ``ONCEPAY_SCOPE_HEADER``,
-        ``ONCEPAY_SCOPE_COOKIE`` and ``ONCEPAY_FINGERPRINT_SECRET`` (how uvicorn workers get
-        their config)."""
+        ``ONCEPAY_SCOPE_COOKIE``, ``ONCEPAY_FINGERPRINT_SECRET`` and ``ONCEPAY_USAGE_LOG`` (how
+        uvicorn workers get their config)."""
         env = os.environ
         return cls(
             upstream=env["ONCEPAY_UPSTREAM"],
@@ -94,6 +97,7 @@ class GatewaySettings:
             scope_header=env.get("ONCEPAY_SCOPE_HEADER") or None,
             scope_cookie=env.get("ONCEPAY_SCOPE_COOKIE") or None,
             fingerprint_secret=env.get("ONCEPAY_FINGERPRINT_SECRET") or None,
+            usage_log=env.get("ONCEPAY_USAGE_LOG") or None,
         )
 
     def scope(self) -> ScopeFunction | None:
@@ -288,6 +292,8 @@ def create_app(settings: GatewaySettings | None = None) -> _Health:
     options: dict[str, Any] = {"scope": scope} if scope is not None else {}
     if settings.fingerprint_secret:
         options["fingerprint_secret"] = settings.fingerprint_secret
+    if settings.usage_log:  # closed, its last batch written, at lifespan shutdown
+        options["usage_log"] = UsageLog(settings.usage_log)
     middleware = IdempotencyMiddleware(
         proxy,
         store=store_from_url(settings.store),

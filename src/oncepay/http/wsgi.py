@@ -92,7 +92,7 @@ class IdempotencyWSGIMiddleware:
         method = environ["REQUEST_METHOD"].upper()
         request = Request(
             method, environ.get("PATH_INFO", "") or "/", environ.get("QUERY_STRING", ""),
-            _headers(environ),
+            _headers(environ), environ.get("REMOTE_ADDR") or None,
         )  # fmt: skip
         if self.disabled or not self.gate.manages(method, request.path):
             return self.app(environ, start_response)
@@ -108,9 +108,11 @@ class IdempotencyWSGIMiddleware:
             return self.app(environ, start_response)
         if isinstance(outcome, Respond):
             return _respond(start_response, outcome)
-        return self._run(outcome, environ, start_response)
+        return self._run(request, outcome, environ, start_response)
 
-    def _run(self, run: Run, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
+    def _run(
+        self, request: Request, run: Run, environ: Environ, start_response: StartResponse
+    ) -> Iterable[bytes]:
         captured: dict[str, Any] = {}
 
         def capture(
@@ -125,6 +127,7 @@ class IdempotencyWSGIMiddleware:
         try:
             body = self._drain(self.app(environ, capture), captured)
         except BaseException:  # fenced: a record the app completed and committed stays so
+            self.gate.executed(request, run, 500)
             self.loop.run(self.gate.abandon(run))
             raise
         status = int(captured["status"].split(" ", 1)[0])
@@ -136,7 +139,10 @@ class IdempotencyWSGIMiddleware:
                 self.loop.run(held.finish(status, headers, body))
         except OncePayError as exc:
             self.gate.unstored(run, exc)
-            return _respond(start_response, self.gate.problem(exc))
+            problem = self.gate.problem(exc)
+            self.gate.executed(request, run, problem.status)
+            return _respond(start_response, problem)
+        self.gate.executed(request, run, status)
         start_response(captured["status"], [*headers, ("idempotency-key-expires", run.expires)])
         return [body]
 
@@ -153,7 +159,10 @@ class IdempotencyWSGIMiddleware:
         return b"".join([*captured.get("written", []), *chunks])
 
     def close(self) -> None:
+        """Close the store and the usage log (writing its last batch), then the loop thread."""
         self.loop.run(self.gate.engine.store.aclose())
+        if self.gate.usage_log is not None:
+            self.gate.usage_log.close()
         self.loop.close()
 
 

@@ -1,0 +1,1 @@
+"""Insight: how clients use their idempotency keys (SPEC §9)."""
