@@ -1,0 +1,107 @@
+"""Column mappings: how a processor's settlement report names the fields OncePay matches on.
+
+A mapping is data. Each field names the report's column (several columns for a field summed
+from parts, e.g. Adyen's credit less debit); amounts are minor units (``units="minor"``) or
+major units converted with the currency's exponent; ``types`` translates the processor's row
+type, and a row whose type is not listed (a payout, a fee adjustment) is skipped, not guessed.
+Three ship: ``oncepay`` (SPEC §10, the simulator's report), ``adyen`` (Adyen's Settlement
+details report) and ``stripe`` (Stripe's itemized balance-change report). See
+``docs/reconciliation.md`` for each column."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+__all__ = ["ADYEN", "MAPPINGS", "ONCEPAY", "STRIPE", "ColumnMapping"]
+
+
+@dataclass(frozen=True, slots=True)
+class ColumnMapping:
+    name: str
+    reference: tuple[str, ...]  # the first non-blank of these columns
+    type: str
+    types: Mapping[str, str]  # the report's type -> capture|refund; others are skipped
+    currency: str
+    amount: tuple[str, ...]  # summed; minus columns subtracted
+    fee: tuple[str, ...]
+    net: tuple[str, ...]
+    settled_at: str
+    payout_id: str
+    amount_minus: tuple[str, ...] = ()
+    net_minus: tuple[str, ...] = ()
+    units: str = "minor"  # minor|major
+    signed_amounts: bool = False  # a refund's amount is written negative
+    order_id: str = ""  # a column holding OncePay's payment id, for the residual join
+    extra: Mapping[str, str] = field(default_factory=dict)  # documentation only
+
+    def required(self) -> frozenset[str]:
+        """Every column the header must have."""
+        named = (self.type, self.currency, self.settled_at, self.payout_id, self.order_id)
+        groups = (
+            self.reference,
+            self.amount,
+            self.amount_minus,
+            self.fee,
+            self.net,
+            self.net_minus,
+        )
+        return frozenset(c for c in (*named, *(c for g in groups for c in g)) if c)
+
+
+ONCEPAY = ColumnMapping(
+    name="oncepay",
+    reference=("reference",),
+    type="type",
+    types={"capture": "capture", "refund": "refund"},
+    currency="currency",
+    amount=("amount",),
+    fee=("fee",),
+    net=("net",),
+    settled_at="settled_at",
+    payout_id="payout_id",
+)
+
+# Adyen, Settlement details report (docs.adyen.com/reporting/settlement-detail-report): one
+# row per booking; amounts in major units; captures credit the gross, refunds debit it. The
+# merchant reference of a modification is the one OncePay sends with a capture or a refund;
+# the payment's own merchant reference (OncePay's payment id) is the fallback.
+ADYEN = ColumnMapping(
+    name="adyen",
+    reference=("Modification Merchant Reference", "Merchant Reference"),
+    type="Type",
+    types={"Settled": "capture", "Refunded": "refund"},
+    currency="Gross Currency",
+    amount=("Gross Credit (GC)",),
+    amount_minus=("Gross Debit (GC)",),
+    fee=("Commission (NC)", "Markup (NC)", "Scheme Fees (NC)", "Interchange (NC)"),
+    net=("Net Credit (NC)",),
+    net_minus=("Net Debit (NC)",),
+    settled_at="Creation Date",
+    payout_id="Batch Number",
+    units="major",
+    signed_amounts=True,
+    order_id="Merchant Reference",
+)
+
+# Stripe, itemized balance-change report (docs.stripe.com/reports/report-types/balance): one
+# row per balance transaction, amounts in major units, refunds negative; OncePay's reference
+# travels as metadata (payment_metadata[reference] on charges, refund_metadata[reference] on
+# refunds).
+STRIPE = ColumnMapping(
+    name="stripe",
+    reference=("refund_metadata[reference]", "payment_metadata[reference]"),
+    type="reporting_category",
+    types={"charge": "capture", "refund": "refund"},
+    currency="currency",
+    amount=("gross",),
+    fee=("fee",),
+    net=("net",),
+    settled_at="created_utc",
+    payout_id="automatic_payout_id",
+    units="major",
+    signed_amounts=True,
+    order_id="payment_metadata[payment_id]",
+)
+
+MAPPINGS: Mapping[str, ColumnMapping] = {m.name: m for m in (ONCEPAY, ADYEN, STRIPE)}

@@ -1,0 +1,200 @@
+"""Matching a settlement report against OncePay's books: a pure function, no I/O.
+
+1. **Exact join** on the reference (OncePay chose it and sent it to the acquirer): a line whose
+   reference names an operation is compared field by field (type, currency, amount, fee).
+2. **Residual**: a line with an unknown reference may still carry OncePay's payment id
+   (``order_id``); it is joined to the one unsettled operation of that payment with the same
+   type, currency and amount, the lowest reference first. What is left is unknown to OncePay.
+3. **What did not settle**: an operation neither joined nor settled earlier is missing once
+   it is ``grace_days`` old; an approved authorization with no payment, on a payment that failed
+   or was canceled, or that is not the payment's authorization, is orphaned.
+
+Deterministic: the same inputs give the same outcome, discrepancies sorted by reference, kind
+and detail. Lines stream through once; memory holds the operations and the references seen."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import date
+
+from oncepay.reconciliation.fees import FeeSchedule
+from oncepay.reconciliation.records import (
+    Authorization,
+    Discrepancy,
+    Kind,
+    Operation,
+    Outcome,
+    Payment,
+    ReportLine,
+)
+
+__all__ = ["DEFAULT_GRACE_DAYS", "Books", "reconcile"]
+
+# Card acquirers settle T+1 or T+2; three days leaves a weekend's slack before "missing".
+DEFAULT_GRACE_DAYS = 3
+# Payment statuses whose authorization should no longer hold money at the acquirer.
+_ENDED = frozenset({"failed", "canceled"})
+
+_REMEDIATION = {
+    Kind.AMOUNT_MISMATCH: "compare the acquirer's line with the payment; book the difference "
+    "or dispute it with the acquirer",
+    Kind.CURRENCY_MISMATCH: "ask the acquirer why the line settled in another currency",
+    Kind.UNKNOWN_AT_ONCEPAY: "find the operation at the acquirer; refund it if no payment "
+    "of OncePay stands behind it",
+    Kind.MISSING_AT_ACQUIRER: "ask the acquirer whether the operation happened; look it up "
+    "by reference",
+    Kind.DUPLICATE_SETTLEMENT: "claim the second settlement back from the acquirer",
+    Kind.ORPHANED_AUTHORIZATION: "void the authorization at the acquirer (safe: no payment "
+    "will capture it)",
+    Kind.FEE_MISMATCH: "check the acquirer's fee schedule; claim the difference",
+    Kind.TYPE_MISMATCH: "ask the acquirer which movement this line is",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Books:
+    """OncePay's side of one reconciliation."""
+
+    operations: Sequence[Operation]  # the unsettled ones, and those the report may settle
+    payments: Mapping[str, Payment] = field(default_factory=dict)
+    settled_before: frozenset[str] = frozenset()  # references settled by earlier reports
+
+
+def reconcile(
+    lines: Iterable[ReportLine],
+    books: Books,
+    authorizations: Iterable[Authorization] = (),
+    *,
+    as_of: date,
+    grace_days: int = DEFAULT_GRACE_DAYS,
+    fees: FeeSchedule | None = None,
+) -> Outcome:
+    """Match ``lines`` (one acquirer's report up to ``as_of``) against ``books``."""
+    run = _Run(books, fees)
+    for line in lines:
+        run.take(line)
+    run.settle_residual()
+    run.find_missing(as_of, grace_days)
+    run.find_orphans(authorizations)
+    return run.outcome()
+
+
+class _Run:
+    """One matching pass's state; private to :func:`reconcile`."""
+
+    def __init__(self, books: Books, fees: FeeSchedule | None) -> None:
+        self.by_reference = {op.reference: op for op in books.operations}
+        self.books, self.fees = books, fees
+        self.seen: set[str] = set(books.settled_before)
+        self.settled: list[tuple[ReportLine, Operation]] = []
+        self.residual: list[ReportLine] = []
+        self.found: list[Discrepancy] = []
+
+    def take(self, line: ReportLine) -> None:
+        if line.reference in self.seen:
+            self._open(Kind.DUPLICATE_SETTLEMENT, line, _payment_of(self, line), "settled twice")
+            return
+        self.seen.add(line.reference)
+        op = self.by_reference.get(line.reference)
+        if op is None:
+            self.residual.append(line)
+        else:
+            self._compare(line, op)
+
+    def _compare(self, line: ReportLine, op: Operation) -> None:
+        """Every difference of a joined line is reported; the line settles its operation
+        only when nothing but the fee differs."""
+        clean = True
+        if line.type != op.type:
+            clean = self._open(Kind.TYPE_MISMATCH, line, op.payment_id, f"{op.type} at OncePay")
+        if line.currency != op.currency:
+            detail = f"{line.currency} settled, {op.currency} at OncePay"
+            clean = self._open(Kind.CURRENCY_MISMATCH, line, op.payment_id, detail)
+        if line.amount != op.amount:
+            detail = f"{line.amount} settled, {op.amount} at OncePay"
+            clean = self._open(Kind.AMOUNT_MISMATCH, line, op.payment_id, detail)
+        if line.type == op.type:  # the fee of a line of the wrong type means nothing
+            self._check_fee(line, op.payment_id)
+        if clean:
+            self.settled.append((line, op))
+
+    def _check_fee(self, line: ReportLine, payment_id: str | None) -> None:
+        net = FeeSchedule.net(line.type, line.amount, line.fee)
+        if line.net != net:
+            detail = f"net {line.net} is not amount {line.amount} less fee {line.fee} ({net})"
+            self._open(Kind.FEE_MISMATCH, line, payment_id, detail)
+        elif self.fees is not None and line.fee != self.fees.fee(line.type, line.amount):
+            detail = f"fee {line.fee}, the schedule says {self.fees.fee(line.type, line.amount)}"
+            self._open(Kind.FEE_MISMATCH, line, payment_id, detail)
+
+    def settle_residual(self) -> None:
+        unsettled = self._unsettled_by_payment()
+        for line in self.residual:
+            candidates = unsettled.get(line.order_id, [])
+            op = next((op for op in candidates if _same_movement(line, op)), None)
+            if op is None:
+                self._open(Kind.UNKNOWN_AT_ONCEPAY, line, line.order_id or None, "no operation")
+                continue
+            candidates.remove(op)
+            self.seen.add(op.reference)
+            self._check_fee(line, op.payment_id)
+            self.settled.append((line, op))
+
+    def _unsettled_by_payment(self) -> dict[str, list[Operation]]:
+        ordered = sorted(self.by_reference.values(), key=lambda op: op.reference)
+        unsettled: dict[str, list[Operation]] = {}
+        for op in ordered:
+            if op.reference not in self.seen:
+                unsettled.setdefault(op.payment_id, []).append(op)
+        return unsettled
+
+    def find_missing(self, as_of: date, grace_days: int) -> None:
+        for op in self.by_reference.values():
+            age = (as_of - op.day).days
+            if op.reference not in self.seen and age >= grace_days:
+                detail = f"{op.type} of {op.amount} {op.currency} on {op.day}, {age} days ago"
+                self.found.append(
+                    _discrepancy(Kind.MISSING_AT_ACQUIRER, op.reference, op.payment_id, detail)
+                )
+
+    def find_orphans(self, authorizations: Iterable[Authorization]) -> None:
+        for auth in authorizations:
+            reason = _orphaned(auth, self.books.payments.get(auth.order_id))
+            if reason:
+                detail = f"authorization {auth.id} of {auth.amount} {auth.currency}: {reason}"
+                self.found.append(
+                    _discrepancy(Kind.ORPHANED_AUTHORIZATION, auth.reference, auth.order_id, detail)
+                )
+
+    def _open(self, kind: Kind, line: ReportLine, payment_id: str | None, detail: str) -> bool:
+        where = f"line {line.line}: {line.type} {line.amount} {line.currency}; {detail}"
+        self.found.append(_discrepancy(kind, line.reference, payment_id, where))
+        return False
+
+    def outcome(self) -> Outcome:
+        ordered = sorted(self.found, key=lambda d: (d.reference, d.kind.value, d.detail))
+        return Outcome(len(self.settled), tuple(ordered), tuple(self.settled))
+
+
+def _payment_of(run: _Run, line: ReportLine) -> str | None:
+    op = run.by_reference.get(line.reference)
+    return op.payment_id if op else (line.order_id or None)
+
+
+def _same_movement(line: ReportLine, op: Operation) -> bool:
+    return (line.type, line.amount, line.currency) == (op.type, op.amount, op.currency)
+
+
+def _orphaned(auth: Authorization, payment: Payment | None) -> str:
+    if payment is None:
+        return "no payment at OncePay"
+    if payment.status in _ENDED:
+        return f"the payment is {payment.status}"
+    if payment.authorization_id not in (None, auth.id):
+        return f"the payment holds authorization {payment.authorization_id}"
+    return ""
+
+
+def _discrepancy(kind: Kind, reference: str, payment_id: str | None, detail: str) -> Discrepancy:
+    return Discrepancy(kind, reference, payment_id, detail, _REMEDIATION[kind])

@@ -1,0 +1,113 @@
+"""The matcher's typed inputs and outputs, frozen: a settlement line, OncePay's operations and
+payments, the acquirer's authorizations, and the discrepancies found. Amounts are integers in
+minor units; days are UTC dates."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import date
+from enum import StrEnum
+
+__all__ = [
+    "Authorization",
+    "Discrepancy",
+    "Kind",
+    "Operation",
+    "Outcome",
+    "Payment",
+    "ReportLine",
+]
+
+
+class Kind(StrEnum):
+    """Discrepancy kinds: the SPEC's six first, then the ones a finance team also needs."""
+
+    AMOUNT_MISMATCH = "amount_mismatch"
+    CURRENCY_MISMATCH = "currency_mismatch"
+    UNKNOWN_AT_ONCEPAY = "unknown_at_oncepay"
+    MISSING_AT_ACQUIRER = "missing_at_acquirer"
+    DUPLICATE_SETTLEMENT = "duplicate_settlement"
+    ORPHANED_AUTHORIZATION = "orphaned_authorization"
+    FEE_MISMATCH = "fee_mismatch"  # the fee, or net = amount - fee, differs from the schedule
+    TYPE_MISMATCH = "type_mismatch"  # a capture reported as a refund, or the other way round
+
+
+@dataclass(frozen=True, slots=True)
+class ReportLine:
+    """One settled movement as the acquirer reports it (``line`` counts from 1, the header)."""
+
+    line: int
+    reference: str
+    type: str  # capture|refund
+    amount: int  # > 0, minor units
+    currency: str
+    fee: int
+    net: int  # signed: what the line adds to its payout
+    settled_at: str
+    payout_id: str
+    order_id: str = ""  # OncePay's payment id when the report carries it (the residual join)
+
+
+@dataclass(frozen=True, slots=True)
+class Operation:
+    """Money OncePay moved at the acquirer: a capture (``{payment}_capture``) or a refund (the
+    refund's id), on the UTC day it happened."""
+
+    reference: str
+    payment_id: str
+    type: str  # capture|refund
+    amount: int
+    currency: str
+    day: date
+
+
+@dataclass(frozen=True, slots=True)
+class Payment:
+    """What OncePay believes of a payment, for judging the acquirer's authorizations."""
+
+    id: str
+    status: str
+    authorization_id: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Authorization:
+    """An authorization the acquirer approved (and did not void) on the reconciled day."""
+
+    id: str
+    reference: str
+    order_id: str  # the payment id OncePay sent
+    amount: int
+    currency: str
+
+
+@dataclass(frozen=True, slots=True)
+class Discrepancy:
+    kind: Kind
+    reference: str
+    payment_id: str | None
+    detail: str
+    remediation: str
+
+    def as_json(self) -> dict[str, str | None]:
+        return {
+            "kind": self.kind.value,
+            "reference": self.reference,
+            "payment_id": self.payment_id,
+            "detail": self.detail,
+            "remediation": self.remediation,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    matched: int
+    discrepancies: tuple[Discrepancy, ...]
+    settled: tuple[tuple[ReportLine, Operation], ...] = ()  # what a run would post
+
+    def as_json(self) -> dict[str, object]:
+        """The SPEC §10 document, ``{"matched": N, "discrepancies": [...]}``."""
+        return {
+            "matched": self.matched,
+            "discrepancies": [d.as_json() for d in self.discrepancies],
+        }

@@ -1,0 +1,170 @@
+"""The matcher as the SPEC's table: every discrepancy kind planted once in a generated report
+is found exactly once, and nothing is reported for the clean lines around it."""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import replace
+from datetime import timedelta
+
+from oncepay.reconciliation import (
+    Authorization,
+    FeeSchedule,
+    Kind,
+    Operation,
+    Outcome,
+    Payment,
+    ReportLine,
+    reconcile,
+)
+from tests.reconciliation.books import DAY, SCHEDULE, Day, clean_day, line_for
+
+
+def run(day: Day, *, grace_days: int = 3, as_of: object = DAY, **books: object) -> Outcome:
+    return reconcile(
+        day.lines,
+        day.books(**books),  # type: ignore[arg-type]
+        day.authorizations,
+        as_of=as_of,  # type: ignore[arg-type]
+        grace_days=grace_days,
+        fees=SCHEDULE,
+    )
+
+
+def found(outcome: Outcome) -> list[tuple[str, str]]:
+    return [(d.kind.value, d.reference) for d in outcome.discrepancies]
+
+
+def test_a_clean_day_matches_every_line_and_reports_nothing() -> None:
+    day = clean_day(300)
+    outcome = run(day)
+    assert outcome.discrepancies == ()
+    assert outcome.matched == len(day.operations) == len(day.lines)
+
+
+def repriced(line: ReportLine, amount: int) -> ReportLine:
+    """``line`` for another amount, its fee and net still by the schedule."""
+    fee = SCHEDULE.fee(line.type, amount)
+    return replace(line, amount=amount, fee=fee, net=FeeSchedule.net(line.type, amount, fee))
+
+
+def plant_every_kind(day: Day) -> dict[Kind, str]:
+    """One discrepancy of each kind, on distinct clean payments; returns kind -> reference."""
+    lines = day.lines
+    planted: dict[Kind, str] = {}
+
+    def at(reference: str) -> int:
+        return next(i for i, line in enumerate(lines) if line.reference == reference)
+
+    i = at("pay_0000001_capture")
+    lines[i] = repriced(lines[i], lines[i].amount + 1)
+    planted[Kind.AMOUNT_MISMATCH] = "pay_0000001_capture"
+    i = at("pay_0000002_capture")
+    lines[i] = replace(lines[i], currency="GBP")
+    planted[Kind.CURRENCY_MISMATCH] = "pay_0000002_capture"
+    stranger = Operation("ghost_capture", "pay_ghost", "capture", 500, "EUR", DAY)
+    lines.append(line_for(stranger, len(lines) + 2, order_id=""))
+    planted[Kind.UNKNOWN_AT_ONCEPAY] = "ghost_capture"
+    i = at("pay_0000003_capture")
+    del lines[i]
+    planted[Kind.MISSING_AT_ACQUIRER] = "pay_0000003_capture"
+    lines.append(replace(lines[at("pay_0000004_capture")], line=len(lines) + 2))
+    planted[Kind.DUPLICATE_SETTLEMENT] = "pay_0000004_capture"
+    day.authorizations.append(Authorization("auth_orphan", "pay_lost_a1", "pay_lost", 9, "EUR"))
+    planted[Kind.ORPHANED_AUTHORIZATION] = "pay_lost_a1"
+    i = at("pay_0000005_capture")
+    lines[i] = replace(lines[i], fee=lines[i].fee + 7, net=lines[i].net - 7)
+    planted[Kind.FEE_MISMATCH] = "pay_0000005_capture"
+    i = at("re_0000010")
+    lines[i] = replace(lines[i], type="capture", net=lines[i].amount - lines[i].fee)
+    planted[Kind.TYPE_MISMATCH] = "re_0000010"
+    return planted
+
+
+def test_every_planted_kind_is_found_exactly_once_and_nothing_else() -> None:
+    day = clean_day(200)
+    planted = plant_every_kind(day)
+    outcome = run(day, grace_days=0)
+    assert sorted(found(outcome)) == sorted((k.value, ref) for k, ref in planted.items())
+    assert {k.value for k in Kind} == {kind for kind, _ in found(outcome)}
+    # captures that differ in amount/currency/type do not settle; a fee difference does
+    assert outcome.matched == len(day.operations) - 4
+
+
+def test_the_json_document_is_the_spec_shape() -> None:
+    day = clean_day(20)
+    planted = plant_every_kind(day)
+    document = run(day, grace_days=0).as_json()
+    assert set(document) == {"matched", "discrepancies"}
+    first = document["discrepancies"][0]  # type: ignore[index]
+    assert set(first) == {"kind", "reference", "payment_id", "detail", "remediation"}
+    assert len(document["discrepancies"]) == len(planted)  # type: ignore[arg-type]
+
+
+def test_same_inputs_give_byte_identical_output_whatever_the_order_of_the_books() -> None:
+    day = clean_day(500)
+    plant_every_kind(day)
+    first = json.dumps(run(day, grace_days=0).as_json())
+    random.Random(7).shuffle(day.operations)
+    random.Random(8).shuffle(day.authorizations)
+    assert json.dumps(run(day, grace_days=0).as_json()) == first
+
+
+def test_missing_waits_for_the_grace_days() -> None:
+    day = clean_day(10)
+    del day.lines[0]  # pay_0000000_capture, captured on DAY
+    for days, reported in [(0, 1), (1, 0), (2, 0), (3, 1)]:
+        outcome = run(day, grace_days=3 if days else 0, as_of=DAY + timedelta(days=days))
+        assert [k for k, _ in found(outcome)] == ["missing_at_acquirer"] * reported
+
+
+def test_a_reference_settled_by_an_earlier_report_is_a_duplicate_not_a_match() -> None:
+    day = clean_day(10)
+    outcome = run(day, settled_before=frozenset({"pay_0000002_capture"}))
+    assert found(outcome) == [("duplicate_settlement", "pay_0000002_capture")]
+
+
+def test_the_residual_joins_a_foreign_reference_by_payment_type_and_amount() -> None:
+    day = clean_day(10)
+    day.lines[0] = replace(day.lines[0], reference="psp_8812")  # the acquirer's own reference
+    outcome = run(day)
+    assert outcome.discrepancies == ()
+    assert outcome.matched == len(day.operations)
+
+
+def test_the_residual_does_not_match_a_different_amount() -> None:
+    day = clean_day(10)
+    line = day.lines[0]
+    day.lines[0] = replace(line, reference="psp_8812", amount=line.amount + 1, net=line.net + 1)
+    assert sorted(found(run(day, grace_days=0))) == [
+        ("missing_at_acquirer", "pay_0000000_capture"),
+        ("unknown_at_oncepay", "psp_8812"),
+    ]
+
+
+def test_an_authorization_is_orphaned_on_a_failed_canceled_or_other_payment() -> None:
+    day = clean_day(4)
+    day.payments["pay_0000001"] = Payment("pay_0000001", "failed", None)
+    day.payments["pay_0000002"] = Payment("pay_0000002", "canceled", "auth_0000002")
+    day.payments["pay_0000003"] = Payment("pay_0000003", "captured", "auth_other")
+    assert found(run(day)) == [
+        ("orphaned_authorization", "pay_0000001_a1"),
+        ("orphaned_authorization", "pay_0000002_a1"),
+        ("orphaned_authorization", "pay_0000003_a1"),
+    ]
+
+
+def test_a_payment_still_processing_does_not_orphan_its_authorization() -> None:
+    day = clean_day(2)
+    day.payments["pay_0000001"] = Payment("pay_0000001", "processing", None)
+    assert found(run(day)) == []
+
+
+def test_without_a_schedule_only_the_arithmetic_of_the_fee_is_checked() -> None:
+    day = clean_day(3)
+    day.lines[0] = replace(day.lines[0], fee=1, net=day.lines[0].amount - 1)
+    outcome = reconcile(day.lines, day.books(), as_of=DAY)
+    assert outcome.discrepancies == ()
+    day.lines[1] = replace(day.lines[1], net=day.lines[1].net + 1)
+    assert found(reconcile(day.lines, day.books(), as_of=DAY)) == [("fee_mismatch", "re_0000000")]
