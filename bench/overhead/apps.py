@@ -14,6 +14,7 @@ The variant is chosen by environment variables, read by :func:`make_app` (a uvic
     OVERHEAD_REDIS     the Redis URL for the peers (default redis://127.0.0.1:6379/0)
     OVERHEAD_PREFIX    a Redis key prefix unique to this run and variant
     OVERHEAD_STATS     where experiments.py's pipelined client writes its counters at shutdown
+    OVERHEAD_USAGE_LOG the key-usage log of the ``-log`` variants
 
 and served as ``uvicorn bench.overhead.apps:make_app --factory --loop uvloop
 --http httptools --no-access-log --workers 1`` (bench/overhead/run.py does this).
@@ -24,7 +25,9 @@ How each library is wired:
   built from ``OVERHEAD_STORE`` and closed at shutdown. Key: the ``Idempotency-Key`` header.
   ``oncepay-redis-redispy`` and ``oncepay-redis-pipelined`` are experiments (experiments.py):
   the same Redis store on redis-py's asyncio client, or on a minimal pipelined RESP client, to
-  measure what the driver costs.
+  measure what the driver costs. ``oncepay-memory-log`` and ``oncepay-redis-log`` are the same
+  middleware with the key-usage log on (SPEC §9; keys hashed, the default), written to
+  ``OVERHEAD_USAGE_LOG``: its cost is the ratio to the variant without ``-log``.
 * **idemkit** and **fastapi-idempotency-key**: their pure-ASGI middleware, with their
   ``RedisBackend`` on redis-py's asyncio client. Key: the ``Idempotency-Key`` header.
   fastapi-idempotency-key's backend gets a minimal fix so that replays replay (see
@@ -62,9 +65,11 @@ DEFAULT_REDIS = "redis://127.0.0.1:6379/0"
 VARIANTS = (
     "bare",
     "oncepay-memory",
+    "oncepay-memory-log",
     "oncepay-sqlite",
     "oncepay-postgres",
     "oncepay-redis",
+    "oncepay-redis-log",
     "oncepay-redis-redispy",
     "oncepay-redis-pipelined",
     "powertools-redis",
@@ -124,9 +129,12 @@ def _bare() -> Starlette:
     return _starlette(charges)
 
 
-def _oncepay(store_url: str, *, experiment: str = "", redis: str = "", prefix: str = "") -> Any:
+def _oncepay(
+    store_url: str, *, experiment: str = "", redis: str = "", prefix: str = "", log: str = ""
+) -> Any:
     from oncepay.http import IdempotencyMiddleware
     from oncepay.idempotency.stores import store_from_url
+    from oncepay.insight.usage_log import UsageLog
 
     if experiment:
         from bench.overhead import experiments
@@ -134,9 +142,10 @@ def _oncepay(store_url: str, *, experiment: str = "", redis: str = "", prefix: s
         store = getattr(experiments, f"{experiment}_store")(redis, prefix)
     else:
         store = store_from_url(store_url)
+    options: dict[str, Any] = {"usage_log": UsageLog(log)} if log else {}
     return _starlette(
         charges,
-        [Middleware(IdempotencyMiddleware, store=store)],  # type: ignore[arg-type]
+        [Middleware(IdempotencyMiddleware, store=store, **options)],  # type: ignore[arg-type]
         cleanup=store.aclose,
     )
 
@@ -263,6 +272,8 @@ def build(variant: str, *, store: str = "", redis: str = DEFAULT_REDIS, prefix: 
     if variant in ("oncepay-redis-pipelined", "oncepay-redis-redispy"):
         experiment = variant.removeprefix("oncepay-redis-").replace("-", "_")
         return _oncepay("", experiment=experiment, redis=redis, prefix=prefix)
+    if variant.endswith("-log"):
+        return _oncepay(store, log=os.environ.get("OVERHEAD_USAGE_LOG", "overhead-usage.jsonl"))
     if variant.startswith("oncepay-"):
         return _oncepay(store)
     if variant == "idemkit-redis":

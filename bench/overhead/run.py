@@ -147,7 +147,8 @@ class Config:
 
     def store_url(self, variant: str, slot: str) -> str:
         """The store of one attempt at one cell (``slot``: path and attempt): always empty."""
-        base, alt = base_variant(variant), "_alt" if variant.endswith(ALT) else ""
+        base = base_variant(variant).removesuffix("-log")  # with the usage log: the same store
+        alt = "_alt" if variant.endswith(ALT) else ""
         if base == "oncepay-memory":
             return "memory://"
         if base == "oncepay-sqlite":
@@ -209,6 +210,7 @@ def server_env(cfg: Config, variant: str, slot: str) -> dict[str, str]:
         "OVERHEAD_REDIS": cfg.redis,
         "OVERHEAD_PREFIX": cfg.redis_prefix(variant, slot),
         "OVERHEAD_STATS": str(stats_file(cfg, variant, slot)),
+        "OVERHEAD_USAGE_LOG": str(cfg.tmp / f"usage-{variant}-{slot}.jsonl"),
         "PYTHONWARNINGS": "ignore",
         "POWERTOOLS_LOG_LEVEL": "WARNING",
     }
@@ -650,21 +652,24 @@ def run_cells(cfg: Config, variants: list[str], paths: list[str], args: argparse
 # -- pairs -----------------------------------------------------------------------------------------
 
 
-def measure_pairs(cfg: Config, variant: str, path: str, n: int, seconds: float) -> Pairs:
+def measure_pairs(
+    cfg: Config, variant: str, path: str, n: int, seconds: float, baseline: str = "bare"
+) -> Pairs:
+    """``variant`` against ``baseline`` (``--baseline``; the bare app unless named)."""
     result = Pairs(variant, path, seconds=seconds)
     slot = f"{path}-pairs"
     tag = f"{cfg.run_id}-{variant}-{slot}"
     with (
-        server(cfg, "bare", slot) as (bare_port, bare_pid, _),
+        server(cfg, baseline, slot) as (bare_port, bare_pid, _),
         server(cfg, variant, slot) as (port, pid, _),
     ):
         result.verify = verify(port, variant)
-        sides = {"bare": (bare_port, bare_pid), variant: (port, pid)}
+        sides = {baseline: (bare_port, bare_pid), variant: (port, pid)}
         replay_key = {name: f"replay-{tag}-{name}" for name in sides}
         for name, (p, _pid) in sides.items():  # warm both, and make the replay keys
             load(cfg, p, path, replay_key[name] if path == "replay" else f"warm-{tag}", cfg.warmup)
         for i in range(n):
-            for name in ["bare", variant] if i % 2 == 0 else [variant, "bare"]:
+            for name in [baseline, variant] if i % 2 == 0 else [variant, baseline]:
                 p, server_pid = sides[name]
                 cpu0 = process_cpu(server_pid)
                 out = load(
@@ -676,7 +681,7 @@ def measure_pairs(cfg: Config, variant: str, path: str, n: int, seconds: float) 
                 )
                 cpu_us = (process_cpu(server_pid) - cpu0) / max(int(out["requests"]), 1) * 1e6
                 result.errors += errors(out)
-                result.add(name == "bare", rate(out), cpu_us)
+                result.add(name == baseline, rate(out), cpu_us)
     return result
 
 
@@ -706,11 +711,15 @@ def pair_row(r: Pairs) -> tuple[str, ...]:
 def one_pair(cfg: Config, variant: str, path: str, args: argparse.Namespace) -> Pairs:
     t0 = time.monotonic()
     try:
-        result = measure_pairs(cfg, variant, path, args.pairs, args.pair_seconds)
+        result = measure_pairs(
+            cfg, variant, path, args.pairs, args.pair_seconds, baseline=args.baseline
+        )
     except Exception as exc:
         result = Pairs(variant, path, status=f"failed: {exc}"[:300])
     finally:
         forget(cfg, variant, f"{path}-pairs")
+        if args.baseline != "bare":
+            forget(cfg, args.baseline, f"{path}-pairs")
     if result.ratios:
         pooled, pooled_cpu = result.pooled()
         median = statistics.median(result.ratios)
@@ -745,7 +754,7 @@ def run_pairs(cfg: Config, variants: list[str], paths: list[str], args: argparse
     finally:
         cleanup(cfg, pg="oncepay-postgres" in variants and "oncepay-postgres" not in skipped)
     print()
-    title = "alternating pairs: each variant load against a bare load beside it"
+    title = f"alternating pairs: each variant load against a {args.baseline} load beside it"
     rows = [pair_row(r) for r in results]
     print_table(title, PAIR_HEADERS, rows, right=range(2, 10), use_markdown=args.markdown)
     print(f"\n{time.time() - started:.0f}s")
@@ -785,6 +794,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="instead of cells: N alternating short loads of bare and each variant, side by side",
     )
     p.add_argument("--pair-seconds", type=float, default=1.0, help="each load of --pairs")
+    p.add_argument(
+        "--baseline",
+        default="bare",
+        help="with --pairs: the variant each one is paired with (oncepay-memory against "
+        "oncepay-memory-log: what the usage log costs)",
+    )
     p.add_argument(
         "--alt-src",
         type=Path,

@@ -117,7 +117,10 @@ class UsageLog:
         else:
             self._file = target
         self.raw_keys = raw_keys
-        self._secret = b"" if raw_keys else _secret_for(secret, self.path)
+        # BLAKE2b keyed once: each key's hash starts from a copy of this state.
+        self._hasher = hashlib.blake2b(
+            key=b"" if raw_keys else _secret_for(secret, self.path), digest_size=_DIGEST_SIZE
+        )
         self.capacity = capacity
         self.interval = interval
         self.dropped = 0
@@ -195,21 +198,23 @@ class UsageLog:
             log.warning("the key-usage log %s is being written again", self._name())
 
     def _lines(self, entries: Iterable[Entry]) -> Iterable[str]:
-        keyed = None if self.raw_keys else self._secret
+        hasher = None if self.raw_keys else self._hasher
+        known = _Encoded()  # tenants, routes, sources and TTLs repeat: each encoded once a batch
         for at, tenant, route, raw, fp, decision, status, source, ttl in entries:
-            key = raw if keyed is None else _hashed(raw, keyed)
+            key = _quoted(raw) if hasher is None else f'"{_hashed(hasher, raw)}"'  # hex: as is
             yield (
-                f'{{"at":{at!r},"tenant":{_quoted(tenant)},"route":{_quoted(route)},'
-                f'"key":{_quoted(key)},"fingerprint":{_quoted(fp)},"decision":"{decision}",'
-                f'"status":{status},"source":{"null" if source is None else _quoted(source)},'
-                f'"ttl":{"null" if ttl is None else repr(float(ttl))}}}\n'
+                f'{{"at":{at!r},"tenant":{known[tenant]},"route":{known[route]},'
+                f'"key":{key},"fingerprint":{_quoted(fp)},"decision":"{decision}",'
+                f'"status":{status},"source":{known[source]},"ttl":{known[ttl]}}}\n'
             )
 
     def _write(self, data: bytes) -> None:
-        if self._file is None:
+        if self._file is None:  # unbuffered, appending: a batch is one write() of its own
             assert self.path is not None
-            self._file = open(self.path, "ab")  # noqa: SIM115 -- kept open across batches
-        self._file.write(data)
+            self._file = open(self.path, "ab", buffering=0)  # noqa: SIM115 -- kept open
+        view = memoryview(data)
+        while view:  # a short write (a signal, a nearly full disk) goes on where it stopped
+            view = view[self._file.write(view) or len(view) :]
         self._file.flush()
 
     def _failed(self, lost: int, error: Exception) -> None:
@@ -257,8 +262,24 @@ class UsageLog:
             self._file = None  # the child opens its own (appending)
 
 
-def _hashed(key: str, secret: bytes) -> str:
-    return hashlib.blake2b(key.encode(), key=secret, digest_size=_DIGEST_SIZE).hexdigest()
+def _hashed(keyed: hashlib.blake2b, key: str) -> str:
+    hasher = keyed.copy()
+    hasher.update(key.encode())
+    return hasher.hexdigest()
+
+
+class _Encoded(dict[object, str]):
+    """A value's JSON text, computed the first time it is asked for."""
+
+    def __missing__(self, value: object) -> str:
+        if isinstance(value, str):
+            text = _quoted(value)
+        elif value is None:
+            text = "null"
+        else:
+            text = repr(float(value))  # type: ignore[arg-type]  # a TTL: an int or a float
+        self[value] = text
+        return text
 
 
 def _close_quietly(file: BinaryIO) -> None:
