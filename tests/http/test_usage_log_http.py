@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -311,3 +312,12 @@ def test_the_gateway_writes_the_usage_log(
     assert {r["route"] for r in records} == {"POST /pay"}
     assert {r["source"] for r in records} == {"127.0.0.1"}
     assert {r["tenant"] for r in records} == {TENANT}
+
+
+def test_the_gateway_refuses_a_usage_log_in_a_missing_directory(tmp_path: Path) -> None:
+    args = oncepay_args(
+        "gateway", "--upstream", "http://127.0.0.1:9", "--usage-log", str(tmp_path / "no" / "u")
+    )
+    done = subprocess.run(args, capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 2
+    assert "directory does not exist" in " ".join((done.stdout + done.stderr).split())  # wrapped

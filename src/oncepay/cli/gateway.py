@@ -74,6 +74,9 @@ def gateway(
         console.print(f"[red]error:[/red] --upstream must be an http(s) URL, not {upstream!r}")
         raise typer.Exit(2)
     settings = GatewaySettings(upstream, scope_header=scope_header, scope_cookie=scope_cookie)
+    if usage_log and not os.path.isdir(os.path.dirname(os.path.abspath(usage_log))):
+        console.print(f"[red]error:[/red] --usage-log {usage_log!r}: its directory does not exist")
+        raise typer.Exit(2)
     try:  # fail fast on a bad URL or name, before any worker starts
         store_from_url(store)
         settings.scope()

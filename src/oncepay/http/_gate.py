@@ -103,6 +103,7 @@ class Request:
     query: str
     headers: Sequence[tuple[str, str]]  # names in lower case, as ASGI gives them
     source: str | None = None  # the client's address, for the key-usage log
+    template: str | None = None  # the route template, when routed before the gate (payments)
 
     def header(self, name: str) -> str | None:
         for key, value in self.headers:
@@ -389,11 +390,12 @@ class Gate:
         self._note(request, tenant, key, "", _invalid_kind(parsed), status, None)
 
     def _route(self, request: Request) -> str:
-        """``METHOD template``: the user's route function's, else the router's, else the path."""
-        template = None
-        if self.route_template is not None:
+        """``METHOD template``: the request's own, else the user's route function's, else the
+        one the router reported for the path, else the path."""
+        template = request.template
+        if template is None and self.route_template is not None:
             template = self.route_template(request)
-        elif self._templates:
+        elif template is None and self._templates:
             template = self._templates.get(request.path)
         return f"{request.method} {template or request.path}"
 
