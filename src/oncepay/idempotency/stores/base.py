@@ -36,6 +36,7 @@ from oncepay.idempotency.records import (
 )
 
 __all__ = [
+    "ForwardsTransactions",
     "PollingWatch",
     "Store",
     "TransactionalStore",
@@ -115,6 +116,40 @@ class TransactionalStore(Protocol):
         lease: float,
         keep_until: float = 0.0,
     ) -> None: ...
+
+
+class ForwardsTransactions:
+    """Transactional completion for a wrapper store (the tiered store, the payments service's
+    one-writer queue): it is a :class:`TransactionalStore` exactly when what it wraps is one,
+    and forwards to it. The wrapper sets ``transactional`` once, when built."""
+
+    transactional: TransactionalStore
+
+    def complete_in(
+        self, conn: Any, scope: str, key: str, fence: int, response: StoredResponse, *, now: float
+    ) -> None:
+        self.transactional.complete_in(conn, scope, key, fence, response, now=now)
+
+    async def acomplete_in(
+        self, conn: Any, scope: str, key: str, fence: int, response: StoredResponse, *, now: float
+    ) -> None:
+        await self.transactional.acomplete_in(conn, scope, key, fence, response, now=now)
+
+    async def acheckpoint_in(
+        self,
+        conn: Any,
+        scope: str,
+        key: str,
+        fence: int,
+        recovery_point: str,
+        *,
+        now: float,
+        lease: float,
+        keep_until: float = 0.0,
+    ) -> None:
+        await self.transactional.acheckpoint_in(
+            conn, scope, key, fence, recovery_point, now=now, lease=lease, keep_until=keep_until
+        )
 
 
 class PollingWatch:

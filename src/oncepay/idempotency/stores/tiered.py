@@ -19,12 +19,13 @@ from __future__ import annotations
 import logging
 from collections import OrderedDict
 from contextlib import AbstractAsyncContextManager
-from typing import Any, cast
+from typing import cast
 
 from oncepay.errors import OncePayError
 from oncepay.idempotency.records import Claim, ClaimOutcome, Record, RecordState, StoredResponse
 from oncepay.idempotency.stores.base import (
     DEFAULT_PURGE_BATCH,
+    ForwardsTransactions,
     Store,
     TransactionalStore,
     Watch,
@@ -158,37 +159,11 @@ class TieredStore:
             log.debug("cache hint not released for key %r: %s", key, exc.detail)
 
 
-class TransactionalTieredStore(TieredStore):
+class TransactionalTieredStore(ForwardsTransactions, TieredStore):
     """A :class:`TieredStore` whose primary completes inside the caller's transaction: those
     completions and checkpoints belong to the system of record. After the caller's commit,
     :meth:`TieredStore.remember` tells the cache."""
 
-    def complete_in(
-        self, conn: Any, scope: str, key: str, fence: int, response: StoredResponse, *, now: float
-    ) -> None:
-        self._durable.complete_in(conn, scope, key, fence, response, now=now)
-
-    async def acomplete_in(
-        self, conn: Any, scope: str, key: str, fence: int, response: StoredResponse, *, now: float
-    ) -> None:
-        await self._durable.acomplete_in(conn, scope, key, fence, response, now=now)
-
-    async def acheckpoint_in(
-        self,
-        conn: Any,
-        scope: str,
-        key: str,
-        fence: int,
-        recovery_point: str,
-        *,
-        now: float,
-        lease: float,
-        keep_until: float = 0.0,
-    ) -> None:
-        await self._durable.acheckpoint_in(
-            conn, scope, key, fence, recovery_point, now=now, lease=lease, keep_until=keep_until
-        )
-
-    @property
-    def _durable(self) -> TransactionalStore:
-        return cast(TransactionalStore, self.primary)  # TieredStore.__new__ checked it
+    def __init__(self, primary: Store, cache: Store, *, hint: float = IN_FLIGHT_HINT) -> None:
+        super().__init__(primary, cache, hint=hint)
+        self.transactional = cast(TransactionalStore, primary)  # TieredStore.__new__ checked it

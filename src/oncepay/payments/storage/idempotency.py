@@ -6,12 +6,16 @@ from __future__ import annotations
 
 import asyncio
 from contextlib import AbstractAsyncContextManager
-from typing import Any
 
 from oncepay.errors import ConfigurationError
 from oncepay.idempotency.records import Claim, Record, StoredResponse
 from oncepay.idempotency.stores import Store, store_from_url
-from oncepay.idempotency.stores.base import DEFAULT_PURGE_BATCH, TransactionalStore, Watch
+from oncepay.idempotency.stores.base import (
+    DEFAULT_PURGE_BATCH,
+    ForwardsTransactions,
+    TransactionalStore,
+    Watch,
+)
 from oncepay.idempotency.stores.tiered import TieredStore
 from oncepay.payments.storage.db import Database
 
@@ -31,7 +35,7 @@ async def idempotency_store(db: Database, redis_url: str | None = None) -> Store
     return store
 
 
-class OneWriter:
+class OneWriter(ForwardsTransactions):
     """The SQLite idempotency store, queued behind the same in-process writer lock as the
     service's own transactions (see :class:`~oncepay.payments.storage.db.Database`), so a
     claim never waits in SQLite's sleeping busy handler for a phase of this very process.
@@ -42,7 +46,7 @@ class OneWriter:
         if not isinstance(store, TransactionalStore):  # checked once: a type, not a hasattr
             raise ConfigurationError("the service's idempotency store must be a SQL store")
         self.store: Store = store
-        self.transactional: TransactionalStore = store
+        self.transactional = store
         self.lock = lock
 
     async def claim(
@@ -79,31 +83,3 @@ class OneWriter:
 
     async def aclose(self) -> None:
         await self.store.aclose()
-
-    # Inside a phase, which holds the lock already.
-
-    def complete_in(
-        self, conn: Any, scope: str, key: str, fence: int, response: StoredResponse, *, now: float
-    ) -> None:
-        self.transactional.complete_in(conn, scope, key, fence, response, now=now)
-
-    async def acomplete_in(
-        self, conn: Any, scope: str, key: str, fence: int, response: StoredResponse, *, now: float
-    ) -> None:
-        await self.transactional.acomplete_in(conn, scope, key, fence, response, now=now)
-
-    async def acheckpoint_in(
-        self,
-        conn: Any,
-        scope: str,
-        key: str,
-        fence: int,
-        recovery_point: str,
-        *,
-        now: float,
-        lease: float,
-        keep_until: float = 0.0,
-    ) -> None:
-        await self.transactional.acheckpoint_in(
-            conn, scope, key, fence, recovery_point, now=now, lease=lease, keep_until=keep_until
-        )
