@@ -294,8 +294,18 @@ def test_the_gateway_writes_the_usage_log(
     store = make_spec(request, "sqlite", tmp_path).url
     log_path = tmp_path / "usage.jsonl"
     port = free_port()
-    args = oncepay_args("gateway", "--upstream", upstream, "--store", store, "--port", str(port))
-    with running(args, port, env={"ONCEPAY_USAGE_LOG": str(log_path)}):
+    args = oncepay_args(
+        "gateway",
+        "--upstream",
+        upstream,
+        "--store",
+        store,
+        "--port",
+        str(port),
+        "--usage-log",
+        str(log_path),
+    )
+    with running(args, port):
         url = f"http://127.0.0.1:{port}"
         headers = {**AUTH, "idempotency-key": "gw-key-1"}
         with httpx.Client(base_url=url) as client:
