@@ -186,10 +186,9 @@ class UsageLog:
         entries = [buffer.popleft() for _ in range(len(buffer))]
         if not entries:
             return
-        data = "".join(self._lines(entries)).encode()
         try:
-            self._write(data)
-        except Exception as exc:  # a dead disk: count, say so once, and carry on
+            self._write("".join(self._lines(entries)).encode())
+        except Exception as exc:  # a dead disk (or a bad record): count, say so once, carry on
             self._failed(len(entries), exc)
             return
         self.written += len(entries)
