@@ -295,7 +295,8 @@ async def test_the_settlement_report_lists_the_days_captures_and_refunds(
     assert rows.headers["content-type"].startswith("text/csv")
     parsed = list(csv.DictReader(io.StringIO(rows.text)))
     assert rows.text.splitlines()[0] == (
-        "authorization_id,reference,order_id,type,amount,currency,created_at"
+        "reference,type,amount,currency,fee,net,settled_at,payout_id,"
+        "authorization_id,order_id,created_at"
     )
     assert [(r["reference"], r["amount"]) for r in parsed] == [("cap-1", "700"), ("ref-2", "1000")]
     assert [(e["reference"], e["type"]) for e in next_day["entries"]] == [("re-1", "refund")]

@@ -168,3 +168,14 @@ def test_without_a_schedule_only_the_arithmetic_of_the_fee_is_checked() -> None:
     assert outcome.discrepancies == ()
     day.lines[1] = replace(day.lines[1], net=day.lines[1].net + 1)
     assert found(reconcile(day.lines, day.books(), as_of=DAY)) == [("fee_mismatch", "re_0000000")]
+
+
+def test_settled_pairs_go_to_the_sink_when_one_is_given() -> None:
+    day = clean_day(10)
+    taken: list[str] = []
+    outcome = reconcile(
+        day.lines, day.books(), as_of=DAY, settle=lambda line, op: taken.append(op.reference)
+    )
+    assert taken == [line.reference for line in day.lines]
+    assert (outcome.matched, outcome.settled) == (len(taken), ())
+    assert [op.reference for _, op in run(day).settled] == taken

@@ -14,7 +14,7 @@ and detail. Lines stream through once; memory holds the operations and the refer
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date
 
@@ -29,12 +29,15 @@ from oncepay.reconciliation.records import (
     ReportLine,
 )
 
-__all__ = ["DEFAULT_GRACE_DAYS", "Books", "reconcile"]
+__all__ = ["DEFAULT_GRACE_DAYS", "Books", "Settle", "reconcile"]
 
 # Card acquirers settle T+1 or T+2; three days leaves a weekend's slack before "missing".
 DEFAULT_GRACE_DAYS = 3
 # Payment statuses whose authorization should no longer hold money at the acquirer.
 _ENDED = frozenset({"failed", "canceled"})
+
+# Receives each settled pair: the line and the operation it settles.
+Settle = Callable[[ReportLine, Operation], None]
 
 _REMEDIATION = {
     Kind.AMOUNT_MISMATCH: "compare the acquirer's line with the payment; book the difference "
@@ -69,9 +72,13 @@ def reconcile(
     as_of: date,
     grace_days: int = DEFAULT_GRACE_DAYS,
     fees: FeeSchedule | None = None,
+    settle: Settle | None = None,
 ) -> Outcome:
-    """Match ``lines`` (one acquirer's report up to ``as_of``) against ``books``."""
-    run = _Run(books, fees)
+    """Match ``lines`` (one acquirer's report up to ``as_of``) against ``books``.
+
+    Each settled (line, operation) pair goes to ``settle`` when given (a writer posting in
+    batches keeps memory bounded), else into ``Outcome.settled``."""
+    run = _Run(books, fees, settle)
     for line in lines:
         run.take(line)
     run.settle_residual()
@@ -83,11 +90,13 @@ def reconcile(
 class _Run:
     """One matching pass's state; private to :func:`reconcile`."""
 
-    def __init__(self, books: Books, fees: FeeSchedule | None) -> None:
+    def __init__(self, books: Books, fees: FeeSchedule | None, settle: Settle | None) -> None:
         self.by_reference = {op.reference: op for op in books.operations}
         self.books, self.fees = books, fees
         self.seen: set[str] = set(books.settled_before)
         self.settled: list[tuple[ReportLine, Operation]] = []
+        self.matched = 0
+        self.settle = settle or (lambda line, op: self.settled.append((line, op)))
         self.residual: list[ReportLine] = []
         self.found: list[Discrepancy] = []
 
@@ -117,7 +126,7 @@ class _Run:
         if line.type == op.type:  # the fee of a line of the wrong type means nothing
             self._check_fee(line, op.payment_id)
         if clean:
-            self.settled.append((line, op))
+            self._settle(line, op)
 
     def _check_fee(self, line: ReportLine, payment_id: str | None) -> None:
         net = FeeSchedule.net(line.type, line.amount, line.fee)
@@ -139,7 +148,7 @@ class _Run:
             candidates.remove(op)
             self.seen.add(op.reference)
             self._check_fee(line, op.payment_id)
-            self.settled.append((line, op))
+            self._settle(line, op)
 
     def _unsettled_by_payment(self) -> dict[str, list[Operation]]:
         ordered = sorted(self.by_reference.values(), key=lambda op: op.reference)
@@ -167,6 +176,10 @@ class _Run:
                     _discrepancy(Kind.ORPHANED_AUTHORIZATION, auth.reference, auth.order_id, detail)
                 )
 
+    def _settle(self, line: ReportLine, op: Operation) -> None:
+        self.matched += 1
+        self.settle(line, op)
+
     def _open(self, kind: Kind, line: ReportLine, payment_id: str | None, detail: str) -> bool:
         where = f"line {line.line}: {line.type} {line.amount} {line.currency}; {detail}"
         self.found.append(_discrepancy(kind, line.reference, payment_id, where))
@@ -174,7 +187,7 @@ class _Run:
 
     def outcome(self) -> Outcome:
         ordered = sorted(self.found, key=lambda d: (d.reference, d.kind.value, d.detail))
-        return Outcome(len(self.settled), tuple(ordered), tuple(self.settled))
+        return Outcome(self.matched, tuple(ordered), tuple(self.settled))
 
 
 def _payment_of(run: _Run, line: ReportLine) -> str | None:

@@ -15,12 +15,13 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from oncepay.reconciliation.fees import DEFAULT_SCHEDULE, FeeSchedule
 from oncepay.simulator.admin import get_faults, health, list_operations, put_faults
 from oncepay.simulator.faults import Faults
 from oncepay.simulator.money import authorize, follow_on
 from oncepay.simulator.problems import Problem, problem
 from oncepay.simulator.references import lookup
-from oncepay.simulator.settlements import settlements
+from oncepay.simulator.settlements import day_authorizations, settlements
 from oncepay.simulator.state import Simulator
 
 __all__ = ["DEFAULT_DATABASE_URL", "create_app"]
@@ -34,6 +35,7 @@ ROUTES = [
     Route(f"{_AUTHORIZATION}/refunds", follow_on("refund"), methods=["POST"]),
     Route("/v1/lookups", lookup, methods=["POST"]),
     Route("/v1/settlements", settlements, methods=["GET"]),
+    Route("/v1/settlements/authorizations", day_authorizations, methods=["GET"]),
     Route("/admin/faults", get_faults, methods=["GET"]),
     Route("/admin/faults", put_faults, methods=["PUT"]),
     Route("/admin/operations", list_operations, methods=["GET"]),
@@ -47,12 +49,13 @@ def create_app(
     seed: int | None = None,
     *,
     clock: Callable[[], float] = time.time,
+    fees: FeeSchedule = DEFAULT_SCHEDULE,
 ) -> Starlette:
     """The simulated acquirer as an ASGI app over its own database (see the package doc).
 
     ``app.state.simulator`` holds its state; ``await app.state.simulator.aclose()`` releases
     the database when the app ran in-process (under uvicorn the lifespan does it)."""
-    simulator = Simulator.from_url(database_url, faults or Faults(), seed, clock)
+    simulator = Simulator.from_url(database_url, faults or Faults(), seed, clock, fees)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

@@ -1,5 +1,6 @@
 """The state of one simulated acquirer: its database, its faults and their dice, its clock,
-and the latch that creates the schema once. Handlers reach it through the request's app.
+its fee schedule, and the latch that creates the schema once. Handlers reach it through the
+request's app.
 
 Its database is the payments service's :class:`~oncepay.payments.storage.db.Database` (the
 same SQLite and PostgreSQL engines). That import is the simulator's only one from
@@ -20,6 +21,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from oncepay.payments.storage.db import Database, read, write
+from oncepay.reconciliation.fees import DEFAULT_SCHEDULE, FeeSchedule
 from oncepay.simulator.faults import Faults, Operation, strike_after, strike_before
 from oncepay.simulator.schema import create_schema
 
@@ -30,10 +32,16 @@ class Simulator:
     """State of one simulator app: its database, faults and dice, and the schema latch."""
 
     def __init__(
-        self, db: Database, faults: Faults, seed: int | None, clock: Callable[[], float]
+        self,
+        db: Database,
+        faults: Faults,
+        seed: int | None,
+        clock: Callable[[], float],
+        fees: FeeSchedule = DEFAULT_SCHEDULE,
     ) -> None:
         self.db = db
         self.faults = faults
+        self.fees = fees  # what settlement reports charge per line
         self.random = random.Random(seed)  # noqa: S311 - fault dice, not secrets
         self.clock = clock
         self._ready = False
@@ -42,9 +50,14 @@ class Simulator:
 
     @classmethod
     def from_url(
-        cls, url: str, faults: Faults, seed: int | None, clock: Callable[[], float]
+        cls,
+        url: str,
+        faults: Faults,
+        seed: int | None,
+        clock: Callable[[], float],
+        fees: FeeSchedule = DEFAULT_SCHEDULE,
     ) -> Simulator:
-        return cls(Database.from_url(url), faults, seed, clock)
+        return cls(Database.from_url(url), faults, seed, clock, fees)
 
     async def ready(self) -> None:
         if self._ready:
