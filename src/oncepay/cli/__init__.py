@@ -9,6 +9,7 @@ import typer
 from oncepay import __version__
 from oncepay.cli.chaos import chaos
 from oncepay.cli.gateway import gateway
+from oncepay.cli.insight import insight_app
 from oncepay.cli.ledger import ledger_app
 from oncepay.cli.merchants import merchants_app
 from oncepay.cli.purge import purge
@@ -38,6 +39,7 @@ app.add_typer(ledger_app, name="ledger")
 app.command()(purge)
 app.command()(gateway)
 app.command()(chaos)
+app.add_typer(insight_app, name="insight")
 
 
 def _register_acquirer() -> None:
