@@ -12,23 +12,24 @@ from oncepay.payments import ledger
 from oncepay.payments.acquirers.base import AcquirerAnswer, Outcome
 from oncepay.payments.context import Services
 from oncepay.payments.operations.common import (
-    RESOLVED,
     authorization_of,
     check_followable,
     load_payment,
     note_unknown,
     payment_event,
     payment_or_refusal,
+    post_to_ledger,
     read_payment,
     refused,
+    resolve,
     save,
 )
 from oncepay.payments.reply import Reply
-from oncepay.payments.states import PaymentStatus, Transition, next_status
+from oncepay.payments.states import Transition
 
 __all__ = ["Cancel"]
 
-S, T = PaymentStatus, Transition
+T = Transition
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,21 +57,8 @@ class Cancel:
         if answer.outcome is not Outcome.APPROVED:
             await refused(conn, row, answer)
             return
-        await ledger.post(
-            conn,
-            merchant_id=row.merchant_id,
-            payment_id=row.id,
-            currency=row.currency,
-            kind="void",
-            entries=ledger.release_hold(row.amount),
-        )
-        row = await save(
-            conn,
-            row.id,
-            status=next_status(S(row.status), T.CANCEL),
-            pending_operation=None,
-            **RESOLVED,
-        )
+        await post_to_ledger(conn, row, "void", ledger.release_hold(row.amount))
+        row = await resolve(conn, row, T.CANCEL, pending_operation=None)
         await payment_event(conn, row, "payment.canceled")
 
     async def unknown(

@@ -35,8 +35,10 @@ __all__ = [
     "payment_event",
     "payment_or_refusal",
     "pending_capture",
+    "post_to_ledger",
     "read_payment",
     "refused",
+    "resolve",
     "save",
 ]
 
@@ -131,23 +133,37 @@ async def note_unknown(
     return float(schedule[min(tries, len(schedule)) - 1])
 
 
-async def capture_in_ledger(conn: AsyncConnection, row: PaymentRow, amount: int) -> None:
+async def resolve(
+    conn: AsyncConnection, row: PaymentRow, transition: Transition, **values: Any
+) -> PaymentRow:
+    """Move the payment by ``transition`` (the state table says to what), save ``values``
+    with it, and mark its outcome known."""
+    status = next_status(S(row.status), transition)
+    return await save(conn, row.id, status=status, **values, **RESOLVED)
+
+
+async def post_to_ledger(
+    conn: AsyncConnection,
+    row: PaymentRow,
+    kind: str,
+    entries: ledger.Entries,
+    refund_id: str | None = None,
+) -> None:
+    """One journal transaction for the payment ``row``, in its merchant's books and currency."""
     await ledger.post(
         conn,
         merchant_id=row.merchant_id,
         payment_id=row.id,
         currency=row.currency,
-        kind="capture",
-        entries=ledger.capture(row.amount, amount),
+        kind=kind,
+        entries=entries,
+        refund_id=refund_id,
     )
-    row = await save(
-        conn,
-        row.id,
-        status=next_status(S(row.status), T.CAPTURE),
-        amount_captured=amount,
-        pending_operation=None,
-        **RESOLVED,
-    )
+
+
+async def capture_in_ledger(conn: AsyncConnection, row: PaymentRow, amount: int) -> None:
+    await post_to_ledger(conn, row, "capture", ledger.capture(row.amount, amount))
+    row = await resolve(conn, row, T.CAPTURE, amount_captured=amount, pending_operation=None)
     await payment_event(conn, row, "payment.captured")
 
 

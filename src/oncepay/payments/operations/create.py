@@ -18,16 +18,16 @@ from oncepay.payments.context import Services
 from oncepay.payments.ids import new_id
 from oncepay.payments.models import PaymentCreate, payment_public
 from oncepay.payments.operations.common import (
-    RESOLVED,
     capture_in_ledger,
     load_payment,
     note_unknown,
     payment_event,
+    post_to_ledger,
     read_payment,
-    save,
+    resolve,
 )
 from oncepay.payments.reply import Reply
-from oncepay.payments.states import PaymentStatus, Transition, next_status
+from oncepay.payments.states import PaymentStatus, Transition
 from oncepay.payments.storage.db import write
 from oncepay.payments.storage.schema import payments
 
@@ -84,32 +84,24 @@ class CreatePayment:
         row = await load_payment(conn, object_id, lock=True)
         if answer.outcome is not Outcome.APPROVED:
             code = answer.decline_code or "acquirer_unavailable"
-            row = await save(
+            message = _failure_message(code)
+            row = await resolve(
                 conn,
-                object_id,
-                status=next_status(S(row.status), T.FAIL),
+                row,
+                T.FAIL,
                 failure_code=code,
-                failure_message=_failure_message(code),
+                failure_message=message,
                 acquirer=answer.acquirer,
-                **RESOLVED,
             )
             await payment_event(conn, row, "payment.failed")
             return
-        await ledger.post(
+        await post_to_ledger(conn, row, "authorization", ledger.authorize(row.amount))
+        row = await resolve(
             conn,
-            merchant_id=row.merchant_id,
-            payment_id=row.id,
-            currency=row.currency,
-            kind="authorization",
-            entries=ledger.authorize(row.amount),
-        )
-        row = await save(
-            conn,
-            object_id,
-            status=next_status(S(row.status), T.AUTHORIZE),
+            row,
+            T.AUTHORIZE,
             acquirer=answer.acquirer,
             authorization_id=answer.authorization_id,
-            **RESOLVED,
         )
         await payment_event(conn, row, "payment.authorized")
         if row.capture_method == "automatic":

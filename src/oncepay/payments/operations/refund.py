@@ -25,17 +25,19 @@ from oncepay.payments.operations.common import (
     load_payment,
     note_unknown,
     payment_event,
+    post_to_ledger,
+    resolve,
     save,
 )
 from oncepay.payments.records import RefundRow
 from oncepay.payments.reply import Reply
-from oncepay.payments.states import PaymentStatus, Transition, next_status
+from oncepay.payments.states import Transition
 from oncepay.payments.storage.db import read
 from oncepay.payments.storage.schema import refunds
 
 __all__ = ["CreateRefund", "load_refund"]
 
-S, T = PaymentStatus, Transition
+T = Transition
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,25 +104,11 @@ class CreateRefund:
             await save(conn, row.id, **RESOLVED)
             await _refund_event(conn, refund.id, "refund.failed")
             return
-        await ledger.post(
-            conn,
-            merchant_id=row.merchant_id,
-            payment_id=row.id,
-            currency=row.currency,
-            kind="refund",
-            refund_id=refund.id,
-            entries=ledger.refund(refund.amount),
-        )
+        await post_to_ledger(conn, row, "refund", ledger.refund(refund.amount), refund.id)
         refunded = row.amount_refunded + refund.amount
         transition = T.REFUND_ALL if refunded == row.amount_captured else T.REFUND_PART
         await _save_refund(conn, refund.id, status="succeeded")
-        row = await save(
-            conn,
-            row.id,
-            status=next_status(S(row.status), transition),
-            amount_refunded=refunded,
-            **RESOLVED,
-        )
+        row = await resolve(conn, row, transition, amount_refunded=refunded)
         await _refund_event(conn, refund.id, "refund.succeeded")
         await payment_event(conn, row, "payment.refunded")
 
