@@ -1,0 +1,91 @@
+"""OncePay's side of a reconciliation, read from the payments database: the money it moved
+at one acquirer over some UTC days, and the payments the acquirer's authorizations name.
+Read-only queries, in one read transaction each; nothing here writes.
+
+A movement's day is the day its journal transaction was posted (the ledger is the book of
+record: a capture or refund is posted when the acquirer approved it). Its reference is the one
+OncePay sent: ``{payment}_a{attempt}`` for a capture made with the authorization
+(``capture_method=automatic``), ``{payment}_capture`` for a separate capture, the refund's id
+for a refund."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import UTC, date, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import select
+
+from oncepay.payments.failover import reference as authorization_reference
+from oncepay.payments.storage.schema import ledger_transactions, payments, refunds
+from oncepay.reconciliation.records import Operation, Payment
+from oncepay.storage.db import Database, read
+
+__all__ = ["operations_between", "payments_by_id"]
+
+# Payment ids per IN (...) list: well under SQLite's 32,766 bound variables and small enough
+# for PostgreSQL to plan as an index lookup.
+ID_BATCH = 500
+
+
+async def operations_between(
+    db: Database, acquirer: str, first: date, last: date
+) -> list[Operation]:
+    """The captures and refunds posted from ``first`` to ``last`` (UTC days, inclusive) on
+    payments held by ``acquirer``, ordered by reference."""
+    start, end = _midnight(first), _midnight(last + timedelta(days=1))
+    tx, pay, ref = ledger_transactions, payments, refunds
+    query = (
+        select(
+            tx.c.kind,
+            tx.c.created_at,
+            tx.c.refund_id,
+            pay.c.id,
+            pay.c.attempt,
+            pay.c.capture_method,
+            pay.c.amount_captured,
+            pay.c.currency,
+            ref.c.amount.label("refund_amount"),
+        )
+        .join(pay, pay.c.id == tx.c.payment_id)
+        .outerjoin(ref, ref.c.id == tx.c.refund_id)
+        .where(
+            tx.c.kind.in_(("capture", "refund")),
+            tx.c.created_at >= start,
+            tx.c.created_at < end,
+            pay.c.acquirer == acquirer,
+        )
+    )
+    async with read(db) as conn:
+        rows = (await conn.execute(query)).mappings().all()
+    return sorted((_operation(row) for row in rows), key=lambda op: op.reference)
+
+
+def _operation(row: Any) -> Operation:
+    day = datetime.fromtimestamp(row["created_at"], UTC).date()
+    if row["kind"] == "refund":
+        refund_id = row["refund_id"]
+        return Operation(refund_id, row["id"], "refund", row["refund_amount"], row["currency"], day)
+    if row["capture_method"] == "automatic":
+        reference = authorization_reference(row["id"], row["attempt"])
+    else:
+        reference = f"{row['id']}_capture"
+    return Operation(reference, row["id"], "capture", row["amount_captured"], row["currency"], day)
+
+
+async def payments_by_id(db: Database, ids: Iterable[str]) -> dict[str, Payment]:
+    """The payments among ``ids`` that exist (an id OncePay never created is simply absent)."""
+    wanted, found = sorted(set(ids)), {}
+    async with read(db) as conn:
+        for i in range(0, len(wanted), ID_BATCH):
+            batch = wanted[i : i + ID_BATCH]
+            query = select(payments.c.id, payments.c.status, payments.c.authorization_id).where(
+                payments.c.id.in_(batch)
+            )
+            for row in (await conn.execute(query)).all():
+                found[row.id] = Payment(row.id, row.status, row.authorization_id)
+    return found
+
+
+def _midnight(day: date) -> float:
+    return datetime(day.year, day.month, day.day, tzinfo=UTC).timestamp()
