@@ -11,8 +11,9 @@ What makes a decision evidence (a key is tracked from its first send):
 ``key_reuse``
     a ``reused`` decision (the 422: one key, another request).
 ``replay_storm``
-    a replay of a key already replayed more times than any retry schedule sends, or the third
-    replay of a key from an address other than the one that first sent it.
+    a replay of a key already replayed more times than any retry schedule sends; the fourth
+    replay of a key from an address other than the one that first sent it; or a replay from
+    another address more than ten minutes after the first send.
 ``retry_after_expiry``
     an execution of a key whose record had expired: the key came back after its TTL.
 ``no_backoff``
@@ -66,8 +67,11 @@ class Tuning:
     # More replays of one key than any retry schedule sends (exponential backoff stops at 5-8).
     replay_schedule: int = 8
     # Replays of one key from this many addresses other than the one that sent it: a phone
-    # that moves from Wi-Fi to mobile data changes address once, not three times.
-    replay_addresses: int = 3
+    # that moves from Wi-Fi to mobile data changes address once or twice, not four times.
+    replay_addresses: int = 4
+    # A replay from another address this long after the first send: past any client's retry
+    # schedule, and a terminal that retries hours later does so from where it stands.
+    replay_late: float = 600.0
     # A 409 this soon after the key's previous send: no backoff at all.
     no_backoff_gap: float = 1.0
     # A key's third 409: even a backing-off client rarely hits the first attempt three times.
@@ -200,11 +204,13 @@ class Analyzer:
         self._repeat(usage, state)
         state.last = usage.at
         state.replays += 1
-        if usage.source is not None and usage.source != state.source:
+        moved = usage.source is not None and usage.source != state.source
+        if moved:
             state.strangers += 1
         many = state.replays > self.tuning.replay_schedule
         scattered = state.strangers >= self.tuning.replay_addresses
-        return REPLAY_STORM if many or scattered else None
+        stolen = moved and usage.at - state.first > self.tuning.replay_late
+        return REPLAY_STORM if many or scattered or stolen else None
 
     def _conflict(self, usage: Usage, state: _Key) -> str | None:
         hurried = usage.at - state.last < self.tuning.no_backoff_gap

@@ -2,17 +2,17 @@
 
 Time is cut into buckets (ten minutes). For each kind a bucket holds the decisions that are
 evidence of it and the decisions seen at all (the opportunity: a sale day multiplies both). The
-tenant's baseline rate is the median of its buckets' rates: anomalies are planted in a minority
-of the time, so the median ignores them, while a flaky-network tenant whose clients always
-retry a lot gets a high baseline of its own. A run of buckets above the baseline (gaps of a few
-quiet buckets allowed) is an *episode*; it is a finding when its evidence both reaches a floor
-and exceeds what the baseline predicts by a multiple plus a Poisson margin.
+tenant's baseline rate is its pooled rate over blocks of six hours, leaving out the tenth of
+blocks with the highest rates: anomalies take a minority of the time, so they are left out,
+while a flaky-network tenant whose clients always retry a lot gets a high baseline of its own.
+A run of buckets above the baseline (gaps of a few quiet buckets allowed) is an *episode*; it
+is a finding when its evidence both reaches a floor and exceeds what the baseline predicts by
+a multiple plus a Poisson margin.
 """
 
 from __future__ import annotations
 
 import math
-import statistics
 from dataclasses import dataclass, field
 
 __all__ = ["Episode", "Series", "Thresholds"]
@@ -82,11 +82,9 @@ class Series:
             del self._buckets[index]
 
     def baseline(self, seen: dict[int, int], thresholds: Thresholds) -> float:
-        """The tenant's usual evidence rate per decision: the median of its blocks' rates.
-
-        Blocks of several hours, not single buckets: a bucket holds too few events for its rate
-        to mean much (the median of sparse counts is 0), a block holds enough; and one anomaly
-        window spoils at most two of them."""
+        """The tenant's usual evidence rate per decision, over blocks of several hours: the
+        pooled rate of all but the tenth of blocks with the highest rates (an anomaly window
+        spoils one or two blocks; a median would read 0 for evidence that is rare but usual)."""
         events: dict[int, int] = {}
         decisions: dict[int, int] = {}
         for index, count in seen.items():
@@ -95,12 +93,14 @@ class Series:
         for index, cell in self._buckets.items():
             block = index // thresholds.block
             events[block] = events.get(block, 0) + cell.events
-        rates = [
-            events.get(block, 0) / count
+        rated = sorted(
+            (events.get(block, 0) / count, events.get(block, 0), count)
             for block, count in decisions.items()
             if count >= thresholds.min_opportunity
-        ]
-        return statistics.median(rates) if rates else 0.0
+        )
+        kept = rated[: len(rated) - len(rated) // 10]  # the busiest tenth may be the anomaly
+        opportunity = sum(count for _, _, count in kept)
+        return sum(n for _, n, _ in kept) / opportunity if opportunity else 0.0
 
     def episodes(self, seen: dict[int, int], thresholds: Thresholds) -> list[Episode]:
         """Runs of buckets above the baseline that make a finding."""

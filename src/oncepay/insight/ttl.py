@@ -152,7 +152,7 @@ class TtlLearner:
         for index, count in entry.delays.items():
             delay = 0.0 if index == 0 else _upper(index - 1)
             horizon = self._end - delay  # keys first sent before this could show the delay
-            at_risk = sum(n for hour, n in watched if (hour + 1) * _HOUR <= horizon) / keys
+            at_risk = sum(n * _watched(hour, horizon) for hour, n in watched) / keys
             yield index, count / max(at_risk, _MIN_AT_RISK)
 
 
@@ -214,6 +214,11 @@ def _allot(tails: list[_Tail], bounds: TtlBounds) -> None:
 
 def _missed(tails: list[_Tail], price: float) -> float:
     return sum(tail.choose(price) for tail in tails)
+
+
+def _watched(hour: int, horizon: float) -> float:
+    """The share of an hour's first sends sent before ``horizon`` (taken as evenly spread)."""
+    return min(max((horizon - hour * _HOUR) / _HOUR, 0.0), 1.0)
 
 
 def _held(ttl: float | None, bounds: TtlBounds) -> int:

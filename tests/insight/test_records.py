@@ -1,0 +1,61 @@
+"""The log reader: records in order, bad lines counted and skipped, never a crash."""
+
+from __future__ import annotations
+
+import io
+import json
+
+from oncepay.insight.records import Usage, UsageReader, parse_line, to_line
+
+GOOD = Usage(1.5, "m_1", "POST /v1/payments", "k", "ab", "executed", 201, "10.0.0.1", 86400.0)
+
+
+def test_a_record_survives_a_round_trip_through_its_line() -> None:
+    assert parse_line(to_line(GOOD)) == GOOD
+
+
+def test_the_sinks_own_format_is_read() -> None:
+    line = (
+        '{"at":1733400000.25,"tenant":"m_1","route":"POST /v1/payments","key":"9f86",'
+        '"fingerprint":"a3f1","decision":"replayed","status":201,"source":null,"ttl":null}'
+    )
+    assert parse_line(line) == Usage(
+        1733400000.25, "m_1", "POST /v1/payments", "9f86", "a3f1", "replayed", 201, None, None
+    )
+
+
+def test_bad_lines_are_counted_and_skipped_and_the_rest_is_read() -> None:
+    lines: list[str | bytes] = [
+        to_line(GOOD),
+        "not json\n",
+        json.dumps({"at": 2, "tenant": "m_1", "decision": "teleported"}) + "\n",
+        json.dumps({"tenant": "m_1", "decision": "executed"}) + "\n",  # no time
+        "[1, 2]\n",
+        "\n",  # blank: neither a record nor an error
+        b"\xff\xfe\n",
+        to_line(GOOD._replace(at=3.0, decision="missing", key="")),
+    ]
+    text = "".join(_text(line) for line in lines)
+    reader = UsageReader(io.BytesIO(text.encode("latin-1")))
+    records = list(reader)
+    assert [r.at for r in records] == [1.5, 3.0]
+    assert reader.bad_lines == 5
+    assert reader.lines == 7
+    assert reader.bad_examples == [2, 3, 4]
+
+
+def test_a_missing_key_or_fields_the_analysis_can_do_without_are_tolerated() -> None:
+    record = parse_line('{"at": 5, "tenant": "m_2", "decision": "missing", "key": null}')
+    assert record == Usage(5.0, "m_2", "", "", "", "missing", 0, None, None)
+
+
+def test_many_lines_are_read_in_batches_one_bad_line_spoiling_none() -> None:
+    lines = [to_line(GOOD._replace(at=float(i))) for i in range(5000)]
+    lines[2500] = "{broken\n"
+    reader = UsageReader(iter(lines))
+    assert len(list(reader)) == 4999
+    assert reader.bad_examples == [2501]
+
+
+def _text(line: str | bytes) -> str:
+    return line.decode("latin-1") if isinstance(line, bytes) else line
