@@ -8,6 +8,8 @@ import random
 from dataclasses import replace
 from datetime import timedelta
 
+import pytest
+
 from oncepay.reconciliation import (
     Authorization,
     FeeSchedule,
@@ -179,3 +181,44 @@ def test_settled_pairs_go_to_the_sink_when_one_is_given() -> None:
     assert taken == [line.reference for line in day.lines]
     assert (outcome.matched, outcome.settled) == (len(taken), ())
     assert [op.reference for _, op in run(day).settled] == taken
+
+
+def plant_at_random(day: Day, rng: random.Random) -> list[tuple[str, str]]:
+    """Each kind on a payment drawn at random (distinct payments), the report then shuffled."""
+    lines = day.lines
+    payments = rng.sample(range(1, 200), 6)  # pay_0000000 keeps its refund for type_mismatch
+    planted: list[tuple[str, str]] = []
+
+    def at(reference: str) -> int:
+        return next(i for i, line in enumerate(lines) if line.reference == reference)
+
+    ref = f"pay_{payments[0]:07d}_capture"
+    lines[at(ref)] = repriced(lines[at(ref)], lines[at(ref)].amount + rng.randint(1, 99))
+    planted.append(("amount_mismatch", ref))
+    ref = f"pay_{payments[1]:07d}_capture"
+    lines[at(ref)] = replace(lines[at(ref)], currency="CHF")
+    planted.append(("currency_mismatch", ref))
+    ref = f"pay_{payments[2]:07d}_capture"
+    del lines[at(ref)]
+    planted.append(("missing_at_acquirer", ref))
+    ref = f"pay_{payments[3]:07d}_capture"
+    lines.append(replace(lines[at(ref)], line=999))
+    planted.append(("duplicate_settlement", ref))
+    ref = f"pay_{payments[4]:07d}_capture"
+    lines[at(ref)] = replace(lines[at(ref)], fee=lines[at(ref)].fee + 1, net=lines[at(ref)].net - 1)
+    planted.append(("fee_mismatch", ref))
+    pid = f"pay_{payments[5]:07d}"
+    day.payments[pid] = Payment(pid, rng.choice(["failed", "canceled"]), None)
+    planted.append(("orphaned_authorization", f"{pid}_a1"))
+    stranger = Operation(f"ghost_{rng.randint(0, 10**6)}", "x", "capture", 700, "EUR", DAY)
+    lines.append(line_for(stranger, 1000, order_id=""))
+    planted.append(("unknown_at_oncepay", stranger.reference))
+    rng.shuffle(lines)
+    return planted
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_kinds_planted_at_random_are_each_found_once(seed: int) -> None:
+    day = clean_day(200)
+    planted = plant_at_random(day, random.Random(seed))
+    assert sorted(found(run(day, grace_days=0))) == sorted(planted)
