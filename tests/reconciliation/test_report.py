@@ -87,6 +87,7 @@ GOOD = b"r1,capture,1000,EUR,39,961,2026-12-01T10:00:00Z,po_1\n"
         (HEADER + "r\u00e9f,capture".encode("latin-1") + GOOD[2:], "line 2: not UTF-8"),
         (HEADER + b'"r1,capture,1000\n', "not valid CSV"),
         (HEADER + b"\x00\n", "line 2: NUL byte"),
+        (HEADER + GOOD.replace(b"capture", b"captrue"), "line 2: type 'captrue' is neither"),
     ],
 )
 def test_a_malformed_report_is_a_clear_error(content: bytes, message: str) -> None:

@@ -3,7 +3,8 @@
 A mapping is data. Each field names the report's column (several columns for a field summed
 from parts, e.g. Adyen's credit less debit); amounts are minor units (``units="minor"``) or
 major units converted with the currency's exponent; ``types`` translates the processor's row
-type, and a row whose type is not listed (a payout, a fee adjustment) is skipped, not guessed.
+type, ``skipped`` lists the row types that are not movements (a payout, a fee adjustment), and
+any other type is an error, never a guess.
 Three ship: ``oncepay`` (SPEC §10, the simulator's report), ``adyen`` (Adyen's Settlement
 details report) and ``stripe`` (Stripe's itemized balance-change report). See
 ``docs/reconciliation.md`` for each column."""
@@ -21,7 +22,7 @@ class ColumnMapping:
     name: str
     reference: tuple[str, ...]  # the first non-blank of these columns
     type: str
-    types: Mapping[str, str]  # the report's type -> capture|refund; others are skipped
+    types: Mapping[str, str]  # the report's type -> capture|refund
     currency: str
     amount: tuple[str, ...]  # summed; minus columns subtracted
     fee: tuple[str, ...]
@@ -33,6 +34,9 @@ class ColumnMapping:
     units: str = "minor"  # minor|major
     signed_amounts: bool = False  # a refund's amount is written negative
     order_id: str = ""  # a column holding OncePay's payment id, for the residual join
+    # Row types that are not a payment's movement (payouts, fees, adjustments): skipped. A
+    # type neither mapped nor skipped is an error, so a typo is never a silently lost line.
+    skipped: frozenset[str] = frozenset()
     extra: Mapping[str, str] = field(default_factory=dict)  # documentation only
 
     def required(self) -> frozenset[str]:
@@ -82,6 +86,24 @@ ADYEN = ColumnMapping(
     units="major",
     signed_amounts=True,
     order_id="Merchant Reference",
+    # Adyen's other journal types (docs: "Settlement details report", Type column).
+    skipped=frozenset(
+        {
+            "Fee",
+            "MerchantPayout",
+            "DepositCorrection",
+            "InvoiceDeduction",
+            "Balancetransfer",
+            "Chargeback",
+            "ChargebackReversed",
+            "RefundedReversed",
+            "SecondChargeback",
+            "PaymentCost",
+            "MiscCosts",
+            "ReserveAdjustment",
+            "SettleReversed",
+        }
+    ),
 )
 
 # Stripe, itemized balance-change report (docs.stripe.com/reports/report-types/balance): one
@@ -102,6 +124,29 @@ STRIPE = ColumnMapping(
     units="major",
     signed_amounts=True,
     order_id="payment_metadata[payment_id]",
+    # Stripe's other reporting categories (docs: "Reporting categories").
+    skipped=frozenset(
+        {
+            "fee",
+            "payout",
+            "payout_reversal",
+            "dispute",
+            "dispute_reversal",
+            "refund_failure",
+            "other_adjustment",
+            "transfer",
+            "transfer_reversal",
+            "tax",
+            "platform_earning",
+            "connect_reserved_funds",
+            "risk_reserved_funds",
+            "network_cost",
+            "topup",
+            "topup_reversal",
+            "charge_failure",
+            "partial_capture_reversal",
+        }
+    ),
 )
 
 MAPPINGS: Mapping[str, ColumnMapping] = {m.name: m for m in (ONCEPAY, ADYEN, STRIPE)}

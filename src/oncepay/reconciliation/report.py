@@ -82,9 +82,12 @@ class _Parser:
     def __call__(self, number: int, row: list[str]) -> ReportLine | None:
         if len(row) != self.width:
             raise ReportError(f"line {number}: {len(row)} cells, the header has {self.width}")
-        kind = self.mapping.types.get(row[self.type].strip())
+        written = row[self.type].strip()
+        kind = self.mapping.types.get(written)
         if kind is None:
-            return None  # payouts, fees, adjustments: not a movement of a payment
+            if written in self.mapping.skipped:
+                return None  # payouts, fees, adjustments: not a movement of a payment
+            raise ReportError(f"line {number}: type {written!r} is neither a movement nor skipped")
         currency = row[self.currency].strip().upper()  # Stripe writes "eur"
         if not _CURRENCY.match(currency):
             raise ReportError(f"line {number}: {currency!r} is not a currency code")
