@@ -99,6 +99,7 @@ class _Run:
         self.settle = settle or (lambda line, op: self.settled.append((line, op)))
         self.residual: list[ReportLine] = []
         self.found: list[Discrepancy] = []
+        self.orphans: list[Authorization] = []
 
     def take(self, line: ReportLine) -> None:
         if line.reference in self.seen:
@@ -171,6 +172,7 @@ class _Run:
         for auth in authorizations:
             reason = _orphaned(auth, self.books.payments.get(auth.order_id))
             if reason:
+                self.orphans.append(auth)
                 detail = f"authorization {auth.id} of {auth.amount} {auth.currency}: {reason}"
                 self.found.append(
                     _discrepancy(Kind.ORPHANED_AUTHORIZATION, auth.reference, auth.order_id, detail)
@@ -187,7 +189,8 @@ class _Run:
 
     def outcome(self) -> Outcome:
         ordered = sorted(self.found, key=lambda d: (d.reference, d.kind.value, d.detail))
-        return Outcome(self.matched, tuple(ordered), tuple(self.settled))
+        orphans = tuple(sorted(self.orphans, key=lambda auth: auth.reference))
+        return Outcome(self.matched, tuple(ordered), tuple(self.settled), orphans)
 
 
 def _payment_of(run: _Run, line: ReportLine) -> str | None:

@@ -104,6 +104,7 @@ class Outcome:
     matched: int
     discrepancies: tuple[Discrepancy, ...]
     settled: tuple[tuple[ReportLine, Operation], ...] = ()  # what a run would post
+    orphans: tuple[Authorization, ...] = ()  # what remediation may void
 
     def as_json(self) -> dict[str, object]:
         """The SPEC §10 document, ``{"matched": N, "discrepancies": [...]}``."""
