@@ -19,7 +19,7 @@ ALLOWED = {
     f"{DRIVERS}.resp": {"oncepay.idempotency.stores.redis"},
     f"{DRIVERS}.pgpool": {"oncepay.idempotency.stores.postgres"},
     # the SQLite connection for the event loop, and its retried switch to WAL
-    f"{DRIVERS}.sqlite": {"oncepay.payments.storage.db", "oncepay.idempotency.stores.sqlite"},
+    f"{DRIVERS}.sqlite": {"oncepay.storage.db", "oncepay.idempotency.stores.sqlite"},
     f"{DRIVERS}.frozen": {
         "oncepay.idempotency.records",
         "oncepay.idempotency.engine",

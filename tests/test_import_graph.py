@@ -120,6 +120,25 @@ def test_no_import_cycle_in_oncepay() -> None:
     assert [" -> ".join(cycle) for cycle in cycles(import_graph())] == []
 
 
+# Shared packages stay below their users: a package -> the packages it must not import.
+BELOW = {
+    "oncepay.storage": ("oncepay.payments", "oncepay.simulator"),
+    "oncepay.simulator": ("oncepay.payments",),
+}
+
+
+def test_the_simulator_and_the_shared_storage_import_nothing_from_above() -> None:
+    upward = sorted(
+        f"{module} imports {target}"
+        for module, targets in import_graph().items()
+        for package, above in BELOW.items()
+        if module == package or module.startswith(f"{package}.")
+        for target in targets
+        if target.startswith(above)
+    )
+    assert upward == []
+
+
 def test_a_cycle_is_found_and_shown_as_a_path() -> None:
     graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}, "e": set()}
     assert cycles(graph) == [["a", "b", "c", "a"]]

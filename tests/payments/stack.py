@@ -23,8 +23,8 @@ from oncepay.payments.context import Services
 from oncepay.payments.ledger import check
 from oncepay.payments.merchants import Merchant, create_merchant
 from oncepay.payments.settings import Settings
-from oncepay.payments.storage.db import Database, read
 from oncepay.simulator import create_app as create_simulator
+from oncepay.storage.db import Database, read
 from tests.clock import FakeClock
 from tests.servers import POSTGRES_URL
 

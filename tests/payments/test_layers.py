@@ -10,7 +10,7 @@ P = "oncepay.payments"
 
 # Bottom first. A module belongs to the first entry that is it or its package.
 LAYERS: list[set[str]] = [
-    {"settings", "errors", "ids", "states", "currencies", "metrics", "records", "reply", "models"},
+    {"settings", "errors", "states", "currencies", "metrics", "records", "reply", "models"},
     {"storage"},
     {"acquirers"},
     {"context"},

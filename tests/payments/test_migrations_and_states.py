@@ -13,8 +13,8 @@ from sqlalchemy import text
 from oncepay.payments.errors import InvalidStateTransition
 from oncepay.payments.recovery import reap
 from oncepay.payments.states import TRANSITIONS, PaymentStatus, Transition, can, next_status
-from oncepay.payments.storage.db import Database, read
 from oncepay.payments.storage.migrations import MIGRATIONS, migrate
+from oncepay.storage.db import Database, read
 from tests.payments.stack import Stack, drop_schema
 
 PROCESSES = 4

@@ -20,9 +20,9 @@ from oncepay.payments.acquirers.base import AcquirerAnswer, Outcome
 from oncepay.payments.acquirers.http import HttpAcquirer
 from oncepay.payments.operations import Capture
 from oncepay.payments.recovery import keep_unfinished, reap, recover_once
-from oncepay.payments.storage.db import Database
-from oncepay.payments.storage.db import write as real_write
 from oncepay.payments.storage.idempotency import IDEMPOTENCY_TABLE
+from oncepay.storage.db import Database
+from oncepay.storage.db import write as real_write
 from tests.payments.stack import BACKOFF, Stack, database_url, running_stack
 from tests.payments.test_recovery import BODY, Crash, crash_in
 from tests.servers import require_postgres

@@ -391,8 +391,8 @@ async def test_a_send_that_fails_in_any_way_is_a_failed_attempt_not_a_stuck_work
     database, past validation) must not stop the pass for everyone else."""
     from sqlalchemy import update
 
-    from oncepay.payments.storage.db import write
     from oncepay.payments.storage.schema import webhook_endpoints
+    from oncepay.storage.db import write
 
     bad = (await hooks.post("/v1/webhook_endpoints", {"url": "http://bad.invalid/"})).json()
     good = (await hooks.post("/v1/webhook_endpoints", {"url": "http://good.invalid/"})).json()

@@ -10,7 +10,7 @@
 The rule: **logic never imports a driver directly.** Each driver is imported by the one adapter
 that wraps it and translates its errors at the boundary — ``resp`` by
 ``idempotency/stores/redis.py``, ``pgpool`` by ``idempotency/stores/postgres.py``, ``sqlite`` by
-``payments/storage/db.py`` (and ``idempotency/stores/sqlite.py`` for its WAL switch) — and by
+``storage/db.py`` (and ``idempotency/stores/sqlite.py`` for its WAL switch) — and by
 its own tests. ``frozen`` is a class decorator, not a connection: the modules that define the value
 classes (``idempotency/records.py``, ``idempotency/engine.py``, ``http/_gate.py``) apply it and
 nothing else imports it. ``tests/test_drivers_fence.py`` checks the rule; each driver has its own

@@ -13,9 +13,9 @@ from sqlalchemy import select, text
 
 from oncepay.payments.ledger import check as ledger_check
 from oncepay.payments.phases import parse_point
-from oncepay.payments.storage.db import Database, read
 from oncepay.payments.storage.idempotency import IDEMPOTENCY_TABLE
 from oncepay.payments.storage.schema import events, payments
+from oncepay.storage.db import Database, read
 
 __all__ = ["Evidence", "audit"]
 

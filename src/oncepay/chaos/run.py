@@ -33,9 +33,9 @@ from oncepay.chaos.audit import Evidence, audit, gather, summarise_operations
 from oncepay.chaos.stack import ChaosStack
 from oncepay.http.client import ATTEMPTS, AsyncClient, RetryPolicy
 from oncepay.payments.merchants import create_merchant
-from oncepay.payments.storage.db import Database, read
 from oncepay.payments.storage.migrations import migrate
 from oncepay.payments.storage.schema import payments, webhook_deliveries
+from oncepay.storage.db import Database, read
 
 __all__ = ["ChaosConfig", "ChaosReport", "run_chaos"]
 

@@ -14,9 +14,9 @@ from oncepay.payments.acquirers.http import HttpAcquirer
 from oncepay.payments.acquirers.pool import AcquirerPool
 from oncepay.payments.context import Services
 from oncepay.payments.settings import Settings
-from oncepay.payments.storage.db import Database
 from oncepay.payments.storage.idempotency import idempotency_store
 from oncepay.payments.storage.migrations import migrate
+from oncepay.storage.db import Database
 
 __all__ = ["build_acquirers", "start"]
 

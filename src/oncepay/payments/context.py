@@ -11,7 +11,7 @@ from oncepay.idempotency.engine import Engine
 from oncepay.payments.acquirers.pool import AcquirerPool
 from oncepay.payments.records import Merchant
 from oncepay.payments.settings import Settings
-from oncepay.payments.storage.db import Database
+from oncepay.storage.db import Database
 
 __all__ = ["Services"]
 

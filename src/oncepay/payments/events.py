@@ -11,9 +11,9 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from oncepay.payments.ids import new_id
 from oncepay.payments.storage.schema import events
 from oncepay.payments.webhooks.outbox import fan_out
+from oncepay.storage.ids import new_id
 
 __all__ = ["emit"]
 

@@ -31,8 +31,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from oncepay.payments.records import PaymentRow
 from oncepay.payments.states import PaymentStatus
-from oncepay.payments.storage.db import Database, read
 from oncepay.payments.storage.schema import ledger_entries, ledger_transactions, payments, refunds
+from oncepay.storage.db import Database, read
 
 __all__ = ["Violation", "audit", "authorize", "capture", "check", "refund", "release_hold"]
 

@@ -11,10 +11,10 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from oncepay.payments.context import Services
 from oncepay.payments.errors import AuthenticationFailed
-from oncepay.payments.ids import new_id
 from oncepay.payments.records import Merchant
-from oncepay.payments.storage.db import Database, read, write
 from oncepay.payments.storage.schema import api_keys, merchants
+from oncepay.storage.db import Database, read, write
+from oncepay.storage.ids import new_id
 
 __all__ = [
     "Merchant",

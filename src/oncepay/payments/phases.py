@@ -39,7 +39,7 @@ from oncepay.payments.acquirers.base import AcquirerAnswer, Outcome
 from oncepay.payments.context import Services
 from oncepay.payments.errors import AcquirerOutcomeUnknown, DatabaseUnavailable
 from oncepay.payments.reply import Reply
-from oncepay.payments.storage.db import write
+from oncepay.storage.db import write
 
 __all__ = ["ACQUIRER_CALLED", "Operation", "parse_point", "run", "run_local"]
 

@@ -7,8 +7,8 @@ from typing import Any
 from sqlalchemy import select
 
 from oncepay.payments.errors import InvalidRequest, ResourceMissing
-from oncepay.payments.ids import is_id
-from oncepay.payments.storage.db import Database, read
+from oncepay.storage.db import Database, read
+from oncepay.storage.ids import is_id
 
 __all__ = ["get_object", "page", "ping"]
 

@@ -28,9 +28,9 @@ from oncepay.payments import idempotent, operations
 from oncepay.payments.context import Services
 from oncepay.payments.metrics import RECOVERY_RUNS
 from oncepay.payments.phases import parse_point
-from oncepay.payments.storage.db import read, write
 from oncepay.payments.storage.idempotency import IDEMPOTENCY_TABLE
 from oncepay.payments.webhooks.delivery import CLAIM_BATCH, deliver_due, delivery_client
+from oncepay.storage.db import read, write
 
 __all__ = ["RecoveryReport", "reap", "recover_once", "run_worker"]
 

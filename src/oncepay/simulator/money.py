@@ -15,11 +15,12 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from oncepay.simulator.bodies import AmountBody, AuthorizeBody, VoidBody, parse
-from oncepay.simulator.documents import dumps, iso, new_id
+from oncepay.simulator.documents import dumps, iso
 from oncepay.simulator.problems import Problem
 from oncepay.simulator.references import claim, find, operation_row, replay, retrying
 from oncepay.simulator.schema import authorizations, movements
 from oncepay.simulator.state import Simulator, simulator_of
+from oncepay.storage.ids import new_id
 
 __all__ = ["PAYMENT_METHODS", "authorize", "follow_on"]
 

@@ -2,11 +2,9 @@
 its fee schedule, and the latch that creates the schema once. Handlers reach it through the
 request's app.
 
-Its database is the payments service's :class:`~oncepay.payments.storage.db.Database` (the
-same SQLite and PostgreSQL engines). That import is the simulator's only one from
-``oncepay.payments`` and points upward: ``Database``, ``read``, ``write`` and the SQLite driver
-belong below both packages (``oncepay/_drivers/`` for the driver, a shared ``oncepay/storage``
-module for the rest), and this line should then import from there.
+Its database is a :class:`~oncepay.storage.db.Database`, the SQLite and PostgreSQL engines the
+payments service uses too, from the package below both: the simulator imports nothing from
+``oncepay.payments`` (``tests/test_import_graph.py`` checks it).
 """
 
 from __future__ import annotations
@@ -20,10 +18,10 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from starlette.requests import Request
 from starlette.responses import Response
 
-from oncepay.payments.storage.db import Database, read, write
 from oncepay.reconciliation.fees import DEFAULT_SCHEDULE, FeeSchedule
 from oncepay.simulator.faults import Faults, Operation, strike_after, strike_before
 from oncepay.simulator.schema import create_schema
+from oncepay.storage.db import Database, read, write
 
 __all__ = ["Simulator", "simulator_of"]
 

@@ -16,14 +16,14 @@ from oncepay.payments.acquirers.base import AcquirerAnswer
 from oncepay.payments.context import Services
 from oncepay.payments.errors import OperationInProgress, OutcomeUnknown, ResourceMissing
 from oncepay.payments.events import emit
-from oncepay.payments.ids import is_id
 from oncepay.payments.metrics import RECOVERY_ESCALATIONS
 from oncepay.payments.models import payment_public
 from oncepay.payments.records import PaymentRow
 from oncepay.payments.reply import Reply
 from oncepay.payments.states import PaymentStatus, Transition, next_status, require
-from oncepay.payments.storage.db import read
 from oncepay.payments.storage.schema import payments
+from oncepay.storage.db import read
+from oncepay.storage.ids import is_id
 
 __all__ = [
     "RESOLVED",

@@ -15,7 +15,6 @@ from oncepay.idempotency.engine import Ticket
 from oncepay.payments import failover, ledger
 from oncepay.payments.acquirers.base import AcquirerAnswer, Outcome
 from oncepay.payments.context import Services
-from oncepay.payments.ids import new_id
 from oncepay.payments.models import PaymentCreate, payment_public
 from oncepay.payments.operations.common import (
     capture_in_ledger,
@@ -28,8 +27,9 @@ from oncepay.payments.operations.common import (
 )
 from oncepay.payments.reply import Reply
 from oncepay.payments.states import PaymentStatus, Transition
-from oncepay.payments.storage.db import write
 from oncepay.payments.storage.schema import payments
+from oncepay.storage.db import write
+from oncepay.storage.ids import new_id
 
 __all__ = ["CreatePayment"]
 

@@ -16,7 +16,6 @@ from oncepay.payments.acquirers.base import AcquirerAnswer, Outcome
 from oncepay.payments.context import Services
 from oncepay.payments.errors import AmountTooLarge, ResourceMissing
 from oncepay.payments.events import emit
-from oncepay.payments.ids import is_id, new_id
 from oncepay.payments.models import refund_public
 from oncepay.payments.operations.common import (
     RESOLVED,
@@ -32,8 +31,9 @@ from oncepay.payments.operations.common import (
 from oncepay.payments.records import RefundRow
 from oncepay.payments.reply import Reply
 from oncepay.payments.states import Transition
-from oncepay.payments.storage.db import read
 from oncepay.payments.storage.schema import refunds
+from oncepay.storage.db import read
+from oncepay.storage.ids import is_id, new_id
 
 __all__ = ["CreateRefund", "load_refund"]
 

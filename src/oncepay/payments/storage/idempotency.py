@@ -17,7 +17,7 @@ from oncepay.idempotency.stores.base import (
     Watch,
 )
 from oncepay.idempotency.stores.tiered import TieredStore
-from oncepay.payments.storage.db import Database
+from oncepay.storage.db import Database
 
 __all__ = ["IDEMPOTENCY_TABLE", "OneWriter", "idempotency_store"]
 
@@ -37,7 +37,7 @@ async def idempotency_store(db: Database, redis_url: str | None = None) -> Store
 
 class OneWriter(ForwardsTransactions):
     """The SQLite idempotency store, queued behind the same in-process writer lock as the
-    service's own transactions (see :class:`~oncepay.payments.storage.db.Database`), so a
+    service's own transactions (see :class:`~oncepay.storage.db.Database`), so a
     claim never waits in SQLite's sleeping busy handler for a phase of this very process.
     Transactional completion and checkpoints run inside a phase, which holds the lock
     already."""

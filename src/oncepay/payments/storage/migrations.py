@@ -16,7 +16,7 @@ from sqlalchemy import Column, Float, Integer, MetaData, Table, select, text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from oncepay.payments.storage import schema
-from oncepay.payments.storage.db import Database, write
+from oncepay.storage.db import Database, write
 
 __all__ = ["MIGRATIONS", "migrate", "migrated"]
 

@@ -38,7 +38,6 @@ from oncepay.payments.context import Services
 from oncepay.payments.metrics import WEBHOOK_ATTEMPTS, WEBHOOK_LATENCY
 from oncepay.payments.models import event_public
 from oncepay.payments.records import EndpointRow, EventRow
-from oncepay.payments.storage.db import read, write
 from oncepay.payments.storage.schema import (
     events,
     webhook_attempts,
@@ -46,6 +45,7 @@ from oncepay.payments.storage.schema import (
     webhook_endpoints,
 )
 from oncepay.payments.webhooks.addresses import public_target
+from oncepay.storage.db import read, write
 from oncepay.webhooks import sign
 
 __all__ = ["CLAIM_BATCH", "DeliveryReport", "claim_due", "deliver_due", "delivery_client"]

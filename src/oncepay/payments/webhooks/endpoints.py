@@ -13,10 +13,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from oncepay.payments import models
 from oncepay.payments.errors import ResourceMissing
-from oncepay.payments.ids import is_id, new_id
 from oncepay.payments.reads import get_object
 from oncepay.payments.records import AttemptRow, DeliveryRow, EndpointRow
-from oncepay.payments.storage.db import Database, read, write
 from oncepay.payments.storage.schema import (
     events,
     webhook_attempts,
@@ -25,6 +23,8 @@ from oncepay.payments.storage.schema import (
 )
 from oncepay.payments.webhooks.addresses import validate_url
 from oncepay.payments.webhooks.outbox import new_secret, redeliver
+from oncepay.storage.db import Database, read, write
+from oncepay.storage.ids import is_id, new_id
 
 __all__ = [
     "create_endpoint",

@@ -16,8 +16,8 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from oncepay.payments.errors import InvalidRequest
-from oncepay.payments.ids import new_id
 from oncepay.payments.storage.schema import events, webhook_deliveries, webhook_endpoints
+from oncepay.storage.ids import new_id
 
 __all__ = ["fan_out", "new_secret", "redeliver", "subscribed"]
 
