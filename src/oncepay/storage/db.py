@@ -1,4 +1,4 @@
-"""Databases of the payments service (and of the simulated acquirer): one SQLAlchemy Core
+"""Databases of the payments service and of the simulated acquirer: one SQLAlchemy Core
 engine over SQLite (SQLAlchemy's aiosqlite dialect on oncepay's own loop-friendly driver,
 :mod:`oncepay._drivers.sqlite`) or PostgreSQL (asyncpg), chosen by URL.
 
