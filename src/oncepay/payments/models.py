@@ -5,7 +5,8 @@ is not an amount, ``1.5`` is not an amount, ``true`` is not an amount."""
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any, Literal
+from collections.abc import Callable, Iterable
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import (
     AfterValidator,
@@ -32,7 +33,10 @@ __all__ = [
     "Refund",
     "RefundCreate",
     "RefundList",
+    "list_public",
 ]
+
+R = TypeVar("R")
 
 # Stripe's ceiling for one charge (99,999,999 minor units, about a million dollars): above it a
 # number is far more likely a bug (cents sent as micro-units) than a payment.
@@ -387,3 +391,10 @@ def event_public(row: EventRow) -> dict[str, Any]:
         "created": int(row.created_at),
         "data": {"object": json.loads(row.data)},
     }
+
+
+def list_public(
+    rows: Iterable[R], has_more: bool, public: Callable[[R], dict[str, Any]]
+) -> dict[str, Any]:
+    """A page of objects as every list endpoint answers it (Stripe's list object)."""
+    return {"object": "list", "data": [public(row) for row in rows], "has_more": has_more}

@@ -1,22 +1,59 @@
-"""Reads the API serves: one object of a merchant, and pages of a merchant's objects."""
+"""Reads the API serves: one object of a merchant, and pages of a merchant's objects, each
+typed by the view of its table's rows (``records.py``)."""
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar, cast
 
-from sqlalchemy import select
+from sqlalchemy import Table, select
 
 from oncepay.payments.errors import InvalidRequest, ResourceMissing
+from oncepay.payments.records import DeliveryRow, EndpointRow, EventRow, PaymentRow, RefundRow
+from oncepay.payments.storage.schema import (
+    events,
+    payments,
+    refunds,
+    webhook_deliveries,
+    webhook_endpoints,
+)
 from oncepay.storage.db import Database, read
 from oncepay.storage.ids import is_id
 
-__all__ = ["get_object", "page", "ping"]
+__all__ = [
+    "DELIVERIES",
+    "ENDPOINTS",
+    "EVENTS",
+    "PAYMENTS",
+    "REFUNDS",
+    "Readable",
+    "get_object",
+    "page",
+    "ping",
+]
+
+R = TypeVar("R")
 
 
-async def get_object(db: Database, table: Any, object_id: str, merchant_id: str) -> Any:
-    name = _NAMES.get(table.name, "object")
+@dataclass(frozen=True, slots=True)
+class Readable(Generic[R]):
+    """A table the API reads, the type of its rows, and what a missing one is called."""
+
+    table: Table
+    name: str
+
+
+PAYMENTS: Readable[PaymentRow] = Readable(payments, "payment")
+REFUNDS: Readable[RefundRow] = Readable(refunds, "refund")
+EVENTS: Readable[EventRow] = Readable(events, "event")
+ENDPOINTS: Readable[EndpointRow] = Readable(webhook_endpoints, "webhook endpoint")
+DELIVERIES: Readable[DeliveryRow] = Readable(webhook_deliveries, "webhook delivery")
+
+
+async def get_object(db: Database, source: Readable[R], object_id: str, merchant_id: str) -> R:
+    table = source.table
     if not is_id(object_id):
-        raise ResourceMissing(f"no {name} {object_id!r}")
+        raise ResourceMissing(f"no {source.name} {object_id!r}")
     async with read(db) as conn:
         row = (
             await conn.execute(
@@ -24,27 +61,20 @@ async def get_object(db: Database, table: Any, object_id: str, merchant_id: str)
             )
         ).first()
     if row is None:
-        raise ResourceMissing(f"no {name} {object_id!r}")
-    return row
-
-
-_NAMES = {
-    "payments": "payment",
-    "refunds": "refund",
-    "events": "event",
-    "webhook_deliveries": "webhook delivery",
-}
+        raise ResourceMissing(f"no {source.name} {object_id!r}")
+    return cast(R, row)
 
 
 async def page(
     db: Database,
-    table: Any,
+    source: Readable[R],
     merchant_id: str,
     limit: int,
     starting_after: str | None,
     where: list[Any] | None = None,
-) -> tuple[list[Any], bool]:
+) -> tuple[list[R], bool]:
     """One page, newest first, by the table's sequence number; one extra row says has_more."""
+    table = source.table
     query = select(table).where(table.c.merchant_id == merchant_id, *(where or []))
     if starting_after is not None and not is_id(starting_after):
         raise InvalidRequest(f"starting_after: no object {starting_after!r}")
@@ -61,7 +91,7 @@ async def page(
                 raise InvalidRequest(f"starting_after: no object {starting_after!r}")
             query = query.where(table.c.seq < cursor)
         rows = list(await conn.execute(query.order_by(table.c.seq.desc()).limit(limit + 1)))
-    return rows[:limit], len(rows) > limit
+    return cast(list[R], rows[:limit]), len(rows) > limit
 
 
 async def ping(db: Database) -> None:

@@ -13,7 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from oncepay.payments import models
 from oncepay.payments.errors import ResourceMissing
-from oncepay.payments.reads import get_object
+from oncepay.payments.reads import DELIVERIES, EVENTS, get_object
 from oncepay.payments.records import AttemptRow, DeliveryRow, EndpointRow
 from oncepay.payments.storage.schema import (
     events,
@@ -147,7 +147,7 @@ async def rotate_secret(
 
 async def event_deliveries(db: Database, event_id: str, merchant_id: str) -> list[DeliveryRow]:
     """Every delivery of the merchant's event, newest first."""
-    await get_object(db, events, event_id, merchant_id)
+    await get_object(db, EVENTS, event_id, merchant_id)
     async with read(db) as conn:
         rows = await conn.execute(
             select(webhook_deliveries)
@@ -161,7 +161,7 @@ async def delivery_attempts(
     db: Database, delivery_id: str, merchant_id: str
 ) -> tuple[DeliveryRow, list[AttemptRow]]:
     """The merchant's delivery and its attempts, in order."""
-    row = await get_object(db, webhook_deliveries, delivery_id, merchant_id)
+    row = await get_object(db, DELIVERIES, delivery_id, merchant_id)
     async with read(db) as conn:
         attempts = await conn.execute(
             select(webhook_attempts)

@@ -14,8 +14,8 @@ from oncepay.payments.api.deps import (
     ServicesDep,
     resource_router,
 )
-from oncepay.payments.models import event_public
-from oncepay.payments.reads import get_object, page
+from oncepay.payments.models import event_public, list_public
+from oncepay.payments.reads import EVENTS, get_object, page
 from oncepay.payments.storage.schema import events
 
 __all__ = ["router"]
@@ -30,13 +30,13 @@ async def list_events(
     limit: Limit = DEFAULT_LIMIT,
     starting_after: str | None = None,
     type: models.KnownEventType | None = None,
-) -> Any:
+) -> dict[str, Any]:
     """Newest first, optionally of one `type` (e.g. `payment.captured`)."""
     where = [events.c.type == type] if type else []
-    rows, more = await page(services.db, events, merchant.id, limit, starting_after, where)
-    return {"object": "list", "data": [event_public(r) for r in rows], "has_more": more}
+    rows, more = await page(services.db, EVENTS, merchant.id, limit, starting_after, where)
+    return list_public(rows, more, event_public)
 
 
 @router.get("/{event_id}", response_model=models.Event, responses=PROBLEMS)
-async def get_event(event_id: str, services: ServicesDep, merchant: MerchantDep) -> Any:
-    return event_public(await get_object(services.db, events, event_id, merchant.id))
+async def get_event(event_id: str, services: ServicesDep, merchant: MerchantDep) -> dict[str, Any]:
+    return event_public(await get_object(services.db, EVENTS, event_id, merchant.id))

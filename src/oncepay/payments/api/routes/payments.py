@@ -18,10 +18,10 @@ from oncepay.payments.api.deps import (
     idempotent,
     resource_router,
 )
-from oncepay.payments.models import payment_public, refund_public
+from oncepay.payments.models import list_public, payment_public, refund_public
 from oncepay.payments.operations import Cancel, Capture, CreatePayment, CreateRefund
-from oncepay.payments.reads import get_object, page
-from oncepay.payments.storage.schema import payments, refunds
+from oncepay.payments.reads import PAYMENTS, REFUNDS, get_object, page
+from oncepay.payments.storage.schema import refunds
 
 __all__ = ["router"]
 
@@ -75,8 +75,10 @@ async def create_refund(
 
 
 @router.get("/{payment_id}", response_model=models.Payment, responses=PROBLEMS)
-async def get_payment(payment_id: str, services: ServicesDep, merchant: MerchantDep) -> Any:
-    return payment_public(await get_object(services.db, payments, payment_id, merchant.id))
+async def get_payment(
+    payment_id: str, services: ServicesDep, merchant: MerchantDep
+) -> dict[str, Any]:
+    return payment_public(await get_object(services.db, PAYMENTS, payment_id, merchant.id))
 
 
 @router.get("", response_model=models.PaymentList, responses=PROBLEMS)
@@ -85,10 +87,10 @@ async def list_payments(
     merchant: MerchantDep,
     limit: Limit = DEFAULT_LIMIT,
     starting_after: str | None = None,
-) -> Any:
+) -> dict[str, Any]:
     """Newest first; pass the last id you saw as `starting_after` for the next page."""
-    rows, more = await page(services.db, payments, merchant.id, limit, starting_after)
-    return {"object": "list", "data": [payment_public(r) for r in rows], "has_more": more}
+    rows, more = await page(services.db, PAYMENTS, merchant.id, limit, starting_after)
+    return list_public(rows, more, payment_public)
 
 
 @router.get("/{payment_id}/refunds", response_model=models.RefundList, responses=PROBLEMS)
@@ -98,9 +100,9 @@ async def list_refunds(
     merchant: MerchantDep,
     limit: Limit = DEFAULT_LIMIT,
     starting_after: str | None = None,
-) -> Any:
+) -> dict[str, Any]:
     """The payment's refunds, newest first, paged like every list."""
-    await get_object(services.db, payments, payment_id, merchant.id)
+    await get_object(services.db, PAYMENTS, payment_id, merchant.id)
     where = [refunds.c.payment_id == payment_id]
-    rows, more = await page(services.db, refunds, merchant.id, limit, starting_after, where)
-    return {"object": "list", "data": [refund_public(r) for r in rows], "has_more": more}
+    rows, more = await page(services.db, REFUNDS, merchant.id, limit, starting_after, where)
+    return list_public(rows, more, refund_public)

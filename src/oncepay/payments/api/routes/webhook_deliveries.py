@@ -17,7 +17,7 @@ from oncepay.payments.api.deps import (
     idempotent_local,
     resource_router,
 )
-from oncepay.payments.models import delivery_public
+from oncepay.payments.models import delivery_public, list_public
 from oncepay.payments.reply import Reply
 from oncepay.payments.webhooks import endpoints
 
@@ -31,9 +31,11 @@ router = resource_router()
     response_model=models.WebhookDeliveryList,
     responses=PROBLEMS,
 )
-async def event_deliveries(event_id: str, services: ServicesDep, merchant: MerchantDep) -> Any:
+async def event_deliveries(
+    event_id: str, services: ServicesDep, merchant: MerchantDep
+) -> dict[str, Any]:
     rows = await endpoints.event_deliveries(services.db, event_id, merchant.id)
-    return {"object": "list", "data": [delivery_public(r) for r in rows], "has_more": False}
+    return list_public(rows, False, delivery_public)
 
 
 @router.get(
@@ -41,7 +43,9 @@ async def event_deliveries(event_id: str, services: ServicesDep, merchant: Merch
     response_model=models.WebhookDelivery,
     responses=PROBLEMS,
 )
-async def get_delivery(delivery_id: str, services: ServicesDep, merchant: MerchantDep) -> Any:
+async def get_delivery(
+    delivery_id: str, services: ServicesDep, merchant: MerchantDep
+) -> dict[str, Any]:
     """One delivery with every attempt: status code, latency, error."""
     row, attempts = await endpoints.delivery_attempts(services.db, delivery_id, merchant.id)
     log = [

@@ -19,8 +19,8 @@ from oncepay.payments.api.deps import (
     idempotent_local,
     resource_router,
 )
-from oncepay.payments.models import delivery_public, endpoint_public
-from oncepay.payments.reads import page
+from oncepay.payments.models import delivery_public, endpoint_public, list_public
+from oncepay.payments.reads import DELIVERIES, ENDPOINTS, page
 from oncepay.payments.reply import Reply
 from oncepay.payments.storage.schema import webhook_deliveries, webhook_endpoints
 from oncepay.payments.webhooks import endpoints
@@ -54,16 +54,16 @@ async def list_endpoints(
     merchant: MerchantDep,
     limit: Limit = DEFAULT_LIMIT,
     starting_after: str | None = None,
-) -> Any:
+) -> dict[str, Any]:
     where = [webhook_endpoints.c.deleted.is_(False)]
-    rows, more = await page(
-        services.db, webhook_endpoints, merchant.id, limit, starting_after, where
-    )
-    return {"object": "list", "data": [endpoint_public(r) for r in rows], "has_more": more}
+    rows, more = await page(services.db, ENDPOINTS, merchant.id, limit, starting_after, where)
+    return list_public(rows, more, endpoint_public)
 
 
 @router.get("/{endpoint_id}", response_model=models.WebhookEndpoint, responses=PROBLEMS)
-async def get_endpoint(endpoint_id: str, services: ServicesDep, merchant: MerchantDep) -> Any:
+async def get_endpoint(
+    endpoint_id: str, services: ServicesDep, merchant: MerchantDep
+) -> dict[str, Any]:
     return endpoint_public(await endpoints.read_endpoint(services.db, endpoint_id, merchant.id))
 
 
@@ -89,7 +89,9 @@ async def update_endpoint(
 
 
 @router.delete("/{endpoint_id}", response_model=models.DeletedObject, responses=PROBLEMS)
-async def delete_endpoint(endpoint_id: str, services: ServicesDep, merchant: MerchantDep) -> Any:
+async def delete_endpoint(
+    endpoint_id: str, services: ServicesDep, merchant: MerchantDep
+) -> dict[str, Any]:
     """Stop delivering to it; deliveries still pending are canceled."""
     await endpoints.delete_endpoint(services.db, endpoint_id, merchant.id)
     return {"id": endpoint_id, "object": "webhook_endpoint", "deleted": True}
@@ -124,13 +126,11 @@ async def endpoint_deliveries(
     limit: Limit = DEFAULT_LIMIT,
     starting_after: str | None = None,
     status: models.DeliveryStatus | None = None,
-) -> Any:
+) -> dict[str, Any]:
     """Deliveries to this endpoint, newest first; `status=dead` lists the dead letters."""
     await endpoints.read_endpoint(services.db, endpoint_id, merchant.id)
     where = [webhook_deliveries.c.endpoint_id == endpoint_id]
     if status is not None:
         where.append(webhook_deliveries.c.status == status)
-    rows, more = await page(
-        services.db, webhook_deliveries, merchant.id, limit, starting_after, where
-    )
-    return {"object": "list", "data": [delivery_public(r) for r in rows], "has_more": more}
+    rows, more = await page(services.db, DELIVERIES, merchant.id, limit, starting_after, where)
+    return list_public(rows, more, delivery_public)
