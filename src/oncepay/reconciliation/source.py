@@ -12,10 +12,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from datetime import UTC, date, datetime, timedelta
-from typing import Any
 
 from sqlalchemy import select
 
+from oncepay.errors import OncePayError
 from oncepay.payments.failover import reference as authorization_reference
 from oncepay.payments.storage.schema import ledger_transactions, payments, refunds
 from oncepay.reconciliation.records import Operation, Payment
@@ -57,20 +57,31 @@ async def operations_between(
         )
     )
     async with read(db) as conn:
-        rows = (await conn.execute(query)).mappings().all()
-    return sorted((_operation(row) for row in rows), key=lambda op: op.reference)
+        rows = (await conn.execute(query)).tuples().all()  # plain tuples: a million of them
+    return sorted((_operation(*row) for row in rows), key=lambda op: op.reference)
 
 
-def _operation(row: Any) -> Operation:
-    day = datetime.fromtimestamp(row["created_at"], UTC).date()
-    if row["kind"] == "refund":
-        refund_id = row["refund_id"]
-        return Operation(refund_id, row["id"], "refund", row["refund_amount"], row["currency"], day)
-    if row["capture_method"] == "automatic":
-        reference = authorization_reference(row["id"], row["attempt"])
+def _operation(
+    kind: str,
+    created_at: float,
+    refund_id: str | None,
+    payment_id: str,
+    attempt: int,
+    capture_method: str,
+    amount_captured: int,
+    currency: str,
+    refund_amount: int | None,
+) -> Operation:
+    day = datetime.fromtimestamp(created_at, UTC).date()
+    if kind == "refund":
+        if refund_id is None or refund_amount is None:  # the ledger names a refund it lacks
+            raise OncePayError(f"refund journal of payment {payment_id} has no refund row")
+        return Operation(refund_id, payment_id, "refund", refund_amount, currency, day)
+    if capture_method == "automatic":
+        reference = authorization_reference(payment_id, attempt)
     else:
-        reference = f"{row['id']}_capture"
-    return Operation(reference, row["id"], "capture", row["amount_captured"], row["currency"], day)
+        reference = f"{payment_id}_capture"
+    return Operation(reference, payment_id, "capture", amount_captured, currency, day)
 
 
 async def payments_by_id(db: Database, ids: Iterable[str]) -> dict[str, Payment]:
