@@ -57,7 +57,7 @@ async def operations_between(
         )
     )
     async with read(db) as conn:
-        rows = (await conn.execute(query)).tuples().all()  # plain tuples: a million of them
+        rows = (await conn.execute(query)).all()  # rows unpack as tuples: a million of them
     return sorted((_operation(*row) for row in rows), key=lambda op: op.reference)
 
 
