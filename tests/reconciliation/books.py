@@ -3,7 +3,7 @@ them, with fees from the schedule, to plant discrepancies into."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import date
 
 from oncepay.reconciliation import (
@@ -45,7 +45,7 @@ def line_for(op: Operation, number: int, **changes: object) -> ReportLine:
         payout_id=f"po_{op.day}_{op.currency}",
         order_id=op.payment_id,
     )
-    return replace(line, **changes)  # type: ignore[arg-type]
+    return line._replace(**changes)  # type: ignore[arg-type]
 
 
 def clean_day(payments: int, day: date = DAY) -> Day:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import replace
 from datetime import timedelta
 
 import pytest
@@ -48,7 +47,7 @@ def test_a_clean_day_matches_every_line_and_reports_nothing() -> None:
 def repriced(line: ReportLine, amount: int) -> ReportLine:
     """``line`` for another amount, its fee and net still by the schedule."""
     fee = SCHEDULE.fee(line.type, amount)
-    return replace(line, amount=amount, fee=fee, net=FeeSchedule.net(line.type, amount, fee))
+    return line._replace(amount=amount, fee=fee, net=FeeSchedule.net(line.type, amount, fee))
 
 
 def plant_every_kind(day: Day) -> dict[Kind, str]:
@@ -63,7 +62,7 @@ def plant_every_kind(day: Day) -> dict[Kind, str]:
     lines[i] = repriced(lines[i], lines[i].amount + 1)
     planted[Kind.AMOUNT_MISMATCH] = "pay_0000001_capture"
     i = at("pay_0000002_capture")
-    lines[i] = replace(lines[i], currency="GBP")
+    lines[i] = lines[i]._replace(currency="GBP")
     planted[Kind.CURRENCY_MISMATCH] = "pay_0000002_capture"
     stranger = Operation("ghost_capture", "pay_ghost", "capture", 500, "EUR", DAY)
     lines.append(line_for(stranger, len(lines) + 2, order_id=""))
@@ -71,15 +70,15 @@ def plant_every_kind(day: Day) -> dict[Kind, str]:
     i = at("pay_0000003_capture")
     del lines[i]
     planted[Kind.MISSING_AT_ACQUIRER] = "pay_0000003_capture"
-    lines.append(replace(lines[at("pay_0000004_capture")], line=len(lines) + 2))
+    lines.append(lines[at("pay_0000004_capture")]._replace(line=len(lines) + 2))
     planted[Kind.DUPLICATE_SETTLEMENT] = "pay_0000004_capture"
     day.authorizations.append(Authorization("auth_orphan", "pay_lost_a1", "pay_lost", 9, "EUR"))
     planted[Kind.ORPHANED_AUTHORIZATION] = "pay_lost_a1"
     i = at("pay_0000005_capture")
-    lines[i] = replace(lines[i], fee=lines[i].fee + 7, net=lines[i].net - 7)
+    lines[i] = lines[i]._replace(fee=lines[i].fee + 7, net=lines[i].net - 7)
     planted[Kind.FEE_MISMATCH] = "pay_0000005_capture"
     i = at("re_0000010")
-    lines[i] = replace(lines[i], type="capture", net=lines[i].amount - lines[i].fee)
+    lines[i] = lines[i]._replace(type="capture", net=lines[i].amount - lines[i].fee)
     planted[Kind.TYPE_MISMATCH] = "re_0000010"
     return planted
 
@@ -129,7 +128,7 @@ def test_a_reference_settled_by_an_earlier_report_is_a_duplicate_not_a_match() -
 
 def test_the_residual_joins_a_foreign_reference_by_payment_type_and_amount() -> None:
     day = clean_day(10)
-    day.lines[0] = replace(day.lines[0], reference="psp_8812")  # the acquirer's own reference
+    day.lines[0] = day.lines[0]._replace(reference="psp_8812")  # the acquirer's own reference
     outcome = run(day)
     assert outcome.discrepancies == ()
     assert outcome.matched == len(day.operations)
@@ -138,7 +137,7 @@ def test_the_residual_joins_a_foreign_reference_by_payment_type_and_amount() -> 
 def test_the_residual_does_not_match_a_different_amount() -> None:
     day = clean_day(10)
     line = day.lines[0]
-    day.lines[0] = replace(line, reference="psp_8812", amount=line.amount + 1, net=line.net + 1)
+    day.lines[0] = line._replace(reference="psp_8812", amount=line.amount + 1, net=line.net + 1)
     assert sorted(found(run(day, grace_days=0))) == [
         ("missing_at_acquirer", "pay_0000000_capture"),
         ("unknown_at_oncepay", "psp_8812"),
@@ -165,10 +164,10 @@ def test_a_payment_still_processing_does_not_orphan_its_authorization() -> None:
 
 def test_without_a_schedule_only_the_arithmetic_of_the_fee_is_checked() -> None:
     day = clean_day(3)
-    day.lines[0] = replace(day.lines[0], fee=1, net=day.lines[0].amount - 1)
+    day.lines[0] = day.lines[0]._replace(fee=1, net=day.lines[0].amount - 1)
     outcome = reconcile(day.lines, day.books(), as_of=DAY)
     assert outcome.discrepancies == ()
-    day.lines[1] = replace(day.lines[1], net=day.lines[1].net + 1)
+    day.lines[1] = day.lines[1]._replace(net=day.lines[1].net + 1)
     assert found(reconcile(day.lines, day.books(), as_of=DAY)) == [("fee_mismatch", "re_0000000")]
 
 
@@ -196,16 +195,16 @@ def plant_at_random(day: Day, rng: random.Random) -> list[tuple[str, str]]:
     lines[at(ref)] = repriced(lines[at(ref)], lines[at(ref)].amount + rng.randint(1, 99))
     planted.append(("amount_mismatch", ref))
     ref = f"pay_{payments[1]:07d}_capture"
-    lines[at(ref)] = replace(lines[at(ref)], currency="CHF")
+    lines[at(ref)] = lines[at(ref)]._replace(currency="CHF")
     planted.append(("currency_mismatch", ref))
     ref = f"pay_{payments[2]:07d}_capture"
     del lines[at(ref)]
     planted.append(("missing_at_acquirer", ref))
     ref = f"pay_{payments[3]:07d}_capture"
-    lines.append(replace(lines[at(ref)], line=999))
+    lines.append(lines[at(ref)]._replace(line=999))
     planted.append(("duplicate_settlement", ref))
     ref = f"pay_{payments[4]:07d}_capture"
-    lines[at(ref)] = replace(lines[at(ref)], fee=lines[at(ref)].fee + 1, net=lines[at(ref)].net - 1)
+    lines[at(ref)] = lines[at(ref)]._replace(fee=lines[at(ref)].fee + 1, net=lines[at(ref)].net - 1)
     planted.append(("fee_mismatch", ref))
     pid = f"pay_{payments[5]:07d}"
     day.payments[pid] = Payment(pid, rng.choice(["failed", "canceled"]), None)

@@ -5,7 +5,6 @@ runs find it, and closed only with a note."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from dataclasses import replace
 from datetime import date
 from pathlib import Path
 
@@ -52,7 +51,7 @@ def outcome_with_two_discrepancies(day: date = DAY) -> Outcome:
     books = clean_day(20)
     del books.lines[0]
     line = books.lines[1]  # pay_0000001_capture, once pay_0000000_capture is gone
-    books.lines[1] = replace(line, amount=line.amount + 5, net=line.net + 5)
+    books.lines[1] = line._replace(amount=line.amount + 5, net=line.net + 5)
     return reconcile(books.lines, books.books(), as_of=day, grace_days=0, fees=SCHEDULE)
 
 
