@@ -12,19 +12,17 @@ from oncepay.payments import ledger
 from oncepay.payments.acquirers.base import AcquirerAnswer, Outcome
 from oncepay.payments.context import Services
 from oncepay.payments.operations.common import (
+    FollowOn,
     authorization_of,
     check_followable,
     load_payment,
-    note_unknown,
     payment_event,
-    payment_or_refusal,
     post_to_ledger,
     read_payment,
     refused,
     resolve,
     save,
 )
-from oncepay.payments.reply import Reply
 from oncepay.payments.states import Transition
 
 __all__ = ["Cancel"]
@@ -33,7 +31,7 @@ T = Transition
 
 
 @dataclass(frozen=True, slots=True)
-class Cancel:
+class Cancel(FollowOn):
     payment_id: str
     name: str = "cancel"
     created: str = "cancel_started"
@@ -60,11 +58,3 @@ class Cancel:
         await post_to_ledger(conn, row, "void", ledger.release_hold(row.amount))
         row = await resolve(conn, row, T.CANCEL, pending_operation=None)
         await payment_event(conn, row, "payment.canceled")
-
-    async def unknown(
-        self, conn: AsyncConnection, svc: Services, object_id: str, answer: AcquirerAnswer
-    ) -> float:
-        return await note_unknown(conn, svc, object_id, answer)
-
-    async def reply(self, conn: AsyncConnection, svc: Services, object_id: str) -> Reply:
-        return await payment_or_refusal(conn, object_id, "cancel")

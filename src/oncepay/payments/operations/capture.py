@@ -12,24 +12,22 @@ from oncepay.payments.acquirers.base import AcquirerAnswer, Outcome
 from oncepay.payments.context import Services
 from oncepay.payments.errors import AmountTooLarge
 from oncepay.payments.operations.common import (
+    FollowOn,
     authorization_of,
     capture_in_ledger,
     check_followable,
     load_payment,
-    note_unknown,
-    payment_or_refusal,
     pending_capture,
     read_payment,
     refused,
     save,
 )
-from oncepay.payments.reply import Reply
 
 __all__ = ["Capture"]
 
 
 @dataclass(frozen=True, slots=True)
-class Capture:
+class Capture(FollowOn):
     payment_id: str
     amount: int | None = None
     name: str = "capture"
@@ -59,11 +57,3 @@ class Capture:
             await capture_in_ledger(conn, row, pending_capture(row))
         else:
             await refused(conn, row, answer)
-
-    async def unknown(
-        self, conn: AsyncConnection, svc: Services, object_id: str, answer: AcquirerAnswer
-    ) -> float:
-        return await note_unknown(conn, svc, object_id, answer)
-
-    async def reply(self, conn: AsyncConnection, svc: Services, object_id: str) -> Reply:
-        return await payment_or_refusal(conn, object_id, "capture")

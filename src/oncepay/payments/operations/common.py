@@ -27,6 +27,8 @@ from oncepay.storage.ids import is_id
 
 __all__ = [
     "RESOLVED",
+    "FollowOn",
+    "OnPayment",
     "authorization_of",
     "capture_in_ledger",
     "check_followable",
@@ -210,3 +212,26 @@ async def payment_or_refusal(conn: AsyncConnection, payment_id: str, request: st
             },
         )
     return Reply.json(200, payment_public(row))
+
+
+class OnPayment:
+    """What the operations on a payment itself (create, capture, cancel) share: an unknown
+    outcome is noted on the payment."""
+
+    __slots__ = ()
+
+    async def unknown(
+        self, conn: AsyncConnection, svc: Services, object_id: str, answer: AcquirerAnswer
+    ) -> float:
+        return await note_unknown(conn, svc, object_id, answer)
+
+
+class FollowOn(OnPayment):
+    """A follow-on operation on a payment (capture, cancel): it answers with the payment, or
+    with the acquirer's refusal of the request (its ``name``)."""
+
+    __slots__ = ()
+    name: str
+
+    async def reply(self, conn: AsyncConnection, svc: Services, object_id: str) -> Reply:
+        return await payment_or_refusal(conn, object_id, self.name)

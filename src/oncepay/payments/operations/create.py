@@ -17,9 +17,9 @@ from oncepay.payments.acquirers.base import AcquirerAnswer, Outcome
 from oncepay.payments.context import Services
 from oncepay.payments.models import PaymentCreate, payment_public
 from oncepay.payments.operations.common import (
+    OnPayment,
     capture_in_ledger,
     load_payment,
-    note_unknown,
     payment_event,
     post_to_ledger,
     read_payment,
@@ -39,7 +39,7 @@ _INSERT = payments.insert().returning(*payments.c)
 
 
 @dataclass(frozen=True, slots=True)
-class CreatePayment:
+class CreatePayment(OnPayment):
     params: PaymentCreate | None = None  # None when the recovery worker resumes
     name: str = "create"
     created: str = "payment_created"
@@ -106,11 +106,6 @@ class CreatePayment:
         await payment_event(conn, row, "payment.authorized")
         if row.capture_method == "automatic":
             await capture_in_ledger(conn, row, row.amount)
-
-    async def unknown(
-        self, conn: AsyncConnection, svc: Services, object_id: str, answer: AcquirerAnswer
-    ) -> float:
-        return await note_unknown(conn, svc, object_id, answer)
 
     async def reply(self, conn: AsyncConnection, svc: Services, object_id: str) -> Reply:
         return Reply.json(201, payment_public(await load_payment(conn, object_id)))
