@@ -35,7 +35,7 @@ from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from oncepay.insight.baseline import Episode, Series, Thresholds
+from oncepay.insight.baseline import Episode, Series, Thresholds, squared
 from oncepay.insight.findings import (
     KEY_PER_RETRY,
     KEY_REUSE,
@@ -82,6 +82,13 @@ class Tuning:
     default_ttl: float = 86400.0
     # The live worker's history per tenant, in buckets (a week): what the baseline looks back on.
     history: int = 7 * 144
+
+
+# Fewest events for a finding, where a kind differs from the thresholds' floor: a storm is far
+# beyond any schedule, so a handful of replays is not one; a tenant whose customers pay the
+# same basket often sees a few chance repeats within seconds at its busiest; a key back after
+# expiry is already unusual one by one.
+_FLOORS = {REPLAY_STORM: 8, KEY_PER_RETRY: 8, RETRY_AFTER_EXPIRY: 4}
 
 
 class _Key:
@@ -248,10 +255,15 @@ class Analyzer:
         """Every finding so far, per tenant and kind, in time order."""
         out = []
         for name, tenant in self._tenants.items():
-            for kind, series in tenant.series.items():
-                for episode in series.episodes(tenant.seen, self.thresholds):
+            for kind in KINDS:
+                for episode in self._episodes(tenant, kind):
                     out.append(_finding(name, kind, episode))
         return sorted(out, key=lambda f: (f.first_at, f.tenant, f.kind))
+
+    def _episodes(self, tenant: _Tenant, kind: str) -> list[Episode]:
+        seen = squared(tenant.seen) if kind == KEY_PER_RETRY else tenant.seen
+        floor = _FLOORS.get(kind)
+        return tenant.series[kind].episodes(seen, self.thresholds, floor)
 
     def ttl(self) -> list[TtlAdvice]:
         """The learned TTLs. A return after expiry is a retry the TTL should have covered,
@@ -262,8 +274,7 @@ class Analyzer:
     def _late_retries(self) -> Iterable[tuple[str, str, float]]:
         size = self.tuning.bucket
         for name, tenant in self._tenants.items():
-            series = tenant.series[RETRY_AFTER_EXPIRY]
-            loops = series.episodes(tenant.seen, self.thresholds)
+            loops = self._episodes(tenant, RETRY_AFTER_EXPIRY)
             for bucket, route, delay in tenant.late:
                 at = bucket * size
                 if not any(e.first_at - size <= at <= e.last_at for e in loops):

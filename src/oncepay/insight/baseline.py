@@ -13,9 +13,10 @@ a multiple plus a Poisson margin.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-__all__ = ["Episode", "Series", "Thresholds"]
+__all__ = ["Episode", "Series", "Thresholds", "squared"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,17 +77,35 @@ class Series:
         if source is not None and len(cell.sources) < _MAX_SOURCES:
             cell.sources.add(source)
 
+    def _episode(self, run: list[int], seen: Mapping[int, float], rate: float) -> Episode:
+        """The run's evidence, and what the baseline predicts over all of its span: the quiet
+        buckets inside it count too (counting only the buckets above the baseline would pick
+        the lucky ones and find an anomaly in chance)."""
+        cells = [self._buckets[index] for index in run]
+        examples = tuple(dict.fromkeys(c.example for c in cells if c.example))[:3]
+        sources: set[str] = set()
+        for cell in cells:
+            sources |= cell.sources
+        return Episode(
+            first_at=min(c.first_at for c in cells),
+            last_at=max(c.last_at for c in cells),
+            events=sum(c.events for c in cells),
+            expected=rate * _opportunity(seen, run[0], run[-1]),
+            examples=examples,
+            sources=len(sources),
+        )
+
     def forget_before(self, bucket: int) -> None:
         """Drop buckets older than ``bucket`` (the live worker's bounded history)."""
         for index in [i for i in self._buckets if i < bucket]:
             del self._buckets[index]
 
-    def baseline(self, seen: dict[int, int], thresholds: Thresholds) -> float:
+    def baseline(self, seen: Mapping[int, float], thresholds: Thresholds) -> float:
         """The tenant's usual evidence rate per decision, over blocks of several hours: the
         pooled rate of all but the tenth of blocks with the highest rates (an anomaly window
         spoils one or two blocks; a median would read 0 for evidence that is rare but usual)."""
         events: dict[int, int] = {}
-        decisions: dict[int, int] = {}
+        decisions: dict[int, float] = {}
         for index, count in seen.items():
             block = index // thresholds.block
             decisions[block] = decisions.get(block, 0) + count
@@ -102,40 +121,39 @@ class Series:
         opportunity = sum(count for _, _, count in kept)
         return sum(n for _, n, _ in kept) / opportunity if opportunity else 0.0
 
-    def episodes(self, seen: dict[int, int], thresholds: Thresholds) -> list[Episode]:
+    def episodes(
+        self, seen: Mapping[int, float], thresholds: Thresholds, floor: int | None = None
+    ) -> list[Episode]:
         """Runs of buckets above the baseline that make a finding."""
         rate = self.baseline(seen, thresholds)
-        runs: list[list[tuple[_Bucket, int]]] = []
-        last = None
+        runs: list[list[int]] = []
         for index in sorted(self._buckets):
-            cell, opportunity = self._buckets[index], seen.get(index, 0)
-            if cell.events <= rate * opportunity:
+            if self._buckets[index].events <= rate * seen.get(index, 0):
                 continue
-            if last is None or index - last > thresholds.gap + 1:
+            if not runs or index - runs[-1][-1] > thresholds.gap + 1:
                 runs.append([])
-            runs[-1].append((cell, opportunity))
-            last = index
-        episodes = (_episode(run, rate) for run in runs)
-        return [episode for episode in episodes if _stands_out(episode, thresholds)]
+            runs[-1].append(index)
+        episodes = (self._episode(run, seen, rate) for run in runs)
+        least = thresholds.floor if floor is None else floor
+        return [episode for episode in episodes if _stands_out(episode, thresholds, least)]
 
 
-def _episode(run: list[tuple[_Bucket, int]], rate: float) -> Episode:
-    cells = [cell for cell, _ in run]
-    examples = tuple(dict.fromkeys(c.example for c in cells if c.example))[:3]
-    sources: set[str] = set()
-    for cell in cells:
-        sources |= cell.sources
-    return Episode(
-        first_at=min(c.first_at for c in cells),
-        last_at=max(c.last_at for c in cells),
-        events=sum(c.events for c in cells),
-        expected=rate * sum(opportunity for _, opportunity in run),
-        examples=examples,
-        sources=len(sources),
-    )
+def _opportunity(seen: Mapping[int, float], first: int, last: int) -> float:
+    if last - first < len(seen):
+        return sum(seen.get(index, 0.0) for index in range(first, last + 1))
+    return sum(count for index, count in seen.items() if first <= index <= last)
 
 
-def _stands_out(episode: Episode, thresholds: Thresholds) -> bool:
+def squared(seen: Mapping[int, int]) -> dict[int, float]:
+    """The opportunity for evidence that is a coincidence of two independent requests (the same
+    basket paid twice within seconds by chance): it grows with the square of the volume, so a
+    sale day at 8x the volume brings 64x the coincidences, not 8x. Scaled by the tenant's mean
+    bucket so that it still reads as decisions."""
+    mean = sum(seen.values()) / len(seen) if seen else 1.0
+    return {index: count * count / mean for index, count in seen.items()}
+
+
+def _stands_out(episode: Episode, thresholds: Thresholds, floor: int) -> bool:
     expected = episode.expected
     bar = thresholds.ratio * expected + thresholds.z * math.sqrt(expected + 1.0)
-    return episode.events >= thresholds.floor and episode.events > bar
+    return episode.events >= floor and episode.events > bar
