@@ -150,10 +150,12 @@ class Analyzer:
         if tenant is None:
             tenant = self._tenants[usage.tenant] = _Tenant()
         bucket = int(usage.at // self.tuning.bucket)
-        tenant.seen[bucket] = tenant.seen.get(bucket, 0) + 1
+        seen = tenant.seen.get(bucket, 0)
+        tenant.seen[bucket] = seen + 1
+        if not seen:  # a new bucket: time to let go of what is too old (not on every record)
+            self._forget(tenant, usage.at)
         if not usage.key:
             return
-        self._forget(tenant, usage.at)
         kind = self._classify(tenant, usage)
         if kind is not None:
             tenant.series[kind].evidence(bucket, usage.at, usage.key, usage.source)
