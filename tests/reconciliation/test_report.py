@@ -4,6 +4,7 @@ mappings, each on a sample file; every malformed report is a clear error, never 
 from __future__ import annotations
 
 import io
+from dataclasses import replace
 from datetime import date
 from pathlib import Path
 
@@ -114,3 +115,14 @@ def test_major_units_finer_than_the_currency_allows_are_refused() -> None:
 def test_a_byte_order_mark_and_crlf_lines_are_read() -> None:
     content = b"\xef\xbb\xbf" + (HEADER + GOOD).replace(b"\n", b"\r\n")
     assert [line.amount for line in read_report(io.BytesIO(content))] == [1000]
+
+
+def test_an_adyen_line_without_a_modification_reference_joins_through_the_residual() -> None:
+    """An automatic capture at Adyen carries only the payment's merchant reference: the line
+    joins OncePay's capture ``{payment}_a1`` by payment, type, currency and amount."""
+    text = (DATA / SAMPLES["adyen"]).read_text().replace(",pay_A_capture,41", ",,41")
+    lines = list(read_report(io.BytesIO(text.encode()), MAPPINGS["adyen"]))
+    assert (lines[0].reference, lines[0].order_id) == ("pay_A", "pay_A")
+    books = Books([replace(OPERATIONS[0], reference="pay_A_a1"), *OPERATIONS[1:]])
+    outcome = reconcile(lines, books, as_of=DAY, fees=DEFAULT_SCHEDULE)
+    assert (outcome.matched, outcome.discrepancies) == (3, ())
