@@ -7,6 +7,8 @@ every read filters on it: another merchant's object is simply not found.
 
 from __future__ import annotations
 
+from typing import Any
+
 from sqlalchemy import (
     BigInteger,
     Boolean,
@@ -41,6 +43,24 @@ metadata = MetaData()
 # BIGINT) for an autoincrementing primary key.
 Seq = BigInteger().with_variant(Integer(), "sqlite")
 
+
+def _object() -> tuple[Column[Any], Column[Any]]:
+    """The columns an object the API pages over starts with: its sequence number (the order of
+    a page) and its public id."""
+    return (
+        Column("seq", Seq, primary_key=True, autoincrement=True),
+        Column("id", String(40), nullable=False, unique=True),
+    )
+
+
+def _owner() -> Column[Any]:
+    return Column("merchant_id", String(40), ForeignKey("merchants.id"), nullable=False)
+
+
+def _stamps() -> tuple[Column[Any], Column[Any]]:
+    return Column("created_at", Float, nullable=False), Column("updated_at", Float, nullable=False)
+
+
 merchants = Table(
     "merchants",
     metadata,
@@ -53,7 +73,7 @@ api_keys = Table(
     "api_keys",
     metadata,
     Column("id", String(40), primary_key=True),
-    Column("merchant_id", String(40), ForeignKey("merchants.id"), nullable=False),
+    _owner(),
     Column("key_hash", String(64), nullable=False, unique=True),
     Column("prefix", String(16), nullable=False),
     Column("created_at", Float, nullable=False),
@@ -63,9 +83,8 @@ api_keys = Table(
 payments = Table(
     "payments",
     metadata,
-    Column("seq", Seq, primary_key=True, autoincrement=True),
-    Column("id", String(40), nullable=False, unique=True),
-    Column("merchant_id", String(40), ForeignKey("merchants.id"), nullable=False),
+    *_object(),
+    _owner(),
     Column("amount", BigInteger, nullable=False),
     Column("currency", String(3), nullable=False),
     Column("payment_method", String(64), nullable=False),
@@ -90,33 +109,29 @@ payments = Table(
     Column("escalated", Boolean, nullable=False, default=False),
     # A capture or cancel between its phases ("capture:500", "cancel"): one at a time.
     Column("pending_operation", String(32)),
-    Column("created_at", Float, nullable=False),
-    Column("updated_at", Float, nullable=False),
+    *_stamps(),
     Index("payments_merchant_seq", "merchant_id", "seq"),
 )
 
 refunds = Table(
     "refunds",
     metadata,
-    Column("seq", Seq, primary_key=True, autoincrement=True),
-    Column("id", String(40), nullable=False, unique=True),
+    *_object(),
     Column("payment_id", String(40), ForeignKey("payments.id"), nullable=False),
-    Column("merchant_id", String(40), ForeignKey("merchants.id"), nullable=False),
+    _owner(),
     Column("amount", BigInteger, nullable=False),
     Column("currency", String(3), nullable=False),
     Column("status", String(16), nullable=False),  # pending, succeeded, failed
     Column("failure_code", String(64)),
-    Column("created_at", Float, nullable=False),
-    Column("updated_at", Float, nullable=False),
+    *_stamps(),
     Index("refunds_payment", "payment_id"),
 )
 
 ledger_transactions = Table(
     "ledger_transactions",
     metadata,
-    Column("seq", Seq, primary_key=True, autoincrement=True),
-    Column("id", String(40), nullable=False, unique=True),
-    Column("merchant_id", String(40), ForeignKey("merchants.id"), nullable=False),
+    *_object(),
+    _owner(),
     Column("payment_id", String(40), ForeignKey("payments.id"), nullable=False),
     Column("refund_id", String(40)),
     Column("kind", String(32), nullable=False),
@@ -140,9 +155,8 @@ ledger_entries = Table(
 events = Table(
     "events",
     metadata,
-    Column("seq", Seq, primary_key=True, autoincrement=True),
-    Column("id", String(40), nullable=False, unique=True),
-    Column("merchant_id", String(40), ForeignKey("merchants.id"), nullable=False),
+    *_object(),
+    _owner(),
     Column("type", String(64), nullable=False),
     Column("object_id", String(40), nullable=False),
     Column("data", Text, nullable=False),  # JSON snapshot of the object after the change
@@ -155,9 +169,8 @@ events = Table(
 webhook_endpoints = Table(
     "webhook_endpoints",
     metadata,
-    Column("seq", Seq, primary_key=True, autoincrement=True),
-    Column("id", String(40), nullable=False, unique=True),
-    Column("merchant_id", String(40), ForeignKey("merchants.id"), nullable=False),
+    *_object(),
+    _owner(),
     Column("url", Text, nullable=False),
     Column("events", Text, nullable=False),  # JSON list of event types, or ["*"]
     Column("description", Text),
@@ -168,8 +181,7 @@ webhook_endpoints = Table(
     Column("previous_secret", Text),
     Column("previous_secret_expires_at", Float),
     Column("deleted", Boolean, nullable=False, default=False),
-    Column("created_at", Float, nullable=False),
-    Column("updated_at", Float, nullable=False),
+    *_stamps(),
     Index("webhook_endpoints_merchant", "merchant_id", "seq"),
 )
 
@@ -178,8 +190,7 @@ webhook_endpoints = Table(
 webhook_deliveries = Table(
     "webhook_deliveries",
     metadata,
-    Column("seq", Seq, primary_key=True, autoincrement=True),
-    Column("id", String(40), nullable=False, unique=True),
+    *_object(),
     Column("merchant_id", String(40), nullable=False),
     Column("event_id", String(40), ForeignKey("events.id"), nullable=False),
     Column("endpoint_id", String(40), ForeignKey("webhook_endpoints.id"), nullable=False),
@@ -193,8 +204,7 @@ webhook_deliveries = Table(
     Column("lock_token", String(40)),
     Column("last_status_code", Integer),
     Column("last_error", Text),
-    Column("created_at", Float, nullable=False),
-    Column("updated_at", Float, nullable=False),
+    *_stamps(),
     Index("webhook_deliveries_due", "status", "next_attempt_at"),
     Index("webhook_deliveries_event", "event_id"),
 )
