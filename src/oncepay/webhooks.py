@@ -70,9 +70,9 @@ def verify(
     ``secret`` may list several secrets (during a rotation); any one of them may match.
     """
     lower = {k.lower(): v for k, v in headers.items()}
-    webhook_id, stamp, signatures = (
-        lower.get("webhook-id"), lower.get("webhook-timestamp"), lower.get("webhook-signature")
-    )  # fmt: skip
+    webhook_id = lower.get("webhook-id")
+    stamp = lower.get("webhook-timestamp")
+    signatures = lower.get("webhook-signature")
     if not (webhook_id and stamp and signatures):
         raise InvalidWebhook("missing webhook-id, webhook-timestamp or webhook-signature")
     try:
@@ -83,8 +83,9 @@ def verify(
         raise InvalidWebhook(f"webhook-timestamp is more than {tolerance:.0f} s away from now")
     secrets = [secret] if isinstance(secret, str) else list(secret)
     # A signature is base64; anything else (a forged header with other bytes) cannot match.
-    offered = [s.partition(",")[2] for s in signatures.split()
-               if s.startswith("v1,") and s.isascii()]  # fmt: skip
+    offered = [
+        s.partition(",")[2] for s in signatures.split() if s.startswith("v1,") and s.isascii()
+    ]
     for candidate in secrets:
         expected = sign(candidate, webhook_id, timestamp, payload).partition(",")[2]
         if any(hmac.compare_digest(expected, given) for given in offered):
