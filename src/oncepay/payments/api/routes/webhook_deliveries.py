@@ -75,7 +75,6 @@ async def redeliver_event(
 
     async def work(conn: AsyncConnection) -> Reply:
         rows = await endpoints.redeliver_event(conn, merchant.id, event_id, target)
-        data = [delivery_public(r) for r in rows]
-        return Reply.json(200, {"object": "list", "data": data, "has_more": False})
+        return Reply.json(200, list_public(rows, False, delivery_public))
 
     return await idempotent_local(request, services, merchant, work)
