@@ -159,3 +159,29 @@ def test_the_analyzer_is_incremental() -> None:
     assert [f.kind for f in analyzer.findings()] == ["key_reuse"]
     analyzer.trim(now=T0 + 400 * HOUR)  # a history of a week: all of it forgotten
     assert analyzer.findings() == []
+
+
+def test_a_sale_day_of_identical_baskets_is_no_key_per_retry() -> None:
+    """Chance repeats of the same basket within seconds grow with the square of the volume:
+    at 8x the volume, 64x as many, and still no finding."""
+    rng = random.Random(10)
+
+    def baskets(start: float, hours: float, per_hour: float) -> Iterator[Usage]:
+        t = start
+        while t < start + hours * HOUR:
+            t += rng.expovariate(per_hour / HOUR)
+            yield usage(t, f"b{t}", fingerprint=f"basket-{rng.randrange(40)}")
+
+    quiet = baskets(T0, 72, 150)
+    sale = baskets(T0 + 30 * HOUR, 8, 7 * 150)
+    assert findings(ordered(quiet, sale)) == []
+
+
+def test_a_retry_loop_past_expiry_does_not_teach_the_ttl_to_keep_keys_for_days() -> None:
+    rng = random.Random(11)
+    start, end = window(start_hour=60)
+    loop = _renamed(_planted("retry_after_expiry", rng, start, end), "p")
+    analyzer = analyze(ordered(normal(rng, hours=72), loop))
+    assert [f.kind for f in analyzer.findings()] == ["retry_after_expiry"]
+    (advice,) = analyzer.ttl()
+    assert advice.ttl_seconds < HOUR
