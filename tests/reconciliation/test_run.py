@@ -11,10 +11,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from sqlalchemy import func, select
 
+from oncepay.payments.storage.schema import ledger_entries
 from oncepay.reconciliation.acquirer import AcquirerReports
 from oncepay.reconciliation.remediation import void_orphans
 from oncepay.reconciliation.run import reconcile_day, reconcile_file
+from oncepay.reconciliation.settlement import post_settlements
+from oncepay.reconciliation.store import create_tables
+from oncepay.storage.db import read, write
 from tests.payments.acquirer_helpers import auth_body, key
 from tests.payments.stack import Stack, database_url, running_stack
 from tests.servers import require_postgres
@@ -102,3 +107,29 @@ async def test_over_the_cap_no_orphan_is_voided_and_one_alert_is_raised(stack: S
     assert (done.withheld, done.voided) == (True, ())
     assert "over the cap of 0" in done.alert
     assert [op for op in await stack.operations("pay_nobody") if op["type"] == "void"] == []
+
+
+async def test_matched_lines_post_their_settlement_once_and_the_ledger_still_checks(
+    stack: Stack,
+) -> None:
+    await business(stack)
+    async with write(stack.db) as conn:
+        await create_tables(conn, stack.db)
+    reports = AcquirerReports("primary", stack.simulators["primary"])
+    outcome = await reconcile_day(stack.db, reports, datetime.now(UTC).date(), grace_days=0)
+    assert await post_settlements(stack.db, outcome.settled, now=1.0) == 3
+    assert await post_settlements(stack.db, outcome.settled, now=2.0) == 0  # a re-run
+    async with read(stack.db) as conn:
+        balances = dict(
+            (
+                await conn.execute(
+                    select(ledger_entries.c.account, func.sum(ledger_entries.c.amount))
+                    .where(ledger_entries.c.account.in_(["settled_funds", "acquirer_fees"]))
+                    .group_by(ledger_entries.c.account)
+                )
+            ).all()
+        )
+    lines = [line for line, _ in outcome.settled]
+    assert balances["settled_funds"] == sum(line.net for line in lines)
+    assert balances["acquirer_fees"] == sum(line.fee for line in lines)
+    assert await stack.ledger_violations() == []

@@ -41,6 +41,7 @@ __all__ = [
     "open_discrepancies",
     "runs",
     "save_run",
+    "settlements",
 ]
 
 metadata = MetaData()
@@ -72,6 +73,20 @@ discrepancies = Table(
     Column("opened_at", Float, nullable=False),
     Column("closed_at", Float),
     UniqueConstraint("acquirer", "kind", "reference", name="reconciliation_discrepancy_once"),
+)
+# One row per settled reference: the guard that posts a settlement to the ledger once.
+settlements = Table(
+    "reconciliation_settlements",
+    metadata,
+    Column("reference", String(255), primary_key=True),
+    Column("payment_id", String(40), nullable=False),
+    Column("payout_id", String(255), nullable=False),
+    Column("amount", BigInteger, nullable=False),
+    Column("fee", BigInteger, nullable=False),
+    Column("net", BigInteger, nullable=False),
+    Column("settled_at", String(40), nullable=False),
+    Column("transaction_id", String(40), nullable=False),
+    Column("created_at", Float, nullable=False),
 )
 _CLOSED = frozenset({"resolved", "accepted"})
 
