@@ -76,13 +76,11 @@ class ConfigurationError(OncePayError):
 
 
 class IdempotencyKeyMissing(ClientError):
-    status = 400
     code = "idempotency_key_missing"
     title = "Idempotency-Key header is required"
 
 
 class IdempotencyKeyInvalid(ClientError):
-    status = 400
     code = "idempotency_key_invalid"
     title = "Idempotency-Key header is malformed"
 
@@ -97,7 +95,6 @@ class IdempotencyScopeMissing(ClientError):
     """The header or cookie the keys are scoped by is absent: with no principal to scope it
     by, the key would share one scope with every other such request (and its answers)."""
 
-    status = 400
     code = "idempotency_scope_missing"
     title = "The request names no principal to scope its Idempotency-Key by"
 
@@ -136,7 +133,6 @@ class LeaseLost(RetryableError):
 class StoreUnavailable(RetryableError):
     """The idempotency store could not be reached or failed; nothing was executed."""
 
-    status = 503
     code = "idempotency_store_unavailable"
     title = "The idempotency store is unavailable"
     retry_after = 1.0

@@ -50,13 +50,10 @@ class ResourceMissing(ClientError):
 
 
 class InvalidRequest(ClientError):
-    status = 400
-    code = "invalid_request"
     title = "The request is malformed"
 
 
 class AmountTooLarge(ClientError):
-    status = 400
     code = "amount_too_large"
     title = "The amount exceeds what is available"
 
@@ -82,7 +79,6 @@ class OutcomeUnknown(RetryableError):
 
 
 class AcquirerOutcomeUnknown(RetryableError):
-    status = 503
     code = "acquirer_outcome_unknown"
     title = "The acquirer's answer is not known yet"
 
@@ -92,7 +88,6 @@ class AcquirerOutcomeUnknown(RetryableError):
 
 
 class DatabaseUnavailable(RetryableError):
-    status = 503
     code = "database_unavailable"
     title = "The database could not be reached"
     retry_after = 2.0
