@@ -1,13 +1,16 @@
 """One reconciliation run, end to end: OncePay's books from the payments database, the
 acquirer's report (fetched for a day, or a file), the matcher, and the outcome. Nothing is
-written yet (persisting runs and discrepancies, settlement postings and remediation are the
-next steps of issue 15).
+written here: keeping the run (``store``), posting (``settlement``) and voiding orphans
+(``remediation``) are the caller's steps.
 
-For day ``D`` with ``grace_days`` ``g``: OncePay's movements of days ``D-g`` to ``D`` are in
-scope; the acquirer's reports of ``D-g`` to ``D-1`` say what was settled before (a reference
-settled again on ``D`` is a duplicate), and the report of ``D`` is matched line by line. A
-movement of day ``D-g`` settled by none of them is missing; younger ones are not due yet; older
-ones were judged by an earlier run."""
+For day ``D`` with ``grace_days`` ``g``: OncePay's movements of days ``D-g`` to ``D+1`` are in
+scope (``D+1`` because OncePay posts a movement after the acquirer made it: one made at
+23:59:59.9 may be in the acquirer's report of ``D`` and in OncePay's books of ``D+1``; such a
+movement is not due yet, so it is never reported missing early). The acquirer's reports of
+``D-g`` to ``D-1`` say what was settled before (a reference settled again on ``D`` is a
+duplicate), and the report of ``D`` is matched line by line. A movement of day ``D-g``
+settled by none of them is missing; younger ones are not due yet; older ones were judged by
+an earlier run."""
 
 from __future__ import annotations
 
@@ -39,7 +42,8 @@ async def reconcile_day(
         earlier.update(line.reference for line in _lines(await acquirer.settlement_csv(past)))
     report = await acquirer.settlement_csv(day)
     authorizations = await acquirer.authorizations(day)
-    books = await _books(db, acquirer.name, first, day, authorizations, frozenset(earlier))
+    last = day + timedelta(days=1)
+    books = await _books(db, acquirer.name, first, last, authorizations, frozenset(earlier))
     lines = _lines(report)
     return reconcile(
         lines, books, authorizations, as_of=day, grace_days=grace_days, fees=DEFAULT_SCHEDULE
@@ -57,7 +61,8 @@ async def reconcile_file(
     """A report file (a real processor's, read through ``mapping``) as the report of ``day``:
     no authorizations (orphans need the acquirer), no earlier reports, and the fee checked
     only for ``net = amount - fee`` (a processor's own schedule is not known here)."""
-    books = await _books(db, acquirer, day - timedelta(days=grace_days), day, [], frozenset())
+    first, last = day - timedelta(days=grace_days), day + timedelta(days=1)
+    books = await _books(db, acquirer, first, last, [], frozenset())
     with path.open("rb") as stream:
         return reconcile(read_report(stream, mapping), books, as_of=day, grace_days=grace_days)
 
