@@ -26,6 +26,7 @@ __all__ = [
     "EVENTS",
     "PAYMENTS",
     "REFUNDS",
+    "PageQuery",
     "Readable",
     "get_object",
     "page",
@@ -65,17 +66,25 @@ async def get_object(db: Database, source: Readable[R], object_id: str, merchant
     return cast(R, row)
 
 
+@dataclass(frozen=True, slots=True)
+class PageQuery:
+    """What a list request asks for: at most ``limit`` objects, older than the one
+    ``starting_after`` names (the last of the previous page)."""
+
+    limit: int
+    starting_after: str | None = None
+
+
 async def page(
     db: Database,
     source: Readable[R],
     merchant_id: str,
-    limit: int,
-    starting_after: str | None,
+    query: PageQuery,
     where: list[Any] | None = None,
 ) -> tuple[list[R], bool]:
     """One page, newest first, by the table's sequence number; one extra row says has_more."""
-    table = source.table
-    query = select(table).where(table.c.merchant_id == merchant_id, *(where or []))
+    table, limit, starting_after = source.table, query.limit, query.starting_after
+    statement = select(table).where(table.c.merchant_id == merchant_id, *(where or []))
     if starting_after is not None and not is_id(starting_after):
         raise InvalidRequest(f"starting_after: no object {starting_after!r}")
     async with read(db) as conn:
@@ -89,8 +98,8 @@ async def page(
             ).scalar()
             if cursor is None:
                 raise InvalidRequest(f"starting_after: no object {starting_after!r}")
-            query = query.where(table.c.seq < cursor)
-        rows = list(await conn.execute(query.order_by(table.c.seq.desc()).limit(limit + 1)))
+            statement = statement.where(table.c.seq < cursor)
+        rows = list(await conn.execute(statement.order_by(table.c.seq.desc()).limit(limit + 1)))
     return cast(list[R], rows[:limit]), len(rows) > limit
 
 

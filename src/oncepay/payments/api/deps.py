@@ -22,6 +22,7 @@ from oncepay.payments.idempotent import idempotent as run_idempotent
 from oncepay.payments.idempotent import idempotent_local as run_idempotent_local
 from oncepay.payments.merchants import authenticate
 from oncepay.payments.phases import Operation
+from oncepay.payments.reads import PageQuery
 from oncepay.payments.records import Merchant
 from oncepay.payments.reply import Reply
 
@@ -32,6 +33,7 @@ __all__ = [
     "PROBLEMS",
     "Limit",
     "MerchantDep",
+    "PageDep",
     "ServicesDep",
     "idempotent",
     "idempotent_local",
@@ -111,6 +113,13 @@ async def _merchant(request: Request, services: ServicesDep, credentials: Creden
 
 MerchantDep = Annotated[Merchant, Depends(_merchant)]
 Limit = Annotated[int, Query(ge=1, le=MAX_LIMIT)]
+
+
+def _page_query(limit: Limit = DEFAULT_LIMIT, starting_after: str | None = None) -> PageQuery:
+    return PageQuery(limit, starting_after)
+
+
+PageDep = Annotated[PageQuery, Depends(_page_query)]  # the query string every list takes
 
 
 def known_query_only(request: Request) -> None:

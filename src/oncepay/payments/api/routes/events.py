@@ -7,10 +7,9 @@ from typing import Any
 
 from oncepay.payments import models
 from oncepay.payments.api.deps import (
-    DEFAULT_LIMIT,
     PROBLEMS,
-    Limit,
     MerchantDep,
+    PageDep,
     ServicesDep,
     resource_router,
 )
@@ -27,13 +26,12 @@ router = resource_router("/v1/events")
 async def list_events(
     services: ServicesDep,
     merchant: MerchantDep,
-    limit: Limit = DEFAULT_LIMIT,
-    starting_after: str | None = None,
+    paging: PageDep,
     type: models.KnownEventType | None = None,
 ) -> dict[str, Any]:
     """Newest first, optionally of one `type` (e.g. `payment.captured`)."""
     where = [events.c.type == type] if type else []
-    rows, more = await page(services.db, EVENTS, merchant.id, limit, starting_after, where)
+    rows, more = await page(services.db, EVENTS, merchant.id, paging, where)
     return list_public(rows, more, event_public)
 
 

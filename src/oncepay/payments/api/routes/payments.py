@@ -9,11 +9,10 @@ from fastapi.responses import Response
 
 from oncepay.payments import models
 from oncepay.payments.api.deps import (
-    DEFAULT_LIMIT,
     POST,
     PROBLEMS,
-    Limit,
     MerchantDep,
+    PageDep,
     ServicesDep,
     idempotent,
     resource_router,
@@ -85,11 +84,10 @@ async def get_payment(
 async def list_payments(
     services: ServicesDep,
     merchant: MerchantDep,
-    limit: Limit = DEFAULT_LIMIT,
-    starting_after: str | None = None,
+    paging: PageDep,
 ) -> dict[str, Any]:
     """Newest first; pass the last id you saw as `starting_after` for the next page."""
-    rows, more = await page(services.db, PAYMENTS, merchant.id, limit, starting_after)
+    rows, more = await page(services.db, PAYMENTS, merchant.id, paging)
     return list_public(rows, more, payment_public)
 
 
@@ -98,11 +96,10 @@ async def list_refunds(
     payment_id: str,
     services: ServicesDep,
     merchant: MerchantDep,
-    limit: Limit = DEFAULT_LIMIT,
-    starting_after: str | None = None,
+    paging: PageDep,
 ) -> dict[str, Any]:
     """The payment's refunds, newest first, paged like every list."""
     await get_object(services.db, PAYMENTS, payment_id, merchant.id)
     where = [refunds.c.payment_id == payment_id]
-    rows, more = await page(services.db, REFUNDS, merchant.id, limit, starting_after, where)
+    rows, more = await page(services.db, REFUNDS, merchant.id, paging, where)
     return list_public(rows, more, refund_public)

@@ -10,11 +10,10 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from oncepay.payments import models
 from oncepay.payments.api.deps import (
-    DEFAULT_LIMIT,
     POST,
     PROBLEMS,
-    Limit,
     MerchantDep,
+    PageDep,
     ServicesDep,
     idempotent_local,
     resource_router,
@@ -52,11 +51,10 @@ async def create_endpoint(
 async def list_endpoints(
     services: ServicesDep,
     merchant: MerchantDep,
-    limit: Limit = DEFAULT_LIMIT,
-    starting_after: str | None = None,
+    paging: PageDep,
 ) -> dict[str, Any]:
     where = [webhook_endpoints.c.deleted.is_(False)]
-    rows, more = await page(services.db, ENDPOINTS, merchant.id, limit, starting_after, where)
+    rows, more = await page(services.db, ENDPOINTS, merchant.id, paging, where)
     return list_public(rows, more, endpoint_public)
 
 
@@ -123,8 +121,7 @@ async def endpoint_deliveries(
     endpoint_id: str,
     services: ServicesDep,
     merchant: MerchantDep,
-    limit: Limit = DEFAULT_LIMIT,
-    starting_after: str | None = None,
+    paging: PageDep,
     status: models.DeliveryStatus | None = None,
 ) -> dict[str, Any]:
     """Deliveries to this endpoint, newest first; `status=dead` lists the dead letters."""
@@ -132,5 +129,5 @@ async def endpoint_deliveries(
     where = [webhook_deliveries.c.endpoint_id == endpoint_id]
     if status is not None:
         where.append(webhook_deliveries.c.status == status)
-    rows, more = await page(services.db, DELIVERIES, merchant.id, limit, starting_after, where)
+    rows, more = await page(services.db, DELIVERIES, merchant.id, paging, where)
     return list_public(rows, more, delivery_public)
