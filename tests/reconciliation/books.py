@@ -11,6 +11,7 @@ from oncepay.reconciliation import (
     Books,
     FeeRate,
     FeeSchedule,
+    Hold,
     Operation,
     Payment,
     ReportLine,
@@ -26,9 +27,10 @@ class Day:
     lines: list[ReportLine] = field(default_factory=list)
     payments: dict[str, Payment] = field(default_factory=dict)
     authorizations: list[Authorization] = field(default_factory=list)
+    holds: list[Hold] = field(default_factory=list)
 
     def books(self, settled_before: frozenset[str] = frozenset()) -> Books:
-        return Books(self.operations, self.payments, settled_before)
+        return Books(self.operations, self.payments, settled_before, self.holds)
 
 
 def line_for(op: Operation, number: int, **changes: object) -> ReportLine:

@@ -12,6 +12,7 @@ import pytest
 from oncepay.reconciliation import (
     Authorization,
     FeeSchedule,
+    Hold,
     Kind,
     Operation,
     Outcome,
@@ -77,6 +78,9 @@ def plant_every_kind(day: Day) -> dict[Kind, str]:
     i = at("pay_0000005_capture")
     lines[i] = lines[i]._replace(fee=lines[i].fee + 7, net=lines[i].net - 7)
     planted[Kind.FEE_MISMATCH] = "pay_0000005_capture"
+    day.holds.append(Hold("pay_held", "pay_held_a1", 900, "EUR", DAY - timedelta(days=7)))
+    day.holds.append(Hold("pay_fresh", "pay_fresh_a1", 900, "EUR", DAY - timedelta(days=6)))
+    planted[Kind.STALE_AUTHORIZATION] = "pay_held_a1"
     i = at("re_0000010")
     lines[i] = lines[i]._replace(type="capture", net=lines[i].amount - lines[i].fee)
     planted[Kind.TYPE_MISMATCH] = "re_0000010"

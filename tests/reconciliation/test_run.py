@@ -11,9 +11,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
-from oncepay.payments.storage.schema import ledger_entries
+from oncepay.payments.storage.schema import ledger_entries, payments
 from oncepay.reconciliation.acquirer import AcquirerReports
 from oncepay.reconciliation.remediation import void_orphans
 from oncepay.reconciliation.run import reconcile_day, reconcile_file
@@ -133,3 +133,19 @@ async def test_matched_lines_post_their_settlement_once_and_the_ledger_still_che
     assert balances["settled_funds"] == sum(line.net for line in lines)
     assert balances["acquirer_fees"] == sum(line.fee for line in lines)
     assert await stack.ledger_violations() == []
+
+
+async def test_a_payment_authorized_past_the_validity_window_is_stale(stack: Stack) -> None:
+    held = (await stack.pay(capture_method="manual")).json()
+    fresh = (await stack.pay(capture_method="manual")).json()
+    assert held["status"] == fresh["status"] == "authorized"
+    eight_days_ago = datetime.now(UTC).timestamp() - 8 * 86400
+    async with write(stack.db) as conn:
+        await conn.execute(
+            update(payments).where(payments.c.id == held["id"]).values(created_at=eight_days_ago)
+        )
+    reports = AcquirerReports("primary", stack.simulators["primary"])
+    outcome = await reconcile_day(stack.db, reports, datetime.now(UTC).date(), grace_days=0)
+    assert [(d.kind.value, d.reference, d.payment_id) for d in outcome.discrepancies] == [
+        ("stale_authorization", f"{held['id']}_a1", held["id"])
+    ]

@@ -14,6 +14,7 @@ from oncepay.reconciliation.matcher import DEFAULT_GRACE_DAYS, Books, reconcile
 from oncepay.reconciliation.records import (
     Authorization,
     Discrepancy,
+    Hold,
     Kind,
     Operation,
     Outcome,
@@ -31,6 +32,7 @@ __all__ = [
     "Discrepancy",
     "FeeRate",
     "FeeSchedule",
+    "Hold",
     "Kind",
     "Operation",
     "Outcome",

@@ -7,7 +7,8 @@
    type, currency and amount, the lowest reference first. What is left is unknown to OncePay.
 3. **What did not settle**: an operation neither joined nor settled earlier is missing once
    it is ``grace_days`` old; an approved authorization with no payment, on a payment that failed
-   or was canceled, or that is not the payment's authorization, is orphaned.
+   or was canceled, or that is not the payment's authorization, is orphaned; a payment still
+   only authorized ``validity_days`` after its authorization is stale.
 
 Deterministic: the same inputs give the same outcome, discrepancies sorted by reference, kind
 and detail. Lines stream through once; memory holds the operations and the references seen."""
@@ -22,6 +23,7 @@ from oncepay.reconciliation.fees import FeeSchedule
 from oncepay.reconciliation.records import (
     Authorization,
     Discrepancy,
+    Hold,
     Kind,
     Operation,
     Outcome,
@@ -29,10 +31,13 @@ from oncepay.reconciliation.records import (
     ReportLine,
 )
 
-__all__ = ["DEFAULT_GRACE_DAYS", "Books", "Settle", "reconcile"]
+__all__ = ["DEFAULT_GRACE_DAYS", "DEFAULT_VALIDITY_DAYS", "Books", "Settle", "reconcile"]
 
 # Card acquirers settle T+1 or T+2; three days leaves a weekend's slack before "missing".
 DEFAULT_GRACE_DAYS = 3
+# Card networks let an authorization stand about seven days for most merchants (longer for
+# hotels and car rentals): past that a capture will likely be refused.
+DEFAULT_VALIDITY_DAYS = 7
 # Payment statuses whose authorization should no longer hold money at the acquirer.
 _ENDED = frozenset({"failed", "canceled"})
 
@@ -52,6 +57,8 @@ _REMEDIATION = {
     "will capture it)",
     Kind.FEE_MISMATCH: "check the acquirer's fee schedule; claim the difference",
     Kind.TYPE_MISMATCH: "ask the acquirer which movement this line is",
+    Kind.STALE_AUTHORIZATION: "capture it now if the goods went out (the acquirer may refuse), "
+    "else cancel the payment",
 }
 
 
@@ -62,6 +69,7 @@ class Books:
     operations: Sequence[Operation]  # the unsettled ones, and those the report may settle
     payments: Mapping[str, Payment] = field(default_factory=dict)
     settled_before: frozenset[str] = frozenset()  # references settled by earlier reports
+    holds: Sequence[Hold] = ()  # payments still authorized, for the stale ones
 
 
 def reconcile(
@@ -73,6 +81,7 @@ def reconcile(
     grace_days: int = DEFAULT_GRACE_DAYS,
     fees: FeeSchedule | None = None,
     settle: Settle | None = None,
+    validity_days: int = DEFAULT_VALIDITY_DAYS,
 ) -> Outcome:
     """Match ``lines`` (one acquirer's report up to ``as_of``) against ``books``.
 
@@ -84,6 +93,7 @@ def reconcile(
     run.settle_residual()
     run.find_missing(as_of, grace_days)
     run.find_orphans(authorizations)
+    run.find_stale(as_of, validity_days)
     return run.outcome()
 
 
@@ -177,6 +187,16 @@ class _Run:
                 self.found.append(
                     _discrepancy(Kind.ORPHANED_AUTHORIZATION, auth.reference, auth.order_id, detail)
                 )
+
+    def find_stale(self, as_of: date, validity_days: int) -> None:
+        for hold in self.books.holds:
+            age = (as_of - hold.day).days
+            if age >= validity_days:
+                detail = f"authorized {hold.amount} {hold.currency} on {hold.day}, {age} days ago"
+                found = _discrepancy(
+                    Kind.STALE_AUTHORIZATION, hold.reference, hold.payment_id, detail
+                )
+                self.found.append(found)
 
     def _settle(self, line: ReportLine, op: Operation) -> None:
         self.matched += 1

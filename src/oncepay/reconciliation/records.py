@@ -12,6 +12,7 @@ from typing import NamedTuple
 __all__ = [
     "Authorization",
     "Discrepancy",
+    "Hold",
     "Kind",
     "Operation",
     "Outcome",
@@ -31,6 +32,7 @@ class Kind(StrEnum):
     ORPHANED_AUTHORIZATION = "orphaned_authorization"
     FEE_MISMATCH = "fee_mismatch"  # the fee, or net = amount - fee, differs from the schedule
     TYPE_MISMATCH = "type_mismatch"  # a capture reported as a refund, or the other way round
+    STALE_AUTHORIZATION = "stale_authorization"  # held past the acquirer's validity, uncaptured
 
 
 class ReportLine(NamedTuple):
@@ -59,6 +61,18 @@ class Operation:
     reference: str
     payment_id: str
     type: str  # capture|refund
+    amount: int
+    currency: str
+    day: date
+
+
+@dataclass(frozen=True, slots=True)
+class Hold:
+    """A payment OncePay still holds as authorized (never captured nor canceled), from the
+    UTC day it was authorized: past the acquirer's validity window its money is gone."""
+
+    payment_id: str
+    reference: str  # the authorization's, ``{payment}_a{attempt}``
     amount: int
     currency: str
     day: date

@@ -22,10 +22,10 @@ from pathlib import Path
 from oncepay.reconciliation.acquirer import AcquirerReports
 from oncepay.reconciliation.fees import DEFAULT_SCHEDULE
 from oncepay.reconciliation.mapping import ONCEPAY, ColumnMapping
-from oncepay.reconciliation.matcher import Books, reconcile
+from oncepay.reconciliation.matcher import DEFAULT_VALIDITY_DAYS, Books, reconcile
 from oncepay.reconciliation.records import Authorization, Outcome, ReportLine
 from oncepay.reconciliation.report import read_report
-from oncepay.reconciliation.source import operations_between, payments_by_id
+from oncepay.reconciliation.source import holds_from, operations_between, payments_by_id
 from oncepay.storage.db import Database
 
 __all__ = ["reconcile_day", "reconcile_file"]
@@ -77,7 +77,9 @@ async def _books(
 ) -> Books:
     operations = await operations_between(db, acquirer, first, last)
     payments = await payments_by_id(db, (a.order_id for a in authorizations))
-    return Books(operations, payments, settled_before)
+    stale_from = last - timedelta(days=DEFAULT_VALIDITY_DAYS)
+    holds = await holds_from(db, acquirer, stale_from)
+    return Books(operations, payments, settled_before, holds)
 
 
 def _lines(report: bytes) -> Iterator[ReportLine]:

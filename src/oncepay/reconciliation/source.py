@@ -18,10 +18,10 @@ from sqlalchemy import select
 from oncepay.errors import OncePayError
 from oncepay.payments.failover import reference as authorization_reference
 from oncepay.payments.storage.schema import ledger_transactions, payments, refunds
-from oncepay.reconciliation.records import Operation, Payment
+from oncepay.reconciliation.records import Hold, Operation, Payment
 from oncepay.storage.db import Database, read
 
-__all__ = ["operations_between", "payments_by_id"]
+__all__ = ["holds_from", "operations_between", "payments_by_id"]
 
 # Payment ids per IN (...) list: well under SQLite's 32,766 bound variables and small enough
 # for PostgreSQL to plan as an index lookup.
@@ -96,6 +96,36 @@ async def payments_by_id(db: Database, ids: Iterable[str]) -> dict[str, Payment]
             for row in (await conn.execute(query)).all():
                 found[row.id] = Payment(row.id, row.status, row.authorization_id)
     return found
+
+
+async def holds_from(db: Database, acquirer: str, before: date) -> list[Hold]:
+    """Payments at ``acquirer`` still only authorized, authorized before the UTC day
+    ``before``, ordered by payment id."""
+    query = (
+        select(
+            payments.c.id,
+            payments.c.attempt,
+            payments.c.amount,
+            payments.c.currency,
+            payments.c.created_at,
+        )
+        .where(
+            payments.c.status == "authorized",
+            payments.c.acquirer == acquirer,
+            payments.c.created_at < _midnight(before),
+        )
+        .order_by(payments.c.id)
+    )
+    async with read(db) as conn:
+        rows = (await conn.execute(query)).all()
+    return [
+        Hold(pid, authorization_reference(pid, attempt), amount, currency, _day_of(created_at))
+        for pid, attempt, amount, currency, created_at in rows
+    ]
+
+
+def _day_of(timestamp: float) -> date:
+    return datetime.fromtimestamp(timestamp, UTC).date()
 
 
 def _midnight(day: date) -> float:
