@@ -117,7 +117,8 @@ class Series:
             for block, count in decisions.items()
             if count >= thresholds.min_opportunity
         )
-        kept = rated[: len(rated) - len(rated) // 10]  # the busiest tenth may be the anomaly
+        # The busiest tenth may be the anomaly; in a log of a day or so, still the busiest block.
+        kept = rated[: len(rated) - (max(1, len(rated) // 10) if len(rated) >= 4 else 0)]
         opportunity = sum(count for _, _, count in kept)
         return sum(n for _, n, _ in kept) / opportunity if opportunity else 0.0
 
