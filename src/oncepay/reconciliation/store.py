@@ -64,7 +64,7 @@ discrepancies = Table(
     Column("acquirer", String(32), nullable=False),
     Column("kind", String(32), nullable=False),
     Column("reference", String(255), nullable=False),
-    Column("payment_id", String(40)),
+    Column("payment_id", String(255)),  # a report may name any payment, even no real one
     Column("detail", Text, nullable=False),
     Column("remediation", Text, nullable=False),
     Column("status", String(16), nullable=False),  # open|resolved|accepted
