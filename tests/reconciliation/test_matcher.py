@@ -8,6 +8,8 @@ import random
 from datetime import timedelta
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from oncepay.reconciliation import (
     Authorization,
@@ -225,3 +227,48 @@ def test_kinds_planted_at_random_are_each_found_once(seed: int) -> None:
     day = clean_day(200)
     planted = plant_at_random(day, random.Random(seed))
     assert sorted(found(run(day, grace_days=0))) == sorted(planted)
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.integers(0, 39),  # which clean line
+            st.sampled_from(["keep", "drop", "twice", "amount", "currency", "stranger"]),
+        ),
+        max_size=60,
+    )
+)
+def test_every_line_is_accounted_for_exactly_once(edits: list[tuple[int, str]]) -> None:
+    """Whatever is done to a report, each line ends matched or in exactly one line-level
+    discrepancy (a fee difference rides along with a match), and each operation is settled,
+    mismatched, or missing: never two of them, never none."""
+    day = clean_day(40)
+    clean = list(day.lines)
+    lines = []
+    for index, edit in edits:
+        line = clean[index % len(clean)]
+        if edit == "drop":
+            continue
+        if edit == "twice":
+            lines.append(line._replace(line=len(lines) + 2))
+        if edit == "amount":
+            line = repriced(line, line.amount + 1)
+        if edit == "currency":
+            line = line._replace(currency="CHF")
+        if edit == "stranger":
+            line = line._replace(reference=f"x{len(lines)}", order_id="")
+        lines.append(line._replace(line=len(lines) + 2))
+    outcome = reconcile(lines, day.books(), as_of=DAY, grace_days=0, fees=SCHEDULE)
+    per_line = [d for d in outcome.discrepancies if d.kind is not Kind.MISSING_AT_ACQUIRER]
+    mismatched_refs = {d.reference for d in per_line if d.kind is not Kind.FEE_MISMATCH}
+    line_level = {
+        (d.reference, d.detail.partition(":")[0])
+        for d in per_line
+        if d.kind is not Kind.FEE_MISMATCH
+    }
+    assert outcome.matched + len(line_level) == len(lines)
+    missing = {d.reference for d in outcome.discrepancies if d.kind is Kind.MISSING_AT_ACQUIRER}
+    settled = {op.reference for _, op in outcome.settled}
+    assert not missing & settled
+    assert not missing & mismatched_refs
+    assert missing | settled | mismatched_refs >= {op.reference for op in day.operations}
