@@ -244,7 +244,7 @@ def test_every_line_is_accounted_for_exactly_once(edits: list[tuple[int, str]]) 
     mismatched, or missing: never two of them, never none."""
     day = clean_day(40)
     clean = list(day.lines)
-    lines = []
+    lines: list[ReportLine] = []
     for index, edit in edits:
         line = clean[index % len(clean)]
         if edit == "drop":
