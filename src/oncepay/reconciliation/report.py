@@ -30,8 +30,8 @@ def read_report(stream: BinaryIO, mapping: ColumnMapping = ONCEPAY) -> Iterator[
     rows = csv.reader(_text_lines(stream), strict=True)
     parse = _Parser(mapping, _header(rows, mapping))
     try:
-        for number, row in enumerate(rows, start=2):
-            line = parse(number, row)
+        for row in rows:
+            line = parse(rows.line_num, row)  # the physical line, as an editor shows it
             if line is not None:
                 yield line
     except csv.Error as exc:
@@ -40,7 +40,8 @@ def read_report(stream: BinaryIO, mapping: ColumnMapping = ONCEPAY) -> Iterator[
 
 def _text_lines(stream: BinaryIO) -> Iterator[str]:
     for number, read in enumerate(stream, start=1):
-        raw = read[len(codecs.BOM_UTF8) :] if read.startswith(codecs.BOM_UTF8) else read
+        first = number == 1 and read.startswith(codecs.BOM_UTF8)  # as Excel writes UTF-8
+        raw = read[len(codecs.BOM_UTF8) :] if first else read
         if raw in _BLANK:
             raise ReportError(f"line {number}: blank line in the report")
         if b"\x00" in raw:
