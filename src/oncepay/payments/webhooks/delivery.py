@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 import httpx
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import Update, and_, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from oncepay.http._cookies import NoCookies
@@ -186,15 +186,19 @@ async def _renew(svc: Services, claimed: _Claimed, at: float) -> bool:
     """Extend this worker's lock to cover the attempt about to be made."""
     async with write(svc.db) as conn:
         result = await conn.execute(
-            update(webhook_deliveries)
-            .where(
-                webhook_deliveries.c.id == claimed.id,
-                webhook_deliveries.c.lock_token == claimed.token,
-                webhook_deliveries.c.status == "delivering",
-            )
+            _held(claimed)
+            .where(webhook_deliveries.c.status == "delivering")
             .values(locked_until=at + LOCK_SECONDS)
         )
         return bool(result.rowcount)
+
+
+def _held(claimed: _Claimed) -> Update:
+    """An update of the delivery that applies only while this worker holds its lock: a late
+    worker, whose claim another took over, changes nothing."""
+    return update(webhook_deliveries).where(
+        webhook_deliveries.c.id == claimed.id, webhook_deliveries.c.lock_token == claimed.token
+    )
 
 
 def event_payload(event: EventRow) -> bytes:
@@ -239,12 +243,7 @@ async def _record(
     delay = step * random.uniform(1 - JITTER, 1 + JITTER)  # noqa: S311 - jitter, not secrets
     async with write(svc.db) as conn:
         changed = await conn.execute(
-            update(webhook_deliveries)
-            .where(
-                webhook_deliveries.c.id == claimed.id,
-                webhook_deliveries.c.lock_token == claimed.token,
-            )
-            .values(
+            _held(claimed).values(
                 status=status,
                 attempts=attempt,
                 next_attempt_at=now + delay,
@@ -275,12 +274,7 @@ async def _record(
 async def _finish(svc: Services, claimed: _Claimed, now: float, *, status: str, error: str) -> str:
     async with write(svc.db) as conn:
         await conn.execute(
-            update(webhook_deliveries)
-            .where(
-                webhook_deliveries.c.id == claimed.id,
-                webhook_deliveries.c.lock_token == claimed.token,
-            )
-            .values(
+            _held(claimed).values(
                 status=status, locked_until=None, lock_token=None, last_error=error, updated_at=now
             )
         )
