@@ -89,8 +89,10 @@ def speed(lines: int) -> dict[str, Any]:
             "except SystemExit:\n"
             "    pass\n"
             "usage = resource.getrusage(resource.RUSAGE_SELF)\n"
+            # VmHWM, not ru_maxrss: the latter keeps the forking parent's high-water mark
+            "hwm = [l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0]\n"
             "sys.stderr.write(f'{time.perf_counter() - started} "
-            "{usage.ru_utime + usage.ru_stime} {usage.ru_maxrss}\\n')\n"
+            "{usage.ru_utime + usage.ru_stime} {hwm}\\n')\n"
         )
         started = time.perf_counter()
         done = subprocess.run(
