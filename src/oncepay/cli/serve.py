@@ -40,6 +40,13 @@ def serve(
         bool | None,
         typer.Option("--worker/--no-worker", help="Run recovery in the API process too."),
     ] = None,
+    usage_log: Annotated[
+        str | None,
+        typer.Option(
+            help="Append each idempotency decision here (JSON Lines, SPEC §9). "
+            "[env ONCEPAY_USAGE_LOG]"
+        ),
+    ] = None,
 ) -> None:
     """Run the payments service: the API, with recovery, on SQLite unless told otherwise."""
     import uvicorn
@@ -53,6 +60,7 @@ def serve(
         workers=workers,
         run_worker=worker,
         redis_url=redis_url,
+        usage_log=usage_log,
     )
     banner = run_or_exit(_prepare(config))
     console.print(banner, soft_wrap=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from oncepay.http._gate import Gate
 from oncepay.idempotency.engine import Engine
+from oncepay.insight.usage_log import UsageLog
 from oncepay.payments.acquirers.base import Acquirer
 from oncepay.payments.acquirers.breaker import breaker_for
 from oncepay.payments.acquirers.http import HttpAcquirer
@@ -27,7 +28,8 @@ async def start(settings: Settings, acquirers: AcquirerPool | None = None) -> Se
     await migrate(db)
     store = await idempotency_store(db, settings.redis_url)
     engine = Engine(store, ttl=settings.key_ttl, lease=settings.lease)
-    gate = Gate(engine, methods=("POST",), required=True)
+    usage_log = UsageLog(settings.usage_log) if settings.usage_log else None
+    gate = Gate(engine, methods=("POST",), required=True, usage_log=usage_log)
     return Services(settings, db, engine, gate, acquirers or build_acquirers(settings))
 
 

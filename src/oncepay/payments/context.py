@@ -4,6 +4,7 @@ nothing of theirs (:mod:`oncepay.payments.bootstrap` builds it)."""
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 
 from oncepay.http._gate import Gate
@@ -29,4 +30,6 @@ class Services:
     async def aclose(self) -> None:
         await self.acquirers.aclose()
         await self.engine.store.aclose()
+        if self.gate.usage_log is not None:  # its last batch written, off the event loop
+            await asyncio.to_thread(self.gate.usage_log.close)
         await self.db.aclose()

@@ -51,6 +51,7 @@ async def _gated(
     assert isinstance(outcome, Run)  # keys are required: never a pass-through
     IDEMPOTENCY_DECISIONS.labels("resume" if outcome.ticket.resumed else "execute").inc()
     reply = await execute(outcome.ticket)
+    svc.gate.executed(request, outcome, reply.status)  # the key-usage log, if any
     await _remember(svc, outcome.ticket, reply)
     expires = ("idempotency-key-expires", outcome.expires)
     return Reply(reply.status, reply.body, (*reply.headers, expires))

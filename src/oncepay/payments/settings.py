@@ -26,6 +26,8 @@ class Settings(BaseSettings):
     # Attempts per acquirer call (same reference, so harmless): three ride out a blip.
     acquirer_attempts: int = Field(default=3, ge=1)
     redis_url: str | None = None
+    # Append every idempotency decision to this key-usage log (SPEC §9; docs/insight.md).
+    usage_log: str | None = None
     # Stripe keeps keys a day (docs/payments-api.md): long enough for any client retry.
     key_ttl: float = Field(default=24 * 3600.0, gt=0)
     # Outlasts the slowest honest request (two acquirers x attempts x timeout, plus look-ups),

@@ -173,11 +173,14 @@ async def idempotent_local(
 
 
 def gate_request(request: Request) -> GateRequest:
+    client = request.client
     return GateRequest(
         request.method,
         request.url.path,
         request.url.query,
         [(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.scope["headers"]],
+        client.host if client else None,  # for the key-usage log: the client, the route
+        getattr(request.scope.get("route"), "path_format", None),
     )
 
 
