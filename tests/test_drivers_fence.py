@@ -23,7 +23,7 @@ ALLOWED = {
     f"{DRIVERS}.frozen": {
         "oncepay.idempotency.records",
         "oncepay.idempotency.engine",
-        "oncepay.http._gate",
+        "oncepay.http.gate",
     },
 }
 

@@ -9,7 +9,7 @@ import pickle
 import pytest
 
 from oncepay._drivers.frozen import quick_init
-from oncepay.http._gate import Request, Respond, Run
+from oncepay.http.gate import Request, Respond, Run
 from oncepay.idempotency.engine import Execute, Ticket
 from oncepay.idempotency.records import Claim, ClaimOutcome, Record, RecordState, StoredResponse
 

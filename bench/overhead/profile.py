@@ -45,8 +45,8 @@ FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>[^():]*?)(?::(?P<line>\d+))?\)$")
 # Where a frame's file lives → the bucket it is counted in. First match wins.
 BUCKETS: tuple[tuple[str, str], ...] = (
     ("oncepay/http/asgi.py", "OncePay ASGI middleware (asgi.py)"),
-    ("oncepay/http/_gate.py", "OncePay HTTP policy (_gate.py)"),
-    ("oncepay/http/problems.py", "OncePay HTTP policy (_gate.py)"),
+    ("oncepay/http/gate.py", "OncePay HTTP policy (gate.py)"),
+    ("oncepay/http/problems.py", "OncePay HTTP policy (gate.py)"),
     ("oncepay/idempotency/keys.py", "OncePay key parsing + fingerprint (keys.py)"),
     ("oncepay/idempotency/engine.py", "OncePay engine (engine.py)"),
     ("oncepay/idempotency/stores/_redis_scripts.py", "OncePay Redis store (args/decode)"),

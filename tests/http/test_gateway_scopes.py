@@ -19,8 +19,8 @@ from oncepay.http import (
     scope_from_cookie,
     scope_from_header,
 )
-from oncepay.http._gate import Request
 from oncepay.http.asgi import Receive, Scope, Send
+from oncepay.http.gate import Request
 from tests.http.test_gateway import count, gateway
 from tests.processes import free_port, running, uvicorn_args
 

@@ -12,7 +12,7 @@ that wraps it and translates its errors at the boundary — ``resp`` by
 ``idempotency/stores/redis.py``, ``pgpool`` by ``idempotency/stores/postgres.py``, ``sqlite`` by
 ``storage/db.py`` (and ``idempotency/stores/sqlite.py`` for its WAL switch) — and by
 its own tests. ``frozen`` is a class decorator, not a connection: the modules that define the value
-classes (``idempotency/records.py``, ``idempotency/engine.py``, ``http/_gate.py``) apply it and
+classes (``idempotency/records.py``, ``idempotency/engine.py``, ``http/gate.py``) apply it and
 nothing else imports it. ``tests/test_drivers_fence.py`` checks the rule; each driver has its own
 tests (``test_resp.py``, ``test_pgpool.py``, ``test_frozen.py``,
 ``payments/test_sqlite_driver.py``). A driver imports nothing from

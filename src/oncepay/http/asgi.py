@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from oncepay.errors import OncePayError
-from oncepay.http._gate import (
+from oncepay.http.gate import (
     EXPIRES_HEADER,
     Gate,
     Request,

@@ -28,8 +28,8 @@ import httpx
 
 from oncepay.errors import OncePayError
 from oncepay.http._cookies import NoCookies
-from oncepay.http._gate import NOT_STORED, OUTCOME_UNKNOWN_HEADER, Gate, Request, ScopeFunction
 from oncepay.http.asgi import IdempotencyMiddleware, Message, Receive, Scope, Send
+from oncepay.http.gate import NOT_STORED, OUTCOME_UNKNOWN_HEADER, Gate, Request, ScopeFunction
 from oncepay.http.problems import Problem
 from oncepay.http.scopes import scope_from_cookie, scope_from_header
 from oncepay.idempotency.stores import store_from_url

@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from oncepay.errors import ConfigurationError, IdempotencyScopeMissing
-from oncepay.http._gate import Request, ScopeFunction
+from oncepay.http.gate import Request, ScopeFunction
 
 __all__ = ["scope_from_cookie", "scope_from_header"]
 

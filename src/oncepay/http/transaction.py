@@ -38,7 +38,7 @@ from collections.abc import Awaitable, Iterable, Mapping
 from typing import Any
 
 from oncepay.errors import ConfigurationError
-from oncepay.http._gate import Gate, Run
+from oncepay.http.gate import Gate, Run
 from oncepay.idempotency._transactions import is_a, unwrapped
 from oncepay.idempotency.engine import Ticket
 from oncepay.idempotency.records import StoredResponse

@@ -25,7 +25,7 @@ from typing import Any
 
 from oncepay._loop import LoopThread
 from oncepay.errors import OncePayError
-from oncepay.http._gate import Gate, Passthrough, Request, Respond, Run
+from oncepay.http.gate import Gate, Passthrough, Request, Respond, Run
 from oncepay.http.transaction import TICKET_KEY, RequestTicket
 from oncepay.idempotency.engine import (
     DEFAULT_LEASE,

@@ -6,7 +6,7 @@ per configured URL."""
 
 from __future__ import annotations
 
-from oncepay.http._gate import Gate
+from oncepay.http.gate import Gate
 from oncepay.idempotency.engine import Engine
 from oncepay.insight.usage_log import UsageLog
 from oncepay.payments.acquirers.base import Acquirer

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
-from oncepay.http._gate import Gate
+from oncepay.http.gate import Gate
 from oncepay.idempotency.engine import Engine
 from oncepay.payments.acquirers.pool import AcquirerPool
 from oncepay.payments.records import Merchant

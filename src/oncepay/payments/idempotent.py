@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from oncepay.http._gate import Request, Respond, Run
+from oncepay.http.gate import Request, Respond, Run
 from oncepay.idempotency.engine import Execute, Ticket
 from oncepay.idempotency.stores.tiered import TieredStore
 from oncepay.payments.context import Services

@@ -11,7 +11,7 @@ from fastapi.responses import Response
 from fastapi.security import HTTPBearer
 
 from oncepay.errors import OncePayError
-from oncepay.http._gate import Request as GateRequest
+from oncepay.http.gate import Request as GateRequest
 from oncepay.http.problems import PROBLEM_CONTENT_TYPE
 from oncepay.payments import models
 from oncepay.payments.api.jsonbody import StrictJsonRoute

@@ -6,8 +6,8 @@ from __future__ import annotations
 from typing import Any
 
 from oncepay.errors import RequestTooLarge
-from oncepay.http._gate import DEFAULT_MAX_BODY
 from oncepay.http.asgi import ASGIApp, Message, Receive, Scope, Send
+from oncepay.http.gate import DEFAULT_MAX_BODY
 from oncepay.payments.api.deps import problem_response
 from oncepay.payments.metrics import REQUESTS
 

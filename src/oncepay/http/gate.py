@@ -1,6 +1,13 @@
 """What every HTTP surface shares: which requests are managed, how a key, scope and
 fingerprint are read from a request, and how a decision becomes a response. No I/O here:
-the ASGI and WSGI middleware and the gateway do the sending."""
+the ASGI and WSGI middleware and the gateway do the sending.
+
+This module is also the seam between ``oncepay.http`` and the payments service: the payments
+API drives the same :class:`Gate` (``decide`` with the merchant as scope, then ``finish`` or
+``abandon``) so that its decision table is the middleware's, not a copy. It is a stable
+contract inside OncePay, not part of the user-facing surface (``oncepay.http.__all__``): a
+change to :class:`Gate`, :class:`Request`, :class:`Run`, :class:`Respond` or
+:class:`Passthrough` is a change to both."""
 
 from __future__ import annotations
 
