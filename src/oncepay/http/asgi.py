@@ -29,7 +29,7 @@ from oncepay.idempotency.engine import (
 )
 from oncepay.idempotency.stores import Store
 
-__all__ = ["IdempotencyMiddleware"]
+__all__ = ["DISCONNECTED", "IdempotencyMiddleware", "read_body", "replaying"]
 
 log = logging.getLogger("oncepay.http")
 
@@ -95,8 +95,8 @@ class IdempotencyMiddleware:
         if not gate.wants_key(request):
             await self.app(scope, receive, send)
             return
-        body = await _read_body(request, receive, gate.max_body)
-        if body is _DISCONNECTED:
+        body = await read_body(request.header("content-length"), receive, gate.max_body)
+        if body is DISCONNECTED:
             return  # the client left mid-upload: nothing claimed, nothing run
         if body is None:
             await _respond(send, gate.too_large())
@@ -109,11 +109,11 @@ class IdempotencyMiddleware:
             app_scope = _bodies_only(scope)
             if gate.usage_log is not None:
                 responder.noting = (request, app_scope, scope.get("root_path", ""))
-            await responder.run(self.app, app_scope, _replaying(body, receive))
+            await responder.run(self.app, app_scope, replaying(body, receive))
         elif isinstance(outcome, Respond):
             await _respond(send, outcome)
         else:  # Passthrough: no key where none is required, or failing open
-            await self.app(scope, _replaying(body, receive), send)
+            await self.app(scope, replaying(body, receive), send)
 
     def _closing_at_shutdown(self, send: Send) -> Send:
         """The app's lifespan ``send``, which closes the store once the app has shut down
@@ -139,20 +139,20 @@ class IdempotencyMiddleware:
             await asyncio.get_running_loop().run_in_executor(None, self.gate.usage_log.close)
 
 
-# What _read_body returns when the client disconnects before the body is complete: a truncated
+# What read_body returns when the client disconnects before the body is complete: a truncated
 # body must never be fingerprinted, claimed and run as if it were the whole request.
-_DISCONNECTED = b"\x00oncepay:disconnected"
+DISCONNECTED = b"\x00oncepay:disconnected"
 
 
-async def _read_body(request: Request, receive: Receive, limit: int) -> bytes | None:
-    """The whole request body, ``None`` once it is known to exceed ``limit``, or
-    ``_DISCONNECTED`` (the very object) if the client went away first."""
-    declared = request.header("content-length")
+async def read_body(declared: str | None, receive: Receive, limit: int) -> bytes | None:
+    """The whole request body, ``None`` once it is known to exceed ``limit`` (``declared`` is
+    the request's ``Content-Length``, if it sent one), or :data:`DISCONNECTED` (the very
+    object) if the client went away first. The payments API's body limit reads with it too."""
     if declared is not None and declared.isascii() and declared.isdigit() and int(declared) > limit:
         return None
     message = await receive()
     if message["type"] != "http.request":
-        return _DISCONNECTED
+        return DISCONNECTED
     first = message.get("body", b"")
     if not message.get("more_body", False):  # the usual case: the whole body in one message
         return first if len(first) <= limit else None
@@ -161,7 +161,7 @@ async def _read_body(request: Request, receive: Receive, limit: int) -> bytes | 
     while size <= limit:
         message = await receive()
         if message["type"] != "http.request":
-            return _DISCONNECTED
+            return DISCONNECTED
         chunk = message.get("body", b"")
         size += len(chunk)
         chunks.append(chunk)
@@ -180,7 +180,7 @@ def _bodies_only(scope: Scope) -> Scope:
     return {**scope, "extensions": kept}
 
 
-def _replaying(body: bytes, receive: Receive) -> Receive:
+def replaying(body: bytes, receive: Receive) -> Receive:
     """A ``receive`` that hands the app the body we already read, then the real channel."""
     sent = False
 

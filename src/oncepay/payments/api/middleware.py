@@ -6,7 +6,16 @@ from __future__ import annotations
 from typing import Any
 
 from oncepay.errors import RequestTooLarge
-from oncepay.http.asgi import ASGIApp, Message, Receive, Scope, Send
+from oncepay.http.asgi import (
+    DISCONNECTED,
+    ASGIApp,
+    Message,
+    Receive,
+    Scope,
+    Send,
+    read_body,
+    replaying,
+)
 from oncepay.http.gate import DEFAULT_MAX_BODY
 from oncepay.payments.api.deps import problem_response
 from oncepay.payments.metrics import REQUESTS
@@ -26,35 +35,15 @@ class BodyLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        declared = dict(scope["headers"]).get(b"content-length", b"0")
-        if declared.isdigit() and int(declared) > self.limit:
+        declared = dict(scope["headers"]).get(b"content-length")
+        length = declared.decode("latin-1") if declared is not None else None
+        body = await read_body(length, receive, self.limit)
+        if body is DISCONNECTED:
+            return  # the client went away before its body arrived: nothing to do
+        if body is None:
             await self._refuse(scope, receive, send)
             return
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":
-                return  # the client went away before its body arrived: nothing to do
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.limit:
-                await self._refuse(scope, receive, send)
-                return
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
-        body = b"".join(chunks)
-        delivered = False
-
-        async def replay() -> Message:
-            nonlocal delivered
-            if not delivered:
-                delivered = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
-
-        await self.app(scope, replay, send)
+        await self.app(scope, replaying(body, receive), send)
 
     async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
         error = RequestTooLarge(f"request body exceeds the limit of {self.limit} bytes")
