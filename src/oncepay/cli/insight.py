@@ -161,11 +161,16 @@ def score(
     kinds = score_findings(analyzer.findings(), truth)
     result: dict[str, Any] = {
         "kinds": [
-            {"kind": k.kind, "labels": k.labels, "findings": k.findings,
-             "precision": k.precision, "recall": k.recall}
+            {
+                "kind": k.kind,
+                "labels": k.labels,
+                "findings": k.findings,
+                "precision": k.precision,
+                "recall": k.recall,
+            }
             for k in kinds
         ]
-    }  # fmt: skip
+    }
     if held_out is not None:
         with held_out.open("rb") as file:
             ttl = score_ttl(UsageReader(file), analyzer.ttl())
@@ -179,13 +184,17 @@ def score(
         print(json.dumps(result))
         return
     for k in kinds:
-        print(f"{k.kind:20} labels {k.labels:3}  findings {k.findings:3}  "
-              f"precision {k.precision:.3f}  recall {k.recall:.3f}")  # fmt: skip
+        print(
+            f"{k.kind:20} labels {k.labels:3}  findings {k.findings:3}  "
+            f"precision {k.precision:.3f}  recall {k.recall:.3f}"
+        )
     if "ttl" in result:
         t = result["ttl"]
-        print(f"TTL: {t['retries']} retries, coverage {t['coverage']:.5f} "
-              f"(fixed 24 h {t['coverage_fixed_24h']:.5f}), "
-              f"key-seconds {t['key_seconds_vs_24h']:.3f} of fixed 24 h")  # fmt: skip
+        print(
+            f"TTL: {t['retries']} retries, coverage {t['coverage']:.5f} "
+            f"(fixed 24 h {t['coverage_fixed_24h']:.5f}), "
+            f"key-seconds {t['key_seconds_vs_24h']:.3f} of fixed 24 h"
+        )
 
 
 def _label(obj: dict[str, Any]) -> Label:

@@ -278,8 +278,11 @@ class Gate:
                     IdempotencyKeyInvalid(f"{len(values)} {name} header lines: send one")
                 )
             if values:
-                return self.engine.parse(values[0], required=True) if _single(values[0]) else (
-                    Invalid(IdempotencyKeyInvalid(_FOLDED)))  # fmt: skip
+                return (
+                    self.engine.parse(values[0], required=True)
+                    if _single(values[0])
+                    else (Invalid(IdempotencyKeyInvalid(_FOLDED)))
+                )
         return self.engine.parse(None, required=self.required)
 
     def wants_key(self, request: Request) -> bool:
@@ -478,8 +481,9 @@ class Gate:
         if status >= 400 and self._refused(status, headers, body):
             return self.abandon(run)
         if self.cacheable(status):
-            return self.engine.complete(run.ticket, self.stored(status, headers, body,
-                                                                oversized=oversized))  # fmt: skip
+            return self.engine.complete(
+                run.ticket, self.stored(status, headers, body, oversized=oversized)
+            )
         if _outcome(headers) == "unknown":
             key = run.ticket.key
             log.warning("outcome unknown for key %r: kept locked until its lease lapses", key)
@@ -502,8 +506,9 @@ class Gate:
                 key,
             )
         else:
-            log.exception("response could not be stored; key %r stays locked until its "
-                          "lease lapses", key)  # fmt: skip
+            log.exception(
+                "response could not be stored; key %r stays locked until its lease lapses", key
+            )
 
     async def abandon(self, run: Run) -> None:
         """Release the key after a 5xx or an exception. A failure to release is logged, not

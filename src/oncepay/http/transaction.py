@@ -115,8 +115,11 @@ class RequestTicket:
         if completed is None:
             return self.gate.finishing(self.run, status, headers, body, oversized=oversized)
         if status >= 500:  # its commit failed, say: free the key unless the record committed
-            log.error("key %r completed in the app's transaction, then answered %d",
-                      self.run.ticket.key, status)  # fmt: skip
+            log.error(
+                "key %r completed in the app's transaction, then answered %d",
+                self.run.ticket.key,
+                status,
+            )
             return self.gate.abandon(self.run)
         sent = self.gate.stored(status, headers, body, oversized=oversized)
         if not _same(sent, completed):
@@ -124,9 +127,12 @@ class RequestTicket:
             log.error(
                 "key %r: the response sent (%d, %d bytes) is not the one completed in the "
                 "app's transaction (%d, %d bytes): a retry will get the stored one",
-                self.run.ticket.key, sent.status, len(sent.body), completed.status,
+                self.run.ticket.key,
+                sent.status,
+                len(sent.body),
+                completed.status,
                 len(completed.body),
-            )  # fmt: skip
+            )
         return None
 
     async def finish(self, status: int, headers: list[tuple[str, str]], body: bytes) -> None:
@@ -187,8 +193,11 @@ def _decoded(raw: Iterable[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
 
 def _dbapi(conn: Any) -> Any:
     """Django's connection (or its default-alias proxy) as the driver connection under it."""
-    if is_a(conn, ("django.db.backends.base.base", "BaseDatabaseWrapper"),
-            ("django.utils.connection", "ConnectionProxy")):  # fmt: skip
+    if is_a(
+        conn,
+        ("django.db.backends.base.base", "BaseDatabaseWrapper"),
+        ("django.utils.connection", "ConnectionProxy"),
+    ):
         conn.ensure_connection()
         return conn.connection
     return unwrapped(conn)

@@ -91,9 +91,12 @@ class IdempotencyWSGIMiddleware:
             environ[TICKET_KEY] = None  # behind the middleware, no ticket (yet): request_ticket
         method = environ["REQUEST_METHOD"].upper()
         request = Request(
-            method, environ.get("PATH_INFO", "") or "/", environ.get("QUERY_STRING", ""),
-            _headers(environ), environ.get("REMOTE_ADDR") or None,
-        )  # fmt: skip
+            method,
+            environ.get("PATH_INFO", "") or "/",
+            environ.get("QUERY_STRING", ""),
+            _headers(environ),
+            environ.get("REMOTE_ADDR") or None,
+        )
         if self.disabled or not self.gate.manages(method, request.path):
             return self.app(environ, start_response)
         if not self.gate.wants_key(request):

@@ -95,9 +95,16 @@ class _Key:
     """What is known of one key: there are hundreds of thousands, hence the slots."""
 
     __slots__ = (
-        "conflicts", "expires", "first", "last", "replays", "returns", "route", "source",
+        "conflicts",
+        "expires",
+        "first",
+        "last",
+        "replays",
+        "returns",
+        "route",
+        "source",
         "strangers",
-    )  # fmt: skip
+    )
 
     def __init__(self, at: float, expires: float, route: str, source: str | None) -> None:
         self.first = self.last = at

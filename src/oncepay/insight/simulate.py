@@ -205,8 +205,9 @@ class _Sender:
         self.tenant, self.route, self.fingerprint = tenant, route, fingerprint
 
     def __call__(self, at: float, key: str, decision: str, status: int, source: str) -> Usage:
-        return Usage(at, self.tenant, self.route, key, self.fingerprint, decision, status,
-                     source, TTL)  # fmt: skip
+        return Usage(
+            at, self.tenant, self.route, key, self.fingerprint, decision, status, source, TTL
+        )
 
 
 def _keep(p: _Profile, sent: tuple[float, str, str, str]) -> None:

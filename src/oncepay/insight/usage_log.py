@@ -226,8 +226,12 @@ class UsageLog:
             self._file = None
         if not self._failing:
             self._failing = True
-            log.error("the key-usage log %s cannot be written (%r): records are being dropped "
-                      "until it can", self._name(), error)  # fmt: skip
+            log.error(
+                "the key-usage log %s cannot be written (%r): records are being dropped "
+                "until it can",
+                self._name(),
+                error,
+            )
 
     def _name(self) -> str:
         return str(self.path) if self.path is not None else repr(self._file)
