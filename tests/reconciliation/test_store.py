@@ -84,7 +84,9 @@ async def test_a_discrepancy_is_opened_once_across_runs_and_closed_with_a_note(
         await close(db, first_id, "resolved", "again", now=4.0)
     assert len(await open_discrepancies(db)) == 1
     # a closed discrepancy found again stays closed: a person already judged it
-    third = await save_run(db, "primary", date(2026, 12, 3), outcome_with_two_discrepancies(
-        date(2026, 12, 3)), now=5.0)  # fmt: skip
+    third_day = date(2026, 12, 3)
+    third = await save_run(
+        db, "primary", third_day, outcome_with_two_discrepancies(third_day), now=5.0
+    )
     assert third.opened == 0
     assert len(await open_discrepancies(db)) == 1

@@ -13,6 +13,7 @@ from oncepay.cli.insight import insight_app
 from oncepay.cli.ledger import ledger_app
 from oncepay.cli.merchants import merchants_app
 from oncepay.cli.purge import purge
+from oncepay.cli.reconcile import reconcile
 from oncepay.cli.serve import serve
 from oncepay.cli.worker import worker
 
@@ -40,6 +41,7 @@ app.command()(purge)
 app.command()(gateway)
 app.command()(chaos)
 app.add_typer(insight_app, name="insight")
+app.command()(reconcile)
 
 
 def _register_acquirer() -> None:

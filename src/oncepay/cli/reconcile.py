@@ -1,0 +1,145 @@
+"""``oncepay reconcile``: an acquirer's settlement report against OncePay's books (SPEC §7 and
+§10, docs/reconciliation.md). Prints the outcome (``--json``: the SPEC document) and exits 1
+while discrepancies remain, 2 when the report, the database or the acquirer cannot be used."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, date, datetime
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import typer
+
+from oncepay.cli._common import DatabaseUrl, console, run_or_exit, settings
+from oncepay.errors import ConfigurationError
+from oncepay.reconciliation.mapping import MAPPINGS
+from oncepay.reconciliation.matcher import DEFAULT_GRACE_DAYS
+from oncepay.reconciliation.records import Outcome
+
+__all__ = ["reconcile"]
+
+AcquirerUrl = Annotated[
+    str | None,
+    typer.Option(
+        "--acquirer-url",
+        help="The primary acquirer (env ONCEPAY_ACQUIRER_URL; default: the embedded simulator "
+        "on ONCEPAY_ACQUIRER_DATABASE_URL, as oncepay serve runs it).",
+        show_default=False,
+    ),
+]
+SecondaryUrl = Annotated[
+    str | None,
+    typer.Option(
+        "--secondary-acquirer-url",
+        help="The secondary acquirer (env ONCEPAY_SECONDARY_ACQUIRER_URL).",
+        show_default=False,
+    ),
+]
+
+
+def reconcile(
+    database_url: DatabaseUrl = None,
+    acquirer: Annotated[str, typer.Option(help="primary or secondary.")] = "primary",
+    day: Annotated[
+        str | None,
+        typer.Option(
+            "--date",
+            help="The UTC day YYYY-MM-DD whose report to fetch (default: today).",
+            show_default=False,
+        ),
+    ] = None,
+    report: Annotated[
+        Path | None,
+        typer.Option(
+            "--report",
+            help="A report file instead of the acquirer's (see --mapping).",
+            exists=True,
+            dir_okay=False,
+            readable=True,
+        ),
+    ] = None,
+    grace_days: Annotated[
+        int,
+        typer.Option("--grace-days", min=0, help="Days before an unsettled movement is missing."),
+    ] = DEFAULT_GRACE_DAYS,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the SPEC §10 JSON document.")
+    ] = False,
+    mapping: Annotated[
+        str, typer.Option(help=f"Columns of --report: {', '.join(sorted(MAPPINGS))}.")
+    ] = "oncepay",
+    acquirer_url: AcquirerUrl = None,
+    secondary_acquirer_url: SecondaryUrl = None,
+) -> None:
+    """Match an acquirer's settlement report against OncePay's captures and refunds."""
+    if day is not None and report is not None:
+        _refuse("--date and --report exclude each other (a file says its own day: today)")
+    if mapping not in MAPPINGS:
+        _refuse(f"--mapping must be one of {', '.join(sorted(MAPPINGS))}")
+    config = settings(
+        database_url=database_url,
+        acquirer_url=acquirer_url,
+        secondary_acquirer_url=secondary_acquirer_url,
+    )
+    as_of = _day(day)
+    outcome: Outcome = run_or_exit(_run(config, acquirer, as_of, report, grace_days, mapping))
+    _print(outcome, as_json)
+    if outcome.discrepancies:
+        raise typer.Exit(1)
+
+
+def _day(value: str | None) -> date:
+    if value is None:
+        return datetime.now(UTC).date()
+    try:
+        return date.fromisoformat(value)
+    except ValueError:
+        _refuse(f"--date {value!r} is not a day YYYY-MM-DD")
+
+
+def _refuse(message: str) -> NoReturn:
+    console.print(f"[red]error:[/red] {message}", soft_wrap=True)
+    raise typer.Exit(2)
+
+
+async def _run(
+    config: Any, acquirer: str, day: date, report: Path | None, grace_days: int, mapping: str
+) -> Outcome:
+    from oncepay.payments.storage.migrations import migrated
+    from oncepay.reconciliation.run import reconcile_day, reconcile_file
+
+    async with migrated(config.database_url) as db:
+        if report is not None:
+            return await reconcile_file(db, acquirer, report, day, grace_days, MAPPINGS[mapping])
+        reports = _reports(config, acquirer)
+        try:
+            return await reconcile_day(db, reports, day, grace_days)
+        finally:
+            await reports.aclose()
+
+
+def _reports(config: Any, acquirer: str) -> Any:
+    """The acquirer's reports, reached as ``oncepay serve`` reaches the acquirer."""
+    from oncepay.reconciliation.acquirer import AcquirerReports
+
+    if acquirer == "secondary":
+        if not config.secondary_acquirer_url:
+            raise ConfigurationError("no secondary acquirer configured (--secondary-acquirer-url)")
+        return AcquirerReports.at(acquirer, config.secondary_acquirer_url)
+    if acquirer != "primary":
+        raise ConfigurationError(f"--acquirer must be primary or secondary, not {acquirer!r}")
+    if config.acquirer_url:
+        return AcquirerReports.at(acquirer, config.acquirer_url)
+    from oncepay.simulator import create_app  # the embedded simulator, as `oncepay serve` runs it
+
+    return AcquirerReports.serving(acquirer, create_app(config.acquirer_database_url))
+
+
+def _print(outcome: Outcome, as_json: bool) -> None:
+    if as_json:
+        typer.echo(json.dumps(outcome.as_json()))
+        return
+    for d in outcome.discrepancies:
+        typer.echo(f"{d.kind.value}\t{d.reference}\t{d.payment_id or '-'}\t{d.detail}")
+    typer.echo(f"matched {outcome.matched}, {len(outcome.discrepancies)} discrepancies")

@@ -1,0 +1,82 @@
+"""``oncepay reconcile`` as a user runs it, in its own process: the SPEC's JSON document, exit
+1 while discrepancies remain and 0 when none, 2 for a report it cannot read; on the payments
+database and the embedded simulator's (SQLite and PostgreSQL)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from tests.payments.acquirer_helpers import auth_body, key
+from tests.payments.stack import Stack, database_url, running_stack
+from tests.processes import oncepay_args
+from tests.servers import require_postgres
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+async def stack(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Stack]:
+    if request.param == "postgres":
+        require_postgres()
+    async with running_stack(database_url(request.param, tmp_path), tmp_path) as running:
+        yield running
+
+
+def reconcile(stack: Stack, tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {
+        **os.environ,
+        "ONCEPAY_DATABASE_URL": stack.services.settings.database_url,
+        # the stack's primary simulator: reconcile embeds it on this database, as serve would
+        "ONCEPAY_ACQUIRER_DATABASE_URL": f"sqlite:///{tmp_path / 'acquirer-primary.db'}",
+    }
+    env.pop("ONCEPAY_ACQUIRER_URL", None)
+    command = oncepay_args("reconcile", *args)
+    return subprocess.run(
+        command, capture_output=True, text=True, env=env, timeout=120, check=False
+    )
+
+
+async def test_reconcile_prints_the_spec_document_and_exits_by_discrepancies(
+    stack: Stack, tmp_path: Path
+) -> None:
+    paid = (await stack.pay(amount=1500)).json()
+    assert paid["status"] == "captured"
+    today = datetime.now(UTC).date().isoformat()
+    clean = reconcile(stack, tmp_path, "--date", today, "--grace-days", "0", "--json")
+    assert (clean.returncode, json.loads(clean.stdout)) == (0, {"matched": 1, "discrepancies": []})
+
+    orphan = auth_body("pay_nobody_a1", order_id="pay_nobody")
+    sim = stack.simulators["primary"]
+    answer = await sim.post("/v1/authorizations", json=orphan, headers=key("pay_nobody_a1"))
+    assert answer.status_code == 201
+    found = reconcile(stack, tmp_path, "--date", today, "--json")
+    document = json.loads(found.stdout)
+    assert found.returncode == 1
+    assert document["matched"] == 1
+    assert [(d["kind"], d["reference"], d["payment_id"]) for d in document["discrepancies"]] == [
+        ("orphaned_authorization", "pay_nobody_a1", "pay_nobody")
+    ]
+    assert set(document["discrepancies"][0]) == {
+        "kind",
+        "reference",
+        "payment_id",
+        "detail",
+        "remediation",
+    }
+
+
+async def test_a_report_that_cannot_be_read_is_exit_2_with_the_reason(
+    stack: Stack, tmp_path: Path
+) -> None:
+    report = tmp_path / "bad.csv"
+    header = b"reference,type,amount,currency,fee,net,settled_at,payout_id\n"
+    report.write_bytes(header + b"r1,capture,12.50,EUR,0,1250,2026-12-01T00:00:00Z,po\n")
+    result = reconcile(stack, tmp_path, "--report", str(report), "--json")
+    assert result.returncode == 2
+    assert "line 2: amount" in result.stderr
+    assert result.stdout == ""
