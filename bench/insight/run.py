@@ -47,9 +47,14 @@ def accuracy(seeds: list[int], tenants: int) -> dict[str, Any]:
             row[3] += kind.found_labels
         score = score_ttl(simulation.records(held_out=True), analyzer.ttl())
         for i, value in enumerate(
-            (score.repeats, score.covered, score.covered_fixed, score.key_seconds,
-             score.key_seconds_fixed)
-        ):  # fmt: skip
+            (
+                score.repeats,
+                score.covered,
+                score.covered_fixed,
+                score.key_seconds,
+                score.key_seconds_fixed,
+            )
+        ):
             ttl[i] += value
     return {
         "kinds": {

@@ -186,8 +186,9 @@ def _fastapi_idempotency_key(redis_url: str, prefix: str) -> Starlette:
                 self._fingerprints[key] = fingerprint
             return acquired, record
 
-        async def store_response(self, key: str, status_code: int, headers: Any, body: bytes,
-                                 ttl: int) -> None:  # fmt: skip
+        async def store_response(
+            self, key: str, status_code: int, headers: Any, body: bytes, ttl: int
+        ) -> None:
             import json as _json
             import time as _time
 
@@ -195,11 +196,15 @@ def _fastapi_idempotency_key(redis_url: str, prefix: str) -> Starlette:
 
             now = _time.time()
             record = IdempotencyRecord(
-                key=key, fingerprint=self._fingerprints.pop(key, ""),
-                status=IdempotencyStatus.COMPLETED, status_code=status_code,
-                headers=list(headers), body=body, created_at=now,
+                key=key,
+                fingerprint=self._fingerprints.pop(key, ""),
+                status=IdempotencyStatus.COMPLETED,
+                status_code=status_code,
+                headers=list(headers),
+                body=body,
+                created_at=now,
                 expires_at=now + ttl if ttl > 0 else 0.0,
-            )  # fmt: skip
+            )
             payload = _json.dumps(record.to_dict())
             await self.redis.eval(self.LUA_STORE_RESPONSE, 1, self._get_key(key), payload, ttl)
 
@@ -207,11 +212,15 @@ def _fastapi_idempotency_key(redis_url: str, prefix: str) -> Starlette:
             self._fingerprints.pop(key, None)
             await super().release_lock(key)
 
-    backend_class = RedisBackend if os.environ.get("OVERHEAD_FAPI_UNPATCHED") else (
-        FingerprintKeepingRedisBackend)  # fmt: skip
+    backend_class = (
+        RedisBackend
+        if os.environ.get("OVERHEAD_FAPI_UNPATCHED")
+        else (FingerprintKeepingRedisBackend)
+    )
     backend = backend_class(redis_url=redis_url, prefix=prefix)
-    return _starlette(charges, [Middleware(IdempotencyMiddleware, backend=backend)],
-                      cleanup=backend.close)  # fmt: skip
+    return _starlette(
+        charges, [Middleware(IdempotencyMiddleware, backend=backend)], cleanup=backend.close
+    )
 
 
 def _powertools(redis_url: str, prefix: str, *, inline: bool) -> Starlette:

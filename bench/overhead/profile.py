@@ -74,8 +74,18 @@ BUCKETS: tuple[tuple[str, str], ...] = (
 # Files of these packages are "ours or a library's"; any other frame (asyncio, contextlib, json,
 # email, dataclass-generated code) is the standard library, folded into its nearest caller
 # that is not, so that e.g. redis-py's StreamWriter.writelines counts as the Redis driver's.
-OWNERS = ("oncepay/", "redis/", "hiredis", "starlette/", "uvicorn/", "httptools", "uvloop",
-          "apps.py", "anyio/", "click/")  # fmt: skip
+OWNERS = (
+    "oncepay/",
+    "redis/",
+    "hiredis",
+    "starlette/",
+    "uvicorn/",
+    "httptools",
+    "uvloop",
+    "apps.py",
+    "anyio/",
+    "click/",
+)
 # The event loop itself: uvloop's C code (epoll, callback dispatch, transport reads) shows up
 # as these frames with nothing above them.
 LOOP = {"Runner.run", "run", "run_until_complete", "run_forever", "BaseEventLoop.run_forever"}
@@ -146,8 +156,9 @@ WATCH = (
 )
 
 
-def parse_raw(text: str) -> tuple[collections.Counter[str], collections.Counter[str],
-                                  collections.Counter[str], int]:  # fmt: skip
+def parse_raw(
+    text: str,
+) -> tuple[collections.Counter[str], collections.Counter[str], collections.Counter[str], int]:
     """Self samples per function, self samples per owning bucket (stdlib folded into its
     caller), inclusive samples per bucket; total."""
     self_fn: collections.Counter[str] = collections.Counter()
@@ -214,12 +225,23 @@ def record(args: argparse.Namespace, variant: str) -> Profile:
             load = subprocess.Popen(wrk_cmd, stdout=subprocess.PIPE, text=True)
             time.sleep(1.5)
             spy = [
-                "taskset", "-c", cfg.load_cpu, pyspy, "record", "--pid", str(pid),
-                "--rate", str(args.rate), "--duration", f"{args.seconds:g}", "--nonblocking",
-            ]  # fmt: skip
+                "taskset",
+                "-c",
+                cfg.load_cpu,
+                pyspy,
+                "record",
+                "--pid",
+                str(pid),
+                "--rate",
+                str(args.rate),
+                "--duration",
+                f"{args.seconds:g}",
+                "--nonblocking",
+            ]
             for fmt, out in (("flamegraph", svg), ("raw", raw)):
-                subprocess.run([*spy, "--format", fmt, "-o", str(out)], check=True,
-                               capture_output=True)  # fmt: skip
+                subprocess.run(
+                    [*spy, "--format", fmt, "-o", str(out)], check=True, capture_output=True
+                )
             stdout, _ = load.communicate()
             cpu1 = process_cpu(pid)
     finally:
@@ -229,10 +251,14 @@ def record(args: argparse.Namespace, variant: str) -> Profile:
     requests = summary.get("requests", 0)
     seconds = summary.get("duration_us", 1) / 1e6
     return Profile(
-        variant, args.path, svg, raw, summary,
+        variant,
+        args.path,
+        svg,
+        raw,
+        summary,
         cpu_us_per_req=(cpu1 - cpu0) / requests * 1e6 if requests else 0.0,
         rps=requests / seconds if requests else 0.0,
-    )  # fmt: skip
+    )
 
 
 def render(args: argparse.Namespace, main: Profile, others: list[Profile]) -> list[str]:
@@ -350,10 +376,14 @@ def compare(profiles: list[Profile]) -> list[str]:
     )
     for prof in profiles:
         self_fn, _, _, total = parse_raw(prof.raw.read_text())
-        lines += ["", f"Top 10 self, `{prof.variant}`: " + "; ".join(
-            f"`{name.split(' (')[0]}` {100 * n / total:.1f}%"
-            for name, n in self_fn.most_common(10)
-        )]  # fmt: skip
+        lines += [
+            "",
+            f"Top 10 self, `{prof.variant}`: "
+            + "; ".join(
+                f"`{name.split(' (')[0]}` {100 * n / total:.1f}%"
+                for name, n in self_fn.most_common(10)
+            ),
+        ]
     return lines
 
 
