@@ -77,6 +77,32 @@ async def test_excluded_arguments_are_not_fingerprinted() -> None:
     assert runs == ["k"]
 
 
+class Payments:
+    """A service object: what a method is called on is no part of the request."""
+
+    def __init__(self) -> None:
+        self.runs: list[str] = []
+
+    @idempotent(MemoryStore(), key="key")
+    async def charge(self, key: str, amount: int) -> int:
+        self.runs.append(key)
+        return amount
+
+    @classmethod
+    @idempotent(MemoryStore(), key="key")
+    def refund(cls, key: str, amount: int) -> int:
+        return -amount
+
+
+async def test_a_methods_receiver_is_not_fingerprinted() -> None:
+    first, second = Payments(), Payments()  # e.g. one per request, as a framework makes them
+    assert await first.charge("k", 5) == await second.charge("k", 5) == 5
+    with pytest.raises(IdempotencyKeyReused):
+        await second.charge("k", 6)
+    assert (first.runs, second.runs) == (["k"], [])
+    assert Payments.refund("r", 3) == Payments.refund("r", 3) == -3
+
+
 async def test_only_included_arguments_are_fingerprinted() -> None:
     @idempotent(MemoryStore(), key="key", include=["amount"])
     async def charge(key: str, amount: int, session: Session, note: str = "") -> int:

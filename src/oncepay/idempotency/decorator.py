@@ -203,15 +203,16 @@ class _Fingerprinting:
             if name not in signature.parameters:
                 raise ConfigurationError(f"{func.__qualname__} has no argument named {name!r}")
 
-    def of(self, target: str, call: _Arguments, key: str | None) -> str:
+    def of(self, target: str, call: _Arguments, skip: frozenset[str | None]) -> str:
+        """``skip``: the key argument and a method's receiver, never part of the request."""
         bound = call.bound
         if self.payload is not None:  # called as the function was, like a key function
             chosen: Any = self.payload(*call.args, **call.kwargs)
         elif self.include is not None:
             chosen = {name: bound.arguments[name] for name in self.include}
         else:
-            skip = self.exclude | {key}
-            chosen = {k: v for k, v in bound.arguments.items() if k not in skip}
+            left_out = self.exclude | skip
+            chosen = {k: v for k, v in bound.arguments.items() if k not in left_out}
         return fingerprint("CALL", target, _fingerprinted(chosen), secret=self.secret)
 
 
@@ -235,6 +236,7 @@ class _Call:
         if isinstance(key, str) and key not in self.signature.parameters:
             raise ConfigurationError(f"{func.__qualname__} has no argument named {key!r}")
         fingerprinting.check(func, self.signature)
+        self.skip: frozenset[str | None] = _receiver(self.signature)
         self.key = key
         self.scope = scope
         self.required = required
@@ -306,7 +308,7 @@ class _Call:
             log.debug("%s: no idempotency key, running unprotected", self.target)
             return None
         name = self.key if isinstance(self.key, str) else None
-        return parse_key(str(raw)), self.fingerprinting.of(self.target, call, name)
+        return parse_key(str(raw)), self.fingerprinting.of(self.target, call, self.skip | {name})
 
     def _no_key(self) -> str:
         named = f"argument {self.key!r}" if isinstance(self.key, str) else "key function"
@@ -485,6 +487,17 @@ def _return_type(func: Callable[..., Any]) -> Any:
 
 def _bytes(body: bytes | str) -> bytes:
     return body.encode() if isinstance(body, str) else body
+
+
+# A method's first parameter by Python's convention: the object (or class) it was called on,
+# which is the caller's plumbing (a service, a repository), not part of the request.
+_RECEIVERS = frozenset({"self", "cls"})
+
+
+def _receiver(signature: inspect.Signature) -> frozenset[str | None]:
+    """A method's receiver, left out of the default fingerprint (``include=`` may name it)."""
+    first = next(iter(signature.parameters), None)
+    return frozenset({first}) if first in _RECEIVERS else frozenset()
 
 
 def _fingerprinted(chosen: Any) -> bytes:
