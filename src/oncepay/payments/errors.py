@@ -27,6 +27,7 @@ __all__ = [
     "InvalidRequest",
     "InvalidStateTransition",
     "OperationInProgress",
+    "OperatorOnly",
     "OutcomeUnknown",
     "ResourceMissing",
 ]
@@ -41,6 +42,12 @@ class AuthenticationFailed(ClientError):
         super().__init__(detail)
         if code:
             self.code = code
+
+
+class OperatorOnly(ClientError):
+    status = 401
+    code = "operator_token_required"
+    title = "A valid operator token is required"
 
 
 class ResourceMissing(ClientError):

@@ -67,6 +67,9 @@ class Settings(BaseSettings):
     # network, and one naming 127.0.0.1, 10.x or 169.254.169.254 (cloud metadata) would make
     # the worker a proxy onto internal services (SSRF). True for development and tests only.
     webhook_allow_private: bool = False
+    # The operator token (SPEC §11): a bearer token for the operator API (/v1/admin/...) and
+    # the dashboard. Unset, both are off (404): there is no default operator.
+    admin_token: str | None = Field(default=None, min_length=16)
     # How often the worker looks for abandoned requests and expired keys.
     worker_interval: float = Field(default=1.0, gt=0)
 

@@ -4,6 +4,7 @@ check and the idempotent request helpers."""
 
 from __future__ import annotations
 
+import hmac
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request, Security
@@ -16,7 +17,7 @@ from oncepay.http.problems import PROBLEM_CONTENT_TYPE
 from oncepay.payments import models
 from oncepay.payments.api.jsonbody import StrictJsonRoute
 from oncepay.payments.context import Services
-from oncepay.payments.errors import InvalidRequest
+from oncepay.payments.errors import InvalidRequest, OperatorOnly, ResourceMissing
 from oncepay.payments.idempotent import Work
 from oncepay.payments.idempotent import idempotent as run_idempotent
 from oncepay.payments.idempotent import idempotent_local as run_idempotent_local
@@ -33,6 +34,7 @@ __all__ = [
     "PROBLEMS",
     "Limit",
     "MerchantDep",
+    "OperatorDep",
     "PageDep",
     "ServicesDep",
     "idempotent",
@@ -112,6 +114,25 @@ async def _merchant(request: Request, services: ServicesDep, credentials: Creden
 
 
 MerchantDep = Annotated[Merchant, Depends(_merchant)]
+
+
+async def _operator(request: Request, services: ServicesDep, credentials: Credentials) -> None:
+    """The operator token (``ONCEPAY_ADMIN_TOKEN``, SPEC §11) guards the operator API: a
+    bearer token compared in constant time. With no token configured the operator API does
+    not exist (404), so a forgotten setting never leaves it open."""
+    expected = services.settings.admin_token
+    if not expected:
+        raise ResourceMissing("the operator API is off: set ONCEPAY_ADMIN_TOKEN to turn it on")
+    scheme, _, token = (request.headers.get("authorization") or "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(
+        token.strip().encode(), expected.encode()
+    ):
+        raise OperatorOnly("send the operator token as 'Authorization: Bearer <token>'")
+    _refuse_unknown_query(request)
+
+
+# Every operator route depends on this: ``router = resource_router(operator=True)``.
+OperatorDep = Annotated[None, Depends(_operator)]
 Limit = Annotated[int, Query(ge=1, le=MAX_LIMIT)]
 
 
@@ -151,7 +172,9 @@ def _all_query_params(dependant: Any) -> list[Any]:
 
 
 def _authenticates(dependant: Any) -> bool:
-    return any(sub.call is _merchant or _authenticates(sub) for sub in dependant.dependencies)
+    return any(
+        sub.call in (_merchant, _operator) or _authenticates(sub) for sub in dependant.dependencies
+    )
 
 
 async def idempotent(
@@ -184,9 +207,14 @@ def gate_request(request: Request) -> GateRequest:
     )
 
 
-def resource_router(prefix: str = "") -> APIRouter:
+def resource_router(prefix: str = "", *, operator: bool = False) -> APIRouter:
     """A resource's router: its routes read JSON by one rule and refuse unknown query
-    parameters."""
+    parameters. ``operator=True``: every route needs the operator token (the operator API,
+    under ``/v1/admin``, hidden from the merchants' OpenAPI document)."""
+    dependencies = [Depends(_operator)] if operator else [Depends(known_query_only)]
     return APIRouter(
-        prefix=prefix, route_class=StrictJsonRoute, dependencies=[Depends(known_query_only)]
+        prefix=prefix,
+        route_class=StrictJsonRoute,
+        dependencies=dependencies,
+        include_in_schema=not operator,
     )
