@@ -168,3 +168,5 @@ async def test_the_fastapi_dependency() -> None:
     assert first.json() == {"duplicate": False, "type": "payment.captured"}
     assert second.json() == {"duplicate": True, "type": "payment.captured"}
     assert forged.status_code == 400
+    assert forged.headers["content-type"] == "application/problem+json"
+    assert "signature" in forged.json()["detail"]

@@ -166,7 +166,10 @@ class WebhookReceiver:
                 async with self.receive(body, dict(request.headers)) as received:
                     yield received
             except (InvalidWebhook, RequestInProgress) as exc:
-                raise HTTPException(exc.status, exc.detail) from exc
+                # FastAPI's own handler answers {"detail": ...}: with this type it is an RFC
+                # 9457 problem (every member is optional), whatever handlers the app has.
+                problem = {"content-type": "application/problem+json"}
+                raise HTTPException(exc.status, exc.detail, headers=problem) from exc
 
         # FastAPI reads annotations to inject parameters; this module's are strings naming
         # a class it imports lazily (to need no web framework), so give it the class itself.

@@ -24,6 +24,9 @@ app = typer.Typer(
     help="Exactly-once payments: idempotency toolkit and payments service.",
     no_args_is_help=True,
     add_completion=False,
+    # Click's own help layout: rich mode in typer 0.29 prints a type beside every flag
+    # ("--help <bool>") and keeps docstrings' line breaks mid-sentence.
+    rich_markup_mode=None,
 )
 
 
@@ -33,15 +36,15 @@ def version() -> None:
     print(__version__)
 
 
-app.command()(serve)
+app.command(short_help="Run the payments service (the API, with recovery).")(serve)
 app.add_typer(merchants_app, name="merchants")
-app.command()(worker)
+app.command(short_help="Run recovery, webhook delivery and key purging.")(worker)
 app.add_typer(ledger_app, name="ledger")
-app.command()(purge)
-app.command()(gateway)
-app.command()(chaos)
-app.add_typer(insight_app, name="insight")
-app.command()(reconcile)
+app.command(short_help="Remove expired idempotency records.")(purge)
+app.command(short_help="Run the idempotency gateway (a reverse proxy).")(gateway)
+app.command(short_help="Audit exactly-once under faults (exit 1 on a violation).")(chaos)
+app.add_typer(insight_app, name="insight", short_help="Key-usage anomalies and learned TTLs.")
+app.command(short_help="Match settlement reports against OncePay's books.")(reconcile)
 
 
 def _register_acquirer() -> None:
@@ -49,7 +52,7 @@ def _register_acquirer() -> None:
         from oncepay.simulator.command import acquirer
     except ImportError:  # the service extra is not installed
         return
-    app.command("acquirer")(acquirer)
+    app.command("acquirer", short_help="Run the simulated acquirer.")(acquirer)
 
 
 _register_acquirer()

@@ -26,10 +26,12 @@ __all__ = [
     "DatabaseUnavailable",
     "InvalidRequest",
     "InvalidStateTransition",
+    "MethodNotAllowed",
     "OperationInProgress",
     "OperatorOnly",
     "OutcomeUnknown",
     "ResourceMissing",
+    "UnsupportedMediaType",
 ]
 
 
@@ -58,6 +60,18 @@ class ResourceMissing(ClientError):
 
 class InvalidRequest(ClientError):
     title = "The request is malformed"
+
+
+class MethodNotAllowed(ClientError):
+    status = 405
+    code = "method_not_allowed"
+    title = "The method is not allowed on this path"
+
+
+class UnsupportedMediaType(ClientError):
+    status = 415
+    code = "unsupported_media_type"
+    title = "The request body must be JSON"
 
 
 class AmountTooLarge(ClientError):

@@ -63,9 +63,17 @@ def _no_nul(value: str) -> str:
 
 
 Text = Annotated[str, AfterValidator(_no_nul)]
+
+
 Amount = Annotated[int, Field(strict=True, gt=0, le=MAX_AMOUNT, description="Minor units.")]
-MetadataKey = Annotated[Text, StringConstraints(min_length=1, max_length=MAX_METADATA_KEY)]
-MetadataValue = Annotated[Text, StringConstraints(max_length=MAX_METADATA_VALUE)]
+# The length is checked on the str itself (pydantic then says "characters", not "items").
+MetadataKey = Annotated[
+    str, StringConstraints(min_length=1, max_length=MAX_METADATA_KEY), AfterValidator(_no_nul)
+]
+MetadataValue = Annotated[
+    str, StringConstraints(max_length=MAX_METADATA_VALUE), AfterValidator(_no_nul)
+]
+Description = Annotated[str, StringConstraints(max_length=MAX_DESCRIPTION), AfterValidator(_no_nul)]
 
 
 class _Request(BaseModel):
@@ -79,7 +87,7 @@ class PaymentCreate(_Request):
         str, Field(description=f"A test payment method: {', '.join(TEST_PAYMENT_METHODS)}.")
     ]
     capture_method: Literal["automatic", "manual"] = "automatic"
-    description: Annotated[Text, StringConstraints(max_length=MAX_DESCRIPTION)] | None = None
+    description: Description | None = None
     metadata: Annotated[dict[MetadataKey, MetadataValue], Field(max_length=MAX_METADATA_KEYS)] = (
         Field(default_factory=dict)
     )
@@ -274,19 +282,19 @@ EventTypes = Annotated[
     Field(min_length=1, max_length=len(EVENT_TYPES) + 1),
     AfterValidator(_event_types),
 ]
-Url = Annotated[Text, StringConstraints(min_length=1, max_length=2048)]
+Url = Annotated[str, StringConstraints(min_length=1, max_length=2048), AfterValidator(_no_nul)]
 
 
 class WebhookEndpointCreate(_Request):
     url: Url
     events: EventTypes = Field(default_factory=lambda: ["*"])
-    description: Annotated[Text, StringConstraints(max_length=MAX_DESCRIPTION)] | None = None
+    description: Description | None = None
 
 
 class WebhookEndpointUpdate(_Request):
     url: Url | None = None
     events: EventTypes | None = None
-    description: Annotated[Text, StringConstraints(max_length=MAX_DESCRIPTION)] | None = None
+    description: Description | None = None
     disabled: bool | None = None
 
 

@@ -172,9 +172,7 @@ def _all_query_params(dependant: Any) -> list[Any]:
 
 
 def _authenticates(dependant: Any) -> bool:
-    return any(
-        sub.call in (_merchant, _operator) or _authenticates(sub) for sub in dependant.dependencies
-    )
+    return bool(_calls(dependant) & {_merchant, _operator})
 
 
 async def idempotent(
@@ -207,6 +205,27 @@ def gate_request(request: Request) -> GateRequest:
     )
 
 
+class ApiRoute(StrictJsonRoute):
+    """Every route of the API: a bad body is answered only once the caller is known (401
+    before 400 or 415, as for FastAPI's own checks, which run after the dependencies)."""
+
+    async def before_refusing(self, request: Request) -> None:
+        calls = _calls(self.dependant)
+        services = _services(request)
+        if _operator in calls:
+            await _operator(request, services, None)
+        elif _merchant in calls:
+            await authenticate(services, request.headers.get("authorization"))
+
+
+def _calls(dependant: Any) -> set[Any]:
+    found = set()
+    for sub in dependant.dependencies:
+        found.add(sub.call)
+        found |= _calls(sub)
+    return found
+
+
 def resource_router(prefix: str = "", *, operator: bool = False) -> APIRouter:
     """A resource's router: its routes read JSON by one rule and refuse unknown query
     parameters. ``operator=True``: every route needs the operator token (the operator API,
@@ -214,7 +233,7 @@ def resource_router(prefix: str = "", *, operator: bool = False) -> APIRouter:
     dependencies = [Depends(_operator)] if operator else [Depends(known_query_only)]
     return APIRouter(
         prefix=prefix,
-        route_class=StrictJsonRoute,
+        route_class=ApiRoute,
         dependencies=dependencies,
         include_in_schema=not operator,
     )

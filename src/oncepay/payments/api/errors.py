@@ -14,7 +14,7 @@ from starlette.routing import Match
 
 from oncepay.errors import OncePayError
 from oncepay.payments.api.deps import problem_response
-from oncepay.payments.errors import InvalidRequest, ResourceMissing
+from oncepay.payments.errors import InvalidRequest, MethodNotAllowed, ResourceMissing
 
 __all__ = ["add_handlers"]
 
@@ -35,6 +35,9 @@ def add_handlers(app: FastAPI) -> None:
         error: OncePayError
         if exc.status_code == 404:
             error = ResourceMissing(f"no route {request.url.path}")
+        elif exc.status_code == 405:
+            allowed = ", ".join(_allowed_methods(request))
+            error = MethodNotAllowed(f"{request.method} is not allowed here; use {allowed}")
         else:
             error = InvalidRequest(str(exc.detail))
             error.status = exc.status_code

@@ -6,9 +6,11 @@ Python's ``json`` (like most parsers) keeps the last of two equal keys, so
 that keeps the first sees 1000. RFC 8259 leaves duplicates to the parser and I-JSON (RFC 7493)
 forbids them; for a money API the only safe reading is none at all: 400, at any depth.
 
-FastAPI parses the body before it runs the route, turning a ``json.JSONDecodeError`` into its
-validation error, which the API answers as a 400 problem before an idempotency key is claimed.
-So both refusals here are ``JSONDecodeError``\\ s whose message is a sentence for the client."""
+A route that takes a JSON body reads and checks it here, before FastAPI runs the route and
+before an idempotency key is claimed: a body declared as another media type (``text/plain``, a
+form) is a 415 naming the expected one, malformed JSON a 400 saying where. Both are answered
+after :meth:`StrictJsonRoute.before_refusing` (which the API uses to authenticate first, so a
+caller without a valid key learns that, not what was wrong with its body)."""
 
 from __future__ import annotations
 
@@ -19,7 +21,9 @@ from typing import Any
 from fastapi import Request, Response
 from fastapi.routing import APIRoute
 
-__all__ = ["DuplicateKey", "StrictJsonRoute", "loads"]
+from oncepay.payments.errors import InvalidRequest, UnsupportedMediaType
+
+__all__ = ["DuplicateKey", "StrictJsonRoute", "body_problem", "loads"]
 
 
 class DuplicateKey(json.JSONDecodeError):
@@ -60,14 +64,52 @@ class _StrictJsonRequest(Request):
         return self._json
 
 
+def _media_type(request: Request) -> str | None:
+    declared = request.headers.get("content-type")
+    return declared.split(";", 1)[0].strip().lower() if declared is not None else None
+
+
+def _is_json(media_type: str | None) -> bool:
+    # A body with no Content-Type is refused too: FastAPI would not read it as JSON.
+    return media_type is not None and (
+        media_type == "application/json" or media_type.endswith("+json")
+    )
+
+
+async def body_problem(request: Request) -> Exception | None:
+    """What is wrong with a JSON request body, or None (the parsed body is kept)."""
+    body = await request.body()
+    if not body:
+        return None  # FastAPI says which fields are required
+    media_type = _media_type(request)
+    if not _is_json(media_type):
+        sent = f"as {media_type!r}" if media_type else "without a Content-Type"
+        return UnsupportedMediaType(
+            f"the body was sent {sent}; send JSON with 'Content-Type: application/json'"
+        )
+    try:
+        request._json = loads(body)
+    except json.JSONDecodeError as exc:
+        return InvalidRequest(f"body: {exc.msg}")
+    return None
+
+
 class StrictJsonRoute(APIRoute):
     """A route whose request body is parsed by :func:`loads` (FastAPI's documented way to
     change how a route reads its request)."""
 
+    async def before_refusing(self, request: Request) -> None:
+        """Runs before a body problem is answered; raise to answer something else first."""
+
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
+        takes_body = self.body_field is not None
 
         async def strict(request: Request) -> Response:
-            return await handler(_StrictJsonRequest(request.scope, request.receive))
+            checked = _StrictJsonRequest(request.scope, request.receive)
+            if takes_body and (problem := await body_problem(checked)) is not None:
+                await self.before_refusing(checked)
+                raise problem
+            return await handler(checked)
 
         return strict
