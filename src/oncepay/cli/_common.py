@@ -57,3 +57,18 @@ def run_or_exit(coroutine: Any) -> Any:
         reason = getattr(exc, "orig", None) or exc
         console.print(f"[red]error:[/red] the database cannot be used: {reason}", soft_wrap=True)
         raise typer.Exit(2) from exc
+
+
+def where(database: Any) -> str:
+    """The database a command uses, said so that nobody mistakes it: a SQLite file by its
+    absolute path, a server URL without its password. ``database`` is a URL or a Database."""
+    from pathlib import Path
+
+    from sqlalchemy.engine import make_url
+
+    url = make_url(str(getattr(database, "url", database)))
+    if url.get_backend_name() == "sqlite":
+        if not url.database or url.database == ":memory:":
+            return "sqlite (in memory)"
+        return f"sqlite:///{Path(url.database).resolve()}"
+    return url.render_as_string(hide_password=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
@@ -11,7 +12,7 @@ from typing import Annotated, Any
 
 import typer
 
-from oncepay.cli._common import DatabaseUrl, console, run_or_exit, settings
+from oncepay.cli._common import DatabaseUrl, console, run_or_exit, settings, where
 
 __all__ = ["serve", "shared_metrics"]
 
@@ -47,6 +48,9 @@ def serve(
             "[env ONCEPAY_USAGE_LOG]"
         ),
     ] = None,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", help="No access log line per request on the terminal.")
+    ] = False,
 ) -> None:
     """Run the payments service: the API, with recovery, on SQLite unless told otherwise."""
     import uvicorn
@@ -61,6 +65,7 @@ def serve(
         run_worker=worker,
         redis_url=redis_url,
         usage_log=usage_log,
+        access_log=False if quiet else None,
     )
     banner = run_or_exit(_prepare(config))
     console.print(banner, soft_wrap=True)
@@ -75,7 +80,28 @@ def serve(
             port=config.port,
             workers=config.workers,
             log_level="warning",
+            log_config=log_config(access=config.access_log),
         )
+
+
+def log_config(*, access: bool) -> dict[str, Any]:
+    """uvicorn's logging, quiet below warnings, plus OncePay's access log (a line a request on
+    stderr) unless ``access`` is off. uvicorn applies it in every worker process."""
+    from uvicorn.config import LOGGING_CONFIG
+
+    config: dict[str, Any] = json.loads(json.dumps(LOGGING_CONFIG))  # a deep copy
+    config["formatters"]["oncepay"] = {"format": "%(asctime)s %(message)s"}
+    config["handlers"]["oncepay"] = {
+        "class": "logging.StreamHandler",
+        "formatter": "oncepay",
+        "stream": "ext://sys.stderr",
+    }
+    config["loggers"]["oncepay.access"] = {
+        "handlers": ["oncepay"],
+        "level": "INFO" if access else "WARNING",
+        "propagate": False,
+    }
+    return config
 
 
 @contextlib.contextmanager
@@ -108,11 +134,12 @@ async def _prepare(config: Any) -> str:
 
     async with migrated(config.database_url) as db:
         url = f"http://{config.host}:{config.port}"
-        lines = [f"[bold]OncePay payments API[/bold] on {url} (database {config.database_url})"]
+        lines = [f"[bold]OncePay payments API[/bold] on {url}", f"database: {where(db)}"]
         if config.embedded_acquirer:
             merchant, api_key = await issue_test_key(db)
             lines += [
-                f"acquirer: the simulated one, embedded (database {config.acquirer_database_url})",
+                "acquirer: the simulated one, embedded "
+                f"(database {where(config.acquirer_database_url)})",
                 f"test API key for {merchant.name} ({merchant.id}):",
                 f"  [green]{api_key}[/green]",
                 f"try: curl {url}/v1/payments -H 'Authorization: Bearer {api_key}' "

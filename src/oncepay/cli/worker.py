@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
-from oncepay.cli._common import DatabaseUrl, console, run_or_exit, settings
+from oncepay.cli._common import DatabaseUrl, console, run_or_exit, settings, where
 
 __all__ = ["worker"]
 
@@ -37,6 +37,7 @@ async def _worker(config: Any, *, once: bool) -> None:
     from oncepay.payments.recovery import reap, recover_once, run_worker
 
     services = await bootstrap.start(config)
+    console.print(f"database: {where(services.db)}", soft_wrap=True)
     try:
         if once:
             report = await recover_once(services)

@@ -46,15 +46,18 @@ async def _gated(
 ) -> Reply:
     outcome = await svc.gate.decide(request, body, scope=merchant.id)
     if isinstance(outcome, Respond):
-        IDEMPOTENCY_DECISIONS.labels(_decision(outcome)).inc()
-        return Reply(outcome.status, outcome.body, tuple(outcome.headers))
+        decision = _decision(outcome)
+        IDEMPOTENCY_DECISIONS.labels(decision).inc()
+        return Reply(
+            outcome.status, outcome.body, tuple(outcome.headers), decision=_NAMES[decision]
+        )
     assert isinstance(outcome, Run)  # keys are required: never a pass-through
     IDEMPOTENCY_DECISIONS.labels("resume" if outcome.ticket.resumed else "execute").inc()
     reply = await execute(outcome.ticket)
     svc.gate.executed(request, outcome, reply.status)  # the key-usage log, if any
     await _remember(svc, outcome.ticket, reply)
     expires = ("idempotency-key-expires", outcome.expires)
-    return Reply(reply.status, reply.body, (*reply.headers, expires))
+    return Reply(reply.status, reply.body, (*reply.headers, expires), decision="executed")
 
 
 async def resume(
@@ -75,6 +78,17 @@ async def _remember(svc: Services, ticket: Ticket, reply: Reply) -> None:
     store = svc.engine.store
     if reply.completed and isinstance(store, TieredStore):
         await store.remember(ticket.scope, ticket.key, reply.stored(), now=svc.engine.clock())
+
+
+# The metric's labels (kept as they were) by SPEC §9's decision names.
+_NAMES = {
+    "replay": "replayed",
+    "invalid": "invalid",
+    "in_progress": "in_progress",
+    "reused": "reused",
+    "unavailable": "unavailable",
+    "rejected": "rejected",
+}
 
 
 def _decision(outcome: Respond) -> str:

@@ -24,6 +24,8 @@ class Reply:
     body: bytes
     headers: tuple[tuple[str, str], ...] = JSON
     completed: bool = False  # stored under the key: a retry replays it
+    # The idempotency decision behind it (SPEC §9's names), for the access log; never stored.
+    decision: str | None = None
 
     @classmethod
     def json(cls, status: int, document: dict[str, Any]) -> Reply:

@@ -70,6 +70,8 @@ class Settings(BaseSettings):
     # The operator token (SPEC §11): a bearer token for the operator API (/v1/admin/...) and
     # the dashboard. Unset, both are off (404): there is no default operator.
     admin_token: str | None = Field(default=None, min_length=16)
+    # A line per request on the terminal (`oncepay serve --quiet` turns it off).
+    access_log: bool = True
     # How often the worker looks for abandoned requests and expired keys.
     worker_interval: float = Field(default=1.0, gt=0)
 

@@ -12,6 +12,7 @@ from fastapi import FastAPI
 
 from oncepay import __version__
 from oncepay.payments import bootstrap
+from oncepay.payments.api.accesslog import AccessLog
 from oncepay.payments.api.errors import add_handlers
 from oncepay.payments.api.middleware import BodyLimit, HeadAsGet, RequestMetrics
 from oncepay.payments.api.routes import (
@@ -68,4 +69,5 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
     app.add_middleware(HeadAsGet)
     app.add_middleware(BodyLimit)
     app.add_middleware(RequestMetrics)
+    app.add_middleware(AccessLog)  # outermost: it times and ids everything, errors included
     return app

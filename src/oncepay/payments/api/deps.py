@@ -15,6 +15,7 @@ from oncepay.errors import OncePayError
 from oncepay.http.gate import Request as GateRequest
 from oncepay.http.problems import PROBLEM_CONTENT_TYPE
 from oncepay.payments import models
+from oncepay.payments.api.accesslog import DECISION
 from oncepay.payments.api.jsonbody import StrictJsonRoute
 from oncepay.payments.context import Services
 from oncepay.payments.errors import InvalidRequest, OperatorOnly, ResourceMissing
@@ -85,7 +86,9 @@ def problem_response(error: OncePayError) -> Response:
     return send(Reply.problem(error))
 
 
-def send(reply: Reply) -> Response:
+def send(reply: Reply, request: Request | None = None) -> Response:
+    if request is not None and reply.decision is not None:
+        request.scope.setdefault("state", {})[DECISION] = reply.decision  # the access log's
     response = Response(reply.body, reply.status)
     for name, value in reply.headers:
         if name.lower() != "content-length":
@@ -179,7 +182,8 @@ async def idempotent(
     request: Request, services: Services, merchant: Merchant, op: Operation
 ) -> Response:
     body = await request.body()
-    return send(await run_idempotent(services, gate_request(request), body, merchant, op))
+    reply = await run_idempotent(services, gate_request(request), body, merchant, op)
+    return send(reply, request)
 
 
 async def idempotent_local(
@@ -190,7 +194,7 @@ async def idempotent_local(
 ) -> Response:
     body = await request.body()
     reply = await run_idempotent_local(services, gate_request(request), body, merchant, work)
-    return send(reply)
+    return send(reply, request)
 
 
 def gate_request(request: Request) -> GateRequest:

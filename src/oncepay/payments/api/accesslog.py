@@ -1,0 +1,67 @@
+"""One line per request on the terminal (issue 14's first five minutes) and a ``Request-Id`` on
+every answer: method, path, status, duration, the idempotency decision (SPEC §9's names) and
+the request id, logged by ``oncepay.access`` when the request ends.
+
+The request id is always the service's own (``req_`` + 24 hex digits), as Stripe's are: an id
+a client sent could name another's request in our logs. The decision is what the idempotent
+route left in the request's ASGI state under :data:`DECISION`; other routes show ``-``."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from typing import Any
+
+from oncepay.http.asgi import ASGIApp, Message, Receive, Scope, Send
+
+__all__ = ["DECISION", "REQUEST_ID", "AccessLog"]
+
+log = logging.getLogger("oncepay.access")
+
+DECISION = "oncepay.idempotency_decision"  # a key of scope["state"]
+REQUEST_ID = "oncepay.request_id"  # likewise
+
+
+class AccessLog:
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        state: dict[str, Any] = scope.setdefault("state", {})
+        request_id = "req_" + secrets.token_hex(12)
+        state[REQUEST_ID] = request_id
+        status = [500]
+
+        async def answer(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+                headers = [h for h in message.get("headers", []) if h[0].lower() != b"request-id"]
+                headers.append((b"request-id", request_id.encode()))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, answer)
+        finally:
+            if log.isEnabledFor(logging.INFO):
+                path = scope.get("raw_path") or scope["path"].encode()
+                log.info(
+                    "%s %s %d %.1fms decision=%s request_id=%s",
+                    scope["method"],
+                    path.decode("latin-1"),
+                    status[0],
+                    (time.perf_counter() - started) * 1000,
+                    state.get(DECISION, "-"),
+                    request_id,
+                    extra={
+                        "method": scope["method"],
+                        "status": status[0],
+                        "decision": state.get(DECISION),
+                        "request_id": request_id,
+                    },
+                )

@@ -1,0 +1,89 @@
+"""``oncepay serve`` shows what happens (issue 14's first five minutes): the database it uses
+by absolute path, and a line per request (method, path, status, duration, idempotency
+decision, request id) unless ``--quiet``; every answer carries its ``Request-Id``."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.payments.stack import Stack
+from tests.processes import ROOT, free_port, oncepay_args, wait_for_port
+
+PAYMENT = {"amount": 1000, "currency": "USD", "payment_method": "pm_card_ok"}
+LINE = re.compile(
+    r"(?P<method>[A-Z]+) (?P<path>\S+) (?P<status>\d{3}) (?P<ms>\d+\.\d)ms "
+    r"decision=(?P<decision>\S+) request_id=(?P<id>req_[0-9a-f]{24})$"
+)
+
+
+def _serve(tmp_path: Path, *extra: str) -> tuple[list[str], list[httpx.Response], str]:
+    """Run serve in ``tmp_path``, make a payment, replay it, miss a route; return its output
+    lines, the answers and the banner."""
+    port = free_port()
+    process = subprocess.Popen(
+        oncepay_args("serve", "--port", str(port), *extra),
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "300"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        wait_for_port(port, process)  # type: ignore[arg-type]
+        assert process.stdout is not None
+        banner = ""
+        while "try: curl" not in banner:
+            banner += process.stdout.readline()
+        key = re.search(r"sk_test_[A-Za-z0-9_-]+", banner)
+        assert key, banner
+        headers = {"Authorization": f"Bearer {key.group()}", "Idempotency-Key": "k1"}
+        url = f"http://127.0.0.1:{port}"
+        answers = [
+            httpx.post(f"{url}/v1/payments", json=PAYMENT, headers=headers),
+            httpx.post(f"{url}/v1/payments", json=PAYMENT, headers=headers),
+            httpx.get(f"{url}/v1/nowhere", headers=headers),
+        ]
+    finally:
+        process.terminate()
+        output, _ = process.communicate(timeout=15)
+    return output.splitlines(), answers, banner
+
+
+def test_serve_logs_a_line_per_request_and_names_its_database(tmp_path: Path) -> None:
+    lines, answers, banner = _serve(tmp_path)
+    assert f"database: sqlite:///{tmp_path.resolve() / 'oncepay.db'}" in banner
+    logged = [m for line in lines if (m := LINE.search(line))]
+    assert [(m["method"], m["path"], m["status"], m["decision"]) for m in logged] == [
+        ("POST", "/v1/payments", "201", "executed"),
+        ("POST", "/v1/payments", "201", "replayed"),
+        ("GET", "/v1/nowhere", "404", "-"),
+    ]
+    assert [m["id"] for m in logged] == [a.headers["request-id"] for a in answers]
+    assert len({a.headers["request-id"] for a in answers}) == 3  # one id per request
+
+
+def test_serve_quiet_logs_no_request(tmp_path: Path) -> None:
+    lines, answers, _ = _serve(tmp_path, "--quiet")
+    assert [a.status_code for a in answers] == [201, 201, 404]
+    assert not [line for line in lines if LINE.search(line)]
+
+
+@pytest.mark.parametrize("method", ["GET", "POST"])
+async def test_every_answer_has_its_own_request_id(stack: Stack, method: str) -> None:
+    # Problems too (no key, no route), and a client's own id is not taken as ours.
+    sent = {"Request-Id": "req_000000000000000000000000", "Authorization": "Bearer nope"}
+    answers = [
+        await stack.client.request(method, "/v1/payments", headers=sent),
+        await stack.client.request(method, "/v1/payments"),
+        await stack.client.request(method, "/v1/nowhere"),
+    ]
+    ids = [a.headers["request-id"] for a in answers]
+    assert all(re.fullmatch(r"req_[0-9a-f]{24}", i) for i in ids), ids
+    assert len(set(ids)) == 3
+    assert sent["Request-Id"] not in ids
