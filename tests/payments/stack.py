@@ -5,6 +5,7 @@ expiry is a step of the test, not a sleep."""
 
 from __future__ import annotations
 
+import random
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -15,6 +16,7 @@ from typing import Any
 import httpx
 
 from oncepay.payments.acquirers.breaker import breaker_for
+from oncepay.payments.acquirers.control import RetryControl
 from oncepay.payments.acquirers.http import HttpAcquirer
 from oncepay.payments.acquirers.pool import AcquirerPool
 from oncepay.payments.api.app import create_app
@@ -123,7 +125,12 @@ class Stack:
 
 @asynccontextmanager
 async def running_stack(
-    url: str, tmp_path: Path, *, acquirers: tuple[str, ...] = ("primary",), **overrides: Any
+    url: str,
+    tmp_path: Path,
+    *,
+    acquirers: tuple[str, ...] = ("primary",),
+    control: RetryControl | None = None,
+    **overrides: Any,
 ) -> AsyncIterator[Stack]:
     settings = Settings(
         database_url=url,
@@ -139,6 +146,8 @@ async def running_stack(
         for name in acquirers
     }
     clock = FakeClock()
+    # Retry control on the test's clock, its throttling dice seeded: a run is reproducible.
+    control = control or RetryControl(clock=clock, dice=random.Random(7).random)
     acquirer_set = AcquirerPool(
         [
             HttpAcquirer(
@@ -146,6 +155,7 @@ async def running_stack(
                 app=app,
                 timeout=TEST_ACQUIRER_TIMEOUT,
                 attempts=TEST_ACQUIRER_ATTEMPTS,
+                control=control,
                 breaker=breaker_for(name, clock),
             )
             for name, app in simulator_apps.items()

@@ -11,6 +11,7 @@ from oncepay.idempotency.engine import Engine
 from oncepay.insight.usage_log import UsageLog
 from oncepay.payments.acquirers.base import Acquirer
 from oncepay.payments.acquirers.breaker import breaker_for
+from oncepay.payments.acquirers.control import RetryControl
 from oncepay.payments.acquirers.http import HttpAcquirer
 from oncepay.payments.acquirers.pool import AcquirerPool
 from oncepay.payments.context import Services
@@ -35,6 +36,7 @@ async def start(settings: Settings, acquirers: AcquirerPool | None = None) -> Se
 
 def build_acquirers(settings: Settings) -> AcquirerPool:
     timeout, attempts = settings.acquirer_timeout, settings.acquirer_attempts
+    control = RetryControl.from_settings(settings)
     found: list[Acquirer] = []
     if settings.acquirer_url is None:
         from oncepay.simulator import create_app  # the service extra only: imported when used
@@ -46,6 +48,7 @@ def build_acquirers(settings: Settings) -> AcquirerPool:
                 app=app,
                 timeout=timeout,
                 attempts=attempts,
+                control=control,
                 breaker=breaker_for("primary"),
             )
         )
@@ -56,6 +59,7 @@ def build_acquirers(settings: Settings) -> AcquirerPool:
                 settings.acquirer_url,
                 timeout=timeout,
                 attempts=attempts,
+                control=control,
                 breaker=breaker_for("primary"),
             )
         )
@@ -67,6 +71,7 @@ def build_acquirers(settings: Settings) -> AcquirerPool:
                 url,
                 timeout=timeout,
                 attempts=attempts,
+                control=control,
                 breaker=breaker_for("secondary"),
             )
         )

@@ -2,6 +2,12 @@
 (harmless), and fail over to the next only when the attempt is proven not to have authorized
 — never sent, or a fencing look-up found nothing.
 
+Where a payment goes is decided from each acquirer's health, not only from its breaker: the
+pool passes over an acquirer that is degraded (failing half its recent attempts, or slow), and
+an attempt its client's adaptive throttling rejected locally was never sent, so it moves on to
+the next acquirer without a look-up. An unknown outcome is never guessed: it is looked up, and
+stays unknown (for recovery) when the look-up cannot be made.
+
 The loop is given only what it needs: the acquirers, the payment, and a way to move the
 payment to its next attempt (a fenced transaction the caller owns)."""
 

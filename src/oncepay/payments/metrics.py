@@ -13,14 +13,23 @@ from __future__ import annotations
 
 import os
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 
 __all__ = [
+    "ACQUIRER_ATTEMPTS",
     "ACQUIRER_CALLS",
     "ACQUIRER_LATENCY",
+    "ACQUIRER_RETRIES",
+    "ACQUIRER_THROTTLED",
+    "ACQUIRER_THROTTLE_PROBABILITY",
     "BREAKER_TRANSITIONS",
     "IDEMPOTENCY_DECISIONS",
+    "RECONCILIATION_ACTIONS",
+    "RECONCILIATION_DISCREPANCIES",
+    "RECONCILIATION_LINES",
+    "RECONCILIATION_OPEN",
+    "RECONCILIATION_RUNS",
     "RECOVERY_ESCALATIONS",
     "RECOVERY_RUNS",
     "REGISTRY",
@@ -57,6 +66,31 @@ ACQUIRER_LATENCY = Histogram(
     ["acquirer", "operation"],
     registry=REGISTRY,
 )
+ACQUIRER_ATTEMPTS = Counter(
+    "oncepay_acquirer_attempts",
+    "HTTP attempts sent to acquirers, by acquirer and kind (first, retry).",
+    ["acquirer", "kind"],
+    registry=REGISTRY,
+)
+ACQUIRER_RETRIES = Counter(
+    "oncepay_acquirer_retries",
+    "Retry decisions, by acquirer and decision: made, budget_denied, throttled.",
+    ["acquirer", "decision"],
+    registry=REGISTRY,
+)
+ACQUIRER_THROTTLED = Counter(
+    "oncepay_acquirer_throttled",
+    "Attempts rejected locally by adaptive throttling (never sent), by acquirer.",
+    ["acquirer"],
+    registry=REGISTRY,
+)
+ACQUIRER_THROTTLE_PROBABILITY = Gauge(
+    "oncepay_acquirer_throttle_probability",
+    "Chance that the next attempt to an acquirer is rejected locally.",
+    ["acquirer"],
+    registry=REGISTRY,
+    multiprocess_mode="max",
+)
 BREAKER_TRANSITIONS = Counter(
     "oncepay_acquirer_breaker_transitions",
     "Circuit breaker state changes, by acquirer and new state.",
@@ -83,6 +117,41 @@ WEBHOOK_ATTEMPTS = Counter(
 WEBHOOK_LATENCY = Histogram(
     "oncepay_webhook_attempt_seconds",
     "Latency of webhook delivery attempts.",
+    registry=REGISTRY,
+)
+
+# Reconciliation (SPEC §10; docs/reconciliation.md "Metrics"), counted around every run.
+RECONCILIATION_RUNS = Counter(
+    "oncepay_reconciliation_runs",
+    "Reconciliation runs, by acquirer and outcome: clean, discrepancies, unchanged (a re-run "
+    "that found what the day's last run found), failed.",
+    ["acquirer", "outcome"],
+    registry=REGISTRY,
+)
+RECONCILIATION_LINES = Counter(
+    "oncepay_reconciliation_report_lines",
+    "Settlement report lines reconciled, by acquirer.",
+    ["acquirer"],
+    registry=REGISTRY,
+)
+RECONCILIATION_DISCREPANCIES = Counter(
+    "oncepay_reconciliation_discrepancies_opened",
+    "Discrepancies opened (found for the first time), by acquirer and kind.",
+    ["acquirer", "kind"],
+    registry=REGISTRY,
+)
+RECONCILIATION_OPEN = Gauge(
+    "oncepay_reconciliation_discrepancies_open",
+    "Discrepancies open now, by acquirer and kind (as of the last run or close here).",
+    ["acquirer", "kind"],
+    registry=REGISTRY,
+    multiprocess_mode="mostrecent",
+)
+RECONCILIATION_ACTIONS = Counter(
+    "oncepay_reconciliation_actions",
+    "Remediation actions (voids of orphaned authorizations), by acquirer and result: taken, "
+    "failed, withheld (over the per-run cap: none taken, one alert).",
+    ["acquirer", "result"],
     registry=REGISTRY,
 )
 

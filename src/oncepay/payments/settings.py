@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -25,6 +27,22 @@ class Settings(BaseSettings):
     acquirer_timeout: float = Field(default=5.0, gt=0)
     # Attempts per acquirer call (same reference, so harmless): three ride out a blip.
     acquirer_attempts: int = Field(default=3, ge=1)
+    # Retry control (docs/operations.md, "Retry control"): "adaptive" retries within a budget,
+    # throttles itself from the acquirer's success rate and stretches backoff with its latency;
+    # "fixed" makes every attempt, for comparisons. Envoy's budget: retries at most 20 % of
+    # the calls in progress, never fewer than 3 at once.
+    acquirer_retry_control: Literal["adaptive", "fixed"] = "adaptive"
+    acquirer_retry_budget_percent: float = Field(default=0.2, ge=0, le=1)
+    acquirer_retry_budget_minimum: int = Field(default=3, ge=0)
+    # The SRE book's adaptive throttling: K = 2 lets an acquirer fail half of what it is sent
+    # before anything is held back; two minutes of memory; 20 attempts before it judges.
+    acquirer_throttle_k: float = Field(default=2.0, ge=1)
+    acquirer_throttle_window: float = Field(default=120.0, gt=0)
+    acquirer_throttle_minimum: int = Field(default=20, ge=0)
+    # Backoff between attempts: full jitter over base * 2^n (the base stretched to the recent
+    # p50 latency when that is longer), capped: the caller's own request is waiting.
+    acquirer_backoff_base: float = Field(default=0.05, gt=0)
+    acquirer_backoff_cap: float = Field(default=1.0, gt=0)
     redis_url: str | None = None
     # Append every idempotency decision to this key-usage log (SPEC §9; docs/insight.md).
     usage_log: str | None = None

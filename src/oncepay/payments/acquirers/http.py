@@ -14,14 +14,18 @@ attempt ends with                          retried?  breaker          may have r
 timeout, read error, dropped connection    yes       failure          yes
 connection refused / connect timeout       yes       failure          no
 breaker open                               no        (not sent)       no
+first attempt throttled locally            no        (not sent)       no
 =========================================  ========  ===============  ======================
 
-When the budget is spent the answer is ``UNKNOWN``, with ``never_sent=True`` only when no
-attempt may have reached the acquirer: then, and only then, failing over needs no look-up.
-Backoff between attempts is capped exponential with full jitter (tenacity's
-``wait_random_exponential``). Each attempt is bounded by ``timeout`` twice over: httpx's own
-timeouts and ``asyncio.timeout`` (httpx's ASGI transport, used for an embedded acquirer,
-ignores the former).
+Retry control (:mod:`.control`; docs/operations.md): a retry is made only while the attempts
+last, the acquirer's retry budget has room (:mod:`.budget`) and adaptive throttling lets it
+through (:mod:`.throttle`); otherwise the last failure stands. When the attempts end the answer
+is ``UNKNOWN``, with ``never_sent=True`` only when no attempt may have reached the acquirer:
+then, and only then, failing over needs no look-up. Backoff between attempts is capped
+exponential with full jitter (tenacity's ``wait_random_exponential``), its base stretched to
+the acquirer's recent p50 latency (:class:`.health.wait_stretched`). Each attempt is bounded by
+``timeout`` twice over: httpx's own timeouts and ``asyncio.timeout`` (httpx's ASGI transport,
+used for an embedded acquirer, ignores the former).
 
 Answers map to outcomes so:
 
@@ -38,24 +42,31 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
 import httpx
 from starlette.types import ASGIApp
-from tenacity import (
-    AsyncRetrying,
-    retry_if_exception_type,
-    stop_after_attempt,
-    wait_random_exponential,
-)
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_random_exponential
+from tenacity.stop import stop_base
 from tenacity.wait import wait_base
 
 from oncepay.http._cookies import NoCookies
 from oncepay.payments.acquirers.base import AcquirerAnswer, Outcome
-from oncepay.payments.acquirers.breaker import CircuitBreaker
-from oncepay.payments.metrics import ACQUIRER_CALLS, ACQUIRER_LATENCY
+from oncepay.payments.acquirers.breaker import BreakerState, CircuitBreaker
+from oncepay.payments.acquirers.control import RetryControl
+from oncepay.payments.acquirers.health import Health, wait_stretched
+from oncepay.payments.metrics import (
+    ACQUIRER_ATTEMPTS,
+    ACQUIRER_CALLS,
+    ACQUIRER_LATENCY,
+    ACQUIRER_RETRIES,
+    ACQUIRER_THROTTLE_PROBABILITY,
+    ACQUIRER_THROTTLED,
+)
 
 __all__ = ["DEFAULT_ATTEMPTS", "DEFAULT_TIMEOUT", "HttpAcquirer"]
 
@@ -64,10 +75,9 @@ __all__ = ["DEFAULT_ATTEMPTS", "DEFAULT_TIMEOUT", "HttpAcquirer"]
 # keep a payment request well under the 30 s a client of ours waits.
 DEFAULT_TIMEOUT = 5.0
 DEFAULT_ATTEMPTS = 3
-# Backoff: the first retry within 50 ms (most blips are that short), never more than 1 s
-# between attempts, since the caller's own request is waiting on us.
-BACKOFF_BASE = 0.05
-BACKOFF_CAP = 1.0
+# An acquirer whose recent p90 reaches this share of the attempt timeout is degraded: a good
+# share of its attempts are about to time out, each an unknown outcome to look up.
+SLOW_SHARE_OF_TIMEOUT = 0.8
 KEY_HEADER = "Idempotency-Key"
 
 
@@ -82,6 +92,10 @@ class _Failure(Exception):
 
 class _Refused(Exception):
     """The breaker is open: nothing was sent."""
+
+
+class _Throttled(Exception):
+    """Adaptive throttling rejected the first attempt locally: nothing was sent."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,13 +132,18 @@ class HttpAcquirer:
         attempts: int = DEFAULT_ATTEMPTS,
         backoff: wait_base | None = None,
         breaker: CircuitBreaker | None = None,
+        control: RetryControl | None = None,
     ) -> None:
         if attempts < 1 or timeout <= 0:
             raise ValueError("need attempts >= 1 and timeout > 0")
         self.name = name
         self.timeout = timeout
         self.attempts = attempts
-        self.backoff = backoff or wait_random_exponential(multiplier=BACKOFF_BASE, max=BACKOFF_CAP)
+        self.control = control = control or RetryControl()
+        self.health = Health(slow=SLOW_SHARE_OF_TIMEOUT * timeout, clock=control.clock)
+        self.budget = control.new_budget()
+        self.throttle = control.new_throttle()
+        self.backoff = backoff or self._default_backoff()
         self.breaker = breaker or CircuitBreaker(name)
         self._app = app
         transport = _EmbeddedTransport(app=app) if app is not None else None
@@ -181,7 +200,11 @@ class HttpAcquirer:
         return await self._call("lookup", "/v1/lookups", {"reference": reference}, reference)
 
     def available(self) -> bool:
-        return self.breaker.available()
+        """False while the breaker is open, or (adaptive) while recent attempts show the
+        acquirer degraded: failing half of them, or slow at p90."""
+        if not self.breaker.available():
+            return False
+        return not (self.control.adaptive and self.health.degraded())
 
     async def aclose(self) -> None:
         await self._client.aclose()
@@ -193,50 +216,84 @@ class HttpAcquirer:
 
     # --- one logical call -----------------------------------------------------------------
 
+    def _default_backoff(self) -> wait_base:
+        base, cap = self.control.backoff_base, self.control.backoff_cap
+        if self.control.adaptive:
+            return wait_stretched(self.health, base=base, cap=cap)
+        return wait_random_exponential(multiplier=base, max=cap)
+
     async def _call(
         self, operation: str, path: str, payload: dict[str, Any], reference: str
     ) -> AcquirerAnswer:
         reached = False
+        gate = _RetryGate(self)
 
         async def attempt() -> _Reply:
             nonlocal reached
             try:
-                return await self._attempt(operation, path, payload, reference)
+                return await self._attempt(operation, path, payload, reference, gate.retrying)
             except _Failure as failure:
                 reached = reached or failure.maybe_reached
                 ACQUIRER_CALLS.labels(self.name, operation, "error").inc()
                 raise
+            finally:
+                gate.attempt_done()
 
         retrying = AsyncRetrying(
-            stop=stop_after_attempt(self.attempts),
+            stop=gate,
             wait=self.backoff,
             retry=retry_if_exception_type(_Failure),
             reraise=True,
         )
         try:
-            reply: _Reply = await retrying(attempt)
+            with gate.in_progress():
+                reply: _Reply = await retrying(attempt)
         except _Refused:
             answer = self._unknown(reference, "circuit breaker open", never_sent=not reached)
             return self._count(operation, answer, "breaker_open" if not reached else None)
+        except _Throttled:
+            detail = "rejected locally by adaptive throttling: the acquirer is failing"
+            answer = self._unknown(reference, detail, never_sent=True)
+            return self._count(operation, answer, "throttled")
         except _Failure as failure:
             return self._count(operation, self._unknown(reference, failure.detail, not reached))
         return self._count(operation, self._answer(operation, reference, reply))
 
     async def _attempt(
-        self, operation: str, path: str, payload: dict[str, Any], reference: str
+        self, operation: str, path: str, payload: dict[str, Any], reference: str, retry: bool
     ) -> _Reply:
         if not self.breaker.allow():
             raise _Refused
+        probe = self.breaker.state is BreakerState.HALF_OPEN  # the breaker's own test: sent
+        if not retry and not probe and not self._admitted():
+            raise _Throttled
+        ACQUIRER_ATTEMPTS.labels(self.name, "retry" if retry else "first").inc()
         started = time.perf_counter()
+        failed = True
         try:
             reply = await self._send(path, payload, reference)
+            failed = False
         except _Failure:
             self.breaker.record_failure()
             raise
         finally:
-            ACQUIRER_LATENCY.labels(self.name, operation).observe(time.perf_counter() - started)
+            seconds = time.perf_counter() - started
+            ACQUIRER_LATENCY.labels(self.name, operation).observe(seconds)
+            self.health.observe(seconds, failed=failed)
         self.breaker.record_success()
+        if self.throttle is not None:
+            self.throttle.record_accept()
         return reply
+
+    def _admitted(self) -> bool:
+        """Adaptive throttling's verdict on one attempt (always yes without a throttle)."""
+        if self.throttle is None:
+            return True
+        admitted = self.throttle.admit()
+        ACQUIRER_THROTTLE_PROBABILITY.labels(self.name).set(self.throttle.probability())
+        if not admitted:
+            ACQUIRER_THROTTLED.labels(self.name).inc()
+        return admitted
 
     async def _send(self, path: str, payload: dict[str, Any], reference: str) -> _Reply:
         """One HTTP attempt; every way it can fail becomes a :class:`_Failure`."""
@@ -312,3 +369,47 @@ class HttpAcquirer:
     ) -> AcquirerAnswer:
         ACQUIRER_CALLS.labels(self.name, operation, label or answer.outcome.value).inc()
         return answer
+
+
+class _RetryGate(stop_base):
+    """One logical call's retries, as tenacity's stop policy: after a failed attempt, retry
+    only while attempts remain, the budget has room and adaptive throttling admits it. A
+    granted retry holds its budget slot until its attempt ends."""
+
+    def __init__(self, acquirer: HttpAcquirer) -> None:
+        self.acquirer = acquirer
+        self.retrying = False  # the coming attempt is a retry
+        self._holding = False
+
+    @contextmanager
+    def in_progress(self) -> Iterator[None]:
+        budget = self.acquirer.budget
+        if budget is None:
+            yield
+            return
+        with budget.request():
+            yield
+
+    def __call__(self, retry_state: RetryCallState) -> bool:
+        acquirer = self.acquirer
+        if retry_state.attempt_number >= acquirer.attempts:
+            return True
+        self.retrying = True
+        budget = acquirer.budget
+        if budget is not None and not budget.try_retry():
+            return self._deny("budget_denied")
+        self._holding = budget is not None
+        if not acquirer._admitted():
+            self.attempt_done()
+            return self._deny("throttled")
+        ACQUIRER_RETRIES.labels(acquirer.name, "made").inc()
+        return False
+
+    def attempt_done(self) -> None:
+        if self._holding and self.acquirer.budget is not None:
+            self.acquirer.budget.retry_done()
+        self._holding = False
+
+    def _deny(self, decision: str) -> bool:
+        ACQUIRER_RETRIES.labels(self.acquirer.name, decision).inc()
+        return True

@@ -24,8 +24,9 @@ class AcquirerPool:
         return iter(self._order)
 
     def choose(self) -> Acquirer:
-        """The first acquirer whose breaker lets calls through (the primary when all are open:
-        its call then fails fast and the payment fails cleanly)."""
+        """The first available acquirer — its breaker lets calls through and its recent health
+        is not degraded (see ``HttpAcquirer.available``) — or the primary when none is: its
+        call then fails fast and the payment fails cleanly."""
         return next((a for a in self._order if a.available()), self._order[0])
 
     def successor(self, current: str, tried: set[str], *, stay: bool) -> Acquirer | None:
