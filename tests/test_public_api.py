@@ -17,7 +17,7 @@ def test_the_public_surface_does_not_grow_by_accident() -> None:
         "IdempotencyKeyInvalid", "IdempotencyKeyMissing", "IdempotencyKeyReused", "InProgress",
         "Invalid", "LeaseLost", "OncePayError", "Record", "RecordState", "Replay",
         "RequestInProgress", "RequestTooLarge", "RetryableError", "Reused", "Store",
-        "StoreUnavailable", "StoredResponse", "Ticket", "__version__", "fingerprint",
+        "StoreUnavailable", "StoredResponse", "Ticket", "TtlPolicy", "__version__", "fingerprint",
         "idempotent", "parse_key", "scope_from_authorization", "store_from_url",
     }  # fmt: skip
 

@@ -1,8 +1,8 @@
 """OncePay: exactly-once payment APIs.
 
 Import the toolkit from here (``Engine``, ``store_from_url``, ``idempotent``, ``CachedStore``,
-the errors) and the HTTP surfaces from ``oncepay.http``; every other module is internal and may
-move.
+``TtlPolicy``, the errors) and the HTTP surfaces from ``oncepay.http``; every other module is
+internal and may move.
 """
 
 from oncepay.errors import (
@@ -38,6 +38,7 @@ from oncepay.idempotency import (
 )
 from oncepay.idempotency.decorator import idempotent
 from oncepay.idempotency.stores.cached import CachedStore
+from oncepay.insight.ttl_policy import TtlPolicy
 
 __version__ = "0.1.0.dev0"
 
@@ -66,6 +67,7 @@ __all__ = [
     "StoreUnavailable",
     "StoredResponse",
     "Ticket",
+    "TtlPolicy",
     "__version__",
     "fingerprint",
     "idempotent",

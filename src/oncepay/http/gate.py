@@ -44,6 +44,7 @@ from oncepay.idempotency.engine import (
 from oncepay.idempotency.keys import fingerprint, scope_from_authorization
 from oncepay.idempotency.records import StoredResponse
 from oncepay.idempotency.stores.base import TransactionalStore
+from oncepay.insight.ttl_policy import TtlPolicy
 from oncepay.insight.usage_log import UsageSink
 
 __all__ = [
@@ -218,6 +219,7 @@ class Gate:
         transactional: bool = False,
         usage_log: UsageSink | None = None,
         route_template: RouteTemplate | None = None,
+        ttl_policy: TtlPolicy | None = None,
     ) -> None:
         if transactional and not isinstance(engine.store, TransactionalStore):
             raise ConfigurationError(
@@ -232,6 +234,8 @@ class Gate:
         self.headers = (header.lower(), *(a.lower() for a in aliases))
         self.scope = scope
         self.route_ttl = _checked_route_ttl(route_ttl or {}, engine.lease)
+        # Learned TTLs (SPEC §9, opt-in) for new records, the fixed ones their fallback.
+        self.ttl_policy = _checked_policy(ttl_policy, engine.lease)
         self.stripe_compatible = stripe_compatible
         self.fail_open = fail_open
         self.max_body = max_body
@@ -311,8 +315,13 @@ class Gate:
             return refused
         ttl = self._ttl_for(request.path) if self.route_ttl else None
         fp = fingerprint(request.method, request.target, body, secret=self.secret)
+        policy = self.ttl_policy
+        applied = None
         try:
             tenant = self.scope(request) if scope is None else scope
+            if policy is not None:
+                applied = self._learned_ttl(policy, request, tenant, ttl)
+                ttl = applied[0]
             decision = await self.engine.begin(tenant, parsed, fp, ttl=ttl)
         except StoreUnavailable as exc:
             if self.fail_open:
@@ -325,7 +334,10 @@ class Gate:
             log.exception("idempotency failed before the request ran: %s", exc.detail)
             return self.problem(exc)
         if isinstance(decision, Execute):
-            return Run(decision.ticket, http_date(decision.ticket.expires_at))
+            ticket = decision.ticket
+            if applied is not None and policy is not None and not ticket.resumed:
+                policy.stored(*applied)  # a new record (a takeover keeps the old one's expiry)
+            return Run(ticket, http_date(ticket.expires_at))
         answer = self._answer(decision)
         if self.usage_log is not None:
             kind = _KINDS.get(type(decision)) or _invalid_kind(decision)
@@ -364,6 +376,8 @@ class Gate:
             self._templates[request.path] = template
         ticket = run.ticket
         ttl = self._ttl_for(request.path) if self.route_ttl else None
+        if self.ttl_policy is not None:
+            ttl = self._learned_ttl(self.ttl_policy, request, ticket.scope, ttl)[0]
         self._note(request, ticket.scope, ticket.key, ticket.fingerprint, "executed", status, ttl)
 
     def _note(
@@ -417,6 +431,13 @@ class Gate:
     def _replay(self, response: StoredResponse, expires: str) -> Respond:
         headers = [*response.headers, (REPLAYED_HEADER, "true"), (EXPIRES_HEADER, expires)]
         return Respond(response.status, headers, response.body)
+
+    def _learned_ttl(
+        self, policy: TtlPolicy, request: Request, tenant: str, ttl: float | None
+    ) -> tuple[float, float]:
+        """(the TTL to store with, the fixed one it replaces) for a new record."""
+        fixed = self.engine.ttl if ttl is None else ttl
+        return policy.ttl_for(tenant, self._route(request), fixed), fixed
 
     def _ttl_for(self, path: str) -> float | None:
         for pattern, ttl in self.route_ttl.items():
@@ -539,6 +560,16 @@ def _checked_route_ttl(route_ttl: Mapping[str, float], lease: float) -> dict[str
                 "record on that route would expire while its request still runs"
             )
     return dict(route_ttl)
+
+
+def _checked_policy(policy: TtlPolicy | None, lease: float) -> TtlPolicy | None:
+    """A policy whose shortest TTL outlasts the lease: refused at start-up otherwise."""
+    if policy is not None and not policy.minimum > lease:
+        raise ConfigurationError(
+            f"the adaptive TTL minimum ({policy.minimum}s) must be longer than the lease "
+            f"({lease}s): a record would expire while its request still runs"
+        )
+    return policy
 
 
 _FOLDED = (
