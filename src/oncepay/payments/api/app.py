@@ -16,6 +16,7 @@ from oncepay.payments.api.accesslog import AccessLog
 from oncepay.payments.api.errors import add_handlers
 from oncepay.payments.api.middleware import BodyLimit, HeadAsGet, RequestMetrics
 from oncepay.payments.api.routes import (
+    admin_reconciliation,
     events,
     health,
     payments,
@@ -30,7 +31,15 @@ from oncepay.payments.settings import Settings
 __all__ = ["create_app"]
 
 # In this order: it is the order of the OpenAPI document.
-ROUTERS = (payments, refunds, events, health, webhook_endpoints, webhook_deliveries)
+ROUTERS = (
+    payments,
+    refunds,
+    events,
+    health,
+    webhook_endpoints,
+    webhook_deliveries,
+    admin_reconciliation,  # the operator API: out of the OpenAPI document
+)
 
 
 def create_app(settings: Settings | None = None, *, services: Services | None = None) -> FastAPI:

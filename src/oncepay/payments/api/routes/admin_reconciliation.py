@@ -1,0 +1,201 @@
+"""The operator API of reconciliation (SPEC §10, §11; docs/reconciliation.md "Operator API"),
+behind the operator token: runs and discrepancies listed under filters and read one by one
+with their evidence, discrepancies resolved or accepted with a note, and a run started for an
+acquirer's day.
+
+Every POST takes an ``Idempotency-Key`` (scoped to the operator, never to a merchant): a
+retry replays the first answer; closing a discrepancy that is closed already, under another
+key, is a 409 ``discrepancy_closed`` that says how and why it was closed."""
+
+from __future__ import annotations
+
+import time
+from datetime import date
+from typing import Annotated, Any, Literal
+
+from fastapi import Query, Request
+from fastapi.responses import Response
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from oncepay.errors import ClientError
+from oncepay.payments.api.deps import (
+    DEFAULT_LIMIT,
+    POST,
+    PROBLEMS,
+    Limit,
+    ServicesDep,
+    idempotent_local,
+    resource_router,
+)
+from oncepay.payments.context import Services
+from oncepay.payments.errors import InvalidRequest, ResourceMissing
+from oncepay.payments.records import Merchant
+from oncepay.payments.reply import Reply
+from oncepay.reconciliation import queries
+from oncepay.reconciliation.records import Kind
+
+__all__ = ["OPERATOR", "router"]
+
+router = resource_router("/v1/admin/reconciliation", operator=True)
+
+# The operator's requests are keyed in a scope of their own: no merchant id looks like this.
+OPERATOR = Merchant("operator", "operator")
+MAX_NOTE = 2000
+MAX_GRACE_DAYS = 90
+
+Day = Annotated[date | None, Query(description="A UTC day, YYYY-MM-DD (inclusive).")]
+Name = Annotated[str | None, Query(min_length=1, max_length=255)]
+
+
+class DiscrepancyClosed(ClientError):
+    status = 409
+    code = "discrepancy_closed"
+    title = "The discrepancy was closed already"
+
+
+class CloseDiscrepancy(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    note: Annotated[
+        str,
+        StringConstraints(min_length=1, max_length=MAX_NOTE),
+        Field(description="Why: what was done, or why the difference is accepted."),
+    ]
+
+
+class StartRun(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    acquirer: Literal["primary", "secondary"] = "primary"
+    day: Annotated[
+        str | None, Field(description="The UTC day YYYY-MM-DD to reconcile (default: today).")
+    ] = None
+    grace_days: Annotated[int, Field(ge=0, le=MAX_GRACE_DAYS)] = 3
+
+
+def _days(day_from: date | None, day_to: date | None) -> None:
+    if day_from is not None and day_to is not None and day_from > day_to:
+        raise InvalidRequest(f"day_from {day_from} is after day_to {day_to}")
+
+
+def run_public(row: dict[str, Any]) -> dict[str, Any]:
+    return {"object": "reconciliation_run", **row}
+
+
+def discrepancy_public(row: dict[str, Any]) -> dict[str, Any]:
+    return {"object": "reconciliation_discrepancy", **row}
+
+
+# -- runs ----------------------------------------------------------------------------------------
+
+
+@router.get("/runs", responses=PROBLEMS)
+async def list_runs(
+    services: ServicesDep,
+    acquirer: Name = None,
+    day_from: Day = None,
+    day_to: Day = None,
+    limit: Limit = DEFAULT_LIMIT,
+    starting_after: Name = None,
+) -> dict[str, Any]:
+    """Runs, newest first; `acquirer`, `day_from`, `day_to` narrow them."""
+    _days(day_from, day_to)
+    where = queries.RunFilter(acquirer, day_from, day_to)
+    found = await queries.run_page(services.db, where, limit, starting_after)
+    if found is None:
+        raise InvalidRequest(f"starting_after: no run {starting_after!r}")
+    rows, more = found
+    return {"object": "list", "data": [run_public(r) for r in rows], "has_more": more}
+
+
+@router.get("/runs/{run_id}", responses=PROBLEMS)
+async def get_run(run_id: str, services: ServicesDep) -> dict[str, Any]:
+    """One run, with how the discrepancies it opened stand now (`opened` by status)."""
+    row = await queries.run(services.db, run_id)
+    if row is None:
+        raise ResourceMissing(f"no reconciliation run {run_id!r}")
+    return run_public(row)
+
+
+# -- discrepancies -------------------------------------------------------------------------------
+
+
+@router.get("/discrepancies", responses=PROBLEMS)
+async def list_discrepancies(
+    services: ServicesDep,
+    kind: Kind | None = None,
+    status: Literal["open", "resolved", "accepted"] | None = None,
+    acquirer: Name = None,
+    payment_id: Name = None,
+    reference: Name = None,
+    day_from: Day = None,
+    day_to: Day = None,
+    limit: Limit = DEFAULT_LIMIT,
+    starting_after: Annotated[int | None, Query(ge=1)] = None,
+) -> dict[str, Any]:
+    """Discrepancies, newest first, narrowed by `kind`, `status`, `acquirer`, `payment_id`,
+    `reference` and the day of the run that opened them (`day_from`, `day_to`)."""
+    _days(day_from, day_to)
+    where = queries.DiscrepancyFilter(
+        kind.value if kind else None, status, acquirer, payment_id, reference, day_from, day_to
+    )
+    rows, more = await queries.discrepancy_page(services.db, where, limit, starting_after)
+    return {"object": "list", "data": [discrepancy_public(r) for r in rows], "has_more": more}
+
+
+@router.get("/discrepancies/{discrepancy_id}", responses=PROBLEMS)
+async def get_discrepancy(discrepancy_id: str, services: ServicesDep) -> dict[str, Any]:
+    """One discrepancy with its evidence: the run that opened it, the payment it names and the
+    settlement booked under its reference."""
+    number = _discrepancy_id(discrepancy_id)
+    row = await queries.discrepancy(services.db, number)
+    if row is None:
+        raise ResourceMissing(f"no discrepancy {discrepancy_id!r}")
+    return {**discrepancy_public(row), "evidence": await queries.evidence(services.db, row)}
+
+
+def _discrepancy_id(value: str) -> int:
+    if not value.isascii() or not value.isdigit() or len(value) > 18 or int(value) < 1:
+        raise ResourceMissing(f"no discrepancy {value!r}")
+    return int(value)
+
+
+@router.post("/discrepancies/{discrepancy_id}/resolve", **POST)
+async def resolve(
+    discrepancy_id: str, body: CloseDiscrepancy, request: Request, services: ServicesDep
+) -> Response:
+    """Close it as resolved: the difference was corrected (say how in `note`)."""
+    return await _close(request, services, discrepancy_id, "resolved", body.note)
+
+
+@router.post("/discrepancies/{discrepancy_id}/accept", **POST)
+async def accept(
+    discrepancy_id: str, body: CloseDiscrepancy, request: Request, services: ServicesDep
+) -> Response:
+    """Close it as accepted: the difference stands (say why in `note`)."""
+    return await _close(request, services, discrepancy_id, "accepted", body.note)
+
+
+async def _close(
+    request: Request, services: Services, discrepancy_id: str, status: str, note: str
+) -> Response:
+    number = _discrepancy_id(discrepancy_id)
+    if not note.strip():
+        raise InvalidRequest("note: say what was done or why it is accepted (not blank)")
+
+    async def work(conn: AsyncConnection) -> Reply:
+        try:
+            row = await queries.close_in(conn, number, status, note, now=time.time())
+        except queries.DiscrepancyClosed as exc:
+            closed = exc.row
+            raise DiscrepancyClosed(
+                f"discrepancy {number} was {closed['status']} already "
+                f"(note: {closed['note']!r}); nothing changed"
+            ) from None
+        if row is None:
+            raise ResourceMissing(f"no discrepancy {discrepancy_id!r}")
+        return Reply.json(200, discrepancy_public(row))
+
+    response = await idempotent_local(request, services, OPERATOR, work)
+    if response.status_code == 200:
+        await queries.observe_open(services.db)
+    return response
