@@ -4,15 +4,22 @@ says when, a replay carries its record's expiry, and without a policy nothing ch
 
 from __future__ import annotations
 
+import asyncio
+import json
+import os
+import time
 from collections.abc import Iterator
 from email.utils import formatdate, parsedate_to_datetime
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from typer.testing import CliRunner
 from werkzeug.test import Client
 
 from oncepay import TtlPolicy
+from oncepay.cli import app
 from oncepay.errors import ConfigurationError
 from oncepay.http import IdempotencyMiddleware, IdempotencyWSGIMiddleware
 from oncepay.idempotency import Engine, scope_from_authorization
@@ -20,6 +27,7 @@ from oncepay.idempotency.stores.memory import MemoryStore
 from tests.clock import FakeClock
 from tests.http.apps import Executions, fastapi_app, starlette_app
 from tests.http.wsgi_apps import Runs, django_app, flask_app
+from tests.processes import free_port, oncepay_args, running, uvicorn_args
 
 DAY = 86400.0
 TENANT_A = scope_from_authorization("Bearer tenant-a")
@@ -211,3 +219,71 @@ def test_wsgi_without_a_policy_the_header_is_the_fixed_ttl(wsgi: Any) -> None:
     expires = first.headers["Idempotency-Key-Expires"]
     assert expires == http_date(wsgi.clock.now - 60 + DAY)
     assert replay.headers["Idempotency-Key-Expires"] == expires
+
+
+# -- the gateway, as a real process ----------------------------------------------------------
+
+
+def write_ttl(path: Path, ttl: float) -> None:
+    """Written whole, then renamed over the old file: a reader never sees half of it."""
+    entries = [{"tenant": TENANT_A, "route": "POST /pay", "ttl_seconds": ttl, "basis": 100}]
+    part = path.with_suffix(".part")
+    part.write_text(json.dumps({"findings": [], "ttl": entries}))
+    os.replace(part, path)
+
+
+def expires_in(response: httpx.Response, before: float, after: float) -> tuple[float, float]:
+    """The header's expiry less the time of sending and of answering (an HTTP-date counts
+    whole seconds)."""
+    at = parsedate_to_datetime(response.headers["idempotency-key-expires"]).timestamp()
+    return at - after, at - before + 1
+
+
+@pytest.mark.slow
+async def test_the_gateway_applies_a_ttl_file_and_reloads_it(tmp_path: Path) -> None:
+    learned = tmp_path / "ttl.json"
+    write_ttl(learned, 600)
+    upstream_port, port = free_port(), free_port()
+    upstream = f"http://127.0.0.1:{upstream_port}"
+    args = oncepay_args(
+        "gateway", "--upstream", upstream, "--store", f"sqlite:///{tmp_path / 'g.db'}",
+        "--port", str(port), "--adaptive-ttl", str(learned), "--adaptive-ttl-reload", "0.1",
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    upstream_app = uvicorn_args("tests.http.upstream:app", upstream_port)
+    with running(upstream_app, upstream_port), running(args, port):
+        async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+
+            async def pay(key: str, tenant: str = "tenant-a") -> Any:
+                before = time.time()
+                response = await client.post("/pay", json={"amount": 1}, headers={
+                    "authorization": f"Bearer {tenant}", "idempotency-key": key})  # fmt: skip
+                assert response.status_code == 201, response.text
+                return response, expires_in(response, before, time.time())
+
+            first, (low, high) = await pay("k1")
+            assert low <= 600 <= high
+            _, (low, high) = await pay("k1", tenant="tenant-b")
+            assert low <= DAY <= high
+            replay, _ = await pay("k1")
+            assert replay.headers["idempotent-replayed"] == "true"
+            expires = first.headers["idempotency-key-expires"]
+            assert replay.headers["idempotency-key-expires"] == expires
+
+            write_ttl(learned, 1800)
+            for attempt in range(600):  # the reloader checks every 0.1 s
+                _, (low, high) = await pay(f"after-{attempt}")
+                if high >= 1800:
+                    break
+                await asyncio.sleep(0.05)
+            assert low <= 1800 <= high
+
+
+def test_the_gateway_refuses_a_ttl_file_it_cannot_use(tmp_path: Path) -> None:
+    missing = tmp_path / "nowhere.json"
+    result = CliRunner().invoke(
+        app,
+        ["gateway", "--upstream", "http://127.0.0.1:9", "--adaptive-ttl", str(missing)],
+    )
+    assert result.exit_code == 2
+    assert f"adaptive TTL file {missing}: cannot read it" in result.output

@@ -59,6 +59,38 @@ def gateway(
             help="Append each idempotency decision to this key-usage log (JSON Lines).",
         ),
     ] = None,
+    adaptive_ttl: Annotated[
+        str | None,
+        typer.Option(
+            "--adaptive-ttl",
+            envvar="ONCEPAY_ADAPTIVE_TTL_FILE",
+            metavar="FILE",
+            help="Keep new keys for the TTLs learned per tenant and route in FILE (`oncepay "
+            "insight analyze LOG --json`); FILE is read again when it changes.",
+        ),
+    ] = None,
+    adaptive_ttl_min: Annotated[
+        float,
+        typer.Option(
+            envvar="ONCEPAY_ADAPTIVE_TTL_MIN",
+            min=61,
+            help="Shortest learned TTL applied, s (longer than the 60 s lease).",
+        ),
+    ] = 300.0,
+    adaptive_ttl_max: Annotated[
+        float,
+        typer.Option(
+            envvar="ONCEPAY_ADAPTIVE_TTL_MAX", min=1, help="Longest learned TTL applied, s."
+        ),
+    ] = 7 * 86400.0,
+    adaptive_ttl_reload: Annotated[
+        float,
+        typer.Option(
+            envvar="ONCEPAY_ADAPTIVE_TTL_RELOAD",
+            min=0.1,
+            help="Seconds between checks of the --adaptive-ttl file for a change.",
+        ),
+    ] = 30.0,
 ) -> None:
     """Run the idempotency gateway: a reverse proxy that makes UPSTREAM idempotent.
 
@@ -73,15 +105,23 @@ def gateway(
     if urlsplit(upstream).scheme not in {"http", "https"} or not urlsplit(upstream).netloc:
         console.print(f"[red]error:[/red] --upstream must be an http(s) URL, not {upstream!r}")
         raise typer.Exit(2)
-    settings = GatewaySettings(upstream, scope_header=scope_header, scope_cookie=scope_cookie)
+    settings = GatewaySettings(
+        upstream,
+        scope_header=scope_header,
+        scope_cookie=scope_cookie,
+        adaptive_ttl=adaptive_ttl,
+        adaptive_ttl_min=adaptive_ttl_min,
+        adaptive_ttl_max=adaptive_ttl_max,
+    )
     if usage_log and not os.path.isdir(os.path.dirname(os.path.abspath(usage_log))):
         console.print(f"[red]error:[/red] --usage-log {usage_log!r}: its directory does not exist")
         raise typer.Exit(2)
     try:  # fail fast on a bad URL or name, before any worker starts
         store_from_url(store)
         settings.scope()
+        settings.ttl_policy()  # a bad file or bounds: exit 2 here, not a crash in each worker
     except OncePayError as exc:
-        console.print(f"[red]error:[/red] {exc.detail}")
+        console.print(f"[red]error:[/red] {exc.detail}", soft_wrap=True)
         raise typer.Exit(2) from exc
     os.environ.update(
         ONCEPAY_UPSTREAM=upstream,
@@ -93,6 +133,10 @@ def gateway(
         ONCEPAY_SCOPE_COOKIE=scope_cookie or "",
         ONCEPAY_FINGERPRINT_SECRET=fingerprint_secret or "",
         ONCEPAY_USAGE_LOG=usage_log or "",
+        ONCEPAY_ADAPTIVE_TTL_FILE=adaptive_ttl or "",
+        ONCEPAY_ADAPTIVE_TTL_MIN=str(adaptive_ttl_min),
+        ONCEPAY_ADAPTIVE_TTL_MAX=str(adaptive_ttl_max),
+        ONCEPAY_ADAPTIVE_TTL_RELOAD=str(adaptive_ttl_reload),
     )
     uvicorn.run(
         "oncepay.http.gateway:create_app",

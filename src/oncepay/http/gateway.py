@@ -13,12 +13,16 @@ Several gateway processes sharing one store behave as one.
 * an upstream that never got the request (refused, connect timeout) is a 502 / 504 and the
   key is released; one that failed after it (read timeout, dropped connection) may have acted,
   so its 502 / 504 says ``Idempotency-Outcome: unknown`` and the key stays locked;
-* ``GET /health`` is answered by the gateway itself (and checks the store).
+* ``GET /health`` is answered by the gateway itself (and checks the store);
+* with ``--adaptive-ttl FILE`` (``oncepay insight analyze --json``'s output) new records are
+  kept for the TTLs learned per tenant and route, and the file is read again when it changes.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import os
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -26,16 +30,19 @@ from typing import Any
 
 import httpx
 
-from oncepay.errors import OncePayError
+from oncepay.errors import ConfigurationError, OncePayError
 from oncepay.http._cookies import NoCookies
 from oncepay.http.asgi import IdempotencyMiddleware, Message, Receive, Scope, Send
 from oncepay.http.gate import NOT_STORED, OUTCOME_UNKNOWN_HEADER, Gate, Request, ScopeFunction
 from oncepay.http.problems import Problem
 from oncepay.http.scopes import scope_from_cookie, scope_from_header
 from oncepay.idempotency.stores import store_from_url
+from oncepay.insight.ttl_policy import DEFAULT_MAXIMUM, DEFAULT_MINIMUM, TtlPolicy
 from oncepay.insight.usage_log import UsageLog
 
 __all__ = ["GatewaySettings", "Proxy", "create_app"]
+
+log = logging.getLogger("oncepay.http")
 
 # Hop-by-hop request headers (RFC 9110 §7.6.1) plus Host, which httpx sets for the upstream,
 # and Content-Length, which goes with the body the gateway sends (see _request_content).
@@ -49,6 +56,9 @@ _NOT_RETURNED = (NOT_STORED - {"set-cookie"}) | {"server"}
 DEFAULT_UPSTREAM_TIMEOUT = 30.0
 # Connecting must be quick on a local network; a slow connect means the upstream is down.
 CONNECT_TIMEOUT = 5.0
+# How often the learned TTLs' file is checked for a change: a new analysis is applied within
+# half a minute, and a stat() every 30 s costs nothing.
+DEFAULT_TTL_RELOAD = 30.0
 # Failures before the request left: releasing the key is safe. Any later failure (a read
 # timeout, a dropped connection) may follow a committed side effect: the key stays locked.
 _NEVER_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
@@ -80,13 +90,20 @@ class GatewaySettings:
     fingerprint_secret: str | None = None
     # Append every idempotency decision to this key-usage log (SPEC §9), keys hashed.
     usage_log: str | None = None
+    # Learned TTLs (`oncepay insight analyze --json`'s output) within these bounds, the file
+    # checked for changes every ttl_reload seconds (docs/gateway.md).
+    adaptive_ttl: str | None = None
+    adaptive_ttl_min: float = DEFAULT_MINIMUM
+    adaptive_ttl_max: float = DEFAULT_MAXIMUM
+    ttl_reload: float = DEFAULT_TTL_RELOAD
 
     @classmethod
     def from_env(cls) -> GatewaySettings:
         """Read ``ONCEPAY_UPSTREAM``, ``ONCEPAY_STORE_URL``, ``ONCEPAY_UPSTREAM_TIMEOUT``,
         ``ONCEPAY_KEY_REQUIRED``, ``ONCEPAY_WAIT``, ``ONCEPAY_SCOPE_HEADER``,
-        ``ONCEPAY_SCOPE_COOKIE``, ``ONCEPAY_FINGERPRINT_SECRET`` and ``ONCEPAY_USAGE_LOG`` (how
-        uvicorn workers get their config)."""
+        ``ONCEPAY_SCOPE_COOKIE``, ``ONCEPAY_FINGERPRINT_SECRET``, ``ONCEPAY_USAGE_LOG`` and
+        ``ONCEPAY_ADAPTIVE_TTL_FILE`` (with ``_MIN``, ``_MAX`` and ``_RELOAD``: how uvicorn
+        workers get their config)."""
         env = os.environ
         return cls(
             upstream=env["ONCEPAY_UPSTREAM"],
@@ -98,7 +115,20 @@ class GatewaySettings:
             scope_cookie=env.get("ONCEPAY_SCOPE_COOKIE") or None,
             fingerprint_secret=env.get("ONCEPAY_FINGERPRINT_SECRET") or None,
             usage_log=env.get("ONCEPAY_USAGE_LOG") or None,
+            adaptive_ttl=env.get("ONCEPAY_ADAPTIVE_TTL_FILE") or None,
+            adaptive_ttl_min=float(env.get("ONCEPAY_ADAPTIVE_TTL_MIN") or DEFAULT_MINIMUM),
+            adaptive_ttl_max=float(env.get("ONCEPAY_ADAPTIVE_TTL_MAX") or DEFAULT_MAXIMUM),
+            ttl_reload=float(env.get("ONCEPAY_ADAPTIVE_TTL_RELOAD") or DEFAULT_TTL_RELOAD),
         )
+
+    def ttl_policy(self) -> TtlPolicy | None:
+        """The learned TTLs the settings name, loaded; None without a file. A file that cannot
+        be used raises :class:`~oncepay.errors.ConfigurationError`."""
+        if not self.adaptive_ttl:
+            return None
+        policy = TtlPolicy(minimum=self.adaptive_ttl_min, maximum=self.adaptive_ttl_max)
+        policy.load(self.adaptive_ttl)
+        return policy
 
     def scope(self) -> ScopeFunction | None:
         """The scope function the settings name, or None for the default (Authorization)."""
@@ -257,16 +287,53 @@ async def _lifespan(receive: Receive, send: Send, *, on_shutdown: Any) -> None:
 
 
 class _Health:
-    """``GET /health`` answered by the gateway, with a store check; everything else proxied."""
+    """``GET /health`` answered by the gateway, with a store check; everything else proxied.
+    With learned TTLs, their file is checked for changes while the app runs (from lifespan
+    startup to shutdown)."""
 
-    def __init__(self, app: IdempotencyMiddleware) -> None:
+    def __init__(
+        self, app: IdempotencyMiddleware, reload_every: float = DEFAULT_TTL_RELOAD
+    ) -> None:
         self.app = app
+        self.reload_every = reload_every
+        self.reloading: asyncio.Task[None] | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan" and self.app.gate.ttl_policy is not None:
+            await self.app(scope, self._watching(receive), send)
+            return
         if scope["type"] == "http" and scope["path"] == "/health" and scope["method"] == "GET":
             await self._health(send)
             return
         await self.app(scope, receive, send)
+
+    def _watching(self, receive: Receive) -> Receive:
+        """The lifespan's ``receive``, which starts the reloader at startup, stops it at
+        shutdown."""
+
+        async def watched() -> Message:
+            message = await receive()
+            if message["type"] == "lifespan.startup" and self.reloading is None:
+                self.reloading = asyncio.get_running_loop().create_task(self._reload())
+            elif message["type"] == "lifespan.shutdown" and self.reloading is not None:
+                self.reloading.cancel()
+                self.reloading = None
+            return message
+
+        return watched
+
+    async def _reload(self) -> None:
+        """Read the learned TTLs' file again whenever it changed; a file that cannot be used
+        is logged and the TTLs learned before stay."""
+        policy = self.app.gate.ttl_policy
+        assert policy is not None
+        while True:
+            await asyncio.sleep(self.reload_every)
+            try:
+                if await asyncio.to_thread(policy.reload):
+                    log.info("learned TTLs reloaded: %d applied", len(policy.learned()))
+            except ConfigurationError as exc:
+                log.warning("%s; the TTLs learned before stay", exc.detail)
 
     async def _health(self, send: Send) -> None:
         status, store = 200, "ok"
@@ -294,6 +361,9 @@ def create_app(settings: GatewaySettings | None = None) -> _Health:
         options["fingerprint_secret"] = settings.fingerprint_secret
     if settings.usage_log:  # closed, its last batch written, at lifespan shutdown
         options["usage_log"] = UsageLog(settings.usage_log)
+    policy = settings.ttl_policy()
+    if policy is not None:
+        options["ttl_policy"] = policy
     middleware = IdempotencyMiddleware(
         proxy,
         store=store_from_url(settings.store),
@@ -302,7 +372,7 @@ def create_app(settings: GatewaySettings | None = None) -> _Health:
         **options,
     )
     proxy.keyed = _keyed_by(middleware.gate)
-    return _Health(middleware)
+    return _Health(middleware, settings.ttl_reload)
 
 
 def _keyed_by(gate: Gate) -> Keyed:
