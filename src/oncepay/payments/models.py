@@ -16,9 +16,11 @@ from pydantic import (
     StringConstraints,
     WithJsonSchema,
     field_validator,
+    model_validator,
 )
+from pydantic_core import PydanticCustomError
 
-from oncepay.payments.currencies import ISO_4217
+from oncepay.payments.currencies import CURRENCIES, ISO_4217, MAX_AMOUNT
 from oncepay.payments.records import DeliveryRow, EndpointRow, EventRow, PaymentRow, RefundRow
 
 __all__ = [
@@ -38,9 +40,10 @@ __all__ = [
 
 R = TypeVar("R")
 
-# Stripe's ceiling for one charge (99,999,999 minor units, about a million dollars): above it a
-# number is far more likely a bug (cents sent as micro-units) than a payment.
-MAX_AMOUNT = 99_999_999
+# Unix seconds up to the year 5138: a larger number is a mistake (milliseconds), not a time.
+MAX_TIME = 10**11
+# The ceiling of an amount is per currency (currencies.py): MAX_AMOUNT is the largest of them,
+# and a payment's amount is checked against its own currency's.
 # Stripe's metadata limits: enough for order ids and the like, too small to smuggle documents.
 MAX_METADATA_KEYS = 50
 MAX_METADATA_KEY = 40
@@ -65,7 +68,40 @@ def _no_nul(value: str) -> str:
 Text = Annotated[str, AfterValidator(_no_nul)]
 
 
-Amount = Annotated[int, Field(strict=True, gt=0, le=MAX_AMOUNT, description="Minor units.")]
+Amount = Annotated[
+    int,
+    Field(
+        strict=True,
+        gt=0,
+        le=MAX_AMOUNT,
+        description="Minor units (¥1000 is 1000, $10.00 is 1000, 1.000 KWD is 1000); at most "
+        "the currency's max_amount (GET /v1/currencies).",
+    ),
+]
+
+# The shape of the ids the API hands out (storage/ids.py): documented on every id, so a
+# generated request names an object that can exist. A malformed id is still a 404 (no such
+# object), like an unknown one.
+ID_PATTERNS = {
+    "payment": "^pay_[0-9a-f]{24}$",
+    "refund": "^re_[0-9a-f]{24}$",
+    "event": "^evt_[0-9a-f]{24}$",
+    "webhook_endpoint": "^we_[0-9a-f]{24}$",
+    "webhook_delivery": "^whd_[0-9a-f]{24}$",
+}
+
+
+def object_id(kind: str) -> Any:
+    """A path parameter or field holding the id of a ``kind`` (its pattern, documented only)."""
+    return WithJsonSchema({"type": "string", "pattern": ID_PATTERNS[kind]})
+
+
+PaymentId = Annotated[str, object_id("payment")]
+RefundId = Annotated[str, object_id("refund")]
+EventId = Annotated[str, object_id("event")]
+EndpointId = Annotated[str, object_id("webhook_endpoint")]
+DeliveryId = Annotated[str, object_id("webhook_delivery")]
+CURRENCY_CODES = sorted(ISO_4217)
 # The length is checked on the str itself (pydantic then says "characters", not "items").
 MetadataKey = Annotated[
     str, StringConstraints(min_length=1, max_length=MAX_METADATA_KEY), AfterValidator(_no_nul)
@@ -82,9 +118,20 @@ class _Request(BaseModel):
 
 class PaymentCreate(_Request):
     amount: Amount
-    currency: Annotated[str, Field(description="ISO 4217 code, e.g. USD (any case).")]
+    currency: Annotated[
+        str,
+        Field(
+            description="ISO 4217 code in upper case (lower case is accepted too; answers say "
+            "it in upper case).",
+            json_schema_extra={"enum": CURRENCY_CODES},
+        ),
+    ]
     payment_method: Annotated[
-        str, Field(description=f"A test payment method: {', '.join(TEST_PAYMENT_METHODS)}.")
+        str,
+        Field(
+            description=f"A test payment method: {', '.join(TEST_PAYMENT_METHODS)}.",
+            json_schema_extra={"enum": list(TEST_PAYMENT_METHODS)},
+        ),
     ]
     capture_method: Literal["automatic", "manual"] = "automatic"
     description: Description | None = None
@@ -96,9 +143,26 @@ class PaymentCreate(_Request):
     @classmethod
     def _currency(cls, value: str) -> str:
         code = value.upper()
-        if code not in ISO_4217:
-            raise ValueError(f"{value!r} is not an ISO 4217 currency code")
+        if code not in ISO_4217 or value not in (code, code.lower()):
+            raise ValueError(f"{value!r} is not an ISO 4217 currency code (e.g. USD or usd)")
         return code
+
+    @model_validator(mode="after")
+    def _within_currency_limit(self) -> PaymentCreate:
+        money = CURRENCIES[self.currency]
+        if self.amount > money.max_amount:
+            raise PydanticCustomError(
+                "amount_too_large",
+                "amount {amount} is more than {code} allows: at most {limit} minor units "
+                "({code} has {exponent} decimal(s); see GET /v1/currencies)",
+                {
+                    "amount": self.amount,
+                    "code": money.code,
+                    "limit": money.max_amount,
+                    "exponent": money.exponent,
+                },
+            )
+        return self
 
     @field_validator("payment_method")
     @classmethod
@@ -125,20 +189,23 @@ class RefundCreate(_Request):
 # -- public -------------------------------------------------------------------------------------
 
 
+PaymentStatus = Literal[
+    "processing",
+    "authorized",
+    "captured",
+    "partially_refunded",
+    "refunded",
+    "canceled",
+    "failed",
+]
+
+
 class Payment(BaseModel):
     id: str
     object: Literal["payment"] = "payment"
     amount: int
     currency: str
-    status: Literal[
-        "processing",
-        "authorized",
-        "captured",
-        "partially_refunded",
-        "refunded",
-        "canceled",
-        "failed",
-    ]
+    status: PaymentStatus
     capture_method: Literal["automatic", "manual"]
     payment_method: str
     description: str | None
@@ -151,6 +218,15 @@ class Payment(BaseModel):
     outcome_unknown: bool = Field(description="True while the acquirer's answer is not known.")
     acquirer: str
     created: int
+    amount_settled: int = Field(
+        description="Captured money the acquirer has settled (its settlement reports), gross."
+    )
+    amount_refund_settled: int = Field(description="Refunded money the acquirer has settled.")
+    settlement_fee: int = Field(description="Fees the acquirer kept on the settled money.")
+    settled: int | None = Field(description="When the last settled line settled (Unix time).")
+
+
+RefundStatus = Literal["pending", "succeeded", "failed"]
 
 
 class Refund(BaseModel):
@@ -159,7 +235,7 @@ class Refund(BaseModel):
     payment: str
     amount: int
     currency: str
-    status: Literal["pending", "succeeded", "failed"]
+    status: RefundStatus
     failure_code: str | None
     created: int
 
@@ -168,12 +244,14 @@ class RefundList(BaseModel):
     object: Literal["list"] = "list"
     data: list[Refund]
     has_more: bool
+    url: str = Field(description="The list's path: where the next page is asked for.")
 
 
 class PaymentList(BaseModel):
     object: Literal["list"] = "list"
     data: list[Payment]
     has_more: bool
+    url: str = Field(description="The list's path: where the next page is asked for.")
 
 
 class Event(BaseModel):
@@ -188,6 +266,7 @@ class EventList(BaseModel):
     object: Literal["list"] = "list"
     data: list[Event]
     has_more: bool
+    url: str = Field(description="The list's path: where the next page is asked for.")
 
 
 class Problem(BaseModel):
@@ -220,6 +299,10 @@ def payment_public(row: PaymentRow) -> dict[str, Any]:
         "outcome_unknown": bool(row.outcome_unknown),
         "acquirer": row.acquirer,
         "created": int(row.created_at),
+        "amount_settled": row.amount_settled,
+        "amount_refund_settled": row.amount_refund_settled,
+        "settlement_fee": row.settlement_fee,
+        "settled": None if row.settled_at is None else int(row.settled_at),
     }
 
 
@@ -246,9 +329,12 @@ EVENT_TYPES = (
     "payment.canceled",
     "payment.refunded",
     "payment.recovery_escalated",
+    "payment.settled",
     "refund.created",
     "refund.succeeded",
     "refund.failed",
+    "reconciliation.discrepancy_opened",
+    "webhook_endpoint.test",  # POST /v1/webhook_endpoints/{id}/test: to that endpoint only
 )
 # A week: the longest a rotation should take; past it, the old secret is a liability.
 MAX_OVERLAP = 7 * 24 * 3600
@@ -306,6 +392,50 @@ class Redeliver(_Request):
     endpoint: str | None = Field(default=None, description="Only to this endpoint.")
 
 
+class CreatedRange(_Request):
+    """Unix seconds, as the ``created`` field of objects shows them."""
+
+    gt: Annotated[int, Field(strict=True, ge=0, le=MAX_TIME)] | None = None
+    gte: Annotated[int, Field(strict=True, ge=0, le=MAX_TIME)] | None = None
+    lt: Annotated[int, Field(strict=True, ge=0, le=MAX_TIME)] | None = None
+    lte: Annotated[int, Field(strict=True, ge=0, le=MAX_TIME)] | None = None
+
+
+class RedeliverRange(_Request):
+    created: CreatedRange = Field(
+        description="The events' creation time: at least a lower bound (gt or gte)."
+    )
+
+    @model_validator(mode="after")
+    def _bounded_below(self) -> RedeliverRange:
+        if self.created.gt is None and self.created.gte is None:
+            raise PydanticCustomError(
+                "unbounded_range", "created: give a lower bound, created.gte or created.gt"
+            )
+        return self
+
+
+class WebhookRedelivery(BaseModel):
+    object: Literal["webhook_redelivery"] = "webhook_redelivery"
+    endpoint: str
+    deliveries: int = Field(description="Deliveries queued: one per event of the range.")
+
+
+class Currency(BaseModel):
+    object: Literal["currency"] = "currency"
+    code: str
+    exponent: int = Field(description="Decimals: 10**exponent minor units make a major unit.")
+    min_amount: int
+    max_amount: int = Field(description="The largest amount in minor units.")
+
+
+class CurrencyList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Currency]
+    has_more: bool
+    url: str
+
+
 class WebhookEndpoint(BaseModel):
     id: str
     object: Literal["webhook_endpoint"] = "webhook_endpoint"
@@ -322,6 +452,7 @@ class WebhookEndpointList(BaseModel):
     object: Literal["list"] = "list"
     data: list[WebhookEndpoint]
     has_more: bool
+    url: str = Field(description="The list's path: where the next page is asked for.")
 
 
 class DeletedObject(BaseModel):
@@ -359,6 +490,7 @@ class WebhookDeliveryList(BaseModel):
     object: Literal["list"] = "list"
     data: list[WebhookDelivery]
     has_more: bool
+    url: str = Field(description="The list's path: where the next page is asked for.")
 
 
 def endpoint_public(row: EndpointRow, *, secret: bool = False) -> dict[str, Any]:
@@ -402,7 +534,12 @@ def event_public(row: EventRow) -> dict[str, Any]:
 
 
 def list_public(
-    rows: Iterable[R], has_more: bool, public: Callable[[R], dict[str, Any]]
+    rows: Iterable[R], has_more: bool, public: Callable[[R], dict[str, Any]], url: str
 ) -> dict[str, Any]:
     """A page of objects as every list endpoint answers it (Stripe's list object)."""
-    return {"object": "list", "data": [public(row) for row in rows], "has_more": has_more}
+    return {
+        "object": "list",
+        "data": [public(row) for row in rows],
+        "has_more": has_more,
+        "url": url,
+    }

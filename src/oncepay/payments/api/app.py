@@ -11,12 +11,16 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from oncepay import __version__
-from oncepay.payments import bootstrap
+from oncepay.payments import bootstrap, tracing
+from oncepay.payments.api import contract
 from oncepay.payments.api.accesslog import AccessLog
 from oncepay.payments.api.errors import add_handlers
 from oncepay.payments.api.middleware import BodyLimit, HeadAsGet, RequestMetrics
+from oncepay.payments.api.ratelimit import RateLimits, add_rate_limit_handler
 from oncepay.payments.api.routes import (
+    admin_keys,
     admin_reconciliation,
+    currencies,
     events,
     health,
     payments,
@@ -35,10 +39,12 @@ ROUTERS = (
     payments,
     refunds,
     events,
+    currencies,
     health,
     webhook_endpoints,
     webhook_deliveries,
     admin_reconciliation,  # the operator API: out of the OpenAPI document
+    admin_keys,
 )
 
 
@@ -51,6 +57,7 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         running = services or await bootstrap.start(settings)
         app.state.services = running
+        tracing.instrument_database(running.db)  # SQLAlchemy spans, with tracing on
         stop = asyncio.Event()
         worker = asyncio.create_task(run_worker(running, stop)) if settings.run_worker else None
         try:
@@ -61,6 +68,8 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
                 await worker
             if services is None:
                 await running.aclose()
+            tracing.shutdown()  # the last spans exported, with tracing on
+            await app.state.rate_limits.aclose()
 
     app = FastAPI(
         title="OncePay payments API",
@@ -70,13 +79,20 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
     )
     if services is not None:
         app.state.services = services
+    app.state.rate_limits = RateLimits.from_settings(settings)
     for module in ROUTERS:
         # The routes themselves, not app.include_router(): that would route each request
         # through a second router, matching it twice.
         app.router.routes.extend(module.router.routes)
+    app.openapi = lambda: contract.document(app)  # type: ignore[method-assign]
     add_handlers(app)
+    add_rate_limit_handler(app)
     app.add_middleware(HeadAsGet)
     app.add_middleware(BodyLimit)
     app.add_middleware(RequestMetrics)
-    app.add_middleware(AccessLog)  # outermost: it times and ids everything, errors included
+    app.add_middleware(AccessLog)  # it times and ids everything, errors included
+    # OTEL_* variables asking for traces (docs/observability.md): the server span outermost,
+    # so the access log line carries its ids. Otherwise nothing of OpenTelemetry is imported.
+    if tracing.setup() and (otel := tracing.asgi_middleware()) is not None:
+        app.add_middleware(otel[0], **otel[1])
     return app

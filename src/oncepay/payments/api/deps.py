@@ -22,9 +22,9 @@ from oncepay.payments.errors import InvalidRequest, OperatorOnly, ResourceMissin
 from oncepay.payments.idempotent import Work
 from oncepay.payments.idempotent import idempotent as run_idempotent
 from oncepay.payments.idempotent import idempotent_local as run_idempotent_local
-from oncepay.payments.merchants import authenticate
+from oncepay.payments.merchants import authenticate, require_scope
 from oncepay.payments.phases import Operation
-from oncepay.payments.reads import PageQuery
+from oncepay.payments.reads import PageQuery, Range
 from oncepay.payments.records import Merchant
 from oncepay.payments.reply import Reply
 
@@ -112,6 +112,10 @@ Credentials = Annotated[Any, Security(bearer)]  # documents bearer auth in the O
 
 async def _merchant(request: Request, services: ServicesDep, credentials: Credentials) -> Merchant:
     merchant = await authenticate(services, request.headers.get("authorization"))
+    # Before any idempotency key is claimed: a 429 stores nothing (api/ratelimit.py).
+    await request.app.state.rate_limits.check(merchant.key_id, merchant.id)
+    route = request.scope.get("route")
+    require_scope(merchant, getattr(route, "path_format", request.url.path), request.method)
     _refuse_unknown_query(request)  # only now: see known_query_only
     return merchant
 
@@ -139,8 +143,36 @@ OperatorDep = Annotated[None, Depends(_operator)]
 Limit = Annotated[int, Query(ge=1, le=MAX_LIMIT)]
 
 
-def _page_query(limit: Limit = DEFAULT_LIMIT, starting_after: str | None = None) -> PageQuery:
-    return PageQuery(limit, starting_after)
+# Unix seconds up to the year 5138: a larger number is a mistake (milliseconds), not a time.
+MAX_TIME = 10**11
+Cursor = Annotated[
+    str | None,
+    Query(max_length=64, description="An object id of this list (the cursor), e.g. pay_…"),
+]
+
+
+def _seconds(bound: str) -> Any:
+    return Query(
+        alias=f"created[{bound}]", ge=0, le=MAX_TIME, description=f"created {bound} (Unix s)"
+    )
+
+
+def _created(
+    gt: Annotated[int | None, _seconds("gt")] = None,
+    gte: Annotated[int | None, _seconds("gte")] = None,
+    lt: Annotated[int | None, _seconds("lt")] = None,
+    lte: Annotated[int | None, _seconds("lte")] = None,
+) -> Range:
+    return Range(gt, gte, lt, lte)
+
+
+def _page_query(
+    created: Annotated[Range, Depends(_created)],
+    limit: Limit = DEFAULT_LIMIT,
+    starting_after: Cursor = None,
+    ending_before: Cursor = None,
+) -> PageQuery:
+    return PageQuery(limit, starting_after, ending_before, created)
 
 
 PageDep = Annotated[PageQuery, Depends(_page_query)]  # the query string every list takes
@@ -162,9 +194,25 @@ def _refuse_unknown_query(request: Request) -> None:
     if dependant is None:
         return
     known = {param.alias for param in _all_query_params(dependant)}
-    unknown = sorted(set(request.query_params) - known)
+    deep = _deep_objects(request)  # metadata[key]=value: any key of a declared deepObject
+    unknown = sorted(
+        name
+        for name in set(request.query_params) - known
+        if not (name.endswith("]") and name.partition("[")[0] in deep)
+    )
     if unknown:
         raise InvalidRequest(f"unknown query parameter(s): {', '.join(unknown)}")
+
+
+def _deep_objects(request: Request) -> set[str]:
+    """The query parameters a route documents as ``style: deepObject`` (in its
+    ``openapi_extra``): their keys are free, so FastAPI cannot declare them one by one."""
+    extra = getattr(request.scope.get("route"), "openapi_extra", None) or {}
+    return {
+        param["name"]
+        for param in extra.get("parameters", ())
+        if param.get("in") == "query" and param.get("style") == "deepObject"
+    }
 
 
 def _all_query_params(dependant: Any) -> list[Any]:

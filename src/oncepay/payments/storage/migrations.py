@@ -12,10 +12,11 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
-from sqlalchemy import Column, Float, Integer, MetaData, Table, select, text
+from sqlalchemy import Column, Float, Integer, MetaData, Table, inspect, select, text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from oncepay.payments.storage import schema
+from oncepay.reconciliation.store import create_tables as reconciliation_tables
 from oncepay.storage.db import Database, write
 
 __all__ = ["MIGRATIONS", "migrate", "migrated"]
@@ -74,11 +75,62 @@ async def _v3_webhooks(conn: AsyncConnection, db: Database) -> None:
     await conn.run_sync(lambda sync: schema.metadata.create_all(sync, tables=tables))
 
 
+async def _v6_api_keys(conn: AsyncConnection, db: Database) -> None:
+    """Key names, restricted scopes, rolled keys' overlap, last use; the keys' audit trail. A
+    database created after these columns joined ``schema.api_keys`` has them from version 1."""
+    present = await conn.run_sync(
+        lambda sync: {c["name"] for c in inspect(sync).get_columns("api_keys")}
+    )
+    for name, kind in (
+        ("name", "TEXT"),
+        ("scopes", "TEXT"),
+        ("expires_at", "DOUBLE PRECISION"),
+        ("last_used_at", "DOUBLE PRECISION"),
+    ):
+        if name not in present:
+            await conn.execute(text(f"ALTER TABLE api_keys ADD COLUMN {name} {kind}"))
+    tables = [schema.api_key_audit]
+    await conn.run_sync(lambda sync: schema.metadata.create_all(sync, tables=tables))
+
+
+async def _v8_event_traceparent(conn: AsyncConnection, db: Database) -> None:
+    """Each event's traceparent (tracing.py); a database created after the column joined
+    ``schema.events`` has it from version 1."""
+    present = await conn.run_sync(
+        lambda sync: {c["name"] for c in inspect(sync).get_columns("events")}
+    )
+    if "traceparent" not in present:
+        await conn.execute(text("ALTER TABLE events ADD COLUMN traceparent VARCHAR(64)"))
+
+
+# The lists' filters and cursors (reads.page, issue 14): each list reads its rows by the
+# merchant or the parent, newest first by seq, narrowed by status, type or creation time.
+_V7_INDEXES = {
+    "payments_merchant_status": "payments (merchant_id, status, seq)",
+    "payments_merchant_created": "payments (merchant_id, created_at)",
+    "refunds_merchant_seq": "refunds (merchant_id, seq)",
+    "refunds_payment_seq": "refunds (payment_id, seq)",
+    "events_merchant_type": "events (merchant_id, type, seq)",
+    "events_merchant_created": "events (merchant_id, created_at)",
+    "webhook_deliveries_endpoint_seq": "webhook_deliveries (endpoint_id, seq)",
+    "webhook_deliveries_event_seq": "webhook_deliveries (event_id, seq)",
+}
+
+
+async def _v7_list_indexes(conn: AsyncConnection, db: Database) -> None:
+    for name, columns in _V7_INDEXES.items():
+        await conn.execute(text(f"CREATE INDEX IF NOT EXISTS {name} ON {columns}"))
+
+
 Migration = Callable[[AsyncConnection, Database], Awaitable[None]]
 MIGRATIONS: list[tuple[int, Migration]] = [
     (1, _v1_tables),
     (2, _v2_immutable_ledger),
     (3, _v3_webhooks),
+    (4, reconciliation_tables),  # runs, discrepancies, settlements, actions; settled columns
+    (6, _v6_api_keys),
+    (7, _v7_list_indexes),  # the lists' filters and cursors
+    (8, _v8_event_traceparent),  # events.traceparent
 ]
 
 

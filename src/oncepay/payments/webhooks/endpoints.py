@@ -8,12 +8,12 @@ import json
 import time
 from typing import Any, cast
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from oncepay.payments import models
-from oncepay.payments.errors import ResourceMissing
-from oncepay.payments.reads import DELIVERIES, EVENTS, get_object
+from oncepay.payments.errors import InvalidRequest, ResourceMissing
+from oncepay.payments.reads import DELIVERIES, Range, get_object
 from oncepay.payments.records import AttemptRow, DeliveryRow, EndpointRow
 from oncepay.payments.storage.schema import (
     events,
@@ -22,7 +22,7 @@ from oncepay.payments.storage.schema import (
     webhook_endpoints,
 )
 from oncepay.payments.webhooks.addresses import validate_url
-from oncepay.payments.webhooks.outbox import new_secret, redeliver
+from oncepay.payments.webhooks.outbox import deliver_to, new_secret, redeliver, subscribed
 from oncepay.storage.db import Database, read, write
 from oncepay.storage.ids import is_id, new_id
 
@@ -30,11 +30,12 @@ __all__ = [
     "create_endpoint",
     "delete_endpoint",
     "delivery_attempts",
-    "event_deliveries",
     "load_endpoint",
     "read_endpoint",
     "redeliver_event",
+    "redeliver_range",
     "rotate_secret",
+    "send_test",
     "update_endpoint",
 ]
 
@@ -145,18 +146,6 @@ async def rotate_secret(
     )
 
 
-async def event_deliveries(db: Database, event_id: str, merchant_id: str) -> list[DeliveryRow]:
-    """Every delivery of the merchant's event, newest first."""
-    await get_object(db, EVENTS, event_id, merchant_id)
-    async with read(db) as conn:
-        rows = await conn.execute(
-            select(webhook_deliveries)
-            .where(webhook_deliveries.c.event_id == event_id)
-            .order_by(webhook_deliveries.c.seq.desc())
-        )
-        return cast("list[DeliveryRow]", list(rows))
-
-
 async def delivery_attempts(
     db: Database, delivery_id: str, merchant_id: str
 ) -> tuple[DeliveryRow, list[AttemptRow]]:
@@ -191,3 +180,68 @@ async def redeliver_event(
     ids = await redeliver(conn, merchant_id=merchant_id, event_id=event_id, endpoint_id=endpoint_id)
     rows = await conn.execute(select(webhook_deliveries).where(webhook_deliveries.c.id.in_(ids)))
     return cast("list[DeliveryRow]", list(rows))
+
+
+TEST_EVENT = "webhook_endpoint.test"
+# One redelivery request queues at most this many events: a day of a busy shop, and few enough
+# that the request (one transaction, its answer stored under the idempotency key) stays quick.
+MAX_REDELIVER = 1000
+
+
+async def _enabled(conn: AsyncConnection, endpoint_id: str, merchant_id: str) -> EndpointRow:
+    row = await load_endpoint(conn, endpoint_id, merchant_id)
+    if row.disabled:
+        raise InvalidRequest(
+            f"webhook endpoint {endpoint_id!r} is disabled ({row.disabled_reason}); "
+            "enable it first (POST it with disabled: false)"
+        )
+    return row
+
+
+async def send_test(conn: AsyncConnection, endpoint_id: str, merchant_id: str) -> DeliveryRow:
+    """A ``webhook_endpoint.test`` event, new each time (its own ``webhook-id``), queued for
+    this endpoint only, whatever it subscribes to."""
+    row = await _enabled(conn, endpoint_id, merchant_id)
+    event_id, now = new_id("evt"), time.time()
+    data = {"object": "webhook_endpoint", "id": row.id, "url": row.url}
+    await conn.execute(
+        events.insert().values(
+            id=event_id,
+            merchant_id=merchant_id,
+            type=TEST_EVENT,
+            object_id=row.id,
+            data=json.dumps(data, separators=(",", ":")),
+            created_at=now,
+        )
+    )
+    (delivery_id,) = await deliver_to(
+        conn, merchant_id=merchant_id, event_ids=[event_id], endpoint_id=row.id
+    )
+    found = await conn.execute(
+        select(webhook_deliveries).where(webhook_deliveries.c.id == delivery_id)
+    )
+    return cast(DeliveryRow, found.one())
+
+
+async def redeliver_range(
+    conn: AsyncConnection, endpoint_id: str, merchant_id: str, created: Range
+) -> list[str]:
+    """New deliveries to this endpoint of every event of the merchant created in ``created``
+    that it subscribes to, oldest first. Each keeps its event's ``webhook-id``."""
+    row = await _enabled(conn, endpoint_id, merchant_id)
+    where = [
+        events.c.merchant_id == merchant_id,
+        events.c.type != TEST_EVENT,
+        *created.conditions(events.c.created_at, seconds=True),
+    ]
+    count = (await conn.execute(select(func.count()).select_from(events).where(*where))).scalar()
+    if (count or 0) > MAX_REDELIVER:
+        raise InvalidRequest(
+            f"created: {count} events in that range, more than the {MAX_REDELIVER} one "
+            "request redelivers; narrow the range and send several"
+        )
+    found = await conn.execute(
+        select(events.c.id, events.c.type).where(*where).order_by(events.c.seq)
+    )
+    wanted = [event.id for event in found if subscribed(row.events, event.type)]
+    return await deliver_to(conn, merchant_id=merchant_id, event_ids=wanted, endpoint_id=row.id)

@@ -19,7 +19,7 @@ from oncepay.payments.errors import InvalidRequest
 from oncepay.payments.storage.schema import events, webhook_deliveries, webhook_endpoints
 from oncepay.storage.ids import new_id
 
-__all__ = ["fan_out", "new_secret", "redeliver", "subscribed"]
+__all__ = ["deliver_to", "fan_out", "new_secret", "redeliver", "subscribed"]
 
 
 def new_secret() -> str:
@@ -105,6 +105,18 @@ async def redeliver(
         raise InvalidRequest(f"endpoint: no enabled webhook endpoint {endpoint_id!r}")
     now = time.time()
     rows = [_delivery(merchant_id, event_id, target, now) for target in targets]
+    if rows:
+        await conn.execute(webhook_deliveries.insert(), rows)
+    return [row["id"] for row in rows]
+
+
+async def deliver_to(
+    conn: AsyncConnection, *, merchant_id: str, event_ids: list[str], endpoint_id: str
+) -> list[str]:
+    """New deliveries of the merchant's events to one endpoint (a test delivery, or a
+    redelivery of a time range), queued for the worker like any other."""
+    now = time.time()
+    rows = [_delivery(merchant_id, event_id, endpoint_id, now) for event_id in event_ids]
     if rows:
         await conn.execute(webhook_deliveries.insert(), rows)
     return [row["id"] for row in rows]

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import Request
+from fastapi import Depends, Query, Request
 from fastapi.responses import Response
 
 from oncepay.payments import models
@@ -17,14 +17,35 @@ from oncepay.payments.api.deps import (
     idempotent,
     resource_router,
 )
+from oncepay.payments.currencies import MAX_AMOUNT
+from oncepay.payments.errors import InvalidRequest
 from oncepay.payments.models import list_public, payment_public, refund_public
 from oncepay.payments.operations import Cancel, Capture, CreatePayment, CreateRefund
-from oncepay.payments.reads import PAYMENTS, REFUNDS, get_object, page
-from oncepay.payments.storage.schema import refunds
+from oncepay.payments.reads import PAYMENTS, REFUNDS, Range, get_object, metadata_is, page
+from oncepay.payments.storage.schema import payments, refunds
 
-__all__ = ["router"]
+__all__ = ["METADATA_FILTER", "router"]
 
 router = resource_router("/v1/payments")
+
+# metadata[key]=value, any key: a deepObject (its keys are free, so it is declared here and
+# read from the query string by hand; deps.py lets its keys through the unknown-query check).
+METADATA_FILTER: dict[str, Any] = {
+    "name": "metadata",
+    "in": "query",
+    "required": False,
+    "style": "deepObject",
+    "explode": True,
+    "description": "metadata[key]=value: only payments whose metadata has that key with that "
+    "value (several: all of them).",
+    "schema": {
+        "type": "object",
+        "maxProperties": 10,
+        "propertyNames": {"minLength": 1, "maxLength": models.MAX_METADATA_KEY},
+        "additionalProperties": {"type": "string", "maxLength": models.MAX_METADATA_VALUE},
+    },
+}
+MAX_METADATA_FILTERS = 10
 
 
 @router.post("", status_code=201, response_model=models.Payment, **POST)
@@ -37,7 +58,7 @@ async def create_payment(
 
 @router.post("/{payment_id}/capture", response_model=models.Payment, **POST)
 async def capture_payment(
-    payment_id: str,
+    payment_id: models.PaymentId,
     request: Request,
     services: ServicesDep,
     merchant: MerchantDep,
@@ -50,7 +71,7 @@ async def capture_payment(
 
 @router.post("/{payment_id}/cancel", response_model=models.Payment, **POST)
 async def cancel_payment(
-    payment_id: str,
+    payment_id: models.PaymentId,
     request: Request,
     services: ServicesDep,
     merchant: MerchantDep,
@@ -62,7 +83,7 @@ async def cancel_payment(
 
 @router.post("/{payment_id}/refunds", status_code=201, response_model=models.Refund, **POST)
 async def create_refund(
-    payment_id: str,
+    payment_id: models.PaymentId,
     request: Request,
     services: ServicesDep,
     merchant: MerchantDep,
@@ -75,31 +96,84 @@ async def create_refund(
 
 @router.get("/{payment_id}", response_model=models.Payment, responses=PROBLEMS)
 async def get_payment(
-    payment_id: str, services: ServicesDep, merchant: MerchantDep
+    payment_id: models.PaymentId, services: ServicesDep, merchant: MerchantDep
 ) -> dict[str, Any]:
     return payment_public(await get_object(services.db, PAYMENTS, payment_id, merchant.id))
 
 
-@router.get("", response_model=models.PaymentList, responses=PROBLEMS)
+def _amount(bound: str) -> Any:
+    return Query(alias=f"amount[{bound}]", ge=0, le=MAX_AMOUNT, description=f"amount {bound}")
+
+
+def _amounts(
+    gt: Annotated[int | None, _amount("gt")] = None,
+    gte: Annotated[int | None, _amount("gte")] = None,
+    lt: Annotated[int | None, _amount("lt")] = None,
+    lte: Annotated[int | None, _amount("lte")] = None,
+) -> Range:
+    return Range(gt, gte, lt, lte)
+
+
+def _metadata(request: Request) -> dict[str, str]:
+    """The ``metadata[key]=value`` pairs of the query string."""
+    found = {}
+    for name, value in request.query_params.multi_items():
+        if not (name.startswith("metadata[") and name.endswith("]")):
+            continue
+        key = name[len("metadata[") : -1]
+        if not 0 < len(key) <= models.MAX_METADATA_KEY or "\x00" in key + value:
+            raise InvalidRequest(
+                f"{name}: a metadata key is 1-{models.MAX_METADATA_KEY} characters"
+            )
+        if len(value) > models.MAX_METADATA_VALUE:
+            raise InvalidRequest(f"{name}: at most {models.MAX_METADATA_VALUE} characters")
+        if found.get(key, value) != value:
+            raise InvalidRequest(f"{name}: given twice with different values")
+        found[key] = value
+    if len(found) > MAX_METADATA_FILTERS:
+        raise InvalidRequest(f"metadata: at most {MAX_METADATA_FILTERS} keys to filter by")
+    return found
+
+
+@router.get(
+    "",
+    response_model=models.PaymentList,
+    responses=PROBLEMS,
+    openapi_extra={"parameters": [METADATA_FILTER]},
+)
 async def list_payments(
+    request: Request,
     services: ServicesDep,
     merchant: MerchantDep,
     paging: PageDep,
+    amounts: Annotated[Range, Depends(_amounts)],
+    status: models.PaymentStatus | None = None,
+    currency: Annotated[str | None, Query(pattern="^[A-Z]{3}$")] = None,
 ) -> dict[str, Any]:
-    """Newest first; pass the last id you saw as `starting_after` for the next page."""
-    rows, more = await page(services.db, PAYMENTS, merchant.id, paging)
-    return list_public(rows, more, payment_public)
+    """Newest first; pass the last id you saw as `starting_after` for the next page (or the
+    first as `ending_before` for the previous one). Filters: `status`, `currency`,
+    `created[gt|gte|lt|lte]`, `amount[gt|gte|lt|lte]`, `metadata[key]=value`."""
+    c = payments.c
+    scope = amounts.conditions(c.amount)
+    if currency is not None:
+        scope.append(c.currency == currency)
+    for n, (key, value) in enumerate(_metadata(request).items()):
+        scope.append(metadata_is(services.db, c.metadata, key, value, n))
+    where = [c.status == status] if status is not None else []
+    rows, more = await page(services.db, PAYMENTS, merchant.id, paging, where, scope=scope)
+    return list_public(rows, more, payment_public, request.url.path)
 
 
 @router.get("/{payment_id}/refunds", response_model=models.RefundList, responses=PROBLEMS)
 async def list_refunds(
-    payment_id: str,
+    payment_id: models.PaymentId,
+    request: Request,
     services: ServicesDep,
     merchant: MerchantDep,
     paging: PageDep,
 ) -> dict[str, Any]:
     """The payment's refunds, newest first, paged like every list."""
     await get_object(services.db, PAYMENTS, payment_id, merchant.id)
-    where = [refunds.c.payment_id == payment_id]
-    rows, more = await page(services.db, REFUNDS, merchant.id, paging, where)
-    return list_public(rows, more, refund_public)
+    scope = [refunds.c.payment_id == payment_id]
+    rows, more = await page(services.db, REFUNDS, merchant.id, paging, scope=scope)
+    return list_public(rows, more, refund_public, request.url.path)
