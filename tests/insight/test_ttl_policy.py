@@ -220,3 +220,26 @@ def test_savings_are_counted_exactly_from_many_threads() -> None:
     assert savings.records == 40000 == len(seen)
     assert (savings.learned_seconds, savings.fixed_seconds) == (40000 * 600.0, 40000 * DAY)
     assert savings.ratio == pytest.approx(600 / DAY)
+
+
+# -- what the learned TTLs save ------------------------------------------------------------------
+
+
+def test_an_estimate_compares_learned_ttls_with_the_fixed_ones_route_by_route() -> None:
+    policy = TtlPolicy(minimum=60)
+    policy.update([entry("m_1", ROUTE, 600), entry("m_2", ROUTE, 600, basis=3)])
+    saving = policy.estimate({("m_1", ROUTE): (10, 10 * DAY), ("m_2", ROUTE): (5, 5 * DAY)})
+    assert saving.records == 15
+    assert saving.learned_seconds == 10 * 600 + 5 * DAY  # m_2 learned too little: its own
+    assert saving.fixed_seconds == 15 * DAY
+
+
+def test_insight_analyze_reports_the_savings_of_its_learned_ttls(tmp_path: Path) -> None:
+    log = tmp_path / "usage.jsonl"
+    log.write_text("".join(to_line(u) for u in normal(random.Random(3))))
+    result = CliRunner().invoke(app, ["insight", "analyze", str(log)])
+    assert result.exit_code == 0, result.output
+    (line,) = [line for line in result.stdout.splitlines() if "learned TTLs applied" in line]
+    assert "of the key-seconds the logged TTLs kept" in line and "key-seconds saved" in line
+    share = float(line.split("learned TTLs applied: ")[1].split("%")[0])
+    assert 0 < share < 10  # retries within minutes: far less than a fixed day

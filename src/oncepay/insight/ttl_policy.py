@@ -206,6 +206,16 @@ class TtlPolicy:
         if self.on_stored is not None:
             self.on_stored(ttl, fixed)
 
+    def estimate(self, stored: Mapping[tuple[str, str], tuple[int, float]]) -> TtlSavings:
+        """What this policy would have stored of the records a log shows: ``stored`` maps
+        (tenant, route) to (records, the key-seconds their fixed TTLs kept)."""
+        records, learned, fixed = 0, 0.0, 0.0
+        for (tenant, route), (count, kept) in stored.items():
+            records += count
+            fixed += kept
+            learned += count * self.ttl_for(tenant, route, kept / count) if count else 0.0
+        return TtlSavings(records, learned, fixed)
+
     def savings(self) -> TtlSavings:
         """What the learned TTLs stored so far, against the fixed ones."""
         with self._lock:
