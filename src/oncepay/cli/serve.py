@@ -51,6 +51,22 @@ def serve(
     quiet: Annotated[
         bool, typer.Option("--quiet", help="No access log line per request on the terminal.")
     ] = False,
+    adaptive_ttl: Annotated[
+        bool | None,
+        typer.Option(
+            "--adaptive-ttl/--no-adaptive-ttl",
+            help="Keep each merchant's keys as long as its clients retry (learned TTLs, "
+            "docs/insight.md). [env ONCEPAY_ADAPTIVE_TTL; default off]",
+        ),
+    ] = None,
+    adaptive_ttl_file: Annotated[
+        str | None,
+        typer.Option(
+            metavar="FILE",
+            help="Learned TTLs from `oncepay insight analyze LOG --json` (implies "
+            "--adaptive-ttl). [env ONCEPAY_ADAPTIVE_TTL_FILE]",
+        ),
+    ] = None,
 ) -> None:
     """Run the payments service: the API, with recovery, on SQLite unless told otherwise."""
     import uvicorn
@@ -66,6 +82,8 @@ def serve(
         redis_url=redis_url,
         usage_log=usage_log,
         access_log=False if quiet else None,
+        adaptive_ttl=True if adaptive_ttl_file and adaptive_ttl is None else adaptive_ttl,
+        adaptive_ttl_file=adaptive_ttl_file,
     )
     banner = run_or_exit(_prepare(config))
     console.print(banner, soft_wrap=True)
@@ -129,12 +147,20 @@ def _env(value: object) -> str:
 
 async def _prepare(config: Any) -> str:
     """Migrate, and in test mode (the embedded acquirer) hand out a fresh test API key."""
+    from oncepay.payments.bootstrap import ttl_policy
     from oncepay.payments.merchants import issue_test_key
     from oncepay.payments.storage.migrations import migrated
 
+    policy = ttl_policy(config)  # a TTL file that cannot be used: exit 2 before serving
     async with migrated(config.database_url) as db:
         url = f"http://{config.host}:{config.port}"
         lines = [f"[bold]OncePay payments API[/bold] on {url}", f"database: {where(db)}"]
+        if policy is not None:
+            learned = len(policy.learned())
+            lines.append(
+                f"adaptive TTL: {learned} learned TTLs, held to [{policy.minimum:.0f} s, "
+                f"{policy.maximum:.0f} s]; key_ttl ({config.key_ttl:.0f} s) elsewhere"
+            )
         if config.embedded_acquirer:
             merchant, api_key = await issue_test_key(db)
             lines += [

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from oncepay.http.gate import Gate
 from oncepay.idempotency.engine import Engine
+from oncepay.insight.ttl_policy import TtlPolicy
 from oncepay.insight.usage_log import UsageLog
 from oncepay.payments.acquirers.base import Acquirer
 from oncepay.payments.acquirers.breaker import breaker_for
@@ -15,6 +16,7 @@ from oncepay.payments.acquirers.control import RetryControl
 from oncepay.payments.acquirers.http import HttpAcquirer
 from oncepay.payments.acquirers.pool import AcquirerPool
 from oncepay.payments.context import Services
+from oncepay.payments.metrics import ADAPTIVE_TTL_KEY_SECONDS
 from oncepay.payments.settings import Settings
 from oncepay.payments.storage.idempotency import idempotency_store
 from oncepay.payments.storage.migrations import migrate
@@ -25,13 +27,36 @@ __all__ = ["build_acquirers", "start"]
 
 async def start(settings: Settings, acquirers: AcquirerPool | None = None) -> Services:
     """Everything a payments process needs, ready; ``acquirers`` replaces the configured ones."""
+    policy = ttl_policy(settings)  # first: a file that cannot be used leaves nothing open
     db = Database.from_url(settings.database_url)
     await migrate(db)
     store = await idempotency_store(db, settings.redis_url)
     engine = Engine(store, ttl=settings.key_ttl, lease=settings.lease)
     usage_log = UsageLog(settings.usage_log) if settings.usage_log else None
-    gate = Gate(engine, methods=("POST",), required=True, usage_log=usage_log)
-    return Services(settings, db, engine, gate, acquirers or build_acquirers(settings))
+    gate = Gate(engine, methods=("POST",), required=True, usage_log=usage_log, ttl_policy=policy)
+    pool = acquirers or build_acquirers(settings)
+    return Services(settings, db, engine, gate, pool, ttl_policy=policy)
+
+
+def ttl_policy(settings: Settings) -> TtlPolicy | None:
+    """The learned TTLs when ``adaptive_ttl`` is on (from ``adaptive_ttl_file`` if set; a
+    file that cannot be used stops the start-up), counted in /metrics; None when off."""
+    if not settings.adaptive_ttl:
+        return None
+    policy = TtlPolicy(
+        minimum=settings.adaptive_ttl_min,
+        maximum=settings.adaptive_ttl_max,
+        fallback=settings.key_ttl,
+        on_stored=_count_key_seconds,
+    )
+    if settings.adaptive_ttl_file:
+        policy.load(settings.adaptive_ttl_file)
+    return policy
+
+
+def _count_key_seconds(learned: float, fixed: float) -> None:
+    ADAPTIVE_TTL_KEY_SECONDS.labels("learned").inc(learned)
+    ADAPTIVE_TTL_KEY_SECONDS.labels("fixed").inc(fixed)
 
 
 def build_acquirers(settings: Settings) -> AcquirerPool:

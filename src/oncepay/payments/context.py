@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from oncepay.http.gate import Gate
 from oncepay.idempotency.engine import Engine
+from oncepay.insight.ttl_policy import TtlPolicy
 from oncepay.payments.acquirers.pool import AcquirerPool
 from oncepay.payments.records import Merchant
 from oncepay.payments.settings import Settings
@@ -26,6 +27,9 @@ class Services:
     acquirers: AcquirerPool
     # API key hash -> (merchant, when checked): see oncepay.payments.merchants.authenticate
     known_keys: dict[str, tuple[Merchant, float]] = field(default_factory=dict)
+    # Learned TTLs (settings.adaptive_ttl), the gate's own; None when off. The worker's live
+    # analysis replaces what it holds with ttl_policy.update(analyzer.ttl()).
+    ttl_policy: TtlPolicy | None = None
 
     async def aclose(self) -> None:
         await self.acquirers.aclose()

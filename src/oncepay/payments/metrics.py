@@ -23,8 +23,11 @@ __all__ = [
     "ACQUIRER_RETRIES",
     "ACQUIRER_THROTTLED",
     "ACQUIRER_THROTTLE_PROBABILITY",
+    "ADAPTIVE_TTL_KEY_SECONDS",
     "BREAKER_TRANSITIONS",
     "IDEMPOTENCY_DECISIONS",
+    "IDEMPOTENCY_ROUTE_DECISIONS",
+    "KEY_SECONDS",
     "RECONCILIATION_ACTIONS",
     "RECONCILIATION_DISCREPANCIES",
     "RECONCILIATION_LINES",
@@ -53,6 +56,28 @@ IDEMPOTENCY_DECISIONS = Counter(
     ["decision"],
     registry=REGISTRY,
 )
+# Summed per record stored under a learned TTL: "learned" what it is kept, "fixed" what key_ttl
+# would have kept it; their ratio is the storage the learned TTLs save (docs/insight.md).
+ADAPTIVE_TTL_KEY_SECONDS = Counter(
+    "oncepay_adaptive_ttl_key_seconds",
+    "Key-seconds of the records stored under learned TTLs (ttl=learned), and what the fixed "
+    "TTL would have kept them (ttl=fixed).",
+    ["ttl"],
+    registry=REGISTRY,
+)
+IDEMPOTENCY_ROUTE_DECISIONS = Counter(
+    "oncepay_idempotency_route_decisions",
+    "Idempotency decisions by SPEC §9 name (executed, replayed, in_progress, reused, invalid, "
+    "unavailable, rejected) and route template.",
+    ["decision", "route"],
+    registry=REGISTRY,
+)
+KEY_SECONDS = Counter(
+    "oncepay_idempotency_key_seconds",
+    "Key-seconds stored: each stored response's time to live under its key, summed (what a "
+    "shorter TTL would save).",
+    registry=REGISTRY,
+)
 ACQUIRER_CALLS = Counter(
     "oncepay_acquirer_calls",
     "Calls to acquirers, by acquirer, operation and outcome (approved, declined, unknown, "
@@ -74,7 +99,7 @@ ACQUIRER_ATTEMPTS = Counter(
 )
 ACQUIRER_RETRIES = Counter(
     "oncepay_acquirer_retries",
-    "Retry decisions, by acquirer and decision: made, budget_denied, throttled.",
+    "Retry decisions, by acquirer and decision: made, budget_denied, throttled, degraded.",
     ["acquirer", "decision"],
     registry=REGISTRY,
 )

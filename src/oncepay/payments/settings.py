@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 __all__ = ["Settings"]
@@ -44,10 +44,26 @@ class Settings(BaseSettings):
     acquirer_backoff_base: float = Field(default=0.05, gt=0)
     acquirer_backoff_cap: float = Field(default=1.0, gt=0)
     redis_url: str | None = None
+    # Rate limits (docs/payments-api.md, "Rate limits"), e.g. "100/second" (Stripe's live-mode
+    # rate per account), counted in Redis when redis_url is set, else per process. Off by
+    # default: the right rate is the deployment's to choose, and a default one would throttle
+    # the benchmarks and load tests that drive one key as fast as it goes.
+    rate_limit_per_key: str | None = None
+    rate_limit_per_merchant: str | None = None
     # Append every idempotency decision to this key-usage log (SPEC §9; docs/insight.md).
     usage_log: str | None = None
     # Stripe keeps keys a day (docs/payments-api.md): long enough for any client retry.
     key_ttl: float = Field(default=24 * 3600.0, gt=0)
+    # Learned TTLs (SPEC §9; docs/insight.md "Applying learned TTLs"): off, every key is kept
+    # key_ttl. On, each merchant's keys on each route are kept as long as its clients retry
+    # (from adaptive_ttl_file, `oncepay insight analyze --json`, and/or the worker's live
+    # analysis), held to [adaptive_ttl_min, adaptive_ttl_max]; key_ttl where nothing is learned.
+    adaptive_ttl: bool = False
+    adaptive_ttl_file: str | None = None
+    # Five minutes: far above the lease (a record must outlive its request), far below a day.
+    adaptive_ttl_min: float = Field(default=300.0, gt=0)
+    # A week: terminals retrying after a weekend stay covered; no longer than unfinished work.
+    adaptive_ttl_max: float = Field(default=7 * 24 * 3600.0, gt=0)
     # Outlasts the slowest honest request (two acquirers x attempts x timeout, plus look-ups),
     # so a live request is never taken over; a crashed one is resumed a minute later.
     lease: float = Field(default=60.0, gt=0)
@@ -92,6 +108,28 @@ class Settings(BaseSettings):
     access_log: bool = True
     # How often the worker looks for abandoned requests and expired keys.
     worker_interval: float = Field(default=1.0, gt=0)
+    # How often the worker reconciles every acquirer's previous day and the current day so far
+    # (SPEC §10; docs/reconciliation.md). Five minutes: reports are daily, so this only bounds
+    # how late an orphan is voided or a discrepancy raised; a run of a quiet day costs a few
+    # queries. 0 turns it off.
+    reconcile_interval: float = Field(default=300.0, ge=0)
+    # Days an unsettled capture or refund waits before it is missing at the acquirer.
+    reconcile_grace_days: int = Field(default=3, ge=0)
+    # Remediation actions (voids, cancels) one run may take; a run that would take more takes
+    # none and raises one alert: that many at once is an incident, not routine.
+    reconcile_action_cap: int = Field(default=50, ge=0)
+
+    @model_validator(mode="after")
+    def _adaptive_ttl_bounds(self) -> Settings:
+        if self.adaptive_ttl_file and not self.adaptive_ttl:
+            raise ValueError("adaptive_ttl_file is set but adaptive_ttl is off: turn it on")
+        if not self.lease < self.adaptive_ttl_min <= self.adaptive_ttl_max:
+            raise ValueError(
+                f"need lease < adaptive_ttl_min <= adaptive_ttl_max (got {self.lease}s, "
+                f"{self.adaptive_ttl_min}s, {self.adaptive_ttl_max}s): a key must outlive "
+                "its request"
+            )
+        return self
 
     @property
     def embedded_acquirer(self) -> bool:
