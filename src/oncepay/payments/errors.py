@@ -2,6 +2,7 @@
 
     ClientError
     ├── AuthenticationFailed       401 authentication_required / invalid_api_key
+    ├── PermissionDenied           403 insufficient_scope (a restricted key, outside its scopes)
     ├── ResourceMissing            404 resource_missing (also: another merchant's object)
     ├── InvalidRequest             400 invalid_request (malformed JSON, fields, ids)
     ├── AmountTooLarge             400 amount_too_large (capture / refund above what is left)
@@ -10,6 +11,7 @@
     ├── OperationInProgress        409 payment_operation_in_progress (capture vs. cancel)
     ├── OutcomeUnknown             409 payment_outcome_unknown (acquirer result not yet known)
     ├── AcquirerOutcomeUnknown     503 acquirer_outcome_unknown (this request; retry resumes)
+    ├── RateLimited                429 rate_limited (before the key is claimed: nothing ran)
     └── DatabaseUnavailable        503 database_unavailable (the request resumes on retry)
 
 Retryable answers are never stored under the idempotency key: a retry runs (or resumes) again.
@@ -30,6 +32,8 @@ __all__ = [
     "OperationInProgress",
     "OperatorOnly",
     "OutcomeUnknown",
+    "PermissionDenied",
+    "RateLimited",
     "ResourceMissing",
     "UnsupportedMediaType",
 ]
@@ -50,6 +54,12 @@ class OperatorOnly(ClientError):
     status = 401
     code = "operator_token_required"
     title = "A valid operator token is required"
+
+
+class PermissionDenied(ClientError):
+    status = 403
+    code = "insufficient_scope"
+    title = "This API key may not do that"
 
 
 class ResourceMissing(ClientError):
@@ -112,3 +122,18 @@ class DatabaseUnavailable(RetryableError):
     code = "database_unavailable"
     title = "The database could not be reached"
     retry_after = 2.0
+
+
+class RateLimited(RetryableError):
+    """Too many requests for a key or a merchant; ``headers`` are the RateLimit fields."""
+
+    status = 429
+    code = "rate_limited"
+    title = "Too many requests"
+
+    def __init__(
+        self, detail: str, *, retry_after: float, headers: tuple[tuple[str, str], ...] = ()
+    ) -> None:
+        super().__init__(detail)
+        self.retry_after = retry_after
+        self.headers = headers

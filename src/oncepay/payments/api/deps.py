@@ -61,11 +61,13 @@ PROBLEMS: dict[int | str, dict[str, Any]] = {
     for status, description in {
         400: "Malformed request or Idempotency-Key",
         401: "Missing or invalid API key",
+        403: "A restricted API key used outside its scopes",
         402: "The acquirer refused a capture or a void",
         404: "No such object (or another merchant's)",
         409: "Invalid state transition, or the key's first request is still running",
         413: "Request body too large",
         422: "Idempotency-Key reused with a different request",
+        429: "Rate limit reached: retry after Retry-After seconds (nothing ran)",
         503: "Acquirer outcome unknown or store unavailable: retry with the same key",
     }.items()
 }

@@ -24,6 +24,7 @@ from sqlalchemy import (
 )
 
 __all__ = [
+    "api_key_audit",
     "api_keys",
     "events",
     "ledger_entries",
@@ -78,6 +79,27 @@ api_keys = Table(
     Column("prefix", String(16), nullable=False),
     Column("created_at", Float, nullable=False),
     Column("revoked_at", Float),
+    # Migration 6 (docs/payments-api.md, "API keys"): a label, the scopes of a restricted key
+    # (space-separated; NULL: every scope), the end of a rolled key's overlap, and when the
+    # key was last seen (written at most once a minute).
+    Column("name", Text),
+    Column("scopes", Text),
+    Column("expires_at", Float),
+    Column("last_used_at", Float),
+)
+
+# Every change to a key, by whom (the CLI or the operator API), in the change's transaction.
+api_key_audit = Table(
+    "api_key_audit",
+    metadata,
+    Column("seq", Seq, primary_key=True, autoincrement=True),
+    Column("merchant_id", String(40), nullable=False),
+    Column("key_id", String(40), nullable=False),
+    Column("action", String(16), nullable=False),
+    Column("actor", String(16), nullable=False),
+    Column("detail", Text, nullable=False),
+    Column("created_at", Float, nullable=False),
+    Index("api_key_audit_by_merchant", "merchant_id", "seq"),
 )
 
 payments = Table(
