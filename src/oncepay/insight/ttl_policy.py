@@ -224,14 +224,7 @@ class TtlPolicy:
 
 def _fields(entry: Any, index: int) -> tuple[str, str, float, int]:
     """(tenant, route, ttl_seconds, basis) of one entry, or ValueError saying what is wrong."""
-    if isinstance(entry, Mapping):
-        get = entry.get
-    else:  # TtlAdvice, or any object with the four attributes
-
-        def get(name: str) -> Any:
-            return getattr(entry, name, None)
-
-    tenant, route, ttl, basis = get("tenant"), get("route"), get("ttl_seconds"), get("basis")
+    tenant, route, ttl, basis = _values(entry)
     if not isinstance(tenant, str) or not isinstance(route, str) or not route:
         raise ValueError(f"ttl entry {index}: needs a string tenant and route, got {entry!r}")
     if not _number(ttl) or not math.isfinite(ttl) or ttl <= 0:
@@ -239,6 +232,15 @@ def _fields(entry: Any, index: int) -> tuple[str, str, float, int]:
     if not isinstance(basis, int) or isinstance(basis, bool) or basis < 0:
         raise ValueError(f"ttl entry {index}: basis must be an integer >= 0, not {basis!r}")
     return tenant, route, float(ttl), basis
+
+
+def _values(entry: Any) -> tuple[Any, Any, Any, Any]:
+    """An object of the JSON, or a ``TtlAdvice`` (any object with the four attributes)."""
+    if isinstance(entry, Mapping):
+        return entry.get("tenant"), entry.get("route"), entry.get("ttl_seconds"), entry.get("basis")
+    fields = ("tenant", "route", "ttl_seconds", "basis")
+    tenant, route, ttl, basis = (getattr(entry, name, None) for name in fields)
+    return tenant, route, ttl, basis
 
 
 def _number(value: Any) -> bool:
