@@ -104,6 +104,9 @@ class Settings(BaseSettings):
     # The operator token (SPEC §11): a bearer token for the operator API (/v1/admin/...) and
     # the dashboard. Unset, both are off (404): there is no default operator.
     admin_token: str | None = Field(default=None, min_length=16)
+    # The dashboard links a payment's trace id to this address + the id (e.g. Jaeger's
+    # "http://jaeger:16686/trace/"); unset, the id is shown without a link.
+    dashboard_trace_url: str | None = None
     # A line per request on the terminal (`oncepay serve --quiet` turns it off).
     access_log: bool = True
     # How often the worker looks for abandoned requests and expired keys.

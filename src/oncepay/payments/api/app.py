@@ -11,7 +11,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from oncepay import __version__
-from oncepay.payments import bootstrap, tracing
+from oncepay.payments import bootstrap, dashboard, tracing
 from oncepay.payments.api import contract
 from oncepay.payments.api.accesslog import AccessLog
 from oncepay.payments.api.errors import add_handlers
@@ -76,6 +76,8 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
         version=__version__,
         description="Exactly-once payments: every POST takes an Idempotency-Key.",
         lifespan=lifespan,
+        docs_url=None,  # served by dashboard.mount from the package's own assets (offline)
+        redoc_url=None,
     )
     if services is not None:
         app.state.services = services
@@ -85,6 +87,7 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
         # through a second router, matching it twice.
         app.router.routes.extend(module.router.routes)
     app.openapi = lambda: contract.document(app)  # type: ignore[method-assign]
+    dashboard.mount(app)  # /dashboard, /docs and /redoc
     add_handlers(app)
     add_rate_limit_handler(app)
     app.add_middleware(HeadAsGet)

@@ -122,6 +122,21 @@ async def _v7_list_indexes(conn: AsyncConnection, db: Database) -> None:
         await conn.execute(text(f"CREATE INDEX IF NOT EXISTS {name} ON {columns}"))
 
 
+# The operator's searches and a payment's timeline (the dashboard) cross merchants.
+_V9_INDEXES = {
+    "payments_created": "payments (created_at)",
+    "payments_status_seq": "payments (status, seq)",
+    "payments_authorization": "payments (authorization_id)",
+    "events_object": "events (object_id, seq)",
+    "ledger_transactions_payment": "ledger_transactions (payment_id)",
+}
+
+
+async def _v9_operator_indexes(conn: AsyncConnection, db: Database) -> None:
+    for name, columns in _V9_INDEXES.items():
+        await conn.execute(text(f"CREATE INDEX IF NOT EXISTS {name} ON {columns}"))
+
+
 Migration = Callable[[AsyncConnection, Database], Awaitable[None]]
 MIGRATIONS: list[tuple[int, Migration]] = [
     (1, _v1_tables),
@@ -131,6 +146,7 @@ MIGRATIONS: list[tuple[int, Migration]] = [
     (6, _v6_api_keys),
     (7, _v7_list_indexes),  # the lists' filters and cursors
     (8, _v8_event_traceparent),  # events.traceparent
+    (9, _v9_operator_indexes),  # the dashboard's searches and timelines
 ]
 
 
