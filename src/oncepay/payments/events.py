@@ -7,15 +7,17 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from oncepay.payments import tracing
 from oncepay.payments.storage.schema import events
 from oncepay.payments.webhooks.outbox import fan_out
 from oncepay.storage.ids import new_id
 
-__all__ = ["emit"]
+__all__ = ["emit", "emit_many"]
 
 _INSERT = events.insert()  # built once: building it costs more than running it
 
@@ -33,7 +35,46 @@ async def emit(
             "object_id": object_id,
             "data": json.dumps(data, separators=(",", ":")),
             "created_at": now,
+            "traceparent": tracing.traceparent(),  # its deliveries continue this trace
         },
     )
-    await fan_out(conn, merchant_id=merchant_id, event_id=event_id, event_type=type, now=now)
+    reached = await fan_out(
+        conn, merchant_id=merchant_id, event_id=event_id, event_type=type, now=now
+    )
+    if tracing.ENABLED:
+        tracing.outbox_event(event_id, type=type, object_id=object_id, deliveries=reached)
     return event_id
+
+
+async def emit_many(
+    conn: AsyncConnection, found: Sequence[tuple[str, str, str, dict[str, Any]]]
+) -> None:
+    """Many events, each ``(merchant_id, type, object_id, data)``, in one statement (a
+    reconciliation run settles thousands of payments per transaction). Each (merchant, type)
+    fans out through the same endpoints within the transaction: when the first event of a
+    group reached none, the rest of it is not asked again."""
+    if not found:
+        return
+    now = time.time()
+    rows: list[dict[str, Any]] = [
+        {
+            "id": new_id("evt"),
+            "merchant_id": merchant_id,
+            "type": type,
+            "object_id": object_id,
+            "data": json.dumps(data, separators=(",", ":")),
+            "created_at": now,
+        }
+        for merchant_id, type, object_id, data in found
+    ]
+    await conn.execute(_INSERT, rows)
+    unsubscribed: set[tuple[str, str]] = set()
+    for row in rows:
+        group = (row["merchant_id"], row["type"])
+        if group in unsubscribed:
+            continue
+        reached = await fan_out(
+            conn, merchant_id=group[0], event_id=row["id"], event_type=group[1], now=now
+        )
+        if not reached:
+            unsubscribed.add(group)

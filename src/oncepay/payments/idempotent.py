@@ -11,8 +11,9 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from oncepay.http.gate import Request, Respond, Run
 from oncepay.idempotency.engine import Execute, Ticket
 from oncepay.idempotency.stores.tiered import TieredStore
+from oncepay.payments import tracing
 from oncepay.payments.context import Services
-from oncepay.payments.metrics import IDEMPOTENCY_DECISIONS
+from oncepay.payments.metrics import IDEMPOTENCY_DECISIONS, IDEMPOTENCY_ROUTE_DECISIONS, KEY_SECONDS
 from oncepay.payments.phases import Operation, run, run_local
 from oncepay.payments.records import Merchant
 from oncepay.payments.reply import Reply
@@ -45,15 +46,37 @@ async def _gated(
     execute: Callable[[Ticket], Awaitable[Reply]],
 ) -> Reply:
     outcome = await svc.gate.decide(request, body, scope=merchant.id)
+    route = request.template or "-"  # a label: never the path itself (ids in it)
     if isinstance(outcome, Respond):
         decision = _decision(outcome)
         IDEMPOTENCY_DECISIONS.labels(decision).inc()
-        return Reply(
-            outcome.status, outcome.body, tuple(outcome.headers), decision=_NAMES[decision]
-        )
+        name = _NAMES[decision]
+        IDEMPOTENCY_ROUTE_DECISIONS.labels(name, route).inc()
+        if tracing.ENABLED:
+            tracing.decided(
+                name,
+                method=request.method,
+                route=request.template,
+                key=request.header("idempotency-key"),
+            )
+        # A stored response may carry its execution's trace (tracing.TRACE_HEADER): never sent.
+        return Reply(outcome.status, outcome.body, tracing.replayed(outcome.headers), decision=name)
     assert isinstance(outcome, Run)  # keys are required: never a pass-through
-    IDEMPOTENCY_DECISIONS.labels("resume" if outcome.ticket.resumed else "execute").inc()
-    reply = await execute(outcome.ticket)
+    ticket = outcome.ticket
+    IDEMPOTENCY_DECISIONS.labels("resume" if ticket.resumed else "execute").inc()
+    IDEMPOTENCY_ROUTE_DECISIONS.labels("executed", route).inc()
+    if tracing.ENABLED:
+        tracing.decided(
+            "executed",
+            method=request.method,
+            route=request.template,
+            key=ticket.key,
+            fence=ticket.fence,
+            resumed=ticket.resumed,
+        )
+    reply = await execute(ticket)
+    if reply.completed:  # stored under its key until it expires
+        KEY_SECONDS.inc(max(0.0, ticket.expires_at - svc.engine.clock()))
     svc.gate.executed(request, outcome, reply.status)  # the key-usage log, if any
     await _remember(svc, outcome.ticket, reply)
     expires = ("idempotency-key-expires", outcome.expires)
@@ -77,7 +100,8 @@ async def _remember(svc: Services, ticket: Ticket, reply: Reply) -> None:
     """With a fast tier, tell it about a completion that has committed."""
     store = svc.engine.store
     if reply.completed and isinstance(store, TieredStore):
-        await store.remember(ticket.scope, ticket.key, reply.stored(), now=svc.engine.clock())
+        stored = tracing.stored(reply)
+        await store.remember(ticket.scope, ticket.key, stored, now=svc.engine.clock())
 
 
 # The metric's labels (kept as they were) by SPEC §9's decision names.

@@ -11,11 +11,14 @@ sums over its own entries:
     authorized_funds      liability  the same money, held for the merchant until captured or voided
     acquirer_receivable   asset      captured money the acquirer owes us (until settlement)
     merchant_payable      liability  captured money, net of refunds, that we owe the merchant
+    settled_funds         asset      money the acquirer settled (paid out) to us, net of fees
+    acquirer_fees         expense    what the acquirer kept for settling
 
     authorize a  :  DR card_authorizations a    CR authorized_funds a
     void         :  reverses the open hold
     capture c    :  reverses the open hold, then DR acquirer_receivable c   CR merchant_payable c
     refund r     :  DR merchant_payable r       CR acquirer_receivable r
+    settle       :  see ``oncepay.reconciliation.settlement`` (receivable -> settled funds + fee)
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from typing import cast
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from oncepay.payments import tracing
 from oncepay.payments.records import PaymentRow
 from oncepay.payments.states import PaymentStatus
 from oncepay.payments.storage.schema import ledger_entries, ledger_transactions, payments, refunds
@@ -40,6 +44,8 @@ CARD_AUTHORIZATIONS = "card_authorizations"
 AUTHORIZED_FUNDS = "authorized_funds"
 ACQUIRER_RECEIVABLE = "acquirer_receivable"
 MERCHANT_PAYABLE = "merchant_payable"
+SETTLED_FUNDS = "settled_funds"
+ACQUIRER_FEES = "acquirer_fees"
 
 Entries = list[tuple[str, int]]
 
@@ -87,6 +93,14 @@ async def post(
             for account, amount in entries
         ],
     )
+    if tracing.ENABLED:
+        tracing.ledger_posting(
+            transaction_id,
+            kind=kind,
+            payment_id=payment_id,
+            currency=currency,
+            entries=len(entries),
+        )
     return transaction_id
 
 
@@ -182,6 +196,7 @@ def _check_payment(row: PaymentRow, balance: dict[str, int], refunded: int) -> l
                 row.id, f"{row.status}: merchant_payable {actual_payable}, expected {payable}"
             )
         )
+    found.extend(_check_settlement(row, balance))
     if int(refunded) != row.amount_refunded:
         found.append(
             Violation(
@@ -196,6 +211,27 @@ def _check_payment(row: PaymentRow, balance: dict[str, int], refunded: int) -> l
         and not 0 < row.amount_refunded < row.amount_captured
     ):
         found.append(Violation(row.id, "partially_refunded with refunds outside (0, captured)"))
+    return found
+
+
+def _check_settlement(row: PaymentRow, balance: dict[str, int]) -> list[Violation]:
+    """Settlement moved the acquirer's settled money out of the receivable into settled funds
+    and booked its fees; what is left in the receivable is what it still owes."""
+    settled, refunded, fee = row.amount_settled, row.amount_refund_settled, row.settlement_fee
+    expected = {
+        SETTLED_FUNDS: settled - refunded - fee,
+        ACQUIRER_FEES: fee,
+        ACQUIRER_RECEIVABLE: row.amount_captured - row.amount_refunded - settled + refunded,
+    }
+    found = [
+        Violation(row.id, f"{account} {balance.get(account, 0)}, expected {amount}")
+        for account, amount in expected.items()
+        if balance.get(account, 0) != amount
+    ]
+    if not (0 <= settled <= row.amount_captured and 0 <= refunded <= row.amount_refunded):
+        found.append(
+            Violation(row.id, f"settled {settled} and refunds settled {refunded} exceed the moves")
+        )
     return found
 
 

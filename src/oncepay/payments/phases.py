@@ -35,6 +35,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from oncepay.errors import ClientError, LeaseLost, OncePayError, RetryableError
 from oncepay.idempotency.engine import Ticket
+from oncepay.payments import tracing
 from oncepay.payments.acquirers.base import AcquirerAnswer, Outcome
 from oncepay.payments.context import Services
 from oncepay.payments.errors import AcquirerOutcomeUnknown, DatabaseUnavailable
@@ -127,7 +128,8 @@ async def _run(svc: Services, ticket: Ticket, op: Operation, merchant_id: str) -
     engine = svc.engine
     parsed = parse_point(ticket.recovery_point)
     if parsed is None:
-        started = await _start(svc, ticket, op, merchant_id)
+        with tracing.phase("start", op.name):
+            started = await _start(svc, ticket, op, merchant_id)
         if isinstance(started, Reply):
             return started
         ticket, object_id = started
@@ -135,15 +137,17 @@ async def _run(svc: Services, ticket: Ticket, op: Operation, merchant_id: str) -
     else:
         stage, _, object_id = parsed
     if stage == op.created:
-        answer = await op.call(svc, object_id, ticket)
+        with tracing.phase("acquirer", op.name, object_id):
+            answer = await op.call(svc, object_id, ticket)
         if answer.outcome is Outcome.UNKNOWN:
-            async with write(svc.db) as conn:
-                # Fenced first, so a holder that lost its lease changes nothing; the record is
-                # kept alive (past its TTL if need be) while recovery still asks.
-                at, keep = point(op.created, op, object_id), svc.settings.unfinished_retention
-                ticket = await engine.acheckpoint_in(conn, ticket, at, keep_for=keep)
-                retry_after = await op.unknown(conn, svc, object_id, answer)
-                await engine.acheckpoint_in(conn, ticket, at, lease=retry_after, keep_for=keep)
+            with tracing.phase("unknown", op.name, object_id):
+                async with write(svc.db) as conn:
+                    # Fenced first, so a holder that lost its lease changes nothing; the record
+                    # is kept alive (past its TTL if need be) while recovery still asks.
+                    at, keep = point(op.created, op, object_id), svc.settings.unfinished_retention
+                    ticket = await engine.acheckpoint_in(conn, ticket, at, keep_for=keep)
+                    retry_after = await op.unknown(conn, svc, object_id, answer)
+                    await engine.acheckpoint_in(conn, ticket, at, lease=retry_after, keep_for=keep)
             return Reply.problem(
                 AcquirerOutcomeUnknown(
                     f"the acquirer's answer is not known yet ({answer.detail or 'no answer'}); "
@@ -151,13 +155,15 @@ async def _run(svc: Services, ticket: Ticket, op: Operation, merchant_id: str) -
                     retry_after=retry_after,
                 )
             )
+        with tracing.phase("record", op.name, object_id):
+            async with write(svc.db) as conn:
+                at = point(ACQUIRER_CALLED, op, object_id)
+                ticket = await engine.acheckpoint_in(conn, ticket, at)  # fenced before any write
+                await op.record(conn, svc, object_id, answer)
+    with tracing.phase("finish", op.name, object_id):
         async with write(svc.db) as conn:
-            at = point(ACQUIRER_CALLED, op, object_id)
-            ticket = await engine.acheckpoint_in(conn, ticket, at)  # fenced before any write
-            await op.record(conn, svc, object_id, answer)
-    async with write(svc.db) as conn:
-        reply = await op.reply(conn, svc, object_id)
-        await engine.acomplete_in(conn, ticket, reply.stored())
+            reply = await op.reply(conn, svc, object_id)
+            await engine.acomplete_in(conn, ticket, tracing.stored(reply))
     return replace(reply, completed=True)
 
 
@@ -172,7 +178,7 @@ async def _start(
             return await svc.engine.acheckpoint_in(conn, ticket, at), object_id
     except ClientError as exc:
         reply = Reply.problem(exc)
-        await svc.engine.complete(ticket, reply.stored())
+        await svc.engine.complete(ticket, tracing.stored(reply))
         return replace(reply, completed=True)
     except RetryableError as exc:
         if not isinstance(exc, LeaseLost):
@@ -190,13 +196,14 @@ async def run_local(
     """A request with no acquirer call (webhook endpoints, say): one transaction that does the
     work and completes the record, so the change and its stored answer commit together."""
     try:
-        async with write(svc.db) as conn:
-            reply = await work(conn)
-            await svc.engine.acomplete_in(conn, ticket, reply.stored())
+        with tracing.phase("local", "local"):
+            async with write(svc.db) as conn:
+                reply = await work(conn)
+                await svc.engine.acomplete_in(conn, ticket, tracing.stored(reply))
         return replace(reply, completed=True)
     except ClientError as exc:
         reply = Reply.problem(exc)
-        await svc.engine.complete(ticket, reply.stored())
+        await svc.engine.complete(ticket, tracing.stored(reply))
         return replace(reply, completed=True)
     except LeaseLost as exc:
         return Reply.problem(exc)

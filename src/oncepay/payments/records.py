@@ -50,6 +50,10 @@ class PaymentRow(Protocol):
     pending_operation: str | None  # "capture:<amount>", "cancel", "refused:<code>"
     created_at: float
     updated_at: float
+    amount_settled: int  # captured money the acquirer settled (SPEC §10)
+    amount_refund_settled: int  # refunded money the acquirer settled
+    settlement_fee: int  # what the acquirer kept on this payment's settled lines
+    settled_at: float | None  # when its last line settled
 
 
 class RefundRow(Protocol):
@@ -77,6 +81,7 @@ class EventRow(Protocol):
     object_id: str
     data: str  # a JSON snapshot of the object after the change
     created_at: float
+    traceparent: str | None  # the writing transaction's trace (tracing on; migration 8)
 
 
 class EndpointRow(Protocol):

@@ -29,6 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+from oncepay.payments import tracing
 from oncepay.payments.metrics import BREAKER_TRANSITIONS
 
 __all__ = [
@@ -177,6 +178,7 @@ class CircuitBreaker:
             self.history = History()
         if state is not self._state:
             BREAKER_TRANSITIONS.labels(acquirer=self.name, state=state.value).inc()
+            tracing.breaker_moved(self.name, state.value)  # a span event, with tracing on
         self._state = state
         self._since = self.clock()
 

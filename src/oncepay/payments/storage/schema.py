@@ -132,6 +132,12 @@ payments = Table(
     # A capture or cancel between its phases ("capture:500", "cancel"): one at a time.
     Column("pending_operation", String(32)),
     *_stamps(),
+    # Settlement (SPEC §10, migration 4): what the acquirer's reports say it settled of this
+    # payment's captures and refunds, the fees it kept, and when the last line settled.
+    Column("amount_settled", BigInteger, nullable=False, default=0, server_default="0"),
+    Column("amount_refund_settled", BigInteger, nullable=False, default=0, server_default="0"),
+    Column("settlement_fee", BigInteger, nullable=False, default=0, server_default="0"),
+    Column("settled_at", Float),
     Index("payments_merchant_seq", "merchant_id", "seq"),
 )
 
@@ -183,6 +189,9 @@ events = Table(
     Column("object_id", String(40), nullable=False),
     Column("data", Text, nullable=False),  # JSON snapshot of the object after the change
     Column("created_at", Float, nullable=False),
+    # Migration 8: the W3C traceparent of the transaction that wrote it (tracing on), so its
+    # webhook deliveries continue the trace of the payment (docs/observability.md).
+    Column("traceparent", String(64)),
     Index("events_merchant_seq", "merchant_id", "seq"),
 )
 

@@ -34,6 +34,7 @@ from sqlalchemy import Update, and_, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from oncepay.http._cookies import NoCookies
+from oncepay.payments import tracing
 from oncepay.payments.context import Services
 from oncepay.payments.metrics import WEBHOOK_ATTEMPTS, WEBHOOK_LATENCY
 from oncepay.payments.models import event_public
@@ -160,23 +161,32 @@ async def _deliver(svc: Services, client: httpx.AsyncClient, claimed: _Claimed, 
         return "lost"  # the lock lapsed while this delivery waited its turn: another has it
     payload = event_payload(event)
     started = time.perf_counter()
-    try:
-        headers = signed_headers(endpoint, event.id, payload, sent_at)
-        target: httpx.URL | str = endpoint.url
-        extensions: dict[str, Any] = {}
-        if not svc.settings.webhook_allow_private:
-            target, host, extensions = await public_target(endpoint.url)
-            headers.update(host)
-        response = await client.post(
-            target,
-            content=payload,
-            headers=headers,
-            timeout=DELIVERY_TIMEOUT,
-            extensions=extensions,
-        )
-        code, error = response.status_code, None
-    except Exception as exc:  # any failure to send is a failed attempt, never a stuck worker
-        code, error = None, f"{type(exc).__name__}: {exc}"[:ERROR_LIMIT]
+    traced = tracing.delivery(  # in the trace of the payment behind the event (tracing on)
+        event.traceparent,
+        delivery_id=claimed.id,
+        event_id=event.id,
+        endpoint_id=endpoint.id,
+        attempt=claimed.attempts + 1,
+    )
+    with traced as span:
+        try:
+            headers = signed_headers(endpoint, event.id, payload, sent_at)
+            target: httpx.URL | str = endpoint.url
+            extensions: dict[str, Any] = {}
+            if not svc.settings.webhook_allow_private:
+                target, host, extensions = await public_target(endpoint.url)
+                headers.update(host)
+            response = await client.post(
+                target,
+                content=payload,
+                headers=headers,
+                timeout=DELIVERY_TIMEOUT,
+                extensions=extensions,
+            )
+            code, error = response.status_code, None
+        except Exception as exc:  # any failure to send is a failed attempt, never a stuck worker
+            code, error = None, f"{type(exc).__name__}: {exc}"[:ERROR_LIMIT]
+        tracing.delivered(span, code, error)
     latency = (time.perf_counter() - started) * 1000
     WEBHOOK_LATENCY.observe(latency / 1000)
     return await _record(svc, claimed, max(now, time.time()), code, error, latency)

@@ -1,0 +1,328 @@
+"""SPEC §11's traces, end to end (issue 17's "Done when"): a real ``oncepay serve`` exports over
+OTLP/HTTP to a small receiver in this test, which decodes the protobuf. One trace holds the
+payment's request span with its idempotency decision, the phases and the acquirer attempts,
+and the webhook delivery its event caused; the replay's request span links to the execution's.
+Without OTEL_* variables, serving imports nothing of OpenTelemetry."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from oncepay.payments import tracing
+from tests.payments.stack import database_url, drop_schema
+from tests.processes import ROOT, free_port, oncepay_args, wait_for_port
+
+pytest.importorskip("opentelemetry.sdk", reason="the otel extra")
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+    ExportTraceServiceRequest,
+    ExportTraceServiceResponse,
+)
+
+PAYMENT = {"amount": 1000, "currency": "USD", "payment_method": "pm_card_ok"}
+DEADLINE = 30.0  # seconds for spans and deliveries to arrive (the exporter batches each 50 ms)
+
+
+class Received:
+    """What the receiver got: spans (as dicts) and webhook deliveries (their headers)."""
+
+    def __init__(self) -> None:
+        self.spans: list[dict[str, Any]] = []
+        self.webhooks: list[dict[str, str]] = []
+        self.changed = threading.Condition()
+
+    def wait_for(self, what: str, ready: Any) -> None:
+        deadline = time.monotonic() + DEADLINE
+        with self.changed:
+            while not ready():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    names = sorted({s["name"] for s in self.spans})
+                    raise AssertionError(f"no {what} within {DEADLINE} s; spans: {names}")
+                self.changed.wait(left)
+
+
+def _value(any_value: Any) -> Any:
+    kind = any_value.WhichOneof("value")
+    return getattr(any_value, kind) if kind else None
+
+
+def _attributes(items: Any) -> dict[str, Any]:
+    return {item.key: _value(item.value) for item in items}
+
+
+def _decode(body: bytes) -> list[dict[str, Any]]:
+    request = ExportTraceServiceRequest()
+    request.ParseFromString(body)
+    spans = []
+    for resource in request.resource_spans:
+        for scope in resource.scope_spans:
+            for span in scope.spans:
+                spans.append(
+                    {
+                        "name": span.name,
+                        "trace": span.trace_id.hex(),
+                        "id": span.span_id.hex(),
+                        "parent": span.parent_span_id.hex(),
+                        "attributes": _attributes(span.attributes),
+                        "events": [(e.name, _attributes(e.attributes)) for e in span.events],
+                        "links": [
+                            (link.trace_id.hex(), link.span_id.hex(), _attributes(link.attributes))
+                            for link in span.links
+                        ],
+                        "service": _attributes(resource.resource.attributes).get("service.name"),
+                    }
+                )
+    return spans
+
+
+@contextmanager
+def receiver() -> Iterator[tuple[int, Received]]:
+    """An OTLP/HTTP trace receiver (``POST /v1/traces``) and a webhook endpoint (``/hook``)."""
+    received = Received()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers.get("content-length", "0")))
+            with received.changed:
+                if self.path == "/v1/traces":
+                    received.spans.extend(_decode(body))
+                    answer = ExportTraceServiceResponse().SerializeToString()
+                    kind = "application/x-protobuf"
+                else:
+                    received.webhooks.append({k.lower(): v for k, v in self.headers.items()})
+                    answer, kind = b"{}", "application/json"
+                received.changed.notify_all()
+            self.send_response(200)
+            self.send_header("content-type", kind)
+            self.send_header("content-length", str(len(answer)))
+            self.end_headers()
+            self.wfile.write(answer)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1], received
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _banner_key(process: subprocess.Popen[str]) -> str:
+    assert process.stdout is not None
+    banner = ""
+    while "try: curl" not in banner:
+        line = process.stdout.readline()
+        assert line, f"serve ended before its banner: {banner}"
+        banner += line
+    found = re.search(r"sk_test_[A-Za-z0-9_-]+", banner)
+    assert found, banner
+    return found.group()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    if request.param == "postgres":
+        from tests.servers import require_postgres
+
+        require_postgres()
+    url = database_url(request.param, tmp_path)
+    yield url
+    if request.param == "postgres":
+        import asyncio
+
+        asyncio.run(drop_schema(url))
+
+
+@pytest.mark.slow
+def test_one_trace_holds_the_payment_its_phases_attempts_replay_and_webhook(
+    tmp_path: Path, database: str
+) -> None:
+    with receiver() as (port_in, received):
+        port = free_port()
+        env = {
+            **os.environ,
+            "PYTHONPATH": str(ROOT),
+            "COLUMNS": "300",
+            "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port_in}",
+            "OTEL_BSP_SCHEDULE_DELAY": "50",
+            "ONCEPAY_WEBHOOK_ALLOW_PRIVATE": "true",
+            "ONCEPAY_WORKER_INTERVAL": "0.1",
+        }
+        process = subprocess.Popen(
+            oncepay_args("serve", "--port", str(port), "--database-url", database),
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        try:
+            wait_for_port(port, process)  # type: ignore[arg-type]
+            auth = {"Authorization": f"Bearer {_banner_key(process)}"}
+            url = f"http://127.0.0.1:{port}"
+            hook = httpx.post(
+                f"{url}/v1/webhook_endpoints",
+                json={"url": f"http://127.0.0.1:{port_in}/hook", "events": ["payment.captured"]},
+                headers={**auth, "Idempotency-Key": "hook-1"},
+            )
+            assert hook.status_code == 201, hook.text
+            paying = {**auth, "Idempotency-Key": "pay-1"}
+            paid = httpx.post(f"{url}/v1/payments", json=PAYMENT, headers=paying)
+            assert paid.status_code == 201, paid.text
+            replay = httpx.post(f"{url}/v1/payments", json=PAYMENT, headers=paying)
+            assert replay.headers["idempotent-replayed"] == "true"
+            assert replay.content == paid.content
+            assert tracing.TRACE_HEADER not in replay.headers  # stored, never sent
+
+            def decided(decision: str) -> list[dict[str, Any]]:
+                return [
+                    s
+                    for s in received.spans
+                    if s["attributes"].get("oncepay.idempotency.decision") == decision
+                    and s["attributes"].get("http.route") == "/v1/payments"
+                ]
+
+            received.wait_for("replay span", lambda: decided("replayed"))
+            received.wait_for(
+                "webhook delivery span",
+                lambda: any(s["name"] == "webhook delivery" for s in received.spans),
+            )
+        finally:
+            process.terminate()
+            process.communicate(timeout=30)
+
+    [request] = decided("executed")
+    [replayed] = decided("replayed")
+    assert request["name"] == "POST /v1/payments"
+    assert request["service"] == "oncepay"
+    attributes = request["attributes"]
+    assert attributes["oncepay.idempotency.fence"] >= 1
+    key_hash = attributes["oncepay.idempotency.key_hash"]
+    assert re.fullmatch(r"[0-9a-f]{32}", key_hash)
+    assert "pay-1" not in json.dumps(received.spans)  # the key as a hash only, never raw
+    assert replayed["attributes"]["oncepay.idempotency.key_hash"] == key_hash
+
+    trace = [s for s in received.spans if s["trace"] == request["trace"]]
+    by_id = {s["id"]: s for s in trace}
+
+    def under_request(span: dict[str, Any]) -> bool:
+        while span["parent"]:
+            if span["parent"] == request["id"]:
+                return True
+            span = by_id[span["parent"]]
+        return False
+
+    phases = [s["attributes"]["oncepay.phase"] for s in trace if s["name"].startswith("oncepay.")]
+    assert phases == ["start", "acquirer", "record", "finish"] or sorted(phases) == sorted(
+        ["start", "acquirer", "record", "finish"]
+    )
+    assert all(under_request(s) for s in trace if s["name"].startswith("oncepay.phase"))
+    [call] = [s for s in trace if s["name"] == "acquirer authorize"]
+    assert call["attributes"]["oncepay.acquirer"] == "primary"
+    assert call["attributes"]["oncepay.acquirer.outcome"] == "approved"
+    attempts = [s for s in trace if s["name"] == "acquirer authorize attempt"]
+    assert [a["attributes"]["oncepay.acquirer.attempt"] for a in attempts] == [1]
+    assert attempts[0]["parent"] == call["id"]
+    assert ("oncepay.breaker", {"oncepay.breaker.state": "closed"}) in attempts[0]["events"]
+    assert under_request(call)
+    events = [e for s in trace for e in s["events"]]
+    assert any(name == "oncepay.ledger.posting" for name, _ in events)
+    outbox = [a for name, a in events if name == "oncepay.outbox.event"]
+    assert "payment.captured" in {a["oncepay.event.type"] for a in outbox}
+    assert any(s["name"].startswith(("SELECT", "INSERT", "UPDATE", "BEGIN")) for s in trace) or any(
+        "db.system" in s["attributes"] or "db.system.name" in s["attributes"] for s in trace
+    )  # SQLAlchemy's spans
+
+    # The replay: its own trace (a new request), linked to the execution's request span.
+    assert (request["trace"], request["id"]) in [(t, i) for t, i, _ in replayed["links"]]
+
+    # The webhook delivery continues the payment's trace, and the receiver got its traceparent.
+    [delivery] = [s for s in received.spans if s["name"] == "webhook delivery"]
+    assert delivery["trace"] == request["trace"]
+    assert delivery["attributes"]["oncepay.webhook.attempt"] == 1
+    assert delivery["attributes"]["http.response.status_code"] == 200
+    [webhook] = received.webhooks
+    assert webhook["traceparent"].split("-")[1] == request["trace"]
+
+
+def test_serving_without_otel_variables_imports_no_tracing_sdk(tmp_path: Path) -> None:
+    """The app is built and answers a payment and its replay (the hooks on its path all run)
+    with no OTEL_* variable set: nothing of the SDK, exporters or instrumentations is
+    imported."""
+    script = """
+import asyncio, sys
+import httpx
+from oncepay.payments.api.app import create_app
+from oncepay.payments.settings import Settings
+from oncepay.payments.merchants import issue_test_key
+from oncepay.payments.storage.migrations import migrated
+
+async def main():
+    url = "sqlite:///" + sys.argv[1] + "/p.db"
+    async with migrated(url) as db:
+        _, key = await issue_test_key(db)
+    settings = Settings(database_url=url, acquirer_database_url=url + ".acq", run_worker=False)
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            headers = {"Authorization": "Bearer " + key, "Idempotency-Key": "k"}
+            body = {"amount": 1000, "currency": "USD", "payment_method": "pm_card_ok"}
+            for _ in range(2):
+                answer = await client.post("/v1/payments", json=body, headers=headers)
+                assert answer.status_code == 201, answer.text
+    # FastAPI itself imports the API (opentelemetry-api, its dependency since 0.16x); the SDK,
+    # exporters, instrumentations and protobuf are what tracing would cost.
+    heavy = ("opentelemetry.sdk", "opentelemetry.exporter", "opentelemetry.instrumentation",
+             "opentelemetry.proto", "google.protobuf", "grpc", "structlog")
+    print(sorted(m for m in sys.modules if m.startswith(heavy)))
+
+asyncio.run(main())
+"""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path)],
+        check=False,
+        cwd=ROOT,
+        env={**env, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
+@pytest.mark.parametrize(
+    ("environ", "expected"),
+    [
+        ({}, False),
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318"}, True),
+        ({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://collector:4318/v1/traces"}, True),
+        ({"OTEL_TRACES_EXPORTER": "console"}, True),
+        ({"OTEL_TRACES_EXPORTER": "none", "OTEL_EXPORTER_OTLP_ENDPOINT": "http://c"}, False),
+        ({"OTEL_SDK_DISABLED": "true", "OTEL_EXPORTER_OTLP_ENDPOINT": "http://c"}, False),
+    ],
+)
+def test_tracing_is_on_only_when_the_otel_variables_ask(
+    environ: dict[str, str], expected: bool
+) -> None:
+    assert tracing.wanted(environ) is expected
