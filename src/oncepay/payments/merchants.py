@@ -86,6 +86,8 @@ TEST_MERCHANT = "Test merchant"
 # ``read`` (GET, HEAD), ``write`` (everything else; it includes read) or ``*``; resource ``*``
 # is every resource (``*:read``: a read-only key).
 RESOURCES = ("payments", "refunds", "events", "webhook_endpoints")
+# Reference data every key may read, restricted or not: it says nothing about the merchant.
+READABLE_BY_EVERY_KEY = frozenset({"currencies"})
 ACCESS = ("read", "write", "*")
 # Which resource a route belongs to: the last path segment that names one (so
 # /v1/payments/{id}/refunds is refunds, /v1/payments/{id}/capture is payments).
@@ -242,7 +244,7 @@ def scope_for(path: str, method: str) -> tuple[str, str]:
 
 
 def allows(scopes: frozenset[str] | None, resource: str, access: str) -> bool:
-    if scopes is None:
+    if scopes is None or (access == "read" and resource in READABLE_BY_EVERY_KEY):
         return True
     accesses = {"read": ("read", "write", "*"), "write": ("write", "*")}[access]
     return any(f"{r}:{a}" in scopes for r in (resource, "*") for a in accesses)
