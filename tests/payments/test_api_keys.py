@@ -254,7 +254,9 @@ def test_every_merchant_route_belongs_to_a_resource_of_the_vocabulary() -> None:
 
 def test_scope_vocabulary() -> None:
     assert parse_scopes(None) is None
-    assert parse_scopes(["payments:read", " refunds:* "]) == {"payments:read", "refunds:*"}
+    assert parse_scopes(["payments:read", " refunds:* "]) == frozenset(
+        {"payments:read", "refunds:*"}
+    )
     for wrong in (["nope:read"], ["payments:admin"], [""], ["payments"]):
         with pytest.raises(InvalidRequest):
             parse_scopes(wrong)

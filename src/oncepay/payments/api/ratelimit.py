@@ -91,12 +91,9 @@ class RateLimits:
         return bool(self.policies)
 
     async def check(self, key_id: str, merchant_id: str) -> None:
-        """Count one request; 429 ``rate_limited`` when a policy has no room left. Every policy
-        is counted even when an earlier one refuses, so a refused burst still fills the
-        merchant's window too."""
-        if not self.policies:
-            return
-        refused = []
+        """Count one request, the key's policy first; 429 ``rate_limited`` at the first policy
+        with no room left. A request the key's own limit refuses is not counted against the
+        merchant, so one runaway key does not use up its sibling keys' share."""
         for policy in self.policies:
             subject = key_id if policy.name == "key" else merchant_id
             try:
@@ -107,16 +104,11 @@ class RateLimits:
                 log.warning("rate limit storage unavailable; request not counted", exc_info=True)
                 allowed = True
             if not allowed:
-                refused.append((policy, subject))
-        if refused:
-            raise await self._refusal(refused)
+                raise await self._refusal(policy, subject)
 
-    async def _refusal(self, refused: list[tuple[Policy, str]]) -> RateLimited:
-        now, waits = time.time(), []
-        for policy, subject in refused:
-            stats = await self.limiter.get_window_stats(policy.rate, policy.name, subject)
-            waits.append((policy, max(1, math.ceil(stats.reset_time - now))))
-        policy, wait = max(waits, key=lambda pair: pair[1])
+    async def _refusal(self, policy: Policy, subject: str) -> RateLimited:
+        stats = await self.limiter.get_window_stats(policy.rate, policy.name, subject)
+        wait = max(1, math.ceil(stats.reset_time - time.time()))
         headers = (
             ("ratelimit-policy", self.policy_field),
             ("ratelimit", f'"{policy.name}";r=0;t={wait}'),
