@@ -33,6 +33,7 @@ from oncepay.errors import (
 )
 from oncepay.http.problems import Problem, problem_for
 from oncepay.idempotency.engine import (
+    Decision,
     Engine,
     Execute,
     InProgress,
@@ -315,14 +316,12 @@ class Gate:
             return refused
         ttl = self._ttl_for(request.path) if self.route_ttl else None
         fp = fingerprint(request.method, request.target, body, secret=self.secret)
-        policy = self.ttl_policy
-        applied = None
         try:
             tenant = self.scope(request) if scope is None else scope
-            if policy is not None:
-                applied = self._learned_ttl(policy, request, tenant, ttl)
-                ttl = applied[0]
-            decision = await self.engine.begin(tenant, parsed, fp, ttl=ttl)
+            if self.ttl_policy is None:  # the policy off costs this one check
+                decision = await self.engine.begin(tenant, parsed, fp, ttl=ttl)
+            else:
+                ttl, decision = await self._begin_learned(request, tenant, parsed, fp, ttl)
         except StoreUnavailable as exc:
             if self.fail_open:
                 log.warning("idempotency store unavailable, failing open: %s", exc.detail)
@@ -334,10 +333,7 @@ class Gate:
             log.exception("idempotency failed before the request ran: %s", exc.detail)
             return self.problem(exc)
         if isinstance(decision, Execute):
-            ticket = decision.ticket
-            if applied is not None and policy is not None and not ticket.resumed:
-                policy.stored(*applied)  # a new record (a takeover keeps the old one's expiry)
-            return Run(ticket, http_date(ticket.expires_at))
+            return Run(decision.ticket, http_date(decision.ticket.expires_at))
         answer = self._answer(decision)
         if self.usage_log is not None:
             kind = _KINDS.get(type(decision)) or _invalid_kind(decision)
@@ -431,6 +427,19 @@ class Gate:
     def _replay(self, response: StoredResponse, expires: str) -> Respond:
         headers = [*response.headers, (REPLAYED_HEADER, "true"), (EXPIRES_HEADER, expires)]
         return Respond(response.status, headers, response.body)
+
+    async def _begin_learned(
+        self, request: Request, tenant: str, key: str, fp: str, ttl: float | None
+    ) -> tuple[float, Decision]:
+        """``engine.begin`` with the learned TTL (and that TTL); a new record is counted in
+        the policy's savings (a takeover keeps the old record's expiry: not counted)."""
+        policy = self.ttl_policy
+        assert policy is not None
+        learned, fixed = self._learned_ttl(policy, request, tenant, ttl)
+        decision = await self.engine.begin(tenant, key, fp, ttl=learned)
+        if isinstance(decision, Execute) and not decision.ticket.resumed:
+            policy.stored(learned, fixed)
+        return learned, decision
 
     def _learned_ttl(
         self, policy: TtlPolicy, request: Request, tenant: str, ttl: float | None
