@@ -9,8 +9,9 @@ Censoring: a key first sent an hour before the log ends could still be retried t
 long delays are under-observed. Each observed delay ``d`` is weighted by the inverse of the
 share of keys the log watched for at least ``d`` (Kaplan-Meier's idea, on histograms). The TTL
 is the delay below which ``coverage`` of the weighted retries fall, times ``margin``, rounded
-
-tenant's figure; a tenant with too few gets ``default``.
+up to a minute and held to ``[minimum, maximum]``. A route with too few retries borrows its
+tenant's figure; a tenant with too few gets ``default``. (Applying the TTLs is
+:mod:`oncepay.insight.ttl_policy`'s part.)
 """
 
 from __future__ import annotations
@@ -98,6 +99,15 @@ class TtlLearner:
         hours = self._route(tenant, route).first_sends
         hour = int(at // _HOUR)
         hours[hour] = hours.get(hour, 0) + 1
+        self._end = max(self._end, at)
+
+    def first_sends(self, tenant: str, route: str) -> dict[int, int]:
+        """The route's first sends per hour, for a caller that counts them itself (the
+        analyzer's loop, a call per record saved); it then tells :meth:`reach` how far it got."""
+        return self._route(tenant, route).first_sends
+
+    def reach(self, at: float) -> None:
+        """Decisions were counted up to ``at`` (the end of what the log watched)."""
         self._end = max(self._end, at)
 
     def repeat(self, tenant: str, route: str, delay: float, at: float) -> None:
