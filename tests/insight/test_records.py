@@ -5,6 +5,9 @@ from __future__ import annotations
 import io
 import json
 
+import pytest
+
+from oncepay.insight import records
 from oncepay.insight.records import Usage, UsageReader, parse_line, to_line
 
 GOOD = Usage(1.5, "m_1", "POST /v1/payments", "k", "ab", "executed", 201, "10.0.0.1", 86400.0)
@@ -59,3 +62,32 @@ def test_many_lines_are_read_in_batches_one_bad_line_spoiling_none() -> None:
 
 def _text(line: str | bytes) -> str:
     return line.decode("latin-1") if isinstance(line, bytes) else line
+
+
+def _mixed_log() -> bytes:
+    good = [to_line(GOOD._replace(at=float(i), key=f"k{i}")) for i in range(3000)]
+    odd = [
+        '{"at": 7, "tenant": "m_2", "decision": "replayed", "route": null}\n',  # lenient path
+        '{"at":8.5,"tenant":"m_\\u00e9","route":"POST /x","key":"a\\"b","fingerprint":"",'
+        '"decision":"reused","status":422,"source":null,"ttl":60}\n',  # escapes
+        "not json\n",
+        "\n",
+    ]
+    return "".join(good[:1500] + odd + good[1500:]).encode()
+
+
+def test_the_fast_paths_read_what_the_lenient_one_reads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """msgspec (when installed), the regular expression, and line-by-line json agree."""
+    data = _mixed_log()
+    expected = [parse_line(line) for line in data.decode().splitlines() if line.strip()]
+    results = []
+    for fast in (records._decode_fast, None):
+        monkeypatch.setattr(records, "_decode_fast", fast)
+        reader = UsageReader(io.BytesIO(data))
+        results.append((list(reader), reader.bad_lines, reader.bad_examples, reader.lines))
+    assert results[0] == results[1]
+    found, bad, examples, lines = results[0]
+    assert found == [u for u in expected if u is not None]
+    assert (bad, examples, lines) == (1, [1503], 3003)
+    assert found[1500] == Usage(7.0, "m_2", "", "", "", "replayed", 0, None, None)
+    assert found[1501].tenant == "m_é" and found[1501].key == 'a"b'

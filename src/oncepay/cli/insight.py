@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import io
 import json
 import sys
 from collections.abc import Iterable, Iterator
@@ -43,14 +42,14 @@ TtlCoverage = Annotated[
 
 
 @contextlib.contextmanager
-def _opened(path: str) -> Iterator[IO[str]]:
-    """The log as text; bytes that are not UTF-8 become U+FFFD (the line is then bad JSON or
-    a record with an odd name, never a crash)."""
+def _opened(path: str) -> Iterator[IO[bytes]]:
+    """The log as bytes (the reader decodes it: bytes that are not UTF-8 become U+FFFD, and
+    the line is then bad JSON or a record with an odd name, never a crash)."""
     if path == "-":
-        yield io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8", errors="replace")
+        yield sys.stdin.buffer
         return
     try:
-        file = open(path, encoding="utf-8", errors="replace")  # noqa: SIM115 -- closed below
+        file = open(path, "rb")  # noqa: SIM115 -- closed below
     except OSError as exc:
         console.print(f"[red]error:[/red] cannot read {path}: {exc.strerror}")
         raise typer.Exit(2) from exc

@@ -46,7 +46,7 @@ from oncepay.insight.findings import (
     Finding,
     TtlAdvice,
 )
-from oncepay.insight.records import Usage
+from oncepay.insight.records import Row, Usage, UsageReader
 from oncepay.insight.ttl import TtlBounds, TtlLearner
 
 __all__ = ["Analyzer", "Tuning", "analyze"]
@@ -92,7 +92,9 @@ _FLOORS = {REPLAY_STORM: 8, KEY_PER_RETRY: 8, RETRY_AFTER_EXPIRY: 4}
 
 
 class _Key:
-    """What is known of one key: there are hundreds of thousands, hence the slots."""
+    """What is known of a key sent more than once. A key sent once (most are) is a plain tuple
+    ``(first send, TTL, route, source)``, cheaper to make and to keep; its second send turns it
+    into one of these."""
 
     __slots__ = (
         "conflicts",
@@ -106,28 +108,67 @@ class _Key:
         "strangers",
     )
 
-    def __init__(self, at: float, expires: float, route: str, source: str | None) -> None:
-        self.first = self.last = at
-        self.expires = expires
+    def __init__(self, first: float, ttl: float, route: str, source: str | None) -> None:
+        self.first = self.last = first
+        self.expires = first + ttl
         self.route = route
         self.source = source
         self.replays = self.conflicts = self.returns = self.strangers = 0
 
 
+_Once = tuple[float, float, str, "str | None"]
+
+
+def _expires(state: _Key | _Once) -> float:
+    if type(state) is tuple:
+        return state[0] + state[1]
+    return state.expires  # type: ignore[union-attr]
+
+
 class _Tenant:
     """One tenant's keys, recent requests, decisions per bucket and evidence per kind."""
 
-    __slots__ = ("expiring", "keys", "late", "recent", "seen", "series", "stale", "turned")
+    __slots__ = (
+        "batch",
+        "batches",
+        "bucket",
+        "count",
+        "keys",
+        "late",
+        "name",
+        "recent",
+        "routes",
+        "seen",
+        "series",
+        "stale",
+        "turned",
+    )
 
-    def __init__(self) -> None:
-        self.keys: dict[str, _Key] = {}
-        self.expiring: deque[tuple[float, str]] = deque()  # (forget after, key) in send order
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.keys: dict[str, _Key | _Once] = {}
+        # The keys sent in each bucket, looked at together once the usual TTL and the grace
+        # have passed: (when, keys), in send order; ``batch`` the current bucket's.
+        self.batches: deque[tuple[float, list[str]]] = deque()
+        self.batch: list[str] = []
         self.recent: dict[tuple[str, str], tuple[float, str, int]] = {}  # request -> last exec
         self.stale: dict[tuple[str, str], tuple[float, str, int]] = {}
         self.turned = -math.inf  # when ``recent`` last became ``stale``
+        # Decisions per bucket; the current bucket's are counted in ``count`` until it changes.
         self.seen: dict[int, int] = {}
+        self.bucket = -1
+        self.count = 0
         self.late: list[tuple[int, str, float]] = []  # returns after expiry: bucket, route, delay
         self.series = {kind: Series() for kind in KINDS}
+        # route -> (the route's one string, shared by its keys; its first sends per hour)
+        self.routes: dict[str, tuple[str, dict[int, int]]] = {}
+
+    def settle(self) -> dict[int, int]:
+        """Decisions per bucket, the current one's included."""
+        if self.count:
+            self.seen[self.bucket] = self.seen.get(self.bucket, 0) + self.count
+            self.count = 0
+        return self.seen
 
 
 class Analyzer:
@@ -143,118 +184,164 @@ class Analyzer:
         self.thresholds = thresholds or Thresholds()
         self.bounds = bounds or TtlBounds()
         self.records = 0
+        self.latest = -math.inf  # the time of the latest decision fed
         self._tenants: dict[str, _Tenant] = {}
         self._ttl = TtlLearner()
 
-    def feed_all(self, records: Iterable[Usage]) -> None:
-        for usage in records:
-            self.feed(usage)
+    def feed_all(self, records: Iterable[Usage] | UsageReader) -> None:
+        """Take a log's decisions (a reader's blocks, the fastest, or any records)."""
+        if isinstance(records, UsageReader):
+            for block in records.blocks():
+                self.feed_rows(block)
+        else:
+            self.feed_rows(records)
 
     def feed(self, usage: Usage) -> None:
         """Take one decision (in time order; a little disorder is tolerated)."""
-        self.records += 1
-        tenant = self._tenants.get(usage.tenant)
-        if tenant is None:
-            tenant = self._tenants[usage.tenant] = _Tenant()
-        bucket = int(usage.at // self.tuning.bucket)
-        seen = tenant.seen.get(bucket, 0)
-        tenant.seen[bucket] = seen + 1
-        if not seen:  # a new bucket: time to let go of what is too old (not on every record)
-            self._forget(tenant, usage.at)
-        if not usage.key:
-            return
-        kind = self._classify(tenant, usage)
-        if kind is not None:
-            tenant.series[kind].evidence(bucket, usage.at, usage.key, usage.source)
+        self.feed_rows((usage,))
 
-    # -- classification -----------------------------------------------------------------------
+    def feed_rows(self, rows: Iterable[Row]) -> None:
+        """Take decisions in time order (a little disorder is tolerated): rows, or
+        :class:`Usage` records (the same fields, in the same order).
 
-    def _classify(self, tenant: _Tenant, usage: Usage) -> str | None:
-        decision = usage.decision
-        state = tenant.keys.get(usage.key)
-        if decision == "executed":
-            if state is None:
-                return self._first_send(tenant, usage)
-            return self._executed_again(tenant, usage, state)
+        One loop with the first send of a key written out in it: that is most decisions, and
+        a call per decision would cost as much as the rest of the work."""
+        tenants = self._tenants
+        size, default_ttl = self.tuning.bucket, self.tuning.default_ttl
+        quick, failed = self.tuning.quick_repeat, self.tuning.failed_repeat
+        count, at = 0, self.latest
+        for row in rows:
+            at, name, route, key, fingerprint, decision, status, source, ttl = row
+            count += 1
+            tenant = tenants.get(name)
+            if tenant is None:
+                tenant = tenants[name] = _Tenant(name)
+            bucket = int(at // size)
+            if bucket != tenant.bucket:
+                self._next_bucket(tenant, bucket, at)
+            tenant.count += 1
+            if not key:
+                continue
+            keys = tenant.keys
+            state = keys.get(key)
+            if state is not None or decision != "executed":
+                kind = self._classify(tenant, row, state, bucket)
+                if kind is not None:
+                    tenant.series[kind].evidence(bucket, at, key, source)
+                continue
+            # A key's first send.
+            known = tenant.routes.get(route)
+            if known is None:
+                known = tenant.routes[route] = (route, self._ttl.first_sends(name, route))
+            route, hours = known
+            keys[key] = (at, ttl or default_ttl, route, source)
+            tenant.batch.append(key)
+            hour = int(at // 3600)
+            hours[hour] = hours.get(hour, 0) + 1
+            request = (route, fingerprint)
+            before = tenant.recent.get(request) or tenant.stale.get(request)
+            tenant.recent[request] = (at, key, status)
+            if before is None or not fingerprint or before[1] == key:
+                continue
+            gap = at - before[0]
+            if gap <= quick or (before[2] >= 500 and gap <= failed):
+                tenant.series[KEY_PER_RETRY].evidence(bucket, at, key, source)
+        if count:
+            self.records += count
+            self.latest = max(self.latest, at)
+            self._ttl.reach(self.latest)
+
+    def _next_bucket(self, tenant: _Tenant, bucket: int, now: float) -> None:
+        """A tenant's decision in another bucket than its last: the last one's count and keys
+        put away, and what is too old let go of (once a bucket, not on every record)."""
+        tenant.settle()
+        if tenant.batch:  # looked at again once a usual TTL and the grace have passed
+            forget = (tenant.bucket + 1) * self.tuning.bucket + self.tuning.default_ttl
+            tenant.batches.append((forget + self.tuning.grace, tenant.batch))
+            tenant.batch = []
+        tenant.bucket = bucket
+        self._forget(tenant, now)
+
+    # -- classification of every decision but a first send -----------------------------------
+
+    def _classify(
+        self, tenant: _Tenant, usage: Row, state: _Key | _Once | None, bucket: int
+    ) -> str | None:
+        decision = usage[5]
         if decision == "reused":
             return KEY_REUSE
         if state is None:  # a key first sent before the log began: no delay to learn from
             if decision in ("replayed", "in_progress"):
                 self._remember(tenant, usage)
             return None
+        if type(state) is tuple:  # its second send: from now on its counts are kept
+            state = tenant.keys[usage[3]] = _Key(*state)
+        assert isinstance(state, _Key)
+        if decision == "executed":
+            return self._executed_again(tenant, usage, state, bucket)
         if decision == "replayed":
-            return self._replayed(usage, state)
+            return self._replayed(tenant, usage, state)
         if decision == "in_progress":
-            return self._conflict(usage, state)
+            return self._conflict(tenant, usage, state)
         return None
 
-    def _first_send(self, tenant: _Tenant, usage: Usage) -> str | None:
-        request = (usage.route, usage.fingerprint)
-        before = tenant.recent.get(request) or tenant.stale.get(request)
-        tenant.recent[request] = (usage.at, usage.key, usage.status)
-        self._remember(tenant, usage)
-        self._ttl.first_send(usage.tenant, usage.route, usage.at)
-        if before is None or not usage.fingerprint or before[1] == usage.key:
-            return None
-        gap = usage.at - before[0]
-        quick = gap <= self.tuning.quick_repeat
-        after_failure = before[2] >= 500 and gap <= self.tuning.failed_repeat
-        return KEY_PER_RETRY if quick or after_failure else None
-
-    def _executed_again(self, tenant: _Tenant, usage: Usage, state: _Key) -> str | None:
-        at = usage.at
+    def _executed_again(self, tenant: _Tenant, usage: Row, state: _Key, bucket: int) -> str | None:
+        at = usage[0]
         expired = at > state.expires
         state.last = at
         if not expired:  # a takeover
-            self._repeat(usage, state)
+            self._repeat(tenant, at, state)
             return None
         if state.returns == 0:  # the key's first return: a retry the TTL missed, or a loop
-            bucket = int(at // self.tuning.bucket)
             tenant.late.append((bucket, state.route, at - state.first))
         state.returns += 1
-        state.expires = at + (usage.ttl or self.tuning.default_ttl)
-        tenant.expiring.append((state.expires + self.tuning.grace, usage.key))
+        life = usage[8] or self.tuning.default_ttl
+        state.expires = at + life
+        tenant.batch.append(usage[3])
         return RETRY_AFTER_EXPIRY
 
-    def _replayed(self, usage: Usage, state: _Key) -> str | None:
-        self._repeat(usage, state)
-        state.last = usage.at
+    def _replayed(self, tenant: _Tenant, usage: Row, state: _Key) -> str | None:
+        at, source = usage[0], usage[7]
+        self._repeat(tenant, at, state)
+        state.last = at
         state.replays += 1
-        moved = usage.source is not None and usage.source != state.source
+        moved = source is not None and source != state.source
         if moved:
             state.strangers += 1
         many = state.replays > self.tuning.replay_schedule
         scattered = state.strangers >= self.tuning.replay_addresses
-        stolen = moved and usage.at - state.first > self.tuning.replay_late
+        stolen = moved and at - state.first > self.tuning.replay_late
         return REPLAY_STORM if many or scattered or stolen else None
 
-    def _conflict(self, usage: Usage, state: _Key) -> str | None:
-        hurried = usage.at - state.last < self.tuning.no_backoff_gap
-        self._repeat(usage, state)
-        state.last = usage.at
+    def _conflict(self, tenant: _Tenant, usage: Row, state: _Key) -> str | None:
+        at = usage[0]
+        hurried = at - state.last < self.tuning.no_backoff_gap
+        self._repeat(tenant, at, state)
+        state.last = at
         state.conflicts += 1
         many = state.conflicts >= self.tuning.no_backoff_conflicts
         return NO_BACKOFF if hurried or many else None
 
     # -- keys ---------------------------------------------------------------------------------
 
-    def _remember(self, tenant: _Tenant, usage: Usage) -> None:
-        expires = usage.at + (usage.ttl or self.tuning.default_ttl)
-        tenant.keys[usage.key] = _Key(usage.at, expires, usage.route, usage.source)
-        tenant.expiring.append((expires + self.tuning.grace, usage.key))
+    def _remember(self, tenant: _Tenant, usage: Row) -> None:
+        key, life = usage[3], usage[8] or self.tuning.default_ttl
+        tenant.keys[key] = _Key(usage[0], life, usage[2], usage[7])
+        tenant.batch.append(key)
 
-    def _repeat(self, usage: Usage, state: _Key) -> None:
-        self._ttl.repeat(usage.tenant, state.route, usage.at - state.first, usage.at)
+    def _repeat(self, tenant: _Tenant, at: float, state: _Key) -> None:
+        self._ttl.repeat(tenant.name, state.route, at - state.first, at)
 
     def _forget(self, tenant: _Tenant, now: float) -> None:
         """Keys past expiry and grace, and requests older than any retry window, let go."""
-        expiring = tenant.expiring
+        batches, keys = tenant.batches, tenant.keys
         grace = self.tuning.grace
-        while expiring and expiring[0][0] < now:
-            _, key = expiring.popleft()
-            state = tenant.keys.get(key)
-            if state is not None and state.expires + grace < now:
-                del tenant.keys[key]
+        while batches and batches[0][0] < now:
+            for key in batches.popleft()[1]:
+                state = keys.pop(key, None)
+                if state is not None and _expires(state) + grace >= now:  # a longer TTL
+                    keys[key] = state
+                    tenant.batch.append(key)  # looked at again later
         if now - tenant.turned > self.tuning.failed_repeat:
             tenant.stale, tenant.recent, tenant.turned = tenant.recent, {}, now
 
@@ -270,7 +357,8 @@ class Analyzer:
         return sorted(out, key=lambda f: (f.first_at, f.tenant, f.kind))
 
     def _episodes(self, tenant: _Tenant, kind: str) -> list[Episode]:
-        seen = squared(tenant.seen) if kind == KEY_PER_RETRY else tenant.seen
+        counts = tenant.settle()
+        seen = squared(counts) if kind == KEY_PER_RETRY else counts
         floor = _FLOORS.get(kind)
         return tenant.series[kind].episodes(seen, self.thresholds, floor)
 
@@ -293,6 +381,7 @@ class Analyzer:
         """Forget buckets older than the history (the live worker calls this now and then)."""
         oldest = int(now // self.tuning.bucket) - self.tuning.history
         for tenant in self._tenants.values():
+            tenant.settle()
             for index in [i for i in tenant.seen if i < oldest]:
                 del tenant.seen[index]
             tenant.late = [late for late in tenant.late if late[0] >= oldest]
