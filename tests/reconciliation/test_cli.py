@@ -1,5 +1,6 @@
 """``oncepay reconcile`` as a user runs it, in its own process: the SPEC's JSON document, exit
-1 while discrepancies remain and 0 when none, 2 for a report it cannot read; on the payments
+1 while discrepancies remain open and 0 when none (an orphan it voided is resolved), 2 for a
+report it cannot read; on the payments
 database and the embedded simulator's (SQLite and PostgreSQL)."""
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ async def test_reconcile_prints_the_spec_document_and_exits_by_discrepancies(
     assert answer.status_code == 201
     found = reconcile(stack, tmp_path, "--date", today, "--json")
     document = json.loads(found.stdout)
-    assert found.returncode == 1
+    assert found.returncode == 0, found.stderr  # found, voided: resolved, none left open
     assert document["matched"] == 1
     assert [(d["kind"], d["reference"], d["payment_id"]) for d in document["discrepancies"]] == [
         ("orphaned_authorization", "pay_nobody_a1", "pay_nobody")
@@ -68,6 +69,16 @@ async def test_reconcile_prints_the_spec_document_and_exits_by_discrepancies(
         "detail",
         "remediation",
     }
+    voids = [op for op in await stack.operations("pay_nobody") if op["type"] == "void"]
+    assert len(voids) == 1
+
+    report = tmp_path / "empty-day.csv"  # the capture never settled: missing, and open
+    report.write_bytes(b"reference,type,amount,currency,fee,net,settled_at,payout_id\n")
+    missing = reconcile(stack, tmp_path, "--report", str(report), "--grace-days", "0", "--json")
+    assert missing.returncode == 1, missing.stderr
+    assert [d["kind"] for d in json.loads(missing.stdout)["discrepancies"]] == [
+        "missing_at_acquirer"
+    ]
 
 
 async def test_a_report_that_cannot_be_read_is_exit_2_with_the_reason(

@@ -22,6 +22,7 @@ from oncepay.reconciliation import (
     ReportLine,
     reconcile,
 )
+from oncepay.reconciliation.matcher import refine
 from tests.reconciliation.books import DAY, SCHEDULE, Day, clean_day, line_for
 
 
@@ -94,7 +95,9 @@ def test_every_planted_kind_is_found_exactly_once_and_nothing_else() -> None:
     planted = plant_every_kind(day)
     outcome = run(day, grace_days=0)
     assert sorted(found(outcome)) == sorted((k.value, ref) for k, ref in planted.items())
-    assert {k.value for k in Kind} == {kind for kind, _ in found(outcome)}
+    # the two kinds the pipeline adds (refine, the remediation cap): test_pipeline.py
+    beyond = {Kind.SETTLED_ON_CANCELED_PAYMENT, Kind.REMEDIATION_WITHHELD}
+    assert {k.value for k in set(Kind) - beyond} == {kind for kind, _ in found(outcome)}
     # captures that differ in amount/currency/type do not settle; a fee difference does
     assert outcome.matched == len(day.operations) - 4
 
@@ -272,3 +275,25 @@ def test_every_line_is_accounted_for_exactly_once(edits: list[tuple[int, str]]) 
     assert not missing & settled
     assert not missing & mismatched_refs
     assert missing | settled | mismatched_refs >= {op.reference for op in day.operations}
+
+
+def test_money_settled_on_a_failed_or_canceled_payment_is_its_own_kind() -> None:
+    day = clean_day(3)
+    canceled, failed, alive = "pay_" + "c" * 24, "pay_" + "f" * 24, "pay_" + "a" * 24
+    for n, pid in enumerate((canceled, failed, alive)):
+        stranger = Operation(f"{pid}_a1", pid, "capture", 700 + n, "EUR", DAY)
+        day.lines.append(line_for(stranger, len(day.lines) + 2, order_id=""))
+    outcome = run(day)
+    assert [d.payment_id for d in outcome.discrepancies] == [None, None, None]
+    payments = {
+        canceled: Payment(canceled, "canceled", "auth_c"),
+        failed: Payment(failed, "failed", None),
+        alive: Payment(alive, "captured", "auth_a"),
+    }
+    refined = refine(outcome, payments)
+    assert [(d.kind.value, d.payment_id) for d in refined.discrepancies] == [
+        ("unknown_at_oncepay", alive),
+        ("settled_on_canceled_payment", canceled),
+        ("settled_on_canceled_payment", failed),
+    ]
+    assert refine(outcome, payments) == refined  # deterministic

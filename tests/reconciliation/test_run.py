@@ -5,21 +5,17 @@ the one discrepancy; a canceled payment's voided authorization is not."""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from sqlalchemy import func, select, update
+from sqlalchemy import update
 
-from oncepay.payments.storage.schema import ledger_entries, payments
+from oncepay.payments.storage.schema import payments
 from oncepay.reconciliation.acquirer import AcquirerReports
-from oncepay.reconciliation.remediation import void_orphans
 from oncepay.reconciliation.run import reconcile_day, reconcile_file
-from oncepay.reconciliation.settlement import post_settlements
-from oncepay.reconciliation.store import create_tables
-from oncepay.storage.db import read, write
+from oncepay.storage.db import write
 from tests.payments.acquirer_helpers import auth_body, key
 from tests.payments.stack import Stack, database_url, running_stack
 from tests.servers import require_postgres
@@ -79,60 +75,6 @@ async def test_a_movement_the_report_lacks_is_missing_once_due(
     ]
     not_due = await reconcile_file(stack.db, "primary", report, today, grace_days=3)
     assert not_due.discrepancies == ()
-
-
-async def test_an_orphan_is_voided_once_even_when_two_runs_void_it(stack: Stack) -> None:
-    await business(stack)
-    today = datetime.now(UTC).date()
-    reports = AcquirerReports("primary", stack.simulators["primary"])
-    outcome = await reconcile_day(stack.db, reports, today, grace_days=0)
-    assert [auth.reference for auth in outcome.orphans] == ["pay_nobody_a1"]
-    acquirer = stack.services.acquirers["primary"]
-    first, second = await asyncio.gather(
-        void_orphans(acquirer, outcome.orphans), void_orphans(acquirer, outcome.orphans)
-    )
-    orphan_id = outcome.orphans[0].id
-    assert first.voided == second.voided == (orphan_id,)
-    voids = [op for op in await stack.operations("pay_nobody") if op["type"] == "void"]
-    assert len(voids) == 1
-    again = await reconcile_day(stack.db, reports, today, grace_days=0)
-    assert (again.matched, again.discrepancies) == (3, ())
-
-
-async def test_over_the_cap_no_orphan_is_voided_and_one_alert_is_raised(stack: Stack) -> None:
-    await business(stack)
-    reports = AcquirerReports("primary", stack.simulators["primary"])
-    outcome = await reconcile_day(stack.db, reports, datetime.now(UTC).date(), grace_days=0)
-    done = await void_orphans(stack.services.acquirers["primary"], outcome.orphans, cap=0)
-    assert (done.withheld, done.voided) == (True, ())
-    assert "over the cap of 0" in done.alert
-    assert [op for op in await stack.operations("pay_nobody") if op["type"] == "void"] == []
-
-
-async def test_matched_lines_post_their_settlement_once_and_the_ledger_still_checks(
-    stack: Stack,
-) -> None:
-    await business(stack)
-    async with write(stack.db) as conn:
-        await create_tables(conn, stack.db)
-    reports = AcquirerReports("primary", stack.simulators["primary"])
-    outcome = await reconcile_day(stack.db, reports, datetime.now(UTC).date(), grace_days=0)
-    assert await post_settlements(stack.db, outcome.settled, now=1.0) == 3
-    assert await post_settlements(stack.db, outcome.settled, now=2.0) == 0  # a re-run
-    async with read(stack.db) as conn:
-        balances = dict(
-            (
-                await conn.execute(
-                    select(ledger_entries.c.account, func.sum(ledger_entries.c.amount))
-                    .where(ledger_entries.c.account.in_(["settled_funds", "acquirer_fees"]))
-                    .group_by(ledger_entries.c.account)
-                )
-            ).all()
-        )
-    lines = [line for line, _ in outcome.settled]
-    assert balances["settled_funds"] == sum(line.net for line in lines)
-    assert balances["acquirer_fees"] == sum(line.fee for line in lines)
-    assert await stack.ledger_violations() == []
 
 
 async def test_a_payment_authorized_past_the_validity_window_is_stale(stack: Stack) -> None:

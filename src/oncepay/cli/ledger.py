@@ -15,7 +15,8 @@ ledger_app = typer.Typer(help="The double-entry ledger.", no_args_is_help=True)
 
 @ledger_app.command("check")
 def ledger_check(database_url: DatabaseUrl = None) -> None:
-    """Verify the ledger's invariants and every payment against it; exit 1 on a violation."""
+    """Verify the ledger's invariants, every payment and its settlement against it, and each
+    payout's lines; exit 1 on a violation."""
     config = settings(database_url=database_url)
     violations, count = run_or_exit(_audit(config.database_url))
     for violation in violations:
@@ -29,8 +30,15 @@ def ledger_check(database_url: DatabaseUrl = None) -> None:
 
 
 async def _audit(url: str) -> tuple[list[Any], int]:
+    """The ledger's invariants and every payment's (settlement included), then the settled
+    lines and payouts reconciliation posted."""
     from oncepay.payments.ledger import audit
     from oncepay.payments.storage.migrations import migrated
+    from oncepay.reconciliation.settlement import check_payouts
+    from oncepay.storage.db import read
 
     async with migrated(url) as db:
-        return await audit(db)
+        violations, count = await audit(db)
+        async with read(db) as conn:
+            violations.extend(await check_payouts(conn))
+        return violations, count

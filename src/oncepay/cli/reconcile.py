@@ -1,6 +1,8 @@
 """``oncepay reconcile``: an acquirer's settlement report against OncePay's books (SPEC §7 and
-§10, docs/reconciliation.md). Prints the outcome (``--json``: the SPEC document) and exits 1
-while discrepancies remain, 2 when the report, the database or the acquirer cannot be used."""
+§10, docs/reconciliation.md), through the pipeline: the run and its discrepancies are kept,
+matched lines posted, orphans voided. Prints the outcome (``--json``: the SPEC document) and
+exits 1 while discrepancies remain open, 2 when the report, the database or the acquirer
+cannot be used (nothing is written then)."""
 
 from __future__ import annotations
 
@@ -15,7 +17,6 @@ from oncepay.cli._common import DatabaseUrl, console, run_or_exit, settings
 from oncepay.errors import ConfigurationError
 from oncepay.reconciliation.mapping import MAPPINGS
 from oncepay.reconciliation.matcher import DEFAULT_GRACE_DAYS
-from oncepay.reconciliation.records import Outcome
 
 __all__ = ["reconcile"]
 
@@ -83,9 +84,10 @@ def reconcile(
         secondary_acquirer_url=secondary_acquirer_url,
     )
     as_of = _day(day)
-    outcome: Outcome = run_or_exit(_run(config, acquirer, as_of, report, grace_days, mapping))
-    _print(outcome, as_json)
-    if outcome.discrepancies:
+    content = report.read_bytes() if report is not None else None
+    result = run_or_exit(_run(config, acquirer, as_of, content, grace_days, mapping))
+    _print(result, as_json)
+    if result.still_open:
         raise typer.Exit(1)
 
 
@@ -104,42 +106,41 @@ def _refuse(message: str) -> NoReturn:
 
 
 async def _run(
-    config: Any, acquirer: str, day: date, report: Path | None, grace_days: int, mapping: str
-) -> Outcome:
-    from oncepay.payments.storage.migrations import migrated
-    from oncepay.reconciliation.run import reconcile_day, reconcile_file
+    config: Any, acquirer: str, day: date, report: bytes | None, grace_days: int, mapping: str
+) -> Any:
+    """The pipeline (docs/reconciliation.md): the run kept, settlements posted, orphans voided;
+    the services wired as ``oncepay serve`` wires them, so the acquirers are the configured
+    ones (``--acquirer`` names one of them)."""
+    from oncepay.payments import bootstrap
+    from oncepay.reconciliation.pipeline import reconcile
 
-    async with migrated(config.database_url) as db:
-        if report is not None:
-            return await reconcile_file(db, acquirer, report, day, grace_days, MAPPINGS[mapping])
-        reports = _reports(config, acquirer)
-        try:
-            return await reconcile_day(db, reports, day, grace_days)
-        finally:
-            await reports.aclose()
-
-
-def _reports(config: Any, acquirer: str) -> Any:
-    """The acquirer's reports, reached as ``oncepay serve`` reaches the acquirer."""
-    from oncepay.reconciliation.acquirer import AcquirerReports
-
-    if acquirer == "secondary":
-        if not config.secondary_acquirer_url:
-            raise ConfigurationError("no secondary acquirer configured (--secondary-acquirer-url)")
-        return AcquirerReports.at(acquirer, config.secondary_acquirer_url)
-    if acquirer != "primary":
+    if acquirer not in {"primary", "secondary"}:
         raise ConfigurationError(f"--acquirer must be primary or secondary, not {acquirer!r}")
-    if config.acquirer_url:
-        return AcquirerReports.at(acquirer, config.acquirer_url)
-    from oncepay.simulator import create_app  # the embedded simulator, as `oncepay serve` runs it
+    if acquirer == "secondary" and not config.secondary_acquirer_url:
+        raise ConfigurationError("no secondary acquirer configured (--secondary-acquirer-url)")
+    services = await bootstrap.start(config)
+    try:
+        return await reconcile(
+            services,
+            acquirer,
+            day=day,
+            report=report,
+            grace_days=grace_days,
+            mapping=MAPPINGS[mapping],
+        )
+    finally:
+        await services.aclose()
 
-    return AcquirerReports.serving(acquirer, create_app(config.acquirer_database_url))
 
-
-def _print(outcome: Outcome, as_json: bool) -> None:
+def _print(result: Any, as_json: bool) -> None:
     if as_json:
-        typer.echo(json.dumps(outcome.as_json()))
+        typer.echo(json.dumps(result.as_json()))
         return
-    for d in outcome.discrepancies:
+    for d in result.discrepancies:
         typer.echo(f"{d.kind.value}\t{d.reference}\t{d.payment_id or '-'}\t{d.detail}")
-    typer.echo(f"matched {outcome.matched}, {len(outcome.discrepancies)} discrepancies")
+    typer.echo(
+        f"matched {result.matched}, settled {result.settled} now, "
+        f"{len(result.discrepancies)} discrepancies ({result.opened} new, "
+        f"{result.still_open} open); actions: {result.actions_taken} taken, "
+        f"{result.actions_withheld} withheld, {result.actions_pending} pending"
+    )

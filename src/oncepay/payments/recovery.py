@@ -1,4 +1,5 @@
-"""The recovery worker (SPEC §5): the completer and the reaper.
+"""The recovery worker (SPEC §5): the completer and the reaper (and, every
+``reconcile_interval``, reconciliation: SPEC §10, ``oncepay.reconciliation.pipeline``).
 
 * The **completer** finds requests whose holder went away — an idempotency record still
   executing, with a recovery point, whose lease lapsed — takes each over through the engine
@@ -23,18 +24,25 @@ from dataclasses import dataclass, field
 
 from sqlalchemy import text
 
+from oncepay.errors import ConfigurationError
 from oncepay.idempotency.purge import purge_expired
 from oncepay.payments import idempotent, operations
 from oncepay.payments.context import Services
 from oncepay.payments.metrics import RECOVERY_RUNS
-from oncepay.payments.phases import parse_point
+from oncepay.payments.phases import Operation, parse_point
 from oncepay.payments.storage.idempotency import IDEMPOTENCY_TABLE
 from oncepay.payments.webhooks.delivery import CLAIM_BATCH, deliver_due, delivery_client
+from oncepay.reconciliation.pipeline import reconcile_recent
+from oncepay.reconciliation.remediation import ORPHAN_VOID, VoidOrphan
 from oncepay.storage.db import read, write
 
 __all__ = ["RecoveryReport", "reap", "recover_once", "run_worker"]
 
 log = logging.getLogger("oncepay.worker")
+
+# How often the adaptive TTL file is checked for a change (a stat): a new analysis is applied
+# within half a minute.
+TTL_FILE_CHECK = 30.0
 
 # Abandoned requests taken per pass: enough to drain a crash's backlog in a few passes,
 # few enough that one pass never holds the worker for long.
@@ -77,7 +85,7 @@ async def recover_once(svc: Services, *, now: float | None = None) -> RecoveryRe
             continue
         _, op_name, object_id = parsed
         try:
-            op = operations.resume(op_name, object_id)
+            op = _resumable(op_name, object_id)
             reply = await idempotent.resume(svc, scope, key, fingerprint, op)
         except Exception:  # one bad record must not stall the others behind it
             log.exception("recovery of key %r at %r failed", key, recovery_point)
@@ -89,6 +97,13 @@ async def recover_once(svc: Services, *, now: float | None = None) -> RecoveryRe
         RECOVERY_RUNS.labels(result).inc()
         report.results[result] += 1
     return report
+
+
+def _resumable(op_name: str, object_id: str) -> Operation:
+    """The operation a recovery point names: a payment's, or reconciliation's orphan void."""
+    if op_name == ORPHAN_VOID:
+        return VoidOrphan(object_id)
+    return operations.resume(op_name, object_id)
 
 
 async def keep_unfinished(svc: Services, *, now: float | None = None) -> int:
@@ -140,12 +155,39 @@ async def run_worker(svc: Services, stop: asyncio.Event) -> None:
             await reap(svc)
             return report.total >= RECOVERY_BATCH
 
-        await asyncio.gather(_every(svc, stop, recovery), _every(svc, stop, deliveries))
+        async def reconciliation() -> bool:
+            for result in await reconcile_recent(svc):
+                log.info("reconciliation %s %s: %s", result.acquirer, result.day, result)
+            return False
+
+        async def learned_ttls() -> bool:
+            """The adaptive TTL file read again when it changed; a broken one is logged and
+            the TTLs learned before stay."""
+            assert svc.ttl_policy is not None
+            try:
+                if await asyncio.to_thread(svc.ttl_policy.reload):
+                    log.info("learned TTLs reloaded: %d applied", len(svc.ttl_policy.learned()))
+            except ConfigurationError as exc:
+                log.warning("%s; the TTLs learned before stay", exc.detail)
+            return False
+
+        jobs = [_every(svc, stop, recovery), _every(svc, stop, deliveries)]
+        if svc.ttl_policy is not None and svc.settings.adaptive_ttl_file:
+            jobs.append(_every(svc, stop, learned_ttls, TTL_FILE_CHECK))
+        if svc.settings.reconcile_interval > 0:
+            jobs.append(_every(svc, stop, reconciliation, svc.settings.reconcile_interval))
+        await asyncio.gather(*jobs)
 
 
-async def _every(svc: Services, stop: asyncio.Event, job: Callable[[], Awaitable[bool]]) -> None:
-    """Run ``job`` until ``stop``; wait ``worker_interval`` between runs unless it says more
-    work is already waiting (a backlog is worked off at full speed, not one batch a tick)."""
+async def _every(
+    svc: Services,
+    stop: asyncio.Event,
+    job: Callable[[], Awaitable[bool]],
+    interval: float | None = None,
+) -> None:
+    """Run ``job`` until ``stop``; wait ``interval`` (``worker_interval``) between runs unless
+    it says more work is already waiting (a backlog is worked off at full speed, not one batch
+    a tick)."""
     while not stop.is_set():
         busy = False
         try:
@@ -156,4 +198,4 @@ async def _every(svc: Services, stop: asyncio.Event, job: Callable[[], Awaitable
             await asyncio.sleep(0)  # let the API's own requests in between batches
             continue
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), svc.settings.worker_interval)
+            await asyncio.wait_for(stop.wait(), interval or svc.settings.worker_interval)

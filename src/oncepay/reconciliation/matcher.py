@@ -15,6 +15,7 @@ and detail. Lines stream through once; memory holds the operations and the refer
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date
@@ -31,7 +32,17 @@ from oncepay.reconciliation.records import (
     ReportLine,
 )
 
-__all__ = ["DEFAULT_GRACE_DAYS", "DEFAULT_VALIDITY_DAYS", "Books", "Settle", "reconcile"]
+__all__ = [
+    "DEFAULT_GRACE_DAYS",
+    "DEFAULT_VALIDITY_DAYS",
+    "Books",
+    "Settle",
+    "alert",
+    "named_payment",
+    "reconcile",
+    "refine",
+    "remediation_of",
+]
 
 # Card acquirers settle T+1 or T+2; three days leaves a weekend's slack before "missing".
 DEFAULT_GRACE_DAYS = 3
@@ -59,7 +70,13 @@ _REMEDIATION = {
     Kind.TYPE_MISMATCH: "ask the acquirer which movement this line is",
     Kind.STALE_AUTHORIZATION: "capture it now if the goods went out (the acquirer may refuse), "
     "else cancel the payment",
+    Kind.SETTLED_ON_CANCELED_PAYMENT: "the customer was charged for a payment OncePay failed or "
+    "canceled: refund it at the acquirer, or claim it back",
+    Kind.REMEDIATION_WITHHELD: "too many automatic actions at once: find out why (a bug, a "
+    "replayed batch), then act on each discrepancy by hand",
 }
+# The payment a reference of OncePay names: {payment}_a{attempt} or {payment}_capture.
+_PAYMENT_REFERENCE = re.compile(r"^(pay_[0-9a-f]{24})_(?:a\d+|capture|void)$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -234,3 +251,39 @@ def _orphaned(auth: Authorization, payment: Payment | None) -> str:
 
 def _discrepancy(kind: Kind, reference: str, payment_id: str | None, detail: str) -> Discrepancy:
     return Discrepancy(kind, reference, payment_id, detail, _REMEDIATION[kind])
+
+
+def named_payment(found: Discrepancy) -> str | None:
+    """The payment a discrepancy names: its own, or the one its reference is derived from."""
+    if found.payment_id:
+        return found.payment_id
+    named = _PAYMENT_REFERENCE.match(found.reference)
+    return named.group(1) if named else None
+
+
+def refine(outcome: Outcome, payments: Mapping[str, Payment]) -> Outcome:
+    """Money settled for a payment OncePay knows but failed or canceled is not "unknown": it
+    is :attr:`Kind.SETTLED_ON_CANCELED_PAYMENT`. ``payments`` are those the unknown lines
+    name (:func:`named_payment`); order stays deterministic."""
+    refined = [_refined(found, payments) for found in outcome.discrepancies]
+    ordered = tuple(sorted(refined, key=lambda d: (d.reference, d.kind.value, d.detail)))
+    return Outcome(outcome.matched, ordered, outcome.settled, outcome.orphans)
+
+
+def _refined(found: Discrepancy, payments: Mapping[str, Payment]) -> Discrepancy:
+    payment = payments.get(named_payment(found) or "")
+    if found.kind is not Kind.UNKNOWN_AT_ONCEPAY or payment is None:
+        return found
+    if payment.status not in _ENDED:  # the payment it names, as evidence
+        return Discrepancy(found.kind, found.reference, payment.id, found.detail, found.remediation)
+    detail = f"{found.detail}: the payment is {payment.status} at OncePay"
+    return _discrepancy(Kind.SETTLED_ON_CANCELED_PAYMENT, found.reference, payment.id, detail)
+
+
+def remediation_of(kind: Kind) -> str:
+    return _REMEDIATION[kind]
+
+
+def alert(kind: Kind, reference: str, detail: str) -> Discrepancy:
+    """A discrepancy that names no line nor payment (the withheld remediation's alert)."""
+    return _discrepancy(kind, reference, None, detail)

@@ -33,6 +33,10 @@ class Kind(StrEnum):
     FEE_MISMATCH = "fee_mismatch"  # the fee, or net = amount - fee, differs from the schedule
     TYPE_MISMATCH = "type_mismatch"  # a capture reported as a refund, or the other way round
     STALE_AUTHORIZATION = "stale_authorization"  # held past the acquirer's validity, uncaptured
+    # Money settled for a payment OncePay failed or canceled: the customer paid for nothing.
+    SETTLED_ON_CANCELED_PAYMENT = "settled_on_canceled_payment"
+    # A run that would take more remediation actions than the cap took none: one alert.
+    REMEDIATION_WITHHELD = "remediation_withheld"
 
 
 class ReportLine(NamedTuple):
@@ -96,6 +100,8 @@ class Authorization:
     order_id: str  # the payment id OncePay sent
     amount: int
     currency: str
+    # Voided since (by reconciliation's own remediation: other voided ones are not fed in).
+    voided: bool = False
 
 
 @dataclass(frozen=True, slots=True)

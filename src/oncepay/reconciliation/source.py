@@ -21,7 +21,7 @@ from oncepay.payments.storage.schema import ledger_transactions, payments, refun
 from oncepay.reconciliation.records import Hold, Operation, Payment
 from oncepay.storage.db import Database, read
 
-__all__ = ["holds_from", "operations_between", "payments_by_id"]
+__all__ = ["holds_from", "holds_of", "merchants_of", "operations_between", "payments_by_id"]
 
 # Payment ids per IN (...) list: well under SQLite's 32,766 bound variables and small enough
 # for PostgreSQL to plan as an index lookup.
@@ -130,3 +130,35 @@ def _day_of(timestamp: float) -> date:
 
 def _midnight(day: date) -> float:
     return datetime(day.year, day.month, day.day, tzinfo=UTC).timestamp()
+
+
+async def merchants_of(db: Database, ids: Iterable[str]) -> dict[str, tuple[str, str | None]]:
+    """payment id -> (merchant id, authorization id), for the payments among ``ids``."""
+    wanted, found = sorted(set(ids)), {}
+    async with read(db) as conn:
+        for i in range(0, len(wanted), ID_BATCH):
+            query = select(payments.c.id, payments.c.merchant_id, payments.c.authorization_id)
+            query = query.where(payments.c.id.in_(wanted[i : i + ID_BATCH]))
+            for pid, merchant, authorization in (await conn.execute(query)).all():
+                found[pid] = (merchant, authorization)
+    return found
+
+
+async def holds_of(db: Database, ids: Iterable[str], before: date) -> list[Hold]:
+    """Holds of the payments among ``ids`` authorized before ``before``, whatever their status
+    now (the payments reconciliation canceled as stale: a re-run finds them stale again)."""
+    wanted, found = sorted(set(ids)), []
+    async with read(db) as conn:
+        for i in range(0, len(wanted), ID_BATCH):
+            query = select(
+                payments.c.id,
+                payments.c.attempt,
+                payments.c.amount,
+                payments.c.currency,
+                payments.c.created_at,
+            ).where(payments.c.id.in_(wanted[i : i + ID_BATCH]))
+            query = query.where(payments.c.created_at < _midnight(before))
+            for pid, attempt, amount, currency, created_at in (await conn.execute(query)).all():
+                reference = authorization_reference(pid, attempt)
+                found.append(Hold(pid, reference, amount, currency, _day_of(created_at)))
+    return found

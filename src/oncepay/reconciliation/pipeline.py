@@ -1,0 +1,368 @@
+"""The reconciliation pipeline: one acquirer's day, end to end, persisted (SPEC §10).
+
+:func:`reconcile` is the one entry point (``oncepay reconcile``, the worker's schedule, the
+operator API and the chaos audit all call it):
+
+1. **Read.** The acquirer's settlement report of ``day`` (fetched from the acquirer, or the
+   ``report`` bytes given, read through ``mapping``), its earlier reports of the grace window
+   (what settled before: a second settlement is a duplicate), the day's approved
+   authorizations; OncePay's movements, payments and holds from the payments database. A
+   report that cannot be read raises :class:`~oncepay.reconciliation.errors.ReportError`
+   before anything is written.
+2. **Match.** :func:`~oncepay.reconciliation.matcher.reconcile`, pure and deterministic, then
+   :func:`~oncepay.reconciliation.matcher.refine` (money settled on a failed or canceled
+   payment).
+3. **Plan remediation.** Orphaned authorizations (void) and stale ones (cancel the payment).
+   More actions not taken before than ``settings.reconcile_action_cap``: none is taken and one
+   ``remediation_withheld`` discrepancy is raised instead.
+4. **Settle.** Each matched line is posted once (:mod:`.settlement`): guard row, journal,
+   the payment's settlement columns and a ``payment.settled`` event, in batches of
+   :data:`~oncepay.reconciliation.settlement.BATCH` lines per transaction.
+5. **Keep the run.** The run row and the discrepancies it found, the new ones with a
+   ``reconciliation.discrepancy_opened`` event to the merchant of the payment they name (one
+   that names no payment of OncePay has no merchant to tell: operators see it), in one
+   transaction.
+6. **Remediate** (:mod:`.remediation`): each action once, through the idempotency engine; a
+   done action resolves its discrepancy with a note.
+
+Idempotent: a re-run of a day with nothing new writes nothing (no run row, settlement, ledger
+entry, event, discrepancy or action), and two runs at once write each row once. The run's id is
+a digest of (acquirer, day, outcome)."""
+
+from __future__ import annotations
+
+import io
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
+from typing import Any
+
+from oncepay.payments.context import Services
+from oncepay.payments.events import emit_many
+from oncepay.reconciliation.acquirer import AcquirerReports
+from oncepay.reconciliation.fees import DEFAULT_SCHEDULE, FeeSchedule
+from oncepay.reconciliation.mapping import ONCEPAY, ColumnMapping
+from oncepay.reconciliation.matcher import (
+    DEFAULT_GRACE_DAYS,
+    DEFAULT_VALIDITY_DAYS,
+    Books,
+    alert,
+    named_payment,
+    refine,
+)
+from oncepay.reconciliation.matcher import reconcile as match
+from oncepay.reconciliation.records import Authorization, Discrepancy, Kind, Outcome, ReportLine
+from oncepay.reconciliation.remediation import (
+    CANCEL_STALE,
+    VOID_ORPHAN,
+    Action,
+    canceled_as_stale,
+    finished,
+    take,
+    unfinished,
+    voided_by_us,
+)
+from oncepay.reconciliation.report import read_report
+from oncepay.reconciliation.settlement import post_settlements
+from oncepay.reconciliation.source import (
+    holds_from,
+    holds_of,
+    merchants_of,
+    operations_between,
+    payments_by_id,
+)
+from oncepay.reconciliation.store import OpenedDiscrepancy, save_run_in, statuses
+from oncepay.storage.db import write
+
+__all__ = ["RunResult", "reconcile", "reconcile_recent"]
+
+
+@dataclass(frozen=True, slots=True)
+class RunResult:
+    """What one run found and did.
+
+    ``discrepancies`` are all those the run found (the SPEC §10 document lists them); of them
+    ``opened`` were new (no earlier run had found them) and ``still_open`` remain open after
+    remediation (``oncepay reconcile`` exits 1 when it is not 0). ``settled`` counts the lines
+    posted to the ledger by this run (0 on a re-run). Actions: ``taken`` were done now;
+    ``withheld`` were over the cap (none taken, one alert raised); ``pending`` are held by
+    another run or wait for the acquirer's answer (they are resumed); ``refused`` the acquirer
+    (or the payment's state) refused."""
+
+    run_id: str
+    acquirer: str
+    day: date
+    lines: int  # movements read from the report (row types the mapping skips not counted)
+    matched: int
+    settled: int
+    discrepancies: tuple[Discrepancy, ...]
+    opened: int
+    still_open: int
+    new_run: bool  # False: the same outcome was kept before, no run row written
+    actions_taken: int = 0
+    actions_withheld: int = 0
+    actions_pending: int = 0
+    actions_refused: int = 0
+    opened_kinds: dict[str, int] = field(default_factory=dict)  # kind -> opened by this run
+
+    def as_json(self) -> dict[str, object]:
+        """The SPEC §10 document, ``{"matched": N, "discrepancies": [...]}``."""
+        return {
+            "matched": self.matched,
+            "discrepancies": [d.as_json() for d in self.discrepancies],
+        }
+
+
+async def reconcile(
+    services: Services,
+    acquirer: str,
+    *,
+    day: date | None = None,
+    report: bytes | None = None,
+    grace_days: int = DEFAULT_GRACE_DAYS,
+    now: float | None = None,
+    mapping: ColumnMapping = ONCEPAY,
+    reports: AcquirerReports | None = None,
+) -> RunResult:
+    """Reconcile ``acquirer`` (a configured name: primary, secondary) for the UTC ``day``
+    (default: today, by ``now``), persist the run, post the settlements, remediate.
+
+    ``report``: the report's bytes (a real processor's, through ``mapping``) instead of the
+    acquirer's; it is then matched with no authorizations and no earlier reports, and fees are
+    checked only for ``net = amount - fee``. ``reports``: where the acquirer's reports come
+    from (default: the configured acquirer's own address). Raises
+    :class:`~oncepay.reconciliation.errors.ReportError` for an unreadable report and
+    :class:`~oncepay.reconciliation.acquirer.AcquirerUnavailable` when the reports cannot be
+    fetched; nothing is written in either case."""
+    now = time.time() if now is None else now
+    day = day or datetime.fromtimestamp(now, UTC).date()
+    if acquirer not in {a.name for a in services.acquirers}:
+        raise ValueError(f"no acquirer {acquirer!r} is configured")
+    db = services.db
+    inputs = await _inputs(services, acquirer, day, report, grace_days, reports)
+    lines = _Counted(read_report(io.BytesIO(inputs.report), mapping if report else ONCEPAY))
+    books = await _books(services, acquirer, day, grace_days, inputs)
+    outcome = match(
+        lines,
+        books,
+        inputs.authorizations,
+        as_of=day,
+        grace_days=grace_days,
+        fees=inputs.fees,
+    )
+    outcome = refine(outcome, await payments_by_id(db, _unknown_payments(outcome)))
+    planned = await _plan(services, acquirer, outcome)
+    done_before = await finished(db, planned)
+    fresh = [action for action in planned if action.id not in done_before]
+    cap = services.settings.reconcile_action_cap
+    withheld = 0
+    if len(fresh) > cap:
+        withheld, planned = len(fresh), [a for a in planned if a.id in done_before]
+        outcome = _with_alert(outcome, acquirer, day, len(fresh), cap)
+    posted = await post_settlements(db, acquirer, outcome.settled, now=now)
+    saved = await _keep(services, acquirer, day, outcome, now, lines.count)
+    tally = await _remediate(services, acquirer, planned, saved.run_id, set(done_before))
+    found = await statuses(
+        db, acquirer, [(d.kind.value, d.reference) for d in outcome.discrepancies]
+    )
+    still_open = sum(
+        1 for d in outcome.discrepancies if found.get((d.kind.value, d.reference)) == "open"
+    )
+    kinds: dict[str, int] = {}
+    for opened in saved.opened_rows:
+        kinds[opened.found.kind.value] = kinds.get(opened.found.kind.value, 0) + 1
+    return RunResult(
+        run_id=saved.run_id,
+        acquirer=acquirer,
+        day=day,
+        lines=lines.count,
+        matched=outcome.matched,
+        settled=posted.lines,
+        discrepancies=outcome.discrepancies,
+        opened=saved.opened,
+        still_open=still_open,
+        new_run=saved.new_run,
+        actions_taken=tally.get("done", 0),
+        actions_withheld=withheld,
+        actions_pending=tally.get("in_progress", 0),
+        actions_refused=tally.get("refused", 0),
+        opened_kinds=kinds,
+    )
+
+
+async def reconcile_recent(services: Services, *, now: float | None = None) -> list[RunResult]:
+    """The worker's schedule: every configured acquirer's previous day and the current day so
+    far. One acquirer's failure (its reports unreachable) does not stop the others: it is
+    logged by the caller and the next pass tries again."""
+    now = time.time() if now is None else now
+    today = datetime.fromtimestamp(now, UTC).date()
+    grace = services.settings.reconcile_grace_days
+    results = []
+    for acquirer in services.acquirers:
+        for day in (today - timedelta(days=1), today):
+            results.append(
+                await reconcile(services, acquirer.name, day=day, grace_days=grace, now=now)
+            )
+    return results
+
+
+# -- reading ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Inputs:
+    report: bytes
+    authorizations: list[Authorization]
+    settled_before: frozenset[str]
+    fees: FeeSchedule | None
+
+
+class _Counted:
+    """The report's lines, counted as they stream through the matcher."""
+
+    def __init__(self, lines: Iterator[ReportLine]) -> None:
+        self.lines, self.count = lines, 0
+
+    def __iter__(self) -> Iterator[ReportLine]:
+        for line in self.lines:
+            self.count += 1
+            yield line
+
+
+async def _inputs(
+    services: Services,
+    acquirer: str,
+    day: date,
+    report: bytes | None,
+    grace_days: int,
+    reports: AcquirerReports | None,
+) -> _Inputs:
+    if report is not None:
+        return _Inputs(report, [], frozenset(), None)
+    source = reports or AcquirerReports.of(services.acquirers[acquirer])
+    try:
+        earlier: set[str] = set()
+        for back in range(grace_days, 0, -1):
+            past = await source.settlement_csv(day - timedelta(days=back))
+            earlier.update(line.reference for line in read_report(io.BytesIO(past), ONCEPAY))
+        today = await source.settlement_csv(day)
+        every = await source.authorizations(day, voided=True)
+    finally:
+        if reports is None:
+            await source.aclose()
+    ours = await voided_by_us(services.db, acquirer, [a.id for a in every if a.voided])
+    kept = [a for a in every if not a.voided or a.id in ours]
+    return _Inputs(today, kept, frozenset(earlier), DEFAULT_SCHEDULE)
+
+
+async def _books(
+    services: Services, acquirer: str, day: date, grace_days: int, inputs: _Inputs
+) -> Books:
+    """OncePay's movements of days ``day - grace_days`` to ``day + 1`` (see ``run.py``), the
+    payments the authorizations name, and the holds old enough to be stale."""
+    db = services.db
+    first, last = day - timedelta(days=grace_days), day + timedelta(days=1)
+    operations = await operations_between(db, acquirer, first, last)
+    payments = await payments_by_id(db, (a.order_id for a in inputs.authorizations))
+    stale_from = last - timedelta(days=DEFAULT_VALIDITY_DAYS)
+    holds = await holds_from(db, acquirer, stale_from)
+    since = datetime(day.year, day.month, day.day, tzinfo=UTC).timestamp()
+    canceled = await canceled_as_stale(db, acquirer, since)
+    held = {hold.payment_id for hold in holds}
+    holds += await holds_of(db, [pid for pid in canceled if pid not in held], stale_from)
+    holds.sort(key=lambda hold: hold.payment_id)
+    return Books(operations, payments, inputs.settled_before, holds)
+
+
+def _unknown_payments(outcome: Outcome) -> set[str]:
+    return {
+        pid
+        for d in outcome.discrepancies
+        if d.kind is Kind.UNKNOWN_AT_ONCEPAY and (pid := named_payment(d))
+    }
+
+
+# -- remediation --------------------------------------------------------------------------------
+
+
+async def _plan(services: Services, acquirer: str, outcome: Outcome) -> list[Action]:
+    """The orphans' voids and the stale payments' cancels."""
+    voids = [
+        Action(VOID_ORPHAN, acquirer, auth.reference, auth.id, auth.order_id or None)
+        for auth in outcome.orphans
+    ]
+    stale = [d for d in outcome.discrepancies if d.kind is Kind.STALE_AUTHORIZATION]
+    owners = await merchants_of(services.db, [str(d.payment_id) for d in stale])
+    cancels = [
+        Action(CANCEL_STALE, acquirer, d.reference, str(owners[pid][1]), pid, owners[pid][0])
+        for d in stale
+        if (pid := str(d.payment_id)) in owners and owners[pid][1]
+    ]
+    return voids + cancels
+
+
+def _with_alert(outcome: Outcome, acquirer: str, day: date, wanted: int, cap: int) -> Outcome:
+    detail = (
+        f"{wanted} remediation actions at {acquirer} on {day}, over the cap of {cap}: "
+        "none taken, a person must look"
+    )
+    raised = alert(Kind.REMEDIATION_WITHHELD, f"{acquirer}:{day.isoformat()}", detail)
+    found = sorted(
+        (*outcome.discrepancies, raised), key=lambda d: (d.reference, d.kind.value, d.detail)
+    )
+    return Outcome(outcome.matched, tuple(found), outcome.settled, outcome.orphans)
+
+
+async def _remediate(
+    services: Services, acquirer: str, planned: list[Action], run_id: str, earlier: set[str]
+) -> dict[str, int]:
+    """Take the planned actions, and those earlier runs left pending, once each; count what
+    this run did (an action an earlier run finished only has its discrepancy resolved)."""
+    tally: dict[str, int] = {}
+    todo = {action.id: action for action in planned}
+    for action in await unfinished(services.db, acquirer):
+        todo.setdefault(action.id, action)
+    for action in todo.values():
+        status = await take(services, action, run_id)
+        if action.id not in earlier:
+            tally[status] = tally.get(status, 0) + 1
+    return tally
+
+
+# -- keeping the run ----------------------------------------------------------------------------
+
+
+async def _keep(
+    services: Services, acquirer: str, day: date, outcome: Outcome, now: float, lines: int
+) -> Any:
+    """The run, its discrepancies and their events, in one transaction."""
+    db = services.db
+    named = {pid for d in outcome.discrepancies if (pid := named_payment(d))}
+    merchants = {pid: owner for pid, (owner, _) in (await merchants_of(db, named)).items()}
+    async with write(db) as conn:
+        saved = await save_run_in(conn, db, acquirer, day, outcome, now, lines, merchants)
+        await emit_many(conn, _opened_events(saved.opened_rows, acquirer, day, merchants))
+    return saved
+
+
+def _opened_events(
+    opened: tuple[OpenedDiscrepancy, ...], acquirer: str, day: date, merchants: dict[str, str]
+) -> list[tuple[str, str, str, dict[str, Any]]]:
+    found = []
+    for row in opened:
+        pid = named_payment(row.found)
+        merchant = merchants.get(pid or "")
+        if pid is None or merchant is None:
+            continue
+        data = {
+            "id": row.id,
+            "object": "reconciliation.discrepancy",
+            "acquirer": acquirer,
+            "day": day.isoformat(),
+            "status": "open",
+            **row.found.as_json(),
+            "payment_id": pid,
+        }
+        found.append((merchant, "reconciliation.discrepancy_opened", pid, data))
+    return found

@@ -1,0 +1,305 @@
+"""The reconciliation pipeline on the payments service and its simulated acquirer, on SQLite
+and PostgreSQL: every kind planted once in a day's report is found exactly once and nothing
+is reported for the clean lines; matched lines are settled (ledger, payment, event) once; the
+orphan is voided and the stale payment canceled; a re-run changes nothing; a report that
+cannot be read writes nothing; over the cap nothing is done and one alert is raised."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import AsyncIterator
+from datetime import UTC, date, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import text, update
+
+from oncepay.payments.storage.schema import payments
+from oncepay.reconciliation.acquirer import AcquirerReports
+from oncepay.reconciliation.errors import ReportError
+from oncepay.reconciliation.fees import DEFAULT_SCHEDULE, FeeSchedule
+from oncepay.reconciliation.pipeline import RunResult, reconcile
+from oncepay.reconciliation.records import Kind
+from oncepay.reconciliation.settlement import check_payouts
+from oncepay.storage.db import read, write
+from tests.payments.acquirer_helpers import auth_body, key
+from tests.payments.stack import Stack, database_url, running_stack
+from tests.servers import require_postgres
+
+# Every table a run may write: a re-run, or a refused report, must leave each count as it was.
+TABLES = (
+    "reconciliation_runs",
+    "reconciliation_discrepancies",
+    "reconciliation_settlements",
+    "reconciliation_actions",
+    "ledger_transactions",
+    "ledger_entries",
+    "events",
+    "payments",
+    "oncepay_idempotency",
+)
+HEADER = b"reference,type,amount,currency,fee,net,settled_at,payout_id\n"
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+async def stack(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Stack]:
+    if request.param == "postgres":
+        require_postgres()
+    async with running_stack(database_url(request.param, tmp_path), tmp_path) as running:
+        yield running
+
+
+class PlantedReports(AcquirerReports):
+    """The simulator's reports, with the reconciled day's report replaced."""
+
+    def __init__(self, stack: Stack, day: date, report: bytes) -> None:
+        super().__init__("primary", stack.simulators["primary"], owned=False)
+        self.day, self.report = day, report
+
+    async def settlement_csv(self, day: date) -> bytes:
+        return self.report if day == self.day else await super().settlement_csv(day)
+
+
+def today() -> date:
+    return datetime.now(UTC).date()
+
+
+async def paid(stack: Stack, amount: int, **fields: Any) -> str:
+    answer = await stack.pay(amount=amount, **fields)
+    assert answer.status_code == 201, answer.text
+    return str(answer.json()["id"])
+
+
+async def day_report(stack: Stack) -> list[dict[str, str]]:
+    answer = await stack.simulators["primary"].get(
+        "/v1/settlements", params={"date": today().isoformat(), "format": "csv"}
+    )
+    return list(csv.DictReader(io.StringIO(answer.text)))
+
+
+def as_csv(rows: list[dict[str, str]]) -> bytes:
+    out = io.StringIO()
+    columns = ["reference", "type", "amount", "currency", "fee", "net", "settled_at", "payout_id"]
+    writer = csv.DictWriter(out, columns, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return out.getvalue().encode()
+
+
+def priced(row: dict[str, str], amount: int) -> dict[str, str]:
+    fee = DEFAULT_SCHEDULE.fee(row["type"], amount)
+    net = FeeSchedule.net(row["type"], amount, fee)
+    return {**row, "amount": str(amount), "fee": str(fee), "net": str(net)}
+
+
+async def counts(stack: Stack) -> dict[str, int]:
+    return {table: await stack.count(table) for table in TABLES}
+
+
+async def business_with_every_kind(stack: Stack) -> tuple[bytes, dict[str, str]]:
+    """A day of payments, and its report with one discrepancy of each kind planted; returns
+    the report and kind -> reference."""
+    ids = [await paid(stack, 1000 + 100 * n) for n in range(8)]
+    manual = await paid(stack, 2500, capture_method="manual")
+    assert (await stack.post(f"/v1/payments/{manual}/capture", {})).status_code == 200
+    refund = await stack.post(f"/v1/payments/{ids[7]}/refunds", {"amount": 300})
+    assert refund.status_code == 201, refund.text
+    canceled = await paid(stack, 900, capture_method="manual")
+    assert (await stack.post(f"/v1/payments/{canceled}/cancel")).status_code == 200
+    held = await paid(stack, 700, capture_method="manual")
+    async with write(stack.db) as conn:  # authorized eight days ago: past the validity window
+        eight_days_ago = datetime.now(UTC).timestamp() - 8 * 86400
+        await conn.execute(
+            update(payments).where(payments.c.id == held).values(created_at=eight_days_ago)
+        )
+    sim = stack.simulators["primary"]
+    orphan = auth_body("pay_nobody_a1", order_id="pay_nobody")
+    answer = await sim.post("/v1/authorizations", json=orphan, headers=key("pay_nobody_a1"))
+    assert answer.status_code == 201
+
+    rows = await day_report(stack)
+    by_reference = {row["reference"]: row for row in rows}
+    ref = [f"{pid}_a1" for pid in ids]
+    planted = {
+        Kind.AMOUNT_MISMATCH.value: ref[0],
+        Kind.CURRENCY_MISMATCH.value: ref[1],
+        Kind.FEE_MISMATCH.value: ref[2],
+        Kind.TYPE_MISMATCH.value: ref[3],
+        Kind.MISSING_AT_ACQUIRER.value: ref[4],
+        Kind.DUPLICATE_SETTLEMENT.value: ref[5],
+        Kind.UNKNOWN_AT_ONCEPAY.value: "ghost_capture",
+        Kind.SETTLED_ON_CANCELED_PAYMENT.value: f"{canceled}_capture",
+        Kind.ORPHANED_AUTHORIZATION.value: "pay_nobody_a1",
+        Kind.STALE_AUTHORIZATION.value: f"{held}_a1",
+    }
+    row = by_reference[ref[0]]
+    by_reference[ref[0]] = priced(row, int(row["amount"]) + 1)
+    by_reference[ref[1]] = {**by_reference[ref[1]], "currency": "GBP"}
+    row = by_reference[ref[2]]
+    fee, net = int(row["fee"]) + 7, int(row["net"]) - 7
+    by_reference[ref[2]] = {**row, "fee": str(fee), "net": str(net)}
+    row = by_reference[ref[3]]
+    as_refund = FeeSchedule.net("refund", int(row["amount"]), int(row["fee"]))
+    by_reference[ref[3]] = {**row, "type": "refund", "net": str(as_refund)}
+    del by_reference[ref[4]]
+    lines = list(by_reference.values())
+    lines.append(dict(by_reference[ref[5]]))
+    template = by_reference[ref[6]]
+    lines.append(priced({**template, "reference": "ghost_capture"}, 4200))
+    lines.append(priced({**template, "reference": f"{canceled}_capture"}, 900))
+    return as_csv(lines), planted
+
+
+async def run(stack: Stack, report: bytes, **options: Any) -> RunResult:
+    reports = PlantedReports(stack, today(), report)
+    return await reconcile(stack.services, "primary", grace_days=0, reports=reports, **options)
+
+
+async def test_every_kind_is_found_once_and_the_clean_lines_settle(stack: Stack) -> None:
+    report, planted = await business_with_every_kind(stack)
+    result = await run(stack, report)
+
+    assert sorted((d.kind.value, d.reference) for d in result.discrepancies) == sorted(
+        planted.items()
+    )
+    clean = 3 + 1 + 1  # ids[6], ids[7] (+ its refund), the manual capture
+    fee_only = 1  # a fee mismatch still settles its line
+    assert result.matched == result.settled == clean + fee_only
+    assert (result.opened, result.new_run) == (len(planted), True)
+    assert (result.actions_taken, result.actions_withheld) == (2, 0)
+    assert result.still_open == len(planted) - 2  # the orphan voided, the stale one canceled
+
+    orphan_voids = [op for op in await stack.operations("pay_nobody") if op["type"] == "void"]
+    assert len(orphan_voids) == 1
+    held = planted[Kind.STALE_AUTHORIZATION.value].removesuffix("_a1")
+    payment = (await stack.client.get(f"/v1/payments/{held}")).json()
+    assert payment["status"] == "canceled"
+    assert await stack.ledger_violations() == []
+    async with read(stack.db) as conn:
+        assert await check_payouts(conn) == []
+
+
+async def test_settled_payments_show_it_and_get_one_event(stack: Stack) -> None:
+    pid = await paid(stack, 5000)
+    refund = await stack.post(f"/v1/payments/{pid}/refunds", {"amount": 1200})
+    assert refund.status_code == 201
+    before = (await stack.client.get(f"/v1/payments/{pid}")).json()
+    assert (before["amount_settled"], before["settled"]) == (0, None)
+    report = as_csv(await day_report(stack))
+
+    result = await run(stack, report)
+
+    assert (result.matched, result.settled, result.discrepancies) == (2, 2, ())
+    after = (await stack.client.get(f"/v1/payments/{pid}")).json()
+    capture_fee = DEFAULT_SCHEDULE.fee("capture", 5000)
+    assert after["amount_settled"] == 5000
+    assert after["amount_refund_settled"] == 1200
+    assert after["settlement_fee"] == capture_fee
+    assert isinstance(after["settled"], int)
+    events = (await stack.client.get("/v1/events", params={"type": "payment.settled"})).json()
+    assert [e["data"]["object"]["id"] for e in events["data"]] == [pid]
+    assert events["data"][0]["data"]["object"]["amount_settled"] == 5000
+    async with read(stack.db) as conn:
+        balances = dict(
+            (
+                await conn.execute(
+                    text(
+                        "SELECT account, sum(amount) FROM ledger_entries WHERE payment_id = :p "
+                        "GROUP BY account"
+                    ),
+                    {"p": pid},
+                )
+            ).all()
+        )
+    assert balances["settled_funds"] == 5000 - capture_fee - 1200
+    assert balances["acquirer_fees"] == capture_fee
+    assert balances["acquirer_receivable"] == 0  # all the acquirer owed has settled
+    assert await stack.ledger_violations() == []
+
+
+async def test_a_rerun_changes_nothing(stack: Stack) -> None:
+    report, _ = await business_with_every_kind(stack)
+    first = await run(stack, report)
+    after_first = await counts(stack)
+    again = await run(stack, report)
+    assert await counts(stack) == after_first
+    assert again.run_id == first.run_id
+    assert again.discrepancies == first.discrepancies
+    assert (again.new_run, again.opened, again.settled, again.actions_taken) == (False, 0, 0, 0)
+    assert again.still_open == first.still_open
+
+
+async def test_the_opened_discrepancies_tell_the_merchant(stack: Stack) -> None:
+    report, planted = await business_with_every_kind(stack)
+    await run(stack, report)
+    answer = await stack.client.get(
+        "/v1/events", params={"type": "reconciliation.discrepancy_opened", "limit": 100}
+    )
+    told = sorted(
+        (e["data"]["object"]["kind"], e["data"]["object"]["reference"])
+        for e in answer.json()["data"]
+    )
+    # the ghost line and the orphan name no payment of this merchant: operators see them
+    nameless = {Kind.UNKNOWN_AT_ONCEPAY.value, Kind.ORPHANED_AUTHORIZATION.value}
+    assert told == sorted((k, r) for k, r in planted.items() if k not in nameless)
+
+
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [
+        (HEADER + b"r1,capture,12.50,EUR,0,1250,2026-12-01T00:00:00Z,po\n", "line 2: amount"),
+        (b"reference,type,amount,currency,fee,net,settled_at\n", r"lacks column\(s\) payout_id"),
+        (HEADER + "r1,capture,100,EUR,0,100,caf\xe9,po\n".encode("latin-1"), "not UTF-8"),
+        (b"", "empty"),
+        (HEADER + b"\n", "blank line"),
+    ],
+    ids=["bad-amount", "missing-column", "latin-1", "empty-file", "0-byte-line"],
+)
+async def test_a_report_that_cannot_be_read_writes_nothing(
+    stack: Stack, content: bytes, reason: str
+) -> None:
+    await business_with_every_kind(stack)
+    before = await counts(stack)
+    with pytest.raises(ReportError, match=reason):
+        await run(stack, content)
+    with pytest.raises(ReportError, match=reason):
+        await reconcile(stack.services, "primary", report=content, grace_days=0)
+    assert await counts(stack) == before
+
+
+async def test_over_the_cap_nothing_is_done_and_one_alert_is_raised(stack: Stack) -> None:
+    report, _ = await business_with_every_kind(stack)
+    stack.services.settings.reconcile_action_cap = 1  # the orphan and the stale one: 2
+    result = await run(stack, report)
+    assert (result.actions_taken, result.actions_withheld) == (0, 2)
+    alerts = [d for d in result.discrepancies if d.kind is Kind.REMEDIATION_WITHHELD]
+    assert [d.reference for d in alerts] == [f"primary:{today().isoformat()}"]
+    assert "2 remediation actions" in alerts[0].detail
+    assert [op for op in await stack.operations("pay_nobody") if op["type"] == "void"] == []
+    assert await stack.count("reconciliation_actions") == 0
+    again = await run(stack, report)
+    assert (again.opened, again.new_run) == (0, False)  # one alert, however many runs
+
+
+async def test_the_worker_schedule_reconciles_yesterday_and_today(stack: Stack) -> None:
+    from oncepay.reconciliation.pipeline import reconcile_recent
+
+    pid = await paid(stack, 1300)
+    results = await reconcile_recent(stack.services)
+    assert [(r.acquirer, r.day) for r in results] == [
+        ("primary", date.fromordinal(today().toordinal() - 1)),
+        ("primary", today()),
+    ]
+    assert [r.settled for r in results] == [0, 1]
+    again = await reconcile_recent(stack.services)
+    assert [(r.new_run, r.settled) for r in again] == [(False, 0), (False, 0)]
+    payment = (await stack.client.get(f"/v1/payments/{pid}")).json()
+    assert payment["amount_settled"] == 1300
+
+
+def test_run_results_say_what_the_spec_document_says() -> None:
+    result = RunResult("rec_1", "primary", date(2026, 12, 1), 3, 2, 2, (), 0, 0, True)
+    assert json.loads(json.dumps(result.as_json())) == {"matched": 2, "discrepancies": []}
