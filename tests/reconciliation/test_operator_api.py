@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from datetime import date
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -271,3 +271,95 @@ async def test_without_a_token_the_operator_api_does_not_exist(
     async with running_stack(payments_url, tmp_path) as stack:
         response = await stack.client.get(f"{BASE}/runs", headers=OPERATOR)
     assert response.status_code == 404
+
+
+# -- runs started through the API ---------------------------------------------------------------
+
+
+@pytest.fixture
+async def two_operated(payments_url: str, tmp_path: Path) -> AsyncIterator[Stack]:
+    async with running_stack(
+        payments_url, tmp_path, acquirers=("primary", "secondary"), admin_token=TOKEN
+    ) as running:
+        yield running
+
+
+async def orphan(stack: Stack, acquirer: str = "primary") -> dict[str, Any]:
+    """An authorization approved at the acquirer for a payment OncePay never made."""
+    body = {
+        "reference": "pay_00000000000000000000ghost_a1",
+        "order_id": "pay_00000000000000000000ghost",
+        "amount": 700,
+        "currency": "EUR",
+        "payment_method": "pm_card_ok",
+    }
+    response = await stack.simulators[acquirer].post("/v1/authorizations", json=body)
+    assert response.status_code == 201, response.text
+    found: dict[str, Any] = response.json()
+    return found
+
+
+async def test_a_run_started_through_the_api(two_operated: Stack) -> None:
+    stack = two_operated
+    for amount in (500, 900):
+        assert (await stack.pay(amount=amount)).status_code == 201
+    ghost = await orphan(stack)
+    today = datetime.now(UTC).date().isoformat()
+    body = {"acquirer": "primary", "day": today, "grace_days": 0}
+    first = await post(stack, "/runs", body, key="run-1")
+    assert first.status_code == 201, first.text
+    run = first.json()
+    assert (run["object"], run["acquirer"], run["day"], run["new_run"]) == (
+        "reconciliation_run",
+        "primary",
+        today,
+        True,
+    )
+    assert (run["lines"], run["matched"], run["settled"]) == (2, 2, 2)
+    assert [d["kind"] for d in run["discrepancies"]] == ["orphaned_authorization"]
+    assert run["discrepancies"][0]["reference"] == ghost["reference"]
+    assert run["actions"]["taken"] == 1
+    voids = [op for op in await stack.operations(ghost["order_id"]) if op["type"] == "void"]
+    assert len(voids) == 1
+
+    replay = await post(stack, "/runs", body, key="run-1")
+    assert replay.json() == run
+    assert replay.headers.get("idempotent-replayed") == "true"
+    again = await post(stack, "/runs", body, key="run-2")  # a new request: the day again
+    assert again.status_code == 201, again.text
+    assert (again.json()["new_run"], again.json()["settled"], again.json()["opened"]) == (
+        False,
+        0,
+        0,
+    )
+    assert (
+        len([op for op in await stack.operations(ghost["order_id"]) if op["type"] == "void"]) == 1
+    )
+
+    listed = await all_pages(stack, "/runs", 10, acquirer="primary")
+    assert [r["id"] for r in listed] == [run["id"]]
+    closed = (await get(stack, "/discrepancies", reference=ghost["reference"])).json()["data"]
+    assert [d["status"] for d in closed] == ["resolved"]  # the void did it; its note says so
+    assert closed[0]["note"]
+    secondary = await post(stack, "/runs", {"acquirer": "secondary"}, key="run-3")
+    assert secondary.status_code == 201, secondary.text
+    assert secondary.json()["discrepancies"] == []
+    assert await stack.ledger_violations() == []
+
+
+async def test_a_bad_run_request_is_a_4xx_problem(operator: Stack) -> None:
+    tomorrow = (datetime.now(UTC).date() + timedelta(days=1)).isoformat()
+    refused = {
+        "not configured": await post(operator, "/runs", {"acquirer": "secondary"}, key="a"),
+        "unknown acquirer": await post(operator, "/runs", {"acquirer": "tertiary"}, key="b"),
+        "future day": await post(operator, "/runs", {"day": tomorrow}, key="c"),
+        "bad day": await post(operator, "/runs", {"day": "2026-1-1"}, key="d"),
+        "negative grace": await post(operator, "/runs", {"grace_days": -1}, key="e"),
+        "grace a string": await post(operator, "/runs", {"grace_days": "3"}, key="f"),
+        "unknown field": await post(operator, "/runs", {"acquirer": "primary", "x": 1}, key="g"),
+        "no key": await post(operator, "/runs", {}, key=None),
+    }
+    for case, response in refused.items():
+        assert 400 <= response.status_code < 500, (case, response.status_code, response.text)
+        assert response.headers["content-type"].startswith("application/problem+json"), case
+    assert await all_pages(operator, "/runs", 10) == []

@@ -16,6 +16,7 @@ from typing import Any
 from sqlalchemy import ColumnElement, and_, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from oncepay.payments.context import Services
 from oncepay.payments.metrics import (
     RECONCILIATION_ACTIONS,
     RECONCILIATION_DISCREPANCIES,
@@ -24,6 +25,8 @@ from oncepay.payments.metrics import (
     RECONCILIATION_RUNS,
 )
 from oncepay.payments.storage.schema import payments
+from oncepay.reconciliation import pipeline
+from oncepay.reconciliation.pipeline import RunResult
 from oncepay.reconciliation.store import discrepancies, runs, settlements
 from oncepay.storage.db import Database, read
 
@@ -39,9 +42,12 @@ __all__ = [
     "discrepancy",
     "discrepancy_page",
     "evidence",
+    "observe",
     "observe_failure",
     "observe_open",
     "observe_run",
+    "observed",
+    "result_document",
     "run",
     "run_page",
 ]
@@ -218,7 +224,7 @@ def _payment(row: Any) -> dict[str, Any]:
     )
     found = {key: row[key] for key in keep}
     # Settlement fields, when the payments table has them (issue 15's migration adds them).
-    found |= {key: value for key, value in row.items() if "settled" in key}
+    found |= {key: value for key, value in row.items() if "settle" in key}
     return found
 
 
@@ -290,8 +296,62 @@ def observe_run(seen: Observed) -> None:
             RECONCILIATION_ACTIONS.labels(acquirer, result).inc(n)
 
 
+def observe(result: RunResult) -> None:
+    """Count a run of the pipeline (:func:`observe_open` then sets the open gauge)."""
+    opened = tuple(kind for kind, n in sorted(result.opened_kinds.items()) for _ in range(n))
+    observe_run(
+        Observed(
+            result.acquirer,
+            result.new_run,
+            result.lines,
+            len(result.discrepancies),
+            opened,
+            voided=result.actions_taken,
+            void_failures=result.actions_refused,
+            withheld=result.actions_withheld,
+        )
+    )
+
+
+def result_document(result: RunResult) -> dict[str, Any]:
+    """A run as the operator API answers it."""
+    return {
+        "id": result.run_id,
+        "object": "reconciliation_run",
+        "acquirer": result.acquirer,
+        "day": result.day.isoformat(),
+        "new_run": result.new_run,
+        "lines": result.lines,
+        "matched": result.matched,
+        "settled": result.settled,
+        "opened": result.opened,
+        "still_open": result.still_open,
+        "actions": {
+            "taken": result.actions_taken,
+            "withheld": result.actions_withheld,
+            "pending": result.actions_pending,
+            "refused": result.actions_refused,
+        },
+        "discrepancies": [d.as_json() for d in result.discrepancies],
+    }
+
+
 def observe_failure(acquirer: str) -> None:
     RECONCILIATION_RUNS.labels(acquirer, "failed").inc()
+
+
+async def observed(services: Services, acquirer: str, **options: Any) -> RunResult:
+    """:func:`~oncepay.reconciliation.pipeline.reconcile`, counted in the metrics: the paths
+    that run the pipeline in a process whose ``/metrics`` is scraped (the operator API, the
+    worker's schedule) call it through here."""
+    try:
+        result = await pipeline.reconcile(services, acquirer, **options)
+    except Exception:
+        observe_failure(acquirer)
+        raise
+    observe(result)
+    await observe_open(services.db)
+    return result
 
 
 async def observe_open(db: Database) -> None:

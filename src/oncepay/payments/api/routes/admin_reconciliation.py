@@ -10,7 +10,8 @@ key, is a 409 ``discrepancy_closed`` that says how and why it was closed."""
 from __future__ import annotations
 
 import time
-from datetime import date
+from dataclasses import replace
+from datetime import UTC, date, datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import Query, Request
@@ -18,18 +19,22 @@ from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from oncepay.errors import ClientError
+from oncepay.errors import ClientError, LeaseLost, RetryableError
+from oncepay.idempotency.engine import Ticket
 from oncepay.payments.api.deps import (
     DEFAULT_LIMIT,
     POST,
     PROBLEMS,
     Limit,
     ServicesDep,
+    gate_request,
     idempotent_local,
     resource_router,
+    send,
 )
 from oncepay.payments.context import Services
 from oncepay.payments.errors import InvalidRequest, ResourceMissing
+from oncepay.payments.idempotent import _gated
 from oncepay.payments.records import Merchant
 from oncepay.payments.reply import Reply
 from oncepay.reconciliation import queries
@@ -114,6 +119,54 @@ async def get_run(run_id: str, services: ServicesDep) -> dict[str, Any]:
     if row is None:
         raise ResourceMissing(f"no reconciliation run {run_id!r}")
     return run_public(row)
+
+
+@router.post("/runs", status_code=201, **POST)
+async def start_run(body: StartRun, request: Request, services: ServicesDep) -> Response:
+    """Reconcile an acquirer's day now (the worker does it on its schedule): the report is
+    fetched, matched, the run and its new discrepancies kept, settlements posted and orphaned
+    authorizations voided. Running a day again changes nothing."""
+    day = _run_day(body.day)
+    names = {acquirer.name for acquirer in services.acquirers}
+    if body.acquirer not in names:
+        raise InvalidRequest(f"acquirer {body.acquirer!r} is not configured here")
+
+    async def execute(ticket: Ticket) -> Reply:
+        return await _run_keyed(services, ticket, body.acquirer, day, body.grace_days)
+
+    raw = await request.body()
+    return send(await _gated(services, gate_request(request), raw, OPERATOR, execute), request)
+
+
+def _run_day(value: str | None) -> date:
+    today = datetime.now(UTC).date()
+    if value is None:
+        return today
+    try:
+        day = date.fromisoformat(value)
+    except ValueError:
+        raise InvalidRequest(f"day {value!r} is not a day YYYY-MM-DD") from None
+    if day > today:
+        raise InvalidRequest(f"day {value} is in the future: nothing has settled yet")
+    return day
+
+
+async def _run_keyed(
+    services: Services, ticket: Ticket, acquirer: str, day: date, grace_days: int
+) -> Reply:
+    """The run, its answer stored under the key; a retryable failure gives the key up."""
+    try:
+        result = await queries.observed(services, acquirer, day=day, grace_days=grace_days)
+        reply = Reply.json(201, queries.result_document(result))
+    except ClientError as exc:
+        reply = Reply.problem(exc)
+    except LeaseLost as exc:
+        return Reply.problem(exc)
+    except RetryableError as exc:
+        await services.engine.release(ticket)
+        return Reply.problem(exc)
+    await services.engine.complete(ticket, reply.stored())
+    return replace(reply, completed=True)
 
 
 # -- discrepancies -------------------------------------------------------------------------------
