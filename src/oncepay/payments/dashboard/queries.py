@@ -422,7 +422,8 @@ async def _records_of(
     conn: Any, payment: Row[Any], objects: Sequence[str], hash_key: Callable[[str], str]
 ) -> list[_Record]:
     """The idempotency records whose recovery point names the payment or one of its refunds:
-    the merchant's records created since the payment (the expiry index bounds the scan)."""
+    the merchant's records still alive when the payment was made (the expiry index bounds
+    the scan)."""
     likes = " OR ".join(f"recovery_point LIKE :o{i}" for i in range(len(objects)))
     params: dict[str, Any] = {f"o{i}": f"%:{o}" for i, o in enumerate(objects)}
     params.update(scope=payment.merchant_id, since=payment.created_at)
@@ -430,7 +431,7 @@ async def _records_of(
         text(
             "SELECT idempotency_key, state, recovery_point, fence, created_at, response_status "
             f"FROM {IDEMPOTENCY_TABLE} WHERE scope = :scope AND expires_at >= :since "
-            f"AND created_at >= :since - 1 AND ({likes})"
+            f"AND ({likes})"
         ),
         params,
     )

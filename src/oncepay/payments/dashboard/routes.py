@@ -269,8 +269,8 @@ def _filter(
     event: str | None = None,
     merchant: str | None = None,
     status: str | None = None,
-    amount_min: Annotated[int | None, Query(ge=0)] = None,
-    amount_max: Annotated[int | None, Query(ge=0)] = None,
+    amount_min: str | None = None,  # text: a form sends its empty fields as ""
+    amount_max: str | None = None,
     created_from: str | None = None,
     created_to: str | None = None,
 ) -> queries.PaymentFilter:
@@ -287,11 +287,19 @@ def _filter(
         event=clean(event),
         merchant=clean(merchant),
         status=status or None,
-        amount_min=amount_min,
-        amount_max=amount_max,
+        amount_min=_amount(amount_min),
+        amount_max=_amount(amount_max),
         created_from=_parse_time(created_from),
         created_to=_parse_time(created_to),
     )
+
+
+def _amount(value: str | None) -> int | None:
+    if not value or not value.strip():
+        return None
+    if not value.strip().isdigit():
+        raise InvalidRequest(f"{value!r} is not an amount in minor units (a whole number)")
+    return int(value)
 
 
 FilterDep = Annotated[queries.PaymentFilter, Depends(_filter)]

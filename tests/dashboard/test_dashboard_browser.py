@@ -1,0 +1,239 @@
+"""The operator dashboard, used as a person would (issue 17): Debian's Chromium driven by
+Playwright against a real ``oncepay serve`` process. The operator signs in, sees a payment
+made seconds earlier appear live, opens its timeline, filters, exports CSV and resolves a
+discrepancy; any JavaScript error or console error on any page fails the test. With
+``ONCEPAY_SCREENSHOTS=DIR`` each view is saved as a PNG (the pictures in docs/dashboard.md)."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import io
+import os
+import re
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.processes import ROOT, free_port, oncepay_args, wait_for_port
+from tests.servers import require_tool
+
+TOKEN = "operator-token-for-the-browser-test"
+PAYMENT = {"amount": 4321, "currency": "EUR", "payment_method": "pm_card_ok"}
+CHROMIUM = "/usr/bin/chromium"
+
+pytestmark = pytest.mark.slow
+
+
+class Service:
+    def __init__(self, url: str, api_key: str, folder: Path) -> None:
+        self.url, self.api_key, self.folder = url, api_key, folder
+
+    def pay(self, key: str, **fields: Any) -> dict[str, Any]:
+        answer = httpx.post(
+            f"{self.url}/v1/payments",
+            json={**PAYMENT, **fields},
+            headers={"Authorization": f"Bearer {self.api_key}", "Idempotency-Key": key},
+        )
+        assert answer.status_code == 201, answer.text
+        found: dict[str, Any] = answer.json()
+        return found
+
+
+@pytest.fixture
+def service(tmp_path: Path) -> Iterator[Service]:
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "ONCEPAY_ADMIN_TOKEN": TOKEN, "COLUMNS": "300"}
+    process = subprocess.Popen(
+        oncepay_args("serve", "--port", str(port), "--quiet"),
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        wait_for_port(port, process)  # type: ignore[arg-type]
+        assert process.stdout is not None
+        banner = ""
+        while "try: curl" not in banner:
+            banner += process.stdout.readline()
+        key = re.search(r"sk_test_[A-Za-z0-9_-]+", banner)
+        assert key, banner
+        yield Service(f"http://127.0.0.1:{port}", key.group(), tmp_path)
+    finally:
+        process.terminate()
+        process.communicate(timeout=15)
+
+
+def _open_discrepancy(folder: Path, payment_id: str) -> int:
+    """A discrepancy as a reconciliation run would leave it (the run itself is tested in
+    tests/reconciliation/)."""
+    from sqlalchemy import insert
+
+    from oncepay.reconciliation.store import discrepancies
+    from oncepay.storage.db import Database, write
+
+    async def add() -> int:
+        db = Database.from_url(f"sqlite:///{folder / 'oncepay.db'}")
+        try:
+            async with write(db) as conn:
+                result = await conn.execute(
+                    insert(discrepancies).values(
+                        acquirer="primary",
+                        kind="amount_mismatch",
+                        reference=f"{payment_id}_a1",
+                        payment_id=payment_id,
+                        day="2026-12-05",
+                        detail="settled 4320 EUR where OncePay captured 4321 EUR",
+                        remediation="review",
+                        status="open",
+                        run_id="run_browser_test",
+                        opened_at=time.time(),
+                    )
+                )
+                return int(result.inserted_primary_key[0])
+        finally:
+            await db.aclose()
+
+    return asyncio.run(add())
+
+
+def _browser() -> Any:
+    require_tool("chromium")
+    from playwright.sync_api import sync_playwright
+
+    return sync_playwright()
+
+
+def test_an_operator_signs_in_watches_searches_exports_and_resolves(
+    service: Service, tmp_path: Path
+) -> None:
+    shots = os.environ.get("ONCEPAY_SCREENSHOTS")
+    earlier = service.pay("browser-earlier")
+    discrepancy = _open_discrepancy(service.folder, earlier["id"])
+    problems: list[str] = []
+    with _browser() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        context = browser.new_context(
+            accept_downloads=True, viewport={"width": 1280, "height": 900}
+        )
+        page = context.new_page()
+        page.on("pageerror", lambda error: problems.append(f"page error: {error}"))
+        page.on(
+            "console",
+            lambda message: (
+                problems.append(f"console {message.type}: {message.text}")
+                if message.type == "error"
+                else None
+            ),
+        )
+
+        def snap(name: str) -> None:
+            if shots:
+                Path(shots).mkdir(parents=True, exist_ok=True)
+                page.screenshot(path=str(Path(shots) / f"dashboard-{name}.png"), full_page=True)
+
+        # Not signed in: the sign-in page, then the page asked for.
+        page.goto(f"{service.url}/dashboard/payments")
+        assert "/dashboard/login" in page.url
+        snap("sign-in")
+        page.fill("input[name=token]", "not the token")
+        page.click("button[type=submit]")
+        assert page.get_by_role("alert").is_visible()
+        # The refusal is a 401, which the browser notes in its console; nothing else may be.
+        assert problems == [
+            "console error: Failed to load resource: the server responded with a status of "
+            "401 (Unauthorized)"
+        ]
+        problems.clear()
+        page.fill("input[name=token]", TOKEN)
+        page.click("button[type=submit]")
+        page.wait_for_selector("#results")
+        assert page.url == f"{service.url}/dashboard/payments"
+
+        # Live: a payment made now appears on the overview without a reload.
+        page.goto(f"{service.url}/dashboard")
+        page.wait_for_selector("#live.on")  # the event stream is connected
+        made = service.pay("browser-live")
+        page.wait_for_selector(f'#recent tr[data-payment="{made["id"]}"]', timeout=15_000)
+        page.wait_for_selector("#decisions-chart canvas")  # two snapshots drew the chart
+        assert page.locator('[data-status="captured"]').inner_text() != "0"
+        snap("overview")
+
+        # Its timeline.
+        page.click(f'#recent a[href="/dashboard/payments/{made["id"]}"]')
+        page.wait_for_selector("#timeline")
+        items = page.locator("#timeline li").all_inner_texts()
+        assert any("payment.captured" in item for item in items), items
+        assert any("Idempotency-Key" in item and "browser-live" not in item for item in items)
+        assert any("ledger: capture" in item for item in items), items
+        snap("timeline")
+
+        # Search: by status and amount, by idempotency key (never shown raw), then CSV.
+        other = service.pay("browser-other", amount=99, currency="USD")
+        page.goto(f"{service.url}/dashboard/payments")
+        page.wait_for_selector(f'#results tr[data-payment="{other["id"]}"]')
+        page.fill("input[name=amount_min]", "4000")
+        page.select_option("select[name=status]", "captured")
+        page.click("#search button[type=submit]")  # htmx swaps the results in place
+        page.wait_for_selector(f'#results tr[data-payment="{other["id"]}"]', state="detached")
+        assert "amount_min=4000" in page.url  # and the address says what is shown
+        shown = page.locator("#results tr[data-payment]").evaluate_all(
+            "rows => rows.map(r => r.dataset.payment)"
+        )
+        assert sorted(shown) == sorted([earlier["id"], made["id"]])
+        snap("search")
+        with page.expect_download() as download:
+            page.click("#csv")
+        exported = list(csv.DictReader(io.StringIO(Path(download.value.path()).read_text())))
+        assert sorted(row["id"] for row in exported) == sorted(shown)
+        assert {row["amount"] for row in exported} == {"4321"}
+        page.goto(f"{service.url}/dashboard/payments?key=browser-live")
+        found = page.locator("#results tr[data-payment]").evaluate_all(
+            "rows => rows.map(r => r.dataset.payment)"
+        )
+        assert found == [made["id"]]
+
+        # A discrepancy resolved with a note, through the operator API.
+        page.goto(f"{service.url}/dashboard/discrepancies")
+        row = page.locator(f'tr[data-discrepancy="{discrepancy}"]')
+        snap("discrepancies")
+        row.locator("input[name=note]").fill("fee booked by hand, ticket FIN-42")
+        row.get_by_role("button", name="Resolve").click()
+        page.wait_for_selector(".flash")
+        assert page.locator(f'tr[data-discrepancy="{discrepancy}"]').count() == 0
+        page.goto(f"{service.url}/dashboard/discrepancies?status=resolved")
+        assert "FIN-42" in page.locator(f'tr[data-discrepancy="{discrepancy}"]').inner_text()
+        page.goto(f"{service.url}/dashboard/findings")
+        snap("findings")
+        browser.close()
+    assert problems == []
+
+
+def test_docs_and_redoc_load_without_the_network(service: Service) -> None:
+    """/docs and /redoc render from the package's own assets: every request the page makes
+    goes to the service itself."""
+    with _browser() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        page = browser.new_page()
+        elsewhere: list[str] = []
+        page.on(
+            "request",
+            lambda request: (
+                None
+                if request.url.startswith((service.url, "data:", "blob:"))
+                else elsewhere.append(request.url)
+            ),
+        )
+        page.goto(f"{service.url}/docs")
+        page.wait_for_selector(".swagger-ui .opblock", timeout=20_000)
+        page.goto(f"{service.url}/redoc")
+        page.wait_for_selector("redoc [role=menuitem], .menu-content", timeout=30_000)
+        browser.close()
+    assert elsewhere == []

@@ -1,0 +1,224 @@
+"""The dashboard over HTTP, on SQLite and PostgreSQL: who may see it, what its searches find,
+the CSV, a timeline, and a resolve that acts once."""
+
+from __future__ import annotations
+
+import csv
+import io
+import re
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import pytest
+from sqlalchemy import insert
+
+from oncepay.payments.dashboard.auth import COOKIE, csrf_token, new_session, valid_session
+from oncepay.reconciliation.store import discrepancies
+from oncepay.storage.db import write
+from tests.payments.stack import Stack, running_stack
+
+TOKEN = "dashboard-operator-token-0123"
+
+
+@pytest.fixture
+async def operated(payments_url: str, tmp_path: Path) -> AsyncIterator[Stack]:
+    async with running_stack(payments_url, tmp_path, admin_token=TOKEN) as stack:
+        yield stack
+
+
+def _as_operator(stack: Stack) -> httpx.AsyncClient:
+    return httpx.AsyncClient(
+        transport=stack.client._transport,
+        base_url="http://payments",
+        headers={"Authorization": f"Bearer {TOKEN}"},
+    )
+
+
+async def test_without_a_token_configured_there_is_no_dashboard(stack: Stack) -> None:
+    for path in ("/dashboard", "/dashboard/login", "/dashboard/payments.csv"):
+        answer = await stack.client.get(path)
+        assert answer.status_code == 404, path
+
+
+async def test_a_page_sends_a_stranger_to_sign_in_and_data_is_refused(operated: Stack) -> None:
+    anonymous = httpx.AsyncClient(transport=operated.client._transport, base_url="http://p")
+    async with anonymous:
+        page = await anonymous.get("/dashboard/payments?status=failed")
+        assert page.status_code == 303
+        assert page.headers["location"] == (
+            "/dashboard/login?next=%2Fdashboard%2Fpayments%3Fstatus%3Dfailed"
+        )
+        for path in ("/dashboard/payments.csv", "/dashboard/stream"):
+            assert (await anonymous.get(path)).status_code == 401
+        # A merchant's API key is not the operator token.
+        merchant = await anonymous.get(
+            "/dashboard/payments.csv", headers={"Authorization": f"Bearer {operated.api_key}"}
+        )
+        assert merchant.status_code == 401
+
+
+async def test_signing_in_sets_a_strict_session_and_never_redirects_away(operated: Stack) -> None:
+    client = httpx.AsyncClient(transport=operated.client._transport, base_url="http://p")
+    async with client:
+        wrong = await client.post("/dashboard/login", data={"token": "nope", "next": "/dashboard"})
+        assert wrong.status_code == 401
+        assert COOKIE not in wrong.cookies
+        signed = await client.post(
+            "/dashboard/login", data={"token": TOKEN, "next": "https://evil.example/"}
+        )
+        assert signed.status_code == 303
+        assert signed.headers["location"] == "/dashboard"  # not the other site
+        cookie = signed.headers["set-cookie"]
+        assert "HttpOnly" in cookie
+        assert "SameSite=strict" in cookie
+        assert "Path=/dashboard" in cookie
+        session = signed.cookies[COOKIE]
+        assert valid_session(TOKEN, session)
+        assert not valid_session("another-token-entirely", session)
+        client.cookies.set(COOKIE, session)
+        page = await client.get("/dashboard")
+        assert page.status_code == 200
+        assert "script-src" not in page.headers["content-security-policy"]  # default-src 'self'
+        assert "frame-ancestors 'none'" in page.headers["content-security-policy"]
+
+
+def test_a_session_expires_and_cannot_be_forged() -> None:
+    now = time.time()
+    session = new_session(TOKEN, now=now)
+    assert valid_session(TOKEN, session, now=now + 3600)
+    assert not valid_session(TOKEN, session, now=now + 13 * 3600)
+    expires, _, mac = session.partition(".")
+    assert not valid_session(TOKEN, f"{int(expires) + 86400}.{mac}", now=now)
+    assert not valid_session(TOKEN, "garbage", now=now)
+
+
+async def test_searches_find_by_every_field_and_the_csv_holds_every_match(
+    operated: Stack,
+) -> None:
+    made = []
+    for i, (amount, currency) in enumerate([(1000, "USD"), (2500, "EUR"), (7000, "EUR")]):
+        answer = await operated.pay(key=f"order-{i}", amount=amount, currency=currency)
+        made.append(answer.json())
+    declined = (await operated.pay(key="order-d", payment_method="pm_card_declined")).json()
+    async with _as_operator(operated) as client:
+
+        async def ids(**params: str) -> list[str]:
+            page = await client.get("/dashboard/payments", params=params)
+            assert page.status_code == 200, page.text
+            return re.findall(r'<tr data-payment="(pay_[0-9a-f]+)"', page.text)
+
+        assert await ids() == [p["id"] for p in reversed([*made, declined])]
+        assert await ids(id=made[1]["id"]) == [made[1]["id"]]
+        assert await ids(key="order-2") == [made[2]["id"]]
+        assert await ids(key="no-such-key") == []
+        assert await ids(reference=f"{made[0]['id']}_a1") == [made[0]["id"]]
+        assert await ids(status="failed") == [declined["id"]]
+        assert await ids(amount_min="2000", amount_max="7000", status="captured") == [
+            made[2]["id"],
+            made[1]["id"],
+        ]
+        assert await ids(merchant=operated.merchant.id, amount_max="", key="") == [
+            p["id"] for p in reversed([*made, declined])
+        ]
+        events = await operated.client.get("/v1/events", params={"limit": 100})
+        captured = next(
+            e for e in events.json()["data"] if e["data"]["object"]["id"] == made[1]["id"]
+        )
+        assert await ids(event=captured["id"]) == [made[1]["id"]]
+        # Bad input is a 400, not a 500.
+        for bad in ({"amount_min": "ten"}, {"status": "lost"}, {"created_from": "yesterday"}):
+            assert (await client.get("/dashboard/payments", params=bad)).status_code == 400
+        exported = await client.get(
+            "/dashboard/payments.csv", params={"currency": "", "status": "captured"}
+        )
+        assert exported.status_code == 200
+        assert exported.headers["content-type"].startswith("text/csv")
+        rows = list(csv.DictReader(io.StringIO(exported.text)))
+        assert sorted(r["id"] for r in rows) == sorted(p["id"] for p in made)
+        assert {r["amount"] for r in rows} == {"1000", "2500", "7000"}
+
+
+async def test_pages_cut_a_long_list_on_a_cursor(operated: Stack) -> None:
+    made = [(await operated.pay(key=f"k{i}")).json()["id"] for i in range(55)]
+    async with _as_operator(operated) as client:
+        first = await client.get("/dashboard/payments")
+        shown = re.findall(r'<tr data-payment="(pay_[0-9a-f]+)"', first.text)
+        assert shown == list(reversed(made))[:50]
+        older = re.search(r'href="(/dashboard/payments\?before=\d+)" id="next"', first.text)
+        assert older, "a link to the older payments"
+        second = await client.get(older.group(1).replace("&amp;", "&"))
+        rest = re.findall(r'<tr data-payment="(pay_[0-9a-f]+)"', second.text)
+        assert rest == list(reversed(made))[50:]
+        assert 'id="next"' not in second.text
+
+
+async def test_a_timeline_tells_the_whole_story_without_raw_keys(operated: Stack) -> None:
+    made = (await operated.pay(key="secret-order-key-77", capture_method="manual")).json()
+    captured = await operated.post(f"/v1/payments/{made['id']}/capture", key="cap-77")
+    assert captured.status_code == 200, captured.text
+    refunded = await operated.post(f"/v1/payments/{made['id']}/refunds", {"amount": 400})
+    assert refunded.status_code == 201, refunded.text
+    async with _as_operator(operated) as client:
+        page = await client.get(f"/dashboard/payments/{made['id']}")
+        assert page.status_code == 200
+        text = page.text
+        for expected in (
+            "payment.created",
+            "payment.authorized",
+            "payment.captured",
+            "ledger: authorization",
+            "ledger: capture",
+            "acquirer primary, attempt 1",
+            "refund",
+        ):
+            assert expected in text, expected
+        assert text.count('class="request"') == 3  # create, capture, refund
+        assert "secret-order-key-77" not in text
+        assert (await client.get("/dashboard/payments/pay_0000")).status_code == 404
+
+
+async def test_a_discrepancy_is_resolved_once_through_the_operator_api(operated: Stack) -> None:
+    async with write(operated.db) as conn:
+        result = await conn.execute(
+            insert(discrepancies).values(
+                acquirer="primary",
+                kind="amount_mismatch",
+                reference="pay_00_a1",
+                payment_id=None,
+                day="2026-12-05",
+                detail="settled 99 where 100 was captured",
+                remediation="review",
+                status="open",
+                run_id="run_test",
+                opened_at=time.time(),
+            )
+        )
+        number = int(result.inserted_primary_key[0])
+    client = httpx.AsyncClient(transport=operated.client._transport, base_url="http://p")
+    async with client:
+        signed = await client.post("/dashboard/login", data={"token": TOKEN, "next": "/dashboard"})
+        session = signed.cookies[COOKIE]
+        client.cookies.set(COOKIE, session)
+        page = await client.get("/dashboard/discrepancies")
+        assert f'data-discrepancy="{number}"' in page.text
+        form = {
+            "note": "booked by hand",
+            "idempotency_key": "dash-form-1",
+            "csrf": csrf_token(TOKEN, session),
+        }
+        forged = await client.post(
+            f"/dashboard/discrepancies/{number}/resolve", data={**form, "csrf": "x"}
+        )
+        assert forged.status_code == 400
+        first = await client.post(f"/dashboard/discrepancies/{number}/resolve", data=form)
+        again = await client.post(f"/dashboard/discrepancies/{number}/resolve", data=form)
+        assert first.status_code == again.status_code == 303  # the resent form: a replay
+        other = await client.post(
+            f"/dashboard/discrepancies/{number}/accept",
+            data={**form, "idempotency_key": "dash-form-2"},
+        )
+        assert other.status_code == 409  # closed already: not closed twice
+        resolved = await client.get("/dashboard/discrepancies?status=resolved")
+        assert "booked by hand" in resolved.text
