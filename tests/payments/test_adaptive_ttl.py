@@ -6,7 +6,9 @@ request still unfinished keeps its key past the learned TTL."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
 from collections.abc import AsyncIterator
 from email.utils import formatdate
 from pathlib import Path
@@ -15,9 +17,12 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 from sqlalchemy import text
+from typer.testing import CliRunner
 
+from oncepay.cli import app
 from oncepay.errors import ConfigurationError
 from oncepay.insight.findings import TtlAdvice
+from oncepay.payments import recovery
 from oncepay.payments.metrics import REGISTRY
 from oncepay.payments.recovery import keep_unfinished, reap, recover_once
 from oncepay.payments.settings import Settings
@@ -59,7 +64,8 @@ def learn(stack: Stack, route: str, ttl: int, basis: int = 200) -> None:
 async def test_off_by_default_every_key_is_kept_24_hours_and_the_header_says_so(
     stack: Stack,
 ) -> None:
-    assert stack.services.ttl_policy is None and stack.services.gate.ttl_policy is None
+    assert stack.services.ttl_policy is None
+    assert stack.services.gate.ttl_policy is None
     first = await stack.pay(key="order-1")
     assert first.headers["idempotency-key-expires"] == http_date(stack.clock.now + DAY)
     stack.clock.advance(3600)
@@ -87,14 +93,16 @@ async def test_a_learned_ttl_keeps_the_key_that_long_and_no_longer(adaptive: Sta
     assert replay.headers["idempotency-key-expires"] == first.headers["idempotency-key-expires"]
     stack.clock.advance(2)  # past the learned 600 s: the key names a new request now
     again = await stack.pay(key="order-1")
-    assert again.status_code == 201 and "idempotent-replayed" not in again.headers
+    assert again.status_code == 201
+    assert "idempotent-replayed" not in again.headers
     assert again.json()["id"] != first.json()["id"]
     assert key_seconds("learned") - learned_before == 2 * 600
     assert key_seconds("fixed") - fixed_before == 2 * DAY
     metrics = (await stack.client.get("/metrics")).text
     assert 'oncepay_adaptive_ttl_key_seconds_total{ttl="learned"}' in metrics
     savings = stack.services.ttl_policy.savings() if stack.services.ttl_policy else None
-    assert savings is not None and savings.records == 2
+    assert savings is not None
+    assert savings.records == 2
 
 
 async def test_a_learned_ttl_is_per_route_template_and_held_to_the_bounds(adaptive: Stack) -> None:
@@ -124,9 +132,7 @@ async def test_an_unfinished_request_keeps_its_key_past_the_learned_ttl(adaptive
     assert await reap(stack.services, now=stack.clock()) == 0
     await stack.faults()
     stack.clock.advance(BACKOFF[-1] + 60)
-    assert dict((await recover_once(stack.services, now=stack.clock())).results) == {
-        "finished": 1
-    }
+    assert dict((await recover_once(stack.services, now=stack.clock())).results) == {"finished": 1}
     retry = await stack.pay(key="order-42")
     assert retry.status_code == 201
     assert retry.json()["id"] == first
@@ -160,7 +166,7 @@ async def test_a_file_that_cannot_be_used_stops_the_start(
     ("settings", "says"),
     [
         ({"adaptive_ttl": True, "adaptive_ttl_min": TEST_LEASE}, "lease < adaptive_ttl_min"),
-        ({"adaptive_ttl_min": 900, "adaptive_ttl_max": 600}, "adaptive_ttl_min <= adaptive_ttl_max"),
+        ({"adaptive_ttl_min": 900, "adaptive_ttl_max": 600}, "min <= adaptive_ttl_max"),
         ({"adaptive_ttl_file": "ttl.json"}, "adaptive_ttl is off"),
     ],
 )  # fmt: skip
@@ -169,3 +175,46 @@ def test_settings_that_would_let_a_key_lapse_mid_request_are_refused(
 ) -> None:
     with pytest.raises(ValidationError, match=says):
         Settings(lease=TEST_LEASE, **settings)
+
+
+async def test_the_worker_reads_a_changed_file_again(
+    payments_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "ttl.json"
+
+    def write(ttl: int) -> None:
+        entries = [{"tenant": "m_1", "route": PAYMENTS, "ttl_seconds": ttl, "basis": 120}]
+        part = tmp_path / "ttl.part"
+        part.write_text(json.dumps({"findings": [], "ttl": entries}))
+        os.replace(part, path)
+
+    write(900)
+    monkeypatch.setattr(recovery, "TTL_FILE_CHECK", 0.01)
+    async with running_stack(
+        payments_url, tmp_path, adaptive_ttl=True, adaptive_ttl_file=str(path)
+    ) as stack:
+        policy = stack.services.ttl_policy
+        assert policy is not None
+        assert policy.learned() == {("m_1", PAYMENTS): 900}
+        stop = asyncio.Event()
+        worker = asyncio.create_task(recovery.run_worker(stack.services, stop))
+        try:
+            write(1800)
+            for _ in range(1000):  # until the worker's next check has read it
+                if policy.learned() == {("m_1", PAYMENTS): 1800}:
+                    break
+                await asyncio.sleep(0.01)
+            assert policy.learned() == {("m_1", PAYMENTS): 1800}
+        finally:
+            stop.set()
+            await worker
+
+
+def test_serve_refuses_a_ttl_file_it_cannot_use_before_serving(tmp_path: Path) -> None:
+    missing = tmp_path / "nowhere.json"
+    database = f"sqlite:///{tmp_path / 'payments.db'}"
+    args = ["serve", "--adaptive-ttl-file", str(missing), "--database-url", database]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2
+    assert f"adaptive TTL file {missing}: cannot read it" in result.output
+    assert not (tmp_path / "payments.db").exists()  # refused before anything was opened
