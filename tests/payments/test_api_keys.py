@@ -222,6 +222,16 @@ async def test_a_restricted_key_is_refused_outside_its_scopes(stack: Stack) -> N
     assert write.status_code == 403
 
 
+async def test_a_restricted_key_is_refused_before_its_body_is_judged(stack: Stack) -> None:
+    """403 before 400 or 415, as 401 is: a key that may not write learns that first."""
+    reader = await new_key(stack, scopes=["*:read"])
+    headers = {**bearer(reader["secret"]), "Idempotency-Key": "k", "Content-Type": "text/plain"}
+    for body in (b"{not json", b"amount=5"):
+        refused = await stack.client.post("/v1/payments", content=body, headers=headers)
+        assert refused.status_code == 403, refused.text
+        assert refused.json()["code"] == "insufficient_scope"
+
+
 async def test_unknown_scopes_are_refused_with_the_vocabulary(stack: Stack) -> None:
     path = f"/v1/admin/merchants/{stack.merchant.id}/keys"
     for scopes in (["payment:read"], ["payments:delete"], [], ["payments"]):

@@ -269,7 +269,8 @@ class ApiRoute(StrictJsonRoute):
         if _operator in calls:
             await _operator(request, services, None)
         elif _merchant in calls:
-            await authenticate(services, request.headers.get("authorization"))
+            caller = await authenticate(services, request.headers.get("authorization"))
+            require_scope(caller, self.path_format, request.method)  # 403 before 400 too
 
 
 def _calls(dependant: Any) -> set[Any]:
