@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 __all__ = ["Settings"]
@@ -121,6 +121,19 @@ class Settings(BaseSettings):
     # Remediation actions (voids, cancels) one run may take; a run that would take more takes
     # none and raises one alert: that many at once is an incident, not routine.
     reconcile_action_cap: int = Field(default=50, ge=0)
+
+    @field_validator("rate_limit_per_key", "rate_limit_per_merchant")
+    @classmethod
+    def _a_rate(cls, value: str | None) -> str | None:
+        """A rate the limits library reads ("100/second"), or the service would not start."""
+        if value is not None:
+            from limits import parse  # the service extra's; only when a rate is set
+
+            try:
+                parse(value)
+            except ValueError as exc:
+                raise ValueError(f"{value!r} is not a rate such as '100/second': {exc}") from None
+        return value
 
     @model_validator(mode="after")
     def _adaptive_ttl_bounds(self) -> Settings:
