@@ -21,6 +21,7 @@ from typing import Any
 import httpx
 import pytest
 import redis.asyncio
+from pydantic import ValidationError
 from tenacity import RetryCallState
 
 from oncepay.errors import ConfigurationError
@@ -184,8 +185,10 @@ async def test_the_client_waits_out_a_429_and_pays_once(stack: Stack) -> None:
 
 
 def test_a_bad_rate_is_refused_at_start() -> None:
+    with pytest.raises(ValidationError, match="'100/fortnight' is not a rate such as"):
+        Settings(database_url="sqlite:///unused.db", rate_limit_per_key="100/fortnight")
     with pytest.raises(ConfigurationError, match="100/fortnight"):
-        create_app(Settings(database_url="sqlite:///unused.db", rate_limit_per_key="100/fortnight"))
+        parse_rate("100/fortnight")
     assert parse_rate("100/second").amount == 100
 
 
