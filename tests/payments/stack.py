@@ -28,6 +28,7 @@ from oncepay.payments.settings import Settings
 from oncepay.simulator import create_app as create_simulator
 from oncepay.storage.db import Database, read
 from tests.clock import FakeClock
+from tests.payments.acquirer_helpers import CountingApp
 from tests.servers import POSTGRES_URL
 
 # Test acquirer calls: a short timeout so an injected stall turns into an unknown outcome
@@ -62,7 +63,13 @@ class Stack:
     merchant: Merchant
     clock: FakeClock
     simulators: dict[str, httpx.AsyncClient] = field(default_factory=dict)
+    simulator_apps: dict[str, CountingApp] = field(default_factory=dict)
     _keys: int = 0
+
+    def sent(self, acquirer: str = "primary") -> int:
+        """HTTP requests the payments service sent to an acquirer so far (the test's own admin
+        requests go around the count)."""
+        return self.simulator_apps[acquirer].requests
 
     @property
     def db(self) -> Database:
@@ -141,8 +148,8 @@ async def running_stack(
         acquirer_attempts=TEST_ACQUIRER_ATTEMPTS,
         **{"webhook_allow_private": True, **overrides},  # receivers listen on 127.0.0.1
     )
-    simulator_apps = {
-        name: create_simulator(f"sqlite:///{tmp_path / f'acquirer-{name}.db'}", seed=7)
+    simulator_apps = {  # each counts the HTTP requests that reach it (Stack.sent)
+        name: CountingApp(create_simulator(f"sqlite:///{tmp_path / f'acquirer-{name}.db'}", seed=7))
         for name in acquirers
     }
     clock = FakeClock()
@@ -172,11 +179,11 @@ async def running_stack(
         headers={"Authorization": f"Bearer {api_key}"},
     )
     simulators = {
-        name: httpx.AsyncClient(transport=httpx.ASGITransport(app=sim), base_url="http://acq")
+        name: httpx.AsyncClient(transport=httpx.ASGITransport(app=sim.app), base_url="http://acq")
         for name, sim in simulator_apps.items()
     }
     try:
-        yield Stack(services, client, api_key, merchant, clock, simulators)
+        yield Stack(services, client, api_key, merchant, clock, simulators, simulator_apps)
     finally:
         await client.aclose()
         for sim_client in simulators.values():

@@ -18,6 +18,7 @@ from tenacity import wait_none
 
 from oncepay.payments.acquirers.base import AcquirerAnswer, Outcome
 from oncepay.payments.acquirers.breaker import CircuitBreaker, consecutive_failures
+from oncepay.payments.acquirers.control import RetryControl
 from oncepay.payments.acquirers.http import HttpAcquirer
 from oncepay.payments.metrics import REGISTRY
 from oncepay.simulator import Faults, create_app
@@ -33,6 +34,12 @@ from tests.processes import ROOT, free_port, running
 
 def unique(prefix: str = "acq") -> str:
     return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+# Every attempt made, however the acquirer is doing: for the tests of retrying itself (adaptive
+# retry control would rightly stop retrying an acquirer failing this often; see
+# test_retry_control.py).
+FIXED = RetryControl(mode="fixed")
 
 
 def patient_breaker(name: str) -> CircuitBreaker:
@@ -181,7 +188,7 @@ async def test_an_authorization_of_a_fenced_reference_is_not_found(sim: Embedded
 
 async def test_5xx_is_retried_with_the_same_reference_until_it_succeeds(tmp_path: Path) -> None:
     sim = Embedded(f"sqlite:///{tmp_path / 'a.db'}", Faults(error_rate=0.7), seed=3)
-    acquirer = sim.client(attempts=30)
+    acquirer = sim.client(attempts=30, control=FIXED)
     answer = await authorize(acquirer)
     assert answer.outcome is Outcome.APPROVED
     assert sim.app.requests > 1, "the seed makes the first attempts fail"
@@ -229,7 +236,7 @@ async def test_a_dropped_connection_is_unknown_and_a_look_up_settles_it(sim: Emb
 
 async def test_a_retry_after_a_dropped_answer_replays_it(tmp_path: Path) -> None:
     sim = Embedded(f"sqlite:///{tmp_path / 'a.db'}", Faults(drop_rate=0.5), seed=5)
-    acquirer = sim.client(attempts=20)
+    acquirer = sim.client(attempts=20, control=FIXED)
     answers = [await authorize(acquirer, f"pay_{i}_a1") for i in range(10)]
     assert {a.outcome for a in answers} == {Outcome.APPROVED}
     assert sim.app.requests > 10, "some answers were dropped and retried"
@@ -382,7 +389,7 @@ async def test_a_real_dropped_connection_is_unknown_then_settled(tmp_path: Path)
 async def test_real_drops_and_errors_are_retried_to_one_authorization(tmp_path: Path) -> None:
     flags = ["--drop-rate", "0.3", "--error-rate", "0.3", "--seed", "11"]
     with running_acquirer(f"sqlite:///{tmp_path / 'a.db'}", *flags) as url:
-        acquirer = client_for(url, attempts=30)
+        acquirer = client_for(url, attempts=30, control=FIXED)
         answers = [await authorize(acquirer, f"pay_{i}_a1") for i in range(10)]
         assert {a.outcome for a in answers} == {Outcome.APPROVED}
         assert calls(acquirer, "authorize", "error") > 0

@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 
 from oncepay.payments.acquirers.breaker import BreakerState
+from oncepay.payments.acquirers.control import RetryControl
+from oncepay.payments.acquirers.http import HttpAcquirer
 from tests.payments.stack import Stack
 
 
@@ -96,10 +98,20 @@ async def test_only_one_acquirer_and_it_refuses_fails_cleanly(stack: Stack) -> N
     assert await stack.ledger_violations() == []
 
 
+def breaker_only(stack: Stack) -> None:
+    """Fixed retry control: the breaker alone decides (adaptive control would pass over the
+    failing primary before its breaker trips; test_retry_control.py)."""
+    for acquirer in stack.services.acquirers:
+        assert isinstance(acquirer, HttpAcquirer)
+        acquirer.control = RetryControl(mode="fixed")
+        acquirer.budget = acquirer.throttle = None
+
+
 async def test_breaker_opens_and_routes_new_payments_to_the_secondary(
     two_acquirers: Stack,
 ) -> None:
     stack = two_acquirers
+    breaker_only(stack)
     await stack.faults("primary", error_rate=1.0, operations=["authorize"])
     first = (await stack.pay()).json()
     assert first["acquirer"] == "secondary"

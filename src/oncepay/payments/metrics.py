@@ -12,6 +12,8 @@ process's, those of processes that died included, so counters never go backwards
 from __future__ import annotations
 
 import os
+import weakref
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
@@ -27,6 +29,8 @@ __all__ = [
     "BREAKER_TRANSITIONS",
     "IDEMPOTENCY_DECISIONS",
     "IDEMPOTENCY_ROUTE_DECISIONS",
+    "INSIGHT_FINDINGS",
+    "INSIGHT_RECORDS",
     "KEY_SECONDS",
     "RECONCILIATION_ACTIONS",
     "RECONCILIATION_DISCREPANCIES",
@@ -37,9 +41,13 @@ __all__ = [
     "RECOVERY_RUNS",
     "REGISTRY",
     "REQUESTS",
+    "USAGE_LOG_FAILED_WRITES",
+    "USAGE_LOG_RECORDS",
     "WEBHOOK_ATTEMPTS",
     "WEBHOOK_LATENCY",
     "exposition",
+    "sync_usage_logs",
+    "watch_usage_log",
 ]
 
 REGISTRY = CollectorRegistry(auto_describe=True)
@@ -181,9 +189,70 @@ RECONCILIATION_ACTIONS = Counter(
 )
 
 
+INSIGHT_FINDINGS = Counter(
+    "oncepay_insight_findings_opened",
+    "Insight findings opened by the worker's live detectors (docs/insight.md), by kind.",
+    ["kind"],
+    registry=REGISTRY,
+)
+INSIGHT_RECORDS = Counter(
+    "oncepay_insight_records_analyzed",
+    "Key-usage log records the worker's live detectors read and analysed.",
+    registry=REGISTRY,
+)
+# The key-usage log's own counts (its attributes), copied here by sync_usage_logs(): the log
+# knows nothing of this registry. (Its dropped and write-error counters in prometheus-client's
+# default registry are other metrics, under other names.)
+USAGE_LOG_RECORDS = Counter(
+    "oncepay_usage_log_records",
+    "Key-usage log records, by outcome: written, dropped (a full buffer or a failed write).",
+    ["outcome"],
+    registry=REGISTRY,
+)
+USAGE_LOG_FAILED_WRITES = Counter(
+    "oncepay_usage_log_failed_writes",
+    "Key-usage log batches lost to a failed write (a full or vanished disk).",
+    registry=REGISTRY,
+)
+
+
+class _Counts(Protocol):
+    written: int
+    dropped: int
+    write_errors: int
+
+
+_usage_logs: list[tuple[weakref.ref[_Counts], list[int]]] = []
+
+
+def watch_usage_log(log: _Counts) -> None:
+    """Count ``log``'s records here from now on (see :func:`sync_usage_logs`)."""
+    _usage_logs.append((weakref.ref(log), [log.written, log.dropped, log.write_errors]))
+
+
+def sync_usage_logs() -> None:
+    """What the watched logs counted since the last call, added to the counters (at every
+    scrape and every step of the worker's insight job)."""
+    for ref, seen in list(_usage_logs):
+        log = ref()
+        if log is None:
+            _usage_logs.remove((ref, seen))
+            continue
+        now = [log.written, log.dropped, log.write_errors]
+        written, dropped, errors = (a - b for a, b in zip(now, seen, strict=True))
+        if written:
+            USAGE_LOG_RECORDS.labels("written").inc(written)
+        if dropped:
+            USAGE_LOG_RECORDS.labels("dropped").inc(dropped)
+        if errors:
+            USAGE_LOG_FAILED_WRITES.inc(errors)
+        seen[:] = now
+
+
 def exposition() -> bytes:
     """The text of ``/metrics``: this process's metrics, or in multiprocess mode (see the
     module's docstring) every process's, summed."""
+    sync_usage_logs()
     directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     if not directory:
         return generate_latest(REGISTRY)

@@ -18,14 +18,15 @@ first attempt throttled locally            no        (not sent)       no
 =========================================  ========  ===============  ======================
 
 Retry control (:mod:`.control`; docs/operations.md): a retry is made only while the attempts
-last, the acquirer's retry budget has room (:mod:`.budget`) and adaptive throttling lets it
-through (:mod:`.throttle`); otherwise the last failure stands. When the attempts end the answer
-is ``UNKNOWN``, with ``never_sent=True`` only when no attempt may have reached the acquirer:
-then, and only then, failing over needs no look-up. Backoff between attempts is capped
-exponential with full jitter (tenacity's ``wait_random_exponential``), its base stretched to
-the acquirer's recent p50 latency (:class:`.health.wait_stretched`). Each attempt is bounded by
-``timeout`` twice over: httpx's own timeouts and ``asyncio.timeout`` (httpx's ASGI transport,
-used for an embedded acquirer, ignores the former).
+last, the acquirer is not degraded (:mod:`.health`), its retry budget has room (:mod:`.budget`)
+and adaptive throttling lets it through (:mod:`.throttle`); otherwise the last failure stands.
+When the attempts end the answer is ``UNKNOWN``, with ``never_sent=True`` only when no attempt
+may have reached the acquirer: then, and only then, failing over needs no look-up. Backoff
+between attempts is capped exponential with full jitter (tenacity's
+``wait_random_exponential``), its base stretched to the acquirer's recent p50 latency
+(:class:`.health.wait_stretched`). Each attempt is bounded by ``timeout`` twice over: httpx's
+own timeouts and ``asyncio.timeout`` (httpx's ASGI transport, used for an embedded acquirer,
+ignores the former).
 
 Answers map to outcomes so:
 
@@ -55,6 +56,7 @@ from tenacity.stop import stop_base
 from tenacity.wait import wait_base
 
 from oncepay.http._cookies import NoCookies
+from oncepay.payments import tracing
 from oncepay.payments.acquirers.base import AcquirerAnswer, Outcome
 from oncepay.payments.acquirers.breaker import BreakerState, CircuitBreaker
 from oncepay.payments.acquirers.control import RetryControl
@@ -222,6 +224,7 @@ class HttpAcquirer:
             return wait_stretched(self.health, base=base, cap=cap)
         return wait_random_exponential(multiplier=base, max=cap)
 
+    @tracing.traced_call  # a span per logical call (no-op with tracing off)
     async def _call(
         self, operation: str, path: str, payload: dict[str, Any], reference: str
     ) -> AcquirerAnswer:
@@ -259,6 +262,7 @@ class HttpAcquirer:
             return self._count(operation, self._unknown(reference, failure.detail, not reached))
         return self._count(operation, self._answer(operation, reference, reply))
 
+    @tracing.traced_attempt  # a span per attempt (no-op with tracing off)
     async def _attempt(
         self, operation: str, path: str, payload: dict[str, Any], reference: str, retry: bool
     ) -> _Reply:
@@ -298,6 +302,7 @@ class HttpAcquirer:
     async def _send(self, path: str, payload: dict[str, Any], reference: str) -> _Reply:
         """One HTTP attempt; every way it can fail becomes a :class:`_Failure`."""
         headers = {KEY_HEADER: reference}
+        tracing.inject(headers)  # traceparent, with tracing on
         try:
             async with asyncio.timeout(self.timeout):
                 response = await self._client.post(path, json=payload, headers=headers)
@@ -373,8 +378,8 @@ class HttpAcquirer:
 
 class _RetryGate(stop_base):
     """One logical call's retries, as tenacity's stop policy: after a failed attempt, retry
-    only while attempts remain, the budget has room and adaptive throttling admits it. A
-    granted retry holds its budget slot until its attempt ends."""
+    only while attempts remain, the acquirer is not degraded, the budget has room and adaptive
+    throttling admits it. A granted retry holds its budget slot until its attempt ends."""
 
     def __init__(self, acquirer: HttpAcquirer) -> None:
         self.acquirer = acquirer
@@ -395,6 +400,9 @@ class _RetryGate(stop_base):
         if retry_state.attempt_number >= acquirer.attempts:
             return True
         self.retrying = True
+        health = acquirer.health
+        if acquirer.control.adaptive and (health.failing() or health.degraded()):
+            return self._deny("degraded")  # failures come together: retrying is waste
         budget = acquirer.budget
         if budget is not None and not budget.try_retry():
             return self._deny("budget_denied")
