@@ -1,0 +1,115 @@
+"""What an acquirer client has seen lately: how long its attempts took and how many failed.
+
+Two uses:
+
+* **backoff that stretches with latency** — :class:`wait_stretched`, a tenacity wait policy:
+  capped exponential backoff with full jitter (tenacity's ``wait_random_exponential``) whose
+  base is the acquirer's recent p50 latency when that is longer than the configured base. A
+  slow acquirer is given room to recover in proportion to how slow it is; the cap still holds.
+* **retries from health** — :meth:`Health.failing`: while the acquirer's last three attempts,
+  whoever made them, all failed, no retry is made.
+* **failover from health** — :meth:`Health.degraded`: an acquirer whose last three attempts
+  all failed, that fails at least half of its recent attempts, or whose p90 latency nears the
+  attempt timeout, is passed over for new payments (and for the next attempt of a failing one)
+  before its breaker trips, and is not retried. The verdict looks at a short window only, so
+  it expires by itself (or with the next success) and the acquirer is tried again.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections import deque
+from collections.abc import Callable
+
+from tenacity import RetryCallState, wait_random_exponential
+from tenacity.wait import wait_base
+
+__all__ = ["Health", "wait_stretched"]
+
+# Seconds of attempts the health verdict looks at: a few seconds of bad answers is a pattern,
+# and a verdict older than this has expired, so a recovered acquirer gets traffic again soon.
+WINDOW = 10.0
+# Attempts the window must hold before it says anything: one or two failures are a blip.
+MINIMUM = 10
+# Remembered attempts at most (memory stays bounded at any traffic).
+SAMPLES = 200
+# Half the recent attempts failing: the breaker's rate rule, reached here on time, not count.
+DEGRADED_ERROR_SHARE = 0.5
+# The last attempts all failing, whoever made them: failures that come together are an outage
+# starting, not independent blips (three in a row at a 10 % blip rate: one time in a thousand),
+# and retrying into one is waste. Seen long before half a busy window has failed.
+DEGRADED_STREAK = 3
+
+
+class Health:
+    """Recent attempts of one acquirer: (when, seconds, failed)."""
+
+    def __init__(
+        self,
+        *,
+        slow: float,
+        window: float = WINDOW,
+        minimum: int = MINIMUM,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if slow <= 0 or window <= 0 or minimum < 1:
+            raise ValueError("need slow > 0, window > 0 and minimum >= 1")
+        self.slow, self.window, self.minimum, self.clock = slow, window, minimum, clock
+        self._samples: deque[tuple[float, float, bool]] = deque(maxlen=SAMPLES)
+
+    def observe(self, seconds: float, *, failed: bool) -> None:
+        self._samples.append((self.clock(), seconds, failed))
+
+    def latency(self, quantile: float) -> float | None:
+        """The recent latency at ``quantile`` (0.5, 0.9), or None with too few samples."""
+        recent = [seconds for _, seconds, _ in self._recent()]
+        if len(recent) < 2:
+            return recent[0] if recent else None
+        cuts = statistics.quantiles(recent, n=100, method="inclusive")
+        return cuts[min(98, max(0, round(quantile * 100) - 1))]
+
+    def error_share(self) -> float:
+        recent = self._recent()
+        return sum(failed for _, _, failed in recent) / len(recent) if recent else 0.0
+
+    def degraded(self) -> bool:
+        """Over the short window: the last attempts all failed, or (with enough of them) half
+        failed, or p90 is slow."""
+        recent = self._recent()
+        streak = recent[-DEGRADED_STREAK:]
+        if len(streak) == DEGRADED_STREAK and all(failed for _, _, failed in streak):
+            return True
+        if len(recent) < self.minimum:
+            return False
+        p90 = self.latency(0.9)
+        return self.error_share() >= DEGRADED_ERROR_SHARE or (p90 is not None and p90 >= self.slow)
+
+    def failing(self) -> bool:
+        """The last attempts all failed, however long ago: retrying now is retrying into an
+        outage. The next success ends it."""
+        streak = list(self._samples)[-DEGRADED_STREAK:]
+        return len(streak) == DEGRADED_STREAK and all(failed for _, _, failed in streak)
+
+    def _recent(self) -> list[tuple[float, float, bool]]:
+        oldest = self.clock() - self.window
+        while self._samples and self._samples[0][0] < oldest:
+            self._samples.popleft()
+        return list(self._samples)
+
+
+class wait_stretched(wait_base):  # lower case: reads like tenacity's own policies
+    """Full-jitter capped exponential backoff, its base stretched to the recent p50 latency."""
+
+    def __init__(self, health: Health, *, base: float, cap: float) -> None:
+        if not 0 < base <= cap:
+            raise ValueError("need 0 < base <= cap")
+        self.health, self.base, self.cap = health, base, cap
+
+    def multiplier(self) -> float:
+        p50 = self.health.latency(0.5)
+        return min(self.cap, max(self.base, p50 or 0.0))
+
+    def __call__(self, retry_state: RetryCallState) -> float:
+        wait = wait_random_exponential(multiplier=self.multiplier(), max=self.cap)
+        return float(wait(retry_state))
