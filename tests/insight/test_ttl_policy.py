@@ -63,7 +63,8 @@ def test_a_template_matches_paths_one_segment_per_parameter() -> None:
 def test_the_analyzers_own_advice_is_accepted() -> None:
     records = list(normal(random.Random(1)))
     advice = analyze(records).ttl()
-    assert advice and all(isinstance(a, TtlAdvice) for a in advice)
+    assert advice
+    assert all(isinstance(a, TtlAdvice) for a in advice)
     policy = TtlPolicy(minimum=120)
     assert policy.update(advice) == len(advice)
     (learned,) = advice
@@ -198,7 +199,8 @@ def test_readers_see_one_generation_or_the_next_never_a_mix() -> None:
         thread.start()
     for thread in threads:
         thread.join()
-    assert mixed == [] and strays == []
+    assert mixed == []
+    assert strays == []
 
 
 def test_savings_are_counted_exactly_from_many_threads() -> None:
@@ -240,6 +242,7 @@ def test_insight_analyze_reports_the_savings_of_its_learned_ttls(tmp_path: Path)
     result = CliRunner().invoke(app, ["insight", "analyze", str(log)])
     assert result.exit_code == 0, result.output
     (line,) = [line for line in result.stdout.splitlines() if "learned TTLs applied" in line]
-    assert "of the key-seconds the logged TTLs kept" in line and "key-seconds saved" in line
+    assert "of the key-seconds the logged TTLs kept" in line
+    assert "key-seconds saved" in line
     share = float(line.split("learned TTLs applied: ")[1].split("%")[0])
     assert 0 < share < 10  # retries within minutes: far less than a fixed day
