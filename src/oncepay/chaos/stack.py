@@ -123,6 +123,7 @@ class ChaosStack:
     redis: bool = False
     proxy_drop_rate: float = 0.0
     seed: int = 1
+    settings: dict[str, str] = field(default_factory=dict)  # more ONCEPAY_* for the services
     services: dict[str, Service] = field(default_factory=dict)
     # One lock a service: a restart still running in a thread (the fault loop that asked for it
     # was cancelled when the clients finished, which does not stop the thread) and the calm
@@ -136,6 +137,7 @@ class ChaosStack:
 
     def build(self) -> None:
         w = self.workdir
+        self.metrics_dir.mkdir(exist_ok=True)
         for name in ("primary", "secondary"):
             port = free_port()
             database = f"sqlite:///{w / f'acquirer-{name}.db'}"
@@ -191,10 +193,18 @@ class ChaosStack:
             "ONCEPAY_WEBHOOK_SCHEDULE": json.dumps([0.5, 1, 2, 4, 8, 16]),
             "ONCEPAY_WEBHOOK_ALLOW_PRIVATE": "true",  # the receiver listens on loopback
             "ONCEPAY_WORKER_INTERVAL": "0.2",
+            # One metrics folder for the API processes and the worker: their counters outlive
+            # a kill -9, and the run reads them (retry amplification, chaos/amplification.py).
+            "PROMETHEUS_MULTIPROC_DIR": str(self.metrics_dir),
+            **self.settings,
         }
         if self.redis:
             env["ONCEPAY_REDIS_URL"] = f"redis://{HOST}:{self.services['redis'].port}/0"
         return env
+
+    @property
+    def metrics_dir(self) -> Path:
+        return self.workdir / "metrics"
 
     def _add(self, name: str, args: list[str], env: dict[str, str], port: int | None) -> None:
         self.services[name] = Service(name, args, env, self.workdir / f"{name}.log", port)
