@@ -6,14 +6,18 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import schemathesis
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis.errors import FlakyStrategyDefinition
 from schemathesis.checks import not_a_server_error
+from schemathesis.engine.errors import is_inconsistent_replay
 from schemathesis.generation.modes import GenerationMode
 from schemathesis.specs.openapi.checks import (
     content_type_conformance,
@@ -94,3 +98,94 @@ def test_api_conforms_and_never_fails(
         )
 
     run()
+
+
+# -- stateful: chains of operations along the document's links -----------------------------------
+
+# Scenarios and steps per scenario: enough for the links to chain create -> capture -> refund
+# and create -> cancel several times over, few enough to stay well under a minute; sessions:
+# at most this many runs of that many scenarios (a run cut short, see below, is followed by
+# another until the operations are reached).
+STATEFUL = settings(
+    max_examples=40,
+    stateful_step_count=8,
+    deadline=None,
+    phases=[Phase.generate],
+    suppress_health_check=list(HealthCheck),
+)
+SESSIONS = 3
+CHECKS = [
+    not_a_server_error,
+    status_code_conformance,
+    content_type_conformance,
+    response_schema_conformance,
+]
+# The operations a stateful run must reach with a 2xx at least once: only the links can get
+# there (each needs a payment this run created, in the right state).
+CHAINED = [
+    "create_payment",
+    "get_payment",
+    "capture_payment",
+    "cancel_payment",
+    "create_refund",
+    "get_refund",
+    "list_refunds",
+]
+MUST_SUCCEED = {
+    ("POST", "/v1/payments/{payment_id}/capture"),
+    ("POST", "/v1/payments/{payment_id}/refunds"),
+    ("POST", "/v1/payments/{payment_id}/cancel"),
+}
+
+
+def test_stateful_chains_reach_capture_refund_and_cancel(served: dict[str, Any]) -> None:
+    # The payments' operations that chain (the stateless tests above cover every operation,
+    # lists and webhook endpoints included).
+    schema = served["schema"].include(operation_id=CHAINED)
+    headers = {"Authorization": f"Bearer {served['key']}"}
+    seen: Counter[tuple[str, str, int]] = Counter()
+    created: list[str] = []  # the payments this run made, in order
+    failures: list[str] = []  # every check that failed, whatever Hypothesis makes of it
+
+    class Chains(schema.as_state_machine()):  # type: ignore[misc]
+        def before_call(self, case: Any) -> None:
+            # The merchant's key over any generated one, and a fresh Idempotency-Key per call
+            # as a real client sends: generated keys repeat ("!" is a favourite), and a key
+            # reused for another request is rightly a 422 that would end every chain.
+            case.headers = {**(case.headers or {}), **headers}
+            if case.method.upper() == "POST":
+                case.headers["Idempotency-Key"] = uuid.uuid4().hex
+            # A follow-on naming no payment of this run (a random id, not one a link carried)
+            # could only be a 404, which the stateless tests cover: it names one of this run's
+            # payments instead, in turn, whatever its state.
+            params = case.path_parameters or {}
+            if created and "payment_id" in params and params["payment_id"] not in created:
+                params["payment_id"] = created[sum(seen.values()) % len(created)]
+
+        def validate_response(self, response: Any, case: Any, *args: Any, **kwargs: Any) -> None:
+            seen[(case.method.upper(), case.path, response.status_code)] += 1
+            if case.path == "/v1/payments" and response.status_code == 201:
+                created.append(response.json()["id"])
+            try:
+                case.validate_response(response, checks=CHECKS, headers=headers)
+            except Exception as exc:
+                failures.append(f"{case.method} {case.formatted_path}: {exc}")
+                raise
+
+    for _ in range(SESSIONS):
+        try:
+            Chains.run(settings=settings(STATEFUL, database=None))
+        except (FlakyStrategyDefinition, AssertionError) as exc:
+            # The server's state changed what a replayed scenario drew (Hypothesis assumes a
+            # system that forgets): go on in a fresh session, as schemathesis' own runner does.
+            # A failed check is never lost this way: it is in `failures`.
+            if not (isinstance(exc, FlakyStrategyDefinition) or is_inconsistent_replay(exc)):
+                raise
+        if _reached(seen) == MUST_SUCCEED or failures:
+            break
+    assert failures == []
+    assert _reached(seen) == MUST_SUCCEED, sorted(seen.items())
+
+
+def _reached(seen: Counter[tuple[str, str, int]]) -> set[tuple[str, str]]:
+    return {(method, path) for method, path, status in seen if 200 <= status < 300} & MUST_SUCCEED
