@@ -6,6 +6,8 @@ run made."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import AsyncIterator
 from datetime import UTC, date, datetime
 from pathlib import Path
@@ -13,6 +15,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from oncepay.payments.recovery import run_worker
 from oncepay.reconciliation.records import Discrepancy, Kind, Outcome
 from oncepay.reconciliation.store import save_run
 from tests.payments.stack import Stack, database_url, running_stack
@@ -105,3 +108,57 @@ async def test_the_open_gauge_follows_runs_and_closes(stack: Stack) -> None:
     accepted = await post(stack, f"/discrepancies/{listed[0]['id']}/accept", note, key="a")
     assert accepted.status_code == 200, accepted.text
     assert (await scrape(stack))[gauge] == 0
+
+
+class _Seen(logging.Handler):
+    """Sets ``done`` once the worker logged ``wanted`` runs of reconciliation."""
+
+    def __init__(self, wanted: int) -> None:
+        super().__init__()
+        self.wanted, self.seen, self.done = wanted, 0, asyncio.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.getMessage().startswith("reconciliation "):
+            self.seen += 1
+            if self.seen >= self.wanted:
+                self.done.set()
+
+
+async def test_the_workers_schedule_is_counted(stack: Stack) -> None:
+    """The worker reconciles yesterday and today (the primary acquirer here) on its schedule,
+    and each of its runs is counted like the operator API's."""
+    assert (await stack.pay(amount=700)).status_code == 201
+    await orphan(stack)
+    before = await scrape(stack)
+    seen = _Seen(2)
+    logger = logging.getLogger("oncepay.worker")
+    logger.addHandler(seen)
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    stop = asyncio.Event()
+    worker = asyncio.create_task(run_worker(stack.services, stop))
+    try:
+        # a guard against a hang, not a time limit: the first pass starts at once
+        await asyncio.wait_for(seen.done.wait(), 120)
+    finally:
+        stop.set()
+        await worker
+        logger.removeHandler(seen)
+        logger.setLevel(level)
+    after = await scrape(stack)
+
+    def grew(sample: Sample) -> float:
+        return after.get(sample, 0.0) - before.get(sample, 0.0)
+
+    runs = [s for s in after if s[0] == "oncepay_reconciliation_runs_total"]
+    assert sum(grew(s) for s in runs if ("acquirer", "primary") in s[1]) == 2
+    assert grew(key("oncepay_reconciliation_report_lines_total", acquirer="primary")) == 1
+    opened = key(
+        "oncepay_reconciliation_discrepancies_opened_total",
+        kind="orphaned_authorization",
+        acquirer="primary",
+    )
+    assert grew(opened) == 1
+    assert (
+        grew(key("oncepay_reconciliation_actions_total", result="taken", acquirer="primary")) == 1
+    )

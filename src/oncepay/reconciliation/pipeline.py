@@ -50,6 +50,7 @@ from oncepay.reconciliation.matcher import (
     alert,
     named_payment,
     refine,
+    without_in_flight,
 )
 from oncepay.reconciliation.matcher import reconcile as match
 from oncepay.reconciliation.records import Authorization, Discrepancy, Kind, Outcome, ReportLine
@@ -68,6 +69,7 @@ from oncepay.reconciliation.settlement import post_settlements
 from oncepay.reconciliation.source import (
     holds_from,
     holds_of,
+    in_flight,
     merchants_of,
     operations_between,
     payments_by_id,
@@ -142,6 +144,7 @@ async def reconcile(
     db = services.db
     inputs = await _inputs(services, acquirer, day, report, grace_days, reports)
     lines = _Counted(read_report(io.BytesIO(inputs.report), mapping if report else ONCEPAY))
+    flying = await in_flight(db)  # after the report, before the books: see without_in_flight
     books = await _books(services, acquirer, day, grace_days, inputs)
     outcome = match(
         lines,
@@ -152,6 +155,7 @@ async def reconcile(
         fees=inputs.fees,
     )
     outcome = refine(outcome, await payments_by_id(db, _unknown_payments(outcome)))
+    outcome = without_in_flight(outcome, flying)
     planned = await _plan(services, acquirer, outcome)
     done_before = await finished(db, planned)
     fresh = [action for action in planned if action.id not in done_before]

@@ -21,7 +21,14 @@ from oncepay.payments.storage.schema import ledger_transactions, payments, refun
 from oncepay.reconciliation.records import Hold, Operation, Payment
 from oncepay.storage.db import Database, read
 
-__all__ = ["holds_from", "holds_of", "merchants_of", "operations_between", "payments_by_id"]
+__all__ = [
+    "holds_from",
+    "holds_of",
+    "in_flight",
+    "merchants_of",
+    "operations_between",
+    "payments_by_id",
+]
 
 # Payment ids per IN (...) list: well under SQLite's 32,766 bound variables and small enough
 # for PostgreSQL to plan as an index lookup.
@@ -162,3 +169,19 @@ async def holds_of(db: Database, ids: Iterable[str], before: date) -> list[Hold]
                 reference = authorization_reference(pid, attempt)
                 found.append(Hold(pid, reference, amount, currency, _day_of(created_at)))
     return found
+
+
+async def in_flight(db: Database) -> frozenset[str]:
+    """Payments with an acquirer call whose result OncePay has not booked yet: still
+    ``processing``, a capture or cancel pending, or a refund pending. Read after the
+    acquirer's report and before OncePay's movements, so that every line of the report is
+    either booked in those movements or names one of these (OncePay books a movement after the
+    acquirer made it): see :func:`~oncepay.reconciliation.matcher.without_in_flight`."""
+    query = select(payments.c.id).where(
+        (payments.c.status == "processing") | payments.c.pending_operation.is_not(None)
+    )
+    pending = select(refunds.c.payment_id).where(refunds.c.status == "pending")
+    async with read(db) as conn:
+        found = set((await conn.execute(query)).scalars())
+        found.update((await conn.execute(pending)).scalars())
+    return frozenset(found)
