@@ -33,6 +33,7 @@ from oncepay.payments.phases import Operation, parse_point
 from oncepay.payments.storage.idempotency import IDEMPOTENCY_TABLE
 from oncepay.payments.webhooks.delivery import CLAIM_BATCH, deliver_due, delivery_client
 from oncepay.reconciliation.pipeline import reconcile_recent
+from oncepay.reconciliation.queries import observe, observe_open
 from oncepay.reconciliation.remediation import ORPHAN_VOID, VoidOrphan
 from oncepay.storage.db import read, write
 
@@ -157,7 +158,9 @@ async def run_worker(svc: Services, stop: asyncio.Event) -> None:
 
         async def reconciliation() -> bool:
             for result in await reconcile_recent(svc):
+                observe(result)  # the reconciliation metrics (docs/reconciliation.md)
                 log.info("reconciliation %s %s: %s", result.acquirer, result.day, result)
+            await observe_open(svc.db)
             return False
 
         async def learned_ttls() -> bool:
