@@ -171,11 +171,9 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
             lambda r: {"amount_min": "5000", "amount_max": "5100", "status": "captured"},
             "search",
         ),
-        "created, one hour": (
-            lambda r: {
-                "created_from": _iso(now - DAYS * 86400 * r.random()),
-                "created_to": _iso(now - DAYS * 86400 * r.random() + 3600),
-            },
+        "created, one hour": (lambda r: _hour(now - DAYS * 86400 * r.random()), "search"),
+        "created, one hour + status failed": (
+            lambda r: {**_hour(now - DAYS * 86400 * r.random()), "status": "failed"},
             "search",
         ),
         "timeline": (lambda r: {"id": pid(some(r))}, "timeline"),
@@ -233,6 +231,10 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
         "machine": machine(),
         "git": git_state(),
     }
+
+
+def _hour(start: float) -> dict[str, str]:
+    return {"created_from": _iso(start), "created_to": _iso(start + 3600)}
 
 
 def _iso(moment: float) -> str:

@@ -97,7 +97,9 @@ def _open_discrepancy(folder: Path, payment_id: str) -> int:
                         opened_at=time.time(),
                     )
                 )
-                return int(result.inserted_primary_key[0])
+                key = result.inserted_primary_key
+                assert key is not None
+                return int(key[0])
         finally:
             await db.aclose()
 

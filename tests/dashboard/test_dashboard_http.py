@@ -195,7 +195,9 @@ async def test_a_discrepancy_is_resolved_once_through_the_operator_api(operated:
                 opened_at=time.time(),
             )
         )
-        number = int(result.inserted_primary_key[0])
+        key = result.inserted_primary_key
+        assert key is not None
+        number = int(key[0])
     client = httpx.AsyncClient(transport=operated.client._transport, base_url="http://p")
     async with client:
         signed = await client.post("/dashboard/login", data={"token": TOKEN, "next": "/dashboard"})

@@ -4,6 +4,7 @@ million payments, and the same on SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import time
@@ -11,7 +12,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
-from sqlalchemy import and_, func, select, text
+from sqlalchemy import and_, func, or_, select, text
 from sqlalchemy.engine import Row
 
 from oncepay.payments.storage import schema
@@ -150,21 +151,37 @@ def _conditions(f: PaymentFilter, ids: set[str] | None) -> list[Any]:
 async def search_payments(
     db: Database, f: PaymentFilter, *, before: int | None = None, limit: int = PAGE
 ) -> tuple[list[Row[Any]], int | None]:
-    """A page of payments, newest first, and the cursor of the next page (None: the last)."""
+    """A page of payments, newest first, and the cursor of the next page (None: the last).
+
+    Newest first is by ``seq``, except under a creation-time range: then by (``created_at``,
+    ``seq``), so the (created_at, seq) index walks the range from its end and stops after a
+    page, however wide the range and however few of its payments match the other fields."""
     ids = await _payment_ids(db, f)
     if ids == set():
         return [], None
     where = _conditions(f, ids)
-    if before is not None:
-        where.append(payments.c.seq < before)
-    query = (
-        select(payments).where(and_(True, *where)).order_by(payments.c.seq.desc()).limit(limit + 1)
+    by_time = f.created_from is not None or f.created_to is not None
+    order = (
+        (payments.c.created_at.desc(), payments.c.seq.desc())
+        if by_time
+        else (payments.c.seq.desc(),)
     )
     async with read(db) as conn:
+        if before is not None:
+            where.append(await _older_than(conn, before) if by_time else payments.c.seq < before)
+        query = select(payments).where(and_(True, *where)).order_by(*order).limit(limit + 1)
         rows = list((await conn.execute(query)).all())
     more = len(rows) > limit
     rows = rows[:limit]
     return rows, (rows[-1].seq if more and rows else None)
+
+
+async def _older_than(conn: Any, seq: int) -> Any:
+    """After the payment ``seq`` in (created_at, seq) order, newest first."""
+    at = (await conn.execute(select(payments.c.created_at).where(payments.c.seq == seq))).scalar()
+    if at is None:
+        return payments.c.seq < seq  # the cursor's payment is gone: fall back on seq alone
+    return or_(payments.c.created_at < at, and_(payments.c.created_at == at, payments.c.seq < seq))
 
 
 async def payment_rows(
@@ -421,17 +438,18 @@ class _Record:
 async def _records_of(
     conn: Any, payment: Row[Any], objects: Sequence[str], hash_key: Callable[[str], str]
 ) -> list[_Record]:
-    """The idempotency records whose recovery point names the payment or one of its refunds:
-    the merchant's records still alive when the payment was made (the expiry index bounds
-    the scan)."""
-    likes = " OR ".join(f"recovery_point LIKE :o{i}" for i in range(len(objects)))
-    params: dict[str, Any] = {f"o{i}": f"%:{o}" for i, o in enumerate(objects)}
-    params.update(scope=payment.merchant_id, since=payment.created_at)
+    """The idempotency records whose recovery point names the payment or one of its refunds,
+    found by equality on the recovery point (every point an operation can leave), on the
+    index :func:`~oncepay.payments.storage.idempotency.idempotency_store` keeps."""
+    points = _points(objects)
+    names = [f"p{i}" for i in range(len(points))]
+    params: dict[str, Any] = dict(zip(names, points, strict=True))
+    params["scope"] = payment.merchant_id
     rows = await conn.execute(
         text(
             "SELECT idempotency_key, state, recovery_point, fence, created_at, response_status "
-            f"FROM {IDEMPOTENCY_TABLE} WHERE scope = :scope AND expires_at >= :since "
-            f"AND ({likes})"
+            f"FROM {IDEMPOTENCY_TABLE} WHERE recovery_point IN "
+            f"({', '.join(':' + n for n in names)}) AND scope = :scope"
         ),
         params,
     )
@@ -446,3 +464,16 @@ async def _records_of(
         )
         for r in rows
     ]
+
+
+def _points(objects: Sequence[str]) -> list[str]:
+    """Every recovery point that can name one of ``objects``."""
+    from oncepay.payments.operations import cancel, capture, create, refund
+    from oncepay.payments.phases import ACQUIRER_CALLED
+
+    found = []
+    for op in (create.CreatePayment, capture.Capture, cancel.Cancel, refund.CreateRefund):
+        named = {f.name: f.default for f in dataclasses.fields(op)}  # slotted: no class attrs
+        for at in (named["created"], ACQUIRER_CALLED):
+            found += [f"{at}:{named['name']}:{o}" for o in objects]
+    return found

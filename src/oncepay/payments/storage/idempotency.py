@@ -28,11 +28,33 @@ async def idempotency_store(db: Database, redis_url: str | None = None) -> Store
     """The store, its table created (and the database reached: start-up fails fast)."""
     store: Store = store_from_url(db.store_url(IDEMPOTENCY_TABLE))
     await store.get("oncepay", "start-up")  # fail fast, and create the table before use
+    await _index_recovery_points(db)
     if db.is_sqlite:
         store = OneWriter(store, db.writers)
     if redis_url:
         store = TieredStore(store, store_from_url(redis_url))
     return store
+
+
+async def _index_recovery_points(db: Database) -> None:
+    """An index on the records' recovery points: the operator's timeline of a payment finds
+    the requests that touched it by their recovery point (``<point>:<op>:<object id>``).
+    Made here, not in a migration: the store makes its table after the migrations ran. On
+    PostgreSQL under the migrations' lock, so processes starting together make it once."""
+    from sqlalchemy import text
+
+    from oncepay.payments.storage.migrations import ADVISORY_LOCK
+    from oncepay.storage.db import write
+
+    async with write(db) as conn:
+        if not db.is_sqlite:
+            await conn.execute(text(f"SELECT pg_advisory_xact_lock({ADVISORY_LOCK})"))
+        await conn.execute(
+            text(
+                f"CREATE INDEX IF NOT EXISTS {IDEMPOTENCY_TABLE}_point "
+                f"ON {IDEMPOTENCY_TABLE} (recovery_point)"
+            )
+        )
 
 
 class OneWriter(ForwardsTransactions):

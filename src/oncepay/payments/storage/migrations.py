@@ -15,14 +15,15 @@ from contextlib import asynccontextmanager
 from sqlalchemy import Column, Float, Integer, MetaData, Table, inspect, select, text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from oncepay.insight.store import create_tables as insight_tables
 from oncepay.payments.storage import schema
 from oncepay.reconciliation.store import create_tables as reconciliation_tables
 from oncepay.storage.db import Database, write
 
-__all__ = ["MIGRATIONS", "migrate", "migrated"]
+__all__ = ["ADVISORY_LOCK", "MIGRATIONS", "migrate", "migrated"]
 
 # Any 64-bit number the service owns; it keeps concurrent migrators apart on PostgreSQL.
-_ADVISORY_LOCK = 0x0CE9A7_0001
+ADVISORY_LOCK = 0x0CE9A7_0001
 
 _versions = Table(
     "oncepay_schema_migrations",
@@ -124,7 +125,8 @@ async def _v7_list_indexes(conn: AsyncConnection, db: Database) -> None:
 
 # The operator's searches and a payment's timeline (the dashboard) cross merchants.
 _V9_INDEXES = {
-    "payments_created": "payments (created_at)",
+    "payments_created": "payments (created_at, seq)",
+    "payments_amount": "payments (amount, seq)",
     "payments_status_seq": "payments (status, seq)",
     "payments_authorization": "payments (authorization_id)",
     "events_object": "events (object_id, seq)",
@@ -143,6 +145,7 @@ MIGRATIONS: list[tuple[int, Migration]] = [
     (2, _v2_immutable_ledger),
     (3, _v3_webhooks),
     (4, reconciliation_tables),  # runs, discrepancies, settlements, actions; settled columns
+    (5, insight_tables),  # insight_findings: the worker's live findings
     (6, _v6_api_keys),
     (7, _v7_list_indexes),  # the lists' filters and cursors
     (8, _v8_event_traceparent),  # events.traceparent
@@ -154,7 +157,7 @@ async def migrate(db: Database) -> list[int]:
     """Apply every migration not yet applied; return the versions applied now."""
     async with write(db) as conn:
         if not db.is_sqlite:
-            await conn.execute(text(f"SELECT pg_advisory_xact_lock({_ADVISORY_LOCK})"))
+            await conn.execute(text(f"SELECT pg_advisory_xact_lock({ADVISORY_LOCK})"))
             if db.schema:
                 await conn.execute(text(f'CREATE SCHEMA IF NOT EXISTS "{db.schema}"'))
         await conn.run_sync(_versions.metadata.create_all)
