@@ -90,4 +90,5 @@ def test_the_fast_paths_read_what_the_lenient_one_reads(monkeypatch: pytest.Monk
     assert found == [u for u in expected if u is not None]
     assert (bad, examples, lines) == (1, [1503], 3003)
     assert found[1500] == Usage(7.0, "m_2", "", "", "", "replayed", 0, None, None)
-    assert found[1501].tenant == "m_é" and found[1501].key == 'a"b'
+    assert found[1501].tenant == "m_é"
+    assert found[1501].key == 'a"b'

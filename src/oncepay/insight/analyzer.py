@@ -34,6 +34,7 @@ import math
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from oncepay.insight.baseline import Episode, Series, Thresholds, squared
 from oncepay.insight.findings import (
@@ -49,7 +50,10 @@ from oncepay.insight.findings import (
 from oncepay.insight.records import Row, Usage, UsageReader
 from oncepay.insight.ttl import TtlBounds, TtlLearner
 
-__all__ = ["Analyzer", "Tuning", "analyze"]
+__all__ = ["Analyzer", "Evidence", "Tuning", "analyze"]
+
+# A finding's evidence beyond SPEC §9's fields (the live path stores it with the finding).
+Evidence = dict[str, Any]
 
 
 @dataclass(frozen=True, slots=True)
@@ -347,14 +351,23 @@ class Analyzer:
 
     # -- answers ------------------------------------------------------------------------------
 
-    def findings(self) -> list[Finding]:
-        """Every finding so far, per tenant and kind, in time order."""
+    def findings(self, tenants: Iterable[str] | None = None) -> list[Finding]:
+        """Every finding so far (of ``tenants``, or all), per tenant and kind, in time order."""
+        return [finding for finding, _ in self.reports(tenants)]
+
+    def reports(self, tenants: Iterable[str] | None = None) -> list[tuple[Finding, Evidence]]:
+        """The findings with their evidence: example keys (as logged: hashes), how many
+        addresses sent the evidence, and how many events the tenant's baseline expected."""
+        names = self._tenants if tenants is None else tenants
         out = []
-        for name, tenant in self._tenants.items():
+        for name in names:
+            tenant = self._tenants.get(name)
+            if tenant is None:
+                continue
             for kind in KINDS:
                 for episode in self._episodes(tenant, kind):
-                    out.append(_finding(name, kind, episode))
-        return sorted(out, key=lambda f: (f.first_at, f.tenant, f.kind))
+                    out.append((_finding(name, kind, episode), _evidence(episode)))
+        return sorted(out, key=lambda r: (r[0].first_at, r[0].tenant, r[0].kind))
 
     def _episodes(self, tenant: _Tenant, kind: str) -> list[Episode]:
         counts = tenant.settle()
@@ -410,6 +423,14 @@ def _finding(tenant: str, kind: str, episode: Episode) -> Finding:
         events=episode.events,
         detail=_DETAILS[kind](episode),
     )
+
+
+def _evidence(episode: Episode) -> Evidence:
+    return {
+        "example_keys": list(episode.examples),
+        "sources": episode.sources,
+        "expected": round(episode.expected, 2),
+    }
 
 
 def _examples(episode: Episode) -> str:

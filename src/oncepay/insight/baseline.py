@@ -117,8 +117,10 @@ class Series:
             for block, count in decisions.items()
             if count >= thresholds.min_opportunity
         )
+        if len(rated) < 2:  # no history yet (a live worker's first hours): the rules and the
+            return 0.0  # floors alone judge, or the anomaly would be its own baseline
         # The busiest tenth may be the anomaly; in a log of a day or so, still the busiest block.
-        kept = rated[: len(rated) - (max(1, len(rated) // 10) if len(rated) >= 4 else 0)]
+        kept = rated[: len(rated) - max(1, len(rated) // 10)]
         opportunity = sum(count for _, _, count in kept)
         return sum(n for _, n, _ in kept) / opportunity if opportunity else 0.0
 

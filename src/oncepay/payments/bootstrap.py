@@ -16,7 +16,7 @@ from oncepay.payments.acquirers.control import RetryControl
 from oncepay.payments.acquirers.http import HttpAcquirer
 from oncepay.payments.acquirers.pool import AcquirerPool
 from oncepay.payments.context import Services
-from oncepay.payments.metrics import ADAPTIVE_TTL_KEY_SECONDS
+from oncepay.payments.metrics import ADAPTIVE_TTL_KEY_SECONDS, watch_usage_log
 from oncepay.payments.settings import Settings
 from oncepay.payments.storage.idempotency import idempotency_store
 from oncepay.payments.storage.migrations import migrate
@@ -33,6 +33,8 @@ async def start(settings: Settings, acquirers: AcquirerPool | None = None) -> Se
     store = await idempotency_store(db, settings.redis_url)
     engine = Engine(store, ttl=settings.key_ttl, lease=settings.lease)
     usage_log = UsageLog(settings.usage_log) if settings.usage_log else None
+    if usage_log is not None:
+        watch_usage_log(usage_log)  # its counts in /metrics
     gate = Gate(engine, methods=("POST",), required=True, usage_log=usage_log, ttl_policy=policy)
     pool = acquirers or build_acquirers(settings)
     return Services(settings, db, engine, gate, pool, ttl_policy=policy)

@@ -10,14 +10,18 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from oncepay.payments import tracing
-from oncepay.payments.storage.schema import events
+from oncepay.payments.storage.schema import events, merchants
 from oncepay.payments.webhooks.outbox import fan_out
 from oncepay.storage.ids import new_id
 
-__all__ = ["emit", "emit_many"]
+__all__ = ["FINDING_OPENED", "emit", "emit_many", "finding_opened"]
+
+# The worker's live insight opened a finding (docs/insight.md): data is the finding.
+FINDING_OPENED = "insight.finding_opened"
 
 _INSERT = events.insert()  # built once: building it costs more than running it
 
@@ -78,3 +82,14 @@ async def emit_many(
         )
         if not reached:
             unsubscribed.add(group)
+
+
+async def finding_opened(conn: AsyncConnection, finding: dict[str, Any]) -> None:
+    """The event of a finding the live insight just opened, in the transaction that inserted it
+    (``oncepay.insight.store``'s ``announce``). A tenant that is no merchant (a log shared with
+    a gateway) has no one to tell: its finding is stored, with no event."""
+    tenant = finding["tenant"]
+    if (await conn.execute(select(merchants.c.id).where(merchants.c.id == tenant))).first():
+        await emit(
+            conn, merchant_id=tenant, type=FINDING_OPENED, object_id=finding["id"], data=finding
+        )

@@ -334,6 +334,7 @@ EVENT_TYPES = (
     "refund.succeeded",
     "refund.failed",
     "reconciliation.discrepancy_opened",
+    "insight.finding_opened",
     "webhook_endpoint.test",  # POST /v1/webhook_endpoints/{id}/test: to that endpoint only
 )
 # A week: the longest a rotation should take; past it, the old secret is a liability.

@@ -26,9 +26,16 @@ from sqlalchemy import text
 
 from oncepay.errors import ConfigurationError
 from oncepay.idempotency.purge import purge_expired
+from oncepay.insight.live import LiveInsight
 from oncepay.payments import idempotent, operations
 from oncepay.payments.context import Services
-from oncepay.payments.metrics import RECOVERY_RUNS
+from oncepay.payments.events import finding_opened
+from oncepay.payments.metrics import (
+    INSIGHT_FINDINGS,
+    INSIGHT_RECORDS,
+    RECOVERY_RUNS,
+    sync_usage_logs,
+)
 from oncepay.payments.phases import Operation, parse_point
 from oncepay.payments.storage.idempotency import IDEMPOTENCY_TABLE
 from oncepay.payments.webhooks.delivery import CLAIM_BATCH, deliver_due, delivery_client
@@ -174,12 +181,51 @@ async def run_worker(svc: Services, stop: asyncio.Event) -> None:
                 log.warning("%s; the TTLs learned before stay", exc.detail)
             return False
 
+        live = insight_job(svc)
         jobs = [_every(svc, stop, recovery), _every(svc, stop, deliveries)]
+        if live is not None:
+            jobs.append(_every(svc, stop, live))
         if svc.ttl_policy is not None and svc.settings.adaptive_ttl_file:
             jobs.append(_every(svc, stop, learned_ttls, TTL_FILE_CHECK))
         if svc.settings.reconcile_interval > 0:
             jobs.append(_every(svc, stop, reconciliation, svc.settings.reconcile_interval))
-        await asyncio.gather(*jobs)
+        try:
+            await asyncio.gather(*jobs)
+        finally:
+            if live is not None:
+                live.close()
+
+
+@dataclass
+class InsightJob:
+    """The detectors on the live key-usage log (docs/insight.md): each run reads what was
+    appended, stores the findings (their events with them) and counts it all in /metrics; the
+    learned TTLs go to the gate's policy unless a file is its source."""
+
+    svc: Services
+    live: LiveInsight
+
+    async def __call__(self) -> bool:
+        step = await self.live.step()
+        INSIGHT_RECORDS.inc(step.records)
+        for finding in step.opened:
+            INSIGHT_FINDINGS.labels(finding.kind).inc()
+            log.warning("insight: %s %s: %s", finding.tenant, finding.kind, finding.detail)
+        sync_usage_logs()
+        policy, settings = self.svc.ttl_policy, self.svc.settings
+        if step.ttl is not None and policy is not None and not settings.adaptive_ttl_file:
+            policy.update(step.ttl)
+        return step.more
+
+    def close(self) -> None:
+        self.live.close()
+
+
+def insight_job(svc: Services) -> InsightJob | None:
+    """The worker's insight job, or None without a key-usage log."""
+    if not svc.settings.usage_log:
+        return None
+    return InsightJob(svc, LiveInsight(svc.settings.usage_log, svc.db, announce=finding_opened))
 
 
 async def _every(

@@ -18,11 +18,13 @@ from oncepay.payments.api.errors import add_handlers
 from oncepay.payments.api.middleware import BodyLimit, HeadAsGet, RequestMetrics
 from oncepay.payments.api.ratelimit import RateLimits, add_rate_limit_handler
 from oncepay.payments.api.routes import (
+    admin_insight,
     admin_keys,
     admin_reconciliation,
     currencies,
     events,
     health,
+    insight,
     payments,
     refunds,
     webhook_deliveries,
@@ -43,8 +45,10 @@ ROUTERS = (
     health,
     webhook_endpoints,
     webhook_deliveries,
+    insight,
     admin_reconciliation,  # the operator API: out of the OpenAPI document
     admin_keys,
+    admin_insight,
 )
 
 
