@@ -239,6 +239,23 @@ async def test_two_limiters_on_one_redis_share_the_count() -> None:
     assert 1 <= refused.value.retry_after <= 60
 
 
+async def test_an_unreachable_redis_serves_uncounted_and_says_so(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Nothing listens at the port: every request is served, one warning line each."""
+    limits = RateLimits(
+        parse_rate("1/minute"), None, storage_for(f"redis://127.0.0.1:{free_port()}/0")
+    )
+    try:
+        for _ in range(3):
+            await limits.check("key_a", "mer_a")
+    finally:
+        await limits.aclose()
+    warnings = [r.getMessage() for r in caplog.records if "rate limits" in r.getMessage()]
+    assert len(warnings) == 3
+    assert "storage unavailable" in warnings[0]
+
+
 @pytest.mark.slow
 @pytest.mark.postgres
 @pytest.mark.redis

@@ -98,10 +98,10 @@ class RateLimits:
             subject = key_id if policy.name == "key" else merchant_id
             try:
                 allowed = await self.limiter.hit(policy.rate, policy.name, subject)
-            except StorageError:
+            except StorageError as exc:
                 # Redis down: serve unlimited rather than refuse every request (the limits
                 # protect the service; they are not what makes a payment correct).
-                log.warning("rate limit storage unavailable; request not counted", exc_info=True)
+                log.warning("rate limits: request not counted, storage unavailable (%s)", exc)
                 allowed = True
             if not allowed:
                 raise await self._refusal(policy, subject)
