@@ -121,16 +121,18 @@ async def finished(db: Database, planned: Sequence[Action]) -> dict[str, str]:
 
 
 async def voided_by_us(db: Database, acquirer: str, authorization_ids: Sequence[str]) -> set[str]:
-    """The authorizations among these that reconciliation itself voided (so that a re-run of
-    the day still sees them, and finds the same orphans)."""
+    """The authorizations among these that reconciliation itself voided, or set out to (so that
+    a re-run of the day still sees them, finds the same orphans, and finishes a void a dead
+    run left unrecorded)."""
     wanted = sorted(set(authorization_ids))
     found: set[str] = set()
     async with read(db) as conn:
         for start in range(0, len(wanted), 500):
-            query = select(actions.c.authorization_id).where(
+            query = select(
+                actions.c.authorization_id
+            ).where(
                 actions.c.acquirer == acquirer,
-                actions.c.kind == VOID_ORPHAN,
-                actions.c.status == "done",
+                actions.c.kind == VOID_ORPHAN,  # done, or pending: a run died mid-void
                 actions.c.authorization_id.in_(wanted[start : start + 500]),
             )
             found.update((await conn.execute(query)).scalars())
