@@ -1,5 +1,6 @@
 """The exactly-once audit under faults, short: ``oncepay chaos`` as a user runs it, on SQLite
-and on PostgreSQL (with a Redis tier), every fault kind injected; the audit must find no
+and on PostgreSQL (with a Redis tier), every fault kind injected, orphaned authorizations
+injected at both acquirers and every day reconciled afterwards; the audit must find no
 violation. A second test shows the audit is not toothless: it reports a planted double
 authorization, an orphan payment and a lie to a client."""
 
@@ -56,6 +57,10 @@ def assert_clean(report: dict[str, Any]) -> None:
         assert report["faults"].get(kind, 0) > 0, (kind, report["faults"])
     assert report["retries"] > 0
     assert {"captured", "failed"} <= set(report["outcomes"])
+    # orphans injected at both acquirers, found by reconciling every day, and nothing else
+    # (the audit's reconciliation checks above require each voided exactly once)
+    assert report["reconciliation"]["orphans injected"] == 6
+    assert report["reconciliation"]["discrepancies: orphaned_authorization"] == 6
 
 
 @pytest.mark.slow

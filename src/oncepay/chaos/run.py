@@ -29,6 +29,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedCo
 from rich.table import Table
 from sqlalchemy import func, select
 
+from oncepay.chaos import reconcile as recon
 from oncepay.chaos.audit import Evidence, audit, gather, summarise_operations
 from oncepay.chaos.stack import ChaosStack
 from oncepay.http.client import ATTEMPTS, AsyncClient, RetryPolicy
@@ -64,6 +65,7 @@ class ChaosConfig:
     outage_interval: float = 10.0  # seconds between primary outages (0: none)
     outage_seconds: float = 2.0
     redis_interval: float = 5.0  # seconds between Redis faults, with --redis
+    orphans: int = 3  # orphaned authorizations injected at each acquirer (0: none)
     workdir: Path | None = None
 
 
@@ -78,6 +80,7 @@ class ChaosReport:
     faults: dict[str, int] = field(default_factory=dict)
     acquirer_operations: dict[str, int] = field(default_factory=dict)
     webhooks_delivered: int = 0
+    reconciliation: dict[str, int] = field(default_factory=dict)
     violations: dict[str, list[str]] = field(default_factory=dict)
 
     @property
@@ -119,17 +122,24 @@ async def run_chaos(config: ChaosConfig, console: Console | None = None) -> Chao
             answers, attempts, bodies = await _clients(config, stack, api_key, faults, console)
             report.seconds = time.monotonic() - started
             await _calm(admin, stack)
+            urls = {name: stack.services[name].url for name in recon.ACQUIRERS}
+            orphans = await _inject_orphans(urls, config.orphans)
             await _drain(db, console)
             # A client whose retry budget ran out while the faults raged retries once more,
             # as a real one would: it must now get the final answer.
             late = await _final_retries(stack, api_key, answers, bodies)
             faults["clients that needed a retry after the faults"] = late
+            # Every day of the run reconciled for both acquirers; then its events delivered.
+            days = recon.days_between(started_wall, time.time())
+            reconciled = await recon.reconcile_stack(database_url, urls, days)
+            await _drain(db, console)
             received = (await admin.get(f"{stack.services['receiver'].url}/stats")).json()
             evidence = Evidence(
                 answers,
                 await _operations(admin, stack),
                 received,
                 movements=await _movements(admin, stack, started_wall),
+                injected={orphan.order_id for orphan in orphans},
             )
             await gather(db, merchant.id, evidence)
             faults["answers dropped by the proxy"] = (
@@ -144,7 +154,8 @@ async def run_chaos(config: ChaosConfig, console: Console | None = None) -> Chao
         report.faults = dict(faults) | _acquirer_fault_rates(config)
         report.acquirer_operations = summarise_operations(evidence.operations)
         report.webhooks_delivered = sum(evidence.received["handled"].values())
-        report.violations = audit(evidence)
+        report.violations = audit(evidence) | recon.checks(orphans, reconciled, evidence.operations)
+        report.reconciliation = recon.summary(orphans, reconciled)
     finally:
         await asyncio.to_thread(stack.stop)
         await db.aclose()
@@ -184,6 +195,15 @@ async def _set_faults(
         }
     response = await admin.put(f"{stack.services[name].url}/admin/faults", json={**faults, **extra})
     response.raise_for_status()
+
+
+async def _inject_orphans(urls: dict[str, str], per_acquirer: int) -> list[recon.Injected]:
+    clients = {name: httpx.AsyncClient(base_url=url, timeout=10) for name, url in urls.items()}
+    try:
+        return await recon.inject_orphans(clients, per_acquirer)
+    finally:
+        for client in clients.values():
+            await client.aclose()
 
 
 def _acquirer_fault_rates(config: ChaosConfig) -> dict[str, int]:
@@ -429,6 +449,8 @@ def render(report: ChaosReport, console: Console) -> None:
     for fault, n in sorted(report.faults.items()):
         table.add_row(f"fault: {fault}", str(n))
     table.add_row("webhooks handled", str(report.webhooks_delivered))
+    for figure, n in report.reconciliation.items():
+        table.add_row(f"reconciliation: {figure}", str(n))
     for check, found in report.violations.items():
         mark = "[green]ok[/green]" if not found else f"[red]{len(found)} violations[/red]"
         table.add_row(f"check: {check}", mark)
