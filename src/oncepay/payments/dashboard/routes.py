@@ -22,7 +22,6 @@ import httpx
 from fastapi import APIRouter, Depends, Form, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response, StreamingResponse
 from fastapi.templating import Jinja2Templates
-from prometheus_client import REGISTRY
 
 from oncepay.payments.context import Services
 from oncepay.payments.dashboard import queries
@@ -35,6 +34,7 @@ from oncepay.payments.dashboard.auth import (
     operator,
 )
 from oncepay.payments.errors import InvalidRequest, ResourceMissing
+from oncepay.payments.metrics import REGISTRY
 
 __all__ = ["STATIC", "router"]
 

@@ -21,6 +21,8 @@
       height: 180,
       series: [{}].concat(LABELS.map((label, i) => ({ label, stroke: COLORS[i], width: 2 }))),
       axes: [{}, { label: "per second" }],
+      // Always the last two minutes, from the first point on (not a span of years).
+      scales: { x: { time: true, range: (u, min, max) => [max - WINDOW, max] } },
     };
     chart = new uPlot(opts, [times].concat(rates), box);
   }
