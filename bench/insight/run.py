@@ -76,7 +76,8 @@ def accuracy(seeds: list[int], tenants: int) -> dict[str, Any]:
 
 
 def speed(lines: int) -> dict[str, Any]:
-    """``oncepay insight analyze`` on a simulated log of about ``lines`` lines."""
+    """``oncepay insight analyze`` on a simulated log of about ``lines`` lines, with msgspec
+    (the ``insight`` extra) and with the standard library alone, side by side in one run."""
     with tempfile.TemporaryDirectory() as tmp:
         log = Path(tmp) / "usage.jsonl"
         written = 0
@@ -85,38 +86,46 @@ def speed(lines: int) -> dict[str, Any]:
             for usage in Simulation(seed=99, tenants=30, scale=scale).records():
                 file.write(to_line(usage))
                 written += 1
-        code = (
-            "import resource, sys, time\n"
-            "from oncepay.cli import app\n"
-            "started = time.perf_counter()\n"
-            "try:\n"
-            f"    app(['insight', 'analyze', {str(log)!r}, '--json'])\n"
-            "except SystemExit:\n"
-            "    pass\n"
-            "usage = resource.getrusage(resource.RUSAGE_SELF)\n"
-            # VmHWM, not ru_maxrss: the latter keeps the forking parent's high-water mark
-            "hwm = [l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0]\n"
-            "sys.stderr.write(f'{time.perf_counter() - started} "
-            "{usage.ru_utime + usage.ru_stime} {hwm}\\n')\n"
-        )
-        started = time.perf_counter()
-        done = subprocess.run(
-            [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True
-        )
-        wall = time.perf_counter() - started
-        seconds, cpu, rss_kb = done.stderr.strip().splitlines()[-1].split()
-        findings = len(json.loads(done.stdout)["findings"])
         size = log.stat().st_size
+        result = _timed(log, written, stdlib=False)
+        result["bytes"] = size
+        result["stdlib_only"] = _timed(log, written, stdlib=True)
+    return result
+
+
+def _timed(log: Path, written: int, *, stdlib: bool) -> dict[str, Any]:
+    """One ``analyze`` in a process of its own: its time, CPU time and peak memory."""
+    code = (
+        "import resource, sys, time\n"
+        "from oncepay.cli import app\n"
+        "import oncepay.insight.records as records\n"
+        + ("records._decode_fast = None\n" if stdlib else "")
+        + "started = time.perf_counter()\n"
+        "try:\n"
+        f"    app(['insight', 'analyze', {str(log)!r}, '--json'])\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "usage = resource.getrusage(resource.RUSAGE_SELF)\n"
+        # VmHWM, not ru_maxrss: the latter keeps the forking parent's high-water mark
+        "hwm = [l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0]\n"
+        "sys.stderr.write(f'{time.perf_counter() - started} "
+        "{usage.ru_utime + usage.ru_stime} {hwm}\\n')\n"
+    )
+    started = time.perf_counter()
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True
+    )
+    wall = time.perf_counter() - started
+    seconds, cpu, rss_kb = done.stderr.strip().splitlines()[-1].split()
     return {
         "lines": written,
-        "bytes": size,
         "seconds": float(seconds),
         "process_seconds": wall,
         "cpu_seconds": float(cpu),  # the machine is shared: CPU time is the steadier figure
         "decisions_per_second": written / float(seconds),
         "decisions_per_cpu_second": written / float(cpu),
         "peak_rss_mb": int(rss_kb) / 1024,
-        "findings": findings,
+        "findings": len(json.loads(done.stdout)["findings"]),
     }
 
 
@@ -175,6 +184,16 @@ def report(result: dict[str, Any], *, use_markdown: bool) -> None:
         ["analyze: decisions per CPU second", f"{fast.get('decisions_per_cpu_second', 0.0):,.0f}"],
         ["analyze: peak memory", f"{fast['peak_rss_mb']:.0f} MB"],
     ]
+    plain = fast.get("stdlib_only")
+    if plain:
+        rows += [
+            ["analyze without msgspec: seconds", f"{plain['seconds']:.2f}"],
+            ["analyze without msgspec: decisions/s", f"{plain['decisions_per_second']:,.0f}"],
+            [
+                "analyze without msgspec: decisions per CPU second",
+                f"{plain['decisions_per_cpu_second']:,.0f}",
+            ],
+        ]
     print_table("TTL and speed", ["measure", "value"], rows, right={1}, use_markdown=use_markdown)
 
 
