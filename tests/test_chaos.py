@@ -86,6 +86,21 @@ def test_chaos_on_postgres_with_a_redis_tier(tmp_path: Path) -> None:
     assert report["faults"]["Redis kill -9 and restart"] > 0
 
 
+@pytest.mark.slow
+def test_a_full_primary_outage_keeps_retry_amplification_low(tmp_path: Path) -> None:
+    """One 15 s outage of the primary (503 to everything) with three retries allowed per call:
+    attempts sent ÷ logical operations stays at most 1.2 during it, the primary takes traffic
+    again after the heal, and the audit still finds nothing."""
+    full_outage = ["--full-outage", "15", "--full-outage-after", "5", "--acquirer-attempts", "4"]
+    calm = ["--outage-interval", "0", "--kill-interval", "0", "--duration", "40"]
+    report = run_chaos(tmp_path, *full_outage, *calm)
+    assert report["violation_count"] == 0, report["violations"]
+    figures = report["retry_control"]
+    assert figures["outage_logical_operations"] > 0
+    assert figures["outage_amplification"] <= 1.2, figures
+    assert figures["traffic_returned_seconds"] is not None, figures
+
+
 def test_the_audit_finds_planted_violations() -> None:
     def payment(pid: str, status: str) -> Any:
         return SimpleNamespace(id=pid, status=status, outcome_unknown=False,

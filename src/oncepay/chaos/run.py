@@ -29,6 +29,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedCo
 from rich.table import Table
 from sqlalchemy import func, select
 
+from oncepay.chaos import amplification as amp
 from oncepay.chaos import reconcile as recon
 from oncepay.chaos.audit import Evidence, audit, gather, summarise_operations
 from oncepay.chaos.stack import ChaosStack
@@ -65,6 +66,12 @@ class ChaosConfig:
     outage_interval: float = 10.0  # seconds between primary outages (0: none)
     outage_seconds: float = 2.0
     redis_interval: float = 5.0  # seconds between Redis faults, with --redis
+    # One full outage of the primary (503 to everything, look-ups too) this many seconds long,
+    # starting full_outage_after seconds into the run, instead of the short periodic ones.
+    full_outage: float = 0.0
+    full_outage_after: float = 10.0
+    retry_control: str = "adaptive"  # the services' acquirer retry control (or "fixed")
+    acquirer_attempts: int = 2
     orphans: int = 3  # orphaned authorizations injected at each acquirer (0: none)
     workdir: Path | None = None
 
@@ -80,6 +87,7 @@ class ChaosReport:
     faults: dict[str, int] = field(default_factory=dict)
     acquirer_operations: dict[str, int] = field(default_factory=dict)
     webhooks_delivered: int = 0
+    retry_control: dict[str, Any] = field(default_factory=dict)  # amplification, recovery
     reconciliation: dict[str, int] = field(default_factory=dict)
     violations: dict[str, list[str]] = field(default_factory=dict)
 
@@ -109,8 +117,13 @@ async def run_chaos(config: ChaosConfig, console: Console | None = None) -> Chao
         redis=config.redis,
         proxy_drop_rate=config.proxy_drop_rate,
         seed=config.seed,
+        settings={
+            "ONCEPAY_ACQUIRER_RETRY_CONTROL": config.retry_control,
+            "ONCEPAY_ACQUIRER_ATTEMPTS": str(config.acquirer_attempts),
+        },
     )
     stack.build()
+    marks: dict[str, Any] = {}  # the full outage's tallies and when it healed
     report = ChaosReport(config={k: str(v) for k, v in asdict(config).items()})
     console.print(f"chaos: starting the stack in {workdir}")
     await asyncio.to_thread(stack.start)
@@ -119,7 +132,9 @@ async def run_chaos(config: ChaosConfig, console: Console | None = None) -> Chao
             await _prepare(admin, stack, api_key, config)
             faults: Counter[str] = Counter()
             started, started_wall = time.monotonic(), time.time()
-            answers, attempts, bodies = await _clients(config, stack, api_key, faults, console)
+            answers, attempts, bodies = await _clients(
+                config, stack, api_key, faults, console, marks
+            )
             report.seconds = time.monotonic() - started
             await _calm(admin, stack)
             urls = {name: stack.services[name].url for name in recon.ACQUIRERS}
@@ -153,6 +168,7 @@ async def run_chaos(config: ChaosConfig, console: Console | None = None) -> Chao
         )
         report.faults = dict(faults) | _acquirer_fault_rates(config)
         report.acquirer_operations = summarise_operations(evidence.operations)
+        report.retry_control = amp.summary(stack.metrics_dir, marks, evidence.operations)
         report.webhooks_delivered = sum(evidence.received["handled"].values())
         report.violations = audit(evidence) | recon.checks(orphans, reconciled, evidence.operations)
         report.reconciliation = recon.summary(orphans, reconciled)
@@ -222,7 +238,12 @@ Answers = dict[str, dict[str, Any] | None]
 
 
 async def _clients(
-    config: ChaosConfig, stack: ChaosStack, api_key: str, faults: Counter[str], console: Console
+    config: ChaosConfig,
+    stack: ChaosStack,
+    api_key: str,
+    faults: Counter[str],
+    console: Console,
+    marks: dict[str, Any],
 ) -> tuple[Answers, list[int], dict[str, dict[str, Any]]]:
     dice = random.Random(config.seed)  # noqa: S311 - workload dice
     answers: Answers = {}
@@ -263,7 +284,7 @@ async def _clients(
                     await _pay(client, dice, answers, attempts, bodies)
                     progress.advance(task)
 
-            chaos = asyncio.create_task(_inject(config, stack, faults))
+            chaos = asyncio.create_task(_inject(config, stack, faults, marks))
             try:
                 await asyncio.gather(*(one_client() for _ in range(config.concurrency)))
             finally:
@@ -302,11 +323,15 @@ async def _pay(
 # -- the faults ----------------------------------------------------------------------------------
 
 
-async def _inject(config: ChaosConfig, stack: ChaosStack, faults: Counter[str]) -> None:
+async def _inject(
+    config: ChaosConfig, stack: ChaosStack, faults: Counter[str], marks: dict[str, Any]
+) -> None:
     """Kill processes, black out the primary and break Redis, on a seeded schedule."""
     dice = random.Random(config.seed + 1)  # noqa: S311 - fault dice
     loops = [_kills(config, stack, faults, dice)] if config.kill_interval else []
-    if config.outage_interval:
+    if config.full_outage:
+        loops.append(_full_outage(config, stack, faults, marks))
+    elif config.outage_interval:
         loops.append(_outages(config, stack, faults))
     if config.redis:
         loops.append(_redis_faults(config, stack, faults, dice))
@@ -334,6 +359,22 @@ async def _outages(config: ChaosConfig, stack: ChaosStack, faults: Counter[str])
             faults["primary acquirer outages"] += 1
             await asyncio.sleep(config.outage_seconds)
             await _set_faults(admin, stack, "primary", config)
+
+
+async def _full_outage(
+    config: ChaosConfig, stack: ChaosStack, faults: Counter[str], marks: dict[str, Any]
+) -> None:
+    """One long outage of the primary, its retry amplification tallied from before it began
+    to its end (chaos/amplification.py)."""
+    async with httpx.AsyncClient(timeout=10) as admin:
+        await asyncio.sleep(config.full_outage_after)
+        marks["before"] = amp.read_tally(stack.metrics_dir)
+        await _set_faults(admin, stack, "primary", config, outage=True)
+        faults["primary acquirer outages"] += 1
+        await asyncio.sleep(config.full_outage)
+        marks["during"] = amp.read_tally(stack.metrics_dir)
+        await _set_faults(admin, stack, "primary", config)
+        marks["healed_at"] = time.time()
 
 
 async def _redis_faults(
@@ -446,6 +487,8 @@ def render(report: ChaosReport, console: Console) -> None:
     table.add_row("payments / s", f"{report.logical_payments / report.seconds:.1f}")
     for outcome, n in sorted(report.outcomes.items()):
         table.add_row(f"final answer: {outcome}", str(n))
+    for figure, value in report.retry_control.items():
+        table.add_row(f"retry control: {figure.replace('_', ' ')}", str(value))
     for fault, n in sorted(report.faults.items()):
         table.add_row(f"fault: {fault}", str(n))
     table.add_row("webhooks handled", str(report.webhooks_delivered))

@@ -35,6 +35,19 @@ def chaos(
     redis_interval: Annotated[
         float, typer.Option(min=0.1, help="Seconds between Redis faults.")
     ] = 5.0,
+    full_outage: Annotated[
+        float,
+        typer.Option(min=0, help="One full primary outage this long (s), not periodic ones."),
+    ] = 0.0,
+    full_outage_after: Annotated[
+        float, typer.Option(min=0, help="Seconds into the run the full outage starts.")
+    ] = 10.0,
+    retry_control: Annotated[
+        str, typer.Option(help="Acquirer retry control: adaptive or fixed (docs/operations.md).")
+    ] = "adaptive",
+    acquirer_attempts: Annotated[
+        int, typer.Option(min=1, help="Attempts per acquirer call (fixed: all of them).")
+    ] = 2,
     workdir: Annotated[Path | None, typer.Option(help="Folder for databases and logs.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
@@ -43,6 +56,9 @@ def chaos(
     import json
 
     from oncepay.chaos.run import ChaosConfig, render, run_chaos
+
+    if retry_control not in ("adaptive", "fixed"):
+        raise typer.BadParameter("adaptive or fixed", param_hint="--retry-control")
 
     config = ChaosConfig(
         payments=payments,
@@ -59,6 +75,10 @@ def chaos(
         outage_interval=outage_interval,
         outage_seconds=outage_seconds,
         redis_interval=redis_interval,
+        full_outage=full_outage,
+        full_outage_after=full_outage_after,
+        retry_control=retry_control,
+        acquirer_attempts=acquirer_attempts,
         workdir=workdir,
     )
     report = run_or_exit(run_chaos(config, console))
