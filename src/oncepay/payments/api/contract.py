@@ -80,6 +80,9 @@ def _payment(status: str, captured: int = 0, refunded: int = 0) -> dict[str, Any
             outcome_unknown=False,
             acquirer="primary",
             created_at=CREATED,
+            amount_settled=0,  # settlement (SPEC §10): nothing settled yet
+            amount_refund_settled=0,
+            settlement_fee=0,
         )
     )
 
