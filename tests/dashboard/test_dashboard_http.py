@@ -171,6 +171,7 @@ async def test_a_timeline_tells_the_whole_story_without_raw_keys(operated: Stack
             "ledger: authorization",
             "ledger: capture",
             "acquirer primary, attempt 1",
+            "breaker closed",  # each acquirer call, with the breaker's state when sent
             "refund",
         ):
             assert expected in text, expected

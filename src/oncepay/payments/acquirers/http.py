@@ -57,6 +57,7 @@ from tenacity.wait import wait_base
 
 from oncepay.http._cookies import NoCookies
 from oncepay.payments import tracing
+from oncepay.payments.acquirers import journal
 from oncepay.payments.acquirers.base import AcquirerAnswer, Outcome
 from oncepay.payments.acquirers.breaker import BreakerState, CircuitBreaker
 from oncepay.payments.acquirers.control import RetryControl
@@ -272,18 +273,26 @@ class HttpAcquirer:
         if not retry and not probe and not self._admitted():
             raise _Throttled
         ACQUIRER_ATTEMPTS.labels(self.name, "retry" if retry else "first").inc()
+        breaker = str(self.breaker.state)
         started = time.perf_counter()
         failed = True
+        outcome = "answered"
         try:
             reply = await self._send(path, payload, reference)
             failed = False
-        except _Failure:
+        except _Failure as failure:
+            outcome = f"failed: {failure.detail}"
             self.breaker.record_failure()
             raise
         finally:
             seconds = time.perf_counter() - started
             ACQUIRER_LATENCY.labels(self.name, operation).observe(seconds)
             self.health.observe(seconds, failed=failed)
+            journal.record(  # the operator's timeline of the payment
+                journal.Attempt(
+                    journal.now(), self.name, operation, reference, retry, outcome, seconds, breaker
+                )
+            )
         self.breaker.record_success()
         if self.throttle is not None:
             self.throttle.record_accept()

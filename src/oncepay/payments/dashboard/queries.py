@@ -15,6 +15,7 @@ from typing import Any
 from sqlalchemy import and_, func, or_, select, text
 from sqlalchemy.engine import Row
 
+from oncepay.payments.acquirers import journal
 from oncepay.payments.storage import schema
 from oncepay.payments.storage.idempotency import IDEMPOTENCY_TABLE
 from oncepay.storage.db import Database, read
@@ -388,6 +389,20 @@ async def timeline(
                     "detail": f"{attempt.event_id}: {outcome} in {attempt.latency_ms:.0f} ms",
                 }
             )
+    for call in journal.attempts_of(payment_id):
+        entries.append(
+            {
+                "at": call.at - call.seconds,
+                "kind": "acquirer",
+                "title": (
+                    f"{call.acquirer}: {call.operation}" + (" (retry)" if call.retry else "")
+                ),
+                "detail": (
+                    f"{call.reference}, {call.outcome} in {call.seconds * 1000:.0f} ms, "
+                    f"breaker {call.breaker}"
+                ),
+            }
+        )
     entries.append(
         {
             "at": row.created_at,
