@@ -40,9 +40,7 @@ __all__ = ["IDEMPOTENCY_KEY_PATTERN", "LINKS", "document"]
 # parse_key's grammar (idempotency/keys.py) as a pattern: 1-255 printable ASCII characters,
 # bare (not starting with '"'; the ends are not blanks, which HTTP would strip), or an sf-string
 # whose escapes (\" and \\) each count as one character.
-IDEMPOTENCY_KEY_PATTERN = (
-    r'^(?:[!#-~](?:[ -~]{0,253}[!-~])?|"(?:[ !#-\[\]-~]|\\["\\]){1,255}")$'
-)
+IDEMPOTENCY_KEY_PATTERN = r'^(?:[!#-~](?:[ -~]{0,253}[!-~])?|"(?:[ !#-\[\]-~]|\\["\\]){1,255}")$'
 
 
 class _Row:
@@ -66,7 +64,7 @@ DELIVERY_ID = "whd_0a1b2c3d4e5f6a7b8c9d0e1f"
 
 def _payment(status: str, captured: int = 0, refunded: int = 0) -> dict[str, Any]:
     return payment_public(
-        _Row(  # type: ignore[arg-type]
+        _Row(
             id=PAYMENT_ID,
             amount=2000,
             currency="USD",
@@ -96,7 +94,7 @@ def _refund() -> dict[str, Any]:
         status="succeeded",
         created_at=CREATED + 60,
     )
-    return refund_public(row)  # type: ignore[arg-type]
+    return refund_public(row)
 
 
 def _event() -> dict[str, Any]:
@@ -106,7 +104,7 @@ def _event() -> dict[str, Any]:
         created_at=CREATED + 30,
         data='{"id": "' + PAYMENT_ID + '", "object": "payment", "status": "captured"}',
     )
-    return event_public(row)  # type: ignore[arg-type]
+    return event_public(row)
 
 
 def _endpoint(secret: bool = False) -> dict[str, Any]:
@@ -119,7 +117,7 @@ def _endpoint(secret: bool = False) -> dict[str, Any]:
         created_at=CREATED,
         secret="whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",  # noqa: S106 - an example
     )
-    return endpoint_public(row, secret=secret)  # type: ignore[arg-type]
+    return endpoint_public(row, secret=secret)
 
 
 def _delivery() -> dict[str, Any]:
@@ -132,7 +130,7 @@ def _delivery() -> dict[str, Any]:
         next_attempt_at=CREATED + 31,
         created_at=CREATED + 30,
     )
-    return delivery_public(row)  # type: ignore[arg-type]
+    return delivery_public(row)
 
 
 def _list(url: str, *items: dict[str, Any]) -> dict[str, Any]:
@@ -279,7 +277,7 @@ def _operation_names(app: FastAPI) -> dict[tuple[str, str], str]:
     names: dict[tuple[str, str], str] = {}
     for route in app.routes:
         if isinstance(route, APIRoute) and route.include_in_schema:
-            for method in route.methods:
+            for method in route.methods or ():
                 names[(route.path_format, method.lower())] = route.name
     if len(set(names.values())) != len(names):
         raise RuntimeError("two operations of the payments API share a function name")

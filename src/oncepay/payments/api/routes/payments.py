@@ -116,7 +116,7 @@ def _amounts(
 
 def _metadata(request: Request) -> dict[str, str]:
     """The ``metadata[key]=value`` pairs of the query string."""
-    found = {}
+    found: dict[str, str] = {}
     for name, value in request.query_params.multi_items():
         if not (name.startswith("metadata[") and name.endswith("]")):
             continue
