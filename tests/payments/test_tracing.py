@@ -167,7 +167,9 @@ def test_one_trace_holds_the_payment_its_phases_attempts_replay_and_webhook(
             "ONCEPAY_WORKER_INTERVAL": "0.1",
         }
         process = subprocess.Popen(
-            oncepay_args("serve", "--port", str(port), "--database-url", database),
+            oncepay_args(
+                "serve", "--port", str(port), "--database-url", database, "--log-format", "json"
+            ),
             cwd=tmp_path,
             env=env,
             stdout=subprocess.PIPE,
@@ -207,7 +209,7 @@ def test_one_trace_holds_the_payment_its_phases_attempts_replay_and_webhook(
             )
         finally:
             process.terminate()
-            process.communicate(timeout=30)
+            output, _ = process.communicate(timeout=30)
 
     [request] = decided("executed")
     [replayed] = decided("replayed")
@@ -250,6 +252,17 @@ def test_one_trace_holds_the_payment_its_phases_attempts_replay_and_webhook(
     assert any(s["name"].startswith(("SELECT", "INSERT", "UPDATE", "BEGIN")) for s in trace) or any(
         "db.system" in s["attributes"] or "db.system.name" in s["attributes"] for s in trace
     )  # SQLAlchemy's spans
+
+    # The access log's JSON lines carry the request span's ids.
+    logged = [json.loads(line) for line in output.splitlines() if line.startswith("{")]
+    access = [line for line in logged if line["logger"] == "oncepay.access"]
+    ids = [
+        (a["decision"], a["trace_id"], a["span_id"]) for a in access if a["path"] == "/v1/payments"
+    ]
+    assert ids == [
+        ("executed", request["trace"], request["id"]),
+        ("replayed", replayed["trace"], replayed["id"]),
+    ]
 
     # The replay: its own trace (a new request), linked to the execution's request span.
     assert (request["trace"], request["id"]) in [(t, i) for t, i, _ in replayed["links"]]

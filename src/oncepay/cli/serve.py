@@ -8,11 +8,14 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from oncepay.cli._common import DatabaseUrl, console, run_or_exit, settings, where
+
+if TYPE_CHECKING:
+    from oncepay.payments.logformat import LogFormat
 
 __all__ = ["serve", "shared_metrics"]
 
@@ -67,6 +70,13 @@ def serve(
             "--adaptive-ttl). [env ONCEPAY_ADAPTIVE_TTL_FILE]",
         ),
     ] = None,
+    log_format: Annotated[
+        str | None,
+        typer.Option(
+            help="text (for a terminal) or json (a JSON object a line, with trace ids; "
+            "docs/observability.md). [env ONCEPAY_LOG_FORMAT; default text]",
+        ),
+    ] = None,
 ) -> None:
     """Run the payments service: the API, with recovery, on SQLite unless told otherwise."""
     import uvicorn
@@ -84,6 +94,7 @@ def serve(
         access_log=False if quiet else None,
         adaptive_ttl=True if adaptive_ttl_file and adaptive_ttl is None else adaptive_ttl,
         adaptive_ttl_file=adaptive_ttl_file,
+        log_format=log_format,
     )
     banner = run_or_exit(_prepare(config))
     console.print(banner, soft_wrap=True)
@@ -98,17 +109,25 @@ def serve(
             port=config.port,
             workers=config.workers,
             log_level="warning",
-            log_config=log_config(access=config.access_log),
+            log_config=log_config(access=config.access_log, log_format=config.log_format),
         )
 
 
-def log_config(*, access: bool) -> dict[str, Any]:
+def log_config(*, access: bool, log_format: LogFormat = "text") -> dict[str, Any]:
     """uvicorn's logging, quiet below warnings, plus OncePay's access log (a line a request on
-    stderr) unless ``access`` is off. uvicorn applies it in every worker process."""
+    stderr) unless ``access`` is off, as text or JSON (payments/logformat.py; uvicorn's own
+    lines too). uvicorn applies it in every worker process."""
     from uvicorn.config import LOGGING_CONFIG
 
+    from oncepay.payments.logformat import formatter_config
+
     config: dict[str, Any] = json.loads(json.dumps(LOGGING_CONFIG))  # a deep copy
-    config["formatters"]["oncepay"] = {"format": "%(asctime)s %(message)s"}
+    config["formatters"]["oncepay"] = formatter_config(log_format)
+    if log_format == "json":
+        for name in ("default", "access"):
+            config["formatters"][name] = formatter_config(log_format)
+    # OncePay's other loggers (their warnings and errors), in the same format.
+    config["loggers"]["oncepay"] = {"handlers": ["oncepay"], "level": "WARNING", "propagate": False}
     config["handlers"]["oncepay"] = {
         "class": "logging.StreamHandler",
         "formatter": "oncepay",

@@ -109,6 +109,8 @@ class Settings(BaseSettings):
     dashboard_trace_url: str | None = None
     # A line per request on the terminal (`oncepay serve --quiet` turns it off).
     access_log: bool = True
+    # Log lines as text (a terminal) or JSON objects with trace ids (production; logformat.py).
+    log_format: Literal["text", "json"] = "text"
     # How often the worker looks for abandoned requests and expired keys.
     worker_interval: float = Field(default=1.0, gt=0)
     # How often the worker reconciles every acquirer's previous day and the current day so far

@@ -49,17 +49,20 @@ class AccessLog:
             await self.app(scope, receive, answer)
         finally:
             if log.isEnabledFor(logging.INFO):
-                path = scope.get("raw_path") or scope["path"].encode()
+                path = (scope.get("raw_path") or scope["path"].encode()).decode("latin-1")
+                duration = (time.perf_counter() - started) * 1000
                 log.info(
                     "%s %s %d %.1fms decision=%s request_id=%s",
                     scope["method"],
-                    path.decode("latin-1"),
+                    path,
                     status[0],
-                    (time.perf_counter() - started) * 1000,
+                    duration,
                     state.get(DECISION, "-"),
                     request_id,
-                    extra={
+                    extra={  # the JSON log's fields (payments/logformat.py)
                         "method": scope["method"],
+                        "path": path,
+                        "duration_ms": round(duration, 1),
                         "status": status[0],
                         "decision": state.get(DECISION),
                         "request_id": request_id,
