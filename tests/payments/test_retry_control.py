@@ -1,4 +1,4 @@
-"""Retry control that adapts to acquirer health (docs/operations.md, "Retry control").
+"""Retry control that adapts to acquirer health (docs/acquirer.md, "Retry control").
 
 The arithmetic first, on a clock the test moves (no sleeps): the retry budget, adaptive
 throttling's rejection probability over its sliding window, health and the stretched backoff.

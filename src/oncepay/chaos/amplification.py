@@ -1,5 +1,5 @@
 """Retry amplification in a chaos run: HTTP attempts sent to the acquirers ÷ logical operations
-the payments service asked of them (docs/operations.md, "Retry control").
+the payments service asked of them (docs/acquirer.md, "Retry control").
 
 The API processes and the worker keep their metrics in one ``PROMETHEUS_MULTIPROC_DIR``
 (prometheus-client's multiprocess mode: a file per process, written as the counters move), so

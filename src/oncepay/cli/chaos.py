@@ -43,7 +43,7 @@ def chaos(
         float, typer.Option(min=0, help="Seconds into the run the full outage starts.")
     ] = 10.0,
     retry_control: Annotated[
-        str, typer.Option(help="Acquirer retry control: adaptive or fixed (docs/operations.md).")
+        str, typer.Option(help="Acquirer retry control: adaptive or fixed (docs/acquirer.md).")
     ] = "adaptive",
     acquirer_attempts: Annotated[
         int, typer.Option(min=1, help="Attempts per acquirer call (fixed: all of them).")

@@ -27,7 +27,7 @@ class Settings(BaseSettings):
     acquirer_timeout: float = Field(default=5.0, gt=0)
     # Attempts per acquirer call (same reference, so harmless): three ride out a blip.
     acquirer_attempts: int = Field(default=3, ge=1)
-    # Retry control (docs/operations.md, "Retry control"): "adaptive" retries within a budget,
+    # Retry control (docs/acquirer.md, "Retry control"): "adaptive" retries within a budget,
     # throttles itself from the acquirer's success rate and stretches backoff with its latency;
     # "fixed" makes every attempt, for comparisons. Envoy's budget: retries at most 20 % of
     # the calls in progress, never fewer than 3 at once.

@@ -17,7 +17,7 @@ breaker open                               no        (not sent)       no
 first attempt throttled locally            no        (not sent)       no
 =========================================  ========  ===============  ======================
 
-Retry control (:mod:`.control`; docs/operations.md): a retry is made only while the attempts
+Retry control (:mod:`.control`; docs/acquirer.md): a retry is made only while the attempts
 last, the acquirer is not degraded (:mod:`.health`), its retry budget has room (:mod:`.budget`)
 and adaptive throttling lets it through (:mod:`.throttle`); otherwise the last failure stands.
 When the attempts end the answer is ``UNKNOWN``, with ``never_sent=True`` only when no attempt
