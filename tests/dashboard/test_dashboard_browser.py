@@ -106,6 +106,39 @@ def _open_discrepancy(folder: Path, payment_id: str) -> int:
     return asyncio.run(add())
 
 
+def _open_finding(folder: Path, merchant_id: str) -> None:
+    """A finding as the worker's live analysis would store it (tested in tests/insight/)."""
+    from sqlalchemy import insert
+
+    from oncepay.insight.store import findings
+    from oncepay.storage.db import Database, write
+
+    async def add() -> None:
+        db = Database.from_url(f"sqlite:///{folder / 'oncepay.db'}")
+        now = time.time()
+        try:
+            async with write(db) as conn:
+                await conn.execute(
+                    insert(findings).values(
+                        id="fnd_browser",
+                        merchant_id=merchant_id,
+                        kind="key_per_retry",
+                        status="open",
+                        first_at=now - 600,
+                        last_at=now - 60,
+                        events=42,
+                        detail="42 requests were retried under a fresh Idempotency-Key",
+                        evidence='{"example_keys": ["9f2c41d0"], "sources": 3}',
+                        created_at=now,
+                        updated_at=now,
+                    )
+                )
+        finally:
+            await db.aclose()
+
+    asyncio.run(add())
+
+
 def _browser() -> Any:
     require_tool("chromium")
     from playwright.sync_api import sync_playwright
@@ -119,6 +152,7 @@ def test_an_operator_signs_in_watches_searches_exports_and_resolves(
     shots = os.environ.get("ONCEPAY_SCREENSHOTS")
     earlier = service.pay("browser-earlier")
     discrepancy = _open_discrepancy(service.folder, earlier["id"])
+    _open_finding(service.folder, "mer_browser_test")
     problems: list[str] = []
     with _browser() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
@@ -213,6 +247,10 @@ def test_an_operator_signs_in_watches_searches_exports_and_resolves(
         page.goto(f"{service.url}/dashboard/discrepancies?status=resolved")
         assert "FIN-42" in page.locator(f'tr[data-discrepancy="{discrepancy}"]').inner_text()
         page.goto(f"{service.url}/dashboard/findings")
+        finding = page.locator("#findings tbody tr").first.inner_text()
+        assert "key_per_retry" in finding
+        assert "fresh Idempotency-Key" in finding
+        assert "9f2c41d0" in finding  # its evidence
         snap("findings")
         browser.close()
     assert problems == []
