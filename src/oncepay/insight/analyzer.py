@@ -189,6 +189,9 @@ class Analyzer:
         self.bounds = bounds or TtlBounds()
         self.records = 0
         self.latest = -math.inf  # the time of the latest decision fed
+        # Tenants with new evidence since the caller last emptied this (the live path: only
+        # their findings can have grown).
+        self.evidenced: set[str] = set()
         self._tenants: dict[str, _Tenant] = {}
         self._ttl = TtlLearner()
 
@@ -232,6 +235,7 @@ class Analyzer:
                 kind = self._classify(tenant, row, state, bucket)
                 if kind is not None:
                     tenant.series[kind].evidence(bucket, at, key, source)
+                    self.evidenced.add(name)
                 continue
             # A key's first send.
             known = tenant.routes.get(route)
@@ -250,6 +254,7 @@ class Analyzer:
             gap = at - before[0]
             if gap <= quick or (before[2] >= 500 and gap <= failed):
                 tenant.series[KEY_PER_RETRY].evidence(bucket, at, key, source)
+                self.evidenced.add(name)
         if count:
             self.records += count
             self.latest = max(self.latest, at)

@@ -164,8 +164,8 @@ class LiveInsight:
         analyzer.feed_rows(rows)
         step = Step(records=len(rows), bad_lines=len(bad), more=self.tail.more)
         reports: list[tuple[Finding, Evidence]] = []
-        if rows:
-            touched = {row[1] for row in rows}
+        if analyzer.evidenced:  # only a tenant with new evidence can have a new or grown finding
+            touched, analyzer.evidenced = analyzer.evidenced, set()
             reports = [r for r in analyzer.reports(touched) if self._changed(r[0])]
         if now - self._ttl_at >= self.ttl_every and analyzer.records:
             self._ttl_at = now
