@@ -85,7 +85,7 @@ TEST_MERCHANT = "Test merchant"
 # The scope vocabulary (docs/payments-api.md, "API keys"): ``<resource>:<access>``, access
 # ``read`` (GET, HEAD), ``write`` (everything else; it includes read) or ``*``; resource ``*``
 # is every resource (``*:read``: a read-only key).
-RESOURCES = ("payments", "refunds", "events", "webhook_endpoints")
+RESOURCES = ("payments", "refunds", "events", "webhook_endpoints", "insight")
 # Reference data every key may read, restricted or not: it says nothing about the merchant.
 READABLE_BY_EVERY_KEY = frozenset({"currencies"})
 ACCESS = ("read", "write", "*")
@@ -99,6 +99,7 @@ _SEGMENTS = {
     "webhook_deliveries": "webhook_endpoints",
     "deliveries": "webhook_endpoints",
     "redeliver": "webhook_endpoints",
+    "insight": "insight",
 }
 
 Clock = Callable[[], float]
