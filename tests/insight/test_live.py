@@ -349,3 +349,24 @@ async def test_the_worker_job_counts_findings_records_and_the_logs_own_counts(
     ) as client:
         scraped = (await client.get("/metrics")).text
     assert "oncepay_insight_findings_opened_total" in scraped
+
+
+async def test_the_worker_hands_learned_ttls_to_the_gates_policy(tmp_path: Path) -> None:
+    """With learned TTLs on and no file as their source, the live analysis is the source."""
+    log = tmp_path / "usage.jsonl"
+    url = database_url("sqlite", tmp_path)
+    async with running_stack(url, tmp_path, usage_log=str(log), adaptive_ttl=True) as stack:
+        tenant = stack.merchant.id
+        retried: list[Usage] = []
+        for n in range(40):  # each payment retried 5 s later with its key: a replay
+            retried.append(usage(T0 + n * 60, f"k{n}", tenant=tenant))
+            retried.append(usage(T0 + n * 60 + 5, f"k{n}", "replayed", tenant=tenant))
+        append(log, retried)
+        policy = stack.services.ttl_policy
+        assert policy is not None
+        assert policy.learned() == {}
+        job = insight_job(stack.services)
+        assert job is not None
+        await job()
+        job.close()
+        assert policy.learned() == {(tenant, "POST /v1/payments"): 300.0}  # the minimum
