@@ -24,7 +24,7 @@ import pytest
 
 from oncepay.payments import tracing
 from tests.payments.stack import database_url, drop_schema
-from tests.processes import ROOT, free_port, oncepay_args, wait_for_port
+from tests.processes import ROOT, free_port, oncepay_args, running, wait_for_port
 
 pytest.importorskip("opentelemetry.sdk", reason="the otel extra")
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
@@ -274,6 +274,73 @@ def test_one_trace_holds_the_payment_its_phases_attempts_replay_and_webhook(
     assert delivery["attributes"]["http.response.status_code"] == 200
     [webhook] = received.webhooks
     assert webhook["traceparent"].split("-")[1] == request["trace"]
+
+
+@pytest.mark.slow
+def test_a_failover_links_to_the_failed_call_and_retries_count_their_resends(
+    tmp_path: Path,
+) -> None:
+    """The primary acquirer refuses connections (never sent: failing over is safe); its
+    attempts are numbered, and the call on the secondary links to the primary's call."""
+    db = f"sqlite:///{tmp_path / 'p.db'}"
+    merchant = subprocess.run(
+        oncepay_args("merchants", "create", "Shop", "--database-url", db),
+        check=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+    )
+    api_key = json.loads(merchant.stdout)["api_key"]
+    secondary_port, api_port, nobody = free_port(), free_port(), free_port()
+    acquirer_args = oncepay_args(
+        "acquirer", "--port", str(secondary_port), "--database-url", f"sqlite:///{tmp_path}/a.db"
+    )
+    with receiver() as (port_in, received), running(acquirer_args, secondary_port):
+        env = {
+            "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port_in}",
+            "OTEL_BSP_SCHEDULE_DELAY": "50",
+            "ONCEPAY_DATABASE_URL": db,
+            "ONCEPAY_ACQUIRER_URL": f"http://127.0.0.1:{nobody}",  # nothing listens there
+            "ONCEPAY_SECONDARY_ACQUIRER_URL": f"http://127.0.0.1:{secondary_port}",
+            "ONCEPAY_ACQUIRER_RETRY_CONTROL": "fixed",  # every attempt made
+            "ONCEPAY_RUN_WORKER": "false",
+        }
+        with running(oncepay_args("serve", "--port", str(api_port)), api_port, env):
+            paid = httpx.post(
+                f"http://127.0.0.1:{api_port}/v1/payments",
+                json=PAYMENT,
+                headers={"Authorization": f"Bearer {api_key}", "Idempotency-Key": "fo-1"},
+                timeout=60,
+            )
+            assert paid.status_code == 201, paid.text
+            assert paid.json()["acquirer"] == "secondary"
+
+            def calls() -> list[dict[str, Any]]:
+                return [s for s in received.spans if s["name"] == "acquirer authorize"]
+
+            received.wait_for("both authorize calls", lambda: len(calls()) == 2)
+            received.wait_for(
+                "the attempts", lambda: len([s for s in received.spans if "attempt" in s["name"]])
+            )
+    first, second = sorted(calls(), key=lambda s: s["attributes"]["oncepay.acquirer"])
+    assert first["attributes"]["oncepay.acquirer"] == "primary"
+    assert first["attributes"]["oncepay.acquirer.outcome"] == "unknown"
+    assert first["attributes"]["oncepay.acquirer.never_sent"] is True
+    assert second["attributes"]["oncepay.acquirer.outcome"] == "approved"
+    assert second["attributes"]["oncepay.acquirer.failover_from"] == "primary"
+    assert [(t, i, a["oncepay.link"]) for t, i, a in second["links"]] == [
+        (first["trace"], first["id"], "failover")
+    ]
+    assert first["trace"] == second["trace"]
+    attempts = sorted(
+        (s for s in received.spans if s["parent"] == first["id"]),
+        key=lambda s: s["attributes"]["oncepay.acquirer.attempt"],
+    )
+    numbers = [a["attributes"]["oncepay.acquirer.attempt"] for a in attempts]
+    assert numbers == list(range(1, first["attributes"]["oncepay.acquirer.attempts"] + 1))
+    assert len(numbers) == 3  # ONCEPAY_ACQUIRER_ATTEMPTS' default
+    assert [a["attributes"].get("http.request.resend_count") for a in attempts] == [None, 1, 2]
 
 
 def test_serving_without_otel_variables_imports_no_tracing_sdk(tmp_path: Path) -> None:
