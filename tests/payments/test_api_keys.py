@@ -120,6 +120,24 @@ async def test_create_list_revoke_through_the_operator_api(stack: Stack) -> None
     assert stack.merchant.id in [m["id"] for m in merchants["data"]]
 
 
+async def test_merchants_are_listed_a_page_at_a_time(stack: Stack) -> None:
+    created = await operator_post(stack, "/v1/admin/merchants", {"name": "Second shop"})
+    assert created.status_code == 201, created.text
+    assert created.json()["secret"].startswith("sk_test_")
+    first = (await stack.client.get("/v1/admin/merchants?limit=1", headers=OPERATOR)).json()
+    assert len(first["data"]) == 1
+    assert first["has_more"] is True
+    after = first["data"][0]["id"]
+    rest = await stack.client.get(f"/v1/admin/merchants?starting_after={after}", headers=OPERATOR)
+    assert rest.json()["has_more"] is False
+    names = [m["name"] for m in first["data"] + rest.json()["data"]]
+    assert sorted(names) == ["Second shop", "Test shop"]
+    unknown = await stack.client.get("/v1/admin/merchants?starting_after=mer_x", headers=OPERATOR)
+    assert unknown.status_code == 400
+    blank = await operator_post(stack, "/v1/admin/merchants", {"name": " "})
+    assert blank.status_code == 400
+
+
 async def test_merchant_keys_need_the_operator_token(stack: Stack) -> None:
     path = f"/v1/admin/merchants/{stack.merchant.id}/keys"
     as_merchant = await stack.client.get(path)  # the merchant's own key is no operator's
