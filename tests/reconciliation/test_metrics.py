@@ -84,6 +84,8 @@ async def test_metrics_after_runs(stack: Stack) -> None:
     unchanged = key("oncepay_reconciliation_runs_total", outcome="unchanged", **primary)
     assert last.get(unchanged, 0.0) - after.get(unchanged, 0.0) == 1
     assert last[opened] == after[opened]  # nothing opened twice
+    taken = key("oncepay_reconciliation_actions_total", result="taken", **primary)
+    assert last[taken] == after[taken]  # nor voided twice
 
 
 async def test_the_open_gauge_follows_runs_and_closes(stack: Stack) -> None:
