@@ -7,15 +7,16 @@ settled funds, and books the acquirer's fee as an expense (SPEC §10).
 Each journal balances; a payout's lines therefore move exactly its net into settled funds.
 
 Posting is once per reference: the guard row in ``reconciliation_settlements`` is inserted
-first (``ON CONFLICT DO NOTHING … RETURNING``), and only the lines whose guard this
+first (:func:`~oncepay.reconciliation.bulk.insert_new`), and only the lines whose guard this
 transaction wrote are posted, in the same transaction: a re-run, or a second run at the same
 time, posts nothing twice. With the journal the payment's settlement columns are added to and
-a ``payment.settled`` event is written (the transactional outbox), all in bulk: one statement
-per table per batch, so a million lines cost a few thousand statements, not millions."""
+a ``payment.settled`` event is written (the transactional outbox), all in bulk
+(:mod:`.bulk`): a few statements per table per batch, so a million lines cost a few thousand
+statements, not millions."""
 
 from __future__ import annotations
 
-import functools
+import json
 import secrets
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
@@ -23,18 +24,20 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import bindparam, func, select, update
+from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from oncepay.payments import ledger
-from oncepay.payments.events import emit_many
 from oncepay.payments.models import payment_public
 from oncepay.payments.records import PaymentRow
-from oncepay.payments.storage.schema import ledger_entries, ledger_transactions, payments
+from oncepay.payments.storage.schema import ledger_entries, payments
+from oncepay.payments.webhooks.outbox import fan_out
+from oncepay.reconciliation import bulk
 from oncepay.reconciliation.fees import FeeSchedule
 from oncepay.reconciliation.records import Operation, ReportLine
-from oncepay.reconciliation.store import insert_new, settlements
+from oncepay.reconciliation.store import settlements
 from oncepay.storage.db import Database, write
+from oncepay.storage.ids import new_id
 
 __all__ = [
     "ACQUIRER_FEES",
@@ -54,9 +57,6 @@ ACQUIRER_FEES = ledger.ACQUIRER_FEES  # expense: what the acquirer kept
 BATCH = 5000
 # Payment ids per IN (...) list (SQLite allows 32,766 bound variables).
 _IDS = 5000
-
-_INSERT_TRANSACTIONS = ledger_transactions.insert()
-_INSERT_ENTRIES = ledger_entries.insert()
 
 
 def entries(line: ReportLine) -> ledger.Entries:
@@ -110,18 +110,19 @@ async def post_batch(
 ) -> None:
     """One transaction's worth: guards, journals, payments' settlement columns, events."""
     owners = await _owners(conn, {op.payment_id for _, op in batch})
-    guards = [_guard(acquirer, line, op, now) for line, op in batch if op.payment_id in owners]
-    if not guards:
-        return
-    statement = insert_new(db, settlements, ["reference"]).returning(settlements.c.reference)
-    new = set((await conn.execute(statement, guards)).scalars())
+    txn_of: dict[str, str] = {}
+    guards = []
+    for line, op in batch:
+        if op.payment_id in owners:
+            txn_of[op.reference] = txn = "txn_" + secrets.token_hex(12)
+            guards.append(_guard(acquirer, line, op, txn, now))
+    new = await bulk.insert_new(conn, db, "reconciliation_settlements", _GUARD, guards)
     if not new:
         return
-    txn_of = {guard["reference"]: guard["transaction_id"] for guard in guards}
     fresh = [(line, op) for line, op in batch if op.reference in new]
-    await _journals(conn, fresh, txn_of, owners, now)
+    await _journals(conn, db, fresh, txn_of, owners, now)
     changed = await _add_to_payments(conn, db, fresh, now)
-    await _settled_events(conn, changed)
+    await _settled_events(conn, db, changed, now)
     posted.lines += len(fresh)
     posted.payments += len(changed)
 
@@ -137,57 +138,62 @@ async def _owners(conn: AsyncConnection, ids: Iterable[str]) -> dict[str, str]:
     return found
 
 
-def _guard(acquirer: str, line: ReportLine, op: Operation, now: float) -> dict[str, Any]:
-    return {
-        "reference": op.reference,
-        "acquirer": acquirer,
-        "payment_id": op.payment_id,
-        "type": line.type,
-        "currency": line.currency,
-        "payout_id": line.payout_id,
-        "amount": line.amount,
-        "fee": line.fee,
-        "net": line.net,
-        "settled_at": line.settled_at,
-        "transaction_id": "txn_" + secrets.token_hex(12),
-        "created_at": now,
-    }
+_GUARD = (
+    "reference",
+    "acquirer",
+    "payment_id",
+    "type",
+    "currency",
+    "payout_id",
+    "amount",
+    "fee",
+    "net",
+    "settled_at",
+    "transaction_id",
+    "created_at",
+)
+_TRANSACTION = ("id", "merchant_id", "payment_id", "refund_id", "kind", "created_at")
+_ENTRY = ("transaction_id", "merchant_id", "payment_id", "account", "currency", "amount")
+_EVENT = ("id", "merchant_id", "type", "object_id", "data", "created_at")
+
+
+def _guard(acquirer: str, line: ReportLine, op: Operation, txn: str, now: float) -> tuple[Any, ...]:
+    return (
+        op.reference,
+        acquirer,
+        op.payment_id,
+        line.type,
+        line.currency,
+        line.payout_id,
+        line.amount,
+        line.fee,
+        line.net,
+        line.settled_at,
+        txn,
+        now,
+    )
 
 
 async def _journals(
     conn: AsyncConnection,
+    db: Database,
     fresh: Sequence[tuple[ReportLine, Operation]],
     txn_of: dict[str, str],
     owners: dict[str, str],
     now: float,
 ) -> None:
-    transactions, rows = [], []
+    transactions: list[tuple[Any, ...]] = []
+    rows: list[tuple[Any, ...]] = []
     for line, op in fresh:
-        txn, merchant = txn_of[op.reference], owners[op.payment_id]
+        txn, merchant, pid = txn_of[op.reference], owners[op.payment_id], op.payment_id
         refund_id = op.reference if op.type == "refund" else None
-        transactions.append(
-            {
-                "id": txn,
-                "merchant_id": merchant,
-                "payment_id": op.payment_id,
-                "refund_id": refund_id,
-                "kind": "settlement",
-                "created_at": now,
-            }
+        transactions.append((txn, merchant, pid, refund_id, "settlement", now))
+        rows.extend(
+            (txn, merchant, pid, account, line.currency, amount)
+            for account, amount in entries(line)
         )
-        for account, amount in entries(line):
-            rows.append(
-                {
-                    "transaction_id": txn,
-                    "merchant_id": merchant,
-                    "payment_id": op.payment_id,
-                    "account": account,
-                    "currency": line.currency,
-                    "amount": amount,
-                }
-            )
-    await conn.execute(_INSERT_TRANSACTIONS, transactions)
-    await conn.execute(_INSERT_ENTRIES, rows)
+    await bulk.insert(conn, db, "ledger_transactions", _TRANSACTION, transactions)
+    await bulk.insert(conn, db, "ledger_entries", _ENTRY, rows)
 
 
 async def _add_to_payments(
@@ -203,40 +209,13 @@ async def _add_to_payments(
         total[0 if line.type == "capture" else 1] += line.amount
         total[2] += line.fee
         total[3] = max(total[3], _posix(line.settled_at, now))
-    values = [
-        {"pid": pid, "captured": c, "refunded": r, "fee": f, "at": at, "now": now}
-        for pid, (c, r, f, at) in sorted(sums.items())
-    ]
-    await conn.execute(_add_settled(db.is_sqlite), values)
     ids = sorted(sums)
+    await bulk.add_settled(conn, db, [(pid, *sums[pid]) for pid in ids], now)
     rows: list[PaymentRow] = []
     for start in range(0, len(ids), _IDS):
         query = select(payments).where(payments.c.id.in_(ids[start : start + _IDS]))
         rows.extend(cast(PaymentRow, row) for row in (await conn.execute(query)).all())
     return sorted(rows, key=lambda row: row.id)
-
-
-@functools.cache
-def _add_settled(is_sqlite: bool) -> Any:
-    """The statement, built once per dialect. The settled time only moves forward: SQLite's
-    two-argument max() (NULL if either is, hence the coalesce), PostgreSQL's GREATEST (which
-    skips a NULL)."""
-    latest = (
-        func.max(func.coalesce(payments.c.settled_at, 0.0), bindparam("at"))
-        if is_sqlite
-        else func.greatest(payments.c.settled_at, bindparam("at"))
-    )
-    return (
-        update(payments)
-        .where(payments.c.id == bindparam("pid"))
-        .values(
-            amount_settled=payments.c.amount_settled + bindparam("captured"),
-            amount_refund_settled=payments.c.amount_refund_settled + bindparam("refunded"),
-            settlement_fee=payments.c.settlement_fee + bindparam("fee"),
-            settled_at=latest,
-            updated_at=bindparam("now"),
-        )
-    )
 
 
 def _posix(settled_at: str, default: float) -> float:
@@ -246,11 +225,25 @@ def _posix(settled_at: str, default: float) -> float:
         return default  # the report's time is evidence, kept as written in the guard row
 
 
-async def _settled_events(conn: AsyncConnection, changed: Sequence[PaymentRow]) -> None:
-    await emit_many(
-        conn,
-        [(row.merchant_id, "payment.settled", row.id, payment_public(row)) for row in changed],
-    )
+async def _settled_events(
+    conn: AsyncConnection, db: Database, changed: Sequence[PaymentRow], now: float
+) -> None:
+    """A ``payment.settled`` event per payment, and their webhook deliveries (the outbox):
+    the merchant's endpoints are asked once per merchant and transaction."""
+    dumps = json.JSONEncoder(separators=(",", ":")).encode
+    rows = [
+        (new_id("evt"), row.merchant_id, "payment.settled", row.id, dumps(payment_public(row)), now)
+        for row in changed
+    ]
+    await bulk.insert(conn, db, "events", _EVENT, rows)
+    unsubscribed: set[str] = set()
+    for event_id, merchant, kind, *_ in rows:
+        if merchant not in unsubscribed:
+            reached = await fan_out(
+                conn, merchant_id=merchant, event_id=event_id, event_type=kind, now=now
+            )
+            if not reached:
+                unsubscribed.add(merchant)
 
 
 async def check_payouts(conn: AsyncConnection) -> list[ledger.Violation]:

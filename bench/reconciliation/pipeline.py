@@ -1,0 +1,162 @@
+"""Reconciliation end to end: :func:`oncepay.reconciliation.pipeline.reconcile` on a real
+payments database, a report of N lines against N captured payments.
+
+    python bench/reconciliation/pipeline.py                  # SQLite, PostgreSQL; 10k, 100k
+    python bench/reconciliation/pipeline.py --sizes 1000000  # one size
+    python bench/reconciliation/pipeline.py --json bench/reconciliation/pipeline.json
+
+Each (database, size) runs in a fresh child process, so that its peak RSS is its own. The
+child seeds N captured payments and their capture journals straight into a migrated payments
+database (SQLite in a temporary folder, or a PostgreSQL schema of its own, dropped after),
+writes the day's settlement report (one capture line per payment, the fee by the schedule, one
+amount mismatch planted per thousand lines), then times one call of ``reconcile(services,
+"primary", report=…)``: parse, match, classify, read OncePay's books, persist the run and its
+discrepancies, post every matched line to the ledger (guard row, journal of three entries, the
+payment's settlement columns, a ``payment.settled`` event). A second call (the re-run, which
+writes nothing) is timed too. Seeding is not timed."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from datetime import UTC, date, datetime
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from sqlalchemy import text  # noqa: E402
+
+from bench.harness.environment import git_state, machine  # noqa: E402
+from bench.harness.report import markdown_table  # noqa: E402
+from bench.reconciliation.books import seed  # noqa: E402
+from oncepay.payments.bootstrap import start  # noqa: E402
+from oncepay.payments.settings import Settings  # noqa: E402
+from oncepay.reconciliation.fees import DEFAULT_SCHEDULE, FeeSchedule  # noqa: E402
+from oncepay.reconciliation.pipeline import reconcile  # noqa: E402
+from oncepay.storage.db import Database, read  # noqa: E402
+
+DAY = date(2026, 12, 1)
+SIZES = (10_000, 100_000)
+POSTGRES = "postgresql://postgres@127.0.0.1:5432/postgres"
+
+
+def report(count: int) -> bytes:
+    """The day's report: the capture of every seeded payment (``books.payment_row``)."""
+    out = ["reference,type,amount,currency,fee,net,settled_at,payout_id\n"]
+    for n in range(count):
+        amount = 1000 + n % 5000 + (1 if n % 1000 == 999 else 0)  # one mismatch per thousand
+        fee = DEFAULT_SCHEDULE.fee("capture", amount)
+        net = FeeSchedule.net("capture", amount, fee)
+        out.append(
+            f"pay_{n:010d}_a1,capture,{amount},EUR,{fee},{net},{DAY}T13:00:00+00:00,po_{DAY}_EUR\n"
+        )
+    return "".join(out).encode()
+
+
+async def measure(url: str, count: int) -> dict[str, float | int | str]:
+    settings = Settings(database_url=url, acquirer_url="http://127.0.0.1:9", run_worker=False)
+    services = await start(settings)
+    db = services.db
+    try:
+        at = datetime(2026, 12, 1, 12, tzinfo=UTC).timestamp()
+        await seed(db, count, at)
+        content = report(count)
+        begun = time.perf_counter()
+        first = await reconcile(services, "primary", day=DAY, report=content, now=at + 7200)
+        elapsed = time.perf_counter() - begun
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        begun = time.perf_counter()
+        again = await reconcile(services, "primary", day=DAY, report=content, now=at + 7300)
+        rerun = time.perf_counter() - begun
+        assert first.matched == first.settled == count - count // 1000, first
+        assert len(first.discrepancies) == count // 1000
+        assert (again.settled, again.opened, again.new_run) == (0, 0, False)
+        entries = await _count(db, "ledger_entries")
+        return {
+            "database": db.dialect,
+            "lines": count,
+            "seconds": elapsed,
+            "lines_per_s": count / elapsed,
+            "rerun_s": rerun,
+            "peak_rss_mb": rss,
+            "ledger_entries": entries,
+        }
+    finally:
+        if db.schema:
+            async with db.engine.begin() as conn:
+                await conn.execute(text(f'DROP SCHEMA IF EXISTS "{db.schema}" CASCADE'))
+        await services.aclose()
+
+
+async def _count(db: Database, table: str) -> int:
+    async with read(db) as conn:
+        return int((await conn.execute(text(f"SELECT count(*) FROM {table}"))).scalar_one())
+
+
+def one(backend: str, count: int) -> dict[str, float | int | str]:
+    with tempfile.TemporaryDirectory() as tmp:
+        if backend == "sqlite":
+            url = f"sqlite:///{Path(tmp) / 'payments.db'}"
+        else:
+            url = f"{POSTGRES}?schema=bench_pipe_{uuid.uuid4().hex[:8]}"
+        return asyncio.run(measure(url, count))
+
+
+def child(backend: str, count: int) -> dict[str, float | int | str]:
+    out = subprocess.run(
+        [sys.executable, __file__, "--one", backend, str(count)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    result: dict[str, float | int | str] = json.loads(out.stdout.splitlines()[-1])
+    return result
+
+
+def table(results: list[dict[str, float | int | str]]) -> str:
+    headers = ("database", "lines", "end to end s", "lines/s", "re-run s", "peak RSS MB")
+    rows = [
+        (
+            "SQLite" if r["database"] == "sqlite" else "PostgreSQL",
+            f"{r['lines']:,}",
+            f"{r['seconds']:.2f}",
+            f"{r['lines_per_s']:,.0f}",
+            f"{r['rerun_s']:.2f}",
+            f"{r['peak_rss_mb']:.0f}",
+        )
+        for r in results
+    ]
+    return markdown_table(headers, rows, right=range(1, len(headers)))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=list(SIZES))
+    parser.add_argument("--databases", nargs="+", default=["sqlite", "postgresql"])
+    parser.add_argument("--one", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(one(args.one[0], int(args.one[1]))))
+        return
+    results = []
+    for count in args.sizes:
+        for backend in args.databases:
+            results.append(child(backend, count))
+            print(json.dumps(results[-1]), file=sys.stderr)
+    print(table(results))
+    if args.json:
+        document = {"git": git_state(), "machine": machine(), "results": results}
+        args.json.write_text(json.dumps(document, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
