@@ -81,6 +81,16 @@ async def test_a_key_over_its_rate_gets_429_with_the_ratelimit_fields(stack: Sta
     assert sf_list(refused.headers["ratelimit"]) == {"key": {"r": 0, "t": wait}}
 
 
+async def test_a_malformed_request_counts_too(stack: Stack) -> None:
+    async with limited(stack, rate_limit_per_key="2/minute") as (client, _):
+        bad = {"Idempotency-Key": "k", "Content-Type": "application/json"}
+        for _ in range(2):
+            refused = await client.post("/v1/payments", content=b"{not json", headers=bad)
+            assert refused.status_code == 400
+        over = await client.post("/v1/payments", content=b"{not json", headers=bad)
+    assert over.status_code == 429
+
+
 async def test_a_429_is_never_stored_under_the_idempotency_key(stack: Stack) -> None:
     async with limited(stack, rate_limit_per_key="1/minute") as (client, app):
         assert (await client.get("/v1/payments")).status_code == 200

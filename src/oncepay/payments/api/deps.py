@@ -270,6 +270,7 @@ class ApiRoute(StrictJsonRoute):
             await _operator(request, services, None)
         elif _merchant in calls:
             caller = await authenticate(services, request.headers.get("authorization"))
+            await request.app.state.rate_limits.check(caller.key_id, caller.id)  # it counts
             require_scope(caller, self.path_format, request.method)  # 403 before 400 too
 
 
