@@ -406,3 +406,41 @@ def test_tracing_is_on_only_when_the_otel_variables_ask(
     environ: dict[str, str], expected: bool
 ) -> None:
     assert tracing.wanted(environ) is expected
+
+
+@pytest.mark.parametrize(
+    ("protocol", "expected"),
+    [
+        ("http/protobuf", "opentelemetry.exporter.otlp.proto.http.trace_exporter"),
+        ("grpc", "opentelemetry.exporter.otlp.proto.grpc.trace_exporter"),
+        ("http/json", "ConfigurationError"),
+    ],
+)
+def test_the_otlp_protocol_variable_picks_the_exporter(protocol: str, expected: str) -> None:
+    script = """
+from oncepay.errors import ConfigurationError
+from oncepay.payments import tracing
+try:
+    tracing.setup()
+except ConfigurationError as exc:
+    print("ConfigurationError", exc)
+else:
+    processors = tracing._provider._active_span_processor._span_processors
+    print(*(type(p.span_exporter).__module__ for p in processors))
+"""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    env |= {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:9",
+        "OTEL_EXPORTER_OTLP_PROTOCOL": protocol,
+        "PYTHONPATH": str(ROOT),
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        check=True,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.stdout.split()[0] == expected
