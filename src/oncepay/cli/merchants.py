@@ -25,7 +25,7 @@ keys_app = typer.Typer(
     no_args_is_help=True,
     rich_markup_mode=None,
 )
-merchants_app.add_typer(keys_app, name="keys")
+merchants_app.add_typer(keys_app, name="keys", short_help="A merchant's API keys.")
 
 ACTOR = "cli"
 T = TypeVar("T")
@@ -35,7 +35,7 @@ MerchantArg = Annotated[str, typer.Argument(help="The merchant: its id (mer_…)
 KeyArg = Annotated[str, typer.Argument(help="The key's id (key_…), as `keys list` shows it.")]
 
 
-@merchants_app.command("create")
+@merchants_app.command("create", short_help="Create a merchant and its first API key.")
 def merchants_create(name: str, database_url: DatabaseUrl = None) -> None:
     """Create a merchant; prints JSON with its id and API key (shown once, stored hashed)."""
     if not name.strip():
@@ -51,7 +51,7 @@ def merchants_create(name: str, database_url: DatabaseUrl = None) -> None:
     print(json.dumps({"id": merchant.id, "name": merchant.name, "api_key": api_key}))
 
 
-@merchants_app.command("list")
+@merchants_app.command("list", short_help="List the merchants.")
 def merchants_list(database_url: DatabaseUrl = None, as_json: Json = False) -> None:
     """List the merchants, oldest first."""
 
@@ -75,7 +75,7 @@ def merchants_list(database_url: DatabaseUrl = None, as_json: Json = False) -> N
         print(f"{row['id']}  {row['name']}")
 
 
-@keys_app.command("list")
+@keys_app.command("list", short_help="List a merchant's keys (prefix, scopes, status).")
 def keys_list(
     merchant: MerchantArg, database_url: DatabaseUrl = None, as_json: Json = False
 ) -> None:
@@ -96,7 +96,7 @@ def keys_list(
         print(f"{row['id']}  {row['prefix']}…  {row['status']:<8}  {scopes}  last used: {used}")
 
 
-@keys_app.command("create")
+@keys_app.command("create", short_help="Create a key, restricted to scopes or not.")
 def keys_create(
     merchant: MerchantArg,
     name: Annotated[str | None, typer.Option(help="A label, e.g. 'checkout server'.")] = None,
@@ -126,7 +126,7 @@ def keys_create(
     print(json.dumps(_run(database_url, create)))
 
 
-@keys_app.command("revoke")
+@keys_app.command("revoke", short_help="Revoke a key (refused within 30 s).")
 def keys_revoke(key: KeyArg, database_url: DatabaseUrl = None) -> None:
     """Revoke a key now: every API process refuses it within 30 s."""
 
@@ -139,7 +139,7 @@ def keys_revoke(key: KeyArg, database_url: DatabaseUrl = None) -> None:
     print(json.dumps(_run(database_url, revoke)))
 
 
-@keys_app.command("roll")
+@keys_app.command("roll", short_help="Replace a key; the old one works for --overlap.")
 def keys_roll(
     key: KeyArg,
     overlap: Annotated[
@@ -161,7 +161,7 @@ def keys_roll(
     print(json.dumps(_run(database_url, roll)))
 
 
-@keys_app.command("audit")
+@keys_app.command("audit", short_help="Every change to a merchant's keys.")
 def keys_audit(merchant: MerchantArg, database_url: DatabaseUrl = None) -> None:
     """Every change to the merchant's keys, newest first, as JSON lines."""
 
