@@ -140,6 +140,9 @@ def test_health_reads_latency_quantiles_and_degrades_on_errors_or_slowness(
     assert health.degraded(), "half the recent attempts failed"
     clock.advance(11)
     assert not health.degraded(), "the verdict expires with its window"
+    assert health.failing(), "but the last attempts failed: no retry until one succeeds"
+    health.observe(0.01, failed=False)
+    assert not health.failing()
     for _ in range(10):
         health.observe(0.45, failed=False)
     assert health.degraded(), "slow at p90"

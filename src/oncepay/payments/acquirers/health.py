@@ -57,9 +57,11 @@ class Health:
             raise ValueError("need slow > 0, window > 0 and minimum >= 1")
         self.slow, self.window, self.minimum, self.clock = slow, window, minimum, clock
         self._samples: deque[tuple[float, float, bool]] = deque(maxlen=SAMPLES)
+        self.streak = 0  # failed attempts in a row, however long ago
 
     def observe(self, seconds: float, *, failed: bool) -> None:
         self._samples.append((self.clock(), seconds, failed))
+        self.streak = self.streak + 1 if failed else 0
 
     def latency(self, quantile: float) -> float | None:
         """The recent latency at ``quantile`` (0.5, 0.9), or None with too few samples."""
@@ -88,8 +90,7 @@ class Health:
     def failing(self) -> bool:
         """The last attempts all failed, however long ago: retrying now is retrying into an
         outage. The next success ends it."""
-        streak = list(self._samples)[-DEGRADED_STREAK:]
-        return len(streak) == DEGRADED_STREAK and all(failed for _, _, failed in streak)
+        return self.streak >= DEGRADED_STREAK
 
     def _recent(self) -> list[tuple[float, float, bool]]:
         oldest = self.clock() - self.window
