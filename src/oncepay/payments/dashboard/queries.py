@@ -208,18 +208,7 @@ async def overview(
     health, and the open findings and discrepancies."""
     now = time.time() if now is None else now
     async with read(db) as conn:
-        by_status: dict[str, int] = dict(
-            (
-                await conn.execute(
-                    select(payments.c.status, func.count())
-                    .where(payments.c.created_at >= now - window)
-                    .group_by(payments.c.status)
-                    # SQLite would rather walk the (status, seq) index over every payment for
-                    # the GROUP BY than read the last minute off the creation-time index.
-                    .with_hint(payments, "INDEXED BY payments_created", "sqlite")
-                )
-            ).all()
-        )
+        by_status = await _by_status(conn, db, now - window)
         recent = (
             await conn.execute(select(payments).order_by(payments.c.seq.desc()).limit(10))
         ).all()
@@ -243,6 +232,24 @@ async def overview(
         "open_findings": findings,
         "open_discrepancies": discrepancies,
     }
+
+
+async def _by_status(conn: Any, db: Database, since: float) -> dict[str, int]:
+    """Payments created since ``since`` by status, read off the creation-time index. SQLite
+    would rather walk the (status, seq) index over every payment for the GROUP BY (1.2 s with
+    a million), and SQLAlchemy has no way to say INDEXED BY: so it is said in SQL."""
+    if db.is_sqlite:
+        query: Any = text(
+            "SELECT status, count(*) FROM payments INDEXED BY payments_created "
+            "WHERE created_at >= :since GROUP BY status"
+        ).bindparams(since=since)
+    else:
+        query = (
+            select(payments.c.status, func.count())
+            .where(payments.c.created_at >= since)
+            .group_by(payments.c.status)
+        )
+    return {str(status): int(count) for status, count in (await conn.execute(query)).all()}
 
 
 async def _count_open(conn: Any, table: str) -> int | None:
@@ -462,15 +469,17 @@ async def _records_of(
     points = _points(objects)
     names = [f"p{i}" for i in range(len(points))]
     params: dict[str, Any] = dict(zip(names, points, strict=True))
-    params["scope"] = payment.merchant_id
-    rows = await conn.execute(
+    # No "AND scope = …" in SQL: SQLite would then walk the merchant's records by the primary
+    # key instead of probing the recovery-point index. The scope is checked on the rows.
+    found = await conn.execute(
         text(
-            "SELECT idempotency_key, state, recovery_point, fence, created_at, response_status "
-            f"FROM {IDEMPOTENCY_TABLE} WHERE recovery_point IN "
-            f"({', '.join(':' + n for n in names)}) AND scope = :scope"
+            "SELECT scope, idempotency_key, state, recovery_point, fence, created_at, "
+            f"response_status FROM {IDEMPOTENCY_TABLE} WHERE recovery_point IN "
+            f"({', '.join(':' + n for n in names)})"
         ),
         params,
     )
+    rows = [r for r in found if r.scope == payment.merchant_id]
     return [
         _Record(
             hash_key(r.idempotency_key),
