@@ -61,7 +61,8 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         running = services or await bootstrap.start(settings)
         app.state.services = running
-        tracing.instrument_database(running.db)  # SQLAlchemy spans, with tracing on
+        if settings.trace_sql:  # a span per statement, with tracing on (costly: see the docs)
+            tracing.instrument_database(running.db)
         stop = asyncio.Event()
         worker = asyncio.create_task(run_worker(running, stop)) if settings.run_worker else None
         try:
