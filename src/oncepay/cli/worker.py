@@ -33,10 +33,13 @@ def worker(
 async def _worker(config: Any, *, once: bool) -> None:
     import signal
 
-    from oncepay.payments import bootstrap
+    from oncepay.payments import bootstrap, tracing
     from oncepay.payments.recovery import reap, recover_once, run_worker
 
+    tracing.setup()  # with OTEL_* variables set: recovery and deliveries in their traces
     services = await bootstrap.start(config)
+    if config.trace_sql:
+        tracing.instrument_database(services.db)
     console.print(f"database: {where(services.db)}", soft_wrap=True)
     try:
         if once:
@@ -52,3 +55,4 @@ async def _worker(config: Any, *, once: bool) -> None:
         await run_worker(services, stop)
     finally:
         await services.aclose()
+        tracing.shutdown()
