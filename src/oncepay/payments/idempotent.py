@@ -46,7 +46,8 @@ async def _gated(
     execute: Callable[[Ticket], Awaitable[Reply]],
 ) -> Reply:
     outcome = await svc.gate.decide(request, body, scope=merchant.id)
-    route = request.template or "-"  # a label: never the path itself (ids in it)
+    # A label as the key-usage log writes routes; never the path itself (ids in it).
+    route = f"{request.method} {request.template}" if request.template else "-"
     if isinstance(outcome, Respond):
         decision = _decision(outcome)
         IDEMPOTENCY_DECISIONS.labels(decision).inc()

@@ -114,6 +114,8 @@ class Settings(BaseSettings):
     # With tracing on (OTEL_* variables), a span per SQL statement too: SQLAlchemy's
     # instrumentation costs ~16 % of a payment's CPU even at 1 % sampling (bench/tracing).
     trace_sql: bool = False
+    # /metrics only with the operator token (ONCEPAY_ADMIN_TOKEN) as a bearer token.
+    metrics_require_token: bool = False
     # How often the worker looks for abandoned requests and expired keys.
     worker_interval: float = Field(default=1.0, gt=0)
     # How often the worker reconciles every acquirer's previous day and the current day so far

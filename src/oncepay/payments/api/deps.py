@@ -41,6 +41,7 @@ __all__ = [
     "idempotent",
     "idempotent_local",
     "known_query_only",
+    "operator_required",
     "problem_response",
     "resource_router",
     "send",
@@ -142,6 +143,14 @@ async def _operator(request: Request, services: ServicesDep, credentials: Creden
 
 # Every operator route depends on this: ``router = resource_router(operator=True)``.
 OperatorDep = Annotated[None, Depends(_operator)]
+
+
+async def operator_required(request: Request, services: Services) -> None:
+    """The operator token check where a route needs it only sometimes (``/metrics`` with
+    ``ONCEPAY_METRICS_REQUIRE_TOKEN``)."""
+    await _operator(request, services, None)
+
+
 Limit = Annotated[int, Query(ge=1, le=MAX_LIMIT)]
 
 
