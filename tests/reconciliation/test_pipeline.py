@@ -203,7 +203,7 @@ async def test_settled_payments_show_it_and_get_one_event(stack: Stack) -> None:
     assert [e["data"]["object"]["id"] for e in events["data"]] == [pid]
     assert events["data"][0]["data"]["object"]["amount_settled"] == 5000
     async with read(stack.db) as conn:
-        balances = dict(
+        balances: dict[str, int] = dict(
             (
                 await conn.execute(
                     text(
