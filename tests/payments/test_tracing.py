@@ -194,6 +194,8 @@ def test_one_trace_holds_the_payment_its_phases_attempts_replay_and_webhook(
             assert replay.headers["idempotent-replayed"] == "true"
             assert replay.content == paid.content
             assert tracing.TRACE_HEADER not in replay.headers  # stored, never sent
+            fetched = httpx.get(f"{url}/v1/payments/{paid.json()['id']}", headers=auth)
+            assert fetched.status_code == 200
 
             def decided(decision: str) -> list[dict[str, Any]]:
                 return [
@@ -204,6 +206,10 @@ def test_one_trace_holds_the_payment_its_phases_attempts_replay_and_webhook(
                 ]
 
             received.wait_for("replay span", lambda: decided("replayed"))
+            received.wait_for(
+                "the read's span, named by its route",
+                lambda: any(s["name"] == "GET /v1/payments/{payment_id}" for s in received.spans),
+            )
             received.wait_for(
                 "webhook delivery span",
                 lambda: any(s["name"] == "webhook delivery" for s in received.spans),

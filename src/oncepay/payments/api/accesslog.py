@@ -14,6 +14,7 @@ import time
 from typing import Any
 
 from oncepay.http.asgi import ASGIApp, Message, Receive, Scope, Send
+from oncepay.payments import tracing
 
 __all__ = ["DECISION", "REQUEST_ID", "AccessLog"]
 
@@ -40,6 +41,8 @@ class AccessLog:
         async def answer(message: Message) -> None:
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
+                if tracing.ENABLED:  # routed by now; the server span ends with the body
+                    tracing.named(scope)  # named by its route template
                 headers = [h for h in message.get("headers", []) if h[0].lower() != b"request-id"]
                 headers.append((b"request-id", request_id.encode()))
                 message = {**message, "headers": headers}
