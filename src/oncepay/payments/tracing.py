@@ -294,6 +294,8 @@ def decided(
         span.set_attribute("http.route", route)
     span.set_attribute("oncepay.idempotency.decision", decision)
     if key:
+        if len(key) >= 2 and key[0] == key[-1] == '"':  # an RFC 8941 sf-string, as parsed
+            key = key[1:-1].replace('\\"', '"').replace("\\\\", "\\")
         span.set_attribute("oncepay.idempotency.key_hash", key_hash(key))
     if fence is not None:
         span.set_attribute("oncepay.idempotency.fence", fence)
