@@ -303,3 +303,19 @@ async def test_the_worker_schedule_reconciles_yesterday_and_today(stack: Stack) 
 def test_run_results_say_what_the_spec_document_says() -> None:
     result = RunResult("rec_1", "primary", date(2026, 12, 1), 3, 2, 2, (), 0, 0, True)
     assert json.loads(json.dumps(result.as_json())) == {"matched": 2, "discrepancies": []}
+
+
+async def test_ledger_check_catches_a_settlement_out_of_line(stack: Stack) -> None:
+    pid = await paid(stack, 4000)
+    await run(stack, as_csv(await day_report(stack)))
+    assert await stack.ledger_violations() == []
+    async with write(stack.db) as conn:
+        await conn.execute(update(payments).where(payments.c.id == pid).values(settlement_fee=1))
+        await conn.execute(text("UPDATE reconciliation_settlements SET net = net + 5"))
+    problems = [v.problem for v in await stack.ledger_violations()]
+    assert any(p.startswith("settled_funds") for p in problems), problems
+    assert any(p.startswith("acquirer_fees") for p in problems), problems
+    async with read(stack.db) as conn:
+        payouts = [v.problem for v in await check_payouts(conn)]
+    assert any("is not capture 4000" in p for p in payouts), payouts
+    assert any("lines sum to net" in p for p in payouts), payouts
