@@ -68,6 +68,7 @@ class Operation:
     amount: int
     currency: str
     day: date
+    merchant_id: str = ""  # the payment's merchant, when read from the books (for posting)
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from datetime import UTC, date, datetime, timedelta
+from typing import Any, cast
 
 from sqlalchemy import select
 
@@ -53,6 +54,7 @@ async def operations_between(
             pay.c.amount_captured,
             pay.c.currency,
             ref.c.amount.label("refund_amount"),
+            pay.c.merchant_id,
         )
         .join(pay, pay.c.id == tx.c.payment_id)
         .outerjoin(ref, ref.c.id == tx.c.refund_id)
@@ -64,7 +66,8 @@ async def operations_between(
         )
     )
     async with read(db) as conn:
-        rows = (await conn.execute(query)).all()  # rows unpack as tuples: a million of them
+        # rows unpack as tuples: a million of them (more columns than SQLAlchemy's typed rows)
+        rows = cast(list[tuple[Any, ...]], (await conn.execute(query)).all())
     return sorted((_operation(*row) for row in rows), key=lambda op: op.reference)
 
 
@@ -78,17 +81,18 @@ def _operation(
     amount_captured: int,
     currency: str,
     refund_amount: int | None,
+    merchant_id: str,
 ) -> Operation:
     day = datetime.fromtimestamp(created_at, UTC).date()
     if kind == "refund":
         if refund_id is None or refund_amount is None:  # the ledger names a refund it lacks
             raise OncePayError(f"refund journal of payment {payment_id} has no refund row")
-        return Operation(refund_id, payment_id, "refund", refund_amount, currency, day)
+        return Operation(refund_id, payment_id, "refund", refund_amount, currency, day, merchant_id)
     if capture_method == "automatic":
         reference = authorization_reference(payment_id, attempt)
     else:
         reference = f"{payment_id}_capture"
-    return Operation(reference, payment_id, "capture", amount_captured, currency, day)
+    return Operation(reference, payment_id, "capture", amount_captured, currency, day, merchant_id)
 
 
 async def payments_by_id(db: Database, ids: Iterable[str]) -> dict[str, Payment]:
