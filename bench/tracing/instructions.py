@@ -1,0 +1,134 @@
+"""Instructions per payment under callgrind, tracing off, at 1 % and at 100 %: deterministic, so
+it judges tracing's cost while other work loads the machine (req/s and CPU time in run.py then
+scatter by ±20 % a round).
+
+Each variant runs ``payments`` in-process (the app through httpx's ASGI transport, SQLite, the
+embedded acquirer, one request at a time) twice, with N1 and N2 payments; the figure is
+(Ir(N2) - Ir(N1)) / (N2 - N1), which cancels start-up and imports. The traced variants export
+over OTLP/HTTP to a sink process outside valgrind, and flush before exiting, so their export
+work is counted too. All runs go at once (valgrind's counts do not depend on the load).
+
+    .venv/bin/python bench/tracing/instructions.py [--n1 20] [--n2 60]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script: bench imports
+
+from bench.harness.processes import free_port, stop_group, wait_port
+from bench.tracing.run import SINK
+
+HERE = Path(__file__).resolve().parent
+VARIANTS: dict[str, dict[str, str]] = {
+    "off": {},
+    "1%": {"OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.01"},
+    "100%": {"OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "1"},
+}
+
+
+async def payments(count: int, folder: str) -> None:
+    """``count`` payments, one after another (the measured program)."""
+    import httpx
+
+    from oncepay.payments import tracing
+    from oncepay.payments.api.app import create_app
+    from oncepay.payments.merchants import issue_test_key
+    from oncepay.payments.settings import Settings
+    from oncepay.payments.storage.migrations import migrated
+
+    url = f"sqlite:///{folder}/p.db"
+    async with migrated(url) as db:
+        _, key = await issue_test_key(db)
+    settings = Settings(
+        database_url=url, acquirer_database_url=f"sqlite:///{folder}/a.db", run_worker=False
+    )
+    app = create_app(settings)
+    body = {"amount": 1250, "currency": "EUR", "payment_method": "pm_card_ok"}
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://bench") as client:
+            for n in range(count):
+                headers = {"Authorization": f"Bearer {key}", "Idempotency-Key": f"k{n}"}
+                answer = await client.post("/v1/payments", json=body, headers=headers)
+                assert answer.status_code == 201, answer.text
+    tracing.shutdown()
+
+
+def instructions(variant: str, count: int, sink: int, out: Path) -> subprocess.Popen[bytes]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    if VARIANTS[variant]:
+        env |= {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{sink}", **VARIANTS[variant]}
+    env |= {"PYTHONHASHSEED": "0", "ONCEPAY_ACCESS_LOG": "false"}
+    folder = tempfile.mkdtemp(prefix="oncepay-cg-")
+    command = [
+        "valgrind",
+        "--tool=callgrind",
+        f"--callgrind-out-file={out}",
+        sys.executable,
+        __file__,
+        "--run",
+        str(count),
+        "--folder",
+        folder,
+    ]
+    return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def total(path: Path) -> int:
+    for line in path.read_text().splitlines():
+        if line.startswith(("summary:", "totals:")):
+            return int(line.split()[1])
+    raise RuntimeError(f"no totals in {path}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--n1", type=int, default=20)
+    parser.add_argument("--n2", type=int, default=60)
+    parser.add_argument("--run", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--folder", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.run is not None:
+        asyncio.run(payments(args.run, args.folder))
+        return
+    with tempfile.TemporaryDirectory() as out:
+        sink_port = free_port()
+        sink = subprocess.Popen(
+            [sys.executable, "-c", SINK, str(sink_port)], start_new_session=True
+        )
+        try:
+            wait_port(sink_port, sink)
+            runs = {
+                (variant, n): instructions(variant, n, sink_port, Path(out) / f"{variant}-{n}")
+                for variant in VARIANTS
+                for n in (args.n1, args.n2)
+            }
+            for (variant, n), process in runs.items():
+                if process.wait() != 0:
+                    raise RuntimeError(f"{variant} with {n} payments failed")
+        finally:
+            stop_group(sink)
+        per = {
+            v: (total(Path(out) / f"{v}-{args.n2}") - total(Path(out) / f"{v}-{args.n1}"))
+            / (args.n2 - args.n1)
+            for v in VARIANTS
+        }
+    rows = {
+        v: {"instructions": round(i), "vs_off": round(i / per["off"], 4)} for v, i in per.items()
+    }
+    (HERE / "instructions.json").write_text(json.dumps(rows, indent=2) + "\n")
+    for variant, row in rows.items():
+        print(f"{variant}: {row['instructions']:,} instructions a payment, x{row['vs_off']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
