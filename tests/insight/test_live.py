@@ -370,3 +370,25 @@ async def test_the_worker_hands_learned_ttls_to_the_gates_policy(tmp_path: Path)
         await job()
         job.close()
         assert policy.learned() == {(tenant, "POST /v1/payments"): 300.0}  # the minimum
+
+
+async def test_a_finding_the_database_refused_is_stored_at_the_next_step(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from oncepay.insight import live as live_module
+
+    planted = drifting(stack.merchant.id, T0, pairs=15)
+    append(log_of(stack), planted)
+    live = LiveInsight(log_of(stack), stack.db, announce=finding_opened)
+
+    async def unavailable(*args: object, **kwargs: object) -> None:
+        raise ConnectionError("the database is away")
+
+    monkeypatch.setattr(live_module, "record", unavailable)
+    with pytest.raises(ConnectionError):
+        await live.step(now=planted[-1].at)
+    monkeypatch.setattr(live_module, "record", record)
+    step = await live.step(now=planted[-1].at)  # no new line: the finding is retried anyway
+    assert step.records == 0
+    assert [f.kind for f in step.opened] == ["key_per_retry"]
+    live.close()

@@ -142,8 +142,12 @@ class LiveInsight:
         """Read what was appended, analyse it, store what changed."""
         now = time.time() if now is None else now
         step, reports = await asyncio.to_thread(self._analyse, now)
-        for finding, evidence in reports:
-            stored = await record(self.db, finding, evidence, announce=self.announce, now=now)
+        for done, (finding, evidence) in enumerate(reports):
+            try:
+                stored = await record(self.db, finding, evidence, announce=self.announce, now=now)
+            except Exception:  # the database is away: these tenants are looked at again next time
+                self.analyzer.evidenced.update(f.tenant for f, _ in reports[done:])
+                raise
             self._stored[(finding.tenant, finding.kind, finding.first_at)] = (
                 finding.last_at,
                 finding.events,
