@@ -9,6 +9,7 @@ disk (a full buffer) and a dead disk, through the API."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -24,7 +25,7 @@ import pytest
 
 from oncepay.insight.usage_log import UsageLog
 from oncepay.payments.metrics import exposition
-from tests.payments.stack import Stack, database_url, running_stack
+from tests.payments.stack import Stack, database_url, drop_schema, running_stack
 from tests.processes import ROOT, free_port, oncepay_args, running
 from tests.servers import require_postgres
 
@@ -47,8 +48,25 @@ def merchant(db: str, name: str) -> dict[str, Any]:
 
 
 @pytest.mark.slow
-def test_a_client_minting_a_key_per_retry_is_reported_live(tmp_path: Path) -> None:
-    db = f"sqlite:///{tmp_path / 'p.db'}"
+@pytest.mark.parametrize(
+    "backend",
+    [
+        pytest.param("sqlite", id="sqlite"),
+        pytest.param("postgres", id="postgres", marks=pytest.mark.postgres),
+    ],
+)
+def test_a_client_minting_a_key_per_retry_is_reported_live(tmp_path: Path, backend: str) -> None:
+    if backend == "postgres":
+        require_postgres()
+    db = database_url(backend, tmp_path)
+    try:
+        reported_live(tmp_path, db)
+    finally:
+        if backend == "postgres":
+            asyncio.run(drop_schema(db))
+
+
+def reported_live(tmp_path: Path, db: str) -> None:
     drifting, clean = merchant(db, "Drifting shop"), merchant(db, "Clean shop")
     port = free_port()
     env = {
