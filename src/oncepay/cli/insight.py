@@ -109,7 +109,7 @@ def _bounds(ttl_min: float, ttl_max: float, ttl_default: float, coverage: float)
         raise typer.Exit(2) from exc
 
 
-@insight_app.command("analyze")
+@insight_app.command("analyze", short_help="Findings and learned TTLs from a key-usage log.")
 def analyze_command(
     log: LogPath,
     as_json: Annotated[bool, typer.Option("--json", help="Print SPEC §9's JSON.")] = False,
@@ -143,7 +143,7 @@ def analyze_command(
         )
 
 
-@insight_app.command()
+@insight_app.command(short_help="Write a labelled traffic log (and a held-out week).")
 def simulate(
     out: Annotated[Path, typer.Option(help="The labelled week's log.")] = Path("insight.jsonl"),
     seed: Annotated[int, typer.Option(help="Seed of every die.")] = 1,
@@ -174,7 +174,7 @@ def _write(path: Path, simulation: Simulation, *, held_out: bool) -> int:
     return count
 
 
-@insight_app.command()
+@insight_app.command(short_help="Score the analyzer against a log's labels.")
 def score(
     log: LogPath,
     labels: Annotated[Path, typer.Argument(help="Labels: JSON Lines {tenant, kind, start, end}.")],

@@ -13,7 +13,7 @@ __all__ = ["ledger_app"]
 ledger_app = typer.Typer(help="The double-entry ledger.", no_args_is_help=True)
 
 
-@ledger_app.command("check")
+@ledger_app.command("check", short_help="Check the ledger, every payment and its settlement.")
 def ledger_check(database_url: DatabaseUrl = None) -> None:
     """Verify the ledger's invariants, every payment and its settlement against it, and each
     payout's lines; exit 1 on a violation."""
