@@ -67,7 +67,13 @@ def instructions(variant: str, count: int, sink: int, out: Path) -> subprocess.P
     env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
     if VARIANTS[variant]:
         env |= {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{sink}", **VARIANTS[variant]}
-    env |= {"PYTHONHASHSEED": "0", "ONCEPAY_ACCESS_LOG": "false"}
+    # valgrind runs the program ~50x slower: no acquirer call or lease may time out meanwhile.
+    env |= {
+        "PYTHONHASHSEED": "0",
+        "ONCEPAY_ACCESS_LOG": "false",
+        "ONCEPAY_ACQUIRER_TIMEOUT": "300",
+        "ONCEPAY_LEASE": "250",  # below adaptive_ttl_min (300 s)
+    }
     folder = tempfile.mkdtemp(prefix="oncepay-cg-")
     command = [
         "valgrind",
@@ -80,7 +86,12 @@ def instructions(variant: str, count: int, sink: int, out: Path) -> subprocess.P
         "--folder",
         folder,
     ]
-    return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = (out.parent / f"{out.name}.log").open("wb")
+    return subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def _file(variant: str, count: int) -> str:
+    return f"{variant.replace('%', 'pct')}-{count}"  # valgrind reads % in a file name
 
 
 def total(path: Path) -> int:
@@ -108,17 +119,18 @@ def main() -> None:
         try:
             wait_port(sink_port, sink)
             runs = {
-                (variant, n): instructions(variant, n, sink_port, Path(out) / f"{variant}-{n}")
+                (variant, n): instructions(variant, n, sink_port, Path(out) / _file(variant, n))
                 for variant in VARIANTS
                 for n in (args.n1, args.n2)
             }
             for (variant, n), process in runs.items():
                 if process.wait() != 0:
-                    raise RuntimeError(f"{variant} with {n} payments failed")
+                    log = (Path(out) / f"{_file(variant, n)}.log").read_text(errors="replace")
+                    raise RuntimeError(f"{variant} with {n} payments failed:\n{log[-3000:]}")
         finally:
             stop_group(sink)
         per = {
-            v: (total(Path(out) / f"{v}-{args.n2}") - total(Path(out) / f"{v}-{args.n1}"))
+            v: (total(Path(out) / _file(v, args.n2)) - total(Path(out) / _file(v, args.n1)))
             / (args.n2 - args.n1)
             for v in VARIANTS
         }
