@@ -130,6 +130,8 @@ async def test_searches_find_by_every_field_and_the_csv_holds_every_match(
         # Bad input is a 400, not a 500.
         for bad in ({"amount_min": "ten"}, {"status": "lost"}, {"created_from": "yesterday"}):
             assert (await client.get("/dashboard/payments", params=bad)).status_code == 400
+        for queue in ("/dashboard/discrepancies", "/dashboard/findings"):
+            assert (await client.get(queue, params={"status": "lost"})).status_code == 400
         exported = await client.get(
             "/dashboard/payments.csv", params={"currency": "", "status": "captured"}
         )

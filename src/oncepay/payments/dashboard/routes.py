@@ -488,6 +488,10 @@ async def _operator_api(
     answer = await _operator_call(request, method, path, params={**params, "limit": "100"})
     if answer.status_code == 404:
         return None
-    answer.raise_for_status()
+    if answer.status_code >= 400:  # e.g. an unknown status filter: the API's 4xx, passed on
+        problem = answer.json() if answer.content else {}
+        error = InvalidRequest(problem.get("detail", f"the operator API said {answer.status_code}"))
+        error.status = answer.status_code if answer.status_code < 500 else 502
+        raise error
     data: list[dict[str, Any]] = answer.json()["data"]
     return data
