@@ -89,11 +89,16 @@ async def insert_new(
     return {record[0] for record in found}
 
 
-async def add_settled(conn: AsyncConnection, db: Database, rows: list[Row], now: float) -> None:
+async def add_settled(
+    conn: AsyncConnection, db: Database, rows: list[Row], now: float, returning: Sequence[str]
+) -> list[Row]:
     """Add to each payment's settlement columns; ``rows`` are (payment id, captured settled,
-    refunds settled, fees, settled at). The settled time only moves forward."""
+    refunds settled, fees, settled at). The settled time only moves forward. Returns the
+    ``returning`` columns of the payments as they now are (for their events), with no second
+    look-up by id on PostgreSQL (``UPDATE … RETURNING``) and a driver-level one on SQLite."""
     if not rows:
-        return
+        return []
+    wanted = ", ".join(returning)
     if db.is_sqlite:
         await conn.exec_driver_sql(
             "UPDATE payments SET amount_settled = amount_settled + ?, "
@@ -102,18 +107,28 @@ async def add_settled(conn: AsyncConnection, db: Database, rows: list[Row], now:
             "settled_at = max(coalesce(settled_at, 0), ?), updated_at = ? WHERE id = ?",
             [(c, r, f, at, now, pid) for pid, c, r, f, at in rows],
         )
-        return
+        found: list[Row] = []
+        for start in range(0, len(rows), _KEYS):
+            chunk = tuple(row[0] for row in rows[start : start + _KEYS])
+            marks = ", ".join("?" * len(chunk))
+            result = await conn.exec_driver_sql(
+                f"SELECT {wanted} FROM payments WHERE id IN ({marks})", chunk
+            )
+            found.extend(tuple(row) for row in result.all())
+        return found
     driver = await _asyncpg(conn)
-    await driver.execute(
+    updated = await driver.fetch(
         "UPDATE payments AS p SET amount_settled = p.amount_settled + u.c, "
         "amount_refund_settled = p.amount_refund_settled + u.r, "
         "settlement_fee = p.settlement_fee + u.f, "
         "settled_at = GREATEST(p.settled_at, u.at), updated_at = $6 "
         "FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bigint[], $5::float8[]) "
-        "AS u(id, c, r, f, at) WHERE p.id = u.id",
+        "AS u(id, c, r, f, at) WHERE p.id = u.id RETURNING "
+        + ", ".join(f"p.{column}" for column in returning),
         *(list(column) for column in zip(*rows, strict=True)),
         now,
     )
+    return [tuple(record) for record in updated]
 
 
 async def _asyncpg(conn: AsyncConnection) -> Any:

@@ -36,6 +36,7 @@ __all__ = [
     "DEFAULT_GRACE_DAYS",
     "DEFAULT_VALIDITY_DAYS",
     "Books",
+    "Matching",
     "Settle",
     "alert",
     "named_payment",
@@ -105,14 +106,43 @@ def reconcile(
 
     Each settled (line, operation) pair goes to ``settle`` when given (a writer posting in
     batches keeps memory bounded), else into ``Outcome.settled``."""
-    run = _Run(books, fees, settle)
+    matching = Matching(books, fees=fees, settle=settle)
     for line in lines:
-        run.take(line)
-    run.settle_residual()
-    run.find_missing(as_of, grace_days)
-    run.find_orphans(authorizations)
-    run.find_stale(as_of, validity_days)
-    return run.outcome()
+        matching.take(line)
+    return matching.finish(
+        authorizations, as_of=as_of, grace_days=grace_days, validity_days=validity_days
+    )
+
+
+class Matching:
+    """:func:`reconcile` one line at a time: :meth:`take` each line as it is read, then
+    :meth:`finish`. The pipeline posts the settled pairs in batches between lines (bounded
+    memory); the outcome is the same as :func:`reconcile`'s over the same lines."""
+
+    def __init__(
+        self, books: Books, *, fees: FeeSchedule | None = None, settle: Settle | None = None
+    ) -> None:
+        self._run = _Run(books, fees, settle)
+
+    def take(self, line: ReportLine) -> None:
+        self._run.take(line)
+
+    def finish(
+        self,
+        authorizations: Iterable[Authorization] = (),
+        *,
+        as_of: date,
+        grace_days: int = DEFAULT_GRACE_DAYS,
+        validity_days: int = DEFAULT_VALIDITY_DAYS,
+    ) -> Outcome:
+        """The residual join (its settled pairs go to ``settle`` too), then what did not
+        settle; the outcome."""
+        run = self._run
+        run.settle_residual()
+        run.find_missing(as_of, grace_days)
+        run.find_orphans(authorizations)
+        run.find_stale(as_of, validity_days)
+        return run.outcome()
 
 
 class _Run:
@@ -180,9 +210,14 @@ class _Run:
             self._settle(line, op)
 
     def _unsettled_by_payment(self) -> dict[str, list[Operation]]:
-        ordered = sorted(self.by_reference.values(), key=lambda op: op.reference)
+        """The unsettled operations of the payments the residual lines name, lowest
+        reference first (only those: a million operations are not sorted for a few lines)."""
+        named = {line.order_id for line in self.residual if line.order_id}
+        if not named:
+            return {}
+        wanted = (op for op in self.by_reference.values() if op.payment_id in named)
         unsettled: dict[str, list[Operation]] = {}
-        for op in ordered:
+        for op in sorted(wanted, key=lambda op: op.reference):
             if op.reference not in self.seen:
                 unsettled.setdefault(op.payment_id, []).append(op)
         return unsettled

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import io
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
@@ -47,13 +46,20 @@ from oncepay.reconciliation.matcher import (
     DEFAULT_GRACE_DAYS,
     DEFAULT_VALIDITY_DAYS,
     Books,
+    Matching,
     alert,
     named_payment,
     refine,
     without_in_flight,
 )
-from oncepay.reconciliation.matcher import reconcile as match
-from oncepay.reconciliation.records import Authorization, Discrepancy, Kind, Outcome, ReportLine
+from oncepay.reconciliation.records import (
+    Authorization,
+    Discrepancy,
+    Kind,
+    Operation,
+    Outcome,
+    ReportLine,
+)
 from oncepay.reconciliation.remediation import (
     CANCEL_STALE,
     VOID_ORPHAN,
@@ -65,7 +71,7 @@ from oncepay.reconciliation.remediation import (
     voided_by_us,
 )
 from oncepay.reconciliation.report import read_report
-from oncepay.reconciliation.settlement import post_settlements
+from oncepay.reconciliation.settlement import BATCH, Posted, post_settlements
 from oncepay.reconciliation.source import (
     holds_from,
     holds_of,
@@ -143,17 +149,25 @@ async def reconcile(
         raise ValueError(f"no acquirer {acquirer!r} is configured")
     db = services.db
     inputs = await _inputs(services, acquirer, day, report, grace_days, reports)
-    lines = _Counted(read_report(io.BytesIO(inputs.report), mapping if report else ONCEPAY))
+    chosen = mapping if report else ONCEPAY
+    # First pass: the whole report is read before anything is written (a ReportError here
+    # leaves the database untouched), keeping nothing but the count.
+    count = sum(1 for _ in read_report(io.BytesIO(inputs.report), chosen))
     flying = await in_flight(db)  # after the report, before the books: see without_in_flight
     books = await _books(services, acquirer, day, grace_days, inputs)
-    outcome = match(
-        lines,
-        books,
-        inputs.authorizations,
-        as_of=day,
-        grace_days=grace_days,
-        fees=inputs.fees,
-    )
+    # Second pass: match and post as the lines stream through, BATCH settled pairs at a time,
+    # so memory holds the books and one batch, not the report's pairs.
+    posted = Posted()
+    pending: list[tuple[ReportLine, Operation]] = []
+    matching = Matching(books, fees=inputs.fees, settle=lambda line, op: pending.append((line, op)))
+    for line in read_report(io.BytesIO(inputs.report), chosen):
+        matching.take(line)
+        if len(pending) >= BATCH:
+            await post_settlements(db, acquirer, pending, now=now, posted=posted)
+            pending.clear()
+    outcome = matching.finish(inputs.authorizations, as_of=day, grace_days=grace_days)
+    await post_settlements(db, acquirer, pending, now=now, posted=posted)  # and the residual's
+    del pending[:]
     outcome = refine(outcome, await payments_by_id(db, _unknown_payments(outcome)))
     outcome = without_in_flight(outcome, flying)
     planned = await _plan(services, acquirer, outcome)
@@ -164,8 +178,7 @@ async def reconcile(
     if len(fresh) > cap:
         withheld, planned = len(fresh), [a for a in planned if a.id in done_before]
         outcome = _with_alert(outcome, acquirer, day, len(fresh), cap)
-    posted = await post_settlements(db, acquirer, outcome.settled, now=now)
-    saved = await _keep(services, acquirer, day, outcome, now, lines.count)
+    saved = await _keep(services, acquirer, day, outcome, now, count)
     tally = await _remediate(services, acquirer, planned, saved.run_id, set(done_before))
     found = await statuses(
         db, acquirer, [(d.kind.value, d.reference) for d in outcome.discrepancies]
@@ -180,7 +193,7 @@ async def reconcile(
         run_id=saved.run_id,
         acquirer=acquirer,
         day=day,
-        lines=lines.count,
+        lines=count,
         matched=outcome.matched,
         settled=posted.lines,
         discrepancies=outcome.discrepancies,
@@ -220,18 +233,6 @@ class _Inputs:
     authorizations: list[Authorization]
     settled_before: frozenset[str]
     fees: FeeSchedule | None
-
-
-class _Counted:
-    """The report's lines, counted as they stream through the matcher."""
-
-    def __init__(self, lines: Iterator[ReportLine]) -> None:
-        self.lines, self.count = lines, 0
-
-    def __iter__(self) -> Iterator[ReportLine]:
-        for line in self.lines:
-            self.count += 1
-            yield line
 
 
 async def _inputs(

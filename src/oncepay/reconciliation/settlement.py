@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import json
 import secrets
-from collections import defaultdict
+from collections import defaultdict, namedtuple
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from functools import lru_cache
 from typing import Any, cast
 
 from sqlalchemy import func, select
@@ -91,9 +92,11 @@ async def post_settlements(
     settled: Sequence[tuple[ReportLine, Operation]],
     *,
     now: float,
+    posted: Posted | None = None,
 ) -> Posted:
-    """Post each settled pair once, a batch per transaction."""
-    posted = Posted()
+    """Post each settled pair once, a batch per transaction; ``posted`` adds up across calls
+    (the pipeline calls this every :data:`BATCH` pairs as the report streams through)."""
+    posted = Posted() if posted is None else posted
     for start in range(0, len(settled), BATCH):
         async with write(db) as conn:
             await post_batch(conn, db, acquirer, settled[start : start + BATCH], now, posted)
@@ -199,6 +202,36 @@ async def _journals(
     await bulk.insert(conn, db, "ledger_entries", _ENTRY, rows)
 
 
+# The columns of a payment its ``payment.settled`` event shows (``payment_public``), read back
+# by the update that adds the settled money (no second look-up of the rows).
+_Snapshot = namedtuple(
+    "_Snapshot",
+    [
+        "id",
+        "merchant_id",
+        "amount",
+        "currency",
+        "status",
+        "capture_method",
+        "payment_method",
+        "description",
+        "metadata",
+        "amount_captured",
+        "amount_refunded",
+        "failure_code",
+        "failure_message",
+        "outcome_unknown",
+        "acquirer",
+        "created_at",
+        "amount_settled",
+        "amount_refund_settled",
+        "settlement_fee",
+        "settled_at",
+    ],
+)
+_SNAPSHOT: tuple[str, ...] = _Snapshot._fields
+
+
 async def _add_to_payments(
     conn: AsyncConnection,
     db: Database,
@@ -213,19 +246,22 @@ async def _add_to_payments(
         total[2] += line.fee
         total[3] = max(total[3], _posix(line.settled_at, now))
     ids = sorted(sums)
-    await bulk.add_settled(conn, db, [(pid, *sums[pid]) for pid in ids], now)
-    rows: list[PaymentRow] = []
-    for start in range(0, len(ids), _IDS):
-        query = select(payments).where(payments.c.id.in_(ids[start : start + _IDS]))
-        rows.extend(cast(PaymentRow, row) for row in (await conn.execute(query)).all())
+    found = await bulk.add_settled(conn, db, [(pid, *sums[pid]) for pid in ids], now, _SNAPSHOT)
+    rows = [cast(PaymentRow, _Snapshot(*row)) for row in found]
     return sorted(rows, key=lambda row: row.id)
 
 
 def _posix(settled_at: str, default: float) -> float:
+    found = _parsed_time(settled_at)
+    return default if found is None else found  # an unreadable time is kept as written
+
+
+@lru_cache(maxsize=4096)  # a report repeats its few settlement times a million times
+def _parsed_time(settled_at: str) -> float | None:
     try:
         return datetime.fromisoformat(settled_at).timestamp()
     except ValueError:
-        return default  # the report's time is evidence, kept as written in the guard row
+        return None
 
 
 async def _settled_events(
