@@ -92,7 +92,7 @@ class IdempotencyMiddleware:
             [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]],
             client[0] if client else None,
         )
-        if not gate.wants_key(request):
+        if not gate.required and not gate.wants_key(request):
             await self.app(scope, receive, send)
             return
         body = await read_body(request.header("content-length"), receive, gate.max_body)
@@ -106,7 +106,8 @@ class IdempotencyMiddleware:
             responder = _Responder(gate, outcome, send)
             if self.transactional:
                 responder.held = scope[TICKET_KEY] = RequestTicket(gate, outcome)
-            app_scope = _bodies_only(scope)
+            extensions = scope.get("extensions")
+            app_scope = _bodies_only(scope) if extensions else scope
             if gate.usage_log is not None:
                 responder.noting = (request, app_scope, scope.get("root_path", ""))
             await responder.run(self.app, app_scope, replaying(body, receive))
@@ -352,17 +353,18 @@ class _Responder:
         start = self.start
         assert start is not None, "http.response.body before http.response.start"
         assert last is not None, "completed twice"
-        headers = [
-            (k.decode("latin-1"), v.decode("latin-1"))
-            for k, v in start.get("headers", ())
-            if k != _EXPIRES
-        ]
         try:
             # Gate.finish spelled out: a coroutine less on every request's completion
             status, body, oversized = start["status"], b"".join(self.chunks), self.oversized
             if self.held is None:
-                step = self.gate.finishing(self.run_, status, headers, body, oversized=oversized)
+                raw = start.get("headers", ())
+                step = self.gate.finishing_raw(self.run_, status, raw, body, oversized=oversized)
             else:
+                headers = [
+                    (k.decode("latin-1"), v.decode("latin-1"))
+                    for k, v in start.get("headers", ())
+                    if k != _EXPIRES
+                ]
                 step = self.held.finishing(status, headers, body, oversized=oversized)
             if step is not None:
                 await step

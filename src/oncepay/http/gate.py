@@ -79,9 +79,12 @@ NOT_STORED = frozenset(
         "set-cookie",
     }
 )
+# The same names as ASGI spells them (lower-case bytes), to filter a response before decoding it.
+_NOT_STORED_RAW = frozenset(name.encode() for name in NOT_STORED)
 REPLAYED_HEADER = "idempotent-replayed"
 # Neither Stripe nor the IETF draft tells a client when its key lapses; we do, as an HTTP-date.
 EXPIRES_HEADER = "idempotency-key-expires"
+_EXPIRES_RAW = EXPIRES_HEADER.encode()
 BODY_OMITTED_HEADER = "idempotent-body-omitted"
 # An app (the gateway, say) sets this on a 5xx whose side effect may have happened — the
 # upstream timed out after receiving the request. The key then stays locked until its lease
@@ -315,9 +318,17 @@ class Gate:
                 self._note_invalid(request, parsed, refused.status, scope)
             return refused
         ttl = self._ttl_for(request.path) if self.route_ttl else None
-        fp = fingerprint(request.method, request.target, body, secret=self.secret)
+        query = request.query  # request.target and default_scope spelled out (every request)
+        target = f"{request.path}?{query}" if query else request.path
+        fp = fingerprint(request.method, target, body, secret=self.secret)
         try:
-            tenant = self.scope(request) if scope is None else scope
+            tenant = (
+                scope
+                if scope is not None
+                else scope_from_authorization(request.header("authorization"))
+                if self.scope is default_scope
+                else self.scope(request)
+            )
             if self.ttl_policy is None:  # the policy off costs this one check
                 decision = await self.engine.begin(tenant, parsed, fp, ttl=ttl)
             else:
@@ -467,6 +478,12 @@ class Gate:
         """The response as it is kept for replay; ``oversized`` when the body went past
         ``max_response`` (the caller stopped collecting it)."""
         kept = tuple([(k, v) for k, v in headers if k.lower() not in NOT_STORED])
+        return self._kept(status, kept, body, oversized)
+
+    def _kept(
+        self, status: int, kept: tuple[tuple[str, str], ...], body: bytes, oversized: bool
+    ) -> StoredResponse:
+        """:meth:`stored` once the headers not to store are gone."""
         if oversized or len(body) > self.max_response:
             log.warning(
                 "response body exceeds max_response=%d bytes: stored without its body",
@@ -519,6 +536,32 @@ class Gate:
             log.warning("outcome unknown for key %r: kept locked until its lease lapses", key)
             return None
         return self.abandon(run)
+
+    def finishing_raw(
+        self,
+        run: Run,
+        status: int,
+        raw_headers: Iterable[tuple[bytes, bytes]],
+        body: bytes,
+        *,
+        oversized: bool = False,
+    ) -> Awaitable[None] | None:
+        """:meth:`finishing` for the headers as ASGI sends them (bytes, our expiry header
+        among them, which is never stored). The usual answer, a cacheable one below 400, is
+        decoded and filtered in one pass; any other goes the general way."""
+        if status < 400 and self.cacheable(status):
+            kept = tuple(
+                [
+                    (k.decode("latin-1"), v.decode("latin-1"))
+                    for k, v in raw_headers
+                    if k != _EXPIRES_RAW and k.lower() not in _NOT_STORED_RAW
+                ]
+            )
+            return self.engine.complete(run.ticket, self._kept(status, kept, body, oversized))
+        headers = [
+            (k.decode("latin-1"), v.decode("latin-1")) for k, v in raw_headers if k != _EXPIRES_RAW
+        ]
+        return self.finishing(run, status, headers, body, oversized=oversized)
 
     def _refused(self, status: int, headers: list[tuple[str, str]], body: bytes) -> bool:
         """Whether the app refused the request before anything ran (nothing to store)."""

@@ -47,7 +47,7 @@ class StoredResponse:
         if not raw:
             return ()
         text = raw.decode() if isinstance(raw, bytes) else raw
-        return tuple((str(name), str(value)) for name, value in _HEADERS_DECODER.decode(text))
+        return tuple([(str(name), str(value)) for name, value in _HEADERS_DECODER.decode(text)])
 
 
 @quick_init
@@ -86,6 +86,10 @@ class Claim:
 
     outcome: ClaimOutcome
     record: Record
+    # CREATED over the key's own expired record, not yet purged: the key came back after its
+    # TTL (a late retry, SPEC §9), and executes afresh. False when the store cannot tell (Redis
+    # drops a record at its TTL by itself).
+    late: bool = False
 
     @property
     def claimed(self) -> bool:

@@ -49,7 +49,7 @@ from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 
 from oncepay._drivers import resp
 from oncepay.errors import ConfigurationError, LeaseLost, StoreUnavailable
-from oncepay.idempotency.records import Claim, Record, StoredResponse
+from oncepay.idempotency.records import Claim, ClaimOutcome, Record, RecordState, StoredResponse
 from oncepay.idempotency.stores._redis_scripts import (
     CLUSTER_SCRIPTS,
     SINGLE_NODE_SCRIPTS,
@@ -80,6 +80,9 @@ _DRIVER_ERRORS = (RedisError, RedisClusterException, OSError, resp.ResponseError
 _NO_SCRIPT = (NoScriptError, resp.NoScriptError)
 
 Cleanup = Callable[[], Awaitable[None]]
+
+_CREATED = ClaimOutcome.CREATED
+_EXECUTING = RecordState.EXECUTING
 
 
 class _Commands(Protocol):
@@ -132,31 +135,51 @@ class _RedisStoreBase:
     async def claim(
         self, scope: str, key: str, fingerprint: str, *, now: float, lease: float, ttl: float
     ) -> Claim:
-        args = claim_args(scope, key, fingerprint, now=now, lease=lease, ttl=ttl)
-        # _run spelled out here and in complete, the two scripts of every request: a coroutine
-        # less to create and to pass through while the reply is awaited
+        # _run, claim_args and decode_claim's usual case spelled out here (and _run in
+        # complete), the two scripts of every request: a coroutine less to create and to pass
+        # through while the reply is awaited, two calls and an argument list less
+        now, lease, ttl = float(now), float(lease), float(ttl)
         name = record_name(self.prefix, scope, key)
         script = self._scripts.claim
         try:
-            reply = await self._commands.execute_command("EVALSHA", script.sha, 1, name, *args)
+            reply = await self._commands.execute_command(
+                "EVALSHA", script.sha, 1, name, scope, key, fingerprint, now, lease, ttl
+            )
         except _NO_SCRIPT:
+            args = claim_args(scope, key, fingerprint, now=now, lease=lease, ttl=ttl)
             reply = await self._eval(script, name, args)
         except StoreUnavailable:
             raise
         except _DRIVER_ERRORS as exc:
             raise StoreUnavailable(f"Redis: {exc}") from exc
+        if reply[0] == b"created":  # a new record: every field but the fence is what we sent
+            return Claim(
+                _CREATED,
+                Record(
+                    scope, key, fingerprint, _EXECUTING, int(reply[1]), now, now + lease, now + ttl
+                ),
+            )
         return decode_claim(reply, scope, key, fingerprint, now=now, lease=lease, ttl=ttl)
 
     async def complete(
         self, scope: str, key: str, fence: int, response: StoredResponse, *, now: float
     ) -> None:
-        # _fenced and _run spelled out (see claim)
-        args = complete_args(fence, response)
+        # _fenced, _run and complete_args spelled out (see claim)
         name = record_name(self.prefix, scope, key)
         script = self._scripts.complete
         try:
-            done = await self._commands.execute_command("EVALSHA", script.sha, 1, name, *args)
+            done = await self._commands.execute_command(
+                "EVALSHA",
+                script.sha,
+                1,
+                name,
+                str(fence),
+                str(response.status),
+                response.headers_json(),
+                response.body,
+            )
         except _NO_SCRIPT:
+            args = complete_args(fence, response)
             done = await self._eval(script, name, args)
         except StoreUnavailable:
             raise
