@@ -22,18 +22,26 @@ hundred.
 The class offers what SQLAlchemy's ``AsyncAdapt_aiosqlite_connection`` uses of an
 ``aiosqlite.Connection``; :func:`connect` is passed to ``create_async_engine`` as its
 ``async_creator``.
+
+:class:`GroupCommit` is the durability of a database whose connections commit with
+``synchronous=NORMAL`` (no fsync at ``COMMIT``, so none under the write lock): one
+``fdatasync`` of the WAL, on a thread of its own, shared by every transaction committed before
+it started. ``await group.durable()`` returns once everything this process could see in the
+database when it was called is on disk — the barrier to pass before a transaction's effects are
+relied on outside the process (docs/guarantees.md, "SQLite durability").
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-__all__ = ["Connection", "connect", "enable_wal", "is_busy"]
+__all__ = ["Connection", "GroupCommit", "connect", "enable_wal", "is_busy"]
 
 # How soon a process retries switching a new file to WAL while another switches it: the switch
 # takes a few milliseconds in the process that makes it.
@@ -200,3 +208,105 @@ def enable_wal(conn: sqlite3.Connection, *, deadline: float) -> None:
 def is_busy(exc: sqlite3.Error) -> bool:
     """SQLITE_BUSY or one of its extended codes (SQLITE_BUSY_SNAPSHOT, ...)."""
     return exc.sqlite_errorcode & 0xFF == sqlite3.SQLITE_BUSY
+
+
+# The first copy of the wal-index header, at the start of the ``-shm`` file
+# (sqlite.org/walformat.html): its change counter, last committed frame, frame checksums and
+# salts change with every commit and every restart of the WAL, by any process.
+WAL_INDEX_HEADER = 48
+
+
+class GroupCommit:
+    """Group commit for one SQLite database file in one process (its connections commit with
+    ``synchronous=NORMAL``): a commit is visible at once and durable after the next
+    ``fdatasync`` of the WAL, which one caller at a time runs on this object's thread for
+    everyone waiting.
+
+    A sync covers every frame written to the WAL before it started, by any process (the page
+    cache is the file's, not the descriptor's). :meth:`durable` waits for a sync that started
+    after it was called — unless no transaction has committed, anywhere, since the last sync
+    started (the wal-index header is unchanged), when there is nothing to wait for.
+
+    After a failed sync every later call raises the same ``OSError``: once ``fsync`` has failed
+    the kernel may have dropped the pages it could not write, and a later ``fsync`` that
+    succeeds would prove nothing (the service must restart; SQLite's recovery then reads what
+    the disk really has).
+    """
+
+    def __init__(self, path: str, *, fdatasync: Callable[[int], None] = os.fdatasync) -> None:
+        self.wal, self.shm = f"{path}-wal", f"{path}-shm"
+        self.directory = os.path.dirname(os.path.abspath(path))
+        self.fdatasync = fdatasync  # what syncs the WAL's descriptor (tests wrap it)
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="oncepay-sqlite-sync")
+        self.started = 0  # syncs started, in order: sync n covers what was written before it began
+        self.done = 0  # every sync up to this one has completed
+        self.syncs = 0  # fdatasync calls made (the figure group commit divides)
+        self._running: asyncio.Future[None] | None = None
+        self._synced_header = b"never"  # the wal-index header as the last completed sync began
+        self._wal_inode: int | None = None  # the WAL file whose directory entry is on disk
+        self._failed: OSError | None = None
+
+    async def durable(self) -> None:
+        """Return once every transaction visible to this process now is on disk."""
+        if self._failed is not None:
+            raise self._failed
+        if self._running is None and self._header() == self._synced_header:
+            return
+        wanted = self.started + 1
+        while self.done < wanted:
+            if self._running is None:
+                await self._sync_now()
+            else:
+                await asyncio.shield(self._running)
+            if self._failed is not None:
+                raise self._failed
+
+    async def _sync_now(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.started += 1
+        number, running = self.started, loop.create_future()
+        self._running = running
+        try:
+            header = self._header()  # before the sync: what it is sure to cover
+            await loop.run_in_executor(self._thread, self._sync_wal)
+            self.done, self._synced_header = max(self.done, number), header
+        except OSError as exc:
+            self._failed = exc
+            raise
+        finally:
+            self._running = None
+            running.set_result(None)
+
+    def _sync_wal(self) -> None:
+        try:
+            fd = os.open(self.wal, os.O_RDONLY)
+        except FileNotFoundError:
+            return  # no WAL: the last connection checkpointed it (with syncs) and removed it
+        try:
+            self.fdatasync(fd)
+            self.syncs += 1
+            inode = os.fstat(fd).st_ino
+        finally:
+            os.close(fd)
+        if inode != self._wal_inode:
+            # A new WAL file: its name must survive a power cut too. SQLite syncs the directory
+            # at a file's first sync, which with NORMAL comes only at a checkpoint.
+            directory = os.open(self.directory, os.O_RDONLY)
+            try:
+                os.fsync(directory)
+            finally:
+                os.close(directory)
+            self._wal_inode = inode
+
+    def _header(self) -> bytes:
+        try:
+            fd = os.open(self.shm, os.O_RDONLY)
+        except FileNotFoundError:
+            return b"none"
+        try:
+            return os.pread(fd, WAL_INDEX_HEADER, 0)
+        finally:
+            os.close(fd)
+
+    def close(self) -> None:
+        self._thread.shutdown(wait=False)
