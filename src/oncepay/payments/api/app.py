@@ -83,6 +83,10 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
         lifespan=lifespan,
         docs_url=None,  # served by dashboard.mount from the package's own assets (offline)
         redoc_url=None,
+        # FastAPI's own OpenTelemetry (0.165+) looks for configured providers on every
+        # request; OncePay traces itself (payments/tracing.py: the server span, phases,
+        # acquirer calls), so FastAPI's would add nothing but that cost.
+        telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     if services is not None:
         app.state.services = services

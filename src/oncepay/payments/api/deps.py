@@ -102,7 +102,9 @@ def send(reply: Reply, request: Request | None = None) -> Response:
 # -- dependencies --------------------------------------------------------------------------------
 
 
-def _services(request: Request) -> Services:
+# Dependencies are ``async def`` even when they await nothing: FastAPI runs a plain ``def`` on
+# a worker thread, a hop that costs more than any of them.
+async def _services(request: Request) -> Services:
     services: Services = request.app.state.services
     return services
 
@@ -168,7 +170,7 @@ def _seconds(bound: str) -> Any:
     )
 
 
-def _created(
+async def _created(
     gt: Annotated[int | None, _seconds("gt")] = None,
     gte: Annotated[int | None, _seconds("gte")] = None,
     lt: Annotated[int | None, _seconds("lt")] = None,
@@ -177,7 +179,7 @@ def _created(
     return Range(gt, gte, lt, lte)
 
 
-def _page_query(
+async def _page_query(
     created: Annotated[Range, Depends(_created)],
     limit: Limit = DEFAULT_LIMIT,
     starting_after: Cursor = None,
@@ -189,7 +191,7 @@ def _page_query(
 PageDep = Annotated[PageQuery, Depends(_page_query)]  # the query string every list takes
 
 
-def known_query_only(request: Request) -> None:
+async def known_query_only(request: Request) -> None:
     """Unknown query parameters are refused, like unknown body fields (Stripe does the same):
     a misspelt ``limt=5`` must not silently mean the default. On a route that authenticates
     the merchant this runs after authentication instead (in the merchant dependency), so a
@@ -274,7 +276,7 @@ class ApiRoute(StrictJsonRoute):
 
     async def before_refusing(self, request: Request) -> None:
         calls = _calls(self.dependant)
-        services = _services(request)
+        services: Services = request.app.state.services
         if _operator in calls:
             await _operator(request, services, None)
         elif _merchant in calls:

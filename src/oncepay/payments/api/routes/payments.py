@@ -105,7 +105,7 @@ def _amount(bound: str) -> Any:
     return Query(alias=f"amount[{bound}]", ge=0, le=MAX_AMOUNT, description=f"amount {bound}")
 
 
-def _amounts(
+async def _amounts(
     gt: Annotated[int | None, _amount("gt")] = None,
     gte: Annotated[int | None, _amount("gte")] = None,
     lt: Annotated[int | None, _amount("lt")] = None,
