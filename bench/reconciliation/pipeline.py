@@ -28,6 +28,7 @@ import time
 import uuid
 from datetime import UTC, date, datetime
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
@@ -39,6 +40,7 @@ from bench.harness.report import markdown_table  # noqa: E402
 from bench.reconciliation.books import seed  # noqa: E402
 from oncepay.payments.bootstrap import start  # noqa: E402
 from oncepay.payments.settings import Settings  # noqa: E402
+from oncepay.reconciliation import pipeline  # noqa: E402
 from oncepay.reconciliation.fees import DEFAULT_SCHEDULE, FeeSchedule  # noqa: E402
 from oncepay.reconciliation.pipeline import reconcile  # noqa: E402
 from oncepay.storage.db import Database, read  # noqa: E402
@@ -61,6 +63,39 @@ def report(count: int) -> bytes:
     return "".join(out).encode()
 
 
+class Stages:
+    """Wall and CPU seconds spent in the pipeline's stages (its module functions wrapped):
+    reading the books, posting (the settlement batches, database writes included), keeping
+    the run; the rest is the report's two passes (validate, then parse and match)."""
+
+    NAMES = ("_books", "post_settlements", "_keep")
+
+    def __init__(self) -> None:
+        self.wall: dict[str, float] = dict.fromkeys(self.NAMES, 0.0)
+        self.cpu: dict[str, float] = dict.fromkeys(self.NAMES, 0.0)
+        for name in self.NAMES:
+            setattr(pipeline, name, self._timed(name, getattr(pipeline, name)))
+
+    def _timed(self, name: str, function: Any) -> Any:
+        async def timed(*args: Any, **kwargs: Any) -> Any:
+            wall, cpu = time.perf_counter(), time.process_time()
+            try:
+                return await function(*args, **kwargs)
+            finally:
+                self.wall[name] += time.perf_counter() - wall
+                self.cpu[name] += time.process_time() - cpu
+
+        return timed
+
+    def reset(self) -> None:
+        for name in self.NAMES:
+            self.wall[name] = self.cpu[name] = 0.0
+
+
+def load() -> float:
+    return float(Path("/proc/loadavg").read_text().split()[0])
+
+
 async def measure(url: str, count: int) -> dict[str, float | int | str]:
     settings = Settings(database_url=url, acquirer_url="http://127.0.0.1:9", run_worker=False)
     services = await start(settings)
@@ -69,10 +104,17 @@ async def measure(url: str, count: int) -> dict[str, float | int | str]:
         at = datetime(2026, 12, 1, 12, tzinfo=UTC).timestamp()
         await seed(db, count, at)
         content = report(count)
-        begun = time.perf_counter()
+        stages = Stages()
+        load_before = load()
+        begun, cpu = time.perf_counter(), time.process_time()
         first = await reconcile(services, "primary", day=DAY, report=content, now=at + 7200)
-        elapsed = time.perf_counter() - begun
+        elapsed, cpu = time.perf_counter() - begun, time.process_time() - cpu
+        load_after = load()
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        split = {f"{name.strip('_')}_s": round(stages.wall[name], 3) for name in stages.NAMES}
+        split |= {f"{name.strip('_')}_cpu_s": round(stages.cpu[name], 3) for name in stages.NAMES}
+        split["report_cpu_s"] = round(cpu - sum(stages.cpu.values()), 3)
+        stages.reset()
         begun = time.perf_counter()
         again = await reconcile(services, "primary", day=DAY, report=content, now=at + 7300)
         rerun = time.perf_counter() - begun
@@ -88,6 +130,11 @@ async def measure(url: str, count: int) -> dict[str, float | int | str]:
             "rerun_s": rerun,
             "peak_rss_mb": rss,
             "ledger_entries": entries,
+            "cpu_s": cpu,
+            "cpu_us_per_line": cpu / count * 1e6,
+            "load_before": load_before,
+            "load_after": load_after,
+            **split,
         }
     finally:
         if db.schema:
@@ -122,15 +169,28 @@ def child(backend: str, count: int) -> dict[str, float | int | str]:
 
 
 def table(results: list[dict[str, float | int | str]]) -> str:
-    headers = ("database", "lines", "end to end s", "lines/s", "re-run s", "peak RSS MB")
+    headers = (
+        "database",
+        "lines",
+        "end to end s",
+        "lines/s",
+        "CPU s",
+        "CPU µs/line",
+        "re-run s",
+        "peak RSS MB",
+        "load",
+    )
     rows = [
         (
             "SQLite" if r["database"] == "sqlite" else "PostgreSQL",
             f"{r['lines']:,}",
             f"{r['seconds']:.2f}",
             f"{r['lines_per_s']:,.0f}",
+            f"{r['cpu_s']:.2f}",
+            f"{r['cpu_us_per_line']:.0f}",
             f"{r['rerun_s']:.2f}",
             f"{r['peak_rss_mb']:.0f}",
+            f"{r['load_before']:.0f}-{r['load_after']:.0f}",
         )
         for r in results
     ]

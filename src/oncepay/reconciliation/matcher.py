@@ -163,11 +163,12 @@ class _Run:
         if line.reference in self.seen:
             self._open(Kind.DUPLICATE_SETTLEMENT, line, _payment_of(self, line), "settled twice")
             return
-        self.seen.add(line.reference)
         op = self.by_reference.get(line.reference)
         if op is None:
+            self.seen.add(line.reference)
             self.residual.append(line)
         else:
+            self.seen.add(op.reference)  # the books' string: the line's copy is not kept
             self._compare(line, op)
 
     def _compare(self, line: ReportLine, op: Operation) -> None:

@@ -68,7 +68,14 @@ async def operations_between(
     async with read(db) as conn:
         # rows unpack as tuples: a million of them (more columns than SQLAlchemy's typed rows)
         rows = cast(list[tuple[Any, ...]], (await conn.execute(query)).all())
-    return sorted((_operation(*row) for row in rows), key=lambda op: op.reference)
+    # The few days and merchants of a million rows are shared, not a million copies each:
+    # memory (the books are what a run holds) and a date conversion per row.
+    days: dict[int, date] = {}
+    shared: dict[str, str] = {}
+    found = [_operation(*row, days=days, shared=shared) for row in rows]
+    del rows
+    found.sort(key=lambda op: op.reference)
+    return found
 
 
 def _operation(
@@ -82,8 +89,15 @@ def _operation(
     currency: str,
     refund_amount: int | None,
     merchant_id: str,
+    *,
+    days: dict[int, date],
+    shared: dict[str, str],
 ) -> Operation:
-    day = datetime.fromtimestamp(created_at, UTC).date()
+    day = days.get(whole := int(created_at // 86_400))
+    if day is None:
+        day = days[whole] = datetime.fromtimestamp(whole * 86_400, UTC).date()
+    merchant_id = shared.setdefault(merchant_id, merchant_id)
+    currency = shared.setdefault(currency, currency)
     if kind == "refund":
         if refund_id is None or refund_amount is None:  # the ledger names a refund it lacks
             raise OncePayError(f"refund journal of payment {payment_id} has no refund row")
