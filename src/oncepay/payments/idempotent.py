@@ -60,6 +60,9 @@ async def _gated(
                 route=request.template,
                 key=request.header("idempotency-key"),
             )
+        # The record was read, perhaps committed by another request whose sync is still under
+        # way (SQLite group commit): answer it only once it is on disk. Free otherwise.
+        await svc.db.durable()
         # A stored response may carry its execution's trace (tracing.TRACE_HEADER): never sent.
         return Reply(outcome.status, outcome.body, tracing.replayed(outcome.headers), decision=name)
     assert isinstance(outcome, Run)  # keys are required: never a pass-through
