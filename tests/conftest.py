@@ -18,7 +18,9 @@ from tests.servers import POSTGRES_URL, REDIS_URL, require_postgres, require_red
 BACKENDS = ["memory", "sqlite", "postgres", "redis", "cluster"]
 SHARED_BACKENDS = [b for b in BACKENDS if b != "memory"]  # visible across processes
 PG_SCHEMA = f"oncepay_test_{os.getpid()}"
-REDIS_PREFIX = "oncepay-test:"
+# Per process: two sessions at once (pytest-xdist workers, two checkouts) never clean up
+# each other's keys.
+REDIS_PREFIX = f"oncepay-test-{os.getpid()}:"
 
 
 @dataclass(frozen=True)

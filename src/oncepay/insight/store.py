@@ -37,6 +37,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    or_,
     select,
     text,
     update,
@@ -178,7 +179,16 @@ async def _record(
         return Reported(same.id, opened=False)
     await conn.execute(  # an anomaly before this one, now over
         update(findings)
-        .where(c.merchant_id == finding.tenant, c.kind == finding.kind, c.status == OPEN)
+        .where(
+            c.merchant_id == finding.tenant,
+            c.kind == finding.kind,
+            c.status == OPEN,
+            # Only one this finding does not overlap: under read committed, another worker's
+            # overlapping finding may have committed since the select above; closing it would
+            # open a second one. Left open, it makes the insert below fail on the unique
+            # index, and the retry extends it.
+            or_(c.last_at < finding.first_at - SLACK, c.first_at > finding.last_at + SLACK),
+        )
         .values(status=CLOSED, updated_at=now)
     )
     finding_id = new_id("ins")
