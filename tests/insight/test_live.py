@@ -212,12 +212,14 @@ async def test_several_live_workers_on_one_log_store_each_finding_once(stack: St
     planted = drifting(tenant, T0, pairs=20)
     append(log_of(stack), planted)
     workers = [LiveInsight(log_of(stack), stack.db, announce=finding_opened) for _ in range(3)]
-    steps = await asyncio.gather(*(w.step(now=planted[-1].at) for w in workers))
-    assert sum(len(s.opened) for s in steps) == 1
-    assert len(await stored(stack)) == 1
-    assert len(await opened_events(stack)) == 1
-    for worker in workers:
-        worker.close()
+    try:
+        steps = await asyncio.gather(*(w.step(now=planted[-1].at) for w in workers))
+        assert sum(len(s.opened) for s in steps) == 1
+        assert len(await stored(stack)) == 1
+        assert len(await opened_events(stack)) == 1
+    finally:  # a failure must not leak the log's file into the next test's warnings
+        for worker in workers:
+            worker.close()
 
 
 async def test_a_tenant_that_is_no_merchant_gets_a_finding_and_no_event(stack: Stack) -> None:
