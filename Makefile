@@ -6,6 +6,9 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # `make serve` installs only what serving needs (seconds, not the test toolchain's minutes).
 SERVE_STAMP := $(VENV)/.serve-installed
+# Two workers, each file on one worker (module fixtures stay whole): most of the suite waits
+# on real servers and processes, so two workers on two cores halve its wall clock.
+PYTEST_WORKERS ?= 2
 PYTEST_ARGS ?=
 
 CHAOS_ARGS ?= --payments 90000 --concurrency 32
@@ -36,7 +39,7 @@ serve: $(SERVE_STAMP)
 	$(BIN)/oncepay serve
 
 test: $(STAMP)
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
