@@ -111,8 +111,12 @@ class IdempotencyMiddleware:
             if gate.usage_log is not None:
                 responder.noting = (request, app_scope, scope.get("root_path", ""))
             await responder.run(self.app, app_scope, replaying(body, receive))
-        elif isinstance(outcome, Respond):
-            await _respond(send, outcome)
+        elif isinstance(outcome, Respond):  # _respond spelled out: a coroutine less per replay
+            headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in outcome.headers]
+            await send(
+                {"type": "http.response.start", "status": outcome.status, "headers": headers}
+            )
+            await send({"type": "http.response.body", "body": outcome.body})
         else:  # Passthrough: no key where none is required, or failing open
             await self.app(scope, replaying(body, receive), send)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -46,8 +47,21 @@ class StoredResponse:
     def parse_headers(raw: str | bytes | None) -> tuple[tuple[str, str], ...]:
         if not raw:
             return ()
-        text = raw.decode() if isinstance(raw, bytes) else raw
-        return tuple([(str(name), str(value)) for name, value in _HEADERS_DECODER.decode(text)])
+        if len(raw) <= _REMEMBERED_HEADERS_SIZE and type(raw) in (bytes, str):
+            return _remembered_headers(raw)
+        return _decoded_headers(raw)
+
+
+def _decoded_headers(raw: str | bytes) -> tuple[tuple[str, str], ...]:
+    text = raw.decode() if isinstance(raw, bytes) else raw
+    return tuple([(str(name), str(value)) for name, value in _HEADERS_DECODER.decode(text)])
+
+
+# Replays decode stored headers, and an API's responses share a few header sets (a content
+# type, a handful of lengths): the last sets decoded are remembered, keyed by their exact
+# stored text. The tuples are immutable, so sharing one between responses is safe.
+_REMEMBERED_HEADERS_SIZE = 2048
+_remembered_headers = functools.lru_cache(maxsize=256)(_decoded_headers)
 
 
 @quick_init

@@ -248,19 +248,20 @@ def decode_claim(
             scope, key, fingerprint, RecordState.EXECUTING, fence, now, now + lease, now + ttl
         )
         return Claim(ClaimOutcome.CREATED, record)
-    return Claim(_OUTCOMES[reply[0]], _standing(reply))
+    return Claim(_OUTCOMES[reply[0]], _standing(reply, scope, key))
 
 
-def _standing(reply: Sequence[Any]) -> Record:
-    """The record in ``{outcome, <_RECORD_FIELDS>}``: the first eight are always there."""
-    _, scope, key, fp, state, fence, created, lease_expires, expires, point, status = reply[:11]
+def _standing(reply: Sequence[Any], scope: str, key: str) -> Record:
+    """The record in ``{outcome, <_RECORD_FIELDS>}``: the first eight are always there. Its
+    scope and key are the claim's (the record's name is their digest): not decoded again."""
+    _, _, _, fp, state, fence, created, lease_expires, expires, point, status = reply[:11]
     response = None
     if status is not None:
         headers, body = reply[11], reply[12]
         response = StoredResponse(int(status), StoredResponse.parse_headers(headers), body or b"")
     return Record(
-        scope.decode(),
-        key.decode(),
+        scope,
+        key,
         fp.decode(),
         _STATES[state],
         int(fence),
