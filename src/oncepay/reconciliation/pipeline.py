@@ -6,23 +6,26 @@ operator API and the chaos audit all call it):
 1. **Read.** The acquirer's settlement report of ``day`` (fetched from the acquirer, or the
    ``report`` bytes given, read through ``mapping``), its earlier reports of the grace window
    (what settled before: a second settlement is a duplicate), the day's approved
-   authorizations; OncePay's movements, payments and holds from the payments database. A
+   authorizations. A first pass reads the whole report and keeps only its line count: a
    report that cannot be read raises :class:`~oncepay.reconciliation.errors.ReportError`
-   before anything is written.
-2. **Match.** :func:`~oncepay.reconciliation.matcher.reconcile`, pure and deterministic, then
-   :func:`~oncepay.reconciliation.matcher.refine` (money settled on a failed or canceled
-   payment).
+   before anything is written. Meanwhile OncePay's movements, payments and holds are read
+   from the payments database (the books).
+2. **Match and settle, streaming.** A second pass feeds each line to
+   :class:`~oncepay.reconciliation.matcher.Matching`; every
+   :data:`~oncepay.reconciliation.settlement.BATCH` settled pairs are posted once
+   (:mod:`.settlement`: guard row, journal, the payment's settlement columns and a
+   ``payment.settled`` event, one transaction per batch) by a task of its own while the next
+   batch is matched. Memory holds the books and a batch or two, never the report's pairs.
+   Then :func:`~oncepay.reconciliation.matcher.refine` (money settled on a failed or
+   canceled payment).
 3. **Plan remediation.** Orphaned authorizations (void) and stale ones (cancel the payment).
    More actions not taken before than ``settings.reconcile_action_cap``: none is taken and one
    ``remediation_withheld`` discrepancy is raised instead.
-4. **Settle.** Each matched line is posted once (:mod:`.settlement`): guard row, journal,
-   the payment's settlement columns and a ``payment.settled`` event, in batches of
-   :data:`~oncepay.reconciliation.settlement.BATCH` lines per transaction.
-5. **Keep the run.** The run row and the discrepancies it found, the new ones with a
+4. **Keep the run.** The run row and the discrepancies it found, the new ones with a
    ``reconciliation.discrepancy_opened`` event to the merchant of the payment they name (one
    that names no payment of OncePay has no merchant to tell: operators see it), in one
    transaction.
-6. **Remediate** (:mod:`.remediation`): each action once, through the idempotency engine; a
+5. **Remediate** (:mod:`.remediation`): each action once, through the idempotency engine; a
    done action resolves its discrepancy with a note.
 
 Idempotent: a re-run of a day with nothing new writes nothing (no run row, settlement, ledger
@@ -31,6 +34,7 @@ a digest of (acquirer, day, outcome)."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import time
 from dataclasses import dataclass, field
@@ -81,7 +85,7 @@ from oncepay.reconciliation.source import (
     payments_by_id,
 )
 from oncepay.reconciliation.store import OpenedDiscrepancy, save_run_in, statuses
-from oncepay.storage.db import write
+from oncepay.storage.db import Database, write
 
 __all__ = ["RunResult", "reconcile", "reconcile_recent"]
 
@@ -150,24 +154,10 @@ async def reconcile(
     db = services.db
     inputs = await _inputs(services, acquirer, day, report, grace_days, reports)
     chosen = mapping if report else ONCEPAY
-    # First pass: the whole report is read before anything is written (a ReportError here
-    # leaves the database untouched), keeping nothing but the count.
-    count = sum(1 for _ in read_report(io.BytesIO(inputs.report), chosen))
-    flying = await in_flight(db)  # after the report, before the books: see without_in_flight
-    books = await _books(services, acquirer, day, grace_days, inputs)
-    # Second pass: match and post as the lines stream through, BATCH settled pairs at a time,
-    # so memory holds the books and one batch, not the report's pairs.
-    posted = Posted()
-    pending: list[tuple[ReportLine, Operation]] = []
-    matching = Matching(books, fees=inputs.fees, settle=lambda line, op: pending.append((line, op)))
-    for line in read_report(io.BytesIO(inputs.report), chosen):
-        matching.take(line)
-        if len(pending) >= BATCH:
-            await post_settlements(db, acquirer, pending, now=now, posted=posted)
-            pending.clear()
-    outcome = matching.finish(inputs.authorizations, as_of=day, grace_days=grace_days)
-    await post_settlements(db, acquirer, pending, now=now, posted=posted)  # and the residual's
-    del pending[:]
+    count, flying, books = await _validated(services, acquirer, day, grace_days, inputs, chosen)
+    outcome, posted = await _match_and_post(
+        db, acquirer, day, grace_days, now, inputs, chosen, books
+    )
     outcome = refine(outcome, await payments_by_id(db, _unknown_payments(outcome)))
     outcome = without_in_flight(outcome, flying)
     planned = await _plan(services, acquirer, outcome)
@@ -206,6 +196,39 @@ async def reconcile(
         actions_refused=tally.get("refused", 0),
         opened_kinds=kinds,
     )
+
+
+# Lines between two turns of the event loop while a pass runs (the other task's database
+# replies are handled at each turn).
+_YIELD_EVERY = 256
+
+
+class _Poster:
+    """Posts settled pairs a batch at a time in a task of its own, so that PostgreSQL writes
+    one batch while the next is parsed and matched here; the next batch waits for the one
+    before (each batch is still its own transaction, in report order)."""
+
+    def __init__(self, db: Database, acquirer: str, now: float) -> None:
+        self.db, self.acquirer, self.now = db, acquirer, now
+        self.posted = Posted()
+        self.task: asyncio.Future[Posted] | None = None
+
+    async def post(self, batch: list[tuple[ReportLine, Operation]]) -> None:
+        if self.task is not None:
+            await self.task
+        self.task = asyncio.ensure_future(
+            post_settlements(self.db, self.acquirer, batch, now=self.now, posted=self.posted)
+        )
+
+    async def done(self) -> Posted:
+        if self.task is not None:
+            await self.task
+        return self.posted
+
+    async def abandon(self) -> None:
+        """After a failure: let the batch being posted finish (or fail) on its own terms."""
+        if self.task is not None:
+            await asyncio.gather(self.task, return_exceptions=True)
 
 
 async def reconcile_recent(services: Services, *, now: float | None = None) -> list[RunResult]:
@@ -259,6 +282,72 @@ async def _inputs(
     ours = await voided_by_us(services.db, acquirer, [a.id for a in every if a.voided])
     kept = [a for a in every if not a.voided or a.id in ours]
     return _Inputs(today, kept, frozenset(earlier), DEFAULT_SCHEDULE)
+
+
+async def _validated(
+    services: Services,
+    acquirer: str,
+    day: date,
+    grace_days: int,
+    inputs: _Inputs,
+    chosen: ColumnMapping,
+) -> tuple[int, frozenset[str], Books]:
+    """First pass: the whole report is read before anything is written (a ReportError here
+    leaves the database untouched), keeping nothing but the count. OncePay's side is read
+    meanwhile (the database works while we parse): in flight first, after the report, before
+    the books (see without_in_flight)."""
+    reading = asyncio.ensure_future(_flying_and_books(services, acquirer, day, grace_days, inputs))
+    try:
+        count = 0
+        for _ in read_report(io.BytesIO(inputs.report), chosen):
+            count += 1
+            if not count % _YIELD_EVERY:
+                await asyncio.sleep(0)
+    except BaseException:
+        reading.cancel()
+        await asyncio.gather(reading, return_exceptions=True)
+        raise
+    flying, books = await reading
+    return count, flying, books
+
+
+async def _match_and_post(
+    db: Database,
+    acquirer: str,
+    day: date,
+    grace_days: int,
+    now: float,
+    inputs: _Inputs,
+    chosen: ColumnMapping,
+    books: Books,
+) -> tuple[Outcome, Posted]:
+    """Second pass: match and post as the lines stream through, BATCH settled pairs at a time
+    (memory holds the books and a batch or two, not the report's pairs). A batch is posted by
+    a task of its own while the next one is matched, one batch at a time, in order."""
+    poster = _Poster(db, acquirer, now)
+    pending: list[tuple[ReportLine, Operation]] = []
+    matching = Matching(books, fees=inputs.fees, settle=lambda line, op: pending.append((line, op)))
+    try:
+        for number, line in enumerate(read_report(io.BytesIO(inputs.report), chosen), 1):
+            matching.take(line)
+            if len(pending) >= BATCH:
+                await poster.post(pending)
+                pending = []
+            elif not number % _YIELD_EVERY:
+                await asyncio.sleep(0)  # the posting task's replies are handled meanwhile
+        outcome = matching.finish(inputs.authorizations, as_of=day, grace_days=grace_days)
+        await poster.post(pending)  # the last batch, and the residual's pairs
+        return outcome, await poster.done()
+    except BaseException:
+        await poster.abandon()
+        raise
+
+
+async def _flying_and_books(
+    services: Services, acquirer: str, day: date, grace_days: int, inputs: _Inputs
+) -> tuple[frozenset[str], Books]:
+    flying = await in_flight(services.db)
+    return flying, await _books(services, acquirer, day, grace_days, inputs)
 
 
 async def _books(
