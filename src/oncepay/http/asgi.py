@@ -308,11 +308,19 @@ class _Responder:
             await self._settle()  # whatever comes after the last body goes after it
             await self.send(message)
             return
-        self._collect(message.get("body", b""))
+        chunk = message.get("body", b"")
         if message.get("more_body", False):
+            self._collect(chunk)
             await self._send_start()
             await self.send(message)
             return
+        if self.chunks or self.oversized:
+            self._collect(chunk)
+        elif len(chunk) > self.gate.max_response:  # _collect's first chunk, spelled out
+            self.size, self.oversized = len(chunk), True
+        else:
+            self.size = len(chunk)
+            self.chunks.append(chunk)
         self.finished = True
         self.last = message
         if self.held is None or self.held.completed is None:
@@ -383,7 +391,10 @@ class _Responder:
             return
         if self.noting is not None:
             self._note(start["status"])
-        await self._send_start()
+        if not self.started:  # _send_start spelled out: a coroutine less on every request
+            self.started = True
+            headers = [*start.get("headers", ()), (_EXPIRES, self.run_.expires.encode())]
+            await self.send({**start, "headers": headers})
         await self.send(last)
 
     async def _send_start(self) -> None:
