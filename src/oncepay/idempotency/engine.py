@@ -78,6 +78,7 @@ class Ticket:
     expires_at: float
     recovery_point: str | None = None
     resumed: bool = False
+    late: bool = False  # the key's previous record had expired (Claim.late)
 
 
 @quick_init
@@ -301,6 +302,7 @@ class Engine:
                     record.expires_at,
                     record.recovery_point,
                     resumed,
+                    claim.late,
                 )
             )
         if record.fingerprint != fingerprint:

@@ -13,7 +13,12 @@ from oncepay.idempotency.engine import Execute, Ticket
 from oncepay.idempotency.stores.tiered import TieredStore
 from oncepay.payments import tracing
 from oncepay.payments.context import Services
-from oncepay.payments.metrics import IDEMPOTENCY_DECISIONS, IDEMPOTENCY_ROUTE_DECISIONS, KEY_SECONDS
+from oncepay.payments.metrics import (
+    IDEMPOTENCY_DECISIONS,
+    IDEMPOTENCY_LATE_RETRIES,
+    IDEMPOTENCY_ROUTE_DECISIONS,
+    KEY_SECONDS,
+)
 from oncepay.payments.phases import Operation, run, run_local
 from oncepay.payments.records import Merchant
 from oncepay.payments.reply import Reply
@@ -69,6 +74,8 @@ async def _gated(
     ticket = outcome.ticket
     IDEMPOTENCY_DECISIONS.labels("resume" if ticket.resumed else "execute").inc()
     IDEMPOTENCY_ROUTE_DECISIONS.labels("executed", route).inc()
+    if ticket.late:  # its record had expired: SPEC §9's late retry
+        IDEMPOTENCY_LATE_RETRIES.labels(route).inc()
     if tracing.ENABLED:
         tracing.decided(
             "executed",

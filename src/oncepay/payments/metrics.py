@@ -28,6 +28,7 @@ __all__ = [
     "ADAPTIVE_TTL_KEY_SECONDS",
     "BREAKER_TRANSITIONS",
     "IDEMPOTENCY_DECISIONS",
+    "IDEMPOTENCY_LATE_RETRIES",
     "IDEMPOTENCY_ROUTE_DECISIONS",
     "INSIGHT_FINDINGS",
     "INSIGHT_RECORDS",
@@ -78,6 +79,16 @@ IDEMPOTENCY_ROUTE_DECISIONS = Counter(
     "Idempotency decisions by SPEC §9 name (executed, replayed, in_progress, reused, invalid, "
     "unavailable, rejected) and route template.",
     ["decision", "route"],
+    registry=REGISTRY,
+)
+# SPEC §9's late retries as the store sees them: a key whose record had expired but was not
+# yet purged (after a purge the key is simply new; the insight analyzer's retry_after_expiry
+# finding remembers keys longer). Each is also an "executed" decision above.
+IDEMPOTENCY_LATE_RETRIES = Counter(
+    "oncepay_idempotency_late_retries",
+    "Keys that came back after their idempotency record expired, and executed afresh, by "
+    "route template.",
+    ["route"],
     registry=REGISTRY,
 )
 KEY_SECONDS = Counter(

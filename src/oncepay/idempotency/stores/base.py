@@ -190,7 +190,8 @@ def resolve_claim(
             lease_expires_at=now + lease,
             expires_at=now + ttl,
         )
-        return Claim(ClaimOutcome.CREATED, record)
+        late = existing is not None and existing.state is not RecordState.RELEASED
+        return Claim(ClaimOutcome.CREATED, record, late)
     if (
         existing.fingerprint != fingerprint
         or existing.state is RecordState.COMPLETED

@@ -149,6 +149,8 @@ BEGIN
         locked := FOUND;  -- purged in between: go round and insert again
     END LOOP;
     IF verdict = 'create' THEN  -- expired or released: a new record under the same key
+        -- 'expired': the key came back after its record expired (a late retry; Claim.late)
+        outcome := CASE WHEN rec.state = 'released' THEN 'created' ELSE 'expired' END;
         UPDATE {table} AS t
         SET fingerprint = p_fingerprint, state = 'executing',
             fence = greatest(rec.fence + 1, floor(p_now * 1000)::bigint),
@@ -157,7 +159,6 @@ BEGIN
             response_status = NULL, response_headers = NULL, response_body = NULL
         WHERE t.scope = p_scope AND t.idempotency_key = p_key
         RETURNING * INTO rec;
-        outcome := 'created';
     ELSE  -- the holder's lease ran out: same record, next token, fresh lease
         UPDATE {table} AS t
         SET fence = rec.fence + 1, lease_expires_at = p_now + p_lease
@@ -202,7 +203,9 @@ class _Names:
         return cls(
             table=quoted,
             table_literal=_literal(quoted),
-            claim_fn=_quote(*path[:-1], _derived(name, "_claim", digest)),
+            # "_claim2": its outcome may be 'expired', which the first version's callers (a
+            # process not yet upgraded, on the same table) would not know; they keep "_claim".
+            claim_fn=_quote(*path[:-1], _derived(name, "_claim2", digest)),
             index=_quote(_derived(name, "_expires_at", digest)),
             channel=f"oncepay_{digest[:24]}",
         )
@@ -324,6 +327,8 @@ class PostgresStore(TransactionalCompletion):
             "ttl": float(ttl),
         }
         (row,) = await self._fetch(self._sql.claim, params)
+        if row[0] == "expired":
+            return Claim(ClaimOutcome.CREATED, record_from_row(row[1:]), True)
         return Claim(ClaimOutcome(row[0]), record_from_row(row[1:]))
 
     async def complete(
