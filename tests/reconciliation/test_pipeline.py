@@ -319,3 +319,39 @@ async def test_ledger_check_catches_a_settlement_out_of_line(stack: Stack) -> No
         payouts = [v.problem for v in await check_payouts(conn)]
     assert any("is not capture 4000" in p for p in payouts), payouts
     assert any("lines sum to net" in p for p in payouts), payouts
+
+
+async def test_the_report_streams_through_in_batches(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Matched lines are posted every BATCH pairs while the report streams through (memory
+    holds a batch, not the report's pairs): batches of two, each posted while the next is
+    matched, settle the same lines, once, with the ledger and the payouts in balance."""
+    from oncepay.reconciliation import pipeline, settlement
+
+    monkeypatch.setattr(pipeline, "BATCH", 2)
+    monkeypatch.setattr(settlement, "BATCH", 2)
+    batches: list[int] = []
+    post = pipeline.post_settlements
+
+    async def counted(*args: Any, **kwargs: Any) -> Any:
+        batches.append(len(args[2]))
+        return await post(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "post_settlements", counted)
+    report, planted = await business_with_every_kind(stack)
+    result = await run(stack, report)
+
+    assert sorted((d.kind.value, d.reference) for d in result.discrepancies) == sorted(
+        planted.items()
+    )
+    assert result.matched == result.settled == 6
+    assert len(batches) >= 3
+    assert max(batches) <= 2
+    assert sum(batches) == 6
+    assert await stack.count("reconciliation_settlements") == 6
+    assert await stack.ledger_violations() == []
+    async with read(stack.db) as conn:
+        assert await check_payouts(conn) == []
+    again = await run(stack, report)
+    assert (again.settled, again.new_run) == (0, False)
