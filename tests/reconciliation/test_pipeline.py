@@ -332,7 +332,7 @@ async def test_the_report_streams_through_in_batches(
     monkeypatch.setattr(pipeline, "BATCH", 2)
     monkeypatch.setattr(settlement, "BATCH", 2)
     batches: list[int] = []
-    post = pipeline.post_settlements
+    post = settlement.post_settlements
 
     async def counted(*args: Any, **kwargs: Any) -> Any:
         batches.append(len(args[2]))
