@@ -161,11 +161,23 @@ class _Connection(asyncio.Protocol):
         self._transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
-        self._parser.feed(data)
+        parser = self._parser
+        parser.feed(data)
         try:
             # RESP2 has no booleans, so hiredis' False can only mean "no whole reply yet".
-            while self.broken is None and (reply := self._parser.gets()) is not False:
-                self._deliver(reply)
+            while self.broken is None and (reply := parser.gets()) is not False:
+                # _deliver spelled out (two replies per request through the middleware)
+                waiting = self._waiting
+                if not waiting:
+                    self._break(f"Redis sent a reply no command asked for: {reply!r:.80}")
+                    return
+                future = waiting.popleft()[0]
+                if future.done():
+                    continue  # its caller gave up (cancelled): the reply answers no one
+                if isinstance(reply, ResponseError):
+                    future.set_exception(reply)
+                else:
+                    future.set_result(reply)
         except hiredis.ProtocolError as exc:
             self._break(f"Redis sent something that is not RESP ({exc})")
 
@@ -313,6 +325,14 @@ class _SubscribedConnection(_Connection):
             self._arrival = self._loop.create_future()
             await self._arrival
         return self._messages.popleft()
+
+    def data_received(self, data: bytes) -> None:
+        self._parser.feed(data)
+        try:
+            while self.broken is None and (reply := self._parser.gets()) is not False:
+                self._deliver(reply)
+        except hiredis.ProtocolError as exc:
+            self._break(f"Redis sent something that is not RESP ({exc})")
 
     def _deliver(self, reply: Any) -> None:
         if not self._subscribing:
