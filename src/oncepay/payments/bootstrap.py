@@ -66,13 +66,15 @@ def build_acquirers(settings: Settings) -> AcquirerPool:
     control = RetryControl.from_settings(settings)
     found: list[Acquirer] = []
     if settings.acquirer_url is None:
-        from oncepay.simulator import create_app  # the service extra only: imported when used
+        # The service extra only: imported when used.
+        from oncepay.payments.acquirers.embedded import EmbeddedAcquirer
+        from oncepay.simulator import create_app
 
         app = create_app(settings.acquirer_database_url)
         found.append(
-            HttpAcquirer(
+            EmbeddedAcquirer(  # called as a function, not through an in-process HTTP request
                 "primary",
-                app=app,
+                app,
                 timeout=timeout,
                 attempts=attempts,
                 control=control,

@@ -5,14 +5,22 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Annotated, TypeVar
+from typing import Annotated, Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 from starlette.requests import Request
 
 from oncepay.simulator.problems import Problem
 
-__all__ = ["AmountBody", "AuthorizeBody", "LookupBody", "VoidBody", "explain", "parse"]
+__all__ = [
+    "AmountBody",
+    "AuthorizeBody",
+    "LookupBody",
+    "VoidBody",
+    "explain",
+    "parse",
+    "parse_payload",
+]
 
 KEY_HEADER = "idempotency-key"
 # Our bodies are a few hundred bytes; 64 KiB refuses garbage before it is parsed.
@@ -62,14 +70,26 @@ async def parse(request: Request, model: type[B]) -> tuple[B, str]:
         body = model.model_validate_json(raw)
     except ValidationError as exc:
         raise Problem(400, "invalid_request", explain(exc)) from None
-    header = request.headers.get(KEY_HEADER)
+    return body, _checked(body, request.url.path, json.loads(raw), request.headers.get(KEY_HEADER))
+
+
+def parse_payload(path: str, payload: dict[str, Any], model: type[B], key: str) -> tuple[B, str]:
+    """:func:`parse` for a body handed over as a dict (the simulator called as a function):
+    the same checks, and the same fingerprint as the JSON of ``payload`` sent to ``path``."""
+    try:
+        body = model.model_validate(payload)
+    except ValidationError as exc:
+        raise Problem(400, "invalid_request", explain(exc)) from None
+    return body, _checked(body, path, payload, key)
+
+
+def _checked(body: _Body, path: str, document: Any, header: str | None) -> str:
+    """The fingerprint of a valid body, once its reference matches the key it came with."""
     reference = getattr(body, "reference", None)
     if header is not None and header != reference:
         raise Problem(400, "reference_mismatch", "Idempotency-Key must equal the reference")
-    canonical = json.dumps(
-        [request.url.path, json.loads(raw)], sort_keys=True, separators=(",", ":")
-    )
-    return body, hashlib.sha256(canonical.encode()).hexdigest()
+    canonical = json.dumps([path, document], sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def explain(exc: ValidationError) -> str:

@@ -17,7 +17,14 @@ from starlette.types import Receive, Scope, Send
 
 from oncepay.simulator.problems import Problem
 
-__all__ = ["ConnectionDropped", "Faults", "Operation", "strike_after", "strike_before"]
+__all__ = [
+    "ConnectionDropped",
+    "Faults",
+    "Operation",
+    "is_dropped",
+    "strike_after",
+    "strike_before",
+]
 
 Operation = Literal["authorize", "capture", "void", "refund", "lookup", "settlements"]
 Rate = Annotated[float, Field(ge=0.0, le=1.0)]
@@ -76,6 +83,11 @@ async def strike_after(
     if _rolls(dice, faults.drop_rate):
         return _DroppedResponse(response.body, response.status_code)
     return response
+
+
+def is_dropped(response: Response) -> bool:
+    """Whether ``response`` is a dropped connection's (it breaks off once started)."""
+    return isinstance(response, _DroppedResponse)
 
 
 def _rolls(dice: random.Random, rate: float) -> bool:

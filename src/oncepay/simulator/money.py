@@ -22,7 +22,7 @@ from oncepay.simulator.schema import authorizations, movements
 from oncepay.simulator.state import Simulator, simulator_of
 from oncepay.storage.ids import new_id
 
-__all__ = ["PAYMENT_METHODS", "authorize", "follow_on"]
+__all__ = ["PAYMENT_METHODS", "authorize", "follow_on", "run_authorize", "run_follow_on"]
 
 PAYMENT_METHODS: dict[str, str | None] = {
     "pm_card_ok": None,
@@ -34,8 +34,12 @@ _ID_PREFIX = {"capture": "cap", "void": "void", "refund": "re"}
 
 
 async def authorize(request: Request) -> Response:
-    sim = simulator_of(request)
     body, fingerprint = await parse(request, AuthorizeBody)
+    return await run_authorize(simulator_of(request), body, fingerprint)
+
+
+async def run_authorize(sim: Simulator, body: AuthorizeBody, fingerprint: str) -> Response:
+    """An authorization, its body validated and fingerprinted (over HTTP or called directly)."""
     if body.payment_method not in PAYMENT_METHODS:
         raise Problem(
             400,
@@ -153,23 +157,34 @@ def follow_on(
     model: type[AmountBody] | type[VoidBody] = VoidBody if kind == "void" else AmountBody
 
     async def handler(request: Request) -> Response:
-        sim = simulator_of(request)
         authorization_id = request.path_params["authorization_id"]
         body, fingerprint = await parse(request, model)
-        amount: int | None = getattr(body, "amount", None)
-
-        async def work() -> Response:
-            async with sim.transaction() as conn:
-                existing = await find(conn, body.reference)
-                if existing is not None:
-                    return replay(existing, fingerprint)
-                return await _operate(
-                    conn, sim, kind, authorization_id, body.reference, amount, fingerprint
-                )
-
-        return await sim.run(kind, lambda: retrying(work))
+        sim = simulator_of(request)
+        return await run_follow_on(sim, kind, authorization_id, body, fingerprint)
 
     return handler
+
+
+async def run_follow_on(
+    sim: Simulator,
+    kind: Literal["capture", "void", "refund"],
+    authorization_id: str,
+    body: AmountBody | VoidBody,
+    fingerprint: str,
+) -> Response:
+    """``kind`` on an authorization, its body validated and fingerprinted."""
+    amount: int | None = getattr(body, "amount", None)
+
+    async def work() -> Response:
+        async with sim.transaction() as conn:
+            existing = await find(conn, body.reference)
+            if existing is not None:
+                return replay(existing, fingerprint)
+            return await _operate(
+                conn, sim, kind, authorization_id, body.reference, amount, fingerprint
+            )
+
+    return await sim.run(kind, lambda: retrying(work))
 
 
 async def _operate(

@@ -30,7 +30,16 @@ from oncepay.simulator.problems import Problem, problem
 from oncepay.simulator.schema import operations
 from oncepay.simulator.state import Simulator, simulator_of
 
-__all__ = ["LostRace", "claim", "find", "lookup", "operation_row", "replay", "retrying"]
+__all__ = [
+    "LostRace",
+    "claim",
+    "find",
+    "lookup",
+    "operation_row",
+    "replay",
+    "retrying",
+    "run_lookup",
+]
 
 # Rounds of "read, then claim" one request may lose: each loss means a winner committed, whose
 # row the next round reads; more than one only when a winner rolled back its claim.
@@ -111,8 +120,12 @@ def operation_row(
 
 
 async def lookup(request: Request) -> Response:
-    sim = simulator_of(request)
     body, _ = await parse(request, LookupBody)
+    return await run_lookup(simulator_of(request), body)
+
+
+async def run_lookup(sim: Simulator, body: LookupBody) -> Response:
+    """The fencing look-up of ``body.reference`` (over HTTP or called directly)."""
 
     async def work() -> Response:
         async with sim.transaction() as conn:

@@ -319,17 +319,22 @@ class HttpAcquirer:
             raise _Failure(f"not sent: {exc!r}", maybe_reached=False) from exc
         except (httpx.TransportError, TimeoutError) as exc:
             raise _Failure(f"no answer: {exc!r}", maybe_reached=True) from exc
-        if response.status_code >= 500:
-            raise _Failure(f"acquirer answered {response.status_code}", maybe_reached=True)
+        return self._reply(response.status_code, response.content)
+
+    @staticmethod
+    def _reply(status: int, content: bytes) -> _Reply:
+        """An answer as it arrived: a 5xx, or a body that is no JSON object, is a failure."""
+        if status >= 500:
+            raise _Failure(f"acquirer answered {status}", maybe_reached=True)
         try:
-            body = json.loads(response.content)
+            body = json.loads(content)
         except ValueError as exc:
             raise _Failure(
                 "acquirer answered something that is not JSON", maybe_reached=True
             ) from exc
         if not isinstance(body, dict):
             raise _Failure("acquirer answered JSON that is not an object", maybe_reached=True)
-        return _Reply(response.status_code, body)
+        return _Reply(status, body)
 
     # --- answers --------------------------------------------------------------------------
 
