@@ -418,7 +418,7 @@ def test_tracing_is_on_only_when_the_otel_variables_ask(
 @pytest.mark.parametrize(
     ("protocol", "expected"),
     [
-        ("http/protobuf", "opentelemetry.exporter.otlp.proto.http.trace_exporter"),
+        ("http/protobuf", "oncepay.payments.tracing.otlp"),  # the SDK's, our encoder in front
         ("grpc", "opentelemetry.exporter.otlp.proto.grpc.trace_exporter"),
         ("http/json", "ConfigurationError"),
     ],
@@ -451,3 +451,125 @@ else:
         timeout=60,
     )
     assert done.stdout.split()[0] == expected
+
+
+def test_an_unsampled_request_starts_one_span_and_hashes_no_key(tmp_path: Path) -> None:
+    """At a sampling ratio that keeps nothing, a payment and its replay each cost the server
+    span's sampling decision and nothing else: no phase, acquirer or attempt span is started,
+    no key is hashed, no traceparent is stored with the response or sent on."""
+    script = """
+import asyncio, sys
+import httpx
+from oncepay.payments import tracing
+from oncepay.payments.api.app import create_app
+from oncepay.payments.settings import Settings
+from oncepay.payments.merchants import issue_test_key
+from oncepay.payments.storage.migrations import migrated
+
+def refuse(key):
+    raise AssertionError("an unsampled request hashed its key")
+
+async def main():
+    url = "sqlite:///" + sys.argv[1] + "/p.db"
+    async with migrated(url) as db:
+        merchant, key = await issue_test_key(db)
+    settings = Settings(database_url=url, acquirer_database_url=url + ".acq", run_worker=False)
+    app = create_app(settings)
+    assert tracing.ENABLED
+    started = []
+    start_span = tracing._tracer.start_span
+    tracing._tracer.start_span = lambda name, *a, **k: started.append(name) or start_span(
+        name, *a, **k)
+    tracing.key_hash = refuse
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            headers = {"Authorization": "Bearer " + key, "Idempotency-Key": "k"}
+            body = {"amount": 1000, "currency": "USD", "payment_method": "pm_card_ok"}
+            for _ in range(2):
+                answer = await client.post("/v1/payments", json=body, headers=headers)
+                assert answer.status_code == 201, answer.text
+            record = await app.state.services.engine.store.get(merchant.id, "k")
+            assert record.response is not None
+            assert tracing.TRACE_HEADER not in dict(record.response.headers)
+    print(started)
+
+asyncio.run(main())
+"""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    env |= {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:9",  # never reached: nothing sampled
+        "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+        "OTEL_TRACES_SAMPLER_ARG": "0",
+        "PYTHONPATH": str(ROOT),
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path)],
+        check=False,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "['POST', 'POST']"
+
+
+def test_the_lean_encoder_writes_the_bytes_the_sdk_encoder_writes() -> None:
+    """tracing/otlp.py's encoder against the SDK's, byte for byte, over what spans carry:
+    every attribute type, events, links (local and remote), statuses, kinds, trace state,
+    two resources and two instrumentation scopes."""
+    from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    from opentelemetry.trace import (
+        Link,
+        NonRecordingSpan,
+        SpanContext,
+        SpanKind,
+        Status,
+        StatusCode,
+        TraceFlags,
+        TraceState,
+        set_span_in_context,
+    )
+
+    from oncepay.payments.tracing.otlp import encode
+
+    finished = InMemorySpanExporter()
+    tracers = []
+    for name in ("oncepay", "other"):
+        provider = TracerProvider(resource=Resource.create({"service.name": name, "n": 3}))
+        provider.add_span_processor(SimpleSpanProcessor(finished))
+        tracers += [provider.get_tracer("oncepay.payments", "1.0"), provider.get_tracer("x")]
+    remote = SpanContext(
+        0xABC,
+        0xDEF,
+        is_remote=True,
+        trace_flags=TraceFlags(1),
+        trace_state=TraceState([("vendor", "v1")]),
+    )
+    values: dict[str, Any] = {"s": "x", "ü": "ünï", "i": 3, "neg": -7, "zero": 0, "f": 1.5}
+    values |= {"big": 2**62, "t": True, "no": False, "strings": ["a", "b"], "ints": [1, -2]}
+    values |= {"empty": ""}
+    for n, tracer in enumerate(tracers):
+        kind = list(SpanKind)[n % len(SpanKind)]
+        with tracer.start_as_current_span("request", kind=kind, attributes=values) as span:
+            span.add_event("event", {"k": "v", "n": 1})
+            span.add_event("bare")
+            span.add_link(remote, {"oncepay.link": "original_execution"})
+            with tracer.start_as_current_span("failed", links=[Link(remote)]) as child:
+                child.set_status(Status(StatusCode.ERROR, "boom"))
+            with tracer.start_as_current_span("ok") as child:
+                child.set_status(Status(StatusCode.OK))
+        parent = set_span_in_context(NonRecordingSpan(remote))
+        with tracer.start_as_current_span("continued", context=parent, kind=SpanKind.CLIENT):
+            pass
+    spans = finished.get_finished_spans()
+    assert len(spans) == 16
+    assert encode(spans) == encode_spans(spans).SerializeToString()
+    assert encode(spans[:1]) == encode_spans(spans[:1]).SerializeToString()
+    assert encode([]) == encode_spans([]).SerializeToString()

@@ -11,10 +11,14 @@ below is one global test that returns a shared no-op.
 exporter's endpoint, headers, timeout and compression, the protocol
 (``OTEL_EXPORTER_OTLP_TRACES_PROTOCOL`` or ``OTEL_EXPORTER_OTLP_PROTOCOL``: ``http/protobuf``,
 the default, or ``grpc``), the resource (``OTEL_SERVICE_NAME``, default ``oncepay``;
-``OTEL_RESOURCE_ATTRIBUTES``) and the propagators (``OTEL_PROPAGATORS``). Contrib
-instrumentations trace the ASGI server span (without its per-message ``receive``/``send``
-spans), httpx, SQLAlchemy and redis-py; ``OTEL_PYTHON_DISABLED_INSTRUMENTATIONS`` leaves any of
-``asgi, httpx, sqlalchemy, redis`` out.
+``OTEL_RESOURCE_ATTRIBUTES``) and the propagators (``OTEL_PROPAGATORS``). The server span is
+:class:`ServerSpans`, a thin ASGI middleware of ours; contrib instrumentations trace httpx,
+SQLAlchemy and redis-py; ``OTEL_PYTHON_DISABLED_INSTRUMENTATIONS`` leaves any of
+``asgi, httpx, sqlalchemy, redis`` out. OTLP/HTTP spans are encoded by :mod:`.otlp`.
+
+**An unsampled request costs its sampling decision and no more**: every hook below returns at
+once inside it (:data:`_quiet`), so it starts no span, builds no attribute, hashes no key and
+stores or sends no traceparent.
 
 **OncePay's own spans and attributes** (the names are a contract: docs/observability.md):
 
@@ -82,8 +86,14 @@ INSTRUMENTATIONS = ("asgi", "httpx", "sqlalchemy", "redis")
 
 _tracer: Tracer | None = None
 _provider: TracerProvider | None = None
+# opentelemetry.trace and opentelemetry.context once set up: looked up per hook, not imported.
+_trace: Any = None
+_context: Any = None
 _key_hasher: Any = None  # hashlib.blake2b, keyed
 _NOOP: AbstractContextManager[None] = nullcontext()
+# True inside a request whose trace was not sampled: every hook returns at once (its spans
+# would record nothing; parent-based sampling, the default, decides children by their parent).
+_quiet: ContextVar[bool] = ContextVar("oncepay_trace_quiet", default=False)
 # The executing request span's traceparent, for the response stored under its key.
 _origin: ContextVar[str | None] = ContextVar("oncepay_trace_origin", default=None)
 # The last acquirer call of this task: (acquirer, reference, its span context, attempts made).
@@ -118,12 +128,12 @@ def setup(*, key_secret: bytes | None = None) -> bool:
     """Start tracing in this process if the environment asks for it (once); whether it is on.
     ``key_secret`` keys the hash of idempotency keys; by default ``ONCEPAY_USAGE_LOG_SECRET``
     (the key-usage log's, so that both agree), else a random secret of this process."""
-    global ENABLED, _tracer, _provider, _key_hasher  # noqa: PLW0603 - one tracer a process
+    global ENABLED, _tracer, _provider, _key_hasher, _trace, _context  # noqa: PLW0603 - one a process
     if ENABLED:
         return True
     if not wanted():
         return False
-    from opentelemetry import trace
+    from opentelemetry import context, trace
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
@@ -143,6 +153,7 @@ def setup(*, key_secret: bytes | None = None) -> bool:
     _instrument_clients(provider)
     _provider = provider
     _tracer = provider.get_tracer("oncepay.payments", __version__)
+    _trace, _context = trace, context
     secret = key_secret or os.environ.get("ONCEPAY_USAGE_LOG_SECRET", "").encode()
     secret = hashlib.blake2b(secret).digest() if len(secret) > 64 else secret  # BLAKE2b's limit
     _key_hasher = hashlib.blake2b(key=secret or secrets.token_bytes(32), digest_size=16)
@@ -184,11 +195,9 @@ def _otlp_exporter() -> Any:
 
         return OTLPSpanExporter()
     if protocol == "http/protobuf":
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
-            OTLPSpanExporter as HttpExporter,
-        )
+        from oncepay.payments.tracing import otlp
 
-        return HttpExporter()
+        return otlp.exporter()  # the SDK's, with a leaner encoder
     raise ConfigurationError(
         f"OTEL_EXPORTER_OTLP_PROTOCOL: {protocol!r} is not supported (http/protobuf or grpc)"
     )
@@ -228,19 +237,86 @@ def asgi_middleware() -> tuple[Any, dict[str, Any]] | None:
     when tracing is off or the ASGI instrumentation is disabled."""
     if _provider is None or "asgi" in disabled_instrumentations():
         return None
-    from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
+    return ServerSpans, {}
 
-    # The per-message receive/send spans cost about 120 µs a request and say nothing.
-    # Named by the method until routed (a path has ids in it): see named().
-    return OpenTelemetryMiddleware, {
-        "exclude_spans": ["receive", "send"],
-        "tracer_provider": _provider,
-        "default_span_details": _span_details,
+
+class ServerSpans:
+    """One SERVER span a request, in the trace of the caller's ``traceparent`` if it sent one.
+
+    Not the contrib ``OpenTelemetryMiddleware``: that one costs about 120 µs a request (a span
+    per message received and sent, attributes collected whether sampled or not, its own
+    metrics). Here an unsampled request costs the sampling decision and one context switch;
+    a sampled one gets the HTTP attributes (method, path, scheme, protocol, client address,
+    status code) and is named by its route later (:func:`named`, :func:`decided`).
+    """
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or _tracer is None:
+            await self.app(scope, receive, send)
+            return
+        trace = _trace
+        parent = _remote_parent(scope["headers"])
+        span = _tracer.start_span(
+            scope.get("method") or "HTTP", context=parent, kind=trace.SpanKind.SERVER
+        )
+        token = _context.attach(trace.set_span_in_context(span, parent))
+        quiet = None
+        try:
+            if not span.is_recording():
+                quiet = _quiet.set(True)  # the hooks below do nothing for this request
+                await self.app(scope, receive, send)
+                return
+            span.set_attributes(_server_attributes(scope))
+
+            async def sent(message: Any) -> None:
+                if message["type"] == "http.response.start":
+                    status = message["status"]
+                    span.set_attribute("http.response.status_code", status)
+                    if status >= 500:
+                        span.set_status(trace.StatusCode.ERROR)
+                await send(message)
+
+            try:
+                await self.app(scope, receive, sent)
+            except BaseException as exc:
+                span.record_exception(exc)
+                span.set_status(trace.Status(trace.StatusCode.ERROR, type(exc).__name__))
+                raise
+        finally:
+            if quiet is not None:
+                _quiet.reset(quiet)
+            _context.detach(token)
+            span.end()
+
+
+def _remote_parent(headers: Sequence[tuple[bytes, bytes]]) -> Any:
+    """The caller's context, when it sent a ``traceparent`` (read by the configured
+    propagators); None otherwise (the common case: no extraction at all)."""
+    for name, _ in headers:
+        if name == b"traceparent":
+            from opentelemetry.propagate import extract
+
+            carrier: dict[str, str] = {}
+            for key, value in headers:
+                carrier[key.decode("latin-1")] = value.decode("latin-1")
+            return extract(carrier)
+    return None
+
+
+def _server_attributes(scope: Any) -> dict[str, Any]:
+    attributes: dict[str, Any] = {
+        "http.request.method": scope.get("method") or "_OTHER",
+        "url.path": scope.get("path") or "/",
+        "url.scheme": scope.get("scheme") or "http",
+        "network.protocol.version": scope.get("http_version") or "1.1",
     }
-
-
-def _span_details(scope: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    return str(scope.get("method") or "HTTP"), {}
+    client = scope.get("client")
+    if client:
+        attributes["client.address"] = str(client[0])
+    return attributes
 
 
 # -- the request span -----------------------------------------------------------------------------
@@ -249,14 +325,12 @@ def _span_details(scope: dict[str, Any]) -> tuple[str, dict[str, Any]]:
 def named(scope: MutableMapping[str, Any]) -> None:
     """As a request ends, inside its server span: name the span by the route it matched
     (``GET /v1/payments/{payment_id}``), the OpenTelemetry convention."""
-    if _tracer is None:
+    if _trace is None or _quiet.get():
         return
     route = getattr(scope.get("route"), "path_format", None)
     if not route:
         return
-    from opentelemetry import trace
-
-    span = trace.get_current_span()
+    span = _trace.get_current_span()
     if span.is_recording():
         span.update_name(f"{scope.get('method', 'HTTP')} {route}")
         span.set_attribute("http.route", route)
@@ -279,47 +353,43 @@ def decided(
     resumed: bool = False,
 ) -> None:
     """The idempotency decision, on the request span (which the route names, if known). The
-    executed request's span is remembered for the response stored under its key."""
-    if _tracer is None:
+    executed request's span is remembered for the response stored under its key. Nothing at
+    all (no key hashed) for a request that is not sampled."""
+    if _trace is None or _quiet.get():
         return
-    from opentelemetry import trace
-
-    span = trace.get_current_span()
+    span = _trace.get_current_span()
     if not span.is_recording():
-        if decision == "executed" and span.get_span_context().is_valid:
-            _origin.set(_format(span.get_span_context()))
         return
+    attributes: dict[str, Any] = {"oncepay.idempotency.decision": decision}
     if route:
         span.update_name(f"{method} {route}")
-        span.set_attribute("http.route", route)
-    span.set_attribute("oncepay.idempotency.decision", decision)
+        attributes["http.route"] = route
     if key:
         if len(key) >= 2 and key[0] == key[-1] == '"':  # an RFC 8941 sf-string, as parsed
             key = key[1:-1].replace('\\"', '"').replace("\\\\", "\\")
-        span.set_attribute("oncepay.idempotency.key_hash", key_hash(key))
+        attributes["oncepay.idempotency.key_hash"] = key_hash(key)
     if fence is not None:
-        span.set_attribute("oncepay.idempotency.fence", fence)
+        attributes["oncepay.idempotency.fence"] = fence
     if resumed:
-        span.set_attribute("oncepay.idempotency.resumed", True)
+        attributes["oncepay.idempotency.resumed"] = True
+    span.set_attributes(attributes)
     if decision == "executed":
         _origin.set(_format(span.get_span_context()))
 
 
 def replayed(headers: Sequence[tuple[str, str]]) -> tuple[tuple[str, str], ...]:
     """A stored response's headers as sent: without :data:`TRACE_HEADER`, whose execution span
-    the request span links to (when tracing is on)."""
+    the request span links to (when this request is traced)."""
     kept, origin = [], None
     for name, value in headers:
         if name == TRACE_HEADER:
             origin = value
         else:
             kept.append((name, value))
-    if origin is not None and _tracer is not None:
+    if origin is not None and _trace is not None and not _quiet.get():
         context = _parse(origin)
-        if context is not None:
-            from opentelemetry import trace
-
-            span = trace.get_current_span()
+        span = _trace.get_current_span()
+        if context is not None and span.is_recording():
             span.add_link(context, {"oncepay.link": "original_execution"})
             span.set_attribute("oncepay.idempotency.original_trace_id", origin.split("-")[1])
     return tuple(kept)
@@ -328,7 +398,7 @@ def replayed(headers: Sequence[tuple[str, str]]) -> tuple[tuple[str, str], ...]:
 def stored(reply: Reply) -> StoredResponse:
     """What is stored under the key: the reply, with its execution's traceparent if traced."""
     response = reply.stored()
-    origin = _origin.get() if _tracer is not None else None
+    origin = _origin.get() if _trace is not None else None
     if origin is None:
         return response
     return replace_headers(response, (*response.headers, (TRACE_HEADER, origin)))
@@ -342,75 +412,100 @@ def replace_headers(
     return replace(response, headers=headers)
 
 
+class _Active:
+    """A span made current for a block, then ended: what ``start_as_current_span`` does,
+    without its two generator-based context managers."""
+
+    __slots__ = ("span", "token")
+
+    def __init__(self, span: Span) -> None:
+        self.span = span
+        self.token: object = None
+
+    def __enter__(self) -> Span:
+        self.token = _context.attach(_trace.set_span_in_context(self.span))
+        return self.span
+
+    def __exit__(self, kind: object, error: BaseException | None, tb: object) -> None:
+        _context.detach(self.token)
+        span = self.span
+        if error is not None and span.is_recording():
+            span.record_exception(error)
+            span.set_status(_error(type(error).__name__))
+        span.end()
+
+
+def _error(description: str) -> Any:
+    from opentelemetry.trace import Status, StatusCode
+
+    return Status(StatusCode.ERROR, description)
+
+
 # -- phases, ledger, outbox -----------------------------------------------------------------------
 
 
 def phase(name: str, operation: str, object_id: str | None = None) -> AbstractContextManager[Any]:
     """A span over one atomic phase (``start``, ``acquirer``, ``record``, ``finish``…)."""
-    if _tracer is None:
+    if _tracer is None or _quiet.get():
         return _NOOP
     attributes = {"oncepay.phase": name, "oncepay.operation": operation}
     if object_id is not None:
         attributes["oncepay.object_id"] = object_id
-    return _tracer.start_as_current_span(f"oncepay.phase {name}", attributes=attributes)
+    return _Active(_tracer.start_span(f"oncepay.phase {name}", attributes=attributes))
 
 
 def ledger_posting(
     transaction_id: str, *, kind: str, payment_id: str, currency: str, entries: int
 ) -> None:
-    if _tracer is None:
+    if _trace is None or _quiet.get():
         return
-    _event(
-        "oncepay.ledger.posting",
-        {
-            "oncepay.ledger.transaction_id": transaction_id,
-            "oncepay.ledger.kind": kind,
-            "oncepay.payment_id": payment_id,
-            "oncepay.ledger.currency": currency,
-            "oncepay.ledger.entries": entries,
-        },
-    )
+    span = _trace.get_current_span()
+    if span.is_recording():
+        span.add_event(
+            "oncepay.ledger.posting",
+            {
+                "oncepay.ledger.transaction_id": transaction_id,
+                "oncepay.ledger.kind": kind,
+                "oncepay.payment_id": payment_id,
+                "oncepay.ledger.currency": currency,
+                "oncepay.ledger.entries": entries,
+            },
+        )
 
 
 def outbox_event(event_id: str, *, type: str, object_id: str, deliveries: int) -> None:
-    if _tracer is None:
+    if _trace is None or _quiet.get():
         return
-    _event(
-        "oncepay.outbox.event",
-        {
-            "oncepay.event.id": event_id,
-            "oncepay.event.type": type,
-            "oncepay.object_id": object_id,
-            "oncepay.webhook.deliveries": deliveries,
-        },
-    )
+    span = _trace.get_current_span()
+    if span.is_recording():
+        span.add_event(
+            "oncepay.outbox.event",
+            {
+                "oncepay.event.id": event_id,
+                "oncepay.event.type": type,
+                "oncepay.object_id": object_id,
+                "oncepay.webhook.deliveries": deliveries,
+            },
+        )
 
 
 def traceparent() -> str | None:
-    """The current span's W3C traceparent (stored with an outbox event); None when off."""
-    if _tracer is None:
+    """The current span's W3C traceparent (stored with an outbox event); None when off, or
+    when this request is not sampled (its deliveries then decide for themselves)."""
+    if _trace is None or _quiet.get():
         return None
-    from opentelemetry import trace
-
-    context = trace.get_current_span().get_span_context()
+    context = _trace.get_current_span().get_span_context()
     return _format(context) if context.is_valid else None
 
 
 def inject(headers: MutableMapping[str, str]) -> None:
-    """Add ``traceparent`` (and the other configured propagators' headers) to ``headers``."""
-    if _tracer is None:
+    """Add ``traceparent`` (and the other configured propagators' headers) to ``headers``;
+    nothing for a request that is not sampled."""
+    if _trace is None or _quiet.get():
         return
     from opentelemetry.propagate import inject as propagate
 
     propagate(headers)
-
-
-def _event(name: str, attributes: dict[str, Any]) -> None:
-    from opentelemetry import trace
-
-    span = trace.get_current_span()
-    if span.is_recording():
-        span.add_event(name, attributes)
 
 
 # -- acquirers ------------------------------------------------------------------------------------
@@ -433,11 +528,16 @@ def traced_call(fn: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
 
     @functools.wraps(fn)
     async def call(*args: P.args, **kwargs: P.kwargs) -> T:
-        if _tracer is None:
+        if _tracer is None or _quiet.get():
             return await fn(*args, **kwargs)
         acquirer, operation, reference = args[0], str(args[1]), str(args[4])
         name = str(getattr(acquirer, "name", "?"))
         links, previous = [], _last_call.get()
+        attributes = {
+            "oncepay.acquirer": name,
+            "oncepay.acquirer.operation": operation,
+            "oncepay.acquirer.reference": reference,
+        }
         if (
             previous is not None
             and previous.acquirer != name
@@ -446,15 +546,9 @@ def traced_call(fn: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
             from opentelemetry.trace import Link
 
             links.append(Link(previous.context, {"oncepay.link": "failover"}))
-        attributes = {
-            "oncepay.acquirer": name,
-            "oncepay.acquirer.operation": operation,
-            "oncepay.acquirer.reference": reference,
-        }
-        if links:
-            attributes["oncepay.acquirer.failover_from"] = previous.acquirer  # type: ignore[union-attr]
-        with _tracer.start_as_current_span(
-            f"acquirer {operation}", attributes=attributes, links=links
+            attributes["oncepay.acquirer.failover_from"] = previous.acquirer
+        with _Active(
+            _tracer.start_span(f"acquirer {operation}", attributes=attributes, links=links)
         ) as span:
             current = _Call(name, reference, span.get_span_context())
             token = _last_call.set(current)
@@ -463,15 +557,20 @@ def traced_call(fn: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
             finally:
                 _last_call.reset(token)
                 _last_call.set(current)  # seen by the next call of this task (failover)
-            span.set_attribute("oncepay.acquirer.attempts", current.attempts)
-            for field in ("outcome", "decline_code", "never_sent", "detail"):
-                value = getattr(answer, field, None)
-                if value is not None:
-                    value = getattr(value, "value", value)
-                    span.set_attribute(f"oncepay.acquirer.{field}", value)
+            if span.is_recording():
+                span.set_attributes(_answer(answer, current.attempts))
             return answer
 
     return call
+
+
+def _answer(answer: object, attempts: int) -> dict[str, Any]:
+    attributes: dict[str, Any] = {"oncepay.acquirer.attempts": attempts}
+    for field in ("outcome", "decline_code", "never_sent", "detail"):
+        value = getattr(answer, field, None)
+        if value is not None:
+            attributes[f"oncepay.acquirer.{field}"] = getattr(value, "value", value)
+    return attributes
 
 
 def _same_payment(previous: _Call, reference: str) -> bool:
@@ -485,10 +584,8 @@ def traced_attempt(fn: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
 
     @functools.wraps(fn)
     async def attempt(*args: P.args, **kwargs: P.kwargs) -> T:
-        if _tracer is None:
+        if _tracer is None or _trace is None or _quiet.get():
             return await fn(*args, **kwargs)
-        from opentelemetry.trace import SpanKind
-
         acquirer, operation = args[0], str(args[1])
         call = _last_call.get()
         number = 1
@@ -503,10 +600,11 @@ def traced_attempt(fn: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
         if number > 1:
             attributes["http.request.resend_count"] = number - 1
         breaker = getattr(acquirer, "breaker", None)
-        with _tracer.start_as_current_span(
-            f"acquirer {operation} attempt", kind=SpanKind.CLIENT, attributes=attributes
-        ) as span:
-            if breaker is not None:
+        span = _tracer.start_span(
+            f"acquirer {operation} attempt", kind=_trace.SpanKind.CLIENT, attributes=attributes
+        )
+        with _Active(span):
+            if breaker is not None and span.is_recording():
                 span.add_event("oncepay.breaker", {"oncepay.breaker.state": str(breaker.state)})
             return await fn(*args, **kwargs)
 
@@ -515,12 +613,14 @@ def traced_attempt(fn: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
 
 def breaker_moved(acquirer: str, state: str) -> None:
     """A circuit breaker changed state: an event on the span in progress (an attempt's)."""
-    if _tracer is None:
+    if _trace is None or _quiet.get():
         return
-    _event(
-        "oncepay.breaker.transition",
-        {"oncepay.acquirer": acquirer, "oncepay.breaker.state": state},
-    )
+    span = _trace.get_current_span()
+    if span.is_recording():
+        span.add_event(
+            "oncepay.breaker.transition",
+            {"oncepay.acquirer": acquirer, "oncepay.breaker.state": state},
+        )
 
 
 # -- webhook deliveries ---------------------------------------------------------------------------
@@ -588,11 +688,9 @@ def _parse(value: str) -> SpanContext | None:
 
 def ids() -> tuple[str, str] | None:
     """(trace id, span id) in hex of the span in progress, for log lines; None when off."""
-    if _tracer is None:
+    if _trace is None:
         return None
-    from opentelemetry import trace
-
-    context = trace.get_current_span().get_span_context()
+    context = _trace.get_current_span().get_span_context()
     if not context.is_valid:
         return None
     return f"{context.trace_id:032x}", f"{context.span_id:016x}"
