@@ -15,10 +15,11 @@ from typing import Any
 
 import pytest
 
-from oncepay.idempotency.engine import Execute
+from oncepay.idempotency.engine import Engine, Execute
 from oncepay.idempotency.keys import fingerprint
 from oncepay.payments.operations import CreatePayment
 from oncepay.payments.recovery import recover_once
+from oncepay.storage.db import write
 from tests.payments.stack import BACKOFF, Stack
 
 
@@ -27,9 +28,11 @@ class Crash(BaseException):
 
 
 @contextmanager
-def crash_in(monkeypatch: pytest.MonkeyPatch, method: str) -> Iterator[None]:
-    """Make CreatePayment.<method> die once, at its start."""
-    original = getattr(CreatePayment, method)
+def crash_in(
+    monkeypatch: pytest.MonkeyPatch, method: str, owner: Any = CreatePayment
+) -> Iterator[None]:
+    """Make <owner>.<method> (CreatePayment's by default) die once, at its start."""
+    original = getattr(owner, method)
     calls = {"n": 0}
 
     async def dying(self: Any, *args: Any, **kwargs: Any) -> Any:
@@ -39,18 +42,25 @@ def crash_in(monkeypatch: pytest.MonkeyPatch, method: str) -> Iterator[None]:
         return await original(self, *args, **kwargs)
 
     with monkeypatch.context() as patch:
-        patch.setattr(CreatePayment, method, dying)
+        patch.setattr(owner, method, dying)
         yield
 
 
 BODY = {"amount": 2500, "currency": "EUR", "payment_method": "pm_card_ok"}
 
-# Where the request dies, and the recovery point its record then shows.
+# Where the request dies, and the recovery point its record then shows. Phase 2 records the
+# answer and stores the response in one transaction (SPEC §5 lets them commit together): a
+# death anywhere in it, even at the completion after the ledger and events were written,
+# rolls back to payment_created.
 CRASH_POINTS = [
     pytest.param("call", "payment_created", id="after-payment_created"),
     pytest.param("record", "payment_created", id="after-acquirer-answered"),
-    pytest.param("reply", "acquirer_called", id="after-acquirer_called"),
+    pytest.param("acomplete_in", "payment_created", id="at-the-completion"),
 ]
+
+
+def crash_at(monkeypatch: pytest.MonkeyPatch, method: str) -> Any:
+    return crash_in(monkeypatch, method, Engine if method == "acomplete_in" else CreatePayment)
 
 
 async def record_of(stack: Stack, key: str) -> Any:
@@ -70,7 +80,7 @@ async def assert_exactly_once(stack: Stack, payment: dict[str, Any]) -> None:
 async def test_crash_then_retry_resumes(
     stack: Stack, monkeypatch: pytest.MonkeyPatch, method: str, point: str
 ) -> None:
-    with crash_in(monkeypatch, method), pytest.raises(Crash):
+    with crash_at(monkeypatch, method), pytest.raises(Crash):
         await stack.post("/v1/payments", BODY, key="crashy")
     record = await record_of(stack, "crashy")
     assert record.state == "executing"
@@ -91,7 +101,7 @@ async def test_crash_then_retry_resumes(
 async def test_crash_then_worker_finishes(
     stack: Stack, monkeypatch: pytest.MonkeyPatch, method: str, point: str
 ) -> None:
-    with crash_in(monkeypatch, method), pytest.raises(Crash):
+    with crash_at(monkeypatch, method), pytest.raises(Crash):
         await stack.post("/v1/payments", BODY, key="crashy")
     report = await recover_once(stack.services, now=stack.clock())
     assert report.total == 0  # the lease still runs: the worker leaves it alone
@@ -105,6 +115,31 @@ async def test_crash_then_worker_finishes(
     assert replay.status_code == 201
     assert replay.headers["idempotent-replayed"] == "true"
     await assert_exactly_once(stack, replay.json())
+
+
+async def test_a_record_left_at_acquirer_called_by_an_earlier_version_is_finished(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Earlier versions committed the answer (phase 2) apart from the stored response (phase
+    3), with the recovery point acquirer_called between them: such a record still finishes,
+    by storing the response only (the acquirer is not asked again)."""
+    with crash_at(monkeypatch, "call"), pytest.raises(Crash):
+        await stack.post("/v1/payments", BODY, key="old")
+    stack.expire_leases()
+    record = await record_of(stack, "old")
+    decision = await stack.services.engine.begin(stack.merchant.id, "old", record.fingerprint)
+    assert isinstance(decision, Execute)
+    ticket, pid = decision.ticket, record.recovery_point.rpartition(":")[2]
+    op, svc = CreatePayment(), stack.services
+    answer = await op.call(svc, pid, ticket)
+    async with write(svc.db) as conn:  # phase 2 as earlier versions committed it
+        ticket = await svc.engine.acheckpoint_in(conn, ticket, f"acquirer_called:create:{pid}")
+        await op.record(conn, svc, pid, answer)
+    stack.expire_leases()
+    with crash_at(monkeypatch, "call"):  # were it asked again, the request would die
+        resumed = await stack.post("/v1/payments", BODY, key="old")
+    assert resumed.status_code == 201, resumed.text
+    await assert_exactly_once(stack, resumed.json())
 
 
 async def test_crash_right_after_the_claim_starts_afresh(stack: Stack) -> None:

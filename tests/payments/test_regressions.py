@@ -170,8 +170,8 @@ async def test_a_stale_holder_is_told_to_retry_not_that_it_failed(
     original = Capture.call
     calls = {"n": 0}
 
-    async def slow_call(self: Capture, svc: Any, object_id: str, ticket: Any) -> AcquirerAnswer:
-        answer = await original(self, svc, object_id, ticket)
+    async def slow_call(self: Capture, svc: Any, object_id: str, *args: Any) -> AcquirerAnswer:
+        answer = await original(self, svc, object_id, *args)
         calls["n"] += 1
         if calls["n"] == 1:
             stack.expire_leases()

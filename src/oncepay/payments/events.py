@@ -14,6 +14,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from oncepay.payments import tracing
+from oncepay.payments.storage.raw import Sql, raw
 from oncepay.payments.storage.schema import events, merchants
 from oncepay.payments.webhooks.outbox import fan_out
 from oncepay.storage.ids import new_id
@@ -24,24 +25,21 @@ __all__ = ["FINDING_OPENED", "emit", "emit_many", "finding_opened"]
 FINDING_OPENED = "insight.finding_opened"
 
 _INSERT = events.insert()  # built once: building it costs more than running it
+# The hot path's insert, raw (payments/storage/raw.py): one event per state change.
+_INSERT_ONE = Sql(
+    "INSERT INTO events (id, merchant_id, type, object_id, data, created_at, traceparent) "
+    "VALUES ($1, $2, $3, $4, $5, $6, $7)"
+)
 
 
 async def emit(
     conn: AsyncConnection, *, merchant_id: str, type: str, object_id: str, data: dict[str, Any]
 ) -> str:
     event_id, now = new_id("evt"), time.time()
-    await conn.execute(
-        _INSERT,
-        {
-            "id": event_id,
-            "merchant_id": merchant_id,
-            "type": type,
-            "object_id": object_id,
-            "data": json.dumps(data, separators=(",", ":")),
-            "created_at": now,
-            "traceparent": tracing.traceparent(),  # its deliveries continue this trace
-        },
-    )
+    data_json = json.dumps(data, separators=(",", ":"))
+    trace = tracing.traceparent()  # its deliveries continue this trace
+    args = (event_id, merchant_id, type, object_id, data_json, now, trace)
+    await (await raw(conn)).run(_INSERT_ONE, *args)
     reached = await fan_out(
         conn, merchant_id=merchant_id, event_id=event_id, event_type=type, now=now
     )

@@ -35,7 +35,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from oncepay.payments import tracing
 from oncepay.payments.records import PaymentRow
 from oncepay.payments.states import PaymentStatus
-from oncepay.payments.storage.schema import ledger_entries, ledger_transactions, payments, refunds
+from oncepay.payments.storage.raw import Sql, raw
+from oncepay.payments.storage.schema import ledger_entries, payments, refunds
 from oncepay.storage.db import Database, read
 
 __all__ = ["Violation", "audit", "authorize", "capture", "check", "refund", "release_hold"]
@@ -49,9 +50,16 @@ ACQUIRER_FEES = "acquirer_fees"
 
 Entries = list[tuple[str, int]]
 
-# Statements built once: building one per call costs more than running it (bench/e2e).
-_INSERT_TRANSACTION = ledger_transactions.insert()
-_INSERT_ENTRY = ledger_entries.insert()
+# Raw statements (payments/storage/raw.py): through SQLAlchemy Core a posting cost more than
+# the database's work (bench/e2e/PROFILE.md).
+_INSERT_TRANSACTION = Sql(
+    "INSERT INTO ledger_transactions (id, merchant_id, payment_id, refund_id, kind, created_at) "
+    "VALUES ($1, $2, $3, $4, $5, $6)"
+)
+_INSERT_ENTRY = Sql(
+    "INSERT INTO ledger_entries (transaction_id, merchant_id, payment_id, account, currency, "
+    "amount) VALUES ($1, $2, $3, $4, $5, $6)"
+)
 
 
 async def post(
@@ -68,28 +76,14 @@ async def post(
     if sum(amount for _, amount in entries) != 0:
         raise ValueError(f"unbalanced journal transaction {kind}: {entries}")
     transaction_id = "txn_" + secrets.token_hex(12)
-    await conn.execute(
-        _INSERT_TRANSACTION,
-        {
-            "id": transaction_id,
-            "merchant_id": merchant_id,
-            "payment_id": payment_id,
-            "refund_id": refund_id,
-            "kind": kind,
-            "created_at": time.time(),
-        },
+    db = await raw(conn)
+    await db.run(
+        _INSERT_TRANSACTION, transaction_id, merchant_id, payment_id, refund_id, kind, time.time()
     )
-    await conn.execute(
+    await db.many(
         _INSERT_ENTRY,
         [
-            {
-                "transaction_id": transaction_id,
-                "merchant_id": merchant_id,
-                "payment_id": payment_id,
-                "account": account,
-                "currency": currency,
-                "amount": amount,
-            }
+            (transaction_id, merchant_id, payment_id, account, currency, amount)
             for account, amount in entries
         ],
     )

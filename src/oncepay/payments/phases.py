@@ -1,11 +1,19 @@
 """Requests as atomic phases (SPEC §5; Brandur Leach's rocket-rides-atomic).
 
-Every request that moves money runs as up to three local transactions, each of which also
-advances the idempotency record's recovery point in the same database:
+Every request that moves money runs as two local transactions, one on each side of the
+acquirer call, each of which also advances the idempotency record in the same database:
 
-    started ──phase 1──▶ <op>_created ──acquirer call──▶ acquirer_called ──phase 3──▶ finished
-    (claim)    write the      (a key derived from       record its answer      store the
-               object          the object)              (state, ledger)        response
+    started ──phase 1──▶ <op>_created ──acquirer call──▶ ──phase 2──▶ finished
+    (claim)    write the      (a key derived from        record its answer (state,
+               object          the object)               ledger, events) and store the
+                                                         response, completing the key
+
+SPEC §5 lets neighbouring phases with no outside call between them commit as one: recording
+the acquirer's answer and storing the response used to be two transactions with the recovery
+point ``acquirer_called`` between them; they are one now, so a crash anywhere after the
+acquirer answered rolls back to ``<op>_created`` and the next holder asks the acquirer again
+(the call is harmless to repeat) before recording. A record an earlier version left at
+``acquirer_called`` still resumes: it only needs its response stored.
 
 A recovery point reads ``<point>:<operation>:<object id>``. Whoever holds the key next — a
 retry of the same request, or the recovery worker once the lease lapsed — calls :func:`run`
@@ -19,6 +27,9 @@ Rules that keep money moving exactly once:
   resumed when its lease lapses.
 * A client error in phase 1 rolls the phase back and is stored as the answer; a retryable one
   (the payment is busy, or its outcome unknown) releases the key instead.
+* Phase 2 is fenced before it writes anything (the record's recovery point moves to
+  ``acquirer_called`` in the same transaction, as completed records always showed): a holder
+  that lost its lease changes nothing.
 * An unknown acquirer answer keeps the record executing with a short lease — the back-off
   schedule of recovery — and answers 503 ``acquirer_outcome_unknown``.
 """
@@ -28,7 +39,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
-from typing import Protocol
+from typing import Any, NamedTuple, Protocol
 
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -39,14 +50,27 @@ from oncepay.payments import tracing
 from oncepay.payments.acquirers.base import AcquirerAnswer, Outcome
 from oncepay.payments.context import Services
 from oncepay.payments.errors import AcquirerOutcomeUnknown, DatabaseUnavailable
+from oncepay.payments.records import PaymentRow
 from oncepay.payments.reply import Reply
+from oncepay.payments.storage.raw import raw
 from oncepay.storage.db import write
 
-__all__ = ["ACQUIRER_CALLED", "Operation", "parse_point", "run", "run_local"]
+__all__ = ["ACQUIRER_CALLED", "Operation", "Started", "parse_point", "run", "run_local"]
 
 log = logging.getLogger("oncepay.payments")
 
+# Phase 2 of earlier versions committed here, before storing the response. Now phase 2 passes
+# it in the transaction that completes the record (a completed record shows it, as before), so
+# an executing record is left here only by an earlier version: still resumed from.
 ACQUIRER_CALLED = "acquirer_called"
+
+
+class Started(NamedTuple):
+    """What phase 1 wrote: the object's id and, when the operation is on a payment, the
+    payment row as phase 1 left it (so the acquirer call needs not read it again)."""
+
+    object_id: str
+    payment: PaymentRow | None = None
 
 
 class Operation(Protocol):
@@ -62,19 +86,23 @@ class Operation(Protocol):
         """The recovery point phase 1 reaches, e.g. ``payment_created``."""
         ...
 
-    async def start(self, conn: AsyncConnection, svc: Services, merchant_id: str) -> str:
-        """Phase 1: validate against the current state and write the object; its id."""
+    async def start(self, conn: AsyncConnection, svc: Services, merchant_id: str) -> Started:
+        """Phase 1: validate against the current state and write the object."""
         ...
 
-    async def call(self, svc: Services, object_id: str, ticket: Ticket) -> AcquirerAnswer:
+    async def call(
+        self, svc: Services, object_id: str, ticket: Ticket, payment: PaymentRow | None = None
+    ) -> AcquirerAnswer:
         """The acquirer call, outside any transaction; must be harmless to repeat.
-        ``ticket.resumed`` says an earlier holder may have called already."""
+        ``ticket.resumed`` says an earlier holder may have called already. ``payment`` is
+        the row phase 1 wrote in this same request (None when resumed: read it)."""
         ...
 
     async def record(
         self, conn: AsyncConnection, svc: Services, object_id: str, answer: AcquirerAnswer
-    ) -> None:
-        """Phase 2: apply a final answer (state, ledger, events)."""
+    ) -> Reply:
+        """Phase 2: apply a final answer (state, ledger, events); the answer to store, made
+        from the rows just written (the transaction then completes the record with it)."""
         ...
 
     async def unknown(
@@ -84,7 +112,9 @@ class Operation(Protocol):
         ...
 
     async def reply(self, conn: AsyncConnection, svc: Services, object_id: str) -> Reply:
-        """Phase 3's answer, read in the transaction that completes the record."""
+        """The answer of a request resumed at ``acquirer_called`` (phase 2 of an earlier
+        version committed, its response not yet stored), read in the transaction that
+        completes the record."""
         ...
 
 
@@ -127,18 +157,19 @@ def _as_problem(exc: Exception) -> OncePayError:
 async def _run(svc: Services, ticket: Ticket, op: Operation, merchant_id: str) -> Reply:
     engine = svc.engine
     parsed = parse_point(ticket.recovery_point)
+    payment = None
     if parsed is None:
         with tracing.phase("start", op.name):
             started = await _start(svc, ticket, op, merchant_id)
         if isinstance(started, Reply):
             return started
-        ticket, object_id = started
+        ticket, (object_id, payment) = started
         stage = op.created
     else:
         stage, _, object_id = parsed
     if stage == op.created:
         with tracing.phase("acquirer", op.name, object_id):
-            answer = await op.call(svc, object_id, ticket)
+            answer = await op.call(svc, object_id, ticket, payment)
         if answer.outcome is Outcome.UNKNOWN:
             with tracing.phase("unknown", op.name, object_id):
                 async with write(svc.db) as conn:
@@ -157,25 +188,31 @@ async def _run(svc: Services, ticket: Ticket, op: Operation, merchant_id: str) -
             )
         with tracing.phase("record", op.name, object_id):
             async with write(svc.db) as conn:
-                at = point(ACQUIRER_CALLED, op, object_id)
-                ticket = await engine.acheckpoint_in(conn, ticket, at)  # fenced before any write
-                await op.record(conn, svc, object_id, answer)
+                # Fenced before any write: a holder that lost its lease (the worker may have
+                # finished the request meanwhile) changes nothing and is told to retry.
+                at, record = point(ACQUIRER_CALLED, op, object_id), await _driver(conn)
+                ticket = await engine.acheckpoint_in(record, ticket, at)
+                reply = await op.record(conn, svc, object_id, answer)
+                with tracing.phase("finish", op.name, object_id):
+                    await engine.acomplete_in(record, ticket, tracing.stored(reply))
+        return replace(reply, completed=True)
+    # Left at acquirer_called by an earlier version: its answer is recorded, not yet stored.
     with tracing.phase("finish", op.name, object_id):
         async with write(svc.db) as conn:
             reply = await op.reply(conn, svc, object_id)
-            await engine.acomplete_in(conn, ticket, tracing.stored(reply))
+            await engine.acomplete_in(await _driver(conn), ticket, tracing.stored(reply))
     return replace(reply, completed=True)
 
 
 async def _start(
     svc: Services, ticket: Ticket, op: Operation, merchant_id: str
-) -> tuple[Ticket, str] | Reply:
+) -> tuple[Ticket, Started] | Reply:
     """Phase 1. A client error is stored as the answer; a retryable one frees the key."""
     try:
         async with write(svc.db) as conn:
-            object_id = await op.start(conn, svc, merchant_id)
-            at = point(op.created, op, object_id)
-            return await svc.engine.acheckpoint_in(conn, ticket, at), object_id
+            started = await op.start(conn, svc, merchant_id)
+            at = point(op.created, op, started.object_id)
+            return await svc.engine.acheckpoint_in(await _driver(conn), ticket, at), started
     except ClientError as exc:
         reply = Reply.problem(exc)
         await svc.engine.complete(ticket, tracing.stored(reply))
@@ -188,6 +225,12 @@ async def _start(
     # it happened — leaves the key locked: once its lease lapses, the next holder resumes from
     # the recovery point if phase 1 committed, and starts afresh if it did not. Releasing here
     # could start a second payment beside a committed first one.
+
+
+async def _driver(conn: AsyncConnection) -> Any:
+    """The driver's own connection under ``conn``: the record's statements skip SQLAlchemy
+    (payments/storage/raw.py), in the same transaction."""
+    return (await raw(conn)).driver
 
 
 async def run_local(

@@ -201,6 +201,10 @@ class _Rows:
 
     @staticmethod
     async def async_(conn: Any, statement: Statement, params: dict[str, Any]) -> int:
+        if _is_a(conn, ("sqlite3", "Connection")):
+            # From an async caller that holds SQLite's write lock already (the payments
+            # service's phases): the statement cannot wait, so it runs on the loop.
+            return len(conn.execute(statement.named, params).fetchall())
         if _is_a(conn, ("psycopg", "AsyncConnection")):
             cursor = await conn.execute(statement.pyformat, params)
             return len(await cursor.fetchall())
@@ -278,7 +282,8 @@ class TransactionalCompletion:
         now: float,
     ) -> None:
         """Complete on an async connection: ``psycopg.AsyncConnection``, an ``asyncpg``
-        connection (pooled or not), or a SQLAlchemy ``AsyncSession`` / ``AsyncConnection``."""
+        connection (pooled or not), a SQLAlchemy ``AsyncSession`` / ``AsyncConnection``, or
+        from async code a ``sqlite3.Connection`` already holding the write lock."""
         params = completion_params(scope, key, fence, response)
         if await _Rows.async_(conn, self._complete, params) == 0:
             raise lease_lost(key, fence)

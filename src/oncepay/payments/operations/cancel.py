@@ -11,6 +11,7 @@ from oncepay.idempotency.engine import Ticket
 from oncepay.payments import ledger
 from oncepay.payments.acquirers.base import AcquirerAnswer, Outcome
 from oncepay.payments.context import Services
+from oncepay.payments.models import payment_public
 from oncepay.payments.operations.common import (
     FollowOn,
     authorization_of,
@@ -23,6 +24,9 @@ from oncepay.payments.operations.common import (
     resolve,
     save,
 )
+from oncepay.payments.phases import Started
+from oncepay.payments.records import PaymentRow
+from oncepay.payments.reply import Reply
 from oncepay.payments.states import Transition
 
 __all__ = ["Cancel"]
@@ -36,25 +40,26 @@ class Cancel(FollowOn):
     name: str = "cancel"
     created: str = "cancel_started"
 
-    async def start(self, conn: AsyncConnection, svc: Services, merchant_id: str) -> str:
+    async def start(self, conn: AsyncConnection, svc: Services, merchant_id: str) -> Started:
         row = await load_payment(conn, self.payment_id, merchant_id, lock=True)
         check_followable(row, "cancel")
-        await save(conn, row.id, pending_operation="cancel")
-        return str(row.id)
+        return Started(row.id, await save(conn, row.id, pending_operation="cancel"))
 
-    async def call(self, svc: Services, object_id: str, ticket: Ticket) -> AcquirerAnswer:
-        row = await read_payment(svc, object_id)
+    async def call(
+        self, svc: Services, object_id: str, ticket: Ticket, payment: PaymentRow | None = None
+    ) -> AcquirerAnswer:
+        row = payment or await read_payment(svc, object_id)
         return await svc.acquirers[row.acquirer].void(
             reference=f"{row.id}_void", authorization_id=authorization_of(row)
         )
 
     async def record(
         self, conn: AsyncConnection, svc: Services, object_id: str, answer: AcquirerAnswer
-    ) -> None:
+    ) -> Reply:
         row = await load_payment(conn, object_id, lock=True)
         if answer.outcome is not Outcome.APPROVED:
-            await refused(conn, row, answer)
-            return
+            return await refused(conn, row, answer, self.name)
         await post_to_ledger(conn, row, "void", ledger.release_hold(row.amount))
         row = await resolve(conn, row, T.CANCEL, pending_operation=None)
         await payment_event(conn, row, "payment.canceled")
+        return Reply.json(200, payment_public(row))

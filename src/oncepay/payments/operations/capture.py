@@ -11,6 +11,7 @@ from oncepay.idempotency.engine import Ticket
 from oncepay.payments.acquirers.base import AcquirerAnswer, Outcome
 from oncepay.payments.context import Services
 from oncepay.payments.errors import AmountTooLarge
+from oncepay.payments.models import payment_public
 from oncepay.payments.operations.common import (
     FollowOn,
     authorization_of,
@@ -22,6 +23,9 @@ from oncepay.payments.operations.common import (
     refused,
     save,
 )
+from oncepay.payments.phases import Started
+from oncepay.payments.records import PaymentRow
+from oncepay.payments.reply import Reply
 
 __all__ = ["Capture"]
 
@@ -33,17 +37,18 @@ class Capture(FollowOn):
     name: str = "capture"
     created: str = "capture_started"
 
-    async def start(self, conn: AsyncConnection, svc: Services, merchant_id: str) -> str:
+    async def start(self, conn: AsyncConnection, svc: Services, merchant_id: str) -> Started:
         row = await load_payment(conn, self.payment_id, merchant_id, lock=True)
         check_followable(row, "capture")
         amount = row.amount if self.amount is None else self.amount
         if amount > row.amount:
             raise AmountTooLarge(f"cannot capture {amount}: only {row.amount} was authorized")
-        await save(conn, row.id, pending_operation=f"capture:{amount}")
-        return str(row.id)
+        return Started(row.id, await save(conn, row.id, pending_operation=f"capture:{amount}"))
 
-    async def call(self, svc: Services, object_id: str, ticket: Ticket) -> AcquirerAnswer:
-        row = await read_payment(svc, object_id)
+    async def call(
+        self, svc: Services, object_id: str, ticket: Ticket, payment: PaymentRow | None = None
+    ) -> AcquirerAnswer:
+        row = payment or await read_payment(svc, object_id)
         amount = pending_capture(row)
         return await svc.acquirers[row.acquirer].capture(
             reference=f"{row.id}_capture", authorization_id=authorization_of(row), amount=amount
@@ -51,9 +56,9 @@ class Capture(FollowOn):
 
     async def record(
         self, conn: AsyncConnection, svc: Services, object_id: str, answer: AcquirerAnswer
-    ) -> None:
+    ) -> Reply:
         row = await load_payment(conn, object_id, lock=True)
-        if answer.outcome is Outcome.APPROVED:
-            await capture_in_ledger(conn, row, pending_capture(row))
-        else:
-            await refused(conn, row, answer)
+        if answer.outcome is not Outcome.APPROVED:
+            return await refused(conn, row, answer, self.name)
+        row = await capture_in_ledger(conn, row, pending_capture(row))
+        return Reply.json(200, payment_public(row))

@@ -1,4 +1,4 @@
-"""What the operations share: loading and saving a payment (statements built once per shape),
+"""What the operations share: loading and saving a payment (raw statements, one per shape),
 its events, the checks before a follow-on operation, and noting an unknown outcome."""
 
 from __future__ import annotations
@@ -7,7 +7,6 @@ import functools
 import time
 from typing import Any, cast
 
-from sqlalchemy import bindparam, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from oncepay.errors import OncePayError
@@ -21,11 +20,13 @@ from oncepay.payments.models import payment_public
 from oncepay.payments.records import PaymentRow
 from oncepay.payments.reply import Reply
 from oncepay.payments.states import PaymentStatus, Transition, next_status, require
+from oncepay.payments.storage.raw import Rows, Sql, raw
 from oncepay.payments.storage.schema import payments
 from oncepay.storage.db import read
 from oncepay.storage.ids import is_id
 
 __all__ = [
+    "PAYMENTS",
     "RESOLVED",
     "FollowOn",
     "OnPayment",
@@ -54,42 +55,40 @@ async def load_payment(
     already excludes every other writer). Another merchant's payment is not found."""
     if not is_id(payment_id):
         raise ResourceMissing(f"no payment {payment_id!r}")
-    params = {"id": payment_id, "merchant_id": merchant_id}
-    row = (await conn.execute(_load(merchant_id is not None, lock), params)).first()
-    if row is None:
+    db = await raw(conn)
+    if merchant_id is None:
+        found = await db.rows(_LOAD_LOCKED if lock else _LOAD, payment_id)
+    else:
+        found = await db.rows(_LOAD_OF_LOCKED if lock else _LOAD_OF, payment_id, merchant_id)
+    if not found:
         raise ResourceMissing(f"no payment {payment_id!r}")
-    return cast(PaymentRow, row)
+    return cast(PaymentRow, PAYMENTS.one(found[0], integers_as_booleans=db.integers_as_booleans))
 
 
 async def save(conn: AsyncConnection, payment_id: str, **values: Any) -> PaymentRow:
     """Update a payment; the row as it now is (one statement: UPDATE … RETURNING)."""
     values["updated_at"] = time.time()
-    params = {f"new_{name}": value for name, value in values.items()}
-    result = await conn.execute(_save(frozenset(values)), {"payment_id": payment_id, **params})
-    return cast(PaymentRow, result.one())
+    db = await raw(conn)
+    names = tuple(values)
+    row = (await db.rows(_save(names), payment_id, *values.values()))[0]
+    return cast(PaymentRow, PAYMENTS.one(row, integers_as_booleans=db.integers_as_booleans))
 
 
-# The payment statements, built once per shape: building a statement costs more than running
-# it on SQLite (bench/e2e/PROFILE.md); there are a few dozen shapes at most.
+# The payment statements, written once per shape on the raw driver (payments/storage/raw.py):
+# through SQLAlchemy Core they cost more than the database's work (bench/e2e/PROFILE.md).
+
+PAYMENTS = Rows(payments)
+_SELECT = f"SELECT {PAYMENTS.columns} FROM payments WHERE id = $1"
+_LOAD = Sql(_SELECT)
+_LOAD_LOCKED = Sql(_SELECT, lock="FOR UPDATE")
+_LOAD_OF = Sql(f"{_SELECT} AND merchant_id = $2")
+_LOAD_OF_LOCKED = Sql(f"{_SELECT} AND merchant_id = $2", lock="FOR UPDATE")
 
 
 @functools.cache
-def _load(of_merchant: bool, lock: bool) -> Any:
-    query = select(payments).where(payments.c.id == bindparam("id"))
-    if of_merchant:
-        query = query.where(payments.c.merchant_id == bindparam("merchant_id"))
-    return query.with_for_update() if lock else query
-
-
-@functools.cache
-def _save(columns: frozenset[str]) -> Any:
-    values: dict[str, Any] = {name: bindparam(f"new_{name}") for name in sorted(columns)}
-    return (
-        update(payments)
-        .where(payments.c.id == bindparam("payment_id"))
-        .values(values)
-        .returning(*payments.c)
-    )
+def _save(columns: tuple[str, ...]) -> Sql:
+    assignments = ", ".join(f"{name} = ${i}" for i, name in enumerate(columns, start=2))
+    return Sql(f"UPDATE payments SET {assignments} WHERE id = $1 RETURNING {PAYMENTS.columns}")
 
 
 async def payment_event(conn: AsyncConnection, row: PaymentRow, type: str) -> None:
@@ -163,10 +162,13 @@ async def post_to_ledger(
     )
 
 
-async def capture_in_ledger(conn: AsyncConnection, row: PaymentRow, amount: int) -> None:
+async def capture_in_ledger(conn: AsyncConnection, row: PaymentRow, amount: int) -> PaymentRow:
+    """Capture ``amount`` of the payment ``row``: the ledger, its state, its event; the row
+    as it now is."""
     await post_to_ledger(conn, row, "capture", ledger.capture(row.amount, amount))
     row = await resolve(conn, row, T.CAPTURE, amount_captured=amount, pending_operation=None)
     await payment_event(conn, row, "payment.captured")
+    return row
 
 
 def authorization_of(row: PaymentRow) -> str:
@@ -189,29 +191,37 @@ async def read_payment(svc: Services, payment_id: str) -> PaymentRow:
         return await load_payment(conn, payment_id)
 
 
-async def refused(conn: AsyncConnection, row: PaymentRow, answer: AcquirerAnswer) -> None:
-    """The acquirer refused a capture or void: the payment stays as it was, marked so that
-    phase 3 can tell the client."""
-    refusal = f"refused:{answer.decline_code or 'declined'}"
-    await save(conn, row.id, pending_operation=refusal, **RESOLVED)
+async def refused(
+    conn: AsyncConnection, row: PaymentRow, answer: AcquirerAnswer, request: str
+) -> Reply:
+    """The acquirer refused a capture or void: the payment stays as it was (its outcome
+    known), and the client is told so (``request`` names what was refused)."""
+    await save(conn, row.id, pending_operation=None, **RESOLVED)
+    return _refusal(answer.decline_code or "declined", request)
 
 
 async def payment_or_refusal(conn: AsyncConnection, payment_id: str, request: str) -> Reply:
+    """The answer of a follow-on request resumed at ``acquirer_called``: an earlier version
+    marked a refusal on the payment (``refused:<code>``) between its phases 2 and 3."""
     row = await load_payment(conn, payment_id)
     if row.pending_operation and row.pending_operation.startswith("refused:"):
         code = row.pending_operation.partition(":")[2]
         await save(conn, payment_id, pending_operation=None)
-        return Reply.json(
-            402,
-            {
-                "type": "urn:oncepay:problem:acquirerrefused",
-                "title": "The acquirer refused",
-                "status": 402,
-                "detail": f"the acquirer refused to {request} ({code})",
-                "code": "acquirerrefused",
-            },
-        )
+        return _refusal(code, request)
     return Reply.json(200, payment_public(row))
+
+
+def _refusal(code: str, request: str) -> Reply:
+    return Reply.json(
+        402,
+        {
+            "type": "urn:oncepay:problem:acquirerrefused",
+            "title": "The acquirer refused",
+            "status": 402,
+            "detail": f"the acquirer refused to {request} ({code})",
+            "code": "acquirerrefused",
+        },
+    )
 
 
 class OnPayment:

@@ -17,6 +17,7 @@ from oncepay.payments.acquirers.base import AcquirerAnswer, Outcome
 from oncepay.payments.context import Services
 from oncepay.payments.models import PaymentCreate, payment_public
 from oncepay.payments.operations.common import (
+    PAYMENTS,
     OnPayment,
     capture_in_ledger,
     load_payment,
@@ -25,8 +26,11 @@ from oncepay.payments.operations.common import (
     read_payment,
     resolve,
 )
+from oncepay.payments.phases import Started
+from oncepay.payments.records import PaymentRow
 from oncepay.payments.reply import Reply
 from oncepay.payments.states import PaymentStatus, Transition
+from oncepay.payments.storage.raw import Sql, raw
 from oncepay.payments.storage.schema import payments
 from oncepay.storage.db import write
 from oncepay.storage.ids import new_id
@@ -35,7 +39,15 @@ __all__ = ["CreatePayment"]
 
 S, T = PaymentStatus, Transition
 
-_INSERT = payments.insert().returning(*payments.c)
+# The columns a new payment sets; the rest keep their defaults (migration 4's server
+# defaults, NULLs). One statement: the row comes back with RETURNING.
+_INSERT = Sql(
+    "INSERT INTO payments (id, merchant_id, amount, currency, payment_method, capture_method, "
+    "description, metadata, status, amount_captured, amount_refunded, acquirer, attempt, "
+    "outcome_unknown, recovery_attempts, escalated, created_at, updated_at) "
+    "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 0, 0, $10, 1, FALSE, 0, FALSE, $11, $11) "
+    f"RETURNING {PAYMENTS.columns}"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,43 +56,40 @@ class CreatePayment(OnPayment):
     name: str = "create"
     created: str = "payment_created"
 
-    async def start(self, conn: AsyncConnection, svc: Services, merchant_id: str) -> str:
+    async def start(self, conn: AsyncConnection, svc: Services, merchant_id: str) -> Started:
         assert self.params is not None  # phase 1 runs only for a client's request
         p, now = self.params, time.time()
         payment_id = new_id("pay")
-        row = {
-            "id": payment_id,
-            "merchant_id": merchant_id,
-            "amount": p.amount,
-            "currency": p.currency,
-            "payment_method": p.payment_method,
-            "capture_method": p.capture_method,
-            "description": p.description,
-            "metadata": json.dumps(p.metadata),
-            "status": S.PROCESSING,
-            "amount_captured": 0,
-            "amount_refunded": 0,
-            "acquirer": svc.acquirers.choose().name,
-            "attempt": 1,
-            "outcome_unknown": False,
-            "recovery_attempts": 0,
-            "escalated": False,
-            "created_at": now,
-            "updated_at": now,
-        }
-        result = await conn.execute(_INSERT, row)
-        await payment_event(conn, result.one(), "payment.created")
-        return payment_id
+        db = await raw(conn)
+        row = await db.rows(
+            _INSERT,
+            payment_id,
+            merchant_id,
+            p.amount,
+            p.currency,
+            p.payment_method,
+            p.capture_method,
+            p.description,
+            json.dumps(p.metadata),
+            S.PROCESSING.value,
+            svc.acquirers.choose().name,
+            now,
+        )
+        payment = PAYMENTS.one(row[0], integers_as_booleans=db.integers_as_booleans)
+        await payment_event(conn, payment, "payment.created")
+        return Started(payment_id, payment)
 
-    async def call(self, svc: Services, object_id: str, ticket: Ticket) -> AcquirerAnswer:
-        row = await read_payment(svc, object_id)
+    async def call(
+        self, svc: Services, object_id: str, ticket: Ticket, payment: PaymentRow | None = None
+    ) -> AcquirerAnswer:
+        row = payment or await read_payment(svc, object_id)
         ask_first = ticket.resumed or bool(row.outcome_unknown)
         advance = _advancer(svc, ticket)
         return await failover.authorize(svc.acquirers, row, advance, ask_first=ask_first)
 
     async def record(
         self, conn: AsyncConnection, svc: Services, object_id: str, answer: AcquirerAnswer
-    ) -> None:
+    ) -> Reply:
         row = await load_payment(conn, object_id, lock=True)
         if answer.outcome is not Outcome.APPROVED:
             code = answer.decline_code or "acquirer_unavailable"
@@ -94,7 +103,7 @@ class CreatePayment(OnPayment):
                 acquirer=answer.acquirer,
             )
             await payment_event(conn, row, "payment.failed")
-            return
+            return Reply.json(201, payment_public(row))
         await post_to_ledger(conn, row, "authorization", ledger.authorize(row.amount))
         row = await resolve(
             conn,
@@ -105,7 +114,8 @@ class CreatePayment(OnPayment):
         )
         await payment_event(conn, row, "payment.authorized")
         if row.capture_method == "automatic":
-            await capture_in_ledger(conn, row, row.amount)
+            row = await capture_in_ledger(conn, row, row.amount)
+        return Reply.json(201, payment_public(row))
 
     async def reply(self, conn: AsyncConnection, svc: Services, object_id: str) -> Reply:
         return Reply.json(201, payment_public(await load_payment(conn, object_id)))

@@ -28,7 +28,8 @@ from oncepay.payments.operations.common import (
     resolve,
     save,
 )
-from oncepay.payments.records import RefundRow
+from oncepay.payments.phases import Started
+from oncepay.payments.records import PaymentRow, RefundRow
 from oncepay.payments.reply import Reply
 from oncepay.payments.states import Transition
 from oncepay.payments.storage.schema import refunds
@@ -47,7 +48,7 @@ class CreateRefund:
     name: str = "refund"
     created: str = "refund_created"
 
-    async def start(self, conn: AsyncConnection, svc: Services, merchant_id: str) -> str:
+    async def start(self, conn: AsyncConnection, svc: Services, merchant_id: str) -> Started:
         row = await load_payment(conn, self.payment_id, merchant_id, lock=True)
         check_followable(row, "refund")
         reserved = (
@@ -82,9 +83,11 @@ class CreateRefund:
             )
         )
         await _refund_event(conn, refund_id, "refund.created")
-        return refund_id
+        return Started(refund_id)
 
-    async def call(self, svc: Services, object_id: str, ticket: Ticket) -> AcquirerAnswer:
+    async def call(
+        self, svc: Services, object_id: str, ticket: Ticket, payment: PaymentRow | None = None
+    ) -> AcquirerAnswer:
         async with read(svc.db) as conn:
             refund = await load_refund(conn, object_id)
             row = await load_payment(conn, refund.payment_id)
@@ -94,7 +97,7 @@ class CreateRefund:
 
     async def record(
         self, conn: AsyncConnection, svc: Services, object_id: str, answer: AcquirerAnswer
-    ) -> None:
+    ) -> Reply:
         refund = await load_refund(conn, object_id)
         row = await load_payment(conn, refund.payment_id, lock=True)
         if answer.outcome is not Outcome.APPROVED:
@@ -102,15 +105,15 @@ class CreateRefund:
                 conn, refund.id, status="failed", failure_code=answer.decline_code or "declined"
             )
             await save(conn, row.id, **RESOLVED)
-            await _refund_event(conn, refund.id, "refund.failed")
-            return
+            return _created(await _refund_event(conn, refund.id, "refund.failed"))
         await post_to_ledger(conn, row, "refund", ledger.refund(refund.amount), refund.id)
         refunded = row.amount_refunded + refund.amount
         transition = T.REFUND_ALL if refunded == row.amount_captured else T.REFUND_PART
         await _save_refund(conn, refund.id, status="succeeded")
         row = await resolve(conn, row, transition, amount_refunded=refunded)
-        await _refund_event(conn, refund.id, "refund.succeeded")
+        refund = await _refund_event(conn, refund.id, "refund.succeeded")
         await payment_event(conn, row, "payment.refunded")
+        return _created(refund)
 
     async def unknown(
         self, conn: AsyncConnection, svc: Services, object_id: str, answer: AcquirerAnswer
@@ -119,7 +122,11 @@ class CreateRefund:
         return await note_unknown(conn, svc, refund.payment_id, answer)
 
     async def reply(self, conn: AsyncConnection, svc: Services, object_id: str) -> Reply:
-        return Reply.json(201, refund_public(await load_refund(conn, object_id)))
+        return _created(await load_refund(conn, object_id))
+
+
+def _created(refund: RefundRow) -> Reply:
+    return Reply.json(201, refund_public(refund))
 
 
 async def load_refund(
@@ -141,7 +148,8 @@ async def _save_refund(conn: AsyncConnection, refund_id: str, **values: Any) -> 
     await conn.execute(update(refunds).where(refunds.c.id == refund_id).values(**values))
 
 
-async def _refund_event(conn: AsyncConnection, refund_id: str, type: str) -> None:
+async def _refund_event(conn: AsyncConnection, refund_id: str, type: str) -> RefundRow:
+    """The refund's event; the refund as it is now."""
     refund = await load_refund(conn, refund_id)
     await emit(
         conn,
@@ -150,3 +158,4 @@ async def _refund_event(conn: AsyncConnection, refund_id: str, type: str) -> Non
         object_id=refund.id,
         data=refund_public(refund),
     )
+    return refund
