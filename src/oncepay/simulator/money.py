@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any, Literal
 
-from sqlalchemy import select, update
+from sqlalchemy import bindparam, select, update
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.ext.asyncio import AsyncConnection
 from starlette.requests import Request
@@ -29,6 +29,12 @@ PAYMENT_METHODS: dict[str, str | None] = {
     "pm_card_declined": "card_declined",
     "pm_card_insufficient_funds": "insufficient_funds",
 }
+# Built once, values bound per call (see references._FIND).
+_INSERT_AUTHORIZATION = authorizations.insert()
+_INSERT_MOVEMENT = movements.insert()
+_AUTHORIZATION_FOR_UPDATE = (
+    select(authorizations).where(authorizations.c.id == bindparam("auth_id")).with_for_update()
+)
 # The prefix of the id of each follow-on operation's answer.
 _ID_PREFIX = {"capture": "cap", "void": "void", "refund": "re"}
 
@@ -79,7 +85,7 @@ async def _authorize(
     }
     document = dumps(_authorization_body(row))
     await claim(conn, sim, operation_row(row, "authorization", fingerprint, 201, document))
-    await conn.execute(authorizations.insert().values(**row))
+    await conn.execute(_INSERT_AUTHORIZATION, row)
     if row["captured_amount"]:
         await _move(conn, row, "capture", body.reference, row["captured_amount"], now)
     return Response(document, 201, media_type="application/json")
@@ -111,16 +117,17 @@ async def _move(
     now: float,
 ) -> None:
     await conn.execute(
-        movements.insert().values(
-            id=new_id("mv"),
-            authorization_id=auth["id"],
-            reference=reference,
-            order_id=auth["order_id"],
-            type=kind,
-            amount=amount,
-            currency=auth["currency"],
-            created_at=now,
-        )
+        _INSERT_MOVEMENT,
+        {
+            "id": new_id("mv"),
+            "authorization_id": auth["id"],
+            "reference": reference,
+            "order_id": auth["order_id"],
+            "type": kind,
+            "amount": amount,
+            "currency": auth["currency"],
+            "created_at": now,
+        },
     )
 
 
@@ -196,8 +203,8 @@ async def _operate(
     amount: int | None,
     fingerprint: str,
 ) -> Response:
-    query = select(authorizations).where(authorizations.c.id == authorization_id)
-    auth = (await conn.execute(query.with_for_update())).mappings().first()
+    found = await conn.execute(_AUTHORIZATION_FOR_UPDATE, {"auth_id": authorization_id})
+    auth = found.mappings().first()
     if auth is None:
         raise Problem(404, "authorization_not_found", f"no authorization {authorization_id}")
     moved = auth["amount"] if amount is None else amount  # a void releases the whole hold

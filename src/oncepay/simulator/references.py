@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -50,17 +50,25 @@ class LostRace(Exception):
     """Another transaction took the reference between our read and our insert: run again."""
 
 
+# Statements built once, their values bound at each call: SQLAlchemy then compiles each once
+# and finds it in its cache by a key it computed once, where a statement built per call costs
+# its construction and its cache key every time (most of an authorization's CPU).
+_FIND = select(operations).where(operations.c.reference == bindparam("reference"))
+_CLAIM = {
+    True: sqlite.insert(operations).on_conflict_do_nothing(),
+    False: postgresql.insert(operations).on_conflict_do_nothing(),
+}
+
+
 async def find(conn: AsyncConnection, reference: str) -> RowMapping | None:
-    result = await conn.execute(select(operations).where(operations.c.reference == reference))
+    result = await conn.execute(_FIND, {"reference": reference})
     return result.mappings().first()
 
 
 async def claim(conn: AsyncConnection, sim: Simulator, row: dict[str, Any]) -> None:
     """Insert the reference's row; a concurrent winner (already committed or committing)
     makes it a no-op, and we start over to answer from the winner's row."""
-    dialect = postgresql if not sim.db.is_sqlite else sqlite
-    statement = dialect.insert(operations).values(**row).on_conflict_do_nothing()
-    result = await conn.execute(statement)
+    result = await conn.execute(_CLAIM[sim.db.is_sqlite], row)
     if result.rowcount != 1:
         raise LostRace
 
