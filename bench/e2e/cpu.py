@@ -1,0 +1,131 @@
+"""Server CPU time per payment against a real ``oncepay serve`` (SQLite, the embedded acquirer,
+one process, no recovery worker, no access log): what ``bench/tracing/instructions.py`` cannot
+see, since it drives the app through httpx's ASGI transport — uvicorn, its event loop
+(uvloop or asyncio) and its HTTP parser (httptools or h11).
+
+Each variant is a server started with its own ``oncepay serve`` options (``--loop``,
+``--http``) and optionally its own source tree (``PYTHONPATH``, to compare a change against a
+copy without it); the variants run in alternating rounds, each round a fresh server and
+database, ``--payments`` POST /v1/payments at ``--concurrency`` connections, after a warm-up.
+The figure is the server process's user+sys CPU (``/proc/<pid>/stat``) over the measured
+payments divided by their number: the load generator's own CPU is not in it, and the machine's
+speed drifts less into it than into payments/s. Medians over the rounds.
+
+    .venv/bin/python bench/e2e/cpu.py [--rounds 3] [--payments 400] [--concurrency 8] \\
+        asyncio="--loop asyncio --http h11" uvloop="--loop uvloop --http httptools" \\
+        [before="@/tmp/old/src"]   # a variant: NAME="serve options [@source dir]"
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script: bench imports
+
+from bench.harness.cpu import process_cpu
+from bench.harness.processes import free_port, stop_group, wait_port
+
+WARM_UP = 50  # payments before measuring: imports, caches, the first statements prepared
+BODY = {"amount": 1250, "currency": "EUR", "payment_method": "pm_card_ok"}
+
+
+def parse_variant(spec: str) -> tuple[str, list[str], str | None]:
+    name, _, rest = spec.partition("=")
+    options, _, source = rest.partition("@")
+    return name, shlex.split(options), source.strip() or None
+
+
+async def fire(port: int, api_key: str, count: int, concurrency: int, tag: str) -> None:
+    import httpx
+
+    keys = iter(range(count))
+    limits = httpx.Limits(max_connections=concurrency)
+    headers = {"Authorization": f"Bearer {api_key}"}
+    async with httpx.AsyncClient(
+        base_url=f"http://127.0.0.1:{port}", limits=limits, headers=headers, timeout=60
+    ) as client:
+
+        async def one_connection() -> None:
+            for n in keys:
+                answer = await client.post(
+                    "/v1/payments", json=BODY, headers={"Idempotency-Key": f"{tag}-{n}"}
+                )
+                if answer.status_code != 201:
+                    raise RuntimeError(f"{answer.status_code}: {answer.text[:300]}")
+
+        await asyncio.gather(*(one_connection() for _ in range(concurrency)))
+
+
+def round_of(
+    options: list[str], source: str | None, payments: int, concurrency: int, folder: Path
+) -> float:
+    """Server CPU milliseconds per payment, one fresh server."""
+    env = {
+        **os.environ,
+        "ONCEPAY_DATABASE_URL": f"sqlite:///{folder}/p.db",
+        "ONCEPAY_ACQUIRER_DATABASE_URL": f"sqlite:///{folder}/a.db",
+        "ONCEPAY_RUN_WORKER": "false",
+    }
+    if source is not None:
+        env["PYTHONPATH"] = source
+    created = subprocess.run(
+        [sys.executable, "-m", "oncepay", "merchants", "create", "bench"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    api_key = json.loads(created.stdout)["api_key"]
+    port = free_port()
+    command = [sys.executable, "-m", "oncepay", "serve", "--port", str(port), "--quiet"]
+    server = subprocess.Popen(
+        [*command, "--no-worker", *options],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        wait_port(port, server)
+        asyncio.run(fire(port, api_key, WARM_UP, concurrency, "warm"))
+        before = process_cpu(server.pid)
+        asyncio.run(fire(port, api_key, payments, concurrency, "run"))
+        used = process_cpu(server.pid) - before
+    finally:
+        stop_group(server)
+    return used * 1000 / payments
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--payments", type=int, default=400)
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("variants", nargs="+", help='NAME="serve options [@source dir]"')
+    args = parser.parse_args()
+    variants = [parse_variant(v) for v in args.variants]
+    figures: dict[str, list[float]] = {name: [] for name, _, _ in variants}
+    for n in range(args.rounds):
+        for name, options, source in variants:  # alternating: drift hits every variant
+            with tempfile.TemporaryDirectory(prefix="oncepay-cpu-") as folder:
+                started = time.perf_counter()
+                ms = round_of(options, source, args.payments, args.concurrency, Path(folder))
+                took = time.perf_counter() - started
+            figures[name].append(ms)
+            print(f"round {n + 1} {name}: {ms:.2f} ms CPU a payment ({took:.0f} s)", flush=True)
+    for name, values in figures.items():
+        print(f"{name}: median {statistics.median(values):.2f} ms CPU a payment {values}")
+
+
+if __name__ == "__main__":
+    main()
