@@ -110,7 +110,10 @@ def main() -> None:
             order = args.commits if r % 2 == 0 else list(reversed(args.commits))
             for commit in order:
                 result = {"round": r + 1, "commit": commit, "load1": round(os.getloadavg()[0], 1)}
-                result.update(measure(trees[commit], args.seconds, Path(tmp)))
+                try:
+                    result.update(measure(trees[commit], args.seconds, Path(tmp)))
+                except (subprocess.CalledProcessError, RuntimeError) as exc:
+                    result["error"] = str(exc)  # a commit that does not start: say so, go on
                 print(json.dumps(result), flush=True)
                 found.append(result)
                 args.out.write_text(json.dumps(found, indent=1) + "\n")

@@ -11,6 +11,7 @@ the reference is copied into the project.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import subprocess
@@ -24,8 +25,10 @@ DEFAULT_PERF = CHECKOUT.parent / "shared" / "perf"
 SUMMARIES = ("WRK_JSON ", "E2E_JSON ")
 
 
-def harness(perf: Path) -> ModuleType:
-    """``perf/bench.py`` as a module, its wrk step reading either summary line."""
+def harness(perf: Path, quiet_cap: float | None = None) -> ModuleType:
+    """``perf/bench.py`` as a module, its wrk step reading either summary line; ``quiet_cap``
+    shortens its wait for a quiet machine before each server (60 s), which on a machine busy
+    with other jobs never comes and only stretches the run."""
     spec = importlib.util.spec_from_file_location("oncepay_perf_bench", perf / "bench.py")
     if spec is None or spec.loader is None:
         raise FileNotFoundError(perf / "bench.py")
@@ -43,12 +46,14 @@ def harness(perf: Path) -> ModuleType:
         return summary
 
     module.wrk = wrk  # type: ignore[attr-defined]
+    if quiet_cap is not None:
+        module.quiet = functools.partial(module.quiet, cap=quiet_cap)  # type: ignore[attr-defined]
     return module
 
 
-def run(perf: Path, argv: list[str]) -> None:
+def run(perf: Path, argv: list[str], quiet_cap: float | None = None) -> None:
     """The harness's ``main`` with ``argv`` as its command line."""
-    module = harness(perf.resolve())
+    module = harness(perf.resolve(), quiet_cap)
     saved = sys.argv
     sys.argv = [str(perf / "bench.py"), *argv]
     try:
