@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from datetime import UTC, date, datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import select
+from sqlalchemy import select, text
 
 from oncepay.errors import OncePayError
 from oncepay.payments.failover import reference as authorization_reference
@@ -34,6 +34,9 @@ __all__ = [
 # Payment ids per IN (...) list: well under SQLite's 32,766 bound variables and small enough
 # for PostgreSQL to plan as an index lookup.
 ID_BATCH = 500
+# Movements read per query: the books are built a chunk of rows at a time, so a million rows
+# are never held as driver tuples next to the operations made of them (peak memory).
+BOOKS_CHUNK = 20_000
 
 
 async def operations_between(
@@ -55,6 +58,7 @@ async def operations_between(
             pay.c.currency,
             ref.c.amount.label("refund_amount"),
             pay.c.merchant_id,
+            tx.c.id,
         )
         .join(pay, pay.c.id == tx.c.payment_id)
         .outerjoin(ref, ref.c.id == tx.c.refund_id)
@@ -64,16 +68,25 @@ async def operations_between(
             tx.c.created_at < end,
             pay.c.acquirer == acquirer,
         )
+        .order_by(tx.c.id)
+        .limit(BOOKS_CHUNK)
     )
-    async with read(db) as conn:
-        # rows unpack as tuples: a million of them (more columns than SQLAlchemy's typed rows)
-        rows = cast(list[tuple[Any, ...]], (await conn.execute(query)).all())
     # The few days and merchants of a million rows are shared, not a million copies each:
     # memory (the books are what a run holds) and a date conversion per row.
     days: dict[int, date] = {}
     shared: dict[str, str] = {}
-    found = [_operation(*row, days=days, shared=shared) for row in rows]
-    del rows
+    found: list[Operation] = []
+    after = ""
+    async with read(db) as conn:  # one snapshot; the rows a chunk at a time (keyset on the id)
+        if not db.is_sqlite:  # SQLite's read transaction is one snapshot already
+            await conn.execute(text("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ"))
+        while True:
+            chunk = query.where(tx.c.id > after) if after else query
+            rows = cast(list[tuple[Any, ...]], (await conn.execute(chunk)).all())
+            found.extend(_operation(*row[:-1], days=days, shared=shared) for row in rows)
+            if len(rows) < BOOKS_CHUNK:
+                break
+            after = rows[-1][-1]
     found.sort(key=lambda op: op.reference)
     return found
 
