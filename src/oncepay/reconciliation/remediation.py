@@ -40,7 +40,8 @@ from oncepay.idempotency.engine import Execute, Replay, Ticket
 from oncepay.payments.acquirers.base import AcquirerAnswer, Outcome
 from oncepay.payments.context import Services
 from oncepay.payments.operations import Cancel
-from oncepay.payments.phases import Operation, run
+from oncepay.payments.phases import Operation, Started, run
+from oncepay.payments.records import PaymentRow
 from oncepay.payments.reply import Reply
 from oncepay.reconciliation.records import Authorization, Kind
 from oncepay.reconciliation.store import actions, insert_new, resolve_in
@@ -262,11 +263,13 @@ class VoidOrphan:
     name: str = ORPHAN_VOID
     created: str = "orphan_void_started"
 
-    async def start(self, conn: AsyncConnection, svc: Services, merchant_id: str) -> str:
+    async def start(self, conn: AsyncConnection, svc: Services, merchant_id: str) -> Started:
         await _action_row(conn, self.action_id)  # written by the run before the key's claim
-        return self.action_id
+        return Started(self.action_id)
 
-    async def call(self, svc: Services, object_id: str, ticket: Ticket) -> AcquirerAnswer:
+    async def call(
+        self, svc: Services, object_id: str, ticket: Ticket, payment: PaymentRow | None = None
+    ) -> AcquirerAnswer:
         async with read(svc.db) as conn:
             row = await _action_row(conn, object_id)
         return await svc.acquirers[row["acquirer"]].void(
@@ -275,7 +278,7 @@ class VoidOrphan:
 
     async def record(
         self, conn: AsyncConnection, svc: Services, object_id: str, answer: AcquirerAnswer
-    ) -> None:
+    ) -> Reply:
         status = "done" if answer.outcome is Outcome.APPROVED else "refused"
         detail = answer.decline_code or answer.outcome.value
         await conn.execute(
@@ -283,6 +286,7 @@ class VoidOrphan:
             .where(actions.c.id == object_id)
             .values(status=status, detail=detail, updated_at=time.time())
         )
+        return await self.reply(conn, svc, object_id)  # the answer stored with the record
 
     async def unknown(
         self, conn: AsyncConnection, svc: Services, object_id: str, answer: AcquirerAnswer
