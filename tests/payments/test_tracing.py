@@ -477,9 +477,8 @@ async def main():
     app = create_app(settings)
     assert tracing.ENABLED
     started = []
-    start_span = tracing._tracer.start_span
-    tracing._tracer.start_span = lambda name, *a, **k: started.append(name) or start_span(
-        name, *a, **k)
+    start = tracing._recorder.start
+    tracing._recorder.start = lambda name, *a, **k: started.append(name) or start(name, *a, **k)
     tracing.key_hash = refuse
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
@@ -573,3 +572,60 @@ def test_the_lean_encoder_writes_the_bytes_the_sdk_encoder_writes() -> None:
     assert encode(spans) == encode_spans(spans).SerializeToString()
     assert encode(spans[:1]) == encode_spans(spans[:1]).SerializeToString()
     assert encode([]) == encode_spans([]).SerializeToString()
+
+
+def test_oncepay_spans_follow_the_sampler_and_the_sdk_span_rules() -> None:
+    """tracing/spans.py's lean spans: the configured sampler decides (a dropped span records
+    nothing, its ids still propagate); OK is a final status; an exception leaving a span is
+    recorded as the SDK records it; attributes of other types are dropped; the processors get
+    the same ReadableSpan fields as from the SDK's tracer, parents included across both."""
+    from opentelemetry import context, trace
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+    from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+
+    from oncepay.payments.tracing.spans import Recorder
+
+    finished = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(finished))
+    recorder = Recorder(provider, InstrumentationScope("oncepay.payments", "1"))
+    server = recorder.start("POST", {"a": 1}, kind=trace.SpanKind.SERVER)
+    token = context.attach(trace.set_span_in_context(server))
+    with provider.get_tracer("sdk").start_as_current_span("sdk child"):
+        pass
+    failed = server.get_span_context()
+    child = recorder.start("child", {"b": "x"}, links=[trace.Link(failed, {"why": "failover"})])
+    child.set_attribute("list", [1, 2])
+    child.set_attribute("object", object())  # type: ignore[arg-type]
+    child.set_status(trace.StatusCode.OK)
+    child.set_status(trace.StatusCode.ERROR, "too late: OK is final")
+    child.end()
+    with pytest.raises(ValueError, match="boom"), recorder.start("failing"):
+        raise ValueError("boom")
+    context.detach(token)
+    server.end()
+    spans = {s.name: s for s in finished.get_finished_spans()}
+    assert set(spans) == {"POST", "sdk child", "child", "failing"}
+    root = spans["POST"].context
+    assert spans["POST"].parent is None
+    assert spans["POST"].kind is trace.SpanKind.SERVER
+    assert all(spans[n].parent == root for n in ("sdk child", "child", "failing"))
+    assert dict(spans["child"].attributes or {}) == {"b": "x", "list": (1, 2)}
+    assert spans["child"].status.status_code is trace.StatusCode.OK
+    [link] = spans["child"].links
+    assert (link.context, dict(link.attributes or {})) == (root, {"why": "failover"})
+    assert spans["child"].instrumentation_scope is not None
+    assert spans["child"].instrumentation_scope.name == "oncepay.payments"
+    [exception] = spans["failing"].events
+    assert exception.name == "exception"
+    assert (exception.attributes or {})["exception.type"] == "ValueError"
+    assert spans["failing"].status.status_code is trace.StatusCode.ERROR
+
+    dropping = TracerProvider(sampler=ParentBased(TraceIdRatioBased(0.0)))
+    dropped = Recorder(dropping, InstrumentationScope("x")).start("kept nowhere")
+    assert not dropped.is_recording()
+    assert dropped.get_span_context().is_valid
+    assert not dropped.get_span_context().trace_flags.sampled

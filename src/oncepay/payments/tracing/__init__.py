@@ -14,7 +14,9 @@ the default, or ``grpc``), the resource (``OTEL_SERVICE_NAME``, default ``oncepa
 ``OTEL_RESOURCE_ATTRIBUTES``) and the propagators (``OTEL_PROPAGATORS``). The server span is
 :class:`ServerSpans`, a thin ASGI middleware of ours; contrib instrumentations trace httpx,
 SQLAlchemy and redis-py; ``OTEL_PYTHON_DISABLED_INSTRUMENTATIONS`` leaves any of
-``asgi, httpx, sqlalchemy, redis`` out. OTLP/HTTP spans are encoded by :mod:`.otlp`.
+``asgi, httpx, sqlalchemy, redis`` out. OncePay's own spans are made by :mod:`.spans` (the
+sampler's decision and the span processors as the SDK's tracer would, without its per-span
+machinery); OTLP/HTTP spans are encoded by :mod:`.otlp`.
 
 **An unsampled request costs its sampling decision and no more**: every hook below returns at
 once inside it (:data:`_quiet`), so it starts no span, builds no attribute, hashes no key and
@@ -89,6 +91,7 @@ _provider: TracerProvider | None = None
 # opentelemetry.trace and opentelemetry.context once set up: looked up per hook, not imported.
 _trace: Any = None
 _context: Any = None
+_recorder: Any = None  # starts OncePay's own spans: spans.Recorder (or the SDK's tracer)
 _key_hasher: Any = None  # hashlib.blake2b, keyed
 _NOOP: AbstractContextManager[None] = nullcontext()
 # True inside a request whose trace was not sampled: every hook returns at once (its spans
@@ -128,7 +131,7 @@ def setup(*, key_secret: bytes | None = None) -> bool:
     """Start tracing in this process if the environment asks for it (once); whether it is on.
     ``key_secret`` keys the hash of idempotency keys; by default ``ONCEPAY_USAGE_LOG_SECRET``
     (the key-usage log's, so that both agree), else a random secret of this process."""
-    global ENABLED, _tracer, _provider, _key_hasher, _trace, _context  # noqa: PLW0603 - one a process
+    global ENABLED, _tracer, _provider, _key_hasher, _trace, _context, _recorder  # noqa: PLW0603
     if ENABLED:
         return True
     if not wanted():
@@ -154,11 +157,45 @@ def setup(*, key_secret: bytes | None = None) -> bool:
     _provider = provider
     _tracer = provider.get_tracer("oncepay.payments", __version__)
     _trace, _context = trace, context
+    _recorder = _own_spans(provider, _tracer, __version__)
     secret = key_secret or os.environ.get("ONCEPAY_USAGE_LOG_SECRET", "").encode()
     secret = hashlib.blake2b(secret).digest() if len(secret) > 64 else secret  # BLAKE2b's limit
     _key_hasher = hashlib.blake2b(key=secret or secrets.token_bytes(32), digest_size=16)
     ENABLED = True
     return True
+
+
+def _own_spans(provider: TracerProvider, tracer: Tracer, version: str) -> Any:
+    """What starts OncePay's spans: the lean recorder (spans.py), or the SDK's tracer should
+    the provider not be what the recorder knows."""
+    from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+
+    from oncepay.payments.tracing.spans import Recorder
+
+    if not hasattr(provider, "_active_span_processor"):
+        return _Sdk(tracer)
+    return Recorder(provider, InstrumentationScope("oncepay.payments", version))
+
+
+class _Sdk:
+    """The SDK's tracer behind :class:`spans.Recorder`'s ``start``."""
+
+    def __init__(self, tracer: Tracer) -> None:
+        self.tracer = tracer
+
+    def start(
+        self,
+        name: str,
+        attributes: dict[str, Any] | None = None,
+        *,
+        kind: Any = None,
+        links: Sequence[Any] = (),
+        context: Any = None,
+    ) -> Span:
+        kind = _trace.SpanKind.INTERNAL if kind is None else kind
+        return self.tracer.start_span(
+            name, context=context, kind=kind, attributes=attributes, links=links
+        )
 
 
 def shutdown() -> None:
@@ -254,12 +291,12 @@ class ServerSpans:
         self.app = app
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or _tracer is None:
+        if scope["type"] != "http" or _recorder is None:
             await self.app(scope, receive, send)
             return
         trace = _trace
         parent = _remote_parent(scope["headers"])
-        span = _tracer.start_span(
+        span = _recorder.start(
             scope.get("method") or "HTTP", context=parent, kind=trace.SpanKind.SERVER
         )
         token = _context.attach(trace.set_span_in_context(span, parent))
@@ -446,12 +483,12 @@ def _error(description: str) -> Any:
 
 def phase(name: str, operation: str, object_id: str | None = None) -> AbstractContextManager[Any]:
     """A span over one atomic phase (``start``, ``acquirer``, ``record``, ``finish``…)."""
-    if _tracer is None or _quiet.get():
+    if _recorder is None or _quiet.get():
         return _NOOP
     attributes = {"oncepay.phase": name, "oncepay.operation": operation}
     if object_id is not None:
         attributes["oncepay.object_id"] = object_id
-    return _Active(_tracer.start_span(f"oncepay.phase {name}", attributes=attributes))
+    return _Active(_recorder.start(f"oncepay.phase {name}", attributes))
 
 
 def ledger_posting(
@@ -528,7 +565,7 @@ def traced_call(fn: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
 
     @functools.wraps(fn)
     async def call(*args: P.args, **kwargs: P.kwargs) -> T:
-        if _tracer is None or _quiet.get():
+        if _recorder is None or _quiet.get():
             return await fn(*args, **kwargs)
         acquirer, operation, reference = args[0], str(args[1]), str(args[4])
         name = str(getattr(acquirer, "name", "?"))
@@ -547,9 +584,7 @@ def traced_call(fn: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
 
             links.append(Link(previous.context, {"oncepay.link": "failover"}))
             attributes["oncepay.acquirer.failover_from"] = previous.acquirer
-        with _Active(
-            _tracer.start_span(f"acquirer {operation}", attributes=attributes, links=links)
-        ) as span:
+        with _Active(_recorder.start(f"acquirer {operation}", attributes, links=links)) as span:
             current = _Call(name, reference, span.get_span_context())
             token = _last_call.set(current)
             try:
@@ -584,7 +619,7 @@ def traced_attempt(fn: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
 
     @functools.wraps(fn)
     async def attempt(*args: P.args, **kwargs: P.kwargs) -> T:
-        if _tracer is None or _trace is None or _quiet.get():
+        if _recorder is None or _quiet.get():
             return await fn(*args, **kwargs)
         acquirer, operation = args[0], str(args[1])
         call = _last_call.get()
@@ -600,8 +635,8 @@ def traced_attempt(fn: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
         if number > 1:
             attributes["http.request.resend_count"] = number - 1
         breaker = getattr(acquirer, "breaker", None)
-        span = _tracer.start_span(
-            f"acquirer {operation} attempt", kind=_trace.SpanKind.CLIENT, attributes=attributes
+        span = _recorder.start(
+            f"acquirer {operation} attempt", attributes, kind=_trace.SpanKind.CLIENT
         )
         with _Active(span):
             if breaker is not None and span.is_recording():
