@@ -119,8 +119,8 @@ async def _merchant(request: Request, services: ServicesDep, credentials: Creden
     merchant = await authenticate(services, request.headers.get("authorization"))
     # Before any idempotency key is claimed: a 429 stores nothing (api/ratelimit.py).
     await request.app.state.rate_limits.check(merchant.key_id, merchant.id)
-    route = request.scope.get("route")
-    require_scope(merchant, getattr(route, "path_format", request.url.path), request.method)
+    template = getattr(request.scope.get("route"), "path_format", None)
+    require_scope(merchant, template or request.url.path, request.method)
     _refuse_unknown_query(request)  # only now: see known_query_only
     return merchant
 
@@ -204,8 +204,8 @@ async def known_query_only(request: Request) -> None:
 
 def _refuse_unknown_query(request: Request) -> None:
     dependant = getattr(request.scope.get("route"), "dependant", None)
-    if dependant is None:
-        return
+    if dependant is None or not request.scope.get("query_string"):
+        return  # no query string (every POST, most reads): nothing can be unknown
     known = {param.alias for param in _all_query_params(dependant)}
     deep = _deep_objects(request)  # metadata[key]=value: any key of a declared deepObject
     unknown = sorted(
