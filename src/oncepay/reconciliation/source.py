@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from datetime import UTC, date, datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import select, text
+from sqlalchemy import select
 
 from oncepay.errors import OncePayError
 from oncepay.payments.failover import reference as authorization_reference
@@ -68,25 +68,28 @@ async def operations_between(
             tx.c.created_at < end,
             pay.c.acquirer == acquirer,
         )
-        .order_by(tx.c.id)
-        .limit(BOOKS_CHUNK)
     )
     # The few days and merchants of a million rows are shared, not a million copies each:
     # memory (the books are what a run holds) and a date conversion per row.
     days: dict[int, date] = {}
     shared: dict[str, str] = {}
     found: list[Operation] = []
-    after = ""
-    async with read(db) as conn:  # one snapshot; the rows a chunk at a time (keyset on the id)
-        if not db.is_sqlite:  # SQLite's read transaction is one snapshot already
-            await conn.execute(text("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ"))
-        while True:
-            chunk = query.where(tx.c.id > after) if after else query
-            rows = cast(list[tuple[Any, ...]], (await conn.execute(chunk)).all())
-            found.extend(_operation(*row[:-1], days=days, shared=shared) for row in rows)
-            if len(rows) < BOOKS_CHUNK:
-                break
-            after = rows[-1][-1]
+    async with read(db) as conn:
+        if db.is_sqlite:  # one snapshot already; chunks by keyset on the id (index lookups)
+            after = ""
+            chunked = query.order_by(tx.c.id).limit(BOOKS_CHUNK)
+            while True:
+                chunk = chunked.where(tx.c.id > after) if after else chunked
+                rows = cast(list[tuple[Any, ...]], (await conn.execute(chunk)).all())
+                found.extend(_operation(*row[:-1], days=days, shared=shared) for row in rows)
+                if len(rows) < BOOKS_CHUNK:
+                    break
+                after = rows[-1][-1]
+        else:  # one query, streamed (keyset chunks took 480 s for 1M rows at load 30)
+            streamed = await conn.stream(query)
+            async for part in streamed.partitions(BOOKS_CHUNK):
+                rows = cast(list[tuple[Any, ...]], part)
+                found.extend(_operation(*row[:-1], days=days, shared=shared) for row in rows)
     found.sort(key=lambda op: op.reference)
     return found
 
