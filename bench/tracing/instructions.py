@@ -6,7 +6,9 @@ Each variant runs ``payments`` in-process (the app through httpx's ASGI transpor
 embedded acquirer, one request at a time) twice, with N1 and N2 payments; the figure is
 (Ir(N2) - Ir(N1)) / (N2 - N1), which cancels start-up and imports. The traced variants export
 over OTLP/HTTP to a sink process outside valgrind, and flush before exiting, so their export
-work is counted too. All runs go at once (valgrind's counts do not depend on the load).
+work is counted too; their batch processor sends a batch when it is full, not every 5 s
+(``OTEL_BSP_SCHEDULE_DELAY``: see ``instructions()``). All runs go at once (valgrind's counts
+do not depend on the load).
 
     .venv/bin/python bench/tracing/instructions.py [--n1 20] [--n2 60]
 """
@@ -28,6 +30,7 @@ from bench.harness.processes import free_port, stop_group, wait_port
 from bench.tracing.run import SINK
 
 HERE = Path(__file__).resolve().parent
+BSP_DELAY_MS = 3_600_000  # see instructions(): no timed export during a run
 VARIANTS: dict[str, dict[str, str]] = {
     "off": {},
     "1%": {"OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.01"},
@@ -67,6 +70,10 @@ def instructions(variant: str, count: int, sink: int, out: Path) -> subprocess.P
     env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
     if VARIANTS[variant]:
         env |= {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{sink}", **VARIANTS[variant]}
+        # A batch leaves when full (512 spans), as it does under load: valgrind runs the
+        # program ~50x slower, so the default 5 s timer would fire every few payments and charge
+        # each one an HTTP request that, at real rates, 512 spans share.
+        env["OTEL_BSP_SCHEDULE_DELAY"] = str(BSP_DELAY_MS)
     # valgrind runs the program ~50x slower: no acquirer call or lease may time out meanwhile.
     env |= {
         "PYTHONHASHSEED": "0",
