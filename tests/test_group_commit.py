@@ -24,7 +24,7 @@ from sqlalchemy import text
 
 from oncepay._drivers.sqlite import GroupCommit
 from oncepay.errors import ConfigurationError
-from oncepay.storage.db import Database, write
+from oncepay.storage.db import Database, read, write
 from tests.payments.stack import running_stack
 
 # A guard, not a measure: a barrier that never comes fails the test instead of hanging it.
@@ -183,6 +183,35 @@ async def test_the_barrier_is_free_when_nothing_committed_and_sees_other_connect
         await db.aclose()
 
 
+async def test_a_read_returns_only_what_is_on_disk(tmp_path: Path) -> None:
+    """A read that finds a transaction whose sync is under way leaves its block only once
+    that sync is done: whatever it answers with is durable."""
+    db, group, path = await new_table(tmp_path)
+    held = HeldSync(asyncio.get_running_loop(), lambda: rows(path))
+    group.fdatasync = held
+    try:
+        writer = asyncio.ensure_future(insert(db, 1))
+        assert await held.entered() == [1]
+        found: list[int] = []
+
+        async def read_it() -> None:
+            async with read(db) as conn:
+                found.extend((await conn.execute(text("SELECT n FROM t"))).scalars())
+
+        reader = asyncio.ensure_future(read_it())
+        await until(lambda: found == [1])  # it saw the row...
+        assert not reader.done()  # ...and waits for a sync that makes it durable:
+        held.release()
+        await writer
+        # not the one under way when it looked (it cannot tell what that one covers), the next
+        assert await held.entered() == [1]
+        assert not reader.done()
+        held.release()
+        await reader
+    finally:
+        await db.aclose()
+
+
 async def test_a_failed_sync_fails_every_later_barrier(tmp_path: Path) -> None:
     db, group, _path = await new_table(tmp_path)
 
@@ -237,7 +266,7 @@ async def test_a_power_cut_keeps_every_transaction_write_reported(tmp_path: Path
 CRASHING_CHILD = """
 import asyncio, sys, threading
 from sqlalchemy import text
-from oncepay.storage.db import Database, write
+from oncepay.storage.db import Database, read, write
 
 async def main():
     db = Database.from_url(f"sqlite:///{sys.argv[1]}")

@@ -14,7 +14,8 @@ shared by every transaction that committed meanwhile, has covered its commit
 :func:`write` is lost to a power cut, as with ``synchronous=FULL``, but the disk is waited for
 outside the lock and once for many transactions. Data read from the database that another
 transaction committed is durable once :meth:`Database.durable` returns — the barrier before
-answering it. ``sqlite:///path.db?synchronous=FULL`` restores an fsync inside every ``COMMIT``
+answering it, which :func:`read` passes on the way out.
+``sqlite:///path.db?synchronous=FULL`` restores an fsync inside every ``COMMIT``
 (docs/guarantees.md, "SQLite durability", says why both keep what was answered).
 
 SQLite write transactions start with ``BEGIN IMMEDIATE``: a deferred transaction that reads and
@@ -198,7 +199,9 @@ async def write(db: Database) -> AsyncIterator[AsyncConnection]:
 
 @asynccontextmanager
 async def read(db: Database) -> AsyncIterator[AsyncConnection]:
-    """One read-only transaction (a deferred BEGIN on SQLite, so it never waits for writers)."""
+    """One read-only transaction (a deferred BEGIN on SQLite, so it never waits for writers).
+    With group commit, the block is left once what it could see is on disk: a read may find
+    a transaction whose sync is under way, and its caller is about to answer with it."""
     async with db.engine.connect() as plain:
         conn = await plain.execution_options(oncepay_readonly=True)
         await conn.begin()
@@ -206,3 +209,5 @@ async def read(db: Database) -> AsyncIterator[AsyncConnection]:
             yield conn
         finally:
             await conn.rollback()  # nothing to keep, and unlike a commit it never waits
+    if db.group is not None:
+        await db.group.durable()
