@@ -210,12 +210,6 @@ def is_busy(exc: sqlite3.Error) -> bool:
     return exc.sqlite_errorcode & 0xFF == sqlite3.SQLITE_BUSY
 
 
-# The first copy of the wal-index header, at the start of the ``-shm`` file
-# (sqlite.org/walformat.html): its change counter, last committed frame, frame checksums and
-# salts change with every commit and every restart of the WAL, by any process.
-WAL_INDEX_HEADER = 48
-
-
 class GroupCommit:
     """Group commit for one SQLite database file in one process (its connections commit with
     ``synchronous=NORMAL``): a commit is visible at once and durable after the next
@@ -225,7 +219,16 @@ class GroupCommit:
     A sync covers every frame written to the WAL before it started, by any process (the page
     cache is the file's, not the descriptor's). :meth:`durable` waits for a sync that started
     after it was called — unless no transaction has committed, anywhere, since the last sync
-    started (the wal-index header is unchanged), when there is nothing to wait for.
+    started, when there is nothing to wait for.
+
+    What has committed is read through SQLite, never from its files: ``PRAGMA data_version`` on a
+    connection of this object's own that never writes changes with every commit by any
+    connection of any process. Opening and closing the ``-shm`` file here instead (as this class
+    first did) drops every POSIX lock the process holds on it (fcntl locks belong to the
+    process and the file, not to the descriptor): the WAL's read marks and the "in use" lock go,
+    another process then checkpoints over pages a reader still uses or rebuilds the index under
+    it, and the database is corrupt (sqlite.org/howtocorrupt.html §2.2; found by the chaos
+    audit's kill -9). The WAL file, which SQLite never locks, is the only file opened here.
 
     After a failed sync every later call raises the same ``OSError``: once ``fsync`` has failed
     the kernel may have dropped the pages it could not write, and a later ``fsync`` that
@@ -242,7 +245,9 @@ class GroupCommit:
         self.done = 0  # every sync up to this one has completed
         self.syncs = 0  # fdatasync calls made (the figure group commit divides)
         self._running: asyncio.Future[None] | None = None
-        self._synced_header = b"never"  # the wal-index header as the last completed sync began
+        self._path = path
+        self._watcher: sqlite3.Connection | None = None  # reads data_version; never writes
+        self._synced_header: object = None  # the data_version as the last completed sync began
         self._wal_inode: int | None = None  # the WAL file whose directory entry is on disk
         self._failed: OSError | None = None
 
@@ -298,15 +303,21 @@ class GroupCommit:
                 os.close(directory)
             self._wal_inode = inode
 
-    def _header(self) -> bytes:
+    def _header(self) -> object:
+        """What has committed, by any connection of any process: the watcher's data_version
+        (a fresh object, which equals nothing, when it cannot be read: then a sync runs)."""
         try:
-            fd = os.open(self.shm, os.O_RDONLY)
-        except FileNotFoundError:
-            return b"none"
-        try:
-            return os.pread(fd, WAL_INDEX_HEADER, 0)
-        finally:
-            os.close(fd)
+            if self._watcher is None:
+                self._watcher = sqlite3.connect(
+                    self._path, check_same_thread=False, isolation_level=None, timeout=0
+                )
+            row = self._watcher.execute("PRAGMA data_version").fetchone()
+        except sqlite3.Error:  # busy while another connection recovers the WAL, say
+            return object()
+        return row[0] if row is not None else object()
 
     def close(self) -> None:
         self._thread.shutdown(wait=False)
+        if self._watcher is not None:
+            self._watcher.close()  # through SQLite, which keeps the other connections' locks
+            self._watcher = None
