@@ -227,7 +227,8 @@ def conditions(report: dict[str, Any]) -> str:
     loads = report["load1"]
     other = [r["cpu_cores"]["other"] for r in kept(report["runs"])]
     return (
-        f"{report['started']} - {report['finished']} UTC, OncePay at `{report['commit']}`, "
+        f"{report['started']} - {report['finished']} UTC, OncePay at `{report['commit']}` "
+        "(the shared working tree: other engineers' uncommitted work included), "
         f"{report['rounds']} rounds of {report['seconds']} s after {report['warmup']} s of "
         f"warm-up. The machine was shared: 1-minute load average {min(loads):.1f}-"
         f"{max(loads):.1f} during the run, other jobs took {min(other):.2f}-{max(other):.2f} "
