@@ -228,8 +228,12 @@ def conditions(report: dict[str, Any]) -> str:
     other = [r["cpu_cores"]["other"] for r in kept(report["runs"])]
     return (
         f"{report['started']} - {report['finished']} UTC, OncePay at `{report['commit']}` "
-        "(the shared working tree: other engineers' uncommitted work included), "
-        f"{report['rounds']} rounds of {report['seconds']} s after {report['warmup']} s of "
+        + (
+            "(with uncommitted changes in the working tree), "
+            if report.get("dirty", True)
+            else "(a clean working tree), "
+        )
+        + f"{report['rounds']} rounds of {report['seconds']} s after {report['warmup']} s of "
         f"warm-up. The machine was shared: 1-minute load average {min(loads):.1f}-"
         f"{max(loads):.1f} during the run, other jobs took {min(other):.2f}-{max(other):.2f} "
         f"cores while the kept runs were measured ({report['contaminated']} of "
@@ -358,9 +362,16 @@ def main() -> None:
         text=True,
         check=True,
     ).stdout.strip()
+    dirty = subprocess.run(
+        ["git", "-C", str(CHECKOUT), "status", "--porcelain", "--untracked-files=no"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     report: dict[str, Any] = {
         "started": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
         "commit": commit,
+        "dirty": bool(dirty),
         "versions": versions(),
         "rounds": args.rounds,
         "seconds": args.seconds,
