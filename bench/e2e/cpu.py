@@ -1,5 +1,6 @@
-"""Server CPU time per payment against a real ``oncepay serve`` (SQLite, the embedded acquirer,
-one process, no recovery worker, no access log): what ``bench/tracing/instructions.py`` cannot
+"""Server CPU time per payment against a real ``oncepay serve`` (SQLite or, with ``--backend
+postgresql``, a fresh schema on PostgreSQL; the embedded acquirer, one process, no recovery
+worker, no access log): what ``bench/tracing/instructions.py`` cannot
 see, since it drives the app through httpx's ASGI transport — uvicorn, its event loop
 (uvloop or asyncio) and its HTTP parser (httptools or h11).
 
@@ -12,6 +13,7 @@ payments divided by their number: the load generator's own CPU is not in it, and
 speed drifts less into it than into payments/s. Medians over the rounds.
 
     .venv/bin/python bench/e2e/cpu.py [--rounds 3] [--payments 400] [--concurrency 8] \\
+        [--backend sqlite|postgresql] \\
         asyncio="--loop asyncio --http h11" uvloop="--loop uvloop --http httptools" \\
         [before="@/tmp/old/src"]   # a variant: NAME="serve options [@source dir]"
 """
@@ -28,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script: bench imports
@@ -35,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script:
 from bench.harness.cpu import process_cpu
 from bench.harness.processes import free_port, stop_group, wait_port
 
+PG = os.environ.get("ONCEPAY_BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 WARM_UP = 50  # payments before measuring: imports, caches, the first statements prepared
 BODY = {"amount": 1250, "currency": "EUR", "payment_method": "pm_card_ok"}
 
@@ -67,12 +71,20 @@ async def fire(port: int, api_key: str, count: int, concurrency: int, tag: str) 
 
 
 def round_of(
-    options: list[str], source: str | None, payments: int, concurrency: int, folder: Path
+    options: list[str],
+    source: str | None,
+    payments: int,
+    concurrency: int,
+    folder: Path,
+    backend: str = "sqlite",
 ) -> float:
-    """Server CPU milliseconds per payment, one fresh server."""
+    """Server CPU milliseconds per payment, one fresh server and database."""
+    schema = f"oncepay_cpu_{uuid.uuid4().hex[:8]}"
     env = {
         **os.environ,
-        "ONCEPAY_DATABASE_URL": f"sqlite:///{folder}/p.db",
+        "ONCEPAY_DATABASE_URL": (
+            f"sqlite:///{folder}/p.db" if backend == "sqlite" else f"{PG}?schema={schema}"
+        ),
         "ONCEPAY_ACQUIRER_DATABASE_URL": f"sqlite:///{folder}/a.db",
         "ONCEPAY_RUN_WORKER": "false",
     }
@@ -103,6 +115,9 @@ def round_of(
         used = process_cpu(server.pid) - before
     finally:
         stop_group(server)
+        if backend != "sqlite":
+            drop = ["psql", PG, "-qc", f'DROP SCHEMA IF EXISTS "{schema}" CASCADE']
+            subprocess.run(drop, capture_output=True, check=False)
     return used * 1000 / payments
 
 
@@ -111,6 +126,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--payments", type=int, default=400)
     parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--backend", choices=["sqlite", "postgresql"], default="sqlite")
     parser.add_argument("variants", nargs="+", help='NAME="serve options [@source dir]"')
     args = parser.parse_args()
     variants = [parse_variant(v) for v in args.variants]
@@ -119,7 +135,9 @@ def main() -> None:
         for name, options, source in variants:  # alternating: drift hits every variant
             with tempfile.TemporaryDirectory(prefix="oncepay-cpu-") as folder:
                 started = time.perf_counter()
-                ms = round_of(options, source, args.payments, args.concurrency, Path(folder))
+                ms = round_of(
+                    options, source, args.payments, args.concurrency, Path(folder), args.backend
+                )
                 took = time.perf_counter() - started
             figures[name].append(ms)
             print(f"round {n + 1} {name}: {ms:.2f} ms CPU a payment ({took:.0f} s)", flush=True)
