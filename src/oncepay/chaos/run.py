@@ -13,6 +13,7 @@ Faults, each counted in the report:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import random
 import tempfile
@@ -47,6 +48,8 @@ METHODS = ["pm_card_ok"] * 8 + ["pm_card_declined", "pm_card_insufficient_funds"
 CLIENT_POLICY = RetryPolicy(attempts=200, total=120.0, base=0.05, cap=1.0)
 # After the clients are done, recovery and the webhook backlog get this long to finish.
 DRAIN_TIMEOUT = 600.0
+# How long a count-bounded run's last payments wait for every fault to have struck once.
+FAULT_ROUND_TIMEOUT = 300.0
 
 
 @dataclass
@@ -272,6 +275,12 @@ async def _clients(
         with progress:
             task = progress.add_task("payments", total=None if deadline else config.payments)
 
+            # A run bounded by a count must not end before every fault has struck once (a
+            # fast machine could pay for everything between two kills): its last tenth is
+            # paced, one payment a second a client, and its last payments wait for the round.
+            struck = asyncio.Event()
+            paced, held = max(config.payments // 10, config.concurrency), config.concurrency
+
             async def one_client() -> None:
                 while True:
                     if deadline is not None:
@@ -280,11 +289,15 @@ async def _clients(
                     elif queue.empty():
                         return
                     else:
-                        queue.get_nowait()
+                        left = config.payments - queue.get_nowait()
+                        if left <= paced and not struck.is_set():
+                            wait = FAULT_ROUND_TIMEOUT if left <= held else 1.0
+                            with contextlib.suppress(TimeoutError):
+                                await asyncio.wait_for(struck.wait(), wait)
                     await _pay(client, dice, answers, attempts, bodies)
                     progress.advance(task)
 
-            chaos = asyncio.create_task(_inject(config, stack, faults, marks))
+            chaos = asyncio.create_task(_inject(config, stack, faults, marks, struck))
             try:
                 await asyncio.gather(*(one_client() for _ in range(config.concurrency)))
             finally:
@@ -324,10 +337,23 @@ async def _pay(
 
 
 async def _inject(
-    config: ChaosConfig, stack: ChaosStack, faults: Counter[str], marks: dict[str, Any]
+    config: ChaosConfig,
+    stack: ChaosStack,
+    faults: Counter[str],
+    marks: dict[str, Any],
+    struck: asyncio.Event,
 ) -> None:
-    """Kill processes, black out the primary and break Redis, on a seeded schedule."""
+    """Kill processes, black out the primary and break Redis, on a seeded schedule; ``struck``
+    is set once every kind of fault has been injected at least once."""
     dice = random.Random(config.seed + 1)  # noqa: S311 - fault dice
+    kinds: set[str] = set()
+    if config.kill_interval:
+        kinds |= {"kill -9 API process", "kill -9 worker"}
+    if config.full_outage or config.outage_interval:
+        kinds.add("primary acquirer outages")
+    if config.redis:
+        kinds |= {"Redis flushes", "Redis kill -9 and restart"}
+    faults = _Tally(faults, kinds, struck)
     loops = [_kills(config, stack, faults, dice)] if config.kill_interval else []
     if config.full_outage:
         loops.append(_full_outage(config, stack, faults, marks))
@@ -336,6 +362,24 @@ async def _inject(
     if config.redis:
         loops.append(_redis_faults(config, stack, faults, dice))
     await asyncio.gather(*loops)
+
+
+class _Tally(Counter[str]):
+    """The run's fault counts, written through to ``counts``; sets ``struck`` when every one
+    of ``kinds`` has been counted (at once when there are none)."""
+
+    def __init__(self, counts: Counter[str], kinds: set[str], struck: asyncio.Event) -> None:
+        super().__init__()
+        self._counts, self._waiting, self._struck = counts, set(kinds), struck
+        if not self._waiting:
+            struck.set()
+
+    def __setitem__(self, kind: str, count: int) -> None:
+        super().__setitem__(kind, count)
+        self._counts[kind] = count
+        self._waiting.discard(kind)
+        if not self._waiting:
+            self._struck.set()
 
 
 async def _kills(
