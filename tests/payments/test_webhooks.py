@@ -18,6 +18,7 @@ import pytest
 from oncepay.payments.records import EventRow
 from oncepay.payments.webhooks import delivery
 from oncepay.payments.webhooks.delivery import deliver_due
+from oncepay.storage.db import read
 from tests.payments.stack import Stack, running_stack
 from tests.processes import free_port, running, uvicorn_args
 
@@ -109,6 +110,49 @@ async def test_a_failing_receiver_gets_the_same_webhook_id_until_it_succeeds(
     detail = (await hooks.client.get(f"/v1/webhook_deliveries/{row['id']}")).json()
     assert [a["status_code"] for a in detail["attempt_log"]] == [500, 500, 200]
     assert detail["status"] == "succeeded"
+
+
+async def _deliveries_of(stack: Stack, payment_id: str) -> set[tuple[str, str]]:
+    """(event type, endpoint id) of every delivery queued for a payment's events."""
+    from sqlalchemy import text
+
+    query = text(
+        "SELECT e.type, d.endpoint_id, d.status, d.attempts, d.merchant_id "
+        "FROM webhook_deliveries d JOIN events e ON e.id = d.event_id WHERE e.object_id = :p"
+    )
+    async with read(stack.db) as conn:
+        rows = (await conn.execute(query, {"p": payment_id})).all()
+    assert all((r.status, r.attempts, r.merchant_id) == ("pending", 0, stack.merchant.id)
+               for r in rows)  # fmt: skip
+    return {(row.type, row.endpoint_id) for row in rows}
+
+
+async def test_fan_out_queues_one_delivery_per_enabled_subscriber_as_of_each_commit(
+    hooks: Stack, receiver: Receiver
+) -> None:
+    """Each event gets a delivery for exactly the endpoints enabled and subscribed to its
+    type when its transaction committed: not a disabled or deleted one, and an endpoint
+    created, disabled or deleted between two payments counts from the next one on."""
+    everything = await subscribe(hooks, receiver)
+    captured = await subscribe(hooks, receiver, events=["payment.captured"])
+    await subscribe(hooks, receiver, events=["payment.refunded"])  # no payment event of its
+    disabled = await subscribe(hooks, receiver)
+    deleted = await subscribe(hooks, receiver)
+    await hooks.post(f"/v1/webhook_endpoints/{disabled['id']}", {"disabled": True})
+    assert (await hooks.client.delete(f"/v1/webhook_endpoints/{deleted['id']}")).is_success
+    kinds = ("payment.created", "payment.authorized", "payment.captured")
+    first = (await hooks.pay()).json()["id"]
+    assert await _deliveries_of(hooks, first) == {
+        *((kind, everything["id"]) for kind in kinds),
+        ("payment.captured", captured["id"]),
+    }
+    late = await subscribe(hooks, receiver, events=["payment.authorized"])
+    assert (await hooks.client.delete(f"/v1/webhook_endpoints/{everything['id']}")).is_success
+    second = (await hooks.pay()).json()["id"]
+    assert await _deliveries_of(hooks, second) == {
+        ("payment.captured", captured["id"]),
+        ("payment.authorized", late["id"]),
+    }
 
 
 async def test_410_disables_the_endpoint(hooks: Stack, receiver: Receiver) -> None:
