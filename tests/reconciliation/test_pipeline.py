@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 from sqlalchemy import text, update
 
+from oncepay.payments.models import payment_public
 from oncepay.payments.storage.schema import payments
 from oncepay.reconciliation.acquirer import AcquirerReports
 from oncepay.reconciliation.errors import ReportError
@@ -218,6 +219,44 @@ async def test_settled_payments_show_it_and_get_one_event(stack: Stack) -> None:
     assert balances["acquirer_fees"] == capture_fee
     assert balances["acquirer_receivable"] == 0  # all the acquirer owed has settled
     assert await stack.ledger_violations() == []
+
+
+async def test_settled_events_are_the_payments_snapshots_byte_for_byte(stack: Stack) -> None:
+    """The ``payment.settled`` events (written by the database on SQLite) hold exactly
+    ``json.dumps(payment_public(row))`` of the settled payment, whatever its free text holds
+    (quotes, non-ASCII, control characters), and each reaches the merchant's endpoint once."""
+    hook = {"url": "http://127.0.0.1:9/hook", "events": ["payment.settled"]}
+    assert (await stack.post("/v1/webhook_endpoints", hook)).status_code == 201
+    texts = [
+        ("plain", {"order": "1"}),
+        ('"quoted" \\ back/slash', {}),
+        ("café ☕ 𝄞", {"note": "naïve", "k": "v\n"}),
+        ("line\nbreak\ttab\x7f", {"a": "1", "b": "€"}),
+    ]
+    ids = [
+        await paid(stack, 1000 + n, description=text_, metadata=meta)
+        for n, (text_, meta) in enumerate(texts)
+    ]
+    result = await run(stack, as_csv(await day_report(stack)))
+    assert (result.settled, result.discrepancies) == (len(ids), ())
+    async with read(stack.db) as conn:
+        rows = {row.id: row for row in await conn.execute(payments.select())}
+        events = (
+            await conn.execute(
+                text("SELECT id, object_id, data FROM events WHERE type = 'payment.settled'")
+            )
+        ).all()
+        deliveries: dict[str, int] = dict(
+            (
+                await conn.execute(
+                    text("SELECT event_id, count(*) FROM webhook_deliveries GROUP BY event_id")
+                )
+            ).all()
+        )
+    assert sorted(object_id for _, object_id, _ in events) == sorted(ids)
+    for event_id, object_id, data in events:
+        assert data == json.dumps(payment_public(rows[object_id]), separators=(",", ":"))
+        assert deliveries.get(event_id) == 1
 
 
 async def test_a_rerun_changes_nothing(stack: Stack) -> None:
