@@ -8,26 +8,38 @@ lives in a small :class:`_Responder`, never on ``self``.
 from __future__ import annotations
 
 import asyncio
+import functools
+import hashlib
 import logging
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import Any
 
 from oncepay.errors import OncePayError
 from oncepay.http.gate import (
     EXPIRES_HEADER,
+    NOT_STORED,
+    REPLAYED_HEADER,
     Gate,
+    Passthrough,
     Request,
     Respond,
     Run,
+    default_cacheable,
+    default_scope,
+    http_date,
 )
 from oncepay.http.transaction import TICKET_KEY, RequestTicket
 from oncepay.idempotency.engine import (
     DEFAULT_LEASE,
     DEFAULT_TTL,
     Engine,
+    Ticket,
     disabled_by_environment,
 )
+from oncepay.idempotency.keys import ANONYMOUS_SCOPE, MAX_KEY_LENGTH, fingerprint
+from oncepay.idempotency.records import StoredResponse
 from oncepay.idempotency.stores import Store
+from oncepay.idempotency.stores.base import ScriptedStore
 
 __all__ = ["DISCONNECTED", "IdempotencyMiddleware", "read_body", "replaying"]
 
@@ -72,6 +84,15 @@ class IdempotencyMiddleware:
         self.transactional = self.gate.transactional
         self.disabled = disabled_by_environment()
         self._closed = False
+        store = self.gate.engine.store
+        if isinstance(store, ScriptedStore) and _usual(self.gate) and not self.disabled:
+            # The class is chosen once, here: the usual configuration on a Redis store takes
+            # the short way per request (see _ScriptedMiddleware), any other pays nothing for it.
+            self.__class__ = _ScriptedMiddleware
+            self._store: ScriptedStore = store
+            self._header = self.gate.headers[0].encode("latin-1")
+            plain = self.gate.cacheable is default_cacheable and self.gate.redact is None
+            self._completes: ScriptedStore | None = store if plain else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if self.transactional and scope["type"] == "http":
@@ -259,6 +280,7 @@ class _Responder:
         "size",
         "start",
         "started",
+        "store",
     )
 
     def __init__(self, gate: Gate, run: Run, send: Send) -> None:
@@ -277,6 +299,9 @@ class _Responder:
         self.oversized = False
         # For the key-usage log: the request, the scope the app routes in, its first root_path.
         self.noting: tuple[Request, Scope, str] | None = None
+        # A ScriptedStore to complete on directly, when the gate stores as it always does
+        # (default cacheable, no redact): set by _ScriptedMiddleware.
+        self.store: ScriptedStore | None = None
 
     async def run(self, app: ASGIApp, scope: Scope, receive: Receive) -> None:
         try:
@@ -368,9 +393,21 @@ class _Responder:
         try:
             # Gate.finish spelled out: a coroutine less on every request's completion
             status, body, oversized = start["status"], b"".join(self.chunks), self.oversized
+            step: Awaitable[None] | None
             if self.held is None:
                 raw = start.get("headers", ())
-                step = self.gate.finishing_raw(self.run_, status, raw, body, oversized=oversized)
+                store = self.store
+                if store is not None and status < 400 and not oversized:
+                    # Gate.finishing_raw's usual case, its header encoding remembered per set
+                    ticket = self.run_.ticket
+                    headers_json = _stored_headers(raw)
+                    step = store.complete_encoded(
+                        ticket.scope, ticket.key, ticket.fence, status, headers_json, body
+                    )
+                else:
+                    step = self.gate.finishing_raw(
+                        self.run_, status, raw, body, oversized=oversized
+                    )
             else:
                 headers = [
                     (k.decode("latin-1"), v.decode("latin-1"))
@@ -404,3 +441,220 @@ class _Responder:
             self.started = True
             headers = [*start.get("headers", ()), (_EXPIRES, self.run_.expires.encode())]
             await self.send({**start, "headers": headers})
+
+
+def _usual(gate: Gate) -> bool:
+    """Whether a gate's options leave the per-request work to what _ScriptedMiddleware does
+    itself: one key header, the default scope, fixed TTLs, no usage log, nothing transactional."""
+    return (
+        len(gate.headers) == 1
+        and gate.scope is default_scope
+        and not gate.route_ttl
+        and gate.ttl_policy is None
+        and gate.usage_log is None
+        and not gate.transactional
+    )
+
+
+class _ScriptedMiddleware(IdempotencyMiddleware):
+    """:class:`IdempotencyMiddleware` on a :class:`ScriptedStore` (Redis), in the usual
+    configuration (:func:`_usual`): the class ``__init__`` picks, never built directly.
+
+    The usual request (every header on one line, a bare key, the body in one message) is
+    decided here, in one frame: the headers read from the scope's bytes into a dict, the
+    claim script's reply read as it comes (a new record, or a stored response to replay with
+    its headers already encoded), none of ``Request``, ``Claim``, ``Record``, ``Execute`` or
+    ``Respond`` built, and the response stored with its header set's encoding remembered. The
+    rules are the gate's and the engine's (their code runs for every other outcome); any other
+    request goes the general way before anything is read or claimed."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await super().__call__(scope, receive, send)
+            return
+        gate = self.gate
+        method = scope["method"]
+        if method not in gate.methods or (
+            (gate.include is not None or gate.exclude) and not gate.manages(method, scope["path"])
+        ):
+            await self.app(scope, receive, send)
+            return
+        raw_headers = scope["headers"]
+        headers = dict(raw_headers)
+        raw_key = headers.get(self._header)
+        if raw_key is None or len(headers) != len(raw_headers):  # no key, or a header repeated
+            await super().__call__(scope, receive, send)
+            return
+        key = raw_key.decode("latin-1")
+        # parse_key's and _single's rules for a bare key that passes them unchanged
+        if (
+            not (0 < len(key) <= MAX_KEY_LENGTH and key.isascii() and key.isprintable())
+            or key[0] in ' "'
+            or key[-1] == " "
+            or "," in key
+        ):
+            await super().__call__(scope, receive, send)
+            return
+        declared = headers.get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > gate.max_body:
+            await _respond(send, gate.too_large())
+            return
+        message = await receive()  # read_body's usual case: the whole body in one message
+        if message["type"] != "http.request" or message.get("more_body", False):
+            body = await _rest_of_body(message, receive, gate.max_body)
+            if body is DISCONNECTED:
+                return
+        else:
+            body = message.get("body", b"")
+        if body is None or len(body) > gate.max_body:
+            await _respond(send, gate.too_large())
+            return
+        path = scope["path"]
+        query = scope.get("query_string", b"")
+        target = f"{path}?{query.decode('latin-1')}" if query else path
+        fp = fingerprint(method, target, body, secret=gate.secret)
+        authorization = headers.get(b"authorization")  # scope_from_authorization, on bytes
+        tenant = hashlib.sha256(authorization).hexdigest() if authorization else ANONYMOUS_SCOPE
+        now, lease, ttl = gate.engine.clock(), gate.engine.lease, gate.engine.ttl
+        try:
+            reply = await self._store.claim_reply(tenant, key, fp, now, lease, ttl)
+        except Exception as exc:  # the store says what its claim would have done
+            outcome = await self._decided(exc, tenant, key, fp, now, lease, ttl)
+            await self._answer(outcome, scope, receive, send, body)
+            return
+        if reply[0] == b"created":  # a new record: run the app
+            expires_at = now + ttl
+            ticket = Ticket(tenant, key, fp, int(reply[1]), expires_at, None, False, False)
+            responder = _Responder(gate, Run(ticket, http_date(expires_at)), send)
+            responder.store = self._completes
+            scope = _bodies_only(scope) if scope.get("extensions") else scope
+            await responder.run(self.app, scope, replaying(body, receive))
+            return
+        status = reply[10]
+        if (
+            reply[0] == b"existing"
+            and reply[4] == b"completed"
+            and reply[3] == fp.encode()
+            and status is not None
+        ):  # the same request, answered: replay it
+            await send(_replay_start(status, reply[11], reply[8]))
+            await send({"type": "http.response.body", "body": reply[12] or b""})
+            return
+        outcome = await self._decided(reply, tenant, key, fp, now, lease, ttl)
+        await self._answer(outcome, scope, receive, send, body)
+
+    async def _decided(
+        self,
+        reply: Any,
+        tenant: str,
+        key: str,
+        fp: str,
+        now: float,
+        lease: float,
+        ttl: float,
+    ) -> Passthrough | Respond | Run:
+        """Gate.decide's outcome for any other claim reply (a takeover, a 409, a 422), or for
+        the exception the claim raised instead: the engine's and the gate's own rules."""
+        gate, store = self.gate, self._store
+        try:
+            if isinstance(reply, Exception):
+                claim = await store.claim_failed(reply, tenant, key, fp, now, lease, ttl)
+            else:
+                claim = store.claim_from(reply, tenant, key, fp, now, lease, ttl)
+            decision = await gate.engine.decided(claim, tenant, key, fp, now, ttl)
+        except OncePayError as exc:
+            return gate.failed(exc)
+        return gate.answer(decision)
+
+    async def _answer(
+        self,
+        outcome: Passthrough | Respond | Run,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        body: bytes,
+    ) -> None:
+        if isinstance(outcome, Run):
+            responder = _Responder(self.gate, outcome, send)
+            responder.store = self._completes
+            app_scope = _bodies_only(scope) if scope.get("extensions") else scope
+            await responder.run(self.app, app_scope, replaying(body, receive))
+        elif isinstance(outcome, Respond):
+            await _respond(send, outcome)
+        else:  # failing open
+            await self.app(scope, replaying(body, receive), send)
+
+
+async def _rest_of_body(first: Message, receive: Receive, limit: int) -> bytes | None:
+    """:func:`read_body` after its first ``receive()``, which brought ``first``."""
+    if first["type"] != "http.request":
+        return DISCONNECTED
+    chunk = first.get("body", b"")
+    chunks, size = [chunk], len(chunk)
+    more = first.get("more_body", False)
+    while more and size <= limit:
+        message = await receive()
+        if message["type"] != "http.request":
+            return DISCONNECTED
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        chunks.append(chunk)
+        more = message.get("more_body", False)
+    return b"".join(chunks) if size <= limit else None
+
+
+# The response headers a record never keeps, as ASGI spells them, and our expiry header.
+_NOT_STORED_RAW = frozenset(name.encode() for name in NOT_STORED)
+
+
+def _encoded_stored_headers(raw: Iterable[tuple[bytes, bytes]]) -> str:
+    """The app's response headers as a record stores them (Gate.finishing_raw's filter,
+    StoredResponse.headers_json's encoding)."""
+    kept = tuple(
+        [
+            (k.decode("latin-1"), v.decode("latin-1"))
+            for k, v in raw
+            if k != _EXPIRES and k.lower() not in _NOT_STORED_RAW
+        ]
+    )
+    return StoredResponse(0, kept).headers_json()
+
+
+# An app answers with a few header sets (a content type, a handful of lengths): the last ones
+# encoded are remembered by their exact bytes, as replays remember the ones they decode.
+_remembered_stored_headers = functools.lru_cache(maxsize=256)(_encoded_stored_headers)
+
+
+def _stored_headers(raw: Iterable[tuple[bytes, bytes]]) -> str:
+    try:
+        return _remembered_stored_headers(tuple(raw))
+    except TypeError:  # a header as a list (ASGI allows any pair): not hashable
+        return _encoded_stored_headers(raw)
+
+
+_REPLAYED = (REPLAYED_HEADER.encode(), b"true")
+_REMEMBERED_SIZE = 2048  # stored header texts up to this long are remembered (records.py's)
+
+
+def _replay_headers(stored: bytes | None) -> tuple[tuple[bytes, bytes], ...]:
+    """A stored header set as a replay sends it, before its expiry header (Gate._replay)."""
+    pairs = StoredResponse.parse_headers(stored)
+    return (*[(k.encode("latin-1"), v.encode("latin-1")) for k, v in pairs], _REPLAYED)
+
+
+_remembered_replay_headers = functools.lru_cache(maxsize=256)(_replay_headers)
+
+
+def _replay_start(status: bytes, stored: bytes | None, expires_at: bytes) -> Message:
+    """A replay's ``http.response.start``, from the claim reply's fields (Gate._replay)."""
+    headers = (
+        _remembered_replay_headers(stored)
+        if stored is not None and len(stored) <= _REMEMBERED_SIZE
+        else _replay_headers(stored)
+    )
+    expires = http_date(float(expires_at)).encode()
+    return {
+        "type": "http.response.start",
+        "status": int(status),
+        "headers": [*headers, (_EXPIRES, expires)],
+    }

@@ -333,16 +333,8 @@ class Gate:
                 decision = await self.engine.begin(tenant, parsed, fp, ttl=ttl)
             else:
                 ttl, decision = await self._begin_learned(request, tenant, parsed, fp, ttl)
-        except StoreUnavailable as exc:
-            if self.fail_open:
-                log.warning("idempotency store unavailable, failing open: %s", exc.detail)
-                return Passthrough()
-            return self.problem(exc)
-        except ClientError as exc:  # the scope function found no principal (scopes.py)
-            return self.problem(exc)
-        except OncePayError as exc:  # a configuration error found only now: a problem, not a 500
-            log.exception("idempotency failed before the request ran: %s", exc.detail)
-            return self.problem(exc)
+        except OncePayError as exc:
+            return self.failed(exc)
         if isinstance(decision, Execute):
             return Run(decision.ticket, http_date(decision.ticket.expires_at))
         answer = self._answer(decision)
@@ -350,6 +342,25 @@ class Gate:
             kind = _KINDS.get(type(decision)) or _invalid_kind(decision)
             self._note(request, tenant, parsed, fp, kind, answer.status, ttl)
         return answer
+
+    def failed(self, exc: OncePayError) -> Passthrough | Respond:
+        """The answer when deciding raised ``exc``, before anything ran (call it in the
+        ``except``): a 503 or, failing open, a pass-through for a store outage; a problem for
+        the rest."""
+        if isinstance(exc, StoreUnavailable):
+            if self.fail_open:
+                log.warning("idempotency store unavailable, failing open: %s", exc.detail)
+                return Passthrough()
+            return self.problem(exc)
+        if not isinstance(exc, ClientError):  # a configuration error found only now, say
+            log.exception("idempotency failed before the request ran: %s", exc.detail)
+        return self.problem(exc)  # a ClientError: the scope function found no principal
+
+    def answer(self, decision: Decision) -> Respond | Run:
+        """:meth:`decide`'s outcome for an engine's decision (without the key-usage log)."""
+        if isinstance(decision, Execute):
+            return Run(decision.ticket, http_date(decision.ticket.expires_at))
+        return self._answer(decision)
 
     def _answer(self, decision: Replay | InProgress | Reused | Invalid) -> Respond:
         expires = http_date(decision.expires_at) if not isinstance(decision, Invalid) else ""

@@ -215,6 +215,16 @@ class Engine:
             return decision
         return await self._wait(scope, key, fingerprint, ttl, wait)
 
+    async def decided(
+        self, claim: Claim, scope: str, key: str, fingerprint: str, now: float, ttl: float
+    ) -> Decision:
+        """What :meth:`begin` decides once the store's claim, made at ``now`` with ``ttl``, is
+        in: for a caller that sent the claim itself (the ASGI middleware's fast path)."""
+        decision = self._decide(claim, scope, key, fingerprint, now)
+        if isinstance(decision, InProgress) and self.wait > 0:
+            return await self._wait(scope, key, fingerprint, ttl, self.wait)
+        return decision
+
     async def complete(self, ticket: Ticket, response: StoredResponse) -> None:
         """Store the response; raises :class:`~oncepay.errors.LeaseLost` for a stale ticket."""
         await self.store.complete(

@@ -21,7 +21,7 @@ record and raise :class:`~oncepay.errors.LeaseLost` otherwise. Backend failures 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import replace
 from typing import Any, Protocol, runtime_checkable
@@ -38,6 +38,7 @@ from oncepay.idempotency.records import (
 __all__ = [
     "ForwardsTransactions",
     "PollingWatch",
+    "ScriptedStore",
     "Store",
     "TransactionalStore",
     "Watch",
@@ -116,6 +117,55 @@ class TransactionalStore(Protocol):
         lease: float,
         keep_until: float = 0.0,
     ) -> None: ...
+
+
+@runtime_checkable
+class ScriptedStore(Protocol):
+    """A store whose claim and completion are one script each (the Redis stores), with their
+    replies and arguments open to a caller on the hot path: the ASGI middleware's fast path
+    reads the claim script's reply itself, with no ``Claim``, ``Record`` or coroutine of the
+    store's between it and the driver. An optional capability, so a type, checked once.
+
+    The claim reply is ``[b"created", fence]`` for a new record (every other field is what was
+    sent), else ``[outcome, scope, key, fingerprint, state, fence, created_at,
+    lease_expires_at, expires_at, recovery_point, status, headers, body]`` as bytes (absent
+    fields None); :meth:`claim_from` decodes either into the ``Claim`` that
+    :meth:`Store.claim` would have returned."""
+
+    def claim_reply(
+        self, scope: str, key: str, fingerprint: str, now: float, lease: float, ttl: float
+    ) -> Awaitable[Any]:
+        """Send the claim; awaiting the result gives its raw reply or raises the driver's own
+        error, which :meth:`claim_failed` turns into what :meth:`Store.claim` would do."""
+        ...
+
+    async def claim_failed(
+        self,
+        error: Exception,
+        scope: str,
+        key: str,
+        fingerprint: str,
+        now: float,
+        lease: float,
+        ttl: float,
+    ) -> Claim: ...
+
+    def claim_from(
+        self,
+        reply: Any,
+        scope: str,
+        key: str,
+        fingerprint: str,
+        now: float,
+        lease: float,
+        ttl: float,
+    ) -> Claim: ...
+
+    async def complete_encoded(
+        self, scope: str, key: str, fence: int, status: int, headers_json: str, body: bytes
+    ) -> None:
+        """:meth:`Store.complete` with the headers already in ``StoredResponse.headers_json``'s
+        encoding (a completion whose response needs no ``StoredResponse`` object)."""
 
 
 class ForwardsTransactions:

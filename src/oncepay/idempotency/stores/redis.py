@@ -58,7 +58,6 @@ from oncepay.idempotency.stores._redis_scripts import (
     Scripts,
     checkpoint_args,
     claim_args,
-    complete_args,
     decode_claim,
     decode_record,
     record_name,
@@ -164,22 +163,24 @@ class _RedisStoreBase:
     async def complete(
         self, scope: str, key: str, fence: int, response: StoredResponse, *, now: float
     ) -> None:
+        await self.complete_encoded(
+            scope, key, fence, response.status, response.headers_json(), response.body
+        )
+
+    async def complete_encoded(
+        self, scope: str, key: str, fence: int, status: int, headers_json: str, body: bytes
+    ) -> None:
+        """:meth:`complete` with the headers already encoded (``StoredResponse.headers_json``):
+        the ASGI middleware's fast path keeps the encoding of each header set it has seen."""
         # _fenced, _run and complete_args spelled out (see claim)
         name = record_name(self.prefix, scope, key)
         script = self._scripts.complete
         try:
             done = await self._commands.execute_command(
-                "EVALSHA",
-                script.sha,
-                1,
-                name,
-                str(fence),
-                str(response.status),
-                response.headers_json(),
-                response.body,
+                "EVALSHA", script.sha, 1, name, str(fence), str(status), headers_json, body
             )
         except _NO_SCRIPT:
-            args = complete_args(fence, response)
+            args: list[Arg] = [str(fence), str(status), headers_json, body]
             done = await self._eval(script, name, args)
         except StoreUnavailable:
             raise
@@ -187,6 +188,53 @@ class _RedisStoreBase:
             raise StoreUnavailable(f"Redis: {exc}") from exc
         if not done:
             raise LeaseLost(f"token {fence} no longer holds key {key!r}")
+
+    # -- ScriptedStore: the claim's reply, raw, for the ASGI middleware's fast path
+
+    def claim_reply(
+        self, scope: str, key: str, fingerprint: str, now: float, lease: float, ttl: float
+    ) -> Awaitable[Any]:
+        """What :meth:`claim` sends, its reply undecoded (see ``ScriptedStore``)."""
+        name = record_name(self.prefix, scope, key)
+        return self._commands.execute_command(
+            "EVALSHA", self._scripts.claim.sha, 1, name, scope, key, fingerprint, now, lease, ttl
+        )
+
+    async def claim_failed(
+        self,
+        error: Exception,
+        scope: str,
+        key: str,
+        fingerprint: str,
+        now: float,
+        lease: float,
+        ttl: float,
+    ) -> Claim:
+        """What :meth:`claim` does when its command raised ``error``: after NOSCRIPT (nothing
+        ran) the script goes again with EVAL; a driver error is ``StoreUnavailable``, never
+        retried (the claim may have run); anything else is raised as it is."""
+        if isinstance(error, _NO_SCRIPT):
+            args = claim_args(scope, key, fingerprint, now=now, lease=lease, ttl=ttl)
+            reply = await self._eval(
+                self._scripts.claim, record_name(self.prefix, scope, key), args
+            )
+            return self.claim_from(reply, scope, key, fingerprint, now, lease, ttl)
+        if isinstance(error, _DRIVER_ERRORS) and not isinstance(error, StoreUnavailable):
+            raise StoreUnavailable(f"Redis: {error}") from error
+        raise error
+
+    def claim_from(
+        self,
+        reply: Any,
+        scope: str,
+        key: str,
+        fingerprint: str,
+        now: float,
+        lease: float,
+        ttl: float,
+    ) -> Claim:
+        now, lease, ttl = float(now), float(lease), float(ttl)
+        return decode_claim(reply, scope, key, fingerprint, now=now, lease=lease, ttl=ttl)
 
     async def release(self, scope: str, key: str, fence: int, *, now: float) -> None:
         await self._fenced(self._scripts.release, scope, key, fence, [str(fence)])

@@ -1,0 +1,237 @@
+"""The ASGI middleware's short way on a Redis store (``_ScriptedMiddleware``): chosen only in
+the usual configuration, and never a different answer, record or replay from the general way.
+
+Runs on a private Redis server: a test here flushes the script cache, which would blur the
+command counts of other suites on the shared one.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import pytest
+from redis.asyncio import Redis
+
+from oncepay.http import IdempotencyMiddleware
+from oncepay.http.asgi import _ScriptedMiddleware
+from oncepay.idempotency import RecordState
+from oncepay.idempotency.stores import store_from_url
+from oncepay.idempotency.stores.redis import RedisStore
+from oncepay.insight.usage_log import UsageLog
+from tests.http.apps import Executions, starlette_app
+from tests.http.test_asgi import _scope, raw_call
+from tests.processes import free_port
+from tests.redis_cluster import running_server
+from tests.servers import require_redis
+
+pytestmark = pytest.mark.redis
+
+BODY = b'{"amount":100,"currency":"eur"}'
+
+
+@pytest.fixture(scope="module")
+def redis_url() -> Iterator[str]:
+    require_redis()
+    with running_server() as url:
+        yield url
+
+
+@pytest.fixture
+async def store(redis_url: str) -> AsyncIterator[RedisStore]:
+    built = store_from_url(redis_url, prefix=f"oncepay-test:{uuid.uuid4().hex[:12]}:")
+    assert isinstance(built, RedisStore)
+    yield built
+    await built.aclose()
+
+
+@pytest.fixture
+def runs() -> Executions:
+    return Executions()
+
+
+def usual(runs: Executions, store: Any, **options: Any) -> Any:
+    return IdempotencyMiddleware(starlette_app(runs), store=store, **options)
+
+
+def general(runs: Executions, store: Any) -> Any:
+    """The same policy the general way: an alias header the short way does not handle."""
+    app = IdempotencyMiddleware(starlette_app(runs), store=store, aliases=["x-idempotency-key"])
+    assert type(app) is IdempotencyMiddleware
+    return app
+
+
+async def call(app: Any, key: str, path: str = "/payments", **headers: str) -> dict[str, Any]:
+    """One request with the whole body in one message: (status, headers, body) as sent."""
+    sent = await raw_call(
+        app,
+        [{"type": "http.request", "body": BODY}],
+        path=path,
+        idempotency_key=key,
+        content_type="application/json",
+        **headers,
+    )
+    assert sent[0]["type"] == "http.response.start"
+    assert {m["type"] for m in sent[1:]} == {"http.response.body"}
+    assert not sent[-1].get("more_body", False)
+    body = b"".join(m.get("body", b"") for m in sent[1:])
+    return {"status": sent[0]["status"], "headers": sent[0]["headers"], "body": body}
+
+
+def test_only_the_usual_configuration_on_redis_takes_the_short_way(
+    store: RedisStore, runs: Executions, tmp_path: Any
+) -> None:
+    assert type(usual(runs, store)) is _ScriptedMiddleware
+    assert type(usual(runs, store, redact=lambda r: r)) is _ScriptedMiddleware
+    assert type(usual(runs, "memory://")) is IdempotencyMiddleware
+    assert type(usual(runs, store, route_ttl={"/pay*": 600})) is IdempotencyMiddleware
+    log = UsageLog(tmp_path / "usage.jsonl")
+    assert type(usual(runs, store, usage_log=log)) is IdempotencyMiddleware
+    log.close()
+
+
+@pytest.mark.parametrize("path", ["/payments", "/headers", "/stream", "/status/404"])
+async def test_both_ways_store_and_replay_the_same_answer(
+    store: RedisStore, runs: Executions, path: str
+) -> None:
+    short, long = usual(runs, store), general(runs, store)
+    first_short = await call(short, "k-short", path)
+    first_long = await call(long, "k-long", path)
+    assert first_short["status"] == first_long["status"]
+    a = await store.get(_scope(), "k-short")
+    b = await store.get(_scope(), "k-long")
+    assert a is not None
+    assert b is not None
+    assert a.state is b.state is RecordState.COMPLETED
+    assert a.response is not None
+    assert b.response is not None
+    assert (a.response.status, a.response.headers) == (b.response.status, b.response.headers)
+    assert all(name not in ("set-cookie", "date") for name, _ in a.response.headers)
+    executed = sum(runs.values())
+    for key in ("k-short", "k-long"):  # every replay alike, whichever way it goes
+        replays = [await call(short, key, path), await call(long, key, path)]
+        assert replays[0] == replays[1]
+        assert (b"idempotent-replayed", b"true") in replays[0]["headers"]
+    assert sum(runs.values()) == executed
+
+
+async def test_the_other_rows_of_the_table_on_the_short_way(
+    store: RedisStore, runs: Executions
+) -> None:
+    app = usual(runs, store)
+    assert (await call(app, "k1"))["status"] == 201
+    reused = await raw_call(
+        app, [{"type": "http.request", "body": b'{"amount":5}'}], idempotency_key="k1"
+    )
+    assert reused[0]["status"] == 422
+    assert (await call(app, "k2", "/fail"))["status"] == 502  # released: a retry runs again
+    assert (await call(app, "k2", "/fail"))["status"] == 502
+    assert runs["fail"] == 2
+    assert (await call(app, "k3", "/status/429"))["status"] == 429  # not now: not stored
+    record = await store.get(_scope(), "k3")
+    assert record is not None
+    assert record.state is RecordState.RELEASED
+    bad = await raw_call(app, [{"type": "http.request", "body": BODY}], idempotency_key=" k4")
+    assert (await call(app, "k4"))["status"] == 201  # the same key, once spaces are stripped
+    assert bad[0]["status"] == 201
+    assert runs["pay"] == 2
+
+
+async def test_a_request_in_several_messages_or_lines_is_the_same_request(
+    store: RedisStore, runs: Executions
+) -> None:
+    app = usual(runs, store)
+    chunked = [
+        {"type": "http.request", "body": BODY[:10], "more_body": True},
+        {"type": "http.request", "body": BODY[10:], "more_body": False},
+    ]
+    assert (await raw_call(app, chunked, idempotency_key="k1"))[0]["status"] == 201
+    replay = await call(app, "k1", accept="text/plain")
+    assert (b"idempotent-replayed", b"true") in replay["headers"]
+    scope_headers = [
+        (b"authorization", b"Bearer tenant-a"),
+        (b"idempotency-key", b"k1"),
+        (b"accept", b"a"),
+        (b"accept", b"b"),
+    ]
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": BODY}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/payments",
+        "query_string": b"",
+        "headers": scope_headers,
+    }
+    await app(scope, receive, send)  # a repeated header line: the general way, same key
+    assert (b"idempotent-replayed", b"true") in sent[0]["headers"]
+    assert runs["pay"] == 1
+
+
+async def test_a_body_over_the_limit_is_413_on_the_short_way(
+    store: RedisStore, runs: Executions
+) -> None:
+    app = usual(runs, store, max_body=8)
+    declared = await raw_call(
+        app,
+        [{"type": "http.request", "body": BODY}],
+        idempotency_key="k1",
+        content_length=str(len(BODY)),
+    )
+    undeclared = await raw_call(app, [{"type": "http.request", "body": BODY}], idempotency_key="k2")
+    assert declared[0]["status"] == undeclared[0]["status"] == 413
+    assert runs["pay"] == 0
+    assert await store.get(_scope(), "k1") is None
+
+
+async def test_headers_sent_as_lists_are_stored_and_replayed(
+    store: RedisStore, runs: Executions
+) -> None:
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await receive()
+        runs["lists"] += 1
+        headers = [[b"content-type", b"text/plain"], [b"x-run", str(runs["lists"]).encode()]]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    middleware = IdempotencyMiddleware(app, store=store)
+    assert (await call(middleware, "k1"))["status"] == 200
+    replay = await call(middleware, "k1")
+    assert replay["headers"][:2] == [(b"content-type", b"text/plain"), (b"x-run", b"1")]
+    assert runs["lists"] == 1
+
+
+async def test_a_lost_script_cache_costs_a_request_nothing(
+    store: RedisStore, runs: Executions, redis_url: str
+) -> None:
+    app = usual(runs, store)
+    assert (await call(app, "k1"))["status"] == 201
+    server = Redis.from_url(redis_url)
+    try:
+        await server.script_flush()  # as after a restart or a failover: NOSCRIPT, then EVAL
+        replay = await call(app, "k1")
+        await server.script_flush()
+        fresh = await call(app, "k2")
+    finally:
+        await server.aclose()
+    assert (b"idempotent-replayed", b"true") in replay["headers"]
+    assert fresh["status"] == 201
+    assert (b"idempotent-replayed", b"true") in (await call(app, "k2"))["headers"]
+    assert runs["pay"] == 2
+
+
+async def test_redis_down_is_503_and_fail_open_runs_the_app(runs: Executions) -> None:
+    dead = f"redis://127.0.0.1:{free_port()}/0"
+    refused = await call(usual(runs, dead), "k1")
+    assert refused["status"] == 503
+    assert b"idempotency_store_unavailable" in refused["body"]
+    assert runs["pay"] == 0
+    assert (await call(usual(runs, dead, fail_open=True), "k1"))["status"] == 201
+    assert runs["pay"] == 1
