@@ -6,6 +6,7 @@ cannot be read writes nothing; over the cap nothing is done and one alert is rai
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import io
 import json
@@ -19,6 +20,7 @@ from sqlalchemy import text, update
 
 from oncepay.payments.models import payment_public
 from oncepay.payments.storage.schema import payments
+from oncepay.reconciliation import pipeline, settlement
 from oncepay.reconciliation.acquirer import AcquirerReports
 from oncepay.reconciliation.errors import ReportError
 from oncepay.reconciliation.fees import DEFAULT_SCHEDULE, FeeSchedule
@@ -271,6 +273,32 @@ async def test_a_rerun_changes_nothing(stack: Stack) -> None:
     assert again.still_open == first.still_open
 
 
+async def test_two_runs_at_once_settle_each_line_once(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two runs of the same report at the same time, their batches small enough to
+    interleave: each line is posted by exactly one of them (its guard, journal and event
+    once), and the ledger balances."""
+    ids = [await paid(stack, 1000 + n) for n in range(12)]
+    report = as_csv(await day_report(stack))
+    monkeypatch.setattr(pipeline, "BATCH", 2)
+    monkeypatch.setattr(settlement, "BATCH", 2)
+    first, second = await asyncio.gather(run(stack, report), run(stack, report))
+    assert first.settled + second.settled == len(ids)
+    assert await stack.count("reconciliation_settlements") == len(ids)
+    async with read(stack.db) as conn:
+        settled_events = (
+            await conn.execute(text("SELECT count(*) FROM events WHERE type = 'payment.settled'"))
+        ).scalar_one()
+        journals = (
+            await conn.execute(
+                text("SELECT count(*) FROM ledger_transactions WHERE kind = 'settlement'")
+            )
+        ).scalar_one()
+    assert (settled_events, journals) == (len(ids), len(ids))
+    assert await stack.ledger_violations() == []
+
+
 async def test_the_opened_discrepancies_tell_the_merchant(stack: Stack) -> None:
     report, planted = await business_with_every_kind(stack)
     await run(stack, report)
@@ -366,8 +394,6 @@ async def test_the_report_streams_through_in_batches(
     """Matched lines are posted every BATCH pairs while the report streams through (memory
     holds a batch, not the report's pairs): batches of two, each posted while the next is
     matched, settle the same lines, once, with the ledger and the payouts in balance."""
-    from oncepay.reconciliation import pipeline, settlement
-
     monkeypatch.setattr(pipeline, "BATCH", 2)
     monkeypatch.setattr(settlement, "BATCH", 2)
     batches: list[int] = []

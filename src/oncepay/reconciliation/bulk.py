@@ -1,15 +1,14 @@
 """Bulk writes for settlement, in each database's own terms, inside the caller's transaction.
 
 SQLAlchemy's per-row parameter processing costs more than the write itself when a run posts
-a million lines (bench/reconciliation/RESULTS.md), so the rows go to the driver as tuples:
-SQLite's ``executemany``; on PostgreSQL ``COPY`` for plain inserts and one statement over
-``unnest`` arrays where rows must be matched (``ON CONFLICT … RETURNING``, ``UPDATE … FROM``).
+a million lines (bench/reconciliation/RESULTS.md), so the rows go to the driver as tuples
+(SQLite's ``executemany``, PostgreSQL's ``COPY``), and the settlement's rows are built by the
+database itself from the batch's staged lines (:func:`settle_sqlite`, :func:`settle_postgres`).
 
-:func:`insert_new` inserts only the rows whose key is not there yet and says which it
-inserted. On PostgreSQL that is ``ON CONFLICT DO NOTHING RETURNING``: a concurrent transaction
-inserting the same key makes this one wait for it, then skip the row. On SQLite the write
-transaction (``BEGIN IMMEDIATE``) already excludes every other writer, so reading the keys
-there and inserting the others is race-free."""
+Posting once: on PostgreSQL the guard insert is ``ON CONFLICT DO NOTHING``: a concurrent
+transaction inserting the same reference makes this one wait for it, then skip the row. On
+SQLite the write transaction (``BEGIN IMMEDIATE``) already excludes every other writer, so
+dropping the staged lines whose guard is there and posting the others is race-free."""
 
 from __future__ import annotations
 
@@ -20,18 +19,9 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from oncepay.storage.db import Database
 
-__all__ = ["STAGED", "add_settled", "insert", "insert_new", "settle_sqlite"]
+__all__ = ["STAGED", "insert", "settle_postgres", "settle_sqlite"]
 
 Row = tuple[Any, ...]
-# Keys per IN (...) list on SQLite (it allows 32,766 bound variables).
-_KEYS = 5000
-# PostgreSQL array types of the columns written here, by name.
-_PG_TYPES = {
-    "amount": "bigint",
-    "fee": "bigint",
-    "net": "bigint",
-    "created_at": "float8",
-}
 
 
 async def insert(
@@ -49,86 +39,6 @@ async def insert(
     await driver.copy_records_to_table(
         table, records=rows, columns=list(columns), schema_name=db.schema
     )
-
-
-async def insert_new(
-    conn: AsyncConnection,
-    db: Database,
-    table: str,
-    columns: Sequence[str],
-    rows: list[Row],
-) -> set[str]:
-    """Insert the rows whose key (the first column) is not in ``table``; the keys inserted."""
-    if not rows:
-        return set()
-    key = columns[0]
-    if db.is_sqlite:
-        keys = [row[0] for row in rows]
-        there: set[str] = set()
-        for start in range(0, len(keys), _KEYS):
-            chunk = keys[start : start + _KEYS]
-            marks = ", ".join("?" * len(chunk))
-            found = await conn.exec_driver_sql(
-                f"SELECT {key} FROM {table} WHERE {key} IN ({marks})", tuple(chunk)
-            )
-            there.update(found.scalars())
-        fresh, seen = [], set(there)
-        for row in rows:
-            if row[0] not in seen:
-                seen.add(row[0])
-                fresh.append(row)
-        await insert(conn, db, table, columns, fresh)
-        return {row[0] for row in fresh}
-    arrays = [f"${n}::{_PG_TYPES.get(name, 'text')}[]" for n, name in enumerate(columns, 1)]
-    statement = (
-        f"INSERT INTO {table} ({', '.join(columns)}) SELECT * FROM unnest({', '.join(arrays)}) "
-        f"ON CONFLICT ({key}) DO NOTHING RETURNING {key}"
-    )
-    driver = await _asyncpg(conn)
-    found = await driver.fetch(statement, *(list(column) for column in zip(*rows, strict=True)))
-    return {record[0] for record in found}
-
-
-async def add_settled(
-    conn: AsyncConnection, db: Database, rows: list[Row], now: float, returning: Sequence[str]
-) -> list[Row]:
-    """Add to each payment's settlement columns; ``rows`` are (payment id, captured settled,
-    refunds settled, fees, settled at). The settled time only moves forward. Returns the
-    ``returning`` columns of the payments as they now are (for their events), with no second
-    look-up by id on PostgreSQL (``UPDATE … RETURNING``) and a driver-level one on SQLite."""
-    if not rows:
-        return []
-    wanted = ", ".join(returning)
-    if db.is_sqlite:
-        await conn.exec_driver_sql(
-            "UPDATE payments SET amount_settled = amount_settled + ?, "
-            "amount_refund_settled = amount_refund_settled + ?, "
-            "settlement_fee = settlement_fee + ?, "
-            "settled_at = max(coalesce(settled_at, 0), ?), updated_at = ? WHERE id = ?",
-            [(c, r, f, at, now, pid) for pid, c, r, f, at in rows],
-        )
-        found: list[Row] = []
-        for start in range(0, len(rows), _KEYS):
-            chunk = tuple(row[0] for row in rows[start : start + _KEYS])
-            marks = ", ".join("?" * len(chunk))
-            result = await conn.exec_driver_sql(
-                f"SELECT {wanted} FROM payments WHERE id IN ({marks})", chunk
-            )
-            found.extend(tuple(row) for row in result.all())
-        return found
-    driver = await _asyncpg(conn)
-    updated = await driver.fetch(
-        "UPDATE payments AS p SET amount_settled = p.amount_settled + u.c, "
-        "amount_refund_settled = p.amount_refund_settled + u.r, "
-        "settlement_fee = p.settlement_fee + u.f, "
-        "settled_at = GREATEST(p.settled_at, u.at), updated_at = $6 "
-        "FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bigint[], $5::float8[]) "
-        "AS u(id, c, r, f, at) WHERE p.id = u.id RETURNING "
-        + ", ".join(f"p.{column}" for column in returning),
-        *(list(column) for column in zip(*rows, strict=True)),
-        now,
-    )
-    return [tuple(record) for record in updated]
 
 
 async def _asyncpg(conn: AsyncConnection) -> Any:
@@ -304,3 +214,86 @@ async def settle_sqlite(
     reach = [(str(r[0]), str(r[1]), str(r[2])) for r in cast(list[Any], told.all())]
     await run(f"DELETE FROM {_STAGE}")
     return int(fresh), events.rowcount, reach
+
+
+# The same on PostgreSQL, in one statement: the staged lines travel as arrays (``unnest``),
+# the guard insert keeps only the references no transaction has settled (``ON CONFLICT DO
+# NOTHING``: a concurrent run's rows are waited for, then skipped), and the journals, entries
+# and the payments' settlement columns are written from its ``RETURNING``; the statement
+# returns the payments as they now are (their events are written by the caller).
+_PG_SETTLE = """
+WITH s AS (
+  SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
+                       $7::text[], $8::bigint[], $9::bigint[], $10::bigint[], $11::text[],
+                       $12::float8[])
+    WITH ORDINALITY AS s(reference, payment_id, merchant_id, refund_id, type, currency,
+                         payout_id, amount, fee, net, settled_at, at, n)
+), g AS (
+  INSERT INTO reconciliation_settlements (reference, acquirer, payment_id, type, currency,
+      payout_id, amount, fee, net, settled_at, transaction_id, created_at)
+  SELECT reference, $14, payment_id, type, currency, payout_id, amount, fee, net, settled_at,
+         $13 || lpad(to_hex(n - 1), 8, '0'), $15
+  FROM s ORDER BY n
+  ON CONFLICT (reference) DO NOTHING
+  RETURNING reference, transaction_id
+), f AS (
+  SELECT s.*, g.transaction_id AS txn FROM s JOIN g USING (reference)
+), t AS (
+  INSERT INTO ledger_transactions (id, merchant_id, payment_id, refund_id, kind, created_at)
+  SELECT txn, merchant_id, payment_id, refund_id, 'settlement', $15 FROM f ORDER BY n
+), e AS (
+  INSERT INTO ledger_entries (transaction_id, merchant_id, payment_id, account, currency, amount)
+  SELECT txn, merchant_id, payment_id, account, currency, amount FROM (
+    SELECT n, k, txn, merchant_id, payment_id, currency,
+      CASE k WHEN 0 THEN CASE WHEN type = 'capture' THEN $16 ELSE $18 END
+             WHEN 1 THEN $17
+             ELSE CASE WHEN type = 'capture' THEN $18 ELSE $16 END END AS account,
+      CASE k WHEN 0 THEN CASE WHEN type = 'capture' THEN amount - fee ELSE amount END
+             WHEN 1 THEN fee
+             ELSE CASE WHEN type = 'capture' THEN -amount ELSE -(amount + fee) END END AS amount
+    FROM f CROSS JOIN (VALUES (0), (1), (2)) AS k(k)
+  ) AS x WHERE amount <> 0 ORDER BY n, k
+), u AS (
+  UPDATE payments AS p SET amount_settled = p.amount_settled + x.c,
+    amount_refund_settled = p.amount_refund_settled + x.r,
+    settlement_fee = p.settlement_fee + x.f,
+    settled_at = GREATEST(p.settled_at, x.at), updated_at = $15
+  FROM (SELECT payment_id, sum(CASE WHEN type = 'capture' THEN amount ELSE 0 END) AS c,
+               sum(CASE WHEN type = 'capture' THEN 0 ELSE amount END) AS r,
+               sum(fee) AS f, max(at) AS at
+        FROM f GROUP BY payment_id) AS x
+  WHERE p.id = x.payment_id
+  RETURNING {returning}
+)
+SELECT (SELECT count(*) FROM f) AS lines, u.* FROM (SELECT 1) AS one LEFT JOIN u ON true
+"""
+
+
+async def settle_postgres(
+    conn: AsyncConnection,
+    rows: list[Row],
+    *,
+    acquirer: str,
+    now: float,
+    txn_head: str,
+    accounts: tuple[str, str, str],
+    returning: Sequence[str],
+) -> tuple[int, list[Row]]:
+    """Post ``rows`` (:data:`STAGED` columns, one reference once) whose guard no transaction
+    wrote, in the caller's transaction, in one statement; transaction ids as on SQLite. Returns
+    the lines posted and the ``returning`` columns of the payments settled, by id."""
+    if not rows:
+        return 0, []
+    statement = _PG_SETTLE.format(returning=", ".join(f"p.{column}" for column in returning))
+    driver = await _asyncpg(conn)
+    found = await driver.fetch(
+        statement,
+        *(list(column) for column in zip(*rows, strict=True)),
+        txn_head,
+        acquirer,
+        now,
+        *accounts,
+    )
+    lines = int(found[0][0])
+    settled = sorted(tuple(record)[1:] for record in found if record[1] is not None)
+    return lines, settled

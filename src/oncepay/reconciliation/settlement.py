@@ -7,19 +7,21 @@ settled funds, and books the acquirer's fee as an expense (SPEC §10).
 Each journal balances; a payout's lines therefore move exactly its net into settled funds.
 
 Posting is once per reference: the guard row in ``reconciliation_settlements`` is inserted
-first (:func:`~oncepay.reconciliation.bulk.insert_new`), and only the lines whose guard this
-transaction wrote are posted, in the same transaction: a re-run, or a second run at the same
-time, posts nothing twice. With the journal the payment's settlement columns are added to and
-a ``payment.settled`` event is written (the transactional outbox), all in bulk
-(:mod:`.bulk`): a few statements per table per batch, so a million lines cost a few thousand
-statements, not millions."""
+first, and only the lines whose guard this transaction wrote are posted, in the same
+transaction: a re-run, or a second run at the same time, posts nothing twice. With the journal
+the payment's settlement columns are added to and a ``payment.settled`` event is written (the
+transactional outbox). The rows are built inside the database (:mod:`.bulk`): a batch's lines
+are staged once (a TEMP table on SQLite, arrays in one statement on PostgreSQL) and every
+guard, journal, entry and payment update is an ``INSERT … SELECT`` / ``UPDATE … FROM`` over
+them, so a batch of 5,000 lines is a handful of statements and no Python work per written
+row. The journal :func:`entries` describes is the one the SQL writes."""
 
 from __future__ import annotations
 
 import itertools
 import json
 import secrets
-from collections import defaultdict, namedtuple
+from collections import namedtuple
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -131,37 +133,44 @@ async def post_batch(
         owners = {op.payment_id: op.merchant_id for _, op in batch}
     else:
         owners = await _owners(conn, {op.payment_id for _, op in batch})
+    rows = _staged(batch, owners, now)
+    txn_head = batch_head("txn")
+    accounts = (SETTLED_FUNDS, ACQUIRER_FEES, ledger.ACQUIRER_RECEIVABLE)
     if db.is_sqlite:
-        await _post_in_sqlite(conn, acquirer, batch, owners, now, posted)
-        return
-    txn_of: dict[str, str] = {}
-    guards = []
-    txn_ids = batch_ids("txn")
-    for line, op in batch:
-        if op.payment_id in owners:
-            txn_of[op.reference] = txn = next(txn_ids)
-            guards.append(_guard(acquirer, line, op, txn, now))
-    new = await bulk.insert_new(conn, db, "reconciliation_settlements", _GUARD, guards)
-    if not new:
-        return
-    fresh = [(line, op) for line, op in batch if op.reference in new]
-    await _journals(conn, db, fresh, txn_of, owners, now)
-    changed = await _add_to_payments(conn, db, fresh, now)
-    await _settled_events(conn, db, changed, now)
-    posted.lines += len(fresh)
-    posted.payments += len(changed)
+        lines, payments_settled, reach = await bulk.settle_sqlite(
+            conn,
+            rows,
+            acquirer=acquirer,
+            now=now,
+            txn_head=txn_head,
+            event_head=batch_head("evt"),
+            accounts=accounts,
+            snapshot=_SNAPSHOT,
+            rewrite=_event_json,
+        )
+        await _fan_out(conn, reach, now)
+    else:
+        lines, found = await bulk.settle_postgres(
+            conn,
+            rows,
+            acquirer=acquirer,
+            now=now,
+            txn_head=txn_head,
+            accounts=accounts,
+            returning=_SNAPSHOT,
+        )
+        changed = [cast(PaymentRow, _Snapshot(*row)) for row in found]
+        await _settled_events(conn, db, changed, now)
+        payments_settled = len(changed)
+    posted.lines += lines
+    posted.payments += payments_settled
 
 
-async def _post_in_sqlite(
-    conn: AsyncConnection,
-    acquirer: str,
-    batch: Sequence[tuple[ReportLine, Operation]],
-    owners: dict[str, str],
-    now: float,
-    posted: Posted,
-) -> None:
-    """The batch staged in a TEMP table and every row built by SQLite (:func:`.bulk.settle_sqlite`):
-    the same rows as the PostgreSQL path writes, with no Python work per written row."""
+def _staged(
+    batch: Sequence[tuple[ReportLine, Operation]], owners: dict[str, str], now: float
+) -> list[tuple[Any, ...]]:
+    """The batch's lines as :data:`.bulk.STAGED` rows: those of payments that exist, each
+    reference once (the first line that names it)."""
     rows: list[tuple[Any, ...]] = []
     seen: set[str] = set()
     for line, op in batch:
@@ -185,20 +194,7 @@ async def _post_in_sqlite(
                 _posix(line.settled_at, now),
             )
         )
-    lines, payments_settled, reach = await bulk.settle_sqlite(
-        conn,
-        rows,
-        acquirer=acquirer,
-        now=now,
-        txn_head=batch_head("txn"),
-        event_head=batch_head("evt"),
-        accounts=(SETTLED_FUNDS, ACQUIRER_FEES, ledger.ACQUIRER_RECEIVABLE),
-        snapshot=_SNAPSHOT,
-        rewrite=_event_json,
-    )
-    await _fan_out(conn, reach, now)
-    posted.lines += lines
-    posted.payments += payments_settled
+    return rows
 
 
 def _event_json(row: tuple[Any, ...]) -> str:
@@ -232,63 +228,7 @@ async def _owners(conn: AsyncConnection, ids: Iterable[str]) -> dict[str, str]:
     return found
 
 
-_GUARD = (
-    "reference",
-    "acquirer",
-    "payment_id",
-    "type",
-    "currency",
-    "payout_id",
-    "amount",
-    "fee",
-    "net",
-    "settled_at",
-    "transaction_id",
-    "created_at",
-)
-_TRANSACTION = ("id", "merchant_id", "payment_id", "refund_id", "kind", "created_at")
-_ENTRY = ("transaction_id", "merchant_id", "payment_id", "account", "currency", "amount")
 _EVENT = ("id", "merchant_id", "type", "object_id", "data", "created_at")
-
-
-def _guard(acquirer: str, line: ReportLine, op: Operation, txn: str, now: float) -> tuple[Any, ...]:
-    return (
-        op.reference,
-        acquirer,
-        op.payment_id,
-        line.type,
-        line.currency,
-        line.payout_id,
-        line.amount,
-        line.fee,
-        line.net,
-        line.settled_at,
-        txn,
-        now,
-    )
-
-
-async def _journals(
-    conn: AsyncConnection,
-    db: Database,
-    fresh: Sequence[tuple[ReportLine, Operation]],
-    txn_of: dict[str, str],
-    owners: dict[str, str],
-    now: float,
-) -> None:
-    transactions: list[tuple[Any, ...]] = []
-    rows: list[tuple[Any, ...]] = []
-    for line, op in fresh:
-        txn, merchant, pid = txn_of[op.reference], owners[op.payment_id], op.payment_id
-        refund_id = op.reference if op.type == "refund" else None
-        transactions.append((txn, merchant, pid, refund_id, "settlement", now))
-        rows.extend(
-            (txn, merchant, pid, account, line.currency, amount)
-            for account, amount in entries(line)
-        )
-    await bulk.insert(conn, db, "ledger_transactions", _TRANSACTION, transactions)
-    await bulk.insert(conn, db, "ledger_entries", _ENTRY, rows)
-
 
 # The columns of a payment its ``payment.settled`` event shows (``payment_public``), read back
 # by the update that adds the settled money (no second look-up of the rows).
@@ -318,25 +258,6 @@ _Snapshot = namedtuple(
     ],
 )
 _SNAPSHOT: tuple[str, ...] = _Snapshot._fields
-
-
-async def _add_to_payments(
-    conn: AsyncConnection,
-    db: Database,
-    fresh: Sequence[tuple[ReportLine, Operation]],
-    now: float,
-) -> list[PaymentRow]:
-    """Add each payment's newly settled money and fees; the payments as they now are."""
-    sums: dict[str, list[Any]] = defaultdict(lambda: [0, 0, 0, 0.0])
-    for line, op in fresh:
-        total = sums[op.payment_id]
-        total[0 if line.type == "capture" else 1] += line.amount
-        total[2] += line.fee
-        total[3] = max(total[3], _posix(line.settled_at, now))
-    ids = sorted(sums)
-    found = await bulk.add_settled(conn, db, [(pid, *sums[pid]) for pid in ids], now, _SNAPSHOT)
-    rows = [cast(PaymentRow, _Snapshot(*row)) for row in found]
-    return sorted(rows, key=lambda row: row.id)
 
 
 def _posix(settled_at: str, default: float) -> float:
