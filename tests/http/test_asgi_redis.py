@@ -235,3 +235,24 @@ async def test_redis_down_is_503_and_fail_open_runs_the_app(runs: Executions) ->
     assert runs["pay"] == 0
     assert (await call(usual(runs, dead, fail_open=True), "k1"))["status"] == 201
     assert runs["pay"] == 1
+
+
+@pytest.mark.cluster
+async def test_the_short_way_on_a_cluster_store(redis_cluster_url: str, runs: Executions) -> None:
+    prefix = f"oncepay-test:{uuid.uuid4().hex[:12]}:"
+    store = store_from_url(redis_cluster_url, prefix=prefix)
+    try:
+        app = usual(runs, store)
+        assert type(app) is _ScriptedMiddleware
+        first = await call(app, "k1", "/headers")
+        replay = await call(app, "k1", "/headers")
+        reused = await raw_call(
+            app, [{"type": "http.request", "body": b"{}"}], idempotency_key="k1"
+        )
+    finally:
+        await store.aclose()
+    assert first["status"] == replay["status"] == 200
+    assert replay["body"] == first["body"]
+    assert (b"idempotent-replayed", b"true") in replay["headers"]
+    assert reused[0]["status"] == 422
+    assert runs["headers"] == 1
