@@ -12,8 +12,11 @@ dropping the staged lines whose guard is there and posting the others is race-fr
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any, cast
+import asyncio
+import functools
+import sqlite3
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -121,7 +124,7 @@ async def settle_sqlite(
     event_head: str,
     accounts: tuple[str, str, str],
     snapshot: Sequence[str],
-    rewrite: Any,
+    rewrite: Callable[[Row], str],
 ) -> tuple[int, int, list[tuple[str, str, str]]]:
     """Post ``rows`` (:data:`STAGED` columns, one reference once) whose guard is not there yet,
     in the caller's write transaction. Transaction ids are ``txn_head`` and the line's place
@@ -130,48 +133,87 @@ async def settle_sqlite(
     gives an event's JSON from the ``snapshot`` columns of its payment (for the payments whose
     text SQLite would escape differently). Returns the lines posted, the payments settled and,
     for the events of merchants with an enabled webhook endpoint, (event id, merchant id,
-    payment id) in event order."""
+    payment id) in event order.
+
+    The statements run on the connection's own thread (:mod:`oncepay._drivers.sqlite`), where
+    SQLite works without the GIL: the pipeline parses and matches the next batch on the loop
+    meanwhile, so the two cores of a machine share a run. The loop does not touch the
+    connection until they are done, even when the caller is cancelled (the transaction is
+    rolled back after the batch's statements, never between two of them)."""
     if not rows:
         return 0, 0, []
-    run = conn.exec_driver_sql
-    await run(_CREATE_STAGE)
-    await run(f"DELETE FROM {_STAGE}")
+    driver: Any = (await conn.get_raw_connection()).driver_connection
+    work = functools.partial(
+        _settle_in_sqlite,
+        driver._conn,
+        rows,
+        {"acquirer": acquirer, "now": now, "txn": txn_head, "evt": event_head},
+        dict(zip(("settled", "fees", "receivable"), accounts, strict=True)),
+        snapshot,
+        rewrite,
+    )
+    done = asyncio.ensure_future(driver._on_thread(work))
+    cancelled = False
+    while True:
+        try:
+            found: tuple[int, int, list[tuple[str, str, str]]] = await asyncio.shield(done)
+        except asyncio.CancelledError:
+            if done.done():
+                raise
+            cancelled = True  # wait for the thread to finish with the connection
+            continue
+        if cancelled:
+            raise asyncio.CancelledError
+        return found
+
+
+def _settle_in_sqlite(
+    db: sqlite3.Connection,
+    rows: list[Row],
+    named: dict[str, Any],
+    accounts: dict[str, str],
+    snapshot: Sequence[str],
+    rewrite: Callable[[Row], str],
+) -> tuple[int, int, list[tuple[str, str, str]]]:
+    if not db.in_transaction:
+        raise RuntimeError("settling needs the caller's write transaction")
+    run = db.execute
+    run(_CREATE_STAGE)
+    run(f"DELETE FROM {_STAGE}")
     marks = ", ".join("?" * (len(STAGED) + 1))
-    await run(
+    db.executemany(
         f"INSERT INTO {_STAGE} (n, {', '.join(STAGED)}) VALUES ({marks})",
         [(n, *row) for n, row in enumerate(rows)],
     )
-    await run(
+    run(
         f"DELETE FROM {_STAGE} WHERE EXISTS (SELECT 1 FROM main.reconciliation_settlements s "
         f"WHERE s.reference = {_STAGE}.reference)"
     )
-    fresh = (await run(f"SELECT count(*) FROM {_STAGE}")).scalar_one()
+    fresh = int(run(f"SELECT count(*) FROM {_STAGE}").fetchone()[0])
     if not fresh:
         return 0, 0, []
     txn = "printf('%s%08x', :txn, n)"
-    named = {"txn": txn_head, "now": now, "acquirer": acquirer}
-    await run(
+    run(
         "INSERT INTO reconciliation_settlements (reference, acquirer, payment_id, type, "
         "currency, payout_id, amount, fee, net, settled_at, transaction_id, created_at) "
         f"SELECT reference, :acquirer, payment_id, type, currency, payout_id, amount, fee, net, "
         f"settled_at, {txn}, :now FROM {_STAGE} ORDER BY n",
         named,
     )
-    await run(
+    run(
         "INSERT INTO ledger_transactions (id, merchant_id, payment_id, refund_id, kind, "
         f"created_at) SELECT {txn}, merchant_id, payment_id, refund_id, 'settlement', :now "
         f"FROM {_STAGE} ORDER BY n",
-        {"txn": txn_head, "now": now},
+        named,
     )
-    settled, fees, receivable = accounts
-    await run(
+    run(
         "INSERT INTO ledger_entries (transaction_id, merchant_id, payment_id, account, "
         f"currency, amount) SELECT {txn}, merchant_id, payment_id, {_ENTRY_ACCOUNT}, currency, "
         f"{_ENTRY_AMOUNT} FROM {_STAGE}, (SELECT 0 AS k UNION ALL SELECT 1 UNION ALL SELECT 2) "
         f"WHERE {_ENTRY_AMOUNT} != 0 ORDER BY n, k",
-        {"txn": txn_head, "settled": settled, "fees": fees, "receivable": receivable},
+        named | accounts,
     )
-    await run(
+    run(
         "UPDATE payments SET amount_settled = amount_settled + s.c, "
         "amount_refund_settled = amount_refund_settled + s.r, "
         "settlement_fee = settlement_fee + s.f, "
@@ -179,17 +221,17 @@ async def settle_sqlite(
         "FROM (SELECT payment_id, sum(CASE WHEN type = 'capture' THEN amount ELSE 0 END) AS c, "
         "sum(CASE WHEN type = 'capture' THEN 0 ELSE amount END) AS r, sum(fee) AS f, "
         f"max(at) AS at FROM {_STAGE} GROUP BY payment_id) AS s WHERE payments.id = s.payment_id",
-        {"now": now},
+        named,
     )
-    events = await run(
+    events = run(
         "INSERT INTO events (id, merchant_id, type, object_id, data, created_at) "
         "SELECT printf('%s%08x', :evt, row_number() OVER (ORDER BY p.id) - 1), p.merchant_id, "
         f"'payment.settled', p.id, {_SNAPSHOT_JSON}, :now FROM payments AS p "
         f"WHERE p.id IN (SELECT payment_id FROM {_STAGE}) ORDER BY p.id",
-        {"evt": event_head, "now": now},
-    )
-    between = (event_head, f"{event_head}~")
-    odd = await run(
+        named,
+    ).rowcount
+    between = (named["evt"], f"{named['evt']}~")
+    odd = run(
         "SELECT e.id, "
         + ", ".join(f"p.{column}" for column in snapshot)
         + " FROM events AS e JOIN payments AS p ON p.id = e.object_id "
@@ -201,19 +243,19 @@ async def settle_sqlite(
         + _NOT_PLAIN
         + ")",
         between,
-    )
-    redo = [(rewrite(tuple(row)[1:]), row[0]) for row in odd.all()]
-    if redo:
-        await run("UPDATE events SET data = ? WHERE id = ?", redo)
-    told = await run(
+    ).fetchall()
+    if odd:
+        db.executemany(
+            "UPDATE events SET data = ? WHERE id = ?", [(rewrite(row[1:]), row[0]) for row in odd]
+        )
+    told = run(
         "SELECT id, merchant_id, object_id FROM events WHERE id > ? AND id < ? "
         "AND merchant_id IN (SELECT merchant_id FROM webhook_endpoints "
         "WHERE NOT disabled AND NOT deleted) ORDER BY id",
         between,
-    )
-    reach = [(str(r[0]), str(r[1]), str(r[2])) for r in cast(list[Any], told.all())]
-    await run(f"DELETE FROM {_STAGE}")
-    return int(fresh), events.rowcount, reach
+    ).fetchall()
+    run(f"DELETE FROM {_STAGE}")
+    return fresh, events, [(str(a), str(b), str(c)) for a, b, c in told]
 
 
 # The same on PostgreSQL, in one statement: the staged lines travel as arrays (``unnest``),
