@@ -93,6 +93,7 @@ class IdempotencyMiddleware:
             self._header = self.gate.headers[0].encode("latin-1")
             plain = self.gate.cacheable is default_cacheable and self.gate.redact is None
             self._completes: ScriptedStore | None = store if plain else None
+            self._times = _wire_times(self.gate.engine.lease, self.gate.engine.ttl)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if self.transactional and scope["type"] == "http":
@@ -499,15 +500,15 @@ class _ScriptedMiddleware(IdempotencyMiddleware):
         if declared is not None and declared.isdigit() and int(declared) > gate.max_body:
             await _respond(send, gate.too_large())
             return
-        message = await receive()  # read_body's usual case: the whole body in one message
-        if message["type"] != "http.request" or message.get("more_body", False):
-            body = await _rest_of_body(message, receive, gate.max_body)
-            if body is DISCONNECTED:
-                return
-        else:
-            body = message.get("body", b"")
-        if body is None or len(body) > gate.max_body:
-            await _respond(send, gate.too_large())
+        message = await receive()  # read_body's usual case (the whole body in one message) first
+        body = (
+            message.get("body", b"")
+            if message["type"] == "http.request" and not message.get("more_body", False)
+            else await _rest_of_body(message, receive, gate.max_body)
+        )
+        if body is None or body is DISCONNECTED or len(body) > gate.max_body:
+            if body is not DISCONNECTED:  # else the client left mid-upload: nothing to answer
+                await _respond(send, gate.too_large())
             return
         path = scope["path"]
         query = scope.get("query_string", b"")
@@ -515,9 +516,13 @@ class _ScriptedMiddleware(IdempotencyMiddleware):
         fp = fingerprint(method, target, body, secret=gate.secret)
         authorization = headers.get(b"authorization")  # scope_from_authorization, on bytes
         tenant = hashlib.sha256(authorization).hexdigest() if authorization else ANONYMOUS_SCOPE
-        now, lease, ttl = gate.engine.clock(), gate.engine.lease, gate.engine.ttl
+        engine = gate.engine
+        times = self._times
+        if times[0] is not engine.lease or times[1] is not engine.ttl:  # changed since built
+            times = self._times = _wire_times(engine.lease, engine.ttl)
+        now, lease, ttl = engine.clock(), times[0], times[1]
         try:
-            reply = await self._store.claim_reply(tenant, key, fp, now, lease, ttl)
+            reply = await self._store.claim_reply(tenant, key, fp, now, times[2], times[3])
         except Exception as exc:  # the store says what its claim would have done
             outcome = await self._decided(exc, tenant, key, fp, now, lease, ttl)
             await self._answer(outcome, scope, receive, send, body)
@@ -540,8 +545,9 @@ class _ScriptedMiddleware(IdempotencyMiddleware):
             await send(_replay_start(status, reply[11], reply[8]))
             await send({"type": "http.response.body", "body": reply[12] or b""})
             return
-        outcome = await self._decided(reply, tenant, key, fp, now, lease, ttl)
-        await self._answer(outcome, scope, receive, send, body)
+        await self._answer(
+            await self._decided(reply, tenant, key, fp, now, lease, ttl), scope, receive, send, body
+        )
 
     async def _decided(
         self,
@@ -583,6 +589,13 @@ class _ScriptedMiddleware(IdempotencyMiddleware):
             await _respond(send, outcome)
         else:  # failing open
             await self.app(scope, replaying(body, receive), send)
+
+
+def _wire_times(lease: float, ttl: float) -> tuple[float, float, str, str]:
+    """An engine's lease and TTL, and the text of each as the claim sends it (``repr`` of the
+    double, as the driver would write it): formatting a float costs about a microsecond, and
+    these two are the same on every request."""
+    return lease, ttl, repr(float(lease)), repr(float(ttl))
 
 
 async def _rest_of_body(first: Message, receive: Receive, limit: int) -> bytes | None:

@@ -133,10 +133,17 @@ class ScriptedStore(Protocol):
     :meth:`Store.claim` would have returned."""
 
     def claim_reply(
-        self, scope: str, key: str, fingerprint: str, now: float, lease: float, ttl: float
+        self,
+        scope: str,
+        key: str,
+        fingerprint: str,
+        now: float,
+        lease: float | str,
+        ttl: float | str,
     ) -> Awaitable[Any]:
         """Send the claim; awaiting the result gives its raw reply or raises the driver's own
-        error, which :meth:`claim_failed` turns into what :meth:`Store.claim` would do."""
+        error, which :meth:`claim_failed` turns into what :meth:`Store.claim` would do.
+        ``lease`` and ``ttl`` may come as ``repr()`` of their float: the text sent for one."""
         ...
 
     async def claim_failed(
