@@ -148,6 +148,26 @@ def test_health_reads_latency_quantiles_and_degrades_on_errors_or_slowness(
     assert health.degraded(), "slow at p90"
 
 
+@pytest.mark.parametrize("samples", [1, 2, 3, 10, 57, 200])
+def test_health_latency_is_the_statistics_modules_percentile_cut(
+    clock: FakeClock, samples: int
+) -> None:
+    """One cut worked out alone equals the same cut of ``statistics.quantiles``, exactly."""
+    import statistics
+
+    dice = random.Random(samples)
+    health = Health(slow=1.0, clock=clock)
+    taken = [dice.choice([dice.random(), 0.25, 0.003]) for _ in range(samples)]
+    for seconds in taken:
+        health.observe(seconds, failed=False)
+    for quantile in (0.0, 0.004, 0.01, 0.1, 0.5, 0.9, 0.95, 0.99, 1.0):
+        if samples == 1:
+            assert health.latency(quantile) == taken[0]
+            continue
+        cuts = statistics.quantiles(taken, n=100, method="inclusive")
+        assert health.latency(quantile) == cuts[min(98, max(0, round(quantile * 100) - 1))]
+
+
 def retry_state(attempt: int) -> RetryCallState:
     state = RetryCallState(None, None, (), {})  # type: ignore[arg-type]
     state.attempt_number = attempt

@@ -43,7 +43,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -243,15 +243,12 @@ class HttpAcquirer:
             finally:
                 gate.attempt_done()
 
-        retrying = AsyncRetrying(
-            stop=gate,
-            wait=self.backoff,
-            retry=retry_if_exception_type(_Failure),
-            reraise=True,
-        )
         try:
             with gate.in_progress():
-                reply: _Reply = await retrying(attempt)
+                try:  # the first attempt outside tenacity: most calls need no other
+                    reply = await attempt()
+                except _Failure as failure:
+                    reply = await self._retried(attempt, gate, failure)
         except _Refused:
             answer = self._unknown(reference, "circuit breaker open", never_sent=not reached)
             return self._count(operation, answer, "breaker_open" if not reached else None)
@@ -262,6 +259,31 @@ class HttpAcquirer:
         except _Failure as failure:
             return self._count(operation, self._unknown(reference, failure.detail, not reached))
         return self._count(operation, self._answer(operation, reference, reply))
+
+    async def _retried(
+        self, attempt: Callable[[], Awaitable[_Reply]], gate: _RetryGate, first: _Failure
+    ) -> _Reply:
+        """The retries after a first attempt that failed, by tenacity: it is handed that
+        failure as its own first attempt's (the attempt already counted and accounted for), so
+        its stop policy (the gate), backoff and attempt numbers are what they would be had it
+        made that attempt itself."""
+        pending: _Failure | None = first
+
+        async def replayed_then_attempt() -> _Reply:
+            nonlocal pending
+            if pending is not None:
+                failure, pending = pending, None
+                raise failure
+            return await attempt()
+
+        retrying = AsyncRetrying(
+            stop=gate,
+            wait=self.backoff,
+            retry=retry_if_exception_type(_Failure),
+            reraise=True,
+        )
+        reply: _Reply = await retrying(replayed_then_attempt)
+        return reply
 
     @tracing.traced_attempt  # a span per attempt (no-op with tracing off)
     async def _attempt(
