@@ -420,3 +420,57 @@ async def test_the_report_streams_through_in_batches(
         assert await check_payouts(conn) == []
     again = await run(stack, report)
     assert (again.settled, again.new_run) == (0, False)
+
+
+class _Died(Exception):
+    """A process killed between a batch's statements, as far as its transaction can tell."""
+
+
+async def test_a_batch_dying_after_its_settling_writes_nothing_and_a_rerun_settles_it(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch is one transaction: when it dies after the guards, journals, payments and
+    events were written but before the webhook deliveries, nothing of it stays (on
+    PostgreSQL the settling statement once ran on the bare driver before SQLAlchemy had
+    begun the transaction, so it committed on its own: a long chaos run found guards
+    without settled payments and events without deliveries). A re-run then settles every
+    line, each event with its delivery."""
+    hook = {"url": "http://127.0.0.1:9/hook", "events": ["payment.settled"]}
+    assert (await stack.post("/v1/webhook_endpoints", hook)).status_code == 201
+    ids = [await paid(stack, 1000 + n) for n in range(4)]
+    report = as_csv(await day_report(stack))
+    before = await counts(stack)
+
+    async def dies(*args: Any, **kwargs: Any) -> None:
+        raise _Died
+
+    monkeypatch.setattr(settlement, "_fan_out", dies)
+    with pytest.raises(_Died):
+        await run(stack, report)
+    after = await counts(stack)
+    assert {t: after[t] for t in TABLES if t != "reconciliation_runs"} == {
+        t: before[t] for t in TABLES if t != "reconciliation_runs"
+    }
+    async with read(stack.db) as conn:
+        settled = (
+            await conn.execute(text("SELECT count(*) FROM payments WHERE settled_at IS NOT NULL"))
+        ).scalar_one()
+    assert settled == 0
+
+    monkeypatch.undo()
+    result = await run(stack, report)
+    assert result.settled == len(ids)
+    async with read(stack.db) as conn:
+        undelivered = (
+            await conn.execute(
+                text(
+                    "SELECT count(*) FROM events e WHERE e.type = 'payment.settled' AND NOT "
+                    "EXISTS (SELECT 1 FROM webhook_deliveries d WHERE d.event_id = e.id)"
+                )
+            )
+        ).scalar_one()
+        events = (
+            await conn.execute(text("SELECT count(*) FROM events WHERE type = 'payment.settled'"))
+        ).scalar_one()
+    assert (events, undelivered) == (len(ids), 0)
+    assert await stack.ledger_violations() == []

@@ -20,6 +20,7 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from oncepay.payments.storage.raw import raw
 from oncepay.storage.db import Database
 
 __all__ = ["STAGED", "insert", "settle_postgres", "settle_sqlite"]
@@ -45,9 +46,10 @@ async def insert(
 
 
 async def _asyncpg(conn: AsyncConnection) -> Any:
-    """The asyncpg connection under ``conn``, in the same transaction."""
-    raw = await conn.get_raw_connection()
-    return raw.driver_connection
+    """The asyncpg connection under ``conn``, in the same transaction: begun on the server
+    first when SQLAlchemy has sent nothing yet (its asyncpg adapter begins lazily, and a
+    statement sent to the bare driver before that would commit on its own)."""
+    return (await raw(conn)).driver
 
 
 # -- settling inside SQLite --------------------------------------------------------------------
