@@ -256,31 +256,3 @@ async def test_the_short_way_on_a_cluster_store(redis_cluster_url: str, runs: Ex
     assert (b"idempotent-replayed", b"true") in replay["headers"]
     assert reused[0]["status"] == 422
     assert runs["headers"] == 1
-
-
-async def test_the_store_encodes_its_two_commands_as_hiredis_would(redis_url: str) -> None:
-    from oncepay._drivers import resp
-
-    sent: list[bytes] = []
-
-    class Recording(resp.RespClient):
-        def execute_packed(self, command: bytes) -> Any:
-            sent.append(command)
-            return super().execute_packed(command)
-
-    store = store_from_url(redis_url, prefix="oncepay-test:\u00e9t\u00e9:")
-    assert isinstance(store, RedisStore)
-    client = Recording.from_url(redis_url, timeout=2.0)
-    store._commands = client
-    script = store._scripts
-    try:
-        scope, key, fp, now = "s\u00e9", "k-1", "f" * 64, 1733480000.123456
-        reply = await store.claim_reply(scope, key, fp, now, "60.0", 86400.0)
-        await store.complete_encoded(scope, key, int(reply[1]), 201, '[["a","b"]]', b"\x00\xff")
-    finally:
-        await store.aclose()
-    name = store.record_name(scope, key)
-    claim = ("EVALSHA", script.claim.sha, 1, name, scope, key, fp, now, "60.0", 86400.0)
-    fence = str(int(reply[1]))
-    complete = ("EVALSHA", script.complete.sha, 1, name, fence, "201", '[["a","b"]]', b"\x00\xff")
-    assert sent == [resp._pack_command(claim), resp._pack_command(complete)]

@@ -424,26 +424,16 @@ class RespClient:
         coroutine of ours between the caller and the reply."""
         connection = self._connection
         if connection is None or connection.broken is not None or connection.paused:
-            return self._send_when_ready(_pack_command(args))
+            return self._execute_when_ready(args)
         return connection.send(_pack_command(args))
 
-    def execute_packed(self, command: bytes) -> Awaitable[Any]:
-        """:meth:`execute_command` for a command already encoded as a RESP array of bulk
-        strings: a caller that sends the same command shape on every request (the Redis
-        store's scripts) encodes its fixed part once, and the rest with one ``bytes`` format,
-        which costs about half of hiredis' general encoder."""
-        connection = self._connection
-        if connection is None or connection.broken is not None or connection.paused:
-            return self._send_when_ready(command)
-        return connection.send(command)
-
-    async def _send_when_ready(self, command: bytes) -> Any:
+    async def _execute_when_ready(self, args: tuple[Arg, ...]) -> Any:
         connection = self._connection
         if connection is None or connection.broken is not None:
             connection = await self._reconnect()
         while connection.paused:
             await connection.writable()
-        return await connection.send(command)
+        return await connection.send(_pack_command(args))
 
     def subscriber(self) -> Subscriber:
         """A new pub/sub connection to the same server, opened by its first (UN)SUBSCRIBE."""

@@ -130,8 +130,6 @@ class _RedisStoreBase:
         self._scripts = scripts
         self._listeners = listeners
         self.prefix = prefix
-        # The fixed heads of the claim and completion commands, encoded once (see _evalsha).
-        self._heads = (_evalsha(scripts.claim, 7), _evalsha(scripts.complete, 5))
 
     async def claim(
         self, scope: str, key: str, fingerprint: str, *, now: float, lease: float, ttl: float
@@ -177,18 +175,10 @@ class _RedisStoreBase:
         # _fenced, _run and complete_args spelled out (see claim)
         name = record_name(self.prefix, scope, key)
         script = self._scripts.complete
-        commands = self._commands
         try:
-            if isinstance(commands, resp.RespClient):  # encoded here: see _evalsha
-                n, fe, st, h = name.encode(), b"%d" % fence, b"%d" % status, headers_json.encode()
-                lengths_and_texts = (len(n), n, len(fe), fe, len(st), st, len(h), h)
-                done = await commands.execute_packed(
-                    _COMPLETE_FORMAT % (self._heads[1], *lengths_and_texts, len(body), body)
-                )
-            else:
-                done = await commands.execute_command(
-                    "EVALSHA", script.sha, 1, name, str(fence), str(status), headers_json, body
-                )
+            done = await self._commands.execute_command(
+                "EVALSHA", script.sha, 1, name, str(fence), str(status), headers_json, body
+            )
         except _NO_SCRIPT:
             args: list[Arg] = [str(fence), str(status), headers_json, body]
             done = await self._eval(script, name, args)
@@ -212,17 +202,8 @@ class _RedisStoreBase:
     ) -> Awaitable[Any]:
         """What :meth:`claim` sends, its reply undecoded (see ``ScriptedStore``)."""
         name = record_name(self.prefix, scope, key)
-        commands = self._commands
-        if not isinstance(commands, resp.RespClient):
-            script = self._scripts.claim
-            args = (name, scope, key, fingerprint, now, lease, ttl)
-            return commands.execute_command("EVALSHA", script.sha, 1, *args)
-        n, s, k, f = name.encode(), scope.encode(), key.encode(), fingerprint.encode()
-        t, le, tl = repr(now).encode(), _number(lease), _number(ttl)
-        head = self._heads[0]
-        lengths_and_texts = (len(n), n, len(s), s, len(k), k, len(f), f, len(t), t)
-        return commands.execute_packed(
-            _CLAIM_FORMAT % (head, *lengths_and_texts, len(le), le, len(tl), tl)
+        return self._commands.execute_command(
+            "EVALSHA", self._scripts.claim.sha, 1, name, scope, key, fingerprint, now, lease, ttl
         )
 
     async def claim_failed(
@@ -316,29 +297,6 @@ class _RedisStoreBase:
         restart, a failover, SCRIPT FLUSH). EVAL runs the script and caches it again."""
         with _store_errors():
             return await self._commands.execute_command("EVAL", script.source, 1, name, *args)
-
-
-# -- commands encoded here, for our RESP client ------------------------------------------------
-#
-# hiredis' general encoder (pack_command) costs about twice a bytes format of the same command:
-# the two scripts of every request are encoded by the store, as hiredis would encode them
-# (strings as UTF-8, a float as its repr(), an int in decimal), their fixed head once.
-
-
-def _evalsha(script: Script, arguments: int) -> bytes:
-    """``EVALSHA <sha> 1`` as the head of a RESP array of ``arguments`` more bulk strings."""
-    sha = script.sha.encode()
-    return b"*%d\r\n$7\r\nEVALSHA\r\n$%d\r\n%s\r\n$1\r\n1\r\n" % (arguments + 3, len(sha), sha)
-
-
-def _number(value: float | str) -> bytes:
-    """A number argument as hiredis writes it: a float's repr(), an int or a text as it is."""
-    return repr(value).encode() if isinstance(value, float) else str(value).encode()
-
-
-_BULK = b"$%d\r\n%s\r\n"
-_CLAIM_FORMAT = b"%s" + _BULK * 7  # head; record, scope, key, fingerprint, now, lease, ttl
-_COMPLETE_FORMAT = b"%s" + _BULK * 5  # head; record, fence, status, headers, body
 
 
 # -- the stores --------------------------------------------------------------------------------
