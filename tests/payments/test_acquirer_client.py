@@ -211,6 +211,37 @@ async def test_5xx_until_the_budget_is_spent_is_unknown_but_maybe_sent(sim: Embe
     await acquirer.aclose()
 
 
+async def test_the_first_attempt_counts_as_tenacitys_first_for_stop_and_backoff(
+    sim: Embedded,
+) -> None:
+    """The first attempt is made outside tenacity; a failed one is handed to it as its own
+    first, so the backoff after it is attempt 1's and the attempts stop at the configured
+    number, each sent once."""
+    from tenacity import RetryCallState
+    from tenacity.wait import wait_base
+
+    numbers: list[int] = []
+
+    class Recorded(wait_base):
+        def __call__(self, retry_state: RetryCallState) -> float:
+            numbers.append(retry_state.attempt_number)
+            return 0.0
+
+    await sim.set_faults(error_rate=1.0)
+    acquirer = sim.client(attempts=3, control=FIXED, backoff=Recorded())
+    before = sim.app.requests
+    answer = await authorize(acquirer)
+    assert (answer.outcome, answer.never_sent) == (Outcome.UNKNOWN, False)
+    assert numbers == [1, 2, 3], "tenacity works out a wait after each failed attempt"
+    assert sim.app.requests == before + 3
+    assert calls(acquirer, "authorize", "error") == 3
+    await sim.set_faults(error_rate=0.0)
+    numbers.clear()
+    assert (await authorize(acquirer, "pay_2_a1")).outcome is Outcome.APPROVED
+    assert numbers == [], "an answered first attempt: no tenacity, no wait"
+    await acquirer.aclose()
+
+
 async def test_a_timeout_after_commit_is_unknown_and_a_look_up_settles_it(sim: Embedded) -> None:
     await sim.set_faults(timeout_after_commit_rate=1.0, stall_seconds=60, operations=["authorize"])
     acquirer = sim.client(timeout=0.3, attempts=2)
