@@ -15,6 +15,7 @@ from oncepay.payments.ledger import check as ledger_check
 from oncepay.payments.phases import parse_point
 from oncepay.payments.storage.idempotency import IDEMPOTENCY_TABLE
 from oncepay.payments.storage.schema import events, payments
+from oncepay.reconciliation.settlement import check_payouts
 from oncepay.storage.db import Database, read
 
 __all__ = ["Evidence", "audit"]
@@ -54,7 +55,9 @@ async def gather(db: Database, merchant_id: str, evidence: Evidence) -> Evidence
             if parsed is not None and parsed[1] == "create":
                 evidence.key_to_payment[key] = parsed[2]
         evidence.event_ids = list((await conn.execute(select(events.c.id))).scalars())
-        evidence.ledger = [f"{v.subject}: {v.problem}" for v in await ledger_check(conn)]
+        # what `oncepay ledger check` checks: every payment, and every payout's lines
+        found = await ledger_check(conn) + await check_payouts(conn)
+        evidence.ledger = [f"{v.subject}: {v.problem}" for v in found]
     return evidence
 
 
