@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import httpx
 import pytest
 
@@ -215,3 +217,26 @@ async def test_openapi_document(stack: Stack) -> None:
     assert "/v1/payments/{payment_id}/refunds" in document["paths"]
     docs = await stack.client.get("/docs")
     assert docs.status_code == 200
+
+
+def _layers(app: object) -> list[str]:
+    stack, names = app.build_middleware_stack(), []  # type: ignore[attr-defined]
+    while stack is not None:
+        names.append(type(stack).__name__)
+        stack = getattr(stack, "app", None)
+    return names
+
+
+def test_fastapis_pass_through_layers_are_left_out_only_while_they_would_pass_through() -> None:
+    """FastAPI's native exception telemetry (off here) and its app body limit (none set) add a
+    frame to every request and do nothing; either one stays when it would do something."""
+    from oncepay.payments.api.app import _Api, create_app
+    from oncepay.payments.settings import Settings
+
+    ours = _layers(create_app(Settings(database_url="sqlite:///unused.db", run_worker=False)))
+    assert ours[:3] == ["ServerErrorMiddleware", "AccessLog", "RequestMetrics"]
+    assert not {"ExceptionTelemetryMiddleware", "AppBodyLimitMiddleware"} & set(ours)
+    off: Any = {"tracing": False, "metrics": False, "logs": False}
+    assert _layers(_Api(telemetry=off, max_body_size=1000))[1] == "AppBodyLimitMiddleware"
+    logs: Any = {**off, "logs": True}
+    assert _layers(_Api(telemetry=logs))[1] == "ExceptionTelemetryMiddleware"

@@ -24,6 +24,8 @@ __all__ = ["FINDING_OPENED", "emit", "emit_many", "finding_opened"]
 # The worker's live insight opened a finding (docs/insight.md): data is the finding.
 FINDING_OPENED = "insight.finding_opened"
 
+# json.dumps(data, separators=(",", ":")) with its encoder built once, not per call.
+_compact = json.JSONEncoder(separators=(",", ":")).encode
 _INSERT = events.insert()  # built once: building it costs more than running it
 # The hot path's insert, raw (payments/storage/raw.py): one event per state change.
 _INSERT_ONE = Sql(
@@ -33,10 +35,16 @@ _INSERT_ONE = Sql(
 
 
 async def emit(
-    conn: AsyncConnection, *, merchant_id: str, type: str, object_id: str, data: dict[str, Any]
+    conn: AsyncConnection,
+    *,
+    merchant_id: str,
+    type: str,
+    object_id: str,
+    data: dict[str, Any] | str,
 ) -> str:
+    """One event; ``data`` is its object, or that object's compact JSON already encoded."""
     event_id, now = new_id("evt"), time.time()
-    data_json = json.dumps(data, separators=(",", ":"))
+    data_json = data if isinstance(data, str) else _compact(data)
     trace = tracing.traceparent()  # its deliveries continue this trace
     args = (event_id, merchant_id, type, object_id, data_json, now, trace)
     await (await raw(conn)).run(_INSERT_ONE, *args)
@@ -64,7 +72,7 @@ async def emit_many(
             "merchant_id": merchant_id,
             "type": type,
             "object_id": object_id,
-            "data": json.dumps(data, separators=(",", ":")),
+            "data": _compact(data),
             "created_at": now,
         }
         for merchant_id, type, object_id, data in found

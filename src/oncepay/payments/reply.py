@@ -14,6 +14,8 @@ from oncepay.idempotency.records import StoredResponse
 __all__ = ["JSON", "Reply"]
 
 JSON = (("content-type", "application/json"),)
+# json.dumps(document, separators=(",", ":")) with its encoder built once, not per call.
+_compact = json.JSONEncoder(separators=(",", ":")).encode
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,7 +31,10 @@ class Reply:
 
     @classmethod
     def json(cls, status: int, document: dict[str, Any]) -> Reply:
-        return cls(status, json.dumps(document, separators=(",", ":")).encode())
+        return cls(status, _compact(document).encode())
+
+    # json.dumps(document, separators=(",", ":")), the encoding of every JSON answer.
+    compact = staticmethod(_compact)
 
     @classmethod
     def problem(cls, error: OncePayError) -> Reply:

@@ -83,12 +83,16 @@ def parse_payload(path: str, payload: dict[str, Any], model: type[B], key: str) 
     return body, _checked(body, path, payload, key)
 
 
+# json.dumps(value, sort_keys=True, separators=(",", ":")) with its encoder built once.
+_canonical = json.JSONEncoder(sort_keys=True, separators=(",", ":")).encode
+
+
 def _checked(body: _Body, path: str, document: Any, header: str | None) -> str:
     """The fingerprint of a valid body, once its reference matches the key it came with."""
     reference = getattr(body, "reference", None)
     if header is not None and header != reference:
         raise Problem(400, "reference_mismatch", "Idempotency-Key must equal the reference")
-    canonical = json.dumps([path, document], sort_keys=True, separators=(",", ":"))
+    canonical = _canonical([path, document])
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 

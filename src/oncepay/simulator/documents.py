@@ -15,5 +15,9 @@ def iso(timestamp: float) -> str:
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+# json.dumps(document, separators=(",", ":")) with its encoder built once, not per call.
+_compact = json.JSONEncoder(separators=(",", ":")).encode
+
+
 def dumps(document: dict[str, Any]) -> str:
-    return json.dumps(document, separators=(",", ":"))
+    return _compact(document)

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from starlette.types import ASGIApp
 
 from oncepay import __version__
 from oncepay.payments import bootstrap, dashboard, tracing
@@ -52,6 +53,38 @@ ROUTERS = (
 )
 
 
+class _Api(FastAPI):
+    """FastAPI without the two layers of its own (0.165+) that do nothing here but add a
+    frame to every request: ``ExceptionTelemetryMiddleware`` reports exceptions to FastAPI's
+    native telemetry, which :func:`create_app` turns off (OncePay traces itself), and
+    ``AppBodyLimitMiddleware`` passes every request through when no ``max_body_size`` is set
+    (OncePay's own :class:`BodyLimit` bounds the body). They are left in should either be on,
+    or should a FastAPI release no longer have them."""
+
+    def build_middleware_stack(self) -> ASGIApp:
+        stack = super().build_middleware_stack()
+        try:
+            from fastapi._body_limit import AppBodyLimitMiddleware
+            from fastapi.telemetry._asgi import ExceptionTelemetryMiddleware
+        except ImportError:  # a FastAPI without them
+            return stack
+        telemetry = getattr(self, "_telemetry", None)  # FastAPI's configuration of it
+        idle: tuple[type, ...] = (ExceptionTelemetryMiddleware,) if _all_off(telemetry) else ()
+        if getattr(self, "max_body_size", None) is None:
+            idle = (*idle, AppBodyLimitMiddleware)
+        outer = stack  # ServerErrorMiddleware; they come right inside it
+        while isinstance(inner := getattr(outer, "app", None), idle):
+            outer.app = inner.app  # type: ignore[attr-defined]
+        return stack
+
+
+def _all_off(telemetry: object) -> bool:
+    """Whether FastAPI's native telemetry is configured off for traces, metrics and logs."""
+    return isinstance(telemetry, dict) and not any(
+        telemetry.get(kind) for kind in ("tracing", "metrics", "logs")
+    )
+
+
 def create_app(settings: Settings | None = None, *, services: Services | None = None) -> FastAPI:
     """The payments API. With ``services`` the caller owns them (tests); otherwise the app
     starts its own from ``settings`` when it starts, and closes them when it stops."""
@@ -76,7 +109,7 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
             tracing.shutdown()  # the last spans exported, with tracing on
             await app.state.rate_limits.aclose()
 
-    app = FastAPI(
+    app = _Api(
         title="OncePay payments API",
         version=__version__,
         description="Exactly-once payments: every POST takes an Idempotency-Key.",

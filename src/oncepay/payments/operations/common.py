@@ -36,7 +36,9 @@ __all__ = [
     "load_payment",
     "note_unknown",
     "payment_event",
+    "payment_json",
     "payment_or_refusal",
+    "payment_reply",
     "pending_capture",
     "post_to_ledger",
     "read_payment",
@@ -93,8 +95,28 @@ def _save(columns: tuple[str, ...]) -> Sql:
 
 async def payment_event(conn: AsyncConnection, row: PaymentRow, type: str) -> None:
     await emit(
-        conn, merchant_id=row.merchant_id, type=type, object_id=row.id, data=payment_public(row)
+        conn, merchant_id=row.merchant_id, type=type, object_id=row.id, data=payment_json(row)
     )
+
+
+def payment_json(row: PaymentRow) -> str:
+    """The payment as the API shows it, in compact JSON. An operation's last event and its
+    answer show the same row: the one encoding is kept for the answer (rows are immutable,
+    so the same row object is the same document)."""
+    global _last_encoded  # noqa: PLW0603
+    last, encoded = _last_encoded
+    if last is not row:
+        encoded = Reply.compact(payment_public(row))
+        _last_encoded = (row, encoded)
+    return encoded
+
+
+def payment_reply(status: int, row: PaymentRow) -> Reply:
+    """The payment ``row`` as an answer (its JSON encoded once with its event's)."""
+    return Reply(status, payment_json(row).encode())
+
+
+_last_encoded: tuple[PaymentRow | None, str] = (None, "")
 
 
 # An answer came: whatever was unknown about the payment is known now, and a later unknown

@@ -22,6 +22,7 @@ from oncepay.payments.operations.common import (
     capture_in_ledger,
     load_payment,
     payment_event,
+    payment_reply,
     post_to_ledger,
     read_payment,
     resolve,
@@ -103,7 +104,7 @@ class CreatePayment(OnPayment):
                 acquirer=answer.acquirer,
             )
             await payment_event(conn, row, "payment.failed")
-            return Reply.json(201, payment_public(row))
+            return payment_reply(201, row)
         await post_to_ledger(conn, row, "authorization", ledger.authorize(row.amount))
         row = await resolve(
             conn,
@@ -115,7 +116,7 @@ class CreatePayment(OnPayment):
         await payment_event(conn, row, "payment.authorized")
         if row.capture_method == "automatic":
             row = await capture_in_ledger(conn, row, row.amount)
-        return Reply.json(201, payment_public(row))
+        return payment_reply(201, row)
 
     async def reply(self, conn: AsyncConnection, svc: Services, object_id: str) -> Reply:
         return Reply.json(201, payment_public(await load_payment(conn, object_id)))
