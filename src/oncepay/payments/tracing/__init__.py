@@ -561,12 +561,17 @@ class _Call:
 def traced_call(fn: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
     """``HttpAcquirer._call(self, operation, path, payload, reference)`` in an ``acquirer
     <operation>`` span carrying the answer; a call to another acquirer for the same payment
-    after a failed one links to it (failover)."""
+    after a failed one links to it (failover). Untraced (tracing off, or a request not
+    sampled), the wrapper is a plain function handing back the call's own coroutine: no
+    coroutine of its own to create, await and finish on every acquirer call."""
 
     @functools.wraps(fn)
-    async def call(*args: P.args, **kwargs: P.kwargs) -> T:
+    def call(*args: P.args, **kwargs: P.kwargs) -> Awaitable[T]:
         if _recorder is None or _quiet.get():
-            return await fn(*args, **kwargs)
+            return fn(*args, **kwargs)  # the call's own coroutine: no frame of ours around it
+        return traced(*args, **kwargs)
+
+    async def traced(*args: P.args, **kwargs: P.kwargs) -> T:
         acquirer, operation, reference = args[0], str(args[1]), str(args[4])
         name = str(getattr(acquirer, "name", "?"))
         links, previous = [], _last_call.get()
@@ -618,9 +623,12 @@ def traced_attempt(fn: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
     state as an event."""
 
     @functools.wraps(fn)
-    async def attempt(*args: P.args, **kwargs: P.kwargs) -> T:
+    def attempt(*args: P.args, **kwargs: P.kwargs) -> Awaitable[T]:
         if _recorder is None or _quiet.get():
-            return await fn(*args, **kwargs)
+            return fn(*args, **kwargs)  # the attempt's own coroutine: no frame of ours around it
+        return traced(*args, **kwargs)
+
+    async def traced(*args: P.args, **kwargs: P.kwargs) -> T:
         acquirer, operation = args[0], str(args[1])
         call = _last_call.get()
         number = 1
