@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -83,3 +84,17 @@ def uvicorn_args(app: str, port: int) -> list[str]:
 
 def oncepay_args(*args: str) -> list[str]:
     return [sys.executable, "-m", "oncepay", *args]
+
+
+def read_banner(process: subprocess.Popen[str]) -> tuple[str, str]:
+    """Read ``oncepay serve``'s start banner from its text stdout; return the banner and the
+    test merchant's API key it prints (a database it created shows one)."""
+    assert process.stdout is not None
+    banner = ""
+    while "try: curl" not in banner:
+        line = process.stdout.readline()
+        assert line, f"serve ended before its banner: {banner}"
+        banner += line
+    found = re.search(r"sk_test_[A-Za-z0-9_-]+", banner)
+    assert found, banner
+    return banner, found.group()

@@ -10,7 +10,6 @@ import asyncio
 import csv
 import io
 import os
-import re
 import subprocess
 import time
 from collections.abc import Iterator
@@ -20,7 +19,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.processes import ROOT, free_port, oncepay_args, wait_for_port
+from tests.processes import ROOT, free_port, oncepay_args, read_banner, wait_for_port
 from tests.servers import require_tool
 
 TOKEN = "operator-token-for-the-browser-test"
@@ -59,13 +58,8 @@ def service(tmp_path: Path) -> Iterator[Service]:
     )
     try:
         wait_for_port(port, process)  # type: ignore[arg-type]
-        assert process.stdout is not None
-        banner = ""
-        while "try: curl" not in banner:
-            banner += process.stdout.readline()
-        key = re.search(r"sk_test_[A-Za-z0-9_-]+", banner)
-        assert key, banner
-        yield Service(f"http://127.0.0.1:{port}", key.group(), tmp_path)
+        _, key = read_banner(process)
+        yield Service(f"http://127.0.0.1:{port}", key, tmp_path)
     finally:
         process.terminate()
         process.communicate(timeout=15)

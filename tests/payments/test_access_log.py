@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from tests.payments.stack import Stack
-from tests.processes import ROOT, free_port, oncepay_args, wait_for_port
+from tests.processes import ROOT, free_port, oncepay_args, read_banner, wait_for_port
 
 PAYMENT = {"amount": 1000, "currency": "USD", "payment_method": "pm_card_ok"}
 LINE = re.compile(
@@ -36,13 +36,8 @@ def _serve(tmp_path: Path, *extra: str) -> tuple[list[str], list[httpx.Response]
     )
     try:
         wait_for_port(port, process)  # type: ignore[arg-type]
-        assert process.stdout is not None
-        banner = ""
-        while "try: curl" not in banner:
-            banner += process.stdout.readline()
-        key = re.search(r"sk_test_[A-Za-z0-9_-]+", banner)
-        assert key, banner
-        headers = {"Authorization": f"Bearer {key.group()}", "Idempotency-Key": "k1"}
+        banner, key = read_banner(process)
+        headers = {"Authorization": f"Bearer {key}", "Idempotency-Key": "k1"}
         url = f"http://127.0.0.1:{port}"
         answers = [
             httpx.post(f"{url}/v1/payments", json=PAYMENT, headers=headers),

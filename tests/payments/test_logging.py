@@ -17,7 +17,7 @@ import pytest
 
 from oncepay.cli.serve import log_config
 from oncepay.payments.logformat import json_formatter
-from tests.processes import ROOT, free_port, oncepay_args, wait_for_port
+from tests.processes import ROOT, free_port, oncepay_args, read_banner, wait_for_port
 
 pytest.importorskip("structlog", reason="the otel extra")
 
@@ -72,13 +72,8 @@ def test_serve_logs_json_lines_with_the_access_fields(tmp_path: Path) -> None:
     )
     try:
         wait_for_port(port, process)  # type: ignore[arg-type]
-        assert process.stdout is not None
-        banner = ""
-        while "try: curl" not in banner:
-            banner += process.stdout.readline()
-        key = re.search(r"sk_test_[A-Za-z0-9_-]+", banner)
-        assert key, banner
-        headers = {"Authorization": f"Bearer {key.group()}", "Idempotency-Key": "j1"}
+        _, key = read_banner(process)
+        headers = {"Authorization": f"Bearer {key}", "Idempotency-Key": "j1"}
         url = f"http://127.0.0.1:{port}/v1/payments"
         answers = [httpx.post(url, json=PAYMENT, headers=headers) for _ in range(2)]
     finally:

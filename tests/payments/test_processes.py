@@ -20,7 +20,7 @@ import httpx
 import pytest
 
 from tests.payments.stack import drop_schema
-from tests.processes import ROOT, free_port, oncepay_args, running, wait_for_port
+from tests.processes import ROOT, free_port, oncepay_args, read_banner, running, wait_for_port
 from tests.servers import POSTGRES_URL, require_postgres
 
 pytestmark = pytest.mark.slow
@@ -56,13 +56,8 @@ def test_serve_on_a_fresh_folder_prints_a_working_key(tmp_path: Path) -> None:
     )
     try:
         wait_for_port(port, process, START)  # type: ignore[arg-type]
-        assert process.stdout is not None
-        banner = ""
-        while "try: curl" not in banner:
-            banner += process.stdout.readline()
-        match = re.search(r"sk_test_[A-Za-z0-9_-]+", banner)
-        assert match, banner
-        headers = {"Authorization": f"Bearer {match.group()}", "Idempotency-Key": "first"}
+        _, key = read_banner(process)
+        headers = {"Authorization": f"Bearer {key}", "Idempotency-Key": "first"}
         url = f"http://127.0.0.1:{port}/v1/payments"
         first = httpx.post(url, json=PAYMENT, headers=headers)
         again = httpx.post(url, json=PAYMENT, headers=headers)

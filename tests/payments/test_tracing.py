@@ -24,7 +24,7 @@ import pytest
 
 from oncepay.payments import tracing
 from tests.payments.stack import database_url, drop_schema
-from tests.processes import ROOT, free_port, oncepay_args, running, wait_for_port
+from tests.processes import ROOT, free_port, oncepay_args, read_banner, running, wait_for_port
 
 pytest.importorskip("opentelemetry.sdk", reason="the otel extra")
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
@@ -125,18 +125,6 @@ def receiver() -> Iterator[tuple[int, Received]]:
         server.server_close()
 
 
-def _banner_key(process: subprocess.Popen[str]) -> str:
-    assert process.stdout is not None
-    banner = ""
-    while "try: curl" not in banner:
-        line = process.stdout.readline()
-        assert line, f"serve ended before its banner: {banner}"
-        banner += line
-    found = re.search(r"sk_test_[A-Za-z0-9_-]+", banner)
-    assert found, banner
-    return found.group()
-
-
 @pytest.fixture(params=["sqlite", "postgres"])
 def database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     if request.param == "postgres":
@@ -179,7 +167,7 @@ def test_one_trace_holds_the_payment_its_phases_attempts_replay_and_webhook(
         )
         try:
             wait_for_port(port, process)  # type: ignore[arg-type]
-            auth = {"Authorization": f"Bearer {_banner_key(process)}"}
+            auth = {"Authorization": f"Bearer {read_banner(process)[1]}"}
             url = f"http://127.0.0.1:{port}"
             hook = httpx.post(
                 f"{url}/v1/webhook_endpoints",
