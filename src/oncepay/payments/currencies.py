@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["CURRENCIES", "ISO_4217", "MAX_AMOUNT", "Currency", "currency"]
+__all__ = ["CURRENCIES", "ISO_4217", "MAX_AMOUNT", "Currency", "currency", "exponent"]
 
 # Every other code of the list has two decimals.
 _ZERO_DECIMAL = frozenset(
@@ -239,12 +239,14 @@ class Currency:
         }
 
 
-def _exponent(code: str) -> int:
+def exponent(code: str) -> int:
+    """The ISO 4217 exponent of ``code``: 0 or 3 where the standard says so, 2 for any other
+    code (also one this table leaves out, as a settlement report may carry)."""
     return 0 if code in _ZERO_DECIMAL else 3 if code in _THREE_DECIMAL else 2
 
 
 CURRENCIES: dict[str, Currency] = {
-    code: Currency(code, _exponent(code), _LIMITS[_exponent(code)]) for code in sorted(ISO_4217)
+    code: Currency(code, exponent(code), _LIMITS[exponent(code)]) for code in sorted(ISO_4217)
 }
 
 

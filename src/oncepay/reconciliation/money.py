@@ -1,45 +1,19 @@
 """Amounts as integers in minor units, parsed from text exactly: never a float, never a
 silent zero. Reports from real processors write major units ("12.50"); the currency's ISO 4217
-exponent turns them into minor units, and a fraction finer than the currency allows is an
-error rather than a rounding."""
+exponent (the one table, in ``payments.currencies``) turns them into minor units, and a
+fraction finer than the currency allows is an error rather than a rounding."""
 
 from __future__ import annotations
 
 import re
 
-__all__ = ["exponent", "parse_major", "parse_minor"]
+from oncepay.payments.currencies import exponent
+
+__all__ = ["parse_major", "parse_minor"]
 
 _MINOR = re.compile(r"^-?\d{1,18}$")
 _SCALE = (1, 10, 100, 1000)  # 10**exponent, typed int
 _MAJOR = re.compile(r"^(-?)(\d{1,18})(?:\.(\d{1,4}))?$")
-# ISO 4217 minor-unit exponents other than 2 among the codes a card is charged in.
-_ZERO = frozenset(
-    [
-        "BIF",
-        "CLP",
-        "DJF",
-        "GNF",
-        "ISK",
-        "JPY",
-        "KMF",
-        "KRW",
-        "PYG",
-        "RWF",
-        "UGX",
-        "VND",
-        "VUV",
-        "XAF",
-        "XOF",
-        "XPF",
-    ]
-)
-_THREE = frozenset(["BHD", "IQD", "JOD", "KWD", "LYD", "OMR", "TND"])
-
-
-def exponent(currency: str) -> int:
-    if currency in _ZERO:
-        return 0
-    return 3 if currency in _THREE else 2
 
 
 def parse_minor(text: str) -> int:
