@@ -7,6 +7,9 @@ command counts of other suites on the shared one.
 
 from __future__ import annotations
 
+import asyncio
+import json
+import re
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -256,3 +259,112 @@ async def test_the_short_way_on_a_cluster_store(redis_cluster_url: str, runs: Ex
     assert (b"idempotent-replayed", b"true") in replay["headers"]
     assert reused[0]["status"] == 422
     assert runs["headers"] == 1
+
+
+async def test_the_store_encodes_the_short_ways_commands_as_hiredis_would(redis_url: str) -> None:
+    from oncepay._drivers import resp
+    from oncepay.idempotency.stores.redis import _Packed
+
+    sent: list[bytes] = []
+
+    class Recording(resp.RespClient):
+        def execute_packed(self, command: bytes) -> Any:
+            sent.append(command)
+            return super().execute_packed(command)
+
+    store = store_from_url(redis_url, prefix="oncepay-test:\u00e9t\u00e9:")
+    assert isinstance(store, RedisStore)
+    await store._commands.aclose()
+    client = Recording.from_url(redis_url, timeout=2.0)
+    store._commands = client
+    store._packed = _Packed.of(client, store._scripts)
+    scripts = store._scripts
+    try:
+        scope, key, fp, now = "s\u00e9", "k-1", "f" * 64, 1733480000.123456
+        reply = await store.claim_reply(scope, key, fp, now, "60.0", "86400.0")
+        fence = reply[1]
+        done = await store.complete_reply(scope, key, fence, 201, '[["a","\u00e9"]]', b"\x00\xff")
+    finally:
+        await store.aclose()
+    assert reply[0] == b"created"
+    assert done == 1
+    name = store.record_name(scope, key)
+    claim = ("EVALSHA", scripts.claim.sha, 1, name, scope, key, fp, now, "60.0", "86400.0")
+    complete = (
+        *("EVALSHA", scripts.complete.sha, 1, name, fence, "201"),
+        *('[["a","\u00e9"]]', b"\x00\xff"),
+    )
+    assert sent == [resp._pack_command(claim), resp._pack_command(complete)]
+
+
+async def test_a_completion_that_lost_its_lease_is_answered_as_the_general_way_does(
+    store: RedisStore, redis_url: str
+) -> None:
+    """The app's record taken over while it runs: the short way's completion reads the
+    script's 0 as LeaseLost and answers what the general way answers."""
+    server = Redis.from_url(redis_url)
+
+    def taking_over(key: str) -> Any:
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            await receive()
+            name = store.record_name(_scope(), key)
+            await server.hset(name, "fence", "1")  # a newer holder's token, not ours
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"ok"})
+
+        return app
+
+    try:
+        short = IdempotencyMiddleware(taking_over("k-short"), store=store)
+        long = IdempotencyMiddleware(
+            taking_over("k-long"), store=store, aliases=["x-idempotency-key"]
+        )
+        assert type(short) is _ScriptedMiddleware
+        assert type(long) is IdempotencyMiddleware
+        answers = [await call(short, "k-short"), await call(long, "k-long")]
+    finally:
+        await server.aclose()
+    assert answers[0]["status"] == answers[1]["status"] == 409
+    problems = [json.loads(answer["body"]) for answer in answers]
+    assert re.fullmatch(r"token \d+ no longer holds key 'k-short'", problems[0].pop("detail"))
+    assert re.fullmatch(r"token \d+ no longer holds key 'k-long'", problems[1].pop("detail"))
+    assert problems[0] == problems[1]
+    headers = [[h for h in a["headers"] if h[0] != b"content-length"] for a in answers]
+    assert headers[0] == headers[1]
+    record = await store.get(_scope(), "k-short")
+    assert record is not None
+    assert record.state is RecordState.EXECUTING  # not completed by the stale token
+
+
+async def test_a_completion_the_server_refuses_is_a_503_on_the_short_way(
+    store: RedisStore, runs: Executions
+) -> None:
+    from oncepay._drivers import resp
+
+    client = store._commands
+    assert isinstance(client, resp.RespClient)
+    refused: list[bytes] = []
+
+    def refusing(command: bytes) -> Any:
+        future = asyncio.get_running_loop().create_future()
+        future.set_exception(resp.ResponseError("ERR out of memory"))
+        refused.append(command)
+        return future
+
+    app = usual(runs, store)
+    assert (await call(app, "k0"))["status"] == 201  # connected, scripts loaded
+    claim = client.execute_packed
+    sends = iter([claim, refusing])
+
+    def in_turn(command: bytes) -> Any:  # the claim as it is, then the refused completion
+        return next(sends)(command)
+
+    client.execute_packed = in_turn  # type: ignore[method-assign]
+    answer = await call(app, "k1")
+    assert answer["status"] == 503
+    assert b"idempotency_store_unavailable" in answer["body"]
+    assert len(refused) == 1
+    assert runs["pay"] == 2
+    record = await store.get(_scope(), "k1")
+    assert record is not None
+    assert record.state is RecordState.EXECUTING  # stays locked until its lease lapses

@@ -427,13 +427,37 @@ class RespClient:
             return self._execute_when_ready(args)
         return connection.send(_pack_command(args))
 
+    def execute_packed(self, command: bytes) -> Awaitable[Any]:
+        """:meth:`execute_command` for a command already encoded as RESP (an array of bulk
+        strings): the Redis store encodes the two commands of every request through the ASGI
+        middleware itself, their fixed parts once. ``_Connection.send`` spelled out."""
+        connection = self._connection
+        if connection is None or connection.broken is not None or connection.paused:
+            return self._send_when_ready(command)
+        loop = connection._loop
+        future = loop.create_future()
+        if connection._unsent:
+            connection._unsent.append(command)
+        elif connection._waiting:
+            connection._unsent.append(command)
+            loop.call_soon(connection._flush)
+        else:
+            connection._transport.write(command)
+        connection._waiting.append((future, loop.time() + connection._timeout))
+        if connection._watchdog is None:
+            connection._arm_watchdog()
+        return future
+
     async def _execute_when_ready(self, args: tuple[Arg, ...]) -> Any:
+        return await self._send_when_ready(_pack_command(args))
+
+    async def _send_when_ready(self, command: bytes) -> Any:
         connection = self._connection
         if connection is None or connection.broken is not None:
             connection = await self._reconnect()
         while connection.paused:
             await connection.writable()
-        return await connection.send(_pack_command(args))
+        return await connection.send(command)
 
     def subscriber(self) -> Subscriber:
         """A new pub/sub connection to the same server, opened by its first (UN)SUBSCRIBE."""

@@ -12,9 +12,9 @@ import functools
 import hashlib
 import logging
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
-from oncepay.errors import OncePayError
+from oncepay.errors import LeaseLost, OncePayError
 from oncepay.http.gate import (
     EXPIRES_HEADER,
     NOT_STORED,
@@ -93,6 +93,8 @@ class IdempotencyMiddleware:
             self._header = self.gate.headers[0].encode("latin-1")
             plain = self.gate.cacheable is default_cacheable and self.gate.redact is None
             self._completes: ScriptedStore | None = store if plain else None
+            completing = store if plain and isinstance(store, _Completing) else None
+            self._completing: _Completing | None = completing
             self._times = _wire_times(self.gate.engine.lease, self.gate.engine.ttl)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -268,6 +270,7 @@ class _Responder:
 
     __slots__ = (
         "chunks",
+        "expires_raw",
         "finished",
         "finishing",
         "gate",
@@ -286,8 +289,9 @@ class _Responder:
 
     def __init__(self, gate: Gate, run: Run, send: Send) -> None:
         self.gate = gate
-        self.run_ = run
+        self.run_: Run | None = run
         self.send = send
+        self.expires_raw = run.expires.encode()  # the expiry header's value
         self.start: Message | None = None  # the app's http.response.start, as it sent it
         self.started = False  # whether it went out (with our expiry header)
         self.finished = False  # whether the app's last body message has come
@@ -310,7 +314,7 @@ class _Responder:
         except BaseException:
             if not self.finished or self._completed_by_app():
                 self._note(500)
-                await self.gate.abandon(self.run_)  # fenced: never undoes a committed record
+                await self.gate.abandon(self._run())  # fenced: never undoes a committed record
             else:  # the app failed after its whole response: store and send it all the same
                 await asyncio.shield(self._settle())
             raise
@@ -323,7 +327,7 @@ class _Responder:
                 await self._settle()
         else:  # the app returned without a complete response
             self._note(500)
-            await self.gate.abandon(self.run_)
+            await self.gate.abandon(self._run())
 
     async def capture(self, message: Message) -> None:
         kind = message["type"]
@@ -352,10 +356,15 @@ class _Responder:
         if self.held is None or self.held.completed is None:
             self.later = asyncio.get_running_loop().call_soon(self._app_suspended)
 
+    def _run(self) -> Run:
+        """The request's ``Run`` (its ticket and expiry text)."""
+        assert self.run_ is not None
+        return self.run_
+
     def _note(self, status: int) -> None:
         if self.noting is not None:
             request, scope, root_path = self.noting
-            self.gate.executed(request, self.run_, status, _route_template(scope, root_path))
+            self.gate.executed(request, self._run(), status, _route_template(scope, root_path))
 
     def _completed_by_app(self) -> bool:
         return self.held is not None and self.held.completed is not None
@@ -400,14 +409,14 @@ class _Responder:
                 store = self.store
                 if store is not None and status < 400 and not oversized:
                     # Gate.finishing_raw's usual case, its header encoding remembered per set
-                    ticket = self.run_.ticket
+                    ticket = self._run().ticket
                     headers_json = _stored_headers(raw)
                     step = store.complete_encoded(
                         ticket.scope, ticket.key, ticket.fence, status, headers_json, body
                     )
                 else:
                     step = self.gate.finishing_raw(
-                        self.run_, status, raw, body, oversized=oversized
+                        self._run(), status, raw, body, oversized=oversized
                     )
             else:
                 headers = [
@@ -419,7 +428,7 @@ class _Responder:
             if step is not None:
                 await step
         except OncePayError as exc:
-            self.gate.unstored(self.run_, exc)
+            self.gate.unstored(self._run(), exc)
             if self.started:
                 self._note(start["status"])
                 raise  # part of the body is out: abort the response rather than finish it
@@ -431,7 +440,7 @@ class _Responder:
             self._note(start["status"])
         if not self.started:  # _send_start spelled out: a coroutine less on every request
             self.started = True
-            headers = [*start.get("headers", ()), (_EXPIRES, self.run_.expires.encode())]
+            headers = [*start.get("headers", ()), (_EXPIRES, self.expires_raw)]
             await self.send({**start, "headers": headers})
         await self.send(last)
 
@@ -440,7 +449,7 @@ class _Responder:
             start = self.start
             assert start is not None, "http.response.body before http.response.start"
             self.started = True
-            headers = [*start.get("headers", ()), (_EXPIRES, self.run_.expires.encode())]
+            headers = [*start.get("headers", ()), (_EXPIRES, self.expires_raw)]
             await self.send({**start, "headers": headers})
 
 
@@ -528,12 +537,11 @@ class _ScriptedMiddleware(IdempotencyMiddleware):
             await self._answer(outcome, scope, receive, send, body)
             return
         if reply[0] == b"created":  # a new record: run the app
-            expires_at = now + ttl
-            ticket = Ticket(tenant, key, fp, int(reply[1]), expires_at, None, False, False)
-            responder = _Responder(gate, Run(ticket, http_date(expires_at)), send)
-            responder.store = self._completes
+            responder = _ScriptedResponder(
+                gate, send, self._completing, tenant, key, fp, reply[1], now + ttl, body, receive
+            )
             scope = _bodies_only(scope) if scope.get("extensions") else scope
-            await responder.run(self.app, scope, replaying(body, receive))
+            await responder.run(self.app, scope, responder.receive)
             return
         status = reply[10]
         if (
@@ -589,6 +597,142 @@ class _ScriptedMiddleware(IdempotencyMiddleware):
             await _respond(send, outcome)
         else:  # failing open
             await self.app(scope, replaying(body, receive), send)
+
+
+@runtime_checkable
+class _Completing(Protocol):
+    """A :class:`ScriptedStore` whose completion script the short way sends and awaits itself
+    (the Redis stores): ``complete_reply`` sends it (the fence as the claim reply's text) and
+    gives the raw reply, 1 or 0 for a stale token; an error from awaiting that goes to
+    ``complete_failed``, which does what ``complete_encoded`` would have done."""
+
+    def complete_reply(
+        self, scope: str, key: str, fence: bytes, status: int, headers_json: str, body: bytes
+    ) -> Awaitable[Any]: ...
+
+    async def complete_failed(
+        self,
+        error: Exception,
+        scope: str,
+        key: str,
+        fence: bytes,
+        status: int,
+        headers_json: str,
+        body: bytes,
+    ) -> Any: ...
+
+
+class _ScriptedResponder(_Responder):
+    """:class:`_Responder` for a new record of the short way: the claim's fields kept as they
+    came (the fence as the reply's text, sent back as it is), ``Ticket`` and ``Run`` built
+    only if a rarer path asks for them, the body handed to the app by a method instead of a
+    closure, and the usual response stored with the completion script's reply awaited here
+    (no coroutine of the store's)."""
+
+    __slots__ = ("body", "completes", "expires_at", "fence", "fp", "key", "receive_", "tenant")
+
+    def __init__(
+        self,
+        gate: Gate,
+        send: Send,
+        completes: _Completing | None,
+        tenant: str,
+        key: str,
+        fp: str,
+        fence: bytes,
+        expires_at: float,
+        body: bytes,
+        receive: Receive,
+    ) -> None:
+        # _Responder.__init__'s fields, spelled out (see there)
+        self.gate = gate
+        self.run_ = None
+        self.send = send
+        self.expires_raw = _http_date_raw(expires_at)
+        self.start = None
+        self.started = False
+        self.finished = False
+        self.last = None
+        self.later = None
+        self.finishing = None
+        self.held = None
+        self.chunks = []
+        self.size = 0
+        self.oversized = False
+        self.noting = None
+        self.store = None  # the general way's store: this class completes on ``completes``
+        self.completes = completes
+        self.tenant = tenant
+        self.key = key
+        self.fp = fp
+        self.fence = fence
+        self.expires_at = expires_at
+        self.body: bytes | None = body
+        self.receive_ = receive
+
+    def _run(self) -> Run:
+        run = self.run_
+        if run is None:
+            ticket = Ticket(
+                self.tenant, self.key, self.fp, int(self.fence), self.expires_at, None, False, False
+            )
+            run = self.run_ = Run(ticket, self.expires_raw.decode())
+        return run
+
+    async def receive(self) -> Message:
+        """:func:`replaying`'s ``receive``: the body read already, then the real channel."""
+        body = self.body
+        if body is not None:
+            self.body = None
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await self.receive_()
+
+    async def _finish_then_send(self) -> None:
+        start, store = self.start, self.completes
+        if store is None or start is None or start["status"] >= 400 or self.oversized:
+            await super()._finish_then_send()  # the general way, with Run built
+            return
+        last, self.last = self.last, None
+        assert last is not None, "completed twice"
+        status = start["status"]
+        raw = start.get("headers", ())
+        headers_json = _stored_headers(raw)
+        chunks = self.chunks
+        body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        tenant, key, fence = self.tenant, self.key, self.fence
+        try:  # RedisStore.complete_encoded spelled out, a coroutine less
+            try:
+                done = await store.complete_reply(tenant, key, fence, status, headers_json, body)
+            except Exception as exc:  # the store says what its completion would have done
+                done = await store.complete_failed(
+                    exc, tenant, key, fence, status, headers_json, body
+                )
+            if not done:
+                raise LeaseLost(f"token {int(fence)} no longer holds key {key!r}")
+        except OncePayError as exc:
+            self.gate.unstored(self._run(), exc)
+            if self.started:
+                raise  # part of the body is out: abort the response rather than finish it
+            await _respond(self.send, self.gate.problem(exc))
+            return
+        if not self.started:
+            self.started = True
+            await self.send({**start, "headers": [*raw, (_EXPIRES, self.expires_raw)]})
+        await self.send(last)
+
+
+def _http_date_raw(timestamp: float) -> bytes:
+    """:func:`http_date` as the header's bytes, remembered for the last seconds asked."""
+    second = int(timestamp)
+    raw = _raw_dates.get(second)
+    if raw is None:
+        if len(_raw_dates) >= 4:
+            _raw_dates.clear()
+        raw = _raw_dates[second] = http_date(timestamp).encode()
+    return raw
+
+
+_raw_dates: dict[int, bytes] = {}
 
 
 def _wire_times(lease: float, ttl: float) -> tuple[float, float, str, str]:

@@ -32,6 +32,7 @@ afresh before their callers read again: a lost notification costs a re-read, nev
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections import Counter, defaultdict, deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager, suppress
@@ -130,6 +131,10 @@ class _RedisStoreBase:
         self._scripts = scripts
         self._listeners = listeners
         self.prefix = prefix
+        # On our RESP client, the short way's two commands are encoded here (see _Packed).
+        self._packed = (
+            _Packed.of(commands, scripts) if isinstance(commands, resp.RespClient) else None
+        )
 
     async def claim(
         self, scope: str, key: str, fingerprint: str, *, now: float, lease: float, ttl: float
@@ -202,9 +207,83 @@ class _RedisStoreBase:
     ) -> Awaitable[Any]:
         """What :meth:`claim` sends, its reply undecoded (see ``ScriptedStore``)."""
         name = record_name(self.prefix, scope, key)
-        return self._commands.execute_command(
+        commands = self._commands
+        if self._packed is not None and isinstance(lease, str) and isinstance(ttl, str):
+            # encoded here, as hiredis would (see _Packed), its fixed parts once
+            n, k, f, t = name.encode(), key.encode(), fingerprint.encode(), repr(now).encode()
+            packed = self._packed
+            return packed.client.execute_packed(
+                _CLAIM_FORMAT
+                % (
+                    packed.claim_head,
+                    len(n),
+                    n,
+                    _bulk(scope),
+                    len(k),
+                    k,
+                    len(f),
+                    f,
+                    len(t),
+                    t,
+                    _bulk(lease),
+                    _bulk(ttl),
+                )
+            )
+        return commands.execute_command(
             "EVALSHA", self._scripts.claim.sha, 1, name, scope, key, fingerprint, now, lease, ttl
         )
+
+    def complete_reply(
+        self, scope: str, key: str, fence: bytes, status: int, headers_json: str, body: bytes
+    ) -> Awaitable[Any]:
+        """What :meth:`complete_encoded` sends, its reply (1, or 0 for a stale token) not
+        checked: the ASGI middleware's short way awaits it directly, a coroutine less per
+        request. ``fence`` is the claim reply's text of it. An error from awaiting it goes to
+        :meth:`complete_failed`."""
+        name = record_name(self.prefix, scope, key)
+        packed = self._packed
+        if packed is None:
+            script = self._scripts.complete
+            return self._commands.execute_command(
+                "EVALSHA", script.sha, 1, name, fence, str(status), headers_json, body
+            )
+        n = name.encode()
+        return packed.client.execute_packed(
+            _COMPLETE_FORMAT
+            % (
+                packed.complete_head,
+                len(n),
+                n,
+                len(fence),
+                fence,
+                _status_bulk(status),
+                _bulk(headers_json),
+                len(body),
+                body,
+            )
+        )
+
+    async def complete_failed(
+        self,
+        error: Exception,
+        scope: str,
+        key: str,
+        fence: bytes,
+        status: int,
+        headers_json: str,
+        body: bytes,
+    ) -> Any:
+        """What :meth:`complete_encoded` does when its command raised ``error``: after
+        NOSCRIPT the script goes again with EVAL (its reply returned); a driver error is
+        ``StoreUnavailable``; anything else is raised as it is."""
+        if isinstance(error, _NO_SCRIPT):
+            args: list[Arg] = [fence.decode(), str(status), headers_json, body]
+            return await self._eval(
+                self._scripts.complete, record_name(self.prefix, scope, key), args
+            )
+        if isinstance(error, _DRIVER_ERRORS) and not isinstance(error, StoreUnavailable):
+            raise StoreUnavailable(f"Redis: {error}") from error
+        raise error
 
     async def claim_failed(
         self,
@@ -297,6 +376,48 @@ class _RedisStoreBase:
         restart, a failover, SCRIPT FLUSH). EVAL runs the script and caches it again."""
         with _store_errors():
             return await self._commands.execute_command("EVAL", script.source, 1, name, *args)
+
+
+# -- the short way's commands, encoded here ---------------------------------------------------
+#
+# hiredis' encoder writes each argument's length with sprintf (~10 calls a claim), and a float
+# as its repr(). The ASGI middleware's two commands a request are encoded here instead, byte for
+# byte as hiredis would (strings as UTF-8, tests/test_store_redis.py): the head (EVALSHA, the
+# script's SHA-1, one key) once per store, the texts that repeat (scope, lease, TTL, status,
+# a header set's JSON) once per text, the rest with one bytes format.
+
+
+@dataclass(frozen=True, slots=True)
+class _Packed:
+    client: resp.RespClient
+    claim_head: bytes
+    complete_head: bytes
+
+    @classmethod
+    def of(cls, client: resp.RespClient, scripts: Scripts) -> _Packed:
+        return cls(client, _evalsha(scripts.claim, 7), _evalsha(scripts.complete, 5))
+
+
+def _evalsha(script: Script, arguments: int) -> bytes:
+    """``EVALSHA <sha> 1`` as the head of a RESP array of ``arguments`` more bulk strings."""
+    sha = script.sha.encode()
+    return b"*%d\r\n$7\r\nEVALSHA\r\n$%d\r\n%s\r\n$1\r\n1\r\n" % (arguments + 3, len(sha), sha)
+
+
+@functools.lru_cache(maxsize=512)
+def _bulk(text: str) -> bytes:
+    """A text that repeats (a scope, a lease, a status, a header set) as a RESP bulk string."""
+    data = text.encode()
+    return b"$%d\r\n%s\r\n" % (len(data), data)
+
+
+@functools.lru_cache(maxsize=64)
+def _status_bulk(status: int) -> bytes:
+    return _bulk(str(status))
+
+
+_CLAIM_FORMAT = b"%s$%d\r\n%s\r\n%s$%d\r\n%s\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n%s%s"
+_COMPLETE_FORMAT = b"%s$%d\r\n%s\r\n$%d\r\n%s\r\n%s%s$%d\r\n%s\r\n"
 
 
 # -- the stores --------------------------------------------------------------------------------
