@@ -35,8 +35,11 @@ a digest of (acquirer, day, outcome)."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import io
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
@@ -154,10 +157,12 @@ async def reconcile(
     db = services.db
     inputs = await _inputs(services, acquirer, day, report, grace_days, reports)
     chosen = mapping if report else ONCEPAY
-    count, flying, books = await _validated(services, acquirer, day, grace_days, inputs, chosen)
-    outcome, posted = await _match_and_post(
-        db, acquirer, day, grace_days, now, inputs, chosen, books
-    )
+    with _long_lived():
+        count, flying, books = await _validated(services, acquirer, day, grace_days, inputs, chosen)
+        gc.freeze()  # the books: a million objects, alive until the run ends
+        outcome, posted = await _match_and_post(
+            db, acquirer, day, grace_days, now, inputs, chosen, books
+        )
     outcome = refine(outcome, await payments_by_id(db, _unknown_payments(outcome)))
     outcome = without_in_flight(outcome, flying)
     planned = await _plan(services, acquirer, outcome)
@@ -198,37 +203,77 @@ async def reconcile(
     )
 
 
+@contextmanager
+def _long_lived() -> Iterator[None]:
+    """Keep the cyclic garbage collector off the objects alive at the start and after each
+    ``gc.freeze()`` (the books) until the block ends. Its full collections walk every tracked
+    object, the books' million included, and a run allocates enough to trigger a dozen: at
+    100k lines they were a quarter of the run's CPU time (bench/reconciliation/RESULTS.md).
+    New garbage is still collected; the frozen objects are handed back to the collector at
+    the end (``gc.unfreeze``), whatever happened. Concurrent runs in one process may unfreeze
+    each other's objects early: a cost, never a leak."""
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
 # Lines between two turns of the event loop while a pass runs (the other task's database
 # replies are handled at each turn).
 _YIELD_EVERY = 256
 
 
 class _Poster:
-    """Posts settled pairs a batch at a time in a task of its own, so that PostgreSQL writes
-    one batch while the next is parsed and matched here; the next batch waits for the one
-    before (each batch is still its own transaction, in report order)."""
+    """Posts settled pairs a batch at a time, each in a task (and a transaction) of its own,
+    so that the database writes while the next batch is parsed and matched here.
+
+    Two batches may be in flight (:data:`_IN_FLIGHT`). On PostgreSQL each has its own
+    connection, so the server writes two batches at once (one core each on a 2-core machine),
+    but only when they share no payment and no reference: two transactions that lock the
+    same payment rows in different orders could deadlock, and a reference's guard would make
+    the later batch wait anyway. A batch that shares one waits for the batch it shares with.
+    On SQLite the second batch waits for the one writer (``write``'s lock, in order) and then
+    starts at once, with no gap for the loop to notice the first one's end. Each batch is
+    still its own transaction: one that dies writes nothing, and a batch after it may have
+    committed already (a re-run settles what is left, as after any failure)."""
 
     def __init__(self, db: Database, acquirer: str, now: float) -> None:
         self.db, self.acquirer, self.now = db, acquirer, now
         self.posted = Posted()
-        self.task: asyncio.Future[Posted] | None = None
+        self.flying: list[tuple[asyncio.Future[Posted], frozenset[str]]] = []
 
     async def post(self, batch: list[tuple[ReportLine, Operation]]) -> None:
-        if self.task is not None:
-            await self.task
-        self.task = asyncio.ensure_future(
+        if not batch:
+            return
+        touched = frozenset(op.payment_id for _, op in batch) | frozenset(
+            op.reference for _, op in batch
+        )
+        depth = 1 if self.db.is_sqlite else _IN_FLIGHT
+        while self.flying and (
+            len(self.flying) >= depth or any(touched & seen for _, seen in self.flying)
+        ):
+            task, _ = self.flying.pop(0)
+            await task
+        task = asyncio.ensure_future(
             post_settlements(self.db, self.acquirer, batch, now=self.now, posted=self.posted)
         )
+        self.flying.append((task, touched))
 
     async def done(self) -> Posted:
-        if self.task is not None:
-            await self.task
+        while self.flying:
+            task, _ = self.flying.pop(0)
+            await task
         return self.posted
 
     async def abandon(self) -> None:
-        """After a failure: let the batch being posted finish (or fail) on its own terms."""
-        if self.task is not None:
-            await asyncio.gather(self.task, return_exceptions=True)
+        """After a failure: let the batches being posted finish (or fail) on their own terms."""
+        flying, self.flying = self.flying, []
+        await asyncio.gather(*(task for task, _ in flying), return_exceptions=True)
+
+
+# Batches posted at once (see _Poster).
+_IN_FLIGHT = 2
 
 
 async def reconcile_recent(services: Services, *, now: float | None = None) -> list[RunResult]:
