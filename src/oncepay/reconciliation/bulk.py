@@ -339,6 +339,10 @@ async def settle_postgres(
         return 0, []
     statement = _PG_SETTLE.format(returning=", ".join(f"p.{column}" for column in returning))
     driver = await _asyncpg(conn)
+    # The planner, guessing the CTEs' joins at 25 times their rows, JIT-compiles the
+    # statement at every batch: ~40 ms of the server's ~400 for 5,000 lines (EXPLAIN ANALYZE,
+    # bench/reconciliation/RESULTS.md) for a plan that runs once. Off for this transaction.
+    await driver.execute("SET LOCAL jit = off")
     found = await driver.fetch(
         statement,
         *(list(column) for column in zip(*rows, strict=True)),
