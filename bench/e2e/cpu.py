@@ -16,6 +16,7 @@ speed drifts less into it than into payments/s. Medians over the rounds.
         [--backend sqlite|postgresql] \\
         asyncio="--loop asyncio --http h11" uvloop="--loop uvloop --http httptools" \\
         [before="@/tmp/old/src"]   # a variant: NAME="serve options [@source dir]"
+        [--profile DIR]            # py-spy --gil raw stacks of each round's measured payments
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import asyncio
 import json
 import os
 import shlex
+import signal
 import statistics
 import subprocess
 import sys
@@ -77,6 +79,7 @@ def round_of(
     concurrency: int,
     folder: Path,
     backend: str = "sqlite",
+    profile: Path | None = None,
 ) -> float:
     """Server CPU milliseconds per payment, one fresh server and database."""
     schema = f"oncepay_cpu_{uuid.uuid4().hex[:8]}"
@@ -110,9 +113,21 @@ def round_of(
     try:
         wait_port(port, server)
         asyncio.run(fire(port, api_key, WARM_UP, concurrency, "warm"))
+        spy = None
+        if profile is not None:  # py-spy on the measured payments (its own CPU is not counted)
+            spy_args = ["record", "--gil", "-r", "500", "--format", "raw", "-o", str(profile)]
+            spy = subprocess.Popen(
+                ["py-spy", *spy_args, "-p", str(server.pid)],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            time.sleep(1.0)  # attached before the first measured payment
         before = process_cpu(server.pid)
         asyncio.run(fire(port, api_key, payments, concurrency, "run"))
         used = process_cpu(server.pid) - before
+        if spy is not None:
+            spy.send_signal(signal.SIGINT)
+            spy.wait(timeout=60)
     finally:
         stop_group(server)
         if backend != "sqlite":
@@ -127,6 +142,9 @@ def main() -> None:
     parser.add_argument("--payments", type=int, default=400)
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--backend", choices=["sqlite", "postgresql"], default="sqlite")
+    parser.add_argument(
+        "--profile", type=Path, help="a folder: py-spy's raw stacks of each round go there"
+    )
     parser.add_argument("variants", nargs="+", help='NAME="serve options [@source dir]"')
     args = parser.parse_args()
     variants = [parse_variant(v) for v in args.variants]
@@ -135,8 +153,18 @@ def main() -> None:
         for name, options, source in variants:  # alternating: drift hits every variant
             with tempfile.TemporaryDirectory(prefix="oncepay-cpu-") as folder:
                 started = time.perf_counter()
+                profile = None
+                if args.profile is not None:
+                    args.profile.mkdir(parents=True, exist_ok=True)
+                    profile = args.profile / f"{name}-{n + 1}.txt"
                 ms = round_of(
-                    options, source, args.payments, args.concurrency, Path(folder), args.backend
+                    options,
+                    source,
+                    args.payments,
+                    args.concurrency,
+                    Path(folder),
+                    args.backend,
+                    profile,
                 )
                 took = time.perf_counter() - started
             figures[name].append(ms)

@@ -137,6 +137,8 @@ def main() -> None:
             filter(None, [args.src, os.environ.get("PYTHONPATH")])
         )
     if args.what == "count":
+        if args.src:  # counted in this process: oncepay imported from there, not the checkout
+            sys.path.insert(0, str(Path(args.src).resolve()))
         for name, value in asyncio.run(count(args.payments, args.backend)).items():
             print(f"{args.backend}: {name}: {value}")
         return

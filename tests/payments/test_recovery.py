@@ -158,6 +158,32 @@ async def test_crash_right_after_the_claim_starts_afresh(stack: Stack) -> None:
     await assert_exactly_once(stack, response.json())
 
 
+@pytest.mark.parametrize(
+    ("owner", "method"),
+    [
+        pytest.param(Engine, "aclaim_in", id="at-the-claim"),
+        pytest.param(CreatePayment, "start", id="in-phase-1"),
+        pytest.param(Engine, "acheckpoint_in", id="at-phase-1s-recovery-point"),
+    ],
+)
+async def test_a_crash_before_the_claim_and_phase_1_commit_leaves_nothing(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch, owner: Any, method: str
+) -> None:
+    """A new key is claimed in phase 1's own transaction (SPEC §5): a death anywhere in it,
+    even after the payment row and its recovery point were written, rolls the claim back with
+    the payment, so there is no record to wait for: the retry runs the request at once."""
+    with crash_in(monkeypatch, method, owner), pytest.raises(Crash):
+        await stack.post("/v1/payments", BODY, key="first")
+    assert await record_of(stack, "first") is None
+    assert await stack.count("payments") == 0
+    assert await stack.count("events") == 0
+    response = await stack.post("/v1/payments", BODY, key="first")
+    assert response.status_code == 201, response.text
+    await assert_exactly_once(stack, response.json())
+    record = await record_of(stack, "first")
+    assert record.state == "completed"
+
+
 async def test_unknown_outcome_resolved_by_lookup_in_the_same_request(stack: Stack) -> None:
     """The authorization commits but its answer never arrives; the fencing look-up finds it."""
     await stack.faults(timeout_after_commit_rate=1.0, stall_seconds=5, operations=["authorize"])

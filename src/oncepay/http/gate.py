@@ -49,6 +49,7 @@ from oncepay.insight.ttl_policy import TtlPolicy
 from oncepay.insight.usage_log import UsageSink
 
 __all__ = [
+    "Claimable",
     "Gate",
     "NotExecuted",
     "Passthrough",
@@ -150,6 +151,22 @@ class Run:
 
     ticket: Ticket
     expires: str
+
+
+@quick_init
+@dataclass(frozen=True, slots=True)
+class Claimable:
+    """A request the gate has read and would claim: its tenant, key, fingerprint and the TTL
+    a new record gets (``fixed``: the one a learned TTL replaces, for the policy's count).
+    :meth:`Gate.prepare` hands it to a caller that claims inside its own transaction
+    (``Engine.aclaim_in``), then calls :meth:`Gate.claimed`, or :meth:`Gate.decide` when
+    the key turned out to have a record."""
+
+    tenant: str
+    key: str
+    fingerprint: str
+    ttl: float | None
+    fixed: float | None = None
 
 
 ScopeFunction = Callable[[Request], str]
@@ -342,6 +359,47 @@ class Gate:
             kind = _KINDS.get(type(decision)) or _invalid_kind(decision)
             self._note(request, tenant, parsed, fp, kind, answer.status, ttl)
         return answer
+
+    def prepare(
+        self, request: Request, body: bytes, *, scope: str | None = None
+    ) -> Passthrough | Respond | Claimable:
+        """What :meth:`decide` reads before it claims, for a caller that claims a new key
+        inside its own transaction: a :class:`Claimable`, or the answer when there is nothing
+        to claim (no key, an invalid one, no tenant)."""
+        parsed = self.key(request)
+        if parsed is None:
+            return Passthrough()
+        if isinstance(parsed, Invalid):
+            refused = self.problem(parsed.error)
+            if self.usage_log is not None:
+                self._note_invalid(request, parsed, refused.status, scope)
+            return refused
+        ttl = self._ttl_for(request.path) if self.route_ttl else None
+        query = request.query
+        target = f"{request.path}?{query}" if query else request.path
+        fp = fingerprint(request.method, target, body, secret=self.secret)
+        try:
+            tenant = (
+                scope
+                if scope is not None
+                else scope_from_authorization(request.header("authorization"))
+                if self.scope is default_scope
+                else self.scope(request)
+            )
+        except OncePayError as exc:
+            return self.failed(exc)
+        if self.ttl_policy is None:
+            return Claimable(tenant, parsed, fp, ttl)
+        learned, fixed = self._learned_ttl(self.ttl_policy, request, tenant, ttl)
+        return Claimable(tenant, parsed, fp, learned, fixed)
+
+    def claimed(self, claimable: Claimable, ticket: Ticket) -> Run:
+        """The run of a key the caller claimed itself (``Engine.aclaim_in`` said it was new),
+        counted as :meth:`decide` counts a new record."""
+        if self.ttl_policy is not None and claimable.ttl is not None:
+            assert claimable.fixed is not None  # prepare() sets both with a policy
+            self.ttl_policy.stored(claimable.ttl, claimable.fixed)
+        return Run(ticket, http_date(ticket.expires_at))
 
     def failed(self, exc: OncePayError) -> Passthrough | Respond:
         """The answer when deciding raised ``exc``, before anything ran (call it in the

@@ -20,7 +20,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 from oncepay._drivers.frozen import quick_init
 from oncepay.errors import (
@@ -30,13 +30,21 @@ from oncepay.errors import (
     IdempotencyKeyMissing,
 )
 from oncepay.idempotency.keys import parse_key
-from oncepay.idempotency.records import Claim, ClaimOutcome, Record, RecordState, StoredResponse
+from oncepay.idempotency.records import (
+    Claim,
+    ClaimOutcome,
+    Record,
+    RecordState,
+    StoredResponse,
+    next_fence,
+)
 from oncepay.idempotency.stores.base import Store, TransactionalStore
 
 __all__ = [
     "DEFAULT_LEASE",
     "DEFAULT_TTL",
     "DISABLED_ENV",
+    "ClaimsInTransaction",
     "Decision",
     "Engine",
     "Execute",
@@ -136,6 +144,29 @@ class Invalid:
 Decision = Execute | Replay | InProgress | Reused | Invalid
 
 
+@runtime_checkable
+class ClaimsInTransaction(Protocol):
+    """A store that can also claim a key seen for the first time inside a transaction the
+    caller holds on the store's own database (the SQL stores): the claim then commits with the
+    caller's first phase, or not at all. An optional capability, so a type, checked once."""
+
+    async def aclaim_in(
+        self,
+        conn: Any,
+        scope: str,
+        key: str,
+        fingerprint: str,
+        *,
+        fence: int,
+        now: float,
+        lease: float,
+        ttl: float,
+    ) -> bool:
+        """Insert an executing record with ``fence`` when the key has none; False (nothing
+        written) when it has one, whatever its state: the caller then claims the usual way."""
+        ...
+
+
 class Engine:
     """Decides what to do with an idempotency-managed request, on any :class:`Store`."""
 
@@ -155,6 +186,7 @@ class Engine:
         # An optional capability (a type), checked once: without it the methods that need it
         # raise a clear ConfigurationError, never an AttributeError halfway through a request.
         self._transactional = store if isinstance(store, TransactionalStore) else None
+        self._claims_in = store if isinstance(store, ClaimsInTransaction) else None
         self.store = store
         self.ttl = ttl
         self.lease = lease
@@ -224,6 +256,37 @@ class Engine:
         if isinstance(decision, InProgress) and self.wait > 0:
             return await self._wait(scope, key, fingerprint, ttl, self.wait)
         return decision
+
+    @property
+    def claims_in_transaction(self) -> bool:
+        """Whether :meth:`aclaim_in` can be used (the store is a SQL store, not tiered)."""
+        return self._claims_in is not None
+
+    async def aclaim_in(
+        self, conn: Any, scope: str, key: str, fingerprint: str, *, ttl: float | None = None
+    ) -> Ticket | None:
+        """Claim a key seen for the first time inside the caller's open transaction on the
+        store's database (SQL stores; see :attr:`claims_in_transaction`): the ticket when no
+        record existed, so the claim commits with the caller's writes or not at all; None,
+        having written nothing, when the key has a record of any kind — then :meth:`begin`
+        decides (a replay, a conflict, a takeover, a late retry) as it always does."""
+        if self._claims_in is None:
+            raise ConfigurationError(
+                f"{type(self.store).__name__} cannot claim inside your transaction: use the "
+                "SQLite or PostgreSQL store in the same database as your data"
+            )
+        ttl = self.ttl if ttl is None else ttl
+        lease = self.lease
+        if not 0 < lease < ttl:
+            _check_times(ttl=ttl, lease=lease)
+        now = self.clock()
+        fence = next_fence(None, now)
+        created = await self._claims_in.aclaim_in(
+            conn, scope, key, fingerprint, fence=fence, now=now, lease=lease, ttl=ttl
+        )
+        if not created:
+            return None
+        return Ticket(scope, key, fingerprint, fence, now + ttl)
 
     async def complete(self, ticket: Ticket, response: StoredResponse) -> None:
         """Store the response; raises :class:`~oncepay.errors.LeaseLost` for a stale ticket."""

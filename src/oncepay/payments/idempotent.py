@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from oncepay.http.gate import Request, Respond, Run
+from oncepay.http.gate import Claimable, Request, Respond, Run
 from oncepay.idempotency.engine import Execute, Ticket
 from oncepay.idempotency.stores.tiered import TieredStore
 from oncepay.payments import tracing
@@ -19,7 +19,7 @@ from oncepay.payments.metrics import (
     IDEMPOTENCY_ROUTE_DECISIONS,
     KEY_SECONDS,
 )
-from oncepay.payments.phases import Operation, run, run_local
+from oncepay.payments.phases import Operation, run, run_claiming, run_local
 from oncepay.payments.records import Merchant
 from oncepay.payments.reply import Reply
 
@@ -32,8 +32,47 @@ async def idempotent(
     svc: Services, request: Request, body: bytes, merchant: Merchant, op: Operation
 ) -> Reply:
     """One money-moving request, scoped to the merchant; a resumed key continues from its
-    recovery point (SPEC §5)."""
+    recovery point (SPEC §5). A key seen for the first time is claimed inside phase 1, which
+    commits with it (SQL stores without a Redis tier); any other key goes through the gate's
+    own claim first."""
+    if svc.engine.claims_in_transaction:
+        prepared = svc.gate.prepare(request, body, scope=merchant.id)
+        if isinstance(prepared, Claimable):
+            claimed = await _claiming(svc, request, prepared, merchant, op)
+            if claimed is not None:
+                return claimed
     return await _gated(svc, request, body, merchant, lambda t: run(svc, t, op, merchant.id))
+
+
+async def _claiming(
+    svc: Services, request: Request, claimable: Claimable, merchant: Merchant, op: Operation
+) -> Reply | None:
+    """The claim in phase 1's transaction (phases.run_claiming); None when the key has a
+    record or phase 1 refused the request, with nothing written: the gate decides then."""
+    route = f"{request.method} {request.template}" if request.template else "-"
+    runs: list[Run] = []
+
+    def claimed(ticket: Ticket) -> None:  # phase 1 committed: counted as the gate's Execute
+        runs.append(svc.gate.claimed(claimable, ticket))
+        IDEMPOTENCY_DECISIONS.labels("execute").inc()
+        IDEMPOTENCY_ROUTE_DECISIONS.labels("executed", route).inc()
+        if tracing.ENABLED:
+            tracing.decided(
+                "executed",
+                method=request.method,
+                route=request.template,
+                key=ticket.key,
+                fence=ticket.fence,
+                resumed=False,
+            )
+
+    outcome = await run_claiming(svc, claimable, op, merchant.id, claimed)
+    if outcome is None:
+        return None
+    ticket, reply = outcome
+    if ticket is None:  # phase 1 failed, committed or not: nothing more to count
+        return reply
+    return await _finished(svc, request, runs[0], reply)
 
 
 async def idempotent_local(
@@ -85,11 +124,16 @@ async def _gated(
             fence=ticket.fence,
             resumed=ticket.resumed,
         )
-    reply = await execute(ticket)
+    return await _finished(svc, request, outcome, await execute(ticket))
+
+
+async def _finished(svc: Services, request: Request, outcome: Run, reply: Reply) -> Reply:
+    """The answer of a request that ran, counted and remembered."""
+    ticket = outcome.ticket
     if reply.completed:  # stored under its key until it expires
         KEY_SECONDS.inc(max(0.0, ticket.expires_at - svc.engine.clock()))
     svc.gate.executed(request, outcome, reply.status)  # the key-usage log, if any
-    await _remember(svc, outcome.ticket, reply)
+    await _remember(svc, ticket, reply)
     expires = ("idempotency-key-expires", outcome.expires)
     return Reply(reply.status, reply.body, (*reply.headers, expires), decision="executed")
 

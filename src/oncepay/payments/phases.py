@@ -8,6 +8,11 @@ acquirer call, each of which also advances the idempotency record in the same da
                object          the object)               ledger, events) and store the
                                                          response, completing the key
 
+A key seen for the first time is claimed inside phase 1's own transaction
+(:func:`run_claiming`): the claim, the object and the recovery point commit together, or
+nothing does and a retry runs the request afresh. A key with a record is claimed by the gate
+first (a transaction of its own), then :func:`run` goes on from its recovery point.
+
 SPEC §5 lets neighbouring phases with no outside call between them commit as one: recording
 the acquirer's answer and storing the response used to be two transactions with the recovery
 point ``acquirer_called`` between them; they are one now, so a crash anywhere after the
@@ -45,6 +50,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from oncepay.errors import ClientError, LeaseLost, OncePayError, RetryableError
+from oncepay.http.gate import Claimable
 from oncepay.idempotency.engine import Ticket
 from oncepay.payments import tracing
 from oncepay.payments.acquirers.base import AcquirerAnswer, Outcome
@@ -55,7 +61,15 @@ from oncepay.payments.reply import Reply
 from oncepay.payments.storage.raw import raw
 from oncepay.storage.db import write
 
-__all__ = ["ACQUIRER_CALLED", "Operation", "Started", "parse_point", "run", "run_local"]
+__all__ = [
+    "ACQUIRER_CALLED",
+    "Operation",
+    "Started",
+    "parse_point",
+    "run",
+    "run_claiming",
+    "run_local",
+]
 
 log = logging.getLogger("oncepay.payments")
 
@@ -155,7 +169,6 @@ def _as_problem(exc: Exception) -> OncePayError:
 
 
 async def _run(svc: Services, ticket: Ticket, op: Operation, merchant_id: str) -> Reply:
-    engine = svc.engine
     parsed = parse_point(ticket.recovery_point)
     payment = None
     if parsed is None:
@@ -167,6 +180,103 @@ async def _run(svc: Services, ticket: Ticket, op: Operation, merchant_id: str) -
         stage = op.created
     else:
         stage, _, object_id = parsed
+    return await _onwards(svc, ticket, op, stage, object_id, payment)
+
+
+class _KeyTaken(Exception):
+    """The key has a record: the claim inside phase 1 wrote nothing (rolled back with it)."""
+
+
+async def run_claiming(
+    svc: Services,
+    claimable: Claimable,
+    op: Operation,
+    merchant_id: str,
+    claimed: Callable[[Ticket], None],
+) -> tuple[Ticket | None, Reply] | None:
+    """A request whose key the gate has not claimed: the claim and phase 1 commit as one
+    transaction (SPEC §5 lets neighbouring phases with no outside call between them), then
+    the request goes on as :func:`run` does. ``claimed`` is told of the ticket once that
+    transaction committed, before the acquirer call. The ticket is None when phase 1 failed
+    otherwise (the database, say): whether it committed is not known.
+
+    None, with nothing written, when the key has a record of any kind (a replay, a request in
+    progress, a fingerprint mismatch, a takeover, a late retry: the gate's own claim decides
+    those) or phase 1 failed with a retryable error: the caller then goes the usual way, the
+    gate claiming on its own. A client error in phase 1 is stored as the answer, the key
+    claimed and completed in one transaction. A crash
+    before the commit leaves nothing at all, so a retry runs the request afresh; after it, the
+    record is at ``<op>_created`` and resumes like any other."""
+    try:
+        with tracing.phase("start", op.name):
+            ticket, (object_id, payment) = await _claim_and_start(svc, claimable, op, merchant_id)
+    except (_KeyTaken, RetryableError):
+        return None
+    except ClientError as exc:
+        # Refused as the state stood in phase 1: that answer is stored under the key (claimed
+        # and completed in one transaction), as when the gate had claimed first. Running phase
+        # 1 again later could give another answer (the state moves on meanwhile).
+        reply = Reply.problem(exc)
+        answered = await _claim_answered(svc, claimable, reply)
+        if answered is None:
+            return None
+        claimed(answered)
+        return answered, replace(reply, completed=True)
+    except Exception as exc:
+        # Whether the commit happened is not known (its acknowledgement may be lost): if it
+        # did, the record resumes once its lease lapses; if not, there is no record at all.
+        log.exception("request %r failed in its first phase", claimable.key)
+        return None, Reply.problem(_as_problem(exc))
+    claimed(ticket)
+    try:
+        reply = await _onwards(svc, ticket, op, op.created, object_id, payment)
+    except LeaseLost as exc:
+        reply = Reply.problem(exc)
+    except Exception as exc:
+        log.exception("request %r failed between phases; the key stays locked", ticket.key)
+        reply = Reply.problem(_as_problem(exc))
+    return ticket, reply
+
+
+async def _claim_and_start(
+    svc: Services, claimable: Claimable, op: Operation, merchant_id: str
+) -> tuple[Ticket, Started]:
+    """The claim and phase 1, one transaction; :class:`_KeyTaken` when the key has a record."""
+    engine = svc.engine
+    async with write(svc.db) as conn:
+        record = await _driver(conn)
+        tenant, key, fp = claimable.tenant, claimable.key, claimable.fingerprint
+        ticket = await engine.aclaim_in(record, tenant, key, fp, ttl=claimable.ttl)
+        if ticket is None:
+            raise _KeyTaken
+        started = await op.start(conn, svc, merchant_id)
+        at = point(op.created, op, started.object_id)
+        return await engine.acheckpoint_in(record, ticket, at), started
+
+
+async def _claim_answered(svc: Services, claimable: Claimable, reply: Reply) -> Ticket | None:
+    """Claim a new key and store ``reply`` under it, one transaction; None when the key has
+    a record by now (nothing written: the gate decides)."""
+    engine = svc.engine
+    async with write(svc.db) as conn:
+        record = await _driver(conn)
+        tenant, key, fp = claimable.tenant, claimable.key, claimable.fingerprint
+        ticket = await engine.aclaim_in(record, tenant, key, fp, ttl=claimable.ttl)
+        if ticket is not None:
+            await engine.acomplete_in(record, ticket, tracing.stored(reply))
+    return ticket
+
+
+async def _onwards(
+    svc: Services,
+    ticket: Ticket,
+    op: Operation,
+    stage: str,
+    object_id: str,
+    payment: PaymentRow | None,
+) -> Reply:
+    """The request from the recovery point ``stage`` (phase 1 done) to the end."""
+    engine = svc.engine
     if stage == op.created:
         with tracing.phase("acquirer", op.name, object_id):
             answer = await op.call(svc, object_id, ticket, payment)

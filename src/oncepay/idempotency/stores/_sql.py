@@ -254,6 +254,7 @@ class TransactionalCompletion:
 
     _complete: Statement  # the store's completion statement, returning a row when it applied
     _checkpoint: Statement  # the store's checkpoint statement, likewise
+    _claim_new: Statement  # insert an executing record unless the key has one, returning it
 
     def complete_in(
         self,
@@ -314,6 +315,44 @@ class TransactionalCompletion:
         }
         if await _Rows.async_(conn, self._checkpoint, params) == 0:
             raise lease_lost(key, fence)
+
+    async def aclaim_in(
+        self,
+        conn: Any,
+        scope: str,
+        key: str,
+        fingerprint: str,
+        *,
+        fence: int,
+        now: float,
+        lease: float,
+        ttl: float,
+    ) -> bool:
+        """Claim a key that has no record inside the caller's transaction on an async
+        connection (as :meth:`acheckpoint_in`): True when the executing record was inserted
+        (it commits with the caller's writes), False when the key has a record of any kind,
+        which is left as it is."""
+        params = {
+            "scope": scope,
+            "key": key,
+            "fingerprint": fingerprint,
+            "fence": fence,
+            "created_at": float(now),
+            "lease_expires_at": float(now + lease),
+            "expires_at": float(now + ttl),
+        }
+        return await _Rows.async_(conn, self._claim_new, params) > 0
+
+
+def claim_new_sql(table: str) -> Statement:
+    """Both stores' insert of a new executing record, unless the key has one (RETURNING a row
+    only when it inserted)."""
+    return Statement(
+        f"INSERT INTO {table} (scope, idempotency_key, fingerprint, state, fence, created_at, "
+        "lease_expires_at, expires_at) VALUES (:scope, :key, :fingerprint, 'executing', :fence, "
+        ":created_at, :lease_expires_at, :expires_at) "
+        "ON CONFLICT (scope, idempotency_key) DO NOTHING RETURNING fence"
+    )
 
 
 def lease_lost(key: str, fence: int) -> LeaseLost:

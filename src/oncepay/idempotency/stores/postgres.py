@@ -43,6 +43,7 @@ from oncepay.idempotency.stores._sql import (
     KeyEvents,
     Statement,
     TransactionalCompletion,
+    claim_new_sql,
     completion_params,
     lease_lost,
     record_from_row,
@@ -262,6 +263,7 @@ class _Sql:
             "lease_expires_at = :lease_expires_at, expires_at = CASE WHEN expires_at < "
             f":keep_until THEN :keep_until ELSE expires_at END WHERE {_FENCED} RETURNING fence"
         )
+        self.claim_new = claim_new_sql(table)
         self.get = Statement(f"SELECT {SELECT_LIST} FROM {table} WHERE {_KEY}")
         # SKIP LOCKED: a purge never waits for (or deletes under) a claim holding a row.
         self.purge = Statement(
@@ -301,6 +303,7 @@ class PostgresStore(TransactionalCompletion):
         self._sql = _Sql(names)
         self._complete = self._sql.complete
         self._checkpoint = self._sql.checkpoint
+        self._claim_new = self._sql.claim_new
         self._driver = _Asyncpg(url, min_size=min_size, max_size=max_size, timeout=timeout)
         self._events = KeyEvents()
         self._ready = False

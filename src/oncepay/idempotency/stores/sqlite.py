@@ -39,6 +39,7 @@ from oncepay.idempotency.stores._sql import (
     KeyEvents,
     Statement,
     TransactionalCompletion,
+    claim_new_sql,
     completion_params,
     lease_lost,
     record_from_row,
@@ -117,6 +118,7 @@ class _Sql:
             "lease_expires_at = :lease_expires_at, expires_at = CASE WHEN expires_at < "
             f":keep_until THEN :keep_until ELSE expires_at END WHERE {_FENCED} RETURNING fence"
         )
+        self.claim_new = claim_new_sql(quoted)
         self.purge = (
             f"DELETE FROM {quoted} WHERE (scope, idempotency_key) IN "
             f"(SELECT scope, idempotency_key FROM {quoted} WHERE expires_at <= :now LIMIT :limit)"
@@ -149,6 +151,7 @@ class SQLiteStore(TransactionalCompletion):
         self._sql = _Sql(table)
         self._complete = self._sql.complete
         self._checkpoint = self._sql.checkpoint
+        self._claim_new = self._sql.claim_new
         self._busy_timeout = busy_timeout
         self._on_connect = on_connect
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="oncepay-sqlite")

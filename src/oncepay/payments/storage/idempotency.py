@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import asyncio
 from contextlib import AbstractAsyncContextManager
+from typing import Any
 
 from oncepay.errors import ConfigurationError
+from oncepay.idempotency.engine import ClaimsInTransaction
 from oncepay.idempotency.records import Claim, Record, StoredResponse
 from oncepay.idempotency.stores import Store, store_from_url
 from oncepay.idempotency.stores.base import (
@@ -92,6 +94,24 @@ class OneWriter(ForwardsTransactions):
     ) -> None:
         async with self.lock:
             await self.store.checkpoint(scope, key, fence, recovery_point, now=now, lease=lease)
+
+    async def aclaim_in(
+        self,
+        conn: Any,
+        scope: str,
+        key: str,
+        fingerprint: str,
+        *,
+        fence: int,
+        now: float,
+        lease: float,
+        ttl: float,
+    ) -> bool:
+        """A claim inside a phase, which holds the lock already (see the class)."""
+        assert isinstance(self.store, ClaimsInTransaction)  # the SQLite store: checked when built
+        return await self.store.aclaim_in(
+            conn, scope, key, fingerprint, fence=fence, now=now, lease=lease, ttl=ttl
+        )
 
     async def purge_expired(self, *, now: float, limit: int = DEFAULT_PURGE_BATCH) -> int:
         async with self.lock:
