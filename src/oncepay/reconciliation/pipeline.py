@@ -77,7 +77,7 @@ from oncepay.reconciliation.remediation import (
     unfinished,
     voided_by_us,
 )
-from oncepay.reconciliation.report import read_report
+from oncepay.reconciliation.report import counting, read_report
 from oncepay.reconciliation.settlement import BATCH, Posted, post_settlements
 from oncepay.reconciliation.source import (
     holds_from,
@@ -344,10 +344,9 @@ async def _validated(
     reading = asyncio.ensure_future(_flying_and_books(services, acquirer, day, grace_days, inputs))
     try:
         count = 0
-        for _ in read_report(io.BytesIO(inputs.report), chosen):
-            count += 1
-            if not count % _YIELD_EVERY:
-                await asyncio.sleep(0)
+        for counted in counting(inputs.report, chosen):
+            count = counted
+            await asyncio.sleep(0)  # the books' queries are sent and answered meanwhile
     except BaseException:
         reading.cancel()
         await asyncio.gather(reading, return_exceptions=True)

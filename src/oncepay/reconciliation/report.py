@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import codecs
 import csv
+import io
 import re
 from collections.abc import Iterator
+from functools import lru_cache
 from typing import BinaryIO
 
 from oncepay.reconciliation.errors import ReportError
@@ -19,7 +21,7 @@ from oncepay.reconciliation.mapping import ONCEPAY, ColumnMapping
 from oncepay.reconciliation.money import parse_major, parse_minor
 from oncepay.reconciliation.records import ReportLine
 
-__all__ = ["read_report"]
+__all__ = ["count_lines", "read_report"]
 
 _CURRENCY = re.compile(r"^[A-Z]{3}$")
 _BLANK = frozenset({b"", b"\n", b"\r\n", b"\r"})
@@ -36,6 +38,105 @@ def read_report(stream: BinaryIO, mapping: ColumnMapping = ONCEPAY) -> Iterator[
                 yield line
     except csv.Error as exc:
         raise ReportError(f"line {rows.line_num}: not valid CSV ({exc})") from exc
+
+
+def count_lines(report: bytes, mapping: ColumnMapping = ONCEPAY) -> int:
+    """The number of lines :func:`read_report` yields for ``report``, having checked every
+    line as it does: the same :class:`ReportError` for the same report."""
+    return list(counting(report, mapping))[-1]
+
+
+def counting(report: bytes, mapping: ColumnMapping = ONCEPAY) -> Iterator[int]:
+    """:func:`count_lines` a piece at a time: the lines counted so far, after each piece (a
+    caller on an event loop lets other tasks run between two); the last is the count.
+
+    A report in the plainest shape (printable ASCII, no quotes, a mapping whose amounts are
+    single columns of minor units) is checked by one regular expression, a piece of ~65,000
+    lines at a time, ~0.4 µs a line against ~2.7 µs for parsing it; it accepts only lines the
+    parser reads without error (every amount a plain integer, the amount above zero, a known
+    type, a three-letter currency, a reference). Anything else, an error included, sends the
+    whole report through the parser, which raises the error."""
+    yield 0
+    plain = _plain(report, mapping)
+    if plain is not None:
+        pattern, start = plain
+        count = 0
+        while start < len(report):
+            end = report.find(b"\n", start + _PIECE)
+            end = len(report) if end < 0 else end + 1
+            remains, found = pattern.subn(b"", report[start:end])
+            if remains:
+                break
+            count, start = count + found, end
+            yield count
+        else:
+            return
+    count = 0
+    for count, _ in enumerate(read_report(io.BytesIO(report), mapping), 1):
+        if not count % _YIELD_EVERY:
+            yield count
+    yield count
+
+
+_PIECE = 1 << 22  # characters of the report per piece (~4 MB, ~30 ms)
+_YIELD_EVERY = 4096  # parsed lines between two counts
+
+
+# A cell of printable ASCII without a quote or a comma; the same with at least one non-space.
+_CELL = rb"[ !#-+\--~]*"
+_FILLED = rb"[ !#-+\--~]*[!#-+\--~][ !#-+\--~]*"
+_POSITIVE = rb" *[1-9][0-9]{0,17} *"  # the parser's fast path, above zero
+_NATURAL = rb" *(?:0|[1-9][0-9]{0,17}) *"
+_SIGNED = rb" *-?(?:0|[1-9][0-9]{0,17}) *"  # parse_minor's shape
+
+
+def _plain(report: bytes, mapping: ColumnMapping) -> tuple[re.Pattern[bytes], int] | None:
+    """The pattern of one clean line of ``report`` and where its first line after the header
+    starts, when the report and the mapping are plain enough for it (the report's bytes are
+    matched in place: no decoded copy of a 100 MB report)."""
+    simple = (
+        mapping.units == "minor"
+        and not mapping.signed_amounts
+        and not mapping.skipped
+        and not mapping.amount_minus
+        and not mapping.net_minus
+        and all(len(g) == 1 for g in (mapping.reference, mapping.amount, mapping.fee, mapping.net))
+    )
+    simple = simple and all(t and t.isascii() and t == t.strip() for t in mapping.types)
+    if not simple or not report.isascii() or b"\x00" in report or b'"' in report:
+        return None
+    end = report.find(b"\n")
+    first, start = (report, len(report)) if end < 0 else (report[:end], end + 1)
+    first = first.removesuffix(b"\r")
+    if not first or b"\r" in first:
+        return None
+    header = tuple(first.decode("ascii").split(","))
+    if not mapping.required() <= set(header):
+        return None
+    types = b"|".join(re.escape(t.encode("ascii")) for t in sorted(mapping.types))
+    roles = (
+        (mapping.reference[0], _FILLED),
+        (mapping.type, b" *(?:" + types + b") *"),
+        (mapping.currency, b" *[A-Za-z]{3} *"),
+        (mapping.amount[0], _POSITIVE),
+        (mapping.fee[0], _NATURAL),
+        (mapping.net[0], _SIGNED),
+    )
+    if len({column for column, _ in roles}) != len(roles):
+        return None
+    return _line_pattern(header, roles), start
+
+
+@lru_cache(maxsize=16)
+def _line_pattern(
+    header: tuple[str, ...], roles: tuple[tuple[str, bytes], ...]
+) -> re.Pattern[bytes]:
+    """One data line (and its end) of ``header``'s report, as the parser reads it cleanly:
+    each role's column (the first of that name, as the parser takes it) by its pattern."""
+    cells = [_CELL] * len(header)
+    for column, pattern in roles:
+        cells[header.index(column)] = pattern
+    return re.compile(b",".join(cells) + rb"(?:\r?\n|\Z)")
 
 
 def _text_lines(stream: BinaryIO) -> Iterator[str]:
