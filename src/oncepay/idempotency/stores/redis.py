@@ -382,7 +382,7 @@ class _RedisStoreBase:
 #
 # hiredis' encoder writes each argument's length with sprintf (~10 calls a claim), and a float
 # as its repr(). The ASGI middleware's two commands a request are encoded here instead, byte for
-# byte as hiredis would (strings as UTF-8, tests/test_store_redis.py): the head (EVALSHA, the
+# byte as hiredis would (strings as UTF-8; tests/http/test_asgi_redis.py): the head (EVALSHA, the
 # script's SHA-1, one key) once per store, the texts that repeat (scope, lease, TTL, status,
 # a header set's JSON) once per text, the rest with one bytes format.
 
