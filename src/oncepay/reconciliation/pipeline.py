@@ -246,10 +246,12 @@ class _Poster:
     async def post(self, batch: list[tuple[ReportLine, Operation]]) -> None:
         if not batch:
             return
-        touched = frozenset(op.payment_id for _, op in batch) | frozenset(
-            op.reference for _, op in batch
-        )
         depth = 1 if self.db.is_sqlite else _IN_FLIGHT
+        touched: frozenset[str] = frozenset()  # one batch at a time: nothing to compare
+        if depth > 1:
+            touched = frozenset(op.payment_id for _, op in batch) | frozenset(
+                op.reference for _, op in batch
+            )
         while self.flying and (
             len(self.flying) >= depth or any(touched & seen for _, seen in self.flying)
         ):
