@@ -403,7 +403,10 @@ async def _books(
     payments the authorizations name, and the holds old enough to be stale."""
     db = services.db
     first, last = day - timedelta(days=grace_days), day + timedelta(days=1)
-    operations = await operations_between(db, acquirer, first, last)
+    # Each chunk of the books frozen as it is built (the run unfreezes them at its end): the
+    # collector's full collections would otherwise walk the growing books again and again
+    # (17 s of a 1M run's 137 s went to reading the books).
+    operations = await operations_between(db, acquirer, first, last, after_chunk=gc.freeze)
     payments = await payments_by_id(db, (a.order_id for a in inputs.authorizations))
     stale_from = last - timedelta(days=DEFAULT_VALIDITY_DAYS)
     holds = await holds_from(db, acquirer, stale_from)

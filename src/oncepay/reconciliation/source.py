@@ -10,7 +10,7 @@ for a refund."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import UTC, date, datetime, timedelta
 from typing import Any, cast
 
@@ -40,10 +40,16 @@ BOOKS_CHUNK = 20_000
 
 
 async def operations_between(
-    db: Database, acquirer: str, first: date, last: date
+    db: Database,
+    acquirer: str,
+    first: date,
+    last: date,
+    *,
+    after_chunk: Callable[[], object] | None = None,
 ) -> list[Operation]:
     """The captures and refunds posted from ``first`` to ``last`` (UTC days, inclusive) on
-    payments held by ``acquirer``, ordered by reference."""
+    payments held by ``acquirer``, ordered by reference. ``after_chunk`` is called after each
+    chunk of rows is built (the pipeline freezes them out of the garbage collector's way)."""
     start, end = _midnight(first), _midnight(last + timedelta(days=1))
     tx, pay, ref = ledger_transactions, payments, refunds
     query = (
@@ -82,6 +88,8 @@ async def operations_between(
                 chunk = chunked.where(tx.c.id > after) if after else chunked
                 rows = cast(list[tuple[Any, ...]], (await conn.execute(chunk)).all())
                 found.extend(_operation(*row[:-1], days=days, shared=shared) for row in rows)
+                if after_chunk is not None:
+                    after_chunk()
                 if len(rows) < BOOKS_CHUNK:
                     break
                 after = rows[-1][-1]
@@ -90,6 +98,8 @@ async def operations_between(
             async for part in streamed.partitions(BOOKS_CHUNK):
                 rows = cast(list[tuple[Any, ...]], part)
                 found.extend(_operation(*row[:-1], days=days, shared=shared) for row in rows)
+                if after_chunk is not None:
+                    after_chunk()
     found.sort(key=lambda op: op.reference)
     return found
 
