@@ -6,6 +6,7 @@ raised once the others in flight have finished."""
 from __future__ import annotations
 
 import asyncio
+import gc
 from datetime import date
 from typing import Any
 
@@ -125,3 +126,19 @@ async def test_a_failed_batch_is_raised_after_the_other_in_flight_finished(
     await poster.abandon()
     assert recorder.started == ["r1", "r2"]
     assert recorder.flying == []
+
+
+def test_a_run_hands_what_it_froze_back_to_the_collector_even_when_it_fails() -> None:
+    """The books are kept out of the collector's full collections while a run lasts (see
+    pipeline._long_lived), and handed back when it ends, whatever ended it."""
+    assert gc.get_freeze_count() == 0
+    with pipeline._long_lived():
+        frozen = gc.get_freeze_count()
+        assert frozen > 0
+        books = [[n] for n in range(1000)]  # tracked by the collector, as the books are
+        gc.freeze()
+        assert gc.get_freeze_count() >= frozen + len(books)
+    assert gc.get_freeze_count() == 0
+    with pytest.raises(RuntimeError), pipeline._long_lived():
+        raise RuntimeError("the report could not be read")
+    assert gc.get_freeze_count() == 0
