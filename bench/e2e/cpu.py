@@ -72,6 +72,23 @@ async def fire(port: int, api_key: str, count: int, concurrency: int, tag: str) 
         await asyncio.gather(*(one_connection() for _ in range(concurrency)))
 
 
+def postgres_cpu() -> float:
+    """User+sys CPU seconds of every PostgreSQL process alive now (backends, WAL writer,
+    checkpointer): a backend that exits takes its figure with it, but the server's pooled
+    backends live through a round. Other users' backends count too (alternate the rounds)."""
+    total = 0.0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if (entry / "comm").read_text().strip() != "postgres":
+                continue
+            total += process_cpu(int(entry.name))
+        except (OSError, ValueError):
+            continue  # gone meanwhile
+    return total
+
+
 def round_of(
     options: list[str],
     source: str | None,
@@ -80,8 +97,9 @@ def round_of(
     folder: Path,
     backend: str = "sqlite",
     profile: Path | None = None,
-) -> float:
-    """Server CPU milliseconds per payment, one fresh server and database."""
+) -> tuple[float, float]:
+    """Server CPU milliseconds per payment, one fresh server and database, and PostgreSQL's
+    (0 on SQLite)."""
     schema = f"oncepay_cpu_{uuid.uuid4().hex[:8]}"
     env = {
         **os.environ,
@@ -122,9 +140,10 @@ def round_of(
                 stderr=subprocess.DEVNULL,
             )
             time.sleep(1.0)  # attached before the first measured payment
-        before = process_cpu(server.pid)
+        before, pg_before = process_cpu(server.pid), postgres_cpu() if backend != "sqlite" else 0
         asyncio.run(fire(port, api_key, payments, concurrency, "run"))
         used = process_cpu(server.pid) - before
+        pg_used = postgres_cpu() - pg_before if backend != "sqlite" else 0.0
         if spy is not None:
             spy.send_signal(signal.SIGINT)
             spy.wait(timeout=60)
@@ -133,7 +152,7 @@ def round_of(
         if backend != "sqlite":
             drop = ["psql", PG, "-qc", f'DROP SCHEMA IF EXISTS "{schema}" CASCADE']
             subprocess.run(drop, capture_output=True, check=False)
-    return used * 1000 / payments
+    return used * 1000 / payments, pg_used * 1000 / payments
 
 
 def main() -> None:
@@ -149,6 +168,7 @@ def main() -> None:
     args = parser.parse_args()
     variants = [parse_variant(v) for v in args.variants]
     figures: dict[str, list[float]] = {name: [] for name, _, _ in variants}
+    pg_figures: dict[str, list[float]] = {name: [] for name, _, _ in variants}
     for n in range(args.rounds):
         for name, options, source in variants:  # alternating: drift hits every variant
             with tempfile.TemporaryDirectory(prefix="oncepay-cpu-") as folder:
@@ -157,7 +177,7 @@ def main() -> None:
                 if args.profile is not None:
                     args.profile.mkdir(parents=True, exist_ok=True)
                     profile = args.profile / f"{name}-{n + 1}.txt"
-                ms = round_of(
+                ms, pg_ms = round_of(
                     options,
                     source,
                     args.payments,
@@ -168,9 +188,15 @@ def main() -> None:
                 )
                 took = time.perf_counter() - started
             figures[name].append(ms)
-            print(f"round {n + 1} {name}: {ms:.2f} ms CPU a payment ({took:.0f} s)", flush=True)
+            pg_figures[name].append(pg_ms)
+            pg = f", PostgreSQL {pg_ms:.2f} ms" if args.backend != "sqlite" else ""
+            print(f"round {n + 1} {name}: {ms:.2f} ms CPU a payment{pg} ({took:.0f} s)", flush=True)
     for name, values in figures.items():
         print(f"{name}: median {statistics.median(values):.2f} ms CPU a payment {values}")
+        if args.backend != "sqlite":
+            pg_values = pg_figures[name]
+            median = statistics.median(pg_values)
+            print(f"{name}: PostgreSQL's median {median:.2f} ms CPU a payment {pg_values}")
 
 
 if __name__ == "__main__":

@@ -63,3 +63,50 @@ async def test_connect_switches_to_wal(tmp_path: Path) -> None:
         assert rows == [("wal",)]
     finally:
         await conn.close()
+
+
+async def test_begin_immediate_runs_on_the_loop_when_the_lock_is_free(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A free write lock is taken on the loop (no thread hop); a held one is waited for on the
+    connection's thread, up to its busy timeout, which the attempt leaves as it was."""
+    path = str(tmp_path / "free.db")
+    conn = await _sqlite.connect(path, timeout=2.5)
+    other = sqlite3.connect(path, isolation_level=None)  # another process, as far as locks go
+    hops: list[str] = []
+    original = _sqlite.Connection._on_thread
+
+    async def counted(self: _sqlite.Connection, function: object, *args: object) -> object:
+        hops.append(str(args[0]) if args else getattr(function, "__name__", "?"))
+        return await original(self, function, *args)
+
+    monkeypatch.setattr(_sqlite.Connection, "_on_thread", counted)
+    try:
+        await conn.execute("CREATE TABLE t (n INTEGER)")
+        await conn.execute("BEGIN IMMEDIATE")
+        assert conn._conn.in_transaction
+        await conn.execute("INSERT INTO t VALUES (1)")
+        await conn.execute("COMMIT")
+        assert hops == ["COMMIT"]  # the BEGIN took no thread
+        timeout = await (await conn.execute("PRAGMA busy_timeout")).fetchall()
+        assert timeout == [(2500,)]
+
+        other.execute("BEGIN IMMEDIATE")  # the lock is held elsewhere: the BEGIN must wait
+        waiting = asyncio.ensure_future(conn.execute("BEGIN IMMEDIATE"))
+        for _ in range(20):
+            await asyncio.sleep(0.01)
+            if "BEGIN IMMEDIATE" in hops:
+                break
+        assert hops[-1] == "BEGIN IMMEDIATE"
+        assert not waiting.done()
+        other.execute("INSERT INTO t VALUES (2)")
+        other.execute("COMMIT")
+        await waiting  # begun once the other committed
+        rows = await (await conn.execute("SELECT n FROM t ORDER BY n")).fetchall()
+        assert rows == [(1,), (2,)]
+        await conn.execute("COMMIT")
+        timeout = await (await conn.execute("PRAGMA busy_timeout")).fetchall()
+        assert timeout == [(2500,)]
+    finally:
+        other.close()
+        await conn.close()

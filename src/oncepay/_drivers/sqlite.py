@@ -9,7 +9,8 @@ cost of a payment on SQLite (bench/e2e/PROFILE.md).
 In WAL mode the only SQLite calls that wait are the ones that take the write lock or sync to
 disk: ``BEGIN IMMEDIATE`` (it waits, up to the busy timeout, for another process's writer) and
 ``COMMIT`` (an fsync with ``synchronous=FULL``). Those run on the connection's own thread (one
-per connection, as aiosqlite has, but used only for these): on a shared pool of threads, a
+per connection, as aiosqlite has, but used only for these; a ``BEGIN IMMEDIATE`` that finds the
+lock free is taken on the loop, see ``Connection._begun_at_once``): on a shared pool of threads, a
 ``COMMIT`` could queue behind other connections' ``BEGIN IMMEDIATE`` statements that wait for
 the very lock it is about to release, and they would all time out. Every other
 statement — reads, and writes under a write lock already held — runs on the loop: it touches
@@ -91,6 +92,9 @@ class Cursor:
 
     async def execute(self, sql: str, parameters: Sequence[Any] | None = None) -> Cursor:
         if _waits(sql):
+            if not parameters and self._connection._begun_at_once(sql):
+                self.description, self._rows, self.rowcount = None, [], -1
+                return self
             await self._connection._on_thread(self._run, sql, parameters, False)
         else:
             self._run(sql, parameters, False)
@@ -128,6 +132,33 @@ class Connection:
     def __init__(self, conn: sqlite3.Connection, thread: ThreadPoolExecutor) -> None:
         self._conn = conn
         self._thread = thread
+        self._busy_timeout: str | None = None  # PRAGMA busy_timeout as set, read once
+
+    def _begun_at_once(self, sql: str) -> bool:
+        """``BEGIN IMMEDIATE`` on the loop when the write lock is free: tried with no busy
+        handler (SQLite answers SQLITE_BUSY at once instead of sleeping in it), the
+        connection's busy timeout (read at the first attempt, after connect's pragmas) set back
+        right after. False — nothing begun — when another
+        connection holds the lock (another process; within one, the service's writer lock
+        queues its own transactions first): the caller then waits for it on the thread, as
+        every ``BEGIN IMMEDIATE`` did. A thread hop costs far more CPU than the two pragmas."""
+        if not sql.lstrip()[:15].upper().startswith(("BEGIN IMMEDIATE", "BEGIN EXCLUSIVE")):
+            return False
+        conn = self._conn
+        if self._busy_timeout is None:
+            self._busy_timeout = (
+                f"PRAGMA busy_timeout={conn.execute('PRAGMA busy_timeout').fetchone()[0]}"
+            )
+        conn.execute("PRAGMA busy_timeout=0").close()
+        try:
+            conn.execute(sql).close()
+        except sqlite3.OperationalError as exc:
+            if is_busy(exc):
+                return False
+            raise
+        finally:
+            conn.execute(self._busy_timeout).close()
+        return True
 
     @property
     def _connection(self) -> sqlite3.Connection | None:  # read by SQLAlchemy's adapter
