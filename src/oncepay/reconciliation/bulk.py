@@ -23,7 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from oncepay.payments.storage.raw import raw
 from oncepay.storage.db import Database
 
-__all__ = ["STAGED", "insert", "settle_postgres", "settle_sqlite"]
+__all__ = ["STAGED", "insert", "settle_postgres", "settle_sqlite", "settled_references"]
 
 Row = tuple[Any, ...]
 
@@ -43,6 +43,35 @@ async def insert(
     await driver.copy_records_to_table(
         table, records=rows, columns=list(columns), schema_name=db.schema
     )
+
+
+async def settled_references(
+    conn: AsyncConnection, db: Database, references: Sequence[str]
+) -> set[str]:
+    """Those of ``references`` whose guard is written (committed, or by this transaction), in
+    the driver's terms: SQLAlchemy's expanding ``IN`` compiles a parameter per value."""
+    if not references:
+        return set()
+    if db.is_sqlite:
+        found: set[str] = set()
+        for start in range(0, len(references), _REFERENCES):
+            part = tuple(references[start : start + _REFERENCES])
+            rows = await conn.exec_driver_sql(
+                "SELECT reference FROM reconciliation_settlements "
+                f"WHERE reference IN ({', '.join('?' * len(part))})",
+                part,
+            )
+            found.update(str(row[0]) for row in rows)
+        return found
+    driver = await _asyncpg(conn)
+    rows = await driver.fetch(
+        "SELECT reference FROM reconciliation_settlements WHERE reference = ANY($1::text[])",
+        list(references),
+    )
+    return {str(row[0]) for row in rows}
+
+
+_REFERENCES = 5000  # bound variables per SQLite query (SQLite allows 32,766)
 
 
 async def _asyncpg(conn: AsyncConnection) -> Any:

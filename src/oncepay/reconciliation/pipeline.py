@@ -78,7 +78,7 @@ from oncepay.reconciliation.remediation import (
     voided_by_us,
 )
 from oncepay.reconciliation.report import counting, read_report
-from oncepay.reconciliation.settlement import BATCH, Posted, post_settlements
+from oncepay.reconciliation.settlement import BATCH, Posted, post_settlements, without_settled
 from oncepay.reconciliation.source import (
     holds_from,
     holds_of,
@@ -242,6 +242,7 @@ class _Poster:
         self.db, self.acquirer, self.now = db, acquirer, now
         self.posted = Posted()
         self.flying: list[tuple[asyncio.Future[Posted], frozenset[str]]] = []
+        self.rerun = False  # the last batch posted had every line settled already
 
     async def post(self, batch: list[tuple[ReportLine, Operation]]) -> None:
         if not batch:
@@ -257,10 +258,22 @@ class _Poster:
         ):
             task, _ = self.flying.pop(0)
             await task
-        task = asyncio.ensure_future(
-            post_settlements(self.db, self.acquirer, batch, now=self.now, posted=self.posted)
-        )
+        task = asyncio.ensure_future(self._post(batch))
         self.flying.append((task, touched))
+
+    async def _post(self, batch: list[tuple[ReportLine, Operation]]) -> Posted:
+        """One batch; once a batch found every line settled (a re-run), the next ones are
+        first checked in a read-only transaction and only their unsettled lines posted."""
+        if self.rerun:
+            batch = await without_settled(self.db, batch)
+            if not batch:
+                return self.posted
+        mine = Posted()
+        await post_settlements(self.db, self.acquirer, batch, now=self.now, posted=mine)
+        self.posted.lines += mine.lines
+        self.posted.payments += mine.payments
+        self.rerun = not mine.lines
+        return self.posted
 
     async def done(self) -> Posted:
         while self.flying:

@@ -40,7 +40,7 @@ from oncepay.reconciliation import bulk
 from oncepay.reconciliation.fees import FeeSchedule
 from oncepay.reconciliation.records import Operation, ReportLine
 from oncepay.reconciliation.store import settlements
-from oncepay.storage.db import Database, write
+from oncepay.storage.db import Database, read, write
 
 __all__ = [
     "ACQUIRER_FEES",
@@ -50,6 +50,7 @@ __all__ = [
     "entries",
     "post_batch",
     "post_settlements",
+    "without_settled",
 ]
 
 SETTLED_FUNDS = ledger.SETTLED_FUNDS  # asset: money the acquirer paid out to us
@@ -118,6 +119,18 @@ async def post_settlements(
         async with write(db) as conn:
             await post_batch(conn, db, acquirer, settled[start : start + BATCH], now, posted)
     return posted
+
+
+async def without_settled(
+    db: Database, batch: Sequence[tuple[ReportLine, Operation]]
+) -> list[tuple[ReportLine, Operation]]:
+    """``batch`` less the pairs whose reference is settled already, read in a read-only
+    transaction: a re-run then stages and writes nothing for them (the batch's own
+    transaction still checks every guard it writes, so a run settling them meanwhile is
+    harmless)."""
+    async with read(db) as conn:
+        done = await bulk.settled_references(conn, db, sorted({op.reference for _, op in batch}))
+    return [(line, op) for line, op in batch if op.reference not in done]
 
 
 async def post_batch(
