@@ -10,7 +10,9 @@ copy without it); the variants run in alternating rounds, each round a fresh ser
 database, ``--payments`` POST /v1/payments at ``--concurrency`` connections, after a warm-up.
 The figure is the server process's user+sys CPU (``/proc/<pid>/stat``) over the measured
 payments divided by their number: the load generator's own CPU is not in it, and the machine's
-speed drifts less into it than into payments/s. Medians over the rounds.
+speed drifts less into it than into payments/s. On PostgreSQL, the CPU of the backends serving
+the server's connections likewise. Medians over the rounds. ``--profile DIR`` also records
+py-spy's raw stacks (``--gil``) of each round's measured payments.
 
     .venv/bin/python bench/e2e/cpu.py [--rounds 3] [--payments 400] [--concurrency 8] \\
         [--backend sqlite|postgresql] \\
@@ -72,21 +74,39 @@ async def fire(port: int, api_key: str, count: int, concurrency: int, tag: str) 
         await asyncio.gather(*(one_connection() for _ in range(concurrency)))
 
 
-def postgres_cpu() -> float:
-    """User+sys CPU seconds of every PostgreSQL process alive now (backends, WAL writer,
-    checkpointer): a backend that exits takes its figure with it, but the server's pooled
-    backends live through a round. Other users' backends count too (alternate the rounds)."""
-    total = 0.0
+def postgres_backends(server: int) -> dict[int, float]:
+    """CPU seconds of each PostgreSQL backend serving a connection of the process ``server``
+    (found by the client port its command line shows, ``postgres: user db 127.0.0.1(PORT)``,
+    among the server's own sockets to port 5432)."""
+    sockets = set()
+    for fd in Path(f"/proc/{server}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            sockets.add(target[8:-1])
+    ports = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            local, remote, inode = fields[1], fields[2], fields[9]
+            if inode in sockets and remote.endswith(":1538"):  # 5432
+                ports.add(int(local.rpartition(":")[2], 16))
+    found = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
-            if (entry / "comm").read_text().strip() != "postgres":
+            command = (entry / "cmdline").read_bytes().decode(errors="replace")
+            if not command.startswith("postgres:"):
                 continue
-            total += process_cpu(int(entry.name))
+            port = command.rpartition("(")[2].partition(")")[0]
+            if port.isdigit() and int(port) in ports:
+                found[int(entry.name)] = process_cpu(int(entry.name))
         except (OSError, ValueError):
             continue  # gone meanwhile
-    return total
+    return found
 
 
 def round_of(
@@ -98,8 +118,8 @@ def round_of(
     backend: str = "sqlite",
     profile: Path | None = None,
 ) -> tuple[float, float]:
-    """Server CPU milliseconds per payment, one fresh server and database, and PostgreSQL's
-    (0 on SQLite)."""
+    """Server CPU milliseconds per payment, one fresh server and database, and its PostgreSQL
+    backends' (0 on SQLite)."""
     schema = f"oncepay_cpu_{uuid.uuid4().hex[:8]}"
     env = {
         **os.environ,
@@ -140,10 +160,13 @@ def round_of(
                 stderr=subprocess.DEVNULL,
             )
             time.sleep(1.0)  # attached before the first measured payment
-        before, pg_before = process_cpu(server.pid), postgres_cpu() if backend != "sqlite" else 0
+        pg_before = postgres_backends(server.pid) if backend != "sqlite" else {}
+        before = process_cpu(server.pid)
         asyncio.run(fire(port, api_key, payments, concurrency, "run"))
         used = process_cpu(server.pid) - before
-        pg_used = postgres_cpu() - pg_before if backend != "sqlite" else 0.0
+        pg_after = postgres_backends(server.pid) if backend != "sqlite" else {}
+        # backends alive at both ends (the pools open theirs during the warm-up)
+        pg_used = sum(pg_after[pid] - cpu for pid, cpu in pg_before.items() if pid in pg_after)
         if spy is not None:
             spy.send_signal(signal.SIGINT)
             spy.wait(timeout=60)
@@ -189,14 +212,14 @@ def main() -> None:
                 took = time.perf_counter() - started
             figures[name].append(ms)
             pg_figures[name].append(pg_ms)
-            pg = f", PostgreSQL {pg_ms:.2f} ms" if args.backend != "sqlite" else ""
+            pg = f", its PostgreSQL backends {pg_ms:.2f} ms" if args.backend != "sqlite" else ""
             print(f"round {n + 1} {name}: {ms:.2f} ms CPU a payment{pg} ({took:.0f} s)", flush=True)
     for name, values in figures.items():
         print(f"{name}: median {statistics.median(values):.2f} ms CPU a payment {values}")
         if args.backend != "sqlite":
             pg_values = pg_figures[name]
             median = statistics.median(pg_values)
-            print(f"{name}: PostgreSQL's median {median:.2f} ms CPU a payment {pg_values}")
+            print(f"{name}: PostgreSQL backends' median {median:.2f} ms CPU a payment {pg_values}")
 
 
 if __name__ == "__main__":
