@@ -367,6 +367,34 @@ async def test_the_worker_schedule_reconciles_yesterday_and_today(stack: Stack) 
     assert payment["amount_settled"] == 1300
 
 
+async def test_a_scheduled_day_that_fails_is_counted_and_the_others_still_run(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from oncepay.payments.metrics import RECONCILIATION_RUNS
+    from oncepay.payments.recovery import reconciliation_failed
+    from oncepay.reconciliation.pipeline import reconcile_recent
+
+    pid = await paid(stack, 1700)
+    yesterday = date.fromordinal(today().toordinal() - 1)
+    real = pipeline.reconcile
+
+    async def unreachable_yesterday(services: Any, acquirer: str, **options: Any) -> RunResult:
+        if options["day"] == yesterday:
+            raise ConnectionError("the acquirer's report server is down")
+        return await real(services, acquirer, **options)
+
+    monkeypatch.setattr(pipeline, "reconcile", unreachable_yesterday)
+    with pytest.raises(ConnectionError):  # without a handler the error is the caller's
+        await reconcile_recent(stack.services)
+    failed = RECONCILIATION_RUNS.labels("primary", "failed")
+    before = failed._value.get()
+    results = await reconcile_recent(stack.services, failed=reconciliation_failed)
+    assert [(r.day, r.settled) for r in results] == [(today(), 1)]  # today still reconciled
+    assert failed._value.get() == before + 1
+    payment = (await stack.client.get(f"/v1/payments/{pid}")).json()
+    assert payment["amount_settled"] == 1700
+
+
 def test_run_results_say_what_the_spec_document_says() -> None:
     result = RunResult("rec_1", "primary", date(2026, 12, 1), 3, 2, 2, (), 0, 0, True)
     assert json.loads(json.dumps(result.as_json())) == {"matched": 2, "discrepancies": []}

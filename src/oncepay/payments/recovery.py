@@ -21,6 +21,7 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import date
 
 from sqlalchemy import text
 
@@ -40,7 +41,7 @@ from oncepay.payments.phases import Operation, parse_point
 from oncepay.payments.storage.idempotency import IDEMPOTENCY_TABLE
 from oncepay.payments.webhooks.delivery import CLAIM_BATCH, deliver_due, delivery_client
 from oncepay.reconciliation.pipeline import reconcile_recent
-from oncepay.reconciliation.queries import observe, observe_open
+from oncepay.reconciliation.queries import observe, observe_failure, observe_open
 from oncepay.reconciliation.remediation import ORPHAN_VOID, VoidOrphan
 from oncepay.storage.db import read, write
 
@@ -164,7 +165,7 @@ async def run_worker(svc: Services, stop: asyncio.Event) -> None:
             return report.total >= RECOVERY_BATCH
 
         async def reconciliation() -> bool:
-            for result in await reconcile_recent(svc):
+            for result in await reconcile_recent(svc, failed=reconciliation_failed):
                 observe(result)  # the reconciliation metrics (docs/reconciliation.md)
                 log.info("reconciliation %s %s: %s", result.acquirer, result.day, result)
             await observe_open(svc.db)
@@ -219,6 +220,14 @@ class InsightJob:
 
     def close(self) -> None:
         self.live.close()
+
+
+def reconciliation_failed(acquirer: str, day: date, exc: Exception) -> None:
+    """A scheduled day that could not be reconciled: counted
+    (``oncepay_reconciliation_runs{outcome="failed"}``) and logged; the next pass tries it
+    again, and the other acquirers and days of this pass still run."""
+    observe_failure(acquirer)
+    log.error("reconciliation %s %s failed; trying again next pass", acquirer, day, exc_info=exc)
 
 
 def insight_job(svc: Services) -> InsightJob | None:

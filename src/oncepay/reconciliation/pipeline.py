@@ -38,7 +38,7 @@ import asyncio
 import gc
 import io
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
@@ -291,19 +291,32 @@ class _Poster:
 _IN_FLIGHT = 2
 
 
-async def reconcile_recent(services: Services, *, now: float | None = None) -> list[RunResult]:
+async def reconcile_recent(
+    services: Services,
+    *,
+    now: float | None = None,
+    failed: Callable[[str, date, Exception], None] | None = None,
+) -> list[RunResult]:
     """The worker's schedule: every configured acquirer's previous day and the current day so
-    far. One acquirer's failure (its reports unreachable) does not stop the others: it is
-    logged by the caller and the next pass tries again."""
+    far. With ``failed``, a day that cannot be reconciled (its report unreachable, say) is
+    handed to it and the others still run (the next pass tries it again); without, the error
+    is raised."""
     now = time.time() if now is None else now
     today = datetime.fromtimestamp(now, UTC).date()
     grace = services.settings.reconcile_grace_days
     results = []
     for acquirer in services.acquirers:
         for day in (today - timedelta(days=1), today):
-            results.append(
-                await reconcile(services, acquirer.name, day=day, grace_days=grace, now=now)
-            )
+            try:
+                result = await reconcile(
+                    services, acquirer.name, day=day, grace_days=grace, now=now
+                )
+            except Exception as exc:
+                if failed is None:
+                    raise
+                failed(acquirer.name, day, exc)
+            else:
+                results.append(result)
     return results
 
 
