@@ -23,7 +23,7 @@ from oncepay.payments.phases import Operation, run, run_claiming, run_local
 from oncepay.payments.records import Merchant
 from oncepay.payments.reply import Reply
 
-__all__ = ["idempotent", "idempotent_local", "resume"]
+__all__ = ["gated", "idempotent", "idempotent_local", "resume"]
 
 Work = Callable[[AsyncConnection], Awaitable[Reply]]
 
@@ -41,7 +41,7 @@ async def idempotent(
             claimed = await _claiming(svc, request, prepared, merchant, op)
             if claimed is not None:
                 return claimed
-    return await _gated(svc, request, body, merchant, lambda t: run(svc, t, op, merchant.id))
+    return await gated(svc, request, body, merchant, lambda t: run(svc, t, op, merchant.id))
 
 
 async def _claiming(
@@ -79,16 +79,20 @@ async def idempotent_local(
     svc: Services, request: Request, body: bytes, merchant: Merchant, work: Work
 ) -> Reply:
     """A request that is one local transaction (no acquirer call)."""
-    return await _gated(svc, request, body, merchant, lambda t: run_local(svc, t, work))
+    return await gated(svc, request, body, merchant, lambda t: run_local(svc, t, work))
 
 
-async def _gated(
+async def gated(
     svc: Services,
     request: Request,
     body: bytes,
     merchant: Merchant,
     execute: Callable[[Ticket], Awaitable[Reply]],
 ) -> Reply:
+    """Any request under the gate's own claim and decision, scoped to ``merchant``:
+    ``execute`` runs with the ticket when the key is to be executed (new, or resumed); a
+    replay, a conflict or an invalid key is answered without it. Counted, traced and
+    remembered as every payments request is (the operator API's keyed routes use it too)."""
     outcome = await svc.gate.decide(request, body, scope=merchant.id)
     # A label as the key-usage log writes routes; never the path itself (ids in it).
     route = f"{request.method} {request.template}" if request.template else "-"

@@ -34,7 +34,7 @@ from oncepay.payments.api.deps import (
 )
 from oncepay.payments.context import Services
 from oncepay.payments.errors import InvalidRequest, ResourceMissing
-from oncepay.payments.idempotent import _gated
+from oncepay.payments.idempotent import gated
 from oncepay.payments.records import Merchant
 from oncepay.payments.reply import Reply
 from oncepay.reconciliation import queries
@@ -135,7 +135,7 @@ async def start_run(body: StartRun, request: Request, services: ServicesDep) -> 
         return await _run_keyed(services, ticket, body.acquirer, day, body.grace_days)
 
     raw = await request.body()
-    return send(await _gated(services, gate_request(request), raw, OPERATOR, execute), request)
+    return send(await gated(services, gate_request(request), raw, OPERATOR, execute), request)
 
 
 def _run_day(value: str | None) -> date:
