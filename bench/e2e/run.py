@@ -205,21 +205,35 @@ def group_note(summary: dict[str, dict[str, dict[str, Any]]]) -> str:
     )
 
 
+def same_commits(summary: dict[str, dict[str, dict[str, Any]]]) -> str:
+    """The reference with OncePay's number of commits a payment, as PostgreSQL counted them
+    (SQLite cannot count them; the same code commits as often there): ``ref2`` at two, else
+    ``ref4`` (the reference comes with 2 or 4; three commits were held against 4)."""
+    counts = [
+        commits
+        for s in summary.values()
+        if "oncepay" in s and (commits := s["oncepay"]["commits_per_payment"]) == commits  # not NaN
+    ]
+    return "ref2" if counts and statistics.median(counts) <= 2.5 else "ref4"
+
+
 def verdict(summary: dict[str, dict[str, dict[str, Any]]]) -> str:
+    same = same_commits(summary)
     met = []
     for cell in CELLS:
         s = summary.get(cell, {})
         if not {"ref2", "ref4", "oncepay"} <= set(s):
             continue
-        o, r4 = s["oncepay"], s["ref4"]
+        o, r = s["oncepay"], s[same]
         ok = (
-            o["payments_per_s"] >= GOAL_RATIO * r4["payments_per_s"]
-            and o["p99_ms"] <= GOAL_P99 * r4["p99_ms"]
+            o["payments_per_s"] >= GOAL_RATIO * r["payments_per_s"]
+            and o["p99_ms"] <= GOAL_P99 * r["p99_ms"]
         )
         met.append(f"{cell} {'met' if ok else 'not met'}")
     return (
         f"Goal (issue 18): OncePay ≥ {GOAL_RATIO}x the reference with the same number of "
-        f"commits and p99 within {GOAL_P99}x of it, every cell: " + "; ".join(met) + "."
+        f"commits (here the {same[-1]}-commit one: OncePay's commits a payment as PostgreSQL "
+        f"counted them) and p99 within {GOAL_P99}x of it, every cell: " + "; ".join(met) + "."
     )
 
 
