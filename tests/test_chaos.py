@@ -45,7 +45,12 @@ def run_chaos(tmp_path: Path, *extra: str) -> dict[str, Any]:
     # A guard against a hang, not a time limit: a short run takes 1-2 minutes here, and its
     # drain may wait up to 600 s by design for recovery to finish under a loaded machine.
     result = cli("chaos", *SHORT_RUN, "--workdir", str(tmp_path), "--json", *extra, timeout=900)
-    report: dict[str, Any] = json.loads(result.stdout)
+    try:
+        report: dict[str, Any] = json.loads(result.stdout)
+    except json.JSONDecodeError:
+        # No report: the run never got going; what it and its services said is the evidence.
+        logs = {log.name: log.read_text()[-1500:] for log in sorted(tmp_path.glob("*.log"))}
+        pytest.fail(f"chaos exited {result.returncode} with no report: {result.stderr}\n{logs}")
     assert result.returncode == (1 if report["violation_count"] else 0), result.stderr
     return report
 

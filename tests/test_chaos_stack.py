@@ -9,6 +9,9 @@ from collections import defaultdict
 from pathlib import Path
 from types import TracebackType
 
+import pytest
+
+from oncepay.chaos import stack as stack_module
 from oncepay.chaos.stack import ChaosStack, Service, _listening, free_port
 
 HANG_GUARD = 30.0  # seconds; the interleaving below is signalled, never waited out
@@ -101,3 +104,17 @@ def test_nothing_starts_after_the_stack_stopped(tmp_path: Path) -> None:
     stack.restart("web")  # a fault loop's restart still running when the run ended
     assert service.starts == 0
     assert not _listening(port)
+
+
+def test_no_two_services_of_a_stack_are_given_one_port(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The kernel handed one free port out twice while the first service had not bound it yet
+    # (CI: the private Redis and api-1 both on one port). Every port twice, as the worst case.
+    handed = iter([p for port in range(41000, 41020) for p in (port, port)])
+    monkeypatch.setattr(stack_module, "free_port", lambda: next(handed))
+    stack = ChaosStack(tmp_path, "sqlite://", redis=True)
+    stack.build()
+    ports = [s.port for s in stack.services.values() if s.port is not None]
+    assert len(ports) == 7  # two acquirers, Redis, two API processes, receiver, proxy
+    assert len(set(ports)) == len(ports), ports

@@ -139,13 +139,13 @@ class ChaosStack:
         w = self.workdir
         self.metrics_dir.mkdir(exist_ok=True)
         for name in ("primary", "secondary"):
-            port = free_port()
+            port = self._free_port()
             database = f"sqlite:///{w / f'acquirer-{name}.db'}"
             args = _oncepay("acquirer", "--port", str(port), "--database-url", database)
             self._add(name, [*args, "--seed", str(self.seed)], {}, port)
         if self.redis:
             binary = shutil.which("redis-server") or "redis-server"
-            port = free_port()
+            port = self._free_port()
             args = [binary, "--port", str(port), "--bind", HOST, "--save", ""]
             self._add("redis", [*args, "--appendonly", "no", "--dir", str(w)], {}, port)
         service_env = self.service_env()
@@ -153,17 +153,17 @@ class ChaosStack:
         # dedicated worker: three claimants of every recovery and webhook delivery, which the
         # audit then checks never act twice.
         for name in ("api-1", "api-2"):
-            port = free_port()
+            port = self._free_port()
             self._add(name, _oncepay("serve", "--port", str(port)), service_env, port)
         self._add("worker", _oncepay("worker"), service_env, None)
-        port = free_port()
+        port = self._free_port()
         self._add(
             "receiver",
             _uvicorn("oncepay.chaos.receiver:create_app", port),
             {"ONCEPAY_RECEIVER_STORE": f"sqlite:///{w / 'receiver.db'}"},
             port,
         )
-        port = free_port()
+        port = self._free_port()
         upstreams = ",".join(self.services[n].url for n in ("api-1", "api-2"))
         self._add(
             "proxy",
@@ -175,6 +175,16 @@ class ChaosStack:
             },
             port,
         )
+
+    def _free_port(self) -> int:
+        """A port nothing listens on and no service of this stack was given: the kernel may
+        hand the same free port out twice while the first service has not bound it yet (seen
+        in CI: the private Redis and an API process both given one port, the API process
+        failing to start)."""
+        given = {service.port for service in self.services.values()}
+        while (port := free_port()) in given:
+            pass
+        return port
 
     def service_env(self) -> dict[str, str]:
         """The settings of the API processes and the worker, tuned so that faults are
