@@ -28,6 +28,7 @@ async def test_the_api_logs_each_decision_by_merchant_and_route_template(tmp_pat
         assert paid.status_code == 201, paid.text
         assert (await stack.pay(key="pay-1")).status_code == 201  # replayed
         assert (await stack.pay(key="pay-1", amount=5)).status_code == 422  # reused
+        assert (await stack.pay(key="k" * 300)).status_code == 400  # invalid: logged once
         payment = paid.json()["id"]
         refund = await stack.post(f"/v1/payments/{payment}/refunds", {"amount": 100}, key="r-1")
         assert refund.status_code == 201, refund.text
@@ -37,6 +38,7 @@ async def test_the_api_logs_each_decision_by_merchant_and_route_template(tmp_pat
         ("executed", 201),
         ("replayed", 201),
         ("reused", 422),
+        ("invalid", 400),
         ("executed", 201),
     ]
     assert {r["tenant"] for r in records} == {merchant}
@@ -44,10 +46,11 @@ async def test_the_api_logs_each_decision_by_merchant_and_route_template(tmp_pat
         "POST /v1/payments",
         "POST /v1/payments",
         "POST /v1/payments",
+        "POST /v1/payments",
         "POST /v1/payments/{payment_id}/refunds",
     ]
     assert records[0]["key"] == records[1]["key"] != "pay-1"  # hashed, alike
-    assert {r["ttl"] for r in records} == {24 * 3600.0}
+    assert {r["ttl"] for r in records if r["decision"] != "invalid"} == {24 * 3600.0}
 
 
 @pytest.mark.slow

@@ -159,8 +159,8 @@ class Claimable:
     """A request the gate has read and would claim: its tenant, key, fingerprint and the TTL
     a new record gets (``fixed``: the one a learned TTL replaces, for the policy's count).
     :meth:`Gate.prepare` hands it to a caller that claims inside its own transaction
-    (``Engine.aclaim_in``), then calls :meth:`Gate.claimed`, or :meth:`Gate.decide` when
-    the key turned out to have a record."""
+    (``Engine.aclaim_in``), then calls :meth:`Gate.claimed`, or :meth:`Gate.claim` when
+    the key turned out to have a record; :meth:`Gate.decide` is ``prepare`` then ``claim``."""
 
     tenant: str
     key: str
@@ -326,6 +326,40 @@ class Gate:
     ) -> Passthrough | Respond | Run:
         """``scope`` overrides the scope function, for callers that authenticated the tenant
         themselves (the payments API scopes keys by merchant)."""
+        prepared = self.prepare(request, body, scope=scope)
+        if not isinstance(prepared, Claimable):
+            return prepared
+        return await self.claim(request, prepared)
+
+    async def claim(self, request: Request, claimable: Claimable) -> Passthrough | Respond | Run:
+        """The second half of :meth:`decide`: claim what :meth:`prepare` read through the
+        engine, and answer its decision (also for a caller whose own claim in its
+        transaction found that the key has a record)."""
+        tenant, key, fp, ttl = claimable.tenant, claimable.key, claimable.fingerprint, claimable.ttl
+        try:
+            decision = await self.engine.begin(tenant, key, fp, ttl=ttl)
+        except OncePayError as exc:
+            return self.failed(exc)
+        if isinstance(decision, Execute):
+            if self.ttl_policy is not None and not decision.ticket.resumed:
+                # A new record is counted in the policy's savings (a takeover keeps the old
+                # record's expiry: not counted).
+                assert ttl is not None  # prepare() sets both with a policy
+                assert claimable.fixed is not None
+                self.ttl_policy.stored(ttl, claimable.fixed)
+            return Run(decision.ticket, http_date(decision.ticket.expires_at))
+        answer = self._answer(decision)
+        if self.usage_log is not None:
+            kind = _KINDS.get(type(decision)) or _invalid_kind(decision)
+            self._note(request, tenant, key, fp, kind, answer.status, ttl)
+        return answer
+
+    def prepare(
+        self, request: Request, body: bytes, *, scope: str | None = None
+    ) -> Passthrough | Respond | Claimable:
+        """What :meth:`decide` reads before it claims, for a caller that claims a new key
+        inside its own transaction: a :class:`Claimable`, or the answer when there is nothing
+        to claim (no key, an invalid one, no tenant)."""
         parsed = self.key(request)
         if parsed is None:
             return Passthrough()
@@ -346,49 +380,9 @@ class Gate:
                 if self.scope is default_scope
                 else self.scope(request)
             )
-            if self.ttl_policy is None:  # the policy off costs this one check
-                decision = await self.engine.begin(tenant, parsed, fp, ttl=ttl)
-            else:
-                ttl, decision = await self._begin_learned(request, tenant, parsed, fp, ttl)
         except OncePayError as exc:
             return self.failed(exc)
-        if isinstance(decision, Execute):
-            return Run(decision.ticket, http_date(decision.ticket.expires_at))
-        answer = self._answer(decision)
-        if self.usage_log is not None:
-            kind = _KINDS.get(type(decision)) or _invalid_kind(decision)
-            self._note(request, tenant, parsed, fp, kind, answer.status, ttl)
-        return answer
-
-    def prepare(
-        self, request: Request, body: bytes, *, scope: str | None = None
-    ) -> Passthrough | Respond | Claimable:
-        """What :meth:`decide` reads before it claims, for a caller that claims a new key
-        inside its own transaction: a :class:`Claimable`, or the answer when there is nothing
-        to claim (no key, an invalid one, no tenant)."""
-        parsed = self.key(request)
-        if parsed is None:
-            return Passthrough()
-        if isinstance(parsed, Invalid):
-            refused = self.problem(parsed.error)
-            if self.usage_log is not None:
-                self._note_invalid(request, parsed, refused.status, scope)
-            return refused
-        ttl = self._ttl_for(request.path) if self.route_ttl else None
-        query = request.query
-        target = f"{request.path}?{query}" if query else request.path
-        fp = fingerprint(request.method, target, body, secret=self.secret)
-        try:
-            tenant = (
-                scope
-                if scope is not None
-                else scope_from_authorization(request.header("authorization"))
-                if self.scope is default_scope
-                else self.scope(request)
-            )
-        except OncePayError as exc:
-            return self.failed(exc)
-        if self.ttl_policy is None:
+        if self.ttl_policy is None:  # the policy off costs this one check
             return Claimable(tenant, parsed, fp, ttl)
         learned, fixed = self._learned_ttl(self.ttl_policy, request, tenant, ttl)
         return Claimable(tenant, parsed, fp, learned, fixed)
@@ -507,19 +501,6 @@ class Gate:
     def _replay(self, response: StoredResponse, expires: str) -> Respond:
         headers = [*response.headers, (REPLAYED_HEADER, "true"), (EXPIRES_HEADER, expires)]
         return Respond(response.status, headers, response.body)
-
-    async def _begin_learned(
-        self, request: Request, tenant: str, key: str, fp: str, ttl: float | None
-    ) -> tuple[float, Decision]:
-        """``engine.begin`` with the learned TTL (and that TTL); a new record is counted in
-        the policy's savings (a takeover keeps the old record's expiry: not counted)."""
-        policy = self.ttl_policy
-        assert policy is not None
-        learned, fixed = self._learned_ttl(policy, request, tenant, ttl)
-        decision = await self.engine.begin(tenant, key, fp, ttl=learned)
-        if isinstance(decision, Execute) and not decision.ticket.resumed:
-            policy.stored(learned, fixed)
-        return learned, decision
 
     def _learned_ttl(
         self, policy: TtlPolicy, request: Request, tenant: str, ttl: float | None

@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from oncepay.http.gate import Claimable, Request, Respond, Run
+from oncepay.http.gate import Claimable, Passthrough, Request, Respond, Run
 from oncepay.idempotency.engine import Execute, Ticket
 from oncepay.idempotency.stores.tiered import TieredStore
 from oncepay.payments import tracing
@@ -35,38 +35,34 @@ async def idempotent(
     recovery point (SPEC §5). A key seen for the first time is claimed inside phase 1, which
     commits with it (SQL stores without a Redis tier); any other key goes through the gate's
     own claim first."""
-    if svc.engine.claims_in_transaction:
-        prepared = svc.gate.prepare(request, body, scope=merchant.id)
-        if isinstance(prepared, Claimable):
-            claimed = await _claiming(svc, request, prepared, merchant, op)
-            if claimed is not None:
-                return claimed
-    return await gated(svc, request, body, merchant, lambda t: run(svc, t, op, merchant.id))
+
+    def execute(ticket: Ticket) -> Awaitable[Reply]:
+        return run(svc, ticket, op, merchant.id)
+
+    if not svc.engine.claims_in_transaction:
+        return await gated(svc, request, body, merchant, execute)
+    prepared = svc.gate.prepare(request, body, scope=merchant.id)
+    if not isinstance(prepared, Claimable):  # no key, an invalid one: answered as read
+        return await _answered(svc, request, prepared, execute)
+    claimed = await _claiming(svc, request, prepared, op, merchant.id)
+    if claimed is not None:
+        return claimed
+    # The key has a record (or phase 1 asked for a retry): the gate claims what it read.
+    return await _answered(svc, request, await svc.gate.claim(request, prepared), execute)
 
 
 async def _claiming(
-    svc: Services, request: Request, claimable: Claimable, merchant: Merchant, op: Operation
+    svc: Services, request: Request, claimable: Claimable, op: Operation, merchant_id: str
 ) -> Reply | None:
     """The claim in phase 1's transaction (phases.run_claiming); None when the key has a
     record or phase 1 refused the request, with nothing written: the gate decides then."""
-    route = f"{request.method} {request.template}" if request.template else "-"
     runs: list[Run] = []
 
     def claimed(ticket: Ticket) -> None:  # phase 1 committed: counted as the gate's Execute
         runs.append(svc.gate.claimed(claimable, ticket))
-        IDEMPOTENCY_DECISIONS.labels("execute").inc()
-        IDEMPOTENCY_ROUTE_DECISIONS.labels("executed", route).inc()
-        if tracing.ENABLED:
-            tracing.decided(
-                "executed",
-                method=request.method,
-                route=request.template,
-                key=ticket.key,
-                fence=ticket.fence,
-                resumed=False,
-            )
+        _executing(request, ticket)
 
-    outcome = await run_claiming(svc, claimable, op, merchant.id, claimed)
+    outcome = await run_claiming(svc, claimable, op, merchant_id, claimed)
     if outcome is None:
         return None
     ticket, reply = outcome
@@ -94,9 +90,19 @@ async def gated(
     replay, a conflict or an invalid key is answered without it. Counted, traced and
     remembered as every payments request is (the operator API's keyed routes use it too)."""
     outcome = await svc.gate.decide(request, body, scope=merchant.id)
-    # A label as the key-usage log writes routes; never the path itself (ids in it).
-    route = f"{request.method} {request.template}" if request.template else "-"
+    return await _answered(svc, request, outcome, execute)
+
+
+async def _answered(
+    svc: Services,
+    request: Request,
+    outcome: Passthrough | Respond | Run,
+    execute: Callable[[Ticket], Awaitable[Reply]],
+) -> Reply:
+    """The gate's decision carried out: its answer, or ``execute`` run with the ticket."""
     if isinstance(outcome, Respond):
+        # A label as the key-usage log writes routes; never the path itself (ids in it).
+        route = f"{request.method} {request.template}" if request.template else "-"
         decision = _decision(outcome)
         IDEMPOTENCY_DECISIONS.labels(decision).inc()
         name = _NAMES[decision]
@@ -114,7 +120,13 @@ async def gated(
         # A stored response may carry its execution's trace (tracing.TRACE_HEADER): never sent.
         return Reply(outcome.status, outcome.body, tracing.replayed(outcome.headers), decision=name)
     assert isinstance(outcome, Run)  # keys are required: never a pass-through
-    ticket = outcome.ticket
+    _executing(request, outcome.ticket)
+    return await _finished(svc, request, outcome, await execute(outcome.ticket))
+
+
+def _executing(request: Request, ticket: Ticket) -> None:
+    """A key to be executed (new, resumed, or late), counted and traced."""
+    route = f"{request.method} {request.template}" if request.template else "-"
     IDEMPOTENCY_DECISIONS.labels("resume" if ticket.resumed else "execute").inc()
     IDEMPOTENCY_ROUTE_DECISIONS.labels("executed", route).inc()
     if ticket.late:  # its record had expired: SPEC §9's late retry
@@ -128,7 +140,6 @@ async def gated(
             fence=ticket.fence,
             resumed=ticket.resumed,
         )
-    return await _finished(svc, request, outcome, await execute(ticket))
 
 
 async def _finished(svc: Services, request: Request, outcome: Run, reply: Reply) -> Reply:
