@@ -35,6 +35,7 @@ relied on outside the process (docs/guarantees.md, "SQLite durability").
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import sqlite3
 import time
@@ -47,6 +48,13 @@ __all__ = ["Connection", "GroupCommit", "connect", "enable_wal", "is_busy"]
 # How soon a process retries switching a new file to WAL while another switches it: the switch
 # takes a few milliseconds in the process that makes it.
 WAL_RETRY_INTERVAL = 0.01
+
+# Group commit's checkpoints (GroupCommit): one at most every CHECKPOINT_INTERVAL seconds, on a
+# thread of its own, after a sync; a WAL file grown past WAL_LIMIT bytes (checkpoints that could
+# not finish while writers kept appending, so it never restarted from its beginning) is
+# checkpointed before the process's next write transaction, with its writers held.
+CHECKPOINT_INTERVAL = 0.25
+WAL_LIMIT = 64 * 1024 * 1024
 
 # Statements that may wait for another process (the write lock) or for the disk.
 _WAITING = ("BEGIN IMMEDIATE", "BEGIN EXCLUSIVE", "COMMIT", "END")
@@ -129,10 +137,16 @@ class Cursor:
 class Connection:
     """One sqlite3 connection, used by one task at a time (SQLAlchemy's pool guarantees it)."""
 
-    def __init__(self, conn: sqlite3.Connection, thread: ThreadPoolExecutor) -> None:
+    def __init__(
+        self, conn: sqlite3.Connection, thread: ThreadPoolExecutor, *, commit_waits: bool = True
+    ) -> None:
         self._conn = conn
         self._thread = thread
         self._busy_timeout: str | None = None  # PRAGMA busy_timeout as set, read once
+        # False under group commit: COMMIT then neither syncs (synchronous=NORMAL) nor
+        # checkpoints (wal_autocheckpoint=0, GroupCommit checkpoints), so it only writes the
+        # transaction's frames to the WAL and runs on the loop, without a thread hop.
+        self._commit_waits = commit_waits
 
     def _begun_at_once(self, sql: str) -> bool:
         """``BEGIN IMMEDIATE`` on the loop when the write lock is free: tried with no busy
@@ -181,7 +195,10 @@ class Connection:
         return await Cursor(self).execute(sql, parameters)
 
     async def commit(self) -> None:
-        await self._on_thread(self._conn.commit)
+        if self._commit_waits:
+            await self._on_thread(self._conn.commit)
+        else:
+            self._conn.commit()
 
     async def rollback(self) -> None:
         self._conn.rollback()  # drops the transaction's pages: no lock to wait for, no sync
@@ -194,9 +211,13 @@ class Connection:
         self._thread.shutdown(wait=False)
 
 
-async def connect(path: str, *, timeout: float) -> Connection:
+async def connect(path: str, *, timeout: float, group_commit: bool = False) -> Connection:
     """A connection in autocommit mode (we say ``BEGIN`` ourselves), usable from the loop's
-    thread and the worker threads in turn, never at once."""
+    thread and the worker threads in turn, never at once.
+
+    ``group_commit``: the database's durability and checkpoints are a :class:`GroupCommit`'s
+    (the caller sets ``synchronous=NORMAL``): this connection never checkpoints at ``COMMIT``
+    (``wal_autocheckpoint=0``) and commits on the loop."""
 
     def open_it() -> sqlite3.Connection:
         conn = sqlite3.connect(path, timeout=timeout, isolation_level=None, check_same_thread=False)
@@ -204,6 +225,9 @@ async def connect(path: str, *, timeout: float) -> Connection:
             # SQLite does not call the busy handler for the switch to WAL: processes opening a
             # new file together retry it (the idempotency store's SQLite connections too).
             enable_wal(conn, deadline=time.monotonic() + timeout)
+            if group_commit:
+                conn.execute("PRAGMA wal_autocheckpoint=0").close()
+                conn.execute(f"PRAGMA journal_size_limit={WAL_LIMIT}").close()
         except BaseException:
             conn.close()
             raise
@@ -215,7 +239,7 @@ async def connect(path: str, *, timeout: float) -> Connection:
     except BaseException:
         thread.shutdown(wait=False)
         raise
-    return Connection(conn, thread)
+    return Connection(conn, thread, commit_waits=not group_commit)
 
 
 def enable_wal(conn: sqlite3.Connection, *, deadline: float) -> None:
@@ -265,6 +289,18 @@ class GroupCommit:
     the kernel may have dropped the pages it could not write, and a later ``fsync`` that
     succeeds would prove nothing (the service must restart; SQLite's recovery then reads what
     the disk really has).
+
+    Checkpoints are this object's too (its database's connections have ``wal_autocheckpoint``
+    off): SQLite's automatic one ran inside the ``COMMIT`` that took the WAL past 1,000 pages,
+    under the write lock, copying the WAL into the database file and syncing both while every
+    writer waited (a reconciliation batch: ~50 of its ~250 ms). Here a ``PASSIVE`` checkpoint
+    runs after a sync, at most every :data:`CHECKPOINT_INTERVAL` seconds, on a thread and a
+    connection of its own, beside the writers. It syncs the WAL before it copies a frame and
+    the database file after, as SQLite's does, so a power cut finds the same state either way.
+    A ``PASSIVE`` checkpoint cannot finish while writers append, and the WAL only starts again
+    from its beginning after one has; :meth:`overgrown` says when the file has grown past
+    :data:`WAL_LIMIT` that way, and the caller then runs :meth:`checkpoint` with its writers
+    held (:func:`oncepay.storage.db.write`).
     """
 
     def __init__(self, path: str, *, fdatasync: Callable[[int], None] = os.fdatasync) -> None:
@@ -281,6 +317,16 @@ class GroupCommit:
         self._synced_header: object = None  # the data_version as the last completed sync began
         self._wal_inode: int | None = None  # the WAL file whose directory entry is on disk
         self._failed: OSError | None = None
+        self.wal_size = 0  # the WAL file's size at the last sync
+        self.checkpoint_interval = CHECKPOINT_INTERVAL
+        self.wal_limit = WAL_LIMIT
+        self.checkpoints = 0  # checkpoints run (the figure the tests wait for)
+        self._checkpointer = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="oncepay-sqlite-checkpoint"
+        )
+        self._checkpointing: asyncio.Future[None] | None = None
+        self._checkpointed_at = time.monotonic()
+        self._checkpoint_conn: sqlite3.Connection | None = None  # the checkpointer's own
 
     async def durable(self) -> None:
         """Return once every transaction visible to this process now is on disk."""
@@ -312,6 +358,55 @@ class GroupCommit:
         finally:
             self._running = None
             running.set_result(None)
+        if (
+            self._checkpointing is None
+            and time.monotonic() - self._checkpointed_at >= self.checkpoint_interval
+        ):
+            self._checkpointing = asyncio.ensure_future(self._checkpoint_soon())
+
+    async def _checkpoint_soon(self) -> None:
+        with contextlib.suppress(RuntimeError):  # the checkpointer was shut down (close)
+            await self.checkpoint()
+
+    def overgrown(self) -> bool:
+        """The WAL file had grown past :attr:`wal_limit` at the last sync: checkpoints ran
+        while writers appended and none could finish. The caller runs :meth:`checkpoint` with
+        its writers held before its next write transaction."""
+        return self.wal_size > self.wal_limit
+
+    async def checkpoint(self) -> None:
+        """One ``PASSIVE`` checkpoint, on the checkpointer's thread (the one running, if any,
+        is waited for first). A checkpoint that fails (another process's checkpoint holds the
+        lock, say) is left to the next one: SQLite's WAL stays correct without it."""
+        running = self._checkpointing
+        if running is not None and running is not asyncio.current_task():
+            await asyncio.shield(running)
+        try:
+            await asyncio.get_running_loop().run_in_executor(self._checkpointer, self._checkpoint)
+        finally:
+            self._checkpointed_at = time.monotonic()
+            if self._checkpointing is asyncio.current_task():
+                self._checkpointing = None
+
+    def _close_checkpointer(self) -> None:
+        if self._checkpoint_conn is not None:
+            self._checkpoint_conn.close()
+            self._checkpoint_conn = None
+
+    def _checkpoint(self) -> None:
+        try:
+            if self._checkpoint_conn is None:
+                self._checkpoint_conn = sqlite3.connect(
+                    self._path, check_same_thread=False, isolation_level=None, timeout=0
+                )
+            self._checkpoint_conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+        except sqlite3.Error:
+            return
+        self.checkpoints += 1
+        try:
+            self.wal_size = os.stat(self.wal).st_size
+        except FileNotFoundError:
+            self.wal_size = 0
 
     def _sync_wal(self) -> None:
         try:
@@ -321,7 +416,8 @@ class GroupCommit:
         try:
             self.fdatasync(fd)
             self.syncs += 1
-            inode = os.fstat(fd).st_ino
+            found = os.fstat(fd)
+            inode, self.wal_size = found.st_ino, found.st_size
         finally:
             os.close(fd)
         if inode != self._wal_inode:
@@ -349,6 +445,10 @@ class GroupCommit:
 
     def close(self) -> None:
         self._thread.shutdown(wait=False)
+        if self._checkpointing is not None:
+            self._checkpointing.cancel()  # its thread's checkpoint, if begun, runs to its end
+        self._checkpointer.submit(self._close_checkpointer)  # after that checkpoint, if any
+        self._checkpointer.shutdown(wait=False)
         if self._watcher is not None:
             self._watcher.close()  # through SQLite, which keeps the other connections' locks
             self._watcher = None

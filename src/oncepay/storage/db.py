@@ -126,7 +126,12 @@ class Database:
 def _sqlite_engine(path: str, group_commit: bool) -> AsyncEngine:
     engine = create_async_engine(
         f"sqlite+aiosqlite:///{path}",  # the dialect; connections come from oncepay's driver
-        async_creator=partial(_sqlite.connect, path, timeout=SQLITE_BUSY_TIMEOUT_MS / 1000),
+        async_creator=partial(
+            _sqlite.connect,
+            path,
+            timeout=SQLITE_BUSY_TIMEOUT_MS / 1000,
+            group_commit=group_commit,
+        ),
         pool_size=POOL_SIZE,
         max_overflow=POOL_OVERFLOW,
     )
@@ -191,8 +196,13 @@ async def write(db: Database) -> AsyncIterator[AsyncConnection]:
         async with db.engine.begin() as conn:
             yield conn
         return
-    async with db.writers, db.engine.begin() as conn:
-        yield conn
+    async with db.writers:
+        if db.group is not None and db.group.overgrown():
+            # Checkpoints beside the writers could not finish: one with this process's
+            # writers held can, and the WAL starts again from its beginning.
+            await db.group.checkpoint()
+        async with db.engine.begin() as conn:
+            yield conn
     if db.group is not None:
         await db.group.durable()
 
