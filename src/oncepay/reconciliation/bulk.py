@@ -13,8 +13,8 @@ dropping the staged lines whose guard is there and posting the others is race-fr
 from __future__ import annotations
 
 import asyncio
-import functools
 import sqlite3
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -145,6 +145,62 @@ _SNAPSHOT_JSON = (
 _NOT_PLAIN = " GLOB '*[^ -~]*'"
 
 
+# The batch's statements, run by one statement: a TEMP trigger on a one-row command table
+# (TEMP triggers may write the main database's tables). Inserting the command row runs them
+# all inside one ``sqlite3_step``, during which the connection's thread does not hold the GIL:
+# the thread needs the GIL only to start and to end the batch, so the loop's parsing and
+# matching, which hold it nearly all the time, cannot keep it waiting between statements (a
+# statement per call let the loop's frequent turns starve the thread of the GIL until the
+# loop ran out of work: no overlap at all, bench/reconciliation/RESULTS.md).
+_COMMAND = "temp.oncepay_settle_now"
+_CREATE_COMMAND = (
+    f"CREATE TABLE IF NOT EXISTS {_COMMAND} (acquirer TEXT NOT NULL, now REAL NOT NULL, "
+    "txn TEXT NOT NULL, evt TEXT NOT NULL, settled TEXT NOT NULL, fees TEXT NOT NULL, "
+    "receivable TEXT NOT NULL)"
+)
+_TXN = "printf('%s%08x', NEW.txn, n)"
+_SETTLE_STATEMENTS = (
+    # lines whose guard is there already (settled before): not posted again
+    "DELETE FROM oncepay_settling WHERE EXISTS (SELECT 1 FROM reconciliation_settlements s "
+    "WHERE s.reference = oncepay_settling.reference)",
+    "INSERT INTO reconciliation_settlements (reference, acquirer, payment_id, type, "
+    "currency, payout_id, amount, fee, net, settled_at, transaction_id, created_at) "
+    f"SELECT reference, NEW.acquirer, payment_id, type, currency, payout_id, amount, fee, net, "
+    f"settled_at, {_TXN}, NEW.now FROM oncepay_settling ORDER BY n",
+    "INSERT INTO ledger_transactions (id, merchant_id, payment_id, refund_id, kind, "
+    f"created_at) SELECT {_TXN}, merchant_id, payment_id, refund_id, 'settlement', NEW.now "
+    "FROM oncepay_settling ORDER BY n",
+    "INSERT INTO ledger_entries (transaction_id, merchant_id, payment_id, account, "
+    f"currency, amount) SELECT {_TXN}, merchant_id, payment_id, {_ENTRY_ACCOUNT}, currency, "
+    f"{_ENTRY_AMOUNT} FROM oncepay_settling, (SELECT 0 AS k UNION ALL SELECT 1 UNION ALL "
+    f"SELECT 2) WHERE {_ENTRY_AMOUNT} != 0 ORDER BY n, k",
+    "UPDATE payments SET amount_settled = amount_settled + s.c, "
+    "amount_refund_settled = amount_refund_settled + s.r, "
+    "settlement_fee = settlement_fee + s.f, "
+    "settled_at = max(coalesce(payments.settled_at, 0), s.at), updated_at = NEW.now "
+    "FROM (SELECT payment_id, sum(CASE WHEN type = 'capture' THEN amount ELSE 0 END) AS c, "
+    "sum(CASE WHEN type = 'capture' THEN 0 ELSE amount END) AS r, sum(fee) AS f, "
+    "max(at) AS at FROM oncepay_settling GROUP BY payment_id) AS s "
+    "WHERE payments.id = s.payment_id",
+    "INSERT INTO events (id, merchant_id, type, object_id, data, created_at) "
+    "SELECT printf('%s%08x', NEW.evt, row_number() OVER (ORDER BY p.id) - 1), p.merchant_id, "
+    f"'payment.settled', p.id, {_SNAPSHOT_JSON}, NEW.now FROM payments AS p "
+    "WHERE p.id IN (SELECT payment_id FROM oncepay_settling) ORDER BY p.id",
+)
+_CREATE_TRIGGER = (
+    (
+        "CREATE TRIGGER IF NOT EXISTS temp.oncepay_settle AFTER INSERT ON oncepay_settle_now "
+        "BEGIN " + "; ".join(_SETTLE_STATEMENTS) + "; END"
+    )
+    .replace(":settled", "NEW.settled")
+    .replace(":fees", "NEW.fees")
+    .replace(":receivable", "NEW.receivable")
+)
+# How long the loop waits for the connection's thread to take the batch: the thread is the
+# connection's own and idle (the loop holds the connection), so it starts at once.
+_HANDOFF = 5.0
+
+
 async def settle_sqlite(
     conn: AsyncConnection,
     rows: list[Row],
@@ -166,28 +222,29 @@ async def settle_sqlite(
     for the events of merchants with an enabled webhook endpoint, (event id, merchant id,
     payment id) in event order.
 
-    The statements run on the connection's own thread (:mod:`oncepay._drivers.sqlite`), where
-    SQLite works without the GIL: the pipeline parses and matches the next batch on the loop
-    meanwhile, so the two cores of a machine share a run. The loop does not touch the
-    connection until they are done, even when the caller is cancelled (the transaction is
-    rolled back after the batch's statements, never between two of them)."""
+    The batch's writes run on the connection's own thread (:mod:`oncepay._drivers.sqlite`) as
+    one statement (:data:`_CREATE_TRIGGER`), where SQLite works without the GIL: the pipeline
+    parses and matches the next batch on the loop meanwhile, so the two cores of a machine
+    share a run. The loop hands the statement over and waits until the thread has it (a
+    thread asking for the GIL while the loop keeps turning would wait for the loop to run out
+    of work), and does not touch the connection until it is done, even when the caller is
+    cancelled (the transaction is rolled back after the batch's writes, never between two of
+    them)."""
     if not rows:
         return 0, 0, []
     driver: Any = (await conn.get_raw_connection()).driver_connection
-    _stage(driver._conn, rows)
-    work = functools.partial(
-        _settle_in_sqlite,
-        driver._conn,
-        {"acquirer": acquirer, "now": now, "txn": txn_head, "evt": event_head},
-        dict(zip(("settled", "fees", "receivable"), accounts, strict=True)),
-        snapshot,
-        rewrite,
-    )
-    done = asyncio.ensure_future(driver._on_thread(work))
+    db: sqlite3.Connection = driver._conn
+    _stage(db, rows)
+    command = (acquirer, now, txn_head, event_head, *accounts)
+    taken = threading.Event()
+    work = driver._thread.submit(_settle_in_sqlite, db, command, taken)
+    if not taken.wait(_HANDOFF):  # the GIL is free while this waits: the thread takes it
+        raise RuntimeError("the SQLite connection's thread did not take the batch")
+    done = asyncio.wrap_future(work)
     cancelled = False
     while True:
         try:
-            found: tuple[int, int, list[tuple[str, str, str]]] = await asyncio.shield(done)
+            await asyncio.shield(done)
         except asyncio.CancelledError:
             if done.done():
                 raise
@@ -195,7 +252,8 @@ async def settle_sqlite(
             continue
         if cancelled:
             raise asyncio.CancelledError
-        return found
+        break
+    return _settled(db, event_head, snapshot, rewrite)
 
 
 def _stage(db: sqlite3.Connection, rows: list[Row]) -> None:
@@ -203,11 +261,14 @@ def _stage(db: sqlite3.Connection, rows: list[Row]) -> None:
     parameters needs the GIL for each row (``executemany`` lets it go around each row's step),
     so on the connection's thread it queued behind the loop's parsing and matching for every
     row: measured at 100k lines, a third of that thread's time waiting for the GIL. Here it
-    is a few milliseconds of the loop's, and the thread's statements hold the GIL once each."""
+    is a few milliseconds of the loop's, and the thread's statement holds the GIL once."""
     if not db.in_transaction:
         raise RuntimeError("settling needs the caller's write transaction")
     db.execute(_CREATE_STAGE)
+    db.execute(_CREATE_COMMAND)
+    db.execute(_CREATE_TRIGGER)
     db.execute(f"DELETE FROM {_STAGE}")
+    db.execute(f"DELETE FROM {_COMMAND}")
     marks = ", ".join("?" * (len(STAGED) + 1))
     db.executemany(
         f"INSERT INTO {_STAGE} (n, {', '.join(STAGED)}) VALUES ({marks})",
@@ -216,62 +277,29 @@ def _stage(db: sqlite3.Connection, rows: list[Row]) -> None:
 
 
 def _settle_in_sqlite(
-    db: sqlite3.Connection,
-    named: dict[str, Any],
-    accounts: dict[str, str],
-    snapshot: Sequence[str],
-    rewrite: Callable[[Row], str],
-) -> tuple[int, int, list[tuple[str, str, str]]]:
+    db: sqlite3.Connection, command: tuple[Any, ...], taken: threading.Event
+) -> None:
+    """On the connection's thread: the batch's writes, in one statement."""
+    taken.set()
     if not db.in_transaction:
         raise RuntimeError("settling needs the caller's write transaction")
-    run = db.execute
-    run(
-        f"DELETE FROM {_STAGE} WHERE EXISTS (SELECT 1 FROM main.reconciliation_settlements s "
-        f"WHERE s.reference = {_STAGE}.reference)"
-    )
-    fresh = int(run(f"SELECT count(*) FROM {_STAGE}").fetchone()[0])
+    db.execute(f"INSERT INTO {_COMMAND} VALUES (?, ?, ?, ?, ?, ?, ?)", command)
+
+
+def _settled(
+    db: sqlite3.Connection, event_head: str, snapshot: Sequence[str], rewrite: Callable[[Row], str]
+) -> tuple[int, int, list[tuple[str, str, str]]]:
+    """After the batch's writes, on the loop: what they posted; the events SQLite's JSON would
+    show differently rewritten; the events whose merchant has an enabled endpoint."""
+    fresh = int(db.execute(f"SELECT count(*) FROM {_STAGE}").fetchone()[0])
+    db.execute(f"DELETE FROM {_STAGE}")
     if not fresh:
         return 0, 0, []
-    txn = "printf('%s%08x', :txn, n)"
-    run(
-        "INSERT INTO reconciliation_settlements (reference, acquirer, payment_id, type, "
-        "currency, payout_id, amount, fee, net, settled_at, transaction_id, created_at) "
-        f"SELECT reference, :acquirer, payment_id, type, currency, payout_id, amount, fee, net, "
-        f"settled_at, {txn}, :now FROM {_STAGE} ORDER BY n",
-        named,
+    between = (event_head, f"{event_head}~")
+    events = int(
+        db.execute("SELECT count(*) FROM events WHERE id > ? AND id < ?", between).fetchone()[0]
     )
-    run(
-        "INSERT INTO ledger_transactions (id, merchant_id, payment_id, refund_id, kind, "
-        f"created_at) SELECT {txn}, merchant_id, payment_id, refund_id, 'settlement', :now "
-        f"FROM {_STAGE} ORDER BY n",
-        named,
-    )
-    run(
-        "INSERT INTO ledger_entries (transaction_id, merchant_id, payment_id, account, "
-        f"currency, amount) SELECT {txn}, merchant_id, payment_id, {_ENTRY_ACCOUNT}, currency, "
-        f"{_ENTRY_AMOUNT} FROM {_STAGE}, (SELECT 0 AS k UNION ALL SELECT 1 UNION ALL SELECT 2) "
-        f"WHERE {_ENTRY_AMOUNT} != 0 ORDER BY n, k",
-        named | accounts,
-    )
-    run(
-        "UPDATE payments SET amount_settled = amount_settled + s.c, "
-        "amount_refund_settled = amount_refund_settled + s.r, "
-        "settlement_fee = settlement_fee + s.f, "
-        "settled_at = max(coalesce(payments.settled_at, 0), s.at), updated_at = :now "
-        "FROM (SELECT payment_id, sum(CASE WHEN type = 'capture' THEN amount ELSE 0 END) AS c, "
-        "sum(CASE WHEN type = 'capture' THEN 0 ELSE amount END) AS r, sum(fee) AS f, "
-        f"max(at) AS at FROM {_STAGE} GROUP BY payment_id) AS s WHERE payments.id = s.payment_id",
-        named,
-    )
-    events = run(
-        "INSERT INTO events (id, merchant_id, type, object_id, data, created_at) "
-        "SELECT printf('%s%08x', :evt, row_number() OVER (ORDER BY p.id) - 1), p.merchant_id, "
-        f"'payment.settled', p.id, {_SNAPSHOT_JSON}, :now FROM payments AS p "
-        f"WHERE p.id IN (SELECT payment_id FROM {_STAGE}) ORDER BY p.id",
-        named,
-    ).rowcount
-    between = (named["evt"], f"{named['evt']}~")
-    odd = run(
+    odd = db.execute(
         "SELECT e.id, "
         + ", ".join(f"p.{column}" for column in snapshot)
         + " FROM events AS e JOIN payments AS p ON p.id = e.object_id "
@@ -288,13 +316,12 @@ def _settle_in_sqlite(
         db.executemany(
             "UPDATE events SET data = ? WHERE id = ?", [(rewrite(row[1:]), row[0]) for row in odd]
         )
-    told = run(
+    told = db.execute(
         "SELECT id, merchant_id, object_id FROM events WHERE id > ? AND id < ? "
         "AND merchant_id IN (SELECT merchant_id FROM webhook_endpoints "
         "WHERE NOT disabled AND NOT deleted) ORDER BY id",
         between,
     ).fetchall()
-    run(f"DELETE FROM {_STAGE}")
     return fresh, events, [(str(a), str(b), str(c)) for a, b, c in told]
 
 
