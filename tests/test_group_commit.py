@@ -18,6 +18,7 @@ import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import text
@@ -342,3 +343,101 @@ async def test_a_payment_calls_the_acquirer_and_answers_only_after_its_commits_a
         assert created_durable
         assert completed_durable
         assert stack.sent() == 1
+
+
+# -- checkpoints ----------------------------------------------------------------------------------
+
+
+def checkpointed_rows(path: Path, scratch: Path) -> list[int]:
+    """The rows the database file itself holds: what checkpoints copied out of the WAL (the
+    file is read alone, without its WAL)."""
+    scratch.mkdir(exist_ok=True)
+    alone = scratch / "alone.db"
+    for suffix in ("-wal", "-shm"):
+        Path(f"{alone}{suffix}").unlink(missing_ok=True)
+    shutil.copyfile(path, alone)
+    if not rows(alone, "SELECT count(*) FROM sqlite_master WHERE name = 't'")[0]:
+        return []  # not even the table has been copied out
+    return rows(alone)
+
+
+async def insert_many(db: Database, first: int, count: int) -> None:
+    """``count`` rows in one transaction, each ~1 KB: a few hundred WAL pages."""
+    async with write(db) as conn:
+        await conn.execute(
+            text("INSERT INTO t (n, pad) VALUES (:n, :pad)"),
+            [{"n": n, "pad": "x" * 1000} for n in range(first, first + count)],
+        )
+
+
+async def padded_table(tmp_path: Path) -> tuple[Database, GroupCommit, Path]:
+    path = tmp_path / "padded.db"
+    db = Database.from_url(f"sqlite:///{path}")
+    assert db.group is not None
+    async with write(db) as conn:
+        await conn.execute(text("CREATE TABLE t (n INTEGER PRIMARY KEY, pad TEXT)"))
+    return db, db.group, path
+
+
+async def test_commit_under_group_commit_runs_on_the_loop_and_never_checkpoints(
+    tmp_path: Path,
+) -> None:
+    """Its COMMIT neither syncs nor checkpoints, so it does not leave the loop; with
+    ``synchronous=FULL`` it syncs, on the connection's thread, and checkpoints as SQLite
+    does."""
+    for suffix, on_loop, autocheckpoint in (("", True, 0), ("?synchronous=FULL", False, 1000)):
+        db = Database.from_url(f"sqlite:///{tmp_path / f'c{on_loop}.db'}{suffix}")
+        seen: list[tuple[str, int]] = []
+        try:
+            async with write(db) as conn:
+                await conn.execute(text("CREATE TABLE t (n INTEGER PRIMARY KEY)"))
+                level = (await conn.execute(text("PRAGMA wal_autocheckpoint"))).scalar_one()
+                raw: Any = (await conn.get_raw_connection()).driver_connection
+                raw._conn.set_trace_callback(
+                    lambda sql, seen=seen: seen.append((sql, threading.get_ident()))
+                )
+            assert level == autocheckpoint
+            commits = [ident for sql, ident in seen if sql.upper().startswith("COMMIT")]
+            assert commits, seen
+            assert (commits[-1] == threading.get_ident()) is on_loop
+        finally:
+            await db.aclose()
+
+
+async def test_checkpoints_run_after_syncs_on_a_thread_of_their_own(tmp_path: Path) -> None:
+    db, group, path = await padded_table(tmp_path)
+    group.checkpoint_interval = 3600.0  # none on their own while the first rows go in
+    try:
+        for first in range(0, 3000, 500):  # ~3,000 pages: SQLite's own would have run
+            await insert_many(db, first, 500)
+        assert checkpointed_rows(path, tmp_path / "one") == []  # all still in the WAL
+        assert group.checkpoints == 0
+        group.checkpoint_interval = 0.0  # the next sync is followed by one
+        await insert_many(db, 3000, 1)
+        await until(lambda: group.checkpoints >= 1)
+        assert checkpointed_rows(path, tmp_path / "two") == list(range(3001))
+        assert rows(path) == list(range(3001))  # and the database reads as before
+    finally:
+        await db.aclose()
+
+
+async def test_a_wal_grown_past_its_limit_is_checkpointed_before_the_next_write(
+    tmp_path: Path,
+) -> None:
+    """Checkpoints beside the writers may never finish; the WAL then never starts again from
+    its beginning and grows. Past ``wal_limit`` the next write checkpoints first, with the
+    process's writers held, and the WAL is reused from its start."""
+    db, group, path = await padded_table(tmp_path)
+    group.checkpoint_interval = 3600.0  # no background checkpoint: only the limit acts
+    group.wal_limit = 2 * 1024 * 1024
+    largest = 0
+    try:
+        for first in range(0, 20_000, 500):  # ~20 MB of WAL frames in all
+            await insert_many(db, first, 500)
+            largest = max(largest, os.stat(f"{path}-wal").st_size)
+        assert group.checkpoints >= 1
+        # the limit, plus what was written before the sync that saw it passed
+        assert largest < group.wal_limit + 2 * 1024 * 1024, largest
+        assert rows(path) == list(range(20_000))
+    finally:
+        await db.aclose()
