@@ -196,7 +196,7 @@ _CREATE_TRIGGER = (
     .replace(":fees", "NEW.fees")
     .replace(":receivable", "NEW.receivable")
 )
-# How long the loop waits for the connection's thread to take the batch: the thread is the
+# The longest the loop blocks for the connection's thread to take the batch: the thread is the
 # connection's own and idle (the loop holds the connection), so it starts at once.
 _HANDOFF = 5.0
 
@@ -238,8 +238,10 @@ async def settle_sqlite(
     command = (acquirer, now, txn_head, event_head, *accounts)
     taken = threading.Event()
     work = driver._thread.submit(_settle_in_sqlite, db, command, taken)
-    if not taken.wait(_HANDOFF):  # the GIL is free while this waits: the thread takes it
-        raise RuntimeError("the SQLite connection's thread did not take the batch")
+    # The GIL is free while this waits: the thread takes it at once. Only a hand-over, not a
+    # condition: whatever happens, the thread's work is awaited below before anything else
+    # touches the connection.
+    taken.wait(_HANDOFF)
     done = asyncio.wrap_future(work)
     cancelled = False
     while True:
