@@ -368,3 +368,29 @@ async def test_a_completion_the_server_refuses_is_a_503_on_the_short_way(
     record = await store.get(_scope(), "k1")
     assert record is not None
     assert record.state is RecordState.EXECUTING  # stays locked until its lease lapses
+
+
+@pytest.mark.parametrize("ns", [1_733_480_000_123_456_789, 1_733_480_000_100_000_000])
+async def test_the_default_clock_is_claimed_to_the_bit(
+    store: RedisStore, runs: Executions, ns: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On the default clock the short way reads the time in nanoseconds and sends the claim's
+    ``now`` as an exact decimal text: the script must read it as the very double the engine
+    holds (the record's times, %.17g, are ``now`` plus the lease and TTL to the bit)."""
+    import time
+
+    monkeypatch.setattr(time, "time_ns", lambda: ns)
+    app = usual(runs, store)
+    assert type(app) is _ScriptedMiddleware
+    assert app.gate.engine.clock is time.time
+    answer = await call(app, "k-clock")
+    assert answer["status"] == 201
+    record = await store.get(_scope(), "k-clock")
+    assert record is not None
+    now = ns / 1_000_000_000
+    engine = app.gate.engine
+    assert (record.created_at, record.lease_expires_at, record.expires_at) == (
+        now,
+        now + engine.lease,
+        now + engine.ttl,
+    )

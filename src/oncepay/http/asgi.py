@@ -11,6 +11,7 @@ import asyncio
 import functools
 import hashlib
 import logging
+import time
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import Any, Protocol, runtime_checkable
 
@@ -529,9 +530,12 @@ class _ScriptedMiddleware(IdempotencyMiddleware):
         times = self._times
         if times[0] is not engine.lease or times[1] is not engine.ttl:  # changed since built
             times = self._times = _wire_times(engine.lease, engine.ttl)
-        now, lease, ttl = engine.clock(), times[0], times[1]
+        lease, ttl = times[0], times[1]
+        now, now_text = _claim_now(engine.clock)
         try:
-            reply = await self._store.claim_reply(tenant, key, fp, now, times[2], times[3])
+            reply = await self._store.claim_reply(
+                tenant, key, fp, now, times[2], times[3], now_text
+            )
         except Exception as exc:  # the store says what its claim would have done
             outcome = await self._decided(exc, tenant, key, fp, now, lease, ttl)
             await self._answer(outcome, scope, receive, send, body)
@@ -687,6 +691,61 @@ class _ScriptedResponder(_Responder):
             return {"type": "http.request", "body": body, "more_body": False}
         return await self.receive_()
 
+    async def run(self, app: ASGIApp, scope: Scope, receive: Receive) -> None:
+        """:meth:`_Responder.run` with no usage log and nothing transactional (``_usual``),
+        and its usual end (the app returned after its whole response, the timer still armed)
+        spelled out: :meth:`_finish_then_send`'s usual case is done here, a coroutine less on
+        every new request."""
+        try:
+            await app(scope, receive, self.capture)
+        except BaseException:
+            if not self.finished:
+                await self.gate.abandon(self._run())  # fenced: never undoes a committed record
+            else:  # the app failed after its whole response: store and send it all the same
+                await asyncio.shield(self._settle())
+            raise
+        later, start, store = self.later, self.start, self.completes
+        if later is None:
+            if self.finished:
+                await self._settle()  # completion started in a task of its own: wait for it
+            else:  # the app returned without a complete response
+                await self.gate.abandon(self._run())
+            return
+        later.cancel()
+        self.later = None
+        if store is None or start is None or start["status"] >= 400 or self.oversized:
+            await _Responder._finish_then_send(self)  # the general way, with Run built
+            return
+        # _finish_then_send's usual case, spelled out (see there)
+        last, self.last = self.last, None
+        assert last is not None, "completed twice"
+        status = start["status"]
+        raw = start.get("headers", ())
+        headers_json = _stored_headers(raw)
+        chunks = self.chunks
+        body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        tenant, key, fence = self.tenant, self.key, self.fence
+        try:
+            try:
+                done = await store.complete_reply(tenant, key, fence, status, headers_json, body)
+            except Exception as exc:
+                done = await store.complete_failed(
+                    exc, tenant, key, fence, status, headers_json, body
+                )
+            if not done:
+                raise LeaseLost(f"token {int(fence)} no longer holds key {key!r}")
+        except OncePayError as exc:
+            self.gate.unstored(self._run(), exc)
+            if self.started:
+                raise
+            await _respond(self.send, self.gate.problem(exc))
+            return
+        send = self.send
+        if not self.started:
+            self.started = True
+            await send({**start, "headers": [*raw, (_EXPIRES, self.expires_raw)]})
+        await send(last)
+
     async def _finish_then_send(self) -> None:
         start, store = self.start, self.completes
         if store is None or start is None or start["status"] >= 400 or self.oversized:
@@ -733,6 +792,21 @@ def _http_date_raw(timestamp: float) -> bytes:
 
 
 _raw_dates: dict[int, bytes] = {}
+
+
+def _claim_now(clock: Callable[[], float]) -> tuple[float, bytes | None]:
+    """The claim's ``now`` and, on the default clock, its text as the claim sends it.
+
+    The default clock is read in nanoseconds: ``now`` is that over 10**9 as a double (Python's
+    int/int division is correctly rounded) and its text the integer with ``e-9``, which Lua's
+    ``tonumber`` (strtod, also correctly rounded) reads as the very same double, so the script
+    compares and stores (%.17g) exactly what the engine holds. The float's ``repr`` (its
+    shortest text, by dtoa) costs ~8k instructions a request, this ~3k. Another clock (a test's,
+    say) is read as it is and its ``now`` formatted by the store."""
+    if clock is time.time:
+        ns = time.time_ns()
+        return ns / 1_000_000_000, b"%de-9" % ns
+    return clock(), None
 
 
 def _wire_times(lease: float, ttl: float) -> tuple[float, float, str, str]:

@@ -140,10 +140,13 @@ class ScriptedStore(Protocol):
         now: float,
         lease: float | str,
         ttl: float | str,
+        now_text: bytes | None = None,
     ) -> Awaitable[Any]:
         """Send the claim; awaiting the result gives its raw reply or raises the driver's own
         error, which :meth:`claim_failed` turns into what :meth:`Store.claim` would do.
-        ``lease`` and ``ttl`` may come as ``repr()`` of their float: the text sent for one."""
+        ``lease`` and ``ttl`` may come as ``repr()`` of their float: the text sent for one;
+        ``now_text``, if given, is a decimal text that reads as exactly the double ``now``
+        (the store may send it instead of formatting ``now``)."""
         ...
 
     async def claim_failed(

@@ -204,20 +204,20 @@ class _RedisStoreBase:
         now: float,
         lease: float | str,
         ttl: float | str,
+        now_text: bytes | None = None,
     ) -> Awaitable[Any]:
         """What :meth:`claim` sends, its reply undecoded (see ``ScriptedStore``)."""
-        name = record_name(self.prefix, scope, key)
-        commands = self._commands
-        if self._packed is not None and isinstance(lease, str) and isinstance(ttl, str):
-            # encoded here, as hiredis would (see _Packed), its fixed parts once
-            n, k, f, t = name.encode(), key.encode(), fingerprint.encode(), repr(now).encode()
-            packed = self._packed
+        packed = self._packed
+        if packed is not None and isinstance(lease, str) and isinstance(ttl, str):
+            # encoded here, as hiredis would (see _Packed), its fixed parts once; ``now`` as
+            # its exact text when the caller has one (the script reads either as one double)
+            t = repr(now).encode() if now_text is None else now_text
+            k, f = key.encode(), fingerprint.encode()
             return packed.client.execute_packed(
                 _CLAIM_FORMAT
                 % (
                     packed.claim_head,
-                    len(n),
-                    n,
+                    _name_bulk(self.prefix, scope, key),
                     _bulk(scope),
                     len(k),
                     k,
@@ -229,7 +229,8 @@ class _RedisStoreBase:
                     _bulk(ttl),
                 )
             )
-        return commands.execute_command(
+        name = record_name(self.prefix, scope, key)
+        return self._commands.execute_command(
             "EVALSHA", self._scripts.claim.sha, 1, name, scope, key, fingerprint, now, lease, ttl
         )
 
@@ -240,20 +241,18 @@ class _RedisStoreBase:
         checked: the ASGI middleware's short way awaits it directly, a coroutine less per
         request. ``fence`` is the claim reply's text of it. An error from awaiting it goes to
         :meth:`complete_failed`."""
-        name = record_name(self.prefix, scope, key)
         packed = self._packed
         if packed is None:
             script = self._scripts.complete
+            name = record_name(self.prefix, scope, key)
             return self._commands.execute_command(
                 "EVALSHA", script.sha, 1, name, fence, str(status), headers_json, body
             )
-        n = name.encode()
         return packed.client.execute_packed(
             _COMPLETE_FORMAT
             % (
                 packed.complete_head,
-                len(n),
-                n,
+                _name_bulk(self.prefix, scope, key),
                 len(fence),
                 fence,
                 _status_bulk(status),
@@ -416,8 +415,20 @@ def _status_bulk(status: int) -> bytes:
     return _bulk(str(status))
 
 
-_CLAIM_FORMAT = b"%s$%d\r\n%s\r\n%s$%d\r\n%s\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n%s%s"
-_COMPLETE_FORMAT = b"%s$%d\r\n%s\r\n$%d\r\n%s\r\n%s%s$%d\r\n%s\r\n"
+# A request's record is named twice (claim, then completion): as the bulk string sent, its
+# SHA-256 and encoding done once. 1024 covers the claims in flight between a claim and its
+# completion on a busy process (record_name's reason); an evicted name is only computed again.
+@functools.lru_cache(maxsize=1024)
+def _name_bulk(prefix: str, scope: str, key: str) -> bytes:
+    """The record's name (``record_name``) as a RESP bulk string."""
+    name = _record_name(prefix, scope, key).encode()
+    return b"$%d\r\n%s\r\n" % (len(name), name)
+
+
+_record_name = record_name.__wrapped__  # not through record_name's cache: _name_bulk's is used
+
+_CLAIM_FORMAT = b"%s%s%s$%d\r\n%s\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n%s%s"
+_COMPLETE_FORMAT = b"%s%s$%d\r\n%s\r\n%s%s$%d\r\n%s\r\n"
 
 
 # -- the stores --------------------------------------------------------------------------------
