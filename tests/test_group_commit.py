@@ -441,3 +441,12 @@ async def test_a_wal_grown_past_its_limit_is_checkpointed_before_the_next_write(
         assert rows(path) == list(range(20_000))
     finally:
         await db.aclose()
+
+
+async def test_a_database_may_be_closed_twice(tmp_path: Path) -> None:
+    db, group, _ = await padded_table(tmp_path)
+    group.checkpoint_interval = 0.0
+    await insert_many(db, 0, 10)
+    await until(lambda: group.checkpoints >= 1)
+    await db.aclose()
+    await db.aclose()  # the simulator's and the service's owners both close it

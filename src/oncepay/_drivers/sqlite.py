@@ -327,6 +327,7 @@ class GroupCommit:
         self._checkpointing: asyncio.Future[None] | None = None
         self._checkpointed_at = time.monotonic()
         self._checkpoint_conn: sqlite3.Connection | None = None  # the checkpointer's own
+        self._closed = False
 
     async def durable(self) -> None:
         """Return once every transaction visible to this process now is on disk."""
@@ -444,7 +445,11 @@ class GroupCommit:
         return row[0] if row is not None else object()
 
     def close(self) -> None:
+        """Stop (idempotent: a database may be closed twice)."""
         self._thread.shutdown(wait=False)
+        if self._closed:
+            return
+        self._closed = True
         if self._checkpointing is not None:
             self._checkpointing.cancel()  # its thread's checkpoint, if begun, runs to its end
         self._checkpointer.submit(self._close_checkpointer)  # after that checkpoint, if any
