@@ -23,7 +23,14 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from oncepay.payments.storage.raw import raw
 from oncepay.storage.db import Database
 
-__all__ = ["STAGED", "insert", "settle_postgres", "settle_sqlite", "settled_references"]
+__all__ = [
+    "STAGED",
+    "insert",
+    "settle_postgres",
+    "settle_sqlite",
+    "settled_references",
+    "stage_sqlite",
+]
 
 Row = tuple[Any, ...]
 
@@ -203,7 +210,7 @@ _HANDOFF = 5.0
 
 async def settle_sqlite(
     conn: AsyncConnection,
-    rows: list[Row],
+    rows: list[Row] | None,
     *,
     acquirer: str,
     now: float,
@@ -214,7 +221,8 @@ async def settle_sqlite(
     rewrite: Callable[[Row], str],
 ) -> tuple[int, int, list[tuple[str, str, str]]]:
     """Post ``rows`` (:data:`STAGED` columns, one reference once) whose guard is not there yet,
-    in the caller's write transaction. Transaction ids are ``txn_head`` and the line's place
+    in the caller's write transaction; ``None``: the rows :func:`stage_sqlite` staged on this
+    connection before the transaction began. Transaction ids are ``txn_head`` and the line's place
     in ``rows`` (8 hex digits); event ids ``event_head`` and the payment's place among the
     batch's payments by id. ``accounts``: settled funds, fees, receivable. ``rewrite(row)``
     gives an event's JSON from the ``snapshot`` columns of its payment (for the payments whose
@@ -230,11 +238,14 @@ async def settle_sqlite(
     of work), and does not touch the connection until it is done, even when the caller is
     cancelled (the transaction is rolled back after the batch's writes, never between two of
     them)."""
-    if not rows:
-        return 0, 0, []
     driver: Any = (await conn.get_raw_connection()).driver_connection
     db: sqlite3.Connection = driver._conn
-    _stage(db, rows)
+    if not db.in_transaction:
+        raise RuntimeError("settling needs the caller's write transaction")
+    if rows is not None:
+        if not rows:
+            return 0, 0, []
+        _stage(db, rows)
     command = (acquirer, now, txn_head, event_head, *accounts)
     taken = threading.Event()
     work = driver._thread.submit(_settle_in_sqlite, db, command, taken)
@@ -258,14 +269,31 @@ async def settle_sqlite(
     return _settled(db, event_head, snapshot, rewrite)
 
 
+async def stage_sqlite(conn: AsyncConnection, rows: list[Row]) -> None:
+    """Stage ``rows`` for :func:`settle_sqlite` on ``conn`` before its write transaction
+    begins: TEMP tables are the connection's own, so a batch is staged while another
+    connection holds the write lock (the pipeline stages the next batch while SQLite writes
+    the one before). A transaction of the TEMP database alone: it takes no lock on the
+    database file."""
+    driver: Any = (await conn.get_raw_connection()).driver_connection
+    db: sqlite3.Connection = driver._conn
+    if db.in_transaction:
+        raise RuntimeError("staging ahead must come before the write transaction")
+    db.execute("BEGIN")
+    try:
+        _stage(db, rows)
+        db.execute("COMMIT")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+
+
 def _stage(db: sqlite3.Connection, rows: list[Row]) -> None:
     """The batch's lines into the TEMP table, on the loop's thread: binding 5,000 rows of
     parameters needs the GIL for each row (``executemany`` lets it go around each row's step),
     so on the connection's thread it queued behind the loop's parsing and matching for every
     row: measured at 100k lines, a third of that thread's time waiting for the GIL. Here it
     is a few milliseconds of the loop's, and the thread's statement holds the GIL once."""
-    if not db.in_transaction:
-        raise RuntimeError("settling needs the caller's write transaction")
     db.execute(_CREATE_STAGE)
     db.execute(_CREATE_COMMAND)
     db.execute(_CREATE_TRIGGER)

@@ -233,8 +233,10 @@ class _Poster:
     but only when they share no payment and no reference: two transactions that lock the
     same payment rows in different orders could deadlock, and a reference's guard would make
     the later batch wait anyway. A batch that shares one waits for the batch it shares with.
-    On SQLite the second batch waits for the one writer (``write``'s lock, in order) and then
-    starts at once, with no gap for the loop to notice the first one's end. Each batch is
+    On SQLite the second batch is staged on a connection of its own while the first writes
+    (settlement's ``_post_staged_ahead``), then waits for the one writer (``write``'s lock, in
+    order: no deadlock, whatever they share) and starts at once, with no gap for the loop to
+    notice the first one's end. Each batch is
     still its own transaction: one that dies writes nothing, and a batch after it may have
     committed already (a re-run settles what is left, as after any failure)."""
 
@@ -247,14 +249,13 @@ class _Poster:
     async def post(self, batch: list[tuple[ReportLine, Operation]]) -> None:
         if not batch:
             return
-        depth = 1 if self.db.is_sqlite else _IN_FLIGHT
-        touched: frozenset[str] = frozenset()  # one batch at a time: nothing to compare
-        if depth > 1:
+        touched: frozenset[str] = frozenset()  # SQLite: its one writer orders the batches
+        if not self.db.is_sqlite:
             touched = frozenset(op.payment_id for _, op in batch) | frozenset(
                 op.reference for _, op in batch
             )
         while self.flying and (
-            len(self.flying) >= depth or any(touched & seen for _, seen in self.flying)
+            len(self.flying) >= _IN_FLIGHT or any(touched & seen for _, seen in self.flying)
         ):
             task, _ = self.flying.pop(0)
             await task

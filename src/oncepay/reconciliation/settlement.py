@@ -40,7 +40,7 @@ from oncepay.reconciliation import bulk
 from oncepay.reconciliation.fees import FeeSchedule
 from oncepay.reconciliation.records import Operation, ReportLine
 from oncepay.reconciliation.store import settlements
-from oncepay.storage.db import Database, read, write
+from oncepay.storage.db import Database, read, write, write_on
 
 __all__ = [
     "ACQUIRER_FEES",
@@ -116,9 +116,52 @@ async def post_settlements(
     (the pipeline calls this every :data:`BATCH` pairs as the report streams through)."""
     posted = Posted() if posted is None else posted
     for start in range(0, len(settled), BATCH):
+        batch = settled[start : start + BATCH]
+        if db.is_sqlite and all(op.merchant_id for _, op in batch):
+            await _post_staged_ahead(db, acquirer, batch, now, posted)
+            continue
         async with write(db) as conn:
-            await post_batch(conn, db, acquirer, settled[start : start + BATCH], now, posted)
+            await post_batch(conn, db, acquirer, batch, now, posted)
     return posted
+
+
+async def _post_staged_ahead(
+    db: Database,
+    acquirer: str,
+    batch: Sequence[tuple[ReportLine, Operation]],
+    now: float,
+    posted: Posted,
+) -> None:
+    """SQLite, the payments' merchants known (read with the books): the batch is staged on a
+    connection of its own before the write lock is asked for, so that it is staged while the
+    batch before it writes (the pipeline has two batches in flight), and the write lock is
+    held only for SQLite's own work."""
+    rows = _staged(batch, {op.payment_id: op.merchant_id for _, op in batch}, now)
+    if not rows:
+        return
+    async with db.engine.connect() as conn:
+        await bulk.stage_sqlite(conn, rows)
+        async with write_on(db, conn):
+            lines, payments_settled, reach = await _settle_sqlite(conn, None, acquirer, now)
+            await _fan_out(conn, reach, now)
+    posted.lines += lines
+    posted.payments += payments_settled
+
+
+async def _settle_sqlite(
+    conn: AsyncConnection, rows: list[tuple[Any, ...]] | None, acquirer: str, now: float
+) -> tuple[int, int, list[tuple[str, str, str]]]:
+    return await bulk.settle_sqlite(
+        conn,
+        rows,
+        acquirer=acquirer,
+        now=now,
+        txn_head=batch_head("txn"),
+        event_head=batch_head("evt"),
+        accounts=(SETTLED_FUNDS, ACQUIRER_FEES, ledger.ACQUIRER_RECEIVABLE),
+        snapshot=_SNAPSHOT,
+        rewrite=_event_json,
+    )
 
 
 async def without_settled(
@@ -147,20 +190,8 @@ async def post_batch(
     else:
         owners = await _owners(conn, {op.payment_id for _, op in batch})
     rows = _staged(batch, owners, now)
-    txn_head = batch_head("txn")
-    accounts = (SETTLED_FUNDS, ACQUIRER_FEES, ledger.ACQUIRER_RECEIVABLE)
     if db.is_sqlite:
-        lines, payments_settled, reach = await bulk.settle_sqlite(
-            conn,
-            rows,
-            acquirer=acquirer,
-            now=now,
-            txn_head=txn_head,
-            event_head=batch_head("evt"),
-            accounts=accounts,
-            snapshot=_SNAPSHOT,
-            rewrite=_event_json,
-        )
+        lines, payments_settled, reach = await _settle_sqlite(conn, rows, acquirer, now)
         await _fan_out(conn, reach, now)
     else:
         lines, found = await bulk.settle_postgres(
@@ -168,8 +199,8 @@ async def post_batch(
             rows,
             acquirer=acquirer,
             now=now,
-            txn_head=txn_head,
-            accounts=accounts,
+            txn_head=batch_head("txn"),
+            accounts=(SETTLED_FUNDS, ACQUIRER_FEES, ledger.ACQUIRER_RECEIVABLE),
             returning=_SNAPSHOT,
         )
         changed = [cast(PaymentRow, _Snapshot(*row)) for row in found]

@@ -42,7 +42,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 from oncepay._drivers import sqlite as _sqlite
 from oncepay.errors import ConfigurationError
 
-__all__ = ["Database", "read", "write"]
+__all__ = ["Database", "read", "write", "write_on"]
 
 # A write transaction holds SQLite's lock for a millisecond or two; five seconds of waiting
 # means a wedged database, and a clean error beats a request hung for ever.
@@ -197,14 +197,32 @@ async def write(db: Database) -> AsyncIterator[AsyncConnection]:
             yield conn
         return
     async with db.writers:
-        if db.group is not None and db.group.overgrown():
-            # Checkpoints beside the writers could not finish: one with this process's
-            # writers held can, and the WAL starts again from its beginning.
-            await db.group.checkpoint()
+        await _writable(db)
         async with db.engine.begin() as conn:
             yield conn
     if db.group is not None:
         await db.group.durable()
+
+
+@asynccontextmanager
+async def write_on(db: Database, conn: AsyncConnection) -> AsyncIterator[AsyncConnection]:
+    """:func:`write` on a connection the caller checked out (and used outside a transaction,
+    to stage a batch in its TEMP tables, say): SQLite only."""
+    if not db.is_sqlite or conn.in_transaction():
+        raise ValueError("write_on() takes a SQLite connection outside a transaction")
+    async with db.writers:
+        await _writable(db)
+        async with conn.begin():
+            yield conn
+    if db.group is not None:
+        await db.group.durable()
+
+
+async def _writable(db: Database) -> None:
+    if db.group is not None and db.group.overgrown():
+        # Checkpoints beside the writers could not finish: one with this process's writers
+        # held can, and the WAL starts again from its beginning.
+        await db.group.checkpoint()
 
 
 @asynccontextmanager
