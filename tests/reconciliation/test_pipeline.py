@@ -20,7 +20,7 @@ from sqlalchemy import text, update
 
 from oncepay.payments.models import payment_public
 from oncepay.payments.storage.schema import payments
-from oncepay.reconciliation import pipeline, settlement
+from oncepay.reconciliation import bulk, pipeline, settlement
 from oncepay.reconciliation.acquirer import AcquirerReports
 from oncepay.reconciliation.errors import ReportError
 from oncepay.reconciliation.fees import DEFAULT_SCHEDULE, FeeSchedule
@@ -537,3 +537,42 @@ async def test_a_rerun_checks_its_batches_before_writing_and_settles_what_is_lef
     assert len(posted) <= 2 + early + early, posted  # the re-run's first batch(es) only
     assert await stack.count("reconciliation_settlements") == len(ids)
     assert await stack.ledger_violations() == []
+
+
+async def test_sqlite_stages_a_batch_while_another_transaction_holds_the_write_lock(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch is staged in its connection's TEMP tables before the write lock is asked for
+    (so the pipeline stages one batch while the one before writes): staging goes through
+    while another transaction holds the lock, the batch's writes wait for it, then post."""
+    async with running_stack(database_url("sqlite", tmp_path), tmp_path) as stack:
+        ids = [await paid(stack, 1000 + n) for n in range(3)]
+        report = as_csv(await day_report(stack))
+        staged = asyncio.Event()
+        stage = bulk.stage_sqlite
+
+        async def recorded(conn: Any, rows: list[Any]) -> None:
+            await stage(conn, rows)
+            staged.set()
+
+        monkeypatch.setattr(bulk, "stage_sqlite", recorded)
+        holding, release = asyncio.Event(), asyncio.Event()
+
+        async def hold() -> None:
+            async with write(stack.db):  # BEGIN IMMEDIATE: SQLite's write lock
+                holding.set()
+                await release.wait()
+
+        holder = asyncio.ensure_future(hold())
+        await holding.wait()
+        running = asyncio.ensure_future(run(stack, report))
+        async with asyncio.timeout(60):
+            await staged.wait()  # staged with the lock held by the other transaction
+        assert not running.done()
+        assert await stack.count("reconciliation_settlements") == 0
+        release.set()
+        await holder
+        result = await running
+        assert result.settled == len(ids)
+        assert await stack.count("reconciliation_settlements") == len(ids)
+        assert await stack.ledger_violations() == []
