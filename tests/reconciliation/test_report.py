@@ -4,7 +4,6 @@ mappings, each on a sample file; every malformed report is a clear error, never 
 from __future__ import annotations
 
 import io
-from dataclasses import replace
 from datetime import date
 from pathlib import Path
 
@@ -124,6 +123,6 @@ def test_an_adyen_line_without_a_modification_reference_joins_through_the_residu
     text = (DATA / SAMPLES["adyen"]).read_text().replace(",pay_A_capture,41", ",,41")
     lines = list(read_report(io.BytesIO(text.encode()), MAPPINGS["adyen"]))
     assert (lines[0].reference, lines[0].order_id) == ("pay_A", "pay_A")
-    books = Books([replace(OPERATIONS[0], reference="pay_A_a1"), *OPERATIONS[1:]])
+    books = Books([OPERATIONS[0]._replace(reference="pay_A_a1"), *OPERATIONS[1:]])
     outcome = reconcile(lines, books, as_of=DAY, fees=DEFAULT_SCHEDULE)
     assert (outcome.matched, outcome.discrepancies) == (3, ())

@@ -57,10 +57,13 @@ class ReportLine(NamedTuple):
     order_id: str = ""  # OncePay's payment id when the report carries it (the residual join)
 
 
-@dataclass(frozen=True, slots=True)
-class Operation:
+class Operation(NamedTuple):
     """Money OncePay moved at the acquirer: a capture (``{payment}_capture``) or a refund (the
-    refund's id), on the UTC day it happened."""
+    refund's id), on the UTC day it happened.
+
+    A named tuple, like :class:`ReportLine`: a run builds one per movement of the books
+    before it can match anything (a million at 1M lines), three times faster than a frozen
+    dataclass."""
 
     reference: str
     payment_id: str
