@@ -69,12 +69,14 @@ async def insert(db: Database, n: int) -> None:
         await conn.execute(text("INSERT INTO t VALUES (:n)"), {"n": n})
 
 
-async def new_table(tmp_path: Path) -> tuple[Database, GroupCommit, Path]:
-    path = tmp_path / "group.db"
+async def new_table(
+    tmp_path: Path, name: str = "group.db", columns: str = "n INTEGER PRIMARY KEY"
+) -> tuple[Database, GroupCommit, Path]:
+    path = tmp_path / name
     db = Database.from_url(f"sqlite:///{path}")
     assert db.group is not None
     async with write(db) as conn:
-        await conn.execute(text("CREATE TABLE t (n INTEGER PRIMARY KEY)"))
+        await conn.execute(text(f"CREATE TABLE t ({columns})"))
     return db, db.group, path
 
 
@@ -371,12 +373,7 @@ async def insert_many(db: Database, first: int, count: int) -> None:
 
 
 async def padded_table(tmp_path: Path) -> tuple[Database, GroupCommit, Path]:
-    path = tmp_path / "padded.db"
-    db = Database.from_url(f"sqlite:///{path}")
-    assert db.group is not None
-    async with write(db) as conn:
-        await conn.execute(text("CREATE TABLE t (n INTEGER PRIMARY KEY, pad TEXT)"))
-    return db, db.group, path
+    return await new_table(tmp_path, "padded.db", "n INTEGER PRIMARY KEY, pad TEXT")
 
 
 async def test_commit_under_group_commit_runs_on_the_loop_and_never_checkpoints(

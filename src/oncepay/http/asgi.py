@@ -691,61 +691,6 @@ class _ScriptedResponder(_Responder):
             return {"type": "http.request", "body": body, "more_body": False}
         return await self.receive_()
 
-    async def run(self, app: ASGIApp, scope: Scope, receive: Receive) -> None:
-        """:meth:`_Responder.run` with no usage log and nothing transactional (``_usual``),
-        and its usual end (the app returned after its whole response, the timer still armed)
-        spelled out: :meth:`_finish_then_send`'s usual case is done here, a coroutine less on
-        every new request."""
-        try:
-            await app(scope, receive, self.capture)
-        except BaseException:
-            if not self.finished:
-                await self.gate.abandon(self._run())  # fenced: never undoes a committed record
-            else:  # the app failed after its whole response: store and send it all the same
-                await asyncio.shield(self._settle())
-            raise
-        later, start, store = self.later, self.start, self.completes
-        if later is None:
-            if self.finished:
-                await self._settle()  # completion started in a task of its own: wait for it
-            else:  # the app returned without a complete response
-                await self.gate.abandon(self._run())
-            return
-        later.cancel()
-        self.later = None
-        if store is None or start is None or start["status"] >= 400 or self.oversized:
-            await _Responder._finish_then_send(self)  # the general way, with Run built
-            return
-        # _finish_then_send's usual case, spelled out (see there)
-        last, self.last = self.last, None
-        assert last is not None, "completed twice"
-        status = start["status"]
-        raw = start.get("headers", ())
-        headers_json = _stored_headers(raw)
-        chunks = self.chunks
-        body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-        tenant, key, fence = self.tenant, self.key, self.fence
-        try:
-            try:
-                done = await store.complete_reply(tenant, key, fence, status, headers_json, body)
-            except Exception as exc:
-                done = await store.complete_failed(
-                    exc, tenant, key, fence, status, headers_json, body
-                )
-            if not done:
-                raise LeaseLost(f"token {int(fence)} no longer holds key {key!r}")
-        except OncePayError as exc:
-            self.gate.unstored(self._run(), exc)
-            if self.started:
-                raise
-            await _respond(self.send, self.gate.problem(exc))
-            return
-        send = self.send
-        if not self.started:
-            self.started = True
-            await send({**start, "headers": [*raw, (_EXPIRES, self.expires_raw)]})
-        await send(last)
-
     async def _finish_then_send(self) -> None:
         start, store = self.start, self.completes
         if store is None or start is None or start["status"] >= 400 or self.oversized:

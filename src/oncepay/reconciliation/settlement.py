@@ -55,6 +55,8 @@ __all__ = [
 
 SETTLED_FUNDS = ledger.SETTLED_FUNDS  # asset: money the acquirer paid out to us
 ACQUIRER_FEES = ledger.ACQUIRER_FEES  # expense: what the acquirer kept
+# The accounts a settlement journal moves, as the bulk statements take them.
+_ACCOUNTS = (SETTLED_FUNDS, ACQUIRER_FEES, ledger.ACQUIRER_RECEIVABLE)
 # Settled lines per transaction: big enough that a statement's round trip is spread over
 # thousands of rows, small enough that SQLite's one writer is never held for long (a batch
 # takes tens of milliseconds) and a PostgreSQL transaction stays small.
@@ -158,7 +160,7 @@ async def _settle_sqlite(
         now=now,
         txn_head=batch_head("txn"),
         event_head=batch_head("evt"),
-        accounts=(SETTLED_FUNDS, ACQUIRER_FEES, ledger.ACQUIRER_RECEIVABLE),
+        accounts=_ACCOUNTS,
         snapshot=_SNAPSHOT,
         rewrite=_event_json,
     )
@@ -200,7 +202,7 @@ async def post_batch(
             acquirer=acquirer,
             now=now,
             txn_head=batch_head("txn"),
-            accounts=(SETTLED_FUNDS, ACQUIRER_FEES, ledger.ACQUIRER_RECEIVABLE),
+            accounts=_ACCOUNTS,
             returning=_SNAPSHOT,
         )
         changed = [cast(PaymentRow, _Snapshot(*row)) for row in found]
