@@ -8,8 +8,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from sqlalchemy import event, text
 
 from oncepay._drivers import sqlite as _sqlite
+from oncepay.storage.db import Database, read, write
 
 
 async def test_a_commit_never_queues_behind_begins_that_wait_for_its_lock(tmp_path: Path) -> None:
@@ -110,3 +112,45 @@ async def test_begin_immediate_runs_on_the_loop_when_the_lock_is_free(
     finally:
         other.close()
         await conn.close()
+
+
+async def test_transactions_begin_beside_sqlalchemy_and_wait_through_it_when_locked(
+    tmp_path: Path,
+) -> None:
+    """``write()`` and ``read()`` begin on the driver directly (no statement through
+    SQLAlchemy's machinery) while the write lock is free; a write that finds the lock held by
+    another connection waits for it through SQLAlchemy, then commits its rows."""
+    path = tmp_path / "begin.db"
+    db = Database.from_url(f"sqlite:///{path}")
+    through: list[str] = []
+
+    def seen(_conn: object, _cursor: object, statement: str, *_rest: object) -> None:
+        through.append(statement)
+
+    event.listen(db.engine.sync_engine, "before_cursor_execute", seen)
+    other = sqlite3.connect(path, isolation_level=None, timeout=0)
+    try:
+        async with write(db) as conn:
+            await conn.execute(text("CREATE TABLE t (n INTEGER)"))
+        async with read(db) as conn:
+            assert (await conn.execute(text("SELECT count(*) FROM t"))).scalar_one() == 0
+        assert through == ["CREATE TABLE t (n INTEGER)", "SELECT count(*) FROM t"]
+
+        other.execute("BEGIN IMMEDIATE")  # another process, as far as SQLite's locks go
+
+        async def insert() -> None:
+            async with write(db) as conn:
+                await conn.execute(text("INSERT INTO t VALUES (1)"))
+
+        waiting = asyncio.ensure_future(insert())
+        async with asyncio.timeout(10):
+            while "BEGIN IMMEDIATE" not in through:  # noqa: ASYNC110 - SQLAlchemy's event
+                await asyncio.sleep(0.01)
+        assert not waiting.done()
+        other.execute("COMMIT")
+        async with asyncio.timeout(10):
+            await waiting
+        assert [n for (n,) in other.execute("SELECT n FROM t")] == [1]
+    finally:
+        other.close()
+        await db.aclose()

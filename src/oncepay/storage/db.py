@@ -27,6 +27,7 @@ work opens its connection with :func:`read` and starts a plain deferred ``BEGIN`
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -156,6 +157,14 @@ def _sqlite_engine(path: str, group_commit: bool) -> AsyncEngine:
     @event.listens_for(engine.sync_engine, "begin")
     def _on_begin(conn: SyncConnection) -> None:
         readonly = conn.get_execution_options().get("oncepay_readonly", False)
+        driver: _sqlite.Connection = conn.connection.driver_connection  # type: ignore[assignment]
+        try:
+            if driver.begin_here(immediate=not readonly):
+                return
+        except sqlite3.Error:
+            pass  # SQLAlchemy's path below raises it again, as its own DBAPIError
+        # The write lock is held by another connection (another process): wait for it on the
+        # connection's thread, through SQLAlchemy (errors come out as its DBAPIErrors).
         conn.exec_driver_sql("BEGIN" if readonly else "BEGIN IMMEDIATE")
 
     return engine
