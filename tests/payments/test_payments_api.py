@@ -240,3 +240,57 @@ def test_fastapis_pass_through_layers_are_left_out_only_while_they_would_pass_th
     assert _layers(_Api(telemetry=off, max_body_size=1000))[1] == "AppBodyLimitMiddleware"
     logs: Any = {**off, "logs": True}
     assert _layers(_Api(telemetry=logs))[1] == "ExceptionTelemetryMiddleware"
+
+
+async def test_a_plain_payment_request_skips_fastapis_handler_and_answers_the_same(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """POST /v1/payments is answered without FastAPI's dependency solving when it is plain (no
+    query string, a body that validates); anything else goes through FastAPI, in its order,
+    with the rate limit counted once either way."""
+    import fastapi.routing
+
+    from oncepay.payments.api.ratelimit import RateLimits
+
+    solved: list[str] = []
+    solve = fastapi.routing.solve_dependencies
+
+    async def counted(*args: Any, **kwargs: Any) -> Any:
+        solved.append(kwargs["request"].url.path)
+        return await solve(*args, **kwargs)
+
+    checks: list[str] = []
+    check = RateLimits.check
+
+    async def counted_check(self: RateLimits, key_id: str, merchant_id: str) -> None:
+        checks.append(key_id)
+        await check(self, key_id, merchant_id)
+
+    monkeypatch.setattr(fastapi.routing, "solve_dependencies", counted)
+    monkeypatch.setattr(RateLimits, "check", counted_check)
+    body = {"amount": 1000, "currency": "USD", "payment_method": "pm_card_ok"}
+
+    first = await stack.pay(key="plain", **body)
+    assert first.status_code == 201, first.text
+    replay = await stack.pay(key="plain", **body)
+    assert replay.json() == first.json()
+    assert (solved, len(checks)) == ([], 2)
+
+    # a body that does not validate: FastAPI's refusal (400), once the merchant is known
+    problem(await stack.post("/v1/payments", {**body, "amount": -5}), 400, "invalid_request")
+    assert (len(solved), len(checks)) == (1, 3)
+    anonymous = httpx.AsyncClient(transport=stack.client._transport, base_url="http://payments")
+    async with anonymous:
+        bad = {"Idempotency-Key": "b", "Authorization": "Bearer sk_test_nope"}
+        invalid = {**body, "amount": -5}
+        for sent in (body, invalid):  # 401 whether the body validates or not
+            response = await anonymous.post("/v1/payments", json=sent, headers=bad)
+            problem(response, 401, "invalid_api_key")
+    assert len(solved) == 2  # the valid body's 401 came from the direct path
+    # a query string: FastAPI's unknown-query refusal, after authentication
+    response = await stack.client.post(
+        "/v1/payments?limt=5", json=body, headers={"Idempotency-Key": "q"}
+    )
+    problem(response, 400, "invalid_request")
+    assert len(solved) == 3
+    assert await stack.count("payments") == 1

@@ -101,6 +101,11 @@ class StrictJsonRoute(APIRoute):
     async def before_refusing(self, request: Request) -> None:
         """Runs before a body problem is answered; raise to answer something else first."""
 
+    async def answer_directly(self, request: Request) -> Response | None:
+        """The answer without FastAPI's request handler (its dependency solving and body
+        validation), for a request whose body is well-formed JSON; None: FastAPI answers it."""
+        return None
+
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
         takes_body = self.body_field is not None
@@ -110,6 +115,8 @@ class StrictJsonRoute(APIRoute):
             if takes_body and (problem := await body_problem(checked)) is not None:
                 await self.before_refusing(checked)
                 raise problem
+            if (answer := await self.answer_directly(checked)) is not None:
+                return answer
             return await handler(checked)
 
         return strict

@@ -14,6 +14,7 @@ from oncepay.payments.api.deps import (
     MerchantDep,
     PageDep,
     ServicesDep,
+    direct,
     idempotent,
     resource_router,
 )
@@ -49,6 +50,7 @@ MAX_METADATA_FILTERS = 10
 
 
 @router.post("", status_code=201, response_model=models.Payment, **POST)
+@direct
 async def create_payment(
     body: models.PaymentCreate, request: Request, services: ServicesDep, merchant: MerchantDep
 ) -> Response:
