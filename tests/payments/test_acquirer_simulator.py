@@ -214,6 +214,19 @@ async def test_follow_on_operations_are_idempotent_by_reference(client: Client) 
     assert beyond.json()["code"] == "amount_exceeds_refundable", "the repeats moved nothing"
 
 
+async def test_a_follow_on_answers_the_authorization_as_it_now_is(client: Client) -> None:
+    """The authorization in a follow-on's answer is the stored row read back: booleans as JSON
+    booleans and amounts as numbers on either database (SQLite stores ``voided`` as 0/1)."""
+    first = (await authorize(client, "ref-1")).json()
+    captured = (await follow_on(client, first["id"], "capture", "cap-1", 800)).json()
+    assert captured["authorization"] == first | {"captured_amount": 800}
+    assert captured["authorization"]["voided"] is False
+    other = (await authorize(client, "ref-2")).json()
+    voided = (await follow_on(client, other["id"], "void", "void-1")).json()
+    assert voided["authorization"] == other | {"voided": True}
+    assert voided["authorization"]["voided"] is True
+
+
 async def test_capture_at_most_the_authorized_amount_and_only_once(client: Client) -> None:
     auth = await approved(client)
     over = await follow_on(client, auth, "capture", "cap-1", 1001)

@@ -14,10 +14,10 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from oncepay.payments import tracing
-from oncepay.payments.storage.raw import Sql, raw
 from oncepay.payments.storage.schema import events, merchants
 from oncepay.payments.webhooks.outbox import fan_out
 from oncepay.storage.ids import new_id
+from oncepay.storage.raw import Sql, raw
 
 __all__ = ["FINDING_OPENED", "emit", "emit_many", "finding_opened"]
 
@@ -27,7 +27,7 @@ FINDING_OPENED = "insight.finding_opened"
 # json.dumps(data, separators=(",", ":")) with its encoder built once, not per call.
 _compact = json.JSONEncoder(separators=(",", ":")).encode
 _INSERT = events.insert()  # built once: building it costs more than running it
-# The hot path's insert, raw (payments/storage/raw.py): one event per state change.
+# The hot path's insert, raw (storage/raw.py): one event per state change.
 _INSERT_ONE = Sql(
     "INSERT INTO events (id, merchant_id, type, object_id, data, created_at, traceparent) "
     "VALUES ($1, $2, $3, $4, $5, $6, $7)"

@@ -35,9 +35,9 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from oncepay.payments import tracing
 from oncepay.payments.records import PaymentRow
 from oncepay.payments.states import PaymentStatus
-from oncepay.payments.storage.raw import Sql, raw
 from oncepay.payments.storage.schema import ledger_entries, payments, refunds
 from oncepay.storage.db import Database, read
+from oncepay.storage.raw import Sql, raw
 
 __all__ = ["Violation", "audit", "authorize", "capture", "check", "refund", "release_hold"]
 
@@ -50,7 +50,7 @@ ACQUIRER_FEES = "acquirer_fees"
 
 Entries = list[tuple[str, int]]
 
-# Raw statements (payments/storage/raw.py): through SQLAlchemy Core a posting cost more than
+# Raw statements (storage/raw.py): through SQLAlchemy Core a posting cost more than
 # the database's work (bench/e2e/PROFILE.md).
 _INSERT_TRANSACTION = Sql(
     "INSERT INTO ledger_transactions (id, merchant_id, payment_id, refund_id, kind, created_at) "

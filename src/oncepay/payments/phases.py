@@ -58,8 +58,8 @@ from oncepay.payments.context import Services
 from oncepay.payments.errors import AcquirerOutcomeUnknown, DatabaseUnavailable
 from oncepay.payments.records import PaymentRow
 from oncepay.payments.reply import Reply
-from oncepay.payments.storage.raw import raw
 from oncepay.storage.db import write
+from oncepay.storage.raw import raw
 
 __all__ = [
     "ACQUIRER_CALLED",
@@ -339,7 +339,7 @@ async def _start(
 
 async def _driver(conn: AsyncConnection) -> Any:
     """The driver's own connection under ``conn``: the record's statements skip SQLAlchemy
-    (payments/storage/raw.py), in the same transaction."""
+    (storage/raw.py), in the same transaction."""
     return (await raw(conn)).driver
 
 

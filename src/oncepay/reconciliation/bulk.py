@@ -20,8 +20,8 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from oncepay.payments.storage.raw import raw
 from oncepay.storage.db import Database
+from oncepay.storage.raw import raw
 
 __all__ = [
     "STAGED",

@@ -5,11 +5,10 @@ movements for the settlement report."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Awaitable, Callable
 from typing import Any, Literal
 
-from sqlalchemy import bindparam, select, update
-from sqlalchemy.engine import RowMapping
 from sqlalchemy.ext.asyncio import AsyncConnection
 from starlette.requests import Request
 from starlette.responses import Response
@@ -18,9 +17,10 @@ from oncepay.simulator.bodies import AmountBody, AuthorizeBody, VoidBody, parse
 from oncepay.simulator.documents import dumps, iso
 from oncepay.simulator.problems import Problem
 from oncepay.simulator.references import claim, find, operation_row, replay, retrying
-from oncepay.simulator.schema import authorizations, movements
+from oncepay.simulator.schema import AuthorizationRow, authorizations, movements
 from oncepay.simulator.state import Simulator, simulator_of
 from oncepay.storage.ids import new_id
+from oncepay.storage.raw import Rows, Sql, raw
 
 __all__ = ["PAYMENT_METHODS", "authorize", "follow_on", "run_authorize", "run_follow_on"]
 
@@ -29,11 +29,19 @@ PAYMENT_METHODS: dict[str, str | None] = {
     "pm_card_declined": "card_declined",
     "pm_card_insufficient_funds": "insufficient_funds",
 }
-# Built once, values bound per call (see references._FIND).
-_INSERT_AUTHORIZATION = authorizations.insert()
-_INSERT_MOVEMENT = movements.insert()
-_AUTHORIZATION_FOR_UPDATE = (
-    select(authorizations).where(authorizations.c.id == bindparam("auth_id")).with_for_update()
+# Raw statements, rows as named tuples in column order (see the note above references._FIND).
+AUTHORIZATIONS = Rows(authorizations)
+MOVEMENTS = Rows(movements)
+_INSERT_AUTHORIZATION = Sql(
+    f"INSERT INTO acquirer_authorizations ({AUTHORIZATIONS.columns})"
+    " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)"
+)
+_INSERT_MOVEMENT = Sql(
+    f"INSERT INTO acquirer_movements ({MOVEMENTS.columns}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
+)
+_AUTHORIZATION_LOCKED = Sql(
+    f"SELECT {AUTHORIZATIONS.columns} FROM acquirer_authorizations WHERE id = $1",
+    lock="FOR UPDATE",
 )
 # The prefix of the id of each follow-on operation's answer.
 _ID_PREFIX = {"capture": "cap", "void": "void", "refund": "re"}
@@ -69,92 +77,90 @@ async def _authorize(
     now = sim.clock()
     decline_code = PAYMENT_METHODS[body.payment_method]
     approved = decline_code is None
-    row: dict[str, Any] = {
-        "id": new_id("auth"),
-        "reference": body.reference,
-        "order_id": body.order_id or body.reference,
-        "payment_method": body.payment_method,
-        "amount": body.amount,
-        "currency": body.currency,
-        "status": "approved" if approved else "declined",
-        "decline_code": decline_code,
-        "captured_amount": body.amount if approved and body.capture else 0,
-        "refunded_amount": 0,
-        "voided": False,
-        "created_at": now,
-    }
+    row: AuthorizationRow = AUTHORIZATIONS.make(
+        id=new_id("auth"),
+        reference=body.reference,
+        order_id=body.order_id or body.reference,
+        payment_method=body.payment_method,
+        amount=body.amount,
+        currency=body.currency,
+        status="approved" if approved else "declined",
+        decline_code=decline_code,
+        captured_amount=body.amount if approved and body.capture else 0,
+        refunded_amount=0,
+        voided=False,
+        created_at=now,
+    )
     document = dumps(_authorization_body(row))
-    await claim(conn, sim, operation_row(row, "authorization", fingerprint, 201, document))
-    await conn.execute(_INSERT_AUTHORIZATION, row)
-    if row["captured_amount"]:
-        await _move(conn, row, "capture", body.reference, row["captured_amount"], now)
+    await claim(conn, operation_row(row, "authorization", fingerprint, 201, document))
+    await (await raw(conn)).run(_INSERT_AUTHORIZATION, *row)
+    if row.captured_amount:
+        await _move(conn, row, "capture", body.reference, row.captured_amount, now)
     return Response(document, 201, media_type="application/json")
 
 
-def _authorization_body(row: dict[str, Any] | RowMapping) -> dict[str, Any]:
+def _authorization_body(row: AuthorizationRow) -> dict[str, Any]:
     return {
         "object": "authorization",
-        "id": row["id"],
-        "reference": row["reference"],
-        "order_id": row["order_id"],
-        "status": row["status"],
-        "decline_code": row["decline_code"],
-        "amount": row["amount"],
-        "currency": row["currency"],
-        "captured_amount": row["captured_amount"],
-        "refunded_amount": row["refunded_amount"],
-        "voided": row["voided"],
-        "created_at": iso(row["created_at"]),
+        "id": row.id,
+        "reference": row.reference,
+        "order_id": row.order_id,
+        "status": row.status,
+        "decline_code": row.decline_code,
+        "amount": row.amount,
+        "currency": row.currency,
+        "captured_amount": row.captured_amount,
+        "refunded_amount": row.refunded_amount,
+        "voided": row.voided,
+        "created_at": iso(row.created_at),
     }
 
 
 async def _move(
     conn: AsyncConnection,
-    auth: dict[str, Any] | RowMapping,
+    auth: AuthorizationRow,
     kind: str,
     reference: str,
     amount: int,
     now: float,
 ) -> None:
-    await conn.execute(
-        _INSERT_MOVEMENT,
-        {
-            "id": new_id("mv"),
-            "authorization_id": auth["id"],
-            "reference": reference,
-            "order_id": auth["order_id"],
-            "type": kind,
-            "amount": amount,
-            "currency": auth["currency"],
-            "created_at": now,
-        },
+    movement = MOVEMENTS.make(
+        id=new_id("mv"),
+        authorization_id=auth.id,
+        reference=reference,
+        order_id=auth.order_id,
+        type=kind,
+        amount=amount,
+        currency=auth.currency,
+        created_at=now,
     )
+    await (await raw(conn)).run(_INSERT_MOVEMENT, *movement)
 
 
-def _check(kind: str, auth: RowMapping, amount: int) -> dict[str, Any]:
+def _check(kind: str, auth: AuthorizationRow, amount: int) -> dict[str, Any]:
     """The authorization's new values after ``kind`` of ``amount``, or a problem."""
-    if auth["status"] != "approved":
+    if auth.status != "approved":
         raise Problem(409, "authorization_declined", "the authorization was declined")
     if kind == "refund":
         return _check_refund(auth, amount)
-    if auth["voided"]:
+    if auth.voided:
         raise Problem(409, "authorization_voided", "the authorization was voided")
-    if auth["captured_amount"]:
+    if auth.captured_amount:
         raise Problem(409, "already_captured", "the authorization was already captured")
     if kind == "void":
         return {"voided": True}
-    if amount > auth["amount"]:
-        raise Problem(400, "amount_exceeds_authorized", f"capture at most {auth['amount']}")
+    if amount > auth.amount:
+        raise Problem(400, "amount_exceeds_authorized", f"capture at most {auth.amount}")
     return {"captured_amount": amount}
 
 
-def _check_refund(auth: RowMapping, amount: int) -> dict[str, Any]:
-    if not auth["captured_amount"]:
+def _check_refund(auth: AuthorizationRow, amount: int) -> dict[str, Any]:
+    if not auth.captured_amount:
         raise Problem(409, "not_captured", "nothing was captured on this authorization")
-    refundable = auth["captured_amount"] - auth["refunded_amount"]
+    refundable = auth.captured_amount - auth.refunded_amount
     if amount > refundable:
         raise Problem(409, "amount_exceeds_refundable", f"refund at most {refundable}")
-    return {"refunded_amount": auth["refunded_amount"] + amount}
+    return {"refunded_amount": auth.refunded_amount + amount}
 
 
 def follow_on(
@@ -203,27 +209,29 @@ async def _operate(
     amount: int | None,
     fingerprint: str,
 ) -> Response:
-    found = await conn.execute(_AUTHORIZATION_FOR_UPDATE, {"auth_id": authorization_id})
-    auth = found.mappings().first()
-    if auth is None:
+    db = await raw(conn)
+    found = await db.rows(_AUTHORIZATION_LOCKED, authorization_id)
+    if not found:
         raise Problem(404, "authorization_not_found", f"no authorization {authorization_id}")
-    moved = auth["amount"] if amount is None else amount  # a void releases the whole hold
+    auth: AuthorizationRow = AUTHORIZATIONS.one(
+        found[0], integers_as_booleans=db.integers_as_booleans
+    )
+    moved = auth.amount if amount is None else amount  # a void releases the whole hold
     changes = _check(kind, auth, moved)
     now = sim.clock()
-    await conn.execute(
-        update(authorizations).where(authorizations.c.id == authorization_id).values(**changes)
-    )
-    after = {**auth, **changes}
+    ((column, value),) = changes.items()
+    await db.run(_update(column), authorization_id, value)
+    after = auth._replace(**changes)
     document = dumps(
         {
             "object": kind,
             "id": new_id(_ID_PREFIX[kind]),
             "reference": reference,
             "authorization_id": authorization_id,
-            "order_id": auth["order_id"],
+            "order_id": auth.order_id,
             "status": "approved",
             "amount": moved,
-            "currency": auth["currency"],
+            "currency": auth.currency,
             "created_at": iso(now),
             "authorization": _authorization_body(after),
         }
@@ -231,7 +239,13 @@ async def _operate(
     row = operation_row(
         auth, kind, fingerprint, 201, document, reference=reference, amount=moved, now=now
     )
-    await claim(conn, sim, row)
+    await claim(conn, row)
     if kind != "void":
         await _move(conn, auth, kind, reference, moved, now)
     return Response(document, 201, media_type="application/json")
+
+
+@functools.cache
+def _update(column: str) -> Sql:
+    """The statement that sets one column of an authorization (each operation changes one)."""
+    return Sql(f"UPDATE acquirer_authorizations SET {column} = $2 WHERE id = $1")

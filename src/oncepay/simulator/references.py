@@ -16,19 +16,17 @@ of them wins, whatever the interleaving: a request that arrives after the fence 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import cast
 
-from sqlalchemy import bindparam, select
-from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.engine import RowMapping
 from sqlalchemy.ext.asyncio import AsyncConnection
 from starlette.requests import Request
 from starlette.responses import Response
 
 from oncepay.simulator.bodies import LookupBody, parse
 from oncepay.simulator.problems import Problem, problem
-from oncepay.simulator.schema import operations
+from oncepay.simulator.schema import AuthorizationRow, OperationRow, operations
 from oncepay.simulator.state import Simulator, simulator_of
+from oncepay.storage.raw import Rows, Sql, raw
 
 __all__ = [
     "LostRace",
@@ -50,26 +48,34 @@ class LostRace(Exception):
     """Another transaction took the reference between our read and our insert: run again."""
 
 
-# Statements built once, their values bound at each call: SQLAlchemy then compiles each once
-# and finds it in its cache by a key it computed once, where a statement built per call costs
-# its construction and its cache key every time (most of an authorization's CPU).
-_FIND = select(operations).where(operations.c.reference == bindparam("reference"))
-_CLAIM = {
-    True: sqlite.insert(operations).on_conflict_do_nothing(),
-    False: postgresql.insert(operations).on_conflict_do_nothing(),
-}
+# The statements of every money move, on the raw driver in the transaction's own connection
+# (storage/raw.py): through SQLAlchemy Core, even built once and found in its compile cache,
+# they cost more CPU than the database's work (bench/e2e/PROFILE.md). A row is a named tuple
+# in the table's column order, which is also the order of each insert's values.
+OPERATIONS = Rows(operations)
+_FIND = Sql(f"SELECT {OPERATIONS.columns} FROM acquirer_operations WHERE reference = $1")
+# A concurrent winner's row (committed, or committing: PostgreSQL waits for it) makes the
+# insert a no-op, which RETURNING tells apart on both databases.
+_CLAIM = Sql(
+    f"INSERT INTO acquirer_operations ({OPERATIONS.columns})"
+    " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
+    " ON CONFLICT DO NOTHING RETURNING reference"
+)
 
 
-async def find(conn: AsyncConnection, reference: str) -> RowMapping | None:
-    result = await conn.execute(_FIND, {"reference": reference})
-    return result.mappings().first()
+async def find(conn: AsyncConnection, reference: str) -> OperationRow | None:
+    db = await raw(conn)
+    found = await db.rows(_FIND, reference)
+    if not found:
+        return None
+    row: OperationRow = OPERATIONS.one(found[0], integers_as_booleans=db.integers_as_booleans)
+    return row
 
 
-async def claim(conn: AsyncConnection, sim: Simulator, row: dict[str, Any]) -> None:
+async def claim(conn: AsyncConnection, row: OperationRow) -> None:
     """Insert the reference's row; a concurrent winner (already committed or committing)
     makes it a no-op, and we start over to answer from the winner's row."""
-    result = await conn.execute(_CLAIM[sim.db.is_sqlite], row)
-    if result.rowcount != 1:
+    if not await (await raw(conn)).rows(_CLAIM, *row):
         raise LostRace
 
 
@@ -84,24 +90,25 @@ async def retrying(work: Callable[[], Awaitable[Response]]) -> Response:
     return await work()
 
 
-def replay(existing: RowMapping, fingerprint: str) -> Response:
-    if existing["type"] == "fence":
+def replay(existing: OperationRow, fingerprint: str) -> Response:
+    if existing.type == "fence":
         raise Problem(
             409, "reference_fenced", "this reference was fenced by a look-up and cannot be used"
         )
-    if existing["fingerprint"] != fingerprint:
+    if existing.fingerprint != fingerprint:
         raise Problem(
             422, "idempotency_key_reused", "this reference was used for a different request"
         )
     return _stored(existing)
 
 
-def _stored(existing: RowMapping) -> Response:
-    return Response(existing["body"], existing["status_code"], media_type="application/json")
+def _stored(existing: OperationRow) -> Response:
+    """The answer stored with an operation (a fence has none: its callers tell them apart)."""
+    return Response(existing.body, cast(int, existing.status_code), media_type="application/json")
 
 
 def operation_row(
-    auth: dict[str, Any] | RowMapping,
+    auth: AuthorizationRow,
     kind: str,
     fingerprint: str,
     status_code: int,
@@ -110,21 +117,22 @@ def operation_row(
     reference: str | None = None,
     amount: int | None = None,
     now: float | None = None,
-) -> dict[str, Any]:
+) -> OperationRow:
     """The ``acquirer_operations`` row of an operation on ``auth``, with its stored answer."""
-    return {
-        "reference": reference or auth["reference"],
-        "type": kind,
-        "fingerprint": fingerprint,
-        "authorization_id": auth["id"],
-        "order_id": auth["order_id"],
-        "status": auth["status"] if kind == "authorization" else "approved",
-        "amount": auth["amount"] if amount is None else amount,
-        "currency": auth["currency"],
-        "status_code": status_code,
-        "body": document,
-        "created_at": auth["created_at"] if now is None else now,
-    }
+    row: OperationRow = OPERATIONS.make(
+        reference=reference or auth.reference,
+        type=kind,
+        fingerprint=fingerprint,
+        authorization_id=auth.id,
+        order_id=auth.order_id,
+        status=auth.status if kind == "authorization" else "approved",
+        amount=auth.amount if amount is None else amount,
+        currency=auth.currency,
+        status_code=status_code,
+        body=document,
+        created_at=auth.created_at if now is None else now,
+    )
+    return row
 
 
 async def lookup(request: Request) -> Response:
@@ -139,8 +147,8 @@ async def run_lookup(sim: Simulator, body: LookupBody) -> Response:
         async with sim.transaction() as conn:
             existing = await find(conn, body.reference)
             if existing is None:
-                await claim(conn, sim, _fence_row(body.reference, sim.clock()))
-            elif existing["type"] != "fence":
+                await claim(conn, _fence_row(body.reference, sim.clock()))
+            elif existing.type != "fence":
                 stored = _stored(existing)
                 stored.status_code = 200
                 return stored
@@ -151,5 +159,18 @@ async def run_lookup(sim: Simulator, body: LookupBody) -> Response:
     return await sim.run("lookup", lambda: retrying(work))
 
 
-def _fence_row(reference: str, now: float) -> dict[str, Any]:
-    return {"reference": reference, "type": "fence", "status": "fenced", "created_at": now}
+def _fence_row(reference: str, now: float) -> OperationRow:
+    row: OperationRow = OPERATIONS.make(
+        reference=reference,
+        type="fence",
+        fingerprint=None,
+        authorization_id=None,
+        order_id=None,
+        status="fenced",
+        amount=None,
+        currency=None,
+        status_code=None,
+        body=None,
+        created_at=now,
+    )
+    return row

@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import Any, Protocol
+
 from sqlalchemy import (
     BigInteger,
     Boolean,
@@ -17,7 +20,15 @@ from sqlalchemy import (
 )
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-__all__ = ["authorizations", "create_schema", "metadata", "movements", "operations"]
+__all__ = [
+    "AuthorizationRow",
+    "OperationRow",
+    "authorizations",
+    "create_schema",
+    "metadata",
+    "movements",
+    "operations",
+]
 
 # Serialises schema creation across simulator processes; any fixed number will do ("acqu").
 SCHEMA_LOCK = 0x61637175
@@ -69,6 +80,46 @@ movements = Table(
     Column("currency", String(3), nullable=False),
     Column("created_at", Double, nullable=False, index=True),
 )
+
+
+class AuthorizationRow(Protocol):
+    """A row of ``acquirer_authorizations``: a named tuple in column order, which its insert
+    binds as it is (money.py)."""
+
+    id: str
+    reference: str
+    order_id: str
+    payment_method: str
+    amount: int
+    currency: str
+    status: str  # approved|declined
+    decline_code: str | None
+    captured_amount: int
+    refunded_amount: int
+    voided: bool
+    created_at: float
+
+    def _replace(self, **changes: Any) -> AuthorizationRow: ...
+    def __iter__(self) -> Iterator[Any]: ...
+
+
+class OperationRow(Protocol):
+    """A row of ``acquirer_operations``: a named tuple in column order, which its insert
+    binds as it is (references.py)."""
+
+    reference: str
+    type: str
+    fingerprint: str | None
+    authorization_id: str | None
+    order_id: str | None
+    status: str
+    amount: int | None
+    currency: str | None
+    status_code: int | None
+    body: str | None
+    created_at: float
+
+    def __iter__(self) -> Iterator[Any]: ...
 
 
 async def create_schema(conn: AsyncConnection, *, sqlite: bool, schema: str | None) -> None:

@@ -20,10 +20,10 @@ from oncepay.payments.models import payment_public
 from oncepay.payments.records import PaymentRow
 from oncepay.payments.reply import Reply
 from oncepay.payments.states import PaymentStatus, Transition, next_status, require
-from oncepay.payments.storage.raw import Rows, Sql, raw
 from oncepay.payments.storage.schema import payments
 from oncepay.storage.db import read
 from oncepay.storage.ids import is_id
+from oncepay.storage.raw import Rows, Sql, raw
 
 __all__ = [
     "PAYMENTS",
@@ -76,7 +76,7 @@ async def save(conn: AsyncConnection, payment_id: str, **values: Any) -> Payment
     return cast(PaymentRow, PAYMENTS.one(row, integers_as_booleans=db.integers_as_booleans))
 
 
-# The payment statements, written once per shape on the raw driver (payments/storage/raw.py):
+# The payment statements, written once per shape on the raw driver (storage/raw.py):
 # through SQLAlchemy Core they cost more than the database's work (bench/e2e/PROFILE.md).
 
 PAYMENTS = Rows(payments)

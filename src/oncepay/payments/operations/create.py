@@ -31,10 +31,10 @@ from oncepay.payments.phases import Started
 from oncepay.payments.records import PaymentRow
 from oncepay.payments.reply import Reply
 from oncepay.payments.states import PaymentStatus, Transition
-from oncepay.payments.storage.raw import Sql, raw
 from oncepay.payments.storage.schema import payments
 from oncepay.storage.db import write
 from oncepay.storage.ids import new_id
+from oncepay.storage.raw import Sql, raw
 
 __all__ = ["CreatePayment"]
 

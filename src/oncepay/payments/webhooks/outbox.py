@@ -16,9 +16,9 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from oncepay.payments.errors import InvalidRequest
-from oncepay.payments.storage.raw import Sql, raw
 from oncepay.payments.storage.schema import events, webhook_deliveries, webhook_endpoints
 from oncepay.storage.ids import new_id
+from oncepay.storage.raw import Sql, raw
 
 __all__ = ["deliver_to", "fan_out", "new_secret", "redeliver", "subscribed"]
 

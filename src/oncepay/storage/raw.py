@@ -1,13 +1,15 @@
 """The hot path's statements on the raw driver, inside SQLAlchemy's own transaction.
 
-A payment's dozen hot statements (the payment row, ledger postings, outbox events) cost more in
-SQLAlchemy Core — compile-cache look-ups, parameter and result processing, the greenlet bridge
-— than in the database (bench/e2e/PROFILE.md, "data layer"). Here each is written once as SQL
-text and sent straight to the driver SQLAlchemy's connection wraps: ``sqlite3`` (the service's
-own SQLite driver runs statements that do not wait on the loop), or ``asyncpg`` (prepared once
-per connection by its statement cache). The transaction stays SQLAlchemy's: :func:`raw` joins
-the one ``write()``/``read()`` opened, so raw statements and Core statements (the rest of the
-service, and migrations) commit or roll back together.
+A payment's dozen hot statements (the payment row, ledger postings, outbox events) and the
+simulated acquirer's authorization cost more in SQLAlchemy Core — compile-cache look-ups,
+parameter and result processing, the greenlet bridge — than in the database
+(bench/e2e/PROFILE.md, "data layer"). Here each is written once as SQL text and sent straight
+to the driver SQLAlchemy's connection wraps: ``sqlite3`` (the service's own SQLite driver runs
+statements that do not wait on the loop), or ``asyncpg`` (prepared once per connection by its
+statement cache). The transaction stays SQLAlchemy's: :func:`raw` joins the one
+``write()``/``read()`` opened, so raw statements and Core statements (the rest of the service,
+and migrations) commit or roll back together. It sits in the package below both users: the
+simulator imports nothing from the payments service (tests/test_import_graph.py).
 
 Driver errors are translated at this boundary into SQLAlchemy's ``DatabaseError``, which the
 phases already answer as "the database failed midway" (the key stays locked, to be resumed).
