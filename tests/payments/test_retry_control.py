@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import asyncio
 import random
+import statistics
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from sqlalchemy import select
 from tenacity import RetryCallState, wait_none
 
@@ -122,6 +125,37 @@ def test_impossible_throttles_are_refused() -> None:
 
 
 # -- health and backoff -------------------------------------------------------------------------
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.floats(min_value=0, max_value=4),  # seconds since the previous attempt
+            st.sampled_from([0.01, 0.3, 0.39, 0.4, 0.41, 2.0]),  # taken, around slow=0.4
+            st.booleans(),
+        ),
+        max_size=260,  # past SAMPLES: the oldest drop out of the deque too
+    )
+)
+def test_health_degraded_agrees_with_its_definition(
+    attempts: list[tuple[float, float, bool]],
+) -> None:
+    """``degraded()`` (read without copying or sorting the window when it can) says what its
+    definition says: the last three all failed, or with ten or more in the window half failed
+    or p90 (``statistics.quantiles``' inclusive cut) at least ``slow``."""
+    clock = FakeClock()
+    health = Health(slow=0.4, clock=clock)
+    for gap, taken, failed in attempts:
+        clock.advance(gap)
+        health.observe(taken, failed=failed)
+        recent = [s for s in health._samples if s[0] >= clock() - health.window]
+        expected = len(recent) >= 3 and all(f for _, _, f in recent[-3:])
+        if not expected and len(recent) >= 10:
+            cuts = statistics.quantiles([t for _, t, _ in recent], n=100, method="inclusive")
+            share = sum(f for _, _, f in recent) / len(recent)
+            expected = share >= 0.5 or cuts[89] >= 0.4
+        assert health.degraded() is expected
 
 
 def test_health_reads_latency_quantiles_and_degrades_on_errors_or_slowness(
