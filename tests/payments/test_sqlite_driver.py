@@ -154,3 +154,42 @@ async def test_transactions_begin_beside_sqlalchemy_and_wait_through_it_when_loc
     finally:
         other.close()
         await db.aclose()
+
+
+async def test_writes_keep_one_connection_and_drop_it_when_a_transaction_fails(
+    tmp_path: Path,
+) -> None:
+    """SQLite's ``write()`` transactions use one connection, checked out of the pool once; a
+    transaction that fails is rolled back and its connection goes back to the pool, and the
+    next write checks out another; ``aclose()`` returns the one held."""
+    db = Database.from_url(f"sqlite:///{tmp_path / 'writer.db'}")
+    pool: list[str] = []
+    event.listen(db.engine.sync_engine.pool, "checkout", lambda *_: pool.append("out"))
+    event.listen(db.engine.sync_engine.pool, "checkin", lambda *_: pool.append("in"))
+    try:
+        seen = []
+        for n in range(3):
+            async with write(db) as conn:
+                if not n:
+                    await conn.execute(text("CREATE TABLE t (n INTEGER)"))
+                await conn.execute(text("INSERT INTO t VALUES (:n)"), {"n": n})
+                seen.append(conn)
+        assert seen[0] is seen[1] is seen[2]
+        assert pool == ["out"]
+
+        async def failing() -> None:
+            async with write(db) as conn:
+                await conn.execute(text("INSERT INTO t VALUES (99)"))
+                raise LookupError("the block fails after writing")
+
+        with pytest.raises(LookupError):
+            await failing()
+        assert pool == ["out", "in"]
+        async with write(db) as conn:
+            assert conn is not seen[0]
+            rows = (await conn.execute(text("SELECT n FROM t ORDER BY n"))).all()
+        assert [n for (n,) in rows] == [0, 1, 2]  # 99 rolled back
+        assert pool == ["out", "in", "out"]
+    finally:
+        await db.aclose()
+    assert pool == ["out", "in", "out", "in"]
