@@ -20,13 +20,14 @@ from __future__ import annotations
 import re
 from collections import namedtuple
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from typing import Any, Protocol
 
 from sqlalchemy import Boolean, Table
 from sqlalchemy.exc import DatabaseError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-__all__ = ["Raw", "Rows", "Sql", "raw"]
+__all__ = ["Raw", "Rows", "Sql", "raw", "trace_statements"]
 
 _NUMBERED = re.compile(r"\$(\d+)")
 
@@ -158,6 +159,46 @@ def _translated(statement: str, exc: Exception) -> DatabaseError:
     return DatabaseError(statement, None, exc)
 
 
+class _Traced:
+    """A raw connection whose statements each make a span (what SQLAlchemy's instrumentation
+    does for its own statements: these never pass through its events)."""
+
+    __slots__ = ("_inner", "_span", "_system", "driver", "integers_as_booleans")
+
+    def __init__(self, inner: Raw, system: str, span: StatementSpan) -> None:
+        self._inner, self._system, self._span = inner, system, span
+        self.driver, self.integers_as_booleans = inner.driver, inner.integers_as_booleans
+
+    def _text(self, sql: Sql) -> str:
+        return sql.sqlite if self._system == "sqlite" else sql.postgresql
+
+    async def rows(self, sql: Sql, *args: Any) -> Sequence[Sequence[Any]]:
+        with self._span(self._system, self._text(sql)):
+            return await self._inner.rows(sql, *args)
+
+    async def run(self, sql: Sql, *args: Any) -> None:
+        with self._span(self._system, self._text(sql)):
+            await self._inner.run(sql, *args)
+
+    async def many(self, sql: Sql, rows: Sequence[Sequence[Any]]) -> None:
+        with self._span(self._system, self._text(sql)):
+            await self._inner.many(sql, rows)
+
+
+# (database system, statement) -> a span around the statement.
+StatementSpan = Callable[[str, str], AbstractContextManager[Any]]
+
+
+class _Statements:
+    # Set while statements are traced (ONCEPAY_TRACE_SQL with tracing on); None costs nothing.
+    span: StatementSpan | None = None
+
+
+def trace_statements(span: StatementSpan | None) -> None:
+    """Trace every raw statement from now on with ``span`` (None: stop)."""
+    _Statements.span = span
+
+
 _KEY = "oncepay.raw"
 
 
@@ -178,5 +219,7 @@ async def raw(conn: AsyncConnection) -> Raw:
         if adapted._transaction is None:  # SQLAlchemy's asyncpg adapter begins at first use
             await adapted._start_transaction()
         found = _Asyncpg(fairy.driver_connection)
+    if _Statements.span is not None:
+        found = _Traced(found, conn.dialect.name, _Statements.span)
     conn.info[_KEY] = (transaction, found)
     return found

@@ -48,6 +48,7 @@ from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 from oncepay.errors import ConfigurationError
+from oncepay.storage import raw
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider
@@ -255,9 +256,12 @@ def _instrument_clients(provider: TracerProvider) -> None:
 
 
 def instrument_database(db: Database) -> None:
-    """SQLAlchemy spans for this database's statements (after :func:`setup`)."""
+    """A span per statement of this database (after :func:`setup`): SQLAlchemy's
+    instrumentation for the statements that go through SQLAlchemy, and the same for the hot
+    path's raw statements (``oncepay.storage.raw``), which do not."""
     if _provider is None or "sqlalchemy" in disabled_instrumentations():
         return
+    raw.trace_statements(_statement_span)
     from opentelemetry.instrumentation.sqlalchemy import SQLAlchemyInstrumentor
 
     instrumentor = SQLAlchemyInstrumentor()
@@ -267,6 +271,18 @@ def instrument_database(db: Database) -> None:
         instrumentor.instrument(
             engine=db.engine.sync_engine, tracer_provider=_provider, skip_dep_check=True
         )
+
+
+def _statement_span(system: str, statement: str) -> AbstractContextManager[Any]:
+    """A raw statement's span, named and described as SQLAlchemy's instrumentation does."""
+    if _tracer is None or _quiet.get():
+        return _NOOP
+    verb = statement.lstrip().split(None, 1)[0].upper() if statement.strip() else "SQL"
+    return _tracer.start_as_current_span(
+        verb,
+        kind=_trace.SpanKind.CLIENT,
+        attributes={"db.system": system, "db.statement": statement},
+    )
 
 
 def asgi_middleware() -> tuple[Any, dict[str, Any]] | None:
