@@ -249,7 +249,8 @@ def conditions(report: dict[str, Any]) -> str:
         )
         + f"{report['rounds']} rounds of {report['seconds']} s after {report['warmup']} s of "
         f"warm-up. The machine was shared: 1-minute load average {min(loads):.1f}-"
-        f"{max(loads):.1f} during the run, other jobs took {min(other):.2f}-{max(other):.2f} "
+        f"{max(loads):.1f} during the run, other jobs took {max(0.0, min(other)):.2f}-"
+        f"{max(other):.2f} "
         f"cores while the kept runs were measured ({report['contaminated']} of "
         f"{len(kept(report['runs']))} kept runs above the harness's 0.15-core limit). "
         + ", ".join(f"{k} {v}" for k, v in report.get("versions", {}).items())
