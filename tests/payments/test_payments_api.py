@@ -248,12 +248,11 @@ async def test_a_plain_payment_request_skips_fastapis_handler_and_answers_the_sa
     """POST /v1/payments is answered without FastAPI's dependency solving when it is plain (no
     query string, a body that validates); anything else goes through FastAPI, in its order,
     with the rate limit counted once either way."""
-    import fastapi.routing
+    from fastapi.dependencies.utils import solve_dependencies as solve
 
     from oncepay.payments.api.ratelimit import RateLimits
 
     solved: list[str] = []
-    solve = fastapi.routing.solve_dependencies
 
     async def counted(*args: Any, **kwargs: Any) -> Any:
         solved.append(kwargs["request"].url.path)
@@ -266,7 +265,7 @@ async def test_a_plain_payment_request_skips_fastapis_handler_and_answers_the_sa
         checks.append(key_id)
         await check(self, key_id, merchant_id)
 
-    monkeypatch.setattr(fastapi.routing, "solve_dependencies", counted)
+    monkeypatch.setattr("fastapi.routing.solve_dependencies", counted)
     monkeypatch.setattr(RateLimits, "check", counted_check)
     body = {"amount": 1000, "currency": "USD", "payment_method": "pm_card_ok"}
 
