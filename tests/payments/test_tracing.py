@@ -152,7 +152,7 @@ def test_one_trace_holds_the_payment_its_phases_attempts_replay_and_webhook(
             "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port_in}",
             "OTEL_BSP_SCHEDULE_DELAY": "50",
             "ONCEPAY_WEBHOOK_ALLOW_PRIVATE": "true",
-            "ONCEPAY_TRACE_SQL": "true",  # SQLAlchemy's statement spans too
+            "ONCEPAY_TRACE_SQL": "true",  # a span per SQL statement too
             "ONCEPAY_WORKER_INTERVAL": "0.1",
         }
         process = subprocess.Popen(

@@ -32,15 +32,10 @@ PAYMENT_METHODS: dict[str, str | None] = {
 # Raw statements, rows as named tuples in column order (see the note above references._FIND).
 AUTHORIZATIONS = Rows(authorizations)
 MOVEMENTS = Rows(movements)
-_INSERT_AUTHORIZATION = Sql(
-    f"INSERT INTO acquirer_authorizations ({AUTHORIZATIONS.columns})"
-    " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)"
-)
-_INSERT_MOVEMENT = Sql(
-    f"INSERT INTO acquirer_movements ({MOVEMENTS.columns}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
-)
+_INSERT_AUTHORIZATION = AUTHORIZATIONS.insert()
+_INSERT_MOVEMENT = MOVEMENTS.insert()
 _AUTHORIZATION_LOCKED = Sql(
-    f"SELECT {AUTHORIZATIONS.columns} FROM acquirer_authorizations WHERE id = $1",
+    f"SELECT {AUTHORIZATIONS.columns} FROM {AUTHORIZATIONS.table} WHERE id = $1",
     lock="FOR UPDATE",
 )
 # The prefix of the id of each follow-on operation's answer.
@@ -248,4 +243,4 @@ async def _operate(
 @functools.cache
 def _update(column: str) -> Sql:
     """The statement that sets one column of an authorization (each operation changes one)."""
-    return Sql(f"UPDATE acquirer_authorizations SET {column} = $2 WHERE id = $1")
+    return Sql(f"UPDATE {AUTHORIZATIONS.table} SET {column} = $2 WHERE id = $1")

@@ -53,14 +53,10 @@ class LostRace(Exception):
 # they cost more CPU than the database's work (bench/e2e/PROFILE.md). A row is a named tuple
 # in the table's column order, which is also the order of each insert's values.
 OPERATIONS = Rows(operations)
-_FIND = Sql(f"SELECT {OPERATIONS.columns} FROM acquirer_operations WHERE reference = $1")
+_FIND = Sql(f"SELECT {OPERATIONS.columns} FROM {OPERATIONS.table} WHERE reference = $1")
 # A concurrent winner's row (committed, or committing: PostgreSQL waits for it) makes the
 # insert a no-op, which RETURNING tells apart on both databases.
-_CLAIM = Sql(
-    f"INSERT INTO acquirer_operations ({OPERATIONS.columns})"
-    " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
-    " ON CONFLICT DO NOTHING RETURNING reference"
-)
+_CLAIM = OPERATIONS.insert("ON CONFLICT DO NOTHING RETURNING reference")
 
 
 async def find(conn: AsyncConnection, reference: str) -> OperationRow | None:

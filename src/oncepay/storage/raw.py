@@ -48,15 +48,23 @@ class Rows:
     """Typed rows of one table: a named tuple per row, booleans as ``bool`` on either
     database (SQLite gives 0 and 1). ``columns`` is the select list, in the table's order."""
 
-    __slots__ = ("_booleans", "columns", "make")
+    __slots__ = ("_booleans", "_width", "columns", "make", "table")
 
     def __init__(self, table: Table) -> None:
         names = [column.name for column in table.columns]
+        self.table, self._width = table.name, len(names)
         self.columns = ", ".join(names)
         self.make: Callable[..., Any] = namedtuple(f"{table.name}_row", names)  # type: ignore[misc]
         self._booleans = [
             i for i, column in enumerate(table.columns) if isinstance(column.type, Boolean)
         ]
+
+    def insert(self, suffix: str = "") -> Sql:
+        """The insert of one whole row, its values in column order (a row as :attr:`make`
+        builds it binds as it is); ``suffix`` follows the values (``ON CONFLICT …``)."""
+        marks = ", ".join(f"${n}" for n in range(1, self._width + 1))
+        text = f"INSERT INTO {self.table} ({self.columns}) VALUES ({marks})"
+        return Sql(f"{text} {suffix}" if suffix else text)
 
     def one(self, row: Sequence[Any], *, integers_as_booleans: bool) -> Any:
         if not integers_as_booleans:

@@ -200,7 +200,8 @@ class _Sdk:
 
 
 def shutdown() -> None:
-    """Export what is buffered (the app's shutdown)."""
+    """Export what is buffered (the app's shutdown); statements are no longer traced."""
+    raw.trace_statements(None)
     if _provider is not None:
         _provider.shutdown()
 
