@@ -15,7 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from oncepay.payments import tracing
 from oncepay.payments.storage.schema import events, merchants
-from oncepay.payments.webhooks.outbox import fan_out
+from oncepay.payments.webhooks.outbox import endpoints_in, fan_out
 from oncepay.storage.ids import new_id
 from oncepay.storage.raw import Sql, raw
 
@@ -47,6 +47,9 @@ async def emit(
     data_json = data if isinstance(data, str) else _compact(data)
     trace = tracing.traceparent()  # its deliveries continue this trace
     args = (event_id, merchant_id, type, object_id, data_json, now, trace)
+    # The endpoints are read (once a transaction) before the event is written: on PostgreSQL
+    # the insert then travels with the transaction's next statement (storage/raw.py).
+    await endpoints_in(conn, merchant_id)
     await (await raw(conn)).run(_INSERT_ONE, *args)
     reached = await fan_out(
         conn, merchant_id=merchant_id, event_id=event_id, event_type=type, now=now

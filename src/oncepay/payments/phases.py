@@ -338,9 +338,9 @@ async def _start(
 
 
 async def _driver(conn: AsyncConnection) -> Any:
-    """The driver's own connection under ``conn``: the record's statements skip SQLAlchemy
-    (storage/raw.py), in the same transaction."""
-    return (await raw(conn)).driver
+    """The connection the record's statements take under ``conn``: they skip SQLAlchemy
+    (storage/raw.py), in the same transaction, and on PostgreSQL carry the writes pending."""
+    return (await raw(conn)).store
 
 
 async def run_local(

@@ -208,7 +208,13 @@ class _Rows:
         if _is_a(conn, ("psycopg", "AsyncConnection")):
             cursor = await conn.execute(statement.pyformat, params)
             return len(await cursor.fetchall())
-        if _is_a(conn, ("asyncpg", "Connection"), ("asyncpg.pool", "PoolConnectionProxy")):
+        if _is_a(
+            conn,
+            ("asyncpg", "Connection"),
+            ("asyncpg.pool", "PoolConnectionProxy"),
+            # The payments service's raw connection: writes it deferred travel with this one.
+            ("oncepay.storage.raw", "AsyncpgRaw"),
+        ):
             return len(await conn.fetch(statement.numeric, *statement.values(params)))
         if _is_a(
             conn,

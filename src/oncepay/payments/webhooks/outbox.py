@@ -20,7 +20,7 @@ from oncepay.payments.storage.schema import events, webhook_deliveries, webhook_
 from oncepay.storage.ids import new_id
 from oncepay.storage.raw import Sql, raw
 
-__all__ = ["deliver_to", "fan_out", "new_secret", "redeliver", "subscribed"]
+__all__ = ["deliver_to", "endpoints_in", "fan_out", "new_secret", "redeliver", "subscribed"]
 
 
 def new_secret() -> str:
@@ -37,7 +37,7 @@ async def fan_out(
     conn: AsyncConnection, *, merchant_id: str, event_id: str, event_type: str, now: float
 ) -> int:
     """Queue the event for every enabled endpoint of the merchant that wants its type."""
-    endpoints = await _endpoints_in(conn, merchant_id)
+    endpoints = await endpoints_in(conn, merchant_id)
     if not endpoints:
         return 0
     targets = [
@@ -52,7 +52,7 @@ async def fan_out(
     return len(targets)
 
 
-async def _endpoints_in(
+async def endpoints_in(
     conn: AsyncConnection, merchant_id: str
 ) -> list[tuple[str, frozenset[str]]]:
     """The merchant's enabled endpoints and the event types each wants, read once per

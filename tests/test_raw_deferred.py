@@ -1,0 +1,193 @@
+"""Deferred writes on PostgreSQL (storage/raw.py): a plain insert whose rows are not needed
+travels with the transaction's next statement, and nothing about what commits changes: every
+write reaches the database in its transaction, a statement sees the writes before it, an
+error in a deferred write fails its transaction, and a rollback leaves nothing behind, not
+even for the next transaction on the same connection. Real PostgreSQL throughout."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import asyncpg
+import pytest
+from sqlalchemy import text
+from sqlalchemy.exc import DatabaseError
+
+from oncepay.idempotency.stores.postgres import PostgresStore
+from oncepay.storage.db import Database, read, write
+from oncepay.storage.raw import Sql, raw
+from tests.payments.stack import drop_schema
+from tests.servers import POSTGRES_URL, require_postgres
+
+pytestmark = pytest.mark.postgres
+
+ITEM = Sql("INSERT INTO items (id, n) VALUES ($1, $2)")
+NOTE = Sql("INSERT INTO notes (item, body) VALUES ($1, 'noted: ' || $2)")
+COUNT_ITEMS = Sql("SELECT count(*) FROM items")
+SUM_OTHER = Sql("SELECT coalesce(sum(n), 0) FROM other")
+BUMP = Sql("UPDATE items SET n = n + 1 WHERE id = $1")
+ITEM_ONCE = Sql("INSERT INTO items (id, n) VALUES ($1, $2) ON CONFLICT (id) DO NOTHING")
+
+
+@pytest.fixture
+async def db() -> AsyncIterator[Database]:
+    require_postgres()
+    url = f"{POSTGRES_URL}?schema=oncepay_raw_{uuid.uuid4().hex[:10]}"
+    database = Database.from_url(url)
+    async with write(database) as conn:
+        for statement in (
+            f"CREATE SCHEMA {database.schema}",
+            "CREATE TABLE items (id TEXT PRIMARY KEY, n INTEGER NOT NULL)",
+            "CREATE TABLE notes (seq SERIAL PRIMARY KEY, item TEXT NOT NULL REFERENCES items(id),"
+            " body TEXT NOT NULL)",
+            "CREATE TABLE other (n INTEGER NOT NULL)",
+        ):
+            await conn.execute(text(statement))
+    try:
+        yield database
+    finally:
+        await database.aclose()
+        await drop_schema(url)
+
+
+@pytest.fixture
+def sent(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Every statement sent on an asyncpg connection, one entry a round trip."""
+    statements: list[str] = []
+    for name in ("execute", "executemany", "fetch"):
+        original = getattr(asyncpg.Connection, name)
+
+        def counted(original: Any) -> Any:
+            async def wrapper(self: Any, query: str, *args: Any, **kwargs: Any) -> Any:
+                statements.append(" ".join(query.split()))
+                return await original(self, query, *args, **kwargs)
+
+            return wrapper
+
+        monkeypatch.setattr(asyncpg.Connection, name, counted(original))
+    return statements
+
+
+async def items(db: Database) -> list[tuple[str, int]]:
+    async with read(db) as conn:
+        rows = await conn.execute(text("SELECT id, n FROM items ORDER BY id"))
+        return [(row[0], row[1]) for row in rows]
+
+
+async def test_writes_travel_with_the_next_statement(db: Database, sent: list[str]) -> None:
+    async with write(db) as conn:
+        found = await raw(conn)
+        sent.clear()
+        await found.run(ITEM, "a", 1)
+        await found.many(NOTE, [("a", "x"), ("a", "y")])
+        assert sent == []  # nothing sent yet
+        (total,) = (await found.rows(SUM_OTHER))[0]
+        assert total == 0
+        assert len(sent) == 1  # the inserts went in front of the SELECT, one round trip
+        assert sent[0].startswith("WITH _oncepay_w0 AS (INSERT INTO items")
+        assert "VALUES ($3, 'noted: ' || $4), ($5, 'noted: ' || $6)) SELECT coalesce" in sent[0]
+    assert await items(db) == [("a", 1)]
+    async with read(db) as conn:
+        notes = (await conn.execute(text("SELECT item, body FROM notes ORDER BY seq"))).all()
+    assert [tuple(note) for note in notes] == [("a", "noted: x"), ("a", "noted: y")]
+
+
+async def test_pending_writes_commit_with_the_transaction(db: Database, sent: list[str]) -> None:
+    async with write(db) as conn:
+        await (await raw(conn)).run(ITEM, "a", 1)  # nothing after it but COMMIT
+    assert await items(db) == [("a", 1)]
+    assert [s for s in sent if "INSERT" in s] == ["WITH _oncepay_w0 AS (INSERT INTO items (id, n) "
+                                                  "VALUES ($1, $2)) SELECT 1"]  # fmt: skip
+
+
+async def test_a_statement_sees_the_writes_before_it(db: Database, sent: list[str]) -> None:
+    async with write(db) as conn:
+        found = await raw(conn)
+        await found.run(ITEM, "a", 1)
+        await found.run(ITEM, "b", 2)
+        sent.clear()
+        # It names the table the pending inserts go to: they are sent first, on their own.
+        assert (await found.rows(COUNT_ITEMS))[0][0] == 2
+        assert len(sent) == 2
+        await found.run(ITEM, "c", 3)
+        # SQLAlchemy's own statements see them too.
+        assert (await conn.execute(text("SELECT count(*) FROM items"))).scalar_one() == 3
+        await found.run(ITEM, "d", 4)
+        # So does a statement on the driver once flushed.
+        await found.flush()
+        assert await found.driver.fetchval("SELECT count(*) FROM items") == 4
+    assert [name for name, _ in await items(db)] == ["a", "b", "c", "d"]
+
+
+async def test_updates_and_upserts_are_never_deferred(db: Database) -> None:
+    async with write(db) as conn:
+        found = await raw(conn)
+        await found.run(ITEM, "a", 1)
+        await found.run(BUMP, "a")  # would miss the pending row if it travelled with it
+        await found.run(ITEM_ONCE, "b", 1)
+        await found.run(ITEM_ONCE, "b", 2)  # two upserts of one key in one statement would fail
+    assert await items(db) == [("a", 2), ("b", 1)]
+
+
+async def test_an_error_in_a_deferred_write_fails_its_transaction(db: Database) -> None:
+    async def twice() -> None:
+        async with write(db) as conn:
+            found = await raw(conn)
+            await found.run(ITEM, "a", 1)
+            await found.run(ITEM, "a", 2)  # a duplicate key, deferred
+            await found.rows(SUM_OTHER)
+
+    with pytest.raises(DatabaseError):
+        await twice()
+    assert await items(db) == []
+
+
+async def test_a_rollback_drops_what_was_pending(db: Database) -> None:
+    # One pooled connection, so the next transaction runs on the same one.
+    assert db.schema is not None
+    single = Database.from_url(f"{db.url}?schema={db.schema}")
+    pids = set()
+
+    async def failing() -> None:
+        async with write(single) as conn:
+            pids.add((await conn.execute(text("SELECT pg_backend_pid()"))).scalar_one())
+            await (await raw(conn)).run(ITEM, "lost", 1)
+            raise RuntimeError("the caller fails")
+
+    try:
+        with pytest.raises(RuntimeError):
+            await failing()
+        async with write(single) as conn:
+            pids.add((await conn.execute(text("SELECT pg_backend_pid()"))).scalar_one())
+            await conn.execute(text("INSERT INTO other (n) VALUES (1)"))
+        async with write(single) as conn:
+            await (await raw(conn)).run(ITEM, "kept", 1)
+            await (await raw(conn)).rows(SUM_OTHER)
+    finally:
+        await single.aclose()
+    assert len(pids) == 1  # the same connection throughout
+    assert await items(db) == [("kept", 1)]
+
+
+async def test_the_store_s_statements_carry_pending_writes(db: Database, sent: list[str]) -> None:
+    store = PostgresStore(POSTGRES_URL, table=f"{db.schema}.keys")
+    await store.purge_expired(now=0.0)  # creates its table
+    try:
+        async with write(db) as conn:
+            found = await raw(conn)
+            await found.run(ITEM, "a", 1)
+            sent.clear()
+            claimed = await store.aclaim_in(
+                found.store, "s", "k", "fp", fence=1, now=1.0, lease=30.0, ttl=60.0
+            )
+            assert claimed
+            assert len(sent) == 1
+            assert sent[0].startswith("WITH _oncepay_w0 AS (INSERT INTO items")
+        assert await items(db) == [("a", 1)]
+        record = await store.get("s", "k")
+        assert record is not None
+        assert record.fence == 1
+    finally:
+        await store.aclose()
