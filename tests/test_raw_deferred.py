@@ -139,9 +139,20 @@ async def test_an_error_in_a_deferred_write_fails_its_transaction(db: Database) 
             await found.run(ITEM, "a", 2)  # a duplicate key, deferred
             await found.rows(SUM_OTHER)
 
+    async def twice_at_commit() -> None:
+        async with write(db) as conn:
+            found = await raw(conn)
+            await found.run(ITEM, "a", 1)
+            await found.run(ITEM, "a", 2)  # sent only before the COMMIT
+
     with pytest.raises(DatabaseError):
         await twice()
+    with pytest.raises(DatabaseError):
+        await twice_at_commit()
     assert await items(db) == []
+    async with write(db) as conn:  # the pool's connections are whole
+        await (await raw(conn)).run(ITEM, "b", 1)
+    assert await items(db) == [("b", 1)]
 
 
 async def test_a_rollback_drops_what_was_pending(db: Database) -> None:
