@@ -19,6 +19,7 @@ py-spy's raw stacks (``--gil``) of each round's measured payments.
         asyncio="--loop asyncio --http h11" uvloop="--loop uvloop --http httptools" \\
         [before="@/tmp/old/src"]   # a variant: NAME="serve options [@source dir]"
         [--profile DIR]            # py-spy --gil raw stacks of each round's measured payments
+        [--spy-mode on-cpu]        # ... or each thread's stacks while it is on the CPU
 """
 
 from __future__ import annotations
@@ -117,6 +118,7 @@ def round_of(
     folder: Path,
     backend: str = "sqlite",
     profile: Path | None = None,
+    spy_mode: str = "gil",
 ) -> tuple[float, float]:
     """Server CPU milliseconds per payment, one fresh server and database, and its PostgreSQL
     backends' (0 on SQLite)."""
@@ -153,7 +155,10 @@ def round_of(
         asyncio.run(fire(port, api_key, WARM_UP, concurrency, "warm"))
         spy = None
         if profile is not None:  # py-spy on the measured payments (its own CPU is not counted)
-            spy_args = ["record", "--gil", "-r", "500", "--format", "raw", "-o", str(profile)]
+            # --gil counts a thread holding the GIL while the OS has it off the CPU (in a
+            # send() on this VM, say) as busy; "on-cpu" samples each thread only when running.
+            how = ["--gil"] if spy_mode == "gil" else ["--threads"]
+            spy_args = ["record", *how, "-r", "500", "--format", "raw", "-o", str(profile)]
             spy = subprocess.Popen(
                 ["py-spy", *spy_args, "-p", str(server.pid)],
                 stdout=subprocess.DEVNULL,
@@ -187,6 +192,12 @@ def main() -> None:
     parser.add_argument(
         "--profile", type=Path, help="a folder: py-spy's raw stacks of each round go there"
     )
+    parser.add_argument(
+        "--spy-mode",
+        choices=["gil", "on-cpu"],
+        default="gil",
+        help="py-spy's samples: of the GIL's holder (default), or of each thread while it runs",
+    )
     parser.add_argument("variants", nargs="+", help='NAME="serve options [@source dir]"')
     args = parser.parse_args()
     variants = [parse_variant(v) for v in args.variants]
@@ -208,6 +219,7 @@ def main() -> None:
                     Path(folder),
                     args.backend,
                     profile,
+                    args.spy_mode,
                 )
                 took = time.perf_counter() - started
             figures[name].append(ms)
