@@ -25,6 +25,7 @@ pytestmark = pytest.mark.postgres
 
 ITEM = Sql("INSERT INTO items (id, n) VALUES ($1, $2)")
 NOTE = Sql("INSERT INTO notes (item, body) VALUES ($1, 'noted: ' || $2)")
+OTHER_ONE = Sql("INSERT INTO other (n) VALUES (1)")  # no parameter at all
 COUNT_ITEMS = Sql("SELECT count(*) FROM items")
 SUM_OTHER = Sql("SELECT coalesce(sum(n), 0) FROM other")
 BUMP = Sql("UPDATE items SET n = n + 1 WHERE id = $1")
@@ -82,16 +83,20 @@ async def test_writes_travel_with_the_next_statement(db: Database, sent: list[st
         sent.clear()
         await found.run(ITEM, "a", 1)
         await found.many(NOTE, [("a", "x"), ("a", "y")])
+        await found.run(OTHER_ONE)
         assert sent == []  # nothing sent yet
-        (total,) = (await found.rows(SUM_OTHER))[0]
-        assert total == 0
+        assert (await found.rows(Sql("SELECT $1::int + 1"), 41))[0][0] == 42
         assert len(sent) == 1  # the inserts went in front of the SELECT, one round trip
         assert sent[0].startswith("WITH _oncepay_w0 AS (INSERT INTO items")
-        assert "VALUES ($3, 'noted: ' || $4), ($5, 'noted: ' || $6)) SELECT coalesce" in sent[0]
+        assert "VALUES ($2, $3)), _oncepay_w1 AS (INSERT INTO notes" in sent[0]
+        assert "VALUES ($4, 'noted: ' || $5), ($6, 'noted: ' || $7)), _oncepay_w2" in sent[0]
+        assert sent[0].endswith("VALUES (1)) SELECT $1::int + 1")
     assert await items(db) == [("a", 1)]
     async with read(db) as conn:
         notes = (await conn.execute(text("SELECT item, body FROM notes ORDER BY seq"))).all()
     assert [tuple(note) for note in notes] == [("a", "noted: x"), ("a", "noted: y")]
+    async with read(db) as conn:
+        assert (await conn.execute(text("SELECT count(*) FROM other"))).scalar_one() == 1
 
 
 async def test_pending_writes_commit_with_the_transaction(db: Database, sent: list[str]) -> None:

@@ -306,7 +306,7 @@ def _merged(text: str, count: int, pending: tuple[tuple[str, int], ...]) -> str 
     queries, offset = [], count
     for n, (written, rows) in enumerate(pending):
         shape = _shape(written)
-        width = max(int(number) for number in _NUMBERED.findall(shape.row))
+        width = max((int(number) for number in _NUMBERED.findall(shape.row)), default=0)
         values = []
         for _ in range(rows):
             values.append(_renumbered(shape.row, offset))
