@@ -19,7 +19,7 @@ py-spy's raw stacks (``--gil``) of each round's measured payments.
         asyncio="--loop asyncio --http h11" uvloop="--loop uvloop --http httptools" \\
         [before="@/tmp/old/src"]   # a variant: NAME="serve options [@source dir]"
         [--profile DIR]            # py-spy --gil raw stacks of each round's measured payments
-        [--spy-mode on-cpu]        # ... or each thread's stacks while it is on the CPU
+        [--spy-mode threads]       # ... or every thread's, by name (some waits count)
 """
 
 from __future__ import annotations
@@ -155,8 +155,10 @@ def round_of(
         asyncio.run(fire(port, api_key, WARM_UP, concurrency, "warm"))
         spy = None
         if profile is not None:  # py-spy on the measured payments (its own CPU is not counted)
-            # --gil counts a thread holding the GIL while the OS has it off the CPU (in a
-            # send() on this VM, say) as busy; "on-cpu" samples each thread only when running.
+            # --gil samples the GIL's holder, also while the OS has it off the CPU (inside a
+            # send() on this VM, say); "threads" samples every thread, by name, that py-spy
+            # does not take for idle (it takes some waits for work: read a thread's share
+            # against its wall clock, not as CPU).
             how = ["--gil"] if spy_mode == "gil" else ["--threads"]
             spy_args = ["record", *how, "-r", "500", "--format", "raw", "-o", str(profile)]
             spy = subprocess.Popen(
@@ -194,9 +196,9 @@ def main() -> None:
     )
     parser.add_argument(
         "--spy-mode",
-        choices=["gil", "on-cpu"],
+        choices=["gil", "threads"],
         default="gil",
-        help="py-spy's samples: of the GIL's holder (default), or of each thread while it runs",
+        help="py-spy's samples: of the GIL's holder (default), or of every thread by name",
     )
     parser.add_argument("variants", nargs="+", help='NAME="serve options [@source dir]"')
     args = parser.parse_args()
