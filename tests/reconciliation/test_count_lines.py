@@ -5,13 +5,14 @@ would give or the very error it would raise, whether the report took the one-exp
 from __future__ import annotations
 
 import io
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from oncepay.reconciliation import MAPPINGS, ReportError, read_report, report
+from oncepay.reconciliation import MAPPINGS, ReportError, ReportLine, read_report, report
 from oncepay.reconciliation.mapping import ONCEPAY, ColumnMapping
-from oncepay.reconciliation.report import count_lines, counting
+from oncepay.reconciliation.report import count_lines, counting, report_lines
 
 DATA = Path(__file__).parent / "data"
 HEADER = b"reference,type,amount,currency,fee,net,settled_at,payout_id\n"
@@ -124,3 +125,77 @@ def test_a_bad_line_late_in_a_plain_report_is_the_parsers_error(
         == parsed(content)
         == "error: line 5002: amount: '1O00' is not an integer amount in minor units"
     )
+
+
+# -- the second pass: report_lines -------------------------------------------------------------
+
+
+def lines_or_error(read: Iterator[ReportLine]) -> list[ReportLine] | str:
+    try:
+        return list(read)
+    except ReportError as exc:
+        return f"error: {exc.detail}"
+
+
+ORDERED = ColumnMapping(  # the SPEC's columns in another order, with an order id
+    name="ordered",
+    reference=("ref",),
+    type="kind",
+    types={"sale": "capture", "refund": "refund"},
+    currency="cur",
+    amount=("gross",),
+    fee=("fee",),
+    net=("net",),
+    settled_at="at",
+    payout_id="payout",
+    order_id="order",
+)
+ORDERED_REPORT = (
+    b"payout,order,net,x,ref,fee,gross,cur,kind,at\n"
+    b"po_1,pay_1 ,961,,r1,39,1000,eur, sale ,2026-12-01\n"
+    b"po_1,,-500,y, re_2 ,0,500,EUR,refund,2026-12-01\r\n"
+)
+
+
+@pytest.mark.parametrize("content", REPORTS)
+@pytest.mark.parametrize("name", sorted(MAPPINGS))
+def test_report_lines_are_the_parsers_lines_or_its_error(content: bytes, name: str) -> None:
+    mapping = MAPPINGS[name]
+    assert lines_or_error(report_lines(content, mapping)) == lines_or_error(
+        read_report(io.BytesIO(content), mapping)
+    )
+
+
+def test_report_lines_read_columns_in_any_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    expected = list(read_report(io.BytesIO(ORDERED_REPORT), ORDERED))
+    monkeypatch.setattr(report, "read_report", None)  # the fast way, not the parser's
+    assert list(report_lines(ORDERED_REPORT, ORDERED)) == expected
+    assert [line.order_id for line in expected] == ["pay_1", ""]
+
+
+def test_a_plain_report_is_read_without_the_parser_in_pieces(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    content = HEADER + (GOOD + REFUND) * 5_000
+    expected = list(read_report(io.BytesIO(content)))
+    monkeypatch.setattr(report, "_LINES_PIECE", 1 << 12)
+
+    def no_parser(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the parser was called")
+
+    monkeypatch.setattr(report, "read_report", no_parser)
+    assert list(report_lines(content)) == expected
+
+
+def test_a_bad_line_late_hands_the_rest_to_the_parser(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pieces before the bad line are given by the fast way, once; the parser gives the lines
+    after them, then raises its own error at the bad line (a quoted line: read, not refused)."""
+    monkeypatch.setattr(report, "_LINES_PIECE", 1 << 12)
+    tail = GOOD.replace(b"1000", b"1O00") + GOOD
+    content = HEADER + GOOD * 5_000 + tail
+    assert lines_or_error(report_lines(content)) == lines_or_error(read_report(io.BytesIO(content)))
+    quoted = HEADER + GOOD * 5_000 + b'"r9",capture,7,EUR,25,-18,t,po\n' + REFUND
+    given = list(report_lines(quoted))
+    assert given == list(read_report(io.BytesIO(quoted)))
+    assert len(given) == 5_002
+    assert [line.line for line in given][-3:] == [5_001, 5_002, 5_003]

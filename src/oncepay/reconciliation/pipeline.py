@@ -77,7 +77,7 @@ from oncepay.reconciliation.remediation import (
     unfinished,
     voided_by_us,
 )
-from oncepay.reconciliation.report import counting, read_report
+from oncepay.reconciliation.report import counting, read_report, report_lines
 from oncepay.reconciliation.settlement import BATCH, Posted, post_settlements, without_settled
 from oncepay.reconciliation.source import (
     holds_from,
@@ -401,7 +401,7 @@ async def _match_and_post(
     pending: list[tuple[ReportLine, Operation]] = []
     matching = Matching(books, fees=inputs.fees, settle=lambda line, op: pending.append((line, op)))
     try:
-        for number, line in enumerate(read_report(io.BytesIO(inputs.report), chosen), 1):
+        for number, line in enumerate(report_lines(inputs.report, chosen), 1):
             matching.take(line)
             if len(pending) >= BATCH:
                 await poster.post(pending)

@@ -14,6 +14,7 @@ import io
 import re
 from collections.abc import Iterator
 from functools import lru_cache
+from operator import itemgetter
 from typing import BinaryIO
 
 from oncepay.reconciliation.errors import ReportError
@@ -21,7 +22,7 @@ from oncepay.reconciliation.mapping import ONCEPAY, ColumnMapping
 from oncepay.reconciliation.money import parse_major, parse_minor
 from oncepay.reconciliation.records import ReportLine
 
-__all__ = ["count_lines", "read_report"]
+__all__ = ["count_lines", "read_report", "report_lines"]
 
 _CURRENCY = re.compile(r"^[A-Z]{3}$")
 _BLANK = frozenset({b"", b"\n", b"\r\n", b"\r"})
@@ -38,6 +39,75 @@ def read_report(stream: BinaryIO, mapping: ColumnMapping = ONCEPAY) -> Iterator[
                 yield line
     except csv.Error as exc:
         raise ReportError(f"line {rows.line_num}: not valid CSV ({exc})") from exc
+
+
+def report_lines(report: bytes, mapping: ColumnMapping = ONCEPAY) -> Iterator[ReportLine]:
+    """:func:`read_report` of ``report``'s bytes: the same lines, the same error.
+
+    A report in :func:`counting`'s plainest shape is read a piece (~2,000 lines) at a time by
+    one expression that checks each line as :func:`counting` does and cuts out its cells
+    (``findall``, in C): a line's cells are then stripped and converted as the parser would,
+    with none of the parser's checks left to fail (~1.5 µs a line against ~4 for the CSV
+    reader and the parser). A piece with a line the expression does not take hands the report
+    to the parser, which skips the lines already given and reads (or refuses) the rest."""
+    plain = _plain(report, mapping)
+    if plain is None:
+        yield from read_report(io.BytesIO(report), mapping)
+        return
+    _, start, header = plain
+    cells = _cells_pattern(header, _roles(mapping))
+    order = mapping.order_id
+    fields = (
+        mapping.reference[0],
+        mapping.type,
+        mapping.amount[0],
+        mapping.currency,
+        mapping.fee[0],
+        mapping.net[0],
+        mapping.settled_at,
+        mapping.payout_id,
+        order or mapping.type,  # no order id: a cell that is not read
+    )
+    pick = itemgetter(*(header.index(name) for name in fields))
+    kinds = mapping.types
+    new = tuple.__new__
+    given = 0
+    while start < len(report):
+        end = report.find(b"\n", start + _LINES_PIECE)
+        end = len(report) if end < 0 else end + 1
+        piece = report[start:end].decode("ascii")
+        found = cells.findall(piece)
+        if len(found) != piece.count("\n") + (not piece.endswith("\n")):
+            break  # a line the expression does not take: the parser's way from here
+        number = given + 1  # the header is line 1
+        for row in found:
+            reference, kind, amount, currency, fee, net, settled_at, payout_id, order_id = pick(row)
+            number += 1
+            yield new(  # ReportLine(...) without its generated __new__: 1 µs a line less
+                ReportLine,
+                (
+                    number,
+                    reference.strip(),
+                    kinds[kind.strip()],
+                    int(amount),
+                    currency.strip().upper(),
+                    int(fee),
+                    int(net),
+                    settled_at.strip(),
+                    payout_id.strip(),
+                    order_id.strip() if order else "",
+                ),
+            )
+        given += len(found)
+        start = end
+    else:
+        return
+    for count, line in enumerate(read_report(io.BytesIO(report), mapping)):
+        if count >= given:
+            yield line
+
+
+_LINES_PIECE = 1 << 18  # characters per piece of report_lines (~2,000 lines: ~1.5 MB of cells)
 
 
 def count_lines(report: bytes, mapping: ColumnMapping = ONCEPAY) -> int:
@@ -59,7 +129,7 @@ def counting(report: bytes, mapping: ColumnMapping = ONCEPAY) -> Iterator[int]:
     yield 0
     plain = _plain(report, mapping)
     if plain is not None:
-        pattern, start = plain
+        pattern, start, _ = plain
         count = 0
         while start < len(report):
             end = report.find(b"\n", start + _PIECE)
@@ -90,10 +160,12 @@ _NATURAL = rb" *(?:0|[1-9][0-9]{0,17}) *"
 _SIGNED = rb" *-?(?:0|[1-9][0-9]{0,17}) *"  # parse_minor's shape
 
 
-def _plain(report: bytes, mapping: ColumnMapping) -> tuple[re.Pattern[bytes], int] | None:
-    """The pattern of one clean line of ``report`` and where its first line after the header
-    starts, when the report and the mapping are plain enough for it (the report's bytes are
-    matched in place: no decoded copy of a 100 MB report)."""
+def _plain(
+    report: bytes, mapping: ColumnMapping
+) -> tuple[re.Pattern[bytes], int, tuple[str, ...]] | None:
+    """The pattern of one clean line of ``report``, where its first line after the header
+    starts and the header's columns, when the report and the mapping are plain enough for it
+    (the report's bytes are matched in place: no decoded copy of a 100 MB report)."""
     simple = (
         mapping.units == "minor"
         and not mapping.signed_amounts
@@ -113,8 +185,16 @@ def _plain(report: bytes, mapping: ColumnMapping) -> tuple[re.Pattern[bytes], in
     header = tuple(first.decode("ascii").split(","))
     if not mapping.required() <= set(header):
         return None
+    roles = _roles(mapping)
+    if len({column for column, _ in roles}) != len(roles):
+        return None
+    return _line_pattern(header, roles), start, header
+
+
+def _roles(mapping: ColumnMapping) -> tuple[tuple[str, bytes], ...]:
+    """The plain shape of each matched column: reference, type, currency, amount, fee, net."""
     types = b"|".join(re.escape(t.encode("ascii")) for t in sorted(mapping.types))
-    roles = (
+    return (
         (mapping.reference[0], _FILLED),
         (mapping.type, b" *(?:" + types + b") *"),
         (mapping.currency, b" *[A-Za-z]{3} *"),
@@ -122,9 +202,6 @@ def _plain(report: bytes, mapping: ColumnMapping) -> tuple[re.Pattern[bytes], in
         (mapping.fee[0], _NATURAL),
         (mapping.net[0], _SIGNED),
     )
-    if len({column for column, _ in roles}) != len(roles):
-        return None
-    return _line_pattern(header, roles), start
 
 
 @lru_cache(maxsize=16)
@@ -137,6 +214,19 @@ def _line_pattern(
     for column, pattern in roles:
         cells[header.index(column)] = pattern
     return re.compile(b",".join(cells) + rb"(?:\r?\n|\Z)")
+
+
+@lru_cache(maxsize=16)
+def _cells_pattern(
+    header: tuple[str, ...], roles: tuple[tuple[str, bytes], ...]
+) -> re.Pattern[str]:
+    """:func:`_line_pattern` as text, each line anchored at its start (``MULTILINE``: a match
+    is a whole line, never the end of one), every cell a group."""
+    cells = [_CELL] * len(header)
+    for column, pattern in roles:
+        cells[header.index(column)] = pattern
+    grouped = b",".join(b"(" + cell + b")" for cell in cells) + rb"(?:\r?\n|\Z)"
+    return re.compile("(?m)^" + grouped.decode("ascii"))
 
 
 def _text_lines(stream: BinaryIO) -> Iterator[str]:
