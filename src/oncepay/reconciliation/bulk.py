@@ -172,6 +172,13 @@ _TXN = "printf('%s%08x', NEW.txn, n)"
 # statement).
 _ENTRY_K = "temp.oncepay_entry_k"
 _CREATE_ENTRY_K = f"CREATE TABLE IF NOT EXISTS {_ENTRY_K} (k INTEGER PRIMARY KEY)"
+# The batch's payments (those of its lines not settled before), k their place by id; every line
+# names a payment that exists (the journals' foreign keys refuse the batch otherwise).
+_PAYING = "temp.oncepay_paying"
+_CREATE_PAYING = (
+    f"CREATE TABLE IF NOT EXISTS {_PAYING} (k INTEGER PRIMARY KEY, payment_id TEXT NOT NULL, "
+    "c INTEGER NOT NULL, r INTEGER NOT NULL, f INTEGER NOT NULL, at REAL NOT NULL)"
+)
 _SETTLE_STATEMENTS = (
     # lines whose guard is there already (settled before): not posted again
     "DELETE FROM oncepay_settling WHERE EXISTS (SELECT 1 FROM reconciliation_settlements s "
@@ -187,18 +194,24 @@ _SETTLE_STATEMENTS = (
     f"currency, amount) SELECT {_TXN}, merchant_id, payment_id, {_ENTRY_ACCOUNT}, currency, "
     f"{_ENTRY_AMOUNT} FROM oncepay_settling CROSS JOIN oncepay_entry_k "
     f"WHERE {_ENTRY_AMOUNT} != 0 ORDER BY n, k",
+    # the batch's payments, numbered by id (their events' ids), with what settles on each
+    "DELETE FROM oncepay_paying",
+    "INSERT INTO oncepay_paying (k, payment_id, c, r, f, at) "
+    "SELECT row_number() OVER (ORDER BY payment_id) - 1, payment_id, "
+    "sum(CASE WHEN type = 'capture' THEN amount ELSE 0 END), "
+    "sum(CASE WHEN type = 'capture' THEN 0 ELSE amount END), sum(fee), max(at) "
+    "FROM oncepay_settling GROUP BY payment_id",
     "UPDATE payments SET amount_settled = amount_settled + s.c, "
     "amount_refund_settled = amount_refund_settled + s.r, "
     "settlement_fee = settlement_fee + s.f, "
     "settled_at = max(coalesce(payments.settled_at, 0), s.at), updated_at = NEW.now "
-    "FROM (SELECT payment_id, sum(CASE WHEN type = 'capture' THEN amount ELSE 0 END) AS c, "
-    "sum(CASE WHEN type = 'capture' THEN 0 ELSE amount END) AS r, sum(fee) AS f, "
-    "max(at) AS at FROM oncepay_settling GROUP BY payment_id) AS s "
-    "WHERE payments.id = s.payment_id",
+    "FROM oncepay_paying AS s WHERE payments.id = s.payment_id",
+    # in k order, no window nor sort over the snapshots (a row_number() over the payments
+    # themselves sorted the batch's rows, JSON included: ~1.5 µs a line of SQLite's time)
     "INSERT INTO events (id, merchant_id, type, object_id, data, created_at) "
-    "SELECT printf('%s%08x', NEW.evt, row_number() OVER (ORDER BY p.id) - 1), p.merchant_id, "
-    f"'payment.settled', p.id, {_SNAPSHOT_JSON}, NEW.now FROM payments AS p "
-    "WHERE p.id IN (SELECT payment_id FROM oncepay_settling) ORDER BY p.id",
+    "SELECT printf('%s%08x', NEW.evt, t.k), p.merchant_id, "
+    f"'payment.settled', p.id, {_SNAPSHOT_JSON}, NEW.now "
+    "FROM oncepay_paying AS t CROSS JOIN payments AS p ON p.id = t.payment_id ORDER BY t.k",
 )
 _CREATE_TRIGGER = (
     (
@@ -302,6 +315,7 @@ def _stage(db: sqlite3.Connection, rows: list[Row]) -> None:
     is a few milliseconds of the loop's, and the thread's statement holds the GIL once."""
     db.execute(_CREATE_STAGE)
     db.execute(_CREATE_ENTRY_K)
+    db.execute(_CREATE_PAYING)
     db.execute(f"INSERT OR IGNORE INTO {_ENTRY_K} VALUES (0), (1), (2)")
     db.execute(_CREATE_COMMAND)
     db.execute(_CREATE_TRIGGER)
