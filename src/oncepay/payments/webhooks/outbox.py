@@ -52,9 +52,7 @@ async def fan_out(
     return len(targets)
 
 
-async def endpoints_in(
-    conn: AsyncConnection, merchant_id: str
-) -> list[tuple[str, frozenset[str]]]:
+async def endpoints_in(conn: AsyncConnection, merchant_id: str) -> list[tuple[str, frozenset[str]]]:
     """The merchant's enabled endpoints and the event types each wants, read once per
     transaction: a payment writes three events in one transaction, and every one of them fans
     out to the same endpoints (an endpoint created meanwhile commits before or after the whole
