@@ -261,6 +261,38 @@ async def test_settled_events_are_the_payments_snapshots_byte_for_byte(stack: St
         assert deliveries.get(event_id) == 1
 
 
+async def test_a_batchs_ids_number_its_lines_and_its_payments_from_zero(stack: Stack) -> None:
+    """A batch's journals are its head and the line's place in the batch (8 hex digits, from
+    00000000, in the report's order); its ``payment.settled`` events the head of the batch's
+    events and the payment's place among the batch's payments by id."""
+    ids = [await paid(stack, 1000 + n) for n in range(3)]
+    refund = await stack.post(f"/v1/payments/{ids[1]}/refunds", {"amount": 300})
+    assert refund.status_code == 201, refund.text
+    rows = list(reversed(await day_report(stack)))  # not in the payments' order
+    result = await run(stack, as_csv(rows))
+    assert (result.settled, result.discrepancies) == (4, ())
+    async with read(stack.db) as conn:
+        guards: dict[str, str] = dict(
+            (
+                await conn.execute(
+                    text("SELECT reference, transaction_id FROM reconciliation_settlements")
+                )
+            ).all()
+        )
+        events = (
+            await conn.execute(
+                text("SELECT id, object_id FROM events WHERE type = 'payment.settled' ORDER BY id")
+            )
+        ).all()
+    journals = [guards[row["reference"]] for row in rows]
+    assert len({journal[:-8] for journal in journals}) == 1  # one batch
+    assert [journal[-8:] for journal in journals] == [f"{n:08x}" for n in range(4)]
+    assert len({event_id[:-8] for event_id, _ in events}) == 1
+    assert [(event_id[-8:], pid) for event_id, pid in events] == [
+        (f"{n:08x}", pid) for n, pid in enumerate(sorted(ids))
+    ]
+
+
 async def test_a_rerun_changes_nothing(stack: Stack) -> None:
     report, _ = await business_with_every_kind(stack)
     first = await run(stack, report)

@@ -138,7 +138,7 @@ async def _post_staged_ahead(
     connection of its own before the write lock is asked for, so that it is staged while the
     batch before it writes (the pipeline has two batches in flight), and the write lock is
     held only for SQLite's own work."""
-    rows = _staged(batch, {op.payment_id: op.merchant_id for _, op in batch}, now)
+    rows = _staged(batch, None, now)
     if not rows:
         return
     async with db.engine.connect() as conn:
@@ -213,31 +213,41 @@ async def post_batch(
 
 
 def _staged(
-    batch: Sequence[tuple[ReportLine, Operation]], owners: dict[str, str], now: float
+    batch: Sequence[tuple[ReportLine, Operation]], owners: dict[str, str] | None, now: float
 ) -> list[tuple[Any, ...]]:
     """The batch's lines as :data:`.bulk.STAGED` rows: those of payments that exist, each
-    reference once (the first line that names it)."""
+    reference once (the first line that names it). ``owners``: payment id -> merchant id;
+    ``None``: each operation's own (read with the books, every one set)."""
     rows: list[tuple[Any, ...]] = []
+    add = rows.append
     seen: set[str] = set()
+    times: dict[str, float] = {}  # a report repeats its few settlement times
     for line, op in batch:
-        merchant = owners.get(op.payment_id)
-        if merchant is None or op.reference in seen:
+        reference = op.reference
+        if reference in seen:
             continue
-        seen.add(op.reference)
-        rows.append(
+        merchant = op.merchant_id if owners is None else owners.get(op.payment_id)
+        if merchant is None:
+            continue
+        seen.add(reference)
+        settled_at = line.settled_at
+        at = times.get(settled_at)
+        if at is None:
+            at = times[settled_at] = _posix(settled_at, now)
+        add(
             (
-                op.reference,
+                reference,
                 op.payment_id,
                 merchant,
-                op.reference if op.type == "refund" else None,
+                reference if op.type == "refund" else None,
                 line.type,
                 line.currency,
                 line.payout_id,
                 line.amount,
                 line.fee,
                 line.net,
-                line.settled_at,
-                _posix(line.settled_at, now),
+                settled_at,
+                at,
             )
         )
     return rows
