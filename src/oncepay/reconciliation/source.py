@@ -87,7 +87,7 @@ async def operations_between(
             while True:
                 chunk = chunked.where(tx.c.id > after) if after else chunked
                 rows = cast(list[tuple[Any, ...]], (await conn.execute(chunk)).all())
-                found.extend(_operation(*row[:-1], days=days, shared=shared) for row in rows)
+                found.extend(_operations(rows, days, shared))
                 if after_chunk is not None:
                     after_chunk()
                 if len(rows) < BOOKS_CHUNK:
@@ -97,10 +97,42 @@ async def operations_between(
             streamed = await conn.stream(query)
             async for part in streamed.partitions(BOOKS_CHUNK):
                 rows = cast(list[tuple[Any, ...]], part)
-                found.extend(_operation(*row[:-1], days=days, shared=shared) for row in rows)
+                found.extend(_operations(rows, days, shared))
                 if after_chunk is not None:
                     after_chunk()
     found.sort(key=lambda op: op.reference)
+    return found
+
+
+def _operations(
+    rows: list[tuple[Any, ...]], days: dict[int, date], shared: dict[str, str]
+) -> list[Operation]:
+    """:func:`_operation` of each row (its last column, the keyset's id, not read), the common
+    row, an automatic capture, built inline: a million rows go through here before anything
+    can match (a call per row with its keywords cost ~0.5 µs of the ~2)."""
+    found: list[Operation] = []
+    add = found.append
+    new = tuple.__new__
+    for row in rows:
+        kind, created_at, _, payment_id, attempt, method, captured, currency, _, merchant, _ = row
+        day = days.get(int(created_at // 86_400))
+        if kind != "capture" or method != "automatic" or day is None:
+            add(_operation(*row[:-1], days=days, shared=shared))
+            continue
+        add(  # Operation(...) without its generated __new__
+            new(
+                Operation,
+                (
+                    authorization_reference(payment_id, attempt),
+                    payment_id,
+                    "capture",
+                    captured,
+                    shared.setdefault(currency, currency),
+                    day,
+                    shared.setdefault(merchant, merchant),
+                ),
+            )
+        )
     return found
 
 
