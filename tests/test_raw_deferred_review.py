@@ -1,21 +1,22 @@
-"""Review of PostgreSQL's deferred inserts (storage/raw.py, 3e66989): a pending write is kept
-with the SQLAlchemy transaction that was current when :func:`raw` was first called, and the
-engine listeners drop it, unsent, when the connection's transaction is another object by the
-time SQLAlchemy sends a statement or commits. On a connection SQLAlchemy has not begun yet
-(``engine.connect()``, SQLAlchemy 2's commit-as-you-go) :func:`raw` begins on the server and
-keeps ``None`` as the transaction; SQLAlchemy's autobegin (or ``begin()``) then makes a new
-transaction object for the same server transaction, and the insert is silently lost while the
-transaction commits. Before 3e66989 the same code committed the insert. Real PostgreSQL.
-
-Marked xfail(strict=True) until storage/raw.py is fixed: remove the marker with the fix."""
+"""Found in review of PostgreSQL's deferred inserts (storage/raw.py): a pending write was kept
+with the SQLAlchemy transaction current when :func:`raw` was first called, and the engine
+listeners dropped it, unsent, when the connection's transaction was another object by the
+time SQLAlchemy sent a statement or committed. On a connection SQLAlchemy has not begun yet
+(``engine.connect()``, SQLAlchemy 2's commit-as-you-go) :func:`raw` begins on the server;
+SQLAlchemy's autobegin (or ``begin()``) then makes its own transaction object for the same
+server transaction, and the insert was lost while the transaction committed. Pending writes
+now belong to the server's transaction. Real PostgreSQL."""
 
 from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator
+from typing import Any
 
+import asyncpg
 import pytest
 from sqlalchemy import text
+from sqlalchemy.exc import DatabaseError, InvalidRequestError
 
 from oncepay.storage.db import Database, read, write
 from oncepay.storage.raw import Sql, raw
@@ -25,11 +26,6 @@ from tests.servers import POSTGRES_URL, require_postgres
 pytestmark = pytest.mark.postgres
 
 ITEM = Sql("INSERT INTO items (id, n) VALUES ($1, $2)")
-LOST = pytest.mark.xfail(
-    strict=True,
-    reason="review of 3e66989: a deferred insert made before SQLAlchemy began its transaction "
-    "is dropped by _pending_in (kept transaction None is not the autobegun one) and never sent",
-)
 
 
 @pytest.fixture
@@ -53,7 +49,6 @@ async def items(db: Database) -> list[tuple[str, int]]:
         return [(row[0], row[1]) for row in rows]
 
 
-@LOST
 async def test_an_insert_before_autobegin_commits_with_the_connection(db: Database) -> None:
     async with db.engine.connect() as conn:  # commit-as-you-go: nothing begun yet
         found = await raw(conn)  # begins on the server (asyncpg), before SQLAlchemy does
@@ -65,11 +60,85 @@ async def test_an_insert_before_autobegin_commits_with_the_connection(db: Databa
     assert await items(db) == [("a", 1)]
 
 
-@LOST
-async def test_an_insert_before_begin_commits_with_that_transaction(db: Database) -> None:
+async def test_raw_begins_as_a_statement_of_sqlalchemy_s_would(db: Database) -> None:
     async with db.engine.connect() as conn:
         found = await raw(conn)
         await found.run(ITEM, "a", 1)
-        async with conn.begin():  # the server transaction raw() began; committed at the end
-            pass
+        with pytest.raises(InvalidRequestError):  # as after any statement: autobegun already
+            await conn.begin()
+        await conn.commit()
+    assert await items(db) == [("a", 1)]
+
+
+async def test_raw_statements_alone_commit_with_the_connection(db: Database) -> None:
+    async with db.engine.connect() as conn:  # nothing begun, no SQLAlchemy statement after
+        await (await raw(conn)).run(ITEM, "a", 1)
+        await conn.commit()
+    assert await items(db) == [("a", 1)]
+
+
+@pytest.fixture
+def sent(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Every statement sent on an asyncpg connection, one entry a round trip."""
+    statements: list[str] = []
+    for name in ("execute", "executemany", "fetch"):
+        original = getattr(asyncpg.Connection, name)
+
+        def counted(original: Any) -> Any:
+            async def wrapper(self: Any, query: str, *args: Any, **kwargs: Any) -> Any:
+                statements.append(" ".join(query.split()))
+                return await original(self, query, *args, **kwargs)
+
+            return wrapper
+
+        monkeypatch.setattr(asyncpg.Connection, name, counted(original))
+    return statements
+
+
+@pytest.mark.parametrize(
+    "opaque",
+    [
+        "INSERT INTO items (id, n) VALUES ($1, $2);",  # would close the WITH query early
+        "INSERT INTO items (id, n) VALUES ($1, $2) -- a note",  # would swallow its parenthesis
+        "INSERT INTO items (id, n) VALUES ($1, $2 + length(E'\\x29'))",  # an escape string
+    ],
+)
+async def test_text_the_joining_cannot_read_is_sent_as_it_is(
+    db: Database, sent: list[str], opaque: str
+) -> None:
+    async with write(db) as conn:
+        found = await raw(conn)
+        sent.clear()
+        await found.run(Sql(opaque), "a", 1)
+        assert sent == [" ".join(opaque.split())]  # at once, alone
+    assert [name for name, _ in await items(db)] == ["a"]
+
+
+async def test_rows_of_another_width_are_not_joined(db: Database, sent: list[str]) -> None:
+    async with write(db) as conn:
+        await conn.execute(text("CREATE TABLE pairs (a TEXT, b TEXT)"))
+    pair = Sql("INSERT INTO pairs (a, b) VALUES ($1, $2)")
+
+    async def uneven() -> None:
+        async with write(db) as conn:
+            # one row short, one long: as many values as two rows, which a joined statement
+            # would take, each value in the wrong place ('p', 'q'), ('r', 's')
+            await (await raw(conn)).many(pair, [("p",), ("q", "r", "s")])
+
+    with pytest.raises(DatabaseError):
+        await uneven()
+    async with read(db) as conn:
+        assert (await conn.execute(text("SELECT count(*) FROM pairs"))).scalar_one() == 0
+
+
+async def test_a_statement_that_cannot_carry_goes_after_the_writes(
+    db: Database, sent: list[str]
+) -> None:
+    async with write(db) as conn:
+        found = await raw(conn)
+        await found.run(ITEM, "a", 1)
+        sent.clear()
+        assert (await found.rows(Sql("SHOW TimeZone")))[0][0]
+        assert len(sent) == 2  # the insert first, on its own; SHOW as it is
+        assert sent[1] == "SHOW TimeZone"
     assert await items(db) == [("a", 1)]

@@ -179,16 +179,18 @@ class AsyncpgRaw:
         return bool(self._pending)
 
     async def rows(self, sql: Sql, *args: Any) -> Sequence[Sequence[Any]]:
-        return await self.fetch(sql.postgresql, *args)
+        try:
+            return await self.fetch(sql.postgresql, *args)
+        except _ASYNCPG_ERRORS as exc:
+            raise _translated(sql.postgresql, exc) from exc
 
     async def fetch(self, text: str, *args: Any) -> list[Any]:
-        """asyncpg's ``fetch``, the pending writes in front (the idempotency store calls it)."""
+        """asyncpg's ``fetch``, the pending writes in front (the idempotency store calls it:
+        its statement's errors are asyncpg's, as on the bare connection; a pending write's
+        failing on its own is this module's ``DatabaseError``)."""
         if self._pending:
             text, args = await self._carrying(text, args)
-        try:
-            rows: list[Any] = await self._conn.fetch(text, *args)
-        except _ASYNCPG_ERRORS as exc:
-            raise _translated(text, exc) from exc
+        rows: list[Any] = await self._conn.fetch(text, *args)
         return rows
 
     async def run(self, sql: Sql, *args: Any) -> None:
@@ -215,7 +217,11 @@ class AsyncpgRaw:
 
     async def _write(self, text: str, rows: Sequence[Sequence[Any]]) -> None:
         shape = _shape(text)
-        if shape.row and len(rows) <= _MAX_DEFERRED_ROWS:
+        if (
+            shape.row
+            and len(rows) <= _MAX_DEFERRED_ROWS
+            and all(len(row) == shape.width for row in rows)
+        ):
             if self._pending and (
                 self._rows + len(rows) > _MAX_DEFERRED_ROWS or not self._apart(shape.names)
             ):
@@ -240,7 +246,8 @@ class AsyncpgRaw:
         """``text`` with the pending writes in front as data-modifying ``WITH`` queries, and
         its parameters; the pending writes are taken. A statement that names a table they
         write to would not see their rows: they are sent first, on their own."""
-        if not self._apart(_shape(text).names):
+        shape = _shape(text)
+        if not shape.carrier or not self._apart(shape.names):
             await self.flush()
             return text, args
         pending, self._pending, self._rows = self._pending, [], 0
@@ -261,6 +268,8 @@ class AsyncpgRaw:
 _MAX_DEFERRED_ROWS = 64
 _WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
+_ESCAPED = re.compile(r"\b[EeUu]&?'")  # E'…' and U&'…' strings
+_CARRIER = re.compile(r"\s*(SELECT|INSERT|UPDATE|DELETE|WITH|VALUES)\b", re.IGNORECASE)
 _PLAIN_INSERT = re.compile(
     r"\s*INSERT\s+INTO\s+(?:[A-Za-z_][A-Za-z0-9_]*\.)?([A-Za-z_][A-Za-z0-9_]*)\s*\([^()]*\)"
     r"\s*VALUES\s*",
@@ -270,18 +279,24 @@ _PLAIN_INSERT = re.compile(
 
 class _Shape(NamedTuple):
     names: frozenset[str]  # every word of the statement, lower case (tables among them)
+    carrier: bool  # a statement pending writes may go in front of (one plain statement)
     target: str | None  # a deferrable insert's table
     head: str  # a deferrable insert: the text up to its row of values,
     row: str  # the row, ``( … )`` (empty: not deferrable),
     tail: str  # and what follows it
+    width: int  # the row's parameters
 
 
 @functools.lru_cache(maxsize=512)
 def _shape(text: str) -> _Shape:
     names = frozenset(word.lower() for word in _WORD.findall(text))
-    found = _PLAIN_INSERT.match(text)
+    # Text the joining below cannot see through (several statements, comments, dollar or
+    # escape quoting) is sent as it is: never deferred, never carrying.
+    opaque = any(mark in text for mark in (";", "--", "/*", "$$")) or _ESCAPED.search(text)
+    carrier = not opaque and _CARRIER.match(text) is not None
+    found = None if opaque else _PLAIN_INSERT.match(text)
     if found is None or not text[found.end() :].startswith("("):
-        return _Shape(names, None, "", "", "")
+        return _Shape(names, carrier, None, "", "", "", 0)
     start = found.end()
     depth, end = 0, start
     for end in range(start, len(text)):  # the row's closing parenthesis
@@ -290,9 +305,16 @@ def _shape(text: str) -> _Shape:
             break
     tail = text[end + 1 :]
     quoted = "".join(_QUOTED.findall(text))
-    if depth or "(" in tail or "conflict" in tail.lower() or any(c in quoted for c in "()$"):
-        return _Shape(names, None, "", "", "")  # ON CONFLICT, a subquery: sent as it is
-    return _Shape(names, found.group(1).lower(), text[:start], text[start : end + 1], tail)
+    if (
+        depth
+        or any(c in tail for c in "($")
+        or "conflict" in tail.lower()
+        or any(c in quoted for c in "()$")
+    ):
+        return _Shape(names, carrier, None, "", "", "", 0)  # ON CONFLICT, a subquery: as it is
+    row = text[start : end + 1]
+    width = max((int(number) for number in _NUMBERED.findall(row)), default=0)
+    return _Shape(names, carrier, found.group(1).lower(), text[:start], row, tail, width)
 
 
 def _renumbered(text: str, offset: int) -> str:
@@ -306,11 +328,10 @@ def _merged(text: str, count: int, pending: tuple[tuple[str, int], ...]) -> str 
     queries, offset = [], count
     for n, (written, rows) in enumerate(pending):
         shape = _shape(written)
-        width = max((int(number) for number in _NUMBERED.findall(shape.row)), default=0)
         values = []
         for _ in range(rows):
             values.append(_renumbered(shape.row, offset))
-            offset += width
+            offset += shape.width
         queries.append(f"_oncepay_w{n} AS ({shape.head}{', '.join(values)}{shape.tail})")
     joined = ", ".join(queries)
     stripped = text.lstrip()
@@ -390,28 +411,54 @@ _KEY = "oncepay.raw"
 
 
 async def raw(conn: AsyncConnection) -> Raw:
-    """The raw connection under ``conn``, in the transaction ``conn`` holds (begun on the
-    server first if SQLAlchemy has not sent anything yet: asyncpg begins lazily). Kept for
-    the rest of the transaction."""
-    transaction = conn.sync_connection.get_transaction() if conn.sync_connection else None
+    """The raw connection under ``conn``, in the transaction ``conn`` holds (begun first if
+    there is none, and on the server if SQLAlchemy has not sent anything yet: asyncpg begins
+    lazily). Kept for
+    the rest of the transaction: on PostgreSQL the server's transaction (the asyncpg
+    adapter's, which SQLAlchemy's own objects may come and go around: a connection that
+    autobegins after a raw statement is still in it), on SQLite SQLAlchemy's."""
     kept = conn.info.get(_KEY)
-    if kept is not None and kept[0] is transaction:
+    if kept is not None and kept[0] is not None and kept[0] is _current(conn):
         return kept[1]  # type: ignore[no-any-return]
+    if not conn.in_transaction():
+        # As SQLAlchemy's own first statement would (autobegin): its commit() then commits
+        # what the raw statements wrote, instead of finding nothing to commit.
+        await conn.begin()
     fairy = await conn.get_raw_connection()
     adapted: Any = fairy.dbapi_connection
     found: Raw
     deferring: AsyncpgRaw | None = None
     if conn.dialect.name == "sqlite":
         found = _SQLite(fairy.driver_connection._connection)  # type: ignore[union-attr]
+        transaction = conn.sync_connection.get_transaction() if conn.sync_connection else None
     else:
         if adapted._transaction is None:  # SQLAlchemy's asyncpg adapter begins at first use
             await adapted._start_transaction()
+        transaction = adapted._transaction
         found = deferring = AsyncpgRaw(fairy.driver_connection)
         _send_before_sqlalchemy(conn.sync_engine)
     if _Statements.span is not None:
         found = _Traced(found, conn.dialect.name, _Statements.span)
     conn.info[_KEY] = (transaction, found, deferring)
     return found
+
+
+def _current(conn: AsyncConnection) -> Any:
+    """What a kept raw connection belongs to: the server's transaction on PostgreSQL (None
+    before it began, or when the pool's connection is not at hand), SQLAlchemy's on SQLite."""
+    sync = conn.sync_connection
+    if sync is None:
+        return None
+    if conn.dialect.name == "sqlite":
+        return sync.get_transaction()
+    return _server_transaction(sync)
+
+
+def _server_transaction(sync: Connection) -> Any:
+    fairy = sync._dbapi_connection  # no check-out nor revalidation here: None if not at hand
+    if fairy is None:
+        return None
+    return getattr(fairy.dbapi_connection, "_transaction", None)
 
 
 def _send_before_sqlalchemy(engine: Engine) -> None:
@@ -432,7 +479,7 @@ def _pending_in(conn: Connection) -> AsyncpgRaw | None:
     kept = conn.info.get(_KEY)
     if kept is None or kept[2] is None or not kept[2].pending:
         return None
-    if kept[0] is not conn.get_transaction():  # left by an earlier transaction
+    if kept[0] is not _server_transaction(conn):  # left by an earlier server transaction
         kept[2].drop()
         return None
     return kept[2]  # type: ignore[no-any-return]
