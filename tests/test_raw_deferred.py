@@ -15,6 +15,7 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.exc import DatabaseError
 
+from oncepay.idempotency.records import StoredResponse
 from oncepay.idempotency.stores.postgres import PostgresStore
 from oncepay.storage.db import Database, read, write
 from oncepay.storage.raw import Sql, raw
@@ -202,6 +203,16 @@ async def test_the_store_s_statements_carry_pending_writes(db: Database, sent: l
             assert len(sent) == 1
             assert sent[0].startswith("WITH _oncepay_w0 AS (INSERT INTO items")
         assert await items(db) == [("a", 1)]
+        async with write(db) as conn:
+            found = await raw(conn)
+            await found.run(ITEM, "b", 2)
+            sent.clear()
+            # The completion notifies through a channel named by an E'' literal: it carries
+            # the insert all the same (only a deferred insert's own text is cut up).
+            await store.acomplete_in(found.store, "s", "k", 1, StoredResponse(201), now=2.0)
+            assert len(sent) == 1
+            assert sent[0].startswith("WITH _oncepay_w0 AS (INSERT INTO items")
+        assert [name for name, _ in await items(db)] == ["a", "b"]
         record = await store.get("s", "k")
         assert record is not None
         assert record.fence == 1

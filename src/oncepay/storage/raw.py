@@ -290,10 +290,12 @@ class _Shape(NamedTuple):
 @functools.lru_cache(maxsize=512)
 def _shape(text: str) -> _Shape:
     names = frozenset(word.lower() for word in _WORD.findall(text))
-    # Text the joining below cannot see through (several statements, comments, dollar or
-    # escape quoting) is sent as it is: never deferred, never carrying.
+    # A carrier is only prefixed (its text is not read): one that begins otherwise (a comment,
+    # SHOW, SET) goes after the pending writes. A deferred insert is cut into pieces: text
+    # that cutting cannot see through (several statements, comments, dollar or escape
+    # quoting) is sent as it is.
+    carrier = _CARRIER.match(text) is not None
     opaque = any(mark in text for mark in (";", "--", "/*", "$$")) or _ESCAPED.search(text)
-    carrier = not opaque and _CARRIER.match(text) is not None
     found = None if opaque else _PLAIN_INSERT.match(text)
     if found is None or not text[found.end() :].startswith("("):
         return _Shape(names, carrier, None, "", "", "", 0)
