@@ -172,8 +172,10 @@ _TXN = "printf('%s%08x', NEW.txn, n - 1)"  # n counts the batch's rows from 1
 # statement).
 _ENTRY_K = "temp.oncepay_entry_k"
 _CREATE_ENTRY_K = f"CREATE TABLE IF NOT EXISTS {_ENTRY_K} (k INTEGER PRIMARY KEY)"
-# The batch's payments (those of its lines not settled before), k their place by id; every line
-# names a payment that exists (the journals' foreign keys refuse the batch otherwise).
+# The batch's payments (those of its lines not settled before), k their place by id counted from
+# 1: the rowid SQLite gives in the emptied table, inserted in id order (GROUP BY's own order: a
+# row_number() window over the groups cost a second sort, 1.7 against 0.9 µs a line). Every
+# line names a payment that exists (the journals' foreign keys refuse the batch otherwise).
 _PAYING = "temp.oncepay_paying"
 _CREATE_PAYING = (
     f"CREATE TABLE IF NOT EXISTS {_PAYING} (k INTEGER PRIMARY KEY, payment_id TEXT NOT NULL, "
@@ -196,11 +198,10 @@ _SETTLE_STATEMENTS = (
     f"WHERE {_ENTRY_AMOUNT} != 0 ORDER BY n, k",
     # the batch's payments, numbered by id (their events' ids), with what settles on each
     "DELETE FROM oncepay_paying",
-    "INSERT INTO oncepay_paying (k, payment_id, c, r, f, at) "
-    "SELECT row_number() OVER (ORDER BY payment_id) - 1, payment_id, "
-    "sum(CASE WHEN type = 'capture' THEN amount ELSE 0 END), "
+    "INSERT INTO oncepay_paying (payment_id, c, r, f, at) "
+    "SELECT payment_id, sum(CASE WHEN type = 'capture' THEN amount ELSE 0 END), "
     "sum(CASE WHEN type = 'capture' THEN 0 ELSE amount END), sum(fee), max(at) "
-    "FROM oncepay_settling GROUP BY payment_id",
+    "FROM oncepay_settling GROUP BY payment_id ORDER BY payment_id",
     "UPDATE payments SET amount_settled = amount_settled + s.c, "
     "amount_refund_settled = amount_refund_settled + s.r, "
     "settlement_fee = settlement_fee + s.f, "
@@ -209,7 +210,7 @@ _SETTLE_STATEMENTS = (
     # in k order, no window nor sort over the snapshots (a row_number() over the payments
     # themselves sorted the batch's rows, JSON included: ~1.5 µs a line of SQLite's time)
     "INSERT INTO events (id, merchant_id, type, object_id, data, created_at) "
-    "SELECT printf('%s%08x', NEW.evt, t.k), p.merchant_id, "
+    "SELECT printf('%s%08x', NEW.evt, t.k - 1), p.merchant_id, "  # from 00000000
     f"'payment.settled', p.id, {_SNAPSHOT_JSON}, NEW.now "
     "FROM oncepay_paying AS t CROSS JOIN payments AS p ON p.id = t.payment_id ORDER BY t.k",
 )
