@@ -20,7 +20,7 @@ from sqlalchemy import text, update
 
 from oncepay.payments.models import payment_public
 from oncepay.payments.storage.schema import payments
-from oncepay.reconciliation import bulk, pipeline, settlement
+from oncepay.reconciliation import bulk, pipeline, settlement, source
 from oncepay.reconciliation.acquirer import AcquirerReports
 from oncepay.reconciliation.errors import ReportError
 from oncepay.reconciliation.fees import DEFAULT_SCHEDULE, FeeSchedule
@@ -291,6 +291,29 @@ async def test_a_batchs_ids_number_its_lines_and_its_payments_from_zero(stack: S
     assert [(event_id[-8:], pid) for event_id, pid in events] == [
         (f"{n:08x}", pid) for n, pid in enumerate(sorted(ids))
     ]
+
+
+async def test_the_books_read_in_chunks_are_the_books_read_at_once(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The books are read a chunk at a time (SQLite: keyset on the journals' seq): chunks of
+    two rows give every movement once, the refund's included, as one chunk does."""
+    ids = [await paid(stack, 1000 + n) for n in range(5)]
+    manual = await paid(stack, 700, capture_method="manual")
+    assert (await stack.post(f"/v1/payments/{manual}/capture", {})).status_code == 200
+    refund = await stack.post(f"/v1/payments/{ids[2]}/refunds", {"amount": 300})
+    assert refund.status_code == 201, refund.text
+    day = today()
+    whole = await source.operations_between(stack.db, "primary", day, day)
+    monkeypatch.setattr(source, "BOOKS_CHUNK", 2)
+    chunks: list[int] = []
+    chunked = await source.operations_between(
+        stack.db, "primary", day, day, after_chunk=lambda: chunks.append(1)
+    )
+    assert chunked == whole
+    assert len(whole) == 7  # five captures with the authorization, one separate, one refund
+    assert [op.reference for op in whole] == sorted(op.reference for op in whole)
+    assert len(chunks) >= 4
 
 
 async def test_a_rerun_changes_nothing(stack: Stack) -> None:

@@ -64,7 +64,7 @@ async def operations_between(
             pay.c.currency,
             ref.c.amount.label("refund_amount"),
             pay.c.merchant_id,
-            tx.c.id,
+            tx.c.seq,
         )
         .join(pay, pay.c.id == tx.c.payment_id)
         .outerjoin(ref, ref.c.id == tx.c.refund_id)
@@ -81,11 +81,12 @@ async def operations_between(
     shared: dict[str, str] = {}
     found: list[Operation] = []
     async with read(db) as conn:
-        if db.is_sqlite:  # one snapshot already; chunks by keyset on the id (index lookups)
-            after = ""
-            chunked = query.order_by(tx.c.id).limit(BOOKS_CHUNK)
+        if db.is_sqlite:  # one snapshot already; chunks by keyset on seq, the rowid (read in
+            # the table's own order: keyed on the id, each row cost a look-up from its index)
+            after = -1
+            chunked = query.order_by(tx.c.seq).limit(BOOKS_CHUNK)
             while True:
-                chunk = chunked.where(tx.c.id > after) if after else chunked
+                chunk = chunked.where(tx.c.seq > after)
                 rows = cast(list[tuple[Any, ...]], (await conn.execute(chunk)).all())
                 found.extend(_operations(rows, days, shared))
                 if after_chunk is not None:
