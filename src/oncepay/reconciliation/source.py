@@ -10,6 +10,7 @@ for a refund."""
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Callable, Iterable
 from datetime import UTC, date, datetime, timedelta
 from typing import Any, cast
@@ -83,11 +84,14 @@ async def operations_between(
     async with read(db) as conn:
         if db.is_sqlite:  # one snapshot already; chunks by keyset on seq, the rowid (read in
             # the table's own order: keyed on the id, each row cost a look-up from its index)
+            # On the driver: the rows come as the tuples they are, with no result object and
+            # no row made for each (~0.4 s of the books' ~3.5 s at 1M, which nothing overlaps).
+            driver: Any = (await conn.get_raw_connection()).driver_connection
+            sqlite: sqlite3.Connection = driver._conn
             after = -1
-            chunked = query.order_by(tx.c.seq).limit(BOOKS_CHUNK)
             while True:
-                chunk = chunked.where(tx.c.seq > after)
-                rows = cast(list[tuple[Any, ...]], (await conn.execute(chunk)).all())
+                chunk = (start, end, acquirer, after, BOOKS_CHUNK)
+                rows = sqlite.execute(_SQLITE_BOOKS, chunk).fetchall()
                 found.extend(_operations(rows, days, shared))
                 if after_chunk is not None:
                     after_chunk()
@@ -103,6 +107,18 @@ async def operations_between(
                     after_chunk()
     found.sort(key=lambda op: op.reference)
     return found
+
+
+# operations_between's query on SQLite (the SQLAlchemy query's own columns and conditions),
+# a keyset chunk of it.
+_SQLITE_BOOKS = (
+    "SELECT t.kind, t.created_at, t.refund_id, p.id, p.attempt, p.capture_method, "
+    "p.amount_captured, p.currency, r.amount, p.merchant_id, t.seq "
+    "FROM ledger_transactions AS t JOIN payments AS p ON p.id = t.payment_id "
+    "LEFT OUTER JOIN refunds AS r ON r.id = t.refund_id "
+    "WHERE t.kind IN ('capture', 'refund') AND t.created_at >= ? AND t.created_at < ? "
+    "AND p.acquirer = ? AND t.seq > ? ORDER BY t.seq LIMIT ?"
+)
 
 
 def _operations(
