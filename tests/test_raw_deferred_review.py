@@ -142,3 +142,12 @@ async def test_a_statement_that_cannot_carry_goes_after_the_writes(
         assert len(sent) == 2  # the insert first, on its own; SHOW as it is
         assert sent[1] == "SHOW TimeZone"
     assert await items(db) == [("a", 1)]
+
+
+async def test_the_reconciliation_s_driver_comes_after_pending_writes(db: Database) -> None:
+    from oncepay.reconciliation.bulk import _asyncpg
+
+    async with write(db) as conn:
+        await (await raw(conn)).run(ITEM, "a", 1)
+        driver = await _asyncpg(conn)  # the bare connection its bulk statements go to
+        assert await driver.fetchval("SELECT count(*) FROM items") == 1

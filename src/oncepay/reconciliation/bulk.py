@@ -84,8 +84,12 @@ _REFERENCES = 5000  # bound variables per SQLite query (SQLite allows 32,766)
 async def _asyncpg(conn: AsyncConnection) -> Any:
     """The asyncpg connection under ``conn``, in the same transaction: begun on the server
     first when SQLAlchemy has sent nothing yet (its asyncpg adapter begins lazily, and a
-    statement sent to the bare driver before that would commit on its own)."""
-    return (await raw(conn)).driver
+    statement sent to the bare driver before that would commit on its own). Writes the raw
+    layer deferred are sent first (storage/raw.py), so what goes to the driver comes after
+    them, in the order it was written."""
+    db = await raw(conn)
+    await db.flush()
+    return db.driver
 
 
 # -- settling inside SQLite --------------------------------------------------------------------
