@@ -13,7 +13,7 @@ from typing import Any
 import asyncpg
 import pytest
 from sqlalchemy import text
-from sqlalchemy.exc import DatabaseError
+from sqlalchemy.exc import DatabaseError, InvalidRequestError
 
 from oncepay.idempotency.records import StoredResponse
 from oncepay.idempotency.stores.postgres import PostgresStore
@@ -218,3 +218,108 @@ async def test_the_store_s_statements_carry_pending_writes(db: Database, sent: l
         assert record.fence == 1
     finally:
         await store.aclose()
+
+
+# Found in a review of the change: a pending write was kept with the SQLAlchemy transaction
+# current when raw() was first called, and dropped unsent when SQLAlchemy began its own over
+# the same server transaction (a connection used raw first, engine.connect()); text the
+# joining cannot cut safely; rows of another width than the statement's.
+
+
+async def test_an_insert_before_autobegin_commits_with_the_connection(db: Database) -> None:
+    async with db.engine.connect() as conn:  # commit-as-you-go: nothing begun yet
+        found = await raw(conn)  # begins on the server (asyncpg), before SQLAlchemy does
+        await found.run(ITEM, "a", 1)
+        # SQLAlchemy autobegins (a new transaction object, the same server transaction): the
+        # pending insert belongs to the server's transaction, so it is sent, not dropped.
+        assert (await conn.execute(text("SELECT 1"))).scalar_one() == 1
+        await conn.commit()
+    assert await items(db) == [("a", 1)]
+
+
+async def test_raw_begins_as_a_statement_of_sqlalchemy_s_would(db: Database) -> None:
+    async with db.engine.connect() as conn:
+        found = await raw(conn)
+        await found.run(ITEM, "a", 1)
+        with pytest.raises(InvalidRequestError):  # as after any statement: autobegun already
+            await conn.begin()
+        await conn.commit()
+    assert await items(db) == [("a", 1)]
+
+
+async def test_raw_statements_alone_commit_with_the_connection(db: Database) -> None:
+    async with db.engine.connect() as conn:  # nothing begun, no SQLAlchemy statement after
+        await (await raw(conn)).run(ITEM, "a", 1)
+        await conn.commit()
+    assert await items(db) == [("a", 1)]
+
+
+@pytest.mark.parametrize(
+    "opaque",
+    [
+        "INSERT INTO items (id, n) VALUES ($1, $2);",  # would close the WITH query early
+        "INSERT INTO items (id, n) VALUES ($1, $2) -- a note",  # would swallow its parenthesis
+        "INSERT INTO items (id, n) VALUES ($1, $2 + length(E'\\x29'))",  # an escape string
+    ],
+)
+async def test_text_the_joining_cannot_read_is_sent_as_it_is(
+    db: Database, sent: list[str], opaque: str
+) -> None:
+    async with write(db) as conn:
+        found = await raw(conn)
+        sent.clear()
+        await found.run(Sql(opaque), "a", 1)
+        assert sent == [" ".join(opaque.split())]  # at once, alone
+    assert [name for name, _ in await items(db)] == ["a"]
+
+
+async def test_rows_of_another_width_are_not_joined(db: Database, sent: list[str]) -> None:
+    async with write(db) as conn:
+        await conn.execute(text("CREATE TABLE pairs (a TEXT, b TEXT)"))
+    pair = Sql("INSERT INTO pairs (a, b) VALUES ($1, $2)")
+
+    async def uneven() -> None:
+        async with write(db) as conn:
+            # one row short, one long: as many values as two rows, which a joined statement
+            # would take, each value in the wrong place ('p', 'q'), ('r', 's')
+            await (await raw(conn)).many(pair, [("p",), ("q", "r", "s")])
+
+    with pytest.raises(DatabaseError):
+        await uneven()
+    async with read(db) as conn:
+        assert (await conn.execute(text("SELECT count(*) FROM pairs"))).scalar_one() == 0
+
+
+async def test_a_statement_that_cannot_carry_goes_after_the_writes(
+    db: Database, sent: list[str]
+) -> None:
+    async with write(db) as conn:
+        found = await raw(conn)
+        await found.run(ITEM, "a", 1)
+        sent.clear()
+        assert (await found.rows(Sql("SHOW TimeZone")))[0][0]
+        assert len(sent) == 2  # the insert first, on its own; SHOW as it is
+        assert sent[1] == "SHOW TimeZone"
+    assert await items(db) == [("a", 1)]
+
+
+async def test_the_reconciliation_s_driver_comes_after_pending_writes(db: Database) -> None:
+    from oncepay.reconciliation.bulk import _asyncpg
+
+    async with write(db) as conn:
+        await (await raw(conn)).run(ITEM, "a", 1)
+        driver = await _asyncpg(conn)  # the bare connection its bulk statements go to
+        assert await driver.fetchval("SELECT count(*) FROM items") == 1
+
+
+async def test_a_recursive_query_goes_after_the_writes(db: Database, sent: list[str]) -> None:
+    async with write(db) as conn:
+        found = await raw(conn)
+        await found.run(ITEM, "a", 1)
+        sent.clear()
+        recursive = Sql("WITH RECURSIVE r(n) AS (SELECT 1) SELECT n FROM r")
+        assert (await found.rows(recursive))[0][0] == 1
+        assert len(sent) == 2  # the insert alone first: RECURSIVE cannot follow other queries
+        assert sent[1] == "WITH RECURSIVE r(n) AS (SELECT 1) SELECT n FROM r"
+        await found.run(ITEM, "b", 2)  # and what is pending after it still goes
+    assert [name for name, _ in await items(db)] == ["a", "b"]

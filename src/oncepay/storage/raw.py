@@ -250,13 +250,12 @@ class AsyncpgRaw:
         if not shape.carrier or not self._apart(shape.names):
             await self.flush()
             return text, args
-        pending, self._pending, self._rows = self._pending, [], 0
-        shapes = tuple((written, len(rows)) for written, rows in pending)
+        shapes = tuple((written, len(rows)) for written, rows in self._pending)
         merged = _merged(text, len(args), shapes)
         if merged is None:  # WITH RECURSIVE: not joined; sent apart
-            self._pending = pending
             await self.flush()
             return text, args
+        pending, self._pending, self._rows = self._pending, [], 0
         values = list(args)
         for _, rows in pending:
             for row in rows:
