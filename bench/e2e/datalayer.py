@@ -67,6 +67,9 @@ def _count_asyncpg() -> None:
         async def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
             COUNTS["round trips"] += 1
             COUNTS[f"rt {cls.__name__}.{name}"] += 1
+            if os.environ.get("DATALAYER_SHOW"):  # every round trip, to see what a payment sends
+                text = getattr(self, "get_query", lambda: args[0] if args else "?")()
+                print(f"{cls.__name__}.{name}: " + " ".join(str(text).split())[:300])
             if name == "execute" and cls is asyncpg.Connection and args:
                 verb = (str(args[0]).split() or ["(empty)"])[0].rstrip(";").upper()
                 COUNTS[f"execute {verb}"] += 1

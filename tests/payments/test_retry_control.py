@@ -27,7 +27,7 @@ from oncepay.payments.acquirers.base import Outcome
 from oncepay.payments.acquirers.breaker import BreakerState, CircuitBreaker, consecutive_failures
 from oncepay.payments.acquirers.budget import RetryBudget
 from oncepay.payments.acquirers.control import RetryControl
-from oncepay.payments.acquirers.health import Health, wait_stretched
+from oncepay.payments.acquirers.health import SAMPLES, Health, wait_stretched
 from oncepay.payments.acquirers.http import HttpAcquirer
 from oncepay.payments.acquirers.throttle import AdaptiveThrottle
 from oncepay.payments.metrics import REGISTRY
@@ -141,21 +141,49 @@ def test_impossible_throttles_are_refused() -> None:
 def test_health_degraded_agrees_with_its_definition(
     attempts: list[tuple[float, float, bool]],
 ) -> None:
-    """``degraded()`` (read without copying or sorting the window when it can) says what its
-    definition says: the last three all failed, or with ten or more in the window half failed
-    or p90 (``statistics.quantiles``' inclusive cut) at least ``slow``."""
+    """``degraded()`` (counts kept as samples come and go; the window sorted only when an
+    attempt was slow) says what its definition says, over the last ``SAMPLES`` attempts: the
+    last three all failed, or with ten or more in the window half failed or p90
+    (``statistics.quantiles``' inclusive cut) at least ``slow``."""
     clock = FakeClock()
     health = Health(slow=0.4, clock=clock)
+    seen: list[tuple[float, float, bool]] = []  # every attempt, kept apart from Health's own
     for gap, taken, failed in attempts:
         clock.advance(gap)
         health.observe(taken, failed=failed)
-        recent = [s for s in health._samples if s[0] >= clock() - health.window]
+        seen.append((clock(), taken, failed))
+        recent = [s for s in seen[-SAMPLES:] if s[0] >= clock() - health.window]
         expected = len(recent) >= 3 and all(f for _, _, f in recent[-3:])
         if not expected and len(recent) >= 10:
             cuts = statistics.quantiles([t for _, t, _ in recent], n=100, method="inclusive")
             share = sum(f for _, _, f in recent) / len(recent)
             expected = share >= 0.5 or cuts[89] >= 0.4
         assert health.degraded() is expected
+        held = list(health._samples)  # the counts it keeps are those of what it holds
+        assert held == recent
+        assert health._failed == sum(f for _, _, f in held)
+        assert health._slow == sum(t >= 0.4 for _, t, _ in held)
+
+
+def test_health_forgets_what_drops_out_of_its_last_samples(clock: FakeClock) -> None:
+    """Past ``SAMPLES`` attempts in one window the oldest drop out, and with them their part
+    of the counts the verdict reads: old failures stop counting, recent slow attempts still
+    do."""
+    health = Health(slow=0.4, clock=clock)
+    for _ in range(150):
+        health.observe(0.01, failed=True)
+    for _ in range(SAMPLES):
+        health.observe(0.01, failed=False)
+    assert not health.degraded(), "the 150 failures are no longer among the last attempts"
+    for _ in range(30):  # 30 of the last 200 slow: p90 is slow
+        health.observe(0.45, failed=False)
+    assert health.degraded()
+    health = Health(slow=0.4, clock=clock)
+    for _ in range(SAMPLES):
+        health.observe(0.45, failed=False)
+    for _ in range(SAMPLES):
+        health.observe(0.01, failed=False)
+    assert not health.degraded(), "the slow attempts dropped out"
 
 
 def test_health_reads_latency_quantiles_and_degrades_on_errors_or_slowness(

@@ -18,6 +18,7 @@ from oncepay.payments.metrics import (
     IDEMPOTENCY_LATE_RETRIES,
     IDEMPOTENCY_ROUTE_DECISIONS,
     KEY_SECONDS,
+    labelled,
 )
 from oncepay.payments.phases import Operation, run, run_claiming, run_local
 from oncepay.payments.records import Merchant
@@ -104,9 +105,9 @@ async def _answered(
         # A label as the key-usage log writes routes; never the path itself (ids in it).
         route = f"{request.method} {request.template}" if request.template else "-"
         decision = _decision(outcome)
-        IDEMPOTENCY_DECISIONS.labels(decision).inc()
+        labelled(IDEMPOTENCY_DECISIONS, decision).inc()
         name = _NAMES[decision]
-        IDEMPOTENCY_ROUTE_DECISIONS.labels(name, route).inc()
+        labelled(IDEMPOTENCY_ROUTE_DECISIONS, name, route).inc()
         if tracing.ENABLED:
             tracing.decided(
                 name,
@@ -127,10 +128,10 @@ async def _answered(
 def _executing(request: Request, ticket: Ticket) -> None:
     """A key to be executed (new, resumed, or late), counted and traced."""
     route = f"{request.method} {request.template}" if request.template else "-"
-    IDEMPOTENCY_DECISIONS.labels("resume" if ticket.resumed else "execute").inc()
-    IDEMPOTENCY_ROUTE_DECISIONS.labels("executed", route).inc()
+    labelled(IDEMPOTENCY_DECISIONS, "resume" if ticket.resumed else "execute").inc()
+    labelled(IDEMPOTENCY_ROUTE_DECISIONS, "executed", route).inc()
     if ticket.late:  # its record had expired: SPEC §9's late retry
-        IDEMPOTENCY_LATE_RETRIES.labels(route).inc()
+        labelled(IDEMPOTENCY_LATE_RETRIES, route).inc()
     if tracing.ENABLED:
         tracing.decided(
             "executed",

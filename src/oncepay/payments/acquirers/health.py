@@ -20,7 +20,6 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable
-from operator import itemgetter
 
 from tenacity import RetryCallState, wait_random_exponential
 from tenacity.wait import wait_base
@@ -41,9 +40,6 @@ DEGRADED_ERROR_SHARE = 0.5
 # and retrying into one is waste. Seen long before half a busy window has failed.
 DEGRADED_STREAK = 3
 
-# A sample's fields, read in C over the window (asked before every payment).
-_TAKEN, _FAILED = itemgetter(1), itemgetter(2)
-
 
 class Health:
     """Recent attempts of one acquirer: (when, seconds, failed)."""
@@ -59,11 +55,18 @@ class Health:
         if slow <= 0 or window <= 0 or minimum < 1:
             raise ValueError("need slow > 0, window > 0 and minimum >= 1")
         self.slow, self.window, self.minimum, self.clock = slow, window, minimum, clock
-        self._samples: deque[tuple[float, float, bool]] = deque(maxlen=SAMPLES)
+        self._samples: deque[tuple[float, float, bool]] = deque()
+        # Of the samples held: how many failed, how many took ``slow`` or longer (kept as
+        # samples come and go, so the verdict asked before every payment reads no window).
+        self._failed = self._slow = 0
         self.streak = 0  # failed attempts in a row, however long ago
 
     def observe(self, seconds: float, *, failed: bool) -> None:
+        if len(self._samples) >= SAMPLES:
+            self._forget(self._samples.popleft())
         self._samples.append((self.clock(), seconds, failed))
+        self._failed += failed
+        self._slow += seconds >= self.slow
         self.streak = self.streak + 1 if failed else 0
 
     def latency(self, quantile: float) -> float | None:
@@ -83,11 +86,11 @@ class Health:
             return True
         if count < self.minimum:
             return False
-        if sum(map(_FAILED, recent)) / count >= DEGRADED_ERROR_SHARE:
+        if self._failed / count >= DEGRADED_ERROR_SHARE:
             return True
         # p90 is at most the slowest attempt: with none slow (a healthy acquirer, nearly
         # always) the sort is not needed.
-        if max(map(_TAKEN, recent)) < self.slow:
+        if not self._slow:
             return False
         p90 = _latency(list(recent), 0.9)
         return p90 is not None and p90 >= self.slow
@@ -105,8 +108,12 @@ class Health:
         oldest = self.clock() - self.window
         samples = self._samples
         while samples and samples[0][0] < oldest:
-            samples.popleft()
+            self._forget(samples.popleft())
         return samples
+
+    def _forget(self, sample: tuple[float, float, bool]) -> None:
+        self._failed -= sample[2]
+        self._slow -= sample[1] >= self.slow
 
 
 def _error_share(recent: list[tuple[float, float, bool]]) -> float:

@@ -69,6 +69,7 @@ from oncepay.payments.metrics import (
     ACQUIRER_RETRIES,
     ACQUIRER_THROTTLE_PROBABILITY,
     ACQUIRER_THROTTLED,
+    labelled,
 )
 
 __all__ = ["DEFAULT_ATTEMPTS", "DEFAULT_TIMEOUT", "HttpAcquirer"]
@@ -238,7 +239,7 @@ class HttpAcquirer:
                 return await self._attempt(operation, path, payload, reference, gate.retrying)
             except _Failure as failure:
                 reached = reached or failure.maybe_reached
-                ACQUIRER_CALLS.labels(self.name, operation, "error").inc()
+                labelled(ACQUIRER_CALLS, self.name, operation, "error").inc()
                 raise
             finally:
                 gate.attempt_done()
@@ -294,7 +295,7 @@ class HttpAcquirer:
         probe = self.breaker.state is BreakerState.HALF_OPEN  # the breaker's own test: sent
         if not retry and not probe and not self._admitted():
             raise _Throttled
-        ACQUIRER_ATTEMPTS.labels(self.name, "retry" if retry else "first").inc()
+        labelled(ACQUIRER_ATTEMPTS, self.name, "retry" if retry else "first").inc()
         breaker = str(self.breaker.state)
         started = time.perf_counter()
         failed = True
@@ -308,7 +309,7 @@ class HttpAcquirer:
             raise
         finally:
             seconds = time.perf_counter() - started
-            ACQUIRER_LATENCY.labels(self.name, operation).observe(seconds)
+            labelled(ACQUIRER_LATENCY, self.name, operation).observe(seconds)
             self.health.observe(seconds, failed=failed)
             journal.record(  # the operator's timeline of the payment
                 journal.Attempt(
@@ -325,9 +326,9 @@ class HttpAcquirer:
         if self.throttle is None:
             return True
         admitted = self.throttle.admit()
-        ACQUIRER_THROTTLE_PROBABILITY.labels(self.name).set(self.throttle.probability())
+        labelled(ACQUIRER_THROTTLE_PROBABILITY, self.name).set(self.throttle.probability())
         if not admitted:
-            ACQUIRER_THROTTLED.labels(self.name).inc()
+            labelled(ACQUIRER_THROTTLED, self.name).inc()
         return admitted
 
     async def _send(self, path: str, payload: dict[str, Any], reference: str) -> _Reply:
@@ -408,7 +409,7 @@ class HttpAcquirer:
     def _count(
         self, operation: str, answer: AcquirerAnswer, label: str | None = None
     ) -> AcquirerAnswer:
-        ACQUIRER_CALLS.labels(self.name, operation, label or answer.outcome.value).inc()
+        labelled(ACQUIRER_CALLS, self.name, operation, label or answer.outcome.value).inc()
         return answer
 
 
@@ -446,7 +447,7 @@ class _RetryGate(stop_base):
         if not acquirer._admitted():
             self.attempt_done()
             return self._deny("throttled")
-        ACQUIRER_RETRIES.labels(acquirer.name, "made").inc()
+        labelled(ACQUIRER_RETRIES, acquirer.name, "made").inc()
         return False
 
     def attempt_done(self) -> None:
@@ -455,5 +456,5 @@ class _RetryGate(stop_base):
         self._holding = False
 
     def _deny(self, decision: str) -> bool:
-        ACQUIRER_RETRIES.labels(self.acquirer.name, decision).inc()
+        labelled(ACQUIRER_RETRIES, self.acquirer.name, decision).inc()
         return True

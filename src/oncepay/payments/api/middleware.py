@@ -18,7 +18,7 @@ from oncepay.http.asgi import (
 )
 from oncepay.http.gate import DEFAULT_MAX_BODY
 from oncepay.payments.api.deps import problem_response
-from oncepay.payments.metrics import REQUESTS
+from oncepay.payments.metrics import REQUESTS, labelled
 
 __all__ = ["BodyLimit", "HeadAsGet", "RequestMetrics"]
 
@@ -102,4 +102,4 @@ class RequestMetrics:
             await self.app(scope, receive, watched)
         finally:
             route = getattr(scope.get("route"), "path", "unmatched")
-            REQUESTS.labels(route, scope["method"], str(status[0])).inc()
+            labelled(REQUESTS, route, scope["method"], str(status[0])).inc()
