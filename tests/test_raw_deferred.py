@@ -323,3 +323,84 @@ async def test_a_recursive_query_goes_after_the_writes(db: Database, sent: list[
         assert sent[1] == "WITH RECURSIVE r(n) AS (SELECT 1) SELECT n FROM r"
         await found.run(ITEM, "b", 2)  # and what is pending after it still goes
     assert [name for name, _ in await items(db)] == ["a", "b"]
+
+
+SET_N = Sql("UPDATE items SET n = $2 WHERE id = $1")
+SET_N_RETURNING = Sql("UPDATE items SET n = $2 WHERE id = $1 RETURNING n")
+
+
+async def test_an_update_whose_outcome_is_known_travels_with_the_next_statement(
+    db: Database, sent: list[str]
+) -> None:
+    async with write(db) as conn:
+        found = await raw(conn)
+        await found.run(ITEM, "a", 1)
+        await found.run(ITEM, "b", 1)
+        await found.flush()
+        sent.clear()
+        await found.update(SET_N, "a", 5)
+        await found.run(OTHER_ONE)
+        assert sent == []  # nothing sent yet
+        assert (await found.rows(Sql("SELECT $1::int"), 7))[0][0] == 7
+        assert sent == [
+            "WITH _oncepay_w0 AS (UPDATE items SET n = $3 WHERE id = $2), _oncepay_w1 AS "
+            "(INSERT INTO other (n) VALUES (1)) SELECT $1::int"
+        ]
+        # A second update of the table waits for none: the first goes on its own, first (one
+        # statement may not change a row twice).
+        await found.update(SET_N, "a", 6)
+        await found.update(SET_N, "b", 9)
+        assert len(sent) == 2
+        assert sent[1].startswith("WITH _oncepay_w0 AS (UPDATE items")
+        # A statement that reads the table sees them.
+        assert (await found.rows(Sql("SELECT sum(n) FROM items")))[0][0] == 15
+    assert await items(db) == [("a", 6), ("b", 9)]
+
+
+async def test_an_update_whose_answer_is_needed_is_sent_at_once(
+    db: Database, sent: list[str]
+) -> None:
+    async with write(db) as conn:
+        found = await raw(conn)
+        await found.run(ITEM, "a", 1)
+        sent.clear()
+        await found.update(SET_N_RETURNING, "a", 3)  # RETURNING: its rows would be lost
+        assert len(sent) == 2  # the pending insert, then the update, on its own
+        await found.update(Sql("UPDATE items SET n = $2 WHERE id = $1 -- a note"), "a", 4)
+        assert len(sent) == 3
+    assert await items(db) == [("a", 4)]
+
+
+async def test_more_rows_of_a_pending_insert_join_it_in_order(
+    db: Database, sent: list[str]
+) -> None:
+    async with write(db) as conn:
+        found = await raw(conn)
+        await found.run(ITEM, "a", 1)
+        await found.flush()
+        sent.clear()
+        await found.run(NOTE, "a", "first")
+        await found.run(OTHER_ONE)
+        await found.many(NOTE, [("a", "second"), ("a", "third")])
+        await found.run(NOTE, "a", "fourth")
+        assert sent == []  # one insert of notes, its rows in the order they came
+        await found.flush()
+        assert len(sent) == 1
+        assert sent[0].startswith(
+            "WITH _oncepay_w0 AS (INSERT INTO notes (item, body) VALUES ($1, 'noted: ' || $2), "
+            "($3, 'noted: ' || $4), ($5, 'noted: ' || $6), ($7, 'noted: ' || $8)), _oncepay_w1"
+        )
+        # Another statement into the same table does not join: the pending rows go first.
+        await found.run(Sql("INSERT INTO notes (body, item) VALUES ($1, $2)"), "fifth", "a")
+        await found.run(NOTE, "a", "sixth")
+        assert len(sent) == 2
+    async with read(db) as conn:
+        notes = (await conn.execute(text("SELECT body FROM notes ORDER BY seq"))).scalars().all()
+    assert notes == [
+        "noted: first",
+        "noted: second",
+        "noted: third",
+        "noted: fourth",
+        "fifth",
+        "noted: sixth",
+    ]

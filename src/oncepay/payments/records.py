@@ -5,7 +5,7 @@ test_records.py`` checks each view's fields against its table, so a renamed colu
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 __all__ = [
     "AttemptRow",
@@ -54,6 +54,10 @@ class PaymentRow(Protocol):
     amount_refund_settled: int  # refunded money the acquirer settled
     settlement_fee: int  # what the acquirer kept on this payment's settled lines
     settled_at: float | None  # when its last line settled
+
+    def _replace(self, **changes: Any) -> PaymentRow:
+        """The row with ``changes`` (rows are named tuples)."""
+        ...
 
 
 class RefundRow(Protocol):

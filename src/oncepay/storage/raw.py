@@ -15,11 +15,14 @@ On PostgreSQL a write whose rows are not needed (:meth:`Raw.run`, :meth:`Raw.man
 ``INSERT``) is not sent at once: it travels with the transaction's next statement, as a
 data-modifying ``WITH`` in front of it, so the dozen statements of a payment cost half as many
 round trips (asyncpg's execution was a quarter of the API's CPU there: bench/e2e/PROFILE.md).
-A statement that names a table a pending write goes to sends the pending writes first, on
-their own (it would not see them otherwise: one statement, one snapshot); so does an ``UPDATE``
-or an insert with ``ON CONFLICT``, which is never deferred. Whatever is still pending goes
-before the transaction's ``COMMIT`` and before any SQLAlchemy statement on the connection
-(engine events), and is dropped with a rollback. An error in a deferred write surfaces at the
+An ``UPDATE`` of rows the transaction holds locked, whose outcome the caller knows without its
+answer (:meth:`Raw.update`: a payment's new state, read ``FOR UPDATE`` before), is deferred the
+same way. A statement that names a table a pending write goes to sends the pending writes
+first, on their own (it would not see them otherwise: one statement, one snapshot), except
+more rows of the same pending insert, which join it; so does any other ``UPDATE`` or an insert
+with ``ON CONFLICT``, which are never deferred. Whatever is still pending goes before the
+transaction's ``COMMIT`` and before any SQLAlchemy statement on the connection (engine
+events), and is dropped with a rollback. An error in a deferred write surfaces at the
 statement it travelled with, and fails the transaction as it would have.
 
 Driver errors are translated at this boundary into SQLAlchemy's ``DatabaseError``, which the
@@ -118,6 +121,13 @@ class Raw(Protocol):
         """The same write for each of ``rows`` (deferred as :meth:`run` is)."""
         ...
 
+    async def update(self, sql: Sql, *args: Any) -> None:
+        """An ``UPDATE`` whose outcome the caller knows without asking: of rows this
+        transaction holds locked (read ``FOR UPDATE``; SQLite's write transaction excludes every
+        other writer), so exactly the rows it names, with the values it binds. On PostgreSQL it
+        is deferred as a plain insert is; its row count is never read."""
+        ...
+
     async def flush(self) -> None:
         """Send whatever write is pending (nothing to do on SQLite)."""
         ...
@@ -155,6 +165,8 @@ class _SQLite:
             self._conn.executemany(sql.sqlite, rows)
         except _SQLITE_ERRORS as exc:
             raise _translated(sql.sqlite, exc) from exc
+
+    update = run
 
 
 class AsyncpgRaw:
@@ -200,6 +212,23 @@ class AsyncpgRaw:
         if rows:
             await self._write(sql.postgresql, rows)
 
+    async def update(self, sql: Sql, *args: Any) -> None:
+        text = sql.postgresql
+        shape = _shape(text)
+        if shape.target is not None and not shape.row and shape.width == len(args):
+            if self._pending and (
+                self._rows + 1 > _MAX_DEFERRED_ROWS or not self._apart(shape.names)
+            ):
+                await self.flush()
+            self._pending.append((text, (args,)))
+            self._rows += 1
+            return
+        await self.flush()  # text that cannot be cut safely: at once, after what is pending
+        try:
+            await self._conn.execute(text, *args)
+        except _ASYNCPG_ERRORS as exc:
+            raise _translated(text, exc) from exc
+
     async def flush(self) -> None:
         """Send the pending writes now (one statement)."""
         if not self._pending:
@@ -225,6 +254,8 @@ class AsyncpgRaw:
             if self._pending and (
                 self._rows + len(rows) > _MAX_DEFERRED_ROWS or not self._apart(shape.names)
             ):
+                if self._rows + len(rows) <= _MAX_DEFERRED_ROWS and self._joined(text, rows):
+                    return
                 await self.flush()
             self._pending.append((text, rows))
             self._rows += len(rows)
@@ -237,6 +268,24 @@ class AsyncpgRaw:
                 await self._conn.executemany(text, rows)
         except _ASYNCPG_ERRORS as exc:
             raise _translated(text, exc) from exc
+
+    def _joined(self, text: str, rows: Sequence[Sequence[Any]]) -> bool:
+        """More rows of a pending insert (the same statement: a second event of the
+        transaction, say) join its row list, after its own — one ``INSERT`` writes its rows in
+        order, as :meth:`many` relies on — when no other pending write goes to a table the
+        statement names. A plain ``VALUES`` insert reads no table, so nothing it does moves."""
+        names, found = _shape(text).names, -1
+        for n, (written, _) in enumerate(self._pending):
+            if _shape(written).target in names:
+                if written != text or found >= 0:
+                    return False
+                found = n
+        if found < 0:
+            return False
+        written, earlier = self._pending[found]
+        self._pending[found] = (written, [*earlier, *rows])
+        self._rows += len(rows)
+        return True
 
     def _apart(self, names: frozenset[str]) -> bool:
         """Whether a statement naming ``names`` sees nothing the pending writes change."""
@@ -269,6 +318,9 @@ _WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
 _ESCAPED = re.compile(r"\b[EeUu]&?'")  # E'…' and U&'…' strings
 _CARRIER = re.compile(r"\s*(SELECT|INSERT|UPDATE|DELETE|WITH|VALUES)\b", re.IGNORECASE)
+_PLAIN_UPDATE = re.compile(
+    r"\s*UPDATE\s+(?:[A-Za-z_][A-Za-z0-9_]*\.)?([A-Za-z_][A-Za-z0-9_]*)\s+SET\b", re.IGNORECASE
+)
 _PLAIN_INSERT = re.compile(
     r"\s*INSERT\s+INTO\s+(?:[A-Za-z_][A-Za-z0-9_]*\.)?([A-Za-z_][A-Za-z0-9_]*)\s*\([^()]*\)"
     r"\s*VALUES\s*",
@@ -279,11 +331,11 @@ _PLAIN_INSERT = re.compile(
 class _Shape(NamedTuple):
     names: frozenset[str]  # every word of the statement, lower case (tables among them)
     carrier: bool  # a statement pending writes may go in front of (one plain statement)
-    target: str | None  # a deferrable insert's table
+    target: str | None  # a deferrable write's table (an insert's, or an update's)
     head: str  # a deferrable insert: the text up to its row of values,
-    row: str  # the row, ``( … )`` (empty: not deferrable),
+    row: str  # the row, ``( … )`` (empty: not an insert that can be cut),
     tail: str  # and what follows it
-    width: int  # the row's parameters
+    width: int  # the row's parameters (an update: the statement's)
 
 
 @functools.lru_cache(maxsize=512)
@@ -295,6 +347,12 @@ def _shape(text: str) -> _Shape:
     # quoting) is sent as it is.
     carrier = _CARRIER.match(text) is not None
     opaque = any(mark in text for mark in (";", "--", "/*", "$$")) or _ESCAPED.search(text)
+    if not opaque and (updated := _PLAIN_UPDATE.match(text)) is not None:
+        # Sent whole (:meth:`AsyncpgRaw.update`); RETURNING would be lost in a ``WITH``.
+        width = max((int(number) for number in _NUMBERED.findall(text)), default=0)
+        if "returning" in names or "$" in "".join(_QUOTED.findall(text)):
+            return _Shape(names, carrier, None, "", "", "", 0)
+        return _Shape(names, carrier, updated.group(1).lower(), "", "", "", width)
     found = None if opaque else _PLAIN_INSERT.match(text)
     if found is None or not text[found.end() :].startswith("("):
         return _Shape(names, carrier, None, "", "", "", 0)
@@ -329,6 +387,10 @@ def _merged(text: str, count: int, pending: tuple[tuple[str, int], ...]) -> str 
     queries, offset = [], count
     for n, (written, rows) in enumerate(pending):
         shape = _shape(written)
+        if not shape.row:  # an update, whole (one row of parameters)
+            queries.append(f"_oncepay_w{n} AS ({_renumbered(written, offset)})")
+            offset += shape.width
+            continue
         values = []
         for _ in range(rows):
             values.append(_renumbered(shape.row, offset))
@@ -392,6 +454,10 @@ class _Traced:
     async def many(self, sql: Sql, rows: Sequence[Sequence[Any]]) -> None:
         with self._span(self._system, self._text(sql)):
             await self._inner.many(sql, rows)
+
+    async def update(self, sql: Sql, *args: Any) -> None:
+        with self._span(self._system, self._text(sql)):
+            await self._inner.update(sql, *args)
 
 
 # (database system, statement) -> a span around the statement.

@@ -88,9 +88,14 @@ _LOAD_OF_LOCKED = Sql(f"{_SELECT} AND merchant_id = $2", lock="FOR UPDATE")
 
 
 @functools.cache
-def _save(columns: tuple[str, ...]) -> Sql:
+def _update(columns: tuple[str, ...]) -> Sql:
     assignments = ", ".join(f"{name} = ${i}" for i, name in enumerate(columns, start=2))
-    return Sql(f"UPDATE payments SET {assignments} WHERE id = $1 RETURNING {PAYMENTS.columns}")
+    return Sql(f"UPDATE payments SET {assignments} WHERE id = $1")
+
+
+@functools.cache
+def _save(columns: tuple[str, ...]) -> Sql:
+    return Sql(f"{_update(columns).postgresql} RETURNING {PAYMENTS.columns}")
 
 
 async def payment_event(conn: AsyncConnection, row: PaymentRow, type: str) -> None:
@@ -160,9 +165,15 @@ async def resolve(
     conn: AsyncConnection, row: PaymentRow, transition: Transition, **values: Any
 ) -> PaymentRow:
     """Move the payment by ``transition`` (the state table says to what), save ``values``
-    with it, and mark its outcome known."""
+    with it, and mark its outcome known. ``row`` is the payment as this transaction holds it
+    (read with ``load_payment(lock=True)``, or what an earlier ``resolve`` of it returned): the
+    new row is that one with the changes, not read back, so on PostgreSQL the update travels
+    with the transaction's next statement (storage/raw.py)."""
     status = next_status(S(row.status), transition)
-    return await save(conn, row.id, status=status, **values, **RESOLVED)
+    changes = {"status": status.value, **values, **RESOLVED, "updated_at": time.time()}
+    db = await raw(conn)
+    await db.update(_update(tuple(changes)), row.id, *changes.values())
+    return row._replace(**changes)
 
 
 async def post_to_ledger(
