@@ -260,6 +260,8 @@ async def test_raw_statements_alone_commit_with_the_connection(db: Database) -> 
         "INSERT INTO items (id, n) VALUES ($1, $2);",  # would close the WITH query early
         "INSERT INTO items (id, n) VALUES ($1, $2) -- a note",  # would swallow its parenthesis
         "INSERT INTO items (id, n) VALUES ($1, $2 + length(E'\\x29'))",  # an escape string
+        # a dollar-quoted string: its "$1" would be renumbered as a parameter
+        "INSERT INTO items (id, n) VALUES ($1, $2 + length($q$ $1$q$) - 3)",
     ],
 )
 async def test_text_the_joining_cannot_read_is_sent_as_it_is(
@@ -404,3 +406,38 @@ async def test_more_rows_of_a_pending_insert_join_it_in_order(
         "fifth",
         "noted: sixth",
     ]
+
+
+# Found in a review of b6de9c8: a row with a subquery of its own table joined a pending insert
+# and no longer saw the rows before it; a dollar-quoted string's "$1" was renumbered.
+
+
+async def test_rows_that_read_their_own_table_do_not_join_it(db: Database) -> None:
+    counted = Sql("INSERT INTO notes (item, body) VALUES ($1, (SELECT count(*) FROM notes)::text)")
+    async with write(db) as conn:
+        found = await raw(conn)
+        await found.run(ITEM, "a", 1)
+        await found.flush()
+        await found.run(counted, "a")
+        await found.run(counted, "a")  # sees the first, as it would sent one after the other
+        await found.many(counted, [("a",)])
+    async with read(db) as conn:
+        notes = (await conn.execute(text("SELECT body FROM notes ORDER BY seq"))).scalars().all()
+    assert notes == ["0", "1", "2"]
+
+
+async def test_an_update_with_a_dollar_quoted_string_is_sent_as_it_is(
+    db: Database, sent: list[str]
+) -> None:
+    async with write(db) as conn:
+        found = await raw(conn)
+        await found.run(ITEM, "a", 1)
+        await found.run(NOTE, "a", "x")
+        await found.flush()
+        sent.clear()
+        await found.update(Sql("UPDATE notes SET body = $q$cost: $1$q$ WHERE item = $1"), "a")
+        assert sent == ["UPDATE notes SET body = $q$cost: $1$q$ WHERE item = $1"]
+        assert (await found.rows(Sql("SELECT $1::int"), 7))[0][0] == 7
+    async with read(db) as conn:
+        notes = (await conn.execute(text("SELECT body FROM notes"))).scalars().all()
+    assert notes == ["cost: $1"]

@@ -274,9 +274,11 @@ class AsyncpgRaw:
         transaction, say) join its row list, after its own — one ``INSERT`` writes its rows in
         order, as :meth:`many` relies on — when no other pending write goes to a table the
         statement names. A plain ``VALUES`` insert reads no table, so nothing it does moves."""
-        names, found = _shape(text).names, -1
+        shape, found = _shape(text), -1
+        if "(" in shape.row[1:]:  # a subquery (or function) in the row: it would not see
+            return False  # the rows it joined, as it saw them sent before it
         for n, (written, _) in enumerate(self._pending):
-            if _shape(written).target in names:
+            if _shape(written).target in shape.names:
                 if written != text or found >= 0:
                     return False
                 found = n
@@ -317,6 +319,7 @@ _MAX_DEFERRED_ROWS = 64
 _WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
 _ESCAPED = re.compile(r"\b[EeUu]&?'")  # E'…' and U&'…' strings
+_DOLLAR = re.compile(r"\$(?!\d)")  # $$…$$ and $tag$…$tag$ strings (a parameter is $ and digits)
 _CARRIER = re.compile(r"\s*(SELECT|INSERT|UPDATE|DELETE|WITH|VALUES)\b", re.IGNORECASE)
 _PLAIN_UPDATE = re.compile(
     r"\s*UPDATE\s+(?:[A-Za-z_][A-Za-z0-9_]*\.)?([A-Za-z_][A-Za-z0-9_]*)\s+SET\b", re.IGNORECASE
@@ -346,7 +349,11 @@ def _shape(text: str) -> _Shape:
     # that cutting cannot see through (several statements, comments, dollar or escape
     # quoting) is sent as it is.
     carrier = _CARRIER.match(text) is not None
-    opaque = any(mark in text for mark in (";", "--", "/*", "$$")) or _ESCAPED.search(text)
+    opaque = (
+        any(mark in text for mark in (";", "--", "/*"))
+        or _ESCAPED.search(text)
+        or _DOLLAR.search(text)
+    )
     if not opaque and (updated := _PLAIN_UPDATE.match(text)) is not None:
         # Sent whole (:meth:`AsyncpgRaw.update`); RETURNING would be lost in a ``WITH``.
         width = max((int(number) for number in _NUMBERED.findall(text)), default=0)
