@@ -119,6 +119,41 @@ async def test_a_lost_commit_acknowledgement_in_phase_1_keeps_the_key(
     assert await stack.approved_authorizations(retry.json()["id"]) == 1
 
 
+async def test_a_driver_error_in_the_completion_is_a_503_and_the_key_resumes(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The idempotency store's statements inside a phase run on the raw driver, whose errors
+    are the driver's own (on PostgreSQL they also carry the phase's deferred writes): the
+    database failing there is a 503 to retry, as SQLAlchemy's errors are, not a 500."""
+    import sqlite3
+
+    import asyncpg
+
+    from oncepay.idempotency.engine import Engine
+
+    failure: Exception = (
+        sqlite3.OperationalError("disk I/O error")
+        if stack.db.is_sqlite
+        else asyncpg.exceptions.ConnectionDoesNotExistError("connection was closed")
+    )
+
+    async def failing(*args: Any, **kwargs: Any) -> Any:
+        raise failure
+
+    monkeypatch.setattr(Engine, "acomplete_in", failing)
+    lost = await stack.pay(key="order-8")
+    assert (lost.status_code, lost.json()["code"]) == (503, "database_unavailable")
+    record = await stack.services.engine.store.get(stack.merchant.id, "order-8")
+    assert record is not None
+    assert record.state == "executing"
+    monkeypatch.undo()
+    stack.expire_leases()
+    retry = await stack.pay(key="order-8")
+    assert retry.status_code == 201, retry.text
+    assert await stack.count("payments") == 1
+    assert await stack.approved_authorizations(retry.json()["id"]) == 1
+
+
 @pytest.mark.parametrize("operation", ["capture", "refund"])
 async def test_a_resolved_follow_on_clears_the_unknown_outcome(
     stack: Stack, operation: str

@@ -59,7 +59,7 @@ from oncepay.payments.errors import AcquirerOutcomeUnknown, DatabaseUnavailable
 from oncepay.payments.records import PaymentRow
 from oncepay.payments.reply import Reply
 from oncepay.storage.db import write
-from oncepay.storage.raw import raw
+from oncepay.storage.raw import DRIVER_ERRORS, raw
 
 __all__ = [
     "ACQUIRER_CALLED",
@@ -161,7 +161,9 @@ def _as_problem(exc: Exception) -> OncePayError:
     resumed): the database going away is a 503 to retry; anything else a 500."""
     if isinstance(exc, OncePayError):
         return exc
-    if isinstance(exc, SQLAlchemyError | OSError):
+    # The driver's own errors too: the idempotency store's statements in a phase raise them
+    # untranslated (on PostgreSQL with the phase's deferred writes riding on them).
+    if isinstance(exc, (SQLAlchemyError, OSError, *DRIVER_ERRORS)):
         return DatabaseUnavailable(
             "the database failed midway; retry with the same Idempotency-Key to resume"
         )

@@ -45,7 +45,7 @@ from sqlalchemy.exc import DatabaseError
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.util import await_only
 
-__all__ = ["Raw", "Rows", "Sql", "raw", "trace_statements"]
+__all__ = ["DRIVER_ERRORS", "Raw", "Rows", "Sql", "raw", "trace_statements"]
 
 _NUMBERED = re.compile(r"\$(\d+)")
 
@@ -424,6 +424,9 @@ def _driver_errors() -> tuple[tuple[type[Exception], ...], tuple[type[Exception]
 
 
 _SQLITE_ERRORS, _ASYNCPG_ERRORS = _driver_errors()
+# The drivers' own errors, which the idempotency store's in-transaction statements raise as
+# they are (this module translates its own): a database failing midway, as SQLAlchemy's are.
+DRIVER_ERRORS = _SQLITE_ERRORS + _ASYNCPG_ERRORS
 
 
 def _translated(statement: str, exc: Exception) -> DatabaseError:
