@@ -8,7 +8,8 @@
   verbs; the embedded acquirer's own SQLite database not counted), and CPU time a payment
   of the whole process (client included, so a relative figure), on SQLite and PostgreSQL.
 
-    .venv/bin/python bench/e2e/datalayer.py instructions [--n1 20] [--n2 60] [--src DIR]
+    .venv/bin/python bench/e2e/datalayer.py instructions [--n1 20] [--n2 60] [--src DIR] \\
+        [--backend sqlite|postgresql]
     .venv/bin/python bench/e2e/datalayer.py count [--payments 200] [--backend sqlite|postgresql]
 """
 
@@ -145,8 +146,10 @@ def main() -> None:
         for name, value in asyncio.run(count(args.payments, args.backend)).items():
             print(f"{args.backend}: {name}: {value}")
         return
-    from bench.tracing.instructions import instructions, total
+    from bench.tracing.instructions import DATABASE_ENV, instructions, total
 
+    if args.backend == "postgresql":  # each run its own schema (the server's CPU not counted)
+        os.environ[DATABASE_ENV] = POSTGRES_URL
     with tempfile.TemporaryDirectory() as out:
         runs = {n: instructions("off", n, 0, Path(out) / f"off-{n}") for n in (args.n1, args.n2)}
         for n, process in runs.items():
@@ -156,7 +159,8 @@ def main() -> None:
         per = (total(Path(out) / f"off-{args.n2}") - total(Path(out) / f"off-{args.n1}")) / (
             args.n2 - args.n1
         )
-    print(f"instructions a payment (SQLite, in-process, tracing off): {per:,.0f}")
+    where = "PostgreSQL (this process only)" if args.backend == "postgresql" else "SQLite"
+    print(f"instructions a payment ({where}, in-process, tracing off): {per:,.0f}")
 
 
 if __name__ == "__main__":

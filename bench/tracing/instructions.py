@@ -22,6 +22,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import uuid
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script: bench imports
@@ -30,6 +31,9 @@ from bench.harness.processes import free_port, stop_group, wait_port
 from bench.tracing.run import SINK
 
 HERE = Path(__file__).resolve().parent
+# A PostgreSQL server's URL for the payments database (each run a schema of its own, dropped
+# at the end); unset: SQLite.
+DATABASE_ENV = "ONCEPAY_INSTRUCTIONS_DATABASE"
 BSP_DELAY_MS = 3_600_000  # see instructions(): no timed export during a run
 VARIANTS: dict[str, dict[str, str]] = {
     "off": {},
@@ -48,7 +52,14 @@ async def payments(count: int, folder: str) -> None:
     from oncepay.payments.settings import Settings
     from oncepay.payments.storage.migrations import migrated
 
-    url = f"sqlite:///{folder}/p.db"
+    # bench/e2e/datalayer.py instructions --backend postgresql (the server's own work is not
+    # counted: it runs outside valgrind).
+    server = os.environ.get(DATABASE_ENV)
+    url = (
+        f"{server}?schema=oncepay_in_{uuid.uuid4().hex[:10]}"
+        if server
+        else f"sqlite:///{folder}/p.db"
+    )
     async with migrated(url) as db:
         _, key = await issue_test_key(db)
     settings = Settings(
@@ -64,6 +75,15 @@ async def payments(count: int, folder: str) -> None:
                 answer = await client.post("/v1/payments", json=body, headers=headers)
                 assert answer.status_code == 201, answer.text
     tracing.shutdown()
+    if server:
+        from sqlalchemy import text
+
+        from oncepay.storage.db import Database
+
+        database = Database.from_url(url)
+        async with database.engine.begin() as conn:
+            await conn.execute(text(f'DROP SCHEMA "{database.schema}" CASCADE'))
+        await database.aclose()
 
 
 def instructions(variant: str, count: int, sink: int, out: Path) -> subprocess.Popen[bytes]:
