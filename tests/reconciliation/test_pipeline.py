@@ -293,6 +293,22 @@ async def test_a_batchs_ids_number_its_lines_and_its_payments_from_zero(stack: S
     ]
 
 
+async def test_a_batch_staged_many_rows_a_statement_keeps_its_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SQLite stages a batch ``_STAGE_AT_ONCE`` rows a statement and the rest a row at a time:
+    with three a statement, a batch of four lines (a statement and one row) is numbered in the
+    report's order, as one statement numbers it (the ids test above)."""
+    monkeypatch.setattr(bulk, "_STAGE_AT_ONCE", 3)
+    monkeypatch.setattr(
+        bulk,
+        "_STAGE_ROWS",
+        bulk._STAGE_ROW.replace(bulk._STAGED_VALUES, ", ".join([bulk._STAGED_VALUES] * 3)),
+    )
+    async with running_stack(database_url("sqlite", tmp_path), tmp_path) as stack:
+        await test_a_batchs_ids_number_its_lines_and_its_payments_from_zero(stack)
+
+
 async def test_the_books_read_in_chunks_are_the_books_read_at_once(
     stack: Stack, monkeypatch: pytest.MonkeyPatch
 ) -> None:

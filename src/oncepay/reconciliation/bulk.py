@@ -13,6 +13,7 @@ dropping the staged lines whose guard is there and posting the others is race-fr
 from __future__ import annotations
 
 import asyncio
+import itertools
 import sqlite3
 import threading
 from collections.abc import Callable, Sequence
@@ -326,10 +327,23 @@ def _stage(db: sqlite3.Connection, rows: list[Row]) -> None:
     db.execute(_CREATE_TRIGGER)
     db.execute(f"DELETE FROM {_STAGE}")
     db.execute(f"DELETE FROM {_COMMAND}")
-    # n is the rowid SQLite gives: 1, 2, … into the emptied table (its documented rule), so the
-    # rows go in as they are, with no (n, *row) tuple built per row.
-    marks = ", ".join("?" * len(STAGED))
-    db.executemany(f"INSERT INTO {_STAGE} ({', '.join(STAGED)}) VALUES ({marks})", rows)
+    # n is the rowid SQLite gives: 1, 2, … into the emptied table (its documented rule), in the
+    # order the rows are given, so the rows go in as they are, with no (n, *row) tuple built
+    # per row: _STAGE_AT_ONCE rows a statement (a multi-row VALUES), the rest one a step.
+    whole = len(rows) - len(rows) % _STAGE_AT_ONCE
+    flat = itertools.chain.from_iterable
+    for start in range(0, whole, _STAGE_AT_ONCE):
+        db.execute(_STAGE_ROWS, tuple(flat(rows[start : start + _STAGE_AT_ONCE])))
+    db.executemany(_STAGE_ROW, rows[whole:])
+
+
+# Staged rows per INSERT: one statement's step and the module's per-row work shared by 80 rows
+# (``executemany`` binds and steps a row at a time: 2.9 against 2.2 µs a row measured, 5,000
+# rows); 80 x 12 = 960 parameters, under the 999 of SQLite's older builds.
+_STAGE_AT_ONCE = 80
+_STAGED_VALUES = f"({', '.join('?' * len(STAGED))})"
+_STAGE_ROW = f"INSERT INTO {_STAGE} ({', '.join(STAGED)}) VALUES {_STAGED_VALUES}"
+_STAGE_ROWS = _STAGE_ROW.replace(_STAGED_VALUES, ", ".join([_STAGED_VALUES] * _STAGE_AT_ONCE))
 
 
 def _settle_in_sqlite(
