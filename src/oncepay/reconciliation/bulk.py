@@ -186,6 +186,8 @@ _CREATE_PAYING = (
     f"CREATE TABLE IF NOT EXISTS {_PAYING} (k INTEGER PRIMARY KEY, payment_id TEXT NOT NULL, "
     "c INTEGER NOT NULL, r INTEGER NOT NULL, f INTEGER NOT NULL, at REAL NOT NULL)"
 )
+# A payment's event id: the batch's event head and its place k among the batch's payments.
+_EVENT_ID = "printf('%s%08x', ?, t.k - 1)"
 _SETTLE_STATEMENTS = (
     # lines whose guard is there already (settled before): not posted again
     "DELETE FROM oncepay_settling WHERE EXISTS (SELECT 1 FROM reconciliation_settlements s "
@@ -215,7 +217,7 @@ _SETTLE_STATEMENTS = (
     # in k order, no window nor sort over the snapshots (a row_number() over the payments
     # themselves sorted the batch's rows, JSON included: ~1.5 µs a line of SQLite's time)
     "INSERT INTO events (id, merchant_id, type, object_id, data, created_at) "
-    "SELECT printf('%s%08x', NEW.evt, t.k - 1), p.merchant_id, "  # from 00000000
+    f"SELECT {_EVENT_ID.replace('?', 'NEW.evt')}, p.merchant_id, "  # from 00000000
     f"'payment.settled', p.id, {_SNAPSHOT_JSON}, NEW.now "
     "FROM oncepay_paying AS t CROSS JOIN payments AS p ON p.id = t.payment_id ORDER BY t.k",
 )
@@ -366,21 +368,21 @@ def _settled(
     if not fresh:
         return 0, 0, []
     between = (event_head, f"{event_head}~")
-    events = int(
-        db.execute("SELECT count(*) FROM events WHERE id > ? AND id < ?", between).fetchone()[0]
-    )
+    # The batch's payments are still in _PAYING (emptied by the next batch's statement): one
+    # event each, its id the event head and k - 1, so the events' count and the odd payments
+    # are read from it, with no scan of the events' id index nor a look-up of each event.
+    events = int(db.execute(f"SELECT count(*) FROM {_PAYING}").fetchone()[0])
     odd = db.execute(
-        "SELECT e.id, "
+        f"SELECT {_EVENT_ID}, "
         + ", ".join(f"p.{column}" for column in snapshot)
-        + " FROM events AS e JOIN payments AS p ON p.id = e.object_id "
-        "WHERE e.id > ? AND e.id < ? AND (p.description"
+        + f" FROM {_PAYING} AS t JOIN payments AS p ON p.id = t.payment_id "
+        "WHERE p.description"
         + _NOT_PLAIN
         + " OR p.failure_message"
         + _NOT_PLAIN
         + " OR p.metadata"
-        + _NOT_PLAIN
-        + ")",
-        between,
+        + _NOT_PLAIN,
+        (event_head,),
     ).fetchall()
     if odd:
         db.executemany(
