@@ -441,3 +441,57 @@ async def test_an_update_with_a_dollar_quoted_string_is_sent_as_it_is(
     async with read(db) as conn:
         notes = (await conn.execute(text("SELECT body FROM notes"))).scalars().all()
     assert notes == ["cost: $1"]
+
+
+async def test_a_row_updated_twice_is_one_update_that_waits(db: Database, sent: list[str]) -> None:
+    """``update_row``: a second update of a row whose first still waits merges into it (one
+    statement may not change a row twice), the later value of a column winning; another row,
+    or the same row after the first went, is an update of its own."""
+    async with write(db) as conn:
+        found = await raw(conn)
+        await found.run(ITEM, "a", 1)
+        await found.run(ITEM, "b", 1)
+        await found.flush()
+        sent.clear()
+        await found.update_row("items", "id", "a", {"n": 5})
+        await found.run(NOTE, "a", "between")
+        await found.update_row("items", "id", "a", {"n": 6})
+        await found.run(OTHER_ONE)
+        assert sent == []
+        await found.flush()
+        assert len(sent) == 1
+        assert sent[0].startswith(
+            "WITH _oncepay_w0 AS (UPDATE items SET n = $2 WHERE id = $1), _oncepay_w1 AS "
+            "(INSERT INTO notes"
+        )
+        await found.update_row("items", "id", "a", {"n": 7})  # after the flush: its own
+        await found.update_row("items", "id", "b", {"n": 8})  # another row: the first goes
+        assert len(sent) == 2
+        assert (await found.rows(Sql("SELECT sum(n) FROM items")))[0][0] == 15
+    assert await items(db) == [("a", 7), ("b", 8)]
+    with pytest.raises(ValueError, match="not a plain column"):
+        async with write(db) as conn:
+            await (await raw(conn)).update_row("items", "id", "a", {"n = 0, id": 1})
+
+
+async def test_a_rolled_back_update_is_not_merged_into_the_next_transaction(
+    db: Database,
+) -> None:
+    assert db.schema is not None
+    single = Database.from_url(f"{db.url}?schema={db.schema}")
+    try:
+        async with write(single) as conn:
+            await (await raw(conn)).run(ITEM, "a", 1)
+
+        async def failing() -> None:
+            async with write(single) as conn:
+                await (await raw(conn)).update_row("items", "id", "a", {"n": 99})
+                raise RuntimeError("the caller fails")
+
+        with pytest.raises(RuntimeError):
+            await failing()
+        async with write(single) as conn:
+            await (await raw(conn)).update_row("items", "id", "a", {"n": 2})
+    finally:
+        await single.aclose()
+    assert await items(db) == [("a", 2)]

@@ -128,6 +128,13 @@ class Raw(Protocol):
         is deferred as a plain insert is; its row count is never read."""
         ...
 
+    async def update_row(self, table: str, key: str, value: Any, changes: dict[str, Any]) -> None:
+        """:meth:`update` of one row, ``table``'s whose ``key`` is ``value``, by column name. On
+        PostgreSQL a second update of the same row while the first still waits is merged into
+        it (the later value of a column wins): one statement may not change a row twice, and
+        sending the first apart would cost a round trip."""
+        ...
+
     async def flush(self) -> None:
         """Send whatever write is pending (nothing to do on SQLite)."""
         ...
@@ -168,19 +175,25 @@ class _SQLite:
 
     update = run
 
+    async def update_row(self, table: str, key: str, value: Any, changes: dict[str, Any]) -> None:
+        await self.run(_row_update(table, key, tuple(changes)), value, *changes.values())
+
 
 class AsyncpgRaw:
     """PostgreSQL: statements on the asyncpg connection, deferred writes sent with the next
     statement (the module's docstring). Also what the idempotency store's in-transaction
     methods take (:attr:`Raw.store`): their statements carry the pending writes too."""
 
-    __slots__ = ("_conn", "_pending", "_rows", "driver")
+    __slots__ = ("_conn", "_pending", "_rows", "_updated", "driver")
     integers_as_booleans = False
 
     def __init__(self, conn: Any) -> None:
         self._conn = self.driver = conn  # an asyncpg.Connection in SQLAlchemy's transaction
         self._pending: list[tuple[str, Sequence[Sequence[Any]]]] = []
         self._rows = 0  # the pending writes' rows, to bound a statement's parameters
+        # Rows with an update pending (update_row): (table, key, value) -> its place in
+        # _pending and the changes so far.
+        self._updated: dict[tuple[str, str, Any], tuple[int, dict[str, Any]]] = {}
 
     @property
     def store(self) -> AsyncpgRaw:
@@ -213,7 +226,24 @@ class AsyncpgRaw:
             await self._write(sql.postgresql, rows)
 
     async def update(self, sql: Sql, *args: Any) -> None:
-        text = sql.postgresql
+        await self._update(sql.postgresql, args)
+
+    async def update_row(self, table: str, key: str, value: Any, changes: dict[str, Any]) -> None:
+        row = (table, key, value)
+        kept = self._updated.get(row)
+        if kept is not None:
+            place, earlier = kept
+            merged = {**earlier, **changes}
+            text = _row_update(table, key, tuple(merged)).postgresql
+            self._pending[place] = (text, ((value, *merged.values()),))
+            self._updated[row] = (place, merged)
+            return
+        text = _row_update(table, key, tuple(changes)).postgresql
+        if await self._update(text, (value, *changes.values())):
+            self._updated[row] = (len(self._pending) - 1, dict(changes))
+
+    async def _update(self, text: str, args: tuple[Any, ...]) -> bool:
+        """Whether the update was deferred (else it was sent, after what was pending)."""
         shape = _shape(text)
         if shape.target is not None and not shape.row and shape.width == len(args):
             if self._pending and (
@@ -222,12 +252,13 @@ class AsyncpgRaw:
                 await self.flush()
             self._pending.append((text, (args,)))
             self._rows += 1
-            return
+            return True
         await self.flush()  # text that cannot be cut safely: at once, after what is pending
         try:
             await self._conn.execute(text, *args)
         except _ASYNCPG_ERRORS as exc:
             raise _translated(text, exc) from exc
+        return False
 
     async def flush(self) -> None:
         """Send the pending writes now (one statement)."""
@@ -242,6 +273,7 @@ class AsyncpgRaw:
     def drop(self) -> None:
         """Forget the pending writes (their transaction rolled back)."""
         self._pending.clear()
+        self._updated.clear()
         self._rows = 0
 
     async def _write(self, text: str, rows: Sequence[Sequence[Any]]) -> None:
@@ -307,6 +339,7 @@ class AsyncpgRaw:
             await self.flush()
             return text, args
         pending, self._pending, self._rows = self._pending, [], 0
+        self._updated.clear()
         values = list(args)
         for _, rows in pending:
             for row in rows:
@@ -413,6 +446,19 @@ def _merged(text: str, count: int, pending: tuple[tuple[str, int], ...]) -> str 
     return f"WITH {joined} {stripped}"
 
 
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+@functools.lru_cache(maxsize=256)
+def _row_update(table: str, key: str, columns: tuple[str, ...]) -> Sql:
+    """``UPDATE table SET column = $2, … WHERE key = $1``: names only, never values."""
+    for name in (table, key, *columns):
+        if not _IDENTIFIER.fullmatch(name):
+            raise ValueError(f"not a plain column or table name: {name!r}")
+    assignments = ", ".join(f"{name} = ${n}" for n, name in enumerate(columns, start=2))
+    return Sql(f"UPDATE {table} SET {assignments} WHERE {key} = $1")
+
+
 def _driver_errors() -> tuple[tuple[type[Exception], ...], tuple[type[Exception], ...]]:
     import sqlite3
 
@@ -468,6 +514,10 @@ class _Traced:
     async def update(self, sql: Sql, *args: Any) -> None:
         with self._span(self._system, self._text(sql)):
             await self._inner.update(sql, *args)
+
+    async def update_row(self, table: str, key: str, value: Any, changes: dict[str, Any]) -> None:
+        with self._span(self._system, self._text(_row_update(table, key, tuple(changes)))):
+            await self._inner.update_row(table, key, value, changes)
 
 
 # (database system, statement) -> a span around the statement.

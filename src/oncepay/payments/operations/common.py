@@ -21,6 +21,7 @@ from oncepay.payments.records import PaymentRow
 from oncepay.payments.reply import Reply
 from oncepay.payments.states import PaymentStatus, Transition, next_status, require
 from oncepay.payments.storage.schema import payments
+from oncepay.payments.webhooks.outbox import ENDPOINTS_ALONGSIDE, keep_endpoints
 from oncepay.storage.db import read
 from oncepay.storage.ids import is_id
 from oncepay.storage.raw import Rows, Sql, raw
@@ -58,6 +59,18 @@ async def load_payment(
     if not is_id(payment_id):
         raise ResourceMissing(f"no payment {payment_id!r}")
     db = await raw(conn)
+    if lock and conn.dialect.name == "postgresql":
+        # The transaction changes the payment, and writes its events: the merchant's webhook
+        # endpoints come along (webhooks/outbox.py), not in a round trip of their own.
+        if merchant_id is None:
+            found = await db.rows(_LOAD_LOCKED_WITH_ENDPOINTS, payment_id)
+        else:
+            found = await db.rows(_LOAD_OF_LOCKED_WITH_ENDPOINTS, payment_id, merchant_id)
+        if not found:
+            raise ResourceMissing(f"no payment {payment_id!r}")
+        row = cast(PaymentRow, PAYMENTS.make(*found[0][:-1]))
+        keep_endpoints(conn, row.merchant_id, found[0][-1])
+        return row
     if merchant_id is None:
         found = await db.rows(_LOAD_LOCKED if lock else _LOAD, payment_id)
     else:
@@ -85,17 +98,18 @@ _LOAD = Sql(_SELECT)
 _LOAD_LOCKED = Sql(_SELECT, lock="FOR UPDATE")
 _LOAD_OF = Sql(f"{_SELECT} AND merchant_id = $2")
 _LOAD_OF_LOCKED = Sql(f"{_SELECT} AND merchant_id = $2", lock="FOR UPDATE")
-
-
-@functools.cache
-def _update(columns: tuple[str, ...]) -> Sql:
-    assignments = ", ".join(f"{name} = ${i}" for i, name in enumerate(columns, start=2))
-    return Sql(f"UPDATE payments SET {assignments} WHERE id = $1")
+_WITH_ENDPOINTS = (
+    f"SELECT {PAYMENTS.columns}, {ENDPOINTS_ALONGSIDE.format(merchant='payments.merchant_id')} "
+    "FROM payments WHERE id = $1"
+)
+_LOAD_LOCKED_WITH_ENDPOINTS = Sql(_WITH_ENDPOINTS, lock="FOR UPDATE")  # PostgreSQL's
+_LOAD_OF_LOCKED_WITH_ENDPOINTS = Sql(f"{_WITH_ENDPOINTS} AND merchant_id = $2", lock="FOR UPDATE")
 
 
 @functools.cache
 def _save(columns: tuple[str, ...]) -> Sql:
-    return Sql(f"{_update(columns).postgresql} RETURNING {PAYMENTS.columns}")
+    assignments = ", ".join(f"{name} = ${i}" for i, name in enumerate(columns, start=2))
+    return Sql(f"UPDATE payments SET {assignments} WHERE id = $1 RETURNING {PAYMENTS.columns}")
 
 
 async def payment_event(conn: AsyncConnection, row: PaymentRow, type: str) -> None:
@@ -168,11 +182,11 @@ async def resolve(
     with it, and mark its outcome known. ``row`` is the payment as this transaction holds it
     (read with ``load_payment(lock=True)``, or what an earlier ``resolve`` of it returned): the
     new row is that one with the changes, not read back, so on PostgreSQL the update travels
-    with the transaction's next statement (storage/raw.py)."""
+    with the transaction's next statement, merged with the payment's next update if that comes
+    first (an automatic capture's authorization and capture: storage/raw.py)."""
     status = next_status(S(row.status), transition)
     changes = {"status": status.value, **values, **RESOLVED, "updated_at": time.time()}
-    db = await raw(conn)
-    await db.update(_update(tuple(changes)), row.id, *changes.values())
+    await (await raw(conn)).update_row("payments", "id", row.id, changes)
     return row._replace(**changes)
 
 
