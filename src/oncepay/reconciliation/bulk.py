@@ -25,6 +25,7 @@ from oncepay.storage.db import Database
 from oncepay.storage.raw import raw
 
 __all__ = [
+    "SETTLING",
     "STAGED",
     "insert",
     "settle_postgres",
@@ -116,13 +117,18 @@ STAGED = (
     "settled_at",
     "at",  # settled_at as a POSIX time (the transaction's time when it cannot be read)
 )
+# The rows settle_sqlite and settle_postgres take: STAGED, then the line's journal id (its
+# batch's head and the line's place in the rows, 8 hex digits), made with the row in Python:
+# SQLite's printf() made it for the guard, the journal and each entry, ~0.3 µs a call on the
+# connection's thread (5 a line) against ~0.1 µs once on the loop.
+SETTLING = (*STAGED, "transaction_id")
 _STAGE = "temp.oncepay_settling"
 _CREATE_STAGE = (
     f"CREATE TABLE IF NOT EXISTS {_STAGE} (n INTEGER PRIMARY KEY, "
     "reference TEXT NOT NULL, payment_id TEXT NOT NULL, merchant_id TEXT NOT NULL, "
     "refund_id TEXT, type TEXT NOT NULL, currency TEXT NOT NULL, payout_id TEXT NOT NULL, "
     "amount INTEGER NOT NULL, fee INTEGER NOT NULL, net INTEGER NOT NULL, "
-    "settled_at TEXT NOT NULL, at REAL NOT NULL)"
+    "settled_at TEXT NOT NULL, at REAL NOT NULL, transaction_id TEXT NOT NULL)"
 )
 # A line's journal: entry k of 0, 1, 2 (zero amounts are left out), as in settlement.entries.
 _ENTRY_AMOUNT = (
@@ -167,10 +173,9 @@ _NOT_PLAIN = " GLOB '*[^ -~]*'"
 _COMMAND = "temp.oncepay_settle_now"
 _CREATE_COMMAND = (
     f"CREATE TABLE IF NOT EXISTS {_COMMAND} (acquirer TEXT NOT NULL, now REAL NOT NULL, "
-    "txn TEXT NOT NULL, evt TEXT NOT NULL, settled TEXT NOT NULL, fees TEXT NOT NULL, "
+    "evt TEXT NOT NULL, settled TEXT NOT NULL, fees TEXT NOT NULL, "
     "receivable TEXT NOT NULL)"
 )
-_TXN = "printf('%s%08x', NEW.txn, n - 1)"  # n counts the batch's rows from 1
 # A journal's entries k = 0, 1, 2: a table whose rowid is k, joined after the staged lines
 # (CROSS JOIN keeps that order), so the entries come out in (n, k) order with no sort (a
 # three-row subquery joined first made SQLite sort the batch's 15,000 entries: ~15 % of the
@@ -194,14 +199,14 @@ _SETTLE_STATEMENTS = (
     "WHERE s.reference = oncepay_settling.reference)",
     "INSERT INTO reconciliation_settlements (reference, acquirer, payment_id, type, "
     "currency, payout_id, amount, fee, net, settled_at, transaction_id, created_at) "
-    f"SELECT reference, NEW.acquirer, payment_id, type, currency, payout_id, amount, fee, net, "
-    f"settled_at, {_TXN}, NEW.now FROM oncepay_settling ORDER BY n",
+    "SELECT reference, NEW.acquirer, payment_id, type, currency, payout_id, amount, fee, net, "
+    "settled_at, transaction_id, NEW.now FROM oncepay_settling ORDER BY n",
     "INSERT INTO ledger_transactions (id, merchant_id, payment_id, refund_id, kind, "
-    f"created_at) SELECT {_TXN}, merchant_id, payment_id, refund_id, 'settlement', NEW.now "
+    "created_at) SELECT transaction_id, merchant_id, payment_id, refund_id, 'settlement', NEW.now "
     "FROM oncepay_settling ORDER BY n",
     "INSERT INTO ledger_entries (transaction_id, merchant_id, payment_id, account, "
-    f"currency, amount) SELECT {_TXN}, merchant_id, payment_id, {_ENTRY_ACCOUNT}, currency, "
-    f"{_ENTRY_AMOUNT} FROM oncepay_settling CROSS JOIN oncepay_entry_k "
+    "currency, amount) SELECT transaction_id, merchant_id, payment_id, "
+    f"{_ENTRY_ACCOUNT}, currency, {_ENTRY_AMOUNT} FROM oncepay_settling CROSS JOIN oncepay_entry_k "
     f"WHERE {_ENTRY_AMOUNT} != 0 ORDER BY n, k",
     # the batch's payments, numbered by id (their events' ids), with what settles on each
     "DELETE FROM oncepay_paying",
@@ -241,21 +246,20 @@ async def settle_sqlite(
     *,
     acquirer: str,
     now: float,
-    txn_head: str,
     event_head: str,
     accounts: tuple[str, str, str],
     snapshot: Sequence[str],
     rewrite: Callable[[Row], str],
 ) -> tuple[int, int, list[tuple[str, str, str]]]:
-    """Post ``rows`` (:data:`STAGED` columns, one reference once) whose guard is not there yet,
-    in the caller's write transaction; ``None``: the rows :func:`stage_sqlite` staged on this
-    connection before the transaction began. Transaction ids are ``txn_head`` and the line's place
-    in ``rows`` (8 hex digits); event ids ``event_head`` and the payment's place among the
-    batch's payments by id. ``accounts``: settled funds, fees, receivable. ``rewrite(row)``
-    gives an event's JSON from the ``snapshot`` columns of its payment (for the payments whose
-    text SQLite would escape differently). Returns the lines posted, the payments settled and,
-    for the events of merchants with an enabled webhook endpoint, (event id, merchant id,
-    payment id) in event order.
+    """Post ``rows`` (:data:`SETTLING` columns, one reference once) whose guard is not there
+    yet, in the caller's write transaction; ``None``: the rows :func:`stage_sqlite` staged on
+    this connection before the transaction began. Transaction ids are the rows' own; event ids
+    ``event_head`` and the payment's place among the batch's payments by id. ``accounts``:
+    settled funds, fees, receivable. ``rewrite(row)`` gives an event's JSON from the
+    ``snapshot`` columns of its payment (for the payments whose text SQLite would escape
+    differently). Returns the lines posted, the payments settled and, for the events of
+    merchants with an enabled webhook endpoint, (event id, merchant id, payment id) in event
+    order.
 
     The batch's writes run on the connection's own thread (:mod:`oncepay._drivers.sqlite`) as
     one statement (:data:`_CREATE_TRIGGER`), where SQLite works without the GIL: the pipeline
@@ -273,7 +277,7 @@ async def settle_sqlite(
         if not rows:
             return 0, 0, []
         _stage(db, rows)
-    command = (acquirer, now, txn_head, event_head, *accounts)
+    command = (acquirer, now, event_head, *accounts)
     taken = threading.Event()
     work = driver._thread.submit(_settle_in_sqlite, db, command, taken)
     # The GIL is free while this waits: the thread takes it at once. Only a hand-over, not a
@@ -339,12 +343,12 @@ def _stage(db: sqlite3.Connection, rows: list[Row]) -> None:
     db.executemany(_STAGE_ROW, rows[whole:])
 
 
-# Staged rows per INSERT: one statement's step and the module's per-row work shared by 80 rows
+# Staged rows per INSERT: one statement's step and the module's per-row work shared by 76 rows
 # (``executemany`` binds and steps a row at a time: 2.9 against 2.2 µs a row measured, 5,000
-# rows); 80 x 12 = 960 parameters, under the 999 of SQLite's older builds.
-_STAGE_AT_ONCE = 80
-_STAGED_VALUES = f"({', '.join('?' * len(STAGED))})"
-_STAGE_ROW = f"INSERT INTO {_STAGE} ({', '.join(STAGED)}) VALUES {_STAGED_VALUES}"
+# rows); 76 x 13 = 988 parameters, under the 999 of SQLite's older builds.
+_STAGE_AT_ONCE = 76
+_STAGED_VALUES = f"({', '.join('?' * len(SETTLING))})"
+_STAGE_ROW = f"INSERT INTO {_STAGE} ({', '.join(SETTLING)}) VALUES {_STAGED_VALUES}"
 _STAGE_ROWS = _STAGE_ROW.replace(_STAGED_VALUES, ", ".join([_STAGED_VALUES] * _STAGE_AT_ONCE))
 
 
@@ -355,7 +359,7 @@ def _settle_in_sqlite(
     taken.set()
     if not db.in_transaction:
         raise RuntimeError("settling needs the caller's write transaction")
-    db.execute(f"INSERT INTO {_COMMAND} VALUES (?, ?, ?, ?, ?, ?, ?)", command)
+    db.execute(f"INSERT INTO {_COMMAND} VALUES (?, ?, ?, ?, ?, ?)", command)
 
 
 def _settled(
@@ -460,8 +464,9 @@ async def settle_postgres(
     accounts: tuple[str, str, str],
     returning: Sequence[str],
 ) -> tuple[int, list[Row]]:
-    """Post ``rows`` (:data:`STAGED` columns, one reference once) whose guard no transaction
-    wrote, in the caller's transaction, in one statement; transaction ids as on SQLite. Returns
+    """Post ``rows`` (:data:`SETTLING` columns, one reference once) whose guard no transaction
+    wrote, in the caller's transaction, in one statement; transaction ids ``txn_head`` and the
+    line's place in ``rows``, as the rows' own. Returns
     the lines posted and the ``returning`` columns of the payments settled, by id."""
     if not rows:
         return 0, []
@@ -471,9 +476,10 @@ async def settle_postgres(
     # statement at every batch: ~40 ms of the server's ~400 for 5,000 lines (EXPLAIN ANALYZE,
     # bench/reconciliation/RESULTS.md) for a plan that runs once. Off for this transaction.
     await driver.execute("SET LOCAL jit = off")
+    columns = list(zip(*rows, strict=True))[: len(STAGED)]  # the ids: made again from txn_head
     found = await driver.fetch(
         statement,
-        *(list(column) for column in zip(*rows, strict=True)),
+        *(list(column) for column in columns),
         txn_head,
         acquirer,
         now,

@@ -138,7 +138,7 @@ async def _post_staged_ahead(
     connection of its own before the write lock is asked for, so that it is staged while the
     batch before it writes (the pipeline has two batches in flight), and the write lock is
     held only for SQLite's own work."""
-    rows = _staged(batch, None, now)
+    rows = _staged(batch, None, now, batch_head("txn"))
     if not rows:
         return
     async with db.engine.connect() as conn:
@@ -158,7 +158,6 @@ async def _settle_sqlite(
         rows,
         acquirer=acquirer,
         now=now,
-        txn_head=batch_head("txn"),
         event_head=batch_head("evt"),
         accounts=_ACCOUNTS,
         snapshot=_SNAPSHOT,
@@ -191,7 +190,8 @@ async def post_batch(
         owners = {op.payment_id: op.merchant_id for _, op in batch}
     else:
         owners = await _owners(conn, {op.payment_id for _, op in batch})
-    rows = _staged(batch, owners, now)
+    txn_head = batch_head("txn")
+    rows = _staged(batch, owners, now, txn_head)
     if db.is_sqlite:
         lines, payments_settled, reach = await _settle_sqlite(conn, rows, acquirer, now)
         await _fan_out(conn, reach, now)
@@ -201,7 +201,7 @@ async def post_batch(
             rows,
             acquirer=acquirer,
             now=now,
-            txn_head=batch_head("txn"),
+            txn_head=txn_head,
             accounts=_ACCOUNTS,
             returning=_SNAPSHOT,
         )
@@ -213,11 +213,15 @@ async def post_batch(
 
 
 def _staged(
-    batch: Sequence[tuple[ReportLine, Operation]], owners: dict[str, str] | None, now: float
+    batch: Sequence[tuple[ReportLine, Operation]],
+    owners: dict[str, str] | None,
+    now: float,
+    txn_head: str,
 ) -> list[tuple[Any, ...]]:
-    """The batch's lines as :data:`.bulk.STAGED` rows: those of payments that exist, each
-    reference once (the first line that names it). ``owners``: payment id -> merchant id;
-    ``None``: each operation's own (read with the books, every one set)."""
+    """The batch's lines as :data:`.bulk.SETTLING` rows: those of payments that exist, each
+    reference once (the first line that names it), each with its journal's id (``txn_head``
+    and the row's place). ``owners``: payment id -> merchant id; ``None``: each operation's own
+    (read with the books, every one set)."""
     rows: list[tuple[Any, ...]] = []
     add = rows.append
     seen: set[str] = set()
@@ -248,6 +252,7 @@ def _staged(
                 line.net,
                 settled_at,
                 at,
+                f"{txn_head}{len(rows):08x}",  # from 00000000, in the rows' order
             )
         )
     return rows
