@@ -400,6 +400,10 @@ async def _match_and_post(
     poster = _Poster(db, acquirer, now)
     pending: list[tuple[ReportLine, Operation]] = []
     matching = Matching(books, fees=inputs.fees, settle=lambda line, op: pending.append((line, op)))
+    # Its index of the books (a dict of a million entries) and the references seen (a set that
+    # grows to as many) out of the collector's way too: each full collection of the pass walked
+    # both, 26 of them in a 1M run, ~2 s of the loop's CPU (bench/reconciliation/RESULTS.md).
+    gc.freeze()
     try:
         for number, line in enumerate(report_lines(inputs.report, chosen), 1):
             matching.take(line)
