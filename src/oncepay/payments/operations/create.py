@@ -32,6 +32,7 @@ from oncepay.payments.records import PaymentRow
 from oncepay.payments.reply import Reply
 from oncepay.payments.states import PaymentStatus, Transition
 from oncepay.payments.storage.schema import payments
+from oncepay.payments.webhooks.outbox import ENDPOINTS_ALONGSIDE, keep_endpoints
 from oncepay.storage.db import write
 from oncepay.storage.ids import new_id
 from oncepay.storage.raw import Sql, raw
@@ -49,6 +50,9 @@ _INSERT = Sql(
     "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 0, 0, $10, 1, FALSE, 0, FALSE, $11, $11) "
     f"RETURNING {PAYMENTS.columns}"
 )
+# PostgreSQL: the merchant's webhook endpoints come back with the new row, for the
+# ``payment.created`` event's fan-out (webhooks/outbox.py), not in a round trip of their own.
+_INSERT_WITH_ENDPOINTS = Sql(f"{_INSERT.postgresql}, {ENDPOINTS_ALONGSIDE.format(merchant='$2')}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,8 +66,9 @@ class CreatePayment(OnPayment):
         p, now = self.params, time.time()
         payment_id = new_id("pay")
         db = await raw(conn)
+        endpoints = conn.dialect.name == "postgresql"
         row = await db.rows(
-            _INSERT,
+            _INSERT_WITH_ENDPOINTS if endpoints else _INSERT,
             payment_id,
             merchant_id,
             p.amount,
@@ -76,7 +81,11 @@ class CreatePayment(OnPayment):
             svc.acquirers.choose().name,
             now,
         )
-        payment = PAYMENTS.one(row[0], integers_as_booleans=db.integers_as_booleans)
+        if endpoints:
+            payment = PAYMENTS.make(*row[0][:-1])
+            keep_endpoints(conn, merchant_id, row[0][-1])
+        else:
+            payment = PAYMENTS.one(row[0], integers_as_booleans=db.integers_as_booleans)
         await payment_event(conn, payment, "payment.created")
         return Started(payment_id, payment)
 
