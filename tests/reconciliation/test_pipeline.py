@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import gc
 import io
 import json
 from collections.abc import AsyncIterator
@@ -619,6 +620,33 @@ async def test_a_rerun_checks_its_batches_before_writing_and_settles_what_is_lef
     assert len(posted) <= 2 + early + early, posted  # the re-run's first batch(es) only
     assert await stack.count("reconciliation_settlements") == len(ids)
     assert await stack.ledger_violations() == []
+
+
+async def test_a_run_spaces_young_collections_and_gives_the_thresholds_back(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While a run matches and posts, the collector's young collections are rarer (the first
+    threshold is pipeline._YOUNG, the others as they were); after it, after a run whose report
+    cannot be read and after two runs at once, the thresholds are what they were."""
+    await paid(stack, 1000)
+    report = as_csv(await day_report(stack))
+    before = gc.get_threshold()
+    during: list[tuple[int, int, int]] = []
+    match_and_post = pipeline._match_and_post
+
+    async def recorded(*args: Any, **kwargs: Any) -> Any:
+        during.append(gc.get_threshold())
+        return await match_and_post(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "_match_and_post", recorded)
+    assert (await run(stack, report)).settled == 1
+    assert during == [(pipeline._YOUNG, *before[1:])]
+    assert gc.get_threshold() == before
+    with pytest.raises(ReportError):
+        await run(stack, HEADER + b"\n")
+    assert gc.get_threshold() == before
+    await asyncio.gather(run(stack, report), run(stack, report))  # nested: the last gives back
+    assert gc.get_threshold() == before
 
 
 async def test_sqlite_stages_a_batch_while_another_transaction_holds_the_write_lock(

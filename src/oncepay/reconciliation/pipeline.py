@@ -209,14 +209,38 @@ def _long_lived() -> Iterator[None]:
     ``gc.freeze()`` (the books) until the block ends. Its full collections walk every tracked
     object, the books' million included, and a run allocates enough to trigger a dozen: at
     100k lines they were a quarter of the run's CPU time (bench/reconciliation/RESULTS.md).
-    New garbage is still collected; the frozen objects are handed back to the collector at
-    the end (``gc.unfreeze``), whatever happened. Concurrent runs in one process may unfreeze
+    New garbage is still collected, less often (:data:`_YOUNG`); the frozen objects are handed
+    back to the collector at the end (``gc.unfreeze``), whatever happened, and its thresholds
+    restored when the last run in the process ends. Concurrent runs in one process may unfreeze
     each other's objects early: a cost, never a leak."""
     gc.freeze()
+    if not _Sparse.runs:
+        _Sparse.saved = gc.get_threshold()
+        gc.set_threshold(_YOUNG, *_Sparse.saved[1:])
+    _Sparse.runs += 1
     try:
         yield
     finally:
+        _Sparse.runs -= 1
+        if not _Sparse.runs:
+            gc.set_threshold(*_Sparse.saved)
         gc.unfreeze()
+
+
+# Allocations between two young collections during a run (Python's default: 700). A line
+# allocates a few tuples the collector tracks (its cells, the line, its pair with the
+# operation, its staged row), most alive until their batch is posted: every young collection
+# walked the batches in flight, and the young and middle collections took ~2.8 s of a 1M
+# run's loop (5,600 and 490 of them). At 100,000 a 1M run makes some 40, and what they free
+# (cycles, rare here) waits at most that many allocations.
+_YOUNG = 100_000
+
+
+class _Sparse:
+    """Runs in their passes in this process, and the thresholds the first of them found."""
+
+    runs = 0
+    saved: tuple[int, int, int] = gc.get_threshold()
 
 
 # Lines between two turns of the event loop while a pass runs (the other task's database
