@@ -493,3 +493,53 @@ async def test_each_attempt_is_signed_when_it_is_sent(hooks: Stack) -> None:
             await delivery._deliver(hooks.services, client, one, time.time() - 1000)
     assert len(stamps) == 3
     assert all(abs(stamp - time.time()) < 60 for stamp in stamps)
+
+
+# Found in a review of 8289179: the endpoints read in the statement that locks the payment
+# were as of that statement's start, before it waited for the lock (READ COMMITTED: a row
+# lock waited for does not renew the statement's snapshot), so an endpoint created while it
+# waited missed the events of a transaction that committed after it.
+
+
+async def test_an_endpoint_created_while_the_payment_lock_is_awaited_gets_the_events(
+    stack: Stack,
+) -> None:
+    from sqlalchemy import text
+
+    from oncepay.storage.db import write
+
+    if stack.db.is_sqlite:
+        pytest.skip("SQLite's writers wait for each other before their transactions begin")
+    payment_id = (await stack.pay()).json()["id"]
+    async with write(stack.db) as holder:  # another transaction holds the payment's lock
+        await holder.execute(
+            text("SELECT id FROM payments WHERE id = :p FOR UPDATE"), {"p": payment_id}
+        )
+        holder_pid = (await holder.execute(text("SELECT pg_backend_pid()"))).scalar_one()
+        refund = asyncio.create_task(
+            stack.post(f"/v1/payments/{payment_id}/refunds", {"amount": 100})
+        )
+        waiting = text(
+            "SELECT count(*) FROM pg_stat_activity WHERE :h = ANY(pg_blocking_pids(pid))"
+        )
+        async with read(stack.db) as watcher:
+            while not (await watcher.execute(waiting, {"h": holder_pid})).scalar_one():
+                assert not refund.done(), (await refund).text
+                await asyncio.sleep(0.01)  # until the refund waits for the lock
+        body = {"url": "https://example.com/hook", "events": ["*"]}
+        created = await stack.post("/v1/webhook_endpoints", body)
+        assert created.status_code == 201, created.text  # committed before the refund's
+    answer = await refund
+    assert answer.status_code == 201, answer.text
+    refund_id = answer.json()["id"]
+    async with read(stack.db) as conn:
+        reached = (
+            await conn.execute(
+                text(
+                    "SELECT e.type, d.endpoint_id FROM webhook_deliveries d "
+                    "JOIN events e ON e.id = d.event_id WHERE e.object_id = :r"
+                ),
+                {"r": refund_id},
+            )
+        ).all()
+    assert {tuple(row) for row in reached} >= {("refund.created", created.json()["id"])}

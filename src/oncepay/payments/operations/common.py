@@ -61,16 +61,18 @@ async def load_payment(
     db = await raw(conn)
     if lock and conn.dialect.name == "postgresql":
         # The transaction changes the payment, and writes its events: the merchant's webhook
-        # endpoints come along (webhooks/outbox.py), not in a round trip of their own.
+        # endpoints come along (webhooks/outbox.py), not in a round trip of their own. Only
+        # when the lock is free (SKIP LOCKED): a statement that waits for a row lock keeps
+        # the snapshot it began with, and would miss an endpoint created while it waited; a
+        # payment locked elsewhere (or missing) is read below, its endpoints after it.
         if merchant_id is None:
             found = await db.rows(_LOAD_LOCKED_WITH_ENDPOINTS, payment_id)
         else:
             found = await db.rows(_LOAD_OF_LOCKED_WITH_ENDPOINTS, payment_id, merchant_id)
-        if not found:
-            raise ResourceMissing(f"no payment {payment_id!r}")
-        row = cast(PaymentRow, PAYMENTS.make(*found[0][:-1]))
-        keep_endpoints(conn, row.merchant_id, found[0][-1])
-        return row
+        if found:
+            row = cast(PaymentRow, PAYMENTS.make(*found[0][:-1]))
+            keep_endpoints(conn, row.merchant_id, found[0][-1])
+            return row
     if merchant_id is None:
         found = await db.rows(_LOAD_LOCKED if lock else _LOAD, payment_id)
     else:
@@ -102,8 +104,9 @@ _WITH_ENDPOINTS = (
     f"SELECT {PAYMENTS.columns}, {ENDPOINTS_ALONGSIDE.format(merchant='payments.merchant_id')} "
     "FROM payments WHERE id = $1"
 )
-_LOAD_LOCKED_WITH_ENDPOINTS = Sql(_WITH_ENDPOINTS, lock="FOR UPDATE")  # PostgreSQL's
-_LOAD_OF_LOCKED_WITH_ENDPOINTS = Sql(f"{_WITH_ENDPOINTS} AND merchant_id = $2", lock="FOR UPDATE")
+_FREE = "FOR UPDATE SKIP LOCKED"
+_LOAD_LOCKED_WITH_ENDPOINTS = Sql(_WITH_ENDPOINTS, lock=_FREE)  # PostgreSQL's
+_LOAD_OF_LOCKED_WITH_ENDPOINTS = Sql(f"{_WITH_ENDPOINTS} AND merchant_id = $2", lock=_FREE)
 
 
 @functools.cache
