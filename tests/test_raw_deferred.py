@@ -495,3 +495,31 @@ async def test_a_rolled_back_update_is_not_merged_into_the_next_transaction(
     finally:
         await single.aclose()
     assert await items(db) == [("a", 2)]
+
+
+async def test_a_merge_never_reaches_past_what_sent_the_first_update(db: Database) -> None:
+    """A guard (review of 8289179): whatever sends the pending writes between two updates of
+    a row — the row limit, a plain update of it, SQLAlchemy's statement, another row's update
+    — leaves the second an update of its own, after; the merged columns all land."""
+    async with write(db) as conn:
+        await conn.execute(text("ALTER TABLE items ADD COLUMN m INTEGER NOT NULL DEFAULT 0"))
+    async with write(db) as conn:
+        found = await raw(conn)
+        await found.run(ITEM, "a", 1)
+        await found.run(ITEM, "b", 1)
+        await found.flush()
+        await found.update_row("items", "id", "a", {"n": 2, "m": 1})
+        await found.many(NOTE, [("a", str(i)) for i in range(64)])  # past the row limit
+        await found.update_row("items", "id", "a", {"n": 3})
+        await found.update_row("items", "id", "b", {"m": 5})
+        await found.update(SET_N, "b", 7)
+        await found.update_row("items", "id", "b", {"n": 8})
+        await found.update_row("items", "id", "a", {"m": 9})
+        await conn.execute(text("SELECT 1"))
+        await found.update_row("items", "id", "a", {"n": 10})
+        await found.update_row("items", "id", "a", {"m": 11})
+        await found.update_row("items", "id", "b", {"m": 12})
+        await found.update_row("items", "id", "b", {"n": 13})
+        rows = await found.rows(Sql("SELECT id, n, m FROM items ORDER BY id"))
+        assert [tuple(row) for row in rows] == [("a", 10, 11), ("b", 13, 12)]
+        assert (await found.rows(Sql("SELECT count(*) FROM notes")))[0][0] == 64
