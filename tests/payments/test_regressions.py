@@ -105,16 +105,23 @@ async def test_a_lost_commit_acknowledgement_in_phase_1_keeps_the_key(
             raise ConnectionResetError("connection lost during COMMIT")
 
     monkeypatch.setattr(phases, "write", flaky_write)
-    lost = await stack.pay(key="order-7")
+    await _503_then_resumed(stack, monkeypatch, "order-7")
+
+
+async def _503_then_resumed(stack: Stack, monkeypatch: pytest.MonkeyPatch, key: str) -> None:
+    """With the fault patched in: the payment is a 503 ``database_unavailable`` and its key
+    stays locked past phase 1; with it undone, the retry after the lease resumes it into one
+    payment, authorized once."""
+    lost = await stack.pay(key=key)
     assert (lost.status_code, lost.json()["code"]) == (503, "database_unavailable")
-    record = await stack.services.engine.store.get(stack.merchant.id, "order-7")
+    record = await stack.services.engine.store.get(stack.merchant.id, key)
     assert record is not None
     assert record.state == "executing"
     assert record.recovery_point is not None
     monkeypatch.undo()
     stack.expire_leases()
-    retry = await stack.pay(key="order-7")
-    assert retry.status_code == 201
+    retry = await stack.pay(key=key)
+    assert retry.status_code == 201, retry.text
     assert await stack.count("payments") == 1
     assert await stack.approved_authorizations(retry.json()["id"]) == 1
 
@@ -141,17 +148,7 @@ async def test_a_driver_error_in_the_completion_is_a_503_and_the_key_resumes(
         raise failure
 
     monkeypatch.setattr(Engine, "acomplete_in", failing)
-    lost = await stack.pay(key="order-8")
-    assert (lost.status_code, lost.json()["code"]) == (503, "database_unavailable")
-    record = await stack.services.engine.store.get(stack.merchant.id, "order-8")
-    assert record is not None
-    assert record.state == "executing"
-    monkeypatch.undo()
-    stack.expire_leases()
-    retry = await stack.pay(key="order-8")
-    assert retry.status_code == 201, retry.text
-    assert await stack.count("payments") == 1
-    assert await stack.approved_authorizations(retry.json()["id"]) == 1
+    await _503_then_resumed(stack, monkeypatch, "order-8")
 
 
 @pytest.mark.parametrize("operation", ["capture", "refund"])

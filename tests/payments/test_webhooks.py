@@ -19,8 +19,9 @@ from oncepay.payments.records import EventRow
 from oncepay.payments.webhooks import delivery
 from oncepay.payments.webhooks.delivery import deliver_due
 from oncepay.storage.db import read
-from tests.payments.stack import Stack, running_stack
+from tests.payments.stack import Stack, database_url, running_stack
 from tests.processes import free_port, running, uvicorn_args
+from tests.servers import require_postgres
 
 pytestmark = pytest.mark.slow
 
@@ -501,15 +502,24 @@ async def test_each_attempt_is_signed_when_it_is_sent(hooks: Stack) -> None:
 # waited missed the events of a transaction that committed after it.
 
 
+@pytest.fixture
+async def postgres_stack(tmp_path: Path) -> AsyncIterator[Stack]:
+    """PostgreSQL only: SQLite's writers wait for each other before their transactions
+    begin, so no statement there waits for a row lock."""
+    require_postgres()
+    async with running_stack(database_url("postgres", tmp_path), tmp_path) as stack:
+        yield stack
+
+
+@pytest.mark.postgres
 async def test_an_endpoint_created_while_the_payment_lock_is_awaited_gets_the_events(
-    stack: Stack,
+    postgres_stack: Stack,
 ) -> None:
     from sqlalchemy import text
 
     from oncepay.storage.db import write
 
-    if stack.db.is_sqlite:
-        pytest.skip("SQLite's writers wait for each other before their transactions begin")
+    stack = postgres_stack
     payment_id = (await stack.pay()).json()["id"]
     async with write(stack.db) as holder:  # another transaction holds the payment's lock
         await holder.execute(
