@@ -16,7 +16,7 @@ import typer
 from oncepay.cli._common import DatabaseUrl, console, run_or_exit, settings
 from oncepay.errors import ConfigurationError
 from oncepay.reconciliation.mapping import MAPPINGS
-from oncepay.reconciliation.matcher import DEFAULT_GRACE_DAYS
+from oncepay.reconciliation.matcher import DEFAULT_GRACE_DAYS, EARLIEST_DAY, MAX_GRACE_DAYS
 
 __all__ = ["reconcile"]
 
@@ -62,7 +62,12 @@ def reconcile(
     ] = None,
     grace_days: Annotated[
         int,
-        typer.Option("--grace-days", min=0, help="Days before an unsettled movement is missing."),
+        typer.Option(
+            "--grace-days",
+            min=0,
+            max=MAX_GRACE_DAYS,
+            help="Days before an unsettled movement is missing.",
+        ),
     ] = DEFAULT_GRACE_DAYS,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print the SPEC §10 JSON document.")
@@ -92,12 +97,20 @@ def reconcile(
 
 
 def _day(value: str | None) -> date:
+    """The day to reconcile: today by default, never one to come (its authorizations would all
+    look past their validity window and be canceled as stale), nor one before any report."""
+    today = datetime.now(UTC).date()
     if value is None:
-        return datetime.now(UTC).date()
+        return today
     try:
-        return date.fromisoformat(value)
+        day = date.fromisoformat(value)
     except ValueError:
         _refuse(f"--date {value!r} is not a day YYYY-MM-DD")
+    if day > today:
+        _refuse(f"--date {value} is in the future (today is {today}): nothing has settled yet")
+    if day < EARLIEST_DAY:
+        _refuse(f"--date {value} is before {EARLIEST_DAY}: no report goes back so far")
+    return day
 
 
 def _refuse(message: str) -> NoReturn:

@@ -35,6 +35,8 @@ from oncepay.reconciliation.records import (
 __all__ = [
     "DEFAULT_GRACE_DAYS",
     "DEFAULT_VALIDITY_DAYS",
+    "EARLIEST_DAY",
+    "MAX_GRACE_DAYS",
     "Books",
     "Matching",
     "Settle",
@@ -48,6 +50,10 @@ __all__ = [
 
 # Card acquirers settle T+1 or T+2; three days leaves a weekend's slack before "missing".
 DEFAULT_GRACE_DAYS = 3
+# A quarter: a movement not settled by then is lost, not late (and a day minus it stays a day).
+MAX_GRACE_DAYS = 90
+# No settlement report predates the Unix epoch; earlier days only overflowed date arithmetic.
+EARLIEST_DAY = date(1970, 1, 1)
 # Card networks let an authorization stand about seven days for most merchants (longer for
 # hotels and car rentals): past that a capture will likely be refused.
 DEFAULT_VALIDITY_DAYS = 7
@@ -184,7 +190,8 @@ class _Run:
 
     def _compare(self, line: ReportLine, op: Operation) -> None:
         """Every difference of a joined line is reported; the line settles its operation
-        only when nothing but the fee differs."""
+        only when nothing but the fee differs from the schedule (a ``net`` that is not
+        ``amount - fee`` leaves the money paid out in doubt: it settles nothing)."""
         clean = True
         if line.type != op.type:
             clean = self._open(Kind.TYPE_MISMATCH, line, op.payment_id, f"{op.type} at OncePay")
@@ -195,18 +202,22 @@ class _Run:
             detail = f"{line.amount} settled, {op.amount} at OncePay"
             clean = self._open(Kind.AMOUNT_MISMATCH, line, op.payment_id, detail)
         if line.type == op.type:  # the fee of a line of the wrong type means nothing
-            self._check_fee(line, op.payment_id)
+            clean = self._check_fee(line, op.payment_id) and clean
         if clean:
             self._settle(line, op)
 
-    def _check_fee(self, line: ReportLine, payment_id: str | None) -> None:
+    def _check_fee(self, line: ReportLine, payment_id: str | None) -> bool:
+        """Open a ``fee_mismatch`` for a fee off the schedule or a ``net`` that is not
+        ``amount - fee``; False for the latter: the ledger could not book the line as the
+        payout carries it (``oncepay ledger check`` checks both), so it must not settle."""
         net = FeeSchedule.net(line.type, line.amount, line.fee)
         if line.net != net:
             detail = f"net {line.net} is not amount {line.amount} less fee {line.fee} ({net})"
-            self._open(Kind.FEE_MISMATCH, line, payment_id, detail)
-        elif self.fees is not None and line.fee != self.fees.fee(line.type, line.amount):
+            return self._open(Kind.FEE_MISMATCH, line, payment_id, detail)
+        if self.fees is not None and line.fee != self.fees.fee(line.type, line.amount):
             detail = f"fee {line.fee}, the schedule says {self.fees.fee(line.type, line.amount)}"
             self._open(Kind.FEE_MISMATCH, line, payment_id, detail)
+        return True
 
     def settle_residual(self) -> None:
         unsettled = self._unsettled_by_payment()
@@ -218,8 +229,8 @@ class _Run:
                 continue
             candidates.remove(op)
             self.seen.add(op.reference)
-            self._check_fee(line, op.payment_id)
-            self._settle(line, op)
+            if self._check_fee(line, op.payment_id):
+                self._settle(line, op)
 
     def _unsettled_by_payment(self) -> dict[str, list[Operation]]:
         """The unsettled operations of the payments the residual lines name, lowest

@@ -38,6 +38,7 @@ from oncepay.payments.idempotent import gated
 from oncepay.payments.records import Merchant
 from oncepay.payments.reply import Reply
 from oncepay.reconciliation import queries
+from oncepay.reconciliation.matcher import EARLIEST_DAY, MAX_GRACE_DAYS
 from oncepay.reconciliation.records import Kind
 
 __all__ = ["OPERATOR", "router"]
@@ -47,7 +48,7 @@ router = resource_router("/v1/admin/reconciliation", operator=True)
 # The operator's requests are keyed in a scope of their own: no merchant id looks like this.
 OPERATOR = Merchant("operator", "operator")
 MAX_NOTE = 2000
-MAX_GRACE_DAYS = 90
+MAX_ID = 2**63 - 1  # a discrepancy id is a 64-bit integer in the database
 
 Day = Annotated[date | None, Query(description="A UTC day, YYYY-MM-DD (inclusive).")]
 Name = Annotated[str | None, Query(min_length=1, max_length=255)]
@@ -148,6 +149,8 @@ def _run_day(value: str | None) -> date:
         raise InvalidRequest(f"day {value!r} is not a day YYYY-MM-DD") from None
     if day > today:
         raise InvalidRequest(f"day {value} is in the future: nothing has settled yet")
+    if day < EARLIEST_DAY:
+        raise InvalidRequest(f"day {value} is before {EARLIEST_DAY}: no report goes back so far")
     return day
 
 
@@ -183,7 +186,7 @@ async def list_discrepancies(
     day_from: Day = None,
     day_to: Day = None,
     limit: Limit = DEFAULT_LIMIT,
-    starting_after: Annotated[int | None, Query(ge=1)] = None,
+    starting_after: Annotated[int | None, Query(ge=1, le=MAX_ID)] = None,
 ) -> dict[str, Any]:
     """Discrepancies, newest first, narrowed by `kind`, `status`, `acquirer`, `payment_id`,
     `reference` and the day of the run that opened them (`day_from`, `day_to`)."""

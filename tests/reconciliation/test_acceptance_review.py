@@ -1,0 +1,153 @@
+"""Found by the acceptance review of issue 15, as a user runs the feature.
+
+A report line whose ``net`` is not ``amount - fee`` (``-amount - fee`` for a refund) says two
+different things about the money paid out: the ledger books ``amount - fee`` into settled
+funds while the payout carries ``net``. Settling it anyway made ``oncepay ledger check`` fail
+after a reconcile (its per-line and per-payout checks), so such a line is a ``fee_mismatch``
+for a person and settles nothing, like an amount or currency mismatch."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from oncepay.reconciliation import Kind, reconcile
+from oncepay.storage.db import read
+from tests.payments.stack import Stack, database_url, running_stack
+from tests.reconciliation.books import DAY, SCHEDULE, clean_day
+from tests.reconciliation.test_cli import reconcile as reconcile_cli
+from tests.reconciliation.test_operator_api import TOKEN, get, post
+
+
+def test_a_line_whose_net_is_not_amount_less_fee_is_reported_and_settles_nothing() -> None:
+    day = clean_day(10)
+    line = day.lines[1]
+    day.lines[1] = line._replace(net=line.net - 7)  # the fee as scheduled, the net not
+    outcome = reconcile(day.lines, day.books(), as_of=DAY, grace_days=0, fees=SCHEDULE)
+    assert [(d.kind, d.reference) for d in outcome.discrepancies] == [
+        (Kind.FEE_MISMATCH, line.reference)
+    ]
+    assert line.reference not in {op.reference for _, op in outcome.settled}
+    assert outcome.matched == len(day.lines) - 1
+
+
+def test_the_same_through_the_residual_join_on_the_payment() -> None:
+    day = clean_day(10)
+    line = day.lines[1]
+    day.lines[1] = line._replace(reference="psp_1", net=line.net + 3)  # acquirer's own ref
+    outcome = reconcile(day.lines, day.books(), as_of=DAY, grace_days=3, fees=SCHEDULE)
+    assert [(d.kind, d.reference) for d in outcome.discrepancies] == [(Kind.FEE_MISMATCH, "psp_1")]
+    assert line.reference not in {op.reference for _, op in outcome.settled}
+    assert outcome.matched == len(day.lines) - 1
+
+
+def test_a_fee_that_differs_only_from_the_schedule_still_settles() -> None:
+    day = clean_day(10)
+    line = day.lines[1]
+    day.lines[1] = line._replace(fee=line.fee + 7, net=line.net - 7)  # consistent, not scheduled
+    outcome = reconcile(day.lines, day.books(), as_of=DAY, grace_days=0, fees=SCHEDULE)
+    assert [d.kind for d in outcome.discrepancies] == [Kind.FEE_MISMATCH]
+    assert line.reference in {op.reference for _, op in outcome.settled}
+    assert outcome.matched == len(day.lines)
+
+
+@pytest.fixture
+async def stack(tmp_path: Path) -> AsyncIterator[Stack]:
+    async with running_stack(database_url("sqlite", tmp_path), tmp_path) as running:
+        yield running
+
+
+async def test_reconciling_such_a_report_keeps_the_ledger_check_passing(
+    stack: Stack, tmp_path: Path
+) -> None:
+    from oncepay.payments.ledger import audit
+    from oncepay.reconciliation.settlement import check_payouts
+
+    paid = [(await stack.pay(amount=amount)).json() for amount in (2000, 3000)]
+    assert [p["status"] for p in paid] == ["captured", "captured"]
+    now = datetime.now(UTC).isoformat()
+    rows = [
+        f"{paid[0]['id']}_a1,capture,2000,USD,53,1900,{now},po_1",  # net says 1900, not 1947
+        f"{paid[1]['id']}_a1,capture,3000,USD,67,2933,{now},po_1",
+    ]
+    report = tmp_path / "report.csv"
+    header = "reference,type,amount,currency,fee,net,settled_at,payout_id"
+    report.write_text("\n".join([header, *rows]) + "\n")
+    result = reconcile_cli(stack, tmp_path, "--report", str(report), "--json")
+    assert result.returncode == 1, result.stderr
+    document = json.loads(result.stdout)
+    assert [(d["kind"], d["reference"]) for d in document["discrepancies"]] == [
+        ("fee_mismatch", f"{paid[0]['id']}_a1")
+    ]
+    assert document["matched"] == 1
+
+    violations, _ = await audit(stack.db)
+    async with read(stack.db) as conn:
+        violations.extend(await check_payouts(conn))
+    assert violations == []
+    settled = [(await stack.client.get(f"/v1/payments/{p['id']}")).json() for p in paid]
+    assert [p["amount_settled"] for p in settled] == [0, 3000]
+
+
+async def test_reconcile_refuses_a_future_day_and_cancels_nothing(
+    stack: Stack, tmp_path: Path
+) -> None:
+    """A day not yet over is all right (the worker reconciles today so far), but one to come
+    made every live authorization look a year old: the run cancelled them as stale."""
+    held = (await stack.pay(amount=900, capture_method="manual")).json()
+    assert held["status"] == "authorized"
+    next_year = (datetime.now(UTC).date() + timedelta(days=365)).isoformat()
+    result = reconcile_cli(stack, tmp_path, "--date", next_year, "--json")
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert "future" in result.stderr + result.stdout
+    payment = (await stack.client.get(f"/v1/payments/{held['id']}")).json()
+    assert payment["status"] == "authorized"
+    assert await stack.count("reconciliation_runs") == 0
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("--date", "0001-01-01"),
+        ("--date", "0001-01-05", "--grace-days", "0"),
+        ("--grace-days", "100000000"),
+    ],
+)
+async def test_reconcile_refuses_days_out_of_range_with_a_message(
+    stack: Stack, tmp_path: Path, args: tuple[str, ...]
+) -> None:
+    result = reconcile_cli(stack, tmp_path, *args, "--json")
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr
+    assert "OverflowError" not in result.stderr
+    assert result.stdout == ""
+    assert await stack.count("reconciliation_runs") == 0
+
+
+@pytest.fixture
+async def operated(tmp_path: Path) -> AsyncIterator[Stack]:
+    url = database_url("sqlite", tmp_path)
+    async with running_stack(url, tmp_path, admin_token=TOKEN) as running:
+        yield running
+
+
+async def test_operator_api_out_of_range_input_is_a_4xx_problem_never_a_500(
+    operated: Stack,
+) -> None:
+    refused = {
+        "cursor past 64 bits": await get(
+            operated, "/discrepancies", starting_after="99999999999999999999999"
+        ),
+        "run of year 1": await post(operated, "/runs", {"day": "0001-01-01"}, key="a"),
+        "run of year 1, grace 0": await post(
+            operated, "/runs", {"day": "0001-01-05", "grace_days": 0}, key="b"
+        ),
+    }
+    for case, response in refused.items():
+        assert response.status_code == 400, (case, response.status_code, response.text)
+        assert response.headers["content-type"].startswith("application/problem+json"), case
+    assert await operated.count("reconciliation_runs") == 0
