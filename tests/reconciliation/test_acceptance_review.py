@@ -20,7 +20,8 @@ from oncepay.storage.db import read
 from tests.payments.stack import Stack, database_url, running_stack
 from tests.reconciliation.books import DAY, SCHEDULE, clean_day
 from tests.reconciliation.test_cli import reconcile as reconcile_cli
-from tests.reconciliation.test_operator_api import TOKEN, get, post
+from tests.reconciliation.test_operator_api import BASE, OPERATOR, TOKEN, get, plant, post
+from tests.servers import require_postgres
 
 
 def test_a_line_whose_net_is_not_amount_less_fee_is_reported_and_settles_nothing() -> None:
@@ -128,9 +129,11 @@ async def test_reconcile_refuses_days_out_of_range_with_a_message(
     assert await stack.count("reconciliation_runs") == 0
 
 
-@pytest.fixture
-async def operated(tmp_path: Path) -> AsyncIterator[Stack]:
-    url = database_url("sqlite", tmp_path)
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+async def operated(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Stack]:
+    if request.param == "postgres":
+        require_postgres()
+    url = database_url(request.param, tmp_path)
     async with running_stack(url, tmp_path, admin_token=TOKEN) as running:
         yield running
 
@@ -151,3 +154,25 @@ async def test_operator_api_out_of_range_input_is_a_4xx_problem_never_a_500(
         assert response.status_code == 400, (case, response.status_code, response.text)
         assert response.headers["content-type"].startswith("application/problem+json"), case
     assert await operated.count("reconciliation_runs") == 0
+
+
+async def test_a_nul_character_in_operator_input_is_a_4xx_never_a_500(operated: Stack) -> None:
+    """PostgreSQL refuses a NUL in text (SQLite keeps it): a note, a filter, a cursor or a run
+    id holding one reached the database and came back as a 500."""
+    await plant(operated)
+    target = (await get(operated, "/discrepancies", reference="r3")).json()["data"][0]["id"]
+    refused = {
+        "note": await post(operated, f"/discrepancies/{target}/resolve", {"note": "a\x00b"}),
+        "reference filter": await get(operated, "/discrepancies", reference="r\x003"),
+        "payment filter": await get(operated, "/discrepancies", payment_id="pay\x00"),
+        "acquirer filter": await get(operated, "/runs", acquirer="prim\x00ary"),
+        "run cursor": await get(operated, "/runs", starting_after="rec_\x00"),
+        "run id": await operated.client.get(f"{BASE}/runs/rec_%00", headers=OPERATOR),
+    }
+    for case, response in refused.items():
+        assert 400 <= response.status_code < 500, (case, response.status_code, response.text)
+        assert response.headers["content-type"].startswith("application/problem+json"), case
+    assert refused["note"].status_code == 400
+    assert refused["run id"].status_code == 404
+    still = (await get(operated, f"/discrepancies/{target}")).json()
+    assert (still["status"], still["note"]) == ("open", None)

@@ -51,7 +51,9 @@ MAX_NOTE = 2000
 MAX_ID = 2**63 - 1  # a discrepancy id is a 64-bit integer in the database
 
 Day = Annotated[date | None, Query(description="A UTC day, YYYY-MM-DD (inclusive).")]
-Name = Annotated[str | None, Query(min_length=1, max_length=255)]
+# No NUL: PostgreSQL refuses one in text, so it never names anything (a 400, not a 500).
+NO_NUL = r"^[^\x00]*$"
+Name = Annotated[str | None, Query(min_length=1, max_length=255, pattern=NO_NUL)]
 
 
 class DiscrepancyClosed(ClientError):
@@ -64,7 +66,7 @@ class CloseDiscrepancy(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     note: Annotated[
         str,
-        StringConstraints(min_length=1, max_length=MAX_NOTE),
+        StringConstraints(min_length=1, max_length=MAX_NOTE, pattern=NO_NUL),
         Field(description="Why: what was done, or why the difference is accepted."),
     ]
 
@@ -116,7 +118,7 @@ async def list_runs(
 @router.get("/runs/{run_id}", responses=PROBLEMS)
 async def get_run(run_id: str, services: ServicesDep) -> dict[str, Any]:
     """One run, with how the discrepancies it opened stand now (`opened` by status)."""
-    row = await queries.run(services.db, run_id)
+    row = None if "\x00" in run_id else await queries.run(services.db, run_id)
     if row is None:
         raise ResourceMissing(f"no reconciliation run {run_id!r}")
     return run_public(row)
