@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from oncepay.reconciliation import Kind, reconcile
+from oncepay.reconciliation import Kind, ReportError, reconcile
+from oncepay.reconciliation.report import count_lines, report_lines
 from oncepay.storage.db import read
 from tests.payments.stack import Stack, database_url, running_stack
 from tests.reconciliation.books import DAY, SCHEDULE, clean_day
@@ -56,9 +57,11 @@ def test_a_fee_that_differs_only_from_the_schedule_still_settles() -> None:
     assert outcome.matched == len(day.lines)
 
 
-@pytest.fixture
-async def stack(tmp_path: Path) -> AsyncIterator[Stack]:
-    async with running_stack(database_url("sqlite", tmp_path), tmp_path) as running:
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+async def stack(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Stack]:
+    if request.param == "postgres":
+        require_postgres()
+    async with running_stack(database_url(request.param, tmp_path), tmp_path) as running:
         yield running
 
 
@@ -176,3 +179,49 @@ async def test_a_nul_character_in_operator_input_is_a_4xx_never_a_500(operated: 
     assert refused["run id"].status_code == 404
     still = (await get(operated, f"/discrepancies/{target}")).json()
     assert (still["status"], still["note"]) == ("open", None)
+
+
+HEADER = b"reference,type,amount,currency,fee,net,settled_at,payout_id\n"
+LONG = {
+    "reference": b"g" * 256 + b",capture,100,USD,0,100,2026-12-06T10:00:00Z,po_1\n",
+    "settled_at": b"r1,capture,100,USD,0,100,2026-12-06T10:00:00.000000000000000000000Z,po_1\n",
+    "payout_id": b"r1,capture,100,USD,0,100,2026-12-06T10:00:00Z," + b"p" * 256 + b"\n",
+}
+
+
+@pytest.mark.parametrize("column", sorted(LONG))
+@pytest.mark.parametrize("quoted", [False, True], ids=["plain", "quoted"])
+def test_a_cell_longer_than_its_column_is_a_report_error(column: str, quoted: bool) -> None:
+    """The settlement tables hold a reference or payout id of 255 characters and a time of
+    40; PostgreSQL refuses more, after earlier lines had settled. Both ways of reading a
+    report (the one expression and, for a quoted cell, the parser) refuse the line first."""
+    line = LONG[column]
+    if quoted:
+        line = b'"' + line.replace(b",", b'","', 7).rstrip(b"\n") + b'"\n'
+    content = HEADER + b"ok_1,capture,100,USD,0,100,2026-12-06T10:00:00Z,po_1\n" + line
+    with pytest.raises(ReportError, match=f"line 3: {column}"):
+        count_lines(content)
+    with pytest.raises(ReportError, match=f"line 3: {column}"):
+        list(report_lines(content))
+    at_limit = HEADER + line.replace(b"g" * 256, b"g" * 255).replace(b"p" * 256, b"p" * 255)
+    if column != "settled_at":
+        assert count_lines(at_limit) == 1
+
+
+async def test_a_too_long_reference_settles_nothing_and_is_exit_2(
+    stack: Stack, tmp_path: Path
+) -> None:
+    paid = (await stack.pay(amount=2000)).json()
+    report = tmp_path / "report.csv"
+    report.write_bytes(
+        HEADER
+        + f"{paid['id']}_a1,capture,2000,USD,53,1947,2026-12-06T10:00:00Z,po_1\n".encode()
+        + LONG["reference"]
+    )
+    result = reconcile_cli(stack, tmp_path, "--report", str(report), "--json")
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert "line 3: reference" in result.stderr
+    assert await stack.count("reconciliation_settlements") == 0
+    assert await stack.count("reconciliation_runs") == 0
+    payment = (await stack.client.get(f"/v1/payments/{paid['id']}")).json()
+    assert payment["amount_settled"] == 0

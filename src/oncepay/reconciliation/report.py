@@ -15,7 +15,7 @@ import re
 from collections.abc import Iterator
 from functools import lru_cache
 from operator import itemgetter
-from typing import BinaryIO
+from typing import BinaryIO, NoReturn
 
 from oncepay.reconciliation.errors import ReportError
 from oncepay.reconciliation.mapping import ONCEPAY, ColumnMapping
@@ -25,6 +25,11 @@ from oncepay.reconciliation.records import ReportLine
 __all__ = ["count_lines", "read_report", "report_lines"]
 
 _CURRENCY = re.compile(r"^[A-Z]{3}$")
+# The longest cell the settlement tables keep (reconciliation/store.py): a reference, payout id
+# or payment id of 255 characters, a settlement time of 40. PostgreSQL refuses more, and by
+# then earlier lines of the report have settled: such a line is refused with the report.
+MAX_TEXT = 255
+MAX_TIME = 40
 _BLANK = frozenset({b"", b"\n", b"\r\n", b"\r"})
 
 
@@ -158,6 +163,11 @@ _FILLED = rb"[ !#-+\--~]*[!#-+\--~][ !#-+\--~]*"
 _POSITIVE = rb" *[1-9][0-9]{0,17} *"  # the parser's fast path, above zero
 _NATURAL = rb" *(?:0|[1-9][0-9]{0,17}) *"
 _SIGNED = rb" *-?(?:0|[1-9][0-9]{0,17}) *"  # parse_minor's shape
+# A cell of at most MAX_TEXT (a filled one) or MAX_TIME characters, spaces included: never
+# longer than the parser allows once it has stripped them.
+_FILLED_TEXT = rb"(?=[ !#-+\--~]{0,%d}(?![ !#-+\--~]))" % MAX_TEXT + _FILLED
+_TEXT = rb"[ !#-+\--~]{0,%d}" % MAX_TEXT
+_TIME = rb"[ !#-+\--~]{0,%d}" % MAX_TIME
 
 
 def _plain(
@@ -192,15 +202,20 @@ def _plain(
 
 
 def _roles(mapping: ColumnMapping) -> tuple[tuple[str, bytes], ...]:
-    """The plain shape of each matched column: reference, type, currency, amount, fee, net."""
+    """The plain shape of each matched column: reference, type, currency, amount, fee, net,
+    and the length of the settlement time, the payout id and the payment id."""
     types = b"|".join(re.escape(t.encode("ascii")) for t in sorted(mapping.types))
+    order = ((mapping.order_id, _TEXT),) if mapping.order_id else ()
     return (
-        (mapping.reference[0], _FILLED),
+        (mapping.reference[0], _FILLED_TEXT),
         (mapping.type, b" *(?:" + types + b") *"),
         (mapping.currency, b" *[A-Za-z]{3} *"),
         (mapping.amount[0], _POSITIVE),
         (mapping.fee[0], _NATURAL),
         (mapping.net[0], _SIGNED),
+        (mapping.settled_at, _TIME),
+        (mapping.payout_id, _TEXT),
+        *order,
     )
 
 
@@ -288,18 +303,47 @@ class _Parser:
             amount = -amount
         if amount <= 0:
             raise ReportError(f"line {number}: amount {amount} is not positive for a {kind}")
+        reference = self._reference(number, row)
+        settled_at = row[self.settled_at].strip()
+        payout_id = row[self.payout_id].strip()
+        order_id = "" if self.order_id is None else row[self.order_id].strip()
+        if (
+            len(reference) > MAX_TEXT
+            or len(settled_at) > MAX_TIME
+            or len(payout_id) > MAX_TEXT
+            or len(order_id) > MAX_TEXT
+        ):
+            self._too_long(number, reference, settled_at, payout_id, order_id)
         return ReportLine(
             line=number,
-            reference=self._reference(number, row),
+            reference=reference,
             type=kind,
             amount=amount,
             currency=currency,
             fee=self._sum(number, row, self.fee, currency),
             net=self._sum(number, row, self.net, currency),
-            settled_at=row[self.settled_at].strip(),
-            payout_id=row[self.payout_id].strip(),
-            order_id="" if self.order_id is None else row[self.order_id].strip(),
+            settled_at=settled_at,
+            payout_id=payout_id,
+            order_id=order_id,
         )
+
+    def _too_long(
+        self, number: int, reference: str, settled_at: str, payout_id: str, order_id: str
+    ) -> NoReturn:
+        m = self.mapping
+        for field, column, value, limit in (
+            ("reference", ", ".join(m.reference), reference, MAX_TEXT),
+            ("settled_at", m.settled_at, settled_at, MAX_TIME),
+            ("payout_id", m.payout_id, payout_id, MAX_TEXT),
+            ("order_id", m.order_id, order_id, MAX_TEXT),
+        ):
+            if len(value) > limit:
+                where = "" if column == field else f" ({column})"
+                raise ReportError(
+                    f"line {number}: {field}{where} is {len(value)} characters long, "
+                    f"more than {limit}"
+                )
+        raise AssertionError("no cell is too long")  # pragma: no cover
 
     def _reference(self, number: int, row: list[str]) -> str:
         if len(self.reference) == 1 and (text := row[self.reference[0]].strip()):
