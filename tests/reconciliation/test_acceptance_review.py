@@ -225,3 +225,52 @@ async def test_a_too_long_reference_settles_nothing_and_is_exit_2(
     assert await stack.count("reconciliation_runs") == 0
     payment = (await stack.client.get(f"/v1/payments/{paid['id']}")).json()
     assert payment["amount_settled"] == 0
+
+
+def _capture_line(payment_id: str) -> bytes:
+    return f"{payment_id}_a1,capture,2000,USD,53,1947,2026-12-06T10:00:00Z,po_1\n".encode()
+
+
+async def test_a_report_file_without_lines_settled_before_finds_nothing_missing(
+    stack: Stack, tmp_path: Path
+) -> None:
+    """A --report run has no earlier reports to tell it what settled before: the operations
+    an earlier run settled were missing_at_acquirer in the next day's file."""
+    paid = (await stack.pay(amount=2000)).json()
+    first, later = tmp_path / "first.csv", tmp_path / "later.csv"
+    first.write_bytes(HEADER + _capture_line(paid["id"]))
+    later.write_bytes(HEADER)  # the next file: nothing of this payment in it
+    settled = reconcile_cli(stack, tmp_path, "--report", str(first), "--grace-days", "0", "--json")
+    assert (settled.returncode, json.loads(settled.stdout)) == (
+        0,
+        {"matched": 1, "discrepancies": []},
+    )
+    again = reconcile_cli(stack, tmp_path, "--report", str(later), "--grace-days", "0", "--json")
+    assert (again.returncode, json.loads(again.stdout)) == (0, {"matched": 0, "discrepancies": []})
+
+
+async def test_yesterdays_report_file_matches_with_grace_days_0(
+    stack: Stack, tmp_path: Path
+) -> None:
+    """`--report` is the file of today (SPEC §7: --date or --report); with --grace-days 0 the
+    books were today's only, and every line of a file of yesterday, for payments OncePay
+    holds, was unknown_at_oncepay."""
+    from sqlalchemy import update
+
+    from oncepay.payments.storage.schema import ledger_transactions
+    from oncepay.storage.db import write
+
+    paid = (await stack.pay(amount=2000)).json()
+    async with write(stack.db) as conn:  # captured yesterday
+        await conn.execute(
+            update(ledger_transactions)
+            .where(ledger_transactions.c.payment_id == paid["id"])
+            .values(created_at=ledger_transactions.c.created_at - 86400)
+        )
+    report = tmp_path / "yesterday.csv"
+    report.write_bytes(HEADER + _capture_line(paid["id"]))
+    result = reconcile_cli(stack, tmp_path, "--report", str(report), "--grace-days", "0", "--json")
+    assert (result.returncode, json.loads(result.stdout)) == (
+        0,
+        {"matched": 1, "discrepancies": []},
+    )

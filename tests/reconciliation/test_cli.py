@@ -72,12 +72,14 @@ async def test_reconcile_prints_the_spec_document_and_exits_by_discrepancies(
     voids = [op for op in await stack.operations("pay_nobody") if op["type"] == "void"]
     assert len(voids) == 1
 
-    report = tmp_path / "empty-day.csv"  # the capture never settled: missing, and open
+    # A second capture never settles: missing, and open (the first one settled above)
+    unsettled = (await stack.pay(amount=700)).json()
+    report = tmp_path / "empty-day.csv"
     report.write_bytes(b"reference,type,amount,currency,fee,net,settled_at,payout_id\n")
     missing = reconcile(stack, tmp_path, "--report", str(report), "--grace-days", "0", "--json")
     assert missing.returncode == 1, missing.stderr
-    assert [d["kind"] for d in json.loads(missing.stdout)["discrepancies"]] == [
-        "missing_at_acquirer"
+    assert [(d["kind"], d["payment_id"]) for d in json.loads(missing.stdout)["discrepancies"]] == [
+        ("missing_at_acquirer", unsettled["id"])
     ]
 
 

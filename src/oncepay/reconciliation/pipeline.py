@@ -47,6 +47,7 @@ from typing import Any
 from oncepay.payments.context import Services
 from oncepay.payments.events import emit_many
 from oncepay.reconciliation.acquirer import AcquirerReports
+from oncepay.reconciliation.bulk import settled_references
 from oncepay.reconciliation.fees import DEFAULT_SCHEDULE, FeeSchedule
 from oncepay.reconciliation.mapping import ONCEPAY, ColumnMapping
 from oncepay.reconciliation.matcher import (
@@ -88,7 +89,7 @@ from oncepay.reconciliation.source import (
     payments_by_id,
 )
 from oncepay.reconciliation.store import OpenedDiscrepancy, save_run_in, statuses
-from oncepay.storage.db import Database, write
+from oncepay.storage.db import Database, read, write
 
 __all__ = ["RunResult", "reconcile", "reconcile_recent"]
 
@@ -165,6 +166,7 @@ async def reconcile(
         )
     outcome = refine(outcome, await payments_by_id(db, _unknown_payments(outcome)))
     outcome = without_in_flight(outcome, flying)
+    outcome = await _without_settled_missing(db, outcome)
     planned = await _plan(services, acquirer, outcome)
     done_before = await finished(db, planned)
     fresh = [action for action in planned if action.id not in done_before]
@@ -354,6 +356,7 @@ class _Inputs:
     authorizations: list[Authorization]
     settled_before: frozenset[str]
     fees: FeeSchedule | None
+    from_file: bool = False  # a report given (--report), not the acquirer's report of the day
 
 
 async def _inputs(
@@ -365,7 +368,7 @@ async def _inputs(
     reports: AcquirerReports | None,
 ) -> _Inputs:
     if report is not None:
-        return _Inputs(report, [], frozenset(), None)
+        return _Inputs(report, [], frozenset(), None, from_file=True)
     source = reports or AcquirerReports.of(services.acquirers[acquirer])
     try:
         earlier: set[str] = set()
@@ -444,6 +447,27 @@ async def _match_and_post(
         raise
 
 
+async def _without_settled_missing(db: Database, outcome: Outcome) -> Outcome:
+    """An operation an earlier run settled (its guard row is written) is not missing, whatever
+    the report at hand holds: a report given as a file comes with no earlier reports to say
+    what settled before, and the next day's file holds none of this day's settlements."""
+    missing = sorted(
+        {d.reference for d in outcome.discrepancies if d.kind is Kind.MISSING_AT_ACQUIRER}
+    )
+    if not missing:
+        return outcome
+    async with read(db) as conn:
+        done = await settled_references(conn, db, missing)
+    if not done:
+        return outcome
+    kept = tuple(
+        d
+        for d in outcome.discrepancies
+        if d.kind is not Kind.MISSING_AT_ACQUIRER or d.reference not in done
+    )
+    return Outcome(outcome.matched, kept, outcome.settled, outcome.orphans)
+
+
 async def _flying_and_books(
     services: Services, acquirer: str, day: date, grace_days: int, inputs: _Inputs
 ) -> tuple[frozenset[str], Books]:
@@ -455,9 +479,14 @@ async def _books(
     services: Services, acquirer: str, day: date, grace_days: int, inputs: _Inputs
 ) -> Books:
     """OncePay's movements of days ``day - grace_days`` to ``day + 1`` (see ``run.py``), the
-    payments the authorizations name, and the holds old enough to be stale."""
+    payments the authorizations name, and the holds old enough to be stale.
+
+    A report given as a file is today's (SPEC §7: ``--date`` or ``--report``) but may well be
+    yesterday's: its movements are looked for at least DEFAULT_GRACE_DAYS back, so that a
+    small ``--grace-days`` does not make the lines of an older file unknown to OncePay."""
     db = services.db
-    first, last = day - timedelta(days=grace_days), day + timedelta(days=1)
+    back = max(grace_days, DEFAULT_GRACE_DAYS) if inputs.from_file else grace_days
+    first, last = day - timedelta(days=back), day + timedelta(days=1)
     # Each chunk of the books frozen as it is built (the run unfreezes them at its end): the
     # collector's full collections would otherwise walk the growing books again and again
     # (17 s of a 1M run's 137 s went to reading the books).
