@@ -274,3 +274,47 @@ async def test_yesterdays_report_file_matches_with_grace_days_0(
         0,
         {"matched": 1, "discrepancies": []},
     )
+
+
+def _with_time(settled_at: str, quoted: bool) -> bytes:
+    cells = ["r1", "capture", "100", "USD", "0", "100", settled_at, "po_1"]
+    if quoted:
+        cells = [f'"{cell}"' for cell in cells]
+    return (
+        HEADER
+        + b"ok_1,capture,100,USD,0,100,2026-12-06T10:00:00Z,po_1\n"
+        + (",".join(cells).encode() + b"\n")
+    )
+
+
+@pytest.mark.parametrize("quoted", [False, True], ids=["plain", "quoted"])
+@pytest.mark.parametrize(
+    "settled_at", ["yesterday", "", "06/12/2026", "2026-12-06T25:00:00Z", "2026-13-01"]
+)
+def test_a_settlement_time_that_is_not_iso_8601_is_a_report_error(
+    settled_at: str, quoted: bool
+) -> None:
+    """An unreadable settled_at was kept as written and the payment shown settled at the
+    run's time instead: a silent substitution, where every other unreadable cell is an error."""
+    content = _with_time(settled_at, quoted)
+    with pytest.raises(ReportError, match="line 3: settled_at"):
+        count_lines(content)
+    with pytest.raises(ReportError, match="line 3: settled_at"):
+        list(report_lines(content))
+
+
+@pytest.mark.parametrize("quoted", [False, True], ids=["plain", "quoted"])
+@pytest.mark.parametrize(
+    "settled_at",
+    [
+        "2026-12-06",
+        "2026-12-06 10:00:00",
+        "2026-12-06T10:00:00.710Z",
+        "2026-12-06T10:00:00+01:00",
+        " 2026-12-06T10:00Z ",
+    ],
+)
+def test_iso_8601_settlement_times_are_read(settled_at: str, quoted: bool) -> None:
+    content = _with_time(settled_at, quoted)
+    assert count_lines(content) == 2
+    assert [line.settled_at for line in report_lines(content)][1] == settled_at.strip()

@@ -194,7 +194,7 @@ def test_a_bad_line_late_hands_the_rest_to_the_parser(monkeypatch: pytest.Monkey
     tail = GOOD.replace(b"1000", b"1O00") + GOOD
     content = HEADER + GOOD * 5_000 + tail
     assert lines_or_error(report_lines(content)) == lines_or_error(read_report(io.BytesIO(content)))
-    quoted = HEADER + GOOD * 5_000 + b'"r9",capture,7,EUR,25,-18,t,po\n' + REFUND
+    quoted = HEADER + GOOD * 5_000 + b'"r9",capture,7,EUR,25,-18,2026-12-01,po\n' + REFUND
     given = list(report_lines(quoted))
     assert given == list(read_report(io.BytesIO(quoted)))
     assert len(given) == 5_002

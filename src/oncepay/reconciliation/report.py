@@ -30,6 +30,16 @@ _CURRENCY = re.compile(r"^[A-Z]{3}$")
 # then earlier lines of the report have settled: such a line is refused with the report.
 MAX_TEXT = 255
 MAX_TIME = 40
+# A settlement time is ISO 8601 as datetime.fromisoformat reads it: a day, then optionally a
+# time (to the hour, minute, second or fraction) and an offset. Both ways of reading a report
+# check this one shape; anything else was kept as written and the payment shown settled at the
+# run's time, a silent substitution.
+_ISO_TIME = (
+    r"[0-9]{4}-(?:0[1-9]|1[0-2])-(?:0[1-9]|[12][0-9]|3[01])"
+    r"(?:[T ](?:[01][0-9]|2[0-3])(?::[0-5][0-9](?::[0-5][0-9](?:\.[0-9]{1,9})?)?)?"
+    r"(?:Z|[+-](?:[01][0-9]|2[0-3])(?::?[0-5][0-9])?)?)?"
+)
+_SETTLED_AT = re.compile(_ISO_TIME)
 _BLANK = frozenset({b"", b"\n", b"\r\n", b"\r"})
 
 
@@ -163,11 +173,11 @@ _FILLED = rb"[ !#-+\--~]*[!#-+\--~][ !#-+\--~]*"
 _POSITIVE = rb" *[1-9][0-9]{0,17} *"  # the parser's fast path, above zero
 _NATURAL = rb" *(?:0|[1-9][0-9]{0,17}) *"
 _SIGNED = rb" *-?(?:0|[1-9][0-9]{0,17}) *"  # parse_minor's shape
-# A cell of at most MAX_TEXT (a filled one) or MAX_TIME characters, spaces included: never
-# longer than the parser allows once it has stripped them.
+# A cell of at most MAX_TEXT characters (a filled one), spaces included: never longer than the
+# parser allows once it has stripped them; a settlement time in the parser's one shape.
 _FILLED_TEXT = rb"(?=[ !#-+\--~]{0,%d}(?![ !#-+\--~]))" % MAX_TEXT + _FILLED
 _TEXT = rb"[ !#-+\--~]{0,%d}" % MAX_TEXT
-_TIME = rb"[ !#-+\--~]{0,%d}" % MAX_TIME
+_TIME = rb" *" + _ISO_TIME.encode("ascii") + rb" *"  # never longer than MAX_TIME, stripped
 
 
 def _plain(
@@ -307,6 +317,12 @@ class _Parser:
         settled_at = row[self.settled_at].strip()
         payout_id = row[self.payout_id].strip()
         order_id = "" if self.order_id is None else row[self.order_id].strip()
+        if not _SETTLED_AT.fullmatch(settled_at):
+            column = self.mapping.settled_at
+            where = "" if column == "settled_at" else f" ({column})"
+            raise ReportError(
+                f"line {number}: settled_at{where} {settled_at!r} is not an ISO 8601 time"
+            )
         if (
             len(reference) > MAX_TEXT
             or len(settled_at) > MAX_TIME
