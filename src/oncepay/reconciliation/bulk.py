@@ -25,12 +25,14 @@ from oncepay.storage.db import Database
 from oncepay.storage.raw import raw
 
 __all__ = [
+    "GUARD",
     "SETTLING",
     "STAGED",
     "insert",
     "settle_postgres",
     "settle_sqlite",
     "settled_references",
+    "settlements_of",
     "stage_sqlite",
 ]
 
@@ -59,25 +61,45 @@ async def settled_references(
 ) -> set[str]:
     """Those of ``references`` whose guard is written (committed, or by this transaction), in
     the driver's terms: SQLAlchemy's expanding ``IN`` compiles a parameter per value."""
+    return set(await _guards(conn, db, references, ()))
+
+
+# What a guard keeps of the settlement it posted, as :func:`settlements_of` gives it: a line
+# with the same (type, amount, payout_id, settled_at) is that settlement read again.
+GUARD = ("type", "amount", "payout_id", "settled_at", "transaction_id")
+
+
+async def settlements_of(
+    conn: AsyncConnection, db: Database, references: Sequence[str]
+) -> dict[str, Row]:
+    """The guards of those of ``references`` that have one (written before, or by this
+    transaction): reference -> its :data:`GUARD` columns."""
+    return await _guards(conn, db, references, GUARD)
+
+
+async def _guards(
+    conn: AsyncConnection, db: Database, references: Sequence[str], columns: Sequence[str]
+) -> dict[str, Row]:
     if not references:
-        return set()
+        return {}
+    selected = ", ".join(("reference", *columns))
     if db.is_sqlite:
-        found: set[str] = set()
+        found: dict[str, Row] = {}
         for start in range(0, len(references), _REFERENCES):
             part = tuple(references[start : start + _REFERENCES])
             rows = await conn.exec_driver_sql(
-                "SELECT reference FROM reconciliation_settlements "
+                f"SELECT {selected} FROM reconciliation_settlements "
                 f"WHERE reference IN ({', '.join('?' * len(part))})",
                 part,
             )
-            found.update(str(row[0]) for row in rows)
+            found.update((str(row[0]), tuple(row[1:])) for row in rows)
         return found
     driver = await _asyncpg(conn)
     rows = await driver.fetch(
-        "SELECT reference FROM reconciliation_settlements WHERE reference = ANY($1::text[])",
+        f"SELECT {selected} FROM reconciliation_settlements WHERE reference = ANY($1::text[])",
         list(references),
     )
-    return {str(row[0]) for row in rows}
+    return {str(row[0]): tuple(row)[1:] for row in rows}
 
 
 _REFERENCES = 5000  # bound variables per SQLite query (SQLite allows 32,766)

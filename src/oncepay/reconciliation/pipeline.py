@@ -292,13 +292,15 @@ class _Poster:
         """One batch; once a batch found every line settled (a re-run), the next ones are
         first checked in a read-only transaction and only their unsettled lines posted."""
         if self.rerun:
-            batch = await without_settled(self.db, batch)
+            batch, twice = await without_settled(self.db, batch)
+            self.posted.twice += twice
             if not batch:
                 return self.posted
         mine = Posted()
         await post_settlements(self.db, self.acquirer, batch, now=self.now, posted=mine)
         self.posted.lines += mine.lines
         self.posted.payments += mine.payments
+        self.posted.twice += mine.twice
         self.rerun = not mine.lines
         return self.posted
 
@@ -441,10 +443,23 @@ async def _match_and_post(
                 await asyncio.sleep(0)  # the posting task's replies are handled meanwhile
         outcome = matching.finish(inputs.authorizations, as_of=day, grace_days=grace_days)
         await poster.post(pending)  # the last batch, and the residual's pairs
-        return outcome, await poster.done()
+        posted = await poster.done()
     except BaseException:
         await poster.abandon()
         raise
+    return _with_settled_twice(outcome, posted.twice), posted
+
+
+def _with_settled_twice(outcome: Outcome, twice: list[Discrepancy]) -> Outcome:
+    """The lines posting found settled before in another payout or at another time (an
+    earlier report's, or an earlier run's): ``duplicate_settlement``, not matched. The
+    matcher counted them matched (it sees one report, the database sees every run's)."""
+    if not twice:
+        return outcome
+    found = sorted(
+        (*outcome.discrepancies, *twice), key=lambda d: (d.reference, d.kind.value, d.detail)
+    )
+    return Outcome(outcome.matched - len(twice), tuple(found), outcome.settled, outcome.orphans)
 
 
 async def _without_settled_missing(db: Database, outcome: Outcome) -> Outcome:

@@ -23,7 +23,7 @@ import json
 import secrets
 from collections import namedtuple
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from functools import lru_cache
 from typing import Any, cast
@@ -38,7 +38,8 @@ from oncepay.payments.storage.schema import ledger_entries, payments
 from oncepay.payments.webhooks.outbox import fan_out
 from oncepay.reconciliation import bulk
 from oncepay.reconciliation.fees import FeeSchedule
-from oncepay.reconciliation.records import Operation, ReportLine
+from oncepay.reconciliation.matcher import remediation_of
+from oncepay.reconciliation.records import Discrepancy, Kind, Operation, ReportLine
 from oncepay.reconciliation.store import settlements
 from oncepay.storage.db import Database, read, write, write_on
 
@@ -100,10 +101,13 @@ def entries(line: ReportLine) -> ledger.Entries:
 
 @dataclass
 class Posted:
-    """What a run posted now (a re-run posts nothing)."""
+    """What a run posted now (a re-run posts nothing), and the lines it did not post because
+    an earlier run settled their reference differently (another payout or time): the money
+    paid out twice, one ``duplicate_settlement`` each (:func:`settled_twice`)."""
 
     lines: int = 0
     payments: int = 0
+    twice: list[Discrepancy] = field(default_factory=list)
 
 
 async def post_settlements(
@@ -146,6 +150,8 @@ async def _post_staged_ahead(
         async with write_on(db, conn):
             lines, payments_settled, reach = await _settle_sqlite(conn, None, acquirer, now)
             await _fan_out(conn, reach, now)
+            if lines < len(rows):
+                posted.twice += await _settled_before(conn, db, batch, rows)
     posted.lines += lines
     posted.payments += payments_settled
 
@@ -167,14 +173,82 @@ async def _settle_sqlite(
 
 async def without_settled(
     db: Database, batch: Sequence[tuple[ReportLine, Operation]]
-) -> list[tuple[ReportLine, Operation]]:
+) -> tuple[list[tuple[ReportLine, Operation]], list[Discrepancy]]:
     """``batch`` less the pairs whose reference is settled already, read in a read-only
     transaction: a re-run then stages and writes nothing for them (the batch's own
     transaction still checks every guard it writes, so a run settling them meanwhile is
-    harmless)."""
+    harmless). With them, the ``duplicate_settlement`` of each pair whose reference an
+    earlier run settled differently (:func:`settled_twice`), as posting finds it."""
     async with read(db) as conn:
-        done = await bulk.settled_references(conn, db, sorted({op.reference for _, op in batch}))
-    return [(line, op) for line, op in batch if op.reference not in done]
+        done = await bulk.settlements_of(conn, db, sorted({op.reference for _, op in batch}))
+    if not done:
+        return list(batch), []
+    kept, twice = [], []
+    for line, op in batch:
+        guard = done.get(op.reference)
+        if guard is None:
+            kept.append((line, op))
+        elif not _same_settlement(line, guard):
+            twice.append(settled_twice(line, op, guard))
+    return kept, twice
+
+
+def settled_twice(line: ReportLine, op: Operation, guard: Sequence[Any]) -> Discrepancy:
+    """The ``duplicate_settlement`` of ``line``, whose operation an earlier run settled as
+    ``guard`` (:data:`.bulk.GUARD`: type, amount, payout, time, journal) in another payout or
+    at another time: the line and the settlement before are its evidence."""
+    kind, amount, payout, settled_at, journal = guard
+    named = "" if op.reference == line.reference else f" (as {op.reference})"
+    detail = (
+        f"line {line.line}: {line.type} {line.amount} {line.currency}; settled twice: "
+        f"payout {line.payout_id} at {line.settled_at}{named}, settled before in payout "
+        f"{payout} at {settled_at} ({kind} {amount}, journal {journal})"
+    )
+    return Discrepancy(
+        Kind.DUPLICATE_SETTLEMENT,
+        line.reference,
+        op.payment_id,
+        detail,
+        remediation_of(Kind.DUPLICATE_SETTLEMENT),
+    )
+
+
+def _same_settlement(line: ReportLine, guard: Sequence[Any]) -> bool:
+    """``line`` is the settlement ``guard`` keeps, read again (a re-run of its report)."""
+    kind, amount, payout, settled_at, _ = guard
+    return (line.type, line.amount, line.payout_id, line.settled_at) == (
+        kind,
+        int(amount),
+        payout,
+        settled_at,
+    )
+
+
+async def _settled_before(
+    conn: AsyncConnection,
+    db: Database,
+    batch: Sequence[tuple[ReportLine, Operation]],
+    rows: Sequence[Sequence[Any]],
+) -> list[Discrepancy]:
+    """After a batch posted fewer lines than it staged (``rows``): the staged lines whose
+    guard another transaction wrote (its journal is not the row's), read in the batch's
+    transaction; the ``duplicate_settlement`` of each that guard settled differently. A first
+    run never comes here: nothing is read when every staged line posted."""
+    journal = _SETTLING.index("transaction_id")
+    staged = {row[0]: row[journal] for row in rows}
+    guards = await bulk.settlements_of(conn, db, sorted(staged))
+    twice = []
+    for line, op in batch:
+        mine = staged.pop(op.reference, None)  # the first line of a reference was staged
+        guard = guards.get(op.reference)
+        if mine is None or guard is None or guard[-1] == mine:
+            continue  # not staged (its payment unknown), or posted now
+        if not _same_settlement(line, guard):
+            twice.append(settled_twice(line, op, guard))
+    return twice
+
+
+_SETTLING = bulk.SETTLING
 
 
 async def post_batch(
@@ -208,6 +282,8 @@ async def post_batch(
         changed = [cast(PaymentRow, _Snapshot(*row)) for row in found]
         await _settled_events(conn, db, changed, now)
         payments_settled = len(changed)
+    if lines < len(rows):
+        posted.twice += await _settled_before(conn, db, batch, rows)
     posted.lines += lines
     posted.payments += payments_settled
 
