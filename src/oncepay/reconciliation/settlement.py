@@ -8,7 +8,11 @@ Each journal balances; a payout's lines therefore move exactly its net into sett
 
 Posting is once per reference: the guard row in ``reconciliation_settlements`` is inserted
 first, and only the lines whose guard this transaction wrote are posted, in the same
-transaction: a re-run, or a second run at the same time, posts nothing twice. With the journal
+transaction: a re-run, or a second run at the same time, posts nothing twice. A line whose
+guard was written before is the same settlement read again when its type, amount, payout and
+time are the guard's (skipped), and the money paid out twice otherwise (a
+``duplicate_settlement``, :attr:`Posted.twice`: a second report file, or another day's report,
+settling a reference again under a new payout). With the journal
 the payment's settlement columns are added to and a ``payment.settled`` event is written (the
 transactional outbox). The rows are built inside the database (:mod:`.bulk`): a batch's lines
 are staged once (a TEMP table on SQLite, arrays in one statement on PostgreSQL) and every
