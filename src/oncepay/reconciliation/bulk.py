@@ -92,14 +92,14 @@ async def _guards(
                 f"WHERE reference IN ({', '.join('?' * len(part))})",
                 part,
             )
-            found.update((str(row[0]), tuple(row[1:])) for row in rows)
+            found.update((row[0], tuple(row[1:])) for row in rows)
         return found
     driver = await _asyncpg(conn)
     rows = await driver.fetch(
         f"SELECT {selected} FROM reconciliation_settlements WHERE reference = ANY($1::text[])",
         list(references),
     )
-    return {str(row[0]): tuple(row)[1:] for row in rows}
+    return {row[0]: tuple(row)[1:] for row in rows}
 
 
 _REFERENCES = 5000  # bound variables per SQLite query (SQLite allows 32,766)

@@ -187,12 +187,20 @@ async def without_settled(
         done = await bulk.settlements_of(conn, db, sorted({op.reference for _, op in batch}))
     if not done:
         return list(batch), []
-    kept, twice = [], []
-    for line, op in batch:
-        guard = done.get(op.reference)
+    kept: list[tuple[ReportLine, Operation]] = []
+    twice: list[Discrepancy] = []
+    keep, found = kept.append, done.get
+    for pair in batch:  # a whole re-run's lines come through here: the comparison inline
+        line, op = pair
+        guard = found(op.reference)
         if guard is None:
-            kept.append((line, op))
-        elif not _same_settlement(line, guard):
+            keep(pair)
+        elif (
+            guard[2] != line.payout_id
+            or guard[3] != line.settled_at
+            or guard[1] != line.amount
+            or guard[0] != line.type
+        ):
             twice.append(settled_twice(line, op, guard))
     return kept, twice
 
@@ -222,7 +230,7 @@ def _same_settlement(line: ReportLine, guard: Sequence[Any]) -> bool:
     kind, amount, payout, settled_at, _ = guard
     return (line.type, line.amount, line.payout_id, line.settled_at) == (
         kind,
-        int(amount),
+        amount,
         payout,
         settled_at,
     )
