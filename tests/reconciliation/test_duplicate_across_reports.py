@@ -248,3 +248,25 @@ async def test_a_duplicate_within_one_file_is_still_found_once(
     assert len(await duplicates(stack)) == 1
     check = ledger_check(stack)
     assert check.returncode == 0, check.stdout + check.stderr
+
+
+async def test_a_settled_capture_repeated_twice_in_the_next_report_is_one_duplicate(
+    stack: Stack,
+) -> None:
+    """The second report holds an already-settled capture twice, both under new payouts: one
+    ``duplicate_settlement`` for the reference (the database keeps one), not one from the
+    report's own repeat and another from the settlement before; neither line matched."""
+    pid = await paid(stack, 2500)
+    services = stack.services
+    first = await reconcile(services, "primary", report=report(line(pid, 2500, FIRST)))
+    assert (first.matched, first.settled) == (1, 1)
+    third = ("po_third", "2026-12-08T10:00:00Z")
+    again = report(line(pid, 2500, SECOND), line(pid, 2500, third))
+    second = await reconcile(services, "primary", report=again, grace_days=0)
+    assert second.matched == 0
+    assert [(d.kind.value, d.reference) for d in second.discrepancies] == [
+        ("duplicate_settlement", f"{pid}_a1")
+    ]
+    assert len(await duplicates(stack)) == 1
+    rerun = await reconcile(services, "primary", report=again, grace_days=0)
+    assert json.dumps(rerun.as_json()) == json.dumps(second.as_json())

@@ -453,12 +453,18 @@ async def _match_and_post(
 def _with_settled_twice(outcome: Outcome, twice: list[Discrepancy]) -> Outcome:
     """The lines posting found settled before in another payout or at another time (an
     earlier report's, or an earlier run's): ``duplicate_settlement``, not matched. The
-    matcher counted them matched (it sees one report, the database sees every run's)."""
+    matcher counted them matched (it sees one report, the database sees every run's). A
+    reference the report itself repeats is one duplicate, as the database keeps it: the
+    settlement before is the better evidence, so the matcher's own is left out."""
     if not twice:
         return outcome
-    found = sorted(
-        (*outcome.discrepancies, *twice), key=lambda d: (d.reference, d.kind.value, d.detail)
+    again = {d.reference for d in twice}
+    kept = (
+        d
+        for d in outcome.discrepancies
+        if d.kind is not Kind.DUPLICATE_SETTLEMENT or d.reference not in again
     )
+    found = sorted((*kept, *twice), key=lambda d: (d.reference, d.kind.value, d.detail))
     return Outcome(outcome.matched - len(twice), tuple(found), outcome.settled, outcome.orphans)
 
 
