@@ -9,7 +9,12 @@
   of the whole process (client included, so a relative figure), on SQLite and PostgreSQL.
 
     .venv/bin/python bench/e2e/datalayer.py instructions [--n1 20] [--n2 60] [--src DIR] \\
-        [--backend sqlite|postgresql]
+        [--backend sqlite|postgresql] [--concurrency 16] [--serving]
+
+``--concurrency N``: N requests in flight at once (the acquirer's retry control ``fixed``: under
+valgrind every call is slow enough for the adaptive one to hold calls back); ``--serving``: the
+app as ``oncepay serve`` builds it (``serving_app``: the heap settled after start-up), to
+compare with the same run without it.
     .venv/bin/python bench/e2e/datalayer.py count [--payments 200] [--backend sqlite|postgresql]
 """
 
@@ -135,6 +140,8 @@ def main() -> None:
     parser.add_argument(
         "--src", help="measure the oncepay package of this src/ folder (a copy at another commit)"
     )
+    parser.add_argument("--concurrency", type=int, default=1, help="requests in flight at once")
+    parser.add_argument("--serving", action="store_true", help="as `oncepay serve` builds the app")
     args = parser.parse_args()
     if args.src:  # read by the measured processes, which import oncepay from there
         os.environ["PYTHONPATH"] = os.pathsep.join(
@@ -146,7 +153,19 @@ def main() -> None:
         for name, value in asyncio.run(count(args.payments, args.backend)).items():
             print(f"{args.backend}: {name}: {value}")
         return
-    from bench.tracing.instructions import DATABASE_ENV, instructions, total
+    from bench.tracing.instructions import (
+        CONCURRENCY_ENV,
+        DATABASE_ENV,
+        SERVING_ENV,
+        instructions,
+        total,
+    )
+
+    os.environ[CONCURRENCY_ENV] = str(args.concurrency)
+    if args.concurrency > 1:
+        os.environ["ONCEPAY_ACQUIRER_RETRY_CONTROL"] = "fixed"
+    if args.serving:
+        os.environ[SERVING_ENV] = "1"
 
     if args.backend == "postgresql":  # each run its own schema (the server's CPU not counted)
         os.environ[DATABASE_ENV] = POSTGRES_URL
@@ -160,7 +179,8 @@ def main() -> None:
             args.n2 - args.n1
         )
     where = "PostgreSQL (this process only)" if args.backend == "postgresql" else "SQLite"
-    print(f"instructions a payment ({where}, in-process, tracing off): {per:,.0f}")
+    how = f"{args.concurrency} in flight" + (", as served" if args.serving else "")
+    print(f"instructions a payment ({where}, in-process, tracing off, {how}): {per:,.0f}")
 
 
 if __name__ == "__main__":

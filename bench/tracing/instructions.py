@@ -34,6 +34,10 @@ HERE = Path(__file__).resolve().parent
 # A PostgreSQL server's URL for the payments database (each run a schema of its own, dropped
 # at the end); unset: SQLite.
 DATABASE_ENV = "ONCEPAY_INSTRUCTIONS_DATABASE"
+# bench/e2e/datalayer.py's --concurrency (requests in flight at once; 1: one after another) and
+# --serving (the app as `oncepay serve` builds it: serving_app's heap settled after start-up).
+CONCURRENCY_ENV = "ONCEPAY_INSTRUCTIONS_CONCURRENCY"
+SERVING_ENV = "ONCEPAY_INSTRUCTIONS_SERVING"
 BSP_DELAY_MS = 3_600_000  # see instructions(): no timed export during a run
 VARIANTS: dict[str, dict[str, str]] = {
     "off": {},
@@ -65,15 +69,22 @@ async def payments(count: int, folder: str) -> None:
     settings = Settings(
         database_url=url, acquirer_database_url=f"sqlite:///{folder}/a.db", run_worker=False
     )
-    app = create_app(settings)
+    serving = os.environ.get(SERVING_ENV) == "1"
+    app = create_app(settings, settle_heap=True) if serving else create_app(settings)
     body = {"amount": 1250, "currency": "EUR", "payment_method": "pm_card_ok"}
+    keys = iter(range(count))
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://bench") as client:
-            for n in range(count):
-                headers = {"Authorization": f"Bearer {key}", "Idempotency-Key": f"k{n}"}
-                answer = await client.post("/v1/payments", json=body, headers=headers)
-                assert answer.status_code == 201, answer.text
+
+            async def one_after_another() -> None:
+                for n in keys:
+                    headers = {"Authorization": f"Bearer {key}", "Idempotency-Key": f"k{n}"}
+                    answer = await client.post("/v1/payments", json=body, headers=headers)
+                    assert answer.status_code == 201, answer.text
+
+            in_flight = int(os.environ.get(CONCURRENCY_ENV, "1"))
+            await asyncio.gather(*(one_after_another() for _ in range(in_flight)))
     tracing.shutdown()
     if server:
         from sqlalchemy import text

@@ -117,7 +117,7 @@ def serve(
     )
     with shared_metrics(config.workers):
         uvicorn.run(
-            "oncepay.payments.api.app:create_app",
+            "oncepay.payments.api.app:serving_app",
             factory=True,
             host=config.host,
             port=config.port,

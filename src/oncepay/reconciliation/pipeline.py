@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
+from oncepay import _heap as heap
 from oncepay.payments.context import Services
 from oncepay.payments.events import emit_many
 from oncepay.reconciliation.acquirer import AcquirerReports
@@ -227,6 +228,8 @@ def _long_lived() -> Iterator[None]:
         if not _Sparse.runs:
             gc.set_threshold(*_Sparse.saved)
         gc.unfreeze()
+        if not _Sparse.runs:
+            heap.resettle()  # a serving process's start-up objects: frozen again
 
 
 # Allocations between two young collections during a run (Python's default: 700). A line

@@ -12,6 +12,7 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp
 
 from oncepay import __version__
+from oncepay import _heap as heap
 from oncepay.payments import bootstrap, dashboard, tracing
 from oncepay.payments.api import contract
 from oncepay.payments.api.accesslog import AccessLog
@@ -35,7 +36,7 @@ from oncepay.payments.context import Services
 from oncepay.payments.recovery import run_worker
 from oncepay.payments.settings import Settings
 
-__all__ = ["create_app"]
+__all__ = ["create_app", "serving_app"]
 
 # In this order: it is the order of the OpenAPI document.
 ROUTERS = (
@@ -85,9 +86,25 @@ def _all_off(telemetry: object) -> bool:
     )
 
 
-def create_app(settings: Settings | None = None, *, services: Services | None = None) -> FastAPI:
+def serving_app() -> FastAPI:
+    """The app as ``oncepay serve`` runs it (uvicorn's factory, in every worker process):
+    :func:`create_app`, and once its services have started, what is alive then (the modules,
+    the app, the services and their caches) is kept out of the garbage collector's way
+    (``gc.freeze()``) and young collections are rarer (:mod:`oncepay._heap`).
+    Not done by :func:`create_app` itself: a process that builds many apps (a test suite, an
+    embedding program) keeps its collector as it set it."""
+    return create_app(settle_heap=True)
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    services: Services | None = None,
+    settle_heap: bool = False,
+) -> FastAPI:
     """The payments API. With ``services`` the caller owns them (tests); otherwise the app
-    starts its own from ``settings`` when it starts, and closes them when it stops."""
+    starts its own from ``settings`` when it starts, and closes them when it stops.
+    ``settle_heap``: see :func:`serving_app`."""
     settings = settings or Settings()
 
     @asynccontextmanager
@@ -96,6 +113,8 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
         app.state.services = running
         if settings.trace_sql:  # a span per statement, with tracing on (costly: see the docs)
             tracing.instrument_database(running.db)
+        if settle_heap:
+            heap.settle()
         stop = asyncio.Event()
         worker = asyncio.create_task(run_worker(running, stop)) if settings.run_worker else None
         try:
