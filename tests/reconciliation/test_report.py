@@ -87,6 +87,8 @@ GOOD = b"r1,capture,1000,EUR,39,961,2026-12-01T10:00:00Z,po_1\n"
         (HEADER + "r\u00e9f,capture".encode("latin-1") + GOOD[2:], "line 2: not UTF-8"),
         (HEADER + b'"r1,capture,1000\n', "not valid CSV"),
         (HEADER + b"\x00\n", "line 2: NUL byte"),
+        ((HEADER + GOOD).decode().encode("utf-16"), "the report is UTF-16"),  # with its BOM
+        ((HEADER + GOOD).decode().encode("utf-16-be"), "or UTF-16 without a byte order mark"),
         (HEADER + b'"r\n1",capture,x,EUR,39,961,t,po\n', "line 3: amount"),  # physical line
         (HEADER + GOOD.replace(b"capture", b"captrue"), "line 2: type 'captrue' is neither"),
     ],

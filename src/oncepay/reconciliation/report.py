@@ -260,8 +260,15 @@ def _text_lines(stream: BinaryIO) -> Iterator[str]:
         raw = read[len(codecs.BOM_UTF8) :] if first else read
         if raw in _BLANK:
             raise ReportError(f"line {number}: blank line in the report")
+        if number == 1 and read.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+            raise ReportError(
+                "the report is UTF-16 (its byte order mark says so): save it as UTF-8"
+            )
         if b"\x00" in raw:
-            raise ReportError(f"line {number}: NUL byte in the report (a binary file?)")
+            raise ReportError(
+                f"line {number}: NUL byte in the report (a binary file, or UTF-16 without a "
+                "byte order mark?)"
+            )
         try:
             yield raw.decode("utf-8")
         except UnicodeDecodeError as exc:
