@@ -73,7 +73,8 @@ _REMEDIATION = {
     "by reference",
     Kind.DUPLICATE_SETTLEMENT: "claim the second settlement back from the acquirer",
     Kind.ORPHANED_AUTHORIZATION: "void the authorization at the acquirer (safe: no payment "
-    "will capture it)",
+    "will capture it); if the acquirer refuses the void because it was captured, refund it "
+    "there",
     Kind.FEE_MISMATCH: "check the acquirer's fee schedule; claim the difference",
     Kind.TYPE_MISMATCH: "ask the acquirer which movement this line is",
     Kind.STALE_AUTHORIZATION: "capture it now if the goods went out (the acquirer may refuse), "
