@@ -143,6 +143,8 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=1, help="requests in flight at once")
     parser.add_argument("--serving", action="store_true", help="as `oncepay serve` builds the app")
     args = parser.parse_args()
+    if args.concurrency < 1:
+        parser.error("--concurrency: at least 1 request in flight")
     if args.src:  # read by the measured processes, which import oncepay from there
         os.environ["PYTHONPATH"] = os.pathsep.join(
             filter(None, [args.src, os.environ.get("PYTHONPATH")])

@@ -57,14 +57,6 @@ def test_a_fee_that_differs_only_from_the_schedule_still_settles() -> None:
     assert outcome.matched == len(day.lines)
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-async def stack(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Stack]:
-    if request.param == "postgres":
-        require_postgres()
-    async with running_stack(database_url(request.param, tmp_path), tmp_path) as running:
-        yield running
-
-
 async def test_reconciling_such_a_report_keeps_the_ledger_check_passing(
     stack: Stack, tmp_path: Path
 ) -> None:

@@ -8,24 +8,12 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
 
-import pytest
-
 from tests.payments.acquirer_helpers import auth_body, key
-from tests.payments.stack import Stack, database_url, running_stack
+from tests.payments.stack import Stack
 from tests.processes import oncepay_args
-from tests.servers import require_postgres
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-async def stack(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Stack]:
-    if request.param == "postgres":
-        require_postgres()
-    async with running_stack(database_url(request.param, tmp_path), tmp_path) as running:
-        yield running
 
 
 def reconcile(stack: Stack, tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:

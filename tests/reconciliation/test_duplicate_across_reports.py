@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-from collections.abc import AsyncIterator
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
@@ -24,10 +23,9 @@ from oncepay.reconciliation import pipeline, settlement
 from oncepay.reconciliation.acquirer import AcquirerReports
 from oncepay.reconciliation.fees import DEFAULT_SCHEDULE
 from oncepay.reconciliation.pipeline import reconcile
-from tests.payments.stack import Stack, database_url, running_stack
+from tests.payments.stack import Stack
 from tests.processes import oncepay_args
 from tests.reconciliation.test_cli import reconcile as reconcile_cli
-from tests.servers import require_postgres
 
 HEADER = "reference,type,amount,currency,fee,net,settled_at,payout_id\n"
 TABLES = (
@@ -43,14 +41,6 @@ TABLES = (
 )
 FIRST = ("po_first", "2026-12-06T10:00:00Z")
 SECOND = ("po_second", "2026-12-07T10:00:00Z")
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-async def stack(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Stack]:
-    if request.param == "postgres":
-        require_postgres()
-    async with running_stack(database_url(request.param, tmp_path), tmp_path) as running:
-        yield running
 
 
 async def paid(stack: Stack, amount: int) -> str:

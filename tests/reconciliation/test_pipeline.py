@@ -11,7 +11,6 @@ import csv
 import gc
 import io
 import json
-from collections.abc import AsyncIterator
 from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,6 @@ from oncepay.reconciliation.settlement import check_payouts
 from oncepay.storage.db import read, write
 from tests.payments.acquirer_helpers import auth_body, key
 from tests.payments.stack import Stack, database_url, running_stack
-from tests.servers import require_postgres
 
 # Every table a run may write: a re-run, or a refused report, must leave each count as it was.
 TABLES = (
@@ -46,14 +44,6 @@ TABLES = (
     "oncepay_idempotency",
 )
 HEADER = b"reference,type,amount,currency,fee,net,settled_at,payout_id\n"
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-async def stack(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Stack]:
-    if request.param == "postgres":
-        require_postgres()
-    async with running_stack(database_url(request.param, tmp_path), tmp_path) as running:
-        yield running
 
 
 class PlantedReports(AcquirerReports):

@@ -5,11 +5,9 @@ the one discrepancy; a canceled payment's voided authorization is not."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
 
-import pytest
 from sqlalchemy import update
 
 from oncepay.payments.storage.schema import payments
@@ -17,16 +15,7 @@ from oncepay.reconciliation.acquirer import AcquirerReports
 from oncepay.reconciliation.run import reconcile_day, reconcile_file
 from oncepay.storage.db import write
 from tests.payments.acquirer_helpers import auth_body, key
-from tests.payments.stack import Stack, database_url, running_stack
-from tests.servers import require_postgres
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-async def stack(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Stack]:
-    if request.param == "postgres":
-        require_postgres()
-    async with running_stack(database_url(request.param, tmp_path), tmp_path) as running:
-        yield running
+from tests.payments.stack import Stack
 
 
 async def business(stack: Stack) -> dict[str, str]:

@@ -189,18 +189,11 @@ async def without_settled(
         return list(batch), []
     kept: list[tuple[ReportLine, Operation]] = []
     twice: list[Discrepancy] = []
-    keep, found = kept.append, done.get
-    for pair in batch:  # a whole re-run's lines come through here: the comparison inline
-        line, op = pair
-        guard = found(op.reference)
+    for line, op in batch:
+        guard = done.get(op.reference)
         if guard is None:
-            keep(pair)
-        elif (
-            guard[2] != line.payout_id
-            or guard[3] != line.settled_at
-            or guard[1] != line.amount
-            or guard[0] != line.type
-        ):
+            kept.append((line, op))
+        elif not _same_settlement(line, guard):
             twice.append(settled_twice(line, op, guard))
     return kept, twice
 
@@ -227,13 +220,7 @@ def settled_twice(line: ReportLine, op: Operation, guard: Sequence[Any]) -> Disc
 
 def _same_settlement(line: ReportLine, guard: Sequence[Any]) -> bool:
     """``line`` is the settlement ``guard`` keeps, read again (a re-run of its report)."""
-    kind, amount, payout, settled_at, _ = guard
-    return (line.type, line.amount, line.payout_id, line.settled_at) == (
-        kind,
-        amount,
-        payout,
-        settled_at,
-    )
+    return tuple(guard[:4]) == (line.type, line.amount, line.payout_id, line.settled_at)
 
 
 async def _settled_before(
@@ -246,7 +233,7 @@ async def _settled_before(
     guard another transaction wrote (its journal is not the row's), read in the batch's
     transaction; the ``duplicate_settlement`` of each that guard settled differently. A first
     run never comes here: nothing is read when every staged line posted."""
-    journal = _SETTLING.index("transaction_id")
+    journal = bulk.SETTLING.index("transaction_id")
     staged = {row[0]: row[journal] for row in rows}
     guards = await bulk.settlements_of(conn, db, sorted(staged))
     twice = []
@@ -259,8 +246,6 @@ async def _settled_before(
             twice.append(settled_twice(line, op, guard))
     return twice
 
-
-_SETTLING = bulk.SETTLING
 
 
 async def post_batch(
