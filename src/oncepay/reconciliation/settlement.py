@@ -247,7 +247,6 @@ async def _settled_before(
     return twice
 
 
-
 async def post_batch(
     conn: AsyncConnection,
     db: Database,
