@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from oncepay.payments.operations import onestatement
 from tests.payments.stack import Stack, database_url, running_stack
 from tests.servers import require_postgres
 
@@ -32,3 +33,12 @@ async def stack(payments_url: str, tmp_path: Path) -> AsyncIterator[Stack]:
 async def two_acquirers(payments_url: str, tmp_path: Path) -> AsyncIterator[Stack]:
     async with running_stack(payments_url, tmp_path, acquirers=("primary", "secondary")) as s:
         yield s
+
+
+@pytest.fixture
+def usual_way(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A new payment's phases as transactions on PostgreSQL too, as on SQLite: there they are
+    one statement each (operations/onestatement.py), which the tests that inject faults into
+    a transaction's steps (the claim, the checkpoint, the completion) would never reach.
+    tests/payments/test_one_statement.py injects the same faults into the statements."""
+    monkeypatch.setattr(onestatement, "usable", lambda *args, **kwargs: False)

@@ -78,7 +78,7 @@ async def assert_exactly_once(stack: Stack, payment: dict[str, Any]) -> None:
 
 @pytest.mark.parametrize(("method", "point"), CRASH_POINTS)
 async def test_crash_then_retry_resumes(
-    stack: Stack, monkeypatch: pytest.MonkeyPatch, method: str, point: str
+    stack: Stack, usual_way: None, monkeypatch: pytest.MonkeyPatch, method: str, point: str
 ) -> None:
     with crash_at(monkeypatch, method), pytest.raises(Crash):
         await stack.post("/v1/payments", BODY, key="crashy")
@@ -99,7 +99,7 @@ async def test_crash_then_retry_resumes(
 
 @pytest.mark.parametrize(("method", "point"), CRASH_POINTS)
 async def test_crash_then_worker_finishes(
-    stack: Stack, monkeypatch: pytest.MonkeyPatch, method: str, point: str
+    stack: Stack, usual_way: None, monkeypatch: pytest.MonkeyPatch, method: str, point: str
 ) -> None:
     with crash_at(monkeypatch, method), pytest.raises(Crash):
         await stack.post("/v1/payments", BODY, key="crashy")
@@ -167,7 +167,7 @@ async def test_crash_right_after_the_claim_starts_afresh(stack: Stack) -> None:
     ],
 )
 async def test_a_crash_before_the_claim_and_phase_1_commit_leaves_nothing(
-    stack: Stack, monkeypatch: pytest.MonkeyPatch, owner: Any, method: str
+    stack: Stack, usual_way: None, monkeypatch: pytest.MonkeyPatch, owner: Any, method: str
 ) -> None:
     """A new key is claimed in phase 1's own transaction (SPEC §5): a death anywhere in it,
     even after the payment row and its recovery point were written, rolls the claim back with

@@ -90,7 +90,7 @@ async def test_a_stale_holder_cannot_fail_over_a_failed_payment(
 
 
 async def test_a_lost_commit_acknowledgement_in_phase_1_keeps_the_key(
-    stack: Stack, monkeypatch: pytest.MonkeyPatch
+    stack: Stack, usual_way: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Phase 1 commits but the acknowledgement is lost: releasing the key would let the retry
     create a second payment beside the first."""
@@ -127,7 +127,7 @@ async def _503_then_resumed(stack: Stack, monkeypatch: pytest.MonkeyPatch, key: 
 
 
 async def test_a_driver_error_in_the_completion_is_a_503_and_the_key_resumes(
-    stack: Stack, monkeypatch: pytest.MonkeyPatch
+    stack: Stack, usual_way: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The idempotency store's statements inside a phase run on the raw driver, whose errors
     are the driver's own (on PostgreSQL they also carry the phase's deferred writes): the

@@ -44,7 +44,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol, cast
 
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -245,6 +245,15 @@ async def _claim_and_start(
 ) -> tuple[Ticket, Started]:
     """The claim and phase 1, one transaction; :class:`_KeyTaken` when the key has a record."""
     engine = svc.engine
+    # A new payment: one statement, no transaction, where the process takes it
+    # (operations/onestatement.py); False elsewhere, and for every other operation.
+    at_once = getattr(op, "claim_and_start", None)
+    if at_once is not None:
+        started = await at_once(svc, claimable, merchant_id)
+        if started is None:
+            raise _KeyTaken
+        if started is not False:
+            return cast(tuple[Ticket, Started], started)
     async with write(svc.db) as conn:
         record = await _driver(conn)
         tenant, key, fp = claimable.tenant, claimable.key, claimable.fingerprint
@@ -299,6 +308,14 @@ async def _onwards(
                 )
             )
         with tracing.phase("record", op.name, object_id):
+            # Phase 2 of a new payment whose phase 1 ran in this request: one statement where
+            # the process takes it; None when it wrote nothing (the record or the payment moved
+            # on), False where it is not taken: the transaction below decides then.
+            at_once = getattr(op, "record_at_once", None)
+            if at_once is not None and payment is not None:
+                reply = await at_once(svc, ticket, payment, answer)
+                if isinstance(reply, Reply):
+                    return replace(reply, completed=True)
             async with write(svc.db) as conn:
                 # Fenced before any write: a holder that lost its lease (the worker may have
                 # finished the request meanwhile) changes nothing and is told to retry.

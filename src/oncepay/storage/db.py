@@ -32,7 +32,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from sqlalchemy import event
@@ -42,6 +42,9 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 
 from oncepay._drivers import sqlite as _sqlite
 from oncepay.errors import ConfigurationError
+
+if TYPE_CHECKING:
+    from oncepay._drivers.pgpool import Pool
 
 __all__ = ["Database", "read", "write", "write_on"]
 
@@ -54,6 +57,7 @@ SQLITE_BUSY_TIMEOUT_MS = 5000
 # PostgreSQL's default max_connections of 100: a long chaos run exhausted it at 10 + 10.
 POOL_SIZE = 5
 POOL_OVERFLOW = 5
+POOL_TIMEOUT = 30.0  # seconds a statement waits for a pooled connection (SQLAlchemy's default)
 
 
 class _Writer:
@@ -111,6 +115,9 @@ class Database:
     group: _sqlite.GroupCommit | None = None
     # SQLite: the connection write() uses, kept checked out between transactions.
     writer: _Writer = field(default_factory=_Writer)
+    # PostgreSQL: connections for statements that are a transaction each (:meth:`once`), outside
+    # SQLAlchemy; opened on first use. None on SQLite.
+    statements: Pool | None = None
 
     @classmethod
     def from_url(cls, url: str) -> Database:
@@ -134,7 +141,8 @@ class Database:
             options = dict(parse_qsl(parts.query))
             schema = options.pop("schema", None)
             plain = urlunsplit(parts._replace(scheme="postgresql", query=urlencode(options)))
-            return cls(plain, _postgres_engine(plain, schema), "postgresql", schema)
+            engine = _postgres_engine(plain, schema)
+            return cls(plain, engine, "postgresql", schema, statements=_statements(plain, schema))
         raise ConfigurationError(
             f"unsupported database URL {url!r}: use sqlite:///path.db or postgresql://…"
         )
@@ -158,7 +166,18 @@ class Database:
         if self.group is not None:
             await self.group.durable()
 
+    async def once(self, statement: str, *args: Any) -> list[Any]:
+        """PostgreSQL: one statement that is a whole transaction by itself (data-modifying
+        ``WITH`` queries, say), sent outside any transaction so that it commits on its own:
+        one round trip, no ``BEGIN``/``COMMIT`` (payments/operations/onestatement.py). Its
+        rows; the driver's errors as they come (asyncpg's, ``OSError``)."""
+        if self.statements is None:
+            raise ValueError("Database.once() is for PostgreSQL: a SQLite phase is a transaction")
+        return await self.statements.fetch(statement, *args)
+
     async def aclose(self) -> None:
+        if self.statements is not None:
+            await self.statements.close()
         await self.writer.drop()
         await self.engine.dispose()
         if self.group is not None:
@@ -230,6 +249,19 @@ def _postgres_engine(url: str, schema: str | None) -> AsyncEngine:
     )
     event.listen(engine.sync_engine, "checkout", _alive)
     return engine
+
+
+def _statements(url: str, schema: str | None) -> Pool:
+    """The pool behind :meth:`Database.once`: oncepay's lean asyncpg pool (no reset query at
+    release: an autocommit statement leaves nothing behind), as many connections at most as
+    SQLAlchemy's, in the same schema."""
+    import asyncpg  # PostgreSQL's driver, imported only where a PostgreSQL URL is used
+
+    from oncepay._drivers.pgpool import Pool
+
+    settings = {"search_path": schema} if schema else {}
+    connect = partial(asyncpg.connect, url, server_settings=settings)
+    return Pool(connect, max_size=POOL_SIZE + POOL_OVERFLOW, timeout=POOL_TIMEOUT)
 
 
 def _alive(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:

@@ -7,15 +7,18 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
+from typing import Literal
 
 from sqlalchemy import update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from oncepay.http.gate import Claimable
 from oncepay.idempotency.engine import Ticket
 from oncepay.payments import failover, ledger
 from oncepay.payments.acquirers.base import AcquirerAnswer, Outcome
 from oncepay.payments.context import Services
 from oncepay.payments.models import PaymentCreate, payment_public
+from oncepay.payments.operations import onestatement
 from oncepay.payments.operations.common import (
     PAYMENTS,
     OnPayment,
@@ -89,6 +92,31 @@ class CreatePayment(OnPayment):
         await payment_event(conn, payment, "payment.created")
         return Started(payment_id, payment)
 
+    async def claim_and_start(
+        self, svc: Services, claimable: Claimable, merchant_id: str
+    ) -> tuple[Ticket, Started] | Literal[False] | None:
+        """The claim and phase 1 as one statement where this process takes it
+        (:mod:`.onestatement`): None when the key has a record; False where it does
+        not (phases.py then claims and starts in a transaction)."""
+        if self.params is None or not onestatement.usable(svc, claimable.ttl):
+            return False
+        started = await onestatement.claim_and_start(svc, claimable, merchant_id, self.params)
+        if started is None:
+            return None
+        ticket, row = started
+        return ticket, Started(row.id, row)
+
+    async def record_at_once(
+        self, svc: Services, ticket: Ticket, payment: PaymentRow, answer: AcquirerAnswer
+    ) -> Reply | Literal[False] | None:
+        """Phase 2 as one statement (:mod:`.onestatement`), for the payment ``payment`` as
+        phase 1 of this same request left it: the reply, stored; None when nothing was written
+        (the record or the payment moved on); False where this process does not take
+        the statement. Either way but the first, phases.py runs :meth:`record`."""
+        if not onestatement.usable(svc):
+            return False
+        return await onestatement.record(svc, ticket, payment, answer)
+
     async def call(
         self, svc: Services, object_id: str, ticket: Ticket, payment: PaymentRow | None = None
     ) -> AcquirerAnswer:
@@ -103,7 +131,7 @@ class CreatePayment(OnPayment):
         row = await load_payment(conn, object_id, lock=True)
         if answer.outcome is not Outcome.APPROVED:
             code = answer.decline_code or "acquirer_unavailable"
-            message = _failure_message(code)
+            message = onestatement.failure_message(code)
             row = await resolve(
                 conn,
                 row,
@@ -129,14 +157,6 @@ class CreatePayment(OnPayment):
 
     async def reply(self, conn: AsyncConnection, svc: Services, object_id: str) -> Reply:
         return Reply.json(201, payment_public(await load_payment(conn, object_id)))
-
-
-def _failure_message(code: str | None) -> str:
-    return {
-        "card_declined": "The card was declined.",
-        "insufficient_funds": "The card has insufficient funds.",
-        "acquirer_unavailable": "No acquirer could take the payment; no money moved.",
-    }.get(code or "", "The payment failed.")
 
 
 def _advancer(svc: Services, ticket: Ticket) -> failover.Advance:

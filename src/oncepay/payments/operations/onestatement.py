@@ -1,0 +1,347 @@
+"""A new payment's two phases as one statement each, on PostgreSQL (SPEC §5; issue 18).
+
+The usual way (:mod:`oncepay.payments.phases`) runs a phase as a transaction of several round
+trips: ``BEGIN``, the key's claim, the payment, the recovery point, ``COMMIT`` before the
+acquirer call; ``BEGIN``, the fence, the payment locked, the completion, ``COMMIT`` after it
+(10 round trips, each ~0.1 ms of the API's CPU on this machine: bench/e2e/PROFILE.md). For the
+commonest request — a new key creating a payment whose acquirer answers at once — each phase
+here is one statement of data-modifying ``WITH`` queries, sent outside any transaction: the
+server runs it whole or not at all, so it is its own transaction, committed with no
+``BEGIN``/``COMMIT`` round trips (2 round trips a payment).
+
+The statements write exactly the rows the usual way writes, and leave the idempotency record
+exactly as it does, so a crash at any point resumes as before:
+
+* **Phase 1** inserts the key's executing record already at ``payment_created:create:<id>``
+  (the usual way inserts it, then moves it there, in one transaction: the same committed
+  state), the payment, its ``payment.created`` event and that event's deliveries. Every part
+  reads from the claim's ``RETURNING``: a key that has a record inserts nothing at all, and
+  the gate decides as always.
+* **Phase 2** first locks the record at this request's fence and the payment *as phase 1 left
+  it* (``updated_at`` unchanged), both ``SKIP LOCKED``; only then does it move the payment,
+  complete the record (at ``acquirer_called``, with the stored response), post both journals
+  and write the events and their deliveries, each part reading from the one before. When
+  either lock is not taken — the lease lost to a takeover, the payment moved on (a failover
+  to another acquirer, say) or held elsewhere — nothing is written and the usual phase 2 runs
+  instead, which decides as it always has.
+
+Webhook deliveries are fanned out by the statement itself (an ``INSERT … SELECT`` over the
+merchant's enabled endpoints subscribed to the event's type), in the statement's snapshot, so
+an endpoint committed before the statement gets the event and one committed after does not,
+as with the usual transaction. No lock is waited for in either statement (``SKIP LOCKED``;
+the claim's insert does not wait on a key it does not insert), so that snapshot is never older
+than the locks. Delivery ids come from the server (``gen_random_uuid()``, PostgreSQL 13+).
+
+Not taken (the usual way runs): SQLite (a transaction there costs no round trip), a Redis
+tier in front of the store, tracing on (its spans come from the usual code), and every other
+outcome of the call (unknown, or after a failover) and every other operation.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import secrets
+import time
+from typing import Any
+
+from oncepay.http.gate import Claimable
+from oncepay.idempotency.engine import Ticket
+from oncepay.idempotency.records import next_fence
+from oncepay.idempotency.stores.postgres import PostgresStore, _Names
+from oncepay.payments import ledger, tracing
+from oncepay.payments.acquirers.base import AcquirerAnswer, Outcome
+from oncepay.payments.context import Services
+from oncepay.payments.models import PaymentCreate
+from oncepay.payments.operations.common import PAYMENTS, RESOLVED, payment_json, payment_reply
+from oncepay.payments.records import PaymentRow
+from oncepay.payments.reply import Reply
+from oncepay.payments.states import PaymentStatus, Transition, next_status
+from oncepay.payments.storage.schema import payments
+from oncepay.storage.ids import new_id
+
+__all__ = ["claim_and_start", "failure_message", "record", "usable"]
+
+S, T = PaymentStatus, Transition
+
+# The payment's columns phase 1 sets; the rest take their defaults (as create.py's insert).
+_COLUMNS = (
+    "id, merchant_id, amount, currency, payment_method, capture_method, description, metadata, "
+    "status, amount_captured, amount_refunded, acquirer, attempt, outcome_unknown, "
+    "recovery_attempts, escalated, created_at, updated_at"
+)
+
+# One delivery per enabled endpoint of the merchant subscribed to the event's type (outbox.py's
+# fan_out, as SQL); ``{events}`` is a CTE returning the events' (id, type).
+_FAN_OUT = (
+    "INSERT INTO webhook_deliveries (id, merchant_id, event_id, endpoint_id, status, attempts, "
+    "next_attempt_at, created_at, updated_at) "
+    "SELECT 'whd_' || left(replace(gen_random_uuid()::text, '-', ''), 24), w.merchant_id, "
+    "v.id, w.id, 'pending', 0, {now}, {now}, {now} "
+    "FROM {events} AS v JOIN webhook_endpoints AS w ON w.merchant_id = {merchant} "
+    "AND NOT w.disabled AND NOT w.deleted "
+    "AND (w.events::jsonb ? v.type OR w.events::jsonb ? '*') ORDER BY v.seq, w.seq"
+)
+
+_PHASE_ONE = (
+    # $1 scope, $2 key, $3 fingerprint, $4 fence, $5 now, $6 lease until, $7 expires at,
+    # $8 recovery point; $9 payment id, $10 merchant, $11 amount, $12 currency, $13 method,
+    # $14 capture method, $15 description, $16 metadata, $17 status, $18 acquirer;
+    # $19 event id, $20 event data, $21 the rows' time (the record's is the engine's clock)
+    "WITH k AS (INSERT INTO {idem} (scope, idempotency_key, fingerprint, state, fence, "
+    "created_at, lease_expires_at, expires_at, recovery_point) "
+    "VALUES ($1, $2, $3, 'executing', $4, $5, $6, $7, $8) "
+    "ON CONFLICT (scope, idempotency_key) DO NOTHING RETURNING fence), "
+    f"p AS (INSERT INTO payments ({_COLUMNS}) "
+    "SELECT $9, $10, $11, $12, $13, $14, $15, $16, $17, 0, 0, $18, 1, FALSE, 0, FALSE, $21, $21 "
+    "FROM k RETURNING {payment}), "
+    "e AS (INSERT INTO events (id, merchant_id, type, object_id, data, created_at) "
+    "SELECT $19, $10, 'payment.created', $9, $20, $21 FROM k RETURNING seq, id, type), "
+    "d AS (" + _FAN_OUT.format(now="$21", events="e", merchant="$10") + ") "
+    "SELECT {payment} FROM p"
+)
+
+_PHASE_TWO = (
+    # $1 scope, $2 key, $3 fence, $4 payment id, $5 its updated_at after phase 1, $6 now,
+    # $7 recovery point, $8 lease until, $9 status, $10 headers, $11 body; the payment's
+    # $12 status, $13 acquirer, $14 authorization id, $15 amount captured, $16 failure code,
+    # $17 failure message; $18 merchant, $19 currency; journals $20 ids, $21 kinds; entries
+    # $22 journal ids, $23 accounts, $24 amounts; events $25 ids, $26 types, $27 data
+    "WITH k AS (SELECT 1 FROM {idem} WHERE scope = $1 AND idempotency_key = $2 AND fence = $3 "
+    "AND state = 'executing' FOR UPDATE SKIP LOCKED), "
+    "l AS (SELECT 1 FROM payments WHERE id = $4 AND updated_at = $5 AND status = 'processing' "
+    "FOR UPDATE SKIP LOCKED), "
+    "p AS (UPDATE payments SET status = $12, acquirer = $13, authorization_id = $14, "
+    "amount_captured = $15, failure_code = $16, failure_message = $17, "
+    "outcome_unknown = FALSE, recovery_attempts = 0, escalated = FALSE, "
+    "pending_operation = NULL, updated_at = $6 "
+    "WHERE id = $4 AND EXISTS (SELECT 1 FROM k) AND EXISTS (SELECT 1 FROM l) RETURNING 1), "
+    "done AS (UPDATE {idem} SET state = 'completed', recovery_point = $7, "
+    "lease_expires_at = $8, response_status = $9, response_headers = $10, "
+    "response_body = $11 WHERE scope = $1 AND idempotency_key = $2 AND fence = $3 "
+    "AND state = 'executing' AND EXISTS (SELECT 1 FROM p) RETURNING scope, idempotency_key), "
+    "t AS (INSERT INTO ledger_transactions (id, merchant_id, payment_id, kind, created_at) "
+    "SELECT x.i, $18, $4, x.kind, $6 FROM done, unnest($20::text[], $21::text[]) "
+    "WITH ORDINALITY AS x(i, kind, n) ORDER BY x.n), "
+    "n AS (INSERT INTO ledger_entries (transaction_id, merchant_id, payment_id, account, "
+    "currency, amount) SELECT y.t, $18, $4, y.a, $19, y.v FROM done, "
+    "unnest($22::text[], $23::text[], $24::bigint[]) WITH ORDINALITY AS y(t, a, v, n) "
+    "ORDER BY y.n), "
+    "e AS (INSERT INTO events (id, merchant_id, type, object_id, data, created_at) "
+    "SELECT z.i, $18, z.ty, $4, z.d, $6 FROM done, "
+    "unnest($25::text[], $26::text[], $27::text[]) WITH ORDINALITY AS z(i, ty, d, n) "
+    "ORDER BY z.n RETURNING seq, id, type), "
+    "d AS (" + _FAN_OUT.format(now="$6", events="e", merchant="$18") + ") "
+    "SELECT pg_notify({channel}, md5(convert_to(scope, 'UTF8') || decode('00', 'hex') "
+    "|| convert_to(idempotency_key, 'UTF8'))) FROM done"
+)
+
+_FAILURES = {
+    "card_declined": "The card was declined.",
+    "insufficient_funds": "The card has insufficient funds.",
+    "acquirer_unavailable": "No acquirer could take the payment; no money moved.",
+}
+
+
+def failure_message(code: str | None) -> str:
+    """What a failed payment says of its failure code."""
+    return _FAILURES.get(code or "", "The payment failed.")
+
+
+async def claim_and_start(
+    svc: Services, claimable: Claimable, merchant_id: str, params: PaymentCreate
+) -> tuple[Ticket, PaymentRow] | None:
+    """The key's claim and phase 1, one statement (the caller checked :func:`usable`); None,
+    with nothing written, when the key has a record."""
+    engine = svc.engine
+    now, clock = time.time(), engine.clock()
+    ttl = engine.ttl if claimable.ttl is None else claimable.ttl
+    fence = next_fence(None, clock)
+    payment_id = new_id("pay")
+    point = f"payment_created:create:{payment_id}"
+    metadata = json.dumps(params.metadata)
+    acquirer = svc.acquirers.choose().name
+    # The row as the insert makes it (its seq aside), for the event's data: the same document
+    # the usual way makes from the row its insert returns.
+    draft = _draft(payment_id, merchant_id, params, metadata, acquirer, now)
+    found = await svc.db.once(
+        _statements(svc)[0],
+        claimable.tenant,
+        claimable.key,
+        claimable.fingerprint,
+        fence,
+        clock,
+        clock + engine.lease,
+        clock + ttl,
+        point,
+        payment_id,
+        merchant_id,
+        params.amount,
+        params.currency,
+        params.payment_method,
+        params.capture_method,
+        params.description,
+        metadata,
+        S.PROCESSING.value,
+        acquirer,
+        new_id("evt"),
+        payment_json(draft),
+        now,
+    )
+    if not found:
+        return None
+    tenant, key, fingerprint = claimable.tenant, claimable.key, claimable.fingerprint
+    ticket = Ticket(tenant, key, fingerprint, fence, clock + ttl, recovery_point=point)
+    row: PaymentRow = PAYMENTS.make(*found[0])
+    return ticket, row
+
+
+async def record(
+    svc: Services, ticket: Ticket, row: PaymentRow, answer: AcquirerAnswer
+) -> Reply | None:
+    """Phase 2 of an approval or a decline of the payment ``row`` as phase 1 of this request
+    left it: the reply, stored under the key; None, with nothing written, when the record or
+    the payment is no longer as phase 1 left them (the caller runs the usual phase 2)."""
+    assert answer.outcome is not Outcome.UNKNOWN
+    now, before = time.time(), row.updated_at
+    journals: list[tuple[str, str]] = []
+    entries: list[tuple[str, str, int]] = []
+    events: list[tuple[str, str, str]] = []
+    if answer.outcome is Outcome.APPROVED:
+        row = _moved(
+            row,
+            T.AUTHORIZE,
+            now,
+            acquirer=answer.acquirer,
+            authorization_id=answer.authorization_id,
+        )
+        _post(journals, entries, "authorization", ledger.authorize(row.amount))
+        events.append((new_id("evt"), "payment.authorized", payment_json(row)))
+        if row.capture_method == "automatic":
+            _post(journals, entries, "capture", ledger.capture(row.amount, row.amount))
+            row = _moved(row, T.CAPTURE, now, amount_captured=row.amount, pending_operation=None)
+            events.append((new_id("evt"), "payment.captured", payment_json(row)))
+    else:
+        code = answer.decline_code or "acquirer_unavailable"
+        message = failure_message(code)
+        row = _moved(
+            row, T.FAIL, now, failure_code=code, failure_message=message, acquirer=answer.acquirer
+        )
+        events.append((new_id("evt"), "payment.failed", payment_json(row)))
+    reply = payment_reply(201, row)
+    stored = tracing.stored(reply)
+    done = await svc.db.once(
+        _statements(svc)[1],
+        ticket.scope,
+        ticket.key,
+        ticket.fence,
+        row.id,
+        before,
+        now,
+        f"acquirer_called:create:{row.id}",
+        svc.engine.clock() + svc.engine.lease,  # the lease on the engine's clock
+        stored.status,
+        stored.headers_json(),
+        stored.body,
+        row.status,
+        row.acquirer,
+        row.authorization_id,
+        row.amount_captured,
+        row.failure_code,
+        row.failure_message,
+        row.merchant_id,
+        row.currency,
+        [journal for journal, _ in journals],
+        [kind for _, kind in journals],
+        [journal for journal, _, _ in entries],
+        [account for _, account, _ in entries],
+        [amount for _, _, amount in entries],
+        [event for event, _, _ in events],
+        [kind for _, kind, _ in events],
+        [data for _, _, data in events],
+    )
+    return reply if done else None
+
+
+def usable(svc: Services, ttl: float | None = None) -> bool:
+    """Whether this process takes the statements: PostgreSQL, the store a table in the same
+    database (no Redis tier), tracing off; for a claim with the TTL ``ttl`` (None: the
+    engine's), a lease shorter than it too (the usual claim refuses any other)."""
+    engine = svc.engine
+    if svc.db.is_sqlite or tracing.ENABLED or type(engine.store) is not PostgresStore:
+        return False
+    return 0 < engine.lease < (engine.ttl if ttl is None else ttl)
+
+
+def _statements(svc: Services) -> tuple[str, str]:
+    store = svc.engine.store
+    assert isinstance(store, PostgresStore)
+    return _made(store.table)
+
+
+@functools.cache
+def _made(table: str) -> tuple[str, str]:
+    """Both statements for the idempotency table ``table`` (as the store names it)."""
+    names = _Names.derive(table)
+    columns = ", ".join(column.name for column in payments.columns)
+    return (
+        _PHASE_ONE.format(idem=names.table, payment=columns),
+        _PHASE_TWO.format(idem=names.table, channel=f"'{names.channel}'"),
+    )
+
+
+def _draft(
+    payment_id: str,
+    merchant_id: str,
+    params: PaymentCreate,
+    metadata: str,
+    acquirer: str,
+    now: float,
+) -> PaymentRow:
+    values: dict[str, Any] = dict.fromkeys(column.name for column in payments.columns)
+    values.update(
+        seq=0,
+        id=payment_id,
+        merchant_id=merchant_id,
+        amount=params.amount,
+        currency=params.currency,
+        payment_method=params.payment_method,
+        capture_method=params.capture_method,
+        description=params.description,
+        metadata=metadata,
+        status=S.PROCESSING.value,
+        amount_captured=0,
+        amount_refunded=0,
+        acquirer=acquirer,
+        attempt=1,
+        outcome_unknown=False,
+        recovery_attempts=0,
+        escalated=False,
+        created_at=now,
+        updated_at=now,
+        amount_settled=0,
+        amount_refund_settled=0,
+        settlement_fee=0,
+    )
+    row: PaymentRow = PAYMENTS.make(**values)
+    return row
+
+
+def _moved(row: PaymentRow, transition: Transition, now: float, **values: Any) -> PaymentRow:
+    """``row`` moved by ``transition`` with ``values``, its outcome known (common.resolve)."""
+    status = next_status(S(row.status), transition)
+    return row._replace(status=status.value, **values, **RESOLVED, updated_at=now)
+
+
+def _post(
+    journals: list[tuple[str, str]],
+    entries: list[tuple[str, str, int]],
+    kind: str,
+    postings: ledger.Entries,
+) -> None:
+    """One journal transaction (ledger.post's, with its check that the entries balance)."""
+    if sum(amount for _, amount in postings) != 0:
+        raise ValueError(f"unbalanced journal transaction {kind}: {postings}")
+    journal = "txn_" + secrets.token_hex(12)
+    journals.append((journal, kind))
+    entries.extend((journal, account, amount) for account, amount in postings)
