@@ -1,17 +1,19 @@
-"""A new payment's phases as one statement each on PostgreSQL (payments/operations/
-onestatement.py): taken instead of the transactions, writing what they write, and resuming
-from every crash point as they do; anything unusual between the phases falls back to them.
+"""A new payment's phases at once (payments/operations/onestatement.py): one statement each
+on PostgreSQL, one raw transaction each on SQLite, taken instead of the SQLAlchemy
+transactions, writing what they write, and resuming from every crash point as they do;
+anything unusual between the phases falls back to the transactions.
 
-PostgreSQL only: SQLite runs the transactions (tests/payments/test_recovery.py and the rest
-of the suite cover both ways, the transactions on PostgreSQL through ``usual_way``)."""
+tests/payments/test_recovery.py and test_regressions.py inject faults into the transactions'
+own steps (through ``usual_way``); these tests inject them into the statements."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import re
+import sqlite3
 from collections.abc import AsyncIterator, Iterator
-from contextlib import contextmanager
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +29,6 @@ from oncepay.storage.db import Database, read
 from tests.payments.stack import Stack, database_url, running_stack
 from tests.servers import require_postgres
 
-pytestmark = pytest.mark.postgres
-
 BODY = {"amount": 2500, "currency": "EUR", "payment_method": "pm_card_ok"}
 
 
@@ -38,16 +38,9 @@ class Crash(BaseException):
 
 @pytest.fixture
 async def pg(tmp_path: Path) -> AsyncIterator[Stack]:
+    """PostgreSQL only (its row locks)."""
     require_postgres()
     async with running_stack(database_url("postgres", tmp_path), tmp_path) as running:
-        yield running
-
-
-@pytest.fixture
-async def pg_two(tmp_path: Path) -> AsyncIterator[Stack]:
-    require_postgres()
-    url = database_url("postgres", tmp_path)
-    async with running_stack(url, tmp_path, acquirers=("primary", "secondary")) as running:
         yield running
 
 
@@ -91,35 +84,48 @@ def usual_phases_refused(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, 
 
 
 async def test_a_new_payment_takes_two_statements_and_no_transaction(
-    pg: Stack, monkeypatch: pytest.MonkeyPatch
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """No phase of the transactions runs, no transaction is opened, and exactly two
-    statements go out, on connections outside any transaction."""
-    sent: list[bool] = []
-    pool = pg.db.statements
-    assert pool is not None
-    real = pool.fetch
+    """No phase of the transactions runs and no SQLAlchemy transaction is opened: exactly
+    two statements go out on PostgreSQL, on connections outside any transaction; two raw
+    transactions run on SQLite."""
+    sent: list[str] = []
+    if stack.db.is_sqlite:
+        real_raw = onestatement.write_raw
 
-    async def watched(statement: str, *args: Any) -> Any:
-        async with pool.connection() as conn:
-            sent.append(conn.is_in_transaction())
-        return await real(statement, *args)
+        @asynccontextmanager
+        async def watched_raw(db: Database) -> AsyncIterator[Any]:
+            async with real_raw(db) as conn:
+                sent.append("raw transaction" if conn.in_transaction else "none")
+                yield conn
+
+        monkeypatch.setattr(onestatement, "write_raw", watched_raw)
+    else:
+        pool = stack.db.statements
+        assert pool is not None
+        real = pool.fetch
+
+        async def watched(statement: str, *args: Any) -> Any:
+            async with pool.connection() as conn:
+                sent.append("transaction" if conn.is_in_transaction() else "autocommit")
+            return await real(statement, *args)
+
+        monkeypatch.setattr(pool, "fetch", watched)
 
     async def no_transaction(*args: Any, **kwargs: Any) -> Any:
         raise AssertionError("a phase opened a transaction")
 
-    monkeypatch.setattr(pool, "fetch", watched)
     monkeypatch.setattr(phases, "write", no_transaction)
     with usual_phases_refused(monkeypatch) as calls:
-        response = await pg.post("/v1/payments", BODY, key="two")
+        response = await stack.post("/v1/payments", BODY, key="two")
     assert response.status_code == 201, response.text
     assert calls == {"start": 0, "record": 0}
-    assert sent == [False, False]
-    await assert_exactly_once(pg, response.json())
-    record = await record_of(pg, "two")
+    assert sent == 2 * ["raw transaction" if stack.db.is_sqlite else "autocommit"]
+    await assert_exactly_once(stack, response.json())
+    record = await record_of(stack, "two")
     assert record.state == "completed"
     assert record.recovery_point == f"acquirer_called:create:{response.json()['id']}"
-    replay = await pg.post("/v1/payments", BODY, key="two")
+    replay = await stack.post("/v1/payments", BODY, key="two")
     assert replay.content == response.content
     assert replay.headers["idempotent-replayed"] == "true"
 
@@ -207,7 +213,7 @@ CAPTURED = ("payment.created", "payment.authorized", "payment.captured")
     ],
 )
 async def test_the_statements_write_what_the_transactions_write(
-    pg: Stack, monkeypatch: pytest.MonkeyPatch, fields: dict[str, Any], kinds: tuple[str, ...]
+    stack: Stack, monkeypatch: pytest.MonkeyPatch, fields: dict[str, Any], kinds: tuple[str, ...]
 ) -> None:
     """The same request, once each way: the same payment row, events (data included),
     deliveries (to the endpoints subscribed to each type, not to a disabled or deleted one),
@@ -219,22 +225,22 @@ async def test_the_statements_write_what_the_transactions_write(
         body: dict[str, Any] = {"url": f"https://hooks.example/{name}"}
         if events is not None:
             body["events"] = events
-        created = await pg.post("/v1/webhook_endpoints", body)
+        created = await stack.post("/v1/webhook_endpoints", body)
         assert created.status_code == 201, created.text
         endpoints[name] = created.json()["id"]
-    await pg.post(f"/v1/webhook_endpoints/{endpoints['disabled']}", {"disabled": True})
-    assert (await pg.client.delete(f"/v1/webhook_endpoints/{endpoints['deleted']}")).is_success
+    await stack.post(f"/v1/webhook_endpoints/{endpoints['disabled']}", {"disabled": True})
+    assert (await stack.client.delete(f"/v1/webhook_endpoints/{endpoints['deleted']}")).is_success
     body = {**BODY, **fields}
-    fast = await pg.post("/v1/payments", body, key="fast")
+    fast = await stack.post("/v1/payments", body, key="fast")
     with monkeypatch.context() as patch:
         patch.setattr(onestatement, "usable", lambda *args, **kwargs: False)
         with usual_phases_refused(patch) as calls:
-            usual = await pg.post("/v1/payments", body, key="usual")
+            usual = await stack.post("/v1/payments", body, key="usual")
         assert calls == {"start": 1, "record": 1}  # the transactions did run
     assert (fast.status_code, usual.status_code) == (201, 201), (fast.text, usual.text)
     assert _same_shape(fast.json()) == _same_shape(usual.json())
-    written = await _written(pg, fast.json()["id"], "fast")
-    assert written == await _written(pg, usual.json()["id"], "usual")
+    written = await _written(stack, fast.json()["id"], "fast")
+    assert written == await _written(stack, usual.json()["id"], "usual")
     # ... and what they write is right: the events in order, each delivered to exactly the
     # enabled endpoints subscribed to its type.
     assert tuple(kind for kind, *_ in written["events"]) == kinds
@@ -248,17 +254,17 @@ async def test_the_statements_write_what_the_transactions_write(
         (kind, endpoints[name]) for name, wanted_kinds in wanted.items() for kind in wanted_kinds
     }
     assert len(written["deliveries"]) == len(delivered)
-    assert await pg.ledger_violations() == []
+    assert await stack.ledger_violations() == []
 
 
-async def test_a_delivery_id_looks_like_every_other_id(pg: Stack) -> None:
-    await pg.post("/v1/webhook_endpoints", {"url": "https://hooks.example/x"})
-    await pg.post("/v1/payments", BODY, key="ids")
-    ids = [r.id for r in await rows(pg, "SELECT id FROM webhook_deliveries")]
+async def test_a_delivery_id_looks_like_every_other_id(stack: Stack) -> None:
+    await stack.post("/v1/webhook_endpoints", {"url": "https://hooks.example/x"})
+    await stack.post("/v1/payments", BODY, key="ids")
+    ids = [r.id for r in await rows(stack, "SELECT id FROM webhook_deliveries")]
     assert len(set(ids)) == 3
     assert all(re.fullmatch(r"whd_[0-9a-f]{24}", i) for i in ids)
     for delivery_id in ids:  # ... and the API finds each by it
-        found = await pg.client.get(f"/v1/webhook_deliveries/{delivery_id}")
+        found = await stack.client.get(f"/v1/webhook_deliveries/{delivery_id}")
         assert found.status_code == 200, found.text
         assert found.json()["id"] == delivery_id
 
@@ -268,63 +274,81 @@ async def test_a_delivery_id_looks_like_every_other_id(pg: Stack) -> None:
 
 @contextmanager
 def statement_fault(
-    monkeypatch: pytest.MonkeyPatch, which: int, *, after: bool, error: BaseException
+    monkeypatch: pytest.MonkeyPatch, which: int, *, after: bool, error: BaseException | None
 ) -> Iterator[None]:
-    """The ``which``-th statement (1: phase 1, 2: phase 2) raises ``error``, before it is sent
-    or after it committed (its acknowledgement lost)."""
-    real = Database.once
+    """The ``which``-th statement (1: phase 1, 2: phase 2; on SQLite its raw transaction)
+    raises ``error``, before it is sent or after it committed (its acknowledgement lost);
+    None: the database's own "connection lost" error (:data:`LOST`)."""
     count = {"n": 0}
+    real_once, real_raw = Database.once, onestatement.write_raw
 
-    async def faulty(db: Database, *args: Any) -> Any:
+    async def faulty_once(db: Database, *args: Any) -> Any:
         count["n"] += 1
         if count["n"] != which:
-            return await real(db, *args)
+            return await real_once(db, *args)
         if after:
-            await real(db, *args)
-        raise error
+            await real_once(db, *args)
+        raise error or LOST["postgresql"]
+
+    @asynccontextmanager
+    async def faulty_raw(db: Database) -> AsyncIterator[Any]:
+        count["n"] += 1
+        if count["n"] != which:
+            async with real_raw(db) as conn:
+                yield conn
+            return
+        if not after:
+            raise error or LOST["sqlite"]
+        async with real_raw(db) as conn:
+            yield conn
+        raise error or LOST["sqlite"]
 
     with monkeypatch.context() as patch:
-        patch.setattr(Database, "once", faulty)
+        patch.setattr(Database, "once", faulty_once)
+        patch.setattr(onestatement, "write_raw", faulty_raw)
         yield
 
 
-LOST = asyncpg.exceptions.ConnectionDoesNotExistError("connection was closed in the middle")
+LOST: dict[str, Exception] = {
+    "postgresql": asyncpg.exceptions.ConnectionDoesNotExistError("connection was closed"),
+    "sqlite": sqlite3.OperationalError("disk I/O error"),
+}
 
 
 async def test_a_crash_before_phase_1s_statement_leaves_nothing(
-    pg: Stack, monkeypatch: pytest.MonkeyPatch
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     with statement_fault(monkeypatch, 1, after=False, error=Crash()), pytest.raises(Crash):
-        await pg.post("/v1/payments", BODY, key="k")
-    assert await record_of(pg, "k") is None
-    assert (await pg.count("payments"), await pg.count("events")) == (0, 0)
-    response = await pg.post("/v1/payments", BODY, key="k")
+        await stack.post("/v1/payments", BODY, key="k")
+    assert await record_of(stack, "k") is None
+    assert (await stack.count("payments"), await stack.count("events")) == (0, 0)
+    response = await stack.post("/v1/payments", BODY, key="k")
     assert response.status_code == 201, response.text
-    await assert_exactly_once(pg, response.json())
+    await assert_exactly_once(stack, response.json())
 
 
 @pytest.mark.parametrize("after", [False, True], ids=["failed", "committed-answer-lost"])
 async def test_phase_1s_statement_failing_keeps_the_key_and_resumes(
-    pg: Stack, monkeypatch: pytest.MonkeyPatch, after: bool
+    stack: Stack, monkeypatch: pytest.MonkeyPatch, after: bool
 ) -> None:
     """The statement failed, or committed with its acknowledgement lost: either way a 503,
     nothing released (if it committed, a release would let a retry make a second payment);
     once the lease lapses the retry starts afresh or resumes, into one payment."""
-    with statement_fault(monkeypatch, 1, after=after, error=LOST):
-        lost = await pg.post("/v1/payments", BODY, key="k")
+    with statement_fault(monkeypatch, 1, after=after, error=None):
+        lost = await stack.post("/v1/payments", BODY, key="k")
     assert (lost.status_code, lost.json()["code"]) == (503, "database_unavailable")
-    record = await record_of(pg, "k")
+    record = await record_of(stack, "k")
     if after:
         assert record.state == "executing"
         assert record.recovery_point.startswith("payment_created:create:pay_")
-        assert (await pg.post("/v1/payments", BODY, key="k")).status_code == 409
+        assert (await stack.post("/v1/payments", BODY, key="k")).status_code == 409
     else:
         assert record is None
-    pg.expire_leases()
-    retry = await pg.post("/v1/payments", BODY, key="k")
+    stack.expire_leases()
+    retry = await stack.post("/v1/payments", BODY, key="k")
     assert retry.status_code == 201, retry.text
-    await assert_exactly_once(pg, retry.json())
-    assert pg.sent() == 1 + int(after)  # a resumed request asks the acquirer again (harmless)
+    await assert_exactly_once(stack, retry.json())
+    assert stack.sent() == 1 + int(after)  # a resumed request asks the acquirer again (harmless)
 
 
 @pytest.mark.parametrize("way", ["retry", "worker"])
@@ -332,59 +356,61 @@ async def test_phase_1s_statement_failing_keeps_the_key_and_resumes(
     ("which", "after", "error"),
     [
         pytest.param(2, False, Crash(), id="crash-after-the-answer"),
-        pytest.param(2, False, LOST, id="phase-2-failed"),
+        pytest.param(2, False, None, id="phase-2-failed"),
     ],
 )
 async def test_a_failure_before_phase_2_commits_resumes_from_payment_created(
-    pg: Stack,
+    stack: Stack,
     monkeypatch: pytest.MonkeyPatch,
     which: int,
     after: bool,
-    error: BaseException,
+    error: BaseException | None,
     way: str,
 ) -> None:
     with statement_fault(monkeypatch, which, after=after, error=error):
         if isinstance(error, Crash):
             with pytest.raises(Crash):
-                await pg.post("/v1/payments", BODY, key="k")
+                await stack.post("/v1/payments", BODY, key="k")
         else:
-            lost = await pg.post("/v1/payments", BODY, key="k")
+            lost = await stack.post("/v1/payments", BODY, key="k")
             assert (lost.status_code, lost.json()["code"]) == (503, "database_unavailable")
-    record = await record_of(pg, "k")
+    record = await record_of(stack, "k")
     assert record.state == "executing"
     assert record.recovery_point.startswith("payment_created:create:pay_")
-    (status,) = await rows(pg, "SELECT status FROM payments")
+    (status,) = await rows(stack, "SELECT status FROM payments")
     assert status.status == "processing"
-    assert await pg.count("ledger_entries") == 0
-    pg.expire_leases()
+    assert await stack.count("ledger_entries") == 0
+    stack.expire_leases()
     if way == "worker":
-        assert dict((await recover_once(pg.services, now=pg.clock())).results) == {"finished": 1}
-    resumed = await pg.post("/v1/payments", BODY, key="k")
+        assert dict((await recover_once(stack.services, now=stack.clock())).results) == {
+            "finished": 1
+        }
+    resumed = await stack.post("/v1/payments", BODY, key="k")
     assert resumed.status_code == 201, resumed.text
-    await assert_exactly_once(pg, resumed.json())
+    await assert_exactly_once(stack, resumed.json())
 
 
 async def test_phase_2_committed_with_its_answer_lost_replays_the_stored_answer(
-    pg: Stack, monkeypatch: pytest.MonkeyPatch
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    with statement_fault(monkeypatch, 2, after=True, error=LOST):
-        lost = await pg.post("/v1/payments", BODY, key="k")
+    with statement_fault(monkeypatch, 2, after=True, error=None):
+        lost = await stack.post("/v1/payments", BODY, key="k")
     assert (lost.status_code, lost.json()["code"]) == (503, "database_unavailable")
-    record = await record_of(pg, "k")
+    record = await record_of(stack, "k")
     assert record.state == "completed"
-    retry = await pg.post("/v1/payments", BODY, key="k")
+    retry = await stack.post("/v1/payments", BODY, key="k")
     assert retry.status_code == 201, retry.text
     assert retry.headers["idempotent-replayed"] == "true"
     assert retry.content == record.response.body
-    await assert_exactly_once(pg, retry.json())
-    assert pg.sent() == 1
+    await assert_exactly_once(stack, retry.json())
+    assert stack.sent() == 1
 
 
 # -- anything unusual between the phases: the transaction decides ----------------------------
 
 
 async def test_a_lost_lease_writes_nothing_and_the_new_holder_finishes(
-    pg: Stack, monkeypatch: pytest.MonkeyPatch
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """During the acquirer call the lease lapses and another holder takes the key over: the
     statement writes nothing, the transaction's fence tells the stale holder 409, and the
@@ -393,45 +419,45 @@ async def test_a_lost_lease_writes_nothing_and_the_new_holder_finishes(
 
     async def call_then_taken_over(self: Any, svc: Any, *args: Any, **kwargs: Any) -> Any:
         answer = await real_call(self, svc, *args, **kwargs)
-        pg.expire_leases()
-        record = await record_of(pg, "k")
-        taken = await svc.engine.begin(pg.merchant.id, "k", record.fingerprint)
+        stack.expire_leases()
+        record = await record_of(stack, "k")
+        taken = await svc.engine.begin(stack.merchant.id, "k", record.fingerprint)
         assert isinstance(taken, Execute)
         assert taken.ticket.resumed
         return answer
 
     monkeypatch.setattr(CreatePayment, "call", call_then_taken_over)
     with usual_phases_refused(monkeypatch) as calls:
-        stale = await pg.post("/v1/payments", BODY, key="k")
+        stale = await stack.post("/v1/payments", BODY, key="k")
     assert (stale.status_code, stale.json()["code"]) == (409, "idempotency_lease_lost"), stale.text
     assert calls["record"] == 0  # fenced before it ran
-    (payment,) = await rows(pg, "SELECT status FROM payments")
+    (payment,) = await rows(stack, "SELECT status FROM payments")
     assert payment.status == "processing"
-    assert await pg.count("ledger_entries") == 0
+    assert await stack.count("ledger_entries") == 0
     monkeypatch.undo()
-    pg.expire_leases()
-    assert dict((await recover_once(pg.services, now=pg.clock())).results) == {"finished": 1}
-    replay = await pg.post("/v1/payments", BODY, key="k")
+    stack.expire_leases()
+    assert dict((await recover_once(stack.services, now=stack.clock())).results) == {"finished": 1}
+    replay = await stack.post("/v1/payments", BODY, key="k")
     assert replay.status_code == 201, replay.text
-    await assert_exactly_once(pg, replay.json())
+    await assert_exactly_once(stack, replay.json())
 
 
 async def test_a_failover_moves_the_payment_and_the_transaction_records_it(
-    pg_two: Stack, monkeypatch: pytest.MonkeyPatch
+    two_acquirers: Stack, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The primary refuses before acting, so the payment moves to its second attempt on the
     secondary: no longer as phase 1 left it, the statement writes nothing and the
     transaction's phase 2 records the answer."""
-    await pg_two.faults("primary", error_rate=1.0, operations=["authorize"])
+    await two_acquirers.faults("primary", error_rate=1.0, operations=["authorize"])
     with usual_phases_refused(monkeypatch) as calls:
-        response = await pg_two.pay(key="k")
+        response = await two_acquirers.pay(key="k")
     assert response.status_code == 201, response.text
     assert response.json()["acquirer"] == "secondary"
     assert calls == {"start": 0, "record": 1}
-    (payment,) = await rows(pg_two, "SELECT attempt, status FROM payments")
+    (payment,) = await rows(two_acquirers, "SELECT attempt, status FROM payments")
     assert (payment.attempt, payment.status) == (2, "captured")
-    assert await pg_two.ledger_violations() == []
-    assert await pg_two.approved_authorizations(response.json()["id"]) == 1
+    assert await two_acquirers.ledger_violations() == []
+    assert await two_acquirers.approved_authorizations(response.json()["id"]) == 1
 
 
 async def test_a_payment_locked_elsewhere_is_not_waited_for(
@@ -468,11 +494,13 @@ async def test_a_payment_locked_elsewhere_is_not_waited_for(
     await assert_exactly_once(pg, response.json())
 
 
-async def test_many_requests_with_one_key_at_once_make_one_payment(pg: Stack) -> None:
-    answers = await asyncio.gather(*(pg.post("/v1/payments", BODY, key="same") for _ in range(24)))
+async def test_many_requests_with_one_key_at_once_make_one_payment(stack: Stack) -> None:
+    answers = await asyncio.gather(
+        *(stack.post("/v1/payments", BODY, key="same") for _ in range(24))
+    )
     codes = sorted({a.status_code for a in answers})
     assert set(codes) <= {201, 409}, [a.text for a in answers if a.status_code not in {201, 409}]
     created = [a for a in answers if a.status_code == 201]
     assert created
     assert len({a.content for a in created}) == 1
-    await assert_exactly_once(pg, created[0].json())
+    await assert_exactly_once(stack, created[0].json())

@@ -185,6 +185,15 @@ class Connection:
         self._conn.execute("BEGIN").close()
         return True
 
+    async def begin_immediate(self) -> sqlite3.Connection:
+        """``BEGIN IMMEDIATE`` as SQLAlchemy's begin event does it (on the loop when the
+        write lock is free, else waiting for it on the connection's thread, in the busy
+        handler), for a transaction run on the sqlite3 connection itself, which it returns
+        (storage/db.py's ``write_raw``)."""
+        if not self._begun_at_once("BEGIN IMMEDIATE"):
+            await self._on_thread(self._conn.execute, "BEGIN IMMEDIATE")
+        return self._conn
+
     @property
     def _connection(self) -> sqlite3.Connection | None:  # read by SQLAlchemy's adapter
         return self._conn

@@ -46,7 +46,7 @@ from oncepay.errors import ConfigurationError
 if TYPE_CHECKING:
     from oncepay._drivers.pgpool import Pool
 
-__all__ = ["Database", "read", "write", "write_on"]
+__all__ = ["Database", "read", "write", "write_on", "write_raw"]
 
 # A write transaction holds SQLite's lock for a millisecond or two; five seconds of waiting
 # means a wedged database, and a clean error beats a request hung for ever.
@@ -68,19 +68,28 @@ class _Writer:
     CPU in three transactions). A transaction that fails drops it (closed as the pool would
     have, its state unknown), and the next write checks out another."""
 
-    __slots__ = ("conn",)
+    __slots__ = ("conn", "driver")
 
     def __init__(self) -> None:
         self.conn: AsyncConnection | None = None
+        self.driver: _sqlite.Connection | None = None  # the connection's own, for write_raw
 
     async def get(self, engine: AsyncEngine) -> AsyncConnection:
         conn = self.conn
         if conn is None or conn.closed or conn.invalidated:
             conn = self.conn = await engine.connect()
+            self.driver = None
         return conn
 
+    async def get_driver(self, engine: AsyncEngine) -> _sqlite.Connection:
+        conn = await self.get(engine)
+        if self.driver is None:
+            driver: _sqlite.Connection = (await conn.get_raw_connection()).driver_connection  # type: ignore[assignment]
+            self.driver = driver
+        return self.driver
+
     async def drop(self) -> None:
-        conn, self.conn = self.conn, None
+        conn, self.conn, self.driver = self.conn, None, None
         if conn is not None:
             # Closed to the end even if the caller is cancelled meanwhile (as SQLAlchemy's own
             # ``async with`` does): the connection goes back to the pool whole, or not at all.
@@ -286,6 +295,34 @@ async def write(db: Database) -> AsyncIterator[AsyncConnection]:
                 yield conn
         except BaseException:
             await db.writer.drop()
+            raise
+    if db.group is not None:
+        await db.group.durable()
+
+
+@asynccontextmanager
+async def write_raw(db: Database) -> AsyncIterator[sqlite3.Connection]:
+    """SQLite: :func:`write`'s transaction — the process's writers in turn, ``BEGIN
+    IMMEDIATE``, committed when the block ends and on disk when it is left (group commit),
+    rolled back on error — run on the writer's own ``sqlite3`` connection, which the block
+    gets, without SQLAlchemy's transaction around it (its begin, commit and greenlet hops
+    cost more CPU than a payment's statements: payments/operations/onestatement.py). The
+    connection is in autocommit mode between transactions, as SQLAlchemy leaves it."""
+    if not db.is_sqlite:
+        raise ValueError("write_raw() is for SQLite: use write() or Database.once()")
+    async with db.writers:
+        await _writable(db)
+        driver = await db.writer.get_driver(db.engine)
+        try:
+            conn = await driver.begin_immediate()
+            try:
+                yield conn
+            except BaseException:
+                conn.rollback()
+                raise
+            await driver.commit()
+        except BaseException:
+            await db.writer.drop()  # its state unknown: the pool closes it (as write() does)
             raise
     if db.group is not None:
         await db.group.durable()

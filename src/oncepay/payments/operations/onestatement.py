@@ -1,40 +1,51 @@
-"""A new payment's two phases as one statement each, on PostgreSQL (SPEC §5; issue 18).
+"""A new payment's two phases at once (SPEC §5; issue 18): on PostgreSQL one statement each,
+on SQLite one raw transaction each.
 
-The usual way (:mod:`oncepay.payments.phases`) runs a phase as a transaction of several round
-trips: ``BEGIN``, the key's claim, the payment, the recovery point, ``COMMIT`` before the
-acquirer call; ``BEGIN``, the fence, the payment locked, the completion, ``COMMIT`` after it
-(10 round trips, each ~0.1 ms of the API's CPU on this machine: bench/e2e/PROFILE.md). For the
-commonest request — a new key creating a payment whose acquirer answers at once — each phase
-here is one statement of data-modifying ``WITH`` queries, sent outside any transaction: the
-server runs it whole or not at all, so it is its own transaction, committed with no
-``BEGIN``/``COMMIT`` round trips (2 round trips a payment).
+The usual way (:mod:`oncepay.payments.phases`) runs a phase as a SQLAlchemy transaction of
+several statements: on PostgreSQL ``BEGIN``, the key's claim, the payment, the recovery point,
+``COMMIT`` before the acquirer call, and ``BEGIN``, the fence, the payment locked, the
+completion, ``COMMIT`` after it (10 round trips, each ~0.1 ms of the API's CPU on this
+machine); on SQLite the same statements without the round trips, but through SQLAlchemy's
+transaction machinery (begin, commit, greenlet hops: bench/e2e/PROFILE.md). For the commonest
+request — a new key creating a payment whose acquirer answers at once — each phase here is
 
-The statements write exactly the rows the usual way writes, and leave the idempotency record
-exactly as it does, so a crash at any point resumes as before:
+* on **PostgreSQL** one statement of data-modifying ``WITH`` queries, sent outside any
+  transaction (:meth:`~oncepay.storage.db.Database.once`): the server runs it whole or not at
+  all, so it is its own transaction, committed with no ``BEGIN``/``COMMIT`` round trips (2
+  round trips a payment);
+* on **SQLite** one transaction on the writer's own ``sqlite3`` connection
+  (:func:`~oncepay.storage.db.write_raw`: the same writer lock, ``BEGIN IMMEDIATE`` and group
+  commit as every write, without SQLAlchemy around it), four statements before the call and
+  seven after.
+
+Both write exactly the rows the usual way writes, and leave the idempotency record exactly as
+it does, so a crash at any point resumes as before:
 
 * **Phase 1** inserts the key's executing record already at ``payment_created:create:<id>``
   (the usual way inserts it, then moves it there, in one transaction: the same committed
-  state), the payment, its ``payment.created`` event and that event's deliveries. Every part
-  reads from the claim's ``RETURNING``: a key that has a record inserts nothing at all, and
-  the gate decides as always.
-* **Phase 2** first locks the record at this request's fence and the payment *as phase 1 left
-  it* (``updated_at`` unchanged), both ``SKIP LOCKED``; only then does it move the payment,
-  complete the record (at ``acquirer_called``, with the stored response), post both journals
-  and write the events and their deliveries, each part reading from the one before. When
-  either lock is not taken — the lease lost to a takeover, the payment moved on (a failover
-  to another acquirer, say) or held elsewhere — nothing is written and the usual phase 2 runs
+  state), the payment, its ``payment.created`` event and that event's deliveries. A key that
+  has a record inserts nothing at all (PostgreSQL: every part reads from the claim's
+  ``RETURNING``; SQLite: the claim's row count decides), and the gate decides as always.
+* **Phase 2** first checks the record at this request's fence and the payment *as phase 1
+  left it* (``updated_at`` unchanged, still processing) — on PostgreSQL by locking both
+  ``SKIP LOCKED``, on SQLite under its write lock — and only then moves the payment,
+  completes the record (at ``acquirer_called``, with the stored response), posts both
+  journals and writes the events and their deliveries. When a check fails — the lease lost
+  to a takeover, the payment moved on (a failover to another acquirer, say) or, on
+  PostgreSQL, held by another transaction — nothing is written and the usual phase 2 runs
   instead, which decides as it always has.
 
 Webhook deliveries are fanned out by the statement itself (an ``INSERT … SELECT`` over the
 merchant's enabled endpoints subscribed to the event's type), in the statement's snapshot, so
-an endpoint committed before the statement gets the event and one committed after does not,
-as with the usual transaction. No lock is waited for in either statement (``SKIP LOCKED``;
-the claim's insert does not wait on a key it does not insert), so that snapshot is never older
-than the locks. Delivery ids come from the server (``gen_random_uuid()``, PostgreSQL 13+).
+an endpoint committed before it gets the event and one committed after does not, as with the
+usual transaction. On PostgreSQL no lock is waited for (``SKIP LOCKED``; the claim's insert
+does not wait on a key it does not insert), so that snapshot is never older than the locks.
+Delivery ids come from the database (``gen_random_uuid()`` on PostgreSQL 13+,
+``randomblob()`` on SQLite), shaped as every id (``whd_`` and 24 hex digits).
 
-Not taken (the usual way runs): SQLite (a transaction there costs no round trip), a Redis
-tier in front of the store, tracing on (its spans come from the usual code), and every other
-outcome of the call (unknown, or after a failover) and every other operation.
+Not taken (the usual way runs): a Redis tier in front of the store, tracing on (its spans come
+from the usual code), every other outcome of the call (unknown, or after a failover) and every
+other operation.
 """
 
 from __future__ import annotations
@@ -43,12 +54,13 @@ import functools
 import json
 import secrets
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 from oncepay.http.gate import Claimable
 from oncepay.idempotency.engine import Ticket
-from oncepay.idempotency.records import next_fence
+from oncepay.idempotency.records import StoredResponse, next_fence
 from oncepay.idempotency.stores.postgres import PostgresStore, _Names
+from oncepay.idempotency.stores.sqlite import SQLiteStore
 from oncepay.payments import ledger, tracing
 from oncepay.payments.acquirers.base import AcquirerAnswer, Outcome
 from oncepay.payments.context import Services
@@ -57,7 +69,9 @@ from oncepay.payments.operations.common import PAYMENTS, RESOLVED, payment_json,
 from oncepay.payments.records import PaymentRow
 from oncepay.payments.reply import Reply
 from oncepay.payments.states import PaymentStatus, Transition, next_status
+from oncepay.payments.storage.idempotency import OneWriter
 from oncepay.payments.storage.schema import payments
+from oncepay.storage.db import write_raw
 from oncepay.storage.ids import new_id
 
 __all__ = ["claim_and_start", "failure_message", "record", "usable"]
@@ -164,7 +178,35 @@ async def claim_and_start(
     # The row as the insert makes it (its seq aside), for the event's data: the same document
     # the usual way makes from the row its insert returns.
     draft = _draft(payment_id, merchant_id, params, metadata, acquirer, now)
-    found = await svc.db.once(
+    event_id, data = new_id("evt"), payment_json(draft)
+    if svc.db.is_sqlite:
+        whose, lease = (claimable.tenant, claimable.key, claimable.fingerprint), engine.lease
+        claim = (*whose, fence, clock, clock + lease, clock + ttl, point)
+        payment = (payment_id, merchant_id, params.amount, params.currency,
+                   params.payment_method, params.capture_method, params.description,
+                   metadata, S.PROCESSING.value, acquirer, now)  # fmt: skip
+        made = await _start_sqlite(svc, claim, payment, event_id, data, now)
+        if made is None:
+            return None
+        row: PaymentRow = PAYMENTS.one(made, integers_as_booleans=True)
+    else:
+        found = await _start_postgresql(svc, claimable, fence, clock, ttl, point, payment_id,
+                                        merchant_id, params, metadata, acquirer, event_id,
+                                        data, now)  # fmt: skip
+        if not found:
+            return None
+        row = PAYMENTS.make(*found[0])
+    tenant, key, fingerprint = claimable.tenant, claimable.key, claimable.fingerprint
+    ticket = Ticket(tenant, key, fingerprint, fence, clock + ttl, recovery_point=point)
+    return ticket, row
+
+
+async def _start_postgresql(svc: Services, claimable: Claimable, fence: int, clock: float,
+                            ttl: float, point: str, payment_id: str, merchant_id: str,
+                            params: PaymentCreate, metadata: str, acquirer: str,
+                            event_id: str, data: str, now: float) -> list[Any]:  # fmt: skip
+    engine = svc.engine
+    return await svc.db.once(
         _statements(svc)[0],
         claimable.tenant,
         claimable.key,
@@ -184,16 +226,31 @@ async def claim_and_start(
         metadata,
         S.PROCESSING.value,
         acquirer,
-        new_id("evt"),
-        payment_json(draft),
+        event_id,
+        data,
         now,
     )
-    if not found:
-        return None
-    tenant, key, fingerprint = claimable.tenant, claimable.key, claimable.fingerprint
-    ticket = Ticket(tenant, key, fingerprint, fence, clock + ttl, recovery_point=point)
-    row: PaymentRow = PAYMENTS.make(*found[0])
-    return ticket, row
+
+
+async def _start_sqlite(
+    svc: Services,
+    claim: tuple[Any, ...],
+    payment: tuple[Any, ...],
+    event_id: str,
+    data: str,
+    now: float,
+) -> Any | None:
+    """Phase 1 on SQLite: one transaction of four statements on the writer's own connection;
+    the new payment row, or None (nothing written) when the key has a record."""
+    sql = _sqlite_statements(svc)
+    async with write_raw(svc.db) as conn:
+        if not conn.execute(sql.claim, claim).rowcount:
+            return None  # an empty transaction commits
+        row = conn.execute(sql.payment, payment).fetchone()
+        merchant_id = payment[1]
+        conn.execute(sql.event, (event_id, merchant_id, "payment.created", payment[0], data, now))
+        conn.execute(sql.fan_out, (event_id, now, merchant_id, "payment.created"))
+        return row
 
 
 async def record(
@@ -230,7 +287,13 @@ async def record(
         events.append((new_id("evt"), "payment.failed", payment_json(row)))
     reply = payment_reply(201, row)
     stored = tracing.stored(reply)
-    done = await svc.db.once(
+    lease_until = svc.engine.clock() + svc.engine.lease  # the lease on the engine's clock
+    called = f"acquirer_called:create:{row.id}"
+    if svc.db.is_sqlite:
+        done = await _finish_sqlite(svc, ticket, row, before, now, called, lease_until, stored,
+                                    journals, entries, events)  # fmt: skip
+        return reply if done else None
+    found = await svc.db.once(
         _statements(svc)[1],
         ticket.scope,
         ticket.key,
@@ -238,8 +301,8 @@ async def record(
         row.id,
         before,
         now,
-        f"acquirer_called:create:{row.id}",
-        svc.engine.clock() + svc.engine.lease,  # the lease on the engine's clock
+        called,
+        lease_until,
         stored.status,
         stored.headers_json(),
         stored.body,
@@ -260,17 +323,121 @@ async def record(
         [kind for _, kind, _ in events],
         [data for _, _, data in events],
     )
-    return reply if done else None
+    return reply if found else None
+
+
+async def _finish_sqlite(svc: Services, ticket: Ticket, row: PaymentRow, before: float,
+                         now: float, called: str, lease_until: float, stored: StoredResponse,
+                         journals: list[tuple[str, str]], entries: list[tuple[str, str, int]],
+                         events: list[tuple[str, str, str]]) -> bool:  # fmt: skip
+    """Phase 2 on SQLite: one transaction on the writer's own connection (SQLite's write
+    lock excludes every other writer, so the checks hold to its end); False, nothing written,
+    when the record or the payment is no longer as phase 1 left them."""
+    sql = _sqlite_statements(svc)
+    key = (ticket.scope, ticket.key, ticket.fence)
+    merchant_id = row.merchant_id
+    async with write_raw(svc.db) as conn:
+        held, same = conn.execute(sql.check, (*key, row.id, before)).fetchone()
+        if not (held and same):
+            return False
+        conn.execute(sql.settle, (row.status, row.acquirer, row.authorization_id,
+                                  row.amount_captured, row.failure_code, row.failure_message,
+                                  now, row.id))  # fmt: skip
+        headers = stored.headers_json()
+        completion = (called, lease_until, stored.status, headers, stored.body, *key)
+        if not conn.execute(sql.complete, completion).rowcount:
+            raise AssertionError("the record held by this transaction was not completed")
+        conn.executemany(
+            sql.journal, [(journal, merchant_id, row.id, kind, now) for journal, kind in journals]
+        )
+        conn.executemany(
+            sql.entry,
+            [(journal, merchant_id, row.id, account, row.currency, amount)
+             for journal, account, amount in entries],
+        )  # fmt: skip
+        conn.executemany(
+            sql.event,
+            [(event, merchant_id, kind, row.id, data, now) for event, kind, data in events],
+        )
+        conn.executemany(
+            sql.fan_out, [(event, now, merchant_id, kind) for event, kind, _ in events]
+        )
+    return True
 
 
 def usable(svc: Services, ttl: float | None = None) -> bool:
     """Whether this process takes the statements: PostgreSQL, the store a table in the same
     database (no Redis tier), tracing off; for a claim with the TTL ``ttl`` (None: the
     engine's), a lease shorter than it too (the usual claim refuses any other)."""
-    engine = svc.engine
-    if svc.db.is_sqlite or tracing.ENABLED or type(engine.store) is not PostgresStore:
+    engine, store = svc.engine, svc.engine.store
+    if tracing.ENABLED:
+        return False
+    if svc.db.is_sqlite:
+        if type(store) is not OneWriter or type(store.store) is not SQLiteStore:
+            return False
+    elif type(store) is not PostgresStore:
         return False
     return 0 < engine.lease < (engine.ttl if ttl is None else ttl)
+
+
+class _Lite(NamedTuple):
+    """The SQLite statements, for one idempotency table."""
+
+    claim: str
+    payment: str
+    event: str
+    fan_out: str
+    check: str
+    settle: str
+    complete: str
+    journal: str
+    entry: str
+
+
+def _sqlite_statements(svc: Services) -> _Lite:
+    store = svc.engine.store
+    assert isinstance(store, OneWriter)
+    assert isinstance(store.store, SQLiteStore)
+    return _made_sqlite(store.store.table)
+
+
+@functools.cache
+def _made_sqlite(table: str) -> _Lite:
+    idem = f'"{table}"'
+    key = "scope = ? AND idempotency_key = ? AND fence = ? AND state = 'executing'"
+    return _Lite(
+        claim=f"INSERT INTO {idem} (scope, idempotency_key, fingerprint, state, fence, "
+        "created_at, lease_expires_at, expires_at, recovery_point) "
+        "VALUES (?, ?, ?, 'executing', ?, ?, ?, ?, ?) "
+        "ON CONFLICT (scope, idempotency_key) DO NOTHING",
+        payment=f"INSERT INTO payments ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 0, 0, "
+        "?, 1, 0, 0, 0, ?11, ?11) RETURNING "
+        + ", ".join(column.name for column in payments.columns),
+        event="INSERT INTO events (id, merchant_id, type, object_id, data, created_at) "
+        "VALUES (?, ?, ?, ?, ?, ?)",
+        # ?1 event id, ?2 now, ?3 merchant, ?4 event type
+        fan_out="INSERT INTO webhook_deliveries (id, merchant_id, event_id, endpoint_id, status, "
+        "attempts, next_attempt_at, created_at, updated_at) "
+        "SELECT 'whd_' || lower(hex(randomblob(12))), w.merchant_id, ?1, w.id, 'pending', 0, "
+        "?2, ?2, ?2 FROM webhook_endpoints AS w WHERE w.merchant_id = ?3 "
+        "AND NOT w.disabled AND NOT w.deleted "
+        "AND EXISTS (SELECT 1 FROM json_each(w.events) WHERE value IN (?4, '*')) "
+        "ORDER BY w.seq",
+        check=f"SELECT EXISTS (SELECT 1 FROM {idem} WHERE scope = ?1 AND idempotency_key = ?2 "
+        "AND fence = ?3 AND state = 'executing'), EXISTS (SELECT 1 FROM payments "
+        "WHERE id = ?4 AND updated_at = ?5 AND status = 'processing')",
+        settle="UPDATE payments SET status = ?, acquirer = ?, authorization_id = ?, "
+        "amount_captured = ?, failure_code = ?, failure_message = ?, outcome_unknown = 0, "
+        "recovery_attempts = 0, escalated = 0, pending_operation = NULL, updated_at = ? "
+        "WHERE id = ?",
+        complete=f"UPDATE {idem} SET state = 'completed', recovery_point = ?, "
+        "lease_expires_at = ?, response_status = ?, response_headers = ?, response_body = ? "
+        f"WHERE {key}",
+        journal="INSERT INTO ledger_transactions (id, merchant_id, payment_id, kind, created_at) "
+        "VALUES (?, ?, ?, ?, ?)",
+        entry="INSERT INTO ledger_entries (transaction_id, merchant_id, payment_id, account, "
+        "currency, amount) VALUES (?, ?, ?, ?, ?, ?)",
+    )
 
 
 def _statements(svc: Services) -> tuple[str, str]:
