@@ -9,7 +9,6 @@ import functools
 from collections.abc import Awaitable, Callable
 from typing import Any, Literal
 
-from sqlalchemy.ext.asyncio import AsyncConnection
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -20,7 +19,7 @@ from oncepay.simulator.references import claim, find, operation_row, replay, ret
 from oncepay.simulator.schema import AuthorizationRow, authorizations, movements
 from oncepay.simulator.state import Simulator, simulator_of
 from oncepay.storage.ids import new_id
-from oncepay.storage.raw import Rows, Sql, raw
+from oncepay.storage.raw import Raw, Rows, Sql
 
 __all__ = ["PAYMENT_METHODS", "authorize", "follow_on", "run_authorize", "run_follow_on"]
 
@@ -56,19 +55,24 @@ async def run_authorize(sim: Simulator, body: AuthorizeBody, fingerprint: str) -
             f"payment_method must be one of {', '.join(PAYMENT_METHODS)}",
         )
 
+    rounds = 0
+
     async def work() -> Response:
-        async with sim.transaction() as conn:
-            existing = await find(conn, body.reference)
+        # The claim first: a new reference (the usual request) needs no read before it. A
+        # reference with a row loses the claim (LostRace: nothing written), and the next
+        # round reads that row and answers from it.
+        nonlocal rounds
+        rounds += 1
+        async with sim.transaction() as db:
+            existing = await find(db, body.reference) if rounds > 1 else None
             if existing is not None:
                 return replay(existing, fingerprint)
-            return await _authorize(conn, sim, body, fingerprint)
+            return await _authorize(db, sim, body, fingerprint)
 
     return await sim.run("authorize", lambda: retrying(work))
 
 
-async def _authorize(
-    conn: AsyncConnection, sim: Simulator, body: AuthorizeBody, fingerprint: str
-) -> Response:
+async def _authorize(db: Raw, sim: Simulator, body: AuthorizeBody, fingerprint: str) -> Response:
     now = sim.clock()
     decline_code = PAYMENT_METHODS[body.payment_method]
     approved = decline_code is None
@@ -87,10 +91,10 @@ async def _authorize(
         created_at=now,
     )
     document = dumps(_authorization_body(row))
-    await claim(conn, operation_row(row, "authorization", fingerprint, 201, document))
-    await (await raw(conn)).run(_INSERT_AUTHORIZATION, *row)
+    await claim(db, operation_row(row, "authorization", fingerprint, 201, document))
+    await db.run(_INSERT_AUTHORIZATION, *row)
     if row.captured_amount:
-        await _move(conn, row, "capture", body.reference, row.captured_amount, now)
+        await _move(db, row, "capture", body.reference, row.captured_amount, now)
     return Response(document, 201, media_type="application/json")
 
 
@@ -112,7 +116,7 @@ def _authorization_body(row: AuthorizationRow) -> dict[str, Any]:
 
 
 async def _move(
-    conn: AsyncConnection,
+    db: Raw,
     auth: AuthorizationRow,
     kind: str,
     reference: str,
@@ -129,7 +133,7 @@ async def _move(
         currency=auth.currency,
         created_at=now,
     )
-    await (await raw(conn)).run(_INSERT_MOVEMENT, *movement)
+    await db.run(_INSERT_MOVEMENT, *movement)
 
 
 def _check(kind: str, auth: AuthorizationRow, amount: int) -> dict[str, Any]:
@@ -184,19 +188,19 @@ async def run_follow_on(
     amount: int | None = getattr(body, "amount", None)
 
     async def work() -> Response:
-        async with sim.transaction() as conn:
-            existing = await find(conn, body.reference)
+        async with sim.transaction() as db:
+            existing = await find(db, body.reference)
             if existing is not None:
                 return replay(existing, fingerprint)
             return await _operate(
-                conn, sim, kind, authorization_id, body.reference, amount, fingerprint
+                db, sim, kind, authorization_id, body.reference, amount, fingerprint
             )
 
     return await sim.run(kind, lambda: retrying(work))
 
 
 async def _operate(
-    conn: AsyncConnection,
+    db: Raw,
     sim: Simulator,
     kind: str,
     authorization_id: str,
@@ -204,7 +208,6 @@ async def _operate(
     amount: int | None,
     fingerprint: str,
 ) -> Response:
-    db = await raw(conn)
     found = await db.rows(_AUTHORIZATION_LOCKED, authorization_id)
     if not found:
         raise Problem(404, "authorization_not_found", f"no authorization {authorization_id}")
@@ -234,9 +237,9 @@ async def _operate(
     row = operation_row(
         auth, kind, fingerprint, 201, document, reference=reference, amount=moved, now=now
     )
-    await claim(conn, row)
+    await claim(db, row)
     if kind != "void":
-        await _move(conn, auth, kind, reference, moved, now)
+        await _move(db, auth, kind, reference, moved, now)
     return Response(document, 201, media_type="application/json")
 
 

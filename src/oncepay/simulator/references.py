@@ -18,7 +18,6 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import cast
 
-from sqlalchemy.ext.asyncio import AsyncConnection
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -26,7 +25,7 @@ from oncepay.simulator.bodies import LookupBody, parse
 from oncepay.simulator.problems import Problem, problem
 from oncepay.simulator.schema import AuthorizationRow, OperationRow, operations
 from oncepay.simulator.state import Simulator, simulator_of
-from oncepay.storage.raw import Rows, Sql, raw
+from oncepay.storage.raw import Raw, Rows, Sql
 
 __all__ = [
     "LostRace",
@@ -59,8 +58,7 @@ _FIND = Sql(f"SELECT {OPERATIONS.columns} FROM {OPERATIONS.table} WHERE referenc
 _CLAIM = OPERATIONS.insert("ON CONFLICT DO NOTHING RETURNING reference")
 
 
-async def find(conn: AsyncConnection, reference: str) -> OperationRow | None:
-    db = await raw(conn)
+async def find(db: Raw, reference: str) -> OperationRow | None:
     found = await db.rows(_FIND, reference)
     if not found:
         return None
@@ -68,10 +66,10 @@ async def find(conn: AsyncConnection, reference: str) -> OperationRow | None:
     return row
 
 
-async def claim(conn: AsyncConnection, row: OperationRow) -> None:
+async def claim(db: Raw, row: OperationRow) -> None:
     """Insert the reference's row; a concurrent winner (already committed or committing)
     makes it a no-op, and we start over to answer from the winner's row."""
-    if not await (await raw(conn)).rows(_CLAIM, *row):
+    if not await db.rows(_CLAIM, *row):
         raise LostRace
 
 
@@ -140,10 +138,10 @@ async def run_lookup(sim: Simulator, body: LookupBody) -> Response:
     """The fencing look-up of ``body.reference`` (over HTTP or called directly)."""
 
     async def work() -> Response:
-        async with sim.transaction() as conn:
-            existing = await find(conn, body.reference)
+        async with sim.transaction() as db:
+            existing = await find(db, body.reference)
             if existing is None:
-                await claim(conn, _fence_row(body.reference, sim.clock()))
+                await claim(db, _fence_row(body.reference, sim.clock()))
             elif existing.type != "fence":
                 stored = _stored(existing)
                 stored.status_code = 200

@@ -21,7 +21,8 @@ from starlette.responses import Response
 from oncepay.reconciliation.fees import DEFAULT_SCHEDULE, FeeSchedule
 from oncepay.simulator.faults import Faults, Operation, strike_after, strike_before
 from oncepay.simulator.schema import create_schema
-from oncepay.storage.db import Database, read, write
+from oncepay.storage.db import Database, read, write, write_raw
+from oncepay.storage.raw import Raw, raw, raw_sqlite
 
 __all__ = ["Simulator", "simulator_of"]
 
@@ -88,9 +89,15 @@ class Simulator:
         return await asyncio.shield(task)
 
     @asynccontextmanager
-    async def transaction(self) -> AsyncIterator[AsyncConnection]:
-        async with write(self.db) as conn:
-            yield conn
+    async def transaction(self) -> AsyncIterator[Raw]:
+        """One write transaction on the raw driver (every money move is raw statements): on
+        SQLite the writer's own connection, without SQLAlchemy's transaction around it."""
+        if self.db.is_sqlite:
+            async with write_raw(self.db) as conn:
+                yield raw_sqlite(conn)
+        else:
+            async with write(self.db) as conn:
+                yield await raw(conn)
 
     @asynccontextmanager
     async def reading(self) -> AsyncIterator[AsyncConnection]:

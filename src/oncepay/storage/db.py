@@ -315,14 +315,22 @@ async def write_raw(db: Database) -> AsyncIterator[sqlite3.Connection]:
         driver = await db.writer.get_driver(db.engine)
         try:
             conn = await driver.begin_immediate()
-            try:
-                yield conn
-            except BaseException:
-                conn.rollback()
-                raise
-            await driver.commit()
         except BaseException:
             await db.writer.drop()  # its state unknown: the pool closes it (as write() does)
+            raise
+        try:
+            yield conn
+        except BaseException:
+            try:
+                conn.rollback()  # the connection is whole again: kept for the next writer
+            except BaseException:
+                await db.writer.drop()
+                raise
+            raise
+        try:
+            await driver.commit()
+        except BaseException:
+            await db.writer.drop()
             raise
     if db.group is not None:
         await db.group.durable()

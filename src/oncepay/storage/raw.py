@@ -45,7 +45,7 @@ from sqlalchemy.exc import DatabaseError
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.util import await_only
 
-__all__ = ["DRIVER_ERRORS", "Raw", "Rows", "Sql", "raw", "trace_statements"]
+__all__ = ["DRIVER_ERRORS", "Raw", "Rows", "Sql", "raw", "raw_sqlite", "trace_statements"]
 
 _NUMBERED = re.compile(r"\$(\d+)")
 
@@ -567,6 +567,16 @@ async def raw(conn: AsyncConnection) -> Raw:
     if _Statements.span is not None:
         found = _Traced(found, conn.dialect.name, _Statements.span)
     conn.info[_KEY] = (transaction, found, deferring)
+    return found
+
+
+def raw_sqlite(conn: Any) -> Raw:
+    """A ``sqlite3`` connection in a transaction its caller runs (storage/db.py's
+    ``write_raw``: no SQLAlchemy transaction around it) as a :class:`Raw`, traced as
+    :func:`raw`'s when statement spans are on."""
+    found: Raw = _SQLite(conn)
+    if _Statements.span is not None:
+        found = _Traced(found, "sqlite", _Statements.span)
     return found
 
 
