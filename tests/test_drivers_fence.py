@@ -17,7 +17,9 @@ DRIVERS = "oncepay._drivers"
 # driver -> the modules allowed to import it
 ALLOWED = {
     f"{DRIVERS}.resp": {"oncepay.idempotency.stores.redis"},
-    f"{DRIVERS}.pgpool": {"oncepay.idempotency.stores.postgres"},
+    # the PostgreSQL store's pool, and the service database's for its one-statement
+    # transactions (Database.once)
+    f"{DRIVERS}.pgpool": {"oncepay.idempotency.stores.postgres", "oncepay.storage.db"},
     # the SQLite connection for the event loop, and its retried switch to WAL
     f"{DRIVERS}.sqlite": {"oncepay.storage.db", "oncepay.idempotency.stores.sqlite"},
     f"{DRIVERS}.frozen": {

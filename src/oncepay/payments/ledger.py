@@ -23,7 +23,6 @@ sums over its own entries:
 
 from __future__ import annotations
 
-import secrets
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -37,6 +36,7 @@ from oncepay.payments.records import PaymentRow
 from oncepay.payments.states import PaymentStatus
 from oncepay.payments.storage.schema import ledger_entries, payments, refunds
 from oncepay.storage.db import Database, read
+from oncepay.storage.ids import new_id
 from oncepay.storage.raw import Sql, raw
 
 __all__ = ["Violation", "audit", "authorize", "capture", "check", "refund", "release_hold"]
@@ -75,7 +75,7 @@ async def post(
     """Write one journal transaction; its entries must balance."""
     if sum(amount for _, amount in entries) != 0:
         raise ValueError(f"unbalanced journal transaction {kind}: {entries}")
-    transaction_id = "txn_" + secrets.token_hex(12)
+    transaction_id = new_id("txn")
     db = await raw(conn)
     await db.run(
         _INSERT_TRANSACTION, transaction_id, merchant_id, payment_id, refund_id, kind, time.time()

@@ -9,12 +9,12 @@ route left in the request's ASGI state under :data:`DECISION`; other routes show
 from __future__ import annotations
 
 import logging
-import secrets
 import time
 from typing import Any
 
 from oncepay.http.asgi import ASGIApp, Message, Receive, Scope, Send
 from oncepay.payments import tracing
+from oncepay.storage.ids import new_id
 
 __all__ = ["DECISION", "REQUEST_ID", "AccessLog"]
 
@@ -34,7 +34,7 @@ class AccessLog:
             return
         started = time.perf_counter()
         state: dict[str, Any] = scope.setdefault("state", {})
-        request_id = "req_" + secrets.token_hex(12)
+        request_id = new_id("req")
         state[REQUEST_ID] = request_id
         status = [500]
 

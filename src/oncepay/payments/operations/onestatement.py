@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import functools
 import json
-import secrets
 import time
 from typing import Any, NamedTuple
 
@@ -509,6 +508,6 @@ def _post(
     """One journal transaction (ledger.post's, with its check that the entries balance)."""
     if sum(amount for _, amount in postings) != 0:
         raise ValueError(f"unbalanced journal transaction {kind}: {postings}")
-    journal = "txn_" + secrets.token_hex(12)
+    journal = new_id("txn")
     journals.append((journal, kind))
     entries.extend((journal, account, amount) for account, amount in postings)
