@@ -79,10 +79,7 @@ def throttle(clock: FakeClock, dice: float = 0.0, **options: Any) -> AdaptiveThr
 
 def feed(t: AdaptiveThrottle, requests: int, accepts: int) -> None:
     for n in range(requests):
-        t._bucket()[1] += 1  # counted as admit() counts, without its dice
-        t._requests += 1
-        if n < accepts:
-            t.record_accept()
+        t.record(accepted=n < accepts)
 
 
 @pytest.mark.parametrize(
@@ -110,13 +107,24 @@ def test_the_window_slides(clock: FakeClock) -> None:
     assert (t.requests, t.accepts, t.probability()) == (0, 0, 0.0)
 
 
-def test_admit_rejects_by_the_dice_and_counts_what_it_sends(clock: FakeClock) -> None:
+def test_admit_rejects_by_the_dice_and_counts_nothing(clock: FakeClock) -> None:
     sure_no, sure_yes = throttle(clock, dice=0.0), throttle(clock, dice=0.999)
     for t in (sure_no, sure_yes):
         feed(t, 40, 0)
     assert not sure_no.admit()
     assert sure_yes.admit(), "rejected only with the probability, here 40/41"
-    assert (sure_no.requests, sure_yes.requests) == (40, 41)
+    assert (sure_no.requests, sure_yes.requests) == (40, 40)  # counted once they have outcomes
+
+
+def test_attempts_in_flight_are_no_failures(clock: FakeClock) -> None:
+    """A burst of first attempts, all sent before any is answered, is not an outage: counted at
+    sending, 20 requests with no accept yet read as p = 0.95."""
+    t = throttle(clock, dice=0.5)
+    assert all(t.admit() for _ in range(40))  # all in flight at once
+    assert (t.requests, t.probability()) == (0, 0.0)
+    for _ in range(40):
+        t.record(accepted=True)
+    assert (t.requests, t.accepts, t.probability()) == (40, 40, 0.0)
 
 
 def test_impossible_throttles_are_refused() -> None:
@@ -302,6 +310,20 @@ def metric(name: str, acquirer: str, **labels: str) -> float:
 
 
 NO_THROTTLE = {"throttle_minimum": 1_000_000}  # the budget alone
+
+
+async def test_a_burst_of_first_calls_to_a_healthy_acquirer_is_never_throttled(
+    sim: CountingApp, clock: FakeClock
+) -> None:
+    """The first payments after a start come at once (32 connections): none is rejected
+    locally while the first attempts are still in flight (they were, a dozen of them, when
+    in-flight attempts counted as requests not yet accepted)."""
+    await set_faults(sim, latency_ms=50)  # every attempt in flight for a while
+    acquirer = client(sim, RetryControl(clock=clock, dice=random.Random(3).random), attempts=1)
+    outcomes = await asyncio.gather(*(authorize(acquirer, n) for n in range(64)))
+    assert outcomes == [Outcome.APPROVED] * 64
+    assert metric("acquirer_throttled", acquirer.name) == 0
+    assert sim.requests == 64
 
 
 async def test_fixed_retries_multiply_an_outage_by_the_attempts(sim: CountingApp) -> None:

@@ -311,14 +311,14 @@ class HttpAcquirer:
             seconds = time.perf_counter() - started
             labelled(ACQUIRER_LATENCY, self.name, operation).observe(seconds)
             self.health.observe(seconds, failed=failed)
+            if self.throttle is not None:  # counted now that its outcome is known
+                self.throttle.record(accepted=not failed)
             journal.record(  # the operator's timeline of the payment
                 journal.Attempt(
                     journal.now(), self.name, operation, reference, retry, outcome, seconds, breaker
                 )
             )
         self.breaker.record_success()
-        if self.throttle is not None:
-            self.throttle.record_accept()
         return reply
 
     def _admitted(self) -> bool:

@@ -1,7 +1,8 @@
 """Client-side adaptive throttling per acquirer (Google SRE book, ch. 21, "Handling Overload").
 
-Over a sliding window the client counts ``requests`` (attempts it sent) and ``accepts``
-(attempts the acquirer answered). Each new attempt is rejected locally with probability
+Over a sliding window the client counts ``requests`` (attempts it sent, once their outcome is
+known) and ``accepts`` (attempts the acquirer answered). Each new attempt is rejected locally
+with probability
 
     max(0, (requests - K * accepts) / (requests + 1))
 
@@ -10,8 +11,13 @@ fails everything the probability climbs towards 1, so almost nothing is sent; as
 attempts still let through are accepted and the probability falls back to 0 by itself — no
 timer, no probe schedule. A locally rejected attempt provably never reached the acquirer.
 
-Two departures from the book, both measured (tests/payments/test_retry_control.py):
+Three departures from the book, all measured (tests/payments/test_retry_control.py):
 
+* An attempt is counted when its outcome is known, not when it is sent: one still in flight is
+  neither a request nor an accept. Counted at sending, a burst of first attempts all in flight
+  at once — the first payments after a start, 32 at a time — read as an outage (20 requests, no
+  accepts yet: p = 0.95) and were rejected locally, a dozen payments failed against a healthy
+  acquirer. Under a steady load the two counts differ only by what is in flight.
 * ``requests`` counts the attempts sent, not those rejected locally. Counted, the rejections
   keep the probability up by themselves after the acquirer heals: the accepts then only about
   double every window, so a total outage is forgotten log2(requests) windows after it ended
@@ -80,17 +86,19 @@ class AdaptiveThrottle:
         return max(0.0, (self._requests - self.k * self._accepts) / (self._requests + 1))
 
     def admit(self) -> bool:
-        """Decide one attempt: True sends it, and counts it as a request."""
-        if self.dice() < self.probability():
-            return False
-        self._bucket()[1] += 1
-        self._requests += 1
-        return True
+        """Decide one attempt: True sends it (counted by :meth:`record` once it has an
+        outcome)."""
+        return self.dice() >= self.probability()
 
-    def record_accept(self) -> None:
-        """The acquirer answered an attempt (any answer but a failure of its own)."""
-        self._bucket()[2] += 1
-        self._accepts += 1
+    def record(self, *, accepted: bool) -> None:
+        """An attempt sent, its outcome known: a request, and an accept when the acquirer
+        answered it (any answer but a failure of its own)."""
+        bucket = self._bucket()
+        bucket[1] += 1
+        self._requests += 1
+        if accepted:
+            bucket[2] += 1
+            self._accepts += 1
 
     def _bucket(self) -> list[float]:
         now = self.clock()
