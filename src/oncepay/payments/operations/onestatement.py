@@ -38,8 +38,13 @@ it does, so a crash at any point resumes as before:
 Webhook deliveries are fanned out by the statement itself (an ``INSERT … SELECT`` over the
 merchant's enabled endpoints subscribed to the event's type), in the statement's snapshot, so
 an endpoint committed before it gets the event and one committed after does not, as with the
-usual transaction. On PostgreSQL no lock is waited for (``SKIP LOCKED``; the claim's insert
-does not wait on a key it does not insert), so that snapshot is never older than the locks.
+usual transaction. On PostgreSQL phase 2 waits for no lock (``SKIP LOCKED``), so its snapshot
+is never older than its locks. Phase 1's claim can wait, for one thing only: a concurrent first
+request with the same key whose phase 1 has not committed yet. When that one commits, nothing is
+inserted (the gate answers); when it rolls back, this claim inserts, and an endpoint created
+during that wait (milliseconds) does not get this payment's ``payment.created`` (the usual
+transaction would read the endpoints after the wait). Left so: it takes a crashed or failed
+first attempt, a retry racing it with the same key and an endpoint created in between.
 Delivery ids come from the database (``gen_random_uuid()`` on PostgreSQL 13+,
 ``randomblob()`` on SQLite), shaped as every id (``whd_`` and 24 hex digits).
 
