@@ -25,7 +25,7 @@ from oncepay.idempotency.engine import Execute
 from oncepay.payments import phases
 from oncepay.payments.operations import CreatePayment, onestatement
 from oncepay.payments.recovery import recover_once
-from oncepay.storage.db import Database, read
+from oncepay.storage.db import Database, read, write_raw
 from tests.payments.stack import Stack, database_url, running_stack
 from tests.servers import require_postgres
 
@@ -91,7 +91,7 @@ async def test_a_new_payment_takes_two_statements_and_no_transaction(
     transactions run on SQLite."""
     sent: list[str] = []
     if stack.db.is_sqlite:
-        real_raw = onestatement.write_raw
+        real_raw = write_raw
 
         @asynccontextmanager
         async def watched_raw(db: Database) -> AsyncIterator[Any]:
@@ -280,7 +280,7 @@ def statement_fault(
     raises ``error``, before it is sent or after it committed (its acknowledgement lost);
     None: the database's own "connection lost" error (:data:`LOST`)."""
     count = {"n": 0}
-    real_once, real_raw = Database.once, onestatement.write_raw
+    real_once, real_raw = Database.once, write_raw
 
     async def faulty_once(db: Database, *args: Any) -> Any:
         count["n"] += 1
