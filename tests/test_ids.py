@@ -26,6 +26,7 @@ def test_threads_taking_ids_at_once_never_share_one(monkeypatch: pytest.MonkeyPa
     # Threads switched every microsecond (not every 5 ms) and the bytes read ahead every four
     # ids: as many chances as can be made for two threads to take the same position.
     monkeypatch.setattr(ids, "_BATCH", 12 * 4)  # and read ahead often
+    monkeypatch.setattr(ids, "_ahead", ids._Ahead())  # (its own state, given back after)
     previous = sys.getswitchinterval()
     sys.setswitchinterval(1e-6)
     try:
@@ -58,7 +59,10 @@ def _child(out: multiprocessing.connection.Connection) -> None:
     out.close()
 
 
-def test_a_forked_child_does_not_hand_out_its_parents_read_ahead_bytes() -> None:
+def test_a_forked_child_does_not_hand_out_its_parents_read_ahead_bytes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(ids, "_ahead", ids._Ahead())
     new_id("pay")  # the parent has read ahead: 255 ids' worth of bytes wait in its buffer
     assert ids._ahead.used < len(ids._ahead.buffer)
     context = multiprocessing.get_context("fork")
