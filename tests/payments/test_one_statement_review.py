@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from typing import Any
 
+import asyncpg
 import pytest
 from sqlalchemy import text
 
@@ -246,4 +248,63 @@ async def test_write_raw_rolls_back_and_the_writer_stays_usable(
         await sa.execute(text("SELECT 1"))
     response = await stack.post("/v1/payments", BODY)
     assert response.status_code == 201, response.text
+    assert await stack.ledger_violations() == []
+
+
+_WAITING = (
+    "SELECT pid FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+    "AND query LIKE 'WITH k AS (INSERT INTO%' AND query LIKE '%' || $1 || '%'"
+)
+
+
+@pytest.mark.parametrize("other", ["rolled-back", "committed"])
+async def test_phase_1_waiting_for_a_first_attempt_of_the_same_key(
+    stack: Stack, other: str
+) -> None:
+    """PostgreSQL: another transaction has inserted the same key, uncommitted, when phase 1's
+    statement comes (a first attempt still in its phase 1): the statement waits on the key's
+    index. Committed, the key has a record and the gate answers (nothing inserted); rolled
+    back, the statement inserts and the payment completes — without a delivery of
+    payment.created to an endpoint created during the wait (the documented limitation), with
+    every later event delivered to it."""
+    if stack.db.is_sqlite:
+        pytest.skip("SQLite's writer lock serializes the phases: no wait inside a statement")
+    url, schema = stack.db.url, stack.db.schema or ""
+    holder = await asyncpg.connect(url, server_settings={"search_path": schema})
+    try:
+        await holder.execute("BEGIN")
+        await holder.execute(
+            "INSERT INTO oncepay_idempotency (scope, idempotency_key, fingerprint, state, fence, "
+            "created_at, lease_expires_at, expires_at) "
+            "VALUES ($1, 'k', 'other', 'executing', 1, 1, $2, $3)",
+            stack.merchant.id,
+            stack.clock() + 3600,
+            stack.clock() + 7200,
+        )
+        pending = asyncio.create_task(stack.post("/v1/payments", BODY, key="k"))
+        deadline = time.monotonic() + 30
+        # pg_stat_activity is read once per transaction unless its snapshot is cleared
+        while await holder.execute("SELECT pg_stat_clear_snapshot()") and not await holder.fetch(
+            _WAITING, schema
+        ):
+            assert time.monotonic() < deadline, "phase 1 never waited"
+            assert not pending.done(), pending.result().text
+            await asyncio.sleep(0.01)  # polling a condition with a deadline
+        during = await endpoint(stack, "during")
+        if other == "committed":
+            await holder.execute("COMMIT")
+        else:
+            await holder.execute("ROLLBACK")
+        response = await pending
+    finally:
+        await holder.close()
+    if other == "committed":  # the other attempt's record (another body): the gate refuses
+        assert response.status_code == 422, response.text
+        assert await stack.count("payments") == 0
+        return
+    assert response.status_code == 201, response.text
+    assert await delivered(stack, response.json()["id"], {"during": during}) == {
+        ("payment.authorized", "during"),
+        ("payment.captured", "during"),
+    }
     assert await stack.ledger_violations() == []
