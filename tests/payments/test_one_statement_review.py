@@ -308,3 +308,59 @@ async def test_phase_1_waiting_for_a_first_attempt_of_the_same_key(
         ("payment.captured", "during"),
     }
     assert await stack.ledger_violations() == []
+
+
+async def _blocked_by(conn: asyncpg.Connection, pid: int) -> list[str]:
+    """The statements waiting for a lock the backend ``pid`` holds."""
+    await conn.execute("SELECT pg_stat_clear_snapshot()")  # else read once per transaction
+    found = await conn.fetch(
+        "SELECT query FROM pg_stat_activity WHERE $1 = ANY(pg_blocking_pids(pid))", pid
+    )
+    return [r["query"] for r in found]
+
+
+@pytest.mark.parametrize("way", ["fast", "usual"])
+async def test_phase_2_waits_for_an_endpoint_locked_by_its_update(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch, way: str
+) -> None:
+    """PostgreSQL: an endpoint's update holds its row (FOR UPDATE) when phase 2 comes. The
+    delivery's foreign key check waits for it (FOR KEY SHARE), in the statement and in the
+    transaction alike; the endpoint, disabled meanwhile, still gets the phase's events (read
+    before the wait) — the same either way, and cancelled by the worker at sending."""
+    if stack.db.is_sqlite:
+        pytest.skip("row locks are PostgreSQL's")
+    url, schema = stack.db.url, stack.db.schema or ""
+    hook = await endpoint(stack, "locked", ["payment.captured"])
+    holder = await asyncpg.connect(url, server_settings={"search_path": schema})
+    real_call = CreatePayment.call
+
+    async def call_then_lock(self: Any, *args: Any, **kwargs: Any) -> Any:
+        answer = await real_call(self, *args, **kwargs)
+        await holder.execute("BEGIN")
+        await holder.execute("SELECT 1 FROM webhook_endpoints WHERE id = $1 FOR UPDATE", hook)
+        return answer
+
+    monkeypatch.setattr(CreatePayment, "call", call_then_lock)
+    if way == "usual":
+        monkeypatch.setattr(onestatement, "usable", lambda *args, **kwargs: False)
+    # the statement, or the transaction's deferred writes (one statement at its commit)
+    statement = "WITH k AS (SELECT 1" if way == "fast" else "WITH _oncepay_w0 AS"
+    watcher = await asyncpg.connect(url)
+    try:
+        pending = asyncio.create_task(stack.post("/v1/payments", BODY, key="k"))
+        deadline = time.monotonic() + 30
+        while not (waiting := await _blocked_by(watcher, holder.get_server_pid())):
+            assert time.monotonic() < deadline, "phase 2 never waited for the endpoint"
+            assert not pending.done(), pending.result().text
+            await asyncio.sleep(0.01)  # polling a condition with a deadline
+        assert [q.lstrip().startswith(statement) for q in waiting] == [True], waiting
+        await holder.execute("UPDATE webhook_endpoints SET disabled = TRUE WHERE id = $1", hook)
+        await holder.execute("COMMIT")
+        response = await pending
+    finally:
+        await holder.close()
+        await watcher.close()
+    assert response.status_code == 201, response.text
+    assert await delivered(stack, response.json()["id"], {"locked": hook}) == {
+        ("payment.captured", "locked")
+    }
