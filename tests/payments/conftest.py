@@ -36,6 +36,21 @@ async def two_acquirers(payments_url: str, tmp_path: Path) -> AsyncIterator[Stac
 
 
 @pytest.fixture
+async def sqlite_stack(tmp_path: Path) -> AsyncIterator[Stack]:
+    """SQLite only (its writer, its raw transactions)."""
+    async with running_stack(database_url("sqlite", tmp_path), tmp_path) as running:
+        yield running
+
+
+@pytest.fixture
+async def postgres_stack(tmp_path: Path) -> AsyncIterator[Stack]:
+    """PostgreSQL only (its row locks, its waits inside a statement)."""
+    require_postgres()
+    async with running_stack(database_url("postgres", tmp_path), tmp_path) as running:
+        yield running
+
+
+@pytest.fixture
 def usual_way(monkeypatch: pytest.MonkeyPatch) -> None:
     """A new payment's phases as transactions on PostgreSQL too, as on SQLite: there they are
     one statement each (operations/onestatement.py), which the tests that inject faults into

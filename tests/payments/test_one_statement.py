@@ -14,7 +14,6 @@ import re
 import sqlite3
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
-from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -26,22 +25,13 @@ from oncepay.payments import phases
 from oncepay.payments.operations import CreatePayment, onestatement
 from oncepay.payments.recovery import recover_once
 from oncepay.storage.db import Database, read, write_raw
-from tests.payments.stack import Stack, database_url, running_stack
-from tests.servers import require_postgres
+from tests.payments.stack import Stack
 
 BODY = {"amount": 2500, "currency": "EUR", "payment_method": "pm_card_ok"}
 
 
 class Crash(BaseException):
     """The process dies here (BaseException: nothing on the way catches it)."""
-
-
-@pytest.fixture
-async def pg(tmp_path: Path) -> AsyncIterator[Stack]:
-    """PostgreSQL only (its row locks)."""
-    require_postgres()
-    async with running_stack(database_url("postgres", tmp_path), tmp_path) as running:
-        yield running
 
 
 async def rows(stack: Stack, sql: str, **params: Any) -> list[Any]:
@@ -460,12 +450,14 @@ async def test_a_failover_moves_the_payment_and_the_transaction_records_it(
     assert await two_acquirers.approved_authorizations(response.json()["id"]) == 1
 
 
+@pytest.mark.postgres
 async def test_a_payment_locked_elsewhere_is_not_waited_for(
-    pg: Stack, monkeypatch: pytest.MonkeyPatch
+    postgres_stack: Stack, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Another transaction holds the payment's row lock when phase 2 comes (SKIP LOCKED: a
     statement that waited would keep its older snapshot): the statement writes nothing, the
     transaction waits for the lock as it always has, and records the answer."""
+    pg = postgres_stack  # its row locks
     holder = await asyncpg.connect(pg.db.url, server_settings={"search_path": pg.db.schema or ""})
     locked = asyncio.Event()
     real_call, real_record = CreatePayment.call, CreatePayment.record

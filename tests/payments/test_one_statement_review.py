@@ -222,12 +222,11 @@ async def test_many_payments_at_once_with_endpoints_toggled(stack: Stack) -> Non
 
 @pytest.mark.parametrize("error", [ValueError("boom"), asyncio.CancelledError()])
 async def test_write_raw_rolls_back_and_the_writer_stays_usable(
-    stack: Stack, error: BaseException
+    sqlite_stack: Stack, error: BaseException
 ) -> None:
     """A raw SQLite transaction whose block raises after writing: nothing is left, and the
     next transactions (raw and SQLAlchemy's) run on the writer as before."""
-    if not stack.db.is_sqlite:
-        pytest.skip("write_raw is SQLite's")
+    stack = sqlite_stack
 
     async def failing() -> None:
         async with write_raw(stack.db) as conn:
@@ -258,8 +257,9 @@ _WAITING = (
 
 
 @pytest.mark.parametrize("other", ["rolled-back", "committed"])
+@pytest.mark.postgres
 async def test_phase_1_waiting_for_a_first_attempt_of_the_same_key(
-    stack: Stack, other: str
+    postgres_stack: Stack, other: str
 ) -> None:
     """PostgreSQL: another transaction has inserted the same key, uncommitted, when phase 1's
     statement comes (a first attempt still in its phase 1): the statement waits on the key's
@@ -267,8 +267,7 @@ async def test_phase_1_waiting_for_a_first_attempt_of_the_same_key(
     back, the statement inserts and the payment completes — without a delivery of
     payment.created to an endpoint created during the wait (the documented limitation), with
     every later event delivered to it."""
-    if stack.db.is_sqlite:
-        pytest.skip("SQLite's writer lock serializes the phases: no wait inside a statement")
+    stack = postgres_stack  # SQLite's writer lock: no wait inside a statement there
     url, schema = stack.db.url, stack.db.schema or ""
     holder = await asyncpg.connect(url, server_settings={"search_path": schema})
     try:
@@ -320,15 +319,15 @@ async def _blocked_by(conn: asyncpg.Connection, pid: int) -> list[str]:
 
 
 @pytest.mark.parametrize("way", ["fast", "usual"])
+@pytest.mark.postgres
 async def test_phase_2_waits_for_an_endpoint_locked_by_its_update(
-    stack: Stack, monkeypatch: pytest.MonkeyPatch, way: str
+    postgres_stack: Stack, monkeypatch: pytest.MonkeyPatch, way: str
 ) -> None:
     """PostgreSQL: an endpoint's update holds its row (FOR UPDATE) when phase 2 comes. The
     delivery's foreign key check waits for it (FOR KEY SHARE), in the statement and in the
     transaction alike; the endpoint, disabled meanwhile, still gets the phase's events (read
     before the wait) — the same either way, and cancelled by the worker at sending."""
-    if stack.db.is_sqlite:
-        pytest.skip("row locks are PostgreSQL's")
+    stack = postgres_stack
     url, schema = stack.db.url, stack.db.schema or ""
     hook = await endpoint(stack, "locked", ["payment.captured"])
     holder = await asyncpg.connect(url, server_settings={"search_path": schema})

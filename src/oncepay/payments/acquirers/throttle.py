@@ -17,7 +17,11 @@ Three departures from the book, all measured (tests/payments/test_retry_control.
   neither a request nor an accept. Counted at sending, a burst of first attempts all in flight
   at once — the first payments after a start, 32 at a time — read as an outage (20 requests, no
   accepts yet: p = 0.95) and were rejected locally, a dozen payments failed against a healthy
-  acquirer. Under a steady load the two counts differ only by what is in flight.
+  acquirer. Under a steady load the two counts differ only by what is in flight. The price: in
+  an outage whose attempts time out, nothing is counted until the first timeouts end, and
+  what is sent meanwhile goes through; the breaker and the health verdict (p90 latency near
+  the timeout) hold those back. An attempt cancelled by its caller counts as not accepted, and
+  every attempt sent counts, retries and the breaker's half-open probe too.
 * ``requests`` counts the attempts sent, not those rejected locally. Counted, the rejections
   keep the probability up by themselves after the acquirer heals: the accepts then only about
   double every window, so a total outage is forgotten log2(requests) windows after it ended

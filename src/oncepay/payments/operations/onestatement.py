@@ -38,15 +38,23 @@ it does, so a crash at any point resumes as before:
 Webhook deliveries are fanned out by the statement itself (an ``INSERT … SELECT`` over the
 merchant's enabled endpoints subscribed to the event's type), in the statement's snapshot, so
 an endpoint committed before it gets the event and one committed after does not, as with the
-usual transaction. On PostgreSQL phase 2 waits for no lock (``SKIP LOCKED``), so its snapshot
-is never older than its locks. Phase 1's claim can wait, for one thing only: a concurrent first
+usual transaction. On PostgreSQL phase 2 takes its own locks ``SKIP LOCKED``; the one wait
+left is a new delivery's foreign-key check on an endpoint row that the endpoint's own update
+holds at that moment, after the endpoints were read — as in the usual transaction, and the
+delivery worker cancels a delivery to an endpoint disabled meanwhile. Phase 1's claim can wait
+for one thing only: a concurrent first
 request with the same key whose phase 1 has not committed yet. When that one commits, nothing is
 inserted (the gate answers); when it rolls back, this claim inserts, and an endpoint created
 during that wait (milliseconds) does not get this payment's ``payment.created`` (the usual
 transaction would read the endpoints after the wait). Left so: it takes a crashed or failed
 first attempt, a retry racing it with the same key and an endpoint created in between.
-Delivery ids come from the database (``gen_random_uuid()`` on PostgreSQL 13+,
-``randomblob()`` on SQLite), shaped as every id (``whd_`` and 24 hex digits).
+Delivery ids come from the database (an MD5 of ``gen_random_uuid()``'s 122 random bits on
+PostgreSQL 13+, ``randomblob()`` on SQLite), shaped as every id (``whd_`` and 24 hex digits).
+
+On PostgreSQL a statement sent is the server's to finish: if the process dies while its phase 1
+waits (above), the server may still commit it afterwards. That is the "committed, its answer
+lost" case every phase already has: the key stays locked and resumes once its lease lapses
+(tests/payments/test_one_statement_review_processes.py kills a server at that point).
 
 Not taken (the usual way runs): a Redis tier in front of the store, tracing on (its spans come
 from the usual code), every other outcome of the call (unknown, or after a failover) and every
@@ -94,7 +102,7 @@ _COLUMNS = (
 _FAN_OUT = (
     "INSERT INTO webhook_deliveries (id, merchant_id, event_id, endpoint_id, status, attempts, "
     "next_attempt_at, created_at, updated_at) "
-    "SELECT 'whd_' || left(replace(gen_random_uuid()::text, '-', ''), 24), w.merchant_id, "
+    "SELECT 'whd_' || left(md5(gen_random_uuid()::text), 24), w.merchant_id, "
     "v.id, w.id, 'pending', 0, {now}, {now}, {now} "
     "FROM {events} AS v JOIN webhook_endpoints AS w ON w.merchant_id = {merchant} "
     "AND NOT w.disabled AND NOT w.deleted "
