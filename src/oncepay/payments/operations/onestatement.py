@@ -191,57 +191,24 @@ async def claim_and_start(
     # the usual way makes from the row its insert returns.
     draft = _draft(payment_id, merchant_id, params, metadata, acquirer, now)
     event_id, data = new_id("evt"), payment_json(draft)
+    whose = (claimable.tenant, claimable.key, claimable.fingerprint)
+    claim = (*whose, fence, clock, clock + engine.lease, clock + ttl, point)
+    payment = (payment_id, merchant_id, params.amount, params.currency, params.payment_method,
+               params.capture_method, params.description, metadata, S.PROCESSING.value,
+               acquirer)  # fmt: skip
     if svc.db.is_sqlite:
-        whose, lease = (claimable.tenant, claimable.key, claimable.fingerprint), engine.lease
-        claim = (*whose, fence, clock, clock + lease, clock + ttl, point)
-        payment = (payment_id, merchant_id, params.amount, params.currency,
-                   params.payment_method, params.capture_method, params.description,
-                   metadata, S.PROCESSING.value, acquirer, now)  # fmt: skip
         made = await _start_sqlite(svc, claim, payment, event_id, data, now)
         if made is None:
             return None
         row: PaymentRow = PAYMENTS.one(made, integers_as_booleans=True)
     else:
-        found = await _start_postgresql(svc, claimable, fence, clock, ttl, point, payment_id,
-                                        merchant_id, params, metadata, acquirer, event_id,
-                                        data, now)  # fmt: skip
+        # $1-$8 the claim, $9-$18 the payment, $19 the event's id, $20 its data, $21 the time
+        found = await svc.db.once(_statements(svc)[0], *claim, *payment, event_id, data, now)
         if not found:
             return None
         row = PAYMENTS.make(*found[0])
-    tenant, key, fingerprint = claimable.tenant, claimable.key, claimable.fingerprint
-    ticket = Ticket(tenant, key, fingerprint, fence, clock + ttl, recovery_point=point)
+    ticket = Ticket(*whose, fence, clock + ttl, recovery_point=point)
     return ticket, row
-
-
-async def _start_postgresql(svc: Services, claimable: Claimable, fence: int, clock: float,
-                            ttl: float, point: str, payment_id: str, merchant_id: str,
-                            params: PaymentCreate, metadata: str, acquirer: str,
-                            event_id: str, data: str, now: float) -> list[Any]:  # fmt: skip
-    engine = svc.engine
-    return await svc.db.once(
-        _statements(svc)[0],
-        claimable.tenant,
-        claimable.key,
-        claimable.fingerprint,
-        fence,
-        clock,
-        clock + engine.lease,
-        clock + ttl,
-        point,
-        payment_id,
-        merchant_id,
-        params.amount,
-        params.currency,
-        params.payment_method,
-        params.capture_method,
-        params.description,
-        metadata,
-        S.PROCESSING.value,
-        acquirer,
-        event_id,
-        data,
-        now,
-    )
 
 
 async def _start_sqlite(
@@ -258,7 +225,7 @@ async def _start_sqlite(
     async with write_raw(svc.db) as conn:
         if not conn.execute(sql.claim, claim).rowcount:
             return None  # an empty transaction commits
-        row = conn.execute(sql.payment, payment).fetchone()
+        row = conn.execute(sql.payment, (*payment, now)).fetchone()
         merchant_id = payment[1]
         conn.execute(sql.event, (event_id, merchant_id, "payment.created", payment[0], data, now))
         conn.execute(sql.fan_out, (event_id, now, merchant_id, "payment.created"))
