@@ -327,6 +327,7 @@ async def test_phase_1s_statement_failing_keeps_the_key_and_resumes(
     with statement_fault(monkeypatch, 1, after=after, error=None):
         lost = await stack.post("/v1/payments", BODY, key="k")
     assert (lost.status_code, lost.json()["code"]) == (503, "database_unavailable")
+    assert stack.sent() == 0  # no acquirer call after a phase 1 whose outcome is unknown
     record = await record_of(stack, "k")
     if after:
         assert record.state == "executing"
@@ -337,8 +338,7 @@ async def test_phase_1s_statement_failing_keeps_the_key_and_resumes(
     stack.expire_leases()
     retry = await stack.post("/v1/payments", BODY, key="k")
     assert retry.status_code == 201, retry.text
-    await assert_exactly_once(stack, retry.json())
-    assert stack.sent() == 1 + int(after)  # a resumed request asks the acquirer again (harmless)
+    await assert_exactly_once(stack, retry.json())  # one authorization, however often asked
 
 
 @pytest.mark.parametrize("way", ["retry", "worker"])

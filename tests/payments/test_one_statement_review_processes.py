@@ -26,20 +26,22 @@ from tests.servers import POSTGRES_URL, require_postgres
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
 
-_WAITING = (
-    "SELECT pid FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-    "AND query LIKE 'WITH k AS (INSERT INTO%' AND query LIKE '%' || $1 || '%'"
-)
+_PHASE_1 = "query LIKE 'WITH k AS (INSERT INTO%' AND query LIKE '%' || $1 || '%'"
+_WAITING = f"SELECT pid FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND {_PHASE_1}"
+# Not waiting is not enough: the statement then inserts and commits, which the test must see
+# done before it reads what was left (CI read the payments between the two, once).
+_RUNNING = f"SELECT pid FROM pg_stat_activity WHERE state = 'active' AND {_PHASE_1}"
 
 
-async def _waiting(conn: asyncpg.Connection, schema: str) -> bool:
+async def _waiting(conn: asyncpg.Connection, schema: str, *, running: bool = False) -> bool:
     await conn.execute("SELECT pg_stat_clear_snapshot()")  # else read once per transaction
-    return bool(await conn.fetch(_WAITING, schema))
+    return bool(await conn.fetch(_RUNNING if running else _WAITING, schema))
 
 
 async def _until(conn: asyncpg.Connection, schema: str, *, waiting: bool) -> None:
+    """Until phase 1's statement waits for the key (``waiting``), or has ended."""
     deadline = time.monotonic() + START
-    while await _waiting(conn, schema) is not waiting:
+    while await _waiting(conn, schema, running=not waiting) is not waiting:
         assert time.monotonic() < deadline, (
             f"phase 1's wait never {'began' if waiting else 'ended'}"
         )
