@@ -4,6 +4,8 @@ request may meet the simulator either way (its HTTP routes stay for settlement r
 
 from __future__ import annotations
 
+import asyncio
+import json
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -46,7 +48,10 @@ class Both:
         self.acquirer = EmbeddedAcquirer(name, self.app, timeout=2, attempts=2, breaker=breaker)
 
     async def direct(self, path: str, body: dict[str, Any]) -> tuple[int, bytes]:
-        return await call(self.sim, path, body, body.get("reference", "-"))
+        status, content, document = await call(self.sim, path, body, body.get("reference", "-"))
+        if document is not None:  # handed back as made: what the body encodes, exactly
+            assert document == json.loads(content)
+        return status, content
 
     async def over_http(self, path: str, body: dict[str, Any]) -> tuple[int, bytes]:
         headers = {"Idempotency-Key": body.get("reference", "-")}
@@ -155,6 +160,92 @@ async def test_a_5xx_is_retried_with_the_same_reference_then_unknown(both: Both)
     assert "503" in (answer.detail or "")
     both.sim.faults = Faults()
     assert (await both.acquirer.authorize(**AUTHORIZE)).outcome is Outcome.APPROVED
+
+
+async def test_a_stall_after_the_commit_times_out_as_unknown_and_the_authorization_stands(
+    both: Both,
+) -> None:
+    """The attempt's timeout (kept by a timer on the caller's task) cuts a stall after the
+    commit: an unknown outcome that may have reached the acquirer; the look-up settles it."""
+    both.sim.faults = Faults(
+        timeout_after_commit_rate=1.0, stall_seconds=60, operations=frozenset({"authorize"})
+    )
+    both.acquirer.timeout, both.acquirer.attempts = 0.2, 1
+    started = asyncio.get_running_loop().time()
+    answer = await both.acquirer.authorize(**AUTHORIZE)
+    assert asyncio.get_running_loop().time() - started < 30  # not the 60 s stall
+    assert answer.outcome is Outcome.UNKNOWN
+    assert not answer.never_sent
+    assert "TimeoutError" in (answer.detail or "")
+    both.sim.faults = Faults()
+    assert (await both.acquirer.lookup("pay_1_a1")).outcome is Outcome.APPROVED
+    assert len(await authorizations_of(both.http, "pay_1")) == 1
+
+
+async def test_a_cancelled_caller_is_cancelled_and_the_operation_still_runs_to_its_end(
+    both: Both,
+) -> None:
+    """Cancelling the caller (not its timer) is a cancellation, not a timeout; the money move
+    it started goes on to its commit, as a server's does when its client hangs up."""
+    await both.sim.ready()
+    await both.sim.db.writers.acquire()  # the simulator's writers wait: the move is in flight
+    try:
+        caller = asyncio.create_task(both.acquirer.authorize(**AUTHORIZE))
+        for _ in range(1000):  # turns of the loop until the money move's own task has started
+            if both.sim._inflight:
+                break
+            await asyncio.sleep(0)
+        else:
+            pytest.fail("the money move never started in a task of its own")
+        moving = next(iter(both.sim._inflight))
+        caller.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await caller
+        assert not moving.done()  # cancelling the caller did not cancel the move
+    finally:
+        both.sim.db.writers.release()
+    await moving
+    assert len(await authorizations_of(both.http, "pay_1")) == 1
+    assert (await both.acquirer.lookup("pay_1_a1")).outcome is Outcome.APPROVED
+
+
+async def test_a_move_cancelled_under_its_caller_cancels_the_wait_as_shield_does(
+    both: Both,
+) -> None:
+    await both.sim.ready()
+    await both.sim.db.writers.acquire()
+    try:
+        caller = asyncio.create_task(both.acquirer.authorize(**AUTHORIZE))
+        for _ in range(1000):
+            if both.sim._inflight:
+                break
+            await asyncio.sleep(0)
+        else:
+            pytest.fail("the money move never started in a task of its own")
+        next(iter(both.sim._inflight)).cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(caller, 10)  # the waiter must not be left hanging
+    finally:
+        both.sim.db.writers.release()
+    assert await authorizations_of(both.http, "pay_1") == []
+
+
+async def test_a_move_that_fails_hands_its_error_to_the_caller(
+    both: Both, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The move's own task fails: its caller sees a failed attempt (maybe reached)."""
+    await both.sim.ready()
+
+    async def broken(*_: Any) -> None:
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(type(both.sim.db.writer), "get_driver", broken)
+    both.acquirer.attempts = 1
+    answer = await both.acquirer.authorize(**AUTHORIZE)
+    assert answer.outcome is Outcome.UNKNOWN
+    assert not answer.never_sent
+    assert "disk on fire" in (answer.detail or "")
+    assert not both.sim._inflight
 
 
 async def test_serve_embeds_it_and_its_reports_still_come_over_its_routes(tmp_path: Path) -> None:

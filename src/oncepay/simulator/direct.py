@@ -16,6 +16,7 @@ from urllib.parse import unquote
 from starlette.responses import Response
 
 from oncepay.simulator.bodies import AmountBody, AuthorizeBody, LookupBody, VoidBody, parse_payload
+from oncepay.simulator.documents import Answer
 from oncepay.simulator.faults import ConnectionDropped, is_dropped
 from oncepay.simulator.money import run_authorize, run_follow_on
 from oncepay.simulator.problems import Problem, problem
@@ -31,16 +32,20 @@ _FOLLOW_ONS: dict[str, Literal["capture", "void", "refund"]] = {
 }
 
 
-async def call(sim: Simulator, path: str, payload: dict[str, Any], key: str) -> tuple[int, bytes]:
+async def call(
+    sim: Simulator, path: str, payload: dict[str, Any], key: str
+) -> tuple[int, bytes, dict[str, Any] | None]:
     """The answer to ``POST path`` with ``payload`` as its JSON body and ``key`` as its
-    ``Idempotency-Key``: (status, body)."""
+    ``Idempotency-Key``: (status, body, the body's document when this call made it, else
+    None: the body is what the HTTP route answers, byte for byte, either way)."""
     try:
         response = await _route(sim, unquote(path), payload, key)
     except Problem as exc:  # the app's one exception handler, as over HTTP
         response = problem(exc.status, exc.code, exc.detail, **exc.extra)
     if is_dropped(response):
         raise ConnectionDropped("fault injection: connection dropped after commit")
-    return response.status_code, bytes(response.body)
+    document = response.document if isinstance(response, Answer) else None
+    return response.status_code, bytes(response.body), document
 
 
 async def _route(sim: Simulator, path: str, payload: dict[str, Any], key: str) -> Response:

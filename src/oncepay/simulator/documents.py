@@ -7,7 +7,20 @@ import json
 from datetime import UTC, datetime
 from typing import Any
 
-__all__ = ["dumps", "iso"]
+from starlette.responses import Response
+
+__all__ = ["Answer", "dumps", "iso"]
+
+
+class Answer(Response):
+    """A JSON answer that keeps the document it encodes: a caller in this process (the
+    embedded acquirer) reads it as it is instead of parsing the body again."""
+
+    media_type = "application/json"
+
+    def __init__(self, document: dict[str, Any], status_code: int, content: str) -> None:
+        super().__init__(content, status_code)  # content: dumps(document)
+        self.document = document
 
 
 def iso(timestamp: float) -> str:

@@ -13,7 +13,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from oncepay.simulator.bodies import AmountBody, AuthorizeBody, VoidBody, parse
-from oncepay.simulator.documents import dumps, iso
+from oncepay.simulator.documents import Answer, dumps, iso
 from oncepay.simulator.problems import Problem
 from oncepay.simulator.references import claim, find, operation_row, replay, retrying
 from oncepay.simulator.schema import AuthorizationRow, authorizations, movements
@@ -90,12 +90,13 @@ async def _authorize(db: Raw, sim: Simulator, body: AuthorizeBody, fingerprint: 
         voided=False,
         created_at=now,
     )
-    document = dumps(_authorization_body(row))
+    answer = _authorization_body(row)
+    document = dumps(answer)
     await claim(db, operation_row(row, "authorization", fingerprint, 201, document))
     await db.run(_INSERT_AUTHORIZATION, *row)
     if row.captured_amount:
         await _move(db, row, "capture", body.reference, row.captured_amount, now)
-    return Response(document, 201, media_type="application/json")
+    return Answer(answer, 201, document)
 
 
 def _authorization_body(row: AuthorizationRow) -> dict[str, Any]:
@@ -220,27 +221,26 @@ async def _operate(
     ((column, value),) = changes.items()
     await db.run(_update(column), authorization_id, value)
     after = auth._replace(**changes)
-    document = dumps(
-        {
-            "object": kind,
-            "id": new_id(_ID_PREFIX[kind]),
-            "reference": reference,
-            "authorization_id": authorization_id,
-            "order_id": auth.order_id,
-            "status": "approved",
-            "amount": moved,
-            "currency": auth.currency,
-            "created_at": iso(now),
-            "authorization": _authorization_body(after),
-        }
-    )
+    answer = {
+        "object": kind,
+        "id": new_id(_ID_PREFIX[kind]),
+        "reference": reference,
+        "authorization_id": authorization_id,
+        "order_id": auth.order_id,
+        "status": "approved",
+        "amount": moved,
+        "currency": auth.currency,
+        "created_at": iso(now),
+        "authorization": _authorization_body(after),
+    }
+    document = dumps(answer)
     row = operation_row(
         auth, kind, fingerprint, 201, document, reference=reference, amount=moved, now=now
     )
     await claim(db, row)
     if kind != "void":
         await _move(db, auth, kind, reference, moved, now)
-    return Response(document, 201, media_type="application/json")
+    return Answer(answer, 201, document)
 
 
 @functools.cache

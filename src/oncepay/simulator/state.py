@@ -10,9 +10,11 @@ payments service uses too, from the package below both: the simulator imports no
 from __future__ import annotations
 
 import asyncio
+import functools
 import random
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Coroutine
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 from starlette.requests import Request
@@ -45,7 +47,7 @@ class Simulator:
         self.clock = clock
         self._ready = False
         self._lock = asyncio.Lock()
-        self._inflight: set[asyncio.Future[Response]] = set()
+        self._inflight: set[asyncio.Task[Response]] = set()
 
     @classmethod
     def from_url(
@@ -74,35 +76,73 @@ class Simulator:
     async def before(self, operation: Operation) -> None:
         await strike_before(self.faults, self.random, operation)
 
-    async def run(self, operation: Operation, work: Callable[[], Awaitable[Response]]) -> Response:
+    async def run(
+        self, operation: Operation, work: Callable[[], Coroutine[Any, Any, Response]]
+    ) -> Response:
         await self.before(operation)
         await self.ready()
         response = await self._whole(work)
         return await strike_after(self.faults, self.random, operation, response)
 
-    async def _whole(self, work: Callable[[], Awaitable[Response]]) -> Response:
+    async def _whole(self, work: Callable[[], Coroutine[Any, Any, Response]]) -> Response:
         """Run ``work`` to its end even if the caller gives up, as a server does when its
-        client hangs up: in-process, a caller's timeout would otherwise cancel us mid-way."""
-        task = asyncio.ensure_future(work())
+        client hangs up: in-process, a caller's timeout would otherwise cancel us mid-way.
+        (``asyncio.shield`` by hand: one done callback hands the task's outcome to the
+        caller's waiter and forgets the task; a cancelled caller cancels only its waiter.)"""
+        loop = asyncio.get_running_loop()
+        task = loop.create_task(work())
+        waiter: asyncio.Future[Response] = loop.create_future()
         self._inflight.add(task)
-        task.add_done_callback(self._inflight.discard)
-        return await asyncio.shield(task)
+        task.add_done_callback(functools.partial(self._finished, waiter))
+        return await waiter
 
-    @asynccontextmanager
-    async def transaction(self) -> AsyncIterator[Raw]:
+    def _finished(self, waiter: asyncio.Future[Response], task: asyncio.Task[Response]) -> None:
+        self._inflight.discard(task)
+        if task.cancelled():
+            waiter.cancel()
+            return
+        error = task.exception()  # retrieved even when nobody waits any more
+        if waiter.done():
+            return
+        if error is not None:
+            waiter.set_exception(error)
+        else:
+            waiter.set_result(task.result())
+
+    def transaction(self) -> AbstractAsyncContextManager[Raw]:
         """One write transaction on the raw driver (every money move is raw statements): on
         SQLite the writer's own connection, without SQLAlchemy's transaction around it."""
         if self.db.is_sqlite:
-            async with write_raw(self.db) as conn:
-                yield raw_sqlite(conn)
-        else:
-            async with write(self.db) as conn:
-                yield await raw(conn)
+            return _RawTransaction(self.db)
+        return self._transaction()
+
+    @asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[Raw]:
+        async with write(self.db) as conn:
+            yield await raw(conn)
 
     @asynccontextmanager
     async def reading(self) -> AsyncIterator[AsyncConnection]:
         async with read(self.db) as conn:
             yield conn
+
+
+class _RawTransaction:
+    """``write_raw``'s transaction as a :class:`Raw` (a class, not a generator: see
+    ``storage.db._RawWrite``)."""
+
+    __slots__ = ("_write",)
+
+    def __init__(self, db: Database) -> None:
+        self._write = write_raw(db)
+
+    async def __aenter__(self) -> Raw:
+        return raw_sqlite(await self._write.__aenter__())
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, trace: Any
+    ) -> None:
+        await self._write.__aexit__(kind, error, trace)
 
 
 def simulator_of(request: Request) -> Simulator:

@@ -29,7 +29,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -300,8 +300,7 @@ async def write(db: Database) -> AsyncIterator[AsyncConnection]:
         await db.group.durable()
 
 
-@asynccontextmanager
-async def write_raw(db: Database) -> AsyncIterator[sqlite3.Connection]:
+def write_raw(db: Database) -> AbstractAsyncContextManager[sqlite3.Connection]:
     """SQLite: :func:`write`'s transaction — the process's writers in turn, ``BEGIN
     IMMEDIATE``, committed when the block ends and on disk when it is left (group commit),
     rolled back on error — run on the writer's own ``sqlite3`` connection, which the block
@@ -310,30 +309,60 @@ async def write_raw(db: Database) -> AsyncIterator[sqlite3.Connection]:
     connection is in autocommit mode between transactions, as SQLAlchemy leaves it."""
     if not db.is_sqlite:
         raise ValueError("write_raw() is for SQLite: use write() or Database.once()")
-    async with db.writers:
-        await _writable(db)
-        driver = await db.writer.get_driver(db.engine)
+    return _RawWrite(db)
+
+
+class _RawWrite:
+    """:func:`write_raw`'s block, a class rather than a generator: an async generator costs
+    its creation, the loop's hook that registers it and two resumptions, on every money move
+    of the embedded acquirer and every phase of a payment on SQLite."""
+
+    __slots__ = ("conn", "db", "driver")
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        self.driver: _sqlite.Connection | None = None
+        self.conn: sqlite3.Connection | None = None
+
+    async def __aenter__(self) -> sqlite3.Connection:
+        db = self.db
+        await db.writers.acquire()
         try:
-            conn = await driver.begin_immediate()
-        except BaseException:
-            await db.writer.drop()  # its state unknown: the pool closes it (as write() does)
-            raise
-        try:
-            yield conn
-        except BaseException:
+            await _writable(db)
+            driver = self.driver = await db.writer.get_driver(db.engine)
             try:
-                conn.rollback()  # the connection is whole again: kept for the next writer
+                conn = self.conn = await driver.begin_immediate()
+                return conn
+            except BaseException:
+                await db.writer.drop()  # its state unknown: the pool closes it (as write() does)
+                raise
+        except BaseException:
+            db.writers.release()
+            raise
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, _trace: Any
+    ) -> None:
+        db, driver, conn = self.db, self.driver, self.conn
+        assert driver is not None
+        assert conn is not None
+        try:
+            if kind is not None:
+                try:
+                    conn.rollback()  # the connection is whole again: kept for the next writer
+                except BaseException:
+                    await db.writer.drop()
+                    raise
+                return  # the block's error goes on
+            try:
+                await driver.commit()
             except BaseException:
                 await db.writer.drop()
                 raise
-            raise
-        try:
-            await driver.commit()
-        except BaseException:
-            await db.writer.drop()
-            raise
-    if db.group is not None:
-        await db.group.durable()
+        finally:
+            db.writers.release()
+        if db.group is not None:
+            await db.group.durable()
 
 
 @asynccontextmanager
