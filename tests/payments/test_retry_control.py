@@ -309,6 +309,14 @@ def metric(name: str, acquirer: str, **labels: str) -> float:
     return value or 0.0
 
 
+def shown_probability(acquirer: str) -> float:
+    value = REGISTRY.get_sample_value(
+        "oncepay_acquirer_throttle_probability", {"acquirer": acquirer}
+    )
+    assert value is not None, "the gauge was never set"
+    return value
+
+
 NO_THROTTLE = {"throttle_minimum": 1_000_000}  # the budget alone
 
 
@@ -381,6 +389,7 @@ async def test_throttling_rejects_locally_and_recovers_as_the_acquirer_heals(
         rejected
     )
     assert throttle.probability() > 0.9
+    assert shown_probability(acquirer.name) > 0.9  # the gauge as the last attempt rolled
     await set_faults(sim)  # healed: what still goes through is accepted
     sent_after, approved, chances = [], 0, []
     for n in range(100, 400):  # one call a second for five minutes
@@ -398,6 +407,7 @@ async def test_throttling_rejects_locally_and_recovers_as_the_acquirer_heals(
     # ...and from then on every call reaches the acquirer again.
     assert all(p == 0.0 for p in chances[healed_at:])
     assert sum(sent_after[healed_at + 1 :]) == len(sent_after[healed_at + 1 :])
+    assert shown_probability(acquirer.name) == 0.0  # the gauge came down with it
     await acquirer.aclose()
 
 

@@ -43,8 +43,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
@@ -147,6 +146,7 @@ class HttpAcquirer:
         self.health = Health(slow=SLOW_SHARE_OF_TIMEOUT * timeout, clock=control.clock)
         self.budget = control.new_budget()
         self.throttle = control.new_throttle()
+        self._probability_shown: float | None = None  # the throttle's gauge as last set
         self.backoff = backoff or self._default_backoff()
         self.breaker = breaker or CircuitBreaker(name)
         self._app = app
@@ -231,10 +231,11 @@ class HttpAcquirer:
         self, operation: str, path: str, payload: dict[str, Any], reference: str
     ) -> AcquirerAnswer:
         reached = False
-        gate = _RetryGate(self)
+        gate: _RetryGate | None = None
 
         async def attempt() -> _Reply:
             nonlocal reached
+            assert gate is not None
             try:
                 return await self._attempt(operation, path, payload, reference, gate.retrying)
             except _Failure as failure:
@@ -244,12 +245,17 @@ class HttpAcquirer:
             finally:
                 gate.attempt_done()
 
+        budget = self.budget
+        if budget is not None:
+            budget.active += 1  # RetryBudget.request() inline: a call on every payment
         try:
-            with gate.in_progress():
-                try:  # the first attempt outside tenacity: most calls need no other
-                    reply = await attempt()
-                except _Failure as failure:
-                    reply = await self._retried(attempt, gate, failure)
+            try:  # the first attempt outside tenacity and its gate: most calls need no other
+                reply = await self._attempt(operation, path, payload, reference, False)
+            except _Failure as failure:
+                reached = failure.maybe_reached
+                labelled(ACQUIRER_CALLS, self.name, operation, "error").inc()
+                gate = _RetryGate(self)
+                reply = await self._retried(attempt, gate, failure)
         except _Refused:
             answer = self._unknown(reference, "circuit breaker open", never_sent=not reached)
             return self._count(operation, answer, "breaker_open" if not reached else None)
@@ -259,6 +265,9 @@ class HttpAcquirer:
             return self._count(operation, answer, "throttled")
         except _Failure as failure:
             return self._count(operation, self._unknown(reference, failure.detail, not reached))
+        finally:
+            if budget is not None:
+                budget.active -= 1
         return self._count(operation, self._answer(operation, reference, reply))
 
     async def _retried(
@@ -325,8 +334,10 @@ class HttpAcquirer:
         """Adaptive throttling's verdict on one attempt (always yes without a throttle)."""
         if self.throttle is None:
             return True
-        admitted = self.throttle.admit()
-        labelled(ACQUIRER_THROTTLE_PROBABILITY, self.name).set(self.throttle.probability())
+        admitted, probability = self.throttle.decide()
+        if probability != self._probability_shown:  # the gauge set only when it moves
+            labelled(ACQUIRER_THROTTLE_PROBABILITY, self.name).set(probability)
+            self._probability_shown = probability
         if not admitted:
             labelled(ACQUIRER_THROTTLED, self.name).inc()
         return admitted
@@ -422,15 +433,6 @@ class _RetryGate(stop_base):
         self.acquirer = acquirer
         self.retrying = False  # the coming attempt is a retry
         self._holding = False
-
-    @contextmanager
-    def in_progress(self) -> Iterator[None]:
-        budget = self.acquirer.budget
-        if budget is None:
-            yield
-            return
-        with budget.request():
-            yield
 
     def __call__(self, retry_state: RetryCallState) -> bool:
         acquirer = self.acquirer

@@ -92,7 +92,12 @@ class AdaptiveThrottle:
     def admit(self) -> bool:
         """Decide one attempt: True sends it (counted by :meth:`record` once it has an
         outcome)."""
-        return self.dice() >= self.probability()
+        return self.decide()[0]
+
+    def decide(self) -> tuple[bool, float]:
+        """:meth:`admit`'s verdict, and the probability it rolled against (for the gauge)."""
+        probability = self.probability()
+        return self.dice() >= probability, probability
 
     def record(self, *, accepted: bool) -> None:
         """An attempt sent, its outcome known: a request, and an accept when the acquirer
