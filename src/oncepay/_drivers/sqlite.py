@@ -37,7 +37,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import queue
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -285,6 +287,63 @@ def is_busy(exc: sqlite3.Error) -> bool:
     return exc.sqlite_errorcode & 0xFF == sqlite3.SQLITE_BUSY
 
 
+class _SyncThread:
+    """One thread running the calls handed to it in turn, each answered on its caller's
+    loop: ``run_in_executor`` on a one-thread ``ThreadPoolExecutor`` without its per-call
+    ``concurrent.futures.Future`` (a ``Condition`` and its lock) and asyncio's chaining of it
+    to a future of the loop's — a good part of a sync's CPU, paid by most commits
+    (bench/e2e/PROFILE.md). A daemon thread: at exit nothing waits for a sync nobody awaits
+    (the transactions it covers are in the OS's cache; only a power cut could lose them)."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._calls: queue.SimpleQueue[
+            tuple[asyncio.AbstractEventLoop, asyncio.Future[Any], Callable[[], Any]] | None
+        ] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    def run(self, call: Callable[[], Any]) -> asyncio.Future[Any]:
+        if self._closed:
+            raise RuntimeError("cannot schedule new futures after shutdown")
+        loop = asyncio.get_running_loop()
+        answer: asyncio.Future[Any] = loop.create_future()
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._work, name=self._name, daemon=True)
+            self._thread.start()
+        self._calls.put((loop, answer, call))
+        return answer
+
+    def shutdown(self) -> None:
+        """Stop once the calls handed over so far have run (it does not wait for them)."""
+        self._closed = True
+        self._calls.put(None)
+
+    def _work(self) -> None:
+        while (item := self._calls.get()) is not None:
+            loop, answer, call = item
+            try:
+                result = call()
+            except BaseException as exc:  # handed to the caller, as an executor does
+                _answer(loop, answer.set_exception, answer, exc)
+            else:
+                _answer(loop, answer.set_result, answer, result)
+
+
+def _answer(
+    loop: asyncio.AbstractEventLoop,
+    settle: Callable[[Any], None],
+    answer: asyncio.Future[Any],
+    value: Any,
+) -> None:
+    def settled() -> None:
+        if not answer.done():  # a caller that was cancelled meanwhile gets nothing
+            settle(value)
+
+    with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting
+        loop.call_soon_threadsafe(settled)
+
+
 class GroupCommit:
     """Group commit for one SQLite database file in one process (its connections commit with
     ``synchronous=NORMAL``): a commit is visible at once and durable after the next
@@ -327,11 +386,11 @@ class GroupCommit:
         self.wal, self.shm = f"{path}-wal", f"{path}-shm"
         self.directory = os.path.dirname(os.path.abspath(path))
         self.fdatasync = fdatasync  # what syncs the WAL's descriptor (tests wrap it)
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="oncepay-sqlite-sync")
+        self._thread = _SyncThread("oncepay-sqlite-sync_0")
         self.started = 0  # syncs started, in order: sync n covers what was written before it began
         self.done = 0  # every sync up to this one has completed
         self.syncs = 0  # fdatasync calls made (the figure group commit divides)
-        self._running: asyncio.Future[None] | None = None
+        self._running: list[asyncio.Future[None]] | None = None  # the sync's waiters, if one runs
         self._path = path
         self._watcher: sqlite3.Connection | None = None  # reads data_version; never writes
         self._synced_header: object = None  # the data_version as the last completed sync began
@@ -360,25 +419,31 @@ class GroupCommit:
             if self._running is None:
                 await self._sync_now()
             else:
-                await asyncio.shield(self._running)
+                # The running sync's end, waited for on a future of our own (what
+                # asyncio.shield would make): a cancelled waiter cancels only itself.
+                waiter = asyncio.get_running_loop().create_future()
+                self._running.append(waiter)
+                await waiter
             if self._failed is not None:
                 raise self._failed
 
     async def _sync_now(self) -> None:
-        loop = asyncio.get_running_loop()
         self.started += 1
-        number, running = self.started, loop.create_future()
-        self._running = running
+        number = self.started
+        waiters: list[asyncio.Future[None]] = []
+        self._running = waiters
         try:
             header = self._header()  # before the sync: what it is sure to cover
-            await loop.run_in_executor(self._thread, self._sync_wal)
+            await self._thread.run(self._sync_wal)
             self.done, self._synced_header = max(self.done, number), header
         except OSError as exc:
             self._failed = exc
             raise
         finally:
             self._running = None
-            running.set_result(None)
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
         if (
             self._checkpointing is None
             and time.monotonic() - self._checkpointed_at >= self.checkpoint_interval
@@ -466,7 +531,7 @@ class GroupCommit:
 
     def close(self) -> None:
         """Stop (idempotent: a database may be closed twice)."""
-        self._thread.shutdown(wait=False)
+        self._thread.shutdown()
         if self._closed:
             return
         self._closed = True
