@@ -5,7 +5,6 @@ the change committed."""
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -13,6 +12,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from oncepay._jsontext import encoder
 from oncepay.payments import tracing
 from oncepay.payments.storage.schema import events, merchants
 from oncepay.payments.webhooks.outbox import endpoints_in, fan_out
@@ -25,7 +25,7 @@ __all__ = ["FINDING_OPENED", "emit", "emit_many", "finding_opened"]
 FINDING_OPENED = "insight.finding_opened"
 
 # json.dumps(data, separators=(",", ":")) with its encoder built once, not per call.
-_compact = json.JSONEncoder(separators=(",", ":")).encode
+_compact = encoder()
 _INSERT = events.insert()  # built once: building it costs more than running it
 # The hot path's insert, raw (storage/raw.py): one event per state change.
 _INSERT_ONE = Sql(

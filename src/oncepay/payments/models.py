@@ -290,7 +290,7 @@ def payment_public(row: PaymentRow) -> dict[str, Any]:
         "capture_method": row.capture_method,
         "payment_method": row.payment_method,
         "description": row.description,
-        "metadata": json.loads(row.metadata),
+        "metadata": {} if row.metadata == "{}" else json.loads(row.metadata),  # usually none
         "amount_capturable": row.amount if status == "authorized" else 0,
         "amount_captured": row.amount_captured,
         "amount_refunded": row.amount_refunded,

@@ -3,10 +3,10 @@ its Idempotency-Key. The phases and operations produce one; the API sends it."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 
+from oncepay._jsontext import encoder
 from oncepay.errors import OncePayError
 from oncepay.http.problems import problem_for
 from oncepay.idempotency.records import StoredResponse
@@ -15,7 +15,7 @@ __all__ = ["JSON", "Reply"]
 
 JSON = (("content-type", "application/json"),)
 # json.dumps(document, separators=(",", ":")) with its encoder built once, not per call.
-_compact = json.JSONEncoder(separators=(",", ":")).encode
+_compact = encoder()
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,6 +10,7 @@ from typing import Annotated, Any, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 from starlette.requests import Request
 
+from oncepay._jsontext import encoder
 from oncepay.simulator.problems import Problem
 
 __all__ = [
@@ -84,7 +85,7 @@ def parse_payload(path: str, payload: dict[str, Any], model: type[B], key: str) 
 
 
 # json.dumps(value, sort_keys=True, separators=(",", ":")) with its encoder built once.
-_canonical = json.JSONEncoder(sort_keys=True, separators=(",", ":")).encode
+_canonical = encoder(sort_keys=True)
 
 
 def _checked(body: _Body, path: str, document: Any, header: str | None) -> str:

@@ -3,11 +3,12 @@
 
 from __future__ import annotations
 
-import json
 from datetime import UTC, datetime
 from typing import Any
 
 from starlette.responses import Response
+
+from oncepay._jsontext import encoder
 
 __all__ = ["Answer", "dumps", "iso"]
 
@@ -29,7 +30,7 @@ def iso(timestamp: float) -> str:
 
 
 # json.dumps(document, separators=(",", ":")) with its encoder built once, not per call.
-_compact = json.JSONEncoder(separators=(",", ":")).encode
+_compact = encoder()
 
 
 def dumps(document: dict[str, Any]) -> str:

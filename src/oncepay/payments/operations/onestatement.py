@@ -64,10 +64,10 @@ other operation.
 from __future__ import annotations
 
 import functools
-import json
 import time
 from typing import Any, NamedTuple
 
+from oncepay._jsontext import encoder
 from oncepay.http.gate import Claimable
 from oncepay.idempotency.engine import Ticket
 from oncepay.idempotency.records import StoredResponse, next_fence
@@ -162,6 +162,9 @@ _PHASE_TWO = (
     "|| convert_to(idempotency_key, 'UTF8'))) FROM done"
 )
 
+# json.dumps(metadata) as the usual way writes it (its default separators), built once.
+_metadata_text = encoder(separators=(", ", ": "))
+
 _FAILURES = {
     "card_declined": "The card was declined.",
     "insufficient_funds": "The card has insufficient funds.",
@@ -185,7 +188,7 @@ async def claim_and_start(
     fence = next_fence(None, clock)
     payment_id = new_id("pay")
     point = f"payment_created:create:{payment_id}"
-    metadata = json.dumps(params.metadata)
+    metadata = _metadata_text(params.metadata)
     acquirer = svc.acquirers.choose().name
     # The row as the insert makes it (its seq aside), for the event's data: the same document
     # the usual way makes from the row its insert returns.
@@ -436,6 +439,10 @@ def _made(table: str) -> tuple[str, str]:
     )
 
 
+# Every column of a payment, None: what _draft fills in.
+_BLANK: dict[str, Any] = dict.fromkeys(column.name for column in payments.columns)
+
+
 def _draft(
     payment_id: str,
     merchant_id: str,
@@ -444,7 +451,7 @@ def _draft(
     acquirer: str,
     now: float,
 ) -> PaymentRow:
-    values: dict[str, Any] = dict.fromkeys(column.name for column in payments.columns)
+    values = _BLANK.copy()
     values.update(
         seq=0,
         id=payment_id,
