@@ -13,6 +13,7 @@ import json
 import math
 import struct
 
+from oncepay._jsontext import encoder
 from oncepay.errors import IdempotencyKeyInvalid
 
 __all__ = [
@@ -83,38 +84,17 @@ def _exact_value(text: str) -> tuple[str, str, int]:
 # Hot path: one shared encoder/decoder (json.dumps re-builds an encoder from its keywords on
 # every call) and one struct for the length prefixes.
 _DECODER = json.JSONDecoder(parse_float=_parse_number)
-_CANONICAL = json.JSONEncoder(
-    sort_keys=True,
-    separators=(",", ":"),
-    ensure_ascii=False,
-    allow_nan=True,
-    default=_exact_number,
-)
+# json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=False), its C
+# encoder built once (oncepay._jsontext: no check for circular containers, which parsed JSON
+# cannot have; byte for byte the same text, tests/test_keys.py). Its default is only ever
+# called for an _ExactNumber.
+_canonical = encoder(sort_keys=True, ensure_ascii=False, default=_exact_number)
 _LENGTH = struct.Struct(">Q")
-_quote = json.encoder.encode_basestring  # ensure_ascii=False, as _CANONICAL
+_quote = json.encoder.encode_basestring  # ensure_ascii=False, as _canonical
 # Every fingerprint parses and re-encodes the body. JSONDecoder.decode wraps the C scanner in two
-# regex matches for surrounding whitespace, and JSONEncoder.encode builds a new C encoder on
-# every call: ~1.2 us of a ~4 us fingerprint. So the scanner is called directly (the decoder
-# still handles bodies with surrounding whitespace), and _CANONICAL's C encoder is built once.
-# Without a markers dict it skips the check for circular containers, which parsed JSON cannot
-# have; its output is _CANONICAL.encode's, byte for byte (tests/test_keys.py).
+# regex matches for surrounding whitespace: the scanner is called directly (the decoder still
+# handles bodies with surrounding whitespace).
 _scan_once = _DECODER.scan_once  # type: ignore[attr-defined]
-_c_make_encoder = getattr(json.encoder, "c_make_encoder", None)
-_encode_chunks = (
-    None
-    if _c_make_encoder is None
-    else _c_make_encoder(
-        None,  # markers: no circular check
-        _exact_number,  # default: only ever called for an _ExactNumber
-        _quote,  # ensure_ascii=False
-        None,  # indent
-        _CANONICAL.key_separator,
-        _CANONICAL.item_separator,
-        True,  # sort_keys
-        False,  # skipkeys
-        True,  # allow_nan
-    )
-)
 
 
 def parse_key(raw: str) -> str:
@@ -179,9 +159,7 @@ def canonical_json(body: bytes) -> bytes | None:
             document = _DECODER.decode(text)
         # A lone surrogate (\ud800) parses but cannot be re-encoded: hash such a body raw.
         try:
-            if _encode_chunks is None:
-                return _CANONICAL.encode(document).encode()
-            return "".join(_encode_chunks(document, 0)).encode()
+            return _canonical(document).encode()
         except _HasExactNumbers:  # rare: a number past a double's digits or range
             return _encode_exactly(document).encode()
     except (ValueError, RecursionError):  # Unicode{De,En}codeError are ValueErrors
@@ -197,7 +175,7 @@ def _encode_exactly(value: object) -> str:
         return "{" + ",".join([f"{_quote(k)}:{_encode_exactly(v)}" for k, v in items]) + "}"
     if isinstance(value, list):
         return "[" + ",".join([_encode_exactly(item) for item in value]) + "]"
-    return _CANONICAL.encode(value)
+    return _canonical(value)
 
 
 def fingerprint(

@@ -71,6 +71,8 @@ class EmbeddedAcquirer(HttpAcquirer):
                 raise _Failure(f"no answer: {TimeoutError()!r}", maybe_reached=True) from None
             raise
         except Exception as exc:
+            if expired:
+                task.uncancel()  # as asyncio.timeout leaves it whenever its timer went off
             raise _Failure(f"no answer: acquirer failed: {exc!r}", maybe_reached=True) from exc
         finally:
             timer.cancel()
