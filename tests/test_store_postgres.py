@@ -10,9 +10,11 @@ import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+import asyncpg
 import psycopg
 import pytest
 from psycopg import sql
@@ -28,6 +30,7 @@ from oncepay.idempotency import (
     fingerprint,
     store_from_url,
 )
+from oncepay.idempotency.stores._sql import topic
 from oncepay.idempotency.stores.postgres import PostgresStore
 from tests.clock import FakeClock
 from tests.servers import POSTGRES_URL
@@ -273,6 +276,156 @@ async def test_losing_the_listener_wakes_waiters_and_listening_resumes(
     async with store.watch(SCOPE, "k1") as watch:  # listens again before it is returned
         await store.complete(SCOPE, "k1", first.ticket.fence, RESPONSE, now=clock.now)
         await asyncio.wait_for(watch.wait(NEVER), WAKE_BOUND)
+
+
+@asynccontextmanager
+async def listening(store: PostgresStore) -> AsyncIterator[asyncio.Queue[str]]:
+    """A LISTEN of our own on the store's channel: its payloads, in the order they came (the
+    order their transactions committed)."""
+    conn = await asyncpg.connect(POSTGRES_URL)
+    payloads: asyncio.Queue[str] = asyncio.Queue()
+    await conn.add_listener(store.channel, lambda *args: payloads.put_nowait(args[-1]))
+    try:
+        yield payloads
+    finally:
+        await conn.close()
+
+
+def waited(store: PostgresStore, key: str) -> bool:
+    with psycopg.connect(POSTGRES_URL) as conn:
+        row = conn.execute(
+            sql.SQL("SELECT waited FROM {} WHERE idempotency_key = %s").format(
+                sql.Identifier(*store.table.split("."))
+            ),
+            (key,),
+        ).fetchone()
+    assert row is not None
+    return bool(row[0])
+
+
+async def until_a_lock_wait(statement: str) -> None:
+    """Return once a backend running ``statement`` (a fragment of it) waits for a lock."""
+    query = (
+        "SELECT count(*) FROM pg_stat_activity "
+        "WHERE wait_event_type = 'Lock' AND position($1 in query) > 0"
+    )
+    conn = await asyncpg.connect(POSTGRES_URL)
+    try:
+        deadline = time.monotonic() + WAKE_BOUND
+        while time.monotonic() < deadline:
+            if await conn.fetchval(query, statement):
+                return
+            await asyncio.sleep(0.005)  # polling a state we observe, with a deadline
+    finally:
+        await conn.close()
+    raise AssertionError(f"no backend running {statement!r} waited for a lock")
+
+
+async def test_only_a_record_a_waiter_marked_notifies(
+    store: PostgresStore, clock: FakeClock
+) -> None:
+    """A completion and a release nobody waits for send nothing; marked by a watch, each
+    does. Notifications arrive in commit order, so the first payload is the marked one's."""
+    engine = engine_for(store, clock)
+    tickets = {key: (await executed(engine, key)).ticket for key in ("c", "r", "mc", "mr")}
+    async with listening(store) as payloads:
+        await store.complete(SCOPE, "c", tickets["c"].fence, RESPONSE, now=clock.now)
+        await store.release(SCOPE, "r", tickets["r"].fence, now=clock.now)
+        async with store.watch(SCOPE, "mc") as watch:
+            assert waited(store, "mc")
+            await store.complete(SCOPE, "mc", tickets["mc"].fence, RESPONSE, now=clock.now)
+            await asyncio.wait_for(watch.wait(NEVER), WAKE_BOUND)
+        assert await asyncio.wait_for(payloads.get(), WAKE_BOUND) == topic(SCOPE, "mc")
+        async with store.watch(SCOPE, "mr") as watch:
+            await store.release(SCOPE, "mr", tickets["mr"].fence, now=clock.now)
+            await asyncio.wait_for(watch.wait(NEVER), WAKE_BOUND)
+        assert await asyncio.wait_for(payloads.get(), WAKE_BOUND) == topic(SCOPE, "mr")
+        assert payloads.empty()
+    assert not waited(store, "c")
+    async with store.watch(SCOPE, "c"):  # completed: a watch leaves it unmarked
+        assert not waited(store, "c")
+
+
+async def test_a_mark_committed_while_the_completion_waits_for_the_row_is_seen(
+    store: PostgresStore, clock: FakeClock
+) -> None:
+    """The completion's statement starts (its snapshot taken) while the waiter's mark holds
+    the row uncommitted; the mark commits; the completion, re-reading the row it waited
+    for, sees the mark and notifies."""
+    first = await executed(engine_for(store, clock))
+    table = sql.Identifier(*store.table.split("."))
+    async with listening(store) as payloads:
+        with psycopg.connect(POSTGRES_URL) as marker:  # a transaction, holding the row
+            marker.execute(
+                sql.SQL("UPDATE {} SET waited = true WHERE idempotency_key = 'k1'").format(table)
+            )
+            completing = asyncio.create_task(
+                store.complete(SCOPE, "k1", first.ticket.fence, RESPONSE, now=clock.now)
+            )
+            await until_a_lock_wait("SET state = 'completed'")
+            marker.commit()
+            await asyncio.wait_for(completing, WAKE_BOUND)
+        assert await asyncio.wait_for(payloads.get(), WAKE_BOUND) == topic(SCOPE, "k1")
+
+
+async def test_a_mark_after_the_completion_changes_nothing_and_the_read_sees_it(
+    store: PostgresStore, clock: FakeClock
+) -> None:
+    """The other order: the completion holds the row, the watch's mark waits for it, then
+    finds the record completed and leaves it be; the engine's read after the mark sees the
+    completion, so no notification is needed."""
+    first = await executed(engine_for(store, clock))
+    table = sql.Identifier(*store.table.split("."))
+
+    async def watch_then_read() -> Any:
+        async with store.watch(SCOPE, "k1"):
+            return await store.get(SCOPE, "k1")
+
+    with psycopg.connect(POSTGRES_URL) as completer:
+        completer.execute(
+            sql.SQL(
+                "UPDATE {} SET state = 'completed', response_status = 201 "
+                "WHERE idempotency_key = 'k1' AND fence = %s"
+            ).format(table),
+            (first.ticket.fence,),
+        )
+        reading = asyncio.create_task(watch_then_read())
+        await until_a_lock_wait("SET waited = true")
+        completer.commit()
+        record = await asyncio.wait_for(reading, WAKE_BOUND)
+    assert record.state == "completed"
+    assert not waited(store, "k1")
+
+
+async def test_a_table_from_before_the_mark_gets_it_and_running_processes_keep_going(
+    postgres_schema: str, clock: FakeClock
+) -> None:
+    """A table an earlier version made has no ``waited``: the next store to start adds it.
+    A store already running (its claim prepared on the old row type) keeps claiming."""
+    table = table_in(postgres_schema)
+    running = PostgresStore(POSTGRES_URL, table=table)
+    later = PostgresStore(POSTGRES_URL, table=table)
+    try:
+        engine = engine_for(running, clock)
+        await executed(engine, "before")
+        with psycopg.connect(POSTGRES_URL) as admin:  # the table as 0.x left it
+            admin.execute(
+                sql.SQL("ALTER TABLE {} DROP COLUMN waited").format(
+                    sql.Identifier(*table.split("."))
+                )
+            )
+        assert isinstance(await engine.begin(SCOPE, "before", FP), InProgress)
+        first = await executed(engine_for(later, clock), "k1")  # set up: the column is back
+        assert not waited(later, "k1")
+        second = await executed(engine, "k2")  # the running store's prepared claim
+        async with later.watch(SCOPE, "k2") as watch:
+            await running.complete(SCOPE, "k2", second.ticket.fence, RESPONSE, now=clock.now)
+            await asyncio.wait_for(watch.wait(NEVER), WAKE_BOUND)
+        await running.complete(SCOPE, "k1", first.ticket.fence, RESPONSE, now=clock.now)
+        assert isinstance(await engine.begin(SCOPE, "k1", FP), Replay)
+    finally:
+        await running.aclose()
+        await later.aclose()
 
 
 # -- names ---------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import json
 import re
 import sqlite3
 from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
 from typing import Any
 
 import asyncpg
@@ -21,6 +21,9 @@ import pytest
 from sqlalchemy import text
 
 from oncepay.idempotency.engine import Execute
+from oncepay.idempotency.stores._sql import topic
+from oncepay.idempotency.stores.base import Watch
+from oncepay.idempotency.stores.postgres import PostgresStore
 from oncepay.payments import phases
 from oncepay.payments.operations import CreatePayment, onestatement
 from oncepay.payments.recovery import recover_once
@@ -484,6 +487,52 @@ async def test_a_payment_locked_elsewhere_is_not_waited_for(
     assert response.status_code == 201, response.text
     assert calls["start"] == 0
     await assert_exactly_once(pg, response.json())
+
+
+@pytest.mark.postgres
+async def test_phase_2s_statement_notifies_only_a_key_a_waiter_marked(
+    postgres_stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The service answers a retry in flight 409 rather than waiting, so its keys go
+    unmarked and its statement sends no ``NOTIFY`` (the store's docstring says what one
+    costs); a waiter on the same table (wait mode, in another app) marks its key, and the
+    statement wakes it. Notifications come in commit order: the first is the marked key's."""
+    pg = postgres_stack
+    store = pg.services.engine.store
+    assert isinstance(store, PostgresStore)
+    watches = AsyncExitStack()
+    opened: list[Watch] = []
+    real_call = CreatePayment.call
+
+    async def call_while_watched(self: Any, svc: Any, *args: Any) -> Any:
+        answer = await real_call(self, svc, *args)
+        if not opened and (await record_of(pg, "marked")) is not None:
+            opened.append(await watches.enter_async_context(store.watch(pg.merchant.id, "marked")))
+        return answer
+
+    monkeypatch.setattr(CreatePayment, "call", call_while_watched)
+    listener = await asyncpg.connect(pg.db.url)
+    payloads: asyncio.Queue[str] = asyncio.Queue()
+    await listener.add_listener(store.channel, lambda *args: payloads.put_nowait(args[-1]))
+    try:
+        async with watches:
+            with usual_phases_refused(monkeypatch) as calls:
+                plain = await pg.post("/v1/payments", BODY, key="plain")
+                marked = await pg.post("/v1/payments", BODY, key="marked")
+            assert (plain.status_code, marked.status_code) == (201, 201), marked.text
+            assert calls == {"start": 0, "record": 0}
+            (watch,) = opened
+            await asyncio.wait_for(watch.wait(600), 10)
+        ours = {topic(pg.merchant.id, key) for key in ("plain", "marked")}
+        first = await asyncio.wait_for(payloads.get(), 10)
+        while first not in ours:  # another test's, on the same table name's channel
+            first = await asyncio.wait_for(payloads.get(), 10)
+    finally:
+        await listener.close()
+    assert first == topic(pg.merchant.id, "marked")
+    assert topic(pg.merchant.id, "plain") not in [
+        payloads.get_nowait() for _ in range(payloads.qsize())
+    ]
 
 
 async def test_many_requests_with_one_key_at_once_make_one_payment(stack: Stack) -> None:

@@ -71,7 +71,7 @@ from oncepay._jsontext import encoder
 from oncepay.http.gate import Claimable
 from oncepay.idempotency.engine import Ticket
 from oncepay.idempotency.records import StoredResponse, next_fence
-from oncepay.idempotency.stores.postgres import PostgresStore, _Names
+from oncepay.idempotency.stores.postgres import NOTIFY_WAITERS, PostgresStore, _Names
 from oncepay.idempotency.stores.sqlite import SQLiteStore
 from oncepay.payments import ledger, tracing
 from oncepay.payments.acquirers.base import AcquirerAnswer, Outcome
@@ -145,7 +145,8 @@ _PHASE_TWO = (
     "done AS (UPDATE {idem} SET state = 'completed', recovery_point = $7, "
     "lease_expires_at = $8, response_status = $9, response_headers = $10, "
     "response_body = $11 WHERE scope = $1 AND idempotency_key = $2 AND fence = $3 "
-    "AND state = 'executing' AND EXISTS (SELECT 1 FROM p) RETURNING scope, idempotency_key), "
+    "AND state = 'executing' AND EXISTS (SELECT 1 FROM p) "
+    "RETURNING scope, idempotency_key, waited), "
     "t AS (INSERT INTO ledger_transactions (id, merchant_id, payment_id, kind, created_at) "
     "SELECT x.i, $18, $4, x.kind, $6 FROM done, unnest($20::text[], $21::text[]) "
     "WITH ORDINALITY AS x(i, kind, n) ORDER BY x.n), "
@@ -157,9 +158,10 @@ _PHASE_TWO = (
     "SELECT z.i, $18, z.ty, $4, z.d, $6 FROM done, "
     "unnest($25::text[], $26::text[], $27::text[]) WITH ORDINALITY AS z(i, ty, d, n) "
     "ORDER BY z.n RETURNING seq, id, type), "
-    "d AS (" + _FAN_OUT.format(now="$6", events="e", merchant="$18") + ") "
-    "SELECT pg_notify({channel}, md5(convert_to(scope, 'UTF8') || decode('00', 'hex') "
-    "|| convert_to(idempotency_key, 'UTF8'))) FROM done"
+    "d AS ("
+    + _FAN_OUT.format(now="$6", events="e", merchant="$18")
+    + ") "
+    + NOTIFY_WAITERS  # the store's notification, for a record a waiter marked
 )
 
 # json.dumps(metadata) as the usual way writes it (its default separators), built once.
