@@ -535,6 +535,25 @@ async def test_phase_2s_statement_notifies_only_a_key_a_waiter_marked(
     ]
 
 
+@pytest.mark.postgres
+async def test_phase_2s_statement_finds_the_payment_by_its_id(postgres_stack: Stack) -> None:
+    """The plan the server keeps for phase 2 (generic, as a prepared statement gets) reaches
+    the payment through its id alone: with ``status`` in the locking scan's condition it took
+    the dashboard's (status, seq) index, every processing entry on every payment."""
+    pg = postgres_stack
+    await pg.post("/v1/payments", BODY, key="k")  # the tables exist
+    conn = await asyncpg.connect(pg.db.url, server_settings={"search_path": pg.db.schema or ""})
+    try:
+        await conn.execute("SET plan_cache_mode = force_generic_plan")
+        await conn.execute("PREPARE phase_2 AS " + onestatement._made("oncepay_idempotency")[1])
+        arguments = ", ".join(["NULL"] * 27)
+        plan = "\n".join(r[0] for r in await conn.fetch(f"EXPLAIN EXECUTE phase_2({arguments})"))
+    finally:
+        await conn.close()
+    scans = re.findall(r"Scan using (\w+) on payments\b", plan)
+    assert scans and set(scans) == {"payments_id_key"}, plan
+
+
 async def test_many_requests_with_one_key_at_once_make_one_payment(stack: Stack) -> None:
     answers = await asyncio.gather(
         *(stack.post("/v1/payments", BODY, key="same") for _ in range(24))

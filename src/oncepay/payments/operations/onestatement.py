@@ -135,13 +135,17 @@ _PHASE_TWO = (
     # $22 journal ids, $23 accounts, $24 amounts; events $25 ids, $26 types, $27 data
     "WITH k AS (SELECT 1 FROM {idem} WHERE scope = $1 AND idempotency_key = $2 AND fence = $3 "
     "AND state = 'executing' FOR UPDATE SKIP LOCKED), "
-    "l AS (SELECT 1 FROM payments WHERE id = $4 AND updated_at = $5 AND status = 'processing' "
-    "FOR UPDATE SKIP LOCKED), "
+    # The payment locked by its id alone, then checked: with ``status`` in the locking scan's
+    # condition the planner took the dashboard's (status, seq) index at an equal estimate and
+    # walked every processing entry, dead ones too, on each payment. The locked row is the
+    # latest version (READ COMMITTED), as the condition would have seen.
+    "l AS (SELECT updated_at, status FROM payments WHERE id = $4 FOR UPDATE SKIP LOCKED), "
     "p AS (UPDATE payments SET status = $12, acquirer = $13, authorization_id = $14, "
     "amount_captured = $15, failure_code = $16, failure_message = $17, "
     "outcome_unknown = FALSE, recovery_attempts = 0, escalated = FALSE, "
     "pending_operation = NULL, updated_at = $6 "
-    "WHERE id = $4 AND EXISTS (SELECT 1 FROM k) AND EXISTS (SELECT 1 FROM l) RETURNING 1), "
+    "WHERE id = $4 AND EXISTS (SELECT 1 FROM k) "
+    "AND EXISTS (SELECT 1 FROM l WHERE updated_at = $5 AND status = 'processing') RETURNING 1), "
     "done AS (UPDATE {idem} SET state = 'completed', recovery_point = $7, "
     "lease_expires_at = $8, response_status = $9, response_headers = $10, "
     "response_body = $11 WHERE scope = $1 AND idempotency_key = $2 AND fence = $3 "
