@@ -551,7 +551,8 @@ async def test_phase_2s_statement_finds_the_payment_by_its_id(postgres_stack: St
     finally:
         await conn.close()
     scans = re.findall(r"Scan using (\w+) on payments\b", plan)
-    assert scans and set(scans) == {"payments_id_key"}, plan
+    assert scans, plan
+    assert set(scans) == {"payments_id_key"}, plan
 
 
 async def test_many_requests_with_one_key_at_once_make_one_payment(stack: Stack) -> None:
