@@ -48,8 +48,8 @@ import asyncpg
 ROOT = Path(__file__).resolve().parents[2]
 PERF = ROOT.parent / "shared" / "perf"
 URL = os.environ.get("ONCEPAY_BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
-# What migrations 7 and 9 add (payments/storage/migrations.py).
-LIST_AND_DASHBOARD_INDEXES = ["payments_merchant_status", "payments_merchant_created", "refunds_merchant_seq", "refunds_payment_seq", "events_merchant_type", "events_merchant_created", "webhook_deliveries_endpoint_seq", "webhook_deliveries_event_seq", "payments_created", "payments_amount", "payments_status_seq", "payments_authorization", "events_object", "ledger_transactions_payment"]
+# What migrations 7 and 9 add: the lists' and the dashboard's indexes.
+LIST_AND_DASHBOARD_INDEXES = ("_V7_INDEXES", "_V9_INDEXES")
 ACCOUNTS = [
     "card_authorizations",
     "authorized_funds",
@@ -116,8 +116,9 @@ def oncepay_args(merchant: str) -> Args:
     now, payment, key = time.time(), new_id("pay"), secrets.token_hex(16)
     fence, scope = int(now * 1000), merchant
     one = (scope, key, "f" * 64, fence, now, now + 60, now + 86400,
-           f"payment_created:create:{payment}", payment, merchant, 1250, "EUR", "pm_card_ok",
-           "automatic", None, "{}", "processing", "primary", new_id("evt"), DOCUMENT, now)  # fmt: skip
+           f"payment_created:create:{payment}", payment, merchant, 1250, "EUR",
+           "pm_card_ok", "automatic", None, "{}", "processing", "primary", new_id("evt"),
+           DOCUMENT, now)  # fmt: skip
     journals = [new_id("txn"), new_id("txn")]
     two = (scope, key, fence, payment, now, now, f"acquirer_called:create:{payment}", now + 60,
            201, HEADERS, DOCUMENT.encode(), "captured", "primary", new_id("auth"), 1250, None,
@@ -149,7 +150,8 @@ async def oncepay_schema(schema: str, lean: bool) -> str:
     from oncepay.idempotency.stores.postgres import PostgresStore
 
     env = {**os.environ, "ONCEPAY_DATABASE_URL": f"{URL}?schema={schema}"}
-    made = subprocess.run(
+    made = await asyncio.to_thread(
+        subprocess.run,
         [sys.executable, "-m", "oncepay", "merchants", "create", "bench"],
         env=env,
         capture_output=True,
@@ -163,10 +165,13 @@ async def oncepay_schema(schema: str, lean: bool) -> str:
     finally:
         await store.aclose()
     if lean:
+        from oncepay.payments.storage import migrations
+
         conn = await asyncpg.connect(URL)
         try:
-            for index in LIST_AND_DASHBOARD_INDEXES:
-                await conn.execute(f'DROP INDEX IF EXISTS "{schema}"."{index}"')
+            for group in LIST_AND_DASHBOARD_INDEXES:
+                for index in getattr(migrations, group):
+                    await conn.execute(f'DROP INDEX IF EXISTS "{schema}"."{index}"')
         finally:
             await conn.close()
     return merchant
