@@ -21,11 +21,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import asyncpg
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script: bench imports
+
+from bench.harness.cpu import process_cpu
 
 SCHEMA = "bench_notify"
 ROWS_PER_CONNECTION = 100_000
@@ -37,12 +42,7 @@ VARIANTS = {
 
 def backend_cpu(pids: list[int]) -> float:
     """User+sys CPU seconds of the server processes ``pids``."""
-    ticks = 0
-    for pid in pids:
-        with open(f"/proc/{pid}/stat") as stat:
-            fields = stat.read().rpartition(")")[2].split()
-        ticks += int(fields[11]) + int(fields[12])
-    return ticks / os.sysconf("SC_CLK_TCK")
+    return sum(process_cpu(pid) for pid in pids)
 
 
 async def run_variant(

@@ -45,6 +45,10 @@ from typing import Any
 
 import asyncpg
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script: bench imports
+
+from bench.harness.cpu import process_cpu
+
 ROOT = Path(__file__).resolve().parents[2]
 PERF = ROOT.parent / "shared" / "perf"
 URL = os.environ.get("ONCEPAY_BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -190,12 +194,8 @@ async def reference_schema(schema: str) -> str:
 
 
 def backend_cpu(pids: list[int]) -> float:
-    ticks = 0
-    for pid in pids:
-        with open(f"/proc/{pid}/stat") as stat:
-            fields = stat.read().rpartition(")")[2].split()
-        ticks += int(fields[11]) + int(fields[12])
-    return ticks / os.sysconf("SC_CLK_TCK")
+    """User+sys CPU seconds of the server processes ``pids``."""
+    return sum(process_cpu(pid) for pid in pids)
 
 
 class Variant:
