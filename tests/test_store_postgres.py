@@ -408,7 +408,7 @@ async def test_a_table_from_before_the_mark_gets_it_and_running_processes_keep_g
     try:
         engine = engine_for(running, clock)
         await executed(engine, "before")
-        with psycopg.connect(POSTGRES_URL) as admin:  # the table as 0.x left it
+        with psycopg.connect(POSTGRES_URL) as admin:  # the table as an earlier version left it
             admin.execute(
                 sql.SQL("ALTER TABLE {} DROP COLUMN waited").format(
                     sql.Identifier(*table.split("."))

@@ -121,8 +121,8 @@ BEGIN
         SELECT FROM pg_attribute
         WHERE attrelid = to_regclass({table_name}) AND attname = 'waited' AND NOT attisdropped
     ) THEN
-        -- A table of a version before the column (0.x): a constant default, so PostgreSQL 11+
-        -- adds it without rewriting the table.
+        -- A table an earlier version made, without the column: a constant default, so
+        -- PostgreSQL 11+ adds it without rewriting the table.
         ALTER TABLE {table} ADD COLUMN waited boolean NOT NULL DEFAULT false;
     END IF;
 END
