@@ -170,7 +170,8 @@ async def test_each_primitive_is_one_round_trip_of_a_prepared_statement(
             await engine.checkpoint(warm.ticket, "started")
             await engine.release(warm.ticket)
             warm = await executed(engine, "warm-up")
-            await engine.complete(warm.ticket, RESPONSE)
+            async with store.watch(SCOPE, "warm-up"):  # the listener's connection, and a mark
+                await engine.complete(warm.ticket, RESPONSE)
             await store.get(SCOPE, "warm-up")
             await store.purge_expired(now=clock.now)
             wire.take()
@@ -183,6 +184,7 @@ async def test_each_primitive_is_one_round_trip_of_a_prepared_statement(
         "new request: complete": 1,
         "replay": 1,
         "in progress (409)": 1,
+        "wait mode: a watch opened (its mark)": 1,
         "reused (422)": 1,
         "checkpoint": 1,
         "takeover": 1,
@@ -209,6 +211,8 @@ async def _costs(
     wire.take()
     assert isinstance(await engine.begin(SCOPE, "k2", FP), InProgress)
     costs["in progress (409)"] = wire.take()
+    async with store.watch(SCOPE, "k2"):
+        costs["wait mode: a watch opened (its mark)"] = wire.take()
     assert isinstance(await engine.begin(SCOPE, "k2", OTHER_FP), Reused)
     costs["reused (422)"] = wire.take()
     await engine.checkpoint(second.ticket, "payment_created")
