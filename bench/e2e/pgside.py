@@ -52,8 +52,6 @@ from bench.harness.cpu import process_cpu
 ROOT = Path(__file__).resolve().parents[2]
 PERF = ROOT.parent / "shared" / "perf"
 URL = os.environ.get("ONCEPAY_BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
-# What migrations 7 and 9 add: the lists' and the dashboard's indexes.
-LIST_AND_DASHBOARD_INDEXES = ("_V7_INDEXES", "_V9_INDEXES")
 ACCOUNTS = [
     "card_authorizations",
     "authorized_funds",
@@ -169,13 +167,13 @@ async def oncepay_schema(schema: str, lean: bool) -> str:
     finally:
         await store.aclose()
     if lean:
-        from oncepay.payments.storage import migrations
+        # What migrations 7 and 9 add: the lists' and the dashboard's indexes.
+        from oncepay.payments.storage.migrations import _V7_INDEXES, _V9_INDEXES
 
         conn = await asyncpg.connect(URL)
         try:
-            for group in LIST_AND_DASHBOARD_INDEXES:
-                for index in getattr(migrations, group):
-                    await conn.execute(f'DROP INDEX IF EXISTS "{schema}"."{index}"')
+            for index in [*_V7_INDEXES, *_V9_INDEXES]:
+                await conn.execute(f'DROP INDEX IF EXISTS "{schema}"."{index}"')
         finally:
             await conn.close()
     return merchant
