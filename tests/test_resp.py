@@ -25,7 +25,13 @@ import hiredis
 import pytest
 from redis.asyncio import Redis
 
-from oncepay._drivers.resp import Address, NoScriptError, RespClient, ResponseError
+from oncepay._drivers.resp import (
+    JOIN_AT_MOST,
+    Address,
+    NoScriptError,
+    RespClient,
+    ResponseError,
+)
 from oncepay.errors import StoreUnavailable
 from oncepay.idempotency.records import ClaimOutcome, StoredResponse
 from oncepay.idempotency.stores.redis import RedisStore
@@ -179,6 +185,50 @@ async def test_concurrent_commands_share_one_connection_and_each_gets_its_own_re
     assert replies[:count] == list(range(1, count + 1))
     assert replies[count:-3] == [b"x" * i for i in range(0, 30_000, 100)]
     assert len(set(replies[-3:])) == 1  # one connection carried them all
+
+
+class CountingTransport:
+    """The connection's transport, counting the commands each ``write`` carries."""
+
+    def __init__(self, inner: asyncio.Transport) -> None:
+        self.inner = inner
+        self.writes: list[int] = []
+
+    def write(self, data: bytes) -> None:
+        parser, commands = hiredis.Reader(), 0
+        parser.feed(data)
+        while parser.gets() is not False:  # a command is a RESP array, as a reply can be
+            commands += 1
+        self.writes.append(commands)
+        self.inner.write(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["execute_command", "execute_packed"])
+async def test_commands_of_one_loop_iteration_go_out_in_writes_of_at_most_join_at_most(
+    client: RespClient, packed: bool
+) -> None:
+    assert await client.execute_command("PING") == b"PONG"  # connected
+    connection = client._connection  # the write pattern is internal: look inside
+    assert connection is not None
+    counting = CountingTransport(connection._transport)
+    connection._transport = counting  # type: ignore[assignment]
+    counter, count = key(), 3 * JOIN_AT_MOST + 3
+
+    def send() -> Awaitable[Any]:
+        if packed:
+            return client.execute_packed(hiredis.pack_command(("INCR", counter)))  # type: ignore[arg-type]
+        return client.execute_command("INCR", counter)
+
+    # All sent in one go, no await between them: the first goes out alone (nothing in
+    # flight), then every full batch at once, before the loop runs anything else ...
+    futures = [send() for _ in range(count)]
+    assert counting.writes == [1, JOIN_AT_MOST, JOIN_AT_MOST, JOIN_AT_MOST]
+    # ... and the rest when the loop iteration ends.
+    assert await asyncio.gather(*futures) == list(range(1, count + 1))
+    assert counting.writes == [1, JOIN_AT_MOST, JOIN_AT_MOST, JOIN_AT_MOST, 2]
 
 
 async def test_a_caller_that_gives_up_does_not_shift_the_replies(client: RespClient) -> None:

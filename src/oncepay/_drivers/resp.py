@@ -11,8 +11,13 @@ whole replayed claim costs the store 18-50 µs instead of 66-115 µs, a claim an
 25-70 µs instead of 130-250 µs (``bench/drivers/store_redis.py``, concurrency 32 to 1).
 
 **Commands** share one connection, however many tasks send them. A command goes out at once when
-nothing is in flight; otherwise it joins the others sent in the same loop iteration in one write.
-Redis answers in order, so each reply resolves the oldest waiting future (a FIFO). hiredis parses
+nothing is in flight; otherwise it joins the others sent in the same loop iteration in one write,
+at most ``JOIN_AT_MOST`` a write: a full batch goes out at once, so Redis starts on it while the
+loop is still running the tasks that send the rest. (Unbounded, the batches fell into lockstep
+under load: every task of an iteration sent, then waited while Redis ran the whole batch, the
+process idle meanwhile — 12,100-12,900 new keys a second through the middleware at 32
+connections against 14,800-16,000 at 8 a write, ``bench/overhead/PROFILE.md``.) Redis answers
+in order, so each reply resolves the oldest waiting future (a FIFO). hiredis parses
 the replies and encodes the commands. The connection opens on first use, with the AUTH and SELECT
 the URL asks for, and when the socket's buffer is full (``pause_writing``) new commands wait
 until it drains.
@@ -55,6 +60,9 @@ from oncepay.errors import StoreUnavailable
 __all__ = ["Address", "NoScriptError", "RespClient", "ResponseError", "Subscriber"]
 
 DEFAULT_PORT = 6379
+# Commands joined into one write at most (see the module's docstring: 4-12 measured alike,
+# 16 and more fall back into lockstep at 32 connections).
+JOIN_AT_MOST = 8
 
 Arg = str | bytes | int | float
 
@@ -200,10 +208,13 @@ class _Connection(asyncio.Protocol):
             raise StoreUnavailable(f"Redis: {self.broken}")
         future = self._loop.create_future()
         # _write spelled out (join when anything is in flight): this runs for every command
-        if self._unsent:
-            self._unsent.append(command)
+        unsent = self._unsent
+        if unsent:
+            unsent.append(command)
+            if len(unsent) >= JOIN_AT_MOST:
+                self._flush()
         elif self._waiting:
-            self._unsent.append(command)
+            unsent.append(command)
             self._loop.call_soon(self._flush)
         else:
             self._transport.write(command)
@@ -234,10 +245,12 @@ class _Connection(asyncio.Protocol):
 
     def _write(self, data: bytes, *, join: bool) -> None:
         """Write now when nothing is in flight (lowest latency); otherwise join the commands of
-        this loop iteration into one write: the replies in flight will wake their callers
-        together, and they tend to send their next commands together."""
+        this loop iteration into one write, ``JOIN_AT_MOST`` at most: the replies in flight
+        will wake their callers together, and they tend to send their next commands together."""
         if self._unsent:
             self._unsent.append(data)
+            if len(self._unsent) >= JOIN_AT_MOST:
+                self._flush()
         elif join:
             self._unsent.append(data)
             self._loop.call_soon(self._flush)
@@ -436,10 +449,13 @@ class RespClient:
             return self._send_when_ready(command)
         loop = connection._loop
         future = loop.create_future()
-        if connection._unsent:
-            connection._unsent.append(command)
+        unsent = connection._unsent
+        if unsent:
+            unsent.append(command)
+            if len(unsent) >= JOIN_AT_MOST:
+                connection._flush()
         elif connection._waiting:
-            connection._unsent.append(command)
+            unsent.append(command)
             loop.call_soon(connection._flush)
         else:
             connection._transport.write(command)
