@@ -502,6 +502,10 @@ async def test_each_attempt_is_signed_when_it_is_sent(hooks: Stack) -> None:
 # waited missed the events of a transaction that committed after it.
 
 
+# How long the refund may take to reach the payment's lock on a loaded machine.
+LOCK_WAIT_BOUND = 30.0
+
+
 @pytest.fixture
 async def postgres_stack(tmp_path: Path) -> AsyncIterator[Stack]:
     """PostgreSQL only: SQLite's writers wait for each other before their transactions
@@ -532,10 +536,17 @@ async def test_an_endpoint_created_while_the_payment_lock_is_awaited_gets_the_ev
         waiting = text(
             "SELECT count(*) FROM pg_stat_activity WHERE :h = ANY(pg_blocking_pids(pid))"
         )
-        async with read(stack.db) as watcher:
-            while not (await watcher.execute(waiting, {"h": holder_pid})).scalar_one():
-                assert not refund.done(), (await refund).text
-                await asyncio.sleep(0.01)  # until the refund waits for the lock
+        deadline = time.monotonic() + LOCK_WAIT_BOUND
+        while True:  # until the refund waits for the lock: polling an observed state
+            # A transaction of its own each time: pg_stat_activity is read once a transaction
+            # (its snapshot stays until the transaction ends), so one transaction around the
+            # loop kept reading the first poll's answer and waited until the suite's timeout.
+            async with read(stack.db) as watcher:
+                if (await watcher.execute(waiting, {"h": holder_pid})).scalar_one():
+                    break
+            assert not refund.done(), (await refund).text
+            assert time.monotonic() < deadline, "the refund never waited for the payment's lock"
+            await asyncio.sleep(0.01)
         body = {"url": "https://example.com/hook", "events": ["*"]}
         created = await stack.post("/v1/webhook_endpoints", body)
         assert created.status_code == 201, created.text  # committed before the refund's
