@@ -16,7 +16,7 @@ at most ``JOIN_AT_MOST`` a write: a full batch goes out at once, so Redis starts
 loop is still running the tasks that send the rest. (Unbounded, the batches fell into lockstep
 under load: every task of an iteration sent, then waited while Redis ran the whole batch, the
 process idle meanwhile — 12,100-12,900 new keys a second through the middleware at 32
-connections against 14,800-16,000 at 8 a write, ``bench/overhead/PROFILE.md``.) Redis answers
+connections against 14,800-16,000 at 8 a write: ``bench/overhead/RESULTS.md``, run O.) Redis answers
 in order, so each reply resolves the oldest waiting future (a FIFO). hiredis parses
 the replies and encodes the commands. The connection opens on first use, with the AUTH and SELECT
 the URL asks for, and when the socket's buffer is full (``pause_writing``) new commands wait
