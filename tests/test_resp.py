@@ -219,7 +219,8 @@ async def test_commands_of_one_loop_iteration_go_out_in_writes_of_at_most_join_a
 
     def send() -> Awaitable[Any]:
         if packed:
-            return client.execute_packed(hiredis.pack_command(("INCR", counter)))  # type: ignore[arg-type]
+            command = hiredis.pack_command(("INCR", counter))  # type: ignore[arg-type]
+            return client.execute_packed(command)
         return client.execute_command("INCR", counter)
 
     # All sent in one go, no await between them: the first goes out alone (nothing in
