@@ -207,7 +207,8 @@ class _Connection(asyncio.Protocol):
         if self.broken is not None:
             raise StoreUnavailable(f"Redis: {self.broken}")
         future = self._loop.create_future()
-        # _write spelled out (join when anything is in flight): this runs for every command
+        # At once when nothing is in flight, else joined to this loop iteration's write (a full
+        # batch goes at once): spelled out, this runs for every command
         unsent = self._unsent
         if unsent:
             unsent.append(command)
@@ -243,17 +244,13 @@ class _Connection(asyncio.Protocol):
 
     # -- inside
 
-    def _write(self, data: bytes, *, join: bool) -> None:
-        """Write now when nothing is in flight (lowest latency); otherwise join the commands of
-        this loop iteration into one write, ``JOIN_AT_MOST`` at most: the replies in flight
-        will wake their callers together, and they tend to send their next commands together."""
+    def _write(self, data: bytes) -> None:
+        """Write now, or after the commands already waiting for this loop iteration's write
+        (so that the socket sees every command in the order it was sent)."""
         if self._unsent:
             self._unsent.append(data)
             if len(self._unsent) >= JOIN_AT_MOST:
                 self._flush()
-        elif join:
-            self._unsent.append(data)
-            self._loop.call_soon(self._flush)
         else:
             self._transport.write(data)
 
@@ -329,7 +326,7 @@ class _SubscribedConnection(_Connection):
         if self.broken is not None:
             raise StoreUnavailable(f"Redis pub/sub: {self.broken}")
         self._subscribing = True
-        self._write(command, join=False)
+        self._write(command)
 
     async def next_message(self) -> Any:
         while not self._messages:
