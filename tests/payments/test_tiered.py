@@ -23,9 +23,21 @@ pytestmark = pytest.mark.redis
 
 
 @pytest.fixture
-def redis_url() -> str:
+def redis_url() -> Iterator[str]:
+    """The tier's Redis under a prefix of this test's own, whose records are deleted after it
+    (they would otherwise stay in the shared server until their TTL)."""
     require_redis()
-    return f"{REDIS_URL}?prefix=oncepay-test:tier-{uuid.uuid4().hex[:8]}:"
+    import redis
+
+    prefix = f"oncepay-test:tier-{uuid.uuid4().hex[:8]}:"
+    yield f"{REDIS_URL}?prefix={prefix}"
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        names = list(client.scan_iter(match=f"{prefix}*", count=1000))
+        if names:
+            client.delete(*names)
+    finally:
+        client.close()
 
 
 @pytest.fixture
