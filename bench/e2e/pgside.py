@@ -13,20 +13,25 @@ the same round (this machine's speed drifts by a third within minutes). Medians 
 
 Variants (``--variants``, comma-separated; the first is the base of the ratios):
 
-* ``oncepay`` -- ``payments.operations.onestatement``'s statements on the schema the service's
-  migrations make;
+* ``oncepay`` -- ``payments.operations.onestatement``'s statements on the schema the service
+  makes (its migrations, its idempotency table and that table's recovery-point index);
 * ``lean`` -- the same, without the lists' and the dashboard's indexes (migrations 7 and 9):
   what those indexes cost the write path;
 * ``nofanout`` -- the same, without the webhook fan-out (``INSERT … SELECT`` over the
   merchant's endpoints, none here): what it costs when nobody subscribed;
+* ``hot`` -- the same, the recovery-point index replaced by one on a stored generated column
+  (the point's object id, which completion does not change), so that the record's completion
+  can be a heap-only (HOT) update as the toolkit's table (``fillfactor`` 80) intends: what the
+  index that blocks it costs;
 * ``reference`` -- ``../shared/perf/ref_server.py``'s 2-commit statements (imported from
   there, not copied) on its own schema.
 
     .venv/bin/python bench/e2e/pgside.py [--rounds 8] [--seconds 2] [--connections 16] \\
-        [--variants oncepay,lean,nofanout,reference]
+        [--variants oncepay,lean,nofanout,hot,reference]
 
-Writes only the schemas ``bench_pgside_<variant>`` and drops them at the end; reads /proc, so
-the server must run on this machine.
+Each variant also prints its tables' updates and how many were heap-only (HOT). Writes only the
+schemas ``bench_pgside_<variant>`` and drops them at the end; reads /proc, so the server must
+run on this machine.
 """
 
 from __future__ import annotations
@@ -147,8 +152,9 @@ def reference_args(merchant: str) -> Args:
     return one, two
 
 
-async def oncepay_schema(schema: str, lean: bool) -> str:
-    """The service's schema (its migrations, its idempotency store's table); a merchant."""
+async def oncepay_schema(schema: str, variant: str) -> str:
+    """The service's schema (its migrations, its idempotency store's table and index); a
+    merchant."""
     from oncepay.idempotency.stores.postgres import PostgresStore
 
     env = {**os.environ, "ONCEPAY_DATABASE_URL": f"{URL}?schema={schema}"}
@@ -166,16 +172,24 @@ async def oncepay_schema(schema: str, lean: bool) -> str:
         await store.get("bench", "set-up")  # creates the table
     finally:
         await store.aclose()
-    if lean:
-        # What migrations 7 and 9 add: the lists' and the dashboard's indexes.
-        from oncepay.payments.storage.migrations import _V7_INDEXES, _V9_INDEXES
+    from oncepay.payments.storage.migrations import _V7_INDEXES, _V9_INDEXES
 
-        conn = await asyncpg.connect(URL)
-        try:
+    table = f'"{schema}".oncepay_idempotency'
+    conn = await asyncpg.connect(URL)
+    try:
+        if variant == "hot":
+            await conn.execute(
+                f"ALTER TABLE {table} ADD COLUMN recovery_object text "
+                "GENERATED ALWAYS AS (split_part(recovery_point, ':', 3)) STORED"
+            )
+            await conn.execute(f"CREATE INDEX ON {table} (recovery_object)")
+        else:  # as payments.storage.idempotency makes it when the service starts
+            await conn.execute(f"CREATE INDEX ON {table} (recovery_point)")
+        if variant == "lean":  # what migrations 7 and 9 add: the lists' and dashboard's indexes
             for index in [*_V7_INDEXES, *_V9_INDEXES]:
                 await conn.execute(f'DROP INDEX IF EXISTS "{schema}"."{index}"')
-        finally:
-            await conn.close()
+    finally:
+        await conn.close()
     return merchant
 
 
@@ -216,7 +230,7 @@ class Variant:
             self.sql = (ref.PG_START2, ref.PG_FINISH.format(k=ref.PG_K_DONE))
             self.args = reference_args
         else:
-            self.merchant = await oncepay_schema(self.schema, lean=self.name == "lean")
+            self.merchant = await oncepay_schema(self.schema, self.name)
             self.sql = oncepay_statements(self.name)
             self.args = oncepay_args
         settings = {"search_path": self.schema}
@@ -247,6 +261,14 @@ class Variant:
             await conn.close()
         admin = await asyncpg.connect(URL)
         try:
+            if self.conns:  # a backend's counters reach the view by the time it has exited
+                updated = await admin.fetch(
+                    "SELECT relname, n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables "
+                    "WHERE schemaname = $1 AND n_tup_upd > 0 ORDER BY relname",
+                    self.schema,
+                )
+                hot = ", ".join(f"{r[0]} {r[2]}/{r[1]}" for r in updated)
+                print(f"{self.name}: heap-only updates {hot or 'none'}")
             await admin.execute(f'DROP SCHEMA IF EXISTS "{self.schema}" CASCADE')
         finally:
             await admin.close()
