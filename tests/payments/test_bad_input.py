@@ -47,6 +47,19 @@ BAD_BODIES = [
     pytest.param(json.dumps({**GOOD, "currency": "XAU"}).encode(), id="currency-gold"),
     pytest.param(json.dumps({**GOOD, "metadata": {"k\x00": "v"}}).encode(), id="nul-metadata"),
     pytest.param(json.dumps({**GOOD, "metadata": {"k": "x" * 501}}).encode(), id="metadata-long"),
+    # Past Python's limit on an integer's digits (4,300) and past its recursion limit: the
+    # parser's own errors, not a malformed document, and still a 400.
+    pytest.param(
+        b'{"amount": ' + b"9" * 5000 + b', "currency": "USD", "payment_method": "pm_card_ok"}',
+        id="number-5000-digits",
+    ),
+    pytest.param(
+        b'{"amount": 1000, "currency": "USD", "payment_method": "pm_card_ok", "metadata": '
+        + b"[" * 5000
+        + b"]" * 5000
+        + b"}",
+        id="nested-5000-deep",
+    ),
     pytest.param(
         json.dumps({**GOOD, "metadata": {str(i): "v" for i in range(51)}}).encode(),
         id="metadata-many",

@@ -58,7 +58,12 @@ async def test_a_body_without_a_content_type_is_415_too(stack: Stack) -> None:
 
 @pytest.mark.parametrize(
     ("body", "content_type"),
-    [(b"{not json", "application/json"), (json.dumps(PAYMENT).encode(), "text/plain")],
+    [
+        (b"{not json", "application/json"),
+        (json.dumps(PAYMENT).encode(), "text/plain"),
+        (b'{"amount": ' + b"9" * 5000 + b"}", "application/json"),
+        (b"[" * 5000 + b"]" * 5000, "application/json"),
+    ],
 )
 async def test_who_is_asking_is_settled_before_the_body(
     stack: Stack, body: bytes, content_type: str

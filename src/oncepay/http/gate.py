@@ -201,7 +201,7 @@ def fastapi_validation_error(status: int, headers: Sequence[tuple[str, str]], bo
         return False
     try:
         document = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):  # echoed input can be as deep or long as the request's
         return False
     errors = document.get("detail") if len(document) == 1 else None
     return isinstance(errors, list) and bool(errors) and all(map(_is_request_error, errors))

@@ -74,6 +74,8 @@ def problem_for(error: OncePayError, *, stripe_compatible: bool = False) -> Prob
     retry_after = getattr(error, "retry_after", None)
     if retry_after is not None:
         headers.append(("retry-after", str(max(1, math.ceil(retry_after)))))
+    if error.status == 401:  # RFC 9110 §15.5.2: a 401 names how to authenticate
+        headers.append(("www-authenticate", 'Bearer realm="oncepay"'))
     internal = error.status >= 500 and not isinstance(error, RetryableError)
     detail = _INTERNAL_DETAIL if internal else error.detail
     if stripe_compatible:

@@ -446,30 +446,36 @@ def _usual(episode: Episode) -> str:
     return f"about {episode.expected:.0f} would be usual for this tenant"
 
 
+def _n(count: int, one: str, many: str) -> str:
+    """``count`` and the word that agrees with it: "1 address", "3 addresses"."""
+    return f"{count} {one if count == 1 else many}"
+
+
 _DETAILS = {
     KEY_PER_RETRY: lambda e: (
-        f"{e.events} requests were sent again under a fresh idempotency key seconds after the "
-        f"same request ({_usual(e)}), so each executed twice: reuse the key of the first "
-        f"attempt when retrying (example keys: {_examples(e)})."
+        f"{_n(e.events, 'request was', 'requests were')} sent again under a fresh idempotency "
+        f"key seconds after the same request ({_usual(e)}), so each executed twice: reuse the "
+        f"key of the first attempt when retrying (example keys: {_examples(e)})."
     ),
     KEY_REUSE: lambda e: (
-        f"{e.events} requests reused an idempotency key already used for a different request "
-        f"and were refused (422) ({_usual(e)}): mint a new key per logical operation "
-        f"(example keys: {_examples(e)})."
+        f"{_n(e.events, 'request', 'requests')} reused an idempotency key already used for a "
+        f"different request and {'was' if e.events == 1 else 'were'} refused (422) "
+        f"({_usual(e)}): mint a new key per logical operation (example keys: {_examples(e)})."
     ),
     REPLAY_STORM: lambda e: (
-        f"{e.events} replays of completed requests, far beyond any retry schedule, from "
-        f"{e.sources} addresses ({_usual(e)}): check for a bot or replayed traffic and rotate "
-        f"credentials if they are not yours (example keys: {_examples(e)})."
+        f"{_n(e.events, 'replay', 'replays')} of completed requests, far beyond any retry "
+        f"schedule, from {_n(e.sources, 'address', 'addresses')} ({_usual(e)}): check for a "
+        f"bot or replayed traffic and rotate credentials if they are not yours (example keys: "
+        f"{_examples(e)})."
     ),
     RETRY_AFTER_EXPIRY: lambda e: (
-        f"{e.events} keys came back after their record had expired and executed again "
-        f"({_usual(e)}): stop the retry loop sooner, or keep keys longer (see the learned TTL) "
-        f"(example keys: {_examples(e)})."
+        f"{_n(e.events, 'key', 'keys')} came back after their record had expired and executed "
+        f"again ({_usual(e)}): stop the retry loop sooner, or keep keys longer (see the learned "
+        f"TTL) (example keys: {_examples(e)})."
     ),
     NO_BACKOFF: lambda e: (
-        f"{e.events} retries were fired while the first attempt was still running, ignoring "
-        f"Retry-After (409s; {_usual(e)}): back off exponentially and honour Retry-After "
-        f"(example keys: {_examples(e)})."
+        f"{_n(e.events, 'retry was', 'retries were')} fired while the first attempt was still "
+        f"running, ignoring Retry-After (409s; {_usual(e)}): back off exponentially and honour "
+        f"Retry-After (example keys: {_examples(e)})."
     ),
 }

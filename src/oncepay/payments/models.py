@@ -379,10 +379,21 @@ class WebhookEndpointCreate(_Request):
 
 
 class WebhookEndpointUpdate(_Request):
+    """A field left out keeps its value; ``null`` is refused rather than read as "left out"
+    (``{"url": null}`` answered 200 and changed nothing): send ``""`` to clear a description."""
+
     url: Url | None = None
     events: EventTypes | None = None
     description: Description | None = None
     disabled: bool | None = None
+
+    @model_validator(mode="after")
+    def _no_nulls(self) -> WebhookEndpointUpdate:
+        for name in sorted(self.model_fields_set):
+            if getattr(self, name) is None:
+                hint = ' (send "" to clear it)' if name == "description" else ""
+                raise ValueError(f"{name} may not be null; leave it out to keep it{hint}")
+        return self
 
 
 class RotateSecret(_Request):

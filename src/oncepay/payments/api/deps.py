@@ -205,8 +205,19 @@ async def known_query_only(request: Request) -> None:
 
 
 def _refuse_unknown_query(request: Request) -> None:
+    """Unknown query parameters are refused, and so is a NUL character in any parameter, path
+    or query: PostgreSQL refuses one in text, so it names nothing (a path's id: 404; a query
+    parameter: 400), where it would otherwise fail the statement that carries it."""
+    for name, value in request.path_params.items():
+        if isinstance(value, str) and "\x00" in value:
+            raise ResourceMissing(f"{name}: no id has a NUL character")
+    query = request.scope.get("query_string")
+    if query and b"%00" in query:
+        for name, value in request.query_params.multi_items():
+            if "\x00" in name or "\x00" in value:
+                raise InvalidRequest(f"{name!r}: a NUL character is not allowed")
     dependant = getattr(request.scope.get("route"), "dependant", None)
-    if dependant is None or not request.scope.get("query_string"):
+    if dependant is None or not query:
         return  # no query string (every POST, most reads): nothing can be unknown
     known = {param.alias for param in _all_query_params(dependant)}
     deep = _deep_objects(request)  # metadata[key]=value: any key of a declared deepObject
@@ -217,6 +228,12 @@ def _refuse_unknown_query(request: Request) -> None:
     )
     if unknown:
         raise InvalidRequest(f"unknown query parameter(s): {', '.join(unknown)}")
+    # Each parameter once, as each JSON key once (jsonbody.py): ``limit=1&limit=100`` would
+    # otherwise mean whichever one the framework keeps, and a proxy may keep the other.
+    names = [name for name, _ in request.query_params.multi_items()]
+    if len(names) != len(set(names)):
+        twice = sorted({name for name in names if names.count(name) > 1})
+        raise InvalidRequest(f"query parameter(s) given more than once: {', '.join(twice)}")
 
 
 def _deep_objects(request: Request) -> set[str]:

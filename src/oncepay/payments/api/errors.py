@@ -13,12 +13,21 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from oncepay.errors import OncePayError
+from oncepay.http.problems import PROBLEM_CONTENT_TYPE, Problem
+from oncepay.payments.api.accesslog import REQUEST_ID
 from oncepay.payments.api.deps import problem_response
 from oncepay.payments.errors import InvalidRequest, MethodNotAllowed, ResourceMissing
 
 __all__ = ["add_handlers"]
 
 log = logging.getLogger("oncepay.payments")
+
+# What a 500 says: the log has the rest, under the answer's Request-Id. A payment's phases are
+# transactions, so a retry under the same Idempotency-Key resumes or repeats safely (SPEC §5).
+_UNEXPECTED = (
+    "an unexpected error on the server, logged under this answer's Request-Id; a request sent "
+    "with an Idempotency-Key can be retried under the same key"
+)
 
 
 def add_handlers(app: FastAPI) -> None:
@@ -53,8 +62,17 @@ def add_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> Response:
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return problem_response(OncePayError("an unexpected error; nothing was changed"))
+        # Starlette answers this one from outside every middleware (ServerErrorMiddleware), so
+        # the access log's Request-Id is added here, as on every other answer.
+        request_id = request.scope.get("state", {}).get(REQUEST_ID)
+        log.exception(
+            "unhandled error on %s %s (request %s)", request.method, request.url.path, request_id
+        )
+        problem = Problem(500, "internal_error", "Internal Server Error", _UNEXPECTED, [])
+        response = Response(problem.body, 500, media_type=PROBLEM_CONTENT_TYPE)
+        if request_id:
+            response.headers["request-id"] = request_id
+        return response
 
 
 def _allowed_methods(request: Request) -> list[str]:

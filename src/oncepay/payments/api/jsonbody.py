@@ -15,6 +15,7 @@ caller without a valid key learns that, not what was wrong with its body)."""
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -55,6 +56,12 @@ def loads(body: bytes) -> Any:
         ) from None
     except UnicodeDecodeError:
         raise json.JSONDecodeError("malformed JSON: not UTF-8 text", "", 0) from None
+    except ValueError as exc:  # Python's limit on an integer's digits (int_max_str_digits)
+        raise json.JSONDecodeError(
+            f"a number has more than {sys.get_int_max_str_digits()} digits", "", 0
+        ) from exc
+    except RecursionError:
+        raise json.JSONDecodeError("arrays and objects nested too deeply", "", 0) from None
 
 
 class _StrictJsonRequest(Request):

@@ -11,6 +11,7 @@ import hashlib
 import hmac
 import io
 import json
+import re
 import uuid
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
@@ -48,6 +49,7 @@ templates.env.filters["money"] = lambda amount, currency: f"{amount:,} {currency
 
 router = APIRouter(prefix="/dashboard", include_in_schema=False)
 STREAM_INTERVAL = 1.0  # seconds between two snapshots of the live overview
+MAX_SEQ = 2**63 - 1  # a page cursor is a row's seq, a BIGINT
 
 
 def _services(request: Request) -> Services:
@@ -276,6 +278,10 @@ def _filter(
 ) -> queries.PaymentFilter:
     if status and status not in queries.STATUSES:
         raise InvalidRequest(f"unknown status {status!r}")
+    texts = {"id": id, "key": key, "reference": reference, "event": event, "merchant": merchant}
+    for name, value in texts.items():
+        if value and "\x00" in value:  # PostgreSQL refuses NUL in text: it names nothing
+            raise InvalidRequest(f"{name}: a NUL character is not allowed")
 
     def clean(value: str | None) -> str | None:
         return value.strip() or None if value else None
@@ -297,8 +303,11 @@ def _filter(
 def _amount(value: str | None) -> int | None:
     if not value or not value.strip():
         return None
-    if not value.strip().isdigit():
-        raise InvalidRequest(f"{value!r} is not an amount in minor units (a whole number)")
+    # ASCII digits only (str.isdigit takes "²" too) and fewer than a BIGINT's 19.
+    if not re.fullmatch(r"[0-9]{1,18}", value.strip()):
+        raise InvalidRequest(
+            f"{value!r} is not an amount in minor units (a whole number of at most 18 digits)"
+        )
     return int(value)
 
 
@@ -310,7 +319,7 @@ async def payments_page(
     request: Request,
     who: OperatorDep,
     found: FilterDep,
-    before: Annotated[int | None, Query(ge=1)] = None,
+    before: Annotated[int | None, Query(ge=1, le=MAX_SEQ)] = None,
 ) -> HTMLResponse:
     rows, next_before = await queries.search_payments(_services(request).db, found, before=before)
     query = dict(request.query_params)
@@ -378,7 +387,11 @@ def _iso(moment: float | None) -> str:
 @router.get("/payments/{payment_id}")
 async def payment_page(request: Request, who: OperatorDep, payment_id: str) -> HTMLResponse:
     services = _services(request)
-    found = await queries.timeline(services.db, payment_id, _key_hasher(services))
+    found = (
+        None
+        if "\x00" in payment_id  # no id has one (and PostgreSQL refuses it in text)
+        else await queries.timeline(services.db, payment_id, _key_hasher(services))
+    )
     if found is None:
         raise ResourceMissing(f"no payment {payment_id}")
     trace_url = services.settings.dashboard_trace_url

@@ -18,7 +18,7 @@ from oncepay.payments.api.deps import (
     idempotent,
     resource_router,
 )
-from oncepay.payments.currencies import MAX_AMOUNT
+from oncepay.payments.currencies import CURRENCIES, MAX_AMOUNT
 from oncepay.payments.errors import InvalidRequest
 from oncepay.payments.models import list_public, payment_public, refund_public
 from oncepay.payments.operations import Cancel, Capture, CreatePayment, CreateRefund
@@ -158,6 +158,8 @@ async def list_payments(
     c = payments.c
     scope = amounts.conditions(c.amount)
     if currency is not None:
+        if currency not in CURRENCIES:  # a typo must not look like a quiet day
+            raise InvalidRequest(f"unknown currency {currency!r}; GET /v1/currencies lists them")
         scope.append(c.currency == currency)
     for n, (key, value) in enumerate(_metadata(request).items()):
         scope.append(metadata_is(services.db, c.metadata, key, value, n))

@@ -1,0 +1,111 @@
+"""What a black-box review of the running service found (2026-12-07), one test a finding; each
+failed before its fix. The 500s it found (a 5,000-digit number, JSON nested 5,000 deep, a NUL or
+an out-of-range number in a dashboard or operator parameter) are pinned in test_bad_input.py,
+test_clear_errors.py and test_hostile_parameters.py."""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any
+
+import httpx
+import pytest
+
+from oncepay.insight.analyzer import _DETAILS
+from oncepay.insight.baseline import Episode
+from oncepay.payments.api.routes import currencies
+from tests.payments.stack import Stack
+
+
+class _Broken:
+    def values(self) -> Any:
+        raise RuntimeError("a bug in the handler")
+
+
+async def test_an_unexpected_error_is_a_problem_with_a_request_id_and_a_true_detail(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(currencies, "CURRENCIES", _Broken())
+    app = stack.client._transport.app  # type: ignore[attr-defined]
+    client = httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app, raise_app_exceptions=False),
+        base_url="http://payments",
+        headers={"Authorization": f"Bearer {stack.api_key}"},
+    )
+    with caplog.at_level(logging.ERROR, logger="oncepay.payments"):
+        async with client:
+            answer = await client.get("/v1/currencies")
+    assert answer.status_code == 500
+    assert answer.headers["content-type"] == "application/problem+json"
+    request_id = answer.headers["request-id"]  # as on every other answer
+    assert re.fullmatch(r"req_[0-9a-f]{24}", request_id)
+    problem = answer.json()
+    assert problem["code"] == "internal_error"
+    assert "Request-Id" in problem["detail"]
+    assert "idempotency layer" not in problem["detail"]  # it was not the idempotency layer
+    logged = [r for r in caplog.records if "unhandled error" in r.getMessage()]
+    assert logged
+    assert request_id in logged[0].getMessage()  # the id finds the traceback
+
+
+async def test_a_401_says_how_to_authenticate(stack: Stack) -> None:
+    for path in ("/v1/payments", "/v1/admin/merchants"):
+        answer = await stack.client.get(path, headers={"Authorization": "Bearer sk_wrong"})
+        assert answer.status_code in (401, 404), path  # no operator API without its token
+        if answer.status_code == 401:
+            assert answer.headers["www-authenticate"] == 'Bearer realm="oncepay"'
+    answer = await stack.client.get("/v1/payments", headers={"Authorization": "Bearer sk_wrong"})
+    assert answer.status_code == 401
+
+
+async def test_an_unknown_currency_filter_is_refused_not_an_empty_list(stack: Stack) -> None:
+    await stack.pay(currency="EUR")
+    refused = await stack.client.get("/v1/payments", params={"currency": "XYZ"})
+    assert refused.status_code == 400
+    assert "unknown currency 'XYZ'" in refused.json()["detail"]
+    found = await stack.client.get("/v1/payments", params={"currency": "EUR"})
+    assert len(found.json()["data"]) == 1
+
+
+async def test_a_query_parameter_given_twice_is_refused(stack: Stack) -> None:
+    for _ in range(3):
+        await stack.pay()
+    for query in ("limit=1&limit=3", "limit=3&limit=1", "status=captured&status=failed"):
+        answer = await stack.client.get(f"/v1/payments?{query}")
+        assert answer.status_code == 400, query
+        assert "given more than once" in answer.json()["detail"]
+    once = await stack.client.get("/v1/payments?limit=2")
+    assert len(once.json()["data"]) == 2
+
+
+async def test_a_webhook_endpoint_update_refuses_null_instead_of_ignoring_it(
+    stack: Stack,
+) -> None:
+    headers = {"Idempotency-Key": stack.new_key()}
+    body = {"url": "https://example.com/hook", "events": ["*"], "description": "mine"}
+    made = await stack.client.post("/v1/webhook_endpoints", json=body, headers=headers)
+    assert made.status_code == 201, made.text
+    path = f"/v1/webhook_endpoints/{made.json()['id']}"
+    for field in ("url", "events", "disabled", "description"):
+        answer = await stack.client.post(
+            path, json={field: None}, headers={"Idempotency-Key": stack.new_key()}
+        )
+        assert answer.status_code == 400, (field, answer.text)
+        assert f"{field} may not be null" in answer.json()["detail"]
+    cleared = await stack.client.post(
+        path, json={"description": ""}, headers={"Idempotency-Key": stack.new_key()}
+    )
+    assert cleared.status_code == 200
+    kept = cleared.json()
+    assert (kept["url"], kept["description"]) == ("https://example.com/hook", "")
+
+
+@pytest.mark.parametrize("kind", sorted(_DETAILS))
+def test_an_insight_detail_agrees_with_its_counts(kind: str) -> None:
+    one = _DETAILS[kind](Episode(0.0, 1.0, events=1, expected=0.0, examples=("k",), sources=1))
+    assert not re.search(r"\b1 (requests|replays|keys|retries|addresses)\b", one), one
+    assert " were refused" not in one, one
+    assert " retries were" not in one, one
+    many = _DETAILS[kind](Episode(0.0, 1.0, events=5, expected=0.0, examples=("k",), sources=3))
+    assert re.search(r"\b5 (requests|replays|keys|retries)\b", many), many
