@@ -110,6 +110,30 @@ async def test_no_get_route_answers_a_hostile_parameter_with_a_500(operated: Sta
     assert not bad, "\n".join(bad)
 
 
+async def test_no_post_route_answers_a_hostile_path_parameter_with_a_500(operated: Stack) -> None:
+    app: Any = operated.client._transport.app  # type: ignore[attr-defined]
+    templates = [
+        route.path
+        for route in app.routes
+        if isinstance(route, APIRoute) and "POST" in (route.methods or ()) and "{" in route.path
+    ]
+    assert len(templates) > 10, templates
+    wrong = []
+    for template in templates:
+        async with _client(operated, template) as client:
+            for value in HOSTILE:
+                path = re.sub(r"\{\w+(?::\w+)?\}", quote(value, safe=""), template)
+                headers = {"Idempotency-Key": f"hostile-{len(wrong)}-{abs(hash(path))}"}
+                try:
+                    answer = await client.post(path, json={}, headers=headers)
+                except Exception as exc:
+                    wrong.append(f"POST {path[:80]!r}: {exc!r}"[:300])
+                    continue
+                if answer.status_code >= 500:
+                    wrong.append(f"POST {path[:80]!r}: {answer.status_code} {answer.text[:200]}")
+    assert not wrong, "\n".join(wrong)
+
+
 async def test_a_csv_export_refuses_a_bad_filter_before_it_streams(operated: Stack) -> None:
     async with _client(operated, "/dashboard") as client:
         for params in (
