@@ -118,7 +118,7 @@ async def test_no_post_route_answers_a_hostile_path_parameter_with_a_500(operate
         if isinstance(route, APIRoute) and "POST" in (route.methods or ()) and "{" in route.path
     ]
     assert len(templates) > 10, templates
-    wrong = []
+    wrong: list[str] = []
     for template in templates:
         async with _client(operated, template) as client:
             for value in HOSTILE:
