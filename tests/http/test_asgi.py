@@ -827,3 +827,37 @@ async def test_the_store_is_closed_at_shutdown_of_an_app_added_as_middleware(
     assert await _lifespan(app) == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
     with pytest.raises(StoreUnavailable):
         await store.get(_scope(), "k1")  # closed
+
+
+# -- a body whose declared length is reached before its last message (black-box review) -------
+
+
+async def _whole_body_then_an_empty_last_message(scope: Any, receive: Any, send: Any) -> None:
+    """An app that streams as a proxy does: its whole Content-Length with more_body, then an
+    empty closing message."""
+    await receive()
+    body = b'{"ok":true}'
+    headers = [(b"content-type", b"application/json"), (b"content-length", b"11")]
+    await send({"type": "http.response.start", "status": 201, "headers": headers})
+    await send({"type": "http.response.body", "body": body, "more_body": True})
+    await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+async def test_a_body_complete_by_its_length_waits_for_the_record_like_a_last_chunk() -> None:
+    request = [{"type": "http.request", "body": b"{}"}]
+    failing = IdempotencyMiddleware(_whole_body_then_an_empty_last_message, store=_CompleteFails())
+    sent = await raw_call(failing, request, idempotency_key="k1")
+    # The record could not be stored: a clean 503, not the app's complete 201 followed by a
+    # closing message that never comes (a client reading by length would have had it all).
+    assert [m["type"] for m in sent] == ["http.response.start", "http.response.body"]
+    assert sent[0]["status"] == 503
+    assert b"idempotency_store_unavailable" in sent[1]["body"]
+    store = MemoryStore()
+    working = IdempotencyMiddleware(_whole_body_then_an_empty_last_message, store=store)
+    sent = await raw_call(working, request, idempotency_key="k2")
+    assert sent[0]["status"] == 201
+    assert b"".join(m.get("body", b"") for m in sent[1:]) == b'{"ok":true}'
+    assert sent[-1]["more_body"] is False
+    record = await store.get(_scope(), "k2")
+    assert record is not None
+    assert record.state is RecordState.COMPLETED

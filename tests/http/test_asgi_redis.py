@@ -394,3 +394,22 @@ async def test_the_default_clock_is_claimed_to_the_bit(
         now + engine.lease,
         now + engine.ttl,
     )
+
+
+async def test_the_short_way_holds_a_body_complete_by_its_length_until_stored(
+    store: RedisStore, redis_url: str
+) -> None:
+    """The black-box review's finding on the short way too: a body whose Content-Length is
+    reached before an empty last message is held with that message and sent once stored."""
+    from tests.http.test_asgi import _whole_body_then_an_empty_last_message as app
+
+    working = IdempotencyMiddleware(app, store=store)
+    assert isinstance(working, _ScriptedMiddleware)
+    sent = await raw_call(working, [{"type": "http.request", "body": b"{}"}], idempotency_key="w")
+    assert sent[0]["status"] == 201
+    assert b"".join(m.get("body", b"") for m in sent[1:]) == b'{"ok":true}'
+    record = await store.get(_scope(), "w")
+    assert record is not None
+    assert record.state is RecordState.COMPLETED
+    assert record.response is not None
+    assert record.response.body == b'{"ok":true}'

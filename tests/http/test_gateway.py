@@ -231,8 +231,26 @@ async def test_an_unreachable_store_is_503_and_the_upstream_is_not_called(upstre
             health = await client.get(f"{url}/health")
     assert response.status_code == 503
     assert response.json()["code"] == "idempotency_store_unavailable"
+    # The store's address is for the log, not for whoever asks (a black-box review).
+    assert "127.0.0.1" not in response.text
     assert health.status_code == 503
+    assert health.json() == {"status": "degraded", "store": "unavailable"}
     assert await count(upstream, "pay") == before
+
+
+async def test_fail_open_passes_requests_through_a_store_outage(upstream: str) -> None:
+    """SPEC §2: fail closed; fail open is an explicit option (the gateway had none)."""
+    dead_store = f"redis://127.0.0.1:{free_port()}/0"
+    process, url = gateway(upstream, dead_store, "--fail-open")
+    before = await count(upstream, "pay")
+    with process:
+        async with httpx.AsyncClient(timeout=30) as client:
+            headers = {"idempotency-key": "open-1"}
+            first = await client.post(f"{url}/pay", json={}, headers=headers)
+            second = await client.post(f"{url}/pay", json={}, headers=headers)
+    assert first.status_code == second.status_code == 201  # unprotected: it ran twice
+    assert "idempotent-replayed" not in second.headers
+    assert await count(upstream, "pay") == before + 2
 
 
 def test_no_cookie_state_and_only_the_clients_headers_go_upstream(
@@ -318,6 +336,49 @@ def test_a_failed_upstream_says_what_became_of_the_key(tmp_path: Path) -> None:
     assert (keyed.status_code, keyed.json()["code"]) == (502, "upstream_failed")
     assert "idempotency key stays locked" in keyed.json()["detail"]
     assert again.status_code == 409  # the truth: it is locked
+
+
+def test_an_upstream_that_breaks_off_mid_body_keeps_the_key_locked(tmp_path: Path) -> None:
+    """A black-box review: the upstream ran, answered its head and part of the body, then hung
+    up; the key was released and a retry ran it again. Now it stays locked (409) as for any
+    failure after the request left."""
+    upstream_process, upstream_url = body_upstream("http.server")
+    with upstream_process:
+        process, url = gateway(upstream_url, f"sqlite:///{tmp_path / 'g.db'}")
+        with process, httpx.Client(timeout=30) as client:
+            headers = {"idempotency-key": "c1"}
+            with pytest.raises(httpx.TransportError):  # the answer is cut short, not completed
+                client.post(f"{url}/cut", content=b"{}", headers=headers)
+            again = client.post(f"{url}/cut", content=b"{}", headers=headers)
+            ran = client.get(f"{upstream_url}/cuts").text
+    assert again.status_code == 409
+    assert again.json()["code"] == "idempotency_request_in_progress"
+    assert ran == "1"
+
+
+async def test_the_clients_host_and_connection_cannot_forge_what_goes_upstream(
+    upstream: str, tmp_path: Path
+) -> None:
+    """A black-box review: a quote in Host added a ``for=`` of the client's choosing to
+    Forwarded, and a header the client's Connection named went upstream."""
+    process, url = gateway(upstream, f"sqlite:///{tmp_path / 'g.db'}")
+    with process:
+        async with httpx.AsyncClient(timeout=30) as client:
+            echoed = await client.post(
+                f"{url}/echo",
+                content=b"{}",
+                headers={
+                    "idempotency-key": "f1",
+                    "host": 'a";for="10.9.9.9',
+                    "connection": "x-secret, keep-alive",
+                    "x-secret": "internal",
+                    "x-kept": "yes",
+                },
+            )
+    seen = dict(echoed.json()["headers"])
+    assert seen["forwarded"] == 'for="127.0.0.1";host="a\\";for=\\"10.9.9.9";proto=http'
+    assert "x-secret" not in seen
+    assert seen["x-kept"] == "yes"
 
 
 async def test_fingerprint_secret_makes_fingerprints_hmacs(upstream: str, tmp_path: Path) -> None:

@@ -138,12 +138,30 @@ def wsgi_echo(environ: dict[str, Any], start_response: Callable[..., Any]) -> It
     return [answer]
 
 
+_CUTS = [0]  # executions of http.server's /cut
+
+
 class _Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         length = self.headers.get("content-length")
         body = self.rfile.read(int(length)) if length else b""
         if self.path == "/drop":  # read it all, then hang up without a word
             self.close_connection = True
+            return
+        if self.path == "/cut":  # run, answer a head promising 100 bytes, send 7, hang up
+            _CUTS[0] += 1
+            self.close_connection = True
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", "100")
+            self.end_headers()
+            self.wfile.write(b"partial")
+            return
+        if self.path == "/cuts":  # how many times /cut ran
+            self.send_response(200)
+            self.send_header("content-length", str(len(str(_CUTS[0]))))
+            self.end_headers()
+            self.wfile.write(str(_CUTS[0]).encode())
             return
         if self.path == "/hang":  # past any gateway timeout a test sets
             time.sleep(30)

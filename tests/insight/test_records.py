@@ -47,6 +47,26 @@ def test_bad_lines_are_counted_and_skipped_and_the_rest_is_read() -> None:
     assert reader.bad_examples == [2, 3, 4]
 
 
+@pytest.mark.parametrize(
+    "at",
+    ["1e400", "-1e400", "NaN", "Infinity", "9" * 400],
+    ids=["inf", "-inf", "nan", "Infinity", "400-digits"],
+)
+def test_a_time_that_is_no_finite_number_is_a_bad_line_not_a_crash(at: str) -> None:
+    """A black-box review: ``"at":1e400`` (or NaN) crashed ``oncepay insight analyze``."""
+    sink_shaped = (
+        f'{{"at":{at},"tenant":"t","route":"","key":"","fingerprint":"","decision":"replayed",'
+        '"status":200,"source":null,"ttl":null}\n'
+    )
+    loose = f'{{"at":{at},"tenant":"t","decision":"replayed"}}\n'
+    for bad in (sink_shaped, loose):
+        lines = [to_line(GOOD), bad, to_line(GOOD._replace(at=2.0))]
+        reader = UsageReader(io.BytesIO("".join(lines).encode()))
+        assert [r.at for r in reader] == [1.5, 2.0]
+        assert reader.bad_examples == [2]
+        assert parse_line(bad) is None
+
+
 def test_a_missing_key_or_fields_the_analysis_can_do_without_are_tolerated() -> None:
     record = parse_line('{"at": 5, "tenant": "m_2", "decision": "missing", "key": null}')
     assert record == Usage(5.0, "m_2", "", "", "", "missing", 0, None, None)

@@ -31,6 +31,15 @@ def gateway(
     wait: Annotated[
         float, typer.Option(envvar="ONCEPAY_WAIT", min=0, help="Hold duplicates up to N s.")
     ] = 0.0,
+    fail_open: Annotated[
+        bool,
+        typer.Option(
+            "--fail-open",
+            envvar="ONCEPAY_FAIL_OPEN",
+            help="Through a store outage, pass requests upstream unprotected (logged) "
+            "instead of answering 503.",
+        ),
+    ] = False,
     scope_header: Annotated[
         str | None,
         typer.Option(
@@ -129,6 +138,7 @@ def gateway(
         ONCEPAY_UPSTREAM_TIMEOUT=str(timeout),
         ONCEPAY_KEY_REQUIRED="false" if optional_key else "true",
         ONCEPAY_WAIT=str(wait),
+        ONCEPAY_FAIL_OPEN="true" if fail_open else "false",
         ONCEPAY_SCOPE_HEADER=scope_header or "",
         ONCEPAY_SCOPE_COOKIE=scope_cookie or "",
         ONCEPAY_FINGERPRINT_SECRET=fingerprint_secret or "",

@@ -21,6 +21,7 @@ from oncepay.http.gate import (
     NOT_STORED,
     REPLAYED_HEADER,
     Gate,
+    OutcomeUnknown,
     Passthrough,
     Request,
     Respond,
@@ -45,6 +46,10 @@ from oncepay.idempotency.stores.base import ScriptedStore
 __all__ = ["DISCONNECTED", "IdempotencyMiddleware", "read_body", "replaying"]
 
 log = logging.getLogger("oncepay.http")
+# Set in the scope's state when a managed request goes to the app with no key claimed for it
+# (failing open through a store outage, or no key where none is required): the gateway's
+# proxy then does not say a key of its stays locked.
+UNCLAIMED = "oncepay.unclaimed"
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -143,6 +148,7 @@ class IdempotencyMiddleware:
             )
             await send({"type": "http.response.body", "body": outcome.body})
         else:  # Passthrough: no key where none is required, or failing open
+            scope.setdefault("state", {})[UNCLAIMED] = True
             await self.app(scope, replaying(body, receive), send)
 
     def _closing_at_shutdown(self, send: Send) -> Send:
@@ -255,7 +261,10 @@ class _Responder:
 
     The record is completed *before* the last body chunk goes out: a client never sees a
     complete success whose record failed to store. With a single-chunk response (the common
-    case) nothing has been sent yet, so a store failure becomes a clean 503 instead.
+    case) nothing has been sent yet, so a store failure becomes a clean 503 instead. "The last
+    chunk" is the one that completes a declared ``Content-Length`` when the app sends more
+    after it (an empty closing message, as a proxy streaming its upstream's body does): a
+    client reading by length has its whole answer with that chunk, so it waits too.
 
     When the app completed the record in its own transaction (``held``), the last message
     waits for the app to return, so that its commit (in a dependency's teardown, say) is done
@@ -286,6 +295,8 @@ class _Responder:
         "start",
         "started",
         "store",
+        "streamed",
+        "withheld",
     )
 
     def __init__(self, gate: Gate, run: Run, send: Send) -> None:
@@ -303,6 +314,10 @@ class _Responder:
         self.chunks: list[bytes] = []
         self.size = 0
         self.oversized = False
+        self.streamed = 0  # body bytes of messages with more_body sent (or withheld) so far
+        # Messages with more_body kept back with the last one: those from the one completing
+        # the declared Content-Length on (None: none so far).
+        self.withheld: list[Message] | None = None
         # For the key-usage log: the request, the scope the app routes in, its first root_path.
         self.noting: tuple[Request, Scope, str] | None = None
         # A ScriptedStore to complete on directly, when the gate stores as it always does
@@ -312,10 +327,17 @@ class _Responder:
     async def run(self, app: ASGIApp, scope: Scope, receive: Receive) -> None:
         try:
             await app(scope, receive, self.capture)
-        except BaseException:
+        except BaseException as exc:
             if not self.finished or self._completed_by_app():
                 self._note(500)
-                await self.gate.abandon(self._run())  # fenced: never undoes a committed record
+                if isinstance(exc, OutcomeUnknown):  # it may have acted: no second run yet
+                    log.warning(
+                        "outcome unknown for key %r (%s): kept locked until its lease lapses",
+                        self._run().ticket.key,
+                        exc,
+                    )
+                else:
+                    await self.gate.abandon(self._run())  # fenced: never undoes a committed one
             else:  # the app failed after its whole response: store and send it all the same
                 await asyncio.shield(self._settle())
             raise
@@ -342,6 +364,10 @@ class _Responder:
         chunk = message.get("body", b"")
         if message.get("more_body", False):
             self._collect(chunk)
+            self.streamed += len(chunk)
+            if self.withheld is not None or self._completes_length():
+                self.withheld = [*(self.withheld or ()), message]
+                return
             await self._send_start()
             await self.send(message)
             return
@@ -356,6 +382,15 @@ class _Responder:
         self.last = message
         if self.held is None or self.held.completed is None:
             self.later = asyncio.get_running_loop().call_soon(self._app_suspended)
+
+    def _completes_length(self) -> bool:
+        """Whether the body streamed so far reaches the start's declared Content-Length."""
+        start = self.start
+        assert start is not None, "http.response.body before http.response.start"
+        for name, value in start.get("headers", ()):
+            if name.lower() == b"content-length":
+                return value.isdigit() and self.streamed >= int(value)
+        return False
 
     def _run(self) -> Run:
         """The request's ``Run`` (its ticket and expiry text)."""
@@ -443,6 +478,10 @@ class _Responder:
             self.started = True
             headers = [*start.get("headers", ()), (_EXPIRES, self.expires_raw)]
             await self.send({**start, "headers": headers})
+        if self.withheld is not None:
+            withheld, self.withheld = self.withheld, None
+            for message in withheld:
+                await self.send(message)
         await self.send(last)
 
     async def _send_start(self) -> None:
@@ -600,6 +639,7 @@ class _ScriptedMiddleware(IdempotencyMiddleware):
         elif isinstance(outcome, Respond):
             await _respond(send, outcome)
         else:  # failing open
+            scope.setdefault("state", {})[UNCLAIMED] = True
             await self.app(scope, replaying(body, receive), send)
 
 
@@ -663,6 +703,8 @@ class _ScriptedResponder(_Responder):
         self.chunks = []
         self.size = 0
         self.oversized = False
+        self.streamed = 0
+        self.withheld = None
         self.noting = None
         self.store = None  # the general way's store: this class completes on ``completes``
         self.completes = completes
@@ -722,6 +764,10 @@ class _ScriptedResponder(_Responder):
         if not self.started:
             self.started = True
             await self.send({**start, "headers": [*raw, (_EXPIRES, self.expires_raw)]})
+        if self.withheld is not None:
+            withheld, self.withheld = self.withheld, None
+            for message in withheld:
+                await self.send(message)
         await self.send(last)
 
 

@@ -91,6 +91,16 @@ BODY_OMITTED_HEADER = "idempotent-body-omitted"
 # upstream timed out after receiving the request. The key then stays locked until its lease
 # lapses instead of being released for an immediate, possibly concurrent, second run.
 OUTCOME_UNKNOWN_HEADER = "idempotency-outcome"
+
+
+class OutcomeUnknown(Exception):
+    """Raised by an app (the gateway) whose response broke off after its side effect may have
+    happened — the upstream answered, then dropped the connection mid-body. The middleware
+    then keeps the key locked until its lease lapses, as for ``Idempotency-Outcome: unknown``,
+    instead of releasing it as it does for any other exception (one that means the app
+    failed before acting, or rolled back)."""
+
+
 # The same header's other value: on a 4xx or 5xx, "refused before anything ran" (a validation
 # error, an authorization failure). Nothing is stored and the key is released, so the client
 # may fix its request and send it again under the same key.
@@ -403,6 +413,8 @@ class Gate:
             if self.fail_open:
                 log.warning("idempotency store unavailable, failing open: %s", exc.detail)
                 return Passthrough()
+            # The client's 503 says only that the store could not be reached (problems.py).
+            log.warning("idempotency store unavailable, answering 503: %s", exc.detail)
             return self.problem(exc)
         if not isinstance(exc, ClientError):  # a configuration error found only now, say
             log.exception("idempotency failed before the request ran: %s", exc.detail)

@@ -32,8 +32,15 @@ import httpx
 
 from oncepay.errors import ConfigurationError, OncePayError
 from oncepay.http._cookies import NoCookies
-from oncepay.http.asgi import IdempotencyMiddleware, Message, Receive, Scope, Send
-from oncepay.http.gate import NOT_STORED, OUTCOME_UNKNOWN_HEADER, Gate, Request, ScopeFunction
+from oncepay.http.asgi import UNCLAIMED, IdempotencyMiddleware, Message, Receive, Scope, Send
+from oncepay.http.gate import (
+    NOT_STORED,
+    OUTCOME_UNKNOWN_HEADER,
+    Gate,
+    OutcomeUnknown,
+    Request,
+    ScopeFunction,
+)
 from oncepay.http.problems import Problem
 from oncepay.http.scopes import scope_from_cookie, scope_from_header
 from oncepay.idempotency.stores import store_from_url
@@ -70,6 +77,10 @@ _KEY_LOCKED = (
 Keyed = Callable[[Scope], bool]
 
 
+class _BrokeOff(OutcomeUnknown):
+    """The upstream's response broke off after its head: the request reached it and ran."""
+
+
 def _unkeyed(scope: Scope) -> bool:
     return False
 
@@ -81,6 +92,9 @@ class GatewaySettings:
     timeout: float = DEFAULT_UPSTREAM_TIMEOUT
     required: bool = True
     wait: float = 0.0
+    # Through a store outage, pass requests upstream unprotected (a warning logged for each)
+    # instead of answering 503 (SPEC §2: fail closed; fail open is an explicit option).
+    fail_open: bool = False
     # Scope keys by this header / cookie (the cookie first, the header as its fallback)
     # instead of by Authorization; see oncepay.http.scopes.
     scope_header: str | None = None
@@ -100,7 +114,7 @@ class GatewaySettings:
     @classmethod
     def from_env(cls) -> GatewaySettings:
         """Read ``ONCEPAY_UPSTREAM``, ``ONCEPAY_STORE_URL``, ``ONCEPAY_UPSTREAM_TIMEOUT``,
-        ``ONCEPAY_KEY_REQUIRED``, ``ONCEPAY_WAIT``, ``ONCEPAY_SCOPE_HEADER``,
+        ``ONCEPAY_KEY_REQUIRED``, ``ONCEPAY_WAIT``, ``ONCEPAY_FAIL_OPEN``, ``ONCEPAY_SCOPE_HEADER``,
         ``ONCEPAY_SCOPE_COOKIE``, ``ONCEPAY_FINGERPRINT_SECRET``, ``ONCEPAY_USAGE_LOG`` and
         ``ONCEPAY_ADAPTIVE_TTL_FILE`` (with ``_MIN``, ``_MAX`` and ``_RELOAD``: how uvicorn
         workers get their config)."""
@@ -111,6 +125,7 @@ class GatewaySettings:
             timeout=float(env.get("ONCEPAY_UPSTREAM_TIMEOUT", DEFAULT_UPSTREAM_TIMEOUT)),
             required=env.get("ONCEPAY_KEY_REQUIRED", "true").lower() in {"1", "true", "yes"},
             wait=float(env.get("ONCEPAY_WAIT", "0")),
+            fail_open=env.get("ONCEPAY_FAIL_OPEN", "false").lower() in {"1", "true", "yes"},
             scope_header=env.get("ONCEPAY_SCOPE_HEADER") or None,
             scope_cookie=env.get("ONCEPAY_SCOPE_COOKIE") or None,
             fingerprint_secret=env.get("ONCEPAY_FINGERPRINT_SECRET") or None,
@@ -190,6 +205,10 @@ class Proxy:
             return
         try:
             await _stream_back(response, send)
+        except (httpx.TransportError, httpx.StreamError) as exc:
+            # The upstream answered, then broke off mid-body: it ran. The client's response is
+            # cut short (the connection drops) and the key stays locked (OutcomeUnknown).
+            raise _BrokeOff(f"{self._may_have_run(scope)} ({exc!r})") from exc
         finally:
             await response.aclose()
 
@@ -204,18 +223,37 @@ class Proxy:
 
 
 def _forward_headers(scope: Scope) -> list[tuple[bytes, bytes]]:
-    headers = [(k, v) for k, v in scope["headers"] if k.decode("latin-1") not in _NOT_FORWARDED]
+    # Hop-by-hop too: whatever the client's Connection header names (RFC 9110 §7.6.1).
+    dropped = _NOT_FORWARDED | _connection_options(scope["headers"])
+    headers = [(k, v) for k, v in scope["headers"] if k.decode("latin-1") not in dropped]
     client = scope.get("client")
     client_host = client[0] if client else "unknown"
     host = next((v for k, v in scope["headers"] if k == b"host"), b"").decode("latin-1")
     proto = scope.get("scheme", "http")
     headers += [
-        (b"forwarded", f'for="{client_host}";host="{host}";proto={proto}'.encode()),
+        (b"forwarded", f"for={_quoted(client_host)};host={_quoted(host)};proto={proto}".encode()),
         (b"x-forwarded-for", client_host.encode()),
         (b"x-forwarded-host", host.encode()),
         (b"x-forwarded-proto", proto.encode()),
     ]
     return headers
+
+
+def _connection_options(headers: list[tuple[bytes, bytes]]) -> set[str]:
+    """The header names a ``Connection`` header lists (lower case): hop-by-hop by its say."""
+    return {
+        name.strip().lower()
+        for key, value in headers
+        if key == b"connection"
+        for name in value.decode("latin-1").split(",")
+        if name.strip()
+    }
+
+
+def _quoted(value: str) -> str:
+    """``value`` as an RFC 7239 quoted-string: a quote or backslash in a client's Host cannot
+    end it and add a ``for=`` of the client's choosing."""
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 async def _request_content(
@@ -339,8 +377,9 @@ class _Health:
         status, store = 200, "ok"
         try:
             await self.app.gate.engine.store.get("oncepay-health", "probe")
-        except OncePayError as exc:
-            status, store = 503, exc.detail
+        except OncePayError as exc:  # the detail names the store's address: logged, not shown
+            log.warning("health check: the idempotency store failed: %s", exc.detail)
+            status, store = 503, "unavailable"
         body = json.dumps({"status": "ok" if status == 200 else "degraded", "store": store})
         start: Message = {
             "type": "http.response.start",
@@ -369,6 +408,7 @@ def create_app(settings: GatewaySettings | None = None) -> _Health:
         store=store_from_url(settings.store),
         required=settings.required,
         wait=settings.wait,
+        fail_open=settings.fail_open,
         **options,
     )
     proxy.keyed = _keyed_by(middleware.gate)
@@ -377,11 +417,13 @@ def create_app(settings: GatewaySettings | None = None) -> _Health:
 
 def _keyed_by(gate: Gate) -> Keyed:
     """Whether ``gate`` claimed a key for the request the proxy is sending: a managed request
-    that carries one (the gateway never fails open, so every such request the proxy sees
-    was claimed; a missing, invalid or busy key never reaches it)."""
+    that carries one, unless the middleware passed it through failing open (a missing,
+    invalid or busy key never reaches the proxy)."""
 
     def keyed(scope: Scope) -> bool:
         if not gate.manages(scope["method"], scope["path"]):
+            return False
+        if scope.get("state", {}).get(UNCLAIMED):  # passed through, failing open
             return False
         headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]]
         request = Request(scope["method"], scope["path"], "", headers)

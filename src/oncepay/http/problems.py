@@ -11,6 +11,7 @@ from oncepay.errors import (
     OncePayError,
     RequestInProgress,
     RetryableError,
+    StoreUnavailable,
 )
 
 __all__ = ["PROBLEM_CONTENT_TYPE", "Problem", "problem_for"]
@@ -28,6 +29,9 @@ _STRIPE: dict[str, tuple[int, str, str | None]] = {
 # A 500 of ours (a configuration error found mid-request) says what went wrong in the log; the
 # client learns only that nothing ran.
 _INTERNAL_DETAIL = "the idempotency layer failed before the request ran; nothing was executed"
+# A store outage's own text names the store's address ("cannot connect to Redis at
+# 10.0.3.7:6379"): that is for the log (the gate writes it there), not for any client.
+_STORE_DETAIL = "the idempotency store could not be reached; nothing was executed: retry later"
 
 
 class Problem:
@@ -77,7 +81,10 @@ def problem_for(error: OncePayError, *, stripe_compatible: bool = False) -> Prob
     if error.status == 401:  # RFC 9110 §15.5.2: a 401 names how to authenticate
         headers.append(("www-authenticate", 'Bearer realm="oncepay"'))
     internal = error.status >= 500 and not isinstance(error, RetryableError)
-    detail = _INTERNAL_DETAIL if internal else error.detail
+    if isinstance(error, StoreUnavailable):
+        detail = _STORE_DETAIL
+    else:
+        detail = _INTERNAL_DETAIL if internal else error.detail
     if stripe_compatible:
         kind = "invalid_request_error" if isinstance(error, ClientError) else "api_error"
         status, kind, code = _STRIPE.get(error.code, (error.status, kind, error.code))

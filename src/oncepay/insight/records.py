@@ -17,6 +17,7 @@ lenient way (:func:`from_object`), so the records are the same whichever path re
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Callable, Iterable, Iterator
 from typing import IO, Any, Literal, NamedTuple
@@ -122,9 +123,16 @@ def _rows(found: list[tuple[str, ...]]) -> list[Row]:
 
 
 def _number(value: Any) -> float | None:
+    """A finite number as a float; None for anything else (1e400 and NaN parse as numbers)."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
+        number = float(value)  # an int past a float's range raises OverflowError
+        return number if math.isfinite(number) else None
     return None
+
+
+def _finite(rows: list[Row]) -> bool:
+    """Whether every row's time (and TTL, where given) is a finite number."""
+    return all(math.isfinite(row[0]) and (row[8] is None or math.isfinite(row[8])) for row in rows)
 
 
 def _text(value: Any) -> str | None:
@@ -161,10 +169,11 @@ def parse_line(line: str | bytes) -> Usage | None:
     text = text.strip()
     fast = _SINK_LINE.match(text)
     if fast is not None:
-        return Usage(*_rows([fast.groups()])[0])
+        row = _rows([fast.groups()])[0]
+        return Usage(*row) if _finite([row]) else None
     try:
         return from_object(json.loads(text))
-    except ValueError:  # JSONDecodeError alike
+    except (ValueError, OverflowError, RecursionError):  # JSONDecodeError alike
         return None
 
 
@@ -194,10 +203,12 @@ def _fast(block: str | bytes) -> list[Row] | None:
     """Every record of the block the fast way, or None when a line needs a closer look."""
     if _decode_fast is not None:
         try:
-            return _decode_fast(block)
+            rows = _decode_fast(block)
         except ValueError:  # msgspec's errors, and bytes that are not UTF-8
             return None
-    return _rows(_SINK_LINE.findall(_decoded(block)))
+    else:
+        rows = _rows(_SINK_LINE.findall(_decoded(block)))
+    return rows if _finite(rows) else None  # 1e400 is a float to both: look line by line
 
 
 class UsageReader:
