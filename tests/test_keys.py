@@ -44,6 +44,8 @@ def test_bare_tokens_and_sf_strings_name_the_same_key(raw: str, key: str) -> Non
         ('"unterminated', "does not close"),
         ('"bad \\n escape"', "may only escape"),
         ('"inner " quote"', "unescaped quote"),
+        ('"abc";p=1', "';p=1' after its quoted string"),  # an sf-item's parameters
+        ('"a\\"b";x', "';x' after its quoted string"),
     ],
 )
 def test_malformed_keys_are_refused_with_a_clear_detail(raw: str, detail: str) -> None:

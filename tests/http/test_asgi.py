@@ -454,9 +454,13 @@ async def test_header_aliases_and_included_routes(make_client: Any, runs: Execut
         first = await post(client, "/payments", None, headers={"x-idempotency-key": "k1"})
         again = await post(client, "/payments", "k1")  # the primary header names the same key
         unmanaged = await post(client, "/stream", None)  # outside include: passes through
+        # Both the key and its alias (a black-box review: the first was used, silently).
+        both = await post(client, "/payments", "k2", headers={"x-idempotency-key": "other"})
     assert again.headers["idempotent-replayed"] == "true"
     assert first.content == again.content
     assert unmanaged.status_code == 200
+    problem = assert_problem(both, 400, "idempotency_key_invalid")
+    assert "both idempotency-key and x-idempotency-key" in problem["detail"]
     assert runs["pay"] == 1
 
 

@@ -306,13 +306,20 @@ class Gate:
     def key(self, request: Request) -> str | Invalid | None:
         """The key the request names; ``None`` when absent and optional; ``Invalid`` when
         malformed, or sent twice: an Idempotency-Key is one RFC 8941 Item, one line."""
-        for name in self.headers:
+        for index, name in enumerate(self.headers):
             values = [value for header, value in request.headers if header == name]
             if len(values) > 1:
                 return Invalid(
                     IdempotencyKeyInvalid(f"{len(values)} {name} header lines: send one")
                 )
             if values:
+                # An alias beside the key (or two aliases): which one is meant is a guess,
+                # as with two lines of one header.
+                also = [h for h in self.headers[index + 1 :] if request.header(h) is not None]
+                if also:
+                    return Invalid(
+                        IdempotencyKeyInvalid(f"both {name} and {also[0]} sent: send one key")
+                    )
                 return (
                     self.engine.parse(values[0], required=True)
                     if _single(values[0])

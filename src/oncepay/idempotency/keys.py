@@ -118,6 +118,12 @@ def parse_key(raw: str) -> str:
 def _parse_sf_string(value: str) -> str:
     """Parse an RFC 8941 §3.3.3 sf-string: quotes around, only ``\\"`` and ``\\\\`` escapes."""
     if len(value) < 2 or not value.endswith('"'):
+        end = _closing_quote(value)
+        if end is not None:  # "abc";p=1: an sf-item's parameters, which a key does not take
+            raise IdempotencyKeyInvalid(
+                f"Idempotency-Key has {value[end + 1 :]!r} after its quoted string; send the "
+                "key alone, without parameters"
+            )
         raise IdempotencyKeyInvalid("Idempotency-Key opens a quoted string but does not close it")
     out: list[str] = []
     chars = iter(value[1:-1])
@@ -134,6 +140,19 @@ def _parse_sf_string(value: str) -> str:
         else:
             out.append(ch)
     return "".join(out)
+
+
+def _closing_quote(value: str) -> int | None:
+    """The index of the quote closing the sf-string ``value`` opens, or None."""
+    escaped = False
+    for index in range(1, len(value)):
+        if escaped:
+            escaped = False
+        elif value[index] == "\\":
+            escaped = True
+        elif value[index] == '"':
+            return index
+    return None
 
 
 def scope_from_authorization(authorization: str | None) -> str:
