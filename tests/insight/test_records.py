@@ -67,6 +67,28 @@ def test_a_time_that_is_no_finite_number_is_a_bad_line_not_a_crash(at: str) -> N
         assert parse_line(bad) is None
 
 
+@pytest.mark.parametrize(
+    "field",
+    [
+        {"key": {"a": 1}},
+        {"key": ["k"]},
+        {"route": {"x": 1}},
+        {"status": "200"},
+        {"status": True},
+        {"ttl": "86400"},
+        {"source": 7},
+    ],
+    ids=str,
+)
+def test_an_optional_field_of_the_wrong_type_makes_a_bad_line(field: dict[str, object]) -> None:
+    """A black-box review: these were read with the field blanked, silently."""
+    line = json.dumps({"at": 5, "tenant": "m_2", "decision": "replayed", **field})
+    assert parse_line(line) is None
+    reader = UsageReader(iter([to_line(GOOD), line + "\n"]))
+    assert len(list(reader)) == 1
+    assert reader.bad_examples == [2]
+
+
 def test_a_missing_key_or_fields_the_analysis_can_do_without_are_tolerated() -> None:
     record = parse_line('{"at": 5, "tenant": "m_2", "decision": "missing", "key": null}')
     assert record == Usage(5.0, "m_2", "", "", "", "missing", 0, None, None)

@@ -150,6 +150,16 @@ def from_object(obj: Any) -> Usage | None:
     moment = _number(at)
     if moment is None or type(tenant) is not str or decision not in DECISIONS:
         return None
+    # The optional fields may be absent or null; present with another type (a key that is an
+    # object, a status that is a string), the line is not a decision record as SPEC §9 writes
+    # one, and is counted as such rather than read with the field blanked.
+    texts = (route, key, fingerprint, source)
+    if any(value is not None and type(value) is not str for value in texts):
+        return None
+    if (status is not None and type(status) is not int) or (
+        ttl is not None and _number(ttl) is None
+    ):
+        return None
     return Usage(
         moment,
         tenant,
