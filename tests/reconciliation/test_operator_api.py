@@ -354,6 +354,7 @@ async def test_a_bad_run_request_is_a_4xx_problem(operator: Stack) -> None:
         "unknown acquirer": await post(operator, "/runs", {"acquirer": "tertiary"}, key="b"),
         "future day": await post(operator, "/runs", {"day": tomorrow}, key="c"),
         "bad day": await post(operator, "/runs", {"day": "2026-1-1"}, key="d"),
+        "compact day": await post(operator, "/runs", {"day": "20261201"}, key="d2"),
         "negative grace": await post(operator, "/runs", {"grace_days": -1}, key="e"),
         "grace a string": await post(operator, "/runs", {"grace_days": "3"}, key="f"),
         "unknown field": await post(operator, "/runs", {"acquirer": "primary", "x": 1}, key="g"),

@@ -34,13 +34,18 @@ DatabaseUrl = Annotated[
 def settings(**overrides: Any) -> Any:
     """Settings from ONCEPAY_* variables, with the options actually given on top."""
     from pydantic import ValidationError
+    from rich.markup import escape
 
     from oncepay.payments.settings import Settings
 
     try:
         return Settings(**{k: v for k, v in overrides.items() if v is not None})
     except ValidationError as exc:
-        console.print(f"[red]error:[/red] {exc}")
+        for error in exc.errors(include_url=False):  # one line each, named as the option is
+            where = ".".join(str(part) for part in error["loc"])
+            option = f"--{where.replace('_', '-')}: " if where else ""
+            message = error["msg"].removeprefix("Value error, ")
+            console.print(f"[red]error:[/red] {escape(option + message)}", soft_wrap=True)
         raise typer.Exit(2) from exc
 
 

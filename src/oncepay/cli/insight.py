@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import IO, Annotated, Any
 
 import typer
+from rich.markup import escape
 
 from oncepay.cli._common import console
 from oncepay.insight.analyzer import Analyzer, analyze
@@ -153,6 +154,12 @@ def simulate(
 ) -> None:
     """Write a labelled log (OUT), its labels (OUT.labels.jsonl) and a clean held-out week
     after it (OUT.heldout.jsonl), from SEED."""
+    if not out.absolute().parent.is_dir():
+        console.print(
+            f"[red]error:[/red] --out {escape(str(out))}: its directory does not exist",
+            soft_wrap=True,
+        )
+        raise typer.Exit(2)
     simulation = Simulation(seed=seed, tenants=tenants, days=days, scale=scale)
     written = _write(out, simulation, held_out=False)
     held = _write(_beside(out, "heldout.jsonl"), simulation, held_out=True)
@@ -186,7 +193,7 @@ def score(
     """Precision and recall per kind against LABELS; TTL coverage and key-seconds against a
     fixed 24 h on the held-out week."""
     analyzer = _analyzed(log, TtlBounds())
-    truth = [_label(json.loads(line)) for line in labels.read_text().splitlines() if line]
+    truth = _labels(labels)
     kinds = score_findings(analyzer.findings(), truth)
     result: dict[str, Any] = {
         "kinds": [
@@ -228,3 +235,29 @@ def score(
 
 def _label(obj: dict[str, Any]) -> Label:
     return Label(obj["tenant"], obj["kind"], float(obj["start"]), float(obj["end"]))
+
+
+def _labels(path: Path) -> list[Label]:
+    """The labels file's lines as labels; a line that is not one is a clear error, exit 2."""
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        console.print(
+            f"[red]error:[/red] {escape(str(path))}: cannot be read: {escape(str(exc))}",
+            soft_wrap=True,
+        )
+        raise typer.Exit(2) from exc
+    found = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            found.append(_label(json.loads(line)))
+        except (ValueError, KeyError, TypeError) as exc:  # not JSON, or not {tenant, kind, …}
+            console.print(
+                f"[red]error:[/red] {escape(str(path))} line {number} is not a label "
+                f'{{"tenant", "kind", "start", "end"}}: {escape(repr(exc))}',
+                soft_wrap=True,
+            )
+            raise typer.Exit(2) from exc
+    return found

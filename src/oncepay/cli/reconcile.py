@@ -7,6 +7,7 @@ cannot be used (nothing is written then)."""
 from __future__ import annotations
 
 import json
+import re
 from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
@@ -102,6 +103,8 @@ def _day(value: str | None) -> date:
     today = datetime.now(UTC).date()
     if value is None:
         return today
+    if not re.fullmatch(r"[0-9]{4}-[0-9]{2}-[0-9]{2}", value):  # fromisoformat takes 20261207
+        _refuse(f"--date {value!r} is not a day YYYY-MM-DD")
     try:
         day = date.fromisoformat(value)
     except ValueError:

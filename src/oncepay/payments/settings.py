@@ -142,6 +142,31 @@ class Settings(BaseSettings):
                 raise ValueError(f"{value!r} is not a rate such as '100/second': {exc}") from None
         return value
 
+    @field_validator("acquirer_url", "secondary_acquirer_url")
+    @classmethod
+    def _an_acquirer_url(cls, value: str | None) -> str | None:
+        """An http(s) URL with a host: anything else would start a service whose every call
+        to its acquirer fails (SPEC §8: a bad URL is a clear error)."""
+        if value is not None:
+            from urllib.parse import urlsplit
+
+            parts = urlsplit(value)
+            if parts.scheme not in {"http", "https"} or not parts.netloc:
+                raise ValueError(f"{value!r} is not an http(s) URL")
+        return value
+
+    @field_validator("usage_log")
+    @classmethod
+    def _a_usage_log(cls, value: str | None) -> str | None:
+        """A file in a directory that exists (its secret and the log are made at start-up)."""
+        if value:
+            import os.path
+
+            folder = os.path.dirname(os.path.abspath(value))
+            if not os.path.isdir(folder):
+                raise ValueError(f"{value!r}: its directory {folder!r} does not exist")
+        return value
+
     @model_validator(mode="after")
     def _adaptive_ttl_bounds(self) -> Settings:
         if self.adaptive_ttl_file and not self.adaptive_ttl:

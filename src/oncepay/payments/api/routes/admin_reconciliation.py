@@ -9,6 +9,7 @@ key, is a 409 ``discrepancy_closed`` that says how and why it was closed."""
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import replace
 from datetime import UTC, date, datetime
@@ -50,6 +51,7 @@ OPERATOR = Merchant("operator", "operator")
 MAX_NOTE = 2000
 MAX_ID = 2**63 - 1  # a discrepancy id is a 64-bit integer in the database
 
+_ISO_DAY = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
 Day = Annotated[date | None, Query(description="A UTC day, YYYY-MM-DD (inclusive).")]
 # No NUL: PostgreSQL refuses one in text, so it never names anything (a 400, not a 500).
 NO_NUL = r"^[^\x00]*$"
@@ -145,10 +147,12 @@ def _run_day(value: str | None) -> date:
     today = datetime.now(UTC).date()
     if value is None:
         return today
-    try:
-        day = date.fromisoformat(value)
+    try:  # fromisoformat takes 20261207 too: the docs say YYYY-MM-DD, and so does this
+        day = date.fromisoformat(value) if _ISO_DAY.fullmatch(value) else None
     except ValueError:
-        raise InvalidRequest(f"day {value!r} is not a day YYYY-MM-DD") from None
+        day = None
+    if day is None:
+        raise InvalidRequest(f"day {value!r} is not a day YYYY-MM-DD")
     if day > today:
         raise InvalidRequest(f"day {value} is in the future: nothing has settled yet")
     if day < EARLIEST_DAY:
