@@ -180,6 +180,19 @@ def test_without_a_schedule_only_the_arithmetic_of_the_fee_is_checked() -> None:
     assert found(reconcile(day.lines, day.books(), as_of=DAY)) == [("fee_mismatch", "re_0000000")]
 
 
+def test_a_negative_capture_fee_is_a_fee_mismatch_even_without_a_schedule() -> None:
+    """A black-box review: ``fee -50, net 1050`` on a capture of 1000 matched silently (the
+    acquirer paid out more than the customer was charged)."""
+    day = clean_day(3)
+    first = day.lines[0]
+    assert first.type == "capture"
+    day.lines[0] = first._replace(fee=-50, net=first.amount + 50)
+    outcome = reconcile(day.lines, day.books(), as_of=DAY)
+    assert found(outcome) == [("fee_mismatch", first.reference)]
+    assert "is negative" in outcome.discrepancies[0].detail
+    assert outcome.matched == len(day.lines)  # it settles, as a fee off the schedule does
+
+
 def test_settled_pairs_go_to_the_sink_when_one_is_given() -> None:
     day = clean_day(10)
     taken: list[str] = []

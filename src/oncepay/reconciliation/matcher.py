@@ -183,6 +183,7 @@ class _Run:
                 and line.currency == op.currency
                 and line.net == FeeSchedule.net(kind, amount, fee)
                 and (fees is None or fee == fees.fee(kind, amount))
+                and (fee >= 0 or kind != "capture")  # a negative capture fee: _check_fee
             ):
                 self.matched += 1
                 self.settle(line, op)
@@ -215,7 +216,12 @@ class _Run:
         if line.net != net:
             detail = f"net {line.net} is not amount {line.amount} less fee {line.fee} ({net})"
             return self._open(Kind.FEE_MISMATCH, line, payment_id, detail)
-        if self.fees is not None and line.fee != self.fees.fee(line.type, line.amount):
+        if line.fee < 0 and line.type == "capture":
+            # Whatever the schedule: an acquirer that "kept" less than nothing paid out more
+            # than the customer was charged. The line settles; the difference is not ignored.
+            detail = f"fee {line.fee} is negative: {line.net} paid out for {line.amount} captured"
+            self._open(Kind.FEE_MISMATCH, line, payment_id, detail)
+        elif self.fees is not None and line.fee != self.fees.fee(line.type, line.amount):
             detail = f"fee {line.fee}, the schedule says {self.fees.fee(line.type, line.amount)}"
             self._open(Kind.FEE_MISMATCH, line, payment_id, detail)
         return True
