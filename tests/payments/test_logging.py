@@ -101,4 +101,4 @@ def test_serve_refuses_an_unknown_log_format(tmp_path: Path) -> None:
         timeout=60,
     )
     assert done.returncode == 2
-    assert "log_format" in done.stdout + done.stderr
+    assert "--log-format: Input should be" in done.stdout + done.stderr
