@@ -478,6 +478,10 @@ class _Responder:
             self.started = True
             headers = [*start.get("headers", ()), (_EXPIRES, self.expires_raw)]
             await self.send({**start, "headers": headers})
+        await self._send_last(last)
+
+    async def _send_last(self, last: Message) -> None:
+        """The last message, after whatever was withheld with it (see ``_completes_length``)."""
         if self.withheld is not None:
             withheld, self.withheld = self.withheld, None
             for message in withheld:
@@ -764,11 +768,7 @@ class _ScriptedResponder(_Responder):
         if not self.started:
             self.started = True
             await self.send({**start, "headers": [*raw, (_EXPIRES, self.expires_raw)]})
-        if self.withheld is not None:
-            withheld, self.withheld = self.withheld, None
-            for message in withheld:
-                await self.send(message)
-        await self.send(last)
+        await self._send_last(last)
 
 
 def _http_date_raw(timestamp: float) -> bytes:
