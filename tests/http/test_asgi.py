@@ -251,6 +251,42 @@ async def test_an_upstream_5xx_releases_the_key_so_a_retry_runs_again(
     assert runs["fail"] == 2
 
 
+async def test_only_an_answer_stored_under_its_key_says_when_the_key_expires(
+    make_client: Any, runs: Executions
+) -> None:
+    # A released key (a 5xx, a "not now" answer, a refusal the app marks) has no expiry to
+    # tell: a retry runs again. A stored answer says when, and its replay says the same.
+    async with make_client() as client:
+        released = [await post(client, path, path) for path in ("/fail", "/status/429", "/refuse")]
+        stored = await post(client, "/status/404", "k4")
+        replayed = await post(client, "/status/404", "k4")
+    assert [r.status_code for r in released] == [502, 429, 400]
+    assert all("idempotency-key-expires" not in r.headers for r in released)
+    assert stored.headers["idempotency-key-expires"] == replayed.headers["idempotency-key-expires"]
+
+
+@pytest.mark.parametrize("status", [200, 503])
+async def test_a_streamed_answer_says_when_the_key_expires_only_if_it_is_kept(
+    store: Store, status: int
+) -> None:
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": status, "headers": []})
+        for chunk in (b"one;", b"two;"):  # chunked: the head goes out with the first chunk
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+
+    async with client_for(IdempotencyMiddleware(app, store=store)) as client:
+        first = await post(client, "/stream", "k1")
+        again = await post(client, "/stream", "k1")
+    assert (first.status_code, first.text) == (status, "one;two;")
+    if status < 500:
+        assert again.headers["idempotent-replayed"] == "true"
+        assert first.headers["idempotency-key-expires"] == again.headers["idempotency-key-expires"]
+    else:
+        assert "idempotent-replayed" not in again.headers
+        assert "idempotency-key-expires" not in first.headers
+
+
 async def test_an_exception_in_the_app_releases_the_key(store: Store, runs: Executions) -> None:
     app = IdempotencyMiddleware(starlette_app(runs), store=store)
     async with client_for(app) as client:

@@ -147,6 +147,7 @@ async def test_an_unreachable_upstream_is_502_and_the_key_is_released(tmp_path: 
     assert first.status_code == again.status_code == 502
     assert first.json()["code"] == "upstream_unavailable"
     assert "idempotent-replayed" not in again.headers  # released, so it ran again
+    assert "idempotency-key-expires" not in first.headers  # nor does it say the key lasts
 
 
 async def test_an_upstream_timeout_is_504(upstream: str, tmp_path: Path) -> None:

@@ -128,6 +128,17 @@ def test_a_5xx_releases_the_key(make: Any, runs: Runs) -> None:
     assert runs["fail"] == 2
 
 
+def test_only_an_answer_stored_under_its_key_says_when_the_key_expires(
+    make: Any, runs: Runs
+) -> None:
+    client, _ = make()
+    released = [post(client, path, "k-" + path) for path in ("/fail", "/status/429", "/refuse")]
+    stored, replayed = post(client, "/status/404", "k4"), post(client, "/status/404", "k4")
+    assert [r.status_code for r in released] == [503, 429, 400]
+    assert all("Idempotency-Key-Expires" not in r.headers for r in released)
+    assert stored.headers["Idempotency-Key-Expires"] == replayed.headers["Idempotency-Key-Expires"]
+
+
 def test_cookies_are_not_replayed_and_headers_are(make: Any, runs: Runs) -> None:
     client, _ = make()
     first = post(client, "/headers", "k1")

@@ -198,12 +198,14 @@ async def test_unknown_outcome_waits_for_recovery(stack: Stack) -> None:
     assert response.status_code == 503, response.text
     assert response.json()["code"] == "acquirer_outcome_unknown"
     assert int(response.headers["retry-after"]) == int(BACKOFF[0])
+    assert "idempotency-key-expires" not in response.headers  # nothing stored under it yet
     [payment] = (await stack.client.get("/v1/payments")).json()["data"]
     assert (payment["status"], payment["outcome_unknown"]) == ("processing", True)
     # No follow-on operation runs on it while its outcome is unknown.
     capture = await stack.post(f"/v1/payments/{payment['id']}/capture")
     assert capture.status_code == 409
     assert capture.json()["code"] == "payment_outcome_unknown"
+    assert "idempotency-key-expires" not in capture.headers  # its key released: retry later
     await stack.faults()  # the acquirer answers again
     stack.clock.advance(BACKOFF[0] + 0.1)
     assert dict((await recover_once(stack.services, now=stack.clock())).results) == {"finished": 1}
@@ -211,6 +213,7 @@ async def test_unknown_outcome_waits_for_recovery(stack: Stack) -> None:
     assert replay.status_code == 201
     assert replay.json()["status"] == "authorized"
     assert replay.json()["outcome_unknown"] is False
+    assert "idempotency-key-expires" in replay.headers
     assert await stack.approved_authorizations(payment["id"]) == 1
     assert await stack.ledger_violations() == []
 

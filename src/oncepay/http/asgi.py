@@ -476,9 +476,18 @@ class _Responder:
             self._note(start["status"])
         if not self.started:  # _send_start spelled out: a coroutine less on every request
             self.started = True
-            headers = [*start.get("headers", ()), (_EXPIRES, self.expires_raw)]
+            headers = list(start.get("headers", ()))
+            if status < 400 or self._keeps(start, body):
+                headers.append((_EXPIRES, self.expires_raw))
             await self.send({**start, "headers": headers})
         await self._send_last(last)
+
+    def _keeps(self, start: Message, body: bytes | None) -> bool:
+        """:meth:`Gate.keeps` for the app's start message: whether to say when the key expires
+        (not on an answer that releases it, a 5xx say)."""
+        raw = start.get("headers", ())
+        headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in raw]
+        return self.gate.keeps(start["status"], headers, body)
 
     async def _send_last(self, last: Message) -> None:
         """The last message, after whatever was withheld with it (see ``_completes_length``)."""
@@ -493,7 +502,9 @@ class _Responder:
             start = self.start
             assert start is not None, "http.response.body before http.response.start"
             self.started = True
-            headers = [*start.get("headers", ()), (_EXPIRES, self.expires_raw)]
+            headers = list(start.get("headers", ()))
+            if start["status"] < 400 or self._keeps(start, None):
+                headers.append((_EXPIRES, self.expires_raw))
             await self.send({**start, "headers": headers})
 
 

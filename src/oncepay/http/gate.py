@@ -632,6 +632,18 @@ class Gate:
         ]
         return self.finishing(run, status, headers, body, oversized=oversized)
 
+    def keeps(self, status: int, headers: list[tuple[str, str]], body: bytes | None = None) -> bool:
+        """Whether an answer that ran is stored under its key (:meth:`finishing` completes the
+        record rather than releasing it or leaving it locked): only such an answer says when
+        the key expires. ``body`` None: judged before the body is known (a streamed answer)."""
+        if status >= 400:
+            if _outcome(headers) == NOT_EXECUTED:
+                return False
+            refuses = self.not_executed
+            if body is not None and refuses is not None and refuses(status, headers, body):
+                return False
+        return self.cacheable(status)
+
     def _refused(self, status: int, headers: list[tuple[str, str]], body: bytes) -> bool:
         """Whether the app refused the request before anything ran (nothing to store)."""
         if _outcome(headers) == NOT_EXECUTED:

@@ -146,7 +146,9 @@ class IdempotencyWSGIMiddleware:
             self.gate.executed(request, run, problem.status)
             return _respond(start_response, problem)
         self.gate.executed(request, run, status)
-        start_response(captured["status"], [*headers, ("idempotency-key-expires", run.expires)])
+        if status < 400 or self.gate.keeps(status, headers, body):  # not when it was released
+            headers = [*headers, ("idempotency-key-expires", run.expires)]
+        start_response(captured["status"], headers)
         return [body]
 
     @staticmethod

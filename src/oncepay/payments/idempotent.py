@@ -150,6 +150,8 @@ async def _finished(svc: Services, request: Request, outcome: Run, reply: Reply)
         KEY_SECONDS.inc(max(0.0, ticket.expires_at - svc.engine.clock()))
     svc.gate.executed(request, outcome, reply.status)  # the key-usage log, if any
     await _remember(svc, ticket, reply)
+    if not reply.completed:  # not stored: the key was released, or waits to be resumed
+        return Reply(reply.status, reply.body, reply.headers, decision="executed")
     expires = ("idempotency-key-expires", outcome.expires)
     return Reply(reply.status, reply.body, (*reply.headers, expires), decision="executed")
 
