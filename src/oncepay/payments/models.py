@@ -68,15 +68,36 @@ def _no_nul(value: str) -> str:
 Text = Annotated[str, AfterValidator(_no_nul)]
 
 
+_AMOUNT_TEXT = (
+    "Minor units (¥1000 is 1000, $10.00 is 1000, 1.000 KWD is 1000); at most the currency's "
+    "max_amount (GET /v1/currencies)."
+)
+
+
+def _at_most_any_ceiling(value: int) -> int:
+    if value > MAX_AMOUNT:
+        raise PydanticCustomError(
+            "amount_too_large",
+            "{amount} is more than any currency allows: at most {limit} minor units "
+            "(see GET /v1/currencies)",
+            {"amount": value, "limit": MAX_AMOUNT},
+        )
+    return value
+
+
+# A capture's or refund's amount: at most any currency's ceiling here (the payment's own
+# amount bounds it further). The schema still says the maximum; the message is ours, not
+# pydantic's "less than or equal to".
 Amount = Annotated[
     int,
-    Field(
-        strict=True,
-        gt=0,
-        le=MAX_AMOUNT,
-        description="Minor units (¥1000 is 1000, $10.00 is 1000, 1.000 KWD is 1000); at most "
-        "the currency's max_amount (GET /v1/currencies).",
-    ),
+    Field(strict=True, gt=0, description=_AMOUNT_TEXT, json_schema_extra={"maximum": MAX_AMOUNT}),
+    AfterValidator(_at_most_any_ceiling),
+]
+# A payment's amount: its currency's ceiling, checked with the currency (PaymentCreate), so
+# that the message names the currency's own limit whatever the amount.
+PaymentAmount = Annotated[
+    int,
+    Field(strict=True, gt=0, description=_AMOUNT_TEXT, json_schema_extra={"maximum": MAX_AMOUNT}),
 ]
 
 # The shape of the ids the API hands out (storage/ids.py): documented on every id, so a
@@ -117,7 +138,7 @@ class _Request(BaseModel):
 
 
 class PaymentCreate(_Request):
-    amount: Amount
+    amount: PaymentAmount
     currency: Annotated[
         str,
         Field(
