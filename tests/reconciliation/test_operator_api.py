@@ -232,6 +232,10 @@ async def test_bad_input_is_a_4xx_problem_and_changes_nothing(operator: Stack) -
         "unknown kind": await get(operator, "/discrepancies", kind="sideways"),
         "unknown status": await get(operator, "/discrepancies", status="closed"),
         "bad day": await get(operator, "/discrepancies", day_from="2026-13-01"),
+        "day with a time": await get(operator, "/runs", day_from="2026-12-02T00:00:00"),
+        "compact day": await get(operator, "/discrepancies", day_to="20261202"),
+        "unix time for a day": await get(operator, "/runs", day_to="1764633600"),
+        "invisible note": await post(operator, path, {"note": "\u200b\u2060 \t"}, key="f"),
         "days reversed": await get(operator, "/runs", day_from="2026-12-02", day_to="2026-12-01"),
         "bad cursor": await get(operator, "/runs", starting_after="rec_nope"),
         "bad discrepancy cursor": await get(operator, "/discrepancies", starting_after="x"),
@@ -248,6 +252,10 @@ async def test_bad_input_is_a_4xx_problem_and_changes_nothing(operator: Stack) -
     assert refused["no such discrepancy"].status_code == 404
     assert refused["no such run"].status_code == 404
     assert refused["blank note"].status_code == 400
+    assert refused["invisible note"].json()["detail"] == refused["blank note"].json()["detail"]
+    for case in ("day with a time", "compact day", "unix time for a day"):
+        assert refused[case].status_code == 400, case
+        assert "is not a day YYYY-MM-DD" in refused[case].json()["detail"], case
     assert len(await all_pages(operator, "/discrepancies", 10, status="open")) == 5
 
 

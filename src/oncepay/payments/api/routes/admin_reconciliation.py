@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import re
 import time
+import unicodedata
 from dataclasses import replace
 from datetime import UTC, date, datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import Query, Request
 from fastapi.responses import Response
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from oncepay.errors import ClientError, LeaseLost, RetryableError
@@ -52,7 +53,27 @@ MAX_NOTE = 2000
 MAX_ID = 2**63 - 1  # a discrepancy id is a 64-bit integer in the database
 
 _ISO_DAY = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
-Day = Annotated[date | None, Query(description="A UTC day, YYYY-MM-DD (inclusive).")]
+
+
+def _says_something(note: str) -> bool:
+    """Whether a note has a character a person can read: not only spaces, nor invisible
+    format or control characters (a zero-width space passed ``str.strip``)."""
+    return any(not c.isspace() and unicodedata.category(c) not in {"Cf", "Cc"} for c in note)
+
+
+def _iso_day(value: object) -> object:
+    """A day filter as the docs spell it: pydantic alone takes ``2026-12-07T00:00:00``, a Unix
+    time or ``20261207`` for a date too."""
+    if isinstance(value, str) and not _ISO_DAY.fullmatch(value):
+        raise ValueError(f"{value!r} is not a day YYYY-MM-DD")
+    return value
+
+
+Day = Annotated[
+    date | None,
+    BeforeValidator(_iso_day),
+    Query(description="A UTC day, YYYY-MM-DD (inclusive)."),
+]
 # No NUL: PostgreSQL refuses one in text, so it never names anything (a 400, not a 500).
 NO_NUL = r"^[^\x00]*$"
 Name = Annotated[str | None, Query(min_length=1, max_length=255, pattern=NO_NUL)]
@@ -241,7 +262,7 @@ async def _close(
     request: Request, services: Services, discrepancy_id: str, status: str, note: str
 ) -> Response:
     number = _discrepancy_id(discrepancy_id)
-    if not note.strip():
+    if not _says_something(note):
         raise InvalidRequest("note: say what was done or why it is accepted (not blank)")
 
     async def work(conn: AsyncConnection) -> Reply:
