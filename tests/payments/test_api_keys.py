@@ -138,6 +138,23 @@ async def test_merchants_are_listed_a_page_at_a_time(stack: Stack) -> None:
     assert blank.status_code == 400
 
 
+@pytest.mark.parametrize("name", ["Shop\x1b[2J", "Shop\nInjected: line", "Shop\x00", "\x7f"])
+async def test_a_name_with_a_control_character_is_refused(stack: Stack, name: str) -> None:
+    # Names are printed by the CLI and logs and shown on the dashboard: an escape sequence
+    # would be the operator's terminal's to run, a line break a forged log line.
+    created = await operator_post(stack, "/v1/admin/merchants", {"name": name})
+    assert created.status_code == 400, created.text
+    assert (
+        created.json()["detail"] == "name: no control characters (tabs, line breaks, escapes, NUL)"
+    )
+    merchant = (await stack.client.get("/v1/admin/merchants", headers=OPERATOR)).json()["data"][0]
+    path = f"/v1/admin/merchants/{merchant['id']}/keys"
+    key = await operator_post(stack, path, {"name": name})
+    assert key.status_code == 400, key.text
+    listed = (await stack.client.get("/v1/admin/merchants", headers=OPERATOR)).json()["data"]
+    assert [m["name"] for m in listed] == ["Test shop"]
+
+
 async def test_merchant_keys_need_the_operator_token(stack: Stack) -> None:
     path = f"/v1/admin/merchants/{stack.merchant.id}/keys"
     as_merchant = await stack.client.get(path)  # the merchant's own key is no operator's

@@ -15,6 +15,7 @@ import json
 import logging
 import secrets
 import time
+import unicodedata
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, cast
@@ -136,8 +137,7 @@ async def create_merchant_in(
     conn: AsyncConnection, name: str, *, actor: str, now: float
 ) -> Merchant:
     """A new merchant, without a key (its creation is audited with its first key's)."""
-    if not name.strip() or len(name) > MAX_NAME:
-        raise InvalidRequest(f"name: 1 to {MAX_NAME} characters, not blank")
+    _check_name(name)
     merchant = Merchant(new_id("mer"), name)
     await conn.execute(merchants.insert().values(id=merchant.id, name=name, created_at=now))
     return merchant
@@ -512,9 +512,17 @@ def _status(row: Any, now: float) -> str:
 def _name(name: str | None) -> str | None:
     if name is None:
         return None
+    _check_name(name)
+    return name.strip()
+
+
+def _check_name(name: str) -> None:
+    """A merchant's or a key's name: shown in terminals, logs and the dashboard, so no control
+    character (an escape sequence would be the terminal's to run; NUL no database stores)."""
     if not name.strip() or len(name) > MAX_NAME:
         raise InvalidRequest(f"name: 1 to {MAX_NAME} characters, not blank")
-    return name.strip()
+    if any(unicodedata.category(c) == "Cc" for c in name):
+        raise InvalidRequest("name: no control characters (tabs, line breaks, escapes, NUL)")
 
 
 async def _key_row(conn: AsyncConnection, key_id: str) -> Any:
