@@ -39,7 +39,7 @@ from oncepay.payments.metrics import (
 )
 from oncepay.payments.phases import Operation, parse_point
 from oncepay.payments.storage.idempotency import IDEMPOTENCY_TABLE
-from oncepay.payments.webhooks.delivery import CLAIM_BATCH, deliver_due, delivery_client
+from oncepay.payments.webhooks.delivery import delivery_client, keep_delivering
 from oncepay.reconciliation.pipeline import reconcile_recent
 from oncepay.reconciliation.queries import observe, observe_failure, observe_open
 from oncepay.reconciliation.remediation import ORPHAN_VOID, VoidOrphan
@@ -150,12 +150,6 @@ async def run_worker(svc: Services, stop: asyncio.Event) -> None:
     webhooks in another, so a slow webhook endpoint never delays recovery."""
     async with delivery_client() as client:
 
-        async def deliveries() -> bool:
-            report = await deliver_due(svc, client)
-            if report.total:
-                log.debug("webhooks: %s", dict(report.results))
-            return report.total >= CLAIM_BATCH  # a full batch: more is waiting, go on at once
-
         async def recovery() -> bool:
             report = await recover_once(svc)
             if report.total:
@@ -183,7 +177,10 @@ async def run_worker(svc: Services, stop: asyncio.Event) -> None:
             return False
 
         live = insight_job(svc)
-        jobs = [_every(svc, stop, recovery), _every(svc, stop, deliveries)]
+        jobs = [
+            _every(svc, stop, recovery),
+            keep_delivering(svc, client, stop, interval=svc.settings.worker_interval),
+        ]
         if live is not None:
             jobs.append(_every(svc, stop, live))
         if svc.ttl_policy is not None and svc.settings.adaptive_ttl_file:

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 import httpx
-from sqlalchemy import Update, and_, or_, select, update
+from sqlalchemy import Update, and_, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from oncepay.http._cookies import NoCookies
@@ -49,20 +49,36 @@ from oncepay.payments.webhooks.addresses import public_target
 from oncepay.storage.db import read, write
 from oncepay.webhooks import sign
 
-__all__ = ["CLAIM_BATCH", "DeliveryReport", "claim_due", "deliver_due", "delivery_client"]
+__all__ = [
+    "CLAIM_BATCH",
+    "DeliveryReport",
+    "claim_due",
+    "deliver_due",
+    "delivery_client",
+    "keep_delivering",
+]
 
 log = logging.getLogger("oncepay.webhooks")
 
 JITTER = 0.1  # ±10%, so endpoints that failed together do not all retry in the same second
-# One attempt may take this long; a receiver should answer in a second or two and queue work.
+# One attempt may take this long in all, from resolving the host to the answer's last byte
+# read: a receiver that answers a byte every few seconds is cut off too (httpx's timeouts are
+# per read). A receiver should answer in a second or two and queue its work.
 DELIVERY_TIMEOUT = 10.0
-# A claimed delivery's lock: outlasts one attempt with room to record it, so a live worker
-# never loses it; a dead worker's deliveries go out again this long after it died.
+# A claimed delivery's lock: outlasts one attempt (bounded above) with room to record it, so a
+# live worker never loses it; a dead worker's deliveries go out again this long after it died.
 LOCK_SECONDS = 3 * DELIVERY_TIMEOUT
 CLAIM_BATCH = 50
-# Deliveries of one pass are sent this many at a time: one slow endpoint delays its own
-# deliveries, not everyone else's.
+# A worker sends this many deliveries at a time, and claims the next one as soon as one is
+# done: a slow delivery holds its own slot, not a whole batch.
 SEND_CONCURRENCY = 10
+# At most this many deliveries to one endpoint are in flight (whichever workers sent them;
+# each claim takes at most this many of one endpoint): one slow endpoint never holds more
+# than that of a worker's slots, so it delays only its own deliveries.
+PER_ENDPOINT = 2
+# An answer's body is read up to this much (so that its connection can serve the next
+# delivery) and otherwise dropped unread: only the status counts.
+ANSWER_LIMIT = 64 * 1024
 ERROR_LIMIT = 500  # characters of an error kept per attempt
 
 
@@ -85,34 +101,54 @@ class _Claimed:
 
 
 async def claim_due(svc: Services, *, now: float, limit: int = CLAIM_BATCH) -> list[_Claimed]:
-    """Take due deliveries (and ones whose worker went away) for this worker, in one statement."""
+    """Take due deliveries (and ones whose worker went away) for this worker, oldest due first,
+    at most :data:`PER_ENDPOINT` of one endpoint and none of an endpoint that has that many in
+    flight already: one transaction, the candidates locked as read (on PostgreSQL ``FOR UPDATE
+    SKIP LOCKED``, so several workers never take the same one; on SQLite under the database's
+    single write lock)."""
     d = webhook_deliveries.c
     token = secrets.token_hex(8)
+    busy = (
+        select(d.endpoint_id)
+        .where(d.status == "delivering", d.locked_until > now)
+        .group_by(d.endpoint_id)
+        .having(func.count() >= PER_ENDPOINT)
+    )
     due = (
-        select(d.id)
+        select(d.id, d.endpoint_id)
         .where(
             or_(
                 and_(d.status == "pending", d.next_attempt_at <= now),
                 and_(d.status == "delivering", d.locked_until <= now),
-            )
+            ),
+            d.endpoint_id.not_in(busy),
         )
         .order_by(d.next_attempt_at)
-        .limit(limit)
+        .limit(limit * PER_ENDPOINT)  # room to skip an endpoint's backlog beyond its share
         .with_for_update(skip_locked=True)
     )
     async with write(svc.db) as conn:
+        taken: list[str] = []
+        per_endpoint: Counter[str] = Counter()
+        for row in await conn.execute(due):
+            if per_endpoint[row.endpoint_id] < PER_ENDPOINT and len(taken) < limit:
+                per_endpoint[row.endpoint_id] += 1
+                taken.append(row.id)
+        if not taken:
+            return []
         rows = await conn.execute(
             update(webhook_deliveries)
-            .where(d.id.in_(due.scalar_subquery()))
+            .where(d.id.in_(taken))
             .values(
                 status="delivering",
                 locked_until=now + LOCK_SECONDS,
                 lock_token=token,
                 updated_at=now,
             )
-            .returning(d.id, d.event_id, d.endpoint_id, d.attempts)
+            .returning(d.id, d.event_id, d.endpoint_id, d.attempts, d.next_attempt_at)
         )
-        return [_Claimed(r.id, r.event_id, r.endpoint_id, r.attempts, token) for r in rows]
+        claimed = sorted(rows, key=lambda r: r.next_attempt_at)
+        return [_Claimed(r.id, r.event_id, r.endpoint_id, r.attempts, token) for r in claimed]
 
 
 def delivery_client() -> httpx.AsyncClient:
@@ -146,6 +182,50 @@ async def deliver_due(
     return report
 
 
+async def keep_delivering(
+    svc: Services, client: httpx.AsyncClient, stop: asyncio.Event, *, interval: float
+) -> None:
+    """The worker's delivery loop, until ``stop``: up to :data:`SEND_CONCURRENCY` deliveries in
+    flight, a new one claimed as soon as a slot frees (a pass that waited for its slowest send
+    held up every other merchant's deliveries behind one slow endpoint); with nothing due, it
+    looks again every ``interval`` seconds. Sends still in flight at ``stop`` are canceled:
+    their locks lapse and they go out again (at least once, the same ``webhook-id``)."""
+    running: set[asyncio.Task[None]] = set()
+
+    async def send(claimed: _Claimed, now: float) -> None:
+        try:
+            result = await _deliver(svc, client, claimed, now)
+            log.debug("webhooks: delivery %s %s", claimed.id, result)
+        except Exception:  # the lock lapses and the delivery goes out again
+            log.exception("webhooks: delivery %s failed; it is sent again later", claimed.id)
+
+    stopping = asyncio.ensure_future(stop.wait())
+    try:
+        while not stop.is_set():
+            free, claimed = SEND_CONCURRENCY - len(running), []
+            if free:
+                now = time.time()
+                try:
+                    claimed = await claim_due(svc, now=now, limit=free)
+                except Exception:
+                    log.exception("webhooks: claiming due deliveries failed; trying again")
+                for one in claimed:
+                    task = asyncio.get_running_loop().create_task(send(one, now))
+                    running.add(task)
+                    task.add_done_callback(running.discard)
+            if free and len(claimed) == free:
+                await asyncio.sleep(0)  # more may be due: claim again at once if a slot is free
+                continue
+            # Every slot busy: go on when one frees. Nothing more due: look again later.
+            slot = {*running} if not free else set()
+            await asyncio.wait({stopping, *slot}, timeout=interval, return_when="FIRST_COMPLETED")
+    finally:
+        stopping.cancel()
+        for task in list(running):
+            task.cancel()
+        await asyncio.gather(*running, return_exceptions=True)
+
+
 async def _deliver(svc: Services, client: httpx.AsyncClient, claimed: _Claimed, now: float) -> str:
     async with read(svc.db) as conn:
         found = await conn.execute(select(events).where(events.c.id == claimed.event_id))
@@ -170,26 +250,55 @@ async def _deliver(svc: Services, client: httpx.AsyncClient, claimed: _Claimed, 
     )
     with traced as span:
         try:
-            headers = signed_headers(endpoint, event.id, payload, sent_at)
-            target: httpx.URL | str = endpoint.url
-            extensions: dict[str, Any] = {}
-            if not svc.settings.webhook_allow_private:
-                target, host, extensions = await public_target(endpoint.url)
-                headers.update(host)
-            response = await client.post(
-                target,
-                content=payload,
-                headers=headers,
-                timeout=DELIVERY_TIMEOUT,
-                extensions=extensions,
-            )
-            code, error = response.status_code, None
+            async with asyncio.timeout(DELIVERY_TIMEOUT):
+                code = await _post(svc, client, endpoint, event.id, payload, sent_at)
+            error = None
+        except TimeoutError:
+            code, error = None, f"no complete answer within {DELIVERY_TIMEOUT:g} s"
         except Exception as exc:  # any failure to send is a failed attempt, never a stuck worker
             code, error = None, f"{type(exc).__name__}: {exc}"[:ERROR_LIMIT]
         tracing.delivered(span, code, error)
     latency = (time.perf_counter() - started) * 1000
     WEBHOOK_LATENCY.observe(latency / 1000)
     return await _record(svc, claimed, max(now, time.time()), code, error, latency)
+
+
+async def _post(
+    svc: Services,
+    client: httpx.AsyncClient,
+    endpoint: EndpointRow,
+    webhook_id: str,
+    payload: bytes,
+    sent_at: float,
+) -> int:
+    """Send one attempt; its status code. The answer's body is read up to ANSWER_LIMIT (the
+    connection then serves the next delivery) or dropped with its connection: a receiver
+    answering with gigabytes costs the worker nothing."""
+    headers = signed_headers(endpoint, webhook_id, payload, sent_at)
+    target: httpx.URL | str = endpoint.url
+    extensions: dict[str, Any] = {}
+    if not svc.settings.webhook_allow_private:
+        target, host, extensions = await public_target(endpoint.url)
+        headers.update(host)
+    request = client.build_request(
+        "POST",
+        target,
+        content=payload,
+        headers=headers,
+        timeout=DELIVERY_TIMEOUT,
+        extensions=extensions,
+    )
+    response = await client.send(request, stream=True)
+    try:
+        read = 0
+        if not response.is_stream_consumed:  # raw bytes: a compressed answer is not inflated
+            async for chunk in response.aiter_raw():
+                read += len(chunk)
+                if read > ANSWER_LIMIT:
+                    break
+    finally:
+        await response.aclose()
+    return response.status_code
 
 
 async def _renew(svc: Services, claimed: _Claimed, at: float) -> bool:
