@@ -79,6 +79,14 @@ async def test_a_test_delivery_is_signed_and_sent_to_that_endpoint_only(stack: S
     assert detail["status"] == "succeeded"
     other_deliveries = await stack.client.get(f"/v1/webhook_endpoints/{other}/deliveries")
     assert other_deliveries.json()["data"] == []
+    # Nor does a ping go out again as a redelivery, to every subscriber or to one endpoint.
+    for body in ({}, {"endpoint": other}, {"endpoint": mine}):
+        again = await stack.post(f"/v1/events/{queued['event']}/redeliver", body)
+        assert again.status_code == 400, again.text
+        assert "is a test ping: it is not redelivered" in again.json()["detail"]
+    assert (await stack.client.get(f"/v1/webhook_endpoints/{other}/deliveries")).json()[
+        "data"
+    ] == []
     # Each ping is a new event, so a new webhook-id: a receiver's de-duplication lets it in.
     second = await stack.post(f"/v1/webhook_endpoints/{mine}/test")
     assert second.json()["event"] != queued["event"]

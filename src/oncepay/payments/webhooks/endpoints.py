@@ -164,17 +164,23 @@ async def redeliver_event(
     conn: AsyncConnection, merchant_id: str, event_id: str, endpoint_id: str | None
 ) -> list[DeliveryRow]:
     """New deliveries of the merchant's event: to ``endpoint_id``, or every subscriber."""
-    if (
-        not is_id(event_id)
-        or not (
-            await conn.execute(
-                select(events.c.id).where(
-                    events.c.id == event_id, events.c.merchant_id == merchant_id
-                )
+    found = (
+        await conn.execute(
+            select(events.c.type).where(
+                events.c.id == event_id, events.c.merchant_id == merchant_id
             )
-        ).first()
-    ):
+        )
+        if is_id(event_id)
+        else None
+    )
+    event = found.first() if found is not None else None
+    if event is None:
         raise ResourceMissing(f"no event {event_id!r}")
+    if event.type == TEST_EVENT:  # a ping went to its one endpoint once: a new one is a new ping
+        raise InvalidRequest(
+            f"event {event_id!r} is a test ping: it is not redelivered; send a new one with "
+            "POST /v1/webhook_endpoints/{id}/test"
+        )
     if endpoint_id is not None:
         await load_endpoint(conn, endpoint_id, merchant_id)
     ids = await redeliver(conn, merchant_id=merchant_id, event_id=event_id, endpoint_id=endpoint_id)
