@@ -227,3 +227,44 @@ async def test_a_discrepancy_is_resolved_once_through_the_operator_api(operated:
         assert other.status_code == 409  # closed already: not closed twice
         resolved = await client.get("/dashboard/discrepancies?status=resolved")
         assert "booked by hand" in resolved.text
+
+
+async def test_a_hand_made_close_form_is_a_4xx_and_reaches_no_other_route(
+    operated: Stack,
+) -> None:
+    """Found by a black-box review: a NUL in the id or a non-ASCII key was a 500, and the id went
+    into the operator API's path unencoded ('..' reached .../reconciliation/resolve)."""
+    reached: list[str] = []
+    app = operated.client._transport.app  # type: ignore[attr-defined]
+
+    async def recording(scope: dict, receive: object, send: object) -> None:  # type: ignore[type-arg]
+        reached.append(scope.get("path", ""))
+        await app(scope, receive, send)
+
+    transport = httpx.ASGITransport(app=recording)  # type: ignore[arg-type]
+    client = httpx.AsyncClient(transport=transport, base_url="http://p")
+    async with client:
+        signed = await client.post("/dashboard/login", data={"token": TOKEN, "next": "/dashboard"})
+        session = signed.cookies[COOKIE]
+        client.cookies.set(COOKIE, session)
+        form = {"note": "n", "idempotency_key": "dash-k", "csrf": csrf_token(TOKEN, session)}
+        reached.clear()
+        for number in ("x%00", "%2e%2e", "x%3Fa%3D", "1%2F..%2F2", "-1", "1e3", "٣"):
+            answer = await client.post(f"/dashboard/discrepancies/{number}/resolve", data=form)
+            assert answer.status_code == 404, (number, answer.text)
+            assert answer.json()["code"] == "resource_missing"
+        assert all(path.startswith("/dashboard/") for path in reached), reached
+        for key in ("ключ", "a\tb", ""):
+            answer = await client.post(
+                "/dashboard/discrepancies/1/resolve", data={**form, "idempotency_key": key}
+            )
+            assert answer.status_code == 400, (key, answer.text)
+        # The operator API's own problem is passed on whole: its title too.
+        missing = await client.post("/dashboard/discrepancies/999999/resolve", data=form)
+        assert missing.status_code == 404
+        assert missing.json()["title"] != "The request is malformed"
+        # The banner says only what the dashboard's own redirect says.
+        page = await client.get("/dashboard/discrepancies", params={"done": "Call +1 555 0100"})
+        assert "555 0100" not in page.text
+        assert "resolved 7" in (await client.get("/dashboard/discrepancies?done=resolved+7")).text
+        assert page.headers["x-content-type-options"] == "nosniff"

@@ -97,6 +97,7 @@ def _page(request: Request, name: str, who: Operator | None, **context: Any) -> 
     response.headers["Content-Security-Policy"] = CSP
     response.headers["Cache-Control"] = "no-store"
     response.headers["Referrer-Policy"] = "same-origin"
+    response.headers["X-Content-Type-Options"] = "nosniff"
     return response
 
 
@@ -439,7 +440,7 @@ async def discrepancies_page(
         rows=rows,
         status=status,
         form_key=lambda: f"dash-{uuid.uuid4().hex}",
-        flash=request.query_params.get("done"),
+        flash=_flash(request.query_params.get("done")),
     )
 
 
@@ -456,6 +457,14 @@ async def close_discrepancy(
     _check_csrf(request, who, csrf)
     if action not in ("resolve", "accept"):
         raise ResourceMissing(f"no action {action!r}: resolve or accept")
+    # An id is a number: checked before it goes into the operator API's path, where "..", "?"
+    # or "%2F" would name another route.
+    if not (discrepancy_id.isascii() and discrepancy_id.isdigit() and len(discrepancy_id) <= 19):
+        raise ResourceMissing(f"no discrepancy {discrepancy_id!r}")
+    if not _KEY.fullmatch(idempotency_key):  # SPEC §2: 1-255 printable ASCII characters
+        error = InvalidRequest("idempotency_key: 1 to 255 printable ASCII characters")
+        error.code = "idempotency_key_invalid"
+        raise error
     answer = await _operator_call(
         request,
         "POST",
@@ -464,14 +473,29 @@ async def close_discrepancy(
         headers={"Idempotency-Key": idempotency_key},
     )
     if answer.status_code >= 400:
-        problem = answer.json() if answer.content else {}
-        error = InvalidRequest(
-            problem.get("detail", f"the operator API answered {answer.status_code}")
-        )
-        error.status = answer.status_code
-        error.code = problem.get("code", error.code)
-        raise error
+        raise _passed_on(answer)
     return RedirectResponse(f"/dashboard/discrepancies?done={action}d+{discrepancy_id}", 303)
+
+
+_KEY = re.compile(r"[\x20-\x7e]{1,255}")
+_DONE = re.compile(r"(resolved|accepted) [0-9]{1,19}")  # what close_discrepancy redirects with
+
+
+def _passed_on(answer: httpx.Response) -> InvalidRequest:
+    """The operator API's problem, passed on as it is (status, code, title, detail); a 5xx of
+    it is a 502 of the dashboard's."""
+    problem = answer.json() if answer.content else {}
+    error = InvalidRequest(problem.get("detail", f"the operator API answered {answer.status_code}"))
+    error.status = answer.status_code if answer.status_code < 500 else 502
+    error.code = problem.get("code", error.code)
+    error.title = problem.get("title", error.title)
+    return error
+
+
+def _flash(done: str | None) -> str | None:
+    """The banner after closing one: only what the dashboard's own redirect says, never a text
+    a link of someone else's put there."""
+    return done if done is not None and _DONE.fullmatch(done) else None
 
 
 def _status(status: str) -> dict[str, str]:
@@ -502,9 +526,6 @@ async def _operator_api(
     if answer.status_code == 404:
         return None
     if answer.status_code >= 400:  # e.g. an unknown status filter: the API's 4xx, passed on
-        problem = answer.json() if answer.content else {}
-        error = InvalidRequest(problem.get("detail", f"the operator API said {answer.status_code}"))
-        error.status = answer.status_code if answer.status_code < 500 else 502
-        raise error
+        raise _passed_on(answer)
     data: list[dict[str, Any]] = answer.json()["data"]
     return data
