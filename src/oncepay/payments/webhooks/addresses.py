@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import re
 import socket
 from typing import Any, Protocol
 from urllib.parse import urlsplit
@@ -76,6 +77,17 @@ def validate_url(url: str, *, allow_private: bool = False) -> str:
             "url: must be ASCII without whitespace or control characters "
             "(write an international host in its xn-- form)"
         )
+    if unsafe := sorted({c for c in url if c in _UNSAFE}):
+        raise InvalidRequest(
+            f"url: {' '.join(unsafe)} must be percent-encoded (RFC 3986 does not allow them)"
+        )
+    if port == 0:
+        raise InvalidRequest("url: port 0 is no port")
+    if not _host_name(parts.hostname):
+        raise InvalidRequest(
+            f"url: {parts.hostname!r} is not a host name (labels of letters, digits and "
+            "hyphens, at most 63 characters each and 253 in all) nor an IP address"
+        )
     try:
         httpx.URL(url).host.encode("idna")  # what the sender will do with it, refused now
     except (httpx.InvalidURL, UnicodeError) as exc:
@@ -94,6 +106,25 @@ def validate_url(url: str, *, allow_private: bool = False) -> str:
             )
     del port
     return url
+
+
+# Characters RFC 3986 allows nowhere in a URL unencoded (a stored URL is shown and sent as is).
+_UNSAFE = frozenset('"<>\\^`{|}')
+_LABEL = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)")
+
+
+def _host_name(host: str) -> bool:
+    """Whether ``host`` (as urlsplit gives it: lower case, an IPv6 literal without brackets)
+    is an IP address or a host name by RFC 1123: a percent-encoded host (``%31%32%37.0.0.1``),
+    an underscore or a label that starts or ends with a hyphen is neither."""
+    if ":" in host:
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            return False
+        return True
+    name = host[:-1] if host.endswith(".") else host
+    return 0 < len(name) <= 253 and all(_LABEL.fullmatch(label) for label in name.split("."))
 
 
 class Resolver(Protocol):
