@@ -89,9 +89,63 @@ def test_a_session_expires_and_cannot_be_forged() -> None:
     session = new_session(TOKEN, now=now)
     assert valid_session(TOKEN, session, now=now + 3600)
     assert not valid_session(TOKEN, session, now=now + 13 * 3600)
-    expires, _, mac = session.partition(".")
-    assert not valid_session(TOKEN, f"{int(expires) + 86400}.{mac}", now=now)
+    expires, _, rest = session.partition(".")
+    assert not valid_session(TOKEN, f"{int(expires) + 86400}.{rest}", now=now)
+    nonce, _, mac = rest.partition(".")
+    assert not valid_session(TOKEN, f"{expires}.{'0' * len(nonce)}.{mac}", now=now)
+    assert not valid_session(TOKEN, f"{expires}.{mac}", now=now)  # the old form: sign in again
     assert not valid_session(TOKEN, "garbage", now=now)
+    assert new_session(TOKEN, now=now) != session  # two sign-ins in one second: two sessions
+
+
+async def test_signing_out_ends_the_session_for_every_process(
+    operated: Stack, tmp_path: Path
+) -> None:
+    """Found by a black-box review: after signing out, the old cookie still opened the
+    dashboard until it expired (12 h): a stolen cookie outlived the sign-out."""
+    transport = operated.client._transport
+    ours = httpx.AsyncClient(transport=transport, base_url="http://p")
+    theirs = httpx.AsyncClient(transport=transport, base_url="http://p")
+    async with ours, theirs:
+        sessions = []
+        for client in (ours, theirs):
+            signed = await client.post("/dashboard/login", data={"token": TOKEN})
+            sessions.append(signed.cookies[COOKIE])
+            client.cookies.set(COOKIE, sessions[-1])
+        mine, other = sessions
+        assert mine != other
+        out = await ours.post("/dashboard/logout", data={"csrf": csrf_token(TOKEN, mine)})
+        assert out.status_code == 303
+        again = await ours.post("/dashboard/logout", data={"csrf": csrf_token(TOKEN, mine)})
+        assert again.status_code == 401  # signed out already: nothing to sign out
+        stolen = httpx.AsyncClient(transport=transport, base_url="http://p")
+        async with stolen:
+            stolen.cookies.set(COOKIE, mine)  # the cookie's value, kept from before
+            assert (await stolen.get("/dashboard")).status_code == 303  # to the sign-in page
+            assert (await stolen.get("/dashboard/payments.csv")).status_code == 401
+        assert (await theirs.get("/dashboard")).status_code == 200  # another session stays
+    # Another API process's services (their own pools) on the same database refuse it too.
+    from oncepay.payments.api.app import create_app
+    from oncepay.payments.bootstrap import start
+    from oncepay.payments.settings import Settings
+
+    settings = Settings(
+        database_url=operated.services.settings.database_url,
+        acquirer_database_url=f"sqlite:///{tmp_path / 'other-acquirer.db'}",
+        admin_token=TOKEN,
+        run_worker=False,
+    )
+    services = await start(settings)
+    try:
+        app = create_app(settings, services=services)
+        another = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://p")
+        async with another:
+            another.cookies.set(COOKIE, mine)
+            assert (await another.get("/dashboard")).status_code == 303
+            another.cookies.set(COOKIE, other)
+            assert (await another.get("/dashboard")).status_code == 200
+    finally:
+        await services.aclose()
 
 
 async def test_searches_find_by_every_field_and_the_csv_holds_every_match(

@@ -18,7 +18,7 @@ from sqlalchemy.engine import Row
 from oncepay.payments.acquirers import journal
 from oncepay.payments.storage import schema
 from oncepay.payments.storage.idempotency import IDEMPOTENCY_TABLE
-from oncepay.storage.db import Database, read
+from oncepay.storage.db import Database, read, write
 
 __all__ = [
     "PAGE",
@@ -27,6 +27,8 @@ __all__ = [
     "overview",
     "payment_rows",
     "search_payments",
+    "sign_out",
+    "signed_out",
     "timeline",
 ]
 
@@ -504,3 +506,24 @@ def _points(objects: Sequence[str]) -> list[str]:
         for at in (named["created"], ACQUIRER_CALLED):
             found += [f"{at}:{named['name']}:{o}" for o in objects]
     return found
+
+
+# -- signed-out sessions ------------------------------------------------------------------------
+
+
+async def sign_out(db: Database, session: str, expires_at: float, *, now: float) -> None:
+    """Record a session as signed out (again: nothing more), and forget the ones that have
+    expired since: the table holds only sessions that would still be valid."""
+    table = schema.dashboard_signouts
+    async with write(db) as conn:
+        await conn.execute(table.delete().where(table.c.expires_at < now))
+        known = await conn.execute(select(table.c.session).where(table.c.session == session))
+        if known.first() is None:
+            await conn.execute(table.insert().values(session=session, expires_at=expires_at))
+
+
+async def signed_out(db: Database, session: str) -> bool:
+    table = schema.dashboard_signouts
+    async with read(db) as conn:
+        found = await conn.execute(select(table.c.session).where(table.c.session == session))
+        return found.first() is not None

@@ -12,6 +12,7 @@ import hmac
 import io
 import json
 import re
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
@@ -33,6 +34,7 @@ from oncepay.payments.dashboard.auth import (
     Operator,
     new_session,
     operator,
+    session_id,
 )
 from oncepay.payments.errors import InvalidRequest, ResourceMissing
 from oncepay.payments.metrics import REGISTRY
@@ -64,8 +66,11 @@ def _token(request: Request) -> str:
     return token
 
 
-def _operator(request: Request) -> Operator:
-    return operator(request, _token(request))
+async def _operator(request: Request) -> Operator:
+    who = operator(request, _token(request))
+    if who.session and await queries.signed_out(_services(request).db, session_id(who.session)[0]):
+        raise NotSignedIn
+    return who
 
 
 OperatorDep = Annotated[Operator, Depends(_operator)]
@@ -142,6 +147,9 @@ async def login(
 @router.post("/logout")
 async def logout(request: Request, who: OperatorDep, csrf: Annotated[str, Form()]) -> Response:
     _check_csrf(request, who, csrf)
+    if who.session:  # ended for every process, not only this browser's cookie
+        session, expires_at = session_id(who.session)
+        await queries.sign_out(_services(request).db, session, expires_at, now=time.time())
     response = RedirectResponse("/dashboard/login", 303)
     response.delete_cookie(COOKIE, path="/dashboard")
     return response

@@ -139,6 +139,11 @@ async def _v9_operator_indexes(conn: AsyncConnection, db: Database) -> None:
         await conn.execute(text(f"CREATE INDEX IF NOT EXISTS {name} ON {columns}"))
 
 
+async def _v10_dashboard_signouts(conn: AsyncConnection, db: Database) -> None:
+    tables = [schema.dashboard_signouts]
+    await conn.run_sync(lambda sync: schema.metadata.create_all(sync, tables=tables))
+
+
 Migration = Callable[[AsyncConnection, Database], Awaitable[None]]
 MIGRATIONS: list[tuple[int, Migration]] = [
     (1, _v1_tables),
@@ -150,6 +155,7 @@ MIGRATIONS: list[tuple[int, Migration]] = [
     (7, _v7_list_indexes),  # the lists' filters and cursors
     (8, _v8_event_traceparent),  # events.traceparent
     (9, _v9_operator_indexes),  # the dashboard's searches and timelines
+    (10, _v10_dashboard_signouts),  # a signed-out dashboard session is refused everywhere
 ]
 
 

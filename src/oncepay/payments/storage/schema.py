@@ -195,6 +195,16 @@ events = Table(
     Index("events_merchant_seq", "merchant_id", "seq"),
 )
 
+# The dashboard's signed-out sessions (migration 10): a session is an HMAC in its cookie, checked
+# without the database, until its operator signs it out; then its HMAC is here, for every API
+# process, until the session would have expired anyway.
+dashboard_signouts = Table(
+    "dashboard_signouts",
+    metadata,
+    Column("session", String(64), primary_key=True),
+    Column("expires_at", Float, nullable=False),
+)
+
 # -- webhooks (migration 3) ----------------------------------------------------------------------
 
 webhook_endpoints = Table(
