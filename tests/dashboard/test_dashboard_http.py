@@ -322,3 +322,29 @@ async def test_a_hand_made_close_form_is_a_4xx_and_reaches_no_other_route(
         assert "555 0100" not in page.text
         assert "resolved 7" in (await client.get("/dashboard/discrepancies?done=resolved+7")).text
         assert page.headers["x-content-type-options"] == "nosniff"
+
+
+async def test_a_browser_gets_a_bad_filter_as_a_page_and_a_script_as_a_problem(
+    operated: Stack,
+) -> None:
+    html = {"Accept": "text/html,application/xhtml+xml"}
+    async with _as_operator(operated) as client:
+        page = await client.get("/dashboard/payments", params={"amount_min": "²"}, headers=html)
+        assert page.status_code == 400
+        assert page.headers["content-type"].startswith("text/html")
+        assert "is not an amount in minor units" in page.text
+        assert "frame-ancestors 'none'" in page.headers["content-security-policy"]
+        assert page.headers["x-content-type-options"] == "nosniff"
+        missing = await client.get("/dashboard/payments/pay_nope", headers=html)
+        assert missing.status_code == 404
+        assert "<h1>404" in missing.text
+        for path, accept in (
+            ("/dashboard/payments?amount_min=²", "application/json"),
+            ("/dashboard/payments.csv?amount_min=²", html["Accept"]),
+        ):
+            problem = await client.get(path, headers={"Accept": accept})
+            assert problem.status_code == 400
+            assert problem.headers["content-type"] == "application/problem+json"
+        # The API's own answers are never pages, whatever the client accepts.
+        api = await operated.client.get("/v1/payments/pay_nope", headers=html)
+        assert api.headers["content-type"] == "application/problem+json"

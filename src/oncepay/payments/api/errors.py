@@ -4,6 +4,7 @@ place from OncePay's exception tree, FastAPI's validation errors and Starlette's
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -33,11 +34,11 @@ _UNEXPECTED = (
 def add_handlers(app: FastAPI) -> None:
     @app.exception_handler(OncePayError)
     async def oncepay_error(request: Request, exc: OncePayError) -> Response:
-        return problem_response(exc)
+        return _answer(request, exc)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> Response:
-        return problem_response(InvalidRequest(_describe(exc.errors())))
+        return _answer(request, InvalidRequest(_describe(exc.errors())))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
@@ -51,7 +52,7 @@ def add_handlers(app: FastAPI) -> None:
             error = InvalidRequest(str(exc.detail))
             error.status = exc.status_code
             error.code = _HTTP_CODES.get(exc.status_code, "invalid_request")
-        response = problem_response(error)
+        response = _answer(request, error)
         for name, value in (exc.headers or {}).items():
             response.headers[name] = value
         if exc.status_code == 405:
@@ -73,6 +74,15 @@ def add_handlers(app: FastAPI) -> None:
         if request_id:
             response.headers["request-id"] = request_id
         return response
+
+
+def _answer(request: Request, error: OncePayError) -> Response:
+    """The problem document, or the page a front end put in its place for a browser (the
+    dashboard's ``problem_page``, set on ``app.state`` when it is mounted)."""
+    page: Callable[[Request, OncePayError], Response | None] | None = getattr(
+        request.app.state, "problem_page", None
+    )
+    return (page(request, error) if page is not None else None) or problem_response(error)
 
 
 def _allowed_methods(request: Request) -> list[str]:

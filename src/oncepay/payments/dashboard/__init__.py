@@ -9,7 +9,7 @@ from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
 
 from oncepay.payments.dashboard.auth import NotSignedIn
-from oncepay.payments.dashboard.routes import STATIC, not_signed_in, router
+from oncepay.payments.dashboard.routes import STATIC, not_signed_in, problem_page, router
 
 __all__ = ["mount"]
 
@@ -22,6 +22,7 @@ def mount(app: FastAPI) -> None:
     app.router.routes.extend(router.routes)
     app.mount("/dashboard/static", StaticFiles(directory=STATIC), name="dashboard-static")
     app.add_exception_handler(NotSignedIn, not_signed_in)  # type: ignore[arg-type]
+    app.state.problem_page = problem_page  # api/errors.py: a dashboard page's 4xx as a page
     title = app.title
 
     @app.get("/docs", include_in_schema=False)

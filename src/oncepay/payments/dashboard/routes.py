@@ -25,6 +25,7 @@ from fastapi import APIRouter, Depends, Form, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response, StreamingResponse
 from fastapi.templating import Jinja2Templates
 
+from oncepay.errors import OncePayError
 from oncepay.payments.context import Services
 from oncepay.payments.dashboard import queries
 from oncepay.payments.dashboard.auth import (
@@ -39,7 +40,7 @@ from oncepay.payments.dashboard.auth import (
 from oncepay.payments.errors import InvalidRequest, ResourceMissing
 from oncepay.payments.metrics import REGISTRY
 
-__all__ = ["STATIC", "router"]
+__all__ = ["STATIC", "problem_page", "router"]
 
 HERE = Path(__file__).parent
 STATIC = HERE / "static"
@@ -99,11 +100,34 @@ def _page(request: Request, name: str, who: Operator | None, **context: Any) -> 
         name,
         {"csrf": who.csrf(token) if who else "", "signed_in": who is not None, **context},
     )
+    return _guarded(response)
+
+
+def _guarded(response: HTMLResponse) -> HTMLResponse:
     response.headers["Content-Security-Policy"] = CSP
     response.headers["Cache-Control"] = "no-store"
     response.headers["Referrer-Policy"] = "same-origin"
     response.headers["X-Content-Type-Options"] = "nosniff"
     return response
+
+
+def problem_page(request: Request, error: OncePayError) -> HTMLResponse | None:
+    """A dashboard page's 4xx as a page when a browser asked for one (a filter that is no
+    filter, a payment that does not exist), with the pages' headers; the CSV, the live stream
+    and a script (no ``text/html`` in ``Accept``) get the problem document as the API does."""
+    path = request.url.path
+    if (
+        not path.startswith("/dashboard")
+        or path.startswith("/dashboard/static")
+        or path.endswith((".csv", "/stream"))
+        or "text/html" not in request.headers.get("accept", "")
+        or error.status >= 500
+    ):
+        return None
+    context = {"csrf": "", "signed_in": False, "status": error.status}
+    context.update(title=error.title, detail=error.detail)
+    page = templates.TemplateResponse(request, "error.html", context, status_code=error.status)
+    return _guarded(page)
 
 
 # -- signing in ----------------------------------------------------------------------------
