@@ -6,7 +6,9 @@ from typing import Any
 
 import httpx
 import pytest
+from sqlalchemy import text
 
+from oncepay.storage.db import read
 from tests.payments.stack import Stack
 
 
@@ -293,3 +295,27 @@ async def test_a_plain_payment_request_skips_fastapis_handler_and_answers_the_sa
     problem(response, 400, "invalid_request")
     assert len(solved) == 3
     assert await stack.count("payments") == 1
+
+
+async def test_a_refusal_by_the_acquirer_is_a_402_problem_and_replays(stack: Stack) -> None:
+    """Found by a black-box review: the 402 was plain JSON with the code "acquirerrefused"."""
+    payment = (await stack.pay(capture_method="manual")).json()
+    async with read(stack.db) as conn:
+        found = await conn.execute(
+            text("SELECT authorization_id FROM payments WHERE id = :id"), {"id": payment["id"]}
+        )
+        authorization = found.scalar_one()
+    voided = await stack.simulators["primary"].post(  # voided at the acquirer, out of band
+        f"/v1/authorizations/{authorization}/void",
+        json={"reference": "out-of-band-void"},
+        headers={"Idempotency-Key": "out-of-band-void"},
+    )
+    assert voided.status_code == 201, voided.text
+    capture = await stack.post(f"/v1/payments/{payment['id']}/capture", key="cap-refused")
+    body = problem(capture, 402, "acquirer_refused")
+    assert body["type"] == "urn:oncepay:problem:acquirer_refused"
+    assert body["title"] == "The acquirer refused"
+    assert "the acquirer refused to capture" in body["detail"]
+    replay = await stack.post(f"/v1/payments/{payment['id']}/capture", key="cap-refused")
+    assert replay.content == capture.content
+    assert replay.headers["content-type"] == "application/problem+json"

@@ -6,7 +6,8 @@
     ├── ResourceMissing            404 resource_missing (also: another merchant's object)
     ├── InvalidRequest             400 invalid_request (malformed JSON, fields, ids)
     ├── AmountTooLarge             400 amount_too_large (capture / refund above what is left)
-    └── InvalidStateTransition     409 invalid_state_transition (nothing changed)
+    ├── InvalidStateTransition     409 invalid_state_transition (nothing changed)
+    └── AcquirerRefused            402 acquirer_refused (the acquirer refused a capture/void)
     RetryableError
     ├── OperationInProgress        409 payment_operation_in_progress (capture vs. cancel)
     ├── OutcomeUnknown             409 payment_outcome_unknown (acquirer result not yet known)
@@ -23,6 +24,7 @@ from oncepay.errors import ClientError, RetryableError
 
 __all__ = [
     "AcquirerOutcomeUnknown",
+    "AcquirerRefused",
     "AmountTooLarge",
     "AuthenticationFailed",
     "DatabaseUnavailable",
@@ -93,6 +95,15 @@ class InvalidStateTransition(ClientError):
     status = 409
     code = "invalid_state_transition"
     title = "The payment's state does not allow this operation"
+
+
+class AcquirerRefused(ClientError):
+    """A capture or void the acquirer refused (its decline code in the detail): the answer,
+    stored under the request's key like a decline."""
+
+    status = 402
+    code = "acquirer_refused"
+    title = "The acquirer refused"
 
 
 class OperationInProgress(RetryableError):

@@ -13,7 +13,12 @@ from oncepay.errors import OncePayError
 from oncepay.payments import ledger
 from oncepay.payments.acquirers.base import AcquirerAnswer
 from oncepay.payments.context import Services
-from oncepay.payments.errors import OperationInProgress, OutcomeUnknown, ResourceMissing
+from oncepay.payments.errors import (
+    AcquirerRefused,
+    OperationInProgress,
+    OutcomeUnknown,
+    ResourceMissing,
+)
 from oncepay.payments.events import emit
 from oncepay.payments.metrics import RECOVERY_ESCALATIONS
 from oncepay.payments.models import payment_public
@@ -262,16 +267,7 @@ async def payment_or_refusal(conn: AsyncConnection, payment_id: str, request: st
 
 
 def _refusal(code: str, request: str) -> Reply:
-    return Reply.json(
-        402,
-        {
-            "type": "urn:oncepay:problem:acquirerrefused",
-            "title": "The acquirer refused",
-            "status": 402,
-            "detail": f"the acquirer refused to {request} ({code})",
-            "code": "acquirerrefused",
-        },
-    )
+    return Reply.problem(AcquirerRefused(f"the acquirer refused to {request} ({code})"))
 
 
 class OnPayment:
