@@ -315,7 +315,7 @@ async def test_a_refusal_by_the_acquirer_is_a_402_problem_and_replays(stack: Sta
     body = problem(capture, 402, "acquirer_refused")
     assert body["type"] == "urn:oncepay:problem:acquirer_refused"
     assert body["title"] == "The acquirer refused"
-    assert "the acquirer refused to capture" in body["detail"]
+    assert "the acquirer refused to capture" in str(body["detail"])
     replay = await stack.post(f"/v1/payments/{payment['id']}/capture", key="cap-refused")
     assert replay.content == capture.content
     assert replay.headers["content-type"] == "application/problem+json"
