@@ -4,6 +4,7 @@ decision, request id) unless ``--quiet``; every answer carries its ``Request-Id`
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import subprocess
@@ -82,3 +83,67 @@ async def test_every_answer_has_its_own_request_id(stack: Stack, method: str) ->
     assert all(re.fullmatch(r"req_[0-9a-f]{24}", i) for i in ids), ids
     assert len(set(ids)) == 3
     assert sent["Request-Id"] not in ids
+
+
+async def test_a_client_that_leaves_mid_body_is_a_499_not_a_500(
+    stack: Stack, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Found by a black-box review: a client that went away while sending its body was logged
+    and counted as a 500 (with no traceback under its id), so 5xx alerts fired on timeouts."""
+    app = stack.client._transport.app  # type: ignore[attr-defined]
+    arriving: list[dict[str, object]] = [
+        {"type": "http.request", "body": b'{"amount": 10', "more_body": True},
+        {"type": "http.disconnect"},
+    ]
+
+    async def receive() -> dict[str, object]:
+        return arriving.pop(0) if arriving else {"type": "http.disconnect"}
+
+    sent: list[dict[str, object]] = []
+
+    async def send(message: dict[str, object]) -> None:
+        sent.append(message)
+
+    headers = {
+        "host": "payments",
+        "content-type": "application/json",
+        "content-length": "100",
+        "authorization": f"Bearer {stack.api_key}",
+        "idempotency-key": "left-early",
+    }
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/v1/payments",
+        "raw_path": b"/v1/payments",
+        "root_path": "",
+        "query_string": b"",
+        "headers": [(k.encode(), v.encode()) for k, v in headers.items()],
+        "client": ("127.0.0.1", 50000),
+        "server": ("payments", 80),
+    }
+    before = await _post_counts(stack)
+    with caplog.at_level(logging.INFO, logger="oncepay.access"):
+        await app(scope, receive, send)
+    assert sent == []  # nobody to answer
+    [logged] = [r for r in caplog.records if r.name == "oncepay.access"]
+    assert logged.status == 499  # type: ignore[attr-defined]
+    assert " 499 " in logged.getMessage()
+    after = await _post_counts(stack)  # the registry is the process's: compare, not count
+    assert after.get("499", 0) == before.get("499", 0) + 1
+    assert after.get("500", 0) == before.get("500", 0)
+
+
+async def _post_counts(stack: Stack) -> dict[str, float]:
+    """oncepay_http_requests_total of POSTs, summed by status."""
+    counts: dict[str, float] = {}
+    for line in (await stack.client.get("/metrics")).text.splitlines():
+        found = re.match(r"oncepay_http_requests_total\{(.*)\} (\S+)$", line)
+        if found and 'method="POST"' in found[1]:
+            status = re.search(r'status="(\d+)"', found[1])
+            assert status is not None
+            counts[status[1]] = counts.get(status[1], 0) + float(found[2])
+    return counts

@@ -16,12 +16,15 @@ from oncepay.http.asgi import ASGIApp, Message, Receive, Scope, Send
 from oncepay.payments import tracing
 from oncepay.storage.ids import new_id
 
-__all__ = ["DECISION", "REQUEST_ID", "AccessLog"]
+__all__ = ["CLIENT_GONE", "DECISION", "REQUEST_ID", "AccessLog"]
 
 log = logging.getLogger("oncepay.access")
 
 DECISION = "oncepay.idempotency_decision"  # a key of scope["state"]
 REQUEST_ID = "oncepay.request_id"  # likewise
+# The status logged and counted for a request its client left before any answer (it went away
+# while sending its body): nginx's "client closed request", not a 500 of ours.
+CLIENT_GONE = 499
 
 
 class AccessLog:
@@ -36,7 +39,7 @@ class AccessLog:
         state: dict[str, Any] = scope.setdefault("state", {})
         request_id = new_id("req")
         state[REQUEST_ID] = request_id
-        status = [500]
+        status = [0]  # the answer's, once it starts; 500 if the app raised before
 
         async def answer(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -50,7 +53,11 @@ class AccessLog:
 
         try:
             await self.app(scope, receive, answer)
+        except BaseException:
+            status[0] = status[0] or 500  # Starlette answers it, outside this layer
+            raise
         finally:
+            status[0] = status[0] or CLIENT_GONE  # no answer and no error: the client left
             if log.isEnabledFor(logging.INFO):
                 path = (scope.get("raw_path") or scope["path"].encode()).decode("latin-1")
                 duration = (time.perf_counter() - started) * 1000

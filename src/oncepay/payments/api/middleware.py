@@ -17,6 +17,7 @@ from oncepay.http.asgi import (
     replaying,
 )
 from oncepay.http.gate import DEFAULT_MAX_BODY
+from oncepay.payments.api.accesslog import CLIENT_GONE
 from oncepay.payments.api.deps import problem_response
 from oncepay.payments.metrics import REQUESTS, labelled
 
@@ -91,7 +92,7 @@ class RequestMetrics:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        status = [500]
+        status = [0]  # the answer's, once it starts
 
         async def watched(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -100,6 +101,10 @@ class RequestMetrics:
 
         try:
             await self.app(scope, receive, watched)
+        except BaseException:
+            status[0] = status[0] or 500  # Starlette answers it, outside this layer
+            raise
         finally:
+            status[0] = status[0] or CLIENT_GONE  # no answer, no error: the client left
             route = getattr(scope.get("route"), "path", "unmatched")
             labelled(REQUESTS, route, scope["method"], str(status[0])).inc()
