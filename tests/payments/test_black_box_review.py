@@ -109,3 +109,19 @@ def test_an_insight_detail_agrees_with_its_counts(kind: str) -> None:
     assert " retries were" not in one, one
     many = _DETAILS[kind](Episode(0.0, 1.0, events=5, expected=0.0, examples=("k",), sources=3))
     assert re.search(r"\b5 (requests|replays|keys|retries)\b", many), many
+
+
+async def test_a_trailing_slash_is_no_route_not_a_redirect_to_the_callers_host(
+    stack: Stack,
+) -> None:
+    """A 307 before authentication, to http://<the client's Host>/v1/payments: an unknown path
+    is a 404 like any other, and a missing key is still a 401 first where the route exists."""
+    for method, path in (
+        ("POST", "/v1/payments/"),
+        ("GET", "/v1/payments/"),
+        ("GET", "/v1/events/"),
+    ):
+        answer = await stack.client.request(method, path, headers={"Host": "evil.example"})
+        assert answer.status_code == 404, (method, path, answer.status_code)
+        assert answer.json()["code"] == "resource_missing"
+        assert "location" not in answer.headers

@@ -139,6 +139,10 @@ def create_app(
         # request; OncePay traces itself (payments/tracing.py: the server span, phases,
         # acquirer calls), so FastAPI's would add nothing but that cost.
         telemetry={"tracing": False, "metrics": False, "logs": False},
+        # /v1/payments/ is no route (404 resource_missing), as the docs say of any unknown
+        # path: Starlette's redirect would answer it with a 307 before authentication, to a
+        # URL built from the client's Host header.
+        redirect_slashes=False,
     )
     if services is not None:
         app.state.services = services
