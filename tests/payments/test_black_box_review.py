@@ -125,3 +125,17 @@ async def test_a_trailing_slash_is_no_route_not_a_redirect_to_the_callers_host(
         assert answer.status_code == 404, (method, path, answer.status_code)
         assert answer.json()["code"] == "resource_missing"
         assert "location" not in answer.headers
+
+
+async def test_a_null_amount_is_refused_not_taken_for_everything(stack: Stack) -> None:
+    """A client's unset field serialised as null captured or refunded everything."""
+    payment = (await stack.pay(capture_method="manual")).json()
+    path = f"/v1/payments/{payment['id']}"
+    for action in ("capture", "refunds"):
+        answer = await stack.post(f"{path}/{action}", {"amount": None})
+        assert answer.status_code == 400, answer.text
+        assert "null is not an amount" in answer.json()["detail"]
+    after = (await stack.client.get(path)).json()
+    assert (after["status"], after["amount_captured"]) == ("authorized", 0)
+    captured = await stack.post(f"{path}/capture", {})  # left out: the authorized amount
+    assert captured.json()["amount_captured"] == payment["amount"]

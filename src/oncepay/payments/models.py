@@ -11,6 +11,7 @@ from typing import Annotated, Any, Literal, TypeVar
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     StringConstraints,
@@ -195,8 +196,34 @@ class PaymentCreate(_Request):
         return value
 
 
+def _no_null(value: object) -> object:
+    if value is None:
+        raise PydanticCustomError(
+            "amount_null", "null is not an amount: leave amount out to take the default"
+        )
+    return value
+
+
+# A capture's or refund's amount: left out, all of it; but not null, which a client's bug
+# (an unset field serialised) would otherwise turn into "capture or refund everything".
+OptionalAmount = Annotated[
+    Amount | None,
+    BeforeValidator(_no_null),
+    WithJsonSchema(
+        {
+            "type": "integer",
+            "exclusiveMinimum": 0,
+            "maximum": MAX_AMOUNT,
+            "description": _AMOUNT_TEXT,
+        }
+    ),
+]
+
+
 class CaptureRequest(_Request):
-    amount: Amount | None = Field(default=None, description="Default: the authorized amount.")
+    amount: OptionalAmount = Field(
+        default=None, description="Left out: the authorized amount (null is refused)."
+    )
 
 
 class CancelRequest(_Request):
@@ -204,7 +231,9 @@ class CancelRequest(_Request):
 
 
 class RefundCreate(_Request):
-    amount: Amount | None = Field(default=None, description="Default: all that is left.")
+    amount: OptionalAmount = Field(
+        default=None, description="Left out: all that is left (null is refused)."
+    )
 
 
 # -- public -------------------------------------------------------------------------------------
