@@ -47,3 +47,25 @@ async def test_capture_and_cancel_race_one_wins(stack: Stack) -> None:
     final = (await stack.client.get(f"/v1/payments/{pid}")).json()["status"]
     assert final in {"captured", "canceled"}
     assert await stack.ledger_violations() == []
+
+
+async def test_full_refunds_racing_one_another_refund_once_and_say_why_the_rest_cannot(
+    stack: Stack,
+) -> None:
+    """Found by a black-box review: the losers of a race of full refunds (no amount) were told
+    "cannot refund 0", an amount nobody sent."""
+    pid = (await stack.pay(amount=1000)).json()["id"]
+    responses = await asyncio.gather(
+        *(stack.post(f"/v1/payments/{pid}/refunds", {}) for _ in range(20))
+    )
+    succeeded = [r for r in responses if r.status_code == 201]
+    assert len(succeeded) == 1
+    assert succeeded[0].json()["amount"] == 1000
+    for refused in (r for r in responses if r.status_code != 201):
+        assert refused.status_code == 409, refused.text
+        problem = refused.json()
+        assert problem["code"] in {"invalid_state_transition", "payment_operation_in_progress"}
+        assert "cannot refund 0" not in problem["detail"]
+    payment = (await stack.client.get(f"/v1/payments/{pid}")).json()
+    assert (payment["amount_refunded"], payment["status"]) == (1000, "refunded")
+    assert await stack.ledger_violations() == []

@@ -14,7 +14,7 @@ from oncepay.idempotency.engine import Ticket
 from oncepay.payments import ledger
 from oncepay.payments.acquirers.base import AcquirerAnswer, Outcome
 from oncepay.payments.context import Services
-from oncepay.payments.errors import AmountTooLarge, ResourceMissing
+from oncepay.payments.errors import AmountTooLarge, InvalidStateTransition, ResourceMissing
 from oncepay.payments.events import emit
 from oncepay.payments.models import refund_public
 from oncepay.payments.operations.common import (
@@ -59,6 +59,11 @@ class CreateRefund:
             )
         ).scalar_one()
         left = row.amount_captured - int(reserved)
+        if left <= 0:  # refunds racing one another: the others took it all, whatever was asked
+            raise InvalidStateTransition(
+                f"nothing is left to refund: all {row.amount_captured} captured is refunded "
+                "or being refunded"
+            )
         amount = left if self.amount is None else self.amount
         if amount > left or amount <= 0:
             raise AmountTooLarge(
