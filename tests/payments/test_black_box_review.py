@@ -5,6 +5,7 @@ test_clear_errors.py and test_hostile_parameters.py."""
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from typing import Any
@@ -139,3 +140,18 @@ async def test_a_null_amount_is_refused_not_taken_for_everything(stack: Stack) -
     assert (after["status"], after["amount_captured"]) == ("authorized", 0)
     captured = await stack.post(f"{path}/capture", {})  # left out: the authorized amount
     assert captured.json()["amount_captured"] == payment["amount"]
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-32", "utf-16-be"])
+async def test_json_in_another_encoding_than_utf_8_is_refused(stack: Stack, encoding: str) -> None:
+    """RFC 8259 §8.1: JSON between systems is UTF-8. json.loads took UTF-16 and UTF-32 bodies
+    (201) while a body declared latin-1 was refused."""
+    body = json.dumps({"amount": 1000, "currency": "USD", "payment_method": "pm_card_ok"})
+    answer = await stack.client.post(
+        "/v1/payments",
+        content=body.encode(encoding),
+        headers={"Content-Type": "application/json", "Idempotency-Key": f"enc-{encoding}"},
+    )
+    assert answer.status_code == 400, answer.text
+    assert answer.json()["detail"].startswith("body: malformed JSON")  # not UTF-8, or no JSON
+    assert await stack.count("payments") == 0

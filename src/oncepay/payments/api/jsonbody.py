@@ -47,7 +47,8 @@ def loads(body: bytes) -> Any:
     """``body`` as JSON, refusing duplicate keys; any refusal is a ``JSONDecodeError`` whose
     message says what is wrong."""
     try:
-        return json.loads(body, object_pairs_hook=_unique)
+        # Decoded as UTF-8 here (RFC 8259 §8.1): json.loads would take UTF-16 and UTF-32 too.
+        return json.loads(body.decode(), object_pairs_hook=_unique)
     except DuplicateKey:
         raise
     except json.JSONDecodeError as exc:
