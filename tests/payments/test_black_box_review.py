@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -155,3 +156,34 @@ async def test_json_in_another_encoding_than_utf_8_is_refused(stack: Stack, enco
     assert answer.status_code == 400, answer.text
     assert answer.json()["detail"].startswith("body: malformed JSON")  # not UTF-8, or no JSON
     assert await stack.count("payments") == 0
+
+
+async def test_a_lease_shorter_than_an_acquirer_call_is_warned_of_at_start(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A review ran with ONCEPAY_LEASE=3 s and a 5 s acquirer: every slow request ended in
+    409 idempotency_lease_lost. Money stayed right; the start now says why it will not work."""
+    from oncepay.payments.bootstrap import lease_warning, start
+    from oncepay.payments.settings import Settings
+
+    def settings(**given: Any) -> Settings:
+        return Settings(
+            database_url=f"sqlite:///{tmp_path / 'p.db'}",
+            acquirer_database_url=f"sqlite:///{tmp_path / 'a.db'}",
+            run_worker=False,
+            **given,
+        )
+
+    assert lease_warning(settings()) is None  # the defaults: 60 s against 3 x 5 s
+    assert lease_warning(settings(lease=16)) is None
+    short = settings(lease=15)
+    said = lease_warning(short)
+    assert said is not None
+    assert said.startswith("ONCEPAY_LEASE (15 s) is not longer than an acquirer call may take")
+    two = lease_warning(settings(lease=29, secondary_acquirer_url="http://127.0.0.1:9/"))
+    assert two is not None
+    assert "on each of 2 acquirers" in two
+    with caplog.at_level(logging.WARNING, logger="oncepay.payments"):
+        services = await start(short)
+        await services.aclose()
+    assert [r.getMessage() for r in caplog.records if r.name == "oncepay.payments"] == [said]

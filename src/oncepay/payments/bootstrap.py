@@ -6,6 +6,8 @@ per configured URL."""
 
 from __future__ import annotations
 
+import logging
+
 from oncepay.http.gate import Gate
 from oncepay.idempotency.engine import Engine
 from oncepay.insight.ttl_policy import TtlPolicy
@@ -22,12 +24,16 @@ from oncepay.payments.storage.idempotency import idempotency_store
 from oncepay.payments.storage.migrations import migrate
 from oncepay.storage.db import Database
 
-__all__ = ["build_acquirers", "start"]
+__all__ = ["build_acquirers", "lease_warning", "start"]
+
+log = logging.getLogger("oncepay.payments")
 
 
 async def start(settings: Settings, acquirers: AcquirerPool | None = None) -> Services:
     """Everything a payments process needs, ready; ``acquirers`` replaces the configured ones."""
     policy = ttl_policy(settings)  # first: a file that cannot be used leaves nothing open
+    if (warning := lease_warning(settings)) is not None:
+        log.warning(warning)
     db = Database.from_url(settings.database_url)
     await migrate(db)
     store = await idempotency_store(db, settings.redis_url)
@@ -38,6 +44,24 @@ async def start(settings: Settings, acquirers: AcquirerPool | None = None) -> Se
     gate = Gate(engine, methods=("POST",), required=True, usage_log=usage_log, ttl_policy=policy)
     pool = acquirers or build_acquirers(settings)
     return Services(settings, db, engine, gate, pool, ttl_policy=policy)
+
+
+def lease_warning(settings: Settings) -> str | None:
+    """What to say when the lease is no longer than an acquirer call may take (every attempt at
+    its timeout, on each acquirer): a request still waiting on the acquirer then loses its key
+    to a retry, which answers 409 ``idempotency_lease_lost`` until the first finishes. Money
+    stays right (fencing); the service just works badly. None when the lease is long enough."""
+    acquirers = 2 if settings.secondary_acquirer_url else 1
+    slowest = settings.acquirer_timeout * settings.acquirer_attempts * acquirers
+    if settings.lease > slowest:
+        return None
+    return (
+        f"ONCEPAY_LEASE ({settings.lease:g} s) is not longer than an acquirer call may take "
+        f"({slowest:g} s: {settings.acquirer_attempts} attempts of {settings.acquirer_timeout:g} s"
+        f"{' on each of 2 acquirers' if acquirers == 2 else ''}): a request still at the acquirer "
+        "can lose its key to a retry, which then answers 409 idempotency_lease_lost; set the "
+        "lease well above it (default 60 s)"
+    )
 
 
 def ttl_policy(settings: Settings) -> TtlPolicy | None:
