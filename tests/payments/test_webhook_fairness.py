@@ -19,7 +19,6 @@ import pytest
 
 from oncepay.payments.webhooks import delivery
 from oncepay.payments.webhooks.delivery import (
-    PER_ENDPOINT,
     SEND_CONCURRENCY,
     claim_due,
     deliver_due,
@@ -111,9 +110,17 @@ async def receiver() -> AsyncIterator[Receiver]:
             await asyncio.gather(*found.handlers)
 
 
+PER_ENDPOINT = 3  # webhook_endpoint_concurrency here (5 by default)
+
+
 @pytest.fixture
 async def hooks(payments_url: str, tmp_path: Path) -> AsyncIterator[Stack]:
-    async with running_stack(payments_url, tmp_path, webhook_schedule=[10.0, 20.0]) as stack:
+    async with running_stack(
+        payments_url,
+        tmp_path,
+        webhook_schedule=[10.0, 20.0],
+        webhook_endpoint_concurrency=PER_ENDPOINT,
+    ) as stack:
         yield stack
 
 
@@ -159,6 +166,27 @@ async def test_a_hanging_endpoint_delays_only_its_own_deliveries(
             await worker
     assert receiver.most_hanging == PER_ENDPOINT
     assert receiver.arrived == {"/fast": payments, "/hang": payments}
+
+
+async def test_a_busy_endpoints_deliveries_follow_one_another_at_once(
+    hooks: Stack, receiver: Receiver
+) -> None:
+    # Its share in flight, and the next claimed as soon as one is answered: with a long
+    # interval between looks, a worker that waited for it would not be done in minutes.
+    await subscribe(hooks, receiver, "/fast")
+    payments = 4 * PER_ENDPOINT
+    for _ in range(payments):
+        await hooks.pay()
+    stop = asyncio.Event()
+    async with httpx.AsyncClient() as client:
+        worker = asyncio.create_task(keep_delivering(hooks.services, client, stop, interval=60))
+        try:
+            async with asyncio.timeout(20):
+                await receiver.until("/fast", payments)
+        finally:
+            stop.set()
+            await worker
+    assert receiver.arrived == {"/fast": payments}
 
 
 async def test_a_claim_takes_a_fair_share_of_one_endpoints_backlog(

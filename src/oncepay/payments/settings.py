@@ -97,6 +97,10 @@ class Settings(BaseSettings):
         ],
         min_length=1,
     )
+    # At most this many deliveries to one endpoint in flight at once, whichever workers send
+    # them (a worker sends 10 at a time): a slow or hanging endpoint holds no more than that
+    # of a worker's slots, and a busy healthy one still gets them in parallel.
+    webhook_endpoint_concurrency: int = Field(default=5, ge=1)
     # Webhooks go to public addresses only: a merchant's URL is fetched from inside our
     # network, and one naming 127.0.0.1, 10.x or 169.254.169.254 (cloud metadata) would make
     # the worker a proxy onto internal services (SSRF). True for development and tests only.

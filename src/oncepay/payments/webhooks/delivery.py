@@ -72,10 +72,6 @@ CLAIM_BATCH = 50
 # A worker sends this many deliveries at a time, and claims the next one as soon as one is
 # done: a slow delivery holds its own slot, not a whole batch.
 SEND_CONCURRENCY = 10
-# At most this many deliveries to one endpoint are in flight (whichever workers sent them;
-# each claim takes at most this many of one endpoint): one slow endpoint never holds more
-# than that of a worker's slots, so it delays only its own deliveries.
-PER_ENDPOINT = 2
 # An answer's body is read up to this much (so that its connection can serve the next
 # delivery) and otherwise dropped unread: only the status counts.
 ANSWER_LIMIT = 64 * 1024
@@ -102,18 +98,20 @@ class _Claimed:
 
 async def claim_due(svc: Services, *, now: float, limit: int = CLAIM_BATCH) -> list[_Claimed]:
     """Take due deliveries (and ones whose worker went away) for this worker, oldest due first,
-    at most :data:`PER_ENDPOINT` of one endpoint and none of an endpoint that has that many in
-    flight already: one transaction, the candidates locked as read (on PostgreSQL ``FOR UPDATE
-    SKIP LOCKED``, so several workers never take the same one; on SQLite under the database's
+    at most ``webhook_endpoint_concurrency`` of one endpoint, fewer by what it has in flight
+    already: one transaction, the candidates locked as read (on PostgreSQL ``FOR UPDATE SKIP
+    LOCKED``, so several workers never take the same one; on SQLite under the database's
     single write lock)."""
     d = webhook_deliveries.c
     token = secrets.token_hex(8)
-    busy = (
-        select(d.endpoint_id)
+    cap = svc.settings.webhook_endpoint_concurrency
+    in_flight = (
+        select(d.endpoint_id, func.count().label("n"))
         .where(d.status == "delivering", d.locked_until > now)
         .group_by(d.endpoint_id)
-        .having(func.count() >= PER_ENDPOINT)
     )
+    counts = in_flight.subquery()
+    busy = select(counts.c.endpoint_id).where(counts.c.n >= cap)
     due = (
         select(d.id, d.endpoint_id)
         .where(
@@ -124,19 +122,24 @@ async def claim_due(svc: Services, *, now: float, limit: int = CLAIM_BATCH) -> l
             d.endpoint_id.not_in(busy),
         )
         .order_by(d.next_attempt_at)
-        .limit(limit * PER_ENDPOINT)  # room to skip an endpoint's backlog beyond its share
+        .limit(limit * 4)  # room to skip an endpoint's backlog beyond its share
         .with_for_update(skip_locked=True)
     )
     async with write(svc.db) as conn:
+        rows = (await conn.execute(due)).all()
+        flying: Counter[str] = Counter()
+        if rows:  # what the endpoints in reach have in flight now (busy ones are left out)
+            named = {row.endpoint_id for row in rows}
+            counted = in_flight.where(d.endpoint_id.in_(named))
+            flying.update({r.endpoint_id: r.n for r in await conn.execute(counted)})
         taken: list[str] = []
-        per_endpoint: Counter[str] = Counter()
-        for row in await conn.execute(due):
-            if per_endpoint[row.endpoint_id] < PER_ENDPOINT and len(taken) < limit:
-                per_endpoint[row.endpoint_id] += 1
+        for row in rows:
+            if flying[row.endpoint_id] < cap and len(taken) < limit:
+                flying[row.endpoint_id] += 1
                 taken.append(row.id)
         if not taken:
             return []
-        rows = await conn.execute(
+        claimed = await conn.execute(
             update(webhook_deliveries)
             .where(d.id.in_(taken))
             .values(
@@ -147,8 +150,8 @@ async def claim_due(svc: Services, *, now: float, limit: int = CLAIM_BATCH) -> l
             )
             .returning(d.id, d.event_id, d.endpoint_id, d.attempts, d.next_attempt_at)
         )
-        claimed = sorted(rows, key=lambda r: r.next_attempt_at)
-        return [_Claimed(r.id, r.event_id, r.endpoint_id, r.attempts, token) for r in claimed]
+        ordered = sorted(claimed, key=lambda r: r.next_attempt_at)
+        return [_Claimed(r.id, r.event_id, r.endpoint_id, r.attempts, token) for r in ordered]
 
 
 def delivery_client() -> httpx.AsyncClient:
@@ -216,9 +219,11 @@ async def keep_delivering(
             if free and len(claimed) == free:
                 await asyncio.sleep(0)  # more may be due: claim again at once if a slot is free
                 continue
-            # Every slot busy: go on when one frees. Nothing more due: look again later.
-            slot = {*running} if not free else set()
-            await asyncio.wait({stopping, *slot}, timeout=interval, return_when="FIRST_COMPLETED")
+            # Look again when one of ours is done (a slot freed, and its endpoint has room for
+            # one more: a busy endpoint's deliveries follow one another at once), or later.
+            await asyncio.wait(
+                {stopping, *running}, timeout=interval, return_when="FIRST_COMPLETED"
+            )
     finally:
         stopping.cancel()
         for task in list(running):
