@@ -175,11 +175,11 @@ async def test_a_lease_shorter_than_an_acquirer_call_is_warned_of_at_start(
         )
 
     assert lease_warning(settings()) is None  # the defaults: 60 s against 3 x 5 s
-    assert lease_warning(settings(lease=16)) is None
-    short = settings(lease=15)
+    assert lease_warning(settings(lease=15)) is None
+    short = settings(lease=14)
     said = lease_warning(short)
     assert said is not None
-    assert said.startswith("ONCEPAY_LEASE (15 s) is not longer than an acquirer call may take")
+    assert said.startswith("ONCEPAY_LEASE (14 s) is shorter than an acquirer call may take")
     two = lease_warning(settings(lease=29, secondary_acquirer_url="http://127.0.0.1:9/"))
     assert two is not None
     assert "on each of 2 acquirers" in two

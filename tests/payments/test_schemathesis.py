@@ -162,6 +162,14 @@ def test_stateful_chains_reach_capture_refund_and_cancel(served: dict[str, Any])
             params = case.path_parameters or {}
             if created and "payment_id" in params and params["payment_id"] not in created:
                 params["payment_id"] = created[sum(seen.values()) % len(created)]
+            # A capture's or refund's generated amount (up to 999,999,999) is above what almost
+            # any payment holds, a 400 the stateless tests cover: one in two calls takes the
+            # default (the amount left out), the other a single minor unit.
+            if case.path.endswith(("/capture", "/refunds")) and isinstance(case.body, dict):
+                if sum(seen.values()) % 2:
+                    case.body.pop("amount", None)
+                elif "amount" in case.body:
+                    case.body["amount"] = 1
 
         def validate_response(self, response: Any, case: Any, *args: Any, **kwargs: Any) -> None:
             seen[(case.method.upper(), case.path, response.status_code)] += 1

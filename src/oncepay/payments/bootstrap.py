@@ -47,16 +47,16 @@ async def start(settings: Settings, acquirers: AcquirerPool | None = None) -> Se
 
 
 def lease_warning(settings: Settings) -> str | None:
-    """What to say when the lease is no longer than an acquirer call may take (every attempt at
+    """What to say when the lease is shorter than an acquirer call may take (every attempt at
     its timeout, on each acquirer): a request still waiting on the acquirer then loses its key
     to a retry, which answers 409 ``idempotency_lease_lost`` until the first finishes. Money
     stays right (fencing); the service just works badly. None when the lease is long enough."""
     acquirers = 2 if settings.secondary_acquirer_url else 1
     slowest = settings.acquirer_timeout * settings.acquirer_attempts * acquirers
-    if settings.lease > slowest:
+    if settings.lease >= slowest:
         return None
     return (
-        f"ONCEPAY_LEASE ({settings.lease:g} s) is not longer than an acquirer call may take "
+        f"ONCEPAY_LEASE ({settings.lease:g} s) is shorter than an acquirer call may take "
         f"({slowest:g} s: {settings.acquirer_attempts} attempts of {settings.acquirer_timeout:g} s"
         f"{' on each of 2 acquirers' if acquirers == 2 else ''}): a request still at the acquirer "
         "can lose its key to a retry, which then answers 409 idempotency_lease_lost; set the "
