@@ -319,3 +319,9 @@ async def test_a_refusal_by_the_acquirer_is_a_402_problem_and_replays(stack: Sta
     replay = await stack.post(f"/v1/payments/{payment['id']}/capture", key="cap-refused")
     assert replay.content == capture.content
     assert replay.headers["content-type"] == "application/problem+json"
+    # A cancel asks for what is true at the acquirer already: the payment follows (it stayed
+    # authorized for good, its hold in the ledger, before), and the ledger balances.
+    cancel = await stack.post(f"/v1/payments/{payment['id']}/cancel")
+    assert cancel.status_code == 200, cancel.text
+    assert (cancel.json()["status"], cancel.json()["amount_capturable"]) == ("canceled", 0)
+    assert await stack.ledger_violations() == []

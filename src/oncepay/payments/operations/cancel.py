@@ -32,6 +32,7 @@ from oncepay.payments.states import Transition
 __all__ = ["Cancel"]
 
 T = Transition
+VOIDED_ALREADY = "authorization_voided"  # the acquirer's refusal of a void, or of a capture
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,7 +58,11 @@ class Cancel(FollowOn):
         self, conn: AsyncConnection, svc: Services, object_id: str, answer: AcquirerAnswer
     ) -> Reply:
         row = await load_payment(conn, object_id, lock=True)
-        if answer.outcome is not Outcome.APPROVED:
+        # Voided already at the acquirer (out of band, or it lapsed there): what the cancel
+        # asks for is true there, so the payment follows; refusing it would leave the payment
+        # authorized for good, its hold in the ledger, with nothing left to move it on.
+        voided = answer.decline_code == VOIDED_ALREADY
+        if answer.outcome is not Outcome.APPROVED and not voided:
             return await refused(conn, row, answer, self.name)
         await post_to_ledger(conn, row, "void", ledger.release_hold(row.amount))
         row = await resolve(conn, row, T.CANCEL, pending_operation=None)
