@@ -7,6 +7,7 @@ was read into memory. Each test drives real HTTP against a receiver on a real so
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -90,9 +91,12 @@ class Receiver:
             await asyncio.sleep(0.2)
 
     async def flood(self, writer: asyncio.StreamWriter) -> None:
+        # A fixed send buffer (no autotuning to the system's maximum): what is written past
+        # it is what the client read, whatever this machine's tcp_wmem says.
+        writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 65536)
         writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
         chunk = b"%x\r\n%s\r\n" % (65536, b"x" * 65536)
-        while self.flooded < 256 * 65536:  # 16 MiB at most, if nobody hangs up
+        while self.flooded < 1024 * 65536:  # 64 MiB at most, if nobody hangs up
             writer.write(chunk)
             await writer.drain()
             self.flooded += 65536
@@ -155,8 +159,10 @@ async def test_a_hanging_endpoint_delays_only_its_own_deliveries(
         try:
             async with asyncio.timeout(8):  # well inside an attempt's 10 s: nothing timed out
                 await receiver.until("/fast", payments)
+                await receiver.until("/hang", PER_ENDPOINT)
             # Every delivery to the fast endpoint went out while the hanging one held its
-            # share of the slots, and no more than that.
+            # share of the slots, and no more than that: none of the rest has been sent.
+            assert receiver.arrived["/hang"] == PER_ENDPOINT
             assert receiver.hanging == receiver.most_hanging == PER_ENDPOINT
             receiver.release.set()
             async with asyncio.timeout(8):
@@ -226,6 +232,6 @@ async def test_an_endless_answer_is_not_read_past_a_limit(hooks: Stack, receiver
     assert dict(report.results) == {"succeeded": 1}  # its status is all that counts
     [attempt] = await attempt_log(hooks)
     assert attempt["status_code"] == 200
-    # The worker hung up after ANSWER_LIMIT: the receiver could write only what the socket's
-    # buffers held beyond it, not its 16 MiB.
+    # The worker hung up after ANSWER_LIMIT: the receiver could write only what the sockets'
+    # buffers held beyond it, not its 64 MiB.
     assert receiver.flooded < 8 * 1024 * 1024

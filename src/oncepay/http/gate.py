@@ -636,12 +636,12 @@ class Gate:
         """Whether an answer that ran is stored under its key (:meth:`finishing` completes the
         record rather than releasing it or leaving it locked): only such an answer says when
         the key expires. ``body`` None: judged before the body is known (a streamed answer)."""
-        if status >= 400:
-            if _outcome(headers) == NOT_EXECUTED:
-                return False
-            refuses = self.not_executed
-            if body is not None and refuses is not None and refuses(status, headers, body):
-                return False
+        if status >= 400 and (
+            _outcome(headers) == NOT_EXECUTED
+            if body is None
+            else self._refused(status, headers, body)
+        ):
+            return False
         return self.cacheable(status)
 
     def _refused(self, status: int, headers: list[tuple[str, str]], body: bytes) -> bool:
