@@ -19,6 +19,7 @@ from typing import Any
 import httpx
 import pytest
 
+from oncepay.payments.dashboard.auth import COOKIE, csrf_token
 from tests.processes import ROOT, free_port, oncepay_args, read_banner, wait_for_port
 from tests.servers import require_tool
 
@@ -271,3 +272,27 @@ def test_docs_and_redoc_load_without_the_network(service: Service) -> None:
         page.wait_for_selector("redoc [role=menuitem], .menu-content", timeout=30_000)
         browser.close()
     assert elsewhere == []
+
+
+def test_an_open_overview_leaves_when_its_session_is_signed_out_elsewhere(
+    service: Service,
+) -> None:
+    """The live overview's stream ends with a ``signed_out`` event when its session is signed
+    out in another tab or by a copy of the cookie, and the page goes to the sign-in page."""
+    with _browser() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        page = browser.new_page()
+        page.goto(f"{service.url}/dashboard")
+        page.fill("input[name=token]", TOKEN)
+        page.click("button[type=submit]")
+        page.wait_for_selector("#live.on")  # the event stream is connected
+        cookie = next(c for c in page.context.cookies() if c["name"] == COOKIE)
+        out = httpx.post(
+            f"{service.url}/dashboard/logout",
+            data={"csrf": csrf_token(TOKEN, cookie["value"])},
+            cookies={COOKIE: cookie["value"]},
+        )
+        assert out.status_code == 303
+        page.wait_for_selector("input[name=token]", timeout=15_000)  # back at the sign-in
+        assert page.locator("#live").count() == 0
+        browser.close()

@@ -3,6 +3,7 @@ the CSV, a timeline, and a resolve that acts once."""
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import io
 import re
@@ -350,3 +351,67 @@ async def test_a_browser_gets_a_bad_filter_as_a_page_and_a_script_as_a_problem(
         # The API's own answers are never pages, whatever the client accepts.
         api = await operated.client.get("/v1/payments/pay_nope", headers=html)
         assert api.headers["content-type"] == "application/problem+json"
+
+
+async def test_an_open_live_stream_ends_when_its_session_is_signed_out(
+    operated: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Noticed in a review: an overview already open kept its server-sent events flowing after
+    its session was signed out (until the page was left)."""
+    from oncepay.payments.dashboard import routes
+
+    monkeypatch.setattr(routes, "STREAM_INTERVAL", 0.01)
+    transport = operated.client._transport
+    app = transport.app  # type: ignore[attr-defined]
+    browser = httpx.AsyncClient(transport=transport, base_url="http://p")
+    async with browser:
+        signed = await browser.post("/dashboard/login", data={"token": TOKEN})
+        session = signed.cookies[COOKIE]
+        chunks: list[bytes] = []
+        snapshots = asyncio.Event()
+        gone = asyncio.Event()  # the browser never leaves: only the server may end the stream
+
+        requested = False
+
+        async def receive() -> dict[str, object]:
+            nonlocal requested
+            if not requested:
+                requested = True
+                return {"type": "http.request", "body": b"", "more_body": False}
+            await gone.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict[str, object]) -> None:
+            if message["type"] == "http.response.body":
+                body = message.get("body", b"")
+                assert isinstance(body, bytes)
+                chunks.append(body)
+                if b"event: overview" in chunks[-1]:
+                    snapshots.set()
+
+        scope = {
+            "type": "http",
+            "asgi": {"version": "3.0", "spec_version": "2.4"},
+            "http_version": "1.1",
+            "method": "GET",
+            "scheme": "http",
+            "path": "/dashboard/stream",
+            "raw_path": b"/dashboard/stream",
+            "root_path": "",
+            "query_string": b"",
+            "headers": [(b"host", b"p"), (b"cookie", f"{COOKIE}={session}".encode())],
+            "client": ("127.0.0.1", 1),
+            "server": ("p", 80),
+        }
+        streaming = asyncio.ensure_future(app(scope, receive, send))
+        try:
+            await asyncio.wait_for(snapshots.wait(), 30)  # the stream runs
+            out = await browser.post("/dashboard/logout", data={"csrf": csrf_token(TOKEN, session)})
+            assert out.status_code == 303
+            await asyncio.wait_for(streaming, 10)  # and ends by itself
+        finally:
+            gone.set()
+            streaming.cancel()
+    body = b"".join(chunks)
+    assert body.endswith(b"event: signed_out\ndata: {}\n\n")
+    assert body.count(b"event: signed_out") == 1

@@ -196,11 +196,18 @@ async def overview_page(request: Request, who: OperatorDep) -> HTMLResponse:
 
 @router.get("/stream")
 async def stream(request: Request, who: OperatorDep) -> StreamingResponse:
-    """Server-sent events: a snapshot of the overview every second until the browser goes."""
+    """Server-sent events: a snapshot of the overview every second until the browser goes, or
+    until the session that opened the stream is signed out or expires (then a ``signed_out``
+    event, and the stream ends)."""
     services = _services(request)
 
     async def events() -> AsyncIterator[bytes]:
         while not await request.is_disconnected():
+            try:  # the session is checked again before every snapshot: signed out or expired
+                await _operator(request)  # since the stream opened, it ends here
+            except NotSignedIn:
+                yield b"event: signed_out\ndata: {}\n\n"
+                return
             snapshot = await _snapshot(services)
             yield f"event: overview\ndata: {json.dumps(snapshot)}\n\n".encode()
             await asyncio.sleep(STREAM_INTERVAL)

@@ -114,5 +114,12 @@
     update(JSON.parse(event.data));
     live.classList.add("on");
   });
+  source.addEventListener("signed_out", () => {
+    // The session ended (signed out elsewhere, or expired): stop, and let the page's own
+    // request take the browser to the sign-in page.
+    source.close();
+    live.classList.remove("on");
+    window.location.reload();
+  });
   source.onerror = () => live.classList.remove("on");
 })();
