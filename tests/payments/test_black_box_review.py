@@ -143,6 +143,26 @@ async def test_a_null_amount_is_refused_not_taken_for_everything(stack: Stack) -
     assert captured.json()["amount_captured"] == payment["amount"]
 
 
+async def test_a_null_body_is_refused_not_taken_for_no_body(stack: Stack) -> None:
+    """FastAPI reads a literal ``null`` body as no body at all, which on a capture or a refund
+    means the whole amount: a body that is sent must be an object."""
+    payment = (await stack.pay(capture_method="manual")).json()
+    path = f"/v1/payments/{payment['id']}"
+    for action in ("capture", "refunds", "cancel"):
+        answer = await stack.client.post(
+            f"{path}/{action}",
+            content=b"null",
+            headers={"Content-Type": "application/json", "Idempotency-Key": stack.new_key()},
+        )
+        assert answer.status_code == 400, answer.text
+        assert answer.json()["detail"] == (
+            "body: null is not a JSON object; send an object, or no body"
+        )
+    after = (await stack.client.get(path)).json()
+    assert (after["status"], after["amount_captured"]) == ("authorized", 0)
+    assert (await stack.post(f"{path}/capture")).status_code == 200  # no body: the whole amount
+
+
 @pytest.mark.parametrize("encoding", ["utf-16", "utf-32", "utf-16-be"])
 async def test_json_in_another_encoding_than_utf_8_is_refused(stack: Stack, encoding: str) -> None:
     """RFC 8259 §8.1: JSON between systems is UTF-8. json.loads took UTF-16 and UTF-32 bodies

@@ -99,6 +99,10 @@ async def body_problem(request: Request) -> Exception | None:
         request._json = loads(body)
     except json.JSONDecodeError as exc:
         return InvalidRequest(f"body: {exc.msg}")
+    if request._json is None:
+        # FastAPI reads a literal null as "no body", which on a capture or a refund means
+        # "the whole amount": a body that is sent must be an object.
+        return InvalidRequest("body: null is not a JSON object; send an object, or no body")
     return None
 
 
