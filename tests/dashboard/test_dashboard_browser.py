@@ -266,12 +266,32 @@ def test_docs_and_redoc_load_without_the_network(service: Service) -> None:
                 else elsewhere.append(request.url)
             ),
         )
-        page.goto(f"{service.url}/docs")
-        page.wait_for_selector(".swagger-ui .opblock", timeout=20_000)
-        page.goto(f"{service.url}/redoc")
-        page.wait_for_selector("redoc [role=menuitem], .menu-content", timeout=30_000)
+        problems: list[str] = []  # a script or a style the page's CSP refused is one
+        page.on("pageerror", lambda error: problems.append(f"page error: {error}"))
+        page.on(
+            "console",
+            lambda message: (
+                problems.append(f"console {message.type}: {message.text}")
+                if message.type == "error"
+                else None
+            ),
+        )
+        for path in ("/docs", "/redoc"):
+            answer = page.goto(f"{service.url}{path}")
+            assert answer is not None
+            policy = answer.headers["content-security-policy"]
+            assert "frame-ancestors 'none'" in policy
+            assert "'unsafe-inline'" not in policy.split("script-src", 1)[1].split(";")[0]
+            if path == "/docs":
+                page.wait_for_selector(".swagger-ui .opblock", timeout=20_000)
+                page.click(".opblock-summary")  # a route opens: its schema is drawn
+                page.wait_for_selector(".opblock-body", timeout=10_000)
+            else:
+                page.wait_for_selector("redoc [role=menuitem], .menu-content", timeout=30_000)
+                page.wait_for_selector("[data-section-id]", timeout=30_000)
         browser.close()
     assert elsewhere == []
+    assert problems == []
 
 
 def test_an_open_overview_leaves_when_its_session_is_signed_out_elsewhere(
