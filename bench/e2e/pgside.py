@@ -29,7 +29,8 @@ Variants (``--variants``, comma-separated; the first is the base of the ratios):
     .venv/bin/python bench/e2e/pgside.py [--rounds 8] [--seconds 2] [--connections 16] \\
         [--variants oncepay,lean,nofanout,hot,reference]
 
-Each variant also prints its tables' updates and how many were heap-only (HOT). Writes only the
+Each variant also prints its tables' updates and how many were heap-only (HOT), and the table
+the WAL a payment (``pg_current_wal_insert_lsn()`` around each burst). Writes only the
 schemas ``bench_pgside_<variant>`` and drops them at the end; reads /proc, so the server must
 run on this machine.
 """
@@ -216,6 +217,7 @@ class Variant:
         self.schema = f"bench_pgside_{name}"
         self.conns: list[asyncpg.Connection] = []
         self.runs: list[float] = []
+        self.wal: list[float] = []  # WAL bytes a payment, a burst each
 
     async def open(self, connections: int) -> None:
         admin = await asyncpg.connect(URL)
@@ -252,9 +254,13 @@ class Variant:
                     raise AssertionError(f"{self.name}: the second statement wrote nothing")
                 count += 1
 
+        lsn = "SELECT pg_current_wal_insert_lsn() - '0/0'::pg_lsn"
+        wal_before = await self.conns[0].fetchval(lsn)
         before = backend_cpu(self.pids)
         await asyncio.gather(*(payments(conn) for conn in self.conns))
-        return (backend_cpu(self.pids) - before) / count * 1e6
+        cpu = backend_cpu(self.pids) - before
+        self.wal.append(float(await self.conns[0].fetchval(lsn) - wal_before) / count)
+        return cpu / count * 1e6
 
     async def close(self) -> None:
         for conn in self.conns:
@@ -296,13 +302,14 @@ async def main() -> None:
         for variant in variants:
             await variant.close()
     base = variants[0]
-    print(f"\n| variant | backend CPU us a payment | x {base.name}, paired |")
-    print("|---|---:|---:|")
+    print(f"\n| variant | backend CPU us a payment | x {base.name}, paired | WAL bytes a payment |")
+    print("|---|---:|---:|---:|")
     for variant in variants:
         ratios = [mine / theirs for mine, theirs in zip(variant.runs, base.runs, strict=True)]
         print(
             f"| {variant.name} | {statistics.median(variant.runs):.0f} "
-            f"| {statistics.median(ratios):.3f} ({min(ratios):.3f}-{max(ratios):.3f}) |"
+            f"| {statistics.median(ratios):.3f} ({min(ratios):.3f}-{max(ratios):.3f}) "
+            f"| {statistics.median(variant.wal[1:]):,.0f} |"  # the warm-up burst left out
         )
 
 
