@@ -48,8 +48,9 @@ async def test_reconcile_prints_the_spec_document_and_exits_by_discrepancies(
     assert found.returncode == 0, found.stderr  # found, voided: resolved, none left open
     assert document["matched"] == 1
     assert [(d["kind"], d["reference"], d["payment_id"]) for d in document["discrepancies"]] == [
-        ("orphaned_authorization", "pay_nobody_a1", "pay_nobody")
+        ("orphaned_authorization", "pay_nobody_a1", None)  # no payment of OncePay's: null
     ]
+    assert "its order id: pay_nobody" in document["discrepancies"][0]["detail"]
     assert set(document["discrepancies"][0]) == {
         "kind",
         "reference",

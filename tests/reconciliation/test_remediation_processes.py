@@ -103,9 +103,12 @@ def environment(payments_url: str, acquirer: str, lease: float = 2) -> dict[str,
     }
 
 
-def orphan_document(result: subprocess.CompletedProcess[str], payment_id: str) -> None:
+def orphan_document(result: subprocess.CompletedProcess[str], order_id: str) -> None:
+    """One orphan, planted under ``order_id``: no payment of OncePay's, so its payment_id is
+    null and the acquirer's order id is in the detail."""
     found = json.loads(result.stdout)["discrepancies"]
-    assert [(d["kind"], d["payment_id"]) for d in found] == [("orphaned_authorization", payment_id)]
+    assert [(d["kind"], d["payment_id"]) for d in found] == [("orphaned_authorization", None)]
+    assert f"its order id: {order_id}" in found[0]["detail"]
 
 
 def test_a_run_killed_mid_void_is_resumed_and_voids_once(payments_url: str, tmp_path: Path) -> None:

@@ -40,7 +40,7 @@ async def test_a_day_of_business_matches_and_only_the_orphan_is_reported(stack: 
     outcome = await reconcile_day(stack.db, reports, today, grace_days=0)
     assert outcome.matched == 3
     assert [(d.kind.value, d.reference, d.payment_id) for d in outcome.discrepancies] == [
-        ("orphaned_authorization", "pay_nobody_a1", "pay_nobody")
+        ("orphaned_authorization", "pay_nobody_a1", None)  # no payment at OncePay
     ]
 
 

@@ -11,7 +11,7 @@ details report) and ``stripe`` (Stripe's itemized balance-change report). See
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 __all__ = ["ADYEN", "MAPPINGS", "ONCEPAY", "STRIPE", "ColumnMapping"]
@@ -34,6 +34,12 @@ class ColumnMapping:
     units: str = "minor"  # minor|major
     signed_amounts: bool = False  # a refund's amount is written negative
     order_id: str = ""  # a column holding OncePay's payment id, for the residual join
+    # Columns the header may leave out (read when present): the SPEC's format does not
+    # require ``order_id``, which the simulator's report carries.
+    optional: frozenset[str] = frozenset()
+    # A column naming the time zone of a settlement time written without an offset (Adyen's
+    # ``TimeZone``); without one, such a time is UTC.
+    time_zone: str = ""
     # Row types that are not a payment's movement (payouts, fees, adjustments): skipped. A
     # type neither mapped nor skipped is an error, so a typo is never a silently lost line.
     skipped: frozenset[str] = frozenset()
@@ -50,7 +56,16 @@ class ColumnMapping:
             self.net,
             self.net_minus,
         )
-        return frozenset(c for c in (*named, *(c for g in groups for c in g)) if c)
+        every = (*named, *(c for g in groups for c in g))
+        return frozenset(c for c in every if c and c not in self.optional)
+
+    def zone_column(self, header: Sequence[str]) -> str:
+        """The column of the settlement time's zone in ``header``, or "" (times are UTC)."""
+        return self.time_zone if self.time_zone in header else ""
+
+    def order_column(self, header: Sequence[str]) -> str:
+        """The column of OncePay's payment id in ``header``, or "" (none: no residual join)."""
+        return self.order_id if self.order_id in header else ""
 
 
 ONCEPAY = ColumnMapping(
@@ -64,6 +79,8 @@ ONCEPAY = ColumnMapping(
     net=("net",),
     settled_at="settled_at",
     payout_id="payout_id",
+    order_id="order_id",
+    optional=frozenset({"order_id"}),
 )
 
 # Adyen, Settlement details report (docs.adyen.com/reporting/settlement-detail-report): one
@@ -86,6 +103,7 @@ ADYEN = ColumnMapping(
     units="major",
     signed_amounts=True,
     order_id="Merchant Reference",
+    time_zone="TimeZone",  # Creation Date is local time in this zone (e.g. CET)
     # Adyen's other journal types (docs: "Settlement details report", Type column).
     skipped=frozenset(
         {

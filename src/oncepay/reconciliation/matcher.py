@@ -263,12 +263,16 @@ class _Run:
 
     def find_orphans(self, authorizations: Iterable[Authorization]) -> None:
         for auth in authorizations:
-            reason = _orphaned(auth, self.books.payments.get(auth.order_id))
+            payment = self.books.payments.get(auth.order_id)
+            reason = _orphaned(auth, payment)
             if reason:
                 self.orphans.append(auth)
                 detail = f"authorization {auth.id} of {auth.amount} {auth.currency}: {reason}"
+                if payment is None and auth.order_id:  # the acquirer's order id is evidence,
+                    detail += f" (its order id: {auth.order_id})"  # not a payment of ours
+                payment_id = auth.order_id if payment is not None else None
                 self.found.append(
-                    _discrepancy(Kind.ORPHANED_AUTHORIZATION, auth.reference, auth.order_id, detail)
+                    _discrepancy(Kind.ORPHANED_AUTHORIZATION, auth.reference, payment_id, detail)
                 )
 
     def find_stale(self, as_of: date, validity_days: int) -> None:
@@ -338,8 +342,14 @@ def refine(outcome: Outcome, payments: Mapping[str, Payment]) -> Outcome:
 
 def _refined(found: Discrepancy, payments: Mapping[str, Payment]) -> Discrepancy:
     payment = payments.get(named_payment(found) or "")
-    if found.kind is not Kind.UNKNOWN_AT_ONCEPAY or payment is None:
+    if found.kind is not Kind.UNKNOWN_AT_ONCEPAY:
         return found
+    if payment is None:
+        if found.payment_id is None:
+            return found
+        # The line names a payment OncePay does not have: evidence, not a payment id.
+        detail = f"{found.detail} (the line names payment {found.payment_id}, not at OncePay)"
+        return Discrepancy(found.kind, found.reference, None, detail, found.remediation)
     if payment.status not in _ENDED:  # the payment it names, as evidence
         return Discrepancy(found.kind, found.reference, payment.id, found.detail, found.remediation)
     detail = f"{found.detail}: the payment is {payment.status} at OncePay"

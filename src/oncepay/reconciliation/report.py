@@ -12,10 +12,12 @@ import codecs
 import csv
 import io
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime, tzinfo
 from functools import lru_cache
 from operator import itemgetter
 from typing import BinaryIO, NoReturn
+from zoneinfo import ZoneInfo
 
 from oncepay.reconciliation.errors import ReportError
 from oncepay.reconciliation.mapping import ONCEPAY, ColumnMapping
@@ -34,12 +36,35 @@ MAX_TIME = 40
 # time (to the hour, minute, second or fraction) and an offset. Both ways of reading a report
 # check this one shape; anything else was kept as written and the payment shown settled at the
 # run's time, a silent substitution.
+# The month and day must be a day of the calendar (no 02-30, no 04-31); 02-29 of a year that
+# is not a leap year is the one case the shape lets through: :func:`_real_day` refuses it.
 _ISO_TIME = (
-    r"[0-9]{4}-(?:0[1-9]|1[0-2])-(?:0[1-9]|[12][0-9]|3[01])"
+    r"[0-9]{4}-(?:(?:0[1-9]|1[0-2])-(?:0[1-9]|1[0-9]|2[0-8])|(?:0[13-9]|1[0-2])-(?:29|30)"
+    r"|(?:0[13578]|1[02])-31|02-29)"
     r"(?:[T ](?:[01][0-9]|2[0-3])(?::[0-5][0-9](?::[0-5][0-9](?:\.[0-9]{1,9})?)?)?"
     r"(?:Z|[+-](?:[01][0-9]|2[0-3])(?::?[0-5][0-9])?)?)?"
 )
 _SETTLED_AT = re.compile(_ISO_TIME)
+_HAS_OFFSET = re.compile(r"(?:Z|[+-][0-9:]+)$")
+
+
+@lru_cache(maxsize=1024)
+def _real_day(day: str) -> bool:
+    """``day`` (YYYY-MM-DD, already of the right shape) is a day of the calendar: the shape
+    admits 02-29 of any year."""
+    if day[5:] != "02-29":
+        return True
+    year = int(day[:4])
+    return year % 4 == 0 and (year % 100 != 0 or year % 400 == 0)
+
+
+@lru_cache(maxsize=64)
+def _zone(name: str) -> tzinfo:
+    if name.upper() in {"UTC", "GMT", "Z"}:
+        return UTC
+    return ZoneInfo(name)
+
+
 _BLANK = frozenset({b"", b"\n", b"\r\n", b"\r"})
 
 
@@ -70,8 +95,8 @@ def report_lines(report: bytes, mapping: ColumnMapping = ONCEPAY) -> Iterator[Re
         yield from read_report(io.BytesIO(report), mapping)
         return
     _, start, header = plain
-    cells = _cells_pattern(header, _roles(mapping))
-    order = mapping.order_id
+    cells = _cells_pattern(header, _roles(mapping, header))
+    order = mapping.order_column(header)
     fields = (
         mapping.reference[0],
         mapping.type,
@@ -197,6 +222,8 @@ def _plain(
     simple = simple and all(t and t.isascii() and t == t.strip() for t in mapping.types)
     if not simple or not report.isascii() or b"\x00" in report or b'"' in report:
         return None
+    if b"-02-29" in report:  # is its year a leap year? The parser checks (_real_day)
+        return None
     end = report.find(b"\n")
     first, start = (report, len(report)) if end < 0 else (report[:end], end + 1)
     first = first.removesuffix(b"\r")
@@ -205,17 +232,19 @@ def _plain(
     header = tuple(first.decode("ascii").split(","))
     if not mapping.required() <= set(header):
         return None
-    roles = _roles(mapping)
+    roles = _roles(mapping, header)
     if len({column for column, _ in roles}) != len(roles):
         return None
     return _line_pattern(header, roles), start, header
 
 
-def _roles(mapping: ColumnMapping) -> tuple[tuple[str, bytes], ...]:
-    """The plain shape of each matched column: reference, type, currency, amount, fee, net,
-    and the length of the settlement time, the payout id and the payment id."""
+def _roles(mapping: ColumnMapping, header: Sequence[str]) -> tuple[tuple[str, bytes], ...]:
+    """The plain shape of each matched column of ``header``: reference, type, currency,
+    amount, fee, net, and the length of the settlement time, the payout id and the payment
+    id (when the header has its column)."""
     types = b"|".join(re.escape(t.encode("ascii")) for t in sorted(mapping.types))
-    order = ((mapping.order_id, _TEXT),) if mapping.order_id else ()
+    column = mapping.order_column(header)
+    order = ((column, _TEXT),) if column else ()
     return (
         (mapping.reference[0], _FILLED_TEXT),
         (mapping.type, b" *(?:" + types + b") *"),
@@ -291,6 +320,7 @@ class _Parser:
 
     def __init__(self, mapping: ColumnMapping, header: list[str]) -> None:
         at = {name: header.index(name) for name in mapping.required()}
+        order_column = mapping.order_column(header)
         self.mapping, self.header, self.width = mapping, header, len(header)
         self.reference = [at[c] for c in mapping.reference]
         self.type, self.currency = at[mapping.type], at[mapping.currency]
@@ -300,8 +330,28 @@ class _Parser:
         self.fee = [(at[c], 1) for c in mapping.fee]
         self.net = [(at[c], 1) for c in mapping.net] + [(at[c], -1) for c in mapping.net_minus]
         self.settled_at, self.payout_id = at[mapping.settled_at], at[mapping.payout_id]
-        self.order_id = at[mapping.order_id] if mapping.order_id else None
+        self.order_id = header.index(order_column) if order_column else None
         self.major = mapping.units == "major"
+        zone_column = mapping.zone_column(header)
+        self.zone = header.index(zone_column) if zone_column else None
+
+    def _zoned(self, number: int, row: list[str], settled_at: str, column: int) -> str:
+        """A time written without an offset, in the time zone the row's zone column names
+        (Adyen's ``TimeZone``), as ISO 8601 with that offset; a time with an offset, or a row
+        whose zone cell is blank, as written (a time without an offset is UTC)."""
+        written = row[column].strip()
+        if not written or len(settled_at) <= 10 or _HAS_OFFSET.search(settled_at[10:]):
+            return settled_at
+        try:
+            zone = _zone(written)
+        except (ValueError, KeyError):
+            raise ReportError(
+                f"line {number}: time zone {written!r} ({self.mapping.time_zone}) is not one "
+                "this machine's time zone database knows"
+            ) from None
+        if zone is UTC:
+            return settled_at  # a time without an offset is UTC already
+        return datetime.fromisoformat(settled_at).replace(tzinfo=zone).isoformat()
 
     def __call__(self, number: int, row: list[str]) -> ReportLine | None:
         if len(row) != self.width:
@@ -324,12 +374,15 @@ class _Parser:
         settled_at = row[self.settled_at].strip()
         payout_id = row[self.payout_id].strip()
         order_id = "" if self.order_id is None else row[self.order_id].strip()
-        if not _SETTLED_AT.fullmatch(settled_at):
+        if not _SETTLED_AT.fullmatch(settled_at) or not _real_day(settled_at[:10]):
             column = self.mapping.settled_at
             where = "" if column == "settled_at" else f" ({column})"
             raise ReportError(
-                f"line {number}: settled_at{where} {settled_at!r} is not an ISO 8601 time"
+                f"line {number}: settled_at{where} {settled_at!r} is not an ISO 8601 time "
+                "(a day of the calendar, then optionally a time and an offset)"
             )
+        if self.zone is not None:
+            settled_at = self._zoned(number, row, settled_at, self.zone)
         if (
             len(reference) > MAX_TEXT
             or len(settled_at) > MAX_TIME

@@ -28,7 +28,7 @@ import secrets
 from collections import namedtuple
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from functools import lru_cache
 from typing import Any, cast
 
@@ -219,8 +219,16 @@ def settled_twice(line: ReportLine, op: Operation, guard: Sequence[Any]) -> Disc
 
 
 def _same_settlement(line: ReportLine, guard: Sequence[Any]) -> bool:
-    """``line`` is the settlement ``guard`` keeps, read again (a re-run of its report)."""
-    return tuple(guard[:4]) == (line.type, line.amount, line.payout_id, line.settled_at)
+    """``line`` is the settlement ``guard`` keeps, read again (a re-run of its report, or the
+    same day read from another source): the same type, amount and payout, settled at the same
+    second however the time is written (``Z`` or ``+00:00``, with or without its fraction:
+    Stripe's and Adyen's reports give whole seconds, the simulator's milliseconds)."""
+    if tuple(guard[:3]) != (line.type, line.amount, line.payout_id):
+        return False
+    if guard[3] == line.settled_at:
+        return True
+    before, now = _parsed_time(guard[3]), _parsed_time(line.settled_at)
+    return before is not None and now is not None and int(before) == int(now)
 
 
 async def _settled_before(
@@ -400,10 +408,15 @@ def _posix(settled_at: str, default: float) -> float:
 
 @lru_cache(maxsize=4096)  # a report repeats its few settlement times a million times
 def _parsed_time(settled_at: str) -> float | None:
+    """``settled_at`` as a Unix time; a time written without an offset is UTC (never the
+    machine's local time zone)."""
     try:
-        return datetime.fromisoformat(settled_at).timestamp()
+        parsed = datetime.fromisoformat(settled_at)
     except ValueError:
         return None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=UTC)
+    return parsed.timestamp()
 
 
 async def _settled_events(
