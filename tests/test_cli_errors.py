@@ -37,6 +37,27 @@ def test_a_bad_service_option_is_one_line_and_exit_2(
     assert not (tmp_path / "never.db").exists()  # refused before anything started
 
 
+@pytest.mark.parametrize(
+    ("variable", "value", "said"),
+    [
+        ("ONCEPAY_RATE_LIMIT_PER_KEY", "bogus", "RATE_LIMIT_PER_KEY: 'bogus' is not a rate"),
+        ("ONCEPAY_PORT", "99999", "ONCEPAY_PORT: Input should be less than or equal to 65535"),
+    ],
+)
+def test_a_bad_variable_is_named_as_the_variable_not_an_option(
+    variable: str, value: str, said: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bad ``ONCEPAY_RATE_LIMIT_PER_KEY`` was reported as ``--rate-limit-per-key``, an option
+    ``oncepay serve`` does not have (a review of the docs)."""
+    monkeypatch.setenv("ONCEPAY_DATABASE_URL", f"sqlite:///{tmp_path / 'never.db'}")
+    monkeypatch.setenv(variable, value)
+    result = runner.invoke(app, ["serve"], terminal_width=200)
+    assert result.exit_code == 2, result.output
+    assert said in " ".join(result.output.split())
+    assert "--rate-limit" not in result.output
+    assert not (tmp_path / "never.db").exists()
+
+
 def test_insight_refuses_a_bad_out_or_labels_file_cleanly(tmp_path: Path) -> None:
     out = runner.invoke(
         app,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import http.client
+import os
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -402,3 +404,31 @@ async def test_fingerprint_secret_makes_fingerprints_hmacs(upstream: str, tmp_pa
     assert record.fingerprint != fingerprint("POST", "/pay", body)
     assert first.status_code == replay.status_code == 201
     assert replay.headers["idempotent-replayed"] == "true"
+
+
+def test_keys_are_optional_by_the_documented_variable_too(upstream: str, tmp_path: Path) -> None:
+    """docs/gateway.md gives ``ONCEPAY_KEY_REQUIRED=false`` for ``--optional-key``; the
+    command overwrote the variable from the flag, so it had no effect (a review)."""
+    store = f"sqlite:///{tmp_path / 'g.db'}"
+
+    def answer_without_a_key(required: str) -> httpx.Response:
+        port = free_port()
+        args = oncepay_args(
+            "gateway", "--upstream", upstream, "--store", store, "--port", str(port)
+        )
+        with running(args, port, env={"ONCEPAY_KEY_REQUIRED": required}):
+            return httpx.post(f"http://127.0.0.1:{port}/echo", timeout=30)
+
+    assert answer_without_a_key("false").status_code == 200
+    refused = answer_without_a_key("true")
+    assert (refused.status_code, refused.json()["code"]) == (400, "idempotency_key_missing")
+    bad = subprocess.run(
+        oncepay_args("gateway", "--upstream", upstream, "--store", store),
+        env={**os.environ, "ONCEPAY_KEY_REQUIRED": "maybe"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert bad.returncode == 2
+    assert "ONCEPAY_KEY_REQUIRED must be true or false" in bad.stdout + bad.stderr

@@ -84,6 +84,7 @@ def _decode(body: bytes) -> list[dict[str, Any]]:
                             for link in span.links
                         ],
                         "service": _attributes(resource.resource.attributes).get("service.name"),
+                        "error": span.status.code == span.status.STATUS_CODE_ERROR,
                     }
                 )
     return spans
@@ -266,6 +267,13 @@ def test_one_trace_holds_the_payment_its_phases_attempts_replay_and_webhook(
 
     # The replay: its own trace (a new request), linked to the execution's request span.
     assert (request["trace"], request["id"]) in [(t, i) for t, i, _ in replayed["links"]]
+    # A replay is the usual answer to a retry, not an error: no span of its trace failed
+    # (its phase-1 claim found the record and wrote nothing; that raised, and was recorded
+    # as an exception on an ERROR span, before).
+    replay_trace = [s for s in received.spans if s["trace"] == replayed["trace"]]
+    assert not [s["name"] for s in replay_trace if s["error"]]
+    assert not [e for s in replay_trace for e, _ in s["events"] if e == "exception"]
+    assert not [s["name"] for s in trace if s["error"]]
 
     # The webhook delivery continues the payment's trace, and the receiver got its traceparent.
     [delivery] = [s for s in received.spans if s["name"] == "webhook delivery"]

@@ -38,12 +38,18 @@ def settings(**overrides: Any) -> Any:
 
     from oncepay.payments.settings import Settings
 
+    given = {k: v for k, v in overrides.items() if v is not None}
     try:
-        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+        return Settings(**given)
     except ValidationError as exc:
-        for error in exc.errors(include_url=False):  # one line each, named as the option is
-            where = ".".join(str(part) for part in error["loc"])
-            option = f"--{where.replace('_', '-')}: " if where else ""
+        for error in exc.errors(include_url=False):  # one line each, named as it was given:
+            where = ".".join(str(part) for part in error["loc"])  # an option, or a variable
+            if not where:
+                option = ""
+            elif where in given:
+                option = f"--{where.replace('_', '-')}: "
+            else:
+                option = f"ONCEPAY_{where.upper()}: "
             message = error["msg"].removeprefix("Value error, ")
             console.print(f"[red]error:[/red] {escape(option + message)}", soft_wrap=True)
         raise typer.Exit(2) from exc

@@ -14,6 +14,9 @@ from oncepay.idempotency.stores import store_from_url
 __all__ = ["gateway"]
 
 
+_BOOLEANS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+
+
 def gateway(
     upstream: Annotated[
         str, typer.Option(envvar="ONCEPAY_UPSTREAM", help="Base URL of the service behind.")
@@ -26,7 +29,11 @@ def gateway(
         float, typer.Option(envvar="ONCEPAY_UPSTREAM_TIMEOUT", min=0.1, help="Upstream timeout, s.")
     ] = 30.0,
     optional_key: Annotated[
-        bool, typer.Option("--optional-key", help="Pass requests without a key through.")
+        bool,
+        typer.Option(
+            "--optional-key",
+            help="Pass requests without a key through (env ONCEPAY_KEY_REQUIRED=false).",
+        ),
     ] = False,
     wait: Annotated[
         float, typer.Option(envvar="ONCEPAY_WAIT", min=0, help="Hold duplicates up to N s.")
@@ -122,6 +129,13 @@ def gateway(
         adaptive_ttl_min=adaptive_ttl_min,
         adaptive_ttl_max=adaptive_ttl_max,
     )
+    required = os.environ.get("ONCEPAY_KEY_REQUIRED", "true").strip().lower()
+    if required not in _BOOLEANS:
+        console.print(
+            f"[red]error:[/red] ONCEPAY_KEY_REQUIRED must be true or false, not {required!r}"
+        )
+        raise typer.Exit(2)
+    optional_key = optional_key or not _BOOLEANS[required]  # the flag, or its variable
     if usage_log and not os.path.isdir(os.path.dirname(os.path.abspath(usage_log))):
         console.print(f"[red]error:[/red] --usage-log {usage_log!r}: its directory does not exist")
         raise typer.Exit(2)

@@ -185,10 +185,6 @@ async def _run(svc: Services, ticket: Ticket, op: Operation, merchant_id: str) -
     return await _onwards(svc, ticket, op, stage, object_id, payment)
 
 
-class _KeyTaken(Exception):
-    """The key has a record: the claim inside phase 1 wrote nothing (rolled back with it)."""
-
-
 async def run_claiming(
     svc: Services,
     claimable: Claimable,
@@ -211,8 +207,10 @@ async def run_claiming(
     record is at ``<op>_created`` and resumes like any other."""
     try:
         with tracing.phase("start", op.name):
-            ticket, (object_id, payment) = await _claim_and_start(svc, claimable, op, merchant_id)
-    except (_KeyTaken, RetryableError):
+            # None: the key has a record, nothing was written. Not an exception: a replay is
+            # the usual answer to a retry, not an error in its trace.
+            started = await _claim_and_start(svc, claimable, op, merchant_id)
+    except RetryableError:
         return None
     except ClientError as exc:
         # Refused as the state stood in phase 1: that answer is stored under the key (claimed
@@ -229,6 +227,9 @@ async def run_claiming(
         # did, the record resumes once its lease lapses; if not, there is no record at all.
         log.exception("request %r failed in its first phase", claimable.key)
         return None, Reply.problem(_as_problem(exc))
+    if started is None:
+        return None
+    ticket, (object_id, payment) = started
     claimed(ticket)
     try:
         reply = await _onwards(svc, ticket, op, op.created, object_id, payment)
@@ -242,8 +243,9 @@ async def run_claiming(
 
 async def _claim_and_start(
     svc: Services, claimable: Claimable, op: Operation, merchant_id: str
-) -> tuple[Ticket, Started]:
-    """The claim and phase 1, one transaction; :class:`_KeyTaken` when the key has a record."""
+) -> tuple[Ticket, Started] | None:
+    """The claim and phase 1, one transaction; None, nothing written, when the key has a
+    record."""
     engine = svc.engine
     # A new payment: one statement, no transaction, where the process takes it
     # (operations/onestatement.py); False elsewhere, and for every other operation.
@@ -251,7 +253,7 @@ async def _claim_and_start(
     if at_once is not None:
         started = await at_once(svc, claimable, merchant_id)
         if started is None:
-            raise _KeyTaken
+            return None
         if started is not False:
             return cast(tuple[Ticket, Started], started)
     async with write(svc.db) as conn:
@@ -259,7 +261,7 @@ async def _claim_and_start(
         tenant, key, fp = claimable.tenant, claimable.key, claimable.fingerprint
         ticket = await engine.aclaim_in(record, tenant, key, fp, ttl=claimable.ttl)
         if ticket is None:
-            raise _KeyTaken
+            return None  # nothing written: the transaction ends empty
         started = await op.start(conn, svc, merchant_id)
         at = point(op.created, op, started.object_id)
         return await engine.acheckpoint_in(record, ticket, at), started
