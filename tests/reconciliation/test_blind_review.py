@@ -155,3 +155,37 @@ async def test_the_same_settlement_written_another_way_is_not_a_duplicate(
     c = reconcile_cli(stack, tmp_path, "--report", str(later), *args)
     kinds = [d["kind"] for d in json.loads(c.stdout)["discrepancies"]]
     assert (c.returncode, kinds) == (1, ["duplicate_settlement"])
+
+
+def test_blank_lines_at_the_end_of_a_report_are_passed_over() -> None:
+    """A CRLF export ending in a blank line was refused whole ("blank line in the report")."""
+    body = f"{HEADER}\r\nr1,capture,100,USD,3,97,2026-12-07T10:00:00Z,po1\r\n"
+    assert len(_both_ways(f"{body}\r\n\r\n".encode())) == 1
+    between = f"{HEADER}\r\n\r\nr1,capture,100,USD,3,97,2026-12-07T10:00:00Z,po1\r\n"
+    with pytest.raises(ReportError, match="line 2: blank line in the report"):
+        list(read_report(io.BytesIO(between.encode())))
+
+
+def test_an_amount_of_too_many_digits_is_named_as_such() -> None:
+    data = f"{HEADER}\nr1,capture,10000000000000000000,USD,3,97,2026-12-07T10:00:00Z,po1\n"
+    with pytest.raises(ReportError, match="has more than 18 digits"):
+        list(report_lines(data.encode()))
+
+
+def test_a_column_name_in_brackets_is_printed_whole(tmp_path: Path) -> None:
+    """``refund_metadata[reference]`` lost its ``[reference]`` to the console's markup."""
+    from typer.testing import CliRunner
+
+    from oncepay.cli import app
+
+    file = tmp_path / "stripe.csv"
+    file.write_text("balance_transaction_id,created_utc,currency,gross,fee,net\n")
+    result = CliRunner().invoke(
+        app,
+        ["reconcile", "--report", str(file), "--mapping", "stripe"],
+        env={"ONCEPAY_DATABASE_URL": f"sqlite:///{tmp_path / 'p.db'}"},
+        terminal_width=300,
+    )
+    assert result.exit_code == 2, result.output
+    assert "refund_metadata[reference]" in result.output
+    assert "payment_metadata[reference]" in result.output

@@ -394,7 +394,7 @@ async def test_the_opened_discrepancies_tell_the_merchant(stack: Stack) -> None:
         (b"reference,type,amount,currency,fee,net,settled_at\n", r"lacks column\(s\) payout_id"),
         (HEADER + "r1,capture,100,EUR,0,100,caf\xe9,po\n".encode("latin-1"), "not UTF-8"),
         (b"", "empty"),
-        (HEADER + b"\n", "blank line"),
+        (HEADER + b"\nr1,capture,100,EUR,0,100,2026-12-01T00:00:00Z,po\n", "blank line"),
     ],
     ids=["bad-amount", "missing-column", "latin-1", "empty-file", "0-byte-line"],
 )
@@ -633,7 +633,7 @@ async def test_a_run_spaces_young_collections_and_gives_the_thresholds_back(
     assert during == [(pipeline._YOUNG, *before[1:])]
     assert gc.get_threshold() == before
     with pytest.raises(ReportError):
-        await run(stack, HEADER + b"\n")
+        await run(stack, HEADER + b"\nr1,capture,100,EUR,0,100,2026-12-01T00:00:00Z,po\n")
     assert gc.get_threshold() == before
     await asyncio.gather(run(stack, report), run(stack, report))  # nested: the last gives back
     assert gc.get_threshold() == before

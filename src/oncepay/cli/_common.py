@@ -8,6 +8,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from oncepay.errors import OncePayError
 
@@ -34,7 +35,6 @@ DatabaseUrl = Annotated[
 def settings(**overrides: Any) -> Any:
     """Settings from ONCEPAY_* variables, with the options actually given on top."""
     from pydantic import ValidationError
-    from rich.markup import escape
 
     from oncepay.payments.settings import Settings
 
@@ -61,8 +61,8 @@ def run_or_exit(coroutine: Any) -> Any:
 
     try:
         return asyncio.run(coroutine)
-    except OncePayError as exc:
-        console.print(f"[red]error:[/red] {exc.detail}", soft_wrap=True)
+    except OncePayError as exc:  # escaped: a column named refund_metadata[reference] is text
+        console.print(f"[red]error:[/red] {escape(exc.detail)}", soft_wrap=True)
         raise typer.Exit(2) from exc
     except (SQLAlchemyError, OSError) as exc:
         reason = getattr(exc, "orig", None) or exc

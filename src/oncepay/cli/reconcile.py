@@ -117,7 +117,9 @@ def _day(value: str | None) -> date:
 
 
 def _refuse(message: str) -> NoReturn:
-    console.print(f"[red]error:[/red] {message}", soft_wrap=True)
+    from rich.markup import escape
+
+    console.print(f"[red]error:[/red] {escape(message)}", soft_wrap=True)
     raise typer.Exit(2)
 
 

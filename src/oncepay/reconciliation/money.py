@@ -19,6 +19,8 @@ _MAJOR = re.compile(r"^(-?)(\d{1,18})(?:\.(\d{1,4}))?$")
 def parse_minor(text: str) -> int:
     """``"1250"`` -> 1250; anything else raises ``ValueError``."""
     if not _MINOR.match(text):
+        if text.lstrip("-").isdigit():
+            raise ValueError(f"{text!r} has more than 18 digits: no amount is that large")
         raise ValueError(f"{text!r} is not an integer amount in minor units")
     return int(text)
 

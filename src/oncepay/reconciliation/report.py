@@ -1,7 +1,8 @@
 """Reading a settlement report, streaming: bytes in, :class:`ReportLine` out, one at a time.
 
 Everything that makes the file unreadable raises :class:`ReportError` naming the line: bytes
-that are not UTF-8, an empty file, a header without a mapped column, a blank line, a row with
+that are not UTF-8, an empty file, a header without a mapped column, a blank line (but at the
+end of the file, as spreadsheets write them), a row with
 the wrong number of cells, an unknown currency shape, a cell that is not an amount. Nothing is
 ever read as zero; a caller that matches while reading sees the error before it writes
 anything, since matching writes nothing."""
@@ -284,11 +285,15 @@ def _cells_pattern(
 
 
 def _text_lines(stream: BinaryIO) -> Iterator[str]:
+    blank = 0  # the first of the blank lines just read: allowed at the end of the file only
     for number, read in enumerate(stream, start=1):
         first = number == 1 and read.startswith(codecs.BOM_UTF8)  # as Excel writes UTF-8
         raw = read[len(codecs.BOM_UTF8) :] if first else read
         if raw in _BLANK:
-            raise ReportError(f"line {number}: blank line in the report")
+            blank = blank or number
+            continue
+        if blank:
+            raise ReportError(f"line {blank}: blank line in the report")
         if number == 1 and read.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
             raise ReportError(
                 "the report is UTF-16 (its byte order mark says so): save it as UTF-8"
