@@ -82,3 +82,47 @@ async def test_a_report_that_cannot_be_read_is_exit_2_with_the_reason(
     assert result.returncode == 2
     assert "line 2: amount" in result.stderr
     assert result.stdout == ""
+
+
+async def test_runs_and_discrepancies_are_listed_on_the_command_line(
+    stack: Stack, tmp_path: Path
+) -> None:
+    """SPEC §10: runs and discrepancies are visible through the API and the command line. A
+    review found no command to list them (only a re-run printed a day's, without status)."""
+    paid = (await stack.pay(amount=1800)).json()
+    file = tmp_path / "r.csv"
+    file.write_text(
+        "reference,type,amount,currency,fee,net,settled_at,payout_id\n"
+        f"{paid['id']}_a1,capture,1799,USD,0,1799,2026-12-07T10:00:00Z,po_1\n"
+        "stranger,capture,500,USD,0,500,2026-12-07T10:00:00Z,po_1\n"
+    )
+    ran = reconcile(stack, tmp_path, "--report", str(file), "--grace-days", "0", "--json")
+    assert ran.returncode == 1, ran.stderr
+    found = json.loads(ran.stdout)["discrepancies"]
+
+    runs = reconcile(stack, tmp_path, "runs", "--json")
+    assert runs.returncode == 0, runs.stderr
+    listed = json.loads(runs.stdout)
+    assert (listed["object"], listed["has_more"]) == ("list", False)
+    [run] = listed["data"]
+    assert (run["object"], run["acquirer"], run["lines"], run["matched"]) == (
+        "reconciliation_run", "primary", 2, 0,
+    )  # fmt: skip
+    assert run["discrepancies"] == len(found) == 2
+
+    opened = reconcile(stack, tmp_path, "discrepancies", "--status", "open", "--json")
+    assert opened.returncode == 1  # some are open
+    rows = json.loads(opened.stdout)["data"]
+    assert sorted((r["kind"], r["reference"], r["status"]) for r in rows) == sorted(
+        (d["kind"], d["reference"], "open") for d in found
+    )
+    text = reconcile(stack, tmp_path, "discrepancies", "--kind", "amount_mismatch")
+    assert text.returncode == 1
+    assert f"open\tamount_mismatch\t{paid['id']}_a1\t{paid['id']}" in text.stdout
+    assert text.stdout.rstrip().endswith("1 discrepancy")
+    closed = reconcile(stack, tmp_path, "discrepancies", "--status", "resolved", "--json")
+    assert (closed.returncode, json.loads(closed.stdout)["data"]) == (0, [])
+    for bad in (["--status", "shut"], ["--kind", "nope"], ["--day-from", "20261207"]):
+        refused = reconcile(stack, tmp_path, "discrepancies", *bad)
+        assert refused.returncode == 2, (bad, refused.stdout, refused.stderr)
+        assert "Traceback" not in refused.stderr

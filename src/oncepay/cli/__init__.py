@@ -13,7 +13,7 @@ from oncepay.cli.insight import insight_app
 from oncepay.cli.ledger import ledger_app
 from oncepay.cli.merchants import merchants_app
 from oncepay.cli.purge import purge
-from oncepay.cli.reconcile import reconcile
+from oncepay.cli.reconcile import reconcile_app
 from oncepay.cli.serve import serve
 from oncepay.cli.worker import worker
 
@@ -44,7 +44,11 @@ app.command(short_help="Remove expired idempotency records.")(purge)
 app.command(short_help="Run the idempotency gateway (a reverse proxy).")(gateway)
 app.command(short_help="Audit exactly-once under faults (exit 1 on a violation).")(chaos)
 app.add_typer(insight_app, name="insight", short_help="Key-usage anomalies and learned TTLs.")
-app.command(short_help="Match settlement reports against OncePay's books.")(reconcile)
+app.add_typer(
+    reconcile_app,
+    name="reconcile",
+    short_help="Match settlement reports against OncePay's books; list runs, discrepancies.",
+)
 
 
 def _register_acquirer() -> None:

@@ -15,11 +15,12 @@ from typing import Annotated, Any, NoReturn
 import typer
 
 from oncepay.cli._common import DatabaseUrl, console, run_or_exit, settings
+from oncepay.cli._common import where as database_where
 from oncepay.errors import ConfigurationError
 from oncepay.reconciliation.mapping import MAPPINGS
 from oncepay.reconciliation.matcher import DEFAULT_GRACE_DAYS, EARLIEST_DAY, MAX_GRACE_DAYS
 
-__all__ = ["reconcile"]
+__all__ = ["reconcile", "reconcile_app"]
 
 AcquirerUrl = Annotated[
     str | None,
@@ -40,7 +41,16 @@ SecondaryUrl = Annotated[
 ]
 
 
+reconcile_app = typer.Typer(
+    help="Match an acquirer's settlement report against OncePay's captures and refunds "
+    "(with no command); list the runs and discrepancies kept (runs, discrepancies).",
+    no_args_is_help=False,
+)
+
+
+@reconcile_app.callback(invoke_without_command=True)
 def reconcile(
+    ctx: typer.Context,
     database_url: DatabaseUrl = None,
     acquirer: Annotated[str, typer.Option(help="primary or secondary.")] = "primary",
     day: Annotated[
@@ -79,7 +89,12 @@ def reconcile(
     acquirer_url: AcquirerUrl = None,
     secondary_acquirer_url: SecondaryUrl = None,
 ) -> None:
-    """Match an acquirer's settlement report against OncePay's captures and refunds."""
+    """Match an acquirer's settlement report against OncePay's captures and refunds.
+
+    With a command instead: list the runs or the discrepancies kept (oncepay reconcile runs
+    --help, oncepay reconcile discrepancies --help)."""
+    if ctx.invoked_subcommand is not None:
+        return
     if day is not None and report is not None:
         _refuse("--date and --report exclude each other (a file says its own day: today)")
     if mapping not in MAPPINGS:
@@ -162,3 +177,113 @@ def _print(result: Any, as_json: bool) -> None:
         f"{result.still_open} open); actions: {result.actions_taken} taken, "
         f"{result.actions_withheld} withheld, {result.actions_pending} pending"
     )
+
+
+Day = Annotated[
+    str | None,
+    typer.Option(help="YYYY-MM-DD (UTC): runs of this day or later / earlier.", show_default=False),
+]
+Limit = Annotated[int, typer.Option(min=1, max=1000, help="At most this many, newest first.")]
+Json = Annotated[bool, typer.Option("--json", help="The operator API's list document.")]
+
+
+@reconcile_app.command("runs")
+def list_runs(
+    database_url: DatabaseUrl = None,
+    acquirer: Annotated[str | None, typer.Option(help="primary or secondary.")] = None,
+    day_from: Day = None,
+    day_to: Day = None,
+    limit: Limit = 20,
+    as_json: Json = False,
+) -> None:
+    """The reconciliation runs kept, newest first: the day, the lines read, matched, and the
+    discrepancies each found (as GET /v1/admin/reconciliation/runs)."""
+    from oncepay.reconciliation.queries import RunFilter, run_page
+
+    where = RunFilter(
+        acquirer, _listing_day("--day-from", day_from), _listing_day("--day-to", day_to)
+    )
+    rows, more = run_or_exit(_listing(settings(database_url=database_url), run_page, where, limit))
+    if as_json:
+        data = [{"object": "reconciliation_run", **row} for row in rows]
+        typer.echo(json.dumps({"object": "list", "data": data, "has_more": more}))
+        return
+    for row in rows:
+        when = datetime.fromtimestamp(row["created_at"], UTC).strftime("%Y-%m-%d %H:%M:%S")
+        typer.echo(
+            f"{row['id']}\t{row['acquirer']}\t{row['day']}\tlines {row['lines']}\t"
+            f"matched {row['matched']}\tdiscrepancies {row['discrepancies']}\tat {when}"
+        )
+    typer.echo(f"{len(rows)} run(s){', more: raise --limit' if more else ''}")
+
+
+@reconcile_app.command("discrepancies")
+def list_discrepancies(
+    database_url: DatabaseUrl = None,
+    status: Annotated[
+        str | None, typer.Option(help="open, resolved or accepted (default: all).")
+    ] = None,
+    kind: Annotated[str | None, typer.Option(help="e.g. amount_mismatch.")] = None,
+    acquirer: Annotated[str | None, typer.Option(help="primary or secondary.")] = None,
+    payment_id: Annotated[str | None, typer.Option(help="The payment it names.")] = None,
+    reference: Annotated[str | None, typer.Option(help="The reference it names.")] = None,
+    day_from: Day = None,
+    day_to: Day = None,
+    limit: Limit = 50,
+    as_json: Json = False,
+) -> None:
+    """The discrepancies kept, newest first, with their status (open until a person resolves
+    or accepts one: the operator API or the dashboard), as GET
+    /v1/admin/reconciliation/discrepancies. Exits 1 when any listed is open."""
+    from oncepay.reconciliation.queries import STATUSES, DiscrepancyFilter, discrepancy_page
+    from oncepay.reconciliation.records import Kind
+
+    if status is not None and status not in STATUSES:
+        _refuse(f"--status must be one of {', '.join(STATUSES)}, not {status!r}")
+    if kind is not None and kind not in {k.value for k in Kind}:
+        _refuse(f"--kind must be one of {', '.join(sorted(k.value for k in Kind))}, not {kind!r}")
+    where = DiscrepancyFilter(
+        kind,
+        status,
+        acquirer,
+        payment_id,
+        reference,
+        _listing_day("--day-from", day_from),
+        _listing_day("--day-to", day_to),
+    )
+    config = settings(database_url=database_url)
+    rows, more = run_or_exit(_listing(config, discrepancy_page, where, limit))
+    if as_json:
+        data = [{"object": "reconciliation_discrepancy", **row} for row in rows]
+        typer.echo(json.dumps({"object": "list", "data": data, "has_more": more}))
+    else:
+        for row in rows:
+            typer.echo(
+                f"{row['id']}\t{row['status']}\t{row['kind']}\t{row['reference']}\t"
+                f"{row['payment_id'] or '-'}\t{row['day'] or '-'}\t{row['detail']}"
+            )
+        typer.echo(f"{len(rows)} discrepanc{'y' if len(rows) == 1 else 'ies'}"
+                   f"{', more: raise --limit' if more else ''}")  # fmt: skip
+    if any(row["status"] == "open" for row in rows):
+        raise typer.Exit(1)
+
+
+def _listing_day(option: str, value: str | None) -> date | None:
+    if value is None:
+        return None
+    if not re.fullmatch(r"[0-9]{4}-[0-9]{2}-[0-9]{2}", value):
+        _refuse(f"{option} {value!r} is not a day YYYY-MM-DD")
+    try:
+        return date.fromisoformat(value)
+    except ValueError:
+        _refuse(f"{option} {value!r} is not a day YYYY-MM-DD")
+
+
+async def _listing(config: Any, page: Any, where: Any, limit: int) -> Any:
+    """One page of ``page`` over the (migrated) payments database: no acquirer, no worker.
+    The database is named on stderr, as the other listing commands name it."""
+    from oncepay.payments.storage.migrations import migrated
+
+    console.print(f"database: {database_where(config.database_url)}", soft_wrap=True)
+    async with migrated(config.database_url) as db:
+        return await page(db, where, limit, None)
