@@ -189,3 +189,31 @@ def test_a_column_name_in_brackets_is_printed_whole(tmp_path: Path) -> None:
     assert result.exit_code == 2, result.output
     assert "refund_metadata[reference]" in result.output
     assert "payment_metadata[reference]" in result.output
+
+
+async def test_an_orphans_refused_void_is_said_in_its_remediation(
+    stack: Stack, tmp_path: Path
+) -> None:
+    """An authorization captured at the acquirer with no payment behind it: the void is
+    refused, the discrepancy stays open, and the JSON says so (it read as a done void)."""
+    from datetime import UTC, datetime
+
+    from tests.payments.acquirer_helpers import auth_body, key
+
+    sim = stack.simulators["primary"]
+    body = auth_body("ghost_cap_1", order_id="ord_ghost", capture=True)
+    assert (await sim.post("/v1/authorizations", json=body, headers=key("ghost_cap_1"))).is_success
+    today = datetime.now(UTC).date().isoformat()
+    result = reconcile_cli(stack, tmp_path, "--date", today, "--grace-days", "0", "--json")
+    assert result.returncode == 1, result.stderr  # open: a person must refund it there
+    orphans = [
+        d
+        for d in json.loads(result.stdout)["discrepancies"]
+        if d["kind"] == "orphaned_authorization"
+    ]
+    [orphan] = orphans
+    assert orphan["payment_id"] is None
+    assert "Refused by the acquirer" in orphan["remediation"]
+    assert orphan["remediation"].endswith("the discrepancy stays open for a person.")
+    again = reconcile_cli(stack, tmp_path, "--date", today, "--grace-days", "0", "--json")
+    assert (again.returncode, again.stdout) == (1, result.stdout)  # a re-run says the same

@@ -51,6 +51,12 @@ async def test_reconcile_prints_the_spec_document_and_exits_by_discrepancies(
         ("orphaned_authorization", "pay_nobody_a1", None)  # no payment of OncePay's: null
     ]
     assert "its order id: pay_nobody" in document["discrepancies"][0]["detail"]
+    # The remediation says what was done, not only what to do (a review: a voided orphan, a
+    # refused void and an orphan left open all read the same).
+    assert document["discrepancies"][0]["remediation"].endswith(
+        "Done: voided at the acquirer (reference pay_nobody_a1_orphan_void); "
+        "the discrepancy is resolved."
+    )
     assert set(document["discrepancies"][0]) == {
         "kind",
         "reference",

@@ -40,7 +40,7 @@ import io
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
@@ -184,6 +184,8 @@ async def reconcile(
     still_open = sum(
         1 for d in outcome.discrepancies if found.get((d.kind.value, d.reference)) == "open"
     )
+    taken = await _actions_of(db, acquirer, outcome.discrepancies)
+    told = tuple(_told(d, taken.get(d.reference), withheld > 0) for d in outcome.discrepancies)
     kinds: dict[str, int] = {}
     for opened in saved.opened_rows:
         kinds[opened.found.kind.value] = kinds.get(opened.found.kind.value, 0) + 1
@@ -194,7 +196,7 @@ async def reconcile(
         lines=count,
         matched=outcome.matched,
         settled=posted.lines,
-        discrepancies=outcome.discrepancies,
+        discrepancies=told,
         opened=saved.opened,
         still_open=still_open,
         new_run=saved.new_run,
@@ -579,6 +581,61 @@ async def _remediate(
         if action.id not in earlier:
             tally[status] = tally.get(status, 0) + 1
     return tally
+
+
+async def _actions_of(
+    db: Database, acquirer: str, found: tuple[Discrepancy, ...]
+) -> dict[str, tuple[str, str, str | None]]:
+    """The automatic actions taken for ``found`` (the orphans voided, the stale canceled),
+    by reference: (status, the reference sent to the acquirer, what it said)."""
+    references = [d.reference for d in found if d.kind in _ACTIONABLE]
+    if not references:
+        return {}
+    from sqlalchemy import select
+
+    from oncepay.reconciliation.store import actions
+
+    columns = (actions.c.reference, actions.c.status, actions.c.action_reference, actions.c.detail)
+    async with read(db) as conn:
+        rows = await conn.execute(
+            select(*columns).where(
+                actions.c.acquirer == acquirer, actions.c.reference.in_(references)
+            )
+        )
+        return {ref: (status, sent, detail) for ref, status, sent, detail in rows}
+
+
+_ACTIONABLE = frozenset({Kind.ORPHANED_AUTHORIZATION, Kind.STALE_AUTHORIZATION})
+
+
+def _told(
+    found: Discrepancy, action: tuple[str, str, str | None] | None, withheld: bool
+) -> Discrepancy:
+    """``found`` with its remediation saying what became of the automatic action, in words
+    that depend on the action's state only (a re-run prints the same document)."""
+    if found.kind not in _ACTIONABLE:
+        return found
+    verb = "voided" if found.kind is Kind.ORPHANED_AUTHORIZATION else "canceled"
+    if action is None:
+        said = (
+            f"Not {verb}: this run would have taken more automatic actions than its cap "
+            "(see the remediation_withheld alert)."
+            if withheld
+            else f"Not {verb} automatically."
+        )
+    else:
+        status, sent, detail = action
+        if status == "done":
+            said = f"Done: {verb} at the acquirer (reference {sent}); the discrepancy is resolved."
+        elif status == "refused":
+            why = f" ({detail})" if detail else ""
+            said = f"Refused by the acquirer{why}: the discrepancy stays open for a person."
+        else:
+            said = (
+                f"Being {verb} (reference {sent}): the acquirer's answer is not known yet; "
+                "the next run finishes it."
+            )
+    return replace(found, remediation=f"{found.remediation} {said}")
 
 
 # -- keeping the run ----------------------------------------------------------------------------
