@@ -217,3 +217,66 @@ async def test_an_orphans_refused_void_is_said_in_its_remediation(
     assert orphan["remediation"].endswith("the discrepancy stays open for a person.")
     again = reconcile_cli(stack, tmp_path, "--date", today, "--grace-days", "0", "--json")
     assert (again.returncode, again.stdout) == (1, result.stdout)  # a re-run says the same
+
+
+async def test_a_processors_file_is_read_through_a_mapping_of_ones_own(
+    stack: Stack, tmp_path: Path
+) -> None:
+    """SPEC §10: a file from a real processor is read through a documented column mapping.
+    Only the three shipped mappings could be named: another processor's columns could not be
+    read without changing code (a review)."""
+    paid_id = await paid(stack, 12345)
+    refund = await stack.post(f"/v1/payments/{paid_id}/refunds", {"amount": 345})
+    assert refund.status_code == 201, refund.text
+    file = tmp_path / "checkout.csv"
+    refund_id = refund.json()["id"]
+    file.write_text(
+        "Action Type,Reference,Order,Currency Symbol,Gross,Processing Fee,Net,Posted,Batch\n"
+        f"CAPTURE,{paid_id}_a1,{paid_id},usd,123.45,0.00,123.45,2026-12-07 10:00:00,B1\n"
+        f"REFUND,{refund_id},{paid_id},usd,-3.45,0.00,-3.45,2026-12-07 11:00:00,B1\n"
+        "PAYOUT,,,usd,120.00,0,120.00,2026-12-07 12:00:00,B1\n"
+    )
+    mapping = tmp_path / "checkout.json"
+    mapping.write_text(
+        json.dumps(
+            {
+                "name": "checkout",
+                "reference": "Reference",
+                "type": "Action Type",
+                "types": {"CAPTURE": "capture", "REFUND": "refund"},
+                "skipped": ["PAYOUT"],
+                "currency": "Currency Symbol",
+                "amount": "Gross",
+                "fee": "Processing Fee",
+                "net": "Net",
+                "settled_at": "Posted",
+                "payout_id": "Batch",
+                "order_id": "Order",
+                "units": "major",
+                "signed_amounts": True,
+            }
+        )
+    )
+    args = ("--report", str(file), "--mapping", str(mapping), "--grace-days", "0", "--json")
+    result = reconcile_cli(stack, tmp_path, *args)
+    assert (result.returncode, json.loads(result.stdout)) == (
+        0,
+        {"matched": 2, "discrepancies": []},
+    ), result.stderr
+    settled = (await stack.client.get(f"/v1/payments/{paid_id}")).json()
+    assert (settled["amount_settled"], settled["amount_refund_settled"]) == (12345, 345)
+
+    bad = tmp_path / "bad.json"
+    for document, said in (
+        ({"reference": "Reference"}, "type: Field required"),
+        ({**json.loads(mapping.read_text()), "types": {"CAPTURE": "sale"}}, "types.CAPTURE"),
+        ({**json.loads(mapping.read_text()), "colour": "red"}, "colour: Extra inputs"),
+        ([1, 2], "a mapping is a JSON object"),
+    ):
+        bad.write_text(json.dumps(document))
+        refused = reconcile_cli(stack, tmp_path, "--report", str(file), "--mapping", str(bad))
+        assert refused.returncode == 2, (document, refused.stdout, refused.stderr)
+        assert said in " ".join(refused.stderr.split()), refused.stderr
+    missing = reconcile_cli(stack, tmp_path, "--report", str(file), "--mapping", "worldpay")
+    assert missing.returncode == 2
+    assert "or a JSON file of your own" in " ".join(missing.stderr.split())

@@ -17,7 +17,7 @@ import typer
 from oncepay.cli._common import DatabaseUrl, console, run_or_exit, settings
 from oncepay.cli._common import where as database_where
 from oncepay.errors import ConfigurationError
-from oncepay.reconciliation.mapping import MAPPINGS
+from oncepay.reconciliation.mapping import MAPPINGS, ColumnMapping, mapping_from_json
 from oncepay.reconciliation.matcher import DEFAULT_GRACE_DAYS, EARLIEST_DAY, MAX_GRACE_DAYS
 
 __all__ = ["reconcile", "reconcile_app"]
@@ -84,7 +84,11 @@ def reconcile(
         bool, typer.Option("--json", help="Print the SPEC §10 JSON document.")
     ] = False,
     mapping: Annotated[
-        str, typer.Option(help=f"Columns of --report: {', '.join(sorted(MAPPINGS))}.")
+        str,
+        typer.Option(
+            help=f"Columns of --report: {', '.join(sorted(MAPPINGS))}, or a JSON file of your "
+            "own (docs/reconciliation.md).",
+        ),
     ] = "oncepay",
     acquirer_url: AcquirerUrl = None,
     secondary_acquirer_url: SecondaryUrl = None,
@@ -97,8 +101,7 @@ def reconcile(
         return
     if day is not None and report is not None:
         _refuse("--date and --report exclude each other (a file says its own day: today)")
-    if mapping not in MAPPINGS:
-        _refuse(f"--mapping must be one of {', '.join(sorted(MAPPINGS))}")
+    columns = _mapping(mapping)
     config = settings(
         database_url=database_url,
         acquirer_url=acquirer_url,
@@ -106,10 +109,26 @@ def reconcile(
     )
     as_of = _day(day)
     content = report.read_bytes() if report is not None else None
-    result = run_or_exit(_run(config, acquirer, as_of, content, grace_days, mapping))
+    result = run_or_exit(_run(config, acquirer, as_of, content, grace_days, columns))
     _print(result, as_json)
     if result.still_open:
         raise typer.Exit(1)
+
+
+def _mapping(value: str) -> ColumnMapping:
+    """A shipped mapping by its name, or one's own from a JSON file."""
+    if value in MAPPINGS:
+        return MAPPINGS[value]
+    path = Path(value)
+    if not path.is_file():
+        _refuse(
+            f"--mapping must be one of {', '.join(sorted(MAPPINGS))} or a JSON file of your own "
+            f"(docs/reconciliation.md), not {value!r}"
+        )
+    try:
+        return mapping_from_json(json.loads(path.read_bytes()))
+    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
+        _refuse(f"--mapping {value}: {exc}")
 
 
 def _day(value: str | None) -> date:
@@ -139,7 +158,12 @@ def _refuse(message: str) -> NoReturn:
 
 
 async def _run(
-    config: Any, acquirer: str, day: date, report: bytes | None, grace_days: int, mapping: str
+    config: Any,
+    acquirer: str,
+    day: date,
+    report: bytes | None,
+    grace_days: int,
+    mapping: ColumnMapping,
 ) -> Any:
     """The pipeline (docs/reconciliation.md): the run kept, settlements posted, orphans voided;
     the services wired as ``oncepay serve`` wires them, so the acquirers are the configured
@@ -159,7 +183,7 @@ async def _run(
             day=day,
             report=report,
             grace_days=grace_days,
-            mapping=MAPPINGS[mapping],
+            mapping=mapping,
         )
     finally:
         await services.aclose()

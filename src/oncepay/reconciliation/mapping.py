@@ -13,8 +13,18 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Annotated, Literal
 
-__all__ = ["ADYEN", "MAPPINGS", "ONCEPAY", "STRIPE", "ColumnMapping"]
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+)
+
+__all__ = ["ADYEN", "MAPPINGS", "ONCEPAY", "STRIPE", "ColumnMapping", "mapping_from_json"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,3 +178,53 @@ STRIPE = ColumnMapping(
 )
 
 MAPPINGS: Mapping[str, ColumnMapping] = {m.name: m for m in (ONCEPAY, ADYEN, STRIPE)}
+
+
+# A mapping of one's own, as JSON (``oncepay reconcile --report FILE --mapping MAPPING.json``):
+# ColumnMapping's fields; a field of several columns also takes one column name as a string.
+def _one_or_many(value: object) -> object:
+    return [value] if isinstance(value, str) else value
+
+
+_Column = Annotated[str, StringConstraints(min_length=1)]
+_Columns = Annotated[tuple[_Column, ...], BeforeValidator(_one_or_many), Field(min_length=1)]
+_MoreColumns = Annotated[tuple[_Column, ...], BeforeValidator(_one_or_many)]
+
+
+class _MappingFile(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    name: _Column = "custom"
+    reference: _Columns
+    type: _Column
+    types: Annotated[dict[str, Literal["capture", "refund"]], Field(min_length=1)]
+    currency: _Column
+    amount: _Columns
+    amount_minus: _MoreColumns = ()
+    fee: _Columns
+    net: _Columns
+    net_minus: _MoreColumns = ()
+    settled_at: _Column
+    payout_id: _Column
+    units: Literal["minor", "major"] = "minor"
+    signed_amounts: bool = False
+    order_id: str = ""
+    time_zone: str = ""
+    skipped: frozenset[str] = frozenset()
+    optional: frozenset[str] = frozenset()
+
+
+def mapping_from_json(document: object) -> ColumnMapping:
+    """A :class:`ColumnMapping` from a JSON document (docs/reconciliation.md, "A mapping of
+    your own"); ``ValueError`` saying, field by field, what is wrong with it."""
+    try:
+        found = _MappingFile.model_validate(document, strict=False)
+    except ValidationError as exc:
+        said = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}"
+            if e["loc"]
+            else "a mapping is a JSON object of the fields below"
+            for e in exc.errors(include_url=False)
+        )
+        raise ValueError(said) from None
+    return ColumnMapping(**found.model_dump())

@@ -635,7 +635,7 @@ def _told(
                 f"Being {verb} (reference {sent}): the acquirer's answer is not known yet; "
                 "the next run finishes it."
             )
-    return replace(found, remediation=f"{found.remediation} {said}")
+    return replace(found, remediation=f"{found.remediation.rstrip('.')}. {said}")
 
 
 # -- keeping the run ----------------------------------------------------------------------------
