@@ -6,7 +6,8 @@ in one place:
 * **operation ids** are the route functions' names (``create_payment``), so a generated client
   reads like the API, not like ``create_payment_v1_payments_post``;
 * **optional query parameters** are their type, not ``anyOf [type, null]``: a query string has
-  no null to send;
+  no null to send; an **optional body** likewise (not ``required``, never ``null``: the server
+  refuses a literal null body);
 * the **Idempotency-Key** header's exact grammar (a bare token, or an RFC 8941 sf-string), and
   a 415 on every operation that takes a body;
 * **examples** on every operation, request and response, each made by the very functions
@@ -293,6 +294,10 @@ def _refine_operation(operation: dict[str, Any]) -> None:
             parameter["schema"] = {"type": "string", "pattern": IDEMPOTENCY_KEY_PATTERN}
     responses = operation["responses"]
     if "requestBody" in operation:
+        # An optional body is optional (``required`` false), never ``null``: a body that is
+        # sent must be an object (api/jsonbody.py refuses a literal null).
+        for content in operation["requestBody"]["content"].values():
+            content["schema"] = _not_null(content["schema"])
         responses["415"] = {
             "description": "The body is not JSON (Content-Type: application/json)",
             "content": {PROBLEM_CONTENT_TYPE: {"schema": {"$ref": "#/components/schemas/Problem"}}},
