@@ -15,10 +15,14 @@ What makes a decision evidence (a key is tracked from its first send):
     replay of a key from an address other than the one that first sent it; or a replay from
     another address more than ten minutes after the first send.
 ``retry_after_expiry``
-    an execution of a key whose record had expired: the key came back after its TTL.
+    an execution of a key whose record had expired: the key came back after its TTL with the
+    request it was first sent with (the same fingerprint; a key reused for another request
+    once its record expired is a new key, not a retry).
 ``no_backoff``
-    a 409 (``in_progress``) less than a second after the key's previous send, or the key's third
-    409 or later: the client fires again while the first attempt still runs.
+    a key whose second 409 (``in_progress``) came less than a second after its previous send:
+    the client fires again and again while the first attempt still runs. A key counts once,
+    however many 409s it draws; one quick 409 (a double click) is not enough, nor are 409s
+    spaced as ``Retry-After`` asks.
 
 Flaky clients that retry with the same key produce replays and the odd 409 at a backoff's
 pace; terminals that retry hours later produce replays within the TTL: neither is evidence.
@@ -76,10 +80,12 @@ class Tuning:
     # A replay from another address this long after the first send: past any client's retry
     # schedule, and a terminal that retries hours later does so from where it stands.
     replay_late: float = 600.0
-    # A 409 this soon after the key's previous send: no backoff at all.
+    # A 409 this soon after the key's previous send: no backoff at all (a client that honours
+    # Retry-After, one second or more, waits longer).
     no_backoff_gap: float = 1.0
-    # A key's third 409: even a backing-off client rarely hits the first attempt three times.
-    no_backoff_conflicts: int = 3
+    # Quick 409s of one key that make it evidence: a double click (or a 409 logged just after
+    # its executing request) makes one; a client that does not back off, several.
+    no_backoff_conflicts: int = 2
     # How long a key is remembered after its record expired, to see it come back (seconds).
     grace: float = 2 * 86400.0
     # The TTL assumed when the log does not say (the usual 24 h).
@@ -97,12 +103,13 @@ _FLOORS = {REPLAY_STORM: 8, KEY_PER_RETRY: 8, RETRY_AFTER_EXPIRY: 4}
 
 class _Key:
     """What is known of a key sent more than once. A key sent once (most are) is a plain tuple
-    ``(first send, TTL, route, source)``, cheaper to make and to keep; its second send turns it
-    into one of these."""
+    ``(first send, TTL, route, source, fingerprint)``, cheaper to make and to keep; its second
+    send turns it into one of these."""
 
     __slots__ = (
         "conflicts",
         "expires",
+        "fingerprint",
         "first",
         "last",
         "replays",
@@ -112,15 +119,18 @@ class _Key:
         "strangers",
     )
 
-    def __init__(self, first: float, ttl: float, route: str, source: str | None) -> None:
+    def __init__(
+        self, first: float, ttl: float, route: str, source: str | None, fingerprint: str
+    ) -> None:
         self.first = self.last = first
         self.expires = first + ttl
         self.route = route
         self.source = source
+        self.fingerprint = fingerprint
         self.replays = self.conflicts = self.returns = self.strangers = 0
 
 
-_Once = tuple[float, float, str, "str | None"]
+_Once = tuple[float, float, str, "str | None", str]
 
 
 def _expires(state: _Key | _Once) -> float:
@@ -145,6 +155,7 @@ class _Tenant:
         "seen",
         "series",
         "stale",
+        "stormy",
         "turned",
     )
 
@@ -162,7 +173,10 @@ class _Tenant:
         self.seen: dict[int, int] = {}
         self.bucket = -1
         self.count = 0
-        self.late: list[tuple[int, str, float]] = []  # returns after expiry: bucket, route, delay
+        # Repeats held back from the TTL until the findings say whether they are retries: returns
+        # after expiry, and replays that are storm evidence (bucket, route, delay).
+        self.late: list[tuple[int, str, float]] = []
+        self.stormy: list[tuple[int, str, float]] = []
         self.series = {kind: Series() for kind in KINDS}
         # route -> (the route's one string, shared by its keys; its first sends per hour)
         self.routes: dict[str, tuple[str, dict[int, int]]] = {}
@@ -242,7 +256,7 @@ class Analyzer:
             if known is None:
                 known = tenant.routes[route] = (route, self._ttl.first_sends(name, route))
             route, hours = known
-            keys[key] = (at, ttl or default_ttl, route, source)
+            keys[key] = (at, ttl or default_ttl, route, source, fingerprint)
             tenant.batch.append(key)
             hour = int(at // 3600)
             hours[hour] = hours.get(hour, 0) + 1
@@ -289,7 +303,7 @@ class Analyzer:
         if decision == "executed":
             return self._executed_again(tenant, usage, state, bucket)
         if decision == "replayed":
-            return self._replayed(tenant, usage, state)
+            return self._replayed(tenant, usage, state, bucket)
         if decision == "in_progress":
             return self._conflict(tenant, usage, state)
         return None
@@ -301,17 +315,21 @@ class Analyzer:
         if not expired:  # a takeover
             self._repeat(tenant, at, state)
             return None
+        life = usage[8] or self.tuning.default_ttl
+        if usage[4] and state.fingerprint and usage[4] != state.fingerprint:
+            # The key reused for another request once its record expired: a new key, no retry.
+            tenant.keys[usage[3]] = _Key(at, life, state.route, usage[7], usage[4])
+            tenant.batch.append(usage[3])
+            return None
         if state.returns == 0:  # the key's first return: a retry the TTL missed, or a loop
             tenant.late.append((bucket, state.route, at - state.first))
         state.returns += 1
-        life = usage[8] or self.tuning.default_ttl
         state.expires = at + life
         tenant.batch.append(usage[3])
         return RETRY_AFTER_EXPIRY
 
-    def _replayed(self, tenant: _Tenant, usage: Row, state: _Key) -> str | None:
+    def _replayed(self, tenant: _Tenant, usage: Row, state: _Key, bucket: int) -> str | None:
         at, source = usage[0], usage[7]
-        self._repeat(tenant, at, state)
         state.last = at
         state.replays += 1
         moved = source is not None and source != state.source
@@ -320,22 +338,29 @@ class Analyzer:
         many = state.replays > self.tuning.replay_schedule
         scattered = state.strangers >= self.tuning.replay_addresses
         stolen = moved and at - state.first > self.tuning.replay_late
-        return REPLAY_STORM if many or scattered or stolen else None
+        if not (many or scattered or stolen):
+            self._repeat(tenant, at, state)
+            return None
+        # Held back from the TTL until it is known whether a storm's finding holds it: a storm's
+        # replays are no retries to cover, a late terminal's from another address are.
+        tenant.stormy.append((bucket, state.route, at - state.first))
+        return REPLAY_STORM
 
     def _conflict(self, tenant: _Tenant, usage: Row, state: _Key) -> str | None:
         at = usage[0]
         hurried = at - state.last < self.tuning.no_backoff_gap
         self._repeat(tenant, at, state)
         state.last = at
-        state.conflicts += 1
-        many = state.conflicts >= self.tuning.no_backoff_conflicts
-        return NO_BACKOFF if hurried or many else None
+        if not hurried:
+            return None
+        state.conflicts += 1  # quick ones only: a key is evidence once, at the count
+        return NO_BACKOFF if state.conflicts == self.tuning.no_backoff_conflicts else None
 
     # -- keys ---------------------------------------------------------------------------------
 
     def _remember(self, tenant: _Tenant, usage: Row) -> None:
         key, life = usage[3], usage[8] or self.tuning.default_ttl
-        tenant.keys[key] = _Key(usage[0], life, usage[2], usage[7])
+        tenant.keys[key] = _Key(usage[0], life, usage[2], usage[7], usage[4])
         tenant.batch.append(key)
 
     def _repeat(self, tenant: _Tenant, at: float, state: _Key) -> None:
@@ -383,17 +408,29 @@ class Analyzer:
     def ttl(self) -> list[TtlAdvice]:
         """The learned TTLs. A return after expiry is a retry the TTL should have covered,
         unless it belongs to a ``retry_after_expiry`` finding: a loop is to be fixed, not
-        accommodated."""
-        return self._ttl.advice(self.bounds, self._late_retries())
+        accommodated. Likewise a replay that is storm evidence counts as a retry unless it
+        belongs to a ``replay_storm`` finding: a storm's thousands of replays, hours after the
+        first sends, would otherwise be most of the route's retries and pull its TTL towards
+        their delays, leaving the genuine late retries uncovered."""
+        return self._ttl.advice(self.bounds, self._held_back())
 
-    def _late_retries(self) -> Iterable[tuple[str, str, float]]:
+    def _held_back(self) -> Iterable[tuple[str, str, float]]:
+        for tenant in self._tenants.values():
+            yield from self._outside(tenant, RETRY_AFTER_EXPIRY, tenant.late)
+            yield from self._outside(tenant, REPLAY_STORM, tenant.stormy)
+
+    def _outside(
+        self, tenant: _Tenant, kind: str, held: list[tuple[int, str, float]]
+    ) -> Iterable[tuple[str, str, float]]:
+        """The held-back observations of ``kind`` that no finding of it holds."""
+        if not held:
+            return
         size = self.tuning.bucket
-        for name, tenant in self._tenants.items():
-            loops = self._episodes(tenant, RETRY_AFTER_EXPIRY)
-            for bucket, route, delay in tenant.late:
-                at = bucket * size
-                if not any(e.first_at - size <= at <= e.last_at for e in loops):
-                    yield name, route, delay
+        episodes = self._episodes(tenant, kind)
+        for bucket, route, delay in held:
+            at = bucket * size
+            if not any(e.first_at - size <= at <= e.last_at for e in episodes):
+                yield tenant.name, route, delay
 
     def trim(self, now: float) -> None:
         """Forget buckets older than the history (the live worker calls this now and then)."""
@@ -403,6 +440,7 @@ class Analyzer:
             for index in [i for i in tenant.seen if i < oldest]:
                 del tenant.seen[index]
             tenant.late = [late for late in tenant.late if late[0] >= oldest]
+            tenant.stormy = [replay for replay in tenant.stormy if replay[0] >= oldest]
             for series in tenant.series.values():
                 series.forget_before(oldest)
 
@@ -474,8 +512,9 @@ _DETAILS = {
         f"TTL) (example keys: {_examples(e)})."
     ),
     NO_BACKOFF: lambda e: (
-        f"{_n(e.events, 'retry was', 'retries were')} fired while the first attempt was still "
-        f"running, ignoring Retry-After (409s; {_usual(e)}): back off exponentially and honour "
-        f"Retry-After (example keys: {_examples(e)})."
+        f"{_n(e.events, 'request was', 'requests were')} retried again and again while the "
+        f"first attempt was still running, less than a second apart, ignoring Retry-After "
+        f"(409s; {_usual(e)}): back off exponentially and honour Retry-After (example keys: "
+        f"{_examples(e)})."
     ),
 }

@@ -1,0 +1,141 @@
+"""Traffic a blind review of the detectors found them wrong on: clients that honour
+Retry-After, double clicks, keys reused for another request once expired, a replay storm
+teaching the TTL, and slow anomalies whose evidence arrives an event at a time."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from pathlib import Path
+
+from oncepay.insight.analyzer import analyze
+from oncepay.insight.findings import Finding
+from oncepay.insight.records import Usage, UsageReader
+from oncepay.insight.ttl import TtlBounds
+from tests.insight.traffic import HOUR, T0, normal, ordered, usage, window
+
+DATA = Path(__file__).parent / "data"
+
+
+def findings(records: list[Usage]) -> list[Finding]:
+    return analyze(records).findings()
+
+
+# -- no_backoff: timing, not counts -------------------------------------------------------------
+
+
+def test_clients_honouring_retry_after_on_a_slow_hour_are_no_no_backoff() -> None:
+    """The acquirer slows down for an hour: every payment draws 409s, and the clients wait the
+    2 s that Retry-After asks before each new attempt. Many 409s per key, none of them hurried."""
+    rng = random.Random(20)
+    start, end = window(start_hour=30)
+
+    def patient() -> Iterator[Usage]:
+        t = start
+        while t < end:
+            t += rng.uniform(20, 60)
+            key = f"slow-{t}"
+            yield usage(t, key)
+            at = t
+            for _ in range(rng.randint(3, 6)):
+                at += 2.0 + rng.uniform(0.0, 1.5)
+                yield usage(at, key, "in_progress", status=409)
+
+    assert findings(ordered(normal(rng), patient())) == []
+
+
+def test_the_reviews_patient_clients_are_no_no_backoff() -> None:
+    """Logged as the review's slow-downstream tenant logged them (`executed` when answered):
+    3 to 6 409s per key, 2 s apart."""
+    with (DATA / "patient_retry_after.jsonl").open("rb") as log:
+        assert analyze(UsageReader(log)).findings() == []
+
+
+def test_double_clicks_are_no_no_backoff() -> None:
+    """A shop whose pay button can be clicked twice, `executed` logged when the request came
+    in: each key draws one 409 a fraction of a second later, and no more."""
+    rng = random.Random(21)
+    start, end = window(start_hour=30)
+
+    def double_clicks() -> Iterator[Usage]:
+        t = start
+        while t < end:
+            t += rng.uniform(20, 60)
+            key = f"click-{t}"
+            yield usage(t, key)
+            yield usage(t + rng.uniform(0.05, 0.4), key, "in_progress", status=409)
+
+    assert findings(ordered(normal(rng), double_clicks())) == []
+
+
+def test_no_backoff_counts_keys_not_409s() -> None:
+    rng = random.Random(22)
+    start, _ = window(start_hour=30)
+    storm = []
+    for n in range(6):
+        t = start + n * 300.0
+        storm.append(usage(t, f"hurry-{n}"))
+        storm += [usage(t + 0.2 * i, f"hurry-{n}", "in_progress", status=409) for i in range(1, 30)]
+    (found,) = findings(ordered(normal(rng), iter(storm)))
+    assert (found.kind, found.events) == ("no_backoff", 6)
+
+
+# -- retry_after_expiry: the same request, not the same key -------------------------------------
+
+
+def test_a_key_reused_for_other_requests_after_expiry_is_no_retry_after_expiry() -> None:
+    """A client keying its payments by cart id on a route whose keys last 10 minutes: the key
+    comes back after expiry with another basket, and executes (rightly) as a new request."""
+    rng = random.Random(23)
+    start, end = window(start_hour=30, hours=3)
+    reused = []
+    for cart in range(12):
+        at = start + cart * 30.0
+        while at < end:
+            reused.append(usage(at, f"cart-{cart}", fingerprint=f"basket-{at}", ttl=600.0))
+            at += rng.uniform(700, 1500)
+    assert findings(ordered(normal(rng), iter(reused))) == []
+
+
+def test_the_same_request_back_after_expiry_still_is_retry_after_expiry() -> None:
+    rng = random.Random(24)
+    start, end = window(start_hour=30, hours=3)
+    loop = []
+    for n in range(12):
+        at = start + n * 30.0
+        while at < end:
+            loop.append(usage(at, f"loop-{n}", fingerprint=f"same-{n}", ttl=600.0))
+            at += rng.uniform(700, 1500)
+    assert [f.kind for f in findings(ordered(normal(rng), iter(loop)))] == ["retry_after_expiry"]
+
+
+# -- adaptive TTL: a storm's replays are no retries ---------------------------------------------
+
+
+def test_a_replay_storm_does_not_pull_the_ttl_below_the_late_terminals() -> None:
+    """Terminals retry up to 20 hours later; a storm replays a few keys thousands of times an
+    hour after they were sent. The TTL must still cover the terminals. (A pooled coverage of
+    99 %: what a log of many tenants whose retries are quick leaves to this one.)"""
+    rng = random.Random(25)
+    late: list[float] = []
+
+    def terminals() -> Iterator[Usage]:
+        for u in normal(rng, hours=96, retry_rate=0.0):
+            yield u
+            if rng.random() < 0.01:
+                delay = rng.uniform(1, 20) * HOUR
+                late.append(delay)
+                yield usage(u.at + delay, u.key, "replayed")
+
+    records = list(terminals())
+    start = T0 + 60 * HOUR
+    victims = [u for u in records if start - HOUR < u.at < start and u.decision == "executed"]
+    storm = (
+        usage(start + i * 1.2, victims[i % 10].key, "replayed", source=f"198.51.100.{i % 200}")
+        for i in range(3000)
+    )
+    analyzer = analyze(ordered(iter(records), storm), bounds=TtlBounds(coverage=0.99))
+    assert [f.kind for f in analyzer.findings()] == ["replay_storm"]
+    (advice,) = analyzer.ttl()
+    assert advice.basis == len(late)  # the storm's replays are not retries
+    assert all(delay <= advice.ttl_seconds for delay in late)
