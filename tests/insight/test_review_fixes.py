@@ -139,3 +139,45 @@ def test_a_replay_storm_does_not_pull_the_ttl_below_the_late_terminals() -> None
     (advice,) = analyzer.ttl()
     assert advice.basis == len(late)  # the storm's replays are not retries
     assert all(delay <= advice.ttl_seconds for delay in late)
+
+
+# -- slow anomalies: evidence an event at a time ------------------------------------------------
+
+
+def test_keys_back_after_expiry_one_every_two_hours_are_retry_after_expiry() -> None:
+    """A retry loop that outlives the TTL, one key every two hours or so for 30 hours of a week:
+    no ten minutes hold more than one, but a tenant that never had one sees fifteen."""
+    rng = random.Random(26)
+    start = T0 + 80 * HOUR
+    loop = []
+    for n in range(15):
+        at = start + n * 2 * HOUR + rng.uniform(0, 1800)
+        loop += [usage(at - 30 * HOUR, f"loop-{n}"), usage(at, f"loop-{n}")]
+    found = findings(ordered(normal(rng, hours=7 * 24), iter(loop)))
+    assert [f.kind for f in found] == ["retry_after_expiry"]
+    assert found[0].events == 15
+
+
+def test_a_few_double_charges_over_hours_are_key_per_retry_where_there_are_none() -> None:
+    """Seven requests executed twice under fresh keys over three and a half hours, in a tenant
+    whose history has no such repeat at all: each moved money twice."""
+    rng = random.Random(27)
+    start = T0 + 30 * HOUR
+    doubled = []
+    for n in range(7):
+        at = start + n * 30 * 60 + rng.uniform(0, 300)
+        doubled.append(usage(at, f"first-{n}", status=502, fingerprint=f"same-{n}"))
+        doubled.append(usage(at + rng.uniform(1, 5), f"again-{n}", fingerprint=f"same-{n}"))
+    found = findings(ordered(normal(rng, hours=72), iter(doubled)))
+    assert [(f.kind, f.events) for f in found] == [("key_per_retry", 7)]
+
+
+def test_rare_evidence_at_the_tenants_usual_pace_is_no_slow_finding() -> None:
+    """A tenant whose clients send the odd 422 every few hours, all week: its normal."""
+    rng = random.Random(28)
+    odd = []
+    at = T0
+    while at < T0 + 7 * 24 * HOUR:
+        at += rng.expovariate(1 / (3 * HOUR))
+        odd.append(usage(at, f"odd-{at}", "reused", status=422))
+    assert findings(ordered(normal(rng, hours=7 * 24), iter(odd))) == []

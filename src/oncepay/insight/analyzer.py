@@ -99,6 +99,9 @@ class Tuning:
 # same basket often sees a few chance repeats within seconds at its busiest; a key back after
 # expiry is already unusual one by one.
 _FLOORS = {REPLAY_STORM: 8, KEY_PER_RETRY: 8, RETRY_AFTER_EXPIRY: 4}
+# ... and where the tenant's history holds no evidence of the kind at all: no chance repeats to
+# allow for, and every duplicate execution moved money.
+_QUIET_FLOORS = {KEY_PER_RETRY: 5}
 
 
 class _Key:
@@ -402,8 +405,8 @@ class Analyzer:
     def _episodes(self, tenant: _Tenant, kind: str) -> list[Episode]:
         counts = tenant.settle()
         seen = squared(counts) if kind == KEY_PER_RETRY else counts
-        floor = _FLOORS.get(kind)
-        return tenant.series[kind].episodes(seen, self.thresholds, floor)
+        series = tenant.series[kind]
+        return series.episodes(seen, self.thresholds, _FLOORS.get(kind), _QUIET_FLOORS.get(kind))
 
     def ttl(self) -> list[TtlAdvice]:
         """The learned TTLs. A return after expiry is a retry the TTL should have covered,

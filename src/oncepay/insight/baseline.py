@@ -7,14 +7,17 @@ blocks with the highest rates: anomalies take a minority of the time, so they ar
 while a flaky-network tenant whose clients always retry a lot gets a high baseline of its own.
 A run of buckets above the baseline (gaps of a few quiet buckets allowed) is an *episode*; it
 is a finding when its evidence both reaches a floor and exceeds what the baseline predicts by
-a multiple plus a Poisson margin.
+a multiple plus a Poisson margin. Evidence that arrives an event every half hour or hour never
+makes such a run: the buckets above the baseline are also joined across quiet stretches of up to
+six hours, and such a slow run, judged over all of its span (with a margin of 4 Poisson standard
+deviations rather than 3), is a finding too where no run inside it already is one.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 __all__ = ["Episode", "Series", "Thresholds", "squared"]
 
@@ -29,6 +32,12 @@ class Thresholds:
     ratio: float = 3.0
     z: float = 3.0
     gap: int = 3
+    # Quiet buckets a slow episode may span (six hours): a loop that sends one bad request an
+    # hour is as much an anomaly as one that sends ten in ten minutes, if it stands out.
+    slow_gap: int = 36
+    # ... judged with a wider Poisson margin: joined across hours, runs can be cut in many more
+    # ways, so chance finds more of them.
+    slow_z: float = 4.0
     # The baseline's blocks, in buckets: six hours (an anomaly window is one to a few hours).
     block: int = 36
     # Blocks with fewer decisions say little about a rate: they do not vote on the median.
@@ -104,6 +113,10 @@ class Series:
         """The tenant's usual evidence rate per decision, over blocks of several hours: the
         pooled rate of all but the tenth of blocks with the highest rates (an anomaly window
         spoils one or two blocks; a median would read 0 for evidence that is rare but usual)."""
+        return self._baseline(seen, thresholds) or 0.0
+
+    def _baseline(self, seen: Mapping[int, float], thresholds: Thresholds) -> float | None:
+        """:meth:`baseline`, or None for a tenant with no history yet."""
         events: dict[int, int] = {}
         decisions: dict[int, float] = {}
         for index, count in seen.items():
@@ -118,27 +131,56 @@ class Series:
             if count >= thresholds.min_opportunity
         )
         if len(rated) < 2:  # no history yet (a live worker's first hours): the rules and the
-            return 0.0  # floors alone judge, or the anomaly would be its own baseline
+            return None  # floors alone judge, or the anomaly would be its own baseline
         # The busiest tenth may be the anomaly; in a log of a day or so, still the busiest block.
         kept = rated[: len(rated) - max(1, len(rated) // 10)]
         opportunity = sum(count for _, _, count in kept)
         return sum(n for _, n, _ in kept) / opportunity if opportunity else 0.0
 
     def episodes(
-        self, seen: Mapping[int, float], thresholds: Thresholds, floor: int | None = None
+        self,
+        seen: Mapping[int, float],
+        thresholds: Thresholds,
+        floor: int | None = None,
+        quiet_floor: int | None = None,
     ) -> list[Episode]:
-        """Runs of buckets above the baseline that make a finding."""
-        rate = self.baseline(seen, thresholds)
-        runs: list[list[int]] = []
-        for index in sorted(self._buckets):
-            if self._buckets[index].events <= rate * seen.get(index, 0):
-                continue
-            if not runs or index - runs[-1][-1] > thresholds.gap + 1:
-                runs.append([])
-            runs[-1].append(index)
-        episodes = (self._episode(run, seen, rate) for run in runs)
+        """Runs of buckets above the baseline that make a finding, then the slow runs that do
+        where no run inside them does. ``quiet_floor``: the floor instead of ``floor`` for a
+        tenant whose history holds no evidence of this kind at all."""
+        known = self._baseline(seen, thresholds)
+        rate = known or 0.0
         least = thresholds.floor if floor is None else floor
-        return [episode for episode in episodes if _stands_out(episode, thresholds, least)]
+        if known == 0.0 and quiet_floor is not None:
+            least = quiet_floor
+        cells = sorted(self._buckets.items())
+        above = [index for index, cell in cells if cell.events > rate * seen.get(index, 0)]
+        found = self._standing_out(_runs(above, thresholds.gap), seen, rate, thresholds, least)
+        slower = replace(thresholds, z=thresholds.slow_z)
+        slow = self._standing_out(_runs(above, thresholds.slow_gap), seen, rate, slower, least)
+        found += [e for e in slow if not any(e.first_at <= f.first_at <= e.last_at for f in found)]
+        return sorted(found, key=lambda episode: episode.first_at)
+
+    def _standing_out(
+        self,
+        runs: list[list[int]],
+        seen: Mapping[int, float],
+        rate: float,
+        thresholds: Thresholds,
+        floor: int,
+    ) -> list[Episode]:
+        episodes = (self._episode(run, seen, rate) for run in runs)
+        return [episode for episode in episodes if _stands_out(episode, thresholds, floor)]
+
+
+def _runs(indexes: list[int], gap: int) -> list[list[int]]:
+    """Sorted bucket indexes cut into runs, each with at most ``gap`` buckets missing between
+    two of its own."""
+    runs: list[list[int]] = []
+    for index in indexes:
+        if not runs or index - runs[-1][-1] > gap + 1:
+            runs.append([])
+        runs[-1].append(index)
+    return runs
 
 
 def _opportunity(seen: Mapping[int, float], first: int, last: int) -> float:
