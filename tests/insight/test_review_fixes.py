@@ -68,16 +68,17 @@ def test_double_clicks_are_no_no_backoff() -> None:
     assert findings(ordered(normal(rng), double_clicks())) == []
 
 
-def test_no_backoff_counts_keys_not_409s() -> None:
+def test_no_backoff_counts_the_quick_409s_of_keys_that_do_not_back_off() -> None:
+    """Each key's first quick 409 could be a double click; from its second on, it counts."""
     rng = random.Random(22)
     start, _ = window(start_hour=30)
     storm = []
-    for n in range(6):
+    for n in range(3):
         t = start + n * 300.0
         storm.append(usage(t, f"hurry-{n}"))
-        storm += [usage(t + 0.2 * i, f"hurry-{n}", "in_progress", status=409) for i in range(1, 30)]
+        storm += [usage(t + 0.2 * i, f"hurry-{n}", "in_progress", status=409) for i in range(1, 6)]
     (found,) = findings(ordered(normal(rng), iter(storm)))
-    assert (found.kind, found.events) == ("no_backoff", 6)
+    assert (found.kind, found.events) == ("no_backoff", 3 * 4)
 
 
 # -- retry_after_expiry: the same request, not the same key -------------------------------------
@@ -181,3 +182,22 @@ def test_rare_evidence_at_the_tenants_usual_pace_is_no_slow_finding() -> None:
         at += rng.expovariate(1 / (3 * HOUR))
         odd.append(usage(at, f"odd-{at}", "reused", status=422))
     assert findings(ordered(normal(rng, hours=7 * 24), iter(odd))) == []
+
+
+def test_a_client_that_retries_quickly_after_each_409_is_no_backoff() -> None:
+    """Each attempt times out after a second, then the client fires again within half a second:
+    its 409s come 0.3-0.6 s after one another, two or three a key."""
+    rng = random.Random(29)
+    start, end = window(start_hour=30)
+
+    def hasty() -> Iterator[Usage]:
+        t = start
+        while t < end:
+            t += rng.uniform(20, 60)
+            key = f"hasty-{t}"
+            yield usage(t, key)
+            at = t + 1.0 + rng.uniform(0.3, 0.6)
+            yield usage(at, key, "in_progress", status=409)
+            yield usage(at + rng.uniform(0.3, 0.6), key, "in_progress", status=409)
+
+    assert [f.kind for f in findings(ordered(normal(rng), hasty()))] == ["no_backoff"]

@@ -19,10 +19,10 @@ What makes a decision evidence (a key is tracked from its first send):
     request it was first sent with (the same fingerprint; a key reused for another request
     once its record expired is a new key, not a retry).
 ``no_backoff``
-    a key whose second 409 (``in_progress``) came less than a second after its previous send:
-    the client fires again and again while the first attempt still runs. A key counts once,
-    however many 409s it draws; one quick 409 (a double click) is not enough, nor are 409s
-    spaced as ``Retry-After`` asks.
+    a 409 (``in_progress``) less than a second after the key's previous send, once the key has
+    drawn a quick 409 right after another 409 of its own, or two quick 409s: the client fires
+    again and again while the first attempt still runs. One quick 409 after the executing
+    request (a double click) is not evidence, nor are 409s spaced as ``Retry-After`` asks.
 
 Flaky clients that retry with the same key produce replays and the odd 409 at a backoff's
 pace; terminals that retry hours later produce replays within the TTL: neither is evidence.
@@ -84,7 +84,8 @@ class Tuning:
     # Retry-After, one second or more, waits longer).
     no_backoff_gap: float = 1.0
     # Quick 409s of one key that make it evidence: a double click (or a 409 logged just after
-    # its executing request) makes one; a client that does not back off, several.
+    # its executing request) makes one; a client that does not back off, several. One quick 409
+    # after another 409 is enough: a double click draws a single one.
     no_backoff_conflicts: int = 2
     # How long a key is remembered after its record expired, to see it come back (seconds).
     grace: float = 2 * 86400.0
@@ -106,11 +107,15 @@ _QUIET_FLOORS = {KEY_PER_RETRY: 5}
 
 class _Key:
     """What is known of a key sent more than once. A key sent once (most are) is a plain tuple
-    ``(first send, TTL, route, source, fingerprint)``, cheaper to make and to keep; its second
-    send turns it into one of these."""
+    ``(first send, TTL, route, source, fingerprint's hash)``, cheaper to make and to keep; its
+    second send turns it into one of these. The fingerprint is kept as its ``hash()`` (0 for
+    none): a key is only ever compared with itself, and a hex digest per key would cost a
+    quarter more memory."""
 
     __slots__ = (
+        "conflicted",
         "conflicts",
+        "counted",
         "expires",
         "fingerprint",
         "first",
@@ -123,7 +128,7 @@ class _Key:
     )
 
     def __init__(
-        self, first: float, ttl: float, route: str, source: str | None, fingerprint: str
+        self, first: float, ttl: float, route: str, source: str | None, fingerprint: int
     ) -> None:
         self.first = self.last = first
         self.expires = first + ttl
@@ -131,9 +136,11 @@ class _Key:
         self.source = source
         self.fingerprint = fingerprint
         self.replays = self.conflicts = self.returns = self.strangers = 0
+        self.conflicted = False  # whether its latest send drew a 409
+        self.counted = False  # whether its quick 409s are no_backoff evidence
 
 
-_Once = tuple[float, float, str, "str | None", str]
+_Once = tuple[float, float, str, "str | None", int]
 
 
 def _expires(state: _Key | _Once) -> float:
@@ -259,7 +266,7 @@ class Analyzer:
             if known is None:
                 known = tenant.routes[route] = (route, self._ttl.first_sends(name, route))
             route, hours = known
-            keys[key] = (at, ttl or default_ttl, route, source, fingerprint)
+            keys[key] = (at, ttl or default_ttl, route, source, hash(fingerprint))
             tenant.batch.append(key)
             hour = int(at // 3600)
             hours[hour] = hours.get(hour, 0) + 1
@@ -314,14 +321,15 @@ class Analyzer:
     def _executed_again(self, tenant: _Tenant, usage: Row, state: _Key, bucket: int) -> str | None:
         at = usage[0]
         expired = at > state.expires
-        state.last = at
+        state.last, state.conflicted = at, False
         if not expired:  # a takeover
             self._repeat(tenant, at, state)
             return None
         life = usage[8] or self.tuning.default_ttl
-        if usage[4] and state.fingerprint and usage[4] != state.fingerprint:
+        fingerprint = hash(usage[4])
+        if fingerprint and state.fingerprint and fingerprint != state.fingerprint:
             # The key reused for another request once its record expired: a new key, no retry.
-            tenant.keys[usage[3]] = _Key(at, life, state.route, usage[7], usage[4])
+            tenant.keys[usage[3]] = _Key(at, life, state.route, usage[7], fingerprint)
             tenant.batch.append(usage[3])
             return None
         if state.returns == 0:  # the key's first return: a retry the TTL missed, or a loop
@@ -333,7 +341,7 @@ class Analyzer:
 
     def _replayed(self, tenant: _Tenant, usage: Row, state: _Key, bucket: int) -> str | None:
         at, source = usage[0], usage[7]
-        state.last = at
+        state.last, state.conflicted = at, False
         state.replays += 1
         moved = source is not None and source != state.source
         if moved:
@@ -352,18 +360,23 @@ class Analyzer:
     def _conflict(self, tenant: _Tenant, usage: Row, state: _Key) -> str | None:
         at = usage[0]
         hurried = at - state.last < self.tuning.no_backoff_gap
+        again = state.conflicted
         self._repeat(tenant, at, state)
         state.last = at
+        state.conflicted = True
         if not hurried:
             return None
-        state.conflicts += 1  # quick ones only: a key is evidence once, at the count
-        return NO_BACKOFF if state.conflicts == self.tuning.no_backoff_conflicts else None
+        state.conflicts += 1  # quick ones only
+        if state.counted or again or state.conflicts >= self.tuning.no_backoff_conflicts:
+            state.counted = True  # from now on each quick 409 of the key is one more
+            return NO_BACKOFF
+        return None
 
     # -- keys ---------------------------------------------------------------------------------
 
     def _remember(self, tenant: _Tenant, usage: Row) -> None:
         key, life = usage[3], usage[8] or self.tuning.default_ttl
-        tenant.keys[key] = _Key(usage[0], life, usage[2], usage[7], usage[4])
+        tenant.keys[key] = _Key(usage[0], life, usage[2], usage[7], hash(usage[4]))
         tenant.batch.append(key)
 
     def _repeat(self, tenant: _Tenant, at: float, state: _Key) -> None:
@@ -515,9 +528,9 @@ _DETAILS = {
         f"TTL) (example keys: {_examples(e)})."
     ),
     NO_BACKOFF: lambda e: (
-        f"{_n(e.events, 'request was', 'requests were')} retried again and again while the "
-        f"first attempt was still running, less than a second apart, ignoring Retry-After "
-        f"(409s; {_usual(e)}): back off exponentially and honour Retry-After (example keys: "
+        f"{_n(e.events, 'retry was', 'retries were')} fired while the first attempt was still "
+        f"running, less than a second after the previous one, ignoring Retry-After (409s; "
+        f"{_usual(e)}): back off exponentially and honour Retry-After (example keys: "
         f"{_examples(e)})."
     ),
 }
