@@ -201,3 +201,42 @@ def test_a_client_that_retries_quickly_after_each_409_is_no_backoff() -> None:
             yield usage(at + rng.uniform(0.3, 0.6), key, "in_progress", status=409)
 
     assert [f.kind for f in findings(ordered(normal(rng), hasty()))] == ["no_backoff"]
+
+
+# -- an anomaly that never stops is not the tenant's normal -------------------------------------
+
+
+def _hasty_409s(rng: random.Random, u: Usage) -> Iterator[Usage]:
+    at = u.at
+    for _ in range(rng.randint(3, 8)):
+        at += rng.uniform(0.05, 0.3)
+        yield usage(at, u.key, "in_progress", status=409)
+
+
+def test_a_client_deploy_that_stays_broken_is_found_against_the_first_days() -> None:
+    """From hour 60 of a week on, a third of the payments draw a storm of 409s, and it never
+    stops: most of the week is the anomaly, so the baseline is; the first two days are not."""
+    rng = random.Random(30)
+
+    def broken() -> Iterator[Usage]:
+        for u in normal(rng, hours=7 * 24):
+            yield u
+            if u.decision == "executed" and u.at > T0 + 60 * HOUR and rng.random() < 0.3:
+                yield from _hasty_409s(rng, u)
+
+    found = findings(ordered(broken()))
+    assert {f.kind for f in found} == {"no_backoff"}
+    assert min(f.first_at for f in found) < T0 + 62 * HOUR
+
+
+def test_a_tenant_whose_clients_always_hurry_a_little_is_no_onset() -> None:
+    """The same storms all week long, from the first day, at a steady pace: its normal."""
+    rng = random.Random(31)
+
+    def always() -> Iterator[Usage]:
+        for u in normal(rng, hours=7 * 24):
+            yield u
+            if u.decision == "executed" and rng.random() < 0.02:
+                yield from _hasty_409s(rng, u)
+
+    assert findings(ordered(always())) == []

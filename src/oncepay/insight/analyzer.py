@@ -103,6 +103,10 @@ _FLOORS = {REPLAY_STORM: 8, KEY_PER_RETRY: 8, RETRY_AFTER_EXPIRY: 4}
 # ... and where the tenant's history holds no evidence of the kind at all: no chance repeats to
 # allow for, and every duplicate execution moved money.
 _QUIET_FLOORS = {KEY_PER_RETRY: 5}
+# Kinds whose evidence needs no history to appear, so that a tenant's first days can be its
+# reference when the baseline is an anomaly that never stopped (a key back after expiry, or a
+# late replay from another address, needs keys sent long before: the first days have none).
+_ONSET = frozenset({KEY_PER_RETRY, KEY_REUSE, NO_BACKOFF})
 
 
 class _Key:
@@ -419,7 +423,8 @@ class Analyzer:
         counts = tenant.settle()
         seen = squared(counts) if kind == KEY_PER_RETRY else counts
         series = tenant.series[kind]
-        return series.episodes(seen, self.thresholds, _FLOORS.get(kind), _QUIET_FLOORS.get(kind))
+        floor, quiet = _FLOORS.get(kind), _QUIET_FLOORS.get(kind)
+        return series.episodes(seen, self.thresholds, floor, quiet, onset=kind in _ONSET)
 
     def ttl(self) -> list[TtlAdvice]:
         """The learned TTLs. A return after expiry is a retry the TTL should have covered,
