@@ -240,3 +240,20 @@ def test_a_tenant_whose_clients_always_hurry_a_little_is_no_onset() -> None:
                 yield from _hasty_409s(rng, u)
 
     assert findings(ordered(always())) == []
+
+
+def test_a_client_hammering_from_the_first_hour_is_no_backoff_whatever_the_baseline() -> None:
+    """Broken before the log began: no first days to compare with. But a key's tenth 409 within
+    a second of the one before is no backoff schedule, whatever the tenant usually does."""
+    rng = random.Random(32)
+
+    def hammering() -> Iterator[Usage]:
+        for u in normal(rng, hours=7 * 24):
+            yield u
+            if u.decision == "executed" and rng.random() < 0.2:
+                at = u.at
+                for _ in range(15):
+                    at += rng.uniform(0.05, 0.3)
+                    yield usage(at, u.key, "in_progress", status=409)
+
+    assert {f.kind for f in findings(ordered(hammering()))} == {"no_backoff"}

@@ -23,6 +23,8 @@ What makes a decision evidence (a key is tracked from its first send):
     drawn a quick 409 right after another 409 of its own, or two quick 409s: the client fires
     again and again while the first attempt still runs. One quick 409 after the executing
     request (a double click) is not evidence, nor are 409s spaced as ``Retry-After`` asks.
+    A key's tenth quick 409 (hammering, which no backoff schedule does) is also judged against
+    no baseline at all, so that a client broken from before the log began is found.
 
 Flaky clients that retry with the same key produce replays and the odd 409 at a backoff's
 pace; terminals that retry hours later produce replays within the TTL: neither is evidence.
@@ -87,6 +89,10 @@ class Tuning:
     # its executing request) makes one; a client that does not back off, several. One quick 409
     # after another 409 is enough: a double click draws a single one.
     no_backoff_conflicts: int = 2
+    # A key's quick 409s that no tenant's normal explains, judged against no baseline at all (so
+    # that a client deploy that stays broken cannot become the normal): no backoff schedule, with
+    # jitter or without, fires ten times within a second of its previous try.
+    no_backoff_hammering: int = 10
     # How long a key is remembered after its record expired, to see it come back (seconds).
     grace: float = 2 * 86400.0
     # The TTL assumed when the log does not say (the usual 24 h).
@@ -168,6 +174,7 @@ class _Tenant:
         "routes",
         "seen",
         "series",
+        "severe",
         "stale",
         "stormy",
         "turned",
@@ -192,6 +199,7 @@ class _Tenant:
         self.late: list[tuple[int, str, float]] = []
         self.stormy: list[tuple[int, str, float]] = []
         self.series = {kind: Series() for kind in KINDS}
+        self.severe = Series()  # no_backoff keys hammering (a key each), beyond any baseline
         # route -> (the route's one string, shared by its keys; its first sends per hour)
         self.routes: dict[str, tuple[str, dict[int, int]]] = {}
 
@@ -319,7 +327,7 @@ class Analyzer:
         if decision == "replayed":
             return self._replayed(tenant, usage, state, bucket)
         if decision == "in_progress":
-            return self._conflict(tenant, usage, state)
+            return self._conflict(tenant, usage, state, bucket)
         return None
 
     def _executed_again(self, tenant: _Tenant, usage: Row, state: _Key, bucket: int) -> str | None:
@@ -361,7 +369,7 @@ class Analyzer:
         tenant.stormy.append((bucket, state.route, at - state.first))
         return REPLAY_STORM
 
-    def _conflict(self, tenant: _Tenant, usage: Row, state: _Key) -> str | None:
+    def _conflict(self, tenant: _Tenant, usage: Row, state: _Key, bucket: int) -> str | None:
         at = usage[0]
         hurried = at - state.last < self.tuning.no_backoff_gap
         again = state.conflicted
@@ -371,6 +379,8 @@ class Analyzer:
         if not hurried:
             return None
         state.conflicts += 1  # quick ones only
+        if state.conflicts == self.tuning.no_backoff_hammering:
+            tenant.severe.evidence(bucket, at, usage[3], usage[7])
         if state.counted or again or state.conflicts >= self.tuning.no_backoff_conflicts:
             state.counted = True  # from now on each quick 409 of the key is one more
             return NO_BACKOFF
@@ -424,7 +434,10 @@ class Analyzer:
         seen = squared(counts) if kind == KEY_PER_RETRY else counts
         series = tenant.series[kind]
         floor, quiet = _FLOORS.get(kind), _QUIET_FLOORS.get(kind)
-        return series.episodes(seen, self.thresholds, floor, quiet, onset=kind in _ONSET)
+        severe = tenant.severe if kind == NO_BACKOFF else None
+        return series.episodes(
+            seen, self.thresholds, floor, quiet, onset=kind in _ONSET, severe=severe
+        )
 
     def ttl(self) -> list[TtlAdvice]:
         """The learned TTLs. A return after expiry is a retry the TTL should have covered,
@@ -462,7 +475,7 @@ class Analyzer:
                 del tenant.seen[index]
             tenant.late = [late for late in tenant.late if late[0] >= oldest]
             tenant.stormy = [replay for replay in tenant.stormy if replay[0] >= oldest]
-            for series in tenant.series.values():
+            for series in (*tenant.series.values(), tenant.severe):
                 series.forget_before(oldest)
 
 

@@ -171,12 +171,15 @@ class Series:
         quiet_floor: int | None = None,
         *,
         onset: bool = False,
+        severe: Series | None = None,
     ) -> list[Episode]:
         """Runs of buckets above the baseline that make a finding, then the slow runs that do
         where no run inside them does. ``quiet_floor``: the floor instead of ``floor`` for a
         tenant whose history holds no evidence of this kind at all. ``onset``: whether an
         anomaly that never stopped is looked for too, judged against the tenant's first blocks
-        (for evidence that does not need history to appear: a return after expiry does)."""
+        (for evidence that does not need history to appear: a return after expiry does).
+        ``severe``: evidence of this kind that no tenant's normal explains, judged against no
+        baseline at all; what stands out there is a finding where none already overlaps it."""
         known = self._baseline(seen, thresholds)
         rate = known or 0.0
         least = thresholds.floor if floor is None else floor
@@ -184,10 +187,12 @@ class Series:
             least = quiet_floor
         found = self._above(seen, thresholds, rate, least, 0)
         reference = self._reference(seen, thresholds, rate) if onset and rate else None
-        if reference is None:
-            return found
-        usual, since = reference
-        return _joined(found, self._above(seen, thresholds, usual, least, since))
+        if reference is not None:
+            usual, since = reference
+            found = _joined(found, self._above(seen, thresholds, usual, least, since))
+        if severe is not None:
+            found = _joined(found, severe._above(seen, thresholds, 0.0, thresholds.floor, 0))
+        return found
 
     def _above(
         self, seen: Mapping[int, float], thresholds: Thresholds, rate: float, floor: int, since: int
@@ -226,9 +231,11 @@ def _pooled(blocks: list[_Block]) -> float | None:
 
 
 def _joined(found: list[Episode], more: list[Episode]) -> list[Episode]:
-    """``found`` and those of ``more`` that hold none of it, in time order."""
+    """``found`` and those of ``more`` that overlap none of it, in time order."""
     found = found + [
-        e for e in more if not any(e.first_at <= f.first_at <= e.last_at for f in found)
+        e
+        for e in more
+        if not any(e.first_at <= f.last_at and f.first_at <= e.last_at for f in found)
     ]
     return sorted(found, key=lambda episode: episode.first_at)
 
