@@ -10,7 +10,7 @@ is a finding when its evidence both reaches a floor and exceeds what the baselin
 a multiple plus a Poisson margin. Evidence that arrives an event every half hour or hour never
 makes such a run: the buckets above the baseline are also joined across quiet stretches of up to
 six hours, and such a slow run, judged over all of its span (with a margin of 4 Poisson standard
-deviations rather than 3), is a finding too where no run inside it already is one. An anomaly
+deviations rather than 3), is a finding too where no run's finding overlaps it. An anomaly
 that never stops would be its own baseline: where the tenant's first blocks hold a third or less
 of what the baseline predicts for them, what follows them is judged against their rate too.
 """
@@ -174,7 +174,7 @@ class Series:
         severe: Series | None = None,
     ) -> list[Episode]:
         """Runs of buckets above the baseline that make a finding, then the slow runs that do
-        where no run inside them does. ``quiet_floor``: the floor instead of ``floor`` for a
+        where they overlap none of those. ``quiet_floor``: the floor instead of ``floor`` for a
         tenant whose history holds no evidence of this kind at all. ``onset``: whether an
         anomaly that never stopped is looked for too, judged against the tenant's first blocks
         (for evidence that does not need history to appear: a return after expiry does).
