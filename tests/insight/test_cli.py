@@ -40,7 +40,7 @@ def test_analyze_json_is_the_contract(tmp_path: Path) -> None:
     (finding,) = document["findings"]
     assert set(finding) == {"tenant", "kind", "first_at", "last_at", "events", "detail"}
     assert (finding["tenant"], finding["kind"]) == ("m_1", "no_backoff")
-    assert finding["events"] >= 60 * 8 * 0.9
+    assert finding["events"] == 60 * 7  # each key's 409s but the first (a double click's)
     (ttl,) = document["ttl"]
     assert set(ttl) == {"tenant", "route", "ttl_seconds", "basis"}
     assert ttl["route"] == "POST /v1/payments"

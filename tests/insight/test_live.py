@@ -394,3 +394,28 @@ async def test_a_finding_the_database_refused_is_stored_at_the_next_step(
     assert step.records == 0
     assert [f.kind for f in step.opened] == ["key_per_retry"]
     live.close()
+
+
+async def test_a_slow_anomaly_read_as_the_log_grows_is_one_finding(stack: Stack) -> None:
+    """A key back after expiry every two hours or so for 30 hours of a week (docs/insight.md,
+    slow anomalies), read a day at a time: found once it stands out, then extended."""
+    tenant = stack.merchant.id
+    rng = random.Random(2)
+    loop = []
+    for n in range(15):
+        at = T0 + 80 * 3600 + n * 7200 + rng.uniform(0, 1800)
+        loop += [
+            usage(at - 30 * 3600, f"loop-{n}", tenant=tenant),
+            usage(at, f"loop-{n}", tenant=tenant),
+        ]
+    week = sorted([*normal(rng, tenant=tenant, hours=7 * 24), *loop], key=lambda u: u.at)
+    live = LiveInsight(log_of(stack), stack.db, announce=finding_opened)
+    for day in range(7):
+        append(log_of(stack), [u for u in week if day * 86400 <= u.at - T0 < (day + 1) * 86400])
+        step = await live.step(now=T0 + (day + 1) * 86400)
+        while step.more:
+            step = await live.step(now=T0 + (day + 1) * 86400)
+    rows = await stored(stack)
+    assert [(r["kind"], r["events"]) for r in rows] == [("retry_after_expiry", 15)]
+    assert len(await opened_events(stack)) == 1
+    live.close()

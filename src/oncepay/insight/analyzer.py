@@ -15,10 +15,16 @@ What makes a decision evidence (a key is tracked from its first send):
     replay of a key from an address other than the one that first sent it; or a replay from
     another address more than ten minutes after the first send.
 ``retry_after_expiry``
-    an execution of a key whose record had expired: the key came back after its TTL.
+    an execution of a key whose record had expired: the key came back after its TTL with the
+    request it was first sent with (the same fingerprint; a key reused for another request
+    once its record expired is a new key, not a retry).
 ``no_backoff``
-    a 409 (``in_progress``) less than a second after the key's previous send, or the key's third
-    409 or later: the client fires again while the first attempt still runs.
+    a 409 (``in_progress``) less than a second after the key's previous send, once the key has
+    drawn a quick 409 right after another 409 of its own, or two quick 409s: the client fires
+    again and again while the first attempt still runs. One quick 409 after the executing
+    request (a double click) is not evidence, nor are 409s spaced as ``Retry-After`` asks.
+    A key's tenth quick 409 (hammering, which no backoff schedule does) is also judged against
+    no baseline at all, so that a client broken from before the log began is found.
 
 Flaky clients that retry with the same key produce replays and the odd 409 at a backoff's
 pace; terminals that retry hours later produce replays within the TTL: neither is evidence.
@@ -76,10 +82,17 @@ class Tuning:
     # A replay from another address this long after the first send: past any client's retry
     # schedule, and a terminal that retries hours later does so from where it stands.
     replay_late: float = 600.0
-    # A 409 this soon after the key's previous send: no backoff at all.
+    # A 409 this soon after the key's previous send: no backoff at all (a client that honours
+    # Retry-After, one second or more, waits longer).
     no_backoff_gap: float = 1.0
-    # A key's third 409: even a backing-off client rarely hits the first attempt three times.
-    no_backoff_conflicts: int = 3
+    # Quick 409s of one key that make it evidence: a double click (or a 409 logged just after
+    # its executing request) makes one; a client that does not back off, several. One quick 409
+    # after another 409 is enough: a double click draws a single one.
+    no_backoff_conflicts: int = 2
+    # A key's quick 409s that no tenant's normal explains, judged against no baseline at all (so
+    # that a client deploy that stays broken cannot become the normal): no backoff schedule, with
+    # jitter or without, fires ten times within a second of its previous try.
+    no_backoff_hammering: int = 10
     # How long a key is remembered after its record expired, to see it come back (seconds).
     grace: float = 2 * 86400.0
     # The TTL assumed when the log does not say (the usual 24 h).
@@ -93,16 +106,28 @@ class Tuning:
 # same basket often sees a few chance repeats within seconds at its busiest; a key back after
 # expiry is already unusual one by one.
 _FLOORS = {REPLAY_STORM: 8, KEY_PER_RETRY: 8, RETRY_AFTER_EXPIRY: 4}
+# ... and where the tenant's history holds no evidence of the kind at all: no chance repeats to
+# allow for, and every duplicate execution moved money.
+_QUIET_FLOORS = {KEY_PER_RETRY: 5}
+# Kinds whose evidence needs no history to appear, so that a tenant's first days can be its
+# reference when the baseline is an anomaly that never stopped (a key back after expiry, or a
+# late replay from another address, needs keys sent long before: the first days have none).
+_ONSET = frozenset({KEY_PER_RETRY, KEY_REUSE, NO_BACKOFF})
 
 
 class _Key:
     """What is known of a key sent more than once. A key sent once (most are) is a plain tuple
-    ``(first send, TTL, route, source)``, cheaper to make and to keep; its second send turns it
-    into one of these."""
+    ``(first send, TTL, route, source, fingerprint's hash)``, cheaper to make and to keep; its
+    second send turns it into one of these. The fingerprint is kept as its ``hash()`` (0 for
+    none): a key is only ever compared with itself, and a hex digest per key would cost a
+    quarter more memory."""
 
     __slots__ = (
+        "conflicted",
         "conflicts",
+        "counted",
         "expires",
+        "fingerprint",
         "first",
         "last",
         "replays",
@@ -112,15 +137,20 @@ class _Key:
         "strangers",
     )
 
-    def __init__(self, first: float, ttl: float, route: str, source: str | None) -> None:
+    def __init__(
+        self, first: float, ttl: float, route: str, source: str | None, fingerprint: int
+    ) -> None:
         self.first = self.last = first
         self.expires = first + ttl
         self.route = route
         self.source = source
+        self.fingerprint = fingerprint
         self.replays = self.conflicts = self.returns = self.strangers = 0
+        self.conflicted = False  # whether its latest send drew a 409
+        self.counted = False  # whether its quick 409s are no_backoff evidence
 
 
-_Once = tuple[float, float, str, "str | None"]
+_Once = tuple[float, float, str, "str | None", int]
 
 
 def _expires(state: _Key | _Once) -> float:
@@ -144,7 +174,9 @@ class _Tenant:
         "routes",
         "seen",
         "series",
+        "severe",
         "stale",
+        "stormy",
         "turned",
     )
 
@@ -162,8 +194,12 @@ class _Tenant:
         self.seen: dict[int, int] = {}
         self.bucket = -1
         self.count = 0
-        self.late: list[tuple[int, str, float]] = []  # returns after expiry: bucket, route, delay
+        # Repeats held back from the TTL until the findings say whether they are retries: returns
+        # after expiry, and replays that are storm evidence (bucket, route, delay).
+        self.late: list[tuple[int, str, float]] = []
+        self.stormy: list[tuple[int, str, float]] = []
         self.series = {kind: Series() for kind in KINDS}
+        self.severe = Series()  # no_backoff keys hammering (a key each), beyond any baseline
         # route -> (the route's one string, shared by its keys; its first sends per hour)
         self.routes: dict[str, tuple[str, dict[int, int]]] = {}
 
@@ -242,7 +278,7 @@ class Analyzer:
             if known is None:
                 known = tenant.routes[route] = (route, self._ttl.first_sends(name, route))
             route, hours = known
-            keys[key] = (at, ttl or default_ttl, route, source)
+            keys[key] = (at, ttl or default_ttl, route, source, hash(fingerprint))
             tenant.batch.append(key)
             hour = int(at // 3600)
             hours[hour] = hours.get(hour, 0) + 1
@@ -289,30 +325,35 @@ class Analyzer:
         if decision == "executed":
             return self._executed_again(tenant, usage, state, bucket)
         if decision == "replayed":
-            return self._replayed(tenant, usage, state)
+            return self._replayed(tenant, usage, state, bucket)
         if decision == "in_progress":
-            return self._conflict(tenant, usage, state)
+            return self._conflict(tenant, usage, state, bucket)
         return None
 
     def _executed_again(self, tenant: _Tenant, usage: Row, state: _Key, bucket: int) -> str | None:
         at = usage[0]
         expired = at > state.expires
-        state.last = at
+        state.last, state.conflicted = at, False
         if not expired:  # a takeover
             self._repeat(tenant, at, state)
+            return None
+        life = usage[8] or self.tuning.default_ttl
+        fingerprint = hash(usage[4])
+        if fingerprint and state.fingerprint and fingerprint != state.fingerprint:
+            # The key reused for another request once its record expired: a new key, no retry.
+            tenant.keys[usage[3]] = _Key(at, life, state.route, usage[7], fingerprint)
+            tenant.batch.append(usage[3])
             return None
         if state.returns == 0:  # the key's first return: a retry the TTL missed, or a loop
             tenant.late.append((bucket, state.route, at - state.first))
         state.returns += 1
-        life = usage[8] or self.tuning.default_ttl
         state.expires = at + life
         tenant.batch.append(usage[3])
         return RETRY_AFTER_EXPIRY
 
-    def _replayed(self, tenant: _Tenant, usage: Row, state: _Key) -> str | None:
+    def _replayed(self, tenant: _Tenant, usage: Row, state: _Key, bucket: int) -> str | None:
         at, source = usage[0], usage[7]
-        self._repeat(tenant, at, state)
-        state.last = at
+        state.last, state.conflicted = at, False
         state.replays += 1
         moved = source is not None and source != state.source
         if moved:
@@ -320,22 +361,36 @@ class Analyzer:
         many = state.replays > self.tuning.replay_schedule
         scattered = state.strangers >= self.tuning.replay_addresses
         stolen = moved and at - state.first > self.tuning.replay_late
-        return REPLAY_STORM if many or scattered or stolen else None
+        if not (many or scattered or stolen):
+            self._repeat(tenant, at, state)
+            return None
+        # Held back from the TTL until it is known whether a storm's finding holds it: a storm's
+        # replays are no retries to cover, a late terminal's from another address are.
+        tenant.stormy.append((bucket, state.route, at - state.first))
+        return REPLAY_STORM
 
-    def _conflict(self, tenant: _Tenant, usage: Row, state: _Key) -> str | None:
+    def _conflict(self, tenant: _Tenant, usage: Row, state: _Key, bucket: int) -> str | None:
         at = usage[0]
         hurried = at - state.last < self.tuning.no_backoff_gap
+        again = state.conflicted
         self._repeat(tenant, at, state)
         state.last = at
-        state.conflicts += 1
-        many = state.conflicts >= self.tuning.no_backoff_conflicts
-        return NO_BACKOFF if hurried or many else None
+        state.conflicted = True
+        if not hurried:
+            return None
+        state.conflicts += 1  # quick ones only
+        if state.conflicts == self.tuning.no_backoff_hammering:
+            tenant.severe.evidence(bucket, at, usage[3], usage[7])
+        if state.counted or again or state.conflicts >= self.tuning.no_backoff_conflicts:
+            state.counted = True  # from now on each quick 409 of the key is one more
+            return NO_BACKOFF
+        return None
 
     # -- keys ---------------------------------------------------------------------------------
 
     def _remember(self, tenant: _Tenant, usage: Row) -> None:
         key, life = usage[3], usage[8] or self.tuning.default_ttl
-        tenant.keys[key] = _Key(usage[0], life, usage[2], usage[7])
+        tenant.keys[key] = _Key(usage[0], life, usage[2], usage[7], hash(usage[4]))
         tenant.batch.append(key)
 
     def _repeat(self, tenant: _Tenant, at: float, state: _Key) -> None:
@@ -377,23 +432,39 @@ class Analyzer:
     def _episodes(self, tenant: _Tenant, kind: str) -> list[Episode]:
         counts = tenant.settle()
         seen = squared(counts) if kind == KEY_PER_RETRY else counts
-        floor = _FLOORS.get(kind)
-        return tenant.series[kind].episodes(seen, self.thresholds, floor)
+        series = tenant.series[kind]
+        floor, quiet = _FLOORS.get(kind), _QUIET_FLOORS.get(kind)
+        severe = tenant.severe if kind == NO_BACKOFF else None
+        return series.episodes(
+            seen, self.thresholds, floor, quiet, onset=kind in _ONSET, severe=severe
+        )
 
     def ttl(self) -> list[TtlAdvice]:
         """The learned TTLs. A return after expiry is a retry the TTL should have covered,
         unless it belongs to a ``retry_after_expiry`` finding: a loop is to be fixed, not
-        accommodated."""
-        return self._ttl.advice(self.bounds, self._late_retries())
+        accommodated. Likewise a replay that is storm evidence counts as a retry unless it
+        belongs to a ``replay_storm`` finding: a storm's thousands of replays, hours after the
+        first sends, would otherwise be most of the route's retries and pull its TTL towards
+        their delays, leaving the genuine late retries uncovered."""
+        return self._ttl.advice(self.bounds, self._held_back())
 
-    def _late_retries(self) -> Iterable[tuple[str, str, float]]:
+    def _held_back(self) -> Iterable[tuple[str, str, float]]:
+        for tenant in self._tenants.values():
+            yield from self._outside(tenant, RETRY_AFTER_EXPIRY, tenant.late)
+            yield from self._outside(tenant, REPLAY_STORM, tenant.stormy)
+
+    def _outside(
+        self, tenant: _Tenant, kind: str, held: list[tuple[int, str, float]]
+    ) -> Iterable[tuple[str, str, float]]:
+        """The held-back observations of ``kind`` that no finding of it holds."""
+        if not held:
+            return
         size = self.tuning.bucket
-        for name, tenant in self._tenants.items():
-            loops = self._episodes(tenant, RETRY_AFTER_EXPIRY)
-            for bucket, route, delay in tenant.late:
-                at = bucket * size
-                if not any(e.first_at - size <= at <= e.last_at for e in loops):
-                    yield name, route, delay
+        episodes = self._episodes(tenant, kind)
+        for bucket, route, delay in held:
+            at = bucket * size
+            if not any(e.first_at - size <= at <= e.last_at for e in episodes):
+                yield tenant.name, route, delay
 
     def trim(self, now: float) -> None:
         """Forget buckets older than the history (the live worker calls this now and then)."""
@@ -403,7 +474,8 @@ class Analyzer:
             for index in [i for i in tenant.seen if i < oldest]:
                 del tenant.seen[index]
             tenant.late = [late for late in tenant.late if late[0] >= oldest]
-            for series in tenant.series.values():
+            tenant.stormy = [replay for replay in tenant.stormy if replay[0] >= oldest]
+            for series in (*tenant.series.values(), tenant.severe):
                 series.forget_before(oldest)
 
 
@@ -475,7 +547,8 @@ _DETAILS = {
     ),
     NO_BACKOFF: lambda e: (
         f"{_n(e.events, 'retry was', 'retries were')} fired while the first attempt was still "
-        f"running, ignoring Retry-After (409s; {_usual(e)}): back off exponentially and honour "
-        f"Retry-After (example keys: {_examples(e)})."
+        f"running, less than a second after the previous one, ignoring Retry-After (409s; "
+        f"{_usual(e)}): back off exponentially and honour Retry-After (example keys: "
+        f"{_examples(e)})."
     ),
 }

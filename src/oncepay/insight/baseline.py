@@ -7,14 +7,19 @@ blocks with the highest rates: anomalies take a minority of the time, so they ar
 while a flaky-network tenant whose clients always retry a lot gets a high baseline of its own.
 A run of buckets above the baseline (gaps of a few quiet buckets allowed) is an *episode*; it
 is a finding when its evidence both reaches a floor and exceeds what the baseline predicts by
-a multiple plus a Poisson margin.
+a multiple plus a Poisson margin. Evidence that arrives an event every half hour or hour never
+makes such a run: the buckets above the baseline are also joined across quiet stretches of up to
+six hours, and such a slow run, judged over all of its span (with a margin of 4 Poisson standard
+deviations rather than 3), is a finding too where no run's finding overlaps it. An anomaly
+that never stops would be its own baseline: where the tenant's first blocks hold a third or less
+of what the baseline predicts for them, what follows them is judged against their rate too.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 __all__ = ["Episode", "Series", "Thresholds", "squared"]
 
@@ -29,10 +34,21 @@ class Thresholds:
     ratio: float = 3.0
     z: float = 3.0
     gap: int = 3
+    # Quiet buckets a slow episode may span (six hours): a loop that sends one bad request an
+    # hour is as much an anomaly as one that sends ten in ten minutes, if it stands out.
+    slow_gap: int = 36
+    # ... judged with a wider Poisson margin: joined across hours, runs can be cut in many more
+    # ways, so chance finds more of them.
+    slow_z: float = 4.0
     # The baseline's blocks, in buckets: six hours (an anomaly window is one to a few hours).
     block: int = 36
     # Blocks with fewer decisions say little about a rate: they do not vote on the median.
     min_opportunity: int = 20
+    # The tenant's first blocks (two days), its reference when the baseline may be an anomaly
+    # that never stopped; and the evidence the baseline must predict for them before their
+    # having a third of it or less says anything (at 10, seeing 3 or fewer is a 1 % chance).
+    reference: int = 8
+    reference_evidence: float = 10.0
 
 
 @dataclass(slots=True)
@@ -58,6 +74,9 @@ class Episode:
 
 # Distinct sources kept per bucket: enough to say "from many addresses", bounded.
 _MAX_SOURCES = 256
+
+# A block of the baseline: its index, its evidence, its decisions (the opportunity).
+_Block = tuple[int, int, float]
 
 
 class Series:
@@ -104,6 +123,10 @@ class Series:
         """The tenant's usual evidence rate per decision, over blocks of several hours: the
         pooled rate of all but the tenth of blocks with the highest rates (an anomaly window
         spoils one or two blocks; a median would read 0 for evidence that is rare but usual)."""
+        return self._baseline(seen, thresholds) or 0.0
+
+    def _blocks(self, seen: Mapping[int, float], thresholds: Thresholds) -> list[_Block]:
+        """(block, evidence, decisions) of each block with decisions enough to rate, in order."""
         events: dict[int, int] = {}
         decisions: dict[int, float] = {}
         for index, count in seen.items():
@@ -112,33 +135,120 @@ class Series:
         for index, cell in self._buckets.items():
             block = index // thresholds.block
             events[block] = events.get(block, 0) + cell.events
-        rated = sorted(
-            (events.get(block, 0) / count, events.get(block, 0), count)
-            for block, count in decisions.items()
+        return [
+            (block, events.get(block, 0), count)
+            for block, count in sorted(decisions.items())
             if count >= thresholds.min_opportunity
-        )
-        if len(rated) < 2:  # no history yet (a live worker's first hours): the rules and the
-            return 0.0  # floors alone judge, or the anomaly would be its own baseline
-        # The busiest tenth may be the anomaly; in a log of a day or so, still the busiest block.
-        kept = rated[: len(rated) - max(1, len(rated) // 10)]
-        opportunity = sum(count for _, _, count in kept)
-        return sum(n for _, n, _ in kept) / opportunity if opportunity else 0.0
+        ]
+
+    def _baseline(self, seen: Mapping[int, float], thresholds: Thresholds) -> float | None:
+        """:meth:`baseline`, or None for a tenant with no history yet."""
+        return _pooled(self._blocks(seen, thresholds))
+
+    def _reference(
+        self, seen: Mapping[int, float], thresholds: Thresholds, rate: float
+    ) -> tuple[float, int] | None:
+        """The evidence rate of the tenant's first blocks and the bucket where they end, when
+        it is far below the baseline: the baseline is then an anomaly that never stopped (a
+        client deploy that stayed broken), and what followed those blocks is judged against
+        them too. None when the first blocks are not far below, or too few to say."""
+        blocks = self._blocks(seen, thresholds)
+        first = blocks[: thresholds.reference]
+        if len(first) < thresholds.reference or len(blocks) == len(first):
+            return None
+        events = sum(n for _, n, _ in first)
+        opportunity = sum(count for _, _, count in first)
+        expected = rate * opportunity  # what the first blocks would hold at the baseline
+        if expected < thresholds.reference_evidence or events * thresholds.ratio > expected:
+            return None
+        return events / opportunity, (first[-1][0] + 1) * thresholds.block
 
     def episodes(
-        self, seen: Mapping[int, float], thresholds: Thresholds, floor: int | None = None
+        self,
+        seen: Mapping[int, float],
+        thresholds: Thresholds,
+        floor: int | None = None,
+        quiet_floor: int | None = None,
+        *,
+        onset: bool = False,
+        severe: Series | None = None,
     ) -> list[Episode]:
-        """Runs of buckets above the baseline that make a finding."""
-        rate = self.baseline(seen, thresholds)
-        runs: list[list[int]] = []
-        for index in sorted(self._buckets):
-            if self._buckets[index].events <= rate * seen.get(index, 0):
-                continue
-            if not runs or index - runs[-1][-1] > thresholds.gap + 1:
-                runs.append([])
-            runs[-1].append(index)
-        episodes = (self._episode(run, seen, rate) for run in runs)
+        """Runs of buckets above the baseline that make a finding, then the slow runs that do
+        where they overlap none of those. ``quiet_floor``: the floor instead of ``floor`` for a
+        tenant whose history holds no evidence of this kind at all. ``onset``: whether an
+        anomaly that never stopped is looked for too, judged against the tenant's first blocks
+        (for evidence that does not need history to appear: a return after expiry does).
+        ``severe``: evidence of this kind that no tenant's normal explains, judged against no
+        baseline at all; what stands out there is a finding where none already overlaps it."""
+        known = self._baseline(seen, thresholds)
+        rate = known or 0.0
         least = thresholds.floor if floor is None else floor
-        return [episode for episode in episodes if _stands_out(episode, thresholds, least)]
+        if known == 0.0 and quiet_floor is not None:
+            least = quiet_floor
+        found = self._above(seen, thresholds, rate, least, 0)
+        reference = self._reference(seen, thresholds, rate) if onset and rate else None
+        if reference is not None:
+            usual, since = reference
+            found = _joined(found, self._above(seen, thresholds, usual, least, since))
+        if severe is not None:
+            found = _joined(found, severe._above(seen, thresholds, 0.0, thresholds.floor, 0))
+        return found
+
+    def _above(
+        self, seen: Mapping[int, float], thresholds: Thresholds, rate: float, floor: int, since: int
+    ) -> list[Episode]:
+        """The runs above ``rate`` from bucket ``since`` on that stand out, then the slow runs."""
+        cells = sorted(self._buckets.items())
+        above = [i for i, cell in cells if i >= since and cell.events > rate * seen.get(i, 0)]
+        found = self._standing_out(_runs(above, thresholds.gap), seen, rate, thresholds, floor)
+        slower = replace(thresholds, z=thresholds.slow_z)
+        slow = self._standing_out(_runs(above, thresholds.slow_gap), seen, rate, slower, floor)
+        return _joined(found, slow)
+
+    def _standing_out(
+        self,
+        runs: list[list[int]],
+        seen: Mapping[int, float],
+        rate: float,
+        thresholds: Thresholds,
+        floor: int,
+    ) -> list[Episode]:
+        episodes = (self._episode(run, seen, rate) for run in runs)
+        return [episode for episode in episodes if _stands_out(episode, thresholds, floor)]
+
+
+def _pooled(blocks: list[_Block]) -> float | None:
+    """The pooled rate of all blocks but the tenth with the highest rates; None for fewer than
+    two blocks (no history yet: a live worker's first hours), so that the rules and the floors
+    alone judge, or the anomaly would be its own baseline."""
+    if len(blocks) < 2:
+        return None
+    rated = sorted((n / count, n, count) for _, n, count in blocks)
+    # The busiest tenth may be the anomaly; in a log of a day or so, still the busiest block.
+    kept = rated[: len(rated) - max(1, len(rated) // 10)]
+    opportunity = sum(count for _, _, count in kept)
+    return sum(n for _, n, _ in kept) / opportunity if opportunity else 0.0
+
+
+def _joined(found: list[Episode], more: list[Episode]) -> list[Episode]:
+    """``found`` and those of ``more`` that overlap none of it, in time order."""
+    found = found + [
+        e
+        for e in more
+        if not any(e.first_at <= f.last_at and f.first_at <= e.last_at for f in found)
+    ]
+    return sorted(found, key=lambda episode: episode.first_at)
+
+
+def _runs(indexes: list[int], gap: int) -> list[list[int]]:
+    """Sorted bucket indexes cut into runs, each with at most ``gap`` buckets missing between
+    two of its own."""
+    runs: list[list[int]] = []
+    for index in indexes:
+        if not runs or index - runs[-1][-1] > gap + 1:
+            runs.append([])
+        runs[-1].append(index)
+    return runs
 
 
 def _opportunity(seen: Mapping[int, float], first: int, last: int) -> float:
