@@ -257,3 +257,49 @@ def test_a_client_hammering_from_the_first_hour_is_no_backoff_whatever_the_basel
                     yield usage(at, u.key, "in_progress", status=409)
 
     assert {f.kind for f in findings(ordered(hammering()))} == {"no_backoff"}
+
+
+# -- key_per_retry: one client's retry, not two customers' identical requests ------------------
+
+
+def test_a_flash_sales_identical_requests_from_many_customers_are_no_key_per_retry() -> None:
+    """A second blind review: during a flash deal thousands of customers send the very same
+    request within seconds of each other, each under its own key and from its own address; the
+    tenant's history holds no such repeats (a baseline of zero), so every coincidence was a
+    "retry under a fresh key" and the sale was reported as drift. A retry comes from the client
+    that sent the first attempt."""
+    rng = random.Random(31)
+    start, end = window(start_hour=30)
+
+    def flash_sale() -> Iterator[Usage]:
+        t, n = start, 0
+        while t < end:
+            t += rng.expovariate(1.0)  # one a second: many within 10 s of each other
+            n += 1
+            yield usage(
+                t, f"deal-{n}", fingerprint="fp-the-deal", source=f"10.1.{n // 250}.{n % 250}"
+            )
+
+    assert [
+        f for f in findings(ordered(normal(rng), flash_sale())) if f.kind == "key_per_retry"
+    ] == []
+
+
+def test_a_client_retrying_under_fresh_keys_from_its_address_is_still_key_per_retry() -> None:
+    """The same hour, but each request is sent again a few seconds later under a fresh key from
+    the address that sent it: money moved twice, whatever the other customers do."""
+    rng = random.Random(32)
+    start, end = window(start_hour=30)
+
+    def drifting() -> Iterator[Usage]:
+        t, n = start, 0
+        while t < end:
+            t += rng.uniform(30, 90)
+            n += 1
+            body, source = f"fp-order-{n}", f"10.2.{n // 250}.{n % 250}"
+            yield usage(t, f"first-{n}", fingerprint=body, source=source)
+            yield usage(t + rng.uniform(2, 6), f"again-{n}", fingerprint=body, source=source)
+
+    found = [f for f in findings(ordered(normal(rng), drifting())) if f.kind == "key_per_retry"]
+    assert len(found) == 1
+    assert found[0].events >= 30

@@ -7,7 +7,9 @@ What makes a decision evidence (a key is tracked from its first send):
     an execution under a *fresh* key of a request (route and fingerprint) that executed under
     another key seconds before, or minutes before when that first attempt failed (5xx). A
     product whose identical baskets repeat legitimately repeats at the tenant's usual pace, not
-    seconds apart; the few that happen to fall close are the tenant's baseline.
+    seconds apart; the few that happen to fall close are the tenant's baseline. Both sends must
+    come from the same address when the log gives both: a flash deal's identical requests from
+    thousands of customers seconds apart are no client's retry.
 ``key_reuse``
     a ``reused`` decision (the 422: one key, another request).
 ``replay_storm``
@@ -187,8 +189,9 @@ class _Tenant:
         # have passed: (when, keys), in send order; ``batch`` the current bucket's.
         self.batches: deque[tuple[float, list[str]]] = deque()
         self.batch: list[str] = []
-        self.recent: dict[tuple[str, str], tuple[float, str, int]] = {}  # request -> last exec
-        self.stale: dict[tuple[str, str], tuple[float, str, int]] = {}
+        # request -> its last execution: (at, key, status, source)
+        self.recent: dict[tuple[str, str], tuple[float, str, int, str | None]] = {}
+        self.stale: dict[tuple[str, str], tuple[float, str, int, str | None]] = {}
         self.turned = -math.inf  # when ``recent`` last became ``stale``
         # Decisions per bucket; the current bucket's are counted in ``count`` until it changes.
         self.seen: dict[int, int] = {}
@@ -284,9 +287,11 @@ class Analyzer:
             hours[hour] = hours.get(hour, 0) + 1
             request = (route, fingerprint)
             before = tenant.recent.get(request) or tenant.stale.get(request)
-            tenant.recent[request] = (at, key, status)
+            tenant.recent[request] = (at, key, status, source)
             if before is None or not fingerprint or before[1] == key:
                 continue
+            if source is not None and before[3] is not None and source != before[3]:
+                continue  # the same request from another address: another customer's
             gap = at - before[0]
             if gap <= quick or (before[2] >= 500 and gap <= failed):
                 tenant.series[KEY_PER_RETRY].evidence(bucket, at, key, source)
@@ -436,7 +441,13 @@ class Analyzer:
         floor, quiet = _FLOORS.get(kind), _QUIET_FLOORS.get(kind)
         severe = tenant.severe if kind == NO_BACKOFF else None
         return series.episodes(
-            seen, self.thresholds, floor, quiet, onset=kind in _ONSET, severe=severe
+            seen,
+            self.thresholds,
+            floor,
+            quiet,
+            onset=kind in _ONSET,
+            severe=severe,
+            slow_over_usual=kind != KEY_PER_RETRY,  # chance repeats of identical baskets
         )
 
     def ttl(self) -> list[TtlAdvice]:

@@ -172,6 +172,7 @@ class Series:
         *,
         onset: bool = False,
         severe: Series | None = None,
+        slow_over_usual: bool = True,
     ) -> list[Episode]:
         """Runs of buckets above the baseline that make a finding, then the slow runs that do
         where they overlap none of those. ``quiet_floor``: the floor instead of ``floor`` for a
@@ -179,28 +180,42 @@ class Series:
         anomaly that never stopped is looked for too, judged against the tenant's first blocks
         (for evidence that does not need history to appear: a return after expiry does).
         ``severe``: evidence of this kind that no tenant's normal explains, judged against no
-        baseline at all; what stands out there is a finding where none already overlaps it."""
+        baseline at all; what stands out there is a finding where none already overlaps it.
+        ``slow_over_usual``: whether slow runs are looked for above a baseline that is not zero
+        (not for evidence that chance alone makes, such as identical baskets: over hours, its
+        coincidences add up to a run that stands out by chance)."""
         known = self._baseline(seen, thresholds)
         rate = known or 0.0
         least = thresholds.floor if floor is None else floor
         if known == 0.0 and quiet_floor is not None:
             least = quiet_floor
-        found = self._above(seen, thresholds, rate, least, 0)
+        found = self._above(seen, thresholds, rate, least, 0, slow_over_usual)
         reference = self._reference(seen, thresholds, rate) if onset and rate else None
         if reference is not None:
             usual, since = reference
-            found = _joined(found, self._above(seen, thresholds, usual, least, since))
+            found = _joined(
+                found, self._above(seen, thresholds, usual, least, since, slow_over_usual)
+            )
         if severe is not None:
             found = _joined(found, severe._above(seen, thresholds, 0.0, thresholds.floor, 0))
         return found
 
     def _above(
-        self, seen: Mapping[int, float], thresholds: Thresholds, rate: float, floor: int, since: int
+        self,
+        seen: Mapping[int, float],
+        thresholds: Thresholds,
+        rate: float,
+        floor: int,
+        since: int,
+        slow_over_usual: bool = True,
     ) -> list[Episode]:
-        """The runs above ``rate`` from bucket ``since`` on that stand out, then the slow runs."""
+        """The runs above ``rate`` from bucket ``since`` on that stand out, then the slow runs
+        (above a rate that is not zero only if ``slow_over_usual``)."""
         cells = sorted(self._buckets.items())
         above = [i for i, cell in cells if i >= since and cell.events > rate * seen.get(i, 0)]
         found = self._standing_out(_runs(above, thresholds.gap), seen, rate, thresholds, floor)
+        if rate and not slow_over_usual:
+            return found
         slower = replace(thresholds, z=thresholds.slow_z)
         slow = self._standing_out(_runs(above, thresholds.slow_gap), seen, rate, slower, floor)
         return _joined(found, slow)
