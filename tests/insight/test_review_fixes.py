@@ -303,3 +303,29 @@ def test_a_client_retrying_under_fresh_keys_from_its_address_is_still_key_per_re
     found = [f for f in findings(ordered(normal(rng), drifting())) if f.kind == "key_per_retry"]
     assert len(found) == 1
     assert found[0].events >= 30
+
+
+def test_one_anomaly_in_bursts_an_hour_apart_is_one_finding() -> None:
+    """A second blind review: a client that kept misbehaving in bursts got a finding a burst
+    (18 for one client). Bursts less than two hours apart are one anomaly, one finding with
+    all their events; bursts further apart stay findings of their own."""
+    rng = random.Random(33)
+
+    def bursts(hours: list[float]) -> Iterator[Usage]:
+        for b, hour in enumerate(hours):
+            for i in range(12):
+                at, body = T0 + hour * HOUR + i * 30.0, f"fp-burst-{b}-{i}"
+                yield usage(at, f"b{b}-{i}", fingerprint=body)
+                yield usage(at + 2.0, f"b{b}-{i}-again", fingerprint=body)
+
+    close = [
+        f for f in findings(ordered(normal(rng), bursts([30, 31, 32]))) if f.kind == "key_per_retry"
+    ]
+    assert len(close) == 1
+    assert close[0].events == 36
+    apart = [
+        f
+        for f in findings(ordered(normal(random.Random(33)), bursts([24, 30, 36])))
+        if f.kind == "key_per_retry"
+    ]
+    assert len(apart) == 3

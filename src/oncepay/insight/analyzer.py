@@ -95,6 +95,10 @@ class Tuning:
     # that a client deploy that stays broken cannot become the normal): no backoff schedule, with
     # jitter or without, fires ten times within a second of its previous try.
     no_backoff_hammering: int = 10
+    # Findings of one tenant and kind this close together are one anomaly, reported once (an
+    # app release that drifts for two days is one finding, not one per busy hour); anomalies
+    # further apart stay findings of their own.
+    merge_gap: float = 2 * 3600.0
     # How long a key is remembered after its record expired, to see it come back (seconds).
     grace: float = 2 * 86400.0
     # The TTL assumed when the log does not say (the usual 24 h).
@@ -430,7 +434,7 @@ class Analyzer:
             if tenant is None:
                 continue
             for kind in KINDS:
-                for episode in self._episodes(tenant, kind):
+                for episode in _merged(self._episodes(tenant, kind), self.tuning.merge_gap):
                     out.append((_finding(name, kind, episode), _evidence(episode)))
         return sorted(out, key=lambda r: (r[0].first_at, r[0].tenant, r[0].kind))
 
@@ -563,3 +567,24 @@ _DETAILS = {
         f"{_examples(e)})."
     ),
 }
+
+
+def _merged(episodes: list[Episode], gap: float) -> list[Episode]:
+    """``episodes`` (in time order) with those less than ``gap`` apart joined into one: their
+    events and expectations added, the first examples kept, the most addresses any of them had
+    (the same clients, more often than not)."""
+    joined: list[Episode] = []
+    for episode in sorted(episodes, key=lambda e: e.first_at):
+        last = joined[-1] if joined else None
+        if last is None or episode.first_at - last.last_at > gap:
+            joined.append(episode)
+            continue
+        joined[-1] = Episode(
+            first_at=last.first_at,
+            last_at=max(last.last_at, episode.last_at),
+            events=last.events + episode.events,
+            expected=last.expected + episode.expected,
+            examples=tuple(dict.fromkeys(last.examples + episode.examples))[:3],
+            sources=max(last.sources, episode.sources),
+        )
+    return joined
