@@ -271,6 +271,7 @@ async def test_a_processors_file_is_read_through_a_mapping_of_ones_own(
         ({"reference": "Reference"}, "type: Field required"),
         ({**json.loads(mapping.read_text()), "types": {"CAPTURE": "sale"}}, "types.CAPTURE"),
         ({**json.loads(mapping.read_text()), "colour": "red"}, "colour: Extra inputs"),
+        ({**json.loads(mapping.read_text()), "signed_amounts": "yes"}, "signed_amounts:"),
         ([1, 2], "a mapping is a JSON object"),
     ):
         bad.write_text(json.dumps(document))

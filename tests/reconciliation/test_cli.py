@@ -128,7 +128,17 @@ async def test_runs_and_discrepancies_are_listed_on_the_command_line(
     assert text.stdout.rstrip().endswith("1 discrepancy")
     closed = reconcile(stack, tmp_path, "discrepancies", "--status", "resolved", "--json")
     assert (closed.returncode, json.loads(closed.stdout)["data"]) == (0, [])
-    for bad in (["--status", "shut"], ["--kind", "nope"], ["--day-from", "20261207"]):
+    bad_filters = (
+        ["--status", "shut"],
+        ["--kind", "nope"],
+        ["--day-from", "20261207"],
+        ["--day-to", "2026-02-30"],
+        ["--acquirer", "tertiary"],
+    )
+    for bad in bad_filters:
         refused = reconcile(stack, tmp_path, "discrepancies", *bad)
         assert refused.returncode == 2, (bad, refused.stdout, refused.stderr)
         assert "Traceback" not in refused.stderr
+    runs_bad = reconcile(stack, tmp_path, "runs", "--acquirer", "tertiary")
+    assert runs_bad.returncode == 2
+    assert "--acquirer must be primary or secondary" in " ".join(runs_bad.stderr.split())

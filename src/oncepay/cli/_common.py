@@ -4,7 +4,8 @@ with the options given on top, and running a command's coroutine with clean erro
 from __future__ import annotations
 
 import asyncio
-from typing import Annotated, Any
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
@@ -12,7 +13,9 @@ from rich.markup import escape
 
 from oncepay.errors import OncePayError
 
-__all__ = ["DatabaseUrl", "StoreUrl", "console", "run_or_exit", "settings"]
+__all__ = ["DatabaseUrl", "StoreUrl", "console", "on_database", "run_or_exit", "settings"]
+
+T = TypeVar("T")
 
 console = Console(stderr=True)
 
@@ -83,3 +86,19 @@ def where(database: Any) -> str:
             return "sqlite (in memory)"
         return f"sqlite:///{Path(url.database).resolve()}"
     return url.render_as_string(hide_password=True)
+
+
+def on_database(database_url: str | None, command: Callable[[Any], Awaitable[T]]) -> T:
+    """Run ``command`` on the migrated payments database, having said on stderr which database
+    it is (a command run from the wrong folder shows it at once)."""
+    url = settings(database_url=database_url).database_url
+
+    async def run() -> T:
+        from oncepay.payments.storage.migrations import migrated
+
+        async with migrated(url) as db:
+            return await command(db)
+
+    console.print(f"database: {where(url)}", soft_wrap=True, highlight=False)
+    result: T = run_or_exit(run())
+    return result

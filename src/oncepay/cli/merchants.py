@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Awaitable, Callable
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
 import typer
 
-from oncepay.cli._common import DatabaseUrl, console, run_or_exit, settings, where
+from oncepay.cli._common import DatabaseUrl, console, on_database
 
 __all__ = ["merchants_app"]
 
@@ -28,7 +27,6 @@ keys_app = typer.Typer(
 merchants_app.add_typer(keys_app, name="keys", short_help="A merchant's API keys.")
 
 ACTOR = "cli"
-T = TypeVar("T")
 
 Json = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 MerchantArg = Annotated[str, typer.Argument(help="The merchant: its id (mer_…) or its name.")]
@@ -47,7 +45,7 @@ def merchants_create(name: str, database_url: DatabaseUrl = None) -> None:
 
         return await create_merchant(db, name, actor=ACTOR)
 
-    merchant, api_key = _run(database_url, create)
+    merchant, api_key = on_database(database_url, create)
     print(json.dumps({"id": merchant.id, "name": merchant.name, "api_key": api_key}))
 
 
@@ -67,7 +65,7 @@ def merchants_list(database_url: DatabaseUrl = None, as_json: Json = False) -> N
                 return found
             after = rows[-1]["id"]
 
-    rows = _run(database_url, listing)
+    rows = on_database(database_url, listing)
     if as_json:
         print(json.dumps(rows))
         return
@@ -86,7 +84,7 @@ def keys_list(
 
         return await list_keys(db, await _merchant_id(db, merchant))
 
-    rows = _run(database_url, listing)
+    rows = on_database(database_url, listing)
     if as_json:
         print(json.dumps(rows))
         return
@@ -123,7 +121,7 @@ def keys_create(
         document, secret = await create_key(db, owner, actor=ACTOR, name=name, scopes=scopes)
         return {**document, "secret": secret}
 
-    print(json.dumps(_run(database_url, create)))
+    print(json.dumps(on_database(database_url, create)))
 
 
 @keys_app.command("revoke", short_help="Revoke a key (refused within 30 s).")
@@ -136,7 +134,7 @@ def keys_revoke(key: KeyArg, database_url: DatabaseUrl = None) -> None:
         document, _ = await revoke_key(db, await key_owner(db, key), key, actor=ACTOR)
         return document
 
-    print(json.dumps(_run(database_url, revoke)))
+    print(json.dumps(on_database(database_url, revoke)))
 
 
 @keys_app.command("roll", short_help="Replace a key; the old one works for --overlap.")
@@ -158,7 +156,7 @@ def keys_roll(
         new, secret, old, _ = await roll_key(db, owner, key, actor=ACTOR, overlap=seconds)
         return {**new, "secret": secret, "rolled": old}
 
-    print(json.dumps(_run(database_url, roll)))
+    print(json.dumps(on_database(database_url, roll)))
 
 
 @keys_app.command("audit", short_help="Every change to a merchant's keys.")
@@ -170,26 +168,11 @@ def keys_audit(merchant: MerchantArg, database_url: DatabaseUrl = None) -> None:
 
         return await key_audit(db, await _merchant_id(db, merchant), limit=10_000)
 
-    for row in _run(database_url, audit):
+    for row in on_database(database_url, audit):
         print(json.dumps(row))
 
 
 # -- helpers -------------------------------------------------------------------------------------
-
-
-def _run(database_url: str | None, command: Callable[[Any], Awaitable[T]]) -> T:
-    """Run ``command`` on the migrated database, having said which database it is."""
-    url = settings(database_url=database_url).database_url
-
-    async def run() -> T:
-        from oncepay.payments.storage.migrations import migrated
-
-        async with migrated(url) as db:
-            return await command(db)
-
-    console.print(f"database: {where(url)}", soft_wrap=True, highlight=False)
-    result: T = run_or_exit(run())
-    return result
 
 
 async def _merchant_id(db: Any, merchant: str) -> str:

@@ -14,8 +14,7 @@ from typing import Annotated, Any, NoReturn
 
 import typer
 
-from oncepay.cli._common import DatabaseUrl, console, run_or_exit, settings
-from oncepay.cli._common import where as database_where
+from oncepay.cli._common import DatabaseUrl, console, on_database, run_or_exit, settings
 from oncepay.errors import ConfigurationError
 from oncepay.reconciliation.mapping import MAPPINGS, ColumnMapping, mapping_from_json
 from oncepay.reconciliation.matcher import DEFAULT_GRACE_DAYS, EARLIEST_DAY, MAX_GRACE_DAYS
@@ -137,12 +136,7 @@ def _day(value: str | None) -> date:
     today = datetime.now(UTC).date()
     if value is None:
         return today
-    if not re.fullmatch(r"[0-9]{4}-[0-9]{2}-[0-9]{2}", value):  # fromisoformat takes 20261207
-        _refuse(f"--date {value!r} is not a day YYYY-MM-DD")
-    try:
-        day = date.fromisoformat(value)
-    except ValueError:
-        _refuse(f"--date {value!r} is not a day YYYY-MM-DD")
+    day = _iso_day("--date", value)
     if day > today:
         _refuse(f"--date {value} is in the future (today is {today}): nothing has settled yet")
     if day < EARLIEST_DAY:
@@ -225,12 +219,13 @@ def list_runs(
     from oncepay.reconciliation.queries import RunFilter, run_page
 
     where = RunFilter(
-        acquirer, _listing_day("--day-from", day_from), _listing_day("--day-to", day_to)
+        _listing_acquirer(acquirer),
+        _listing_day("--day-from", day_from),
+        _listing_day("--day-to", day_to),
     )
-    rows, more = run_or_exit(_listing(settings(database_url=database_url), run_page, where, limit))
+    rows, more = _page(database_url, run_page, where, limit)
     if as_json:
-        data = [{"object": "reconciliation_run", **row} for row in rows]
-        typer.echo(json.dumps({"object": "list", "data": data, "has_more": more}))
+        _echo_list("reconciliation_run", rows, more)
         return
     for row in rows:
         when = datetime.fromtimestamp(row["created_at"], UTC).strftime("%Y-%m-%d %H:%M:%S")
@@ -269,17 +264,15 @@ def list_discrepancies(
     where = DiscrepancyFilter(
         kind,
         status,
-        acquirer,
+        _listing_acquirer(acquirer),
         payment_id,
         reference,
         _listing_day("--day-from", day_from),
         _listing_day("--day-to", day_to),
     )
-    config = settings(database_url=database_url)
-    rows, more = run_or_exit(_listing(config, discrepancy_page, where, limit))
+    rows, more = _page(database_url, discrepancy_page, where, limit)
     if as_json:
-        data = [{"object": "reconciliation_discrepancy", **row} for row in rows]
-        typer.echo(json.dumps({"object": "list", "data": data, "has_more": more}))
+        _echo_list("reconciliation_discrepancy", rows, more)
     else:
         for row in rows:
             typer.echo(
@@ -292,9 +285,8 @@ def list_discrepancies(
         raise typer.Exit(1)
 
 
-def _listing_day(option: str, value: str | None) -> date | None:
-    if value is None:
-        return None
+def _iso_day(option: str, value: str) -> date:
+    """``value`` as a day written YYYY-MM-DD (``date.fromisoformat`` alone takes 20261207)."""
     if not re.fullmatch(r"[0-9]{4}-[0-9]{2}-[0-9]{2}", value):
         _refuse(f"{option} {value!r} is not a day YYYY-MM-DD")
     try:
@@ -303,11 +295,27 @@ def _listing_day(option: str, value: str | None) -> date | None:
         _refuse(f"{option} {value!r} is not a day YYYY-MM-DD")
 
 
-async def _listing(config: Any, page: Any, where: Any, limit: int) -> Any:
-    """One page of ``page`` over the (migrated) payments database: no acquirer, no worker.
-    The database is named on stderr, as the other listing commands name it."""
-    from oncepay.payments.storage.migrations import migrated
+def _listing_day(option: str, value: str | None) -> date | None:
+    return None if value is None else _iso_day(option, value)
 
-    console.print(f"database: {database_where(config.database_url)}", soft_wrap=True)
-    async with migrated(config.database_url) as db:
+
+def _listing_acquirer(value: str | None) -> str | None:
+    if value is not None and value not in {"primary", "secondary"}:
+        _refuse(f"--acquirer must be primary or secondary, not {value!r}")
+    return value
+
+
+def _page(database_url: str | None, page: Any, where: Any, limit: int) -> Any:
+    """One page of ``page`` (newest first) over the payments database: no acquirer, no
+    worker."""
+
+    async def first(db: Any) -> Any:
         return await page(db, where, limit, None)
+
+    return on_database(database_url, first)
+
+
+def _echo_list(kind: str, rows: list[dict[str, Any]], more: bool) -> None:
+    """``rows`` as the operator API's list document of ``kind`` objects."""
+    data = [{"object": kind, **row} for row in rows]
+    typer.echo(json.dumps({"object": "list", "data": data, "has_more": more}))

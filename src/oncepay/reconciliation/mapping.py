@@ -20,6 +20,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    StrictBool,
     StringConstraints,
     ValidationError,
 )
@@ -192,7 +193,7 @@ _MoreColumns = Annotated[tuple[_Column, ...], BeforeValidator(_one_or_many)]
 
 
 class _MappingFile(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: _Column = "custom"
     reference: _Columns
@@ -207,7 +208,7 @@ class _MappingFile(BaseModel):
     settled_at: _Column
     payout_id: _Column
     units: Literal["minor", "major"] = "minor"
-    signed_amounts: bool = False
+    signed_amounts: StrictBool = False
     order_id: str = ""
     time_zone: str = ""
     skipped: frozenset[str] = frozenset()
@@ -218,7 +219,7 @@ def mapping_from_json(document: object) -> ColumnMapping:
     """A :class:`ColumnMapping` from a JSON document (docs/reconciliation.md, "A mapping of
     your own"); ``ValueError`` saying, field by field, what is wrong with it."""
     try:
-        found = _MappingFile.model_validate(document, strict=False)
+        found = _MappingFile.model_validate(document)
     except ValidationError as exc:
         said = "; ".join(
             f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}"

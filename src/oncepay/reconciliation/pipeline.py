@@ -44,6 +44,8 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
+from sqlalchemy import select
+
 from oncepay import _heap as heap
 from oncepay.payments.context import Services
 from oncepay.payments.events import emit_many
@@ -89,7 +91,7 @@ from oncepay.reconciliation.source import (
     operations_between,
     payments_by_id,
 )
-from oncepay.reconciliation.store import OpenedDiscrepancy, save_run_in, statuses
+from oncepay.reconciliation.store import OpenedDiscrepancy, actions, save_run_in, statuses
 from oncepay.storage.db import Database, read, write
 
 __all__ = ["RunResult", "reconcile", "reconcile_recent"]
@@ -591,10 +593,6 @@ async def _actions_of(
     references = [d.reference for d in found if d.kind in _ACTIONABLE]
     if not references:
         return {}
-    from sqlalchemy import select
-
-    from oncepay.reconciliation.store import actions
-
     columns = (actions.c.reference, actions.c.status, actions.c.action_reference, actions.c.detail)
     async with read(db) as conn:
         rows = await conn.execute(
