@@ -142,3 +142,58 @@ async def test_runs_and_discrepancies_are_listed_on_the_command_line(
     runs_bad = reconcile(stack, tmp_path, "runs", "--acquirer", "tertiary")
     assert runs_bad.returncode == 2
     assert "--acquirer must be primary or secondary" in " ".join(runs_bad.stderr.split())
+
+
+async def test_the_listings_page_with_starting_after(stack: Stack, tmp_path: Path) -> None:
+    """A listing holds at most --limit rows; ``--starting-after`` the last one listed gives the
+    next page (the operator API's cursor), so more than 1,000 can be read. A cursor that names
+    nothing, or days the wrong way round, are refused (exit 2), not an empty page."""
+    file = tmp_path / "r.csv"
+    file.write_text(
+        "reference,type,amount,currency,fee,net,settled_at,payout_id\n"
+        + "".join(
+            f"stranger{i},capture,500,USD,0,500,2026-12-07T10:00:00Z,po_1\n" for i in range(5)
+        )
+    )
+    ran = reconcile(stack, tmp_path, "--report", str(file), "--json")
+    assert ran.returncode == 1, ran.stderr
+    for day in ("2026-12-01", "2026-12-02"):  # the acquirer's own (empty) reports: two runs more
+        quiet = reconcile(stack, tmp_path, "--date", day, "--json")
+        assert quiet.returncode == 0, quiet.stderr
+
+    def pages(listing: str, limit: int) -> list[list[object]]:
+        seen: list[list[object]] = []
+        after: list[str] = []
+        while True:
+            got = reconcile(stack, tmp_path, listing, "--limit", str(limit), *after, "--json")
+            assert got.returncode in (0, 1), got.stderr
+            document = json.loads(got.stdout)
+            seen.append([row["id"] for row in document["data"]])
+            if not document["has_more"]:
+                return seen
+            after = ["--starting-after", str(seen[-1][-1])]
+
+    every = reconcile(stack, tmp_path, "discrepancies", "--limit", "1000", "--json")
+    everyone = [row["id"] for row in json.loads(every.stdout)["data"]]
+    assert len(everyone) == len(set(everyone)) >= 5
+    paged = pages("discrepancies", 2)
+    assert [i for page in paged for i in page] == everyone
+    assert all(len(page) == 2 for page in paged[:-1])
+    runs = pages("runs", 2)
+    assert [len(page) for page in runs] == [2, 1]
+    text = reconcile(stack, tmp_path, "runs", "--limit", "2")
+    assert text.stdout.rstrip().endswith(f"2 run(s), more: --starting-after {runs[0][-1]}")
+
+    nowhere = reconcile(stack, tmp_path, "runs", "--starting-after", "rrun_nothing")
+    assert nowhere.returncode == 2
+    assert "no run 'rrun_nothing'" in nowhere.stderr
+    backwards = reconcile(
+        stack, tmp_path, "runs", "--day-from", "2026-12-07", "--day-to", "2026-12-01"
+    )
+    assert backwards.returncode == 2
+    assert "--day-from 2026-12-07 is after --day-to 2026-12-01" in " ".join(
+        backwards.stderr.split()
+    )
+    for bad in ("0", "x"):
+        refused = reconcile(stack, tmp_path, "discrepancies", "--starting-after", bad)
+        assert refused.returncode == 2, refused.stderr

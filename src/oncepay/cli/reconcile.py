@@ -212,18 +212,23 @@ def list_runs(
     day_from: Day = None,
     day_to: Day = None,
     limit: Limit = 20,
+    starting_after: Annotated[
+        str | None,
+        typer.Option(
+            help="A run's id: the runs older than it (the next page).", show_default=False
+        ),
+    ] = None,
     as_json: Json = False,
 ) -> None:
     """The reconciliation runs kept, newest first: the day, the lines read, matched, and the
     discrepancies each found (as GET /v1/admin/reconciliation/runs)."""
     from oncepay.reconciliation.queries import RunFilter, run_page
 
-    where = RunFilter(
-        _listing_acquirer(acquirer),
-        _listing_day("--day-from", day_from),
-        _listing_day("--day-to", day_to),
-    )
-    rows, more = _page(database_url, run_page, where, limit)
+    where = RunFilter(_listing_acquirer(acquirer), *_listing_days(day_from, day_to))
+    found = _page(database_url, run_page, where, limit, starting_after)
+    if found is None:
+        _refuse(f"--starting-after: no run {starting_after!r}")
+    rows, more = found
     if as_json:
         _echo_list("reconciliation_run", rows, more)
         return
@@ -233,7 +238,7 @@ def list_runs(
             f"{row['id']}\t{row['acquirer']}\t{row['day']}\tlines {row['lines']}\t"
             f"matched {row['matched']}\tdiscrepancies {row['discrepancies']}\tat {when}"
         )
-    typer.echo(f"{len(rows)} run(s){', more: raise --limit' if more else ''}")
+    typer.echo(f"{len(rows)} run(s){_more(rows, more)}")
 
 
 @reconcile_app.command("discrepancies")
@@ -249,6 +254,14 @@ def list_discrepancies(
     day_from: Day = None,
     day_to: Day = None,
     limit: Limit = 50,
+    starting_after: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="A discrepancy's id: the ones older than it (the next page).",
+            show_default=False,
+        ),
+    ] = None,
     as_json: Json = False,
 ) -> None:
     """The discrepancies kept, newest first, with their status (open until a person resolves
@@ -267,10 +280,9 @@ def list_discrepancies(
         _listing_acquirer(acquirer),
         payment_id,
         reference,
-        _listing_day("--day-from", day_from),
-        _listing_day("--day-to", day_to),
+        *_listing_days(day_from, day_to),
     )
-    rows, more = _page(database_url, discrepancy_page, where, limit)
+    rows, more = _page(database_url, discrepancy_page, where, limit, starting_after)
     if as_json:
         _echo_list("reconciliation_discrepancy", rows, more)
     else:
@@ -280,7 +292,7 @@ def list_discrepancies(
                 f"{row['payment_id'] or '-'}\t{row['day'] or '-'}\t{row['detail']}"
             )
         typer.echo(f"{len(rows)} discrepanc{'y' if len(rows) == 1 else 'ies'}"
-                   f"{', more: raise --limit' if more else ''}")  # fmt: skip
+                   f"{_more(rows, more)}")  # fmt: skip
     if any(row["status"] == "open" for row in rows):
         raise typer.Exit(1)
 
@@ -295,8 +307,12 @@ def _iso_day(option: str, value: str) -> date:
         _refuse(f"{option} {value!r} is not a day YYYY-MM-DD")
 
 
-def _listing_day(option: str, value: str | None) -> date | None:
-    return None if value is None else _iso_day(option, value)
+def _listing_days(day_from: str | None, day_to: str | None) -> tuple[date | None, date | None]:
+    first = None if day_from is None else _iso_day("--day-from", day_from)
+    last = None if day_to is None else _iso_day("--day-to", day_to)
+    if first is not None and last is not None and first > last:
+        _refuse(f"--day-from {first} is after --day-to {last}")
+    return first, last
 
 
 def _listing_acquirer(value: str | None) -> str | None:
@@ -305,14 +321,18 @@ def _listing_acquirer(value: str | None) -> str | None:
     return value
 
 
-def _page(database_url: str | None, page: Any, where: Any, limit: int) -> Any:
-    """One page of ``page`` (newest first) over the payments database: no acquirer, no
-    worker."""
+def _page(database_url: str | None, page: Any, where: Any, limit: int, starting_after: Any) -> Any:
+    """One page of ``page`` (newest first, after ``starting_after``) over the payments
+    database: no acquirer, no worker."""
 
-    async def first(db: Any) -> Any:
-        return await page(db, where, limit, None)
+    async def one(db: Any) -> Any:
+        return await page(db, where, limit, starting_after)
 
-    return on_database(database_url, first)
+    return on_database(database_url, one)
+
+
+def _more(rows: list[dict[str, Any]], more: bool) -> str:
+    return f", more: --starting-after {rows[-1]['id']}" if more else ""
 
 
 def _echo_list(kind: str, rows: list[dict[str, Any]], more: bool) -> None:
