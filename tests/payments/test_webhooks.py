@@ -16,6 +16,7 @@ from typing import Any, cast
 import httpx
 import pytest
 
+from oncepay.payments.dashboard import queries
 from oncepay.payments.records import EventRow
 from oncepay.payments.webhooks import delivery
 from oncepay.payments.webhooks.delivery import deliver_due
@@ -585,3 +586,44 @@ async def test_an_endpoint_created_while_the_payment_lock_is_awaited_gets_the_ev
             )
         ).all()
     assert {tuple(row) for row in reached} >= {("refund.created", created.json()["id"])}
+
+
+async def test_the_dashboard_rates_webhook_deliveries_from_the_database(
+    payments_url: str, tmp_path: Path
+) -> None:
+    """SPEC §11: the dashboard shows webhook delivery health (the live stream sends the same
+    snapshot as the page). A contract review found its
+    success rate 0.0 % when every delivery had succeeded (it counted a metric label that does not
+    exist), and it was the serving process's own counters: a worker in another process left it
+    empty. It is the share of the latest attempts answered 2xx, read from the database."""
+    token = "dashboard-operator-token-0123"
+    async with running_stack(payments_url, tmp_path, admin_token=token) as stack:
+        await stack.post("/v1/webhook_endpoints", {"url": "http://good.invalid/",
+                                                   "events": ["payment.captured"]})  # fmt: skip
+        await stack.post("/v1/webhook_endpoints", {"url": "http://flaky.invalid/",
+                                                   "events": ["payment.captured"]})  # fmt: skip
+        answers = {"good.invalid": 200, "flaky.invalid": 503}
+
+        def handler(request: httpx.Request) -> httpx.Response:
+            return httpx.Response(answers[request.url.host])
+
+        async def overview() -> dict[str, Any]:
+            found: dict[str, Any] = (await queries.overview(stack.db))["webhooks"]
+            return found
+
+        assert (await overview())["success_rate"] is None  # nothing sent yet: no rate
+        for _ in range(3):
+            await stack.pay()
+        async with mock_client(handler) as client:
+            assert await drain(stack, client) == {"succeeded": 3, "retry": 3}
+        health = await overview()
+        assert (health["success_rate"], health["attempts_rated"]) == (0.5, 6)
+        answers["flaky.invalid"] = 200
+        async with mock_client(handler) as client:
+            later = time.time() + 3600
+            assert await drain(stack, client, at=later) == {"succeeded": 3}
+        health = await overview()
+        assert (health["success_rate"], health["attempts_rated"]) == (round(6 / 9, 4), 9)
+        assert (health["succeeded"], health.get("pending", 0)) == (6, 0)
+        page = await stack.client.get("/dashboard", headers={"Authorization": f"Bearer {token}"})
+        assert "66.7%" in page.text

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
-from sqlalchemy import and_, func, or_, select, text
+from sqlalchemy import and_, case, func, or_, select, text
 from sqlalchemy.engine import Row
 
 from oncepay.payments.acquirers import journal
@@ -202,6 +202,10 @@ async def payment_rows(
 
 # -- the overview ----------------------------------------------------------------------------
 
+# The webhook success rate is the share of this many latest delivery attempts that a receiver
+# answered 2xx: recent enough to show an endpoint failing now, enough to be a rate.
+RATE_OVER = 1000
+
 
 async def overview(
     db: Database, *, now: float | None = None, window: float = 60.0
@@ -223,17 +227,33 @@ async def overview(
                 )
             ).all()
         )
+        tried, succeeded = await _latest_attempts(conn)
         findings = await _count_open(conn, "insight_findings")
         discrepancies = await _count_open(conn, "reconciliation_discrepancies")
+    webhooks: dict[str, Any] = {str(k): int(v) for k, v in deliveries.items()}
+    webhooks["success_rate"] = round(succeeded / tried, 4) if tried else None
+    webhooks["attempts_rated"] = tried
     return {
         "at": now,
         "window": window,
         "by_status": {status: int(by_status.get(status, 0)) for status in STATUSES},
         "recent": [payment_view(row) for row in recent],
-        "webhooks": {str(k): int(v) for k, v in deliveries.items()},
+        "webhooks": webhooks,
         "open_findings": findings,
         "open_discrepancies": discrepancies,
     }
+
+
+async def _latest_attempts(conn: Any) -> tuple[int, int]:
+    """Of the latest :data:`RATE_OVER` delivery attempts (every worker's: the database's), how
+    many there are and how many a receiver answered 2xx (what delivery counts a success)."""
+    attempts = schema.webhook_attempts
+    latest = (
+        select(attempts.c.status_code).order_by(attempts.c.seq.desc()).limit(RATE_OVER).subquery()
+    )
+    ok = case((latest.c.status_code.between(200, 299), 1), else_=0)
+    tried, succeeded = (await conn.execute(select(func.count(), func.sum(ok)))).one()
+    return int(tried), int(succeeded or 0)
 
 
 async def _by_status(conn: Any, db: Database, since: float) -> dict[str, int]:

@@ -220,11 +220,6 @@ async def _snapshot(services: Services) -> dict[str, Any]:
     snapshot = await queries.overview(services.db)
     snapshot["decisions"] = _samples("oncepay_idempotency_decisions", "decision")
     snapshot["acquirers"] = _acquirers(services)
-    attempts = _samples("oncepay_webhook_attempts", "result")
-    tried = sum(attempts.values())
-    snapshot["webhooks"]["success_rate"] = (
-        round(attempts.get("delivered", 0) / tried, 4) if tried else None
-    )
     return snapshot
 
 
