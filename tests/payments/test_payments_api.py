@@ -63,6 +63,34 @@ async def test_missing_and_malformed_keys(stack: Stack) -> None:
     assert await stack.count("payments") == 0
 
 
+async def test_the_key_is_checked_before_the_body(stack: Stack) -> None:
+    """SPEC §2's first row: a managed request without its key is 400 idempotency_key_missing,
+    whatever else is wrong with it (a contract review got invalid_request for a missing key and
+    a bad body); a malformed key likewise. With a good key the body's problem stands. Each is
+    counted as its §9 decision."""
+    for body in ({"amount": 0}, {"amount": 1000, "currency": "USD", "payment_method": "pm_card_ok",
+                                 "surprise": 1}):  # fmt: skip
+        problem(await stack.client.post("/v1/payments", json=body), 400, "idempotency_key_missing")
+        response = await stack.client.post(
+            "/v1/payments", json=body, headers={"Idempotency-Key": "x" * 256}
+        )
+        problem(response, 400, "idempotency_key_invalid")
+        response = await stack.client.post(
+            "/v1/payments", json=body, headers={"Idempotency-Key": stack.new_key()}
+        )
+        problem(response, 400, "invalid_request")
+    not_json = await stack.client.post(
+        "/v1/payments", content=b"{nope", headers={"Content-Type": "application/json"}
+    )
+    problem(not_json, 400, "idempotency_key_missing")
+    on_a_path = await stack.client.post("/v1/payments/pay_nothing!/capture", json={"amount": -1})
+    problem(on_a_path, 400, "idempotency_key_missing")
+    assert await stack.count("payments") == 0
+    metrics = (await stack.client.get("/metrics")).text
+    assert 'decision="missing",route="POST /v1/payments"' in metrics
+    assert 'decision="invalid",route="POST /v1/payments"' in metrics
+
+
 @pytest.mark.parametrize(
     ("method", "code"),
     [("pm_card_declined", "card_declined"), ("pm_card_insufficient_funds", "insufficient_funds")],

@@ -185,6 +185,13 @@ def test_one_trace_holds_the_payment_its_phases_attempts_replay_and_webhook(
             assert tracing.TRACE_HEADER not in replay.headers  # stored, never sent
             fetched = httpx.get(f"{url}/v1/payments/{paid.json()['id']}", headers=auth)
             assert fetched.status_code == 200
+            # SPEC §11: the attribute takes §9's names, `missing` among them (it read `invalid`)
+            bad = {"amount": 0}  # a bad body too: the key's problem is answered first
+            unkeyed = httpx.post(f"{url}/v1/payments", json=bad, headers=auth)
+            assert unkeyed.json()["code"] == "idempotency_key_missing", unkeyed.text
+            malformed = {**auth, "Idempotency-Key": "x" * 256}
+            garbled = httpx.post(f"{url}/v1/payments", json=bad, headers=malformed)
+            assert garbled.json()["code"] == "idempotency_key_invalid", garbled.text
 
             def decided(decision: str) -> list[dict[str, Any]]:
                 return [
@@ -195,6 +202,8 @@ def test_one_trace_holds_the_payment_its_phases_attempts_replay_and_webhook(
                 ]
 
             received.wait_for("replay span", lambda: decided("replayed"))
+            received.wait_for("missing key span", lambda: decided("missing"))
+            received.wait_for("malformed key span", lambda: decided("invalid"))
             received.wait_for(
                 "the read's span, named by its route",
                 lambda: any(s["name"] == "GET /v1/payments/{payment_id}" for s in received.spans),
@@ -260,9 +269,13 @@ def test_one_trace_holds_the_payment_its_phases_attempts_replay_and_webhook(
     ids = [
         (a["decision"], a["trace_id"], a["span_id"]) for a in access if a["path"] == "/v1/payments"
     ]
+    [unkeyed_span] = decided("missing")
+    [garbled_span] = decided("invalid")
     assert ids == [
         ("executed", request["trace"], request["id"]),
         ("replayed", replayed["trace"], replayed["id"]),
+        ("missing", unkeyed_span["trace"], unkeyed_span["id"]),
+        ("invalid", garbled_span["trace"], garbled_span["id"]),
     ]
 
     # The replay: its own trace (a new request), linked to the execution's request span.

@@ -181,6 +181,7 @@ async def _remember(svc: Services, ticket: Ticket, reply: Reply) -> None:
 _NAMES = {
     "replay": "replayed",
     "invalid": "invalid",
+    "missing": "missing",
     "in_progress": "in_progress",
     "reused": "reused",
     "unavailable": "unavailable",
@@ -191,6 +192,6 @@ _NAMES = {
 def _decision(outcome: Respond) -> str:
     if any(name == "idempotent-replayed" for name, _ in outcome.headers):
         return "replay"
-    return {400: "invalid", 409: "in_progress", 422: "reused", 503: "unavailable"}.get(
-        outcome.status, "rejected"
-    )
+    if outcome.status == 400:  # SPEC §9 tells a missing key from a malformed one
+        return "missing" if b'"idempotency_key_missing"' in outcome.body else "invalid"
+    return {409: "in_progress", 422: "reused", 503: "unavailable"}.get(outcome.status, "rejected")

@@ -15,12 +15,13 @@ from fastapi.security import HTTPBearer
 from oncepay.errors import OncePayError
 from oncepay.http.gate import Request as GateRequest
 from oncepay.http.problems import PROBLEM_CONTENT_TYPE
+from oncepay.idempotency.engine import Invalid
 from oncepay.payments import models
 from oncepay.payments.api.accesslog import DECISION
 from oncepay.payments.api.jsonbody import StrictJsonRoute
 from oncepay.payments.context import Services
 from oncepay.payments.errors import InvalidRequest, OperatorOnly, ResourceMissing
-from oncepay.payments.idempotent import Work
+from oncepay.payments.idempotent import Work, gated
 from oncepay.payments.idempotent import idempotent as run_idempotent
 from oncepay.payments.idempotent import idempotent_local as run_idempotent_local
 from oncepay.payments.merchants import authenticate, require_scope
@@ -277,6 +278,29 @@ async def idempotent_local(
     return send(reply, request)
 
 
+async def key_first(request: Request, merchant: Merchant | None = None) -> Response | None:
+    """SPEC §2's first row before the body's checks: a merchant's POST whose body (or path)
+    does not validate, sent with no ``Idempotency-Key`` or a malformed one, is answered as
+    the key's problem (400 ``idempotency_key_missing`` / ``_invalid``), counted and logged as
+    that decision, as it would be with a good body. None when the key is good (the body's
+    problem stands) or the caller is no merchant."""
+    services: Services = request.app.state.services
+    if not isinstance(services.engine.parse(request.headers.get("idempotency-key")), Invalid):
+        return None
+    if merchant is None:
+        try:
+            merchant = await authenticate(services, request.headers.get("authorization"))
+        except OncePayError:
+            return None  # the operator API, say: its own checks answer
+
+    async def never(_: Any) -> Reply:
+        raise AssertionError("a request without a good key is never executed")
+
+    # No body: a request without a good key is never fingerprinted (and the body's stream was
+    # read by the route; this handler's request object has no copy of it).
+    return send(await gated(services, gate_request(request), b"", merchant, never), request)
+
+
 def gate_request(request: Request) -> GateRequest:
     client = request.client
     return GateRequest(
@@ -330,7 +354,7 @@ class ApiRoute(StrictJsonRoute):
         answer: Response = await self.endpoint(body, request, services, merchant)
         return answer
 
-    async def before_refusing(self, request: Request) -> None:
+    async def before_refusing(self, request: Request) -> Response | None:
         calls = _calls(self.dependant)
         services: Services = request.app.state.services
         if _operator in calls:
@@ -339,6 +363,9 @@ class ApiRoute(StrictJsonRoute):
             caller = await authenticate(services, request.headers.get("authorization"))
             await request.app.state.rate_limits.check(caller.key_id, caller.id)  # it counts
             require_scope(caller, self.path_format, request.method)  # 403 before 400 too
+            if request.method == "POST":
+                return await key_first(request, caller)  # the key's problem before the body's
+        return None
 
 
 def _calls(dependant: Any) -> set[Any]:

@@ -16,7 +16,7 @@ from starlette.routing import Match
 from oncepay.errors import OncePayError
 from oncepay.http.problems import PROBLEM_CONTENT_TYPE, Problem
 from oncepay.payments.api.accesslog import REQUEST_ID
-from oncepay.payments.api.deps import problem_response
+from oncepay.payments.api.deps import key_first, problem_response
 from oncepay.payments.errors import InvalidRequest, MethodNotAllowed, ResourceMissing
 
 __all__ = ["add_handlers"]
@@ -38,6 +38,8 @@ def add_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> Response:
+        if request.method == "POST" and (keyed := await key_first(request)) is not None:
+            return keyed
         return _answer(request, InvalidRequest(_describe(exc.errors())))
 
     @app.exception_handler(StarletteHTTPException)

@@ -110,8 +110,10 @@ class StrictJsonRoute(APIRoute):
     """A route whose request body is parsed by :func:`loads` (FastAPI's documented way to
     change how a route reads its request)."""
 
-    async def before_refusing(self, request: Request) -> None:
-        """Runs before a body problem is answered; raise to answer something else first."""
+    async def before_refusing(self, request: Request) -> Response | None:
+        """Runs before a body problem is answered; raise, or return an answer, to answer
+        something else first."""
+        return None
 
     async def answer_directly(self, request: Request) -> Response | None:
         """The answer without FastAPI's request handler (its dependency solving and body
@@ -125,7 +127,8 @@ class StrictJsonRoute(APIRoute):
         async def strict(request: Request) -> Response:
             checked = _StrictJsonRequest(request.scope, request.receive)
             if takes_body and (problem := await body_problem(checked)) is not None:
-                await self.before_refusing(checked)
+                if (first := await self.before_refusing(checked)) is not None:
+                    return first
                 raise problem
             if (answer := await self.answer_directly(checked)) is not None:
                 return answer
