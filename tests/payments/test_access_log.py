@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from tests.payments.stack import Stack
-from tests.processes import ROOT, free_port, oncepay_args, read_banner, wait_for_port
+from tests.processes import PYTHONPATH, free_port, oncepay_args, read_banner, wait_for_port
 
 PAYMENT = {"amount": 1000, "currency": "USD", "payment_method": "pm_card_ok"}
 LINE = re.compile(
@@ -30,7 +30,7 @@ def _serve(tmp_path: Path, *extra: str) -> tuple[list[str], list[httpx.Response]
     process = subprocess.Popen(
         oncepay_args("serve", "--port", str(port), *extra),
         cwd=tmp_path,
-        env={**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "300"},
+        env={**os.environ, "PYTHONPATH": PYTHONPATH, "COLUMNS": "300"},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

@@ -17,7 +17,7 @@ import pytest
 
 from oncepay.cli.serve import log_config
 from oncepay.payments.logformat import json_formatter
-from tests.processes import ROOT, free_port, oncepay_args, read_banner, wait_for_port
+from tests.processes import PYTHONPATH, free_port, oncepay_args, read_banner, wait_for_port
 
 pytest.importorskip("structlog", reason="the otel extra")
 
@@ -65,7 +65,7 @@ def test_serve_logs_json_lines_with_the_access_fields(tmp_path: Path) -> None:
     process = subprocess.Popen(
         oncepay_args("serve", "--port", str(port)),
         cwd=tmp_path,
-        env={**env, "PYTHONPATH": str(ROOT), "COLUMNS": "300", "ONCEPAY_LOG_FORMAT": "json"},
+        env={**env, "PYTHONPATH": PYTHONPATH, "COLUMNS": "300", "ONCEPAY_LOG_FORMAT": "json"},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,  # the banner (stderr, as a console's) and the log lines
         text=True,
@@ -95,7 +95,7 @@ def test_serve_refuses_an_unknown_log_format(tmp_path: Path) -> None:
         oncepay_args("serve", "--log-format", "xml"),
         check=False,
         cwd=tmp_path,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        env={**os.environ, "PYTHONPATH": PYTHONPATH},
         capture_output=True,
         text=True,
         timeout=60,
