@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import http.client
 import os
+import sqlite3
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -432,3 +433,56 @@ def test_keys_are_optional_by_the_documented_variable_too(upstream: str, tmp_pat
     )
     assert bad.returncode == 2
     assert "ONCEPAY_KEY_REQUIRED must be true or false" in bad.stdout + bad.stderr
+
+
+def test_the_store_is_oncepay_store_before_its_older_name(upstream: str, tmp_path: Path) -> None:
+    """SPEC §7: ``--store`` is ``ONCEPAY_STORE``; it read ``ONCEPAY_STORE_URL`` only (a
+    black-box review), which still works, after SPEC's name (docs/operations.md)."""
+    spec, older = tmp_path / "spec.db", tmp_path / "older.db"
+
+    def pay_through_a_gateway(env: dict[str, str]) -> int:
+        port = free_port()
+        args = oncepay_args("gateway", "--upstream", upstream, "--port", str(port))
+        with running(args, port, env=env):
+            headers = {"idempotency-key": f"store-{len(env)}"}
+            return httpx.post(f"http://127.0.0.1:{port}/pay", json={}, headers=headers).status_code
+
+    both = {"ONCEPAY_STORE": f"sqlite:///{spec}", "ONCEPAY_STORE_URL": f"sqlite:///{older}"}
+    assert pay_through_a_gateway(both) == 201
+    assert _keys_in(spec) == ["store-2"]
+    assert not older.exists()  # the first name set wins
+    assert pay_through_a_gateway({"ONCEPAY_STORE_URL": f"sqlite:///{older}"}) == 201
+    assert _keys_in(older) == ["store-1"]
+
+
+def _keys_in(database: Path) -> list[str]:
+    with sqlite3.connect(database) as db:
+        return [row[0] for row in db.execute("SELECT idempotency_key FROM oncepay_idempotency")]
+
+
+def test_keys_are_optional_by_oncepay_optional_key(upstream: str, tmp_path: Path) -> None:
+    """SPEC §7: ``--optional-key`` is ``ONCEPAY_OPTIONAL_KEY``, which was ignored (a black-box
+    review); when it is set it wins over ``ONCEPAY_KEY_REQUIRED``, the older inverse."""
+    store = f"sqlite:///{tmp_path / 'g.db'}"
+
+    def answer_without_a_key(env: dict[str, str]) -> httpx.Response:
+        port = free_port()
+        args = oncepay_args(
+            "gateway", "--upstream", upstream, "--store", store, "--port", str(port)
+        )
+        with running(args, port, env=env):
+            return httpx.post(f"http://127.0.0.1:{port}/echo", timeout=30)
+
+    assert answer_without_a_key({"ONCEPAY_OPTIONAL_KEY": "true"}).status_code == 200
+    refused = answer_without_a_key({"ONCEPAY_OPTIONAL_KEY": "false", "ONCEPAY_KEY_REQUIRED": "no"})
+    assert (refused.status_code, refused.json()["code"]) == (400, "idempotency_key_missing")
+    bad = subprocess.run(
+        oncepay_args("gateway", "--upstream", upstream, "--store", store),
+        env={**os.environ, "ONCEPAY_OPTIONAL_KEY": "maybe"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert bad.returncode == 2
+    assert "Invalid value for ONCEPAY_OPTIONAL_KEY: 'maybe' is not a valid boolean" in bad.stderr

@@ -14,10 +14,14 @@ __all__ = ["worker"]
 
 def worker(
     database_url: DatabaseUrl = None,
-    acquirer_url: Annotated[str | None, typer.Option(help="[env ONCEPAY_ACQUIRER_URL]")] = None,
-    secondary_acquirer_url: Annotated[str | None, typer.Option()] = None,
-    redis_url: Annotated[str | None, typer.Option(help="[env ONCEPAY_REDIS_URL]")] = None,
-    once: Annotated[bool, typer.Option("--once", help="One pass, then exit.")] = False,
+    acquirer_url: Annotated[str | None, typer.Option(envvar="ONCEPAY_ACQUIRER_URL")] = None,
+    secondary_acquirer_url: Annotated[
+        str | None, typer.Option(envvar="ONCEPAY_SECONDARY_ACQUIRER_URL")
+    ] = None,
+    redis_url: Annotated[str | None, typer.Option(envvar="ONCEPAY_REDIS_URL")] = None,
+    once: Annotated[
+        bool, typer.Option("--once", envvar="ONCEPAY_ONCE", help="One pass, then exit.")
+    ] = False,
 ) -> None:
     """Run the worker: finish abandoned requests, resolve unknown outcomes, deliver webhooks,
     purge expired keys."""

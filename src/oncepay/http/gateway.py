@@ -14,7 +14,7 @@ Several gateway processes sharing one store behave as one.
   key is released; one that failed after it (read timeout, dropped connection) may have acted,
   so its 502 / 504 says ``Idempotency-Outcome: unknown`` and the key stays locked;
 * ``GET /health`` is answered by the gateway itself (and checks the store);
-* with ``--adaptive-ttl FILE`` (``oncepay insight analyze --json``'s output) new records are
+* with ``--adaptive-ttl-file FILE`` (``oncepay insight analyze --json``'s output) new records are
   kept for the TTLs learned per tenant and route, and the file is read again when it changes.
 """
 

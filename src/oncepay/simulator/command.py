@@ -1,8 +1,10 @@
 """``oncepay acquirer``: run the simulated acquirer under uvicorn, faults set by flags.
 
-Every option is also an environment variable ``ONCEPAY_ACQUIRER_<NAME>`` (prefixed, so that it
-never collides with ``oncepay serve``'s own ``ONCEPAY_PORT`` in a shared environment). Faults
-can be changed while it runs with ``PUT /admin/faults`` (docs/acquirer.md).
+Every option is also an environment variable ``ONCEPAY_ACQUIRER_<NAME>``, then ``ONCEPAY_<NAME>``
+(SPEC §7's name): the acquirer's own name first, so that in an environment shared with
+``oncepay serve`` its ``ONCEPAY_ACQUIRER_PORT`` wins over the service's ``ONCEPAY_PORT``
+(docs/operations.md, "Settings as variables"). Faults can be changed while it runs with
+``PUT /admin/faults`` (docs/acquirer.md).
 """
 
 from __future__ import annotations
@@ -27,8 +29,8 @@ GRACEFUL_SHUTDOWN_SECONDS = 2
 console = Console(stderr=True)
 
 
-def _env(name: str) -> str:
-    return f"ONCEPAY_ACQUIRER_{name}"
+def _env(name: str) -> list[str]:
+    return [f"ONCEPAY_ACQUIRER_{name}", f"ONCEPAY_{name}"]
 
 
 def acquirer(
