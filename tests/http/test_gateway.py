@@ -486,3 +486,64 @@ def test_keys_are_optional_by_oncepay_optional_key(upstream: str, tmp_path: Path
     )
     assert bad.returncode == 2
     assert "Invalid value for ONCEPAY_OPTIONAL_KEY: 'maybe' is not a valid boolean" in bad.stderr
+
+
+@pytest.mark.parametrize(
+    ("switch", "env"),
+    [
+        (["--stripe-compatible"], {}),
+        ([], {"ONCEPAY_STRIPE_COMPATIBLE": "true"}),
+        ([], {}),
+    ],
+    ids=["flag", "variable", "default"],
+)
+async def test_the_stripe_compatible_switch(
+    upstream: str, tmp_path: Path, switch: list[str], env: dict[str, str]
+) -> None:
+    """SPEC §2: "a Stripe-compatible mode (400 ``idempotency_error`` for reuse, 409
+    ``idempotency_key_in_use``) is a configuration switch", and §4's gateway puts the
+    middleware in front of any service: the middleware had the switch, the gateway none (a
+    black-box review). With it, the gateway's own failures are Stripe's error object too."""
+    stripe = bool(switch or env)
+    port = free_port()
+    store = f"sqlite:///{tmp_path / 'g.db'}"
+    args = ["--upstream", upstream, "--store", store, "--port", str(port), "--timeout", "2"]
+    with running(oncepay_args("gateway", *args, *switch), port, env=env):
+        url = f"http://127.0.0.1:{port}"
+        async with httpx.AsyncClient(timeout=30) as client:
+
+            async def pay(key: str, amount: int = 100, path: str = "/pay") -> httpx.Response:
+                headers = {"idempotency-key": key}
+                return await client.post(f"{url}{path}", json={"amount": amount}, headers=headers)
+
+            first = await pay("stripe-1")
+            reused = await pay("stripe-1", amount=5)
+            hangs_before = await count(upstream, "hang")
+            slow = asyncio.create_task(pay("stripe-2", path="/hang"))
+            while await count(upstream, "hang") == hangs_before:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+            in_use = await pay("stripe-2", path="/hang")
+            timed_out = await slow
+    assert first.status_code == 201
+    answers = (reused, in_use, timed_out)
+    if stripe:
+        assert [a.headers["content-type"] for a in answers] == ["application/json"] * 3
+        errors = [a.json()["error"] for a in answers]
+        found = [
+            (a.status_code, e["type"], e.get("code")) for a, e in zip(answers, errors, strict=True)
+        ]
+        assert found == [
+            (400, "idempotency_error", None),  # Stripe's reuse error has no code
+            (409, "invalid_request_error", "idempotency_key_in_use"),
+            (504, "api_error", "upstream_timeout"),  # the gateway's own failure
+        ]
+        assert all(e["message"] for e in errors)
+    else:
+        assert [a.headers["content-type"] for a in answers] == ["application/problem+json"] * 3
+        assert [(a.status_code, a.json()["code"]) for a in answers] == [
+            (422, "idempotency_key_reused"),
+            (409, "idempotency_request_in_progress"),
+            (504, "upstream_timeout"),
+        ]
+    assert int(in_use.headers["retry-after"]) >= 1
+    assert timed_out.headers["idempotency-outcome"] == "unknown"

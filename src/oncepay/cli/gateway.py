@@ -75,6 +75,15 @@ def gateway(
             help="HMAC key for request fingerprints (prefer the env var: argv is public).",
         ),
     ] = None,
+    stripe_compatible: Annotated[
+        bool,
+        typer.Option(
+            "--stripe-compatible",
+            envvar="ONCEPAY_STRIPE_COMPATIBLE",
+            help="Answer as Stripe does: 400 idempotency_error for a reused key, 409 "
+            "idempotency_key_in_use while it runs, Stripe's error object for every problem.",
+        ),
+    ] = False,
     usage_log: Annotated[
         str | None,
         typer.Option(
@@ -166,6 +175,7 @@ def gateway(
         ONCEPAY_SCOPE_COOKIE=scope_cookie or "",
         ONCEPAY_FINGERPRINT_SECRET=fingerprint_secret or "",
         ONCEPAY_USAGE_LOG=usage_log or "",
+        ONCEPAY_STRIPE_COMPATIBLE="true" if stripe_compatible else "false",
         ONCEPAY_ADAPTIVE_TTL_FILE=adaptive_ttl or "",
         ONCEPAY_ADAPTIVE_TTL_MIN=str(adaptive_ttl_min),
         ONCEPAY_ADAPTIVE_TTL_MAX=str(adaptive_ttl_max),
