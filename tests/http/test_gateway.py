@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import http.client
+import json
 import os
 import sqlite3
 import subprocess
@@ -19,7 +20,14 @@ import pytest
 from oncepay import fingerprint, scope_from_authorization, store_from_url
 from tests.conftest import make_spec
 from tests.http.upstream import TEXT
-from tests.processes import free_port, oncepay_args, running, uvicorn_args
+from tests.processes import (
+    PYTHONPATH,
+    free_port,
+    oncepay_args,
+    running,
+    uvicorn_args,
+    wait_for_port,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -547,3 +555,37 @@ async def test_the_stripe_compatible_switch(
         ]
     assert int(in_use.headers["retry-after"]) >= 1
     assert timed_out.headers["idempotency-outcome"] == "unknown"
+
+
+@pytest.mark.parametrize("told", [[], ["--log-format", "text"]], ids=["default", "text"])
+def test_the_gateway_logs_json_lines_into_a_pipe_unless_told(
+    upstream: str, told: list[str]
+) -> None:
+    """SPEC §11: logs are structured. The gateway's warnings were bare text (no logging set
+    up: Python's last-resort handler); into a pipe they are now JSON, as ``oncepay serve``'s."""
+    port = free_port()
+    dead_store = f"redis://127.0.0.1:{free_port()}/0"
+    args = ["--upstream", upstream, "--store", dead_store, "--port", str(port), *told]
+    env = {k: v for k, v in os.environ.items() if k != "ONCEPAY_LOG_FORMAT"}
+    process = subprocess.Popen(
+        oncepay_args("gateway", *args),
+        env={**env, "PYTHONPATH": PYTHONPATH},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_for_port(port, process)  # type: ignore[arg-type]
+        refused = httpx.post(f"http://127.0.0.1:{port}/pay", headers={"idempotency-key": "l1"})
+    finally:
+        process.terminate()
+        _, errors = process.communicate(timeout=15)
+    assert refused.status_code == 503
+    said = "idempotency store unavailable, answering 503"
+    if told:
+        assert [line for line in errors.splitlines() if f" {said}: " in line], errors
+        assert not [line for line in errors.splitlines() if line.startswith("{")]
+    else:
+        lines = [json.loads(line) for line in errors.splitlines()]  # every line
+        [warning] = [line for line in lines if line["event"].startswith(said)]
+        assert (warning["level"], warning["logger"]) == ("warning", "oncepay.http")

@@ -27,10 +27,11 @@ def _serve(
     tmp_path: Path, *extra: str, env: dict[str, str] | None = None
 ) -> tuple[list[str], list[httpx.Response], str]:
     """Run serve in ``tmp_path``, make a payment, replay it, miss a route; return its output
-    lines, the answers and the banner."""
+    lines (as text: its output is a pipe, which gets JSON by default), the answers and the
+    banner."""
     port = free_port()
     process = subprocess.Popen(
-        oncepay_args("serve", "--port", str(port), *extra),
+        oncepay_args("serve", "--port", str(port), "--log-format", "text", *extra),
         cwd=tmp_path,
         env={**os.environ, "PYTHONPATH": PYTHONPATH, "COLUMNS": "300", **(env or {})},
         stdout=subprocess.PIPE,

@@ -14,7 +14,15 @@ from rich.markup import escape
 from oncepay.cli._env import given_as
 from oncepay.errors import OncePayError
 
-__all__ = ["DatabaseUrl", "StoreUrl", "console", "on_database", "run_or_exit", "settings"]
+__all__ = [
+    "LOG_FORMAT_HELP",
+    "DatabaseUrl",
+    "StoreUrl",
+    "console",
+    "on_database",
+    "run_or_exit",
+    "settings",
+]
 
 T = TypeVar("T")
 
@@ -28,6 +36,11 @@ StoreUrl = Annotated[
         help="Idempotency store URL.",
     ),
 ]
+
+LOG_FORMAT_HELP = (
+    "text, json (a JSON object a line, with trace ids) or auto: json unless stderr is a "
+    "terminal (docs/observability.md). [default auto]"
+)
 
 DatabaseUrl = Annotated[
     str | None,

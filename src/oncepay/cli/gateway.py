@@ -7,7 +7,8 @@ from typing import Annotated
 
 import typer
 
-from oncepay.cli._common import StoreUrl, console
+from oncepay._logformat import LogFormat, resolve, uvicorn_logging
+from oncepay.cli._common import LOG_FORMAT_HELP, StoreUrl, console
 from oncepay.cli._env import given_as
 from oncepay.errors import OncePayError
 from oncepay.idempotency.stores import store_from_url
@@ -126,6 +127,9 @@ def gateway(
             help="Seconds between checks of the --adaptive-ttl-file FILE for a change.",
         ),
     ] = 30.0,
+    log_format: Annotated[
+        LogFormat, typer.Option(envvar="ONCEPAY_LOG_FORMAT", help=LOG_FORMAT_HELP)
+    ] = "auto",
 ) -> None:
     """Run the idempotency gateway: a reverse proxy that makes UPSTREAM idempotent.
 
@@ -188,6 +192,7 @@ def gateway(
         port=port,
         workers=workers,
         log_level="warning",
+        log_config=uvicorn_logging(resolve(log_format)),
         # The gateway drops the upstream's Date and Server: these are the one of each.
         date_header=True,
         server_header=True,

@@ -8,15 +8,20 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import Annotated, Any, Literal
 
 import typer
 
-from oncepay.cli._common import DatabaseUrl, console, run_or_exit, settings, where
+from oncepay._logformat import resolve, uvicorn_logging
+from oncepay.cli._common import (
+    LOG_FORMAT_HELP,
+    DatabaseUrl,
+    console,
+    run_or_exit,
+    settings,
+    where,
+)
 from oncepay.cli._env import on_command_line
-
-if TYPE_CHECKING:
-    from oncepay.payments.logformat import LogFormat
 
 __all__ = ["serve", "shared_metrics"]
 
@@ -96,11 +101,7 @@ def serve(
     ] = None,
     log_format: Annotated[
         str | None,
-        typer.Option(
-            envvar="ONCEPAY_LOG_FORMAT",
-            help="text (for a terminal) or json (a JSON object a line, with trace ids; "
-            "docs/observability.md). [default text]",
-        ),
+        typer.Option(envvar="ONCEPAY_LOG_FORMAT", help=LOG_FORMAT_HELP),
     ] = None,
     loop: Annotated[
         Loop,
@@ -135,6 +136,8 @@ def serve(
         adaptive_ttl_file=adaptive_ttl_file,
         log_format=log_format,
     )
+    # auto decided here, once: the worker processes log where this one does.
+    config = config.model_copy(update={"log_format": resolve(config.log_format)})
     banner = run_or_exit(_prepare(config))
     console.print(banner, soft_wrap=True)
     os.environ.update(
@@ -150,7 +153,7 @@ def serve(
             loop=loop,
             http=http,
             log_level="warning",
-            log_config=log_config(access=config.access_log, log_format=config.log_format),
+            log_config=uvicorn_logging(config.log_format, access=config.access_log),
         )
 
 
@@ -158,34 +161,6 @@ def _implied(adaptive_ttl_file: str | None, adaptive_ttl: bool | None) -> bool:
     """``--adaptive-ttl-file`` implies ``--adaptive-ttl``; ``ONCEPAY_ADAPTIVE_TTL_FILE`` alone
     does not (the settings, which ``oncepay worker`` reads too, want ``ONCEPAY_ADAPTIVE_TTL``)."""
     return bool(adaptive_ttl_file) and adaptive_ttl is None and on_command_line("adaptive_ttl_file")
-
-
-def log_config(*, access: bool, log_format: LogFormat = "text") -> dict[str, Any]:
-    """uvicorn's logging, quiet below warnings, plus OncePay's access log (a line a request on
-    stderr) unless ``access`` is off, as text or JSON (payments/logformat.py; uvicorn's own
-    lines too). uvicorn applies it in every worker process."""
-    from uvicorn.config import LOGGING_CONFIG
-
-    from oncepay.payments.logformat import formatter_config
-
-    config: dict[str, Any] = json.loads(json.dumps(LOGGING_CONFIG))  # a deep copy
-    config["formatters"]["oncepay"] = formatter_config(log_format)
-    if log_format == "json":
-        for name in ("default", "access"):
-            config["formatters"][name] = formatter_config(log_format)
-    # OncePay's other loggers (their warnings and errors), in the same format.
-    config["loggers"]["oncepay"] = {"handlers": ["oncepay"], "level": "WARNING", "propagate": False}
-    config["handlers"]["oncepay"] = {
-        "class": "logging.StreamHandler",
-        "formatter": "oncepay",
-        "stream": "ext://sys.stderr",
-    }
-    config["loggers"]["oncepay.access"] = {
-        "handlers": ["oncepay"],
-        "level": "INFO" if access else "WARNING",
-        "propagate": False,
-    }
-    return config
 
 
 @contextlib.contextmanager
@@ -206,8 +181,6 @@ def shared_metrics(workers: int) -> Iterator[str | None]:
 
 
 def _env(value: object) -> str:
-    import json
-
     return json.dumps(value) if isinstance(value, list | dict) else str(value)
 
 

@@ -15,6 +15,7 @@ import typer
 from pydantic import ValidationError
 from rich.console import Console
 
+from oncepay._logformat import LogFormat, resolve, uvicorn_logging
 from oncepay.errors import ConfigurationError
 from oncepay.simulator.app import DEFAULT_DATABASE_URL, create_app
 from oncepay.simulator.faults import Faults
@@ -73,6 +74,13 @@ def acquirer(
     outage: Annotated[
         bool, typer.Option("--outage", envvar=_env("OUTAGE"), help="503 to every API call.")
     ] = False,
+    log_format: Annotated[
+        LogFormat,
+        typer.Option(
+            envvar=_env("LOG_FORMAT"),
+            help="text, json (a JSON object a line) or auto: json unless stderr is a terminal.",
+        ),
+    ] = "auto",
 ) -> None:
     """Run the simulated acquirer: idempotent authorizations, fencing look-ups, settlement
     reports, and faults on request."""
@@ -97,6 +105,7 @@ def acquirer(
         host=host,
         port=port,
         log_level="warning",
+        log_config=uvicorn_logging(resolve(log_format)),
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
     )
 
