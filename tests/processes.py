@@ -17,6 +17,9 @@ from pathlib import Path
 # leaves room for a loaded CI box without hiding a server that never comes up.
 START_TIMEOUT = 30.0
 ROOT = Path(__file__).resolve().parent.parent
+# A server process imports the tree under test: its src/ first, then the repository (tests.*),
+# whichever checkout the virtualenv's editable install points at (a second worktree shares it).
+PYTHONPATH = os.pathsep.join((str(ROOT / "src"), str(ROOT)))
 
 
 def free_port() -> int:
@@ -50,7 +53,7 @@ def running(
         process = subprocess.Popen(
             list(args),
             cwd=ROOT,
-            env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
+            env={**os.environ, "PYTHONPATH": PYTHONPATH, **(env or {})},
             stdout=subprocess.DEVNULL,
             stderr=log,
         )

@@ -20,7 +20,7 @@ import httpx
 import pytest
 
 from oncepay.payments.dashboard.auth import COOKIE, csrf_token
-from tests.processes import ROOT, free_port, oncepay_args, read_banner, wait_for_port
+from tests.processes import PYTHONPATH, free_port, oncepay_args, read_banner, wait_for_port
 from tests.servers import require_tool
 
 TOKEN = "operator-token-for-the-browser-test"
@@ -48,7 +48,7 @@ class Service:
 @pytest.fixture
 def service(tmp_path: Path) -> Iterator[Service]:
     port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "ONCEPAY_ADMIN_TOKEN": TOKEN, "COLUMNS": "300"}
+    env = {**os.environ, "PYTHONPATH": PYTHONPATH, "ONCEPAY_ADMIN_TOKEN": TOKEN, "COLUMNS": "300"}
     process = subprocess.Popen(
         oncepay_args("serve", "--port", str(port), "--quiet"),
         cwd=tmp_path,

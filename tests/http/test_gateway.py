@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import http.client
+import json
 import os
+import sqlite3
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -18,7 +20,14 @@ import pytest
 from oncepay import fingerprint, scope_from_authorization, store_from_url
 from tests.conftest import make_spec
 from tests.http.upstream import TEXT
-from tests.processes import free_port, oncepay_args, running, uvicorn_args
+from tests.processes import (
+    PYTHONPATH,
+    free_port,
+    oncepay_args,
+    running,
+    uvicorn_args,
+    wait_for_port,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -432,3 +441,151 @@ def test_keys_are_optional_by_the_documented_variable_too(upstream: str, tmp_pat
     )
     assert bad.returncode == 2
     assert "ONCEPAY_KEY_REQUIRED must be true or false" in bad.stdout + bad.stderr
+
+
+def test_the_store_is_oncepay_store_before_its_older_name(upstream: str, tmp_path: Path) -> None:
+    """SPEC §7: ``--store`` is ``ONCEPAY_STORE``; it read ``ONCEPAY_STORE_URL`` only (a
+    black-box review), which still works, after SPEC's name (docs/operations.md)."""
+    spec, older = tmp_path / "spec.db", tmp_path / "older.db"
+
+    def pay_through_a_gateway(env: dict[str, str]) -> int:
+        port = free_port()
+        args = oncepay_args("gateway", "--upstream", upstream, "--port", str(port))
+        with running(args, port, env=env):
+            headers = {"idempotency-key": f"store-{len(env)}"}
+            return httpx.post(f"http://127.0.0.1:{port}/pay", json={}, headers=headers).status_code
+
+    both = {"ONCEPAY_STORE": f"sqlite:///{spec}", "ONCEPAY_STORE_URL": f"sqlite:///{older}"}
+    assert pay_through_a_gateway(both) == 201
+    assert _keys_in(spec) == ["store-2"]
+    assert not older.exists()  # the first name set wins
+    assert pay_through_a_gateway({"ONCEPAY_STORE_URL": f"sqlite:///{older}"}) == 201
+    assert _keys_in(older) == ["store-1"]
+
+
+def _keys_in(database: Path) -> list[str]:
+    with sqlite3.connect(database) as db:
+        return [row[0] for row in db.execute("SELECT idempotency_key FROM oncepay_idempotency")]
+
+
+def test_keys_are_optional_by_oncepay_optional_key(upstream: str, tmp_path: Path) -> None:
+    """SPEC §7: ``--optional-key`` is ``ONCEPAY_OPTIONAL_KEY``, which was ignored (a black-box
+    review); when it is set it wins over ``ONCEPAY_KEY_REQUIRED``, the older inverse."""
+    store = f"sqlite:///{tmp_path / 'g.db'}"
+
+    def answer_without_a_key(env: dict[str, str]) -> httpx.Response:
+        port = free_port()
+        args = oncepay_args(
+            "gateway", "--upstream", upstream, "--store", store, "--port", str(port)
+        )
+        with running(args, port, env=env):
+            return httpx.post(f"http://127.0.0.1:{port}/echo", timeout=30)
+
+    assert answer_without_a_key({"ONCEPAY_OPTIONAL_KEY": "true"}).status_code == 200
+    refused = answer_without_a_key({"ONCEPAY_OPTIONAL_KEY": "false", "ONCEPAY_KEY_REQUIRED": "no"})
+    assert (refused.status_code, refused.json()["code"]) == (400, "idempotency_key_missing")
+    bad = subprocess.run(
+        oncepay_args("gateway", "--upstream", upstream, "--store", store),
+        env={**os.environ, "ONCEPAY_OPTIONAL_KEY": "maybe"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert bad.returncode == 2
+    assert "Invalid value for ONCEPAY_OPTIONAL_KEY: 'maybe' is not a valid boolean" in bad.stderr
+
+
+@pytest.mark.parametrize(
+    ("switch", "env"),
+    [
+        (["--stripe-compatible"], {}),
+        ([], {"ONCEPAY_STRIPE_COMPATIBLE": "true"}),
+        ([], {}),
+    ],
+    ids=["flag", "variable", "default"],
+)
+async def test_the_stripe_compatible_switch(
+    upstream: str, tmp_path: Path, switch: list[str], env: dict[str, str]
+) -> None:
+    """SPEC §2: "a Stripe-compatible mode (400 ``idempotency_error`` for reuse, 409
+    ``idempotency_key_in_use``) is a configuration switch", and §4's gateway puts the
+    middleware in front of any service: the middleware had the switch, the gateway none (a
+    black-box review). With it, the gateway's own failures are Stripe's error object too."""
+    stripe = bool(switch or env)
+    port = free_port()
+    store = f"sqlite:///{tmp_path / 'g.db'}"
+    args = ["--upstream", upstream, "--store", store, "--port", str(port), "--timeout", "2"]
+    with running(oncepay_args("gateway", *args, *switch), port, env=env):
+        url = f"http://127.0.0.1:{port}"
+        async with httpx.AsyncClient(timeout=30) as client:
+
+            async def pay(key: str, amount: int = 100, path: str = "/pay") -> httpx.Response:
+                headers = {"idempotency-key": key}
+                return await client.post(f"{url}{path}", json={"amount": amount}, headers=headers)
+
+            first = await pay("stripe-1")
+            reused = await pay("stripe-1", amount=5)
+            hangs_before = await count(upstream, "hang")
+            slow = asyncio.create_task(pay("stripe-2", path="/hang"))
+            while await count(upstream, "hang") == hangs_before:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+            in_use = await pay("stripe-2", path="/hang")
+            timed_out = await slow
+    assert first.status_code == 201
+    answers = (reused, in_use, timed_out)
+    if stripe:
+        assert [a.headers["content-type"] for a in answers] == ["application/json"] * 3
+        errors = [a.json()["error"] for a in answers]
+        found = [
+            (a.status_code, e["type"], e.get("code")) for a, e in zip(answers, errors, strict=True)
+        ]
+        assert found == [
+            (400, "idempotency_error", None),  # Stripe's reuse error has no code
+            (409, "invalid_request_error", "idempotency_key_in_use"),
+            (504, "api_error", "upstream_timeout"),  # the gateway's own failure
+        ]
+        assert all(e["message"] for e in errors)
+    else:
+        assert [a.headers["content-type"] for a in answers] == ["application/problem+json"] * 3
+        assert [(a.status_code, a.json()["code"]) for a in answers] == [
+            (422, "idempotency_key_reused"),
+            (409, "idempotency_request_in_progress"),
+            (504, "upstream_timeout"),
+        ]
+    assert int(in_use.headers["retry-after"]) >= 1
+    assert timed_out.headers["idempotency-outcome"] == "unknown"
+
+
+@pytest.mark.parametrize("told", [[], ["--log-format", "text"]], ids=["default", "text"])
+def test_the_gateway_logs_json_lines_into_a_pipe_unless_told(
+    upstream: str, told: list[str]
+) -> None:
+    """SPEC §11: logs are structured. The gateway's warnings were bare text (no logging set
+    up: Python's last-resort handler); into a pipe they are now JSON, as ``oncepay serve``'s."""
+    port = free_port()
+    dead_store = f"redis://127.0.0.1:{free_port()}/0"
+    args = ["--upstream", upstream, "--store", dead_store, "--port", str(port), *told]
+    env = {k: v for k, v in os.environ.items() if k != "ONCEPAY_LOG_FORMAT"}
+    process = subprocess.Popen(
+        oncepay_args("gateway", *args),
+        env={**env, "PYTHONPATH": PYTHONPATH},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_for_port(port, process)  # type: ignore[arg-type]
+        refused = httpx.post(f"http://127.0.0.1:{port}/pay", headers={"idempotency-key": "l1"})
+    finally:
+        process.terminate()
+        _, errors = process.communicate(timeout=15)
+    assert refused.status_code == 503
+    said = "idempotency store unavailable, answering 503"
+    if told:
+        assert [line for line in errors.splitlines() if f" {said}: " in line], errors
+        assert not [line for line in errors.splitlines() if line.startswith("{")]
+    else:
+        lines = [json.loads(line) for line in errors.splitlines()]  # every line
+        [warning] = [line for line in lines if line["event"].startswith(said)]
+        assert (warning["level"], warning["logger"]) == ("warning", "oncepay.http")

@@ -26,7 +26,7 @@ import pytest
 from oncepay.insight.usage_log import UsageLog
 from oncepay.payments.metrics import exposition
 from tests.payments.stack import Stack, database_url, drop_schema, running_stack
-from tests.processes import ROOT, free_port, oncepay_args, running
+from tests.processes import PYTHONPATH, ROOT, free_port, oncepay_args, running
 from tests.servers import require_postgres
 
 # How long a misbehaving client may go unreported (issue 16): the test polls until then.
@@ -37,7 +37,7 @@ def merchant(db: str, name: str) -> dict[str, Any]:
     created = subprocess.run(
         oncepay_args("merchants", "create", name, "--database-url", db),
         cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        env={**os.environ, "PYTHONPATH": PYTHONPATH},
         capture_output=True,
         text=True,
         timeout=120,

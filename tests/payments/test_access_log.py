@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from tests.payments.stack import Stack
-from tests.processes import ROOT, free_port, oncepay_args, read_banner, wait_for_port
+from tests.processes import PYTHONPATH, free_port, oncepay_args, read_banner, wait_for_port
 
 PAYMENT = {"amount": 1000, "currency": "USD", "payment_method": "pm_card_ok"}
 LINE = re.compile(
@@ -23,14 +23,17 @@ LINE = re.compile(
 )
 
 
-def _serve(tmp_path: Path, *extra: str) -> tuple[list[str], list[httpx.Response], str]:
+def _serve(
+    tmp_path: Path, *extra: str, env: dict[str, str] | None = None
+) -> tuple[list[str], list[httpx.Response], str]:
     """Run serve in ``tmp_path``, make a payment, replay it, miss a route; return its output
-    lines, the answers and the banner."""
+    lines (as text: its output is a pipe, which gets JSON by default), the answers and the
+    banner."""
     port = free_port()
     process = subprocess.Popen(
-        oncepay_args("serve", "--port", str(port), *extra),
+        oncepay_args("serve", "--port", str(port), "--log-format", "text", *extra),
         cwd=tmp_path,
-        env={**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "300"},
+        env={**os.environ, "PYTHONPATH": PYTHONPATH, "COLUMNS": "300", **(env or {})},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -68,6 +71,19 @@ def test_serve_quiet_logs_no_request(tmp_path: Path) -> None:
     lines, answers, _ = _serve(tmp_path, "--quiet")
     assert [a.status_code for a in answers] == [201, 201, 404]
     assert not [line for line in lines if LINE.search(line)]
+
+
+def test_serve_is_quiet_by_oncepay_quiet_first(tmp_path: Path) -> None:
+    """SPEC §7: ``--quiet`` is ``ONCEPAY_QUIET``, which was ignored (a black-box review); set,
+    it wins over ``ONCEPAY_ACCESS_LOG``, the setting it inverts (docs/operations.md)."""
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+    lines, answers, _ = _serve(tmp_path / "a", env={"ONCEPAY_QUIET": "true"})
+    assert [a.status_code for a in answers] == [201, 201, 404]
+    assert not [line for line in lines if LINE.search(line)]
+    both = {"ONCEPAY_QUIET": "false", "ONCEPAY_ACCESS_LOG": "false"}
+    lines, _, _ = _serve(tmp_path / "b", env=both)
+    assert len([line for line in lines if LINE.search(line)]) == 3
 
 
 @pytest.mark.parametrize("method", ["GET", "POST"])

@@ -29,7 +29,7 @@ from tests.payments.acquirer_helpers import (
     authorizations_of,
     running_acquirer,
 )
-from tests.processes import ROOT, free_port, running
+from tests.processes import PYTHONPATH, ROOT, free_port, running
 
 
 def unique(prefix: str = "acq") -> str:
@@ -455,6 +455,6 @@ async def test_the_command_reads_its_options_from_the_environment(tmp_path: Path
 )
 def test_the_command_refuses_impossible_options(flags: list[str]) -> None:
     args = acquirer_args(free_port(), "sqlite:///unused.db", *flags)
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": PYTHONPATH}
     done = subprocess.run(args, env=env, capture_output=True, timeout=60, check=False, cwd=ROOT)
     assert done.returncode == 2, done.stderr

@@ -37,7 +37,7 @@ from oncepay.payments.storage.migrations import migrate
 from oncepay.storage.db import read, write
 from tests.clock import FakeClock
 from tests.payments.stack import Stack, drop_schema, running_stack
-from tests.processes import ROOT, free_port, oncepay_args, running
+from tests.processes import PYTHONPATH, ROOT, free_port, oncepay_args, running
 from tests.servers import POSTGRES_URL, require_postgres
 
 TOKEN = "op-token-0123456789abcdef"
@@ -440,7 +440,7 @@ def _cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     result = subprocess.run(
         oncepay_args(*args),
         cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT), **env},
+        env={**os.environ, "PYTHONPATH": PYTHONPATH, **env},
         capture_output=True,
         text=True,
         timeout=120,
@@ -494,7 +494,7 @@ def test_the_cli_manages_keys_and_says_which_database(tmp_path: Path) -> None:
     bad = subprocess.run(
         oncepay_args("merchants", "keys", "create", "Corner shop", "--scope", "payment:read"),
         cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT), **env},
+        env={**os.environ, "PYTHONPATH": PYTHONPATH, **env},
         capture_output=True,
         text=True,
         timeout=120,

@@ -11,7 +11,7 @@ P = "oncepay.payments"
 # Bottom first. A module belongs to the first entry that is it or its package.
 LAYERS: list[set[str]] = [
     {"settings", "errors", "states", "currencies", "metrics", "records", "reply", "models"},
-    {"tracing", "logformat"},  # OpenTelemetry and log hooks: used from every layer above
+    {"tracing"},  # OpenTelemetry hooks: used from every layer above
     {"storage"},
     {"acquirers"},
     {"context"},

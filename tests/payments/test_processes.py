@@ -20,7 +20,15 @@ import httpx
 import pytest
 
 from tests.payments.stack import drop_schema
-from tests.processes import ROOT, free_port, oncepay_args, read_banner, running, wait_for_port
+from tests.processes import (
+    PYTHONPATH,
+    ROOT,
+    free_port,
+    oncepay_args,
+    read_banner,
+    running,
+    wait_for_port,
+)
 from tests.servers import POSTGRES_URL, require_postgres
 
 pytestmark = pytest.mark.slow
@@ -36,7 +44,7 @@ def cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None,
     return subprocess.run(
         oncepay_args(*args),
         cwd=cwd or ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
+        env={**os.environ, "PYTHONPATH": PYTHONPATH, **(env or {})},
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -49,7 +57,7 @@ def test_serve_on_a_fresh_folder_prints_a_working_key(tmp_path: Path) -> None:
     process = subprocess.Popen(
         oncepay_args("serve", "--port", str(port)),
         cwd=tmp_path,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        env={**os.environ, "PYTHONPATH": PYTHONPATH},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

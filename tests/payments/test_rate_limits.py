@@ -33,7 +33,7 @@ from oncepay.payments.errors import RateLimited
 from oncepay.payments.merchants import create_key
 from oncepay.payments.settings import Settings
 from tests.payments.stack import Stack, drop_schema
-from tests.processes import ROOT, free_port, oncepay_args, running
+from tests.processes import PYTHONPATH, ROOT, free_port, oncepay_args, running
 from tests.servers import POSTGRES_URL, REDIS_URL, require_postgres, require_redis
 
 PAYMENT = {"amount": 1000, "currency": "USD", "payment_method": "pm_card_ok"}
@@ -300,7 +300,7 @@ def test_api_processes_share_one_limit_through_redis(tmp_path: Path) -> None:
         created = subprocess.run(
             oncepay_args("merchants", "create", "Shop"),
             cwd=ROOT,
-            env={**os.environ, "PYTHONPATH": str(ROOT), **env},
+            env={**os.environ, "PYTHONPATH": PYTHONPATH, **env},
             capture_output=True,
             text=True,
             timeout=120,

@@ -24,7 +24,15 @@ import pytest
 
 from oncepay.payments import tracing
 from tests.payments.stack import database_url, drop_schema
-from tests.processes import ROOT, free_port, oncepay_args, read_banner, running, wait_for_port
+from tests.processes import (
+    PYTHONPATH,
+    ROOT,
+    free_port,
+    oncepay_args,
+    read_banner,
+    running,
+    wait_for_port,
+)
 
 pytest.importorskip("opentelemetry.sdk", reason="the otel extra")
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
@@ -148,7 +156,7 @@ def test_one_trace_holds_the_payment_its_phases_attempts_replay_and_webhook(
         port = free_port()
         env = {
             **os.environ,
-            "PYTHONPATH": str(ROOT),
+            "PYTHONPATH": PYTHONPATH,
             "COLUMNS": "300",
             "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port_in}",
             "OTEL_BSP_SCHEDULE_DELAY": "50",
@@ -308,7 +316,7 @@ def test_a_failover_links_to_the_failed_call_and_retries_count_their_resends(
         oncepay_args("merchants", "create", "Shop", "--database-url", db),
         check=True,
         cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        env={**os.environ, "PYTHONPATH": PYTHONPATH},
         capture_output=True,
         text=True,
     )
@@ -403,7 +411,7 @@ asyncio.run(main())
         [sys.executable, "-c", script, str(tmp_path)],
         check=False,
         cwd=ROOT,
-        env={**env, "PYTHONPATH": str(ROOT)},
+        env={**env, "PYTHONPATH": PYTHONPATH},
         capture_output=True,
         text=True,
         timeout=120,
@@ -453,7 +461,7 @@ else:
     env |= {
         "OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:9",
         "OTEL_EXPORTER_OTLP_PROTOCOL": protocol,
-        "PYTHONPATH": str(ROOT),
+        "PYTHONPATH": PYTHONPATH,
     }
     done = subprocess.run(
         [sys.executable, "-c", script],
@@ -514,7 +522,7 @@ asyncio.run(main())
         "OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:9",  # never reached: nothing sampled
         "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
         "OTEL_TRACES_SAMPLER_ARG": "0",
-        "PYTHONPATH": str(ROOT),
+        "PYTHONPATH": PYTHONPATH,
     }
     done = subprocess.run(
         [sys.executable, "-c", script, str(tmp_path)],

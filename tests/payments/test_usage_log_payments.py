@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from tests.payments.stack import database_url, running_stack
-from tests.processes import ROOT, free_port, oncepay_args, running
+from tests.processes import PYTHONPATH, ROOT, free_port, oncepay_args, running
 
 
 def lines(path: Path) -> list[dict[str, Any]]:
@@ -59,7 +59,7 @@ def test_oncepay_serve_writes_the_usage_log(tmp_path: Path) -> None:
     created = subprocess.run(
         oncepay_args("merchants", "create", "Shop", "--database-url", db),
         cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        env={**os.environ, "PYTHONPATH": PYTHONPATH},
         capture_output=True,
         text=True,
         timeout=120,

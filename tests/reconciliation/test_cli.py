@@ -16,12 +16,15 @@ from tests.payments.stack import Stack
 from tests.processes import oncepay_args
 
 
-def reconcile(stack: Stack, tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+def reconcile(
+    stack: Stack, tmp_path: Path, *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     env = {
         **os.environ,
         "ONCEPAY_DATABASE_URL": stack.services.settings.database_url,
         # the stack's primary simulator: reconcile embeds it on this database, as serve would
         "ONCEPAY_ACQUIRER_DATABASE_URL": f"sqlite:///{tmp_path / 'acquirer-primary.db'}",
+        **(env or {}),
     }
     env.pop("ONCEPAY_ACQUIRER_URL", None)
     command = oncepay_args("reconcile", *args)
@@ -197,3 +200,27 @@ async def test_the_listings_page_with_starting_after(stack: Stack, tmp_path: Pat
     for bad in ("0", "x"):
         refused = reconcile(stack, tmp_path, "discrepancies", "--starting-after", bad)
         assert refused.returncode == 2, refused.stderr
+
+
+async def test_grace_days_is_oncepay_grace_days_too(stack: Stack, tmp_path: Path) -> None:
+    """SPEC §7: ``--grace-days`` is ``ONCEPAY_GRACE_DAYS``, which was ignored (a black-box
+    review). Set, it wins over ``ONCEPAY_RECONCILE_GRACE_DAYS``, the worker's setting, which
+    a run by hand reads after it (docs/operations.md, "Settings as variables")."""
+    unsettled = (await stack.pay(amount=900)).json()
+    report = tmp_path / "empty-day.csv"
+    report.write_bytes(b"reference,type,amount,currency,fee,net,settled_at,payout_id\n")
+    waiting = reconcile(
+        stack, tmp_path, "--report", str(report), "--json",
+        env={"ONCEPAY_GRACE_DAYS": "3", "ONCEPAY_RECONCILE_GRACE_DAYS": "0"},
+    )  # fmt: skip
+    assert (waiting.returncode, json.loads(waiting.stdout)) == (
+        0,
+        {"matched": 0, "discrepancies": []},
+    )
+    missing = reconcile(
+        stack, tmp_path, "--report", str(report), "--json", env={"ONCEPAY_GRACE_DAYS": "0"}
+    )
+    assert missing.returncode == 1, missing.stderr
+    assert [(d["kind"], d["payment_id"]) for d in json.loads(missing.stdout)["discrepancies"]] == [
+        ("missing_at_acquirer", unsettled["id"])
+    ]

@@ -20,7 +20,7 @@ import pytest
 
 from tests.payments.acquirer_helpers import auth_body, key, running_acquirer
 from tests.payments.stack import database_url, drop_schema
-from tests.processes import ROOT, oncepay_args
+from tests.processes import PYTHONPATH, ROOT, oncepay_args
 from tests.servers import require_postgres
 
 pytestmark = pytest.mark.slow
@@ -48,7 +48,7 @@ def cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         oncepay_args(*args),
         cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT), **env},
+        env={**os.environ, "PYTHONPATH": PYTHONPATH, **env},
         capture_output=True,
         text=True,
         timeout=120,
@@ -60,7 +60,7 @@ def reconcile_process(env: dict[str, str]) -> subprocess.Popen[str]:
     return subprocess.Popen(
         oncepay_args("reconcile", "--grace-days", "0", "--json"),
         cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT), **env},
+        env={**os.environ, "PYTHONPATH": PYTHONPATH, **env},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

@@ -7,6 +7,7 @@ from __future__ import annotations
 import typer
 
 from oncepay import __version__
+from oncepay.cli._env import Group
 from oncepay.cli.chaos import chaos
 from oncepay.cli.gateway import gateway
 from oncepay.cli.insight import insight_app
@@ -20,6 +21,7 @@ from oncepay.cli.worker import worker
 __all__ = ["app", "main"]
 
 app = typer.Typer(
+    cls=Group,  # a bad value from an ONCEPAY_* variable is named as the variable
     name="oncepay",
     help="Exactly-once payments: idempotency toolkit and payments service.",
     no_args_is_help=True,

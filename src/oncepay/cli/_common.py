@@ -11,9 +11,18 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from oncepay.cli._env import given_as
 from oncepay.errors import OncePayError
 
-__all__ = ["DatabaseUrl", "StoreUrl", "console", "on_database", "run_or_exit", "settings"]
+__all__ = [
+    "LOG_FORMAT_HELP",
+    "DatabaseUrl",
+    "StoreUrl",
+    "console",
+    "on_database",
+    "run_or_exit",
+    "settings",
+]
 
 T = TypeVar("T")
 
@@ -21,15 +30,24 @@ console = Console(stderr=True)
 
 StoreUrl = Annotated[
     str,
-    typer.Option("--store", envvar="ONCEPAY_STORE_URL", help="Idempotency store URL."),
+    typer.Option(
+        "--store",
+        envvar=["ONCEPAY_STORE", "ONCEPAY_STORE_URL"],  # the second: its older name
+        help="Idempotency store URL.",
+    ),
 ]
+
+LOG_FORMAT_HELP = (
+    "text, json (a JSON object a line, with trace ids) or auto: json unless stderr is a "
+    "terminal (docs/observability.md). [default auto]"
+)
 
 DatabaseUrl = Annotated[
     str | None,
     typer.Option(
         "--database-url",
-        help="sqlite:///path.db or postgresql://… [env ONCEPAY_DATABASE_URL; "
-        "default sqlite:///oncepay.db]",
+        envvar="ONCEPAY_DATABASE_URL",
+        help="sqlite:///path.db or postgresql://… [default sqlite:///oncepay.db]",
         show_default=False,
     ),
 ]
@@ -49,8 +67,8 @@ def settings(**overrides: Any) -> Any:
             where = ".".join(str(part) for part in error["loc"])  # an option, or a variable
             if not where:
                 option = ""
-            elif where in given:
-                option = f"--{where.replace('_', '-')}: "
+            elif where in given:  # by the command line, or by the variable Click read
+                option = f"{given_as(where)}: "
             else:
                 option = f"ONCEPAY_{where.upper()}: "
             message = error["msg"].removeprefix("Value error, ")

@@ -7,7 +7,9 @@ from typing import Annotated
 
 import typer
 
-from oncepay.cli._common import StoreUrl, console
+from oncepay._logformat import LogFormat, resolve, uvicorn_logging
+from oncepay.cli._common import LOG_FORMAT_HELP, StoreUrl, console
+from oncepay.cli._env import given_as
 from oncepay.errors import OncePayError
 from oncepay.idempotency.stores import store_from_url
 
@@ -26,15 +28,21 @@ def gateway(
     port: Annotated[int, typer.Option(envvar="ONCEPAY_PORT", min=1, max=65535)] = 8000,
     workers: Annotated[int, typer.Option(envvar="ONCEPAY_WORKERS", min=1)] = 1,
     timeout: Annotated[
-        float, typer.Option(envvar="ONCEPAY_UPSTREAM_TIMEOUT", min=0.1, help="Upstream timeout, s.")
+        float,
+        typer.Option(
+            envvar=["ONCEPAY_TIMEOUT", "ONCEPAY_UPSTREAM_TIMEOUT"],  # the second: its older name
+            min=0.1,
+            help="Upstream timeout, s.",
+        ),
     ] = 30.0,
     optional_key: Annotated[
-        bool,
+        bool | None,
         typer.Option(
             "--optional-key",
-            help="Pass requests without a key through (env ONCEPAY_KEY_REQUIRED=false).",
+            envvar="ONCEPAY_OPTIONAL_KEY",  # unset: ONCEPAY_KEY_REQUIRED (its inverse) decides
+            help="Pass requests without a key through.",
         ),
-    ] = False,
+    ] = None,
     wait: Annotated[
         float, typer.Option(envvar="ONCEPAY_WAIT", min=0, help="Hold duplicates up to N s.")
     ] = 0.0,
@@ -68,6 +76,15 @@ def gateway(
             help="HMAC key for request fingerprints (prefer the env var: argv is public).",
         ),
     ] = None,
+    stripe_compatible: Annotated[
+        bool,
+        typer.Option(
+            "--stripe-compatible",
+            envvar="ONCEPAY_STRIPE_COMPATIBLE",
+            help="Answer as Stripe does: 400 idempotency_error for a reused key, 409 "
+            "idempotency_key_in_use while it runs, Stripe's error object for every problem.",
+        ),
+    ] = False,
     usage_log: Annotated[
         str | None,
         typer.Option(
@@ -78,6 +95,9 @@ def gateway(
     adaptive_ttl: Annotated[
         str | None,
         typer.Option(
+            # --adaptive-ttl FILE, its first name, still works; serve's --adaptive-ttl is a
+            # switch, whose ONCEPAY_ADAPTIVE_TTL=true this option must not read as a FILE.
+            "--adaptive-ttl-file",
             "--adaptive-ttl",
             envvar="ONCEPAY_ADAPTIVE_TTL_FILE",
             metavar="FILE",
@@ -104,9 +124,12 @@ def gateway(
         typer.Option(
             envvar="ONCEPAY_ADAPTIVE_TTL_RELOAD",
             min=0.1,
-            help="Seconds between checks of the --adaptive-ttl file for a change.",
+            help="Seconds between checks of the --adaptive-ttl-file FILE for a change.",
         ),
     ] = 30.0,
+    log_format: Annotated[
+        LogFormat, typer.Option(envvar="ONCEPAY_LOG_FORMAT", help=LOG_FORMAT_HELP)
+    ] = "auto",
 ) -> None:
     """Run the idempotency gateway: a reverse proxy that makes UPSTREAM idempotent.
 
@@ -119,7 +142,9 @@ def gateway(
     from oncepay.http.gateway import GatewaySettings
 
     if urlsplit(upstream).scheme not in {"http", "https"} or not urlsplit(upstream).netloc:
-        console.print(f"[red]error:[/red] --upstream must be an http(s) URL, not {upstream!r}")
+        console.print(
+            f"[red]error:[/red] {given_as('upstream')} must be an http(s) URL, not {upstream!r}"
+        )
         raise typer.Exit(2)
     settings = GatewaySettings(
         upstream,
@@ -129,15 +154,12 @@ def gateway(
         adaptive_ttl_min=adaptive_ttl_min,
         adaptive_ttl_max=adaptive_ttl_max,
     )
-    required = os.environ.get("ONCEPAY_KEY_REQUIRED", "true").strip().lower()
-    if required not in _BOOLEANS:
-        console.print(
-            f"[red]error:[/red] ONCEPAY_KEY_REQUIRED must be true or false, not {required!r}"
-        )
-        raise typer.Exit(2)
-    optional_key = optional_key or not _BOOLEANS[required]  # the flag, or its variable
+    if optional_key is None:  # neither the flag nor ONCEPAY_OPTIONAL_KEY: the older variable
+        optional_key = not _key_required()
     if usage_log and not os.path.isdir(os.path.dirname(os.path.abspath(usage_log))):
-        console.print(f"[red]error:[/red] --usage-log {usage_log!r}: its directory does not exist")
+        console.print(
+            f"[red]error:[/red] {given_as('usage_log')} {usage_log!r}: its directory does not exist"
+        )
         raise typer.Exit(2)
     try:  # fail fast on a bad URL or name, before any worker starts
         store_from_url(store)
@@ -157,6 +179,7 @@ def gateway(
         ONCEPAY_SCOPE_COOKIE=scope_cookie or "",
         ONCEPAY_FINGERPRINT_SECRET=fingerprint_secret or "",
         ONCEPAY_USAGE_LOG=usage_log or "",
+        ONCEPAY_STRIPE_COMPATIBLE="true" if stripe_compatible else "false",
         ONCEPAY_ADAPTIVE_TTL_FILE=adaptive_ttl or "",
         ONCEPAY_ADAPTIVE_TTL_MIN=str(adaptive_ttl_min),
         ONCEPAY_ADAPTIVE_TTL_MAX=str(adaptive_ttl_max),
@@ -169,7 +192,19 @@ def gateway(
         port=port,
         workers=workers,
         log_level="warning",
+        log_config=uvicorn_logging(resolve(log_format)),
         # The gateway drops the upstream's Date and Server: these are the one of each.
         date_header=True,
         server_header=True,
     )
+
+
+def _key_required() -> bool:
+    """``ONCEPAY_KEY_REQUIRED``, ``--optional-key``'s inverse under its older name."""
+    required = os.environ.get("ONCEPAY_KEY_REQUIRED", "true").strip().lower()
+    if required not in _BOOLEANS:
+        console.print(
+            f"[red]error:[/red] ONCEPAY_KEY_REQUIRED must be true or false, not {required!r}"
+        )
+        raise typer.Exit(2)
+    return _BOOLEANS[required]

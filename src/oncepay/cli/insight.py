@@ -31,14 +31,30 @@ insight_app = typer.Typer(
 )
 
 LogPath = Annotated[str, typer.Argument(help="The key-usage log (JSON Lines), or - for stdin.")]
-TtlMin = Annotated[float, typer.Option("--ttl-min", min=1, help="Shortest TTL (s).")]
-TtlMax = Annotated[float, typer.Option("--ttl-max", min=1, help="Longest TTL (s).")]
+TtlMin = Annotated[
+    float, typer.Option("--ttl-min", envvar="ONCEPAY_TTL_MIN", min=1, help="Shortest TTL (s).")
+]
+TtlMax = Annotated[
+    float, typer.Option("--ttl-max", envvar="ONCEPAY_TTL_MAX", min=1, help="Longest TTL (s).")
+]
 TtlDefault = Annotated[
-    float, typer.Option("--ttl-default", min=1, help="TTL (s) for tenants with too few retries.")
+    float,
+    typer.Option(
+        "--ttl-default",
+        envvar="ONCEPAY_TTL_DEFAULT",
+        min=1,
+        help="TTL (s) for tenants with too few retries.",
+    ),
 ]
 TtlCoverage = Annotated[
     float,
-    typer.Option("--ttl-coverage", min=0.5, max=1, help="Share of all retries TTLs must cover."),
+    typer.Option(
+        "--ttl-coverage",
+        envvar="ONCEPAY_TTL_COVERAGE",
+        min=0.5,
+        max=1,
+        help="Share of all retries TTLs must cover.",
+    ),
 ]
 
 
@@ -146,11 +162,15 @@ def analyze_command(
 
 @insight_app.command(short_help="Write a labelled traffic log (and a held-out week).")
 def simulate(
-    out: Annotated[Path, typer.Option(help="The labelled week's log.")] = Path("insight.jsonl"),
-    seed: Annotated[int, typer.Option(help="Seed of every die.")] = 1,
-    tenants: Annotated[int, typer.Option(min=1, help="Tenants.")] = 30,
-    days: Annotated[int, typer.Option(min=3, help="Days in each week.")] = 7,
-    scale: Annotated[float, typer.Option(min=0.01, help="Volume multiplier.")] = 1.0,
+    out: Annotated[
+        Path, typer.Option(envvar="ONCEPAY_OUT", help="The labelled week's log.")
+    ] = Path("insight.jsonl"),
+    seed: Annotated[int, typer.Option(envvar="ONCEPAY_SEED", help="Seed of every die.")] = 1,
+    tenants: Annotated[int, typer.Option(envvar="ONCEPAY_TENANTS", min=1, help="Tenants.")] = 30,
+    days: Annotated[int, typer.Option(envvar="ONCEPAY_DAYS", min=3, help="Days in each week.")] = 7,
+    scale: Annotated[
+        float, typer.Option(envvar="ONCEPAY_SCALE", min=0.01, help="Volume multiplier.")
+    ] = 1.0,
 ) -> None:
     """Write a labelled log (OUT), its labels (OUT.labels.jsonl) and a clean held-out week
     after it (OUT.heldout.jsonl), from SEED."""
@@ -186,7 +206,10 @@ def score(
     log: LogPath,
     labels: Annotated[Path, typer.Argument(help="Labels: JSON Lines {tenant, kind, start, end}.")],
     held_out: Annotated[
-        Path | None, typer.Option(help="A later week of the same tenants, to score TTLs on.")
+        Path | None,
+        typer.Option(
+            envvar="ONCEPAY_HELD_OUT", help="A later week of the same tenants, to score TTLs on."
+        ),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the scores as JSON.")] = False,
 ) -> None:

@@ -19,7 +19,9 @@ __all__ = ["purge"]
 
 def purge(
     store: StoreUrl = "sqlite:///oncepay.db",
-    batch: Annotated[int, typer.Option(min=1, help="Records removed per statement.")] = 1000,
+    batch: Annotated[
+        int, typer.Option(envvar="ONCEPAY_BATCH", min=1, help="Records removed per statement.")
+    ] = 1000,
 ) -> None:
     """Remove expired idempotency records in bounded batches (Redis expires its own)."""
     try:

@@ -15,6 +15,7 @@ from typing import Annotated, Any, NoReturn
 import typer
 
 from oncepay.cli._common import DatabaseUrl, console, on_database, run_or_exit, settings
+from oncepay.cli._env import given_as
 from oncepay.errors import ConfigurationError
 from oncepay.reconciliation.mapping import MAPPINGS, ColumnMapping, mapping_from_json
 from oncepay.reconciliation.matcher import DEFAULT_GRACE_DAYS, EARLIEST_DAY, MAX_GRACE_DAYS
@@ -25,8 +26,9 @@ AcquirerUrl = Annotated[
     str | None,
     typer.Option(
         "--acquirer-url",
-        help="The primary acquirer (env ONCEPAY_ACQUIRER_URL; default: the embedded simulator "
-        "on ONCEPAY_ACQUIRER_DATABASE_URL, as oncepay serve runs it).",
+        envvar="ONCEPAY_ACQUIRER_URL",
+        help="The primary acquirer (default: the embedded simulator on "
+        "ONCEPAY_ACQUIRER_DATABASE_URL, as oncepay serve runs it).",
         show_default=False,
     ),
 ]
@@ -34,7 +36,8 @@ SecondaryUrl = Annotated[
     str | None,
     typer.Option(
         "--secondary-acquirer-url",
-        help="The secondary acquirer (env ONCEPAY_SECONDARY_ACQUIRER_URL).",
+        envvar="ONCEPAY_SECONDARY_ACQUIRER_URL",
+        help="The secondary acquirer.",
         show_default=False,
     ),
 ]
@@ -51,11 +54,14 @@ reconcile_app = typer.Typer(
 def reconcile(
     ctx: typer.Context,
     database_url: DatabaseUrl = None,
-    acquirer: Annotated[str, typer.Option(help="primary or secondary.")] = "primary",
+    acquirer: Annotated[
+        str, typer.Option(envvar="ONCEPAY_ACQUIRER", help="primary or secondary.")
+    ] = "primary",
     day: Annotated[
         str | None,
         typer.Option(
             "--date",
+            envvar="ONCEPAY_DATE",
             help="The UTC day YYYY-MM-DD whose report to fetch (default: today).",
             show_default=False,
         ),
@@ -64,6 +70,7 @@ def reconcile(
         Path | None,
         typer.Option(
             "--report",
+            envvar="ONCEPAY_REPORT",
             help="A report file instead of the acquirer's (see --mapping).",
             exists=True,
             dir_okay=False,
@@ -74,6 +81,8 @@ def reconcile(
         int,
         typer.Option(
             "--grace-days",
+            # The second: the worker's reconciliations' setting, so that both agree.
+            envvar=["ONCEPAY_GRACE_DAYS", "ONCEPAY_RECONCILE_GRACE_DAYS"],
             min=0,
             max=MAX_GRACE_DAYS,
             help="Days before an unsettled movement is missing.",
@@ -85,6 +94,7 @@ def reconcile(
     mapping: Annotated[
         str,
         typer.Option(
+            envvar="ONCEPAY_MAPPING",
             help=f"Columns of --report: {', '.join(sorted(MAPPINGS))}, or a JSON file of your "
             "own (docs/reconciliation.md).",
         ),
@@ -99,7 +109,10 @@ def reconcile(
     if ctx.invoked_subcommand is not None:
         return
     if day is not None and report is not None:
-        _refuse("--date and --report exclude each other (a file says its own day: today)")
+        _refuse(
+            f"{given_as('day')} and {given_as('report')} exclude each other "
+            "(a file says its own day: today)"
+        )
     columns = _mapping(mapping)
     config = settings(
         database_url=database_url,
@@ -121,13 +134,13 @@ def _mapping(value: str) -> ColumnMapping:
     path = Path(value)
     if not path.is_file():
         _refuse(
-            f"--mapping must be one of {', '.join(sorted(MAPPINGS))} or a JSON file of your own "
-            f"(docs/reconciliation.md), not {value!r}"
+            f"{given_as('mapping')} must be one of {', '.join(sorted(MAPPINGS))} or a JSON file "
+            f"of your own (docs/reconciliation.md), not {value!r}"
         )
     try:
         return mapping_from_json(json.loads(path.read_bytes()))
     except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
-        _refuse(f"--mapping {value}: {exc}")
+        _refuse(f"{given_as('mapping')} {value}: {exc}")
 
 
 def _day(value: str | None) -> date:
@@ -136,11 +149,12 @@ def _day(value: str | None) -> date:
     today = datetime.now(UTC).date()
     if value is None:
         return today
-    day = _iso_day("--date", value)
+    option = given_as("day")
+    day = _iso_day(option, value)
     if day > today:
-        _refuse(f"--date {value} is in the future (today is {today}): nothing has settled yet")
+        _refuse(f"{option} {value} is in the future (today is {today}): nothing has settled yet")
     if day < EARLIEST_DAY:
-        _refuse(f"--date {value} is before {EARLIEST_DAY}: no report goes back so far")
+        _refuse(f"{option} {value} is before {EARLIEST_DAY}: no report goes back so far")
     return day
 
 
@@ -166,7 +180,8 @@ async def _run(
     from oncepay.reconciliation.pipeline import reconcile
 
     if acquirer not in {"primary", "secondary"}:
-        raise ConfigurationError(f"--acquirer must be primary or secondary, not {acquirer!r}")
+        option = given_as("acquirer")
+        raise ConfigurationError(f"{option} must be primary or secondary, not {acquirer!r}")
     if acquirer == "secondary" and not config.secondary_acquirer_url:
         raise ConfigurationError("no secondary acquirer configured (--secondary-acquirer-url)")
     services = await bootstrap.start(config)

@@ -8,14 +8,20 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import Annotated, Any, Literal
 
 import typer
 
-from oncepay.cli._common import DatabaseUrl, console, run_or_exit, settings, where
-
-if TYPE_CHECKING:
-    from oncepay.payments.logformat import LogFormat
+from oncepay._logformat import resolve, uvicorn_logging
+from oncepay.cli._common import (
+    LOG_FORMAT_HELP,
+    DatabaseUrl,
+    console,
+    run_or_exit,
+    settings,
+    where,
+)
+from oncepay.cli._env import on_command_line
 
 __all__ = ["serve", "shared_metrics"]
 
@@ -27,69 +33,89 @@ Http = Literal["auto", "h11", "httptools"]
 
 
 def serve(
-    host: Annotated[str | None, typer.Option(help="[env ONCEPAY_HOST; default 127.0.0.1]")] = None,
-    port: Annotated[int | None, typer.Option(help="[env ONCEPAY_PORT; default 8000]")] = None,
+    host: Annotated[
+        str | None, typer.Option(envvar="ONCEPAY_HOST", help="[default 127.0.0.1]")
+    ] = None,
+    port: Annotated[int | None, typer.Option(envvar="ONCEPAY_PORT", help="[default 8000]")] = None,
     database_url: DatabaseUrl = None,
     acquirer_url: Annotated[
         str | None,
         typer.Option(
-            help="Primary acquirer; none: the simulated one, embedded. [env ONCEPAY_ACQUIRER_URL]"
+            envvar="ONCEPAY_ACQUIRER_URL",
+            help="Primary acquirer; none: the simulated one, embedded.",
         ),
     ] = None,
     secondary_acquirer_url: Annotated[
-        str | None, typer.Option(help="Failover acquirer. [env ONCEPAY_SECONDARY_ACQUIRER_URL]")
+        str | None,
+        typer.Option(envvar="ONCEPAY_SECONDARY_ACQUIRER_URL", help="Failover acquirer."),
     ] = None,
     redis_url: Annotated[
         str | None,
-        typer.Option(help="Redis fast tier in front of the SQL keys. [env ONCEPAY_REDIS_URL]"),
+        typer.Option(envvar="ONCEPAY_REDIS_URL", help="Redis fast tier in front of the SQL keys."),
     ] = None,
     workers: Annotated[
-        int | None, typer.Option(help="API processes (use PostgreSQL for more than one).")
+        int | None,
+        typer.Option(
+            envvar="ONCEPAY_WORKERS", help="API processes (use PostgreSQL for more than one)."
+        ),
     ] = None,
     worker: Annotated[
         bool | None,
-        typer.Option("--worker/--no-worker", help="Run recovery in the API process too."),
+        typer.Option(
+            "--worker/--no-worker",
+            envvar=["ONCEPAY_WORKER", "ONCEPAY_RUN_WORKER"],  # the second: the setting's name
+            help="Run recovery in the API process too.",
+        ),
     ] = None,
     usage_log: Annotated[
         str | None,
         typer.Option(
-            help="Append each idempotency decision here (JSON Lines, SPEC §9). "
-            "[env ONCEPAY_USAGE_LOG]"
+            envvar="ONCEPAY_USAGE_LOG",
+            help="Append each idempotency decision here (JSON Lines, SPEC §9).",
         ),
     ] = None,
     quiet: Annotated[
-        bool, typer.Option("--quiet", help="No access log line per request on the terminal.")
-    ] = False,
+        bool | None,
+        typer.Option(
+            "--quiet",
+            envvar="ONCEPAY_QUIET",  # unset: the setting ONCEPAY_ACCESS_LOG (its inverse)
+            help="No access log line per request on the terminal.",
+        ),
+    ] = None,
     adaptive_ttl: Annotated[
         bool | None,
         typer.Option(
             "--adaptive-ttl/--no-adaptive-ttl",
+            envvar="ONCEPAY_ADAPTIVE_TTL",
             help="Keep each merchant's keys as long as its clients retry (learned TTLs, "
-            "docs/insight.md). [env ONCEPAY_ADAPTIVE_TTL; default off]",
+            "docs/insight.md). [default off]",
         ),
     ] = None,
     adaptive_ttl_file: Annotated[
         str | None,
         typer.Option(
             metavar="FILE",
-            help="Learned TTLs from `oncepay insight analyze LOG --json` (implies "
-            "--adaptive-ttl). [env ONCEPAY_ADAPTIVE_TTL_FILE]",
+            envvar="ONCEPAY_ADAPTIVE_TTL_FILE",
+            help="Learned TTLs from `oncepay insight analyze LOG --json` (implies --adaptive-ttl).",
         ),
     ] = None,
     log_format: Annotated[
         str | None,
-        typer.Option(
-            help="text (for a terminal) or json (a JSON object a line, with trace ids; "
-            "docs/observability.md). [env ONCEPAY_LOG_FORMAT; default text]",
-        ),
+        typer.Option(envvar="ONCEPAY_LOG_FORMAT", help=LOG_FORMAT_HELP),
     ] = None,
     loop: Annotated[
         Loop,
-        typer.Option(help="Event loop: auto is uvloop when installed (the service extra)."),
+        typer.Option(
+            envvar="ONCEPAY_LOOP",
+            help="Event loop: auto is uvloop when installed (the service extra).",
+        ),
     ] = "auto",
     http: Annotated[
         Http,
-        typer.Option(help="HTTP parser: auto is httptools when installed (the service extra)."),
+        typer.Option(
+            envvar="ONCEPAY_HTTP",
+            help="HTTP parser: auto is httptools when installed (the service extra).",
+        ),
     ] = "auto",
 ) -> None:
     """Run the payments service: the API, with recovery, on SQLite unless told otherwise."""
@@ -105,11 +131,13 @@ def serve(
         run_worker=worker,
         redis_url=redis_url,
         usage_log=usage_log,
-        access_log=False if quiet else None,
-        adaptive_ttl=True if adaptive_ttl_file and adaptive_ttl is None else adaptive_ttl,
+        access_log=None if quiet is None else not quiet,
+        adaptive_ttl=True if _implied(adaptive_ttl_file, adaptive_ttl) else adaptive_ttl,
         adaptive_ttl_file=adaptive_ttl_file,
         log_format=log_format,
     )
+    # auto decided here, once: the worker processes log where this one does.
+    config = config.model_copy(update={"log_format": resolve(config.log_format)})
     banner = run_or_exit(_prepare(config))
     console.print(banner, soft_wrap=True)
     os.environ.update(
@@ -125,36 +153,14 @@ def serve(
             loop=loop,
             http=http,
             log_level="warning",
-            log_config=log_config(access=config.access_log, log_format=config.log_format),
+            log_config=uvicorn_logging(config.log_format, access=config.access_log),
         )
 
 
-def log_config(*, access: bool, log_format: LogFormat = "text") -> dict[str, Any]:
-    """uvicorn's logging, quiet below warnings, plus OncePay's access log (a line a request on
-    stderr) unless ``access`` is off, as text or JSON (payments/logformat.py; uvicorn's own
-    lines too). uvicorn applies it in every worker process."""
-    from uvicorn.config import LOGGING_CONFIG
-
-    from oncepay.payments.logformat import formatter_config
-
-    config: dict[str, Any] = json.loads(json.dumps(LOGGING_CONFIG))  # a deep copy
-    config["formatters"]["oncepay"] = formatter_config(log_format)
-    if log_format == "json":
-        for name in ("default", "access"):
-            config["formatters"][name] = formatter_config(log_format)
-    # OncePay's other loggers (their warnings and errors), in the same format.
-    config["loggers"]["oncepay"] = {"handlers": ["oncepay"], "level": "WARNING", "propagate": False}
-    config["handlers"]["oncepay"] = {
-        "class": "logging.StreamHandler",
-        "formatter": "oncepay",
-        "stream": "ext://sys.stderr",
-    }
-    config["loggers"]["oncepay.access"] = {
-        "handlers": ["oncepay"],
-        "level": "INFO" if access else "WARNING",
-        "propagate": False,
-    }
-    return config
+def _implied(adaptive_ttl_file: str | None, adaptive_ttl: bool | None) -> bool:
+    """``--adaptive-ttl-file`` implies ``--adaptive-ttl``; ``ONCEPAY_ADAPTIVE_TTL_FILE`` alone
+    does not (the settings, which ``oncepay worker`` reads too, want ``ONCEPAY_ADAPTIVE_TTL``)."""
+    return bool(adaptive_ttl_file) and adaptive_ttl is None and on_command_line("adaptive_ttl_file")
 
 
 @contextlib.contextmanager
@@ -175,8 +181,6 @@ def shared_metrics(workers: int) -> Iterator[str | None]:
 
 
 def _env(value: object) -> str:
-    import json
-
     return json.dumps(value) if isinstance(value, list | dict) else str(value)
 
 

@@ -3,21 +3,37 @@
 from __future__ import annotations
 
 import asyncio
+import logging.config
 from typing import Annotated, Any
 
 import typer
 
-from oncepay.cli._common import DatabaseUrl, console, run_or_exit, settings, where
+from oncepay._logformat import oncepay_logging, resolve
+from oncepay.cli._common import (
+    LOG_FORMAT_HELP,
+    DatabaseUrl,
+    console,
+    run_or_exit,
+    settings,
+    where,
+)
 
 __all__ = ["worker"]
 
 
 def worker(
     database_url: DatabaseUrl = None,
-    acquirer_url: Annotated[str | None, typer.Option(help="[env ONCEPAY_ACQUIRER_URL]")] = None,
-    secondary_acquirer_url: Annotated[str | None, typer.Option()] = None,
-    redis_url: Annotated[str | None, typer.Option(help="[env ONCEPAY_REDIS_URL]")] = None,
-    once: Annotated[bool, typer.Option("--once", help="One pass, then exit.")] = False,
+    acquirer_url: Annotated[str | None, typer.Option(envvar="ONCEPAY_ACQUIRER_URL")] = None,
+    secondary_acquirer_url: Annotated[
+        str | None, typer.Option(envvar="ONCEPAY_SECONDARY_ACQUIRER_URL")
+    ] = None,
+    redis_url: Annotated[str | None, typer.Option(envvar="ONCEPAY_REDIS_URL")] = None,
+    once: Annotated[
+        bool, typer.Option("--once", envvar="ONCEPAY_ONCE", help="One pass, then exit.")
+    ] = False,
+    log_format: Annotated[
+        str | None, typer.Option(envvar="ONCEPAY_LOG_FORMAT", help=LOG_FORMAT_HELP)
+    ] = None,
 ) -> None:
     """Run the worker: finish abandoned requests, resolve unknown outcomes, deliver webhooks,
     purge expired keys."""
@@ -26,7 +42,9 @@ def worker(
         acquirer_url=acquirer_url,
         secondary_acquirer_url=secondary_acquirer_url,
         redis_url=redis_url,
+        log_format=log_format,
     )
+    logging.config.dictConfig(oncepay_logging(resolve(config.log_format)))
     run_or_exit(_worker(config, once=once))
 
 

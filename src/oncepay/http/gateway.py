@@ -14,7 +14,7 @@ Several gateway processes sharing one store behave as one.
   key is released; one that failed after it (read timeout, dropped connection) may have acted,
   so its 502 / 504 says ``Idempotency-Outcome: unknown`` and the key stays locked;
 * ``GET /health`` is answered by the gateway itself (and checks the store);
-* with ``--adaptive-ttl FILE`` (``oncepay insight analyze --json``'s output) new records are
+* with ``--adaptive-ttl-file FILE`` (``oncepay insight analyze --json``'s output) new records are
   kept for the TTLs learned per tenant and route, and the file is read again when it changes.
 """
 
@@ -104,6 +104,9 @@ class GatewaySettings:
     fingerprint_secret: str | None = None
     # Append every idempotency decision to this key-usage log (SPEC §9), keys hashed.
     usage_log: str | None = None
+    # SPEC §2's switch: Stripe's status codes and error object for every problem, the
+    # gateway's own (an upstream's failure) included (docs/middleware.md).
+    stripe_compatible: bool = False
     # Learned TTLs (`oncepay insight analyze --json`'s output) within these bounds, the file
     # checked for changes every ttl_reload seconds (docs/gateway.md).
     adaptive_ttl: str | None = None
@@ -115,21 +118,22 @@ class GatewaySettings:
     def from_env(cls) -> GatewaySettings:
         """Read ``ONCEPAY_UPSTREAM``, ``ONCEPAY_STORE_URL``, ``ONCEPAY_UPSTREAM_TIMEOUT``,
         ``ONCEPAY_KEY_REQUIRED``, ``ONCEPAY_WAIT``, ``ONCEPAY_FAIL_OPEN``, ``ONCEPAY_SCOPE_HEADER``,
-        ``ONCEPAY_SCOPE_COOKIE``, ``ONCEPAY_FINGERPRINT_SECRET``, ``ONCEPAY_USAGE_LOG`` and
-        ``ONCEPAY_ADAPTIVE_TTL_FILE`` (with ``_MIN``, ``_MAX`` and ``_RELOAD``: how uvicorn
-        workers get their config)."""
+        ``ONCEPAY_SCOPE_COOKIE``, ``ONCEPAY_FINGERPRINT_SECRET``, ``ONCEPAY_USAGE_LOG``,
+        ``ONCEPAY_STRIPE_COMPATIBLE`` and ``ONCEPAY_ADAPTIVE_TTL_FILE`` (with ``_MIN``, ``_MAX``
+        and ``_RELOAD``: how uvicorn workers get their config)."""
         env = os.environ
         return cls(
             upstream=env["ONCEPAY_UPSTREAM"],
             store=env.get("ONCEPAY_STORE_URL", cls.store),
             timeout=float(env.get("ONCEPAY_UPSTREAM_TIMEOUT", DEFAULT_UPSTREAM_TIMEOUT)),
-            required=env.get("ONCEPAY_KEY_REQUIRED", "true").lower() in {"1", "true", "yes"},
+            required=_true(env.get("ONCEPAY_KEY_REQUIRED", "true")),
             wait=float(env.get("ONCEPAY_WAIT", "0")),
-            fail_open=env.get("ONCEPAY_FAIL_OPEN", "false").lower() in {"1", "true", "yes"},
+            fail_open=_true(env.get("ONCEPAY_FAIL_OPEN", "false")),
             scope_header=env.get("ONCEPAY_SCOPE_HEADER") or None,
             scope_cookie=env.get("ONCEPAY_SCOPE_COOKIE") or None,
             fingerprint_secret=env.get("ONCEPAY_FINGERPRINT_SECRET") or None,
             usage_log=env.get("ONCEPAY_USAGE_LOG") or None,
+            stripe_compatible=_true(env.get("ONCEPAY_STRIPE_COMPATIBLE", "false")),
             adaptive_ttl=env.get("ONCEPAY_ADAPTIVE_TTL_FILE") or None,
             adaptive_ttl_min=float(env.get("ONCEPAY_ADAPTIVE_TTL_MIN") or DEFAULT_MINIMUM),
             adaptive_ttl_max=float(env.get("ONCEPAY_ADAPTIVE_TTL_MAX") or DEFAULT_MAXIMUM),
@@ -153,18 +157,30 @@ class GatewaySettings:
         return header
 
 
+def _true(value: str) -> bool:
+    return value.lower() in {"1", "true", "yes"}
+
+
 class Proxy:
     """A streaming reverse proxy to one upstream, as a plain ASGI app.
 
     ``keyed`` tells whether the idempotency layer in front holds a key for a request (its
     failure text then says what becomes of the key); a bare proxy holds none.
+    ``stripe_compatible`` answers its own failures with Stripe's error object, as the
+    middleware in front answers its problems with that switch.
     """
 
     def __init__(
-        self, upstream: str, *, timeout: float = DEFAULT_UPSTREAM_TIMEOUT, keyed: Keyed = _unkeyed
+        self,
+        upstream: str,
+        *,
+        timeout: float = DEFAULT_UPSTREAM_TIMEOUT,
+        keyed: Keyed = _unkeyed,
+        stripe_compatible: bool = False,
     ) -> None:
         self.upstream = upstream.rstrip("/")
         self.keyed = keyed
+        self.stripe_compatible = stripe_compatible
         self.client = httpx.AsyncClient(
             timeout=httpx.Timeout(timeout, connect=CONNECT_TIMEOUT),
             limits=httpx.Limits(max_connections=1000, max_keepalive_connections=100),
@@ -194,14 +210,15 @@ class Proxy:
         except _NEVER_SENT as exc:  # the upstream never saw it: a retry may run it
             timed_out = isinstance(exc, httpx.TimeoutException)
             status, code = (504, "upstream_timeout") if timed_out else (502, "upstream_unavailable")
-            await _problem(send, status, code, f"the upstream could not be reached: {exc!r}")
+            await self._problem(send, status, code, f"the upstream could not be reached: {exc!r}")
             return
         except httpx.TimeoutException:
-            await _problem(send, 504, "upstream_timeout", self._may_have_run(scope), unknown=True)
+            detail = self._may_have_run(scope)
+            await self._problem(send, 504, "upstream_timeout", detail, unknown=True)
             return
         except httpx.TransportError as exc:
             detail = f"{self._may_have_run(scope)} ({exc!r})"
-            await _problem(send, 502, "upstream_failed", detail, unknown=True)
+            await self._problem(send, 502, "upstream_failed", detail, unknown=True)
             return
         try:
             await _stream_back(response, send)
@@ -211,6 +228,24 @@ class Proxy:
             raise _BrokeOff(f"{self._may_have_run(scope)} ({exc!r})") from exc
         finally:
             await response.aclose()
+
+    async def _problem(
+        self, send: Send, status: int, code: str, detail: str, *, unknown: bool = False
+    ) -> None:
+        """The gateway's own failure: a problem document, or Stripe's error object."""
+        extra = [(OUTCOME_UNKNOWN_HEADER, "unknown")] if unknown else []
+        if self.stripe_compatible:  # a 5xx of the server's side: Stripe's api_error
+            problem = Problem.stripe(status, "api_error", code, detail, extra)
+        else:
+            title = "Bad gateway" if status == 502 else "Gateway timeout"
+            problem = Problem(status, code, title, detail, extra)
+        start: Message = {
+            "type": "http.response.start",
+            "status": problem.status,
+            "headers": [(k.encode(), v.encode()) for k, v in problem.headers],
+        }
+        await send(start)
+        await send({"type": "http.response.body", "body": problem.body})
 
     def _may_have_run(self, scope: Scope) -> str:
         return _MAY_HAVE_RUN + (_KEY_LOCKED if self.keyed(scope) else "")
@@ -298,21 +333,6 @@ async def _stream_back(response: httpx.Response, send: Send) -> None:
     await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
-async def _problem(
-    send: Send, status: int, code: str, detail: str, *, unknown: bool = False
-) -> None:
-    title = "Bad gateway" if status == 502 else "Gateway timeout"
-    extra = [(OUTCOME_UNKNOWN_HEADER, "unknown")] if unknown else []
-    problem = Problem(status, code, title, detail, extra)
-    start: Message = {
-        "type": "http.response.start",
-        "status": problem.status,
-        "headers": [(k.encode(), v.encode()) for k, v in problem.headers],
-    }
-    await send(start)
-    await send({"type": "http.response.body", "body": problem.body})
-
-
 async def _lifespan(receive: Receive, send: Send, *, on_shutdown: Any) -> None:
     while True:
         message = await receive()
@@ -393,7 +413,9 @@ class _Health:
 def create_app(settings: GatewaySettings | None = None) -> _Health:
     """The gateway as an ASGI app (uvicorn factory: ``oncepay.http.gateway:create_app``)."""
     settings = settings or GatewaySettings.from_env()
-    proxy = Proxy(settings.upstream, timeout=settings.timeout)
+    proxy = Proxy(
+        settings.upstream, timeout=settings.timeout, stripe_compatible=settings.stripe_compatible
+    )
     scope = settings.scope()
     options: dict[str, Any] = {"scope": scope} if scope is not None else {}
     if settings.fingerprint_secret:
@@ -409,6 +431,7 @@ def create_app(settings: GatewaySettings | None = None) -> _Health:
         required=settings.required,
         wait=settings.wait,
         fail_open=settings.fail_open,
+        stripe_compatible=settings.stripe_compatible,
         **options,
     )
     proxy.keyed = _keyed_by(middleware.gate)

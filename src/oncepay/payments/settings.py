@@ -113,8 +113,9 @@ class Settings(BaseSettings):
     dashboard_trace_url: str | None = None
     # A line per request on the terminal (`oncepay serve --quiet` turns it off).
     access_log: bool = True
-    # Log lines as text (a terminal) or JSON objects with trace ids (production; logformat.py).
-    log_format: Literal["text", "json"] = "text"
+    # Log lines as text (for a person) or JSON objects with trace ids (for a collector), or
+    # auto: JSON unless stderr is a terminal (oncepay/_logformat.py).
+    log_format: Literal["text", "json", "auto"] = "auto"
     # With tracing on (OTEL_* variables), a span per SQL statement too: SQLAlchemy's
     # instrumentation costs ~16 % of a payment's CPU even at 1 % sampling (bench/tracing).
     trace_sql: bool = False

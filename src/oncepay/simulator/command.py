@@ -1,8 +1,10 @@
 """``oncepay acquirer``: run the simulated acquirer under uvicorn, faults set by flags.
 
-Every option is also an environment variable ``ONCEPAY_ACQUIRER_<NAME>`` (prefixed, so that it
-never collides with ``oncepay serve``'s own ``ONCEPAY_PORT`` in a shared environment). Faults
-can be changed while it runs with ``PUT /admin/faults`` (docs/acquirer.md).
+Every option is also an environment variable ``ONCEPAY_ACQUIRER_<NAME>``, then ``ONCEPAY_<NAME>``
+(SPEC §7's name): the acquirer's own name first, so that in an environment shared with
+``oncepay serve`` its ``ONCEPAY_ACQUIRER_PORT`` wins over the service's ``ONCEPAY_PORT``
+(docs/operations.md, "Settings as variables"). Faults can be changed while it runs with
+``PUT /admin/faults`` (docs/acquirer.md).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import typer
 from pydantic import ValidationError
 from rich.console import Console
 
+from oncepay._logformat import LogFormat, resolve, uvicorn_logging
 from oncepay.errors import ConfigurationError
 from oncepay.simulator.app import DEFAULT_DATABASE_URL, create_app
 from oncepay.simulator.faults import Faults
@@ -27,8 +30,8 @@ GRACEFUL_SHUTDOWN_SECONDS = 2
 console = Console(stderr=True)
 
 
-def _env(name: str) -> str:
-    return f"ONCEPAY_ACQUIRER_{name}"
+def _env(name: str) -> list[str]:
+    return [f"ONCEPAY_ACQUIRER_{name}", f"ONCEPAY_{name}"]
 
 
 def acquirer(
@@ -71,6 +74,13 @@ def acquirer(
     outage: Annotated[
         bool, typer.Option("--outage", envvar=_env("OUTAGE"), help="503 to every API call.")
     ] = False,
+    log_format: Annotated[
+        LogFormat,
+        typer.Option(
+            envvar=_env("LOG_FORMAT"),
+            help="text, json (a JSON object a line) or auto: json unless stderr is a terminal.",
+        ),
+    ] = "auto",
 ) -> None:
     """Run the simulated acquirer: idempotent authorizations, fencing look-ups, settlement
     reports, and faults on request."""
@@ -95,6 +105,7 @@ def acquirer(
         host=host,
         port=port,
         log_level="warning",
+        log_config=uvicorn_logging(resolve(log_format)),
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
     )
 

@@ -47,6 +47,7 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
+from oncepay import _logformat
 from oncepay.errors import ConfigurationError
 from oncepay.storage import raw
 
@@ -162,6 +163,7 @@ def setup(*, key_secret: bytes | None = None) -> bool:
     secret = key_secret or os.environ.get("ONCEPAY_USAGE_LOG_SECRET", "").encode()
     secret = hashlib.blake2b(secret).digest() if len(secret) > 64 else secret  # BLAKE2b's limit
     _key_hasher = hashlib.blake2b(key=secret or secrets.token_bytes(32), digest_size=16)
+    _logformat.trace_ids_from(ids)  # log lines carry the ids of the span in progress
     ENABLED = True
     return True
 
