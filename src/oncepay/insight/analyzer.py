@@ -13,7 +13,9 @@ What makes a decision evidence (a key is tracked from its first send):
 ``key_reuse``
     a ``reused`` decision (the 422: one key, another request).
 ``replay_storm``
-    a replay of a key already replayed more times than any retry schedule sends; the fourth
+    a replay of a key already replayed more times than a retry schedule sends, once it comes
+    more than ten minutes after the key's first send (a flaky client's dozen retries of one key
+    all fall within a minute or two) or faster than one a second since then; the fourth
     replay of a key from an address other than the one that first sent it; or a replay from
     another address more than ten minutes after the first send.
 ``retry_after_expiry``
@@ -76,7 +78,9 @@ class Tuning:
     quick_repeat: float = 10.0
     # ... and this soon after a failed (5xx) attempt, a retry under a fresh key.
     failed_repeat: float = 300.0
-    # More replays of one key than any retry schedule sends (exponential backoff stops at 5-8).
+    # More replays of one key than a retry schedule sends (exponential backoff stops at 5-8; a
+    # flaky client's linear one may send a dozen or more within a minute or two, so more than
+    # this many is evidence only past ``replay_late`` or faster than one a ``no_backoff_gap``).
     replay_schedule: int = 8
     # Replays of one key from this many addresses other than the one that sent it: a phone
     # that moves from Wi-Fi to mobile data changes address once or twice, not four times.
@@ -151,7 +155,9 @@ class _Key:
         self.route = route
         self.source = source
         self.fingerprint = fingerprint
-        self.replays = self.conflicts = self.returns = self.strangers = 0
+        self.replays = self.conflicts = self.returns = 0
+        # The other addresses its replays came from (kept only for a key replayed from one).
+        self.strangers: set[str] | None = None
         self.conflicted = False  # whether its latest send drew a 409
         self.counted = False  # whether its quick 409s are no_backoff evidence
 
@@ -365,10 +371,19 @@ class Analyzer:
         state.last, state.conflicted = at, False
         state.replays += 1
         moved = source is not None and source != state.source
-        if moved:
-            state.strangers += 1
-        many = state.replays > self.tuning.replay_schedule
-        scattered = state.strangers >= self.tuning.replay_addresses
+        if source is not None and moved:  # distinct addresses: a phone flips back and forth
+            if state.strangers is None:
+                state.strangers = set()
+            if len(state.strangers) < self.tuning.replay_addresses:
+                state.strangers.add(source)
+        # More replays than a schedule sends are a storm only past the minutes a client's
+        # retries last, or at a pace no backoff has (more than one a second since the first
+        # send): a phone on a lossy network retries one key a dozen times in a minute or two.
+        since = at - state.first
+        many = state.replays > self.tuning.replay_schedule and (
+            since > self.tuning.replay_late or since < state.replays * self.tuning.no_backoff_gap
+        )
+        scattered = len(state.strangers or ()) >= self.tuning.replay_addresses
         stolen = moved and at - state.first > self.tuning.replay_late
         if not (many or scattered or stolen):
             self._repeat(tenant, at, state)
