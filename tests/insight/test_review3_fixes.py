@@ -61,3 +61,50 @@ def test_a_key_replayed_long_after_its_first_send_is_still_a_storm() -> None:
                 yield usage(t + i * 240.0, key, "replayed", source="203.0.113.9")
 
     assert [f.kind for f in findings(ordered(normal(rng), bot()))] == ["replay_storm"]
+
+
+# -- key_per_retry: a batch of identical requests is no retry ------------------------------------
+
+
+def test_a_subscriptions_monthly_renewal_batch_is_no_key_per_retry() -> None:
+    """On the first of the month the subscription server renews its customers: a few hundred
+    payments of two plans (identical bodies) from one address within twenty minutes, each under
+    its own key. Many fall seconds after the previous renewal of the same plan; none is a
+    retry."""
+    rng = random.Random(303)
+
+    def renewals() -> Iterator[Usage]:
+        start, _ = window(start_hour=26)
+        for n in range(300):
+            plan = f"plan-{rng.randrange(2)}"
+            yield usage(start + rng.uniform(0, 1200), f"renew-{n}", fingerprint=plan,
+                        source="203.0.113.7")  # fmt: skip
+
+    assert findings(ordered(normal(rng, hours=72), renewals())) == []
+
+
+def test_a_drifting_client_beside_the_renewal_batch_is_still_found() -> None:
+    """The same nights, and for an hour a client that retries each lost answer once under a
+    fresh key a few seconds later."""
+    rng = random.Random(304)
+    start, end = window(start_hour=40)
+
+    def drift() -> Iterator[Usage]:
+        t, n = start, 0
+        while t < end:
+            t += rng.uniform(20, 60)
+            n += 1
+            yield usage(t, f"d{n}", fingerprint=f"order-{n}")
+            yield usage(t + rng.uniform(1, 8), f"d{n}-again", fingerprint=f"order-{n}")
+
+    def renewals() -> Iterator[Usage]:
+        n = 0
+        for night in range(3):
+            first, _ = window(start_hour=2 + 24 * night)
+            for _ in range(200):
+                n += 1
+                yield usage(first + rng.uniform(0, 1200), f"renew-{n}",
+                            fingerprint=f"plan-{n % 2}", source="203.0.113.7")  # fmt: skip
+
+    kinds = [f.kind for f in findings(ordered(normal(rng, hours=72), renewals(), drift()))]
+    assert kinds == ["key_per_retry"]

@@ -73,11 +73,17 @@ class Tuning:
     # Ten-minute buckets: short enough that an hour's anomaly fills several, long enough that a
     # small tenant's bucket holds a rate.
     bucket: float = 600.0
-    # A fresh key for the same request this soon is a retry, not a customer buying again: a
-    # person takes longer than ten seconds to pay twice for the same basket.
+    # A fresh key for the same request from the same address this soon is a retry, not a
+    # customer buying again: a client that gives up on a lost answer after its timeout (30 s
+    # is usual, 60 s the longest common) retries within this. Identical baskets that repeat by
+    # chance this close are the tenant's baseline (its squared opportunity).
     quick_repeat: float = 10.0
     # ... and this soon after a failed (5xx) attempt, a retry under a fresh key.
     failed_repeat: float = 300.0
+    # Executions of one request from one address in a row (each within minutes of the last)
+    # that a client retrying lost answers makes: the first and two retries. More is a batch of
+    # identical requests (a subscription's renewals of one plan from its server), none a retry.
+    retry_chain: int = 3
     # More replays of one key than a retry schedule sends (exponential backoff stops at 5-8; a
     # flaky client's linear one may send a dozen or more within a minute or two, so more than
     # this many is evidence only past ``replay_late`` or faster than one a ``no_backoff_gap``).
@@ -163,6 +169,7 @@ class _Key:
 
 
 _Once = tuple[float, float, str, "str | None", int]
+_Sent = tuple[float, str, int, "str | None", int, tuple[int, ...]]
 
 
 def _expires(state: _Key | _Once) -> float:
@@ -199,9 +206,10 @@ class _Tenant:
         # have passed: (when, keys), in send order; ``batch`` the current bucket's.
         self.batches: deque[tuple[float, list[str]]] = deque()
         self.batch: list[str] = []
-        # request -> its last execution: (at, key, status, source)
-        self.recent: dict[tuple[str, str], tuple[float, str, int, str | None]] = {}
-        self.stale: dict[tuple[str, str], tuple[float, str, int, str | None]] = {}
+        # request -> its last execution: (at, key, status, source, executions of the request
+        # from that address in a row, the buckets of those counted as key_per_retry evidence)
+        self.recent: dict[tuple[str, str], _Sent] = {}
+        self.stale: dict[tuple[str, str], _Sent] = {}
         self.turned = -math.inf  # when ``recent`` last became ``stale``
         # Decisions per bucket; the current bucket's are counted in ``count`` until it changes.
         self.seen: dict[int, int] = {}
@@ -264,7 +272,6 @@ class Analyzer:
         a call per decision would cost as much as the rest of the work."""
         tenants = self._tenants
         size, default_ttl = self.tuning.bucket, self.tuning.default_ttl
-        quick, failed = self.tuning.quick_repeat, self.tuning.failed_repeat
         count, at = 0, self.latest
         for row in rows:
             at, name, route, key, fingerprint, decision, status, source, ttl = row
@@ -297,19 +304,43 @@ class Analyzer:
             hours[hour] = hours.get(hour, 0) + 1
             request = (route, fingerprint)
             before = tenant.recent.get(request) or tenant.stale.get(request)
-            tenant.recent[request] = (at, key, status, source)
-            if before is None or not fingerprint or before[1] == key:
-                continue
-            if source is not None and before[3] is not None and source != before[3]:
-                continue  # the same request from another address: another customer's
-            gap = at - before[0]
-            if gap <= quick or (before[2] >= 500 and gap <= failed):
-                tenant.series[KEY_PER_RETRY].evidence(bucket, at, key, source)
-                self.evidenced.add(name)
+            if before is None or not fingerprint:
+                tenant.recent[request] = (at, key, status, source, 1, ())
+            else:  # a request executed again under a fresh key (rare: a call is fine)
+                self._executed_anew(tenant, request, before, row, bucket)
         if count:
             self.records += count
             self.latest = max(self.latest, at)
             self._ttl.reach(self.latest)
+
+    def _executed_anew(
+        self, tenant: _Tenant, request: tuple[str, str], before: _Sent, row: Row, bucket: int
+    ) -> None:
+        """A key's first send whose request (route and fingerprint) executed minutes before
+        under another key: a retry under a fresh key, or the same request made again."""
+        at, key, status, source = row[0], row[3], row[6], row[7]
+        if before[1] == key or (
+            source is not None and before[3] is not None and source != before[3]
+        ):
+            # the same request from another address: another customer's
+            tenant.recent[request] = (at, key, status, source, 1, ())
+            return
+        executions, counted = before[4] + 1, before[5]
+        if executions > self.tuning.retry_chain:
+            # The same request executed again and again from one address under fresh keys: a
+            # batch of identical requests (renewals of one plan), not a client retrying a lost
+            # answer; what was counted of it was no evidence.
+            if counted:
+                tenant.series[KEY_PER_RETRY].retract(counted)
+            tenant.recent[request] = (at, key, status, source, executions, ())
+            return
+        gap = at - before[0]
+        quick, failed = self.tuning.quick_repeat, self.tuning.failed_repeat
+        if gap <= quick or (before[2] >= 500 and gap <= failed):
+            tenant.series[KEY_PER_RETRY].evidence(bucket, at, key, source)
+            self.evidenced.add(tenant.name)
+            counted = (*counted, bucket)
+        tenant.recent[request] = (at, key, status, source, executions, counted)
 
     def _next_bucket(self, tenant: _Tenant, bucket: int, now: float) -> None:
         """A tenant's decision in another bucket than its last: the last one's count and keys
