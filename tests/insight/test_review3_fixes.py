@@ -108,3 +108,39 @@ def test_a_drifting_client_beside_the_renewal_batch_is_still_found() -> None:
 
     kinds = [f.kind for f in findings(ordered(normal(rng, hours=72), renewals(), drift()))]
     assert kinds == ["key_per_retry"]
+
+
+# -- evidence no legitimate client produces is judged against no baseline -----------------------
+
+
+def test_one_key_reused_for_most_payments_from_the_first_line_is_key_reuse() -> None:
+    """A shop's client sends every payment under one constant key from the log's first line:
+    the key's first request executed, every other one is refused (422) for three days. The
+    tenant's own history is nothing but this, yet no client that mints keys does it."""
+    rng = random.Random(305)
+
+    def constant_key() -> Iterator[Usage]:
+        yield usage(window(start_hour=0)[0], "the-key", fingerprint="order-0")
+        t, n = window(start_hour=0.01)[0], 0
+        while t < window(start_hour=72)[0]:
+            t += rng.expovariate(8 / 3600)
+            n += 1
+            yield usage(t, "the-key", "reused", status=422, fingerprint=f"order-{n}")
+
+    found = findings(ordered(normal(rng, hours=72, per_hour=2), constant_key()))
+    assert [f.kind for f in found] == ["key_reuse"]
+
+
+def test_keys_refused_once_each_as_usual_stay_the_tenants_normal() -> None:
+    """A client that now and then reuses a key once (a stale key after a crash): a steady few
+    422s a day, each of another key, all week: no finding."""
+    rng = random.Random(306)
+
+    def now_and_then() -> Iterator[Usage]:
+        t, n = window(start_hour=0)[0], 0
+        while t < window(start_hour=72)[0]:
+            t += rng.expovariate(1 / 3600)
+            n += 1
+            yield usage(t, f"m_1-k{n}", "reused", status=422, fingerprint=f"other-{n}")
+
+    assert findings(ordered(normal(rng, hours=72), now_and_then())) == []

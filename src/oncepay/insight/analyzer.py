@@ -105,6 +105,11 @@ class Tuning:
     # that a client deploy that stays broken cannot become the normal): no backoff schedule, with
     # jitter or without, fires ten times within a second of its previous try.
     no_backoff_hammering: int = 10
+    # 422s of one key (each for a request other than the one it was first sent with) from which
+    # on each is judged against no baseline at all: a client that mints keys gets the odd one
+    # refused; one refused ten times uses a constant key, and a tenant whose client did so from
+    # before the log began must not have that as its normal.
+    reuse_hoarding: int = 10
     # Findings of one tenant and kind this close together are one anomaly, reported once (an
     # app release that drifts for two days is one finding, not one per busy hour); anomalies
     # further apart stay findings of their own.
@@ -148,6 +153,7 @@ class _Key:
         "last",
         "replays",
         "returns",
+        "reuses",
         "route",
         "source",
         "strangers",
@@ -161,7 +167,7 @@ class _Key:
         self.route = route
         self.source = source
         self.fingerprint = fingerprint
-        self.replays = self.conflicts = self.returns = 0
+        self.replays = self.conflicts = self.returns = self.reuses = 0
         # The other addresses its replays came from (kept only for a key replayed from one).
         self.strangers: set[str] | None = None
         self.conflicted = False  # whether its latest send drew a 409
@@ -186,6 +192,7 @@ class _Tenant:
         "batches",
         "bucket",
         "count",
+        "hoarded",
         "keys",
         "late",
         "name",
@@ -221,6 +228,7 @@ class _Tenant:
         self.stormy: list[tuple[int, str, float]] = []
         self.series = {kind: Series() for kind in KINDS}
         self.severe = Series()  # no_backoff keys hammering (a key each), beyond any baseline
+        self.hoarded = Series()  # 422s of keys refused ten times or more, beyond any baseline
         # route -> (the route's one string, shared by its keys; its first sends per hour)
         self.routes: dict[str, tuple[str, dict[int, int]]] = {}
 
@@ -360,6 +368,8 @@ class Analyzer:
     ) -> str | None:
         decision = usage[5]
         if decision == "reused":
+            if state is not None:
+                self._reused(tenant, usage, state, bucket)
             return KEY_REUSE
         if state is None:  # a key first sent before the log began: no delay to learn from
             if decision in ("replayed", "in_progress"):
@@ -375,6 +385,16 @@ class Analyzer:
         if decision == "in_progress":
             return self._conflict(tenant, usage, state, bucket)
         return None
+
+    def _reused(self, tenant: _Tenant, usage: Row, state: _Key | _Once, bucket: int) -> None:
+        """A 422 of a key sent before: from the key's tenth on, also evidence judged against no
+        baseline (one key refused for other requests that often is a client that mints none)."""
+        if type(state) is tuple:
+            state = tenant.keys[usage[3]] = _Key(*state)
+        assert isinstance(state, _Key)
+        state.reuses += 1
+        if state.reuses >= self.tuning.reuse_hoarding:
+            tenant.hoarded.evidence(bucket, usage[0], usage[3], usage[7])
 
     def _executed_again(self, tenant: _Tenant, usage: Row, state: _Key, bucket: int) -> str | None:
         at = usage[0]
@@ -489,7 +509,7 @@ class Analyzer:
         seen = squared(counts) if kind == KEY_PER_RETRY else counts
         series = tenant.series[kind]
         floor, quiet = _FLOORS.get(kind), _QUIET_FLOORS.get(kind)
-        severe = tenant.severe if kind == NO_BACKOFF else None
+        severe = {NO_BACKOFF: tenant.severe, KEY_REUSE: tenant.hoarded}.get(kind)
         return series.episodes(
             seen,
             self.thresholds,
@@ -536,7 +556,7 @@ class Analyzer:
                 del tenant.seen[index]
             tenant.late = [late for late in tenant.late if late[0] >= oldest]
             tenant.stormy = [replay for replay in tenant.stormy if replay[0] >= oldest]
-            for series in (*tenant.series.values(), tenant.severe):
+            for series in (*tenant.series.values(), tenant.severe, tenant.hoarded):
                 series.forget_before(oldest)
 
 
