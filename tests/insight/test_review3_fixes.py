@@ -144,3 +144,25 @@ def test_keys_refused_once_each_as_usual_stay_the_tenants_normal() -> None:
             yield usage(t, f"m_1-k{n}", "reused", status=422, fingerprint=f"other-{n}")
 
     assert findings(ordered(normal(rng, hours=72), now_and_then())) == []
+
+
+def test_a_storm_from_hundreds_of_addresses_to_the_end_of_the_log_is_a_replay_storm() -> None:
+    """For the last day of a three-day log, a botnet replays forty payments completed just
+    before, a few times a minute, from hundreds of addresses: a third of the tenant's blocks
+    hold it, enough for its history to take it for the normal; no client's key is replayed
+    from sixteen addresses."""
+    rng = random.Random(307)
+    start, end = window(start_hour=48, hours=24)
+    victims = [f"victim-{n}" for n in range(40)]
+
+    def botnet() -> Iterator[Usage]:
+        for n, key in enumerate(victims):
+            yield usage(start - 600 + n, key)
+        t = start
+        while t < end:
+            t += rng.expovariate(3 / 60)
+            address = f"198.51.{rng.randrange(4)}.{rng.randrange(1, 255)}"
+            yield usage(t, rng.choice(victims), "replayed", source=address)
+
+    found = findings(ordered(normal(random.Random(308), hours=72), botnet()))
+    assert [f.kind for f in found] == ["replay_storm"]

@@ -91,6 +91,10 @@ class Tuning:
     # Replays of one key from this many addresses other than the one that sent it: a phone
     # that moves from Wi-Fi to mobile data changes address once or twice, not four times.
     replay_addresses: int = 4
+    # ... and this many: a key that sixteen addresses replay is no client's retry anywhere (a
+    # stolen response replayed by a botnet), judged against no baseline at all, so that a storm
+    # that lasts a day or started before the log cannot become the tenant's normal.
+    replay_crowd: int = 16
     # A replay from another address this long after the first send: past any client's retry
     # schedule, and a terminal that retries hours later does so from where it stands.
     replay_late: float = 600.0
@@ -192,6 +196,7 @@ class _Tenant:
         "batches",
         "bucket",
         "count",
+        "crowded",
         "hoarded",
         "keys",
         "late",
@@ -229,6 +234,7 @@ class _Tenant:
         self.series = {kind: Series() for kind in KINDS}
         self.severe = Series()  # no_backoff keys hammering (a key each), beyond any baseline
         self.hoarded = Series()  # 422s of keys refused ten times or more, beyond any baseline
+        self.crowded = Series()  # replays of keys replayed from 16 addresses, beyond any baseline
         # route -> (the route's one string, shared by its keys; its first sends per hour)
         self.routes: dict[str, tuple[str, dict[int, int]]] = {}
 
@@ -425,7 +431,7 @@ class Analyzer:
         if source is not None and moved:  # distinct addresses: a phone flips back and forth
             if state.strangers is None:
                 state.strangers = set()
-            if len(state.strangers) < self.tuning.replay_addresses:
+            if len(state.strangers) < self.tuning.replay_crowd:
                 state.strangers.add(source)
         # More replays than a schedule sends are a storm only past the minutes a client's
         # retries last, or at a pace no backoff has (more than one a second since the first
@@ -434,7 +440,10 @@ class Analyzer:
         many = state.replays > self.tuning.replay_schedule and (
             since > self.tuning.replay_late or since < state.replays * self.tuning.no_backoff_gap
         )
-        scattered = len(state.strangers or ()) >= self.tuning.replay_addresses
+        elsewhere = len(state.strangers or ())
+        scattered = elsewhere >= self.tuning.replay_addresses
+        if elsewhere >= self.tuning.replay_crowd:  # no client roams that far: beyond any baseline
+            tenant.crowded.evidence(bucket, at, usage[3], source)
         stolen = moved and at - state.first > self.tuning.replay_late
         if not (many or scattered or stolen):
             self._repeat(tenant, at, state)
@@ -509,7 +518,11 @@ class Analyzer:
         seen = squared(counts) if kind == KEY_PER_RETRY else counts
         series = tenant.series[kind]
         floor, quiet = _FLOORS.get(kind), _QUIET_FLOORS.get(kind)
-        severe = {NO_BACKOFF: tenant.severe, KEY_REUSE: tenant.hoarded}.get(kind)
+        severe = {
+            NO_BACKOFF: tenant.severe,
+            KEY_REUSE: tenant.hoarded,
+            REPLAY_STORM: tenant.crowded,
+        }.get(kind)
         return series.episodes(
             seen,
             self.thresholds,
@@ -556,7 +569,7 @@ class Analyzer:
                 del tenant.seen[index]
             tenant.late = [late for late in tenant.late if late[0] >= oldest]
             tenant.stormy = [replay for replay in tenant.stormy if replay[0] >= oldest]
-            for series in (*tenant.series.values(), tenant.severe, tenant.hoarded):
+            for series in (*tenant.series.values(), tenant.severe, tenant.hoarded, tenant.crowded):
                 series.forget_before(oldest)
 
 
