@@ -73,10 +73,10 @@ class Tuning:
     # Ten-minute buckets: short enough that an hour's anomaly fills several, long enough that a
     # small tenant's bucket holds a rate.
     bucket: float = 600.0
-    # A fresh key for the same request from the same address this soon is a retry, not a
-    # customer buying again: a client that gives up on a lost answer after its timeout (30 s
-    # is usual, 60 s the longest common) retries within this. Identical baskets that repeat by
-    # chance this close are the tenant's baseline (its squared opportunity).
+    # A fresh key for the same request this soon is a retry, not a customer buying again: a
+    # person takes longer than ten seconds to pay twice for the same basket. (Wider, to cover a
+    # client's 30 s timeout, a shop whose identical baskets come from one server address sees
+    # chance repeats that its baseline no longer explains: left at ten seconds.)
     quick_repeat: float = 10.0
     # ... and this soon after a failed (5xx) attempt, a retry under a fresh key.
     failed_repeat: float = 300.0
