@@ -166,3 +166,31 @@ def test_a_storm_from_hundreds_of_addresses_to_the_end_of_the_log_is_a_replay_st
 
     found = findings(ordered(normal(random.Random(308), hours=72), botnet()))
     assert [f.kind for f in found] == ["replay_storm"]
+
+
+# -- no_backoff: a timeout, then a backoff from half a second ------------------------------------
+
+
+def test_clients_timing_out_on_a_slow_acquirer_then_backing_off_are_no_no_backoff() -> None:
+    """The acquirer takes a minute or more for an hour: each client times out after 30 s and
+    retries (a 409), then backs off from half a second, doubling. Each key draws one 409 less
+    than a second after the previous one, right after another 409; none fires again and again."""
+    rng = random.Random(309)
+    start, end = window(start_hour=30)
+
+    def patient() -> Iterator[Usage]:
+        t, n = start, 0
+        while t < end:
+            t += rng.uniform(20, 60)
+            n += 1
+            key = f"slow-{n}"
+            yield usage(t, key)
+            at = t + 30.0 + rng.uniform(0, 0.5)
+            yield usage(at, key, "in_progress", status=409)
+            wait = rng.uniform(0.5, 0.9)
+            for _ in range(3):
+                at += wait
+                wait *= 2
+                yield usage(at, key, "in_progress", status=409)
+
+    assert findings(ordered(normal(rng), patient())) == []

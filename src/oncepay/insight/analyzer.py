@@ -24,8 +24,10 @@ What makes a decision evidence (a key is tracked from its first send):
     once its record expired is a new key, not a retry).
 ``no_backoff``
     a 409 (``in_progress``) less than a second after the key's previous send, once the key has
-    drawn a quick 409 right after another 409 of its own, or two quick 409s: the client fires
-    again and again while the first attempt still runs. One quick 409 after the executing
+    drawn a quick 409 right after another 409 of its own (one not sent after a patient wait of
+    ten seconds or more: a client that timed out at 30 s may start its backoff at half a
+    second), or two quick 409s: the client fires again and again while the first attempt
+    still runs. One quick 409 after the executing
     request (a double click) is not evidence, nor are 409s spaced as ``Retry-After`` asks.
     A key's tenth quick 409 (hammering, which no backoff schedule does) is also judged against
     no baseline at all, so that a client broken from before the log began is found.
@@ -105,6 +107,9 @@ class Tuning:
     # its executing request) makes one; a client that does not back off, several. One quick 409
     # after another 409 is enough: a double click draws a single one.
     no_backoff_conflicts: int = 2
+    # ... unless that other 409 came this long after the key's previous send: the client waited
+    # out a timeout (30 s is usual) and then starts a backoff, whose first step may be short.
+    patient_timeout: float = 10.0
     # A key's quick 409s that no tenant's normal explains, judged against no baseline at all (so
     # that a client deploy that stays broken cannot become the normal): no backoff schedule, with
     # jitter or without, fires ten times within a second of its previous try.
@@ -174,7 +179,7 @@ class _Key:
         self.replays = self.conflicts = self.returns = self.reuses = 0
         # The other addresses its replays came from (kept only for a key replayed from one).
         self.strangers: set[str] | None = None
-        self.conflicted = False  # whether its latest send drew a 409
+        self.conflicted = False  # whether its latest send drew a 409 without a patient wait
         self.counted = False  # whether its quick 409s are no_backoff evidence
 
 
@@ -455,11 +460,15 @@ class Analyzer:
 
     def _conflict(self, tenant: _Tenant, usage: Row, state: _Key, bucket: int) -> str | None:
         at = usage[0]
-        hurried = at - state.last < self.tuning.no_backoff_gap
+        previous = state.last
+        hurried = at - previous < self.tuning.no_backoff_gap
         again = state.conflicted
         self._repeat(tenant, at, state)
         state.last = at
-        state.conflicted = True
+        # A 409 makes the next quick one a repeat offence unless the client waited out a
+        # patient timeout before it: one that gave up after 30 s and backs off from half a
+        # second on draws one quick 409; one that gives up after a second does not wait.
+        state.conflicted = at - previous < self.tuning.patient_timeout
         if not hurried:
             return None
         state.conflicts += 1  # quick ones only
