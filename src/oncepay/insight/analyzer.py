@@ -13,7 +13,9 @@ What makes a decision evidence (a key is tracked from its first send):
 ``key_reuse``
     a ``reused`` decision (the 422: one key, another request).
 ``replay_storm``
-    a replay of a key already replayed more times than any retry schedule sends; the fourth
+    a replay of a key already replayed more times than a retry schedule sends, once it comes
+    more than ten minutes after the key's first send (a flaky client's dozen retries of one key
+    all fall within a minute or two) or faster than one a second since then; the fourth
     replay of a key from an address other than the one that first sent it; or a replay from
     another address more than ten minutes after the first send.
 ``retry_after_expiry``
@@ -22,8 +24,10 @@ What makes a decision evidence (a key is tracked from its first send):
     once its record expired is a new key, not a retry).
 ``no_backoff``
     a 409 (``in_progress``) less than a second after the key's previous send, once the key has
-    drawn a quick 409 right after another 409 of its own, or two quick 409s: the client fires
-    again and again while the first attempt still runs. One quick 409 after the executing
+    drawn a quick 409 right after another 409 of its own (one not sent after a patient wait of
+    ten seconds or more: a client that timed out at 30 s may start its backoff at half a
+    second), or two quick 409s: the client fires again and again while the first attempt
+    still runs. One quick 409 after the executing
     request (a double click) is not evidence, nor are 409s spaced as ``Retry-After`` asks.
     A key's tenth quick 409 (hammering, which no backoff schedule does) is also judged against
     no baseline at all, so that a client broken from before the log began is found.
@@ -72,15 +76,27 @@ class Tuning:
     # small tenant's bucket holds a rate.
     bucket: float = 600.0
     # A fresh key for the same request this soon is a retry, not a customer buying again: a
-    # person takes longer than ten seconds to pay twice for the same basket.
+    # person takes longer than ten seconds to pay twice for the same basket. (Wider, to cover a
+    # client's 30 s timeout, a shop whose identical baskets come from one server address sees
+    # chance repeats that its baseline no longer explains: left at ten seconds.)
     quick_repeat: float = 10.0
     # ... and this soon after a failed (5xx) attempt, a retry under a fresh key.
     failed_repeat: float = 300.0
-    # More replays of one key than any retry schedule sends (exponential backoff stops at 5-8).
+    # Executions of one request from one address in a row (each within minutes of the last)
+    # that a client retrying lost answers makes: the first and two retries. More is a batch of
+    # identical requests (a subscription's renewals of one plan from its server), none a retry.
+    retry_chain: int = 3
+    # More replays of one key than a retry schedule sends (exponential backoff stops at 5-8; a
+    # flaky client's linear one may send a dozen or more within a minute or two, so more than
+    # this many is evidence only past ``replay_late`` or faster than one a ``no_backoff_gap``).
     replay_schedule: int = 8
     # Replays of one key from this many addresses other than the one that sent it: a phone
     # that moves from Wi-Fi to mobile data changes address once or twice, not four times.
     replay_addresses: int = 4
+    # ... and this many: a key that sixteen addresses replay is no client's retry anywhere (a
+    # stolen response replayed by a botnet), judged against no baseline at all, so that a storm
+    # that lasts a day or started before the log cannot become the tenant's normal.
+    replay_crowd: int = 16
     # A replay from another address this long after the first send: past any client's retry
     # schedule, and a terminal that retries hours later does so from where it stands.
     replay_late: float = 600.0
@@ -91,10 +107,18 @@ class Tuning:
     # its executing request) makes one; a client that does not back off, several. One quick 409
     # after another 409 is enough: a double click draws a single one.
     no_backoff_conflicts: int = 2
+    # ... unless that other 409 came this long after the key's previous send: the client waited
+    # out a timeout (30 s is usual) and then starts a backoff, whose first step may be short.
+    patient_timeout: float = 10.0
     # A key's quick 409s that no tenant's normal explains, judged against no baseline at all (so
     # that a client deploy that stays broken cannot become the normal): no backoff schedule, with
     # jitter or without, fires ten times within a second of its previous try.
     no_backoff_hammering: int = 10
+    # 422s of one key (each for a request other than the one it was first sent with) from which
+    # on each is judged against no baseline at all: a client that mints keys gets the odd one
+    # refused; one refused ten times uses a constant key, and a tenant whose client did so from
+    # before the log began must not have that as its normal.
+    reuse_hoarding: int = 10
     # Findings of one tenant and kind this close together are one anomaly, reported once (an
     # app release that drifts for two days is one finding, not one per busy hour); anomalies
     # further apart stay findings of their own.
@@ -138,6 +162,7 @@ class _Key:
         "last",
         "replays",
         "returns",
+        "reuses",
         "route",
         "source",
         "strangers",
@@ -151,12 +176,15 @@ class _Key:
         self.route = route
         self.source = source
         self.fingerprint = fingerprint
-        self.replays = self.conflicts = self.returns = self.strangers = 0
-        self.conflicted = False  # whether its latest send drew a 409
+        self.replays = self.conflicts = self.returns = self.reuses = 0
+        # The other addresses its replays came from (kept only for a key replayed from one).
+        self.strangers: set[str] | None = None
+        self.conflicted = False  # whether its latest send drew a 409 without a patient wait
         self.counted = False  # whether its quick 409s are no_backoff evidence
 
 
 _Once = tuple[float, float, str, "str | None", int]
+_Sent = tuple[float, str, int, "str | None", int, tuple[int, ...]]
 
 
 def _expires(state: _Key | _Once) -> float:
@@ -173,6 +201,8 @@ class _Tenant:
         "batches",
         "bucket",
         "count",
+        "crowded",
+        "hoarded",
         "keys",
         "late",
         "name",
@@ -193,9 +223,10 @@ class _Tenant:
         # have passed: (when, keys), in send order; ``batch`` the current bucket's.
         self.batches: deque[tuple[float, list[str]]] = deque()
         self.batch: list[str] = []
-        # request -> its last execution: (at, key, status, source)
-        self.recent: dict[tuple[str, str], tuple[float, str, int, str | None]] = {}
-        self.stale: dict[tuple[str, str], tuple[float, str, int, str | None]] = {}
+        # request -> its last execution: (at, key, status, source, executions of the request
+        # from that address in a row, the buckets of those counted as key_per_retry evidence)
+        self.recent: dict[tuple[str, str], _Sent] = {}
+        self.stale: dict[tuple[str, str], _Sent] = {}
         self.turned = -math.inf  # when ``recent`` last became ``stale``
         # Decisions per bucket; the current bucket's are counted in ``count`` until it changes.
         self.seen: dict[int, int] = {}
@@ -207,6 +238,8 @@ class _Tenant:
         self.stormy: list[tuple[int, str, float]] = []
         self.series = {kind: Series() for kind in KINDS}
         self.severe = Series()  # no_backoff keys hammering (a key each), beyond any baseline
+        self.hoarded = Series()  # 422s of keys refused ten times or more, beyond any baseline
+        self.crowded = Series()  # replays of keys replayed from 16 addresses, beyond any baseline
         # route -> (the route's one string, shared by its keys; its first sends per hour)
         self.routes: dict[str, tuple[str, dict[int, int]]] = {}
 
@@ -258,7 +291,6 @@ class Analyzer:
         a call per decision would cost as much as the rest of the work."""
         tenants = self._tenants
         size, default_ttl = self.tuning.bucket, self.tuning.default_ttl
-        quick, failed = self.tuning.quick_repeat, self.tuning.failed_repeat
         count, at = 0, self.latest
         for row in rows:
             at, name, route, key, fingerprint, decision, status, source, ttl = row
@@ -291,19 +323,43 @@ class Analyzer:
             hours[hour] = hours.get(hour, 0) + 1
             request = (route, fingerprint)
             before = tenant.recent.get(request) or tenant.stale.get(request)
-            tenant.recent[request] = (at, key, status, source)
-            if before is None or not fingerprint or before[1] == key:
-                continue
-            if source is not None and before[3] is not None and source != before[3]:
-                continue  # the same request from another address: another customer's
-            gap = at - before[0]
-            if gap <= quick or (before[2] >= 500 and gap <= failed):
-                tenant.series[KEY_PER_RETRY].evidence(bucket, at, key, source)
-                self.evidenced.add(name)
+            if before is None or not fingerprint:
+                tenant.recent[request] = (at, key, status, source, 1, ())
+            else:  # a request executed again under a fresh key (rare: a call is fine)
+                self._executed_anew(tenant, request, before, row, bucket)
         if count:
             self.records += count
             self.latest = max(self.latest, at)
             self._ttl.reach(self.latest)
+
+    def _executed_anew(
+        self, tenant: _Tenant, request: tuple[str, str], before: _Sent, row: Row, bucket: int
+    ) -> None:
+        """A key's first send whose request (route and fingerprint) executed minutes before
+        under another key: a retry under a fresh key, or the same request made again."""
+        at, key, status, source = row[0], row[3], row[6], row[7]
+        if before[1] == key or (
+            source is not None and before[3] is not None and source != before[3]
+        ):
+            # the same request from another address: another customer's
+            tenant.recent[request] = (at, key, status, source, 1, ())
+            return
+        executions, counted = before[4] + 1, before[5]
+        if executions > self.tuning.retry_chain:
+            # The same request executed again and again from one address under fresh keys: a
+            # batch of identical requests (renewals of one plan), not a client retrying a lost
+            # answer; what was counted of it was no evidence.
+            if counted:
+                tenant.series[KEY_PER_RETRY].retract(counted)
+            tenant.recent[request] = (at, key, status, source, executions, ())
+            return
+        gap = at - before[0]
+        quick, failed = self.tuning.quick_repeat, self.tuning.failed_repeat
+        if gap <= quick or (before[2] >= 500 and gap <= failed):
+            tenant.series[KEY_PER_RETRY].evidence(bucket, at, key, source)
+            self.evidenced.add(tenant.name)
+            counted = (*counted, bucket)
+        tenant.recent[request] = (at, key, status, source, executions, counted)
 
     def _next_bucket(self, tenant: _Tenant, bucket: int, now: float) -> None:
         """A tenant's decision in another bucket than its last: the last one's count and keys
@@ -323,6 +379,8 @@ class Analyzer:
     ) -> str | None:
         decision = usage[5]
         if decision == "reused":
+            if state is not None:
+                self._reused(tenant, usage, state, bucket)
             return KEY_REUSE
         if state is None:  # a key first sent before the log began: no delay to learn from
             if decision in ("replayed", "in_progress"):
@@ -338,6 +396,16 @@ class Analyzer:
         if decision == "in_progress":
             return self._conflict(tenant, usage, state, bucket)
         return None
+
+    def _reused(self, tenant: _Tenant, usage: Row, state: _Key | _Once, bucket: int) -> None:
+        """A 422 of a key sent before: from the key's tenth on, also evidence judged against no
+        baseline (one key refused for other requests that often is a client that mints none)."""
+        if type(state) is tuple:
+            state = tenant.keys[usage[3]] = _Key(*state)
+        assert isinstance(state, _Key)
+        state.reuses += 1
+        if state.reuses >= self.tuning.reuse_hoarding:
+            tenant.hoarded.evidence(bucket, usage[0], usage[3], usage[7])
 
     def _executed_again(self, tenant: _Tenant, usage: Row, state: _Key, bucket: int) -> str | None:
         at = usage[0]
@@ -365,10 +433,22 @@ class Analyzer:
         state.last, state.conflicted = at, False
         state.replays += 1
         moved = source is not None and source != state.source
-        if moved:
-            state.strangers += 1
-        many = state.replays > self.tuning.replay_schedule
-        scattered = state.strangers >= self.tuning.replay_addresses
+        if source is not None and moved:  # distinct addresses: a phone flips back and forth
+            if state.strangers is None:
+                state.strangers = set()
+            if len(state.strangers) < self.tuning.replay_crowd:
+                state.strangers.add(source)
+        # More replays than a schedule sends are a storm only past the minutes a client's
+        # retries last, or at a pace no backoff has (more than one a second since the first
+        # send): a phone on a lossy network retries one key a dozen times in a minute or two.
+        since = at - state.first
+        many = state.replays > self.tuning.replay_schedule and (
+            since > self.tuning.replay_late or since < state.replays * self.tuning.no_backoff_gap
+        )
+        elsewhere = len(state.strangers or ())
+        scattered = elsewhere >= self.tuning.replay_addresses
+        if elsewhere >= self.tuning.replay_crowd:  # no client roams that far: beyond any baseline
+            tenant.crowded.evidence(bucket, at, usage[3], source)
         stolen = moved and at - state.first > self.tuning.replay_late
         if not (many or scattered or stolen):
             self._repeat(tenant, at, state)
@@ -380,11 +460,15 @@ class Analyzer:
 
     def _conflict(self, tenant: _Tenant, usage: Row, state: _Key, bucket: int) -> str | None:
         at = usage[0]
-        hurried = at - state.last < self.tuning.no_backoff_gap
+        previous = state.last
+        hurried = at - previous < self.tuning.no_backoff_gap
         again = state.conflicted
         self._repeat(tenant, at, state)
         state.last = at
-        state.conflicted = True
+        # A 409 makes the next quick one a repeat offence unless the client waited out a
+        # patient timeout before it: one that gave up after 30 s and backs off from half a
+        # second on draws one quick 409; one that gives up after a second does not wait.
+        state.conflicted = at - previous < self.tuning.patient_timeout
         if not hurried:
             return None
         state.conflicts += 1  # quick ones only
@@ -443,7 +527,11 @@ class Analyzer:
         seen = squared(counts) if kind == KEY_PER_RETRY else counts
         series = tenant.series[kind]
         floor, quiet = _FLOORS.get(kind), _QUIET_FLOORS.get(kind)
-        severe = tenant.severe if kind == NO_BACKOFF else None
+        severe = {
+            NO_BACKOFF: tenant.severe,
+            KEY_REUSE: tenant.hoarded,
+            REPLAY_STORM: tenant.crowded,
+        }.get(kind)
         return series.episodes(
             seen,
             self.thresholds,
@@ -490,7 +578,7 @@ class Analyzer:
                 del tenant.seen[index]
             tenant.late = [late for late in tenant.late if late[0] >= oldest]
             tenant.stormy = [replay for replay in tenant.stormy if replay[0] >= oldest]
-            for series in (*tenant.series.values(), tenant.severe):
+            for series in (*tenant.series.values(), tenant.severe, tenant.hoarded, tenant.crowded):
                 series.forget_before(oldest)
 
 

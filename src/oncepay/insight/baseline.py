@@ -96,6 +96,17 @@ class Series:
         if source is not None and len(cell.sources) < _MAX_SOURCES:
             cell.sources.add(source)
 
+    def retract(self, buckets: tuple[int, ...]) -> None:
+        """Take back evidence counted in ``buckets`` (one event each) that later decisions
+        showed was none."""
+        for bucket in buckets:
+            cell = self._buckets.get(bucket)
+            if cell is None:
+                continue
+            cell.events -= 1
+            if cell.events <= 0:
+                del self._buckets[bucket]
+
     def _episode(self, run: list[int], seen: Mapping[int, float], rate: float) -> Episode:
         """The run's evidence, and what the baseline predicts over all of its span: the quiet
         buckets inside it count too (counting only the buckets above the baseline would pick
