@@ -40,7 +40,7 @@ async def test_a_new_key_is_claimed_with_phase_1_and_a_known_one_by_the_gate(
     assert record is not None
     assert (record.state, record.recovery_point) == (
         "completed",
-        f"acquirer_called:create:{first.json()['id']}",
+        f"finished:create:{first.json()['id']}",  # SPEC §5's last recovery point
     )
     replay = await stack.post("/v1/payments", BODY, key="once")
     assert replay.headers["idempotent-replayed"] == "true"
@@ -76,3 +76,27 @@ async def test_a_client_error_in_phase_1_is_stored_without_running_phase_1_again
     assert replay.headers["idempotent-replayed"] == "true"
     assert starts == [9999]
     assert await stack.count("refunds") == 0
+
+
+async def test_every_completed_request_stands_at_finished(stack: Stack) -> None:
+    """SPEC §5: recovery points go started -> <op>_created -> acquirer_called -> finished. A
+    contract review found no record ever at `finished`: completed ones read `acquirer_called`.
+    Phase 2 now moves the record to `finished` in the transaction that completes it, on the
+    one-statement path (a new payment) and the phases' (a capture, a refund), and the
+    dashboard's timeline still finds them by it."""
+    held = await stack.post("/v1/payments", {**BODY, "capture_method": "manual"}, key="hold")
+    pid = held.json()["id"]
+    captured = await stack.post(f"/v1/payments/{pid}/capture", None, key="take")
+    refunded = await stack.post(f"/v1/payments/{pid}/refunds", {"amount": 100}, key="back")
+    assert (captured.status_code, refunded.status_code) == (200, 201), refunded.text
+    points = {}
+    for key in ("hold", "take", "back"):
+        record = await stack.services.engine.store.get(stack.merchant.id, key)
+        assert record is not None
+        assert record.state == "completed"
+        points[key] = record.recovery_point
+    assert points == {
+        "hold": f"finished:create:{pid}",
+        "take": f"finished:capture:{pid}",
+        "back": f"finished:refund:{refunded.json()['id']}",
+    }

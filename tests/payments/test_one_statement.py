@@ -117,7 +117,7 @@ async def test_a_new_payment_takes_two_statements_and_no_transaction(
     await assert_exactly_once(stack, response.json())
     record = await record_of(stack, "two")
     assert record.state == "completed"
-    assert record.recovery_point == f"acquirer_called:create:{response.json()['id']}"
+    assert record.recovery_point == f"finished:create:{response.json()['id']}"
     replay = await stack.post("/v1/payments", BODY, key="two")
     assert replay.content == response.content
     assert replay.headers["idempotent-replayed"] == "true"

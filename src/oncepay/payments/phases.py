@@ -33,8 +33,8 @@ Rules that keep money moving exactly once:
 * A client error in phase 1 rolls the phase back and is stored as the answer; a retryable one
   (the payment is busy, or its outcome unknown) releases the key instead.
 * Phase 2 is fenced before it writes anything (the record's recovery point moves to
-  ``acquirer_called`` in the same transaction, as completed records always showed): a holder
-  that lost its lease changes nothing.
+  ``finished`` in the same transaction, which completes the record): a holder that lost its
+  lease changes nothing.
 * An unknown acquirer answer keeps the record executing with a short lease — the back-off
   schedule of recovery — and answers 503 ``acquirer_outcome_unknown``.
 """
@@ -63,6 +63,7 @@ from oncepay.storage.raw import DRIVER_ERRORS, raw
 
 __all__ = [
     "ACQUIRER_CALLED",
+    "FINISHED",
     "Operation",
     "Started",
     "parse_point",
@@ -77,6 +78,9 @@ log = logging.getLogger("oncepay.payments")
 # it in the transaction that completes the record (a completed record shows it, as before), so
 # an executing record is left here only by an earlier version: still resumed from.
 ACQUIRER_CALLED = "acquirer_called"
+# Where a completed record stands (SPEC §5's last point): phase 2 moves the record here in the
+# transaction that completes it. Records completed by earlier versions show ACQUIRER_CALLED.
+FINISHED = "finished"
 
 
 class Started(NamedTuple):
@@ -321,7 +325,7 @@ async def _onwards(
             async with write(svc.db) as conn:
                 # Fenced before any write: a holder that lost its lease (the worker may have
                 # finished the request meanwhile) changes nothing and is told to retry.
-                at, record = point(ACQUIRER_CALLED, op, object_id), await _driver(conn)
+                at, record = point(FINISHED, op, object_id), await _driver(conn)
                 ticket = await engine.acheckpoint_in(record, ticket, at)
                 reply = await op.record(conn, svc, object_id, answer)
                 with tracing.phase("finish", op.name, object_id):

@@ -518,12 +518,12 @@ async def _records_of(
 def _points(objects: Sequence[str]) -> list[str]:
     """Every recovery point that can name one of ``objects``."""
     from oncepay.payments.operations import cancel, capture, create, refund
-    from oncepay.payments.phases import ACQUIRER_CALLED
+    from oncepay.payments.phases import ACQUIRER_CALLED, FINISHED
 
     found = []
     for op in (create.CreatePayment, capture.Capture, cancel.Cancel, refund.CreateRefund):
         named = {f.name: f.default for f in dataclasses.fields(op)}  # slotted: no class attrs
-        for at in (named["created"], ACQUIRER_CALLED):
+        for at in (named["created"], ACQUIRER_CALLED, FINISHED):
             found += [f"{at}:{named['name']}:{o}" for o in objects]
     return found
 

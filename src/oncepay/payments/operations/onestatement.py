@@ -29,7 +29,7 @@ it does, so a crash at any point resumes as before:
 * **Phase 2** first checks the record at this request's fence and the payment *as phase 1
   left it* (``updated_at`` unchanged, still processing) — on PostgreSQL by locking both
   ``SKIP LOCKED``, on SQLite under its write lock — and only then moves the payment,
-  completes the record (at ``acquirer_called``, with the stored response), posts both
+  completes the record (at ``finished``, with the stored response), posts both
   journals and writes the events and their deliveries. When a check fails — the lease lost
   to a takeover, the payment moved on (a failover to another acquirer, say) or, on
   PostgreSQL, held by another transaction — nothing is written and the usual phase 2 runs
@@ -276,7 +276,7 @@ async def record(
     reply = payment_reply(201, row)
     stored = tracing.stored(reply)
     lease_until = svc.engine.clock() + svc.engine.lease  # the lease on the engine's clock
-    called = f"acquirer_called:create:{row.id}"
+    called = f"finished:create:{row.id}"
     if svc.db.is_sqlite:
         done = await _finish_sqlite(svc, ticket, row, before, now, called, lease_until, stored,
                                     journals, entries, events)  # fmt: skip
