@@ -113,7 +113,7 @@ async def seed(db: Database, count: int, now: float) -> None:
                         "key": f"order-{n}",
                         "at": at[n],
                         "expires": at[n] + 86400,
-                        "point": f"acquirer_called:create:{pid(n)}",
+                        "point": f"finished:create:{pid(n)}",
                     }
                     for n in numbers
                 ],

@@ -128,7 +128,7 @@ def oncepay_args(merchant: str) -> Args:
            "pm_card_ok", "automatic", None, "{}", "processing", "primary", new_id("evt"),
            DOCUMENT, now)  # fmt: skip
     journals = [new_id("txn"), new_id("txn")]
-    two = (scope, key, fence, payment, now, now, f"acquirer_called:create:{payment}", now + 60,
+    two = (scope, key, fence, payment, now, now, f"finished:create:{payment}", now + 60,
            201, HEADERS, DOCUMENT.encode(), "captured", "primary", new_id("auth"), 1250, None,
            None, merchant, "EUR", journals, ["authorization", "capture"],
            [journals[0]] * 2 + [journals[1]] * 4, ACCOUNTS, AMOUNTS,
@@ -145,7 +145,7 @@ def reference_args(merchant: str) -> Args:
            f"payment_created:create:{payment}", payment, 1250, "EUR", "pm_card_ok", "automatic",
            None, "{}", new_id("evt"), DOCUMENT)  # fmt: skip
     journals = [new_id("txn"), new_id("txn")]
-    two = (merchant, key, fence, f"acquirer_called:create:{payment}", HEADERS,
+    two = (merchant, key, fence, f"finished:create:{payment}", HEADERS,
            DOCUMENT.encode(), payment, "captured", 1250, new_id("auth"), None, None, now,
            journals, ["authorization", "capture"], "EUR", [journals[0]] * 2 + [journals[1]] * 4,
            ACCOUNTS, AMOUNTS, [new_id("evt"), new_id("evt")],
