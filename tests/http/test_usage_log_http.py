@@ -95,6 +95,8 @@ async def test_asgi_records_every_decision_with_its_fields(framework: Any, tmp_p
     assert {r["tenant"] for r in records} == {TENANT}
     assert {r["source"] for r in records} == {"127.0.0.1"}
     assert {r["ttl"] for r in records if r["decision"] not in ("missing", "invalid")} == {DAY}
+    # no record was stored for a missing or malformed key: no TTL (a review found 86400)
+    assert {r["ttl"] for r in records if r["decision"] in ("missing", "invalid")} == {None}
     assert executed["route"] == "POST /payments"
 
 

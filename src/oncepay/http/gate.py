@@ -500,7 +500,10 @@ class Gate:
         except OncePayError:
             tenant = ""
         key = self.raw_key(request) or ""
-        self._note(request, tenant, key, "", _invalid_kind(parsed), status, None)
+        assert self.usage_log is not None
+        kind, route = _invalid_kind(parsed), self._route(request)
+        # No record was stored: no TTL (``null``, as docs/insight.md says).
+        self.usage_log.record(tenant, route, key, "", kind, status, request.source, None)
 
     def _route(self, request: Request) -> str:
         """``METHOD template``: the request's own, else the user's route function's, else the
