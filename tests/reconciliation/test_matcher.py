@@ -193,6 +193,26 @@ def test_a_negative_capture_fee_is_a_fee_mismatch_even_without_a_schedule() -> N
     assert outcome.matched == len(day.lines)  # it settles, as a fee off the schedule does
 
 
+def test_a_line_of_the_wrong_amount_is_one_amount_mismatch_whatever_its_fee() -> None:
+    """One discrepancy a line, as a labelled check counts them: a line whose amount was changed
+    and nothing else (its fee and net as they were) was an ``amount_mismatch`` and a
+    ``fee_mismatch`` (its net no longer amount less fee; its fee off the schedule for the new
+    amount). The fee of a line of the wrong amount means nothing of its own; the detail says
+    the net is off too."""
+    day = clean_day(3)
+    first = day.lines[0]
+    day.lines[0] = first._replace(amount=first.amount + 700)  # fee and net as they were
+    day.lines[1] = repriced(day.lines[1], day.lines[1].amount + 5)  # a coherent line
+    for fees in (SCHEDULE, None):
+        outcome = reconcile(day.lines, day.books(), as_of=DAY, fees=fees)
+        assert found(outcome) == [
+            ("amount_mismatch", first.reference),
+            ("amount_mismatch", day.lines[1].reference),
+        ]
+        assert f"and its net {first.net} is not amount less fee" in outcome.discrepancies[0].detail
+        assert "net" not in outcome.discrepancies[1].detail
+
+
 def test_settled_pairs_go_to_the_sink_when_one_is_given() -> None:
     day = clean_day(10)
     taken: list[str] = []

@@ -202,9 +202,14 @@ class _Run:
             clean = self._open(Kind.CURRENCY_MISMATCH, line, op.payment_id, detail)
         if line.amount != op.amount:
             detail = f"{line.amount} settled, {op.amount} at OncePay"
+            net = FeeSchedule.net(line.type, line.amount, line.fee)
+            if line.net != net:
+                detail += f" (and its net {line.net} is not amount less fee {line.fee}: {net})"
             clean = self._open(Kind.AMOUNT_MISMATCH, line, op.payment_id, detail)
-        if line.type == op.type:  # the fee of a line of the wrong type means nothing
-            clean = self._check_fee(line, op.payment_id) and clean
+        # The fee of a line of the wrong type, currency or amount means nothing of its own: the
+        # line has its discrepancy already (one a line, as a labelled check counts them).
+        if clean:
+            clean = self._check_fee(line, op.payment_id)
         if clean:
             self._settle(line, op)
 
