@@ -52,8 +52,8 @@ def test_the_fixed_ttl_applies_where_nothing_or_too_little_was_learned() -> None
 
 def test_a_template_matches_paths_one_segment_per_parameter() -> None:
     policy = TtlPolicy()
-    policy.update([entry("m_1", "POST /v1/payments/{payment_id}/refunds", 1200)])
-    assert policy.ttl_for("m_1", "POST /v1/payments/{payment_id}/refunds", DAY) == 1200
+    policy.update([entry("m_1", "POST /v1/payments/{id}/refunds", 1200)])
+    assert policy.ttl_for("m_1", "POST /v1/payments/{id}/refunds", DAY) == 1200
     assert policy.ttl_for("m_1", "POST /v1/payments/pay_7/refunds", DAY) == 1200
     assert policy.ttl_for("m_1", "POST /v1/payments/a/b/refunds", DAY) == DAY
     assert policy.ttl_for("m_1", "PATCH /v1/payments/pay_7/refunds", DAY) == DAY

@@ -31,7 +31,7 @@ from tests.payments.stack import BACKOFF, TEST_LEASE, Stack, running_stack
 
 DAY = 24 * 3600.0
 PAYMENTS = "POST /v1/payments"
-REFUNDS = "POST /v1/payments/{payment_id}/refunds"
+REFUNDS = "POST /v1/payments/{id}/refunds"
 
 
 def http_date(at: float) -> str:

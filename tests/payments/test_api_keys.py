@@ -292,8 +292,8 @@ def test_every_merchant_route_belongs_to_a_resource_of_the_vocabulary() -> None:
             ), (method, path)
             checked += 1
     assert checked >= 20
-    assert scope_for("/v1/payments/{payment_id}/refunds", "POST") == ("refunds", "write")
-    assert scope_for("/v1/payments/{payment_id}/capture", "POST") == ("payments", "write")
+    assert scope_for("/v1/payments/{id}/refunds", "POST") == ("refunds", "write")
+    assert scope_for("/v1/payments/{id}/capture", "POST") == ("payments", "write")
     assert scope_for("/v1/events/{event_id}/deliveries", "GET") == ("webhook_endpoints", "read")
 
 

@@ -10,7 +10,7 @@ from oncepay.payments.metrics import REGISTRY
 from tests.payments.stack import Stack, running_stack
 
 PAYMENTS = "POST /v1/payments"
-REFUNDS = "POST /v1/payments/{payment_id}/refunds"
+REFUNDS = "POST /v1/payments/{id}/refunds"
 TOKEN = "operator-token-0123456789"
 
 

@@ -244,7 +244,7 @@ async def test_health_and_metrics(stack: Stack) -> None:
 async def test_openapi_document(stack: Stack) -> None:
     document = (await stack.client.get("/openapi.json")).json()
     assert document["openapi"].startswith("3.1")
-    assert "/v1/payments/{payment_id}/refunds" in document["paths"]
+    assert "/v1/payments/{id}/refunds" in document["paths"]
     docs = await stack.client.get("/docs")
     assert docs.status_code == 200
 

@@ -133,9 +133,9 @@ CHAINED = [
     "list_refunds",
 ]
 MUST_SUCCEED = {
-    ("POST", "/v1/payments/{payment_id}/capture"),
-    ("POST", "/v1/payments/{payment_id}/refunds"),
-    ("POST", "/v1/payments/{payment_id}/cancel"),
+    ("POST", "/v1/payments/{id}/capture"),
+    ("POST", "/v1/payments/{id}/refunds"),
+    ("POST", "/v1/payments/{id}/cancel"),
 }
 
 
@@ -160,8 +160,8 @@ def test_stateful_chains_reach_capture_refund_and_cancel(served: dict[str, Any])
             # could only be a 404, which the stateless tests cover: it names one of this run's
             # payments instead, in turn, whatever its state.
             params = case.path_parameters or {}
-            if created and "payment_id" in params and params["payment_id"] not in created:
-                params["payment_id"] = created[sum(seen.values()) % len(created)]
+            if created and "id" in params and params["id"] not in created:  # /v1/payments/{id}
+                params["id"] = created[sum(seen.values()) % len(created)]
             # A capture's or refund's generated amount (up to 999,999,999) is above what almost
             # any payment holds, a 400 the stateless tests cover: one in two calls takes the
             # default (the amount left out), the other a single minor unit.

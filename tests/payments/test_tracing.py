@@ -214,7 +214,7 @@ def test_one_trace_holds_the_payment_its_phases_attempts_replay_and_webhook(
             received.wait_for("malformed key span", lambda: decided("invalid"))
             received.wait_for(
                 "the read's span, named by its route",
-                lambda: any(s["name"] == "GET /v1/payments/{payment_id}" for s in received.spans),
+                lambda: any(s["name"] == "GET /v1/payments/{id}" for s in received.spans),
             )
             received.wait_for(
                 "webhook delivery span",

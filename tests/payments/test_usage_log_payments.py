@@ -47,7 +47,7 @@ async def test_the_api_logs_each_decision_by_merchant_and_route_template(tmp_pat
         "POST /v1/payments",
         "POST /v1/payments",
         "POST /v1/payments",
-        "POST /v1/payments/{payment_id}/refunds",
+        "POST /v1/payments/{id}/refunds",
     ]
     assert records[0]["key"] == records[1]["key"] != "pay-1"  # hashed, alike
     assert {r["ttl"] for r in records if r["decision"] != "invalid"} == {24 * 3600.0}

@@ -209,11 +209,11 @@ def _link(operation: str, **parameters: str) -> dict[str, Any]:
 
 _PAYMENT = "$response.body#/id"
 _AFTER_PAYMENT = {
-    "GetPayment": _link("get_payment", payment_id=_PAYMENT),
-    "CapturePayment": _link("capture_payment", payment_id=_PAYMENT),
-    "CancelPayment": _link("cancel_payment", payment_id=_PAYMENT),
-    "CreateRefund": _link("create_refund", payment_id=_PAYMENT),
-    "ListRefunds": _link("list_refunds", payment_id=_PAYMENT),
+    "GetPayment": _link("get_payment", id=_PAYMENT),
+    "CapturePayment": _link("capture_payment", id=_PAYMENT),
+    "CancelPayment": _link("cancel_payment", id=_PAYMENT),
+    "CreateRefund": _link("create_refund", id=_PAYMENT),
+    "ListRefunds": _link("list_refunds", id=_PAYMENT),
 }
 _ENDPOINT = "$response.body#/id"
 _AFTER_ENDPOINT = {
@@ -237,8 +237,8 @@ LINKS: dict[str, dict[str, dict[str, Any]]] = {
     "create_refund": {
         "201": {
             "GetRefund": _link("get_refund", refund_id="$response.body#/id"),
-            "GetPayment": _link("get_payment", payment_id="$response.body#/payment"),
-            "CreateRefund": _link("create_refund", payment_id="$response.body#/payment"),
+            "GetPayment": _link("get_payment", id="$response.body#/payment"),
+            "CreateRefund": _link("create_refund", id="$response.body#/payment"),
         }
     },
     "create_endpoint": {"201": _AFTER_ENDPOINT},

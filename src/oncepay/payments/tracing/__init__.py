@@ -380,7 +380,7 @@ def _server_attributes(scope: Any) -> dict[str, Any]:
 
 def named(scope: MutableMapping[str, Any]) -> None:
     """As a request ends, inside its server span: name the span by the route it matched
-    (``GET /v1/payments/{payment_id}``), the OpenTelemetry convention."""
+    (``GET /v1/payments/{id}``), the OpenTelemetry convention."""
     if _trace is None or _quiet.get():
         return
     route = getattr(scope.get("route"), "path_format", None)

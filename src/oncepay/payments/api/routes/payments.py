@@ -58,9 +58,9 @@ async def create_payment(
     return await idempotent(request, services, merchant, CreatePayment(body))
 
 
-@router.post("/{payment_id}/capture", response_model=models.Payment, **POST)
+@router.post("/{id}/capture", response_model=models.Payment, **POST)
 async def capture_payment(
-    payment_id: models.PaymentId,
+    id: models.PaymentId,  # SPEC §5 names it {id}
     request: Request,
     services: ServicesDep,
     merchant: MerchantDep,
@@ -68,24 +68,24 @@ async def capture_payment(
 ) -> Response:
     """Capture an authorized payment, all of it or `amount` (at most the authorized)."""
     amount = body.amount if body else None
-    return await idempotent(request, services, merchant, Capture(payment_id, amount))
+    return await idempotent(request, services, merchant, Capture(id, amount))
 
 
-@router.post("/{payment_id}/cancel", response_model=models.Payment, **POST)
+@router.post("/{id}/cancel", response_model=models.Payment, **POST)
 async def cancel_payment(
-    payment_id: models.PaymentId,
+    id: models.PaymentId,  # SPEC §5 names it {id}
     request: Request,
     services: ServicesDep,
     merchant: MerchantDep,
     body: models.CancelRequest | None = None,
 ) -> Response:
     """Void an authorization: the held money is released."""
-    return await idempotent(request, services, merchant, Cancel(payment_id))
+    return await idempotent(request, services, merchant, Cancel(id))
 
 
-@router.post("/{payment_id}/refunds", status_code=201, response_model=models.Refund, **POST)
+@router.post("/{id}/refunds", status_code=201, response_model=models.Refund, **POST)
 async def create_refund(
-    payment_id: models.PaymentId,
+    id: models.PaymentId,  # SPEC §5 names it {id}
     request: Request,
     services: ServicesDep,
     merchant: MerchantDep,
@@ -93,14 +93,16 @@ async def create_refund(
 ) -> Response:
     """Refund captured money: `amount`, or all that is left."""
     amount = body.amount if body else None
-    return await idempotent(request, services, merchant, CreateRefund(payment_id, amount))
+    return await idempotent(request, services, merchant, CreateRefund(id, amount))
 
 
-@router.get("/{payment_id}", response_model=models.Payment, responses=PROBLEMS)
+@router.get("/{id}", response_model=models.Payment, responses=PROBLEMS)
 async def get_payment(
-    payment_id: models.PaymentId, services: ServicesDep, merchant: MerchantDep
+    id: models.PaymentId,  # SPEC §5 names it {id}
+    services: ServicesDep,
+    merchant: MerchantDep,
 ) -> dict[str, Any]:
-    return payment_public(await get_object(services.db, PAYMENTS, payment_id, merchant.id))
+    return payment_public(await get_object(services.db, PAYMENTS, id, merchant.id))
 
 
 def _amount(bound: str) -> Any:
@@ -168,16 +170,16 @@ async def list_payments(
     return list_public(rows, more, payment_public, request.url.path)
 
 
-@router.get("/{payment_id}/refunds", response_model=models.RefundList, responses=PROBLEMS)
+@router.get("/{id}/refunds", response_model=models.RefundList, responses=PROBLEMS)
 async def list_refunds(
-    payment_id: models.PaymentId,
+    id: models.PaymentId,  # SPEC §5 names it {id}
     request: Request,
     services: ServicesDep,
     merchant: MerchantDep,
     paging: PageDep,
 ) -> dict[str, Any]:
     """The payment's refunds, newest first, paged like every list."""
-    await get_object(services.db, PAYMENTS, payment_id, merchant.id)
-    scope = [refunds.c.payment_id == payment_id]
+    await get_object(services.db, PAYMENTS, id, merchant.id)
+    scope = [refunds.c.payment_id == id]
     rows, more = await page(services.db, REFUNDS, merchant.id, paging, scope=scope)
     return list_public(rows, more, refund_public, request.url.path)
