@@ -62,12 +62,15 @@ async def test_client_errors_other_than_409_and_429_are_never_retried(status: in
         ({"code": "invalid_state_transition"}, False),  # final: retrying cannot help
         ({"code": "idempotency_request_in_progress"}, True),  # the first attempt still runs
         ({"code": "payment_operation_in_progress"}, True),
-        ("not a problem document", False),
+        ("not a problem document", True),  # SPEC §4: a 409 is retried (a contract review)
+        ({"code": "resource_exists"}, True),  # a code the client does not know: retried
+        (None, True),  # a bare 409
     ],
 )
-async def test_a_409_is_retried_only_when_it_says_it_is_transient(body: Any, retried: bool) -> None:
+async def test_a_409_is_retried_unless_it_says_it_is_final(body: Any, retried: bool) -> None:
     seen: list[httpx.Request] = []
-    answers = [httpx.Response(409, json=body), httpx.Response(201, json={})]
+    first = httpx.Response(409) if body is None else httpx.Response(409, json=body)
+    answers = [first, httpx.Response(201, json={})]
 
     def handler(request: httpx.Request) -> httpx.Response:
         seen.append(request)

@@ -5,11 +5,10 @@ caller passes one) and *the same key on every retry*, so a retried payment is a 
 second charge. What is retried, with capped exponential backoff and full jitter:
 
 * connection errors and timeouts (the request may or may not have arrived: the key decides);
-* 5xx answers, 429 (rate limited) and a 409 that says it is transient — it carries
-  ``Retry-After`` or a problem ``code`` meaning "still in progress" — honouring ``Retry-After``;
+* 5xx answers, 429 (rate limited) and 409s (SPEC §4), but a 409 whose problem ``code`` says
+  the conflict is final (``invalid_state_transition``) — honouring ``Retry-After``;
 
-and nothing else: any other 4xx, including a 409 such as ``invalid_state_transition``, is the
-caller's to fix. Attempts are bounded by count and by
+and nothing else: any other 4xx is the caller's to fix. Attempts are bounded by count and by
 total time; the number used is in ``response.extensions["oncepay.attempts"]``.
 
     async with AsyncClient(base_url="https://api.example.com") as client:
@@ -42,6 +41,10 @@ __all__ = ["ATTEMPTS", "AsyncClient", "Client", "RetryPolicy"]
 ATTEMPTS = "oncepay.attempts"
 KEY_HEADER = "Idempotency-Key"
 # 409s that mean "not yet" rather than "never": OncePay's, and Stripe's in-use key.
+# 409 codes that say a conflict is final: retrying the request cannot help.
+FINAL_CONFLICTS = frozenset({"invalid_state_transition"})
+# ... and those that say the key's first request is still running (kept: documentation, and
+# callers that want to tell the two apart).
 TRANSIENT_CONFLICTS = frozenset(
     {
         "idempotency_request_in_progress",
@@ -54,16 +57,17 @@ TRANSIENT_CONFLICTS = frozenset(
 
 
 def transient_conflict(response: httpx.Response) -> bool:
-    """Whether a 409 will likely clear by itself: it names a wait, or its problem code says
-    the key's first request is still running. A streamed body that was not read yet is not
-    read here; only the header counts then."""
+    """Whether a 409 is worth retrying (SPEC §4 retries 409s): all are but those whose problem
+    ``code`` says the conflict is final (:data:`FINAL_CONFLICTS`: the payment can no longer do
+    that, so a retry would get the same answer). A 409 with ``Retry-After`` always is; a bare
+    409, or one in another shape, is too. A streamed body not read yet is not read here."""
     if "retry-after" in response.headers:
         return True
     try:
         document = response.json()
     except (httpx.ResponseNotRead, ValueError):
-        return False
-    return isinstance(document, dict) and document.get("code") in TRANSIENT_CONFLICTS
+        return True
+    return not (isinstance(document, dict) and document.get("code") in FINAL_CONFLICTS)
 
 
 @dataclass(frozen=True)
