@@ -60,7 +60,7 @@ def test_event_types_are_an_enum() -> None:
 
 @pytest.mark.parametrize(
     ("parameter", "kind"),
-    [("payment_id", "payment"), ("refund_id", "refund"), ("event_id", "event"),
+    [("id", "payment"), ("refund_id", "refund"), ("event_id", "event"),
      ("endpoint_id", "webhook_endpoint"), ("delivery_id", "webhook_delivery")],
 )  # fmt: skip
 def test_every_id_in_a_path_has_its_pattern(parameter: str, kind: str) -> None:
