@@ -64,6 +64,19 @@ def test_keys_are_a_keyed_hash_by_default_stable_across_logs_on_one_path(tmp_pat
     assert (tmp_path / "usage.jsonl.secret").stat().st_mode & 0o777 == 0o600
 
 
+def test_a_missing_key_is_written_as_none_not_as_a_hash(tmp_path: Path) -> None:
+    """A ``missing`` decision has no key: with hashing on (the default) it was written as the
+    hash of "" (the same 32 hex digits every time), which reads as a key sent many times."""
+    path = tmp_path / "usage.jsonl"
+    usage = UsageLog(path, interval=NEVER)
+    usage.record("tenant-a", "POST /v1/payments", "", "", "missing", 400, None, None)
+    usage.record(*entry("raw-key-123"))
+    usage.close()
+    missing, sent = lines(path)
+    assert missing["key"] == ""
+    assert len(sent["key"]) == 32
+
+
 def test_another_secret_hashes_differently(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(SECRET_ENV, "from-the-environment")
     by_env = UsageLog(tmp_path / "a.jsonl", interval=NEVER)

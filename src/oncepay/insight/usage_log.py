@@ -200,7 +200,8 @@ class UsageLog:
         hasher = None if self.raw_keys else self._hasher
         known = _Encoded()  # tenants, routes, sources and TTLs repeat: each encoded once a batch
         for at, tenant, route, raw, fp, decision, status, source, ttl in entries:
-            key = _quoted(raw) if hasher is None else f'"{_hashed(hasher, raw)}"'  # hex: as is
+            # No key (``missing``) is written as none: a hash of "" would read as some key.
+            key = _quoted(raw) if hasher is None or not raw else f'"{_hashed(hasher, raw)}"'  # hex
             yield (
                 f'{{"at":{at!r},"tenant":{known[tenant]},"route":{known[route]},'
                 f'"key":{key},"fingerprint":{_quoted(fp)},"decision":"{decision}",'
