@@ -38,7 +38,13 @@ def acquirer(
     port: Annotated[int, typer.Option(envvar=_env("PORT"), min=1, max=65535)] = DEFAULT_PORT,
     host: Annotated[str, typer.Option(envvar=_env("HOST"))] = "127.0.0.1",
     database_url: Annotated[
-        str, typer.Option(envvar=_env("DATABASE_URL"), help="sqlite:///… or postgresql://…")
+        str,
+        typer.Option(
+            # its own variable only: ONCEPAY_DATABASE_URL names the payments database, and a
+            # simulated acquirer must keep a database of its own (SPEC §5)
+            envvar="ONCEPAY_ACQUIRER_DATABASE_URL",
+            help="sqlite:///… or postgresql://…",
+        ),
     ] = DEFAULT_DATABASE_URL,
     seed: Annotated[
         int | None, typer.Option(envvar=_env("SEED"), help="Seed of the fault dice.")
